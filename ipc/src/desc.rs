@@ -1,0 +1,51 @@
+//! The fixed-size descriptors that travel in the I/O rings.
+
+use bytemuck::{Pod, Zeroable};
+
+/// One I/O request or completion between the fabric and the datapath (64 bytes, one cache line).
+///
+/// Submissions and completions use the same layout: a completion echoes `tag` and `epoch` and
+/// sets `status`. `epoch` is the submitter's generation, so a restarted submitter recognises (and
+/// discards, after releasing its buffers) completions addressed to a dead predecessor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct IoDesc {
+    /// Submitter's request tag, echoed in the completion.
+    pub tag: u64,
+    /// Submitter's generation when it submitted.
+    pub epoch: u64,
+    /// First logical block.
+    pub lba: u64,
+    /// Volume id.
+    pub volume: u32,
+    /// Number of logical blocks.
+    pub blocks: u32,
+    /// Head of the buffer chain in the shared pool, or [`crate::pool::NIL`].
+    pub buf: u32,
+    /// Payload bytes in the chain.
+    pub buf_len: u32,
+    /// One of the `OP_*` constants.
+    pub opcode: u8,
+    /// Request flags (`FLAG_*`).
+    pub flags: u8,
+    /// Completion status (0 = success); NVMe status code space.
+    pub status: u16,
+    /// CRC32C of the payload when [`FLAG_CHECKSUM`] is set.
+    pub checksum: u32,
+    /// Reserved, zero.
+    pub reserved: [u64; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<IoDesc>() == 64);
+const _: () = assert!(std::mem::align_of::<IoDesc>() == 8);
+
+/// Read blocks.
+pub const OP_READ: u8 = 0x02;
+/// Write blocks.
+pub const OP_WRITE: u8 = 0x01;
+/// Flush the volatile cache.
+pub const OP_FLUSH: u8 = 0x00;
+/// `checksum` holds the CRC32C of the payload.
+pub const FLAG_CHECKSUM: u8 = 1;
+/// Completion status: the request was consumed by an incarnation that died before completing it.
+pub const STATUS_ABORTED_BY_RESTART: u16 = 0x0107;

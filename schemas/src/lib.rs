@@ -1,0 +1,37 @@
+//! duplex-schemas: the Cap'n Proto schemas of duplex's control channels and their generated Rust
+//! code.
+//!
+//! One schema file per channel, in this crate's directory:
+//!
+//! * `lifecycle.capnp` → [`lifecycle_capnp`]: the service lifecycle channel between the
+//!   supervisor (`duplexd`) and each service (hello, start, ready, heartbeat, shutdown, ack,
+//!   error).
+//!
+//! The generated code is committed under `src/generated/` so that a machine without the `capnp`
+//! compiler can build the workspace. `tests/fresh.rs` regenerates it and fails if the committed
+//! copy is stale. After editing a schema, rewrite the committed code with:
+//!
+//! ```text
+//! DUPLEX_REGENERATE_SCHEMAS=1 cargo test -p duplex-schemas --test fresh
+//! ```
+//!
+//! Most code should not use these modules directly but the owned, validated mirrors of the
+//! messages in `duplex_ipc::control`.
+
+#![deny(missing_docs)]
+
+/// Generated code for `lifecycle.capnp`, the supervisor ↔ service lifecycle channel.
+///
+/// Produced by `capnpc`; do not edit (see the crate documentation for how to regenerate).
+// The generated code is not written to this workspace's standards: its items have no docs, its
+// builders and pipelines do not implement Debug, and its setters `unwrap()` results that cannot
+// fail for the values they are given. Allowing exactly those lints, on this module only, keeps
+// them strict for hand-written code.
+#[allow(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
+pub mod lifecycle_capnp {
+    include!("generated/lifecycle_capnp.rs");
+}
+
+/// File names of the schemas in this crate's directory and the generated files (under
+/// `src/generated/`) they compile to. Used by `tests/fresh.rs`.
+pub const SCHEMAS: &[(&str, &str)] = &[("lifecycle.capnp", "lifecycle_capnp.rs")];
