@@ -42,9 +42,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Online CPUs (not the affinity mask, which pinning narrows and children inherit).
+fn online_cpus() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 fn pin(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ncpu = online_cpus();
     if set.set(cpu % ncpu).is_ok() {
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
     }
@@ -331,7 +341,7 @@ fn parent(quick: bool) -> Res<()> {
     pin(0);
     let n: u64 = if quick { 200_000 } else { 20_000_000 };
     let rt: usize = if quick { 2_000 } else { 200_000 };
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ncpu = online_cpus();
     println!("duplex-ipc-bench: {ncpu} CPUs, parent on CPU 0, peer on CPU 1; 64-byte descriptors, ring of 1024");
     println!();
     println!("{:<52} {:>14}", "one-way throughput", "M desc/s");
