@@ -308,42 +308,58 @@ pub struct ProducerRestart {
     pub published_before: u64,
 }
 
-fn spin_or_sleep(
+/// What an endpoint that cannot make progress does next.
+enum Next {
+    /// Spin once more and retry.
+    Retry,
+    /// Arm the waiting flag and sleep on the doorbell for at most this long (`None`: forever).
+    Sleep(Option<Duration>),
+    /// The timeout passed.
+    TimedOut,
+}
+
+/// The wait policy applied over one blocking call.
+struct Waiter {
     policy: WaitPolicy,
     started: Instant,
     deadline: Option<Instant>,
-    spins: &mut u32,
-) -> bool {
-    // Returns true when the caller should go to sleep on its doorbell.
-    match policy {
-        WaitPolicy::Doorbell => true,
-        WaitPolicy::Poll => {
-            std::hint::spin_loop();
-            false
-        }
-        WaitPolicy::Adaptive(budget) => {
-            *spins = spins.wrapping_add(1);
-            if *spins % 64 != 0 {
-                std::hint::spin_loop();
-                return false;
-            }
-            let now = Instant::now();
-            now.duration_since(started) >= budget || deadline.is_some_and(|d| now >= d)
-        }
-    }
+    spins: u32,
 }
 
-fn remaining(deadline: Option<Instant>) -> Option<Option<Duration>> {
-    match deadline {
-        None => Some(None),
-        Some(d) => {
-            let now = Instant::now();
-            if now >= d {
-                None
-            } else {
-                Some(Some(d - now))
-            }
+impl Waiter {
+    fn new(policy: WaitPolicy, timeout: Option<Duration>) -> Self {
+        let started = Instant::now();
+        Self {
+            policy,
+            started,
+            deadline: timeout.map(|t| started + t),
+            spins: 0,
         }
+    }
+
+    fn next(&mut self) -> Next {
+        self.spins = self.spins.wrapping_add(1);
+        let spin_budget = match self.policy {
+            WaitPolicy::Doorbell => Duration::ZERO,
+            WaitPolicy::Poll => Duration::MAX,
+            WaitPolicy::Adaptive(budget) => budget,
+        };
+        // Reading the clock costs more than a spin: look at it every 64 spins.
+        if !spin_budget.is_zero() && self.spins % 64 != 0 {
+            std::hint::spin_loop();
+            return Next::Retry;
+        }
+        let now = Instant::now();
+        let left = match self.deadline {
+            Some(d) if now >= d => return Next::TimedOut,
+            Some(d) => Some(d - now),
+            None => None,
+        };
+        if now.duration_since(self.started) < spin_budget {
+            std::hint::spin_loop();
+            return Next::Retry;
+        }
+        Next::Sleep(left)
     }
 }
 
@@ -450,30 +466,23 @@ impl<T: bytemuck::Pod> Producer<T> {
         items: &[T],
         timeout: Option<Duration>,
     ) -> Result<usize, RingError> {
-        let started = Instant::now();
-        let deadline = timeout.map(|t| started + t);
-        let mut spins = 0u32;
+        let mut waiter = Waiter::new(self.policy, timeout);
         loop {
             let n = self.try_push(items)?;
             if n > 0 || items.is_empty() {
                 return Ok(n);
             }
-            if !spin_or_sleep(self.policy, started, deadline, &mut spins) {
-                if self.policy == WaitPolicy::Poll && deadline.is_some_and(|d| Instant::now() >= d)
-                {
-                    return Ok(0);
+            match waiter.next() {
+                Next::Retry => {}
+                Next::TimedOut => return Ok(0),
+                Next::Sleep(left) => {
+                    let shm = shm!(self);
+                    if !self.core.arm_wait(&shm)? {
+                        self.wake_producer.wait(left)?;
+                        self.core.disarm_wait(&shm);
+                    }
                 }
-                continue;
             }
-            let Some(left) = remaining(deadline) else {
-                return Ok(0);
-            };
-            let shm = shm!(self);
-            if self.core.arm_wait(&shm)? {
-                continue;
-            }
-            self.wake_producer.wait(left)?;
-            self.core.disarm_wait(&shm);
         }
     }
 
@@ -598,30 +607,23 @@ impl<T: bytemuck::Pod> Consumer<T> {
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<usize, RingError> {
-        let started = Instant::now();
-        let deadline = timeout.map(|t| started + t);
-        let mut spins = 0u32;
+        let mut waiter = Waiter::new(self.policy, timeout);
         loop {
             let n = self.try_pop(out, max)?;
             if n > 0 || max == 0 {
                 return Ok(n);
             }
-            if !spin_or_sleep(self.policy, started, deadline, &mut spins) {
-                if self.policy == WaitPolicy::Poll && deadline.is_some_and(|d| Instant::now() >= d)
-                {
-                    return Ok(0);
+            match waiter.next() {
+                Next::Retry => {}
+                Next::TimedOut => return Ok(0),
+                Next::Sleep(left) => {
+                    let shm = shm!(self);
+                    if !self.core.arm_wait(&shm)? {
+                        self.wake_consumer.wait(left)?;
+                        self.core.disarm_wait(&shm);
+                    }
                 }
-                continue;
             }
-            let Some(left) = remaining(deadline) else {
-                return Ok(0);
-            };
-            let shm = shm!(self);
-            if self.core.arm_wait(&shm)? {
-                continue;
-            }
-            self.wake_consumer.wait(left)?;
-            self.core.disarm_wait(&shm);
         }
     }
 
