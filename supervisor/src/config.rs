@@ -1,0 +1,631 @@
+//! The node config file.
+//!
+//! TOML, parsed with unknown keys rejected, then validated as a whole (names unique, every
+//! reference resolves, dependencies acyclic, sizes sane). Every error is one line naming the file,
+//! the line and the key or value at fault.
+//!
+//! ```toml
+//! [node]
+//! name = "a"
+//! state_dir = "/var/lib/duplex/a"
+//!
+//! [supervisor]            # optional; defaults shown in SupervisorSettings
+//! heartbeat_ms = 100
+//!
+//! [[service]]
+//! name = "datapath"
+//! kind = "datapath"       # the datapath is special: if it dies the node stops serving
+//!
+//! [[service]]
+//! name = "fabric"
+//! after = ["datapath"]    # started after, stopped before
+//!
+//! [[ring]]                # an SPSC ring the supervisor creates and hands to both ends
+//! name = "io0"
+//! producer = "fabric"
+//! consumer = "datapath"
+//! capacity = 256
+//!
+//! [[pool]]
+//! name = "buffers"
+//! chunk_size = 4096
+//! chunks = 4096
+//! users = ["fabric", "datapath"]
+//!
+//! [[listener]]            # a socket the supervisor binds and hands to a service
+//! name = "nvme"
+//! address = "127.0.0.1:4420"
+//! service = "fabric"
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Errors reading the node config. Each renders as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, a missing key or a value of the wrong type.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong (names the key).
+        message: String,
+    },
+    /// Well-formed, but inconsistent.
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole node config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Identity and state.
+    pub node: Node,
+    /// Supervisor tunables.
+    #[serde(default)]
+    pub supervisor: SupervisorSettings,
+    /// Services to run.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+    /// Rings between services.
+    #[serde(default, rename = "ring")]
+    pub rings: Vec<RingConfig>,
+    /// Shared buffer pools.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolConfig>,
+    /// Listening sockets handed to services.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// `[node]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// Node name (appears in logs and in `duplexctl status`).
+    pub name: Spanned<String>,
+    /// Directory for the node's state, lock file and sockets. Services may write only below it.
+    pub state_dir: Spanned<PathBuf>,
+}
+
+/// `[supervisor]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorSettings {
+    /// How often services beat (milliseconds).
+    pub heartbeat_ms: u64,
+    /// Beats a service may miss before it is declared hung, killed and restarted.
+    pub missed_beats: u32,
+    /// Delay before the second restart within the crash-loop window (the first is immediate).
+    pub backoff_initial_ms: u64,
+    /// Cap of the exponential restart backoff.
+    pub backoff_max_ms: u64,
+    /// This many unexpected exits within `crash_loop_window_s` mark a service failed.
+    pub crash_loop_exits: u32,
+    /// The crash-loop window (seconds).
+    pub crash_loop_window_s: u64,
+    /// How long a service has to stop after SIGTERM before it is killed (milliseconds).
+    pub stop_timeout_ms: u64,
+    /// Sandbox services (seccomp, no_new_privs, capabilities, rlimits). Turning it off is a
+    /// development switch and is logged loudly.
+    pub sandbox: bool,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            missed_beats: 20,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 5_000,
+            crash_loop_exits: 10,
+            crash_loop_window_s: 30,
+            stop_timeout_ms: 5_000,
+            sandbox: true,
+        }
+    }
+}
+
+/// What a service is to the node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// An ordinary service: restarted when it dies; I/O goes on.
+    #[default]
+    Service,
+    /// The datapath: if it dies the node stops serving.
+    Datapath,
+}
+
+/// `[[service]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name (`duplexctl service restart NAME`).
+    pub name: Spanned<String>,
+    /// Executable; default `duplex-NAME` next to `duplexd`.
+    pub binary: Option<PathBuf>,
+    /// Extra arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Service or datapath.
+    #[serde(default)]
+    pub kind: ServiceKind,
+    /// Services this one starts after (and stops before).
+    #[serde(default)]
+    pub after: Vec<Spanned<String>>,
+    /// Seccomp policy name; default the service name.
+    pub policy: Option<String>,
+}
+
+/// `[[ring]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingConfig {
+    /// Unique name.
+    pub name: Spanned<String>,
+    /// Producing service.
+    pub producer: Spanned<String>,
+    /// Consuming service.
+    pub consumer: Spanned<String>,
+    /// Slots, a power of two.
+    pub capacity: Spanned<u64>,
+}
+
+/// `[[pool]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Unique name.
+    pub name: Spanned<String>,
+    /// Bytes per chunk, a power of two >= 64.
+    pub chunk_size: Spanned<u64>,
+    /// Number of chunks.
+    pub chunks: Spanned<u64>,
+    /// Services that map it.
+    pub users: Vec<Spanned<String>>,
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name.
+    pub name: Spanned<String>,
+    /// Address to bind.
+    pub address: Spanned<SocketAddr>,
+    /// Service that receives the socket.
+    pub service: Spanned<String>,
+}
+
+/// Largest ring accepted from a config.
+const MAX_RING: u64 = 1 << 20;
+/// Largest pool accepted from a config (bytes).
+const MAX_POOL_BYTES: u64 = 64 << 30;
+
+impl NodeConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses and validates config text; `path` names it in errors.
+    pub fn parse(path: &str, text: &str) -> Result<Self, ConfigError> {
+        let config: NodeConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: with_source_line(e.message(), text, line),
+            }
+        })?;
+        config.validate(path, text)?;
+        Ok(config)
+    }
+
+    /// Services in start order (every service after the ones it names in `after`).
+    pub fn start_order(&self) -> Vec<&ServiceConfig> {
+        let mut order = Vec::with_capacity(self.services.len());
+        let mut placed = HashSet::new();
+        // Validation proved the graph acyclic, so each pass places at least one service.
+        while order.len() < self.services.len() {
+            let before = order.len();
+            for s in &self.services {
+                if !placed.contains(s.name.get_ref().as_str())
+                    && s.after
+                        .iter()
+                        .all(|a| placed.contains(a.get_ref().as_str()))
+                {
+                    placed.insert(s.name.get_ref().as_str());
+                    order.push(s);
+                }
+            }
+            if order.len() == before {
+                break;
+            }
+        }
+        order
+    }
+
+    fn validate(&self, path: &str, text: &str) -> Result<(), ConfigError> {
+        let err = |span: std::ops::Range<usize>, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_col(text, span.start).0,
+            message,
+        };
+        let name = &self.node.name;
+        if !valid_name(name.get_ref()) {
+            return Err(err(
+                name.span(),
+                format!("node.name {:?}: {NAME_RULE}", name.get_ref()),
+            ));
+        }
+        let state_dir = &self.node.state_dir;
+        if !state_dir.get_ref().is_absolute() {
+            return Err(err(
+                state_dir.span(),
+                format!(
+                    "node.state_dir {:?} must be an absolute path",
+                    state_dir.get_ref()
+                ),
+            ));
+        }
+        let s = &self.supervisor;
+        if s.heartbeat_ms == 0 || s.missed_beats == 0 || s.crash_loop_exits == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: find_line(text, "[supervisor]"),
+                message: "supervisor.heartbeat_ms, missed_beats and crash_loop_exits must be > 0"
+                    .into(),
+            });
+        }
+
+        let mut services: HashMap<&str, &ServiceConfig> = HashMap::new();
+        for svc in &self.services {
+            let n = svc.name.get_ref();
+            if !valid_name(n) {
+                return Err(err(
+                    svc.name.span(),
+                    format!("service name {n:?}: {NAME_RULE}"),
+                ));
+            }
+            if services.insert(n, svc).is_some() {
+                return Err(err(
+                    svc.name.span(),
+                    format!("service {n:?} is defined twice"),
+                ));
+            }
+        }
+        let datapaths: Vec<_> = self
+            .services
+            .iter()
+            .filter(|s| s.kind == ServiceKind::Datapath)
+            .collect();
+        if let Some(second) = datapaths.get(1) {
+            return Err(err(
+                second.name.span(),
+                "a node has at most one datapath service".into(),
+            ));
+        }
+        let known = |r: &Spanned<String>, what: &str| -> Result<(), ConfigError> {
+            if services.contains_key(r.get_ref().as_str()) {
+                Ok(())
+            } else {
+                Err(err(
+                    r.span(),
+                    format!("{what} {:?} is not a defined service", r.get_ref()),
+                ))
+            }
+        };
+        for svc in &self.services {
+            for a in &svc.after {
+                known(a, &format!("service {:?}: after", svc.name.get_ref()))?;
+            }
+        }
+        if self.start_order().len() != self.services.len() {
+            let stuck = self.services.iter().find(|s| {
+                !self
+                    .start_order()
+                    .iter()
+                    .any(|o| o.name.get_ref() == s.name.get_ref())
+            });
+            let span = stuck.map_or(0..0, |s| s.name.span());
+            return Err(err(span, "services' `after` lists form a cycle".into()));
+        }
+
+        let mut names = HashSet::new();
+        for r in &self.rings {
+            unique(&mut names, &r.name, "ring", &err)?;
+            known(
+                &r.producer,
+                &format!("ring {:?}: producer", r.name.get_ref()),
+            )?;
+            known(
+                &r.consumer,
+                &format!("ring {:?}: consumer", r.name.get_ref()),
+            )?;
+            if r.producer.get_ref() == r.consumer.get_ref() {
+                return Err(err(
+                    r.consumer.span(),
+                    format!(
+                        "ring {:?}: producer and consumer are the same service",
+                        r.name.get_ref()
+                    ),
+                ));
+            }
+            let c = *r.capacity.get_ref();
+            if !c.is_power_of_two() || c > MAX_RING {
+                return Err(err(
+                    r.capacity.span(),
+                    format!(
+                        "ring {:?}: capacity {c} must be a power of two <= {MAX_RING}",
+                        r.name.get_ref()
+                    ),
+                ));
+            }
+        }
+        for p in &self.pools {
+            unique(&mut names, &p.name, "pool", &err)?;
+            let (size, chunks) = (*p.chunk_size.get_ref(), *p.chunks.get_ref());
+            if !size.is_power_of_two() || !(64..=1 << 30).contains(&size) {
+                return Err(err(
+                    p.chunk_size.span(),
+                    format!(
+                        "pool {:?}: chunk_size {size} must be a power of two from 64 to 1 GiB",
+                        p.name.get_ref()
+                    ),
+                ));
+            }
+            if chunks == 0 || chunks > 1 << 24 || size.saturating_mul(chunks) > MAX_POOL_BYTES {
+                return Err(err(
+                    p.chunks.span(),
+                    format!(
+                        "pool {:?}: {chunks} chunks must be 1..=16777216 and at most 64 GiB in all",
+                        p.name.get_ref()
+                    ),
+                ));
+            }
+            for u in &p.users {
+                known(u, &format!("pool {:?}: user", p.name.get_ref()))?;
+            }
+        }
+        let mut addresses = HashSet::new();
+        for l in &self.listeners {
+            unique(&mut names, &l.name, "listener", &err)?;
+            known(
+                &l.service,
+                &format!("listener {:?}: service", l.name.get_ref()),
+            )?;
+            if !addresses.insert(*l.address.get_ref()) {
+                return Err(err(
+                    l.address.span(),
+                    format!(
+                        "listener {:?}: address {} is used twice",
+                        l.name.get_ref(),
+                        l.address.get_ref()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+const NAME_RULE: &str = "names are 1-32 characters of a-z, 0-9 and '-', starting with a letter";
+
+fn valid_name(n: &str) -> bool {
+    (1..=32).contains(&n.len())
+        && n.starts_with(|c: char| c.is_ascii_lowercase())
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn unique<'a>(
+    names: &mut HashSet<&'a str>,
+    name: &'a Spanned<String>,
+    what: &str,
+    err: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if !valid_name(name.get_ref()) {
+        return Err(err(
+            name.span(),
+            format!("{what} name {:?}: {NAME_RULE}", name.get_ref()),
+        ));
+    }
+    if !names.insert(name.get_ref()) {
+        return Err(err(
+            name.span(),
+            format!("{what} {:?}: the name is already used", name.get_ref()),
+        ));
+    }
+    Ok(())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+/// One line: the parser's message, plus the offending line of the file (which names the key).
+fn with_source_line(message: &str, text: &str, line: usize) -> String {
+    let message = message.trim().replace('\n', "; ");
+    match text.lines().nth(line.saturating_sub(1)).map(str::trim) {
+        Some(src) if !src.is_empty() && !message.contains(src) => {
+            let src: String = src.chars().take(80).collect();
+            format!("{message} (in `{src}`)")
+        }
+        _ => message,
+    }
+}
+
+fn find_line(text: &str, needle: &str) -> usize {
+    text.find(needle).map_or(1, |i| line_col(text, i).0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "a"
+state_dir = "/var/lib/duplex/a"
+
+[[service]]
+name = "datapath"
+kind = "datapath"
+
+[[service]]
+name = "fabric"
+after = ["datapath"]
+
+[[service]]
+name = "mgmt"
+
+[[ring]]
+name = "io0"
+producer = "fabric"
+consumer = "datapath"
+capacity = 256
+
+[[pool]]
+name = "buffers"
+chunk_size = 4096
+chunks = 1024
+users = ["fabric", "datapath"]
+
+[[listener]]
+name = "nvme"
+address = "127.0.0.1:4420"
+service = "fabric"
+"#;
+
+    fn error(text: &str) -> String {
+        match NodeConfig::parse("node.toml", text) {
+            Ok(_) => "parsed".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults_and_order() {
+        let c = NodeConfig::parse("node.toml", GOOD).expect("parse");
+        assert_eq!(c.node.name.get_ref(), "a");
+        assert_eq!(c.supervisor.heartbeat_ms, 100);
+        assert!(c.supervisor.sandbox);
+        let order: Vec<_> = c
+            .start_order()
+            .iter()
+            .map(|s| s.name.get_ref().clone())
+            .collect();
+        let pos = |n: &str| order.iter().position(|o| o == n).expect("present");
+        assert!(pos("datapath") < pos("fabric"));
+        assert_eq!(order.len(), 3);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = GOOD.replace(
+            "kind = \"datapath\"",
+            "kind = \"datapath\"\nflavour = \"mint\"",
+        );
+        let e = error(&text);
+        assert!(e.starts_with("node.toml:9:"), "{e}");
+        assert!(e.contains("flavour"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_missing_key_are_reported() {
+        let e = error(&GOOD.replace("capacity = 256", "capacity = \"big\""));
+        assert!(e.starts_with("node.toml:21:"), "{e}");
+        let e = error(&GOOD.replace("state_dir = \"/var/lib/duplex/a\"\n", ""));
+        assert!(e.contains("state_dir"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_line() {
+        let e = error(&GOOD.replace("consumer = \"datapath\"", "consumer = \"raid\""));
+        assert_eq!(
+            e,
+            "node.toml:20: ring \"io0\": consumer \"raid\" is not a defined service"
+        );
+        let e = error(&GOOD.replace("capacity = 256", "capacity = 100"));
+        assert!(
+            e.starts_with("node.toml:21: ring \"io0\": capacity 100"),
+            "{e}"
+        );
+        let e = error(&GOOD.replace(
+            "name = \"mgmt\"",
+            "name = \"mgmt\"\nafter = [\"fabric\"]\n[[service]]\nname = \"mgmt\"",
+        ));
+        assert!(e.contains("defined twice"), "{e}");
+        let e = error(&GOOD.replace("name = \"mgmt\"", "name = \"mgmt\"\nkind = \"datapath\""));
+        assert!(e.contains("at most one datapath"), "{e}");
+        let e = error(&GOOD.replace(
+            "state_dir = \"/var/lib/duplex/a\"",
+            "state_dir = \"relative\"",
+        ));
+        assert!(
+            e.starts_with("node.toml:4:") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = error(&GOOD.replace("address = \"127.0.0.1:4420\"", "address = \"localhost\""));
+        assert!(
+            e.starts_with("node.toml:31:") && e.contains("address = \"localhost\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dependency_cycles_are_refused() {
+        let text = GOOD.replace(
+            "name = \"datapath\"\nkind = \"datapath\"",
+            "name = \"datapath\"\nkind = \"datapath\"\nafter = [\"fabric\"]",
+        );
+        let e = error(&text);
+        assert!(e.contains("cycle"), "{e}");
+    }
+
+    #[test]
+    fn not_toml_is_a_parse_error() {
+        let e = error("[node\nname = ");
+        assert!(e.starts_with("node.toml:1:"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+}

@@ -1,0 +1,7 @@
+//! duplexd, the node supervisor. It is the only process that starts others: it reads the node
+//! config, creates every shared region, ring, pool and listening socket, spawns each service
+//! sandboxed with exactly its fds, keeps those fds across restarts, and restarts what crashes.
+//!
+//! * [`config`]: the node config file (TOML), parsed strictly and validated as a whole.
+
+pub mod config;
