@@ -3,5 +3,7 @@
 //! sandboxed with exactly its fds, keeps those fds across restarts, and restarts what crashes.
 //!
 //! * [`config`]: the node config file (TOML), parsed strictly and validated as a whole.
+//! * [`lock`]: one duplexd per state directory.
 
 pub mod config;
+pub mod lock;
