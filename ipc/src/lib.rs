@@ -17,6 +17,7 @@
 pub mod control;
 pub mod desc;
 pub mod doorbell;
+pub mod lifecycle;
 pub mod pool;
 pub mod region;
 pub mod ring;

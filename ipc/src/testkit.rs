@@ -7,10 +7,22 @@ use std::process::{Child, Command};
 
 use crate::region::{Region, RegionError, RegionKind};
 
-/// Spawns `cmd` with `fds` inherited (close-on-exec cleared in the child only).
+/// Spawns `cmd` with `fds` inherited (close-on-exec cleared in the child only) and an empty signal
+/// mask.
 pub fn spawn_with_fds(cmd: &mut Command, fds: &[BorrowedFd<'_>]) -> std::io::Result<Child> {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // Built before the fork: the child must not allocate.
+    let no_signals = nix::sys::signal::SigSet::empty();
     let clear_cloexec = move || -> std::io::Result<()> {
+        // A parent that blocks signals (duplexd reads its signals from a signalfd) would pass
+        // the mask on: a service would then ignore SIGTERM.
+        // SAFETY: pthread_sigmask with a valid, initialised set; async-signal-safe.
+        if unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, no_signals.as_ref(), std::ptr::null_mut())
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
         for &fd in &raw {
             // SAFETY: fcntl(F_SETFD) on an fd number touches no memory of ours.
             if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {

@@ -4,6 +4,8 @@
 //!
 //! * [`config`]: the node config file (TOML), parsed strictly and validated as a whole.
 //! * [`lock`]: one duplexd per state directory.
+//! * [`node`]: shared resources, the service table and the supervision loop.
 
 pub mod config;
 pub mod lock;
+pub mod node;

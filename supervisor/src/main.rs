@@ -1,7 +1,8 @@
 //! `duplexd`: the duplex node supervisor.
 //!
-//! Today it validates the node config, takes its state directory (one duplexd per directory) and
-//! runs until SIGTERM or SIGINT. Spawning and supervising services is being built (issue 3).
+//! Validates the node config, takes its state directory (one duplexd per directory), creates the
+//! shared resources and listening sockets, spawns and supervises the services, and on SIGTERM or
+//! SIGINT stops them in reverse dependency order and exits 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use duplex_supervisor::config::NodeConfig;
 use duplex_supervisor::lock::StateLock;
-use nix::sys::signal::{SigSet, Signal};
+use duplex_supervisor::node::Node;
 
 /// The duplex node supervisor.
 #[derive(Debug, Parser)]
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,14 +55,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    // Block the stop signals before anything else so none is lost; they are taken synchronously.
-    let mut stop = SigSet::empty();
-    stop.add(Signal::SIGTERM);
-    stop.add(Signal::SIGINT);
-    stop.thread_block().context("blocking signals")?;
+    // Block the handled signals before anything else so none is lost; the node reads them from
+    // a signalfd.
+    Node::signal_mask()
+        .thread_block()
+        .context("blocking signals")?;
     let _lock = StateLock::acquire(config.node.state_dir.get_ref())?;
-    tracing::info!(node = %config.node.name.get_ref(), state_dir = %config.node.state_dir.get_ref().display(), "duplexd running");
-    let signal = stop.wait().context("waiting for signals")?;
-    tracing::info!(?signal, "stopping");
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_default();
+    tracing::info!(node = %config.node.name.get_ref(), state_dir = %config.node.state_dir.get_ref().display(), "duplexd starting");
+    let node = Node::new(config, exe_dir)?;
+    if node.run()? {
+        anyhow::bail!("node failed: the datapath died");
+    }
     Ok(())
 }

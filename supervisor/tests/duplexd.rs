@@ -13,8 +13,9 @@ const DUPLEXD: &str = env!("CARGO_BIN_EXE_duplexd");
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("node.toml");
     let text = format!(
-        "[node]\nname = \"a\"\nstate_dir = \"{}\"\n{extra}\n[[service]]\nname = \"mgmt\"\n",
-        dir.join("state").display()
+        "[node]\nname = \"a\"\nstate_dir = \"{}\"\n{extra}\n[[service]]\nname = \"mgmt\"\nbinary = \"{}\"\n",
+        dir.join("state").display(),
+        env!("CARGO_BIN_EXE_duplex-test-service")
     );
     std::fs::write(&path, text).expect("write config");
     path
@@ -76,16 +77,17 @@ fn check_mode_validates_and_exits() {
 fn a_second_duplexd_on_the_same_state_dir_refuses_and_sigterm_stops_the_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_config(dir.path(), "");
-    let mut first = Command::new(DUPLEXD)
+    let first = Command::new(DUPLEXD)
         .args(["--config", path.to_str().expect("utf8")])
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
+    let mut first = KillOnDrop(first);
     // Wait until the first holds the lock (its pid is in the lock file).
     let lock = dir.path().join("state/duplexd.lock");
     let start = Instant::now();
     while std::fs::read_to_string(&lock)
-        .map(|t| t.trim() != first.id().to_string())
+        .map(|t| t.trim() != first.0.id().to_string())
         .unwrap_or(true)
     {
         assert!(
@@ -98,11 +100,213 @@ fn a_second_duplexd_on_the_same_state_dir_refuses_and_sigterm_stops_the_first() 
     assert_eq!(code, 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.contains(&format!("another duplexd (pid {})", first.id())),
+        err.contains(&format!("another duplexd (pid {})", first.0.id())),
         "{err}"
     );
 
-    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).expect("SIGTERM");
-    let status = first.wait().expect("wait");
+    kill(Pid::from_raw(first.0.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = first.0.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "SIGTERM must stop duplexd cleanly");
+}
+
+/// Kills a child process if the test panics before it is stopped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Lines of a running duplexd's log, collected by a thread.
+struct Log {
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Log {
+    fn new(stderr: std::process::ChildStderr) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Collects every remaining line (after the process exited).
+    fn drain(&mut self) {
+        while let Ok(line) = self.rx.recv_timeout(Duration::from_secs(30)) {
+            self.seen.push(line);
+        }
+    }
+
+    /// Waits for a line containing every one of `parts`; returns it.
+    fn wait_for(&mut self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "no log line with {parts:?}; log so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+fn field(line: &str, key: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+#[test]
+fn services_start_with_their_resources_restart_after_sigkill_and_crash_loops_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svc = env!("CARGO_BIN_EXE_duplex-test-service");
+    let config = format!(
+        r#"
+[node]
+name = "t"
+state_dir = "{state}"
+
+[supervisor]
+backoff_initial_ms = 10
+crash_loop_exits = 3
+crash_loop_window_s = 600
+
+[[service]]
+name = "alpha"
+binary = "{svc}"
+
+[[service]]
+name = "beta"
+binary = "{svc}"
+after = ["alpha"]
+
+[[service]]
+name = "gamma"
+binary = "{svc}"
+args = ["--exit-after-ready"]
+
+[[ring]]
+name = "io0"
+producer = "alpha"
+consumer = "beta"
+capacity = 64
+
+[[pool]]
+name = "bufs"
+chunk_size = 4096
+chunks = 64
+users = ["alpha", "beta"]
+
+[[listener]]
+name = "nvme"
+address = "127.0.0.1:0"
+service = "alpha"
+"#,
+        state = dir.path().join("state").display()
+    );
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, config).expect("write");
+    let mut duplexd = Command::new(DUPLEXD)
+        .args(["--config", path.to_str().expect("utf8")])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn duplexd");
+    let mut log = Log::new(duplexd.stderr.take().expect("stderr"));
+    let mut duplexd = KillOnDrop(duplexd);
+
+    // Both get their resources: alpha a ring, 2 doorbells, the pool and the listener (5), beta 4.
+    log.wait_for(&["duplex-test-service alpha: generation 1 ready with 5 resources"]);
+    log.wait_for(&["duplex-test-service beta: generation 1 ready with 4 resources"]);
+    let ready = log.wait_for(&["service ready", "service=alpha", "generation=1"]);
+    let pid = field(&ready, "pid");
+
+    // SIGKILL alpha: it is restarted at once, as generation 2, in restart mode.
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill alpha");
+    log.wait_for(&[
+        "service exited unexpectedly",
+        "service=alpha",
+        &format!("pid={pid}"),
+    ]);
+    let again = log.wait_for(&["service ready", "service=alpha", "generation=2"]);
+    assert_ne!(field(&again, "pid"), pid);
+
+    // gamma exits after every start: after 3 exits it is marked failed.
+    log.wait_for(&["crash-loop", "service=gamma"]);
+
+    kill(Pid::from_raw(duplexd.0.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let status = duplexd.0.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    log.drain();
+    // Reverse start order: beta (after alpha) stops before alpha.
+    let stopped: Vec<&String> = log
+        .seen
+        .iter()
+        .filter(|l| l.contains("service stopped"))
+        .collect();
+    let pos = |n: &str| {
+        stopped
+            .iter()
+            .position(|l| l.contains(&format!("service={n}")))
+    };
+    assert!(
+        pos("beta") < pos("alpha") && pos("alpha").is_some(),
+        "{stopped:?}"
+    );
+}
+
+#[test]
+fn a_port_in_use_or_a_missing_binary_is_refused_with_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr");
+    let path = write_config(
+        dir.path(),
+        &format!("\n[[listener]]\nname = \"nvme\"\naddress = \"{addr}\"\nservice = \"mgmt\"\n"),
+    );
+    let (code, err) = stderr_of(&["--config", path.to_str().expect("utf8")]);
+    let last: Vec<&str> = err.lines().filter(|l| l.starts_with("duplexd:")).collect();
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(last.len(), 1, "{err}");
+    assert!(last[0].contains(&format!("cannot bind {addr}")), "{err}");
+
+    let path = write_config(dir.path(), "");
+    let text = std::fs::read_to_string(&path).expect("read").replace(
+        env!("CARGO_BIN_EXE_duplex-test-service"),
+        "/nonexistent/duplex-mgmt",
+    );
+    std::fs::write(&path, text).expect("write");
+    let (code, err) = stderr_of(&["--config", path.to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.lines().any(|l| l
+            .starts_with("duplexd: service mgmt: binary /nonexistent/duplex-mgmt does not exist")),
+        "{err}"
+    );
 }
