@@ -10,6 +10,7 @@
 #   service    -> supervisor  ready      (init done; the service now serves)
 #   service    -> supervisor  heartbeat  (periodically, answered by ack)
 #   supervisor -> service     shutdown   (answered by ack, then the service exits)
+#   supervisor -> service     inject     (crash injection for testing: the service fails as told)
 #   either     -> either      ack / error (answer to the request with the echoed id)
 #
 # Compatibility: fields are only ever appended (new ordinal, new union member, new enumerant);
@@ -57,7 +58,34 @@ struct Envelope {
 
     error @8 :Error;
     # Either direction: the named request (or the channel as a whole) failed.
+
+    inject @9 :Inject;
+    # Supervisor -> service: crash injection. The service fails in the named way at once; it
+    # does not answer. (A SIGKILL needs no message: the supervisor sends the signal itself.)
   }
+}
+
+struct Inject {
+  # Supervisor -> service: fail now, in this way (crash-injection testing, `duplexctl service
+  # crash`).
+
+  fault @0 :Fault;
+}
+
+enum Fault {
+  # How an injected failure shows.
+
+  panic @0;
+  # Panic on the thread that received the message; services abort on panic, so the process
+  # dies with SIGABRT.
+
+  hang @1;
+  # Stop beating the heartbeat and block the receiving thread forever, as a deadlocked service
+  # would; the supervisor must notice the missed beats and kill it.
+
+  forbiddenSyscall @2;
+  # Attempt a system call the service's seccomp policy forbids (opening a path); the sandbox
+  # kills the process with SIGSYS. Proves the sandbox is in force in the running service.
 }
 
 struct Hello {

@@ -301,6 +301,42 @@ pub enum Body {
         /// Detail for logs; at most [`MAX_TEXT_BYTES`] bytes.
         message: String,
     },
+    /// Supervisor → service: crash injection; fail now in this way (no answer).
+    Inject {
+        /// How to fail.
+        fault: Fault,
+    },
+}
+
+/// How an injected failure shows ([`Body::Inject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// Panic (services abort on panic: the process dies with `SIGABRT`).
+    Panic,
+    /// Stop the heartbeat and block forever, as a deadlocked service would.
+    Hang,
+    /// Attempt a system call the seccomp policy forbids (the sandbox kills with `SIGSYS`).
+    ForbiddenSyscall,
+}
+
+impl From<Fault> for wire::Fault {
+    fn from(fault: Fault) -> Self {
+        match fault {
+            Fault::Panic => Self::Panic,
+            Fault::Hang => Self::Hang,
+            Fault::ForbiddenSyscall => Self::ForbiddenSyscall,
+        }
+    }
+}
+
+impl From<wire::Fault> for Fault {
+    fn from(fault: wire::Fault) -> Self {
+        match fault {
+            wire::Fault::Panic => Self::Panic,
+            wire::Fault::Hang => Self::Hang,
+            wire::Fault::ForbiddenSyscall => Self::ForbiddenSyscall,
+        }
+    }
 }
 
 impl Body {
@@ -314,6 +350,7 @@ impl Body {
             Self::Shutdown { .. } => "shutdown",
             Self::Ack { .. } => "ack",
             Self::Error { .. } => "error",
+            Self::Inject { .. } => "inject",
         }
     }
 }
@@ -554,6 +591,7 @@ impl Envelope {
                 error.set_code((*code).into());
                 error.set_message(text.as_str());
             }
+            Body::Inject { fault } => body.init_inject().set_fault((*fault).into()),
         }
         capnp::serialize::write_message_to_words(&message)
     }
@@ -626,7 +664,10 @@ impl Envelope {
             Body::Error { message, .. } => {
                 check_text(message, "error.message", MAX_TEXT_BYTES, false)
             }
-            Body::Ready { .. } | Body::Heartbeat { .. } | Body::Ack { .. } => Ok(()),
+            Body::Ready { .. }
+            | Body::Heartbeat { .. }
+            | Body::Ack { .. }
+            | Body::Inject { .. } => Ok(()),
         }
     }
 
@@ -722,6 +763,13 @@ fn decode_body(body: wire::envelope::body::Reader<'_>) -> Result<Body, ControlEr
                 message: read_text(error.get_message(), "error.message", MAX_TEXT_BYTES)?,
             }
         }
+        Which::Inject(inject) => Body::Inject {
+            fault: inject
+                .map_err(ControlError::Decode)?
+                .get_fault()
+                .map_err(unknown("Fault"))?
+                .into(),
+        },
     })
 }
 
@@ -880,6 +928,27 @@ impl ControlChannel {
         envelope.validate()?;
         envelope.check_fds(fds.len())?;
         let bytes = envelope.encode();
+        self.send_datagram(&bytes, fds)
+    }
+
+    /// Sends raw bytes as one datagram (tests of a receiver's validation only).
+    #[doc(hidden)]
+    pub fn send_raw_for_tests(&self, bytes: &[u8]) -> Result<(), ControlError> {
+        self.send_datagram(bytes, &[])
+    }
+
+    /// Sends one already encoded datagram with `fds` attached (limits checked here).
+    pub(crate) fn send_datagram(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ControlError> {
+        if fds.len() > MAX_FDS {
+            return Err(ControlError::TooManyFds {
+                count: fds.len(),
+                max: MAX_FDS,
+            });
+        }
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(ControlError::TooLarge {
                 len: bytes.len(),
@@ -889,7 +958,7 @@ impl ControlChannel {
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         let rights = [ControlMessage::ScmRights(&raw)];
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-        let iov = [IoSlice::new(&bytes)];
+        let iov = [IoSlice::new(bytes)];
         loop {
             match sendmsg::<()>(
                 self.fd.as_raw_fd(),
@@ -933,6 +1002,16 @@ impl ControlChannel {
     /// Like [`ControlChannel::recv`], but waits at most `timeout` for a message to arrive:
     /// `Ok(None)` if none did.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Received>, ControlError> {
+        self.recv_timeout_with(timeout, |flags| self.recv_with(flags))
+    }
+
+    /// Waits at most `timeout` for the socket to be readable, then calls `recv` with
+    /// `MSG_DONTWAIT`.
+    pub(crate) fn recv_timeout_with<R>(
+        &self,
+        timeout: Duration,
+        recv: impl Fn(MsgFlags) -> Result<R, ControlError>,
+    ) -> Result<Option<R>, ControlError> {
         let deadline = Instant::now().checked_add(timeout);
         loop {
             let remaining = deadline.map_or(Duration::MAX, |d| {
@@ -950,7 +1029,7 @@ impl ControlChannel {
                         return Ok(None);
                     }
                 }
-                Ok(_) => match self.recv_with(MsgFlags::MSG_DONTWAIT) {
+                Ok(_) => match recv(MsgFlags::MSG_DONTWAIT) {
                     // Readiness without a message (another thread took it): wait again.
                     Err(ControlError::Io {
                         source: Errno::EAGAIN,
@@ -979,7 +1058,10 @@ impl ControlChannel {
     }
 
     /// Receives one datagram and its descriptors, checking the transport-level limits.
-    fn recv_raw(&self, flags: MsgFlags) -> Result<(Vec<u8>, Vec<OwnedFd>), ControlError> {
+    pub(crate) fn recv_raw(
+        &self,
+        flags: MsgFlags,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), ControlError> {
         let mut data = vec![0_u8; MAX_MESSAGE_BYTES];
         // Zero-filled up to its full capacity (which is what the kernel may write), so that the
         // ancillary data can be parsed from initialised bytes.
@@ -1032,7 +1114,7 @@ impl ControlChannel {
         Ok((data, fds))
     }
 
-    fn warn_malformed(&self, err: &ControlError) {
+    pub(crate) fn warn_malformed(&self, err: &ControlError) {
         let allowed = self
             .warnings
             .lock()

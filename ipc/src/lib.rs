@@ -8,12 +8,16 @@
 //!   large I/O, and a per-chunk ownership word that lets a restarted process reclaim what its dead
 //!   predecessor held.
 //! * [`control`]: Cap'n Proto control messages over `SOCK_SEQPACKET` with `SCM_RIGHTS` fd passing.
+//! * [`lifecycle`]: the service side of the supervisor protocol: handshake, health counter, crash
+//!   injection.
+//! * [`admin`]: the mgmt → supervisor admin channel (service table, restart, crash injection).
 //!
 //! No Rust reference ever points at shared bytes another process may write: shared words are
 //! accessed as atomics, descriptors and payloads are copied with volatile or raw-pointer copies.
 //! The restart protocol (who may reclaim what, and what a successor is guaranteed to see) is
 //! specified in `docs/IPC.md`.
 
+pub mod admin;
 pub mod control;
 pub mod desc;
 pub mod doorbell;

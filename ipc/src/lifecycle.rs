@@ -4,18 +4,151 @@
 //! [`CONTROL_FD_ENV`] and nothing else. It says `Hello`; the supervisor answers `Start` with the
 //! service's generation, whether this is a fresh start or a restart, and every resource (regions,
 //! rings, pools, doorbells, sockets) as fds passed with `SCM_RIGHTS`; the service attaches them and
-//! says `Ready`. From then on the supervisor may send `Shutdown`.
+//! says `Ready`. From then on the supervisor may send `Shutdown` or `Inject`.
+//!
+//! # Health
+//!
+//! Each service is handed a small region of its own, [`HEALTH_RESOURCE`], holding a heartbeat
+//! counter. The service's main loop calls [`Health::beat`] (one relaxed atomic add, no syscall)
+//! at least every [`Health::interval`]; the supervisor samples the counter and kills a service
+//! whose counter stood still for `missed_beats` intervals. The region belongs to the supervisor
+//! and outlives the service, so a successor beats on the same counter.
+//!
+//! # Crash injection
+//!
+//! [`Started::handle`] carries out `Inject`: a panic (services abort on panic, see
+//! [`abort_on_panic`]), a hang (no more beats, the thread blocks forever) or a forbidden system
+//! call (the sandbox kills the process).
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::control::{Body, ControlChannel, ControlError, Envelope, ResourceKind, StartMode};
+use crate::control::{
+    Body, ControlChannel, ControlError, Envelope, Fault, ResourceKind, StartMode,
+};
+use crate::region::{Region, RegionError, RegionKind, HEADER_SIZE};
 use crate::testkit::inherited_fd;
 
 /// Environment variable holding the control socket's fd number.
 pub const CONTROL_FD_ENV: &str = "DUPLEX_CONTROL_FD";
 /// Lifecycle protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u32 = crate::control::PROTOCOL_VERSION;
+
+/// Name of the health region every service is handed.
+pub const HEALTH_RESOURCE: &str = "health";
+/// `params[0]` of a health region says it is one.
+const HEALTH_TAG: u64 = u64::from_le_bytes(*b"HEALTH\0\x01");
+/// Offset of the beat counter in a health region.
+const BEAT_OFFSET: usize = HEADER_SIZE;
+
+/// Set by an injected hang: from then on [`Health::beat`] does nothing.
+static HUNG: AtomicBool = AtomicBool::new(false);
+
+/// A service's heartbeat counter in shared memory.
+#[derive(Debug)]
+pub struct Health {
+    region: Region,
+}
+
+impl Health {
+    /// Supervisor side: a new health region for `service`, beating every `interval`.
+    pub fn create(service: &str, interval: Duration) -> Result<Self, RegionError> {
+        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let region = Region::create(
+            &format!("health:{service}"),
+            RegionKind::Plain,
+            HEADER_SIZE + 64,
+            [HEALTH_TAG, ms, 0, 0, 0],
+        )?;
+        Ok(Self { region })
+    }
+
+    /// Service side: attaches the handed-over region, checking it is a health region.
+    pub fn attach(fd: OwnedFd) -> Result<Self, RegionError> {
+        let region = Region::attach(fd, RegionKind::Plain)?;
+        let params = region.params();
+        if params[0] != HEALTH_TAG || params[1] == 0 || region.len() < BEAT_OFFSET + 8 {
+            return Err(RegionError::BadLayout(
+                "not a health region (tag, interval or size)".into(),
+            ));
+        }
+        Ok(Self { region })
+    }
+
+    /// The region (the supervisor keeps its fd across restarts).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// How often the service must beat.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.region.params()[1])
+    }
+
+    fn counter(&self) -> &AtomicU64 {
+        self.region.atomic_u64(BEAT_OFFSET)
+    }
+
+    /// One beat: a relaxed atomic increment. Does nothing once a hang was injected.
+    pub fn beat(&self) {
+        if !HUNG.load(Ordering::Relaxed) {
+            self.counter().fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counter (supervisor side).
+    pub fn count(&self) -> u64 {
+        self.counter().load(Ordering::Relaxed)
+    }
+}
+
+/// Makes every panic, on any thread, abort the process after the default panic message, so a
+/// service never limps on with a dead thread; the supervisor sees `SIGABRT` and restarts it.
+pub fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        std::process::abort();
+    }));
+}
+
+/// Carries out an injected fault. Returns only for [`Fault::ForbiddenSyscall`] when the call
+/// was *not* stopped (the sandbox is off), with a description of what happened.
+pub fn inject(fault: Fault) -> String {
+    match fault {
+        Fault::Panic => {
+            tracing::warn!("injected panic");
+            panic!("injected panic (crash injection)");
+        }
+        Fault::Hang => {
+            tracing::warn!("injected hang: no more heartbeats, this thread blocks forever");
+            HUNG.store(true, Ordering::Relaxed);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        Fault::ForbiddenSyscall => {
+            tracing::warn!("injected forbidden system call: opening /etc/hostname");
+            match std::fs::File::open("/etc/hostname") {
+                Ok(_) => {
+                    tracing::error!("forbidden open succeeded: the sandbox is NOT in force");
+                    "forbidden open succeeded: the sandbox is not in force".into()
+                }
+                Err(e) => format!("forbidden open failed without a kill: {e}"),
+            }
+        }
+    }
+}
+
+/// What a service does after [`Started::handle`] looked at a control message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Carry on serving.
+    Continue,
+    /// The supervisor asked for an orderly stop: exit (status 0) before the deadline.
+    Shutdown,
+}
 
 /// Errors starting a service.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +162,12 @@ pub enum LifecycleError {
     /// The supervisor sent something other than what the protocol expects now.
     #[error("Supervisor sent {0} where start was expected")]
     Unexpected(&'static str),
+    /// A resource the service needs was not handed over.
+    #[error("Supervisor did not hand over `{0}`")]
+    MissingResource(&'static str),
+    /// A handed-over resource failed validation.
+    #[error("Handed-over `{0}` is unusable")]
+    BadResource(&'static str, #[source] RegionError),
     /// The supervisor did not answer in time.
     #[error("Supervisor did not send start within {0:?}")]
     Timeout(Duration),
@@ -63,6 +202,34 @@ impl Started {
     pub fn take(&mut self, name: &str) -> Option<Handed> {
         let at = self.resources.iter().position(|r| r.name == name)?;
         Some(self.resources.swap_remove(at))
+    }
+
+    /// Takes and attaches the health region.
+    pub fn health(&mut self) -> Result<Health, LifecycleError> {
+        let r = self
+            .take(HEALTH_RESOURCE)
+            .ok_or(LifecycleError::MissingResource(HEALTH_RESOURCE))?;
+        Health::attach(r.fd).map_err(|e| LifecycleError::BadResource(HEALTH_RESOURCE, e))
+    }
+
+    /// Handles one message from the supervisor: `Shutdown` → [`Next::Shutdown`]; `Inject` →
+    /// the fault happens (see [`inject`]); anything else is logged and ignored.
+    pub fn handle(&self, envelope: &Envelope) -> Next {
+        match &envelope.body {
+            Body::Shutdown { reason, .. } => {
+                tracing::info!(reason = %reason, "shutdown requested");
+                Next::Shutdown
+            }
+            Body::Inject { fault } => {
+                let what = inject(*fault);
+                tracing::warn!("{what}");
+                Next::Continue
+            }
+            other => {
+                tracing::debug!(kind = other.kind_name(), "ignoring control message");
+                Next::Continue
+            }
+        }
     }
 
     /// Tells the supervisor this incarnation is ready.

@@ -121,3 +121,49 @@ fn a_corrupt_peer_index_is_an_error_not_a_crash() {
     assert!(e.to_string().contains("corrupt"), "{e}");
     assert!(out.is_empty());
 }
+
+proptest! {
+    /// Peeking shows the same descriptors until they are committed; committing part of a peek
+    /// consumes exactly that part; over-committing is refused; the producer can always read what
+    /// it published last.
+    #[test]
+    fn peek_then_commit_consumes_exactly_what_was_committed(
+        ops in proptest::collection::vec((0u8..3, 1usize..40), 1..200),
+    ) {
+        let (mut p, mut c) = endpoints(32);
+        let (mut next, mut expect) = (0u64, 0u64);
+        let mut seen = Vec::new();
+        prop_assert_eq!(p.last_published(), None);
+        for (op, n) in ops {
+            match op {
+                0 => {
+                    let items: Vec<u64> = (next..next + n as u64).collect();
+                    next += p.try_push(&items).expect("push") as u64;
+                    if next > 0 {
+                        prop_assert_eq!(p.last_published(), Some(next - 1));
+                    }
+                }
+                1 => {
+                    seen.clear();
+                    let got = c.try_peek(&mut seen, n).expect("peek");
+                    let again = {
+                        let mut v = Vec::new();
+                        c.try_peek(&mut v, n).expect("peek");
+                        v
+                    };
+                    prop_assert_eq!(&seen, &again);
+                    for (i, v) in seen.iter().enumerate() {
+                        prop_assert_eq!(*v, expect + i as u64);
+                    }
+                    let take = (got / 2) as u64;
+                    c.commit(take).expect("commit");
+                    expect += take;
+                }
+                _ => {
+                    let available = next - expect;
+                    prop_assert!(c.commit(available + 1).is_err());
+                }
+            }
+        }
+    }
+}

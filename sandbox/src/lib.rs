@@ -9,7 +9,7 @@
 //!   namespace with private propagation, and sets `PR_SET_NO_NEW_PRIVS`. Everything it needs is
 //!   computed before the fork ([`Hardening`]); it only makes raw syscalls, so it is
 //!   async-signal-safe in the child of a multi-threaded parent.
-//! * **In the service, first thing in `main`** — [`enter`]: installs the service's seccomp
+//! * **In the service, before it serves** — [`enter`]: installs the service's seccomp
 //!   filter on every thread of the process.
 //!
 //! # Policies are data
@@ -131,8 +131,8 @@ pub enum SandboxError {
 /// Confines the calling process with the seccomp policy of `service`: sets
 /// `PR_SET_NO_NEW_PRIVS`, then installs the filter on every thread (TSYNC).
 ///
-/// Call it first thing in a service's `main`, once the fds the supervisor handed over have been
-/// taken: from then on the process may only make the syscalls its policy lists, and anything else
+/// Call it in a service's `main` before it serves, once the fds the supervisor handed over
+/// have been taken: from then on the process may only make the syscalls its policy lists, and anything else
 /// kills it with `SIGSYS`. With `DUPLEX_SANDBOX=off` in the environment it only sets
 /// `no_new_privs`, warns loudly and returns `Ok`.
 pub fn enter(service: &str) -> Result<(), SandboxError> {

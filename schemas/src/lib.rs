@@ -5,7 +5,11 @@
 //!
 //! * `lifecycle.capnp` → [`lifecycle_capnp`]: the service lifecycle channel between the
 //!   supervisor (`duplexd`) and each service (hello, start, ready, heartbeat, shutdown, ack,
-//!   error).
+//!   error, inject).
+//! * `admin.capnp` → [`admin_capnp`]: the admin channel from the mgmt service to the supervisor
+//!   (service table, restart, crash injection, node status). Only mgmt holds one.
+//! * `mgmt.capnp` → [`mgmt_capnp`]: the management RPC interface (`capnp-rpc`) that `duplexctl`
+//!   calls on the mgmt service.
 //!
 //! The generated code is committed under `src/generated/` so that a machine without the `capnp`
 //! compiler can build the workspace. `tests/fresh.rs` regenerates it and fails if the committed
@@ -32,6 +36,26 @@ pub mod lifecycle_capnp {
     include!("generated/lifecycle_capnp.rs");
 }
 
+/// Generated code for `admin.capnp`, the mgmt → supervisor admin channel.
+///
+/// Produced by `capnpc`; do not edit.
+#[allow(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
+pub mod admin_capnp {
+    include!("generated/admin_capnp.rs");
+}
+
+/// Generated code for `mgmt.capnp`, the management RPC interface served by mgmt.
+///
+/// Produced by `capnpc`; do not edit.
+#[allow(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
+pub mod mgmt_capnp {
+    include!("generated/mgmt_capnp.rs");
+}
+
 /// File names of the schemas in this crate's directory and the generated files (under
 /// `src/generated/`) they compile to. Used by `tests/fresh.rs`.
-pub const SCHEMAS: &[(&str, &str)] = &[("lifecycle.capnp", "lifecycle_capnp.rs")];
+pub const SCHEMAS: &[(&str, &str)] = &[
+    ("lifecycle.capnp", "lifecycle_capnp.rs"),
+    ("admin.capnp", "admin_capnp.rs"),
+    ("mgmt.capnp", "mgmt_capnp.rs"),
+];

@@ -132,6 +132,8 @@ pub struct SupervisorSettings {
     pub crash_loop_window_s: u64,
     /// How long a service has to stop after SIGTERM before it is killed (milliseconds).
     pub stop_timeout_ms: u64,
+    /// How long a spawned service has to say Ready before it is killed as hung (milliseconds).
+    pub start_timeout_ms: u64,
     /// Sandbox services (seccomp, no_new_privs, capabilities, rlimits). Turning it off is a
     /// development switch and is logged loudly.
     pub sandbox: bool,
@@ -147,6 +149,7 @@ impl Default for SupervisorSettings {
             crash_loop_exits: 10,
             crash_loop_window_s: 30,
             stop_timeout_ms: 5_000,
+            start_timeout_ms: 10_000,
             sandbox: true,
         }
     }
@@ -302,11 +305,16 @@ impl NodeConfig {
             ));
         }
         let s = &self.supervisor;
-        if s.heartbeat_ms == 0 || s.missed_beats == 0 || s.crash_loop_exits == 0 {
+        if s.heartbeat_ms == 0
+            || s.missed_beats == 0
+            || s.crash_loop_exits == 0
+            || s.start_timeout_ms == 0
+        {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
                 line: find_line(text, "[supervisor]"),
-                message: "supervisor.heartbeat_ms, missed_beats and crash_loop_exits must be > 0"
+                message: "supervisor.heartbeat_ms, missed_beats, crash_loop_exits and start_timeout_ms must \
+                          be > 0"
                     .into(),
             });
         }

@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use duplex_supervisor::config::NodeConfig;
 use duplex_supervisor::lock::StateLock;
@@ -27,15 +26,33 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Block the handled signals before any thread exists (the log writer's included), so that
+    // every thread inherits the mask and none is lost or kills us by its default action; the
+    // node reads them from a signalfd.
+    if let Err(e) = Node::signal_mask().thread_block() {
+        eprintln!("duplexd: blocking signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    // duplexd's own log and every service's output (which it passes on line by line) go through
+    // one lossy queue drained by a writer thread: a slow reader of stderr makes duplexd drop log
+    // lines (the writer counts them), never block.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .thread_name("duplexd-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(&args) {
+    let result = run(&args);
+    // Flush the log before the final line.
+    drop(guard);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes.
@@ -55,11 +72,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    // Block the handled signals before anything else so none is lost; the node reads them from
-    // a signalfd.
-    Node::signal_mask()
-        .thread_block()
-        .context("blocking signals")?;
     let _lock = StateLock::acquire(config.node.state_dir.get_ref())?;
     let exe_dir = std::env::current_exe()
         .ok()

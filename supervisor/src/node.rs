@@ -1,31 +1,58 @@
 //! The running node: resources the supervisor owns, the service table, and the event loop that
-//! starts services, answers their lifecycle messages, restarts them when they die and stops them
-//! in reverse dependency order.
+//! starts services, answers their lifecycle messages, watches their heartbeats, carries out
+//! admin requests from mgmt, restarts services when they die and stops them in reverse
+//! dependency order.
 //!
-//! Each service is spawned with exactly one fd, its end of a `SOCK_SEQPACKET` control socket
-//! (named by `DUPLEX_CONTROL_FD`); everything else (ring and pool regions, doorbells, listening
-//! sockets) reaches it in the `Start` message with `SCM_RIGHTS`, and the supervisor keeps its own
-//! copies so a successor gets the very same objects.
+//! Each service is spawned hardened ([`duplex_sandbox::harden_child`]: no capabilities, no new
+//! privileges, rlimits, its own mount namespace when duplexd is root) with exactly one fd beyond
+//! stdio, its end of a `SOCK_SEQPACKET` control socket, at fd 3; its stdout and stderr go to a
+//! pipe duplexd reads. Everything else (its health region, ring and pool regions, doorbells,
+//! listening sockets, and for mgmt the admin channel and `mgmt.sock`) reaches it in the `Start`
+//! message with `SCM_RIGHTS`, and the supervisor keeps its own copies so a successor gets the
+//! very same objects. The service enters its seccomp policy itself, first thing in `main`.
 
 use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use duplex_ipc::control::{Body, ControlChannel, Envelope, Resource, ResourceKind, StartMode};
+use duplex_ipc::admin::{
+    AdminChannel, AdminErrorCode, AdminReply, AdminRequest, CrashMode, NodeStatus, ServiceInfo,
+    ServiceState,
+};
+use duplex_ipc::control::{
+    Body, ControlChannel, Envelope, Fault, Resource, ResourceKind, StartMode,
+};
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::Doorbell;
-use duplex_ipc::lifecycle::CONTROL_FD_ENV;
+use duplex_ipc::lifecycle::{Health, CONTROL_FD_ENV, HEALTH_RESOURCE};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::RingRegion;
+use duplex_sandbox::{harden_child, Hardening, SANDBOX_ENV};
+use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
 use crate::config::{NodeConfig, ServiceKind};
+
+/// The service that gets the admin channel and `mgmt.sock`.
+pub const MGMT_SERVICE: &str = "mgmt";
+/// Name of the admin channel resource handed to mgmt.
+pub const ADMIN_RESOURCE: &str = "admin";
+/// Name of the management socket resource handed to mgmt.
+pub const MGMT_SOCKET_RESOURCE: &str = "mgmt-socket";
+/// File name of the management socket in the state directory.
+pub const MGMT_SOCKET_FILE: &str = "mgmt.sock";
+/// Longest log line passed on whole; longer ones are split.
+const MAX_LOG_LINE: usize = 4096;
+/// `RLIMIT_NOFILE` of a service.
+const SERVICE_MAX_FILES: u64 = 1024;
 
 /// Errors bringing the node up.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +64,15 @@ pub enum NodeError {
         name: String,
         /// Address.
         address: std::net::SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The management socket could not be bound.
+    #[error("cannot bind the management socket {path}: {source}")]
+    BindMgmt {
+        /// Its path.
+        path: PathBuf,
         /// The error.
         #[source]
         source: std::io::Error,
@@ -68,25 +104,23 @@ pub enum NodeError {
     },
 }
 
-/// A service's state in the table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServiceState {
-    /// Spawned, lifecycle handshake not finished.
-    Starting,
-    /// Said Ready.
-    Running,
-    /// Died; waiting out the backoff before the next start.
-    Backoff,
-    /// Crash loop (or the datapath died): not restarted.
-    Failed,
-    /// Stopped by the supervisor.
-    Stopped,
-}
-
 struct Shared {
     name: String,
     kind: ResourceKind,
     fd: OwnedFd,
+}
+
+/// Why the current process of a service is expected to die.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expected {
+    /// Nothing: a death is a crash.
+    Nothing,
+    /// Crash-injected at this time.
+    Injected(CrashMode, Instant),
+    /// Found hung and killed.
+    Hung(Instant),
+    /// Asked to stop by an operator restart; restart at once, not counted as a crash.
+    OperatorRestart,
 }
 
 struct Service {
@@ -94,16 +128,59 @@ struct Service {
     kind: ServiceKind,
     binary: PathBuf,
     args: Vec<String>,
-    /// Indices into `Node::shared` of what this service gets.
+    /// Indices into `Node::shared` of what this service gets (the health region first).
     resources: Vec<usize>,
+    health: Health,
     state: ServiceState,
     child: Option<Child>,
+    pid: u32,
     channel: Option<ControlChannel>,
     generation: u64,
     restarts: u32,
+    hangs: u32,
     exits: VecDeque<Instant>,
     next_start: Option<Instant>,
     started: Instant,
+    /// When the previous process died (or was killed on purpose), until the next Ready.
+    down_since: Option<Instant>,
+    last_restart: Option<Duration>,
+    last_exit: String,
+    expected: Expected,
+    /// Heartbeat sampling: last counter value and when it last moved.
+    last_beat: u64,
+    beat_moved: Instant,
+    /// SIGKILL at this time if the process has not exited (operator restart, stop).
+    kill_at: Option<Instant>,
+}
+
+impl Service {
+    fn info(&self, now: Instant) -> ServiceInfo {
+        ServiceInfo {
+            name: self.name.clone(),
+            datapath: self.kind == ServiceKind::Datapath,
+            state: self.state,
+            pid: if self.child.is_some() { self.pid } else { 0 },
+            generation: self.generation,
+            restarts: self.restarts,
+            uptime_ms: if self.child.is_some() {
+                millis(now.duration_since(self.started))
+            } else {
+                0
+            },
+            hangs: self.hangs,
+            last_exit: self.last_exit.clone(),
+            last_restart_ms: self.last_restart.map_or(0, millis),
+        }
+    }
+}
+
+/// One service process's output pipe, read until EOF (which may come after the process died).
+struct LogPipe {
+    service: String,
+    pid: u32,
+    generation: u64,
+    fd: OwnedFd,
+    pending: Vec<u8>,
 }
 
 /// The node.
@@ -111,8 +188,13 @@ pub struct Node {
     config: NodeConfig,
     shared: Vec<Shared>,
     services: Vec<Service>,
+    logs: Vec<LogPipe>,
+    admin: Option<AdminChannel>,
+    mgmt_socket_path: Option<PathBuf>,
     signals: SignalFd,
     failed: bool,
+    born: Instant,
+    private_mounts: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -128,10 +210,14 @@ fn res_err(what: impl Into<String>) -> impl FnOnce(String) -> NodeError {
     move |message| NodeError::Resource { what, message }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Node {
     /// Creates every resource the config declares and the service table. Binds listeners (so a
     /// port in use is refused here, before any service starts). `signals` must already be
-    /// blocked in every thread.
+    /// blocked in every thread, and the caller must hold the state directory's lock.
     pub fn new(config: NodeConfig, exe_dir: PathBuf) -> Result<Self, NodeError> {
         let mut shared = Vec::new();
         let mut wants: Vec<(String, usize)> = Vec::new();
@@ -219,6 +305,52 @@ impl Node {
             );
         }
 
+        // mgmt: the admin channel (the privilege to act on the service table) and the
+        // management socket clients connect to. Both outlive mgmt's restarts.
+        let mut admin = None;
+        let mut mgmt_socket_path = None;
+        if config
+            .services
+            .iter()
+            .any(|s| s.name.get_ref() == MGMT_SERVICE)
+        {
+            let (ours, theirs) =
+                AdminChannel::pair().map_err(|e| res_err("admin channel")(e.to_string()))?;
+            add(
+                &mut shared,
+                ADMIN_RESOURCE.into(),
+                ResourceKind::Socket,
+                theirs.into_fd(),
+                &[MGMT_SERVICE],
+            );
+            admin = Some(ours);
+            let path = config.node.state_dir.get_ref().join(MGMT_SOCKET_FILE);
+            // We hold the state directory's lock: a socket file left there is stale.
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed stale management socket"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(NodeError::BindMgmt { path, source }),
+            }
+            let listener = UnixListener::bind(&path).map_err(|source| NodeError::BindMgmt {
+                path: path.clone(),
+                source,
+            })?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|source| NodeError::BindMgmt {
+                    path: path.clone(),
+                    source,
+                })?;
+            add(
+                &mut shared,
+                MGMT_SOCKET_RESOURCE.into(),
+                ResourceKind::Socket,
+                OwnedFd::from(listener),
+                &[MGMT_SERVICE],
+            );
+            mgmt_socket_path = Some(path);
+        }
+
+        let beat = Duration::from_millis(config.supervisor.heartbeat_ms);
         let mut services = Vec::new();
         for s in config.start_order() {
             let name = s.name.get_ref().clone();
@@ -229,25 +361,43 @@ impl Node {
             if !is_executable(&binary) {
                 return Err(NodeError::MissingBinary { name, path: binary });
             }
-            let resources = wants
-                .iter()
-                .filter(|(u, _)| *u == name)
-                .map(|(_, i)| *i)
-                .collect();
+            let health = Health::create(&name, beat)
+                .map_err(|e| res_err(format!("health region of {name}"))(e.to_string()))?;
+            let mut resources = vec![shared.len()];
+            shared.push(Shared {
+                name: HEALTH_RESOURCE.into(),
+                kind: ResourceKind::Region,
+                fd: health
+                    .region()
+                    .try_clone_fd()
+                    .map_err(|e| res_err(format!("health region of {name}"))(e.to_string()))?,
+            });
+            resources.extend(wants.iter().filter(|(u, _)| *u == name).map(|(_, i)| *i));
+            let now = Instant::now();
             services.push(Service {
                 name,
                 kind: s.kind,
                 binary,
                 args: s.args.clone(),
                 resources,
+                health,
                 state: ServiceState::Stopped,
                 child: None,
+                pid: 0,
                 channel: None,
                 generation: 0,
                 restarts: 0,
+                hangs: 0,
                 exits: VecDeque::new(),
                 next_start: None,
-                started: Instant::now(),
+                started: now,
+                down_since: None,
+                last_restart: None,
+                last_exit: String::new(),
+                expected: Expected::Nothing,
+                last_beat: 0,
+                beat_moved: now,
+                kill_at: None,
             });
         }
         let signals = SignalFd::with_flags(
@@ -258,12 +408,26 @@ impl Node {
             what: "signalfd",
             source,
         })?;
+        let private_mounts = nix::unistd::geteuid().is_root();
+        if !config.supervisor.sandbox {
+            let msg = format!(
+                "!!! supervisor.sandbox = false: services run WITHOUT their seccomp policies \
+                 ({SANDBOX_ENV}=off). Development only. !!!"
+            );
+            tracing::warn!("{msg}");
+            eprintln!("{msg}");
+        }
         Ok(Self {
             config,
             shared,
             services,
+            logs: Vec::new(),
+            admin,
+            mgmt_socket_path,
             signals,
             failed: false,
+            born: Instant::now(),
+            private_mounts,
         })
     }
 
@@ -280,49 +444,28 @@ impl Node {
     /// start order. Returns whether the node failed (datapath died).
     pub fn run(mut self) -> Result<bool, NodeError> {
         for i in 0..self.services.len() {
-            self.spawn(i, StartMode::Fresh);
+            self.spawn(i);
         }
+        let tick = Duration::from_millis(self.config.supervisor.heartbeat_ms.clamp(1, 1000));
         loop {
             let now = Instant::now();
-            let mut timeout = Duration::from_millis(self.config.supervisor.heartbeat_ms.max(10));
+            let mut timeout = tick;
             for s in &self.services {
-                if let Some(t) = s.next_start {
+                for t in [s.next_start, s.kill_at].into_iter().flatten() {
                     timeout = timeout.min(t.saturating_duration_since(now));
                 }
             }
-            let watched: Vec<usize> = (0..self.services.len())
-                .filter(|&i| self.services[i].channel.is_some())
-                .collect();
-            let (sig_ready, ready) = {
-                let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-                for &i in &watched {
-                    if let Some(c) = &self.services[i].channel {
-                        fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
-                    }
-                }
-                let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-                match poll(&mut fds, PollTimeout::from(ms)) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(source) => {
-                        return Err(NodeError::Sys {
-                            what: "poll",
-                            source,
-                        })
-                    }
-                }
-                let is_ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                let ready: Vec<usize> = watched
-                    .iter()
-                    .zip(&fds[1..])
-                    .filter(|(_, f)| is_ready(f))
-                    .map(|(i, _)| *i)
-                    .collect();
-                (is_ready(&fds[0]), ready)
-            };
-            for i in ready {
+            let ready = self.wait(timeout)?;
+            if ready.admin {
+                self.on_admin();
+            }
+            for i in ready.services {
                 self.on_message(i);
             }
-            if sig_ready {
+            for i in ready.logs.into_iter().rev() {
+                self.on_log(i);
+            }
+            if ready.signals {
                 let mut stop = false;
                 while let Ok(Some(info)) = self.signals.read_signal() {
                     match Signal::try_from(info.ssi_signo as i32) {
@@ -337,21 +480,82 @@ impl Node {
                 self.reap();
                 if stop {
                     self.stop_all();
+                    self.drain_logs();
+                    if let Some(path) = &self.mgmt_socket_path {
+                        let _ = std::fs::remove_file(path);
+                    }
                     return Ok(self.failed);
                 }
             }
+            self.watchdog();
             let now = Instant::now();
             for i in 0..self.services.len() {
                 if self.services[i].next_start.is_some_and(|t| t <= now) {
                     self.services[i].next_start = None;
-                    self.spawn(i, StartMode::Restart);
+                    self.spawn(i);
                 }
             }
         }
     }
 
-    fn spawn(&mut self, i: usize, mode: StartMode) {
+    /// Polls every fd the loop serves.
+    fn wait(&self, timeout: Duration) -> Result<Ready, NodeError> {
+        let watched: Vec<usize> = (0..self.services.len())
+            .filter(|&i| self.services[i].channel.is_some())
+            .collect();
+        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        let admin_at = self.admin.as_ref().map(|a| {
+            fds.push(PollFd::new(a.as_fd(), PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        let services_at = fds.len();
+        for &i in &watched {
+            if let Some(c) = &self.services[i].channel {
+                fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            }
+        }
+        let logs_at = fds.len();
+        for l in &self.logs {
+            fds.push(PollFd::new(l.fd.as_fd(), PollFlags::POLLIN));
+        }
+        let ms = u16::try_from(timeout.as_millis().max(1)).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(source) => {
+                return Err(NodeError::Sys {
+                    what: "poll",
+                    source,
+                })
+            }
+        }
+        let is_ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        Ok(Ready {
+            signals: is_ready(&fds[0]),
+            admin: admin_at.is_some_and(|at| is_ready(&fds[at])),
+            services: watched
+                .iter()
+                .zip(&fds[services_at..logs_at])
+                .filter(|(_, f)| is_ready(f))
+                .map(|(i, _)| *i)
+                .collect(),
+            logs: (0..self.logs.len())
+                .filter(|&j| is_ready(&fds[logs_at + j]))
+                .collect(),
+        })
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let sandbox = self.config.supervisor.sandbox;
+        let private_mounts = self.private_mounts;
+        if self.services[i].name == MGMT_SERVICE {
+            self.drain_admin();
+        }
         let s = &mut self.services[i];
+        let mode = if s.generation == 0 {
+            StartMode::Fresh
+        } else {
+            StartMode::Restart
+        };
         let (ours, theirs) = match ControlChannel::pair() {
             Ok(p) => p,
             Err(e) => {
@@ -361,10 +565,39 @@ impl Node {
             }
         };
         let theirs = theirs.into_fd();
+        let (log_read, log_write) = match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(service = %s.name, error = %e, "cannot create log pipe");
+                s.state = ServiceState::Failed;
+                return;
+            }
+        };
+        // The service's end blocks (a service must not see EAGAIN on stderr); duplexd's end
+        // does not, and duplexd drains it promptly.
+        if let Err(e) = nix::fcntl::fcntl(
+            log_write.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()),
+        ) {
+            tracing::warn!(service = %s.name, error = %e, "cannot make the log pipe blocking");
+        }
+        let hardening = match Hardening::new().keep_fds(&[theirs.as_raw_fd()]) {
+            Ok(h) => h
+                .keep_capabilities(&[])
+                .max_open_files(SERVICE_MAX_FILES)
+                .max_core_bytes(0)
+                .private_mounts(private_mounts),
+            Err(e) => {
+                tracing::error!(service = %s.name, error = %e, "cannot prepare the sandbox");
+                s.state = ServiceState::Failed;
+                return;
+            }
+        };
         s.generation += 1;
         let mut cmd = Command::new(&s.binary);
         cmd.args(&s.args)
-            .env(CONTROL_FD_ENV, theirs.as_raw_fd().to_string())
+            .env_clear()
+            .env(CONTROL_FD_ENV, "3")
             .env("DUPLEX_SERVICE", &s.name)
             .env("DUPLEX_GENERATION", s.generation.to_string())
             .env(
@@ -374,14 +607,57 @@ impl Node {
                 } else {
                     "restart"
                 },
-            );
-        match duplex_ipc::testkit::spawn_with_fds(&mut cmd, &[theirs.as_fd()]) {
+            )
+            .stdin(Stdio::null());
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
+        if !sandbox {
+            cmd.env(SANDBOX_ENV, "off");
+        }
+        match log_write.try_clone() {
+            Ok(dup) => {
+                cmd.stdout(Stdio::from(dup)).stderr(Stdio::from(log_write));
+            }
+            Err(e) => {
+                tracing::warn!(service = %s.name, error = %e, "cannot share the log pipe; stdout is discarded");
+                cmd.stdout(Stdio::null()).stderr(Stdio::from(log_write));
+            }
+        }
+        let harden = move || {
+            // SAFETY: runs in the forked child just before exec; harden_child only makes
+            // async-signal-safe raw syscalls on data prepared before the fork.
+            unsafe { harden_child(&hardening) }
+        };
+        // SAFETY: the closure is async-signal-safe (see above) and touches no parent state.
+        unsafe { cmd.pre_exec(harden) };
+        let result = cmd.spawn();
+        // Our copy of the child's control end (the child has its own after the fork).
+        drop(theirs);
+        // The Command still holds the log pipe's write ends: drop it so EOF is seen when the
+        // service exits.
+        drop(cmd);
+        match result {
             Ok(child) => {
-                tracing::info!(service = %s.name, pid = child.id(), generation = s.generation, ?mode, "service spawned");
+                let pid = child.id();
+                tracing::info!(service = %s.name, pid, generation = s.generation, ?mode, "service spawned");
+                self.logs.push(LogPipe {
+                    service: s.name.clone(),
+                    pid,
+                    generation: s.generation,
+                    fd: log_read,
+                    pending: Vec::new(),
+                });
                 s.child = Some(child);
+                s.pid = pid;
                 s.channel = Some(ours);
                 s.state = ServiceState::Starting;
                 s.started = Instant::now();
+                s.kill_at = None;
+                s.expected = Expected::Nothing;
+                if mode == StartMode::Restart {
+                    s.restarts += 1;
+                }
             }
             Err(e) => {
                 tracing::error!(service = %s.name, binary = %s.binary.display(), error = %e, "cannot spawn service");
@@ -393,7 +669,7 @@ impl Node {
     fn on_message(&mut self, i: usize) {
         let s = &mut self.services[i];
         let Some(channel) = &s.channel else { return };
-        let pid = s.child.as_ref().map_or(0, Child::id);
+        let pid = s.pid;
         match channel.recv() {
             Ok((env, _fds)) => match env.body {
                 Body::Hello {
@@ -439,8 +715,16 @@ impl Node {
                     }
                 }
                 Body::Ready { generation } if generation == s.generation => {
+                    let now = Instant::now();
                     s.state = ServiceState::Running;
-                    tracing::info!(service = %s.name, pid, generation, "service ready");
+                    s.last_beat = s.health.count();
+                    s.beat_moved = now;
+                    let down = s.down_since.take().map(|t| now.duration_since(t));
+                    if let Some(d) = down {
+                        s.last_restart = Some(d);
+                    }
+                    let down_us = down.map_or(0, |d| d.as_micros());
+                    tracing::info!(service = %s.name, pid, generation, down_us, "service ready");
                 }
                 other => {
                     tracing::debug!(service = %s.name, pid, kind = other.kind_name(), "control message");
@@ -459,6 +743,83 @@ impl Node {
         }
     }
 
+    /// Reads what a service wrote and passes it on, one log event per line, tagged with the
+    /// service, its pid and generation. Never blocks: the pipe is non-blocking and duplexd's
+    /// own log writer is a lossy queue drained by its own thread.
+    fn on_log(&mut self, j: usize) {
+        let mut buf = [0_u8; 16 * 1024];
+        let eof = loop {
+            match nix::unistd::read(self.logs[j].fd.as_raw_fd(), &mut buf) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    self.logs[j].pending.extend_from_slice(&buf[..n]);
+                    emit_lines(&mut self.logs[j], false);
+                    if n < buf.len() {
+                        break false;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => break false,
+                Err(e) => {
+                    tracing::warn!(service = %self.logs[j].service, error = %e, "reading service output failed");
+                    break true;
+                }
+            }
+        };
+        if eof {
+            let mut log = self.logs.swap_remove(j);
+            emit_lines(&mut log, true);
+        }
+    }
+
+    /// At stop: passes on what is left in every pipe.
+    fn drain_logs(&mut self) {
+        for j in (0..self.logs.len()).rev() {
+            self.on_log(j);
+        }
+    }
+
+    /// Heartbeats, start timeouts and kill deadlines.
+    fn watchdog(&mut self) {
+        let now = Instant::now();
+        let settings = &self.config.supervisor;
+        let hung_after =
+            Duration::from_millis(settings.heartbeat_ms * u64::from(settings.missed_beats));
+        let start_timeout = Duration::from_millis(settings.start_timeout_ms);
+        for s in &mut self.services {
+            if s.child.is_none() {
+                continue;
+            }
+            if s.kill_at.is_some_and(|t| t <= now) {
+                tracing::warn!(service = %s.name, pid = s.pid, "service did not stop in time; killing it");
+                s.kill_at = None;
+                kill_child(s);
+                continue;
+            }
+            let hung = match s.state {
+                ServiceState::Running => {
+                    let count = s.health.count();
+                    if count != s.last_beat {
+                        s.last_beat = count;
+                        s.beat_moved = now;
+                        false
+                    } else {
+                        now.duration_since(s.beat_moved) > hung_after
+                    }
+                }
+                ServiceState::Starting => now.duration_since(s.started) > start_timeout,
+                _ => false,
+            };
+            if hung && !matches!(s.expected, Expected::Hung(_)) {
+                s.hangs += 1;
+                tracing::warn!(service = %s.name, pid = s.pid, generation = s.generation, state = s.state.name(), silent_ms = millis(now.duration_since(s.beat_moved.max(s.started))), event = "hung", "service is hung (no heartbeat or no ready): killing it");
+                s.expected = Expected::Hung(now);
+                s.down_since = Some(now);
+                kill_child(s);
+            }
+        }
+    }
+
     fn reap(&mut self) {
         let settings = &self.config.supervisor;
         for i in 0..self.services.len() {
@@ -469,22 +830,42 @@ impl Node {
             let Ok(Some(status)) = child.try_wait() else {
                 continue;
             };
-            let pid = child.id();
+            let pid = s.pid;
             s.child = None;
             s.channel = None;
+            s.kill_at = None;
+            s.last_exit = status.to_string();
             if s.state == ServiceState::Stopped {
                 continue;
             }
             let now = Instant::now();
-            tracing::warn!(service = %s.name, pid, generation = s.generation, %status, uptime = ?now - s.started, "service exited unexpectedly");
+            let expected = std::mem::replace(&mut s.expected, Expected::Nothing);
+            // Restart latency counts from the moment the death was caused, when we caused it.
+            s.down_since = Some(match expected {
+                Expected::Injected(_, at) | Expected::Hung(at) => at,
+                Expected::Nothing | Expected::OperatorRestart => now,
+            });
+            let cause = match expected {
+                Expected::Nothing => "crash",
+                Expected::Injected(mode, _) => mode.name(),
+                Expected::Hung(_) => "hung",
+                Expected::OperatorRestart => "operator restart",
+            };
             if s.kind == ServiceKind::Datapath {
-                tracing::error!(service = %s.name, "datapath died: node stops serving");
+                tracing::error!(service = %s.name, pid, %status, "datapath died: node stops serving");
                 s.state = ServiceState::Failed;
                 self.failed = true;
-                // Close listeners so hosts fail over to the peer at once.
-                self.shared.retain(|r| r.kind != ResourceKind::Socket);
+                // Close the listeners so hosts fail over to the peer at once.
+                self.shared.retain(|r| !r.name.starts_with("listener:"));
                 continue;
             }
+            if expected == Expected::OperatorRestart {
+                tracing::info!(service = %s.name, pid, %status, "service stopped for restart");
+                s.state = ServiceState::Backoff;
+                s.next_start = Some(now);
+                continue;
+            }
+            tracing::warn!(service = %s.name, pid, generation = s.generation, %status, cause, uptime = ?now - s.started, "service exited unexpectedly");
             let window = Duration::from_secs(settings.crash_loop_window_s);
             s.exits.push_back(now);
             while s
@@ -511,10 +892,182 @@ impl Node {
                         .min(settings.backoff_max_ms),
                 )
             };
-            s.restarts += 1;
             s.state = ServiceState::Backoff;
             s.next_start = Some(now + delay);
-            tracing::info!(service = %s.name, restarts = s.restarts, delay = ?delay, "restarting service");
+            tracing::info!(service = %s.name, delay_ms = millis(delay), "restarting service");
+        }
+    }
+
+    /// Discards whatever a previous mgmt left queued on the admin channel (both directions), so
+    /// a new mgmt never receives an answer meant for its predecessor.
+    fn drain_admin(&mut self) {
+        if let Some(admin) = &self.admin {
+            while let Ok(Some(_)) = admin.recv_request(Duration::ZERO) {}
+        }
+        if let Some(r) = self.shared.iter().find(|r| r.name == ADMIN_RESOURCE) {
+            if let Ok(fd) = r.fd.try_clone() {
+                if let Ok(theirs) = AdminChannel::from_fd(fd) {
+                    while let Ok(Some(_)) = theirs.recv_reply(Duration::ZERO) {}
+                }
+            }
+        }
+    }
+
+    fn on_admin(&mut self) {
+        let Some(admin) = &self.admin else { return };
+        let got = admin.recv_request(Duration::ZERO);
+        let (id, request) = match got {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) if e.is_malformed() => {
+                tracing::warn!(error = %e, "malformed admin request: dropping mgmt");
+                if let Some(i) = self.index_of(MGMT_SERVICE) {
+                    kill_child(&mut self.services[i]);
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin channel read failed");
+                return;
+            }
+        };
+        tracing::debug!(?request, "admin request");
+        let reply = self.admin_request(request);
+        if let Some(admin) = &self.admin {
+            if let Err(e) = admin.send_reply(id, &reply) {
+                tracing::warn!(error = %e, "cannot answer mgmt");
+            }
+        }
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.services.iter().position(|s| s.name == name)
+    }
+
+    fn admin_request(&mut self, request: AdminRequest) -> AdminReply {
+        let now = Instant::now();
+        let error = |code, message: String| AdminReply::Error { code, message };
+        match request {
+            AdminRequest::ListServices => {
+                AdminReply::Services(self.services.iter().map(|s| s.info(now)).collect())
+            }
+            AdminRequest::NodeStatus => AdminReply::Status(NodeStatus {
+                node: self.config.node.name.get_ref().clone(),
+                supervisor_pid: std::process::id(),
+                uptime_ms: millis(now.duration_since(self.born)),
+                failed: self.failed,
+                services_running: self
+                    .services
+                    .iter()
+                    .filter(|s| s.state == ServiceState::Running)
+                    .count() as u32,
+                services_total: self.services.len() as u32,
+                sandbox: self.config.supervisor.sandbox,
+            }),
+            AdminRequest::RestartService(name) => {
+                let Some(i) = self.index_of(&name) else {
+                    return error(
+                        AdminErrorCode::UnknownService,
+                        format!("no service named {name:?}"),
+                    );
+                };
+                if self.services[i].kind == ServiceKind::Datapath {
+                    return error(
+                        AdminErrorCode::NotAllowed,
+                        format!("{name} is the datapath: restarting it would stop the node's I/O"),
+                    );
+                }
+                let stop_ms = self.config.supervisor.stop_timeout_ms;
+                let s = &mut self.services[i];
+                if s.child.is_some() {
+                    s.expected = Expected::OperatorRestart;
+                    s.kill_at = Some(now + Duration::from_millis(stop_ms));
+                    if let Some(channel) = &s.channel {
+                        let msg = Envelope {
+                            request_id: channel.next_request_id(),
+                            epoch: s.generation,
+                            body: Body::Shutdown {
+                                reason: "restart requested by an operator".into(),
+                                deadline_ms: u32::try_from(stop_ms).unwrap_or(u32::MAX),
+                            },
+                        };
+                        let _ = channel.send(&msg, &[]);
+                    }
+                    let _ = kill(Pid::from_raw(s.pid as i32), Signal::SIGTERM);
+                    tracing::info!(service = %name, pid = s.pid, "restart requested by an operator");
+                    AdminReply::Done(format!(
+                        "restarting {name} (pid {} stopping, generation {} next)",
+                        s.pid,
+                        s.generation + 1
+                    ))
+                } else {
+                    let was = s.state;
+                    s.exits.clear();
+                    s.next_start = Some(now);
+                    s.state = ServiceState::Backoff;
+                    tracing::info!(service = %name, "start requested by an operator");
+                    AdminReply::Done(format!("starting {name} (was {})", was.name()))
+                }
+            }
+            AdminRequest::CrashService { name, mode } => {
+                let Some(i) = self.index_of(&name) else {
+                    return error(
+                        AdminErrorCode::UnknownService,
+                        format!("no service named {name:?}"),
+                    );
+                };
+                let s = &mut self.services[i];
+                if s.kind == ServiceKind::Datapath {
+                    return error(
+                        AdminErrorCode::NotAllowed,
+                        format!(
+                            "{name} is the datapath: crashing it fails the node; kill the process \
+                             yourself if that is what you want"
+                        ),
+                    );
+                }
+                if s.child.is_none() || s.state != ServiceState::Running {
+                    return error(
+                        AdminErrorCode::Failed,
+                        format!("{name} is not running (state {})", s.state.name()),
+                    );
+                }
+                let pid = s.pid;
+                match mode {
+                    CrashMode::Kill => {
+                        kill_child(s);
+                    }
+                    CrashMode::Panic | CrashMode::Hang | CrashMode::ForbiddenSyscall => {
+                        let fault = match mode {
+                            CrashMode::Panic => Fault::Panic,
+                            CrashMode::Hang => Fault::Hang,
+                            _ => Fault::ForbiddenSyscall,
+                        };
+                        let Some(channel) = &s.channel else {
+                            return error(
+                                AdminErrorCode::Failed,
+                                format!("{name} has no control channel"),
+                            );
+                        };
+                        let msg = Envelope {
+                            request_id: channel.next_request_id(),
+                            epoch: s.generation,
+                            body: Body::Inject { fault },
+                        };
+                        if let Err(e) = channel.send(&msg, &[]) {
+                            return error(
+                                AdminErrorCode::Failed,
+                                format!("cannot reach {name}: {e}"),
+                            );
+                        }
+                    }
+                }
+                // A hang is only "caused" once the watchdog notices; count it from now anyway,
+                // so the restart latency includes the detection time.
+                s.expected = Expected::Injected(mode, now);
+                tracing::info!(service = %name, pid, mode = mode.name(), event = "crash-injected", "crash injected");
+                AdminReply::Done(format!("injected {} into {name} (pid {pid})", mode.name()))
+            }
         }
     }
 
@@ -528,7 +1081,7 @@ impl Node {
             let Some(child) = s.child.as_mut() else {
                 continue;
             };
-            let pid = child.id();
+            let pid = s.pid;
             if let Some(channel) = &s.channel {
                 let msg = Envelope {
                     request_id: channel.next_request_id(),
@@ -559,6 +1112,38 @@ impl Node {
             s.channel = None;
         }
     }
+}
+
+/// What the poll found readable.
+struct Ready {
+    signals: bool,
+    admin: bool,
+    services: Vec<usize>,
+    logs: Vec<usize>,
+}
+
+fn emit_lines(log: &mut LogPipe, flush: bool) {
+    let mut start = 0;
+    while let Some(nl) = log.pending[start..].iter().position(|&b| b == b'\n') {
+        emit(log, start, start + nl);
+        start += nl + 1;
+    }
+    // An overlong line without a newline goes out in pieces.
+    while log.pending.len() - start >= MAX_LOG_LINE {
+        emit(log, start, start + MAX_LOG_LINE);
+        start += MAX_LOG_LINE;
+    }
+    if flush && start < log.pending.len() {
+        emit(log, start, log.pending.len());
+        start = log.pending.len();
+    }
+    log.pending.drain(..start);
+}
+
+fn emit(log: &LogPipe, from: usize, to: usize) {
+    let text = String::from_utf8_lossy(&log.pending[from..to]);
+    let text = text.trim_end_matches('\r');
+    tracing::info!(target: "service", service = %log.service, pid = log.pid, generation = log.generation, "{text}");
 }
 
 fn kill_child(s: &mut Service) {

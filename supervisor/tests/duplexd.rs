@@ -241,9 +241,10 @@ service = "alpha"
     let mut log = Log::new(duplexd.stderr.take().expect("stderr"));
     let mut duplexd = KillOnDrop(duplexd);
 
-    // Both get their resources: alpha a ring, 2 doorbells, the pool and the listener (5), beta 4.
-    log.wait_for(&["duplex-test-service alpha: generation 1 ready with 5 resources"]);
-    log.wait_for(&["duplex-test-service beta: generation 1 ready with 4 resources"]);
+    // Both get their resources: the health region, a ring, 2 doorbells, the pool and the
+    // listener (6); beta 5.
+    log.wait_for(&["duplex-test-service alpha: generation 1 ready with 6 resources"]);
+    log.wait_for(&["duplex-test-service beta: generation 1 ready with 5 resources"]);
     let ready = log.wait_for(&["service ready", "service=alpha", "generation=1"]);
     let pid = field(&ready, "pid");
 

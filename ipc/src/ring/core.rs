@@ -32,6 +32,14 @@ pub enum RingError {
         /// Ring capacity.
         capacity: u64,
     },
+    /// A consumer tried to release more descriptors than it can have seen (a caller bug).
+    #[error("Cannot commit {n} descriptors: only {available} are available")]
+    OverCommit {
+        /// Asked to commit.
+        n: u64,
+        /// Available.
+        available: u64,
+    },
 }
 
 /// Where a ring's indices, flags and slots live, and how to wake each side.
@@ -204,23 +212,52 @@ impl ConsumerCore {
         out: &mut Vec<M::Item>,
         max: usize,
     ) -> Result<usize, RingError> {
+        let n = self.peek(m, out, max)?;
+        self.commit(m, n as u64)?;
+        Ok(n)
+    }
+
+    /// Copies up to `max` descriptors into `out`, in order, *without* releasing their slots: the
+    /// same descriptors are seen again until [`ConsumerCore::commit`] releases them. A consumer
+    /// that must not lose a descriptor when it dies between taking and handling it (a relay)
+    /// peeks, handles, then commits.
+    pub fn peek<M: RingMemory>(
+        &mut self,
+        m: &M,
+        out: &mut Vec<M::Item>,
+        max: usize,
+    ) -> Result<usize, RingError> {
         let avail = self.available(m)?;
         let n = usize::try_from(avail).unwrap_or(usize::MAX).min(max);
-        if n == 0 {
-            return Ok(0);
-        }
         out.reserve(n);
         for i in 0..n {
-            // SAFETY: head + i < cached_tail, loaded with Acquire: the slot is published and ours.
+            // SAFETY: head + i < cached_tail, loaded with Acquire: the slot is published and ours
+            // until head moves past it.
             out.push(unsafe { m.read_slot(self.head.wrapping_add(i as u64)) });
         }
-        self.head = self.head.wrapping_add(n as u64);
+        Ok(n)
+    }
+
+    /// Releases the next `n` descriptors (seen with [`ConsumerCore::peek`]) with one index
+    /// store, and wakes a waiting producer. `n` larger than what is available is an error.
+    pub fn commit<M: RingMemory>(&mut self, m: &M, n: u64) -> Result<(), RingError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let avail = check(self.head, self.cached_tail, m.capacity())?;
+        if n > avail {
+            return Err(RingError::OverCommit {
+                n,
+                available: avail,
+            });
+        }
+        self.head = self.head.wrapping_add(n);
         m.store_head(self.head, Ordering::Release);
         m.fence_seqcst();
         if m.load_producer_waiting(Ordering::Relaxed) {
             m.wake_producer();
         }
-        Ok(n)
+        Ok(())
     }
 
     /// Announces that the consumer is about to sleep on an empty ring. Returns true if

@@ -486,6 +486,21 @@ impl<T: bytemuck::Pod> Producer<T> {
         }
     }
 
+    /// The last descriptor this ring's producers published (slot `next_index - 1`), if any.
+    /// Only producers write slots, so it stays readable after it was consumed, until the
+    /// producer overwrites it: a restarted relay reads it to learn what its predecessor
+    /// forwarded last.
+    pub fn last_published(&self) -> Option<T> {
+        let tail = self.core.tail();
+        if tail == 0 {
+            return None;
+        }
+        let shm = shm!(self);
+        // SAFETY: only the producer (us) writes slots; slot tail-1 was written by a producer
+        // before the tail passed it, and nobody writes it until we push again.
+        Some(unsafe { shm.read_slot(tail - 1) })
+    }
+
     /// Reports a replaced consumer once per replacement.
     pub fn consumer_restart(&mut self) -> Option<ConsumerRestart> {
         let region = &self.ring.region;
@@ -597,6 +612,41 @@ impl<T: bytemuck::Pod> Consumer<T> {
     pub fn try_pop(&mut self, out: &mut Vec<T>, max: usize) -> Result<usize, RingError> {
         let shm = shm!(self);
         Ok(self.core.pop(&shm, out, max)?)
+    }
+
+    /// Copies up to `max` ready descriptors into `out` without consuming them (see
+    /// [`Consumer::commit`]); the first is [`Consumer::next_index`].
+    pub fn try_peek(&mut self, out: &mut Vec<T>, max: usize) -> Result<usize, RingError> {
+        let shm = shm!(self);
+        Ok(self.core.peek(&shm, out, max)?)
+    }
+
+    /// Consumes the next `n` descriptors, which the caller has peeked and handled.
+    pub fn commit(&mut self, n: u64) -> Result<(), RingError> {
+        let shm = shm!(self);
+        Ok(self.core.commit(&shm, n)?)
+    }
+
+    /// Waits (by the policy) until a descriptor is ready or `timeout` passes, consuming nothing.
+    /// Returns whether one is ready.
+    pub fn wait_ready(&mut self, timeout: Option<Duration>) -> Result<bool, RingError> {
+        let mut waiter = Waiter::new(self.policy, timeout);
+        loop {
+            let shm = shm!(self);
+            if self.core.available(&shm)? > 0 {
+                return Ok(true);
+            }
+            match waiter.next() {
+                Next::Retry => {}
+                Next::TimedOut => return Ok(false),
+                Next::Sleep(left) => {
+                    if !self.core.arm_wait(&shm)? {
+                        self.wake_consumer.wait(left)?;
+                        self.core.disarm_wait(&shm);
+                    }
+                }
+            }
+        }
     }
 
     /// Pops at least one descriptor (waiting by the policy), up to `max`. Returns 0 only if

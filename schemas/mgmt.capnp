@@ -1,0 +1,26 @@
+# The management API: duplexctl (or any client) -> mgmt, Cap'n Proto RPC (capnp-rpc, two-party
+# VatNetwork) over the Unix stream socket `<state_dir>/mgmt.sock`.
+#
+# The socket is created and held by the supervisor and handed to mgmt, so it survives mgmt's
+# restarts: a client that connects while mgmt is down waits in the listen backlog and is served
+# by the next mgmt. Answers reuse the admin channel's structures (admin.capnp).
+#
+# Compatibility: methods and fields are only appended.
+
+@0xe93a5f0b7c2d4168;
+
+using Admin = import "admin.capnp";
+
+interface Management {
+  status @0 () -> (status :Admin.NodeStatus);
+  # Node summary.
+
+  listServices @1 () -> (services :List(Admin.ServiceInfo));
+  # The service table.
+
+  restartService @2 (name :Text) -> (message :Text);
+  # Restart a service (see AdminRequest.restartService).
+
+  crashService @3 (name :Text, mode :Admin.CrashMode) -> (message :Text);
+  # Crash-inject a service. Crashing mgmt itself may end the connection before the answer.
+}
