@@ -27,10 +27,13 @@ use seccompiler::{
 use crate::SandboxError;
 
 /// Policies of services, as `(service, text)`: the names [`Policy::for_service`] accepts.
-pub(crate) const SERVICES: &[(&str, &str)] = &[(
-    "test-service",
-    include_str!("../policies/test-service.policy"),
-)];
+pub(crate) const SERVICES: &[(&str, &str)] = &[
+    (
+        "test-service",
+        include_str!("../policies/test-service.policy"),
+    ),
+    ("mgmt", include_str!("../policies/mgmt.policy")),
+];
 
 /// Policies that may only be included (`@include NAME`), as `(name, text)`.
 pub(crate) const INCLUDES: &[(&str, &str)] =
@@ -394,25 +397,39 @@ pub(crate) fn syscall_nr(_name: &str) -> Option<i64> {
     None
 }
 
+/// `FIONBIO` is a `c_ulong` on glibc but a `c_int` on musl.
+#[allow(clippy::unnecessary_cast)]
+const FIONBIO: u64 = libc::FIONBIO as u64;
+
 /// Named values a condition or errno may use instead of a number.
 const CONSTANTS: &[(&str, u64)] = &[
     ("AT_EMPTY_PATH", libc::AT_EMPTY_PATH as u64),
     ("CLONE_THREAD", libc::CLONE_THREAD as u64),
+    ("EPOLL_CTL_ADD", libc::EPOLL_CTL_ADD as u64),
+    ("EPOLL_CTL_DEL", libc::EPOLL_CTL_DEL as u64),
+    ("F_DUPFD_CLOEXEC", libc::F_DUPFD_CLOEXEC as u64),
     ("F_GETFD", libc::F_GETFD as u64),
     ("F_GETFL", libc::F_GETFL as u64),
     ("F_GET_SEALS", libc::F_GET_SEALS as u64),
     ("F_SETFD", libc::F_SETFD as u64),
     ("F_SETFL", libc::F_SETFL as u64),
+    ("FIONBIO", FIONBIO),
     ("MADV_DONTNEED", libc::MADV_DONTNEED as u64),
     ("MREMAP_MAYMOVE", libc::MREMAP_MAYMOVE as u64),
     ("PR_SET_NAME", libc::PR_SET_NAME as u64),
     ("PROT_EXEC", libc::PROT_EXEC as u64),
     ("PROT_READ", libc::PROT_READ as u64),
     ("PROT_WRITE", libc::PROT_WRITE as u64),
+    ("SHUT_WR", libc::SHUT_WR as u64),
     ("SIGABRT", libc::SIGABRT as u64),
     ("SIG_BLOCK", libc::SIG_BLOCK as u64),
     ("SIG_SETMASK", libc::SIG_SETMASK as u64),
     ("SIG_UNBLOCK", libc::SIG_UNBLOCK as u64),
+    ("SOCK_CLOEXEC", libc::SOCK_CLOEXEC as u64),
+    ("SOCK_NONBLOCK", libc::SOCK_NONBLOCK as u64),
+    ("SOL_SOCKET", libc::SOL_SOCKET as u64),
+    ("SO_ACCEPTCONN", libc::SO_ACCEPTCONN as u64),
+    ("SO_TYPE", libc::SO_TYPE as u64),
 ];
 
 /// Errno names `-> errno NAME` accepts.

@@ -1,0 +1,34 @@
+//! `duplex-mgmt`: the mgmt service. Spawned by duplexd with its lifecycle channel; not run by
+//! hand. See `duplex_mgmt::server`.
+
+use std::process::ExitCode;
+
+use duplex_ipc::lifecycle;
+use duplex_mgmt::server;
+
+fn main() -> ExitCode {
+    // Plain lines on stderr: the supervisor prefixes them with service, pid and generation.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .init();
+    lifecycle::abort_on_panic();
+    // First: everything mgmt does itself, the lifecycle handshake included, happens under the
+    // filter.
+    if let Err(e) = duplex_sandbox::enter(server::SERVICE) {
+        eprintln!("duplex-mgmt: {:#}", anyhow::Error::from(e));
+        return ExitCode::FAILURE;
+    }
+    match server::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("duplex-mgmt: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! duplex-mgmt: the node's management plane.
+//!
+//! * [`server`] — the `mgmt` service (binary `duplex-mgmt`), a sandboxed process the supervisor
+//!   spawns. It serves the management RPC interface (`schemas/mgmt.capnp`, Cap'n Proto RPC over
+//!   the Unix stream socket `<state_dir>/mgmt.sock`, which the supervisor creates and hands over)
+//!   and carries each call out as one request on its admin channel to the supervisor
+//!   (`schemas/admin.capnp`).
+//! * [`client`] — the client side used by `duplexctl`: one call, reconnecting while mgmt
+//!   restarts, and telling apart "no node", "duplexd not running" and "mgmt is restarting".
+//! * [`render`] — duplexctl's tables and JSON documents.
+//! * [`io`] — the adapter between tokio sockets and the `futures` I/O traits `capnp-rpc` uses.
+//!
+//! The operator's guide to `duplexctl` is `docs/OPERATOR.md`.
+
+pub mod client;
+pub mod io;
+pub mod render;
+pub mod server;

@@ -1,0 +1,659 @@
+//! The mgmt service: serves the management RPC interface (`schemas/mgmt.capnp`) on the listening
+//! socket the supervisor hands over, and carries every call out as one request on the admin
+//! channel (`schemas/admin.capnp`), the only privilege mgmt holds.
+//!
+//! # Threads and tasks
+//!
+//! * The **runtime thread** (main) runs a tokio current-thread runtime with a `LocalSet`
+//!   (`capnp-rpc` is `!Send`): the accept loop, one `RpcSystem` per connection, the heartbeat
+//!   task, and the task that acts on lifecycle messages by calling [`Started::handle`] — on this
+//!   thread, so an injected hang blocks the whole runtime and the heartbeat stops with it, as a
+//!   deadlocked service would look to the supervisor's watchdog.
+//! * The **lifecycle thread** only receives on the lifecycle channel (blocking `recvmsg`) and
+//!   passes each message to the runtime thread. (tokio's `AsyncFd` would need `unsafe` to
+//!   register a borrowed fd; a thread needs nothing the policy does not already allow.)
+//! * The **admin thread** owns the admin channel and makes the blocking
+//!   [`AdminChannel::call`]s one at a time (so calls are serialised, and a slow supervisor never
+//!   stalls the runtime, hence never the heartbeat). RPC handlers queue jobs to it (at most
+//!   [`MAX_QUEUED_CALLS`]) and await the answer on a oneshot channel.
+//!
+//! # Untrusted clients
+//!
+//! Anything that can connect to `mgmt.sock` is a client. A client can only lose its own
+//! connection: framing and decoding are `capnp-rpc`'s, with reader limits
+//! ([`TRAVERSAL_LIMIT_WORDS`], [`NESTING_LIMIT`]); at most [`MAX_CONNECTIONS`] connections are
+//! served at once (more are closed at once, with a rate-limited warning); a connection on which no
+//! byte moved for [`IDLE_TIMEOUT`] is closed; every per-connection log line is rate-limited.
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use duplex_ipc::admin::{
+    write_service, write_status, AdminChannel, AdminReply, AdminRequest, CrashMode,
+};
+use duplex_ipc::control::{ControlError, Envelope, RateLimiter, ResourceKind, MAX_NAME_BYTES};
+use duplex_ipc::lifecycle::{self, Health, LifecycleError, Next, Started, HEALTH_RESOURCE};
+use duplex_schemas::mgmt_capnp::management;
+use futures::channel::{mpsc as mpsc_async, oneshot};
+use futures::StreamExt;
+use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage};
+
+use crate::io::{Activity, Stream};
+
+/// The service's name (its policy, its `Hello`).
+pub const SERVICE: &str = "mgmt";
+/// Resource name of the admin channel (a connected `SOCK_SEQPACKET` socket).
+pub const ADMIN_RESOURCE: &str = "admin";
+/// Resource name of the listening socket (`<state_dir>/mgmt.sock`, `SOCK_STREAM`).
+pub const SOCKET_RESOURCE: &str = "mgmt-socket";
+/// How long mgmt waits for the supervisor's `Start`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one admin call may take before the RPC fails with "supervisor did not answer".
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin calls that may wait for the admin thread; more fail at once ("mgmt is busy").
+pub const MAX_QUEUED_CALLS: usize = 32;
+/// Connections served at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection on which no byte moved for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Words one incoming RPC message may hold (and a decode traverse): 512 KiB. duplexctl's
+/// requests are a few dozen words.
+pub const TRAVERSAL_LIMIT_WORDS: usize = 64 * 1024;
+/// Pointer nesting one incoming RPC message may use.
+pub const NESTING_LIMIT: i32 = 16;
+/// Log lines per second about misbehaving connections.
+const WARNINGS_PER_SECOND: u32 = 5;
+
+/// Why mgmt could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum MgmtError {
+    /// The lifecycle handshake failed.
+    #[error("Lifecycle handshake failed")]
+    Lifecycle(#[from] LifecycleError),
+    /// The lifecycle channel failed while serving.
+    #[error("Lifecycle channel failed")]
+    Control(#[from] ControlError),
+    /// A resource mgmt needs was not handed over.
+    #[error("Supervisor did not hand over `{0}`")]
+    MissingResource(&'static str),
+    /// A resource was handed over as the wrong kind.
+    #[error("Handed-over `{name}` is a {got:?} resource, not a {want:?}")]
+    WrongKind {
+        /// The resource.
+        name: &'static str,
+        /// What the supervisor said it is.
+        got: ResourceKind,
+        /// What mgmt needs.
+        want: ResourceKind,
+    },
+    /// A resource is of the right kind but unusable.
+    #[error("Handed-over `{name}` is unusable: {why}")]
+    BadResource {
+        /// The resource.
+        name: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// A system resource (runtime, thread, socket registration) could not be set up.
+    #[error("Cannot {what}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> MgmtError {
+    move |source| MgmtError::Setup { what, source }
+}
+
+/// What the supervisor handed to mgmt.
+#[derive(Debug)]
+pub struct Resources {
+    /// The heartbeat counter.
+    pub health: Health,
+    /// The admin channel to the supervisor.
+    pub admin: AdminChannel,
+    /// The listening socket clients connect to.
+    pub listener: StdUnixListener,
+}
+
+fn take_fd(
+    started: &mut Started,
+    name: &'static str,
+    want: ResourceKind,
+) -> Result<OwnedFd, MgmtError> {
+    let handed = started.take(name).ok_or(MgmtError::MissingResource(name))?;
+    if handed.kind != want {
+        return Err(MgmtError::WrongKind {
+            name,
+            got: handed.kind,
+            want,
+        });
+    }
+    Ok(handed.fd)
+}
+
+/// Takes and checks the three resources mgmt needs: the health region, the admin channel and the
+/// listening `AF_UNIX` stream socket.
+pub fn take_resources(started: &mut Started) -> Result<Resources, MgmtError> {
+    match started.resources.iter().find(|r| r.name == HEALTH_RESOURCE) {
+        None => return Err(MgmtError::MissingResource(HEALTH_RESOURCE)),
+        Some(r) if r.kind != ResourceKind::Region => {
+            return Err(MgmtError::WrongKind {
+                name: HEALTH_RESOURCE,
+                got: r.kind,
+                want: ResourceKind::Region,
+            })
+        }
+        Some(_) => {}
+    }
+    let health = started.health()?;
+    let admin = AdminChannel::from_fd(take_fd(started, ADMIN_RESOURCE, ResourceKind::Socket)?)
+        .map_err(|e| MgmtError::BadResource {
+            name: ADMIN_RESOURCE,
+            why: e.to_string(),
+        })?;
+    let fd = take_fd(started, SOCKET_RESOURCE, ResourceKind::Socket)?;
+    check_listener(&fd).map_err(|why| MgmtError::BadResource {
+        name: SOCKET_RESOURCE,
+        why,
+    })?;
+    Ok(Resources {
+        health,
+        admin,
+        listener: StdUnixListener::from(fd),
+    })
+}
+
+/// A listening `AF_UNIX` `SOCK_STREAM` socket, or why not.
+fn check_listener(fd: &OwnedFd) -> Result<(), String> {
+    let kind = getsockopt(fd, sockopt::SockType).map_err(|e| format!("not a socket: {e}"))?;
+    if kind != SockType::Stream {
+        return Err(format!("a {kind:?} socket, not a stream socket"));
+    }
+    if !getsockopt(fd, sockopt::AcceptConn).map_err(|e| e.to_string())? {
+        return Err("a socket that is not listening".into());
+    }
+    let addr = getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    if addr.as_unix_addr().is_none() {
+        return Err(format!(
+            "a socket of family {:?}, not AF_UNIX",
+            addr.family()
+        ));
+    }
+    Ok(())
+}
+
+/// The whole service after the sandbox is on: handshake, resources, `Ready`, serve until the
+/// supervisor says `Shutdown` or closes the lifecycle channel.
+pub fn run() -> Result<(), MgmtError> {
+    let mut started = lifecycle::start(SERVICE, START_TIMEOUT)?;
+    let resources = take_resources(&mut started)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(setup("build the tokio runtime"))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(started, resources))
+}
+
+/// What the lifecycle thread saw on the lifecycle channel.
+enum Event {
+    /// A message for [`Started::handle`].
+    Message(Envelope),
+    /// The supervisor closed the channel.
+    Closed,
+    /// The channel failed.
+    Failed(ControlError),
+}
+
+/// Receives lifecycle messages on a thread of its own (blocking `recvmsg`) and hands them to the
+/// runtime thread, which acts on them.
+fn spawn_lifecycle_thread(
+    started: Arc<Started>,
+) -> Result<mpsc_async::UnboundedReceiver<Event>, MgmtError> {
+    let (events, received) = mpsc_async::unbounded();
+    std::thread::Builder::new()
+        .name("lifecycle".into())
+        .spawn(move || loop {
+            let event = match started.channel.recv() {
+                Ok((envelope, _fds)) => Event::Message(envelope),
+                Err(ControlError::PeerClosed) => Event::Closed,
+                // Logged (rate-limited) by the channel; the datagram is consumed.
+                Err(e) if e.is_malformed() => continue,
+                Err(e) => Event::Failed(e),
+            };
+            let last = !matches!(event, Event::Message(_));
+            if events.unbounded_send(event).is_err() || last {
+                return;
+            }
+        })
+        .map_err(setup("start the lifecycle thread"))?;
+    Ok(received)
+}
+
+async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> {
+    let Resources {
+        health,
+        admin,
+        listener,
+    } = resources;
+    let admin = Admin::spawn(admin)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(setup("make the mgmt socket non-blocking"))?;
+    let listener =
+        tokio::net::UnixListener::from_std(listener).map_err(setup("register the mgmt socket"))?;
+    let started = Arc::new(started);
+    let events = spawn_lifecycle_thread(Arc::clone(&started))?;
+    let beat_every = (health.interval() / 4).max(Duration::from_millis(1));
+    tokio::task::spawn_local(heartbeat(health, beat_every));
+    started.ready()?;
+    tracing::info!(generation = started.generation, mode = ?started.mode, "mgmt ready");
+    let bootstrap: management::Client = capnp_rpc::new_client(Management {
+        admin: Rc::new(admin),
+    });
+    tokio::select! {
+        r = watch_lifecycle(&started, events) => r,
+        () = accept_loop(listener, bootstrap) => Ok(()),
+    }
+}
+
+async fn heartbeat(health: Health, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        health.beat();
+    }
+}
+
+/// Acts on the supervisor's lifecycle messages until `Shutdown` or the channel closes (both end
+/// the service with status 0).
+async fn watch_lifecycle(
+    started: &Started,
+    mut events: mpsc_async::UnboundedReceiver<Event>,
+) -> Result<(), MgmtError> {
+    while let Some(event) = events.next().await {
+        match event {
+            Event::Message(envelope) => {
+                // On the runtime thread: an injected hang blocks the runtime here, and the
+                // heartbeat task stops with it.
+                if started.handle(&envelope) == Next::Shutdown {
+                    return Ok(());
+                }
+            }
+            Event::Closed => {
+                tracing::info!("supervisor closed the lifecycle channel; exiting");
+                return Ok(());
+            }
+            Event::Failed(e) => return Err(e.into()),
+        }
+    }
+    Err(MgmtError::Setup {
+        what: "keep the lifecycle thread running",
+        source: std::io::Error::other("it ended"),
+    })
+}
+
+/// Counts served connections; the count drops when the connection's task ends.
+struct Slot(Rc<Cell<usize>>);
+
+impl Slot {
+    fn take(active: &Rc<Cell<usize>>) -> Option<Self> {
+        let n = active.get();
+        (n < MAX_CONNECTIONS).then(|| {
+            active.set(n + 1);
+            Self(Rc::clone(active))
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+type Limiter = Rc<RefCell<RateLimiter>>;
+
+fn limiter() -> Limiter {
+    Rc::new(RefCell::new(RateLimiter::new(
+        WARNINGS_PER_SECOND,
+        Duration::from_secs(1),
+    )))
+}
+
+fn allowed(limiter: &Limiter) -> Option<u64> {
+    limiter.borrow_mut().check(Instant::now())
+}
+
+async fn accept_loop(listener: tokio::net::UnixListener, bootstrap: management::Client) {
+    let active = Rc::new(Cell::new(0_usize));
+    let refused = limiter();
+    let failed = limiter();
+    let ended = limiter();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => match Slot::take(&active) {
+                Some(slot) => {
+                    tokio::task::spawn_local(serve_connection(
+                        stream,
+                        bootstrap.clone(),
+                        slot,
+                        Rc::clone(&ended),
+                    ));
+                }
+                None => {
+                    if let Some(suppressed) = allowed(&refused) {
+                        tracing::warn!(
+                            max = MAX_CONNECTIONS,
+                            suppressed,
+                            "too many management connections; closing a new one"
+                        );
+                    }
+                }
+            },
+            Err(e) => {
+                if let Some(suppressed) = allowed(&failed) {
+                    tracing::warn!(error = %e, suppressed, "accept on the mgmt socket failed");
+                }
+                // Out of fds or memory: do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn reader_options() -> capnp::message::ReaderOptions {
+    let mut options = capnp::message::ReaderOptions::new();
+    options
+        .traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS))
+        .nesting_limit(NESTING_LIMIT);
+    options
+}
+
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    bootstrap: management::Client,
+    _slot: Slot,
+    ended: Limiter,
+) {
+    let activity: Activity = Rc::new(Cell::new(Instant::now()));
+    let (reader, writer) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(Stream::tracked(reader, Rc::clone(&activity))),
+        futures::io::BufWriter::new(Stream::tracked(writer, Rc::clone(&activity))),
+        Side::Server,
+        reader_options(),
+    );
+    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap.client));
+    tokio::select! {
+        r = rpc => {
+            if let Err(e) = r {
+                if let Some(suppressed) = allowed(&ended) {
+                    tracing::warn!(error = %e, suppressed, "management connection failed; closed");
+                }
+            }
+        }
+        () = idle(activity) => {
+            if let Some(suppressed) = allowed(&ended) {
+                tracing::info!(idle = ?IDLE_TIMEOUT, suppressed, "closing an idle management connection");
+            }
+        }
+    }
+}
+
+/// Resolves once no byte moved for [`IDLE_TIMEOUT`].
+async fn idle(activity: Activity) {
+    loop {
+        let deadline = activity.get() + IDLE_TIMEOUT;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// The answer to one admin job: the supervisor's reply, or a one-line reason for the RPC error.
+type JobResult = Result<AdminReply, String>;
+
+struct Job {
+    request: AdminRequest,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// The admin thread's queue.
+struct Admin {
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl Admin {
+    fn spawn(channel: AdminChannel) -> Result<Self, MgmtError> {
+        let (jobs, queue) = mpsc::sync_channel::<Job>(MAX_QUEUED_CALLS);
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || {
+                // Ends when every sender is gone (the runtime is shutting down).
+                while let Ok(job) = queue.recv() {
+                    let result = admin_call(&channel, &job.request);
+                    // The RPC may have been cancelled (client gone); nothing to do then.
+                    let _ = job.reply.send(result);
+                }
+            })
+            .map_err(setup("start the admin thread"))?;
+        Ok(Self { jobs })
+    }
+
+    async fn call(&self, request: AdminRequest) -> Result<AdminReply, capnp::Error> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .try_send(Job { request, reply })
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => capnp::Error::overloaded(
+                    "mgmt is busy: too many requests are waiting for the supervisor; try again"
+                        .into(),
+                ),
+                mpsc::TrySendError::Disconnected(_) => {
+                    capnp::Error::failed("mgmt's admin thread is gone".into())
+                }
+            })?;
+        match answer.await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(message)) => Err(capnp::Error::failed(message)),
+            Err(oneshot::Canceled) => {
+                Err(capnp::Error::failed("mgmt's admin thread is gone".into()))
+            }
+        }
+    }
+}
+
+/// One request on the admin channel, with the failure cases turned into one-line messages.
+fn admin_call(channel: &AdminChannel, request: &AdminRequest) -> JobResult {
+    match channel.call(request, ADMIN_TIMEOUT) {
+        Ok(Some(AdminReply::Error { message, .. })) => Err(one_line(&message)),
+        Ok(Some(reply)) => Ok(reply),
+        Ok(None) => Err("supervisor did not answer".into()),
+        Err(ControlError::PeerClosed) => Err("supervisor closed the admin channel".into()),
+        Err(e) if e.is_malformed() => Err(format!("supervisor sent a malformed reply: {e}")),
+        Err(e) => {
+            let source = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            Err(format!("admin channel failed: {e}{source}"))
+        }
+    }
+}
+
+/// `text` on one line: line breaks and other control characters become spaces, runs of
+/// whitespace one space.
+pub fn one_line(text: &str) -> String {
+    text.split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn unexpected(reply: &AdminReply) -> capnp::Error {
+    let what = match reply {
+        AdminReply::Services(_) => "a service list",
+        AdminReply::Done(_) => "a done message",
+        AdminReply::Error { .. } => "an error",
+        AdminReply::Status(_) => "a node status",
+    };
+    capnp::Error::failed(format!(
+        "supervisor answered with {what}, which does not fit"
+    ))
+}
+
+fn service_name(name: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, capnp::Error> {
+    let name = name?
+        .to_str()
+        .map_err(|_| capnp::Error::failed("service name is not valid UTF-8".into()))?;
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(capnp::Error::failed(format!(
+            "service name must be 1 to {MAX_NAME_BYTES} bytes long"
+        )));
+    }
+    Ok(name.to_owned())
+}
+
+/// The RPC interface: each method is one admin request.
+struct Management {
+    admin: Rc<Admin>,
+}
+
+impl management::Server for Management {
+    async fn status(
+        self: Rc<Self>,
+        _: management::StatusParams,
+        mut results: management::StatusResults,
+    ) -> Result<(), capnp::Error> {
+        match self.admin.call(AdminRequest::NodeStatus).await? {
+            AdminReply::Status(s) => {
+                write_status(results.get().init_status(), &s);
+                Ok(())
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn list_services(
+        self: Rc<Self>,
+        _: management::ListServicesParams,
+        mut results: management::ListServicesResults,
+    ) -> Result<(), capnp::Error> {
+        match self.admin.call(AdminRequest::ListServices).await? {
+            AdminReply::Services(list) => {
+                let len = u32::try_from(list.len())
+                    .map_err(|_| capnp::Error::failed("service table too large".into()))?;
+                let mut out = results.get().init_services(len);
+                for (i, s) in (0..len).zip(&list) {
+                    write_service(out.reborrow().get(i), s);
+                }
+                Ok(())
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn restart_service(
+        self: Rc<Self>,
+        params: management::RestartServiceParams,
+        mut results: management::RestartServiceResults,
+    ) -> Result<(), capnp::Error> {
+        let name = service_name(params.get()?.get_name())?;
+        let message = self.done(AdminRequest::RestartService(name)).await?;
+        results.get().set_message(message.as_str());
+        Ok(())
+    }
+
+    async fn crash_service(
+        self: Rc<Self>,
+        params: management::CrashServiceParams,
+        mut results: management::CrashServiceResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let name = service_name(params.get_name())?;
+        let mode: CrashMode = params
+            .get_mode()
+            .map_err(|capnp::NotInSchema(v)| {
+                capnp::Error::failed(format!("unknown crash mode {v}"))
+            })?
+            .into();
+        let message = self.done(AdminRequest::CrashService { name, mode }).await?;
+        results.get().set_message(message.as_str());
+        Ok(())
+    }
+}
+
+impl Management {
+    /// A restart or crash request: the supervisor's "done" message.
+    async fn done(&self, request: AdminRequest) -> Result<String, capnp::Error> {
+        match self.admin.call(request).await? {
+            AdminReply::Done(message) => Ok(message),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_flattens() {
+        assert_eq!(one_line("a\nb\r\n  c\t\u{1b}[31m"), "a b c [31m");
+        assert_eq!(one_line(""), "");
+    }
+
+    #[test]
+    fn slots_are_bounded_and_returned() {
+        let active = Rc::new(Cell::new(0));
+        let slots: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| Slot::take(&active).expect("a slot"))
+            .collect();
+        assert!(Slot::take(&active).is_none());
+        drop(slots);
+        assert_eq!(active.get(), 0);
+        assert!(Slot::take(&active).is_some());
+    }
+
+    #[test]
+    fn admin_errors_are_one_line_messages() {
+        let (sup, mgmt) = AdminChannel::pair().expect("pair");
+        let server = std::thread::spawn(move || {
+            let (id, _) = sup
+                .recv_request(Duration::from_secs(5))
+                .expect("recv")
+                .expect("a request");
+            sup.send_reply(
+                id,
+                &AdminReply::Error {
+                    code: duplex_ipc::admin::AdminErrorCode::UnknownService,
+                    message: "no service\nnamed x".into(),
+                },
+            )
+            .expect("reply");
+            // Then the supervisor goes away.
+        });
+        assert_eq!(
+            admin_call(&mgmt, &AdminRequest::RestartService("x".into())),
+            Err("no service named x".into())
+        );
+        server.join().expect("server");
+        assert_eq!(
+            admin_call(&mgmt, &AdminRequest::ListServices),
+            Err("supervisor closed the admin channel".into())
+        );
+    }
+}

@@ -1,0 +1,544 @@
+//! The test's own little supervisor: it creates what duplexd would (listening `mgmt.sock`, admin
+//! channel, health region), spawns the real `duplex-mgmt` with the environment duplexd gives it,
+//! does the lifecycle handshake, answers admin requests with canned replies, and runs the real
+//! `duplexctl` against the socket.
+//!
+//! Two knobs for working on the seccomp policy (off by default):
+//! * `MGMT_TEST_SANDBOX=off` spawns mgmt with `DUPLEX_SANDBOX=off`;
+//! * `MGMT_TEST_STRACE=DIR` runs every mgmt under `strace -f`, writing `DIR/mgmt.<pid>.strace`.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use duplex_ipc::admin::{
+    AdminChannel, AdminErrorCode, AdminReply, AdminRequest, NodeStatus, ServiceInfo, ServiceState,
+};
+use duplex_ipc::control::{Body, ControlChannel, Envelope, Resource, ResourceKind, StartMode};
+use duplex_ipc::lifecycle::{Health, CONTROL_FD_ENV};
+
+/// How long any single wait in a test may take before the test fails (a deadline, not a timing
+/// assertion: the waits end as soon as the condition holds).
+pub const DEADLINE: Duration = Duration::from_secs(20);
+/// The health interval the test hands out.
+pub const BEAT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A service the canned supervisor knows.
+pub fn canned_services() -> Vec<ServiceInfo> {
+    vec![
+        ServiceInfo {
+            name: "datapath".into(),
+            datapath: true,
+            state: ServiceState::Running,
+            pid: 4100,
+            generation: 1,
+            restarts: 0,
+            uptime_ms: 3_723_000,
+            hangs: 0,
+            last_exit: String::new(),
+            last_restart_ms: 0,
+        },
+        ServiceInfo {
+            name: "fabric".into(),
+            datapath: false,
+            state: ServiceState::Backoff,
+            pid: 0,
+            generation: 3,
+            restarts: 2,
+            uptime_ms: 0,
+            hangs: 1,
+            last_exit: "signal 9 (SIGKILL)".into(),
+            last_restart_ms: 42,
+        },
+        ServiceInfo {
+            name: "mgmt".into(),
+            datapath: false,
+            state: ServiceState::Running,
+            pid: 4102,
+            generation: 1,
+            restarts: 0,
+            uptime_ms: 61_000,
+            hangs: 0,
+            last_exit: String::new(),
+            last_restart_ms: 0,
+        },
+    ]
+}
+
+pub fn canned_status() -> NodeStatus {
+    NodeStatus {
+        node: "node-a".into(),
+        supervisor_pid: std::process::id(),
+        uptime_ms: 7_500_000,
+        failed: false,
+        services_running: 2,
+        services_total: 3,
+        sandbox: true,
+    }
+}
+
+/// A service name that makes the canned supervisor kill mgmt instead of answering (as if mgmt
+/// crashed while the request was under way).
+pub const VANISHING: &str = "vanishing";
+/// A service name the canned supervisor never answers about.
+pub const SILENT: &str = "silent";
+
+/// The canned supervisor's answer, and whether it kills mgmt instead.
+fn answer(request: &AdminRequest) -> Option<AdminReply> {
+    let known = |name: &str| canned_services().iter().any(|s| s.name == name);
+    let unknown = |name: &str| AdminReply::Error {
+        code: AdminErrorCode::UnknownService,
+        message: format!("no service named `{name}`"),
+    };
+    Some(match request {
+        AdminRequest::ListServices => AdminReply::Services(canned_services()),
+        AdminRequest::NodeStatus => AdminReply::Status(canned_status()),
+        AdminRequest::RestartService(name) if known(name) => {
+            AdminReply::Done(format!("restarting {name}"))
+        }
+        AdminRequest::CrashService { name, mode } if known(name) => {
+            AdminReply::Done(format!("crashing {name} ({})", mode.name()))
+        }
+        AdminRequest::RestartService(name) | AdminRequest::CrashService { name, .. } => {
+            if name == SILENT {
+                return None;
+            }
+            unknown(name)
+        }
+    })
+}
+
+/// The supervisor end of the admin channel, answered by a thread.
+pub struct AdminResponder {
+    pub requests: Arc<Mutex<Vec<AdminRequest>>>,
+    /// When set, the next `NodeStatus` request kills mgmt instead of being answered.
+    pub kill_on_status: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminResponder {
+    fn start(channel: AdminChannel, mgmt_pid: Arc<AtomicI32>) -> Self {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let kill_on_status = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let requests = Arc::clone(&requests);
+            let stop = Arc::clone(&stop);
+            let kill_on_status = Arc::clone(&kill_on_status);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(Some((id, request))) = channel.recv_request(Duration::from_millis(50))
+                    else {
+                        continue;
+                    };
+                    requests.lock().unwrap().push(request.clone());
+                    let kills_mgmt = match &request {
+                        AdminRequest::RestartService(n)
+                        | AdminRequest::CrashService { name: n, .. } => {
+                            n == "mgmt" || n == VANISHING
+                        }
+                        AdminRequest::NodeStatus => kill_on_status.swap(false, Ordering::Relaxed),
+                        AdminRequest::ListServices => false,
+                    };
+                    if kills_mgmt {
+                        // What duplexd does for restart/crash of mgmt: the process goes away
+                        // before mgmt can answer.
+                        let pid = mgmt_pid.load(Ordering::Relaxed);
+                        if pid > 0 {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                        continue;
+                    }
+                    if let Some(reply) = answer(&request) {
+                        let _ = channel.send_reply(id, &reply);
+                    }
+                }
+            })
+        };
+        Self {
+            requests,
+            kill_on_status,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn taken(&self) -> Vec<AdminRequest> {
+        std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+impl Drop for AdminResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What to hand to a spawned mgmt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handout {
+    /// health, admin, mgmt-socket.
+    All,
+    /// Without the admin channel.
+    NoAdmin,
+    /// The health region handed over as the listening socket.
+    WrongSocket,
+}
+
+/// A test node: the resources duplexd would hold across mgmt restarts.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub listener: UnixListener,
+    pub health: Health,
+    admin_mgmt_end: OwnedFd,
+    pub admin: AdminResponder,
+    mgmt_pid: Arc<AtomicI32>,
+    generation: u64,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("mgmt.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let health = Health::create("mgmt", BEAT_INTERVAL).unwrap();
+        let (sup, mgmt) = AdminChannel::pair().unwrap();
+        let mgmt_pid = Arc::new(AtomicI32::new(0));
+        let admin = AdminResponder::start(sup, Arc::clone(&mgmt_pid));
+        // duplexd writes its pid into the lock file; this test plays duplexd.
+        std::fs::write(
+            dir.path().join("duplexd.lock"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        Self {
+            dir,
+            socket,
+            listener,
+            health,
+            admin_mgmt_end: mgmt.into_fd(),
+            admin,
+            mgmt_pid,
+            generation: 0,
+        }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Spawns mgmt and completes the handshake (Hello → Start → Ready).
+    pub fn start_mgmt(&mut self) -> Mgmt {
+        let mut m = self.spawn_mgmt();
+        self.handshake(&mut m, Handout::All);
+        m
+    }
+
+    /// Spawns mgmt (no handshake yet).
+    pub fn spawn_mgmt(&mut self) -> Mgmt {
+        let (ours, theirs) = ControlChannel::pair().unwrap();
+        let theirs = theirs.into_fd();
+        self.generation += 1;
+        let exe = env!("CARGO_BIN_EXE_duplex-mgmt");
+        let strace = std::env::var_os("MGMT_TEST_STRACE");
+        let mut cmd = match &strace {
+            Some(dir) => {
+                let mut c = Command::new("/usr/bin/strace");
+                c.arg("-f")
+                    .arg("-qq")
+                    .arg("-ff")
+                    .arg("-o")
+                    .arg(Path::new(dir).join("mgmt"))
+                    .arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.env_clear()
+            .env(CONTROL_FD_ENV, theirs.as_raw_fd().to_string())
+            .env("DUPLEX_SERVICE", "mgmt")
+            .env("DUPLEX_GENERATION", self.generation.to_string())
+            .env(
+                "DUPLEX_START_MODE",
+                if self.generation == 1 {
+                    "fresh"
+                } else {
+                    "restart"
+                },
+            )
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if std::env::var_os("MGMT_TEST_SANDBOX").is_some_and(|v| v == "off") {
+            cmd.env("DUPLEX_SANDBOX", "off");
+        }
+        let mut child = duplex_ipc::testkit::spawn_with_fds(&mut cmd, &[theirs.as_fd()]).unwrap();
+        drop(theirs);
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut buf = [0_u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        let pid = if strace.is_some() {
+            0
+        } else {
+            child.id() as i32
+        };
+        self.mgmt_pid.store(pid, Ordering::Relaxed);
+        Mgmt {
+            child,
+            control: ours,
+            log,
+            reader: Some(reader),
+            pid,
+            generation: self.generation,
+        }
+    }
+
+    /// Answers Hello with Start (handing over `handout`) and, for a complete handout, waits for
+    /// Ready.
+    pub fn handshake(&mut self, m: &mut Mgmt, handout: Handout) {
+        let (hello, _) = m
+            .control
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|e| panic!("no hello: {e}; log:\n{}", m.log()))
+            .unwrap_or_else(|| panic!("no hello in time; log:\n{}", m.log()));
+        let Body::Hello { service, pid, .. } = hello.body else {
+            panic!("expected hello, got {:?}", hello.body);
+        };
+        assert_eq!(service, "mgmt");
+        if m.pid == 0 {
+            // Under strace the child is strace; the pid mgmt reports is the real one.
+            m.pid = pid as i32;
+            self.mgmt_pid.store(m.pid, Ordering::Relaxed);
+        } else {
+            assert_eq!(pid as i32, m.pid);
+        }
+        let mut resources = Vec::new();
+        let mut fds = Vec::new();
+        let mut add = |name: &str, kind, fd| {
+            resources.push(Resource {
+                name: name.into(),
+                kind,
+                fd_index: fds.len() as u32,
+            });
+            fds.push(fd);
+        };
+        add("health", ResourceKind::Region, self.health.region().fd());
+        if handout != Handout::NoAdmin {
+            add("admin", ResourceKind::Socket, self.admin_mgmt_end.as_fd());
+        }
+        if handout == Handout::WrongSocket {
+            add(
+                "mgmt-socket",
+                ResourceKind::Socket,
+                self.health.region().fd(),
+            );
+        } else {
+            add("mgmt-socket", ResourceKind::Socket, self.listener.as_fd());
+        }
+        let start = Envelope {
+            request_id: m.control.next_request_id(),
+            epoch: 1,
+            body: Body::Start {
+                generation: m.generation,
+                mode: if m.generation == 1 {
+                    StartMode::Fresh
+                } else {
+                    StartMode::Restart
+                },
+                resources,
+            },
+        };
+        m.control.send(&start, &fds).unwrap();
+        if handout != Handout::All {
+            return;
+        }
+        let (ready, _) = m
+            .control
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|e| panic!("no ready: {e}; log:\n{}", m.log()))
+            .unwrap_or_else(|| panic!("no ready in time; log:\n{}", m.log()));
+        assert_eq!(
+            ready.body,
+            Body::Ready {
+                generation: m.generation
+            },
+            "log:\n{}",
+            m.log()
+        );
+    }
+
+    /// Runs the real duplexctl against this node.
+    pub fn ctl(&self, args: &[&str]) -> Ctl {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_duplexctl"));
+        cmd.arg("--state-dir").arg(self.state_dir());
+        ctl(&mut cmd, args)
+    }
+}
+
+/// Runs duplexctl with `args` (after whatever `cmd` already has).
+pub fn ctl(cmd: &mut Command, args: &[&str]) -> Ctl {
+    let out: Output = cmd
+        .args(args)
+        .env_remove("DUPLEX_STATE_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Ctl {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// What a duplexctl run printed.
+#[derive(Debug)]
+pub struct Ctl {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    /// Asserts success and returns stdout.
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, Some(0), "{self:?}");
+        assert!(self.stderr.is_empty(), "{self:?}");
+        &self.stdout
+    }
+
+    /// Asserts failure with `code` and exactly one line on stderr; returns the line.
+    pub fn failed(&self, code: i32) -> &str {
+        assert_eq!(self.code, Some(code), "{self:?}");
+        assert!(self.stdout.is_empty(), "{self:?}");
+        let line = self
+            .stderr
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("{self:?}"));
+        assert!(!line.contains('\n'), "more than one line: {self:?}");
+        assert!(line.starts_with("duplexctl: "), "{self:?}");
+        line
+    }
+}
+
+/// A running mgmt.
+pub struct Mgmt {
+    pub child: Child,
+    pub control: ControlChannel,
+    log: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+    pub pid: i32,
+    pub generation: u64,
+}
+
+impl Mgmt {
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends a lifecycle message.
+    pub fn send(&self, body: Body) {
+        let env = Envelope {
+            request_id: self.control.next_request_id(),
+            epoch: 1,
+            body,
+        };
+        self.control.send(&env, &[]).unwrap();
+    }
+
+    /// Waits (up to [`DEADLINE`]) for it to exit; returns the status and the whole log.
+    pub fn wait(&mut self) -> (ExitStatus, String) {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                return (status, self.log());
+            }
+            assert!(
+                Instant::now() < until,
+                "mgmt did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub fn kill(&mut self) {
+        if self.pid > 0 && self.pid as u32 != self.child.id() {
+            // Under strace: the traced mgmt would outlive its tracer.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `/proc/<pid>/task/*/status` of every thread.
+    pub fn thread_statuses(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/task", self.pid);
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path().join("status")).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Mgmt {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The signal that ended `status`, if any.
+pub fn signal(status: ExitStatus) -> Option<i32> {
+    status.signal()
+}
+
+/// Polls `cond` until it holds or [`DEADLINE`] passes.
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < until, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,270 @@
+//! Harness for duplex's system tests: finds the built binaries, runs `duplexd` on a config in a
+//! temporary state directory, follows its log, and drives `duplexctl`.
+//!
+//! The binaries come from other packages of the workspace, so they are looked up next to the
+//! test executable (`target/<profile>/`). `cargo test --workspace` / `cargo nextest run
+//! --workspace` build them (every package with integration tests gets its binaries built); a
+//! missing one is a clear panic naming the command to run.
+#![allow(clippy::unwrap_used)] // test harness: a failed expectation is a test failure
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a system test may take before it fails with the log so far.
+/// Generous: it bounds a hang, it does not measure speed.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// The path of a workspace binary (`duplexd`, `duplexctl`, `duplex-mgmt`,
+/// `duplex-test-service`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` (or the whole suite) first",
+        path.display()
+    );
+    path
+}
+
+/// A child killed (and reaped) when dropped, so a failing test leaves no process behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running duplexd with its log.
+#[derive(Debug)]
+pub struct Node {
+    /// The process.
+    pub duplexd: KillOnDrop,
+    /// Its stderr, line by line.
+    pub log: Log,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Writes `config` (with `{state}` replaced by the state directory and `{svc}`, `{mgmt}` by
+    /// the test-service and mgmt binaries) and starts duplexd on it.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let text = config
+            .replace("{state}", &state_dir.display().to_string())
+            .replace("{svc}", &bin("duplex-test-service").display().to_string())
+            .replace("{mgmt}", &bin("duplex-mgmt").display().to_string());
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut child = Command::new(bin("duplexd"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::new(child.stderr.take().unwrap());
+        let mut node = Self {
+            duplexd: KillOnDrop(child),
+            log,
+            state_dir,
+            _dir: dir,
+        };
+        // Resources (the management socket included) exist before the first spawn.
+        node.log.wait_for(&["service spawned"]);
+        node
+    }
+
+    /// Runs `duplexctl` against this node; returns (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("duplexctl"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `duplexctl --json service list`, as a list of JSON objects.
+    pub fn services(&self) -> Vec<serde_json::Value> {
+        let (code, out, err) = self.ctl(&["--json", "service", "list"]);
+        assert_eq!(code, 0, "duplexctl service list failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("duplexctl --json output is not JSON ({e}): {out}"));
+        match v {
+            serde_json::Value::Array(a) => a,
+            serde_json::Value::Object(mut o) => match o.remove("services") {
+                Some(serde_json::Value::Array(a)) => a,
+                _ => panic!("no services in {out}"),
+            },
+            _ => panic!("unexpected JSON {out}"),
+        }
+    }
+
+    /// One service's row.
+    pub fn service(&self, name: &str) -> serde_json::Value {
+        self.services()
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no service {name} in the list"))
+    }
+
+    /// Waits until `name` runs with a generation above `above`; returns its row.
+    pub fn wait_running(&mut self, name: &str, above: u64) -> serde_json::Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let row = self.service(name);
+            if row["state"] == "running" && row["generation"].as_u64().unwrap_or(0) > above {
+                return row;
+            }
+            if Instant::now() > deadline {
+                self.log.pump();
+                panic!(
+                    "{name} not running above generation {above}: {row}\nlog:\n{}",
+                    self.log.tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The pid of duplexd.
+    pub fn pid(&self) -> u32 {
+        self.duplexd.0.id()
+    }
+
+    /// SIGTERM, then the exit code; drains the log.
+    pub fn stop(&mut self) -> Option<i32> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.duplexd.0.wait().unwrap();
+        self.log.drain();
+        status.code()
+    }
+}
+
+/// Lines of a running process's log, collected by a thread.
+#[derive(Debug)]
+pub struct Log {
+    rx: mpsc::Receiver<String>,
+    /// Every line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Log {
+    /// Follows `stderr`.
+    pub fn new(stderr: std::process::ChildStderr) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Takes every line available now.
+    pub fn pump(&mut self) {
+        while let Ok(line) = self.rx.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
+    /// Collects every remaining line (after the process exited).
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.rx.recv_timeout(Duration::from_secs(30)) {
+            self.seen.push(line);
+        }
+    }
+
+    /// The last `n` lines, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        let from = self.seen.len().saturating_sub(n);
+        self.seen[from..].join("\n")
+    }
+
+    /// Waits for a line containing every one of `parts`; returns it.
+    pub fn wait_for(&mut self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no log line with {parts:?}; log so far:\n{}", self.tail(80)),
+            }
+        }
+    }
+
+    /// Lines containing every one of `parts`.
+    pub fn matching(&self, parts: &[&str]) -> Vec<&String> {
+        self.seen
+            .iter()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .collect()
+    }
+}
+
+/// The numeric value of `key=` in a log line.
+pub fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line}"))
+}
+
+/// `/proc/PID/status` as (key, value) pairs.
+pub fn proc_status(pid: u64) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Median and 99th percentile of `values` (sorted in place).
+pub fn median_p99(values: &mut [u64]) -> (u64, u64) {
+    values.sort_unstable();
+    if values.is_empty() {
+        return (0, 0);
+    }
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
