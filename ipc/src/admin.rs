@@ -3,7 +3,8 @@
 //! Mirrors `schemas/admin.capnp`. One `SOCK_SEQPACKET` socket, handed to mgmt only, so holding
 //! it *is* the privilege to restart and crash-inject services; no other message travels on it,
 //! and no file descriptors do. The transport (datagram limits, `MSG_TRUNC`/`MSG_CTRUNC` checks,
-//! rate-limited warnings) is [`ControlChannel`]'s; the messages are their own types, so a
+//! rate-limited warnings) and the decoding bounds (traversal, nesting, text lengths) are
+//! [`ControlChannel`]'s; the messages are their own types, so a
 //! lifecycle message cannot be sent here by mistake, nor an admin request on a lifecycle socket.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -12,15 +13,13 @@ use std::time::Duration;
 use duplex_schemas::admin_capnp as wire;
 use nix::sys::socket::MsgFlags;
 
-use crate::control::{ControlChannel, ControlError, MAX_NAME_BYTES, MAX_TEXT_BYTES};
+use crate::control::{
+    check_text, read_text as text, reader_options, unknown, ControlChannel, ControlError,
+    MAX_NAME_BYTES, MAX_TEXT_BYTES,
+};
 
 /// The most services a [`AdminReply::Services`] may list.
 pub const MAX_SERVICES: usize = 64;
-
-/// Bounded traversal for untrusted admin messages (words).
-const TRAVERSAL_LIMIT_WORDS: usize = 64 * 1024;
-/// Nesting bound for untrusted admin messages.
-const NESTING_LIMIT: i32 = 16;
 
 /// A request from mgmt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,45 +215,8 @@ enum_map!(
     Malformed
 );
 
-fn reader_options() -> capnp::message::ReaderOptions {
-    let mut options = capnp::message::ReaderOptions::new();
-    options
-        .traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS))
-        .nesting_limit(NESTING_LIMIT);
-    options
-}
-
-fn text(
-    t: capnp::Result<capnp::text::Reader<'_>>,
-    field: &'static str,
-    max: usize,
-) -> Result<String, ControlError> {
-    let bytes = t.map_err(ControlError::Decode)?.as_bytes();
-    if bytes.len() > max {
-        return Err(ControlError::TextTooLong {
-            field,
-            len: bytes.len(),
-            max,
-        });
-    }
-    std::str::from_utf8(bytes)
-        .map(str::to_owned)
-        .map_err(|_| ControlError::InvalidUtf8(field))
-}
-
 fn check(t: &str, field: &'static str, max: usize) -> Result<(), ControlError> {
-    if t.len() > max {
-        return Err(ControlError::TextTooLong {
-            field,
-            len: t.len(),
-            max,
-        });
-    }
-    Ok(())
-}
-
-fn unknown(what: &'static str) -> impl FnOnce(capnp::NotInSchema) -> ControlError {
-    move |capnp::NotInSchema(value)| ControlError::UnknownVariant { what, value }
+    check_text(t, field, max, false)
 }
 
 fn read<'a>(
@@ -659,7 +621,7 @@ mod tests {
         ));
         let empty = AdminRequest::RestartService(String::new()).encode(1);
         assert!(AdminRequest::decode(&empty).is_err());
-        // A lifecycle message is not an admin request.
+        // A truncated datagram is an error, not a shorter message.
         let bytes = AdminReply::Done("x".into()).encode(1);
         let mut truncated = bytes.clone();
         truncated.truncate(bytes.len() - 8);

@@ -480,7 +480,7 @@ impl From<wire::ErrorCode> for ErrorCode {
 }
 
 /// Reader options for untrusted control messages: bounded traversal and nesting.
-fn reader_options() -> capnp::message::ReaderOptions {
+pub(crate) fn reader_options() -> capnp::message::ReaderOptions {
     let mut options = capnp::message::ReaderOptions::new();
     options
         .traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS))
@@ -489,7 +489,7 @@ fn reader_options() -> capnp::message::ReaderOptions {
 }
 
 /// Reads a text field, enforcing its bound before validating UTF-8.
-fn read_text(
+pub(crate) fn read_text(
     text: capnp::Result<capnp::text::Reader<'_>>,
     field: &'static str,
     max: usize,
@@ -508,7 +508,7 @@ fn read_text(
 }
 
 /// Checks a text field's bound; `required` fields must also be non-empty.
-fn check_text(
+pub(crate) fn check_text(
     text: &str,
     field: &'static str,
     max: usize,
@@ -527,7 +527,7 @@ fn check_text(
     Ok(())
 }
 
-fn unknown(what: &'static str) -> impl FnOnce(capnp::NotInSchema) -> ControlError {
+pub(crate) fn unknown(what: &'static str) -> impl FnOnce(capnp::NotInSchema) -> ControlError {
     move |capnp::NotInSchema(value)| ControlError::UnknownVariant { what, value }
 }
 

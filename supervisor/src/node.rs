@@ -133,7 +133,6 @@ struct Service {
     health: Health,
     state: ServiceState,
     child: Option<Child>,
-    pid: u32,
     channel: Option<ControlChannel>,
     generation: u64,
     restarts: u32,
@@ -154,12 +153,17 @@ struct Service {
 }
 
 impl Service {
+    /// The current process's pid; 0 when none runs.
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     fn info(&self, now: Instant) -> ServiceInfo {
         ServiceInfo {
             name: self.name.clone(),
             datapath: self.kind == ServiceKind::Datapath,
             state: self.state,
-            pid: if self.child.is_some() { self.pid } else { 0 },
+            pid: self.pid(),
             generation: self.generation,
             restarts: self.restarts,
             uptime_ms: if self.child.is_some() {
@@ -383,7 +387,6 @@ impl Node {
                 health,
                 state: ServiceState::Stopped,
                 child: None,
-                pid: 0,
                 channel: None,
                 generation: 0,
                 restarts: 0,
@@ -649,7 +652,6 @@ impl Node {
                     pending: Vec::new(),
                 });
                 s.child = Some(child);
-                s.pid = pid;
                 s.channel = Some(ours);
                 s.state = ServiceState::Starting;
                 s.started = Instant::now();
@@ -669,7 +671,7 @@ impl Node {
     fn on_message(&mut self, i: usize) {
         let s = &mut self.services[i];
         let Some(channel) = &s.channel else { return };
-        let pid = s.pid;
+        let pid = s.pid();
         match channel.recv() {
             Ok((env, _fds)) => match env.body {
                 Body::Hello {
@@ -791,7 +793,7 @@ impl Node {
                 continue;
             }
             if s.kill_at.is_some_and(|t| t <= now) {
-                tracing::warn!(service = %s.name, pid = s.pid, "service did not stop in time; killing it");
+                tracing::warn!(service = %s.name, pid = s.pid(), "service did not stop in time; killing it");
                 s.kill_at = None;
                 kill_child(s);
                 continue;
@@ -812,7 +814,7 @@ impl Node {
             };
             if hung && !matches!(s.expected, Expected::Hung(_)) {
                 s.hangs += 1;
-                tracing::warn!(service = %s.name, pid = s.pid, generation = s.generation, state = s.state.name(), silent_ms = millis(now.duration_since(s.beat_moved.max(s.started))), event = "hung", "service is hung (no heartbeat or no ready): killing it");
+                tracing::warn!(service = %s.name, pid = s.pid(), generation = s.generation, state = s.state.name(), silent_ms = millis(now.duration_since(s.beat_moved.max(s.started))), event = "hung", "service is hung (no heartbeat or no ready): killing it");
                 s.expected = Expected::Hung(now);
                 s.down_since = Some(now);
                 kill_child(s);
@@ -830,7 +832,7 @@ impl Node {
             let Ok(Some(status)) = child.try_wait() else {
                 continue;
             };
-            let pid = s.pid;
+            let pid = s.pid();
             s.child = None;
             s.channel = None;
             s.kill_at = None;
@@ -993,11 +995,11 @@ impl Node {
                         };
                         let _ = channel.send(&msg, &[]);
                     }
-                    let _ = kill(Pid::from_raw(s.pid as i32), Signal::SIGTERM);
-                    tracing::info!(service = %name, pid = s.pid, "restart requested by an operator");
+                    let _ = kill(Pid::from_raw(s.pid() as i32), Signal::SIGTERM);
+                    tracing::info!(service = %name, pid = s.pid(), "restart requested by an operator");
                     AdminReply::Done(format!(
                         "restarting {name} (pid {} stopping, generation {} next)",
-                        s.pid,
+                        s.pid(),
                         s.generation + 1
                     ))
                 } else {
@@ -1032,7 +1034,7 @@ impl Node {
                         format!("{name} is not running (state {})", s.state.name()),
                     );
                 }
-                let pid = s.pid;
+                let pid = s.pid();
                 match mode {
                     CrashMode::Kill => {
                         kill_child(s);
@@ -1062,8 +1064,8 @@ impl Node {
                         }
                     }
                 }
-                // A hang is only "caused" once the watchdog notices; count it from now anyway,
-                // so the restart latency includes the detection time.
+                // Restart latency counts from now. An injected hang is the exception: the
+                // watchdog that finds it records the kill as a hang, timed from its detection.
                 s.expected = Expected::Injected(mode, now);
                 tracing::info!(service = %name, pid, mode = mode.name(), event = "crash-injected", "crash injected");
                 AdminReply::Done(format!("injected {} into {name} (pid {pid})", mode.name()))
@@ -1081,7 +1083,7 @@ impl Node {
             let Some(child) = s.child.as_mut() else {
                 continue;
             };
-            let pid = s.pid;
+            let pid = child.id();
             if let Some(channel) = &s.channel {
                 let msg = Envelope {
                     request_id: channel.next_request_id(),

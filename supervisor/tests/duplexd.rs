@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use duplex_tests::{field, KillOnDrop, Log};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -107,79 +108,6 @@ fn a_second_duplexd_on_the_same_state_dir_refuses_and_sigterm_stops_the_first() 
     kill(Pid::from_raw(first.0.id() as i32), Signal::SIGTERM).expect("SIGTERM");
     let status = first.0.wait().expect("wait");
     assert_eq!(status.code(), Some(0), "SIGTERM must stop duplexd cleanly");
-}
-
-/// Kills a child process if the test panics before it is stopped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Lines of a running duplexd's log, collected by a thread.
-struct Log {
-    rx: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Log {
-    fn new(stderr: std::process::ChildStderr) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Collects every remaining line (after the process exited).
-    fn drain(&mut self) {
-        while let Ok(line) = self.rx.recv_timeout(Duration::from_secs(30)) {
-            self.seen.push(line);
-        }
-    }
-
-    /// Waits for a line containing every one of `parts`; returns it.
-    fn wait_for(&mut self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(l) = self
-                .seen
-                .iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => panic!(
-                    "no log line with {parts:?}; log so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-}
-
-fn field(line: &str, key: &str) -> u32 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
 }
 
 #[test]

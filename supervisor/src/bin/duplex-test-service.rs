@@ -237,11 +237,14 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 fn checksum(d: &IoDesc) -> u32 {
-    let mut bytes = Vec::with_capacity(40);
-    for w in [d.tag, d.lba, d.reserved[0], d.reserved[1]] {
-        bytes.extend_from_slice(&w.to_le_bytes());
+    let mut bytes = [0_u8; 36];
+    for (i, w) in [d.tag, d.lba, d.reserved[0], d.reserved[1]]
+        .iter()
+        .enumerate()
+    {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
-    bytes.extend_from_slice(&d.blocks.to_le_bytes());
+    bytes[32..].copy_from_slice(&d.blocks.to_le_bytes());
     crc32c::crc32c(&bytes)
 }
 
