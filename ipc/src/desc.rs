@@ -45,7 +45,26 @@ pub const OP_READ: u8 = 0x02;
 pub const OP_WRITE: u8 = 0x01;
 /// Flush the volatile cache.
 pub const OP_FLUSH: u8 = 0x00;
+/// Write zeroes to `blocks` blocks from `lba` (no buffer).
+pub const OP_WRITE_ZEROES: u8 = 0x08;
+/// Deallocate (trim) `blocks` blocks from `lba` (no buffer); later reads return zeroes.
+pub const OP_DEALLOCATE: u8 = 0x09;
 /// `checksum` holds the CRC32C of the payload.
 pub const FLAG_CHECKSUM: u8 = 1;
+/// Force unit access: the write is durable when it completes.
+pub const FLAG_FUA: u8 = 2;
+
+/// Completion status: success.
+pub const STATUS_SUCCESS: u16 = 0x0000;
+/// Completion status: invalid field (unknown opcode, bad volume, bad buffer chain).
+pub const STATUS_INVALID_FIELD: u16 = 0x0002;
+/// Completion status: internal error.
+pub const STATUS_INTERNAL: u16 = 0x0006;
+/// Completion status: LBA out of range.
+pub const STATUS_LBA_OUT_OF_RANGE: u16 = 0x0080;
+/// Completion status: media error, write fault.
+pub const STATUS_WRITE_FAULT: u16 = 0x0280;
+/// Completion status: media error, unrecovered read error.
+pub const STATUS_READ_ERROR: u16 = 0x0281;
 /// Completion status: the request was consumed by an incarnation that died before completing it.
 pub const STATUS_ABORTED_BY_RESTART: u16 = 0x0107;

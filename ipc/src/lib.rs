@@ -11,6 +11,8 @@
 //! * [`lifecycle`]: the service side of the supervisor protocol: handshake, health counter, crash
 //!   injection.
 //! * [`admin`]: the mgmt → supervisor admin channel (service table, restart, crash injection).
+//! * [`topology`]: the storage topology (volumes, subsystems, namespaces, I/O channels) the
+//!   supervisor hands to the fabric and the datapath.
 //!
 //! No Rust reference ever points at shared bytes another process may write: shared words are
 //! accessed as atomics, descriptors and payloads are copied with volatile or raw-pointer copies.
@@ -25,5 +27,6 @@ pub mod lifecycle;
 pub mod pool;
 pub mod region;
 pub mod ring;
+pub mod topology;
 #[doc(hidden)]
 pub mod testkit;

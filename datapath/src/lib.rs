@@ -1,0 +1,1 @@
+//! duplex-datapath (being built).

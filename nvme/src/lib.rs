@@ -1,0 +1,1 @@
+//! duplex-nvme (being built).

@@ -1,0 +1,1 @@
+//! duplex-fabric (being built).
