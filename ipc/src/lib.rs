@@ -27,6 +27,6 @@ pub mod lifecycle;
 pub mod pool;
 pub mod region;
 pub mod ring;
-pub mod topology;
 #[doc(hidden)]
 pub mod testkit;
+pub mod topology;

@@ -199,7 +199,9 @@ impl Topology {
             .map_err(|e| TopologyError::BadFd(format!("not a memfd ({e})")))?;
         let seals = SealFlag::from_bits_truncate(seals);
         if !seals.contains(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK) {
-            return Err(TopologyError::BadFd("memfd is not sealed against writes".into()));
+            return Err(TopologyError::BadFd(
+                "memfd is not sealed against writes".into(),
+            ));
         }
         let mut file = std::fs::File::from(fd);
         let len = file
