@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 pub const TOPOLOGY_RESOURCE: &str = "topology";
 /// Format version; a service refuses another.
 pub const TOPOLOGY_VERSION: u32 = 1;
+/// Pool holder role of the datapath (see `pool::Holder`).
+pub const ROLE_DATAPATH: u8 = 1;
+/// Pool holder role of the fabric.
+pub const ROLE_FABRIC: u8 = 2;
 /// Largest topology accepted (bytes).
 pub const MAX_TOPOLOGY_BYTES: u64 = 1 << 20;
 
