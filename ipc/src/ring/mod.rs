@@ -486,6 +486,26 @@ impl<T: bytemuck::Pod> Producer<T> {
         }
     }
 
+    /// For event loops that sleep elsewhere (an async reactor, io_uring): announces that the
+    /// producer is about to wait for space. Returns true if space appeared meanwhile (do not
+    /// sleep). Otherwise sleep until [`Producer::space_doorbell`] is readable, drain it, then
+    /// call [`Producer::disarm_wait`].
+    pub fn arm_wait(&mut self) -> Result<bool, RingError> {
+        let shm = shm!(self);
+        Ok(self.core.arm_wait(&shm)?)
+    }
+
+    /// Clears the waiting flag after a sleep begun with [`Producer::arm_wait`].
+    pub fn disarm_wait(&mut self) {
+        let shm = shm!(self);
+        self.core.disarm_wait(&shm);
+    }
+
+    /// The doorbell the consumer rings when it frees space for a waiting producer.
+    pub fn space_doorbell(&self) -> &Doorbell {
+        &self.wake_producer
+    }
+
     /// The last descriptor this ring's producers published (slot `next_index - 1`), if any.
     /// Only producers write slots, so it stays readable after it was consumed, until the
     /// producer overwrites it: a restarted relay reads it to learn what its predecessor
@@ -647,6 +667,26 @@ impl<T: bytemuck::Pod> Consumer<T> {
                 }
             }
         }
+    }
+
+    /// For event loops that sleep elsewhere (an async reactor, io_uring): announces that the
+    /// consumer is about to wait for descriptors. Returns true if some appeared meanwhile (do
+    /// not sleep). Otherwise sleep until [`Consumer::data_doorbell`] is readable, drain it, then
+    /// call [`Consumer::disarm_wait`].
+    pub fn arm_wait(&mut self) -> Result<bool, RingError> {
+        let shm = shm!(self);
+        Ok(self.core.arm_wait(&shm)?)
+    }
+
+    /// Clears the waiting flag after a sleep begun with [`Consumer::arm_wait`].
+    pub fn disarm_wait(&mut self) {
+        let shm = shm!(self);
+        self.core.disarm_wait(&shm);
+    }
+
+    /// The doorbell the producer rings when it publishes to a waiting consumer.
+    pub fn data_doorbell(&self) -> &Doorbell {
+        &self.wake_consumer
     }
 
     /// Pops at least one descriptor (waiting by the policy), up to `max`. Returns 0 only if
