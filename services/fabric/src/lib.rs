@@ -1,1 +1,29 @@
-//! duplex-fabric (being built).
+//! duplex-fabric: the NVMe/TCP target.
+//!
+//! The fabric service accepts hosts on the listeners duplexd bound for it, speaks NVMe/TCP
+//! (ICReq/ICResp, command and response capsules, in-capsule data, R2T/H2CData, C2HData, header
+//! and data digests), serves the discovery subsystem and the NVM subsystems of the node's
+//! topology through the dynamic controller model (one controller per admin Connect, host NQN
+//! allow-lists, keep-alive enforced, asynchronous events, ANA reporting), and turns I/O
+//! commands into descriptors on the datapath's rings, with data in the shared buffer pool.
+//!
+//! One file per concern, as in SPDK's `lib/nvmf`:
+//! * [`server`]: the service: listeners, accept loops, the runtime.
+//! * [`conn`]: one connection = one queue: PDU framing, Connect, R2T, responses.
+//! * [`controller`]: controller state (properties, features, AEN queue, keep-alive).
+//! * [`admin`]: admin commands (Identify, logs, features, AER, keep alive) and discovery.
+//! * [`io`]: NVM I/O commands → datapath descriptors.
+//! * [`backend`]: the ring and pool client of the datapath channel.
+//! * [`target`]: subsystems, namespaces, ports, the controller registry.
+//!
+//! Everything runs on one thread (a tokio current-thread runtime): connections and commands are
+//! tasks, shared state lives in `Rc`/`RefCell`, and nothing is locked.
+
+pub mod admin;
+pub mod backend;
+pub mod conn;
+pub mod controller;
+pub mod io;
+pub mod server;
+pub mod service;
+pub mod target;

@@ -1,0 +1,315 @@
+//! Admin commands of I/O and discovery controllers (after Connect, with CC.EN set).
+
+use std::rc::Rc;
+
+use duplex_ipc::topology::ListenerKind;
+use duplex_nvme::cmd::{GetLogPage, Sqe};
+use duplex_nvme::identify::{self, ControllerInfo, ControllerType, NamespaceInfo};
+use duplex_nvme::log::{self, effects, AnaGroup, DiscoveryEntry};
+use duplex_nvme::spec::{admin, aen, ana, cns, feat, io, lid};
+use duplex_nvme::status::{generic, specific};
+
+use crate::conn::{DataIn, Queue, Reply, IN_CAPSULE_DATA, MAX_TRANSFER, MDTS};
+use crate::controller::{Controller, AER_LIMIT, KAS, MAX_IO_QUEUES, QUEUE_ENTRIES, VERSION};
+
+/// Firmware revision reported (the crate version).
+pub const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
+/// ANA transition time (seconds).
+pub const ANATT: u8 = 10;
+
+/// Executes one admin command.
+pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataIn) -> Reply {
+    // Commands with data from the host are not among ours: drain it to keep the stream sane.
+    if !matches!(data, DataIn::None) {
+        if let Err(s) = q.host_data(sqe.cid, data).await {
+            return Reply::status(s);
+        }
+    }
+    match sqe.opcode {
+        admin::IDENTIFY => identify(q, ctrl, &sqe),
+        admin::GET_LOG_PAGE => get_log_page(q, ctrl, &sqe),
+        admin::SET_FEATURES => set_features(ctrl, &sqe),
+        admin::GET_FEATURES => get_features(ctrl, &sqe),
+        admin::ASYNC_EVENT => async_event(ctrl).await,
+        admin::KEEP_ALIVE => Reply::ok(0),
+        // Abort: "command not aborted" (bit 0 set); commands here finish on their own.
+        admin::ABORT => Reply::ok(1),
+        _ => Reply::status(generic::INVALID_OPCODE),
+    }
+}
+
+/// Identify Controller content for `ctrl`.
+pub fn controller_info(ctrl: &Controller) -> ControllerInfo {
+    let s = &ctrl.subsys;
+    let io = !s.discovery;
+    ControllerInfo {
+        vendor_id: 0,
+        serial: s.serial.clone(),
+        model: s.model.clone(),
+        firmware: FIRMWARE.to_owned(),
+        ieee_oui: [0; 3],
+        cntlid: ctrl.cntlid,
+        version: VERSION,
+        cntrltype: if io {
+            ControllerType::Io
+        } else {
+            ControllerType::Discovery
+        },
+        mdts: MDTS,
+        oaes: if io {
+            identify::OAES_NS_ATTR | identify::OAES_ANA_CHANGE
+        } else {
+            identify::OAES_DISC_CHANGE
+        },
+        acl: 3,
+        aerl: (AER_LIMIT - 1) as u8,
+        elpe: 0,
+        kas: KAS,
+        anatt: if io { ANATT } else { 0 },
+        ana_groups: 1,
+        nn: s.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0),
+        maxcmd: QUEUE_ENTRIES,
+        oncs: if io {
+            identify::ONCS_COMPARE | identify::ONCS_DSM | identify::ONCS_WRITE_ZEROES
+        } else {
+            0
+        },
+        vwc: io,
+        subnqn: s.nqn.clone(),
+        ioccsz: 64 + IN_CAPSULE_DATA as u32,
+        iorcsz: 16,
+        multi_controller: io,
+    }
+}
+
+fn identify(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
+    let cns = (sqe.cdw10 & 0xFF) as u8;
+    let s = &ctrl.subsys;
+    let ns = || s.namespace(sqe.nsid);
+    match cns {
+        cns::CONTROLLER => Reply::data(identify::controller(&controller_info(ctrl))),
+        cns::NAMESPACE if !s.discovery => match ns() {
+            Some(n) => Reply::data(identify::namespace(&NamespaceInfo {
+                blocks: n.volume.blocks,
+                used: n.volume.blocks,
+                block_size: n.volume.block_size,
+                ana_group: q.shared.target.topology.ana_group,
+                nguid: n.nguid,
+                shared: true,
+            })),
+            None => Reply::status(generic::INVALID_NS),
+        },
+        cns::ACTIVE_NS_LIST if !s.discovery => {
+            if sqe.nsid >= 0xFFFF_FFFE {
+                return Reply::status(generic::INVALID_NS);
+            }
+            Reply::data(identify::active_ns_list(
+                s.namespaces.iter().map(|n| n.nsid),
+                sqe.nsid,
+            ))
+        }
+        cns::NS_DESC_LIST if !s.discovery => match ns() {
+            Some(n) => Reply::data(identify::ns_descriptors(&n.nguid, &n.uuid)),
+            None => Reply::status(generic::INVALID_NS),
+        },
+        _ => Reply::status(generic::INVALID_FIELD),
+    }
+}
+
+fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
+    let g = GetLogPage::from_sqe(sqe);
+    let len = match usize::try_from(g.len) {
+        Ok(n) if n <= MAX_TRANSFER => n,
+        _ => return Reply::status(generic::INVALID_FIELD),
+    };
+    let target = &q.shared.target;
+    let s = &ctrl.subsys;
+    let page = match (g.lid, s.discovery) {
+        (lid::DISCOVERY, true) => {
+            log::discovery(target.discovery_genctr.get(), &discovery_entries(q, ctrl))
+        }
+        (lid::ERROR, _) => log::error_info(1),
+        (lid::SMART, false) => log::smart(&target.health(ctrl)),
+        (lid::FW_SLOT, false) => log::firmware_slot(FIRMWARE),
+        (lid::CHANGED_NS, false) => {
+            let list = if g.rae {
+                ctrl.changed_ns.borrow().clone()
+            } else {
+                std::mem::take(&mut *ctrl.changed_ns.borrow_mut())
+            };
+            log::changed_ns_list(&list)
+        }
+        (lid::CMD_EFFECTS, false) => log::command_effects(
+            &[
+                admin::GET_LOG_PAGE,
+                admin::IDENTIFY,
+                admin::ABORT,
+                admin::SET_FEATURES,
+                admin::GET_FEATURES,
+                admin::ASYNC_EVENT,
+                admin::KEEP_ALIVE,
+            ]
+            .map(|op| (op, effects::CSUPP)),
+            &[
+                (io::FLUSH, effects::CSUPP),
+                (io::WRITE, effects::CSUPP | effects::LBCC),
+                (io::READ, effects::CSUPP),
+                (io::COMPARE, effects::CSUPP),
+                (io::WRITE_ZEROES, effects::CSUPP | effects::LBCC),
+                (io::DSM, effects::CSUPP | effects::LBCC),
+            ],
+        ),
+        (lid::ANA, false) => {
+            let groups = [AnaGroup {
+                id: target.topology.ana_group,
+                state: ana::OPTIMIZED,
+                nsids: s.namespaces.iter().map(|n| n.nsid).collect(),
+            }];
+            log::ana(target.ana_change_count(), &groups, g.lsp & 1 != 0)
+        }
+        _ => return Reply::status(specific::INVALID_LOG_PAGE),
+    };
+    match log::window(&page, g.offset, len) {
+        Some(d) => Reply::data(d),
+        None => Reply::status(generic::INVALID_FIELD),
+    }
+}
+
+/// The discovery log as `ctrl`'s host may see it: every subsystem that allows the host, at
+/// every I/O port, plus this discovery subsystem at every port.
+fn discovery_entries(q: &Queue, ctrl: &Controller) -> Vec<DiscoveryEntry> {
+    let target = &q.shared.target;
+    let addr_of = |p: &crate::target::Port| {
+        // A port bound to the wildcard address reports the address this host reached.
+        let ip = if p.addr.ip().is_unspecified() {
+            q.local.ip()
+        } else {
+            p.addr.ip()
+        };
+        (ip.to_string(), p.addr.port().to_string(), ip.is_ipv6())
+    };
+    let mut out = Vec::new();
+    for s in &target.subsystems {
+        if !s.allows(&ctrl.hostnqn) {
+            continue;
+        }
+        for p in target.ports.iter().filter(|p| p.kind == ListenerKind::Nvme) {
+            let (traddr, trsvcid, ipv6) = addr_of(p);
+            out.push(DiscoveryEntry {
+                subtype: log::subtype::NVME,
+                port_id: p.id,
+                traddr,
+                trsvcid,
+                ipv6,
+                subnqn: s.nqn.clone(),
+            });
+        }
+    }
+    for p in &target.ports {
+        let (traddr, trsvcid, ipv6) = addr_of(p);
+        out.push(DiscoveryEntry {
+            subtype: log::subtype::CURRENT_DISCOVERY,
+            port_id: p.id,
+            traddr,
+            trsvcid,
+            ipv6,
+            subnqn: target.discovery.nqn.clone(),
+        });
+    }
+    out
+}
+
+fn set_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
+    if sqe.cdw10 & (1 << 31) != 0 {
+        return Reply::status(specific::FEATURE_NOT_SAVEABLE);
+    }
+    let fid = (sqe.cdw10 & 0xFF) as u8;
+    let v = sqe.cdw11;
+    match fid {
+        feat::NUM_QUEUES if !ctrl.subsys.discovery => {
+            let (nsqr, ncqr) = (v & 0xFFFF, v >> 16);
+            if nsqr == 0xFFFF || ncqr == 0xFFFF {
+                return Reply::status(generic::INVALID_FIELD);
+            }
+            let want = (nsqr.min(ncqr) + 1).min(u32::from(MAX_IO_QUEUES)) as u16;
+            ctrl.io_queues.set(want);
+            let granted = u32::from(want - 1);
+            Reply::ok(granted | granted << 16)
+        }
+        feat::ASYNC_EVENT => {
+            ctrl.aec.set(v);
+            Reply::ok(0)
+        }
+        feat::KATO => {
+            let ms = u64::from(v).div_ceil(1000) * 1000;
+            ctrl.kato.set(std::time::Duration::from_millis(ms));
+            ctrl.touch();
+            Reply::ok(0)
+        }
+        feat::VOLATILE_WC if !ctrl.subsys.discovery => {
+            ctrl.wce.set(v & 1 != 0);
+            Reply::ok(0)
+        }
+        _ => Reply::status(generic::INVALID_FIELD),
+    }
+}
+
+fn get_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
+    let fid = (sqe.cdw10 & 0xFF) as u8;
+    let sel = (sqe.cdw10 >> 8) & 7;
+    let changeable = matches!(
+        fid,
+        feat::NUM_QUEUES | feat::ASYNC_EVENT | feat::KATO | feat::VOLATILE_WC
+    );
+    if sel == 3 {
+        // Supported capabilities: changeable (bit 2), never saveable.
+        return Reply::ok(if changeable { 1 << 2 } else { 0 });
+    }
+    let io = !ctrl.subsys.discovery;
+    let value = match fid {
+        feat::NUM_QUEUES if io => {
+            let n = u32::from(ctrl.io_queues.get().max(1) - 1);
+            n | n << 16
+        }
+        feat::ASYNC_EVENT => ctrl.aec.get(),
+        feat::KATO => ctrl.kato.get().as_millis() as u32,
+        feat::VOLATILE_WC if io => u32::from(ctrl.wce.get()),
+        feat::ARBITRATION
+        | feat::POWER_MGMT
+        | feat::ERROR_RECOVERY
+        | feat::IRQ_COALESCE
+        | feat::WRITE_ATOMICITY
+            if io =>
+        {
+            0
+        }
+        feat::TEMP_THRESHOLD if io => 0x157,
+        _ => return Reply::status(generic::INVALID_FIELD),
+    };
+    Reply::ok(value)
+}
+
+async fn async_event(ctrl: &Rc<Controller>) -> Reply {
+    if ctrl.aers.get() >= AER_LIMIT {
+        return Reply::status(specific::AER_LIMIT);
+    }
+    ctrl.aers.set(ctrl.aers.get() + 1);
+    struct Outstanding<'a>(&'a Controller);
+    impl Drop for Outstanding<'_> {
+        fn drop(&mut self) {
+            self.0.aers.set(self.0.aers.get().saturating_sub(1));
+        }
+    }
+    let _guard = Outstanding(ctrl);
+    let dw0 = ctrl.next_event().await;
+    tracing::info!(cntlid = ctrl.cntlid, dw0, "asynchronous event completed");
+    Reply::ok(dw0)
+}
+
+/// Raises an ANA change notice on every controller (used when ANA states change).
+pub fn ana_changed(ctrl: &Controller) {
+    ctrl.raise_event(
+        aen::dword0(aen::TYPE_NOTICE, aen::NOTICE_ANA_CHANGE, lid::ANA),
+        aen::CFG_ANA_CHANGE,
+    );
+}

@@ -1,0 +1,904 @@
+//! One NVMe/TCP connection = one queue (admin or I/O) of one controller.
+//!
+//! States: `AwaitIcReq` → (ICReq/ICResp) → `AwaitConnect` → (Fabrics Connect) → `Admin` or
+//! `Io` → closed. The reader (this task) parses PDUs and starts one task per command; a writer
+//! task owns the socket's write half and sends what command tasks queue on a bounded channel.
+//! Host-to-controller data that did not fit in the capsule is pulled with R2T and arrives as
+//! H2CData, which the reader routes to the waiting command by transfer tag.
+//!
+//! Bounds (a slow or hostile host cannot grow our memory): at most `sqsize + 1` commands in
+//! flight per queue (more is a protocol error), in-capsule data ≤ [`IN_CAPSULE_DATA`], one
+//! transfer ≤ [`MAX_TRANSFER`] bytes, an outgoing queue of [`TX_QUEUE`] PDUs (a host that does
+//! not read stalls its own commands, then its own reads), and a connection limit per process.
+//!
+//! Protocol violations (unknown PDU type, bad lengths, digest mismatch, H2CData outside its
+//! R2T, …) get a C2HTermReq naming the fault, then the connection closes. Other connections are
+//! untouched.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use duplex_ipc::control::RateLimiter;
+use duplex_nvme::cmd::{ConnectCmd, ConnectData, Cqe, Sqe};
+use duplex_nvme::spec::{admin, fctype, sgl};
+use duplex_nvme::status::{generic, specific, Status};
+use duplex_nvme::tcp::{self, fes, CommonHeader, Digests, Layout, PduError, PduType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::backend::Backend;
+use crate::controller::{keep_alive_watchdog, Controller, Teardown, MAX_IO_QUEUES, QUEUE_ENTRIES};
+use crate::target::{Port, Target};
+use crate::{admin as admin_cmds, io as io_cmds};
+
+/// In-capsule data accepted on every queue (bytes; IOCCSZ = 64 + this).
+pub const IN_CAPSULE_DATA: usize = 8192;
+/// Largest data transfer of one command (MDTS = 128 KiB) and MAXH2CDATA.
+pub const MAX_TRANSFER: usize = 128 * 1024;
+/// MDTS as reported: 2^5 × 4 KiB.
+pub const MDTS: u8 = 5;
+/// PDUs queued for sending per connection.
+pub const TX_QUEUE: usize = 256;
+/// How long a new connection has to send ICReq, and a Connect after it.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a command produces.
+#[derive(Debug, Default)]
+pub struct Reply {
+    /// Status.
+    pub status: Status,
+    /// Completion dword 0.
+    pub dw0: u32,
+    /// Completion dword 1.
+    pub dw1: u32,
+    /// Data for the host (sent as C2HData before the response).
+    pub data: Option<Vec<u8>>,
+}
+
+impl Reply {
+    /// A bare status.
+    pub fn status(status: Status) -> Self {
+        Self {
+            status,
+            ..Self::default()
+        }
+    }
+    /// Success with dword 0.
+    pub fn ok(dw0: u32) -> Self {
+        Self {
+            dw0,
+            ..Self::default()
+        }
+    }
+    /// Success with data.
+    pub fn data(data: Vec<u8>) -> Self {
+        Self {
+            data: Some(data),
+            ..Self::default()
+        }
+    }
+}
+
+impl From<Status> for Reply {
+    fn from(s: Status) -> Self {
+        Self::status(s)
+    }
+}
+
+/// Shared by every connection of the process.
+#[derive(Debug)]
+pub struct Shared {
+    /// The target.
+    pub target: Rc<Target>,
+    /// The datapath channel (absent in discovery-only tests).
+    pub backend: Option<Rc<Backend>>,
+    /// Live connections.
+    pub connections: Cell<usize>,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Rate limit for warnings a host can trigger.
+    pub warn_limit: RefCell<RateLimiter>,
+}
+
+impl Shared {
+    /// Logs a host-triggered warning, rate limited.
+    pub fn warn(&self, peer: SocketAddr, what: &str) {
+        if let Some(suppressed) = self.warn_limit.borrow_mut().check(Instant::now()) {
+            tracing::warn!(%peer, suppressed, "{what}");
+        }
+    }
+}
+
+/// What kind of queue a connection became.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// Before Connect.
+    Unconnected,
+    /// The admin queue of a controller.
+    Admin(Rc<Controller>),
+    /// An I/O queue of a controller.
+    Io(Rc<Controller>, u16),
+}
+
+/// How host data for a command arrives.
+#[derive(Debug)]
+pub enum DataIn {
+    /// No data.
+    None,
+    /// In the capsule.
+    InCapsule(Vec<u8>),
+    /// To be pulled with R2T: this many bytes.
+    Transfer(usize),
+}
+
+struct Transfer {
+    cccid: u16,
+    next: usize,
+    end: usize,
+    buf: Vec<u8>,
+    done: Option<oneshot::Sender<Vec<u8>>>,
+}
+
+/// The per-connection queue state shared with command tasks.
+pub struct Queue {
+    /// Process-wide state.
+    pub shared: Rc<Shared>,
+    /// Peer address.
+    pub peer: SocketAddr,
+    /// Local address.
+    pub local: SocketAddr,
+    /// The listener's port.
+    pub port: Port,
+    /// Negotiated digests.
+    pub digests: Digests,
+    /// Host PDU data alignment.
+    pub hpda: u8,
+    /// Role after Connect.
+    pub role: RefCell<Role>,
+    /// Queue id.
+    pub qid: Cell<u16>,
+    sqsize: Cell<u16>,
+    sqhd: Cell<u16>,
+    sqflow_disabled: Cell<bool>,
+    outstanding: RefCell<std::collections::HashSet<u16>>,
+    transfers: RefCell<HashMap<u16, Transfer>>,
+    next_ttag: Cell<u16>,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("peer", &self.peer)
+            .field("qid", &self.qid.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    /// The controller, once connected.
+    pub fn controller(&self) -> Option<Rc<Controller>> {
+        match &*self.role.borrow() {
+            Role::Admin(c) | Role::Io(c, _) => Some(c.clone()),
+            Role::Unconnected => None,
+        }
+    }
+
+    /// Queues a PDU for sending. Fails only if the connection is closing.
+    pub async fn send(&self, pdu: Vec<u8>) -> bool {
+        self.tx.send(pdu).await.is_ok()
+    }
+
+    /// Pulls `len` bytes of host data for command `cid` with R2T (one R2T per window of at
+    /// most [`MAX_TRANSFER`] bytes, one outstanding at a time).
+    pub async fn pull(&self, cid: u16, len: usize) -> Result<Vec<u8>, Status> {
+        let mut data = Vec::with_capacity(len);
+        while data.len() < len {
+            let start = data.len();
+            let n = (len - start).min(MAX_TRANSFER);
+            let ttag = self.alloc_ttag();
+            let (tx, rx) = oneshot::channel();
+            self.transfers.borrow_mut().insert(
+                ttag,
+                Transfer {
+                    cccid: cid,
+                    next: start,
+                    end: start + n,
+                    buf: std::mem::take(&mut data),
+                    done: Some(tx),
+                },
+            );
+            let r2t = tcp::r2t_pdu(
+                &tcp::R2t {
+                    cccid: cid,
+                    ttag,
+                    r2to: start as u32,
+                    r2tl: n as u32,
+                },
+                self.digests,
+            );
+            if !self.send(r2t).await {
+                self.transfers.borrow_mut().remove(&ttag);
+                return Err(generic::DATA_TRANSFER);
+            }
+            data = rx.await.map_err(|_| generic::DATA_TRANSFER)?;
+        }
+        Ok(data)
+    }
+
+    fn alloc_ttag(&self) -> u16 {
+        let transfers = self.transfers.borrow();
+        loop {
+            let t = self.next_ttag.get();
+            self.next_ttag.set(if t >= 0xFFFE { 0 } else { t + 1 });
+            if !transfers.contains_key(&t) {
+                return t;
+            }
+        }
+    }
+
+    /// Host data of a command, from the capsule or pulled.
+    pub async fn host_data(&self, cid: u16, data: DataIn) -> Result<Vec<u8>, Status> {
+        match data {
+            DataIn::None => Ok(Vec::new()),
+            DataIn::InCapsule(d) => Ok(d),
+            DataIn::Transfer(n) => self.pull(cid, n).await,
+        }
+    }
+
+    fn advance_sqhd(&self) {
+        let size = u32::from(self.sqsize.get()) + 1;
+        self.sqhd
+            .set(((u32::from(self.sqhd.get()) + 1) % size) as u16);
+    }
+
+    /// Sends the data (if any) and the response of command `cid`.
+    pub async fn complete(&self, cid: u16, reply: Reply, sgl_len: usize) {
+        if let Some(mut data) = reply.data.filter(|_| reply.status.is_success()) {
+            data.resize(sgl_len, 0);
+            if !data.is_empty() {
+                let h = tcp::DataHeader {
+                    cccid: cid,
+                    ttag: 0,
+                    datao: 0,
+                    datal: data.len() as u32,
+                };
+                let mut pdu = tcp::data_pdu(
+                    PduType::C2HData,
+                    &h,
+                    tcp::FLAG_DATA_LAST,
+                    self.digests,
+                    self.hpda,
+                );
+                pdu.extend_from_slice(&data);
+                if self.digests.data {
+                    pdu.extend_from_slice(&tcp::digest(&data));
+                }
+                if !self.send(pdu).await {
+                    return;
+                }
+            }
+        }
+        let cqe = Cqe {
+            dw0: reply.dw0,
+            dw1: reply.dw1,
+            sqhd: if self.sqflow_disabled.get() {
+                0xFFFF
+            } else {
+                self.sqhd.get()
+            },
+            sqid: self.qid.get(),
+            cid,
+            status: reply.status.cqe_bits(),
+        };
+        // The command leaves the queue before its response can reach the host, so the host
+        // may reuse the id at once.
+        self.outstanding.borrow_mut().remove(&cid);
+        self.send(tcp::capsule_resp(&cqe, self.digests)).await;
+    }
+}
+
+/// A received PDU.
+struct Pdu {
+    layout: Layout,
+    header: Vec<u8>,
+    data: Vec<u8>,
+}
+
+enum ReadError {
+    /// The peer closed or the socket failed.
+    Io,
+    /// A protocol violation; the header bytes read so far are quoted in the TermReq.
+    Proto(PduError, Vec<u8>),
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(_: std::io::Error) -> Self {
+        Self::Io
+    }
+}
+
+async fn read_pdu(
+    rd: &mut BufReader<OwnedReadHalf>,
+    digests: Digests,
+    max_data: usize,
+) -> Result<Pdu, ReadError> {
+    let mut ch = [0u8; tcp::CH_LEN];
+    rd.read_exact(&mut ch).await?;
+    let common = CommonHeader::parse(&ch);
+    let layout = tcp::layout(&common, digests, true, max_data)
+        .map_err(|e| ReadError::Proto(e, ch.to_vec()))?;
+    let mut header = vec![0u8; tcp::CH_LEN + layout.head_rest()];
+    header[..tcp::CH_LEN].copy_from_slice(&ch);
+    rd.read_exact(&mut header[tcp::CH_LEN..]).await?;
+    if layout.header_digest {
+        let got = &header[layout.hlen..layout.hlen + tcp::DIGEST_LEN];
+        if tcp::digest(&header[..layout.hlen]) != got {
+            return Err(ReadError::Proto(
+                PduError::new(fes::HEADER_DIGEST, "header digest mismatch"),
+                header[..layout.hlen].to_vec(),
+            ));
+        }
+    }
+    header.truncate(layout.hlen);
+    let mut data = vec![0u8; layout.data_len];
+    rd.read_exact(&mut data).await?;
+    if layout.data_digest {
+        let mut d = [0u8; 4];
+        rd.read_exact(&mut d).await?;
+        if tcp::digest(&data) != d {
+            // NVMe/TCP 1.0 has no fatal error status for data digests; 03h (digest error)
+            // with FEI pointing at the data digest tells it apart from a header digest.
+            return Err(ReadError::Proto(
+                PduError {
+                    fes: fes::HEADER_DIGEST,
+                    fei: layout.plen as u32 - 4,
+                    what: "data digest mismatch",
+                },
+                header,
+            ));
+        }
+    }
+    Ok(Pdu {
+        layout,
+        header,
+        data,
+    })
+}
+
+/// Serves one accepted connection to its end.
+pub async fn serve(stream: TcpStream, shared: Rc<Shared>, port: Port) {
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local = stream.local_addr().unwrap_or(port.addr);
+    if shared.connections.get() >= shared.max_connections {
+        shared.warn(peer, "connection limit reached: refusing a connection");
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    shared.connections.set(shared.connections.get() + 1);
+    let span = tracing::info_span!("conn", %peer, port = port.id);
+    let _enter = span.enter();
+    tracing::debug!("connection accepted");
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let result = handshake(&mut rd, wr, &shared, peer, local, port).await;
+    if let Some((queue, writer)) = result {
+        run(rd, queue, writer).await;
+    }
+    shared.connections.set(shared.connections.get() - 1);
+    tracing::debug!("connection closed");
+}
+
+type Writer = tokio::task::JoinHandle<()>;
+
+/// ICReq/ICResp. On a protocol error, a C2HTermReq is sent and the connection closes.
+async fn handshake(
+    rd: &mut BufReader<OwnedReadHalf>,
+    mut wr: OwnedWriteHalf,
+    shared: &Rc<Shared>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    port: Port,
+) -> Option<(Rc<Queue>, Writer)> {
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_pdu(rd, Digests::default(), 0)).await;
+    let fail = |e: PduError, quote: &[u8]| tcp::term_req(PduType::C2HTermReq, &e, quote);
+    let icreq = match first {
+        Err(_) => {
+            shared.warn(peer, "no ICReq within the handshake timeout: closing");
+            return None;
+        }
+        Ok(Err(ReadError::Io)) => return None,
+        Ok(Err(ReadError::Proto(e, quote))) => {
+            shared.warn(peer, &format!("bad first PDU: {e}"));
+            let _ = wr.write_all(&fail(e, &quote)).await;
+            return None;
+        }
+        Ok(Ok(pdu)) if pdu.layout.pdu_type != PduType::IcReq => {
+            let e = PduError::new(fes::PDU_SEQUENCE, "first PDU is not ICReq");
+            shared.warn(peer, &e.to_string());
+            let _ = wr.write_all(&fail(e, &pdu.header)).await;
+            return None;
+        }
+        Ok(Ok(pdu)) => match tcp::IcReq::parse(&pdu.header) {
+            Ok(r) if r.pfv != 0 => {
+                let e = PduError {
+                    fes: fes::UNSUPPORTED_PARAMETER,
+                    fei: 8,
+                    what: "unsupported PDU format version",
+                };
+                let _ = wr.write_all(&fail(e, &pdu.header)).await;
+                return None;
+            }
+            Ok(r) if r.hpda > 31 => {
+                let e = PduError::field(10, "HPDA out of range");
+                let _ = wr.write_all(&fail(e, &pdu.header)).await;
+                return None;
+            }
+            Ok(r) => r,
+            Err(e) => {
+                shared.warn(peer, &format!("bad ICReq: {e}"));
+                let _ = wr.write_all(&fail(e, &pdu.header)).await;
+                return None;
+            }
+        },
+    };
+    let resp = tcp::IcResp {
+        pfv: 0,
+        cpda: 0,
+        digests: icreq.digests,
+        maxh2cdata: MAX_TRANSFER as u32,
+    };
+    if wr.write_all(&resp.encode()).await.is_err() {
+        return None;
+    }
+    tracing::debug!(digests = ?icreq.digests, hpda = icreq.hpda, "ICReq accepted");
+    let (tx, rx) = mpsc::channel(TX_QUEUE);
+    let writer = tokio::task::spawn_local(write_loop(wr, rx));
+    let queue = Rc::new(Queue {
+        shared: shared.clone(),
+        peer,
+        local,
+        port,
+        digests: icreq.digests,
+        hpda: icreq.hpda,
+        role: RefCell::new(Role::Unconnected),
+        qid: Cell::new(0),
+        sqsize: Cell::new(31),
+        sqhd: Cell::new(0),
+        sqflow_disabled: Cell::new(false),
+        outstanding: RefCell::new(Default::default()),
+        transfers: RefCell::new(HashMap::new()),
+        next_ttag: Cell::new(0),
+        tx,
+    });
+    Some((queue, writer))
+}
+
+async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut w = BufWriter::with_capacity(64 * 1024, wr);
+    while let Some(pdu) = rx.recv().await {
+        if w.write_all(&pdu).await.is_err() {
+            return;
+        }
+        // Batch whatever else is ready into the same flush.
+        while let Ok(pdu) = rx.try_recv() {
+            if w.write_all(&pdu).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer) {
+    let mut tasks = JoinSet::new();
+    let mut teardown: Option<watch::Receiver<Teardown>> = None;
+    let max_data = IN_CAPSULE_DATA.max(MAX_TRANSFER);
+    let connect_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let target = queue.shared.target.clone();
+    let shutdown = target.shutdown.notified();
+    tokio::pin!(shutdown);
+    let term: Option<Vec<u8>> = loop {
+        let torn = async {
+            match teardown.as_mut() {
+                Some(w) => {
+                    let _ = w.wait_for(|t| *t != Teardown::Alive).await;
+                }
+                None => {
+                    if matches!(*queue.role.borrow(), Role::Unconnected) {
+                        tokio::time::sleep_until(connect_deadline).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        };
+        let pdu = tokio::select! {
+            r = read_pdu(&mut rd, queue.digests, max_data) => r,
+            _ = torn => {
+                if teardown.is_none() {
+                    queue.shared.warn(queue.peer, "no Connect within the handshake timeout: closing");
+                }
+                break None;
+            }
+            _ = &mut shutdown => break None,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let pdu = match pdu {
+            Ok(p) => p,
+            Err(ReadError::Io) => break None,
+            Err(ReadError::Proto(e, quote)) => {
+                queue.shared.warn(queue.peer, &e.to_string());
+                break Some(tcp::term_req(PduType::C2HTermReq, &e, &quote));
+            }
+        };
+        if let Some(c) = queue.controller() {
+            c.touch();
+        }
+        let quote = pdu.header.clone();
+        let result = match pdu.layout.pdu_type {
+            PduType::CapsuleCmd => on_capsule(&queue, &mut tasks, pdu),
+            PduType::H2CData => on_h2c_data(&queue, pdu),
+            PduType::H2CTermReq => {
+                let (fes, fei) = tcp::parse_term_req(&pdu.header).unwrap_or((0, 0));
+                tracing::info!(fes, fei, "host terminated the connection (H2CTermReq)");
+                break None;
+            }
+            _ => Err(PduError::new(
+                fes::PDU_SEQUENCE,
+                "unexpected PDU type after ICReq",
+            )),
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                queue.shared.warn(queue.peer, &e.to_string());
+                break Some(tcp::term_req(PduType::C2HTermReq, &e, &quote));
+            }
+        }
+        if teardown.is_none() {
+            if let Some(c) = queue.controller() {
+                teardown = Some(c.watch());
+            }
+        }
+    };
+    // Stop every command of this queue; their buffers return to the pool when the datapath
+    // completes them (the backend frees completions nobody waits for).
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    queue.transfers.borrow_mut().clear();
+    if let Some(t) = term {
+        let _ = queue.tx.send(t).await;
+    }
+    let role = queue.role.replace(Role::Unconnected);
+    match role {
+        Role::Admin(c) => {
+            c.tear_down(Teardown::AdminGone);
+            queue.shared.target.remove_controller(c.cntlid);
+            tracing::info!(cntlid = c.cntlid, host = %c.hostnqn, "controller removed");
+        }
+        Role::Io(c, qid) => {
+            c.connected.borrow_mut().remove(&qid);
+        }
+        Role::Unconnected => {}
+    }
+    // Dropping the last sender ends the writer after it flushed what was queued.
+    drop(queue);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// Handles a command capsule: checks it, finds its data, starts its task.
+fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: Pdu) -> Result<(), PduError> {
+    let mut raw = [0u8; 64];
+    raw.copy_from_slice(&pdu.header[tcp::CH_LEN..tcp::CH_LEN + 64]);
+    let sqe = Sqe::from_bytes(&raw);
+    if pdu.data.len() > IN_CAPSULE_DATA.max(duplex_nvme::cmd::CONNECT_DATA_LEN) {
+        return Err(PduError::new(
+            fes::DATA_LIMIT,
+            "in-capsule data larger than IOCCSZ",
+        ));
+    }
+    let limit = usize::from(queue.sqsize.get()) + 1;
+    {
+        let mut out = queue.outstanding.borrow_mut();
+        if out.len() >= limit {
+            return Err(PduError::new(
+                fes::PDU_SEQUENCE,
+                "more commands outstanding than the queue has entries",
+            ));
+        }
+        if !out.insert(sqe.cid) {
+            // A command id in use: answer without disturbing the running command.
+            let q = queue.clone();
+            queue.advance_sqhd();
+            tasks.spawn_local(async move {
+                let cqe = Cqe {
+                    sqhd: q.sqhd.get(),
+                    sqid: q.qid.get(),
+                    cid: sqe.cid,
+                    status: generic::CID_CONFLICT.cqe_bits(),
+                    ..Cqe::default()
+                };
+                q.send(tcp::capsule_resp(&cqe, q.digests)).await;
+            });
+            return Ok(());
+        }
+    }
+    queue.advance_sqhd();
+    let sgl = sqe.sgl();
+    let (data, sgl_len, bad) = classify_data(&sqe, sgl, pdu.data);
+    let q = queue.clone();
+    tasks.spawn_local(async move {
+        let reply = match bad {
+            Some(status) => Reply::status(status),
+            None => execute(&q, sqe, data).await,
+        };
+        q.complete(sqe.cid, reply, sgl_len).await;
+    });
+    Ok(())
+}
+
+/// Works out from SGL descriptor 1 where the command's data is, and how many bytes of data a
+/// read returns. An SGL the command cannot use completes it with an error status.
+fn classify_data(
+    sqe: &Sqe,
+    s: duplex_nvme::cmd::Sgl,
+    data: Vec<u8>,
+) -> (DataIn, usize, Option<Status>) {
+    let len = s.length as usize;
+    if !data.is_empty() {
+        if s.id != sgl::DATA_BLOCK_OFFSET || s.address != 0 || len != data.len() {
+            return (DataIn::None, 0, Some(generic::SGL_LENGTH));
+        }
+        return (DataIn::InCapsule(data), 0, None);
+    }
+    if len == 0 {
+        return (DataIn::None, 0, None);
+    }
+    if s.id != sgl::TRANSPORT_DATA_BLOCK {
+        let status = if s.id == sgl::DATA_BLOCK_OFFSET {
+            generic::SGL_LENGTH
+        } else {
+            generic::SGL_TYPE
+        };
+        return (DataIn::None, 0, Some(status));
+    }
+    if len > MAX_TRANSFER.max(duplex_nvme::cmd::CONNECT_DATA_LEN) {
+        return (DataIn::None, 0, Some(generic::INVALID_FIELD));
+    }
+    if host_to_controller(sqe) {
+        (DataIn::Transfer(len), 0, None)
+    } else {
+        (DataIn::None, len, None)
+    }
+}
+
+/// Whether a command moves data from host to controller (bit 0 of the opcode, for fabrics
+/// commands bit 0 of the command type).
+fn host_to_controller(sqe: &Sqe) -> bool {
+    if sqe.opcode == admin::FABRICS {
+        sqe.fctype() & 1 != 0
+    } else {
+        sqe.opcode & 1 != 0
+    }
+}
+
+async fn execute(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
+    if sqe.psdt() == 0 {
+        return Reply::status(generic::INVALID_FIELD);
+    }
+    let role = q.role.borrow().clone();
+    match role {
+        Role::Unconnected => {
+            if sqe.opcode == admin::FABRICS && sqe.fctype() == fctype::CONNECT {
+                connect(q, sqe, data).await
+            } else {
+                Reply::status(generic::SEQUENCE)
+            }
+        }
+        Role::Admin(ctrl) => {
+            if sqe.opcode == admin::FABRICS {
+                fabrics(q, &ctrl, sqe).await
+            } else if !ctrl.ready() {
+                Reply::status(generic::SEQUENCE)
+            } else {
+                admin_cmds::execute(q, &ctrl, sqe, data).await
+            }
+        }
+        Role::Io(ctrl, _) => {
+            if sqe.opcode == admin::FABRICS {
+                if sqe.fctype() == fctype::CONNECT {
+                    Reply::status(generic::SEQUENCE)
+                } else {
+                    Reply::status(generic::INVALID_OPCODE)
+                }
+            } else {
+                io_cmds::execute(q, &ctrl, sqe, data).await
+            }
+        }
+    }
+}
+
+/// Fabrics commands on a connected admin queue: Property Get/Set, Disconnect.
+async fn fabrics(_q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe) -> Reply {
+    match sqe.fctype() {
+        fctype::PROPERTY_GET => {
+            let eight = sqe.cdw10 & 7 == 1;
+            match ctrl.property(sqe.cdw11) {
+                Some(v) => Reply {
+                    dw0: v as u32,
+                    dw1: if eight { (v >> 32) as u32 } else { 0 },
+                    ..Reply::default()
+                },
+                None => Reply::status(generic::INVALID_FIELD),
+            }
+        }
+        fctype::PROPERTY_SET => {
+            let v = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
+            if ctrl.set_property(sqe.cdw11, v) {
+                Reply::ok(0)
+            } else {
+                Reply::status(generic::INVALID_FIELD)
+            }
+        }
+        fctype::CONNECT => Reply::status(generic::SEQUENCE),
+        _ => Reply::status(generic::INVALID_OPCODE),
+    }
+}
+
+/// Invalid Parameter in the Connect data at byte `offset` (IATTR = 1).
+fn bad_data(status: Status, offset: u32) -> Reply {
+    Reply {
+        status,
+        dw0: (1 << 16) | offset,
+        ..Reply::default()
+    }
+}
+
+/// Invalid Parameter in the Connect command at byte `offset` (IATTR = 0).
+fn bad_field(offset: u32) -> Reply {
+    Reply {
+        status: specific::CONNECT_INVALID_PARAM,
+        dw0: offset,
+        ..Reply::default()
+    }
+}
+
+async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
+    let cmd = ConnectCmd::from_sqe(&sqe);
+    if cmd.recfmt != 0 {
+        return Reply::status(specific::CONNECT_FORMAT);
+    }
+    let raw = match q.host_data(sqe.cid, data).await {
+        Ok(d) => d,
+        Err(s) => return Reply::status(s),
+    };
+    let Some(cd) = ConnectData::parse(&raw) else {
+        return bad_data(specific::CONNECT_INVALID_PARAM, 0);
+    };
+    let target = &q.shared.target;
+    let Some(subsys) = target.subsystem(&cd.subnqn, q.port.kind) else {
+        q.shared.warn(
+            q.peer,
+            &format!("connect to unknown subsystem {:?} refused", cd.subnqn),
+        );
+        return bad_data(specific::CONNECT_INVALID_PARAM, 256);
+    };
+    if !subsys.allows(&cd.hostnqn) {
+        q.shared.warn(
+            q.peer,
+            &format!(
+                "host {:?} is not allowed on {}: connect refused",
+                cd.hostnqn, subsys.nqn
+            ),
+        );
+        return bad_data(specific::CONNECT_INVALID_HOST, 512);
+    }
+    if cmd.sqsize == 0 || cmd.sqsize >= QUEUE_ENTRIES {
+        return bad_field(44);
+    }
+    if cmd.qid == 0 {
+        if cd.cntlid != 0xFFFF && cd.cntlid != 0xFFFE {
+            return bad_data(specific::CONNECT_INVALID_PARAM, 16);
+        }
+        let Some(cntlid) = target.alloc_cntlid() else {
+            return Reply::status(specific::CONNECT_BUSY);
+        };
+        let kato = if cmd.kato == 0 {
+            Duration::ZERO
+        } else {
+            // Rounded up to the keep-alive granularity (KAS: 1 s).
+            Duration::from_millis(u64::from(cmd.kato).div_ceil(1000) * 1000)
+        };
+        let ctrl = Rc::new(Controller::new(
+            cntlid,
+            subsys.clone(),
+            cd.hostnqn.clone(),
+            cd.hostid,
+            kato,
+        ));
+        target.add_controller(ctrl.clone());
+        tokio::task::spawn_local(keep_alive_watchdog(ctrl.clone()));
+        q.sqsize.set(cmd.sqsize);
+        q.sqflow_disabled.set(cmd.cattr & 4 != 0);
+        q.qid.set(0);
+        *q.role.borrow_mut() = Role::Admin(ctrl);
+        tracing::info!(
+            cntlid,
+            host = %cd.hostnqn,
+            subsystem = %subsys.nqn,
+            kato_ms = kato.as_millis() as u64,
+            "controller created"
+        );
+        return Reply::ok(u32::from(cntlid));
+    }
+    if subsys.discovery {
+        return bad_field(42);
+    }
+    let Some(ctrl) = target.controller(cd.cntlid) else {
+        return bad_data(specific::CONNECT_INVALID_PARAM, 16);
+    };
+    if ctrl.subsys.nqn != subsys.nqn {
+        return bad_data(specific::CONNECT_INVALID_PARAM, 256);
+    }
+    if ctrl.hostnqn != cd.hostnqn {
+        return bad_data(specific::CONNECT_INVALID_PARAM, 512);
+    }
+    if cmd.qid > ctrl.io_queues.get().min(MAX_IO_QUEUES) {
+        return bad_field(42);
+    }
+    if !ctrl.connected.borrow_mut().insert(cmd.qid) {
+        return Reply::status(specific::CONNECT_BUSY);
+    }
+    q.sqsize.set(cmd.sqsize);
+    q.sqflow_disabled.set(cmd.cattr & 4 != 0);
+    q.qid.set(cmd.qid);
+    *q.role.borrow_mut() = Role::Io(ctrl.clone(), cmd.qid);
+    tracing::debug!(cntlid = ctrl.cntlid, qid = cmd.qid, "I/O queue connected");
+    Reply::ok(u32::from(ctrl.cntlid))
+}
+
+/// Routes H2CData to the transfer its tag names; anything outside what the R2T asked for is a
+/// fatal protocol error.
+fn on_h2c_data(queue: &Rc<Queue>, pdu: Pdu) -> Result<(), PduError> {
+    let h =
+        tcp::parse_data_header(&pdu.header).ok_or(PduError::field(2, "short H2CData header"))?;
+    let mut transfers = queue.transfers.borrow_mut();
+    let t = transfers
+        .get_mut(&h.ttag)
+        .ok_or(PduError::field(10, "H2CData for no outstanding R2T"))?;
+    if t.cccid != h.cccid {
+        return Err(PduError::field(8, "H2CData CCCID does not match its R2T"));
+    }
+    if h.datal as usize != pdu.data.len() {
+        return Err(PduError::field(16, "H2CData DATAL disagrees with PLEN"));
+    }
+    if h.datao as usize != t.next || t.next + pdu.data.len() > t.end {
+        return Err(PduError::new(
+            fes::DATA_OUT_OF_RANGE,
+            "H2CData outside the window its R2T asked for",
+        ));
+    }
+    t.buf.extend_from_slice(&pdu.data);
+    t.next += pdu.data.len();
+    if t.next == t.end {
+        if let Some(t) = transfers.remove(&h.ttag) {
+            if let Some(done) = t.done {
+                let _ = done.send(t.buf);
+            }
+        }
+    }
+    Ok(())
+}

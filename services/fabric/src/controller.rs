@@ -1,0 +1,231 @@
+//! One NVMe controller: created by an admin-queue Connect, alive until its admin queue goes or
+//! its keep-alive timer expires. Holds the controller properties (CC, CSTS), features, the
+//! asynchronous event queue and the keep-alive timer.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashSet, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use duplex_nvme::spec::prop;
+use tokio::sync::{watch, Notify};
+
+use crate::target::Subsystem;
+
+/// Maximum queue entries supported (CAP.MQES + 1).
+pub const QUEUE_ENTRIES: u16 = 128;
+/// Most I/O queues one controller may have.
+pub const MAX_IO_QUEUES: u16 = 16;
+/// Asynchronous Event Requests a controller keeps outstanding (AERL + 1).
+pub const AER_LIMIT: usize = 4;
+/// Keep-alive granularity reported in KAS (100 ms units).
+pub const KAS: u16 = 10;
+
+/// CAP: MQES, CQR (contiguous queues required), TO = 10 s, CSS = NVM command set, MPSMIN =
+/// MPSMAX = 4 KiB.
+pub const CAP: u64 = (QUEUE_ENTRIES as u64 - 1) | 1 << 16 | 20 << 24 | 1 << 37;
+/// VS: NVMe 1.4.
+pub const VERSION: u32 = 0x0001_0400;
+
+/// Why a controller went away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Teardown {
+    /// Still alive.
+    Alive,
+    /// Its admin queue disconnected.
+    AdminGone,
+    /// Its keep-alive timer expired.
+    KeepAliveExpired,
+    /// The fabric is shutting down.
+    Shutdown,
+}
+
+/// A controller.
+#[derive(Debug)]
+pub struct Controller {
+    /// Controller id.
+    pub cntlid: u16,
+    /// Its subsystem.
+    pub subsys: Rc<Subsystem>,
+    /// Host NQN of the Connect that created it.
+    pub hostnqn: String,
+    /// Host identifier.
+    pub hostid: [u8; 16],
+    /// Keep-alive timeout (0: disabled).
+    pub kato: Cell<Duration>,
+    cc: Cell<u32>,
+    csts: Cell<u32>,
+    /// I/O queues granted by Set Features Number of Queues.
+    pub io_queues: Cell<u16>,
+    /// Connected I/O queue ids.
+    pub connected: RefCell<HashSet<u16>>,
+    /// Asynchronous Event Configuration.
+    pub aec: Cell<u32>,
+    /// Volatile write cache enabled.
+    pub wce: Cell<bool>,
+    /// Outstanding Asynchronous Event Requests.
+    pub aers: Cell<usize>,
+    events: RefCell<VecDeque<u32>>,
+    event_ready: Notify,
+    /// Namespaces changed since the host last read the Changed Namespace List.
+    pub changed_ns: RefCell<Vec<u32>>,
+    last_traffic: Cell<Instant>,
+    teardown: watch::Sender<Teardown>,
+}
+
+impl Controller {
+    /// A new, disabled controller.
+    pub fn new(
+        cntlid: u16,
+        subsys: Rc<Subsystem>,
+        hostnqn: String,
+        hostid: [u8; 16],
+        kato: Duration,
+    ) -> Self {
+        Self {
+            cntlid,
+            subsys,
+            hostnqn,
+            hostid,
+            kato: Cell::new(kato),
+            cc: Cell::new(0),
+            csts: Cell::new(0),
+            io_queues: Cell::new(0),
+            connected: RefCell::new(HashSet::new()),
+            aec: Cell::new(0),
+            wce: Cell::new(true),
+            aers: Cell::new(0),
+            events: RefCell::new(VecDeque::new()),
+            event_ready: Notify::new(),
+            changed_ns: RefCell::new(Vec::new()),
+            last_traffic: Cell::new(Instant::now()),
+            teardown: watch::channel(Teardown::Alive).0,
+        }
+    }
+
+    /// Whether CSTS.RDY is set (the host enabled the controller).
+    pub fn ready(&self) -> bool {
+        self.csts.get() & prop::CSTS_RDY != 0
+    }
+
+    /// Property Get: `(value, known)`.
+    pub fn property(&self, offset: u32) -> Option<u64> {
+        Some(match offset {
+            prop::CAP => CAP,
+            prop::VS => u64::from(VERSION),
+            prop::CC => u64::from(self.cc.get()),
+            prop::CSTS => u64::from(self.csts.get()),
+            _ => return None,
+        })
+    }
+
+    /// Property Set. Returns false for an offset that cannot be written.
+    pub fn set_property(&self, offset: u32, value: u64) -> bool {
+        match offset {
+            prop::CC => {
+                let new = value as u32;
+                let old = self.cc.get();
+                self.cc.set(new);
+                let mut csts = self.csts.get();
+                if new & prop::CC_EN != 0 && old & prop::CC_EN == 0 {
+                    csts |= prop::CSTS_RDY;
+                } else if new & prop::CC_EN == 0 && old & prop::CC_EN != 0 {
+                    // A controller reset: not ready, shutdown status cleared.
+                    csts &= !(prop::CSTS_RDY | prop::CSTS_SHST_COMPLETE);
+                }
+                if new & prop::CC_SHN_MASK != 0 {
+                    csts |= prop::CSTS_SHST_COMPLETE;
+                }
+                self.csts.set(csts);
+                tracing::debug!(
+                    cntlid = self.cntlid,
+                    cc = new,
+                    csts,
+                    "controller configuration"
+                );
+                true
+            }
+            prop::NSSR => false,
+            _ => false,
+        }
+    }
+
+    /// Notes host traffic (resets the keep-alive timer: traffic-based keep alive).
+    pub fn touch(&self) {
+        self.last_traffic.set(Instant::now());
+    }
+
+    /// Time since the host was last heard from.
+    pub fn idle(&self) -> Duration {
+        self.last_traffic.get().elapsed()
+    }
+
+    /// Tears the controller down: every queue of it closes.
+    pub fn tear_down(&self, why: Teardown) {
+        self.csts.set(self.csts.get() | prop::CSTS_CFS);
+        self.teardown.send_if_modified(|t| {
+            if *t == Teardown::Alive {
+                *t = why;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// A receiver that sees the teardown.
+    pub fn watch(&self) -> watch::Receiver<Teardown> {
+        self.teardown.subscribe()
+    }
+
+    /// Queues an asynchronous event (completion dword 0) if its class is enabled.
+    pub fn raise_event(&self, dword0: u32, enabled_by: u32) {
+        if self.aec.get() & enabled_by == 0 {
+            return;
+        }
+        self.events.borrow_mut().push_back(dword0);
+        self.event_ready.notify_one();
+    }
+
+    /// Waits for the next asynchronous event.
+    pub async fn next_event(&self) -> u32 {
+        loop {
+            if let Some(e) = self.events.borrow_mut().pop_front() {
+                return e;
+            }
+            self.event_ready.notified().await;
+        }
+    }
+}
+
+/// Watches a controller's keep-alive timer; tears it down when the host was silent for longer
+/// than KATO. Ends when the controller is torn down for any reason.
+pub async fn keep_alive_watchdog(ctrl: Rc<Controller>) {
+    let mut watch = ctrl.watch();
+    loop {
+        let kato = ctrl.kato.get();
+        let period = if kato.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            kato / 4
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = watch.changed() => return,
+        }
+        if *watch.borrow() != Teardown::Alive {
+            return;
+        }
+        let kato = ctrl.kato.get();
+        if !kato.is_zero() && ctrl.idle() > kato {
+            tracing::warn!(
+                cntlid = ctrl.cntlid,
+                host = %ctrl.hostnqn,
+                kato_ms = kato.as_millis() as u64,
+                "keep alive timeout expired: tearing the controller down"
+            );
+            ctrl.tear_down(Teardown::KeepAliveExpired);
+            return;
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! NVM I/O commands: checked against the namespace, turned into ring descriptors for the
+//! datapath, their data moved through the shared buffer pool.
+
+use std::rc::Rc;
+
+use duplex_ipc::desc::{
+    IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
+};
+use duplex_ipc::pool::{BufHandle, NIL};
+use duplex_nvme::cmd::Sqe;
+use duplex_nvme::spec::io;
+use duplex_nvme::status::{generic, media, Status};
+
+use crate::backend::{Backend, BackendError};
+use crate::conn::{DataIn, Queue, Reply, MAX_TRANSFER};
+use crate::controller::Controller;
+use crate::target::Namespace;
+
+/// Executes one I/O command.
+pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataIn) -> Reply {
+    let Some(backend) = q.shared.backend.clone() else {
+        return Reply::status(generic::INTERNAL);
+    };
+    if sqe.opcode == io::FLUSH {
+        return flush(&backend, ctrl, &sqe).await.into();
+    }
+    let Some(ns) = ctrl.subsys.namespace(sqe.nsid).cloned() else {
+        return Reply::status(generic::INVALID_NS);
+    };
+    match sqe.opcode {
+        io::READ => read(q, &backend, &ns, &sqe, data).await,
+        io::WRITE => write(q, &backend, ctrl, &ns, &sqe, data).await.into(),
+        io::COMPARE => compare(q, &backend, &ns, &sqe, data).await.into(),
+        io::WRITE_ZEROES => write_zeroes(&backend, ctrl, &ns, &sqe).await.into(),
+        io::DSM => dsm(q, &backend, &ns, &sqe, data).await.into(),
+        _ => Reply::status(generic::INVALID_OPCODE),
+    }
+}
+
+/// Checks `slba + nlb` against the namespace and returns the byte length.
+fn range(ns: &Namespace, slba: u64, nlb: u32) -> Result<usize, Status> {
+    let end = slba.checked_add(u64::from(nlb)).ok_or(generic::LBA_RANGE)?;
+    if end > ns.volume.blocks {
+        return Err(generic::LBA_RANGE);
+    }
+    Ok(nlb as usize * ns.volume.block_size as usize)
+}
+
+fn backend_error(e: BackendError) -> Status {
+    tracing::error!(error = %e, "datapath request failed");
+    generic::INTERNAL
+}
+
+fn desc(op: u8, ns: &Namespace, lba: u64, blocks: u32) -> IoDesc {
+    IoDesc {
+        opcode: op,
+        volume: ns.volume.id,
+        lba,
+        blocks,
+        buf: NIL,
+        ..IoDesc::default()
+    }
+}
+
+async fn submit(backend: &Backend, d: IoDesc) -> Result<IoDesc, Status> {
+    let done = backend.submit(d).await.map_err(backend_error)?;
+    Ok(done)
+}
+
+async fn read(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: DataIn) -> Reply {
+    if !matches!(data, DataIn::None) {
+        return Reply::status(generic::INVALID_FIELD);
+    }
+    match read_blocks(q, backend, ns, sqe.slba(), sqe.nlb(), sqe.sgl().length).await {
+        Ok(v) => Reply::data(v),
+        Err(s) => Reply::status(s),
+    }
+}
+
+async fn read_blocks(
+    q: &Queue,
+    backend: &Backend,
+    ns: &Namespace,
+    slba: u64,
+    nlb: u32,
+    sgl_len: u32,
+) -> Result<Vec<u8>, Status> {
+    let bytes = range(ns, slba, nlb)?;
+    if bytes > MAX_TRANSFER {
+        return Err(generic::INVALID_FIELD);
+    }
+    if bytes != sgl_len as usize {
+        return Err(generic::SGL_LENGTH);
+    }
+    let buf = backend.alloc(bytes).await.map_err(backend_error)?;
+    let mut d = desc(OP_READ, ns, slba, nlb);
+    d.buf = buf.0;
+    d.buf_len = bytes as u32;
+    let done = match backend.submit(d).await {
+        Ok(done) => done,
+        // The chain stays lent to the ring; the datapath's completion returns it and the
+        // router frees it.
+        Err(e) => return Err(backend_error(e)),
+    };
+    let mut out = Vec::with_capacity(bytes);
+    let status = Status::from_desc(done.status);
+    let result = if status.is_success() {
+        backend
+            .pool()
+            .read_chain(BufHandle(done.buf), &mut out)
+            .map_err(|e| backend_error(e.into()))
+            .and_then(|n| {
+                if n == bytes {
+                    Ok(())
+                } else {
+                    tracing::error!(n, bytes, "datapath returned a short read");
+                    Err(generic::INTERNAL)
+                }
+            })
+    } else {
+        if status.sct() == 2 {
+            q.shared.target.record_media_error();
+        }
+        Err(status)
+    };
+    if done.buf != NIL {
+        backend.free(BufHandle(done.buf));
+    }
+    result?;
+    q.shared.target.record_read(bytes as u64);
+    Ok(out)
+}
+
+async fn write(
+    q: &Queue,
+    backend: &Backend,
+    ctrl: &Controller,
+    ns: &Namespace,
+    sqe: &Sqe,
+    data: DataIn,
+) -> Status {
+    let (slba, nlb) = (sqe.slba(), sqe.nlb());
+    let bytes = match range(ns, slba, nlb) {
+        Ok(b) => b,
+        Err(s) => return s,
+    };
+    if bytes > MAX_TRANSFER {
+        return generic::INVALID_FIELD;
+    }
+    let have = match &data {
+        DataIn::InCapsule(d) => d.len(),
+        DataIn::Transfer(n) => *n,
+        DataIn::None => 0,
+    };
+    if have != bytes {
+        return generic::SGL_LENGTH;
+    }
+    let payload = match q.host_data(sqe.cid, data).await {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    let buf = match backend.alloc(bytes).await {
+        Ok(b) => b,
+        Err(e) => return backend_error(e),
+    };
+    if let Err(e) = backend.pool().write_chain(buf, &payload) {
+        backend.free(buf);
+        return backend_error(e.into());
+    }
+    let mut d = desc(OP_WRITE, ns, slba, nlb);
+    d.buf = buf.0;
+    d.buf_len = bytes as u32;
+    if sqe.fua() || !ctrl.wce.get() {
+        d.flags |= FLAG_FUA;
+    }
+    let done = match submit(backend, d).await {
+        Ok(d) => d,
+        Err(s) => return s,
+    };
+    if done.buf != NIL {
+        backend.free(BufHandle(done.buf));
+    }
+    let status = Status::from_desc(done.status);
+    if status.is_success() {
+        q.shared.target.record_write(bytes as u64);
+    } else if status.sct() == 2 {
+        q.shared.target.record_media_error();
+    }
+    status
+}
+
+async fn compare(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: DataIn) -> Status {
+    let (slba, nlb) = (sqe.slba(), sqe.nlb());
+    let bytes = match range(ns, slba, nlb) {
+        Ok(b) => b,
+        Err(s) => return s,
+    };
+    let theirs = match q.host_data(sqe.cid, data).await {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    if theirs.len() != bytes {
+        return generic::SGL_LENGTH;
+    }
+    match read_blocks(q, backend, ns, slba, nlb, bytes as u32).await {
+        Ok(ours) if ours == theirs => Status::SUCCESS,
+        Ok(_) => media::COMPARE_FAILURE,
+        Err(s) => s,
+    }
+}
+
+async fn write_zeroes(backend: &Backend, ctrl: &Controller, ns: &Namespace, sqe: &Sqe) -> Status {
+    let (slba, nlb) = (sqe.slba(), sqe.nlb());
+    if let Err(s) = range(ns, slba, nlb) {
+        return s;
+    }
+    let mut d = desc(OP_WRITE_ZEROES, ns, slba, nlb);
+    if sqe.fua() || !ctrl.wce.get() {
+        d.flags |= FLAG_FUA;
+    }
+    match submit(backend, d).await {
+        Ok(done) => Status::from_desc(done.status),
+        Err(s) => s,
+    }
+}
+
+async fn flush(backend: &Backend, ctrl: &Controller, sqe: &Sqe) -> Status {
+    let volume = if sqe.nsid == u32::MAX {
+        u32::MAX
+    } else {
+        match ctrl.subsys.namespace(sqe.nsid) {
+            Some(ns) => ns.volume.id,
+            None => return generic::INVALID_NS,
+        }
+    };
+    let d = IoDesc {
+        opcode: OP_FLUSH,
+        volume,
+        buf: NIL,
+        ..IoDesc::default()
+    };
+    match submit(backend, d).await {
+        Ok(done) => Status::from_desc(done.status),
+        Err(s) => s,
+    }
+}
+
+/// Dataset Management: with the Deallocate attribute, every range is deallocated; without it
+/// the command is advisory and succeeds.
+async fn dsm(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: DataIn) -> Status {
+    let nr = (sqe.cdw10 & 0xFF) as usize + 1;
+    let deallocate = sqe.cdw11 & (1 << 2) != 0;
+    let ranges = match q.host_data(sqe.cid, data).await {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    if ranges.len() < nr * 16 {
+        return generic::SGL_LENGTH;
+    }
+    if !deallocate {
+        return Status::SUCCESS;
+    }
+    let mut parsed = Vec::with_capacity(nr);
+    for r in ranges.chunks_exact(16).take(nr) {
+        let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&r[8..16]);
+        let slba = u64::from_le_bytes(a);
+        if nlb == 0 {
+            continue;
+        }
+        if let Err(s) = range(ns, slba, nlb) {
+            return s;
+        }
+        parsed.push((slba, nlb));
+    }
+    for (slba, nlb) in parsed {
+        match submit(backend, desc(OP_DEALLOCATE, ns, slba, nlb)).await {
+            Ok(done) if done.status == 0 => {}
+            Ok(done) => return Status::from_desc(done.status),
+            Err(s) => return s,
+        }
+    }
+    Status::SUCCESS
+}
