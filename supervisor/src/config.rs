@@ -42,8 +42,14 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use duplex_ipc::topology::ListenerKind;
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::storage::{
+    parse_id, valid_nqn, FabricSettings, SubsystemConfig, VolumeConfig, COMPLETE_RING, FABRIC,
+    IO_POOL, SUBMIT_RING,
+};
 
 /// Errors reading the node config. Each renders as one line.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +108,15 @@ pub struct NodeConfig {
     /// Listening sockets handed to services.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
+    /// Volumes (backing files or block devices) the datapath serves.
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+    /// NVMe subsystems the fabric exports.
+    #[serde(default, rename = "subsystem")]
+    pub subsystems: Vec<SubsystemConfig>,
+    /// Fabric settings.
+    #[serde(default)]
+    pub fabric: FabricSettings,
 }
 
 /// `[node]`.
@@ -225,6 +240,9 @@ pub struct ListenerConfig {
     pub address: Spanned<SocketAddr>,
     /// Service that receives the socket.
     pub service: Spanned<String>,
+    /// For the fabric: `nvme` (I/O subsystems and discovery, the default) or `discovery`.
+    #[serde(default)]
+    pub kind: Option<Spanned<ListenerKind>>,
 }
 
 /// Largest ring accepted from a config.
@@ -244,7 +262,7 @@ impl NodeConfig {
 
     /// Parses and validates config text; `path` names it in errors.
     pub fn parse(path: &str, text: &str) -> Result<Self, ConfigError> {
-        let config: NodeConfig = toml::from_str(text).map_err(|e| {
+        let mut config: NodeConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             ConfigError::Parse {
                 path: path.to_owned(),
@@ -253,8 +271,187 @@ impl NodeConfig {
                 message: with_source_line(e.message(), text, line),
             }
         })?;
+        config.derive_channel();
         config.validate(path, text)?;
+        config.validate_storage(path, text)?;
         Ok(config)
+    }
+
+    /// The datapath service, if any.
+    pub fn datapath(&self) -> Option<&ServiceConfig> {
+        self.services
+            .iter()
+            .find(|s| s.kind == ServiceKind::Datapath)
+    }
+
+    /// Whether the node serves storage: it has subsystems, a datapath and a fabric service.
+    pub fn serves_storage(&self) -> bool {
+        !self.subsystems.is_empty()
+            && self.datapath().is_some()
+            && self.services.iter().any(|s| s.name.get_ref() == FABRIC)
+    }
+
+    /// Adds the fabric ↔ datapath rings and pool when the node serves storage.
+    fn derive_channel(&mut self) {
+        if !self.serves_storage() {
+            return;
+        }
+        let Some(dp) = self.datapath().map(|d| d.name.get_ref().clone()) else {
+            return;
+        };
+        let at = |v: String| Spanned::new(0..0, v);
+        let f = &self.fabric;
+        let (capacity, chunk_size, chunks) = (f.ring_capacity, f.chunk_size, f.pool_chunks);
+        self.rings.push(RingConfig {
+            name: at(SUBMIT_RING.into()),
+            producer: at(FABRIC.into()),
+            consumer: at(dp.clone()),
+            capacity: Spanned::new(0..0, capacity),
+        });
+        self.rings.push(RingConfig {
+            name: at(COMPLETE_RING.into()),
+            producer: at(dp.clone()),
+            consumer: at(FABRIC.into()),
+            capacity: Spanned::new(0..0, capacity),
+        });
+        self.pools.push(PoolConfig {
+            name: at(IO_POOL.into()),
+            chunk_size: Spanned::new(0..0, chunk_size),
+            chunks: Spanned::new(0..0, chunks),
+            users: vec![at(FABRIC.into()), at(dp)],
+        });
+    }
+
+    fn validate_storage(&self, path: &str, text: &str) -> Result<(), ConfigError> {
+        let err = |span: std::ops::Range<usize>, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: if span == (0..0) {
+                find_line(text, "[fabric]")
+            } else {
+                line_col(text, span.start).0
+            },
+            message,
+        };
+        let mut names = HashSet::new();
+        for v in &self.volumes {
+            unique(&mut names, &v.name, "volume", &err)?;
+            let bs = *v.block_size.get_ref();
+            if bs != 512 && bs != 4096 {
+                return Err(err(
+                    v.block_size.span(),
+                    format!(
+                        "volume {:?}: block_size {bs} must be 512 or 4096",
+                        v.name.get_ref()
+                    ),
+                ));
+            }
+            if let Some(size) = &v.size {
+                let n = size.get_ref().0;
+                if n == 0 || n % u64::from(bs) != 0 {
+                    return Err(err(
+                        size.span(),
+                        format!(
+                            "volume {:?}: size {n} must be a positive multiple of the block size {bs}",
+                            v.name.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut nqns = HashSet::new();
+        for s in &self.subsystems {
+            let nqn = s.nqn.get_ref();
+            if !valid_nqn(nqn) || nqn == duplex_ipc_discovery_nqn() {
+                return Err(err(
+                    s.nqn.span(),
+                    format!("subsystem nqn {nqn:?}: an NQN starts with \"nqn.\", has no spaces, is at most 223 bytes, and is not the discovery NQN"),
+                ));
+            }
+            if !nqns.insert(nqn.as_str()) {
+                return Err(err(
+                    s.nqn.span(),
+                    format!("subsystem {nqn:?} is defined twice"),
+                ));
+            }
+            if !s.allow_any_host && s.hosts.is_empty() {
+                return Err(err(
+                    s.nqn.span(),
+                    format!("subsystem {nqn:?} allows no host: list `hosts` or set allow_any_host = true"),
+                ));
+            }
+            for h in &s.hosts {
+                if !valid_nqn(h.get_ref()) {
+                    return Err(err(
+                        h.span(),
+                        format!("subsystem {nqn:?}: host {:?} is not an NQN", h.get_ref()),
+                    ));
+                }
+            }
+            let mut ids = HashSet::new();
+            for n in &s.namespaces {
+                let id = *n.nsid.get_ref();
+                if id == 0 || id >= 0xFFFF_FFFE || !ids.insert(id) {
+                    return Err(err(
+                        n.nsid.span(),
+                        format!(
+                            "subsystem {nqn:?}: nsid {id} must be unique and in 1..=4294967293"
+                        ),
+                    ));
+                }
+                if !self
+                    .volumes
+                    .iter()
+                    .any(|v| v.name.get_ref() == n.volume.get_ref())
+                {
+                    return Err(err(
+                        n.volume.span(),
+                        format!(
+                            "subsystem {nqn:?}: nsid {id}: no volume named {:?}",
+                            n.volume.get_ref()
+                        ),
+                    ));
+                }
+                for g in n.nguid.iter().chain(n.uuid.iter()) {
+                    if parse_id(g.get_ref()).is_none() {
+                        return Err(err(
+                            g.span(),
+                            format!(
+                                "subsystem {nqn:?}: nsid {id}: {:?} is not 32 hex digits",
+                                g.get_ref()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if !self.subsystems.is_empty() && !self.serves_storage() {
+            return Err(err(
+                self.subsystems[0].nqn.span(),
+                "subsystems need a service named \"fabric\" and a service of kind \"datapath\""
+                    .into(),
+            ));
+        }
+        for l in &self.listeners {
+            if let Some(k) = &l.kind {
+                if l.service.get_ref() != FABRIC {
+                    return Err(err(
+                        k.span(),
+                        format!(
+                            "listener {:?}: `kind` is for the fabric's listeners",
+                            l.name.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        let f = &self.fabric;
+        if f.cntlid_base == 0 || f.cntlid_base > 0xBFEF || f.ana_group == 0 {
+            return Err(err(
+                0..0,
+                "fabric.cntlid_base must be 1..=49135 and fabric.ana_group > 0".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Services in start order (every service after the ones it names in `after`).
@@ -448,6 +645,10 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+fn duplex_ipc_discovery_nqn() -> &'static str {
+    "nqn.2014-08.org.nvmexpress.discovery"
 }
 
 const NAME_RULE: &str = "names are 1-32 characters of a-z, 0-9 and '-', starting with a letter";

@@ -5,7 +5,9 @@
 //! * [`config`]: the node config file (TOML), parsed strictly and validated as a whole.
 //! * [`lock`]: one duplexd per state directory.
 //! * [`node`]: shared resources, the service table and the supervision loop.
+//! * [`storage`]: volumes, subsystems and the topology handed to the fabric and datapath.
 
 pub mod config;
 pub mod lock;
 pub mod node;
+pub mod storage;

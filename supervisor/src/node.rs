@@ -40,6 +40,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 
 use crate::config::{NodeConfig, ServiceKind};
+use crate::storage;
+use duplex_ipc::topology::{ListenerKind, TOPOLOGY_RESOURCE};
 
 /// The service that gets the admin channel and `mgmt.sock`.
 pub const MGMT_SERVICE: &str = "mgmt";
@@ -307,6 +309,61 @@ impl Node {
                 OwnedFd::from(listener),
                 &[l.service.get_ref().as_str()],
             );
+        }
+
+        if config.serves_storage() {
+            let state_dir = config.node.state_dir.get_ref();
+            let volumes = storage::open_volumes(&config.volumes, state_dir)
+                .map_err(|e| res_err("storage")(e.to_string()))?;
+            let listeners: Vec<storage::FabricListener> = config
+                .listeners
+                .iter()
+                .filter(|l| l.service.get_ref() == storage::FABRIC)
+                .map(|l| storage::FabricListener {
+                    resource: format!("listener:{}", l.name.get_ref()),
+                    address: *l.address.get_ref(),
+                    kind: l.kind.as_ref().map_or(ListenerKind::Nvme, |k| *k.get_ref()),
+                })
+                .collect();
+            let topology = storage::topology(
+                config.node.name.get_ref(),
+                &config.fabric,
+                &config.subsystems,
+                &volumes,
+                &listeners,
+                true,
+            );
+            let datapath = config
+                .datapath()
+                .map(|d| d.name.get_ref().clone())
+                .unwrap_or_default();
+            let fd = topology
+                .to_memfd()
+                .map_err(|e| res_err("topology")(e.to_string()))?;
+            add(
+                &mut shared,
+                TOPOLOGY_RESOURCE.to_owned(),
+                ResourceKind::File,
+                fd,
+                &[storage::FABRIC, datapath.as_str()],
+            );
+            for v in volumes {
+                tracing::info!(
+                    volume = %v.spec.name,
+                    path = %v.spec.path,
+                    blocks = v.spec.blocks,
+                    block_size = v.spec.block_size,
+                    direct = v.spec.direct,
+                    "volume opened"
+                );
+                add(
+                    &mut shared,
+                    v.spec.resource.clone(),
+                    ResourceKind::File,
+                    OwnedFd::from(v.file),
+                    &[datapath.as_str()],
+                );
+            }
         }
 
         // mgmt: the admin channel (the privilege to act on the service table) and the
