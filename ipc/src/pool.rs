@@ -450,6 +450,30 @@ impl Pool {
         Ok(())
     }
 
+    /// Sets the used lengths of a chain we hold to describe `bytes` bytes packed from its head:
+    /// full chunks, then the remainder, then zero for any chunks left over. For a chain filled
+    /// in place (zero-copy I/O into [`Pool::chunk_ptr`]), where [`Pool::write_chain`] did not set
+    /// them.
+    pub fn set_chain_len(&self, head: BufHandle, bytes: usize) -> Result<(), PoolError> {
+        let chunks = self.chain(head)?;
+        let capacity = chunks.len() * self.chunk_size;
+        if bytes > capacity {
+            return Err(PoolError::TooLong {
+                handle: head.0,
+                capacity,
+                wanted: bytes,
+            });
+        }
+        let mut rest = bytes;
+        for &h in &chunks {
+            let n = rest.min(self.chunk_size);
+            // n <= chunk_size <= 1 << 30 (checked at create/attach), so it fits a u32.
+            self.len_word(h).store(n as u32, Ordering::Relaxed);
+            rest -= n;
+        }
+        Ok(())
+    }
+
     /// Appends the used bytes of every chunk of a chain to `out`. Returns how many.
     pub fn read_chain(&self, head: BufHandle, out: &mut Vec<u8>) -> Result<usize, PoolError> {
         let chunks = self.chain(head)?;
@@ -571,6 +595,27 @@ mod tests {
         assert!(a.free_chain(h).is_err(), "A no longer holds it");
         b.free_chain(h).expect("free");
         assert_eq!(a.free_count(), 8);
+    }
+
+    #[test]
+    fn set_chain_len_describes_packed_bytes() {
+        let (a, _b) = pair();
+        let h = a.alloc_chain(64 * 3).expect("alloc");
+        a.write_chain(h, &[7; 64 * 3]).expect("fill");
+        a.set_chain_len(h, 100).expect("set");
+        let mut out = Vec::new();
+        assert_eq!(a.read_chain(h, &mut out).expect("read"), 100);
+        assert_eq!(out, vec![7; 100]);
+        a.set_chain_len(h, 0).expect("set");
+        assert_eq!(a.read_chain(h, &mut Vec::new()).expect("read"), 0);
+        assert!(matches!(
+            a.set_chain_len(h, 64 * 3 + 1),
+            Err(PoolError::TooLong { wanted: 193, .. })
+        ));
+        assert!(matches!(
+            a.set_chain_len(BufHandle(8), 1),
+            Err(PoolError::BadHandle(8))
+        ));
     }
 
     #[test]

@@ -2,16 +2,20 @@
 
 use crate::bytes::{put_ascii, put_nqn, put_u16, put_u32, put_u64};
 
-/// Cuts `len` bytes at `offset` out of `page`, zero-filled past its end (a host may ask for
-/// more than the page holds). `None` if `offset` is past the end (Invalid Field).
+/// Cuts `len` bytes at `offset` out of `page`, zero-filled past its end: hosts read some logs
+/// in fixed-size chunks past the end (nvme-cli reads the ANA log 4 KiB at a time), and the
+/// Linux target answers those with zeroes too. `None` if `offset` is not dword aligned
+/// (Invalid Field).
 pub fn window(page: &[u8], offset: u64, len: usize) -> Option<Vec<u8>> {
-    let off = usize::try_from(offset).ok()?;
-    if off > page.len() {
+    if offset % 4 != 0 {
         return None;
     }
     let mut out = vec![0u8; len];
-    let n = (page.len() - off).min(len);
-    out[..n].copy_from_slice(&page[off..off + n]);
+    let off = usize::try_from(offset).unwrap_or(usize::MAX);
+    if off < page.len() {
+        let n = (page.len() - off).min(len);
+        out[..n].copy_from_slice(&page[off..off + n]);
+    }
     Some(out)
 }
 
@@ -191,9 +195,10 @@ mod tests {
     fn window_cuts_and_pads() {
         let p: Vec<u8> = (0..10).collect();
         assert_eq!(window(&p, 8, 4), Some(vec![8, 9, 0, 0]));
-        assert_eq!(window(&p, 10, 2), Some(vec![0, 0]));
+        assert_eq!(window(&p, 12, 2), Some(vec![0, 0]));
+        assert_eq!(window(&p, 4096, 4), Some(vec![0; 4]));
         assert_eq!(window(&p, 11, 2), None);
-        assert_eq!(window(&p, u64::MAX, 2), None);
+        assert_eq!(window(&p, u64::MAX - 3, 2), Some(vec![0, 0]));
     }
 
     #[test]

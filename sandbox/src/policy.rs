@@ -33,6 +33,8 @@ pub(crate) const SERVICES: &[(&str, &str)] = &[
         include_str!("../policies/test-service.policy"),
     ),
     ("mgmt", include_str!("../policies/mgmt.policy")),
+    ("datapath", include_str!("../policies/datapath.policy")),
+    ("fabric", include_str!("../policies/fabric.policy")),
 ];
 
 /// Policies that may only be included (`@include NAME`), as `(name, text)`.

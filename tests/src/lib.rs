@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod guest;
+
 /// How long any single wait in a system test may take before it fails with the log so far.
 /// Generous: it bounds a hang, it does not measure speed.
 pub const PATIENCE: Duration = Duration::from_secs(120);

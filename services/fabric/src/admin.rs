@@ -112,6 +112,13 @@ fn identify(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
             Some(n) => Reply::data(identify::ns_descriptors(&n.nguid, &n.uuid)),
             None => Reply::status(generic::INVALID_NS),
         },
+        // I/O command set specific Identify for the NVM command set (CSI 0): no limits to
+        // report (all fields zero); other command sets are not supported.
+        0x06 if (sqe.cdw11 >> 24) == 0 => Reply::data(vec![0; identify::IDENTIFY_LEN]),
+        0x05 if !s.discovery && (sqe.cdw11 >> 24) == 0 => match ns() {
+            Some(_) => Reply::data(vec![0; identify::IDENTIFY_LEN]),
+            None => Reply::status(generic::INVALID_NS),
+        },
         _ => Reply::status(generic::INVALID_FIELD),
     }
 }

@@ -107,6 +107,13 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Logs a failed command (rate limited, at info: hosts probe for optional features).
+    pub fn note(&self, peer: SocketAddr, what: &str) {
+        if let Some(suppressed) = self.warn_limit.borrow_mut().check(Instant::now()) {
+            tracing::info!(%peer, suppressed, "{what}");
+        }
+    }
+
     /// Logs a host-triggered warning, rate limited.
     pub fn warn(&self, peer: SocketAddr, what: &str) {
         if let Some(suppressed) = self.warn_limit.borrow_mut().check(Instant::now()) {
@@ -534,8 +541,10 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
                 break None;
             }
             _ = &mut shutdown => break None,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
+        // Reap finished command tasks without waiting. (Never a select branch: losing that
+        // race would drop `read_pdu` halfway through a PDU and desynchronise the stream.)
+        while tasks.try_join_next().is_some() {}
         let pdu = match pdu {
             Ok(p) => p,
             Err(ReadError::Io) => break None,
@@ -645,6 +654,22 @@ fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: Pdu) -> Result<()
             Some(status) => Reply::status(status),
             None => execute(&q, sqe, data).await,
         };
+        if !reply.status.is_success() && q.qid.get() == 0 {
+            q.shared.note(
+                q.peer,
+                &format!(
+                    "admin command {:#04x} (nsid {:#x}, cdw10 {:#x}, cdw11 {:#x}, cdw12 {:#x}, cdw14 {:#x}, sgl {} bytes) failed: {}",
+                    sqe.opcode,
+                    sqe.nsid,
+                    sqe.cdw10,
+                    sqe.cdw11,
+                    sqe.cdw12,
+                    sqe.cdw14,
+                    sqe.sgl().length,
+                    reply.status
+                ),
+            );
+        }
         q.complete(sqe.cid, reply, sgl_len).await;
     });
     Ok(())

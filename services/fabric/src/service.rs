@@ -119,8 +119,6 @@ pub fn run() -> anyhow::Result<()> {
         .enable_time()
         .build()
         .context("cannot build the runtime")?;
-    // Everything is attached and the reactor exists: from here on the policy holds.
-    duplex_sandbox::enter(SERVICE).context("cannot enter the sandbox")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, serve(started, parts))
 }
@@ -186,6 +184,9 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
             health.beat();
         }
     });
+    // Everything is attached, registered with the reactor, and the lifecycle thread exists:
+    // from here on the policy holds.
+    duplex_sandbox::enter(SERVICE).context("cannot enter the sandbox")?;
     started.ready()?;
     tracing::info!(
         generation = started.generation,

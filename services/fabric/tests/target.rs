@@ -472,3 +472,20 @@ fn keep_alive_timeout_tears_the_controller_down() {
         "closed on KATO expiry"
     );
 }
+
+#[test]
+fn ana_log_as_nvme_cli_asks_for_it() {
+    let h = Harness::start();
+    let (mut a, _) = Host::admin(h.addr, NONE);
+    let (s, d, _) = a.admin_cmd(
+        Sqe {
+            opcode: admin::GET_LOG_PAGE,
+            nsid: 0,
+            cdw10: 0x03ff_800c,
+            ..Sqe::default()
+        },
+        4096,
+    );
+    assert!(s.is_success(), "{s}");
+    assert_eq!(d[32], 1);
+}
