@@ -19,7 +19,7 @@ use std::time::Duration;
 use duplex_ipc::control::{ControlError, StartMode};
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::{Doorbell, DoorbellError};
-use duplex_ipc::lifecycle::{self, Handed, LifecycleError, Next, Started};
+use duplex_ipc::lifecycle::{self, Control, Handed, LifecycleError, Next, Started};
 use duplex_ipc::pool::{Holder, Pool, PoolError, ReclaimPlan};
 use duplex_ipc::ring::{self, Consumer, Producer, RingError, RingRegion};
 use duplex_ipc::topology::{Topology, TopologyError, ROLE_DATAPATH, TOPOLOGY_RESOURCE};
@@ -221,35 +221,33 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         channels = topology.io.channels.len(),
         "datapath ready"
     );
-    std::thread::Builder::new()
-        .name("dp-control".into())
-        .spawn(move || control(&started, &stopper))
-        .map_err(ServiceError::Thread)?;
+    lifecycle::spawn_control_thread(Arc::new(started), move |started, event| {
+        control(started, &stopper, event)
+    })
+    .map_err(ServiceError::Thread)?;
     Ok(engine.run(|| health.beat())?)
 }
 
-/// The control thread: obeys the supervisor until `Shutdown` or until it goes away.
-fn control(started: &Started, stop: &Stopper) {
-    loop {
-        match started.channel.recv() {
-            Ok((envelope, _fds)) => {
-                if started.handle(&envelope) == Next::Shutdown {
-                    stop.stop();
-                    return;
-                }
-            }
-            Err(ControlError::PeerClosed) => {
-                tracing::warn!("the supervisor closed the lifecycle channel: stopping");
+/// The control thread: obeys the supervisor until `Shutdown` or until it goes away. Returns
+/// whether to keep listening.
+fn control(started: &Started, stop: &Stopper, event: Control) -> bool {
+    match event {
+        Control::Message(envelope) => {
+            if started.handle(&envelope) == Next::Shutdown {
                 stop.stop();
-                return;
+                return false;
             }
-            // Logged (rate-limited) by the channel; the channel stays usable.
-            Err(e) if e.is_malformed() => {}
-            Err(e) => {
-                tracing::error!(error = %e, "lifecycle channel failed: stopping");
-                stop.stop();
-                return;
-            }
+            true
+        }
+        Control::Closed => {
+            tracing::warn!("the supervisor closed the lifecycle channel: stopping");
+            stop.stop();
+            false
+        }
+        Control::Failed(e) => {
+            tracing::error!(error = %e, "lifecycle channel failed: stopping");
+            stop.stop();
+            false
         }
     }
 }

@@ -1,6 +1,8 @@
-//! An idle datapath uses (almost) no CPU: after its short spin it sleeps in the io_uring, which
-//! polls the rings' doorbells. Alone in its test binary, so the process's CPU time is the
-//! engine's (summed over every thread from `/proc/self/task/*/schedstat`, in nanoseconds).
+//! An idle datapath sleeps: after its short spin it waits in the io_uring, which polls the rings'
+//! doorbells. Alone in its test binary. The test asserts a behaviour, not a speed: sampled while
+//! idle, no thread but the sampler is runnable (a polling engine would be runnable in nearly
+//! every sample). The CPU it used meanwhile is printed as a figure
+//! (`/proc/self/task/*/schedstat`, nanoseconds), never asserted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -20,8 +22,26 @@ fn cpu_ns() -> u64 {
         .sum()
 }
 
+/// Threads of this process other than the caller that are running or runnable now.
+fn runnable_others() -> usize {
+    let me = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| Some(t.file_name().to_string_lossy().into_owned()) != me)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        // The state follows the parenthesised command name.
+        .filter(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('R'))
+        })
+        .count()
+}
+
 #[test]
-fn an_idle_engine_uses_almost_no_cpu() {
+fn an_idle_engine_sleeps() {
     let mut node = Node::start(Setup::default());
     // Some work first, so the engine has been busy and gone idle again.
     for i in 0..100 {
@@ -30,17 +50,23 @@ fn an_idle_engine_uses_almost_no_cpu() {
     }
     std::thread::sleep(Duration::from_millis(100));
     let before = cpu_ns();
-    let window = Duration::from_secs(2);
-    std::thread::sleep(window);
+    let samples = 40;
+    let mut busy = 0;
+    for _ in 0..samples {
+        std::thread::sleep(Duration::from_millis(50));
+        if runnable_others() > 0 {
+            busy += 1;
+        }
+    }
     let used = cpu_ns() - before;
-    // Busy polling would be ~2 s; sleeping with a 250 ms heartbeat tick is well under a
-    // millisecond per second (measured: ~0.2 ms/s).
-    assert!(
-        used < 10_000_000,
-        "idle engine used {} ms of CPU in {window:?}",
-        used / 1_000_000
+    eprintln!(
+        "FIGURE idle datapath CPU: {} us over {samples} samples of 50 ms",
+        used / 1000
     );
-    eprintln!("idle CPU: {} µs in {window:?}", used / 1000);
+    assert!(
+        busy < samples / 2,
+        "a thread was runnable in {busy} of {samples} idle samples: the engine polls instead of sleeping"
+    );
     // Still serving.
     assert_eq!(node.f().read_sync(1, 5, 1).data.unwrap(), pattern(5, 512));
     node.stop();

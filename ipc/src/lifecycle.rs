@@ -245,6 +245,56 @@ impl Started {
     }
 }
 
+/// What a service's control thread saw on the lifecycle channel.
+#[derive(Debug)]
+pub enum Control {
+    /// A message for [`Started::handle`].
+    Message(Envelope),
+    /// The supervisor closed the channel (it is gone or stopping us).
+    Closed,
+    /// The channel failed.
+    Failed(ControlError),
+}
+
+/// Spawns the thread that receives lifecycle messages (a blocking `recvmsg`) and hands each to
+/// `deliver`. Malformed datagrams are skipped (the channel logs them, rate-limited). The thread
+/// ends after delivering [`Control::Closed`] or [`Control::Failed`], or when `deliver` returns
+/// false.
+pub fn spawn_control_thread(
+    started: std::sync::Arc<Started>,
+    mut deliver: impl FnMut(&Started, Control) -> bool + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("lifecycle".into())
+        .spawn(move || loop {
+            let event = match started.channel.recv() {
+                Ok((envelope, _fds)) => Control::Message(envelope),
+                Err(ControlError::PeerClosed) => Control::Closed,
+                Err(e) if e.is_malformed() => continue,
+                Err(e) => Control::Failed(e),
+            };
+            let last = !matches!(event, Control::Message(_));
+            if !deliver(&started, event) || last {
+                return;
+            }
+        })
+}
+
+/// Logging for a service process: plain lines on stderr, level from `RUST_LOG` (default
+/// `info`), no timestamps (duplexd prefixes every line with its own, and with service, pid and
+/// generation).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .init();
+}
+
 /// Connects to the supervisor: Hello, then waits (up to `timeout`) for Start.
 pub fn start(service: &str, timeout: Duration) -> Result<Started, LifecycleError> {
     let fd_text =

@@ -36,8 +36,10 @@ use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use duplex_ipc::admin::{
     write_service, write_status, AdminChannel, AdminReply, AdminRequest, CrashMode,
 };
-use duplex_ipc::control::{ControlError, Envelope, RateLimiter, ResourceKind, MAX_NAME_BYTES};
-use duplex_ipc::lifecycle::{self, Health, LifecycleError, Next, Started, HEALTH_RESOURCE};
+use duplex_ipc::control::{ControlError, RateLimiter, ResourceKind, MAX_NAME_BYTES};
+use duplex_ipc::lifecycle::{
+    self, Control, Health, LifecycleError, Next, Started, HEALTH_RESOURCE,
+};
 use duplex_schemas::mgmt_capnp::management;
 use futures::channel::{mpsc as mpsc_async, oneshot};
 use futures::StreamExt;
@@ -206,38 +208,16 @@ pub fn run() -> Result<(), MgmtError> {
     local.block_on(&runtime, serve(started, resources))
 }
 
-/// What the lifecycle thread saw on the lifecycle channel.
-enum Event {
-    /// A message for [`Started::handle`].
-    Message(Envelope),
-    /// The supervisor closed the channel.
-    Closed,
-    /// The channel failed.
-    Failed(ControlError),
-}
-
 /// Receives lifecycle messages on a thread of its own (blocking `recvmsg`) and hands them to the
 /// runtime thread, which acts on them.
 fn spawn_lifecycle_thread(
     started: Arc<Started>,
-) -> Result<mpsc_async::UnboundedReceiver<Event>, MgmtError> {
+) -> Result<mpsc_async::UnboundedReceiver<Control>, MgmtError> {
     let (events, received) = mpsc_async::unbounded();
-    std::thread::Builder::new()
-        .name("lifecycle".into())
-        .spawn(move || loop {
-            let event = match started.channel.recv() {
-                Ok((envelope, _fds)) => Event::Message(envelope),
-                Err(ControlError::PeerClosed) => Event::Closed,
-                // Logged (rate-limited) by the channel; the datagram is consumed.
-                Err(e) if e.is_malformed() => continue,
-                Err(e) => Event::Failed(e),
-            };
-            let last = !matches!(event, Event::Message(_));
-            if events.unbounded_send(event).is_err() || last {
-                return;
-            }
-        })
-        .map_err(setup("start the lifecycle thread"))?;
+    lifecycle::spawn_control_thread(started, move |_, event| {
+        events.unbounded_send(event).is_ok()
+    })
+    .map_err(setup("start the lifecycle thread"))?;
     Ok(received)
 }
 
@@ -281,22 +261,22 @@ async fn heartbeat(health: Health, every: Duration) {
 /// the service with status 0).
 async fn watch_lifecycle(
     started: &Started,
-    mut events: mpsc_async::UnboundedReceiver<Event>,
+    mut events: mpsc_async::UnboundedReceiver<Control>,
 ) -> Result<(), MgmtError> {
     while let Some(event) = events.next().await {
         match event {
-            Event::Message(envelope) => {
+            Control::Message(envelope) => {
                 // On the runtime thread: an injected hang blocks the runtime here, and the
                 // heartbeat task stops with it.
                 if started.handle(&envelope) == Next::Shutdown {
                     return Ok(());
                 }
             }
-            Event::Closed => {
+            Control::Closed => {
                 tracing::info!("supervisor closed the lifecycle channel; exiting");
                 return Ok(());
             }
-            Event::Failed(e) => return Err(e.into()),
+            Control::Failed(e) => return Err(e.into()),
         }
     }
     Err(MgmtError::Setup {

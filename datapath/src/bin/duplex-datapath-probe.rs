@@ -12,15 +12,7 @@ use duplex_ipc::lifecycle;
 use duplex_sandbox::Policy;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .init();
+    duplex_ipc::lifecycle::init_logging();
     lifecycle::abort_on_panic();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let omit = match args.as_slice() {

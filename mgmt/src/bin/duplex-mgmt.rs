@@ -7,16 +7,7 @@ use duplex_ipc::lifecycle;
 use duplex_mgmt::server;
 
 fn main() -> ExitCode {
-    // Plain lines on stderr: the supervisor prefixes them with service, pid and generation.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .init();
+    duplex_ipc::lifecycle::init_logging();
     lifecycle::abort_on_panic();
     // First: everything mgmt does itself, the lifecycle handshake included, happens under the
     // filter.

@@ -131,6 +131,14 @@ impl Backend {
         }
     }
 
+    /// Takes responsibility for a chain we hold: it is freed when the [`Chain`] drops.
+    pub fn own(self: &Rc<Self>, head: BufHandle) -> Chain {
+        Chain {
+            backend: Rc::clone(self),
+            head,
+        }
+    }
+
     /// Frees a chain we hold.
     pub fn free(&self, h: BufHandle) {
         if let Err(e) = self.pool.free_chain(h) {
@@ -261,6 +269,37 @@ impl Backend {
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
         self.chan.borrow().pending.len()
+    }
+}
+
+/// A chain of the pool this process holds, freed on drop.
+pub struct Chain {
+    backend: Rc<Backend>,
+    head: BufHandle,
+}
+
+impl Chain {
+    /// Appends the chain's bytes to `out`; how many, or `None` (logged) if the pool refuses.
+    pub fn append_to(&self, out: &mut Vec<u8>) -> Option<usize> {
+        match self.backend.pool.read_chain(self.head, out) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a completed chain");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        self.backend.free(self.head);
+    }
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Chain").field(&self.head.0).finish()
     }
 }
 

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Chain};
 use crate::controller::{keep_alive_watchdog, Controller, Teardown, MAX_IO_QUEUES, QUEUE_ENTRIES};
 use crate::target::{Port, Target};
 use crate::{admin as admin_cmds, io as io_cmds};
@@ -58,7 +58,17 @@ pub struct Reply {
     /// Completion dword 1.
     pub dw1: u32,
     /// Data for the host (sent as C2HData before the response).
-    pub data: Option<Vec<u8>>,
+    pub data: Option<Payload>,
+}
+
+/// Data a command returns to the host.
+#[derive(Debug)]
+pub enum Payload {
+    /// Bytes the fabric built (Identify, log pages).
+    Bytes(Vec<u8>),
+    /// Read data still in the shared pool: copied once, straight into the C2HData PDU, and
+    /// freed when dropped (also if the connection dies first).
+    Chain(Chain),
 }
 
 impl Reply {
@@ -79,7 +89,7 @@ impl Reply {
     /// Success with data.
     pub fn data(data: Vec<u8>) -> Self {
         Self {
-            data: Some(data),
+            data: Some(Payload::Bytes(data)),
             ..Self::default()
         }
     }
@@ -267,29 +277,43 @@ impl Queue {
 
     /// Sends the data (if any) and the response of command `cid`.
     pub async fn complete(&self, cid: u16, reply: Reply, sgl_len: usize) {
-        if let Some(mut data) = reply.data.filter(|_| reply.status.is_success()) {
-            data.resize(sgl_len, 0);
-            if !data.is_empty() {
-                let h = tcp::DataHeader {
-                    cccid: cid,
-                    ttag: 0,
-                    datao: 0,
-                    datal: data.len() as u32,
-                };
-                let mut pdu = tcp::data_pdu(
-                    PduType::C2HData,
-                    &h,
-                    tcp::FLAG_DATA_LAST,
-                    self.digests,
-                    self.hpda,
-                );
-                pdu.extend_from_slice(&data);
+        let mut status = reply.status;
+        if let Some(data) = reply.data.filter(|_| status.is_success() && sgl_len > 0) {
+            let h = tcp::DataHeader {
+                cccid: cid,
+                ttag: 0,
+                datao: 0,
+                datal: sgl_len as u32,
+            };
+            let mut pdu = tcp::data_pdu(
+                PduType::C2HData,
+                &h,
+                tcp::FLAG_DATA_LAST,
+                self.digests,
+                self.hpda,
+            );
+            let start = pdu.len();
+            pdu.reserve(sgl_len + tcp::DIGEST_LEN);
+            let filled = match data {
+                Payload::Bytes(d) => {
+                    pdu.extend_from_slice(&d[..d.len().min(sgl_len)]);
+                    true
+                }
+                // Read data must be exactly what the SGL asked for.
+                Payload::Chain(c) => c.append_to(&mut pdu) == Some(sgl_len),
+            };
+            if filled {
+                // A shorter payload (Identify data for a larger SGL) is padded with zeroes.
+                pdu.resize(start + sgl_len, 0);
                 if self.digests.data {
-                    pdu.extend_from_slice(&tcp::digest(&data));
+                    let d = tcp::digest(&pdu[start..]);
+                    pdu.extend_from_slice(&d);
                 }
                 if !self.send(pdu).await {
                     return;
                 }
+            } else {
+                status = generic::INTERNAL;
             }
         }
         let cqe = Cqe {
@@ -302,7 +326,7 @@ impl Queue {
             },
             sqid: self.qid.get(),
             cid,
-            status: reply.status.cqe_bits(),
+            status: status.cqe_bits(),
         };
         // The command leaves the queue before its response can reach the host, so the host
         // may reuse the id at once.
@@ -545,7 +569,7 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
         // Reap finished command tasks without waiting. (Never a select branch: losing that
         // race would drop `read_pdu` halfway through a PDU and desynchronise the stream.)
         while tasks.try_join_next().is_some() {}
-        let pdu = match pdu {
+        let mut pdu = match pdu {
             Ok(p) => p,
             Err(ReadError::Io) => break None,
             Err(ReadError::Proto(e, quote)) => {
@@ -556,10 +580,9 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
         if let Some(c) = queue.controller() {
             c.touch();
         }
-        let quote = pdu.header.clone();
         let result = match pdu.layout.pdu_type {
-            PduType::CapsuleCmd => on_capsule(&queue, &mut tasks, pdu),
-            PduType::H2CData => on_h2c_data(&queue, pdu),
+            PduType::CapsuleCmd => on_capsule(&queue, &mut tasks, &mut pdu),
+            PduType::H2CData => on_h2c_data(&queue, &pdu),
             PduType::H2CTermReq => {
                 let (fes, fei) = tcp::parse_term_req(&pdu.header).unwrap_or((0, 0));
                 tracing::info!(fes, fei, "host terminated the connection (H2CTermReq)");
@@ -574,7 +597,7 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
             Ok(()) => {}
             Err(e) => {
                 queue.shared.warn(queue.peer, &e.to_string());
-                break Some(tcp::term_req(PduType::C2HTermReq, &e, &quote));
+                break Some(tcp::term_req(PduType::C2HTermReq, &e, &pdu.header));
             }
         }
         if teardown.is_none() {
@@ -609,7 +632,7 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
 }
 
 /// Handles a command capsule: checks it, finds its data, starts its task.
-fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: Pdu) -> Result<(), PduError> {
+fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: &mut Pdu) -> Result<(), PduError> {
     let mut raw = [0u8; 64];
     raw.copy_from_slice(&pdu.header[tcp::CH_LEN..tcp::CH_LEN + 64]);
     let sqe = Sqe::from_bytes(&raw);
@@ -647,7 +670,7 @@ fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: Pdu) -> Result<()
     }
     queue.advance_sqhd();
     let sgl = sqe.sgl();
-    let (data, sgl_len, bad) = classify_data(&sqe, sgl, pdu.data);
+    let (data, sgl_len, bad) = classify_data(&sqe, sgl, std::mem::take(&mut pdu.data));
     let q = queue.clone();
     tasks.spawn_local(async move {
         let reply = match bad {
@@ -897,7 +920,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
 
 /// Routes H2CData to the transfer its tag names; anything outside what the R2T asked for is a
 /// fatal protocol error.
-fn on_h2c_data(queue: &Rc<Queue>, pdu: Pdu) -> Result<(), PduError> {
+fn on_h2c_data(queue: &Rc<Queue>, pdu: &Pdu) -> Result<(), PduError> {
     let h =
         tcp::parse_data_header(&pdu.header).ok_or(PduError::field(2, "short H2CData header"))?;
     let mut transfers = queue.transfers.borrow_mut();

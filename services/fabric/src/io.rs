@@ -11,8 +11,8 @@ use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::io;
 use duplex_nvme::status::{generic, media, Status};
 
-use crate::backend::{Backend, BackendError};
-use crate::conn::{DataIn, Queue, Reply, MAX_TRANSFER};
+use crate::backend::{Backend, BackendError, Chain};
+use crate::conn::{DataIn, Payload, Queue, Reply, MAX_TRANSFER};
 use crate::controller::Controller;
 use crate::target::Namespace;
 
@@ -67,24 +67,28 @@ async fn submit(backend: &Backend, d: IoDesc) -> Result<IoDesc, Status> {
     Ok(done)
 }
 
-async fn read(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: DataIn) -> Reply {
+async fn read(q: &Queue, backend: &Rc<Backend>, ns: &Namespace, sqe: &Sqe, data: DataIn) -> Reply {
     if !matches!(data, DataIn::None) {
         return Reply::status(generic::INVALID_FIELD);
     }
     match read_blocks(q, backend, ns, sqe.slba(), sqe.nlb(), sqe.sgl().length).await {
-        Ok(v) => Reply::data(v),
+        Ok(chain) => Reply {
+            data: Some(Payload::Chain(chain)),
+            ..Reply::default()
+        },
         Err(s) => Reply::status(s),
     }
 }
 
+/// Reads blocks into a pool chain, which the caller then owns.
 async fn read_blocks(
     q: &Queue,
-    backend: &Backend,
+    backend: &Rc<Backend>,
     ns: &Namespace,
     slba: u64,
     nlb: u32,
     sgl_len: u32,
-) -> Result<Vec<u8>, Status> {
+) -> Result<Chain, Status> {
     let bytes = range(ns, slba, nlb)?;
     if bytes > MAX_TRANSFER {
         return Err(generic::INVALID_FIELD);
@@ -96,39 +100,23 @@ async fn read_blocks(
     let mut d = desc(OP_READ, ns, slba, nlb);
     d.buf = buf.0;
     d.buf_len = bytes as u32;
-    let done = match backend.submit(d).await {
-        Ok(done) => done,
-        // The chain stays lent to the ring; the datapath's completion returns it and the
-        // router frees it.
-        Err(e) => return Err(backend_error(e)),
-    };
-    let mut out = Vec::with_capacity(bytes);
+    // On an error the chain stays lent to the ring; the datapath's completion returns it and
+    // the router frees it.
+    let done = backend.submit(d).await.map_err(backend_error)?;
+    let chain = (done.buf != NIL).then(|| backend.own(BufHandle(done.buf)));
     let status = Status::from_desc(done.status);
-    let result = if status.is_success() {
-        backend
-            .pool()
-            .read_chain(BufHandle(done.buf), &mut out)
-            .map_err(|e| backend_error(e.into()))
-            .and_then(|n| {
-                if n == bytes {
-                    Ok(())
-                } else {
-                    tracing::error!(n, bytes, "datapath returned a short read");
-                    Err(generic::INTERNAL)
-                }
-            })
-    } else {
+    if !status.is_success() {
         if status.sct() == 2 {
             q.shared.target.record_media_error();
         }
-        Err(status)
-    };
-    if done.buf != NIL {
-        backend.free(BufHandle(done.buf));
+        return Err(status);
     }
-    result?;
+    let chain = chain.ok_or_else(|| {
+        tracing::error!("datapath completed a read without its buffer");
+        generic::INTERNAL
+    })?;
     q.shared.target.record_read(bytes as u64);
-    Ok(out)
+    Ok(chain)
 }
 
 async fn write(
@@ -189,7 +177,13 @@ async fn write(
     status
 }
 
-async fn compare(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: DataIn) -> Status {
+async fn compare(
+    q: &Queue,
+    backend: &Rc<Backend>,
+    ns: &Namespace,
+    sqe: &Sqe,
+    data: DataIn,
+) -> Status {
     let (slba, nlb) = (sqe.slba(), sqe.nlb());
     let bytes = match range(ns, slba, nlb) {
         Ok(b) => b,
@@ -202,10 +196,15 @@ async fn compare(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: 
     if theirs.len() != bytes {
         return generic::SGL_LENGTH;
     }
-    match read_blocks(q, backend, ns, slba, nlb, bytes as u32).await {
-        Ok(ours) if ours == theirs => Status::SUCCESS,
-        Ok(_) => media::COMPARE_FAILURE,
-        Err(s) => s,
+    let chain = match read_blocks(q, backend, ns, slba, nlb, bytes as u32).await {
+        Ok(c) => c,
+        Err(s) => return s,
+    };
+    let mut ours = Vec::with_capacity(bytes);
+    match chain.append_to(&mut ours) {
+        Some(n) if n == bytes && ours == theirs => Status::SUCCESS,
+        Some(n) if n == bytes => media::COMPARE_FAILURE,
+        _ => generic::INTERNAL,
     }
 }
 

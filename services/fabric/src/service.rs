@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use duplex_ipc::control::{ControlError, Envelope, StartMode};
+use duplex_ipc::control::StartMode;
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::Doorbell;
-use duplex_ipc::lifecycle::{self, Health, Next, Started};
+use duplex_ipc::lifecycle::{self, Control, Health, Next, Started};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, WaitPolicy};
 use duplex_ipc::topology::{Topology, ROLE_FABRIC, TOPOLOGY_RESOURCE};
@@ -123,12 +123,6 @@ pub fn run() -> anyhow::Result<()> {
     local.block_on(&runtime, serve(started, parts))
 }
 
-enum Event {
-    Message(Envelope),
-    Closed,
-    Failed(ControlError),
-}
-
 async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
     let Parts {
         health,
@@ -158,24 +152,8 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
     let target = Rc::new(Target::new(topology, ports));
     let started = Arc::new(started);
     let (tx, mut events) = mpsc::unbounded_channel();
-    {
-        let started = Arc::clone(&started);
-        std::thread::Builder::new()
-            .name("lifecycle".into())
-            .spawn(move || loop {
-                let event = match started.channel.recv() {
-                    Ok((envelope, _)) => Event::Message(envelope),
-                    Err(ControlError::PeerClosed) => Event::Closed,
-                    Err(e) if e.is_malformed() => continue,
-                    Err(e) => Event::Failed(e),
-                };
-                let last = !matches!(event, Event::Message(_));
-                if tx.send(event).is_err() || last {
-                    return;
-                }
-            })
-            .context("cannot start the lifecycle thread")?;
-    }
+    lifecycle::spawn_control_thread(Arc::clone(&started), move |_, event| tx.send(event).is_ok())
+        .context("cannot start the lifecycle thread")?;
     let every = (health.interval() / 4).max(Duration::from_millis(1));
     tokio::task::spawn_local(async move {
         let mut ticks = tokio::time::interval(every);
@@ -198,13 +176,13 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         while let Some(e) = events.recv().await {
             match e {
                 // On the runtime thread: an injected hang stops the heartbeat with it.
-                Event::Message(env) => {
+                Control::Message(env) => {
                     if started.handle(&env) == Next::Shutdown {
                         return;
                     }
                 }
-                Event::Closed => return,
-                Event::Failed(e) => {
+                Control::Closed => return,
+                Control::Failed(e) => {
                     tracing::error!(error = %e, "lifecycle channel failed");
                     return;
                 }
