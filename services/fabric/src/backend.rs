@@ -18,7 +18,7 @@ use duplex_ipc::doorbell::Doorbell;
 use duplex_ipc::pool::{BufHandle, Pool, PoolError, ReclaimPlan, NIL};
 use duplex_ipc::ring::{Consumer, Producer, RingError};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 
 /// Errors talking to the datapath.
 #[derive(Debug, thiserror::Error)]
@@ -131,11 +131,13 @@ impl Backend {
         }
     }
 
-    /// Takes responsibility for a chain we hold: it is freed when the [`Chain`] drops.
-    pub fn own(self: &Rc<Self>, head: BufHandle) -> Chain {
+    /// Takes responsibility for a chain we hold: it is freed (and `permit`, the queue's share
+    /// of the pool it counted against, returned) when the [`Chain`] drops.
+    pub fn own(self: &Rc<Self>, head: BufHandle, permit: OwnedSemaphorePermit) -> Chain {
         Chain {
             backend: Rc::clone(self),
             head,
+            _permit: permit,
         }
     }
 
@@ -276,6 +278,7 @@ impl Backend {
 pub struct Chain {
     backend: Rc<Backend>,
     head: BufHandle,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Chain {

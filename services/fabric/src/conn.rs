@@ -6,10 +6,14 @@
 //! Host-to-controller data that did not fit in the capsule is pulled with R2T and arrives as
 //! H2CData, which the reader routes to the waiting command by transfer tag.
 //!
-//! Bounds (a slow or hostile host cannot grow our memory): at most `sqsize + 1` commands in
-//! flight per queue (more is a protocol error), in-capsule data ≤ [`IN_CAPSULE_DATA`], one
-//! transfer ≤ [`MAX_TRANSFER`] bytes, an outgoing queue of [`TX_QUEUE`] PDUs (a host that does
-//! not read stalls its own commands, then its own reads), and a connection limit per process.
+//! Bounds (a slow or hostile host cannot grow our memory, nor take what other hosts need): at
+//! most `sqsize + 1` commands in flight per queue (more is a protocol error), in-capsule data ≤
+//! [`IN_CAPSULE_DATA`], one transfer ≤ [`MAX_TRANSFER`] bytes, at most [`queue_budget`] pool
+//! chunks held per queue (a read or write waits for its share before it allocates or pulls data
+//! with R2T), an outgoing queue of [`TX_QUEUE`] PDUs (a host that does not read stalls its own
+//! commands, then its own socket), and a connection limit per process. Per connection that is at
+//! most the budget, plus `TX_QUEUE` PDUs of at most one transfer each, plus in-capsule data of
+//! the queued commands.
 //!
 //! Protocol violations (unknown PDU type, bad lengths, digest mismatch, H2CData outside its
 //! R2T, …) get a C2HTermReq naming the fault, then the connection closes. Other connections are
@@ -19,6 +23,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::control::RateLimiter;
@@ -29,7 +34,7 @@ use duplex_nvme::tcp::{self, fes, CommonHeader, Digests, Layout, PduError, PduTy
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::backend::{Backend, Chain};
@@ -44,9 +49,19 @@ pub const MAX_TRANSFER: usize = 128 * 1024;
 /// MDTS as reported: 2^5 × 4 KiB.
 pub const MDTS: u8 = 5;
 /// PDUs queued for sending per connection.
-pub const TX_QUEUE: usize = 256;
+pub const TX_QUEUE: usize = 32;
 /// How long a new connection has to send ICReq, and a Connect after it.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pool chunks one queue may hold at once: an eighth of the pool, and at least one largest
+/// transfer.
+pub fn queue_budget(backend: Option<&Backend>) -> usize {
+    backend.map_or(0, |b| {
+        let pool = b.pool();
+        let per_transfer = MAX_TRANSFER.div_ceil(pool.chunk_size().max(1));
+        (pool.capacity() as usize / 8).max(per_transfer)
+    })
+}
 
 /// What a command produces.
 #[derive(Debug, Default)]
@@ -187,6 +202,8 @@ pub struct Queue {
     transfers: RefCell<HashMap<u16, Transfer>>,
     next_ttag: Cell<u16>,
     tx: mpsc::Sender<Vec<u8>>,
+    /// Pool chunks this queue may hold at once (see [`queue_budget`]).
+    budget: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -205,6 +222,15 @@ impl Queue {
             Role::Admin(c) | Role::Io(c, _) => Some(c.clone()),
             Role::Unconnected => None,
         }
+    }
+
+    /// Waits until this queue may hold `bytes` more of the shared pool; the permit gives them
+    /// back when dropped. This is what keeps one slow or stalled host from taking the whole
+    /// pool: its commands wait here, then its queue fills, then its socket.
+    pub async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let chunk = self.shared.backend.as_ref()?.pool().chunk_size().max(1);
+        let n = u32::try_from(bytes.div_ceil(chunk)).ok()?;
+        Arc::clone(&self.budget).acquire_many_owned(n).await.ok()
     }
 
     /// Queues a PDU for sending. Fails only if the connection is closing.
@@ -509,6 +535,7 @@ async fn handshake(
         transfers: RefCell::new(HashMap::new()),
         next_ttag: Cell::new(0),
         tx,
+        budget: Arc::new(Semaphore::new(queue_budget(shared.backend.as_deref()))),
     });
     Some((queue, writer))
 }

@@ -96,6 +96,7 @@ async fn read_blocks(
     if bytes != sgl_len as usize {
         return Err(generic::SGL_LENGTH);
     }
+    let permit = q.reserve(bytes).await.ok_or(generic::INTERNAL)?;
     let buf = backend.alloc(bytes).await.map_err(backend_error)?;
     let mut d = desc(OP_READ, ns, slba, nlb);
     d.buf = buf.0;
@@ -103,7 +104,7 @@ async fn read_blocks(
     // On an error the chain stays lent to the ring; the datapath's completion returns it and
     // the router frees it.
     let done = backend.submit(d).await.map_err(backend_error)?;
-    let chain = (done.buf != NIL).then(|| backend.own(BufHandle(done.buf)));
+    let chain = (done.buf != NIL).then(|| backend.own(BufHandle(done.buf), permit));
     let status = Status::from_desc(done.status);
     if !status.is_success() {
         if status.sct() == 2 {
@@ -143,6 +144,9 @@ async fn write(
     if have != bytes {
         return generic::SGL_LENGTH;
     }
+    let Some(_permit) = q.reserve(bytes).await else {
+        return generic::INTERNAL;
+    };
     let payload = match q.host_data(sqe.cid, data).await {
         Ok(p) => p,
         Err(s) => return s,

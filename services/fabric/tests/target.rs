@@ -489,3 +489,53 @@ fn ana_log_as_nvme_cli_asks_for_it() {
     assert!(s.is_success(), "{s}");
     assert_eq!(d[32], 1);
 }
+
+#[test]
+fn a_stalled_host_holds_only_its_share_of_the_pool() {
+    let h = Harness::start();
+    // The harness pool: 512 chunks of 4 KiB; a queue's share is an eighth (64 chunks).
+    let share = 512 / 8;
+    let (_a, mut stalled) = io_queue(&h, NONE);
+    // 64 reads of 128 KiB (8 MiB) queued, and no response ever read.
+    for i in 0..64u64 {
+        let mut r = rw(io::READ, i * 32, 32);
+        r.cid = 1000 + i as u16;
+        r.flags = 1 << 6;
+        r.set_sgl(duplex_nvme::cmd::Sgl {
+            address: 0,
+            length: 128 * 1024,
+            id: duplex_nvme::spec::sgl::TRANSPORT_DATA_BLOCK,
+        });
+        stalled.raw(&tcp::capsule_cmd(&r, 0, NONE, 0));
+    }
+    // Another host is served meanwhile, and the stalled one never holds more than its share.
+    let (_b, mut other) = io_queue(&h, NONE);
+    for round in 0..20u8 {
+        assert!(h.pool_in_use() <= share, "pool in use: {}", h.pool_in_use());
+        let data = pattern(round, 64 * 1024);
+        let mut w = rw(io::WRITE, 4000 % BLOCKS, 16);
+        w.cid = other.cid();
+        assert!(other
+            .command(w, Some(&data), false, 0)
+            .0
+            .status()
+            .is_success());
+        let mut r = rw(io::READ, 4000 % BLOCKS, 16);
+        r.cid = other.cid();
+        let (c, d) = other.command(r, None, false, 64 * 1024);
+        assert!(c.status().is_success());
+        assert!(d == data, "round {round}");
+    }
+    assert!(h.pool_in_use() <= share, "pool in use: {}", h.pool_in_use());
+    // Once the stalled host reads, every one of its reads completes.
+    let mut done = 0;
+    while done < 64 {
+        let (c, header, _) = stalled.read_pdu().expect("pdu");
+        if PduType::from_u8(c.pdu_type) == Some(PduType::CapsuleResp) {
+            let cqe: duplex_nvme::cmd::Cqe =
+                bytemuck::cast(<[u8; 16]>::try_from(&header[8..24]).expect("cqe"));
+            assert!(cqe.status().is_success());
+            done += 1;
+        }
+    }
+}

@@ -66,6 +66,8 @@ pub fn topology() -> Topology {
 /// The fabric on a thread plus a memory datapath.
 pub struct Harness {
     pub addr: SocketAddr,
+    /// A view of the shared pool (to count what is in use).
+    pub pool: Pool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     fabric: Option<JoinHandle<()>>,
     dp_stop: Arc<AtomicBool>,
@@ -88,6 +90,14 @@ impl Harness {
         };
         let pool = Pool::create("p", 4096, 512, fab).expect("pool");
         let dp_pool = Pool::attach(pool.region().try_clone_fd().expect("fd"), dp).expect("attach");
+        let view = Pool::attach(
+            pool.region().try_clone_fd().expect("fd"),
+            Holder {
+                role: 9,
+                incarnation: 1,
+            },
+        )
+        .expect("attach");
         let mut dp_sq = Consumer::attach(
             sq.try_clone().expect("clone"),
             sq_data.try_clone().expect("b"),
@@ -146,11 +156,19 @@ impl Harness {
         });
         Self {
             addr,
+            pool: view,
             stop: Some(stop_tx),
             fabric: Some(fabric),
             dp_stop,
             datapath: Some(datapath),
         }
+    }
+}
+
+impl Harness {
+    /// Pool chunks not free right now.
+    pub fn pool_in_use(&self) -> usize {
+        self.pool.capacity() as usize - self.pool.free_count()
     }
 }
 
