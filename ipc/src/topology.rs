@@ -7,8 +7,9 @@
 //! against writes (resource [`TOPOLOGY_RESOURCE`]), read once at start. A service cannot open
 //! files in its sandbox, and a restarted one gets the very same bytes.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
@@ -207,28 +208,25 @@ impl Topology {
                 "memfd is not sealed against writes".into(),
             ));
         }
-        let mut file = std::fs::File::from(fd);
+        // The memfd is one open file shared by every service it was handed to: read with
+        // explicit offsets (pread), never through the shared file position.
+        let file = std::fs::File::from(fd);
         let len = file
-            .seek(SeekFrom::End(0))
+            .metadata()
             .map_err(|source| TopologyError::Sys {
-                what: "lseek",
+                what: "fstat",
                 source,
-            })?;
+            })?
+            .len();
         if len > MAX_TOPOLOGY_BYTES {
             return Err(TopologyError::BadFd(format!(
                 "{len} bytes is more than the {MAX_TOPOLOGY_BYTES} accepted"
             )));
         }
-        file.seek(SeekFrom::Start(0))
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, 0)
             .map_err(|source| TopologyError::Sys {
-                what: "lseek",
-                source,
-            })?;
-        let mut bytes = Vec::with_capacity(len as usize);
-        file.take(MAX_TOPOLOGY_BYTES)
-            .read_to_end(&mut bytes)
-            .map_err(|source| TopologyError::Sys {
-                what: "read",
+                what: "pread",
                 source,
             })?;
         Self::from_json(&bytes)
@@ -327,6 +325,20 @@ mod tests {
         let t = sample();
         let fd = t.to_memfd().expect("memfd");
         assert_eq!(Topology::from_memfd(fd).expect("read"), t);
+    }
+
+    #[test]
+    fn readers_sharing_one_open_file_each_read_it_whole() {
+        let fd = sample().to_memfd().expect("memfd");
+        let other = fd.try_clone().expect("dup");
+        // A reader that moved the shared file position (as another service's read does).
+        let mut f = std::fs::File::from(other.try_clone().expect("dup"));
+        std::io::Read::read_to_end(&mut f, &mut Vec::new()).expect("read");
+        assert_eq!(
+            Topology::from_memfd(other).expect("second reader"),
+            sample()
+        );
+        assert_eq!(Topology::from_memfd(fd).expect("third reader"), sample());
     }
 
     #[test]

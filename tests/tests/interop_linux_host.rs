@@ -9,6 +9,8 @@
 //! verify-only → disconnect; then the same with header and data digests, during which the test
 //! SIGKILLs the fabric service (the host reconnects by itself and fio must finish without an
 //! I/O or verify error); finally a host NQN not on the allow-list must fail to connect.
+//!
+//! Runs in `.ci/run`. `DUPLEX_INTEROP=off` skips it on a developer machine without QEMU.
 
 use std::time::Duration;
 
