@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod guest;
+pub mod nvme_host;
 
 /// How long any single wait in a system test may take before it fails with the log so far.
 /// Generous: it bounds a hang, it does not measure speed.

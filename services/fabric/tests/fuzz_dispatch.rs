@@ -33,7 +33,7 @@ const TIME_CAP: Duration = Duration::from_secs(15);
 type Cmd = (u8, u8, u32, u32, u32, u8, bool);
 
 fn io_pair(addr: std::net::SocketAddr) -> (Host, Host) {
-    let (mut a, cntlid) = Host::admin(addr, NONE);
+    let (mut a, cntlid) = admin(addr, NONE);
     let (s, _, _) = a.admin_cmd(
         Sqe {
             opcode: admin::SET_FEATURES,
@@ -134,7 +134,7 @@ fn arbitrary_bytes_after_icreq_never_break_the_target() {
         .with_type::<(bool, Vec<u8>)>()
         .for_each(|(connected, bytes)| {
             let mut x = if *connected {
-                Host::admin(addr, NONE).0
+                admin(addr, NONE).0
             } else {
                 Host::dial(addr, NONE)
             };

@@ -45,7 +45,7 @@ fn log_page(lid: u8, len: usize) -> Sqe {
 #[test]
 fn admin_queue_properties_identify_logs_features() {
     let h = Harness::start();
-    let (mut a, cntlid) = Host::admin(h.addr, NONE);
+    let (mut a, cntlid) = admin(h.addr, NONE);
     let cap = a.prop_get(prop::CAP, true);
     assert_eq!(cap.dw0 & 0xFFFF, 127, "MQES");
     assert_eq!(a.prop_get(prop::VS, false).dw0, 0x0001_0400);
@@ -155,7 +155,7 @@ fn admin_queue_properties_identify_logs_features() {
 }
 
 fn io_queue(h: &Harness, digests: Digests) -> (Host, Host) {
-    let (mut a, cntlid) = Host::admin(h.addr, digests);
+    let (mut a, cntlid) = admin(h.addr, digests);
     let (s, _, _) = a.admin_cmd(
         Sqe {
             opcode: admin::SET_FEATURES,
@@ -335,7 +335,7 @@ fn discovery_log_lists_the_subsystem() {
 /// and expects a C2HTermReq with `fes`, then the connection closed.
 fn expect_term(h: &Harness, digests: Digests, connected: bool, pdu: &[u8], fes: u16) {
     let mut x = if connected {
-        Host::admin(h.addr, digests).0
+        admin(h.addr, digests).0
     } else {
         Host::dial(h.addr, digests)
     };
@@ -476,7 +476,7 @@ fn keep_alive_timeout_tears_the_controller_down() {
 #[test]
 fn ana_log_as_nvme_cli_asks_for_it() {
     let h = Harness::start();
-    let (mut a, _) = Host::admin(h.addr, NONE);
+    let (mut a, _) = admin(h.addr, NONE);
     let (s, d, _) = a.admin_cmd(
         Sqe {
             opcode: admin::GET_LOG_PAGE,

@@ -2,8 +2,7 @@
 //! memory "datapath" thread at the other end of the rings, and a small blocking NVMe/TCP host.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,15 +16,19 @@ use duplex_ipc::desc::{self, IoDesc};
 use duplex_ipc::pool::{BufHandle, Holder, Pool, NIL};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, StartMode, WaitPolicy};
 use duplex_ipc::topology::*;
-use duplex_nvme::cmd::{ConnectCmd, ConnectData, Cqe, Sgl, Sqe};
-use duplex_nvme::spec::{admin, fctype, prop, sgl};
-use duplex_nvme::status::Status;
-use duplex_nvme::tcp::{self, CommonHeader, Digests, PduType};
+use duplex_nvme::tcp::Digests;
 
 pub const SUBNQN: &str = "nqn.2026-11.io.duplex:test";
 pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
 pub const BLOCKS: u64 = 2048;
 pub const BS: u32 = 4096;
+
+pub use duplex_tests::nvme_host::Host;
+
+/// Connects an admin queue to the test subsystem as the allowed host.
+pub fn admin(addr: SocketAddr, digests: Digests) -> (Host, u16) {
+    Host::admin_as(addr, digests, SUBNQN, HOSTNQN)
+}
 
 pub fn topology() -> Topology {
     Topology {
@@ -239,219 +242,5 @@ fn memory_datapath(
             }
             cq.push_wait(&[d], None).expect("push");
         }
-    }
-}
-
-/// A blocking NVMe/TCP host for tests.
-pub struct Host {
-    pub s: TcpStream,
-    pub digests: Digests,
-    next_cid: u16,
-    pub qid: u16,
-}
-
-impl Host {
-    pub fn dial(addr: SocketAddr, digests: Digests) -> Self {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        let mut h = Self {
-            s,
-            digests,
-            next_cid: 1,
-            qid: 0,
-        };
-        let req = tcp::IcReq {
-            pfv: 0,
-            hpda: 0,
-            digests,
-            maxr2t: 0,
-        };
-        h.s.write_all(&req.encode()).expect("icreq");
-        let mut resp = [0u8; 128];
-        h.s.read_exact(&mut resp).expect("icresp");
-        let r = tcp::IcResp::parse(&resp).expect("parse icresp");
-        assert_eq!(r.digests, digests);
-        assert!(r.maxh2cdata >= 4096);
-        h
-    }
-
-    pub fn raw(&mut self, b: &[u8]) {
-        self.s.write_all(b).expect("write");
-    }
-
-    /// Reads one PDU from the controller: (common header, full header, data).
-    pub fn read_pdu(&mut self) -> std::io::Result<(CommonHeader, Vec<u8>, Vec<u8>)> {
-        let mut ch = [0u8; 8];
-        self.s.read_exact(&mut ch)?;
-        let c = CommonHeader::parse(&ch);
-        let l = tcp::layout(&c, self.digests, false, 1 << 24).expect("controller PDU layout");
-        let mut rest = vec![0u8; l.head_rest()];
-        self.s.read_exact(&mut rest)?;
-        let mut header = ch.to_vec();
-        header.extend_from_slice(&rest);
-        if l.header_digest {
-            assert_eq!(
-                tcp::digest(&header[..l.hlen]),
-                header[l.hlen..l.hlen + 4],
-                "controller header digest"
-            );
-        }
-        let mut data = vec![0u8; l.data_len];
-        self.s.read_exact(&mut data)?;
-        if l.data_digest {
-            let mut d = [0u8; 4];
-            self.s.read_exact(&mut d)?;
-            assert_eq!(tcp::digest(&data), d, "controller data digest");
-        }
-        Ok((c, header, data))
-    }
-
-    pub fn cid(&mut self) -> u16 {
-        self.next_cid = self.next_cid.wrapping_add(1);
-        self.next_cid
-    }
-
-    /// Sends a command; host→controller `out` goes in-capsule if `in_capsule`, else via R2T.
-    /// `read_len` sizes a controller→host transfer. Returns the response and data received.
-    pub fn command(
-        &mut self,
-        mut sqe: Sqe,
-        out: Option<&[u8]>,
-        in_capsule: bool,
-        read_len: usize,
-    ) -> (Cqe, Vec<u8>) {
-        sqe.flags = 1 << 6; // PSDT: SGL
-        let mut capsule = Vec::new();
-        match out {
-            Some(d) if in_capsule => {
-                sqe.set_sgl(Sgl {
-                    address: 0,
-                    length: d.len() as u32,
-                    id: sgl::DATA_BLOCK_OFFSET,
-                });
-                capsule = d.to_vec();
-            }
-            Some(d) => sqe.set_sgl(Sgl {
-                address: 0,
-                length: d.len() as u32,
-                id: sgl::TRANSPORT_DATA_BLOCK,
-            }),
-            None => sqe.set_sgl(Sgl {
-                address: 0,
-                length: read_len as u32,
-                id: sgl::TRANSPORT_DATA_BLOCK,
-            }),
-        }
-        let mut pdu = tcp::capsule_cmd(&sqe, capsule.len(), self.digests, 0);
-        pdu.extend_from_slice(&capsule);
-        if !capsule.is_empty() && self.digests.data {
-            pdu.extend_from_slice(&tcp::digest(&capsule));
-        }
-        self.raw(&pdu);
-        let mut data = Vec::new();
-        loop {
-            let (c, header, d) = self.read_pdu().expect("response");
-            match PduType::from_u8(c.pdu_type) {
-                Some(PduType::CapsuleResp) => {
-                    let mut raw = [0u8; 16];
-                    raw.copy_from_slice(&header[8..24]);
-                    let cqe: Cqe = bytemuck::cast(raw);
-                    assert_eq!(cqe.cid, sqe.cid);
-                    return (cqe, data);
-                }
-                Some(PduType::C2HData) => {
-                    let h = tcp::parse_data_header(&header).expect("c2h");
-                    assert_eq!(h.cccid, sqe.cid);
-                    assert_eq!(h.datao as usize, data.len());
-                    data.extend_from_slice(&d);
-                }
-                Some(PduType::R2T) => {
-                    let r = tcp::parse_r2t(&header).expect("r2t");
-                    let src = out.expect("R2T for a command without data");
-                    let chunk = &src[r.r2to as usize..(r.r2to + r.r2tl) as usize];
-                    let h = tcp::DataHeader {
-                        cccid: r.cccid,
-                        ttag: r.ttag,
-                        datao: r.r2to,
-                        datal: r.r2tl,
-                    };
-                    let mut p =
-                        tcp::data_pdu(PduType::H2CData, &h, tcp::FLAG_DATA_LAST, self.digests, 0);
-                    p.extend_from_slice(chunk);
-                    if self.digests.data {
-                        p.extend_from_slice(&tcp::digest(chunk));
-                    }
-                    self.raw(&p);
-                }
-                other => panic!("unexpected PDU {other:?}"),
-            }
-        }
-    }
-
-    pub fn connect(&mut self, qid: u16, cntlid: u16, subnqn: &str, hostnqn: &str) -> Cqe {
-        let cid = self.cid();
-        let sqe = ConnectCmd {
-            recfmt: 0,
-            qid,
-            sqsize: if qid == 0 { 31 } else { 63 },
-            cattr: 0,
-            kato: if qid == 0 { 30_000 } else { 0 },
-        }
-        .to_sqe(cid);
-        let data = ConnectData {
-            hostid: [7; 16],
-            cntlid,
-            subnqn: subnqn.into(),
-            hostnqn: hostnqn.into(),
-        }
-        .to_bytes();
-        self.qid = qid;
-        self.command(sqe, Some(&data), true, 0).0
-    }
-
-    pub fn prop_set(&mut self, offset: u32, value: u32) -> Cqe {
-        let cid = self.cid();
-        let sqe = Sqe {
-            opcode: admin::FABRICS,
-            cid,
-            nsid: u32::from(fctype::PROPERTY_SET),
-            cdw11: offset,
-            cdw12: value,
-            ..Sqe::default()
-        };
-        self.command(sqe, None, false, 0).0
-    }
-
-    pub fn prop_get(&mut self, offset: u32, eight: bool) -> Cqe {
-        let cid = self.cid();
-        let sqe = Sqe {
-            opcode: admin::FABRICS,
-            cid,
-            nsid: u32::from(fctype::PROPERTY_GET),
-            cdw10: u32::from(eight),
-            cdw11: offset,
-            ..Sqe::default()
-        };
-        self.command(sqe, None, false, 0).0
-    }
-
-    /// Connects the admin queue and enables the controller. Returns the controller id.
-    pub fn admin(addr: SocketAddr, digests: Digests) -> (Self, u16) {
-        let mut h = Self::dial(addr, digests);
-        let c = h.connect(0, 0xFFFF, SUBNQN, HOSTNQN);
-        assert!(c.status().is_success(), "admin connect: {}", c.status());
-        let cntlid = c.dw0 as u16;
-        assert!(h
-            .prop_set(prop::CC, 1 | (6 << 16) | (4 << 20))
-            .status()
-            .is_success());
-        (h, cntlid)
-    }
-
-    pub fn admin_cmd(&mut self, mut sqe: Sqe, read_len: usize) -> (Status, Vec<u8>, u32) {
-        sqe.cid = self.cid();
-        let (c, d) = self.command(sqe, None, false, read_len);
-        (c.status(), d, c.dw0)
     }
 }
