@@ -6,7 +6,7 @@ use duplex_ipc::topology::ListenerKind;
 use duplex_nvme::cmd::{GetLogPage, Sqe};
 use duplex_nvme::identify::{self, ControllerInfo, ControllerType, NamespaceInfo};
 use duplex_nvme::log::{self, effects, AnaGroup, DiscoveryEntry};
-use duplex_nvme::spec::{admin, aen, ana, cns, feat, io, lid};
+use duplex_nvme::spec::{admin, ana, cns, feat, io, lid};
 use duplex_nvme::status::{generic, specific};
 
 use crate::conn::{DataIn, Queue, Reply, IN_CAPSULE_DATA, MAX_TRANSFER, MDTS};
@@ -136,7 +136,7 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
             log::discovery(target.discovery_genctr.get(), &discovery_entries(q, ctrl))
         }
         (lid::ERROR, _) => log::error_info(1),
-        (lid::SMART, false) => log::smart(&target.health(ctrl)),
+        (lid::SMART, false) => log::smart(&target.health()),
         (lid::FW_SLOT, false) => log::firmware_slot(FIRMWARE),
         (lid::CHANGED_NS, false) => {
             let list = if g.rae {
@@ -311,12 +311,4 @@ async fn async_event(ctrl: &Rc<Controller>) -> Reply {
     let dw0 = ctrl.next_event().await;
     tracing::info!(cntlid = ctrl.cntlid, dw0, "asynchronous event completed");
     Reply::ok(dw0)
-}
-
-/// Raises an ANA change notice on every controller (used when ANA states change).
-pub fn ana_changed(ctrl: &Controller) {
-    ctrl.raise_event(
-        aen::dword0(aen::TYPE_NOTICE, aen::NOTICE_ANA_CHANGE, lid::ANA),
-        aen::CFG_ANA_CHANGE,
-    );
 }

@@ -145,7 +145,7 @@ impl Controller {
                 );
                 true
             }
-            prop::NSSR => false,
+            // NSSR (subsystem reset) and the read-only properties.
             _ => false,
         }
     }

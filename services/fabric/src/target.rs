@@ -153,7 +153,7 @@ impl Target {
     }
 
     /// SMART / health counters (this incarnation's).
-    pub fn health(&self, _ctrl: &Controller) -> HealthCounters {
+    pub fn health(&self) -> HealthCounters {
         let mut h = self.stats.get();
         h.power_on_hours = self.started.elapsed().as_secs() / 3600;
         h
