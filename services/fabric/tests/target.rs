@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use duplex_host::HostError;
 use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::{admin, cns, feat, io, lid, prop, DISCOVERY_NQN};
 use duplex_nvme::status::{generic, media, specific};
@@ -340,16 +341,13 @@ fn expect_term(h: &Harness, digests: Digests, connected: bool, pdu: &[u8], fes: 
         Host::dial(h.addr, digests)
     };
     x.raw(pdu);
-    let saved = x.digests;
-    // TermReqs never carry digests.
-    x.digests = NONE;
-    let (c, header, _) = x.read_pdu().expect("a C2HTermReq");
-    x.digests = saved;
-    assert_eq!(PduType::from_u8(c.pdu_type), Some(PduType::C2HTermReq));
-    assert_eq!(tcp::parse_term_req(&header).map(|t| t.0), Some(fes));
+    match x.read_pdu() {
+        Err(HostError::Terminated { fes: got, .. }) => assert_eq!(got, fes),
+        other => panic!("expected a C2HTermReq, got {other:?}"),
+    }
     let mut b = [0u8; 1];
     assert_eq!(
-        std::io::Read::read(&mut x.s, &mut b).unwrap_or(0),
+        std::io::Read::read(&mut x.socket(), &mut b).unwrap_or(0),
         0,
         "closed after TermReq"
     );
@@ -408,9 +406,9 @@ fn malformed_pdus_get_term_req_and_close_only_that_connection() {
         id: duplex_nvme::spec::sgl::TRANSPORT_DATA_BLOCK,
     });
     q.raw(&tcp::capsule_cmd(&w, 0, NONE, 0));
-    let (c, header, _) = q.read_pdu().expect("R2T");
-    assert_eq!(PduType::from_u8(c.pdu_type), Some(PduType::R2T));
-    let r = tcp::parse_r2t(&header).expect("r2t");
+    let p = q.read_pdu().expect("R2T");
+    assert_eq!(p.pdu_type, PduType::R2T);
+    let r = tcp::parse_r2t(&p.header).expect("r2t");
     let d = tcp::DataHeader {
         cccid: r.cccid,
         ttag: r.ttag,
@@ -420,12 +418,10 @@ fn malformed_pdus_get_term_req_and_close_only_that_connection() {
     let mut p = tcp::data_pdu(PduType::H2CData, &d, tcp::FLAG_DATA_LAST, NONE, 0);
     p.extend_from_slice(&[0u8; 8192]);
     q.raw(&p);
-    let (c, header, _) = q.read_pdu().expect("TermReq");
-    assert_eq!(PduType::from_u8(c.pdu_type), Some(PduType::C2HTermReq));
-    assert_eq!(
-        tcp::parse_term_req(&header).map(|t| t.0),
-        Some(fes::DATA_OUT_OF_RANGE)
-    );
+    match q.read_pdu() {
+        Err(HostError::Terminated { fes: got, .. }) => assert_eq!(got, fes::DATA_OUT_OF_RANGE),
+        other => panic!("expected a C2HTermReq, got {other:?}"),
+    }
 
     // The first connection never noticed.
     let data = pattern(3, 4096);
@@ -467,7 +463,7 @@ fn keep_alive_timeout_tears_the_controller_down() {
     // Silence: the controller must go, and with it the connection.
     let mut b = [0u8; 1];
     assert_eq!(
-        std::io::Read::read(&mut a.s, &mut b).unwrap_or(0),
+        std::io::Read::read(&mut a.socket(), &mut b).unwrap_or(0),
         0,
         "closed on KATO expiry"
     );
@@ -530,10 +526,10 @@ fn a_stalled_host_holds_only_its_share_of_the_pool() {
     // Once the stalled host reads, every one of its reads completes.
     let mut done = 0;
     while done < 64 {
-        let (c, header, _) = stalled.read_pdu().expect("pdu");
-        if PduType::from_u8(c.pdu_type) == Some(PduType::CapsuleResp) {
+        let p = stalled.read_pdu().expect("pdu");
+        if p.pdu_type == PduType::CapsuleResp {
             let cqe: duplex_nvme::cmd::Cqe =
-                bytemuck::cast(<[u8; 16]>::try_from(&header[8..24]).expect("cqe"));
+                bytemuck::cast(<[u8; 16]>::try_from(&p.header[8..24]).expect("cqe"));
             assert!(cqe.status().is_success());
             done += 1;
         }
