@@ -136,12 +136,18 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line: clap's first line (it names the argument), then where to look.
+            // One line: clap's message (which names the argument, sometimes on the lines
+            // after the first), then where to look.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
             eprintln!(
                 "duplex-bench: {} (see duplex-bench --help)",
-                first.trim_start_matches("error: ")
+                message.join(" ")
             );
             return ExitCode::from(2);
         }
