@@ -343,7 +343,10 @@ impl Engine {
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() < self.config.spin {
-                std::hint::spin_loop();
+                // Give the core away if anything else wants it: on a core shared with the
+                // fabric (or the io_uring's workers) a plain spin would only delay the work we
+                // are waiting for; on a core of our own this returns at once.
+                std::thread::yield_now();
                 continue;
             }
             // Announce the waits, then re-check: what arrived meanwhile is handled first.
@@ -709,6 +712,9 @@ impl Engine {
             skip: req.done,
             len: req.cmd.len - req.done,
             offset: req.cmd.offset + req.done,
+            inline: self.volumes[vol]
+                .memory_backed()
+                .then(|| self.volumes[vol].fd()),
         };
         req.carried = self.uring.transfer(slot, t)?;
         req.outstanding = 1;

@@ -117,6 +117,10 @@ pub(crate) struct Transfer<'a> {
     pub len: u64,
     /// File offset of the first byte to transfer.
     pub offset: u64,
+    /// Do it now, with `preadv2`/`pwritev2` on this fd (the same file as `file`), instead of
+    /// through the ring: for memory-backed files, where the ring would only hand the copy to a
+    /// kernel worker thread. Its result is reaped like a ring completion.
+    pub inline: Option<BorrowedFd<'a>>,
 }
 
 /// A restricted io_uring with per-slot iovec storage.
@@ -128,6 +132,8 @@ pub(crate) struct Uring {
     slot_inflight: Vec<u32>,
     io_inflight: usize,
     files: u32,
+    /// Results of inline transfers, reaped before the ring's completions.
+    done_inline: Vec<(u64, i32)>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -192,6 +198,7 @@ impl Uring {
             slot_inflight: vec![0; slots],
             io_inflight: 0,
             files: u32::try_from(fds.len()).unwrap_or(u32::MAX),
+            done_inline: Vec::new(),
         })
     }
 
@@ -284,6 +291,12 @@ impl Uring {
         let n = u32::try_from(iovs.len()).unwrap_or(u32::MAX);
         let ptr = iovs.as_ptr().cast::<libc::iovec>();
         self.iovs[slot] = iovs;
+        if let Some(fd) = t.inline {
+            let res = inline_transfer(fd, t.dir, ptr, n, t.offset);
+            self.done_inline.push((slot as u64, res));
+            self.counted(slot);
+            return Ok(carried);
+        }
         let file = types::Fixed(t.file);
         let entry = match t.dir {
             Dir::Read => opcode::Readv::new(file, ptr, n).offset(t.offset).build(),
@@ -397,6 +410,7 @@ impl Uring {
     /// Moves every completion into `out` as `(user_data, result)`.
     pub(crate) fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         let start = out.len();
+        out.append(&mut self.done_inline);
         out.extend(
             self.ring
                 .completion()
@@ -415,7 +429,51 @@ impl Uring {
 
     /// Whether completions are waiting to be reaped (no system call).
     pub(crate) fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.done_inline.is_empty() || !self.ring.completion().is_empty()
+    }
+}
+
+/// `preadv2`/`pwritev2` of `n` iovecs at `iov` on `fd` at `offset`, now; returns what the ring
+/// would: bytes moved, or a negated errno.
+fn inline_transfer(
+    fd: BorrowedFd<'_>,
+    dir: Dir,
+    iov: *const libc::iovec,
+    n: u32,
+    offset: u64,
+) -> i32 {
+    let Ok(offset) = libc::off_t::try_from(offset) else {
+        return -libc::EINVAL;
+    };
+    let n = libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
+    loop {
+        let res = match dir {
+            // SAFETY: the caller (transfer) built `iov`: n iovecs in this slot's storage, each
+            // inside one chunk of the pool mapping the ring keeps alive (or, for writes, inside
+            // the zero buffer), chunks the engine holds and never references. The call ends
+            // before we return, so nothing points at them afterwards.
+            Dir::Read => unsafe { libc::preadv2(fd.as_raw_fd(), iov, n, offset, 0) },
+            // SAFETY: as above; the kernel only reads the memory.
+            Dir::Write { dsync } => unsafe {
+                libc::pwritev2(
+                    fd.as_raw_fd(),
+                    iov,
+                    n,
+                    offset,
+                    if dsync { libc::RWF_DSYNC } else { 0 },
+                )
+            },
+        };
+        if res >= 0 {
+            // At most MAX_IOVECS chunks: far below i32::MAX.
+            return i32::try_from(res).unwrap_or(i32::MAX);
+        }
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        if errno != libc::EINTR {
+            return -errno;
+        }
     }
 }
 
@@ -550,7 +608,18 @@ mod tests {
 
     #[test]
     fn vectored_transfers_move_pool_bytes_and_respect_skip() {
+        vectored_transfers(false);
+    }
+
+    #[test]
+    fn inline_transfers_move_pool_bytes_and_are_reaped_like_completions() {
+        vectored_transfers(true);
+    }
+
+    fn vectored_transfers(inline: bool) {
         let (mut u, mut f, _d) = setup(4096, 4);
+        let same_file = f.try_clone().expect("dup");
+        let inline = inline.then(|| same_file.as_fd());
         let pool = Arc::clone(&u.pool);
         let h = pool.alloc_chain(3 * 4096).expect("chain");
         let data: Vec<u8> = (0..3 * 4096).map(|i| (i * 7 % 251) as u8).collect();
@@ -563,6 +632,7 @@ mod tests {
             skip: 100,
             len: 3 * 4096 - 100,
             offset: 8192,
+            inline,
         };
         assert_eq!(u.transfer(0, t).expect("write"), 3 * 4096 - 100);
         assert!(matches!(
@@ -582,6 +652,7 @@ mod tests {
             skip: 0,
             len: 4096,
             offset: 8192,
+            inline,
         };
         assert_eq!(u.transfer(1, z).expect("zeroes"), 4096);
         assert_eq!(one(&mut u), (1, 4096));
@@ -592,6 +663,7 @@ mod tests {
             skip: 0,
             len: 2 * 4096,
             offset: 8192,
+            inline,
         };
         assert_eq!(u.transfer(2, r).expect("read"), 2 * 4096);
         assert_eq!(one(&mut u), (2, 2 * 4096));
@@ -628,6 +700,7 @@ mod tests {
             skip: 10,
             len: 64 * 1500 - 10,
             offset: 0,
+            inline: None,
         };
         assert_eq!(u.transfer(0, t).expect("write"), 64 * 1024 - 10);
         assert_eq!(one(&mut u), (0, 64 * 1024 - 10));

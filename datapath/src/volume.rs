@@ -47,6 +47,9 @@ pub enum VolumeError {
     },
 }
 
+/// `f_type` of ramfs (linux/magic.h; not in the libc crate).
+const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+
 /// One volume: its geometry and its open backing file or block device.
 #[derive(Debug)]
 pub struct Volume {
@@ -56,6 +59,7 @@ pub struct Volume {
     blocks: u64,
     direct: bool,
     block_device: bool,
+    memory_backed: bool,
     fd: OwnedFd,
 }
 
@@ -112,6 +116,15 @@ impl Volume {
         } else {
             return Err(bad_fd("neither a regular file nor a block device".into()));
         };
+        // tmpfs and ramfs: every read and write is a copy in the kernel that never waits for a
+        // device. The engine does those inline rather than through the io_uring, which would
+        // hand each one to a kernel worker thread (these file systems cannot take
+        // IOCB_NOWAIT), costing a thread switch per I/O on the datapath's core.
+        let memory_backed = !block_device
+            && nix::sys::statfs::fstatfs(&fd).is_ok_and(|s| {
+                let t = s.filesystem_type();
+                t == nix::sys::statfs::TMPFS_MAGIC || t.0 == RAMFS_MAGIC
+            });
         Ok(Self {
             id: spec.id,
             name: spec.name.clone(),
@@ -119,6 +132,7 @@ impl Volume {
             blocks: spec.blocks,
             direct: spec.direct,
             block_device,
+            memory_backed,
             fd,
         })
     }
@@ -151,6 +165,12 @@ impl Volume {
     /// The backing store is a block device (not a regular file).
     pub fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    /// The backing file lives in memory (tmpfs or ramfs): reads and writes never wait for a
+    /// device, so the engine does them inline.
+    pub fn memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     /// The backing fd.

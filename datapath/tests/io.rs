@@ -30,7 +30,26 @@ fn ok(d: &Done) {
 /// each volume; the read completion's chain holds exactly the bytes read.
 #[test]
 fn write_then_read_back_on_both_block_sizes() {
-    let mut node = Node::start(Setup::default());
+    write_then_read_back(Setup::default());
+}
+
+/// The same on tmpfs, where the engine reads and writes inline (`preadv2`/`pwritev2`) instead
+/// of through the io_uring.
+#[test]
+fn write_then_read_back_on_a_memory_backed_volume() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("SKIPPED: no /dev/shm");
+        return;
+    }
+    write_then_read_back(Setup {
+        dir: Some(shm.to_owned()),
+        ..Setup::default()
+    });
+}
+
+fn write_then_read_back(setup: Setup) {
+    let mut node = Node::start(setup);
     for (vol, bs, blocks) in [(1_u32, 512_u64, 8192_u64), (2, 4096, 2048)] {
         for (i, bytes) in [bs, 7 * bs, 4096, 4096 + bs, 64 * 1024, 128 * 1024]
             .into_iter()

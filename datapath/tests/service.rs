@@ -44,7 +44,7 @@ const PROBE: &str = env!("CARGO_BIN_EXE_duplex-datapath-probe");
 
 /// What duplexd holds for the datapath, and the fabric's ends.
 struct Duplexd {
-    _dir: tempfile::TempDir,
+    _dir: (tempfile::TempDir, tempfile::TempDir),
     health: Health,
     topology: OwnedFd,
     pool: Arc<Pool>,
@@ -112,11 +112,14 @@ impl Drop for Datapath {
 impl Duplexd {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        // Volume 2 lives in memory (tmpfs): the engine serves it inline (preadv2/pwritev2),
+        // so the policy tests exercise both ways.
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let mut specs = Vec::new();
         let mut volumes = Vec::new();
         for (id, bs, blocks) in [(1_u32, 512_u32, 4096_u64), (2, 4096, 512)] {
             let name = format!("v{id}");
-            let path = dir.path().join(&name);
+            let path = if id == 2 { shm.path() } else { dir.path() }.join(&name);
             std::fs::File::create(&path)
                 .unwrap()
                 .set_len(u64::from(bs) * blocks)
@@ -177,7 +180,7 @@ impl Duplexd {
             rings.push((name.to_owned(), region, data, space));
         }
         Self {
-            _dir: dir,
+            _dir: (dir, shm),
             health: Health::create("datapath", Duration::from_millis(100)).unwrap(),
             topology: topology.to_memfd().unwrap(),
             pool: Arc::new(pool),
@@ -356,8 +359,13 @@ fn probe_run(node: &Duplexd, omit: &str) -> (ExitStatus, String) {
     let _ = dp.control.recv_timeout(Duration::from_secs(5));
     let mut f = node.fabric();
     f.read(1, 0, 1);
+    f.write(2, 0, &[7; 4096], 0);
+    f.read(2, 0, 1);
     let mut got = Vec::new();
-    let _ = f.cq.pop_wait(&mut got, 1, Some(Duration::from_secs(2)));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while got.len() < 3 && Instant::now() < deadline {
+        let _ = f.cq.pop_wait(&mut got, 3, Some(Duration::from_millis(100)));
+    }
     let env = Envelope {
         request_id: dp.control.next_request_id(),
         epoch: 1,

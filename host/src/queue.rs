@@ -93,6 +93,10 @@ pub struct Queue {
     qid: u16,
     next_cid: u16,
     pending: HashMap<u16, Pending>,
+    /// PDUs queued by `submit` and R2T answers, sent by `flush` (which `poll` calls before it
+    /// would block): commands submitted together leave in one `send`, so the target reads them
+    /// together (and acknowledges them with one ACK).
+    out: Vec<u8>,
 }
 
 impl Queue {
@@ -133,6 +137,7 @@ impl Queue {
             qid: 0,
             next_cid: 0,
             pending: HashMap::new(),
+            out: Vec::with_capacity(64 * 1024),
         })
     }
 
@@ -204,7 +209,8 @@ impl Queue {
         }
     }
 
-    /// Sends a command (its `cid` is assigned here and returned).
+    /// Queues a command for sending (its `cid` is assigned here and returned). It leaves at the
+    /// next [`Queue::flush`], which [`Queue::poll`] does before it waits.
     pub fn submit(&mut self, mut sqe: Sqe, data: Data) -> Result<u16> {
         let cid = self.alloc_cid();
         sqe.cid = cid;
@@ -234,7 +240,7 @@ impl Queue {
                 pdu.extend_from_slice(&tcp::digest(&out));
             }
         }
-        self.writer.write_all(&pdu)?;
+        self.out.extend_from_slice(&pdu);
         self.pending.insert(
             cid,
             Pending {
@@ -249,6 +255,9 @@ impl Queue {
     /// Waits for the next completion, answering R2Ts and gathering C2HData meanwhile.
     pub fn poll(&mut self) -> Result<Completion> {
         loop {
+            if !self.pdu_buffered() {
+                self.flush()?;
+            }
             let p = pdu::read(&mut self.reader, self.opts.digests, self.opts.max_data)?;
             match p.pdu_type {
                 PduType::CapsuleResp => {
@@ -337,7 +346,6 @@ impl Queue {
             })?;
         let digests = self.opts.digests;
         let mut at = start;
-        let mut wire = Vec::with_capacity(len + 64);
         while at < end {
             let n = (end - at).min(self.maxh2cdata);
             let chunk = &pending.out[at..at + n];
@@ -352,21 +360,35 @@ impl Queue {
             } else {
                 0
             };
-            wire.extend_from_slice(&tcp::data_pdu(
+            self.out.extend_from_slice(&tcp::data_pdu(
                 PduType::H2CData,
                 &h,
                 flags,
                 digests,
                 self.cpda,
             ));
-            wire.extend_from_slice(chunk);
+            self.out.extend_from_slice(chunk);
             if digests.data {
-                wire.extend_from_slice(&tcp::digest(chunk));
+                self.out.extend_from_slice(&tcp::digest(chunk));
             }
             at += n;
         }
-        self.writer.write_all(&wire)?;
         Ok(())
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.out.is_empty() {
+            self.writer.write_all(&self.out)?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// A whole PDU is already in the read buffer: reading it will not block.
+    fn pdu_buffered(&self) -> bool {
+        let b = self.reader.buffer();
+        b.len() >= tcp::CH_LEN && u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize <= b.len()
     }
 
     /// Submits one command and waits for it (no other command may be in flight).
@@ -382,11 +404,13 @@ impl Queue {
 
     /// Sends raw bytes (tests craft PDUs with it).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.flush()?;
         Ok(self.writer.write_all(bytes)?)
     }
 
     /// Reads one PDU without interpreting it (tests).
     pub fn read_pdu(&mut self) -> Result<Pdu> {
+        self.flush()?;
         pdu::read(&mut self.reader, self.opts.digests, self.opts.max_data)
     }
 
