@@ -34,10 +34,22 @@
 //! change is never overwritten. Indices are compared in a 48-bit window, which is exact while no
 //! chunk stays lent for 2^47 descriptors.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::region::{page_size, Region, RegionError, RegionKind, HEADER_SIZE};
+
+/// Most iovecs one [`Pool::send_pieces`] call passes (`IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// One piece of what [`Pool::send_pieces`] sends.
+#[derive(Clone, Copy, Debug)]
+pub enum Piece<'a> {
+    /// Bytes of the caller's.
+    Bytes(&'a [u8]),
+    /// The first `len` bytes of a chain the caller holds.
+    Chain(BufHandle, usize),
+}
 
 /// Name of a chunk: its index in the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -490,6 +502,94 @@ impl Pool {
         Ok(total)
     }
 
+    /// Bytes a chain holds (the sum of its chunks' lengths).
+    pub fn chain_len(&self, head: BufHandle) -> Result<usize, PoolError> {
+        Ok(self
+            .chain(head)?
+            .iter()
+            .map(|&h| (self.len_word(h).load(Ordering::Relaxed) as usize).min(self.chunk_size))
+            .sum())
+    }
+
+    /// Zero-copy send: one `sendmsg` on socket `fd` of `pieces` (bytes of ours, and the first
+    /// bytes of chains of the pool) back to back, starting `skip` bytes into that sequence.
+    /// Returns what the call sent, which may be less than asked (a non-blocking socket with a
+    /// full buffer, or more than [`MAX_IOVECS`] pieces): call again with `skip` advanced. The
+    /// kernel reads the chunks straight from the mapping; no Rust reference to them is formed.
+    /// The caller must hold the chains.
+    pub fn send_pieces(
+        &self,
+        fd: BorrowedFd<'_>,
+        pieces: &[Piece<'_>],
+        skip: usize,
+    ) -> std::io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(pieces.len().min(MAX_IOVECS) + 8);
+        let mut at = 0_usize; // position in the whole sequence
+        let push = |iovs: &mut Vec<libc::iovec>, base: *const u8, n: usize, at: usize| {
+            // The part of [at, at + n) at or after `skip`.
+            if at + n > skip {
+                let from = skip.saturating_sub(at);
+                iovs.push(libc::iovec {
+                    iov_base: base.wrapping_add(from).cast_mut().cast(),
+                    iov_len: n - from,
+                });
+            }
+        };
+        'pieces: for piece in pieces {
+            match *piece {
+                Piece::Bytes(b) => {
+                    if iovs.len() >= MAX_IOVECS {
+                        break;
+                    }
+                    push(&mut iovs, b.as_ptr(), b.len(), at);
+                    at += b.len();
+                }
+                Piece::Chain(head, len) => {
+                    let chunks = self.chain(head).map_err(std::io::Error::other)?;
+                    let end = at + len;
+                    for &h in &chunks {
+                        if at >= end {
+                            break;
+                        }
+                        if iovs.len() >= MAX_IOVECS {
+                            break 'pieces;
+                        }
+                        let n = (self.len_word(h).load(Ordering::Relaxed) as usize)
+                            .min(self.chunk_size)
+                            .min(end - at);
+                        // In bounds: chain() checked h, and n <= chunk_size.
+                        push(&mut iovs, self.chunk_ptr(h), n, at);
+                        at += n;
+                    }
+                    if at < end {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("chain {} holds fewer than the {len} bytes to send", head.0),
+                        ));
+                    }
+                }
+            }
+        }
+        iovs.retain(|v| v.iov_len > 0);
+        if iovs.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iovs.as_mut_ptr();
+        msg.msg_iovlen = iovs.len();
+        // SAFETY: every iovec points into a `Piece::Bytes` slice (borrowed for this call) or
+        // into one chunk of this pool's mapping (handle bounds-checked by chain(), length
+        // within the chunk), which `self` keeps mapped for the duration of the call; `msg`
+        // names only `iovs`. sendmsg only reads them and returns before we do; no reference to
+        // pool memory is created. MSG_NOSIGNAL: a closed peer is an EPIPE, not a signal.
+        let r = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(usize::try_from(r).unwrap_or(0))
+    }
+
     /// Raw address of chunk `h` (for zero-copy I/O into the pool). The caller must hold the
     /// chunk and never form a Rust reference to it.
     pub fn chunk_ptr(&self, h: u32) -> *mut u8 {
@@ -595,6 +695,51 @@ mod tests {
         assert!(a.free_chain(h).is_err(), "A no longer holds it");
         b.free_chain(h).expect("free");
         assert_eq!(a.free_count(), 8);
+    }
+
+    #[test]
+    fn send_pieces_sends_bytes_and_chains_resuming_at_any_offset() {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let (a, _b) = pair();
+        let data: Vec<u8> = (0..150u8).collect();
+        let h = a.alloc_chain(data.len()).expect("alloc");
+        a.write_chain(h, &data).expect("write");
+        let h2 = a.alloc_chain(64).expect("alloc");
+        a.write_chain(h2, &[9; 64]).expect("write");
+        assert_eq!(a.chain_len(h).expect("len"), 150);
+        let pieces = [
+            Piece::Bytes(b"header--"),
+            Piece::Chain(h, 130),
+            Piece::Bytes(b""),
+            Piece::Bytes(b"resp"),
+            Piece::Chain(h2, 64),
+        ];
+        let mut want = b"header--".to_vec();
+        want.extend_from_slice(&data[..130]);
+        want.extend_from_slice(b"resp");
+        want.extend_from_slice(&[9; 64]);
+        for skip in [0, 3, 8, 9, 63, 72, 100, 137, 138, 141, 142, 200] {
+            let (mut rx, tx) = std::os::unix::net::UnixStream::pair().expect("pair");
+            let mut at = skip;
+            while at < want.len() {
+                let n = a.send_pieces(tx.as_fd(), &pieces, at).expect("sendmsg");
+                assert!(n > 0);
+                at += n;
+            }
+            drop(tx);
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).expect("read");
+            assert_eq!(got, want[skip..], "skip {skip}");
+        }
+        let (_rx, tx) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let e = a
+            .send_pieces(tx.as_fd(), &[Piece::Chain(h, 151)], 0)
+            .expect_err("longer than the chain");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(a
+            .send_pieces(tx.as_fd(), &[Piece::Chain(BufHandle(99), 1)], 0)
+            .is_err());
     }
 
     #[test]

@@ -292,6 +292,28 @@ impl Chain {
             }
         }
     }
+
+    /// Bytes the chain holds, or `None` (logged) if the pool refuses.
+    pub fn bytes(&self) -> Option<usize> {
+        match self.backend.pool.chain_len(self.head) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot walk a completed chain");
+                None
+            }
+        }
+    }
+
+    /// The pool the chain is in.
+    pub fn pool(&self) -> &Pool {
+        self.backend.pool()
+    }
+
+    /// The chain's first `len` bytes, as a piece to send
+    /// ([`duplex_ipc::pool::Pool::send_pieces`]).
+    pub fn piece(&self, len: usize) -> duplex_ipc::pool::Piece<'static> {
+        duplex_ipc::pool::Piece::Chain(self.head, len)
+    }
 }
 
 impl Drop for Chain {

@@ -27,11 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::control::RateLimiter;
+use duplex_ipc::pool::Piece;
 use duplex_nvme::cmd::{ConnectCmd, ConnectData, Cqe, Sqe};
 use duplex_nvme::spec::{admin, fctype, sgl};
 use duplex_nvme::status::{generic, specific, Status};
 use duplex_nvme::tcp::{self, fes, CommonHeader, Digests, Layout, PduError, PduType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -81,9 +82,27 @@ pub struct Reply {
 pub enum Payload {
     /// Bytes the fabric built (Identify, log pages).
     Bytes(Vec<u8>),
-    /// Read data still in the shared pool: copied once, straight into the C2HData PDU, and
-    /// freed when dropped (also if the connection dies first).
+    /// Read data still in the shared pool: sent from there (zero copy; copied into the PDU
+    /// only to compute a data digest), and freed when dropped (also if the connection dies
+    /// first).
     Chain(Chain),
+}
+
+/// What a connection's writer sends.
+#[derive(Debug)]
+pub enum Out {
+    /// A whole PDU.
+    Bytes(Vec<u8>),
+    /// A C2HData PDU whose data goes from the pool straight to the socket: the header, then
+    /// the first `len` bytes of the chain (no data digest: those PDUs are `Bytes`).
+    Chain {
+        /// The PDU header.
+        header: Vec<u8>,
+        /// The data.
+        chain: Chain,
+        /// Bytes of it to send.
+        len: usize,
+    },
 }
 
 impl Reply {
@@ -201,7 +220,7 @@ pub struct Queue {
     outstanding: RefCell<std::collections::HashSet<u16>>,
     transfers: RefCell<HashMap<u16, Transfer>>,
     next_ttag: Cell<u16>,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Out>,
     /// Pool chunks this queue may hold at once (see [`queue_budget`]).
     budget: Arc<Semaphore>,
 }
@@ -235,7 +254,7 @@ impl Queue {
 
     /// Queues a PDU for sending. Fails only if the connection is closing.
     pub async fn send(&self, pdu: Vec<u8>) -> bool {
-        self.tx.send(pdu).await.is_ok()
+        self.tx.send(Out::Bytes(pdu)).await.is_ok()
     }
 
     /// Pulls `len` bytes of host data for command `cid` with R2T (one R2T per window of at
@@ -318,27 +337,50 @@ impl Queue {
                 self.digests,
                 self.hpda,
             );
-            let start = pdu.len();
-            pdu.reserve(sgl_len + tcp::DIGEST_LEN);
-            let filled = match data {
-                Payload::Bytes(d) => {
-                    pdu.extend_from_slice(&d[..d.len().min(sgl_len)]);
-                    true
+            let sent = match data {
+                // Zero copy: the writer sends the header, then the data from the pool. Read
+                // data must be exactly what the SGL asked for.
+                Payload::Chain(c) if !self.digests.data => {
+                    if c.bytes() == Some(sgl_len) {
+                        let out = Out::Chain {
+                            header: pdu,
+                            chain: c,
+                            len: sgl_len,
+                        };
+                        if self.tx.send(out).await.is_err() {
+                            return;
+                        }
+                        true
+                    } else {
+                        false
+                    }
                 }
-                // Read data must be exactly what the SGL asked for.
-                Payload::Chain(c) => c.append_to(&mut pdu) == Some(sgl_len),
+                data => {
+                    let start = pdu.len();
+                    pdu.reserve(sgl_len + tcp::DIGEST_LEN);
+                    let filled = match data {
+                        Payload::Bytes(d) => {
+                            pdu.extend_from_slice(&d[..d.len().min(sgl_len)]);
+                            true
+                        }
+                        Payload::Chain(c) => c.append_to(&mut pdu) == Some(sgl_len),
+                    };
+                    if filled {
+                        // A shorter payload (Identify data for a larger SGL) is padded with
+                        // zeroes.
+                        pdu.resize(start + sgl_len, 0);
+                        if self.digests.data {
+                            let d = tcp::digest(&pdu[start..]);
+                            pdu.extend_from_slice(&d);
+                        }
+                        if !self.send(pdu).await {
+                            return;
+                        }
+                    }
+                    filled
+                }
             };
-            if filled {
-                // A shorter payload (Identify data for a larger SGL) is padded with zeroes.
-                pdu.resize(start + sgl_len, 0);
-                if self.digests.data {
-                    let d = tcp::digest(&pdu[start..]);
-                    pdu.extend_from_slice(&d);
-                }
-                if !self.send(pdu).await {
-                    return;
-                }
-            } else {
+            if !sent {
                 status = generic::INTERNAL;
             }
         }
@@ -540,24 +582,108 @@ async fn handshake(
     Some((queue, writer))
 }
 
-async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
-    while let Some(pdu) = rx.recv().await {
-        if w.write_all(&pdu).await.is_err() {
+/// A gathered piece of the writer's next send.
+enum Seg {
+    /// Bytes `[start, end)` of the gather buffer.
+    Buf(usize, usize),
+    /// The first `len` bytes of a chain (freed once sent).
+    Chain(Chain, usize),
+}
+
+/// Sends what the connection's tasks queue, in order. Everything ready is gathered (PDUs into
+/// one buffer, read data as pieces of the pool) and leaves in one `sendmsg` when nothing more
+/// is ready or enough is gathered: the data of reads goes from the pool straight to the
+/// socket.
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
+    const GATHER_BYTES: usize = 256 * 1024;
+    const GATHER_SEGS: usize = 256;
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut segs: Vec<Seg> = Vec::new();
+    let mut bytes = 0;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Out::Bytes(pdu) => {
+                    gather(&mut buf, &mut segs, &pdu);
+                    bytes += pdu.len();
+                }
+                Out::Chain { header, chain, len } => {
+                    gather(&mut buf, &mut segs, &header);
+                    segs.push(Seg::Chain(chain, len));
+                    bytes += header.len() + len;
+                }
+            }
+            if bytes >= GATHER_BYTES || segs.len() >= GATHER_SEGS {
+                if send_all(wr.as_ref(), &buf, &segs).await.is_err() {
+                    return;
+                }
+                buf.clear();
+                segs.clear();
+                bytes = 0;
+            }
+            next = rx.try_recv().ok();
+        }
+        if send_all(wr.as_ref(), &buf, &segs).await.is_err() {
             return;
         }
-        // Batch whatever else is ready into the same flush.
-        while let Ok(pdu) = rx.try_recv() {
-            if w.write_all(&pdu).await.is_err() {
-                return;
-            }
-        }
-        if w.flush().await.is_err() {
+        buf.clear();
+        segs.clear();
+        bytes = 0;
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Appends `bytes` to the gather buffer, extending the last buffer piece if it ends there.
+fn gather(buf: &mut Vec<u8>, segs: &mut Vec<Seg>, bytes: &[u8]) {
+    let start = buf.len();
+    buf.extend_from_slice(bytes);
+    if let Some(Seg::Buf(_, end)) = segs.last_mut() {
+        if *end == start {
+            *end = buf.len();
             return;
         }
     }
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
+    segs.push(Seg::Buf(start, buf.len()));
+}
+
+/// Sends the gathered pieces, all of them, waiting for the socket to take them.
+async fn send_all(sock: &TcpStream, buf: &[u8], segs: &[Seg]) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let pool = segs.iter().find_map(|s| match s {
+        Seg::Chain(c, _) => Some(c.pool()),
+        Seg::Buf(..) => None,
+    });
+    let pieces: Vec<Piece<'_>> = segs
+        .iter()
+        .map(|s| match s {
+            Seg::Buf(a, b) => Piece::Bytes(&buf[*a..*b]),
+            Seg::Chain(c, len) => c.piece(*len),
+        })
+        .collect();
+    let total: usize = segs
+        .iter()
+        .map(|s| match s {
+            Seg::Buf(a, b) => b - a,
+            Seg::Chain(_, len) => *len,
+        })
+        .sum();
+    let mut done = 0;
+    while done < total {
+        let r = match pool {
+            None => sock.try_write(&buf[done..]),
+            Some(pool) => sock.try_io(tokio::io::Interest::WRITABLE, || {
+                pool.send_pieces(sock.as_fd(), &pieces, done)
+            }),
+        };
+        match r {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sock.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer) {
@@ -639,7 +765,7 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
     while tasks.join_next().await.is_some() {}
     queue.transfers.borrow_mut().clear();
     if let Some(t) = term {
-        let _ = queue.tx.send(t).await;
+        let _ = queue.tx.send(Out::Bytes(t)).await;
     }
     let role = queue.role.replace(Role::Unconnected);
     match role {

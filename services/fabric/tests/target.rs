@@ -506,8 +506,11 @@ fn a_stalled_host_holds_only_its_share_of_the_pool() {
     }
     // Another host is served meanwhile, and the stalled one never holds more than its share.
     let (_b, mut other) = io_queue(&h, NONE);
+    // Read data goes from the pool to the socket, and its chain is freed just after the send:
+    // the other host may already hold its 64 KiB (16 chunks) when we look.
+    let limit = share + 16;
     for round in 0..20u8 {
-        assert!(h.pool_in_use() <= share, "pool in use: {}", h.pool_in_use());
+        assert!(h.pool_in_use() <= limit, "pool in use: {}", h.pool_in_use());
         let data = pattern(round, 64 * 1024);
         let mut w = rw(io::WRITE, 4000 % BLOCKS, 16);
         w.cid = other.cid();
@@ -522,7 +525,7 @@ fn a_stalled_host_holds_only_its_share_of_the_pool() {
         assert!(c.status().is_success());
         assert!(d == data, "round {round}");
     }
-    assert!(h.pool_in_use() <= share, "pool in use: {}", h.pool_in_use());
+    assert!(h.pool_in_use() <= limit, "pool in use: {}", h.pool_in_use());
     // Once the stalled host reads, every one of its reads completes.
     let mut done = 0;
     while done < 64 {
