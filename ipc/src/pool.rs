@@ -462,6 +462,43 @@ impl Pool {
         Ok(())
     }
 
+    /// Copies `data` into a chain we hold at byte `offset` of its packed contents (chunk `i`
+    /// holds bytes `[i * chunk_size, (i + 1) * chunk_size)`), leaving the used lengths alone:
+    /// for a chain filled piece by piece, finished with [`Pool::set_chain_len`].
+    pub fn write_at(&self, head: BufHandle, offset: usize, data: &[u8]) -> Result<(), PoolError> {
+        let chunks = self.chain(head)?;
+        let capacity = chunks.len() * self.chunk_size;
+        let end = offset.checked_add(data.len()).filter(|&e| e <= capacity);
+        if end.is_none() {
+            return Err(PoolError::TooLong {
+                handle: head.0,
+                capacity,
+                wanted: offset.saturating_add(data.len()),
+            });
+        }
+        let mut rest = data;
+        let mut at = offset;
+        while !rest.is_empty() {
+            let h = chunks[at / self.chunk_size];
+            let intra = at % self.chunk_size;
+            let n = rest.len().min(self.chunk_size - intra);
+            let (now, later) = rest.split_at(n);
+            // SAFETY: chunk h (checked by chain()) spans chunk_size bytes inside the mapping and
+            // intra + n <= chunk_size. The chunk is held by us, so no correct peer writes it
+            // concurrently; raw-pointer copy, no reference to shared memory is formed.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    now.as_ptr(),
+                    self.chunk_ptr(h).wrapping_add(intra),
+                    n,
+                )
+            };
+            at += n;
+            rest = later;
+        }
+        Ok(())
+    }
+
     /// Sets the used lengths of a chain we hold to describe `bytes` bytes packed from its head:
     /// full chunks, then the remainder, then zero for any chunks left over. For a chain filled
     /// in place (zero-copy I/O into [`Pool::chunk_ptr`]), where [`Pool::write_chain`] did not set
@@ -740,6 +777,26 @@ mod tests {
         assert!(a
             .send_pieces(tx.as_fd(), &[Piece::Chain(BufHandle(99), 1)], 0)
             .is_err());
+    }
+
+    #[test]
+    fn write_at_fills_a_chain_piece_by_piece() {
+        let (a, _b) = pair();
+        let h = a.alloc_chain(64 * 3).expect("alloc");
+        let data: Vec<u8> = (0..170u8).collect();
+        for (from, to) in [(0, 10), (10, 64), (64, 65), (65, 150), (150, 170)] {
+            a.write_at(h, from, &data[from..to]).expect("write_at");
+        }
+        a.set_chain_len(h, 170).expect("len");
+        let mut out = Vec::new();
+        a.read_chain(h, &mut out).expect("read");
+        assert_eq!(out, data);
+        assert!(matches!(
+            a.write_at(h, 190, &[0; 3]),
+            Err(PoolError::TooLong { wanted: 193, .. })
+        ));
+        assert!(a.write_at(h, usize::MAX, &[0; 3]).is_err());
+        a.write_at(h, 192, &[]).expect("empty at the end");
     }
 
     #[test]

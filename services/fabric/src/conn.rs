@@ -42,6 +42,7 @@ use crate::backend::{Backend, Chain};
 use crate::controller::{keep_alive_watchdog, Controller, Teardown, MAX_IO_QUEUES, QUEUE_ENTRIES};
 use crate::target::{Port, Target};
 use crate::{admin as admin_cmds, io as io_cmds};
+use duplex_ipc::pool::BufHandle;
 
 /// In-capsule data accepted on every queue (bytes; IOCCSZ = 64 + this).
 pub const IN_CAPSULE_DATA: usize = 8192;
@@ -192,8 +193,22 @@ struct Transfer {
     cccid: u16,
     next: usize,
     end: usize,
-    buf: Vec<u8>,
-    done: Option<oneshot::Sender<Vec<u8>>>,
+    dest: Dest,
+    done: Option<oneshot::Sender<Dest>>,
+}
+
+/// Where pulled host data goes.
+enum Dest {
+    /// A buffer of the fabric's (admin and small commands).
+    Bytes(Vec<u8>),
+    /// Straight into a pool chain the command holds, at the data offset (writes); `failed`
+    /// if the pool refused a copy.
+    Chain {
+        /// The chain.
+        head: BufHandle,
+        /// A copy failed (the command fails; the stream stays in step).
+        failed: bool,
+    },
 }
 
 /// The per-connection queue state shared with command tasks.
@@ -260,9 +275,41 @@ impl Queue {
     /// Pulls `len` bytes of host data for command `cid` with R2T (one R2T per window of at
     /// most [`MAX_TRANSFER`] bytes, one outstanding at a time).
     pub async fn pull(&self, cid: u16, len: usize) -> Result<Vec<u8>, Status> {
-        let mut data = Vec::with_capacity(len);
-        while data.len() < len {
-            let start = data.len();
+        match self
+            .pull_to(cid, len, Dest::Bytes(Vec::with_capacity(len)))
+            .await?
+        {
+            Dest::Bytes(b) => Ok(b),
+            Dest::Chain { .. } => Err(generic::INTERNAL),
+        }
+    }
+
+    /// Pulls `len` bytes of host data for command `cid` with R2T straight into pool chain
+    /// `head` (which holds at least `len` bytes), and sets its used length.
+    pub async fn pull_into(&self, cid: u16, head: BufHandle, len: usize) -> Result<(), Status> {
+        let dest = Dest::Chain {
+            head,
+            failed: false,
+        };
+        match self.pull_to(cid, len, dest).await? {
+            Dest::Chain { failed: false, .. } => {}
+            _ => return Err(generic::INTERNAL),
+        }
+        let pool = self
+            .shared
+            .backend
+            .as_ref()
+            .ok_or(generic::INTERNAL)?
+            .pool();
+        pool.set_chain_len(head, len).map_err(|e| {
+            tracing::error!(error = %e, "cannot set the length of a pulled chain");
+            generic::INTERNAL
+        })
+    }
+
+    async fn pull_to(&self, cid: u16, len: usize, mut dest: Dest) -> Result<Dest, Status> {
+        let mut start = 0;
+        while start < len {
             let n = (len - start).min(MAX_TRANSFER);
             let ttag = self.alloc_ttag();
             let (tx, rx) = oneshot::channel();
@@ -272,7 +319,7 @@ impl Queue {
                     cccid: cid,
                     next: start,
                     end: start + n,
-                    buf: std::mem::take(&mut data),
+                    dest,
                     done: Some(tx),
                 },
             );
@@ -289,9 +336,10 @@ impl Queue {
                 self.transfers.borrow_mut().remove(&ttag);
                 return Err(generic::DATA_TRANSFER);
             }
-            data = rx.await.map_err(|_| generic::DATA_TRANSFER)?;
+            dest = rx.await.map_err(|_| generic::DATA_TRANSFER)?;
+            start += n;
         }
-        Ok(data)
+        Ok(dest)
     }
 
     fn alloc_ttag(&self) -> u16 {
@@ -423,10 +471,13 @@ impl From<std::io::Error> for ReadError {
     }
 }
 
+/// Reads one PDU. Its data goes into `spare`'s allocation (taken; the caller may hand the
+/// PDU's data back once done with it, so large H2CData PDUs do not cost an allocation each).
 async fn read_pdu(
     rd: &mut BufReader<OwnedReadHalf>,
     digests: Digests,
     max_data: usize,
+    spare: &mut Vec<u8>,
 ) -> Result<Pdu, ReadError> {
     let mut ch = [0u8; tcp::CH_LEN];
     rd.read_exact(&mut ch).await?;
@@ -446,8 +497,16 @@ async fn read_pdu(
         }
     }
     header.truncate(layout.hlen);
-    let mut data = vec![0u8; layout.data_len];
-    rd.read_exact(&mut data).await?;
+    let mut data = std::mem::take(spare);
+    data.clear();
+    data.reserve(layout.data_len);
+    while data.len() < layout.data_len {
+        // read_buf fills the spare capacity without zeroing it first.
+        let want = (layout.data_len - data.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut data).await? == 0 {
+            return Err(ReadError::Io);
+        }
+    }
     if layout.data_digest {
         let mut d = [0u8; 4];
         rd.read_exact(&mut d).await?;
@@ -507,7 +566,11 @@ async fn handshake(
     local: SocketAddr,
     port: Port,
 ) -> Option<(Rc<Queue>, Writer)> {
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_pdu(rd, Digests::default(), 0)).await;
+    let first = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_pdu(rd, Digests::default(), 0, &mut Vec::new()),
+    )
+    .await;
     let fail = |e: PduError, quote: &[u8]| tcp::term_req(PduType::C2HTermReq, &e, quote);
     let icreq = match first {
         Err(_) => {
@@ -688,6 +751,7 @@ async fn send_all(sock: &TcpStream, buf: &[u8], segs: &[Seg]) -> std::io::Result
 
 async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer) {
     let mut tasks = JoinSet::new();
+    let mut spare = Vec::new();
     let mut teardown: Option<watch::Receiver<Teardown>> = None;
     let max_data = IN_CAPSULE_DATA.max(MAX_TRANSFER);
     let connect_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
@@ -710,7 +774,7 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
             }
         };
         let pdu = tokio::select! {
-            r = read_pdu(&mut rd, queue.digests, max_data) => r,
+            r = read_pdu(&mut rd, queue.digests, max_data, &mut spare) => r,
             _ = torn => {
                 if teardown.is_none() {
                     queue.shared.warn(queue.peer, "no Connect within the handshake timeout: closing");
@@ -735,7 +799,11 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
         }
         let result = match pdu.layout.pdu_type {
             PduType::CapsuleCmd => on_capsule(&queue, &mut tasks, &mut pdu),
-            PduType::H2CData => on_h2c_data(&queue, &pdu),
+            PduType::H2CData => {
+                let r = on_h2c_data(&queue, &pdu);
+                spare = std::mem::take(&mut pdu.data);
+                r
+            }
             PduType::H2CTermReq => {
                 let (fes, fei) = tcp::parse_term_req(&pdu.header).unwrap_or((0, 0));
                 tracing::info!(fes, fei, "host terminated the connection (H2CTermReq)");
@@ -1092,12 +1160,22 @@ fn on_h2c_data(queue: &Rc<Queue>, pdu: &Pdu) -> Result<(), PduError> {
             "H2CData outside the window its R2T asked for",
         ));
     }
-    t.buf.extend_from_slice(&pdu.data);
+    match &mut t.dest {
+        Dest::Bytes(b) => b.extend_from_slice(&pdu.data),
+        Dest::Chain { head, failed } => {
+            let pool = queue.shared.backend.as_ref().map(|b| b.pool());
+            let copied = pool.map(|p| p.write_at(*head, t.next, &pdu.data));
+            if !matches!(copied, Some(Ok(()))) && !*failed {
+                tracing::error!(result = ?copied, "cannot copy host data into the pool");
+                *failed = true;
+            }
+        }
+    }
     t.next += pdu.data.len();
     if t.next == t.end {
         if let Some(t) = transfers.remove(&h.ttag) {
             if let Some(done) = t.done {
-                let _ = done.send(t.buf);
+                let _ = done.send(t.dest);
             }
         }
     }

@@ -147,18 +147,31 @@ async fn write(
     let Some(_permit) = q.reserve(bytes).await else {
         return generic::INTERNAL;
     };
-    let payload = match q.host_data(sqe.cid, data).await {
-        Ok(p) => p,
-        Err(s) => return s,
-    };
     let buf = match backend.alloc(bytes).await {
         Ok(b) => b,
         Err(e) => return backend_error(e),
     };
-    if let Err(e) = backend.pool().write_chain(buf, &payload) {
-        backend.free(buf);
-        return backend_error(e.into());
+    // Freed if this task is dropped while the host (slowly, or never) sends the data.
+    let guard = FreeOnDrop {
+        backend,
+        head: Some(buf),
+    };
+    // Host data goes into the chain: copied from the capsule, or from each H2CData PDU as it
+    // arrives.
+    let filled = match data {
+        DataIn::Transfer(n) => q.pull_into(sqe.cid, buf, n).await,
+        data => match q.host_data(sqe.cid, data).await {
+            Ok(payload) => backend.pool().write_chain(buf, &payload).map_err(|e| {
+                tracing::error!(error = %e, "cannot copy host data into the pool");
+                generic::INTERNAL
+            }),
+            Err(s) => Err(s),
+        },
+    };
+    if let Err(s) = filled {
+        return s;
     }
+    guard.disarm();
     let mut d = desc(OP_WRITE, ns, slba, nlb);
     d.buf = buf.0;
     d.buf_len = bytes as u32;
@@ -179,6 +192,28 @@ async fn write(
         q.shared.target.record_media_error();
     }
     status
+}
+
+/// A chain held by a command task, freed if the task ends (or is dropped) before handing it
+/// on.
+struct FreeOnDrop<'a> {
+    backend: &'a Backend,
+    head: Option<BufHandle>,
+}
+
+impl FreeOnDrop<'_> {
+    /// The chain is handed on: do not free it.
+    fn disarm(mut self) {
+        self.head = None;
+    }
+}
+
+impl Drop for FreeOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.head.take() {
+            self.backend.free(h);
+        }
+    }
 }
 
 async fn compare(

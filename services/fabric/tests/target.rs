@@ -538,3 +538,41 @@ fn a_stalled_host_holds_only_its_share_of_the_pool() {
         }
     }
 }
+
+/// A write pulled with R2T whose host sends part of the data and goes away: the chain the
+/// data was going into returns to the pool (a hostile host cannot leak the pool this way).
+#[test]
+fn a_host_that_vanishes_mid_transfer_leaves_no_buffer_behind() {
+    let h = Harness::start();
+    for round in 0..4u16 {
+        let (a, mut q) = io_queue(&h, NONE);
+        let mut w = rw(io::WRITE, 0, 32);
+        w.cid = 7 + round;
+        w.flags = 1 << 6;
+        w.set_sgl(duplex_nvme::cmd::Sgl {
+            address: 0,
+            length: 128 * 1024,
+            id: duplex_nvme::spec::sgl::TRANSPORT_DATA_BLOCK,
+        });
+        q.raw(&tcp::capsule_cmd(&w, 0, NONE, 0));
+        let p = q.read_pdu().expect("R2T");
+        assert_eq!(p.pdu_type, PduType::R2T);
+        let r = tcp::parse_r2t(&p.header).expect("r2t");
+        let d = tcp::DataHeader {
+            cccid: r.cccid,
+            ttag: r.ttag,
+            datao: 0,
+            datal: 8192,
+        };
+        let mut p = tcp::data_pdu(PduType::H2CData, &d, 0, NONE, 0);
+        p.extend_from_slice(&[5u8; 8192]);
+        q.raw(&p);
+        assert!(h.pool_in_use() <= 32, "pool in use: {}", h.pool_in_use());
+        drop((a, q));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.pool_in_use() != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(h.pool_in_use(), 0, "chains left behind by vanished hosts");
+}
