@@ -86,6 +86,10 @@ struct Args {
     /// Header and data digests (CRC32C).
     #[arg(long)]
     digests: bool,
+    /// Poll the sockets for completions instead of sleeping in recv (as spdk_nvme_perf does;
+    /// each worker then keeps its core busy).
+    #[arg(long)]
+    busy_poll: bool,
     /// Use only the first N blocks of the namespace.
     #[arg(long)]
     span_blocks: Option<u64>,
@@ -254,6 +258,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .map(|i| WorkerSpec {
             addr,
             digests,
+            // Long enough to cover any round trip; past it the worker sleeps as usual.
+            busy_poll: args.busy_poll.then_some(Duration::from_millis(10)),
             subnqn: args.nqn.clone(),
             hostnqn: args.hostnqn.clone(),
             hostid,

@@ -20,6 +20,8 @@ pub struct WorkerSpec {
     pub addr: SocketAddr,
     /// Digests.
     pub digests: Digests,
+    /// Poll the socket before sleeping in recv, this long.
+    pub busy_poll: Option<Duration>,
     /// Subsystem NQN.
     pub subnqn: String,
     /// Host NQN.
@@ -117,6 +119,7 @@ pub fn run(
         QueueOptions {
             digests: spec.digests,
             in_capsule: spec.in_capsule,
+            busy_poll: spec.busy_poll,
             ..QueueOptions::default()
         },
     )

@@ -24,6 +24,9 @@ pub struct QueueOptions {
     pub max_data: usize,
     /// In-capsule data this queue sends (bytes; the target's IOCCSZ − 64 for I/O queues).
     pub in_capsule: usize,
+    /// Before [`Queue::poll`] sleeps in `recv`, poll the socket this long for data (a load
+    /// generator on a core of its own spares itself the wakeup, as spdk_nvme_perf does).
+    pub busy_poll: Option<Duration>,
 }
 
 impl Default for QueueOptions {
@@ -33,6 +36,7 @@ impl Default for QueueOptions {
             timeout: Some(Duration::from_secs(30)),
             max_data: 1 << 20,
             in_capsule: 4096,
+            busy_poll: None,
         }
     }
 }
@@ -257,6 +261,11 @@ impl Queue {
         loop {
             if !self.pdu_buffered() {
                 self.flush()?;
+                if let Some(spin) = self.opts.busy_poll {
+                    if self.reader.buffer().is_empty() {
+                        self.spin_for_data(spin)?;
+                    }
+                }
             }
             let p = pdu::read(&mut self.reader, self.opts.digests, self.opts.max_data)?;
             match p.pdu_type {
@@ -383,6 +392,30 @@ impl Queue {
             self.out.clear();
         }
         Ok(())
+    }
+
+    /// Polls the socket (non-blocking peeks) until data arrives or `spin` passes.
+    fn spin_for_data(&mut self, spin: Duration) -> Result<()> {
+        let s = self.reader.get_ref();
+        s.set_nonblocking(true)?;
+        let start = std::time::Instant::now();
+        let mut b = [0u8; 1];
+        let polled = loop {
+            match s.peek(&mut b) {
+                Ok(_) => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if start.elapsed() >= spin {
+                        break Ok(());
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The blocking read that follows reports it.
+                Err(_) => break Ok(()),
+            }
+        };
+        s.set_nonblocking(false)?;
+        polled
     }
 
     /// A whole PDU is already in the read buffer: reading it will not block.

@@ -33,6 +33,7 @@ impl Host {
                 timeout: Some(Duration::from_secs(20)),
                 max_data: 1 << 24,
                 in_capsule: 8192,
+                busy_poll: None,
             },
         )
         .expect("ICReq/ICResp");

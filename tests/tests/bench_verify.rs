@@ -75,8 +75,14 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
     ));
     node.log.wait_for(&["fabric ready"]);
 
-    // A mixed verifying run on two queues, 4 KiB and 128 KiB, with digests on the second.
-    for extra in [&["--bs", "4k"][..], &["--bs", "128k", "--digests"][..]] {
+    // A mixed verifying run on two queues: 4 KiB; 128 KiB with digests (read data copied to
+    // compute them); 128 KiB without (read data sent straight from the pool, write data pulled
+    // straight into it) with the host polling its sockets.
+    for extra in [
+        &["--bs", "4k"][..],
+        &["--bs", "128k", "--digests"][..],
+        &["--bs", "128k", "--busy-poll"][..],
+    ] {
         let mut args = vec![
             "--workload",
             "mixed",
