@@ -13,7 +13,8 @@
 //!    ring is not full (backpressure: a full completion ring stops consumption on that channel;
 //!    its completions wait, none is dropped);
 //! 4. submit the queued operations;
-//! 5. nothing done: spin for [`EngineConfig::spin`], then announce the waits
+//! 5. nothing done: poll for [`EngineConfig::spin`] (yielding the core each turn, so a fabric
+//!    sharing it runs), then announce the waits
 //!    (`Consumer::arm_wait` on the submission rings it can consume from, `Producer::arm_wait`
 //!    on full completion rings), make sure a poll is queued on each of those rings' doorbells
 //!    and on its wake eventfd (all fixed files of the io_uring), and sleep in `io_uring_enter`
