@@ -368,17 +368,32 @@ impl Pool {
     /// The chunks of a chain, validated: in bounds, no loop.
     pub fn chain(&self, head: BufHandle) -> Result<Vec<u32>, PoolError> {
         let mut out = Vec::new();
+        self.walk(head, |h| {
+            out.push(h);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` on each chunk of a chain, in order, until it returns false; fails (possibly
+    /// after some calls) on a chunk out of bounds or a chain longer than the pool (a loop).
+    /// [`Pool::chain`] without the allocation, for the per-I/O paths.
+    fn walk(&self, head: BufHandle, mut f: impl FnMut(u32) -> bool) -> Result<(), PoolError> {
         let mut h = head.0;
         self.check(h)?;
+        let mut seen = 0_u32;
         while h != NIL {
             self.check(h)?;
-            if out.len() >= self.count as usize {
+            if seen >= self.count {
                 return Err(PoolError::BadChain(head.0));
             }
-            out.push(h);
+            seen += 1;
+            if !f(h) {
+                break;
+            }
             h = self.next_word(h).load(Ordering::Relaxed);
         }
-        Ok(out)
+        Ok(())
     }
 
     fn expect_state(&self, h: u32, want: u64, what: &'static str) -> Result<(), PoolError> {
@@ -541,11 +556,12 @@ impl Pool {
 
     /// Bytes a chain holds (the sum of its chunks' lengths).
     pub fn chain_len(&self, head: BufHandle) -> Result<usize, PoolError> {
-        Ok(self
-            .chain(head)?
-            .iter()
-            .map(|&h| (self.len_word(h).load(Ordering::Relaxed) as usize).min(self.chunk_size))
-            .sum())
+        let mut total = 0;
+        self.walk(head, |h| {
+            total += (self.len_word(h).load(Ordering::Relaxed) as usize).min(self.chunk_size);
+            true
+        })?;
+        Ok(total)
     }
 
     /// Zero-copy send: one `sendmsg` on socket `fd` of `pieces` (bytes of ours, and the first
@@ -572,7 +588,7 @@ impl Pool {
                 });
             }
         };
-        'pieces: for piece in pieces {
+        for piece in pieces {
             match *piece {
                 Piece::Bytes(b) => {
                     if iovs.len() >= MAX_IOVECS {
@@ -582,21 +598,27 @@ impl Pool {
                     at += b.len();
                 }
                 Piece::Chain(head, len) => {
-                    let chunks = self.chain(head).map_err(std::io::Error::other)?;
                     let end = at + len;
-                    for &h in &chunks {
+                    let mut full = false;
+                    self.walk(head, |h| {
                         if at >= end {
-                            break;
+                            return false;
                         }
                         if iovs.len() >= MAX_IOVECS {
-                            break 'pieces;
+                            full = true;
+                            return false;
                         }
                         let n = (self.len_word(h).load(Ordering::Relaxed) as usize)
                             .min(self.chunk_size)
                             .min(end - at);
-                        // In bounds: chain() checked h, and n <= chunk_size.
+                        // In bounds: walk() checked h, and n <= chunk_size.
                         push(&mut iovs, self.chunk_ptr(h), n, at);
                         at += n;
+                        true
+                    })
+                    .map_err(std::io::Error::other)?;
+                    if full {
+                        break;
                     }
                     if at < end {
                         return Err(std::io::Error::new(
