@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::control::RateLimiter;
-use duplex_ipc::pool::Piece;
+use duplex_ipc::pool::{BufHandle, Piece};
 use duplex_nvme::cmd::{ConnectCmd, ConnectData, Cqe, Sqe};
 use duplex_nvme::spec::{admin, fctype, sgl};
 use duplex_nvme::status::{generic, specific, Status};
@@ -42,7 +42,6 @@ use crate::backend::{Backend, Chain};
 use crate::controller::{keep_alive_watchdog, Controller, Teardown, MAX_IO_QUEUES, QUEUE_ENTRIES};
 use crate::target::{Port, Target};
 use crate::{admin as admin_cmds, io as io_cmds};
-use duplex_ipc::pool::BufHandle;
 
 /// In-capsule data accepted on every queue (bytes; IOCCSZ = 64 + this).
 pub const IN_CAPSULE_DATA: usize = 8192;
@@ -378,7 +377,7 @@ impl Queue {
                 datao: 0,
                 datal: sgl_len as u32,
             };
-            let mut pdu = tcp::data_pdu(
+            let pdu = tcp::data_pdu(
                 PduType::C2HData,
                 &h,
                 tcp::FLAG_DATA_LAST,
@@ -389,7 +388,8 @@ impl Queue {
                 // Zero copy: the writer sends the header, then the data from the pool. Read
                 // data must be exactly what the SGL asked for.
                 Payload::Chain(c) if !self.digests.data => {
-                    if c.bytes() == Some(sgl_len) {
+                    let whole = c.bytes() == Some(sgl_len);
+                    if whole {
                         let out = Out::Chain {
                             header: pdu,
                             chain: c,
@@ -398,35 +398,18 @@ impl Queue {
                         if self.tx.send(out).await.is_err() {
                             return;
                         }
-                        true
-                    } else {
-                        false
                     }
+                    whole
                 }
-                data => {
-                    let start = pdu.len();
-                    pdu.reserve(sgl_len + tcp::DIGEST_LEN);
-                    let filled = match data {
-                        Payload::Bytes(d) => {
-                            pdu.extend_from_slice(&d[..d.len().min(sgl_len)]);
-                            true
-                        }
-                        Payload::Chain(c) => c.append_to(&mut pdu) == Some(sgl_len),
-                    };
-                    if filled {
-                        // A shorter payload (Identify data for a larger SGL) is padded with
-                        // zeroes.
-                        pdu.resize(start + sgl_len, 0);
-                        if self.digests.data {
-                            let d = tcp::digest(&pdu[start..]);
-                            pdu.extend_from_slice(&d);
-                        }
+                data => match copy_data(pdu, data, sgl_len, self.digests.data) {
+                    Some(pdu) => {
                         if !self.send(pdu).await {
                             return;
                         }
+                        true
                     }
-                    filled
-                }
+                    None => false,
+                },
             };
             if !sent {
                 status = generic::INTERNAL;
@@ -449,6 +432,30 @@ impl Queue {
         self.outstanding.borrow_mut().remove(&cid);
         self.send(tcp::capsule_resp(&cqe, self.digests)).await;
     }
+}
+
+/// A data PDU with its data copied in after `pdu` (the header): exactly `sgl_len` bytes (a
+/// shorter payload, Identify data for a larger SGL, is padded with zeroes), then the data
+/// digest if `digest`. `None` if read data is not exactly `sgl_len` bytes.
+fn copy_data(mut pdu: Vec<u8>, data: Payload, sgl_len: usize, digest: bool) -> Option<Vec<u8>> {
+    let start = pdu.len();
+    pdu.reserve(sgl_len + tcp::DIGEST_LEN);
+    let filled = match data {
+        Payload::Bytes(d) => {
+            pdu.extend_from_slice(&d[..d.len().min(sgl_len)]);
+            true
+        }
+        Payload::Chain(c) => c.append_to(&mut pdu) == Some(sgl_len),
+    };
+    if !filled {
+        return None;
+    }
+    pdu.resize(start + sgl_len, 0);
+    if digest {
+        let d = tcp::digest(&pdu[start..]);
+        pdu.extend_from_slice(&d);
+    }
+    Some(pdu)
 }
 
 /// A received PDU.
@@ -653,100 +660,106 @@ enum Seg {
     Chain(Chain, usize),
 }
 
+/// What the writer has gathered for its next send.
+#[derive(Default)]
+struct Gather {
+    buf: Vec<u8>,
+    segs: Vec<Seg>,
+    bytes: usize,
+}
+
+impl Gather {
+    /// Gathers no more than this before sending.
+    const MAX_BYTES: usize = 256 * 1024;
+    const MAX_SEGS: usize = 256;
+
+    fn push(&mut self, out: Out) {
+        match out {
+            Out::Bytes(pdu) => self.push_bytes(&pdu),
+            Out::Chain { header, chain, len } => {
+                self.push_bytes(&header);
+                self.segs.push(Seg::Chain(chain, len));
+                self.bytes += len;
+            }
+        }
+    }
+
+    /// Appends bytes to the buffer, extending the last buffer piece if it ends there.
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        self.bytes += bytes.len();
+        if let Some(Seg::Buf(_, end)) = self.segs.last_mut() {
+            if *end == start {
+                *end = self.buf.len();
+                return;
+            }
+        }
+        self.segs.push(Seg::Buf(start, self.buf.len()));
+    }
+
+    fn full(&self) -> bool {
+        self.bytes >= Self::MAX_BYTES || self.segs.len() >= Self::MAX_SEGS
+    }
+
+    /// Sends everything gathered, waiting for the socket to take it, then starts afresh (the
+    /// chains are freed).
+    async fn send(&mut self, sock: &TcpStream) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let pool = self.segs.iter().find_map(|s| match s {
+            Seg::Chain(c, _) => Some(c.pool()),
+            Seg::Buf(..) => None,
+        });
+        let pieces: Vec<Piece<'_>> = self
+            .segs
+            .iter()
+            .map(|s| match s {
+                Seg::Buf(a, b) => Piece::Bytes(&self.buf[*a..*b]),
+                Seg::Chain(c, len) => c.piece(*len),
+            })
+            .collect();
+        let mut done = 0;
+        while done < self.bytes {
+            let r = match pool {
+                None => sock.try_write(&self.buf[done..]),
+                Some(pool) => sock.try_io(tokio::io::Interest::WRITABLE, || {
+                    pool.send_pieces(sock.as_fd(), &pieces, done)
+                }),
+            };
+            match r {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sock.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        drop(pieces);
+        self.buf.clear();
+        self.segs.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
 /// Sends what the connection's tasks queue, in order. Everything ready is gathered (PDUs into
 /// one buffer, read data as pieces of the pool) and leaves in one `sendmsg` when nothing more
 /// is ready or enough is gathered: the data of reads goes from the pool straight to the
 /// socket.
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
-    const GATHER_BYTES: usize = 256 * 1024;
-    const GATHER_SEGS: usize = 256;
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut segs: Vec<Seg> = Vec::new();
-    let mut bytes = 0;
+    let mut gather = Gather::default();
     while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Out::Bytes(pdu) => {
-                    gather(&mut buf, &mut segs, &pdu);
-                    bytes += pdu.len();
-                }
-                Out::Chain { header, chain, len } => {
-                    gather(&mut buf, &mut segs, &header);
-                    segs.push(Seg::Chain(chain, len));
-                    bytes += header.len() + len;
-                }
+        gather.push(first);
+        while let Ok(out) = rx.try_recv() {
+            if gather.full() && gather.send(wr.as_ref()).await.is_err() {
+                return;
             }
-            if bytes >= GATHER_BYTES || segs.len() >= GATHER_SEGS {
-                if send_all(wr.as_ref(), &buf, &segs).await.is_err() {
-                    return;
-                }
-                buf.clear();
-                segs.clear();
-                bytes = 0;
-            }
-            next = rx.try_recv().ok();
+            gather.push(out);
         }
-        if send_all(wr.as_ref(), &buf, &segs).await.is_err() {
+        if gather.send(wr.as_ref()).await.is_err() {
             return;
         }
-        buf.clear();
-        segs.clear();
-        bytes = 0;
     }
     let _ = wr.shutdown().await;
-}
-
-/// Appends `bytes` to the gather buffer, extending the last buffer piece if it ends there.
-fn gather(buf: &mut Vec<u8>, segs: &mut Vec<Seg>, bytes: &[u8]) {
-    let start = buf.len();
-    buf.extend_from_slice(bytes);
-    if let Some(Seg::Buf(_, end)) = segs.last_mut() {
-        if *end == start {
-            *end = buf.len();
-            return;
-        }
-    }
-    segs.push(Seg::Buf(start, buf.len()));
-}
-
-/// Sends the gathered pieces, all of them, waiting for the socket to take them.
-async fn send_all(sock: &TcpStream, buf: &[u8], segs: &[Seg]) -> std::io::Result<()> {
-    use std::os::fd::AsFd;
-    let pool = segs.iter().find_map(|s| match s {
-        Seg::Chain(c, _) => Some(c.pool()),
-        Seg::Buf(..) => None,
-    });
-    let pieces: Vec<Piece<'_>> = segs
-        .iter()
-        .map(|s| match s {
-            Seg::Buf(a, b) => Piece::Bytes(&buf[*a..*b]),
-            Seg::Chain(c, len) => c.piece(*len),
-        })
-        .collect();
-    let total: usize = segs
-        .iter()
-        .map(|s| match s {
-            Seg::Buf(a, b) => b - a,
-            Seg::Chain(_, len) => *len,
-        })
-        .sum();
-    let mut done = 0;
-    while done < total {
-        let r = match pool {
-            None => sock.try_write(&buf[done..]),
-            Some(pool) => sock.try_io(tokio::io::Interest::WRITABLE, || {
-                pool.send_pieces(sock.as_fd(), &pieces, done)
-            }),
-        };
-        match r {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => sock.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer) {
