@@ -400,22 +400,21 @@ impl Queue {
         s.set_nonblocking(true)?;
         let start = std::time::Instant::now();
         let mut b = [0u8; 1];
-        let polled = loop {
+        loop {
             match s.peek(&mut b) {
-                Ok(_) => break Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if start.elapsed() >= spin {
-                        break Ok(());
+                        break;
                     }
                     std::hint::spin_loop();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // The blocking read that follows reports it.
-                Err(_) => break Ok(()),
+                // Data, EOF, or an error the blocking read that follows reports.
+                _ => break,
             }
-        };
+        }
         s.set_nonblocking(false)?;
-        polled
+        Ok(())
     }
 
     /// A whole PDU is already in the read buffer: reading it will not block.
