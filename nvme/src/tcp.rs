@@ -510,6 +510,21 @@ pub fn encode_header(
     digests: Digests,
     cpda: u8,
 ) -> Vec<u8> {
+    let mut b = Vec::new();
+    encode_header_into(&mut b, t, extra_flags, type_header, data_len, digests, cpda);
+    b
+}
+
+/// [`encode_header`], appended to `out` (no allocation when `out` has room).
+pub fn encode_header_into(
+    out: &mut Vec<u8>,
+    t: PduType,
+    extra_flags: u8,
+    type_header: &[u8],
+    data_len: usize,
+    digests: Digests,
+    cpda: u8,
+) {
     let hlen = t.hlen();
     debug_assert_eq!(type_header.len(), hlen - CH_LEN);
     let hd = if digests.header { DIGEST_LEN } else { 0 };
@@ -531,7 +546,9 @@ pub fn encode_header(
     if data_len > 0 && digests.data {
         flags |= FLAG_DDGST;
     }
-    let mut b = vec![0u8; head];
+    let start = out.len();
+    out.resize(start + head, 0);
+    let b = &mut out[start..];
     CommonHeader {
         pdu_type: t as u8,
         flags,
@@ -539,19 +556,25 @@ pub fn encode_header(
         pdo: pdo as u8,
         plen: plen as u32,
     }
-    .write(&mut b);
+    .write(b);
     b[CH_LEN..hlen].copy_from_slice(type_header);
     if digests.header {
         let d = digest(&b[..hlen]);
         b[hlen..hlen + DIGEST_LEN].copy_from_slice(&d);
     }
-    b
 }
 
 /// A CapsuleResp PDU.
 pub fn capsule_resp(cqe: &crate::cmd::Cqe, digests: Digests) -> Vec<u8> {
+    let mut b = Vec::new();
+    capsule_resp_into(&mut b, cqe, digests);
+    b
+}
+
+/// [`capsule_resp`], appended to `out`.
+pub fn capsule_resp_into(out: &mut Vec<u8>, cqe: &crate::cmd::Cqe, digests: Digests) {
     let raw: [u8; 16] = bytemuck::cast(*cqe);
-    encode_header(PduType::CapsuleResp, 0, &raw, 0, digests, 0)
+    encode_header_into(out, PduType::CapsuleResp, 0, &raw, 0, digests, 0);
 }
 
 /// A CapsuleCmd PDU header for a command with `data_len` bytes of in-capsule data.
@@ -577,14 +600,29 @@ fn short(a: u16, b: u16, c: u32, d: u32) -> [u8; 16] {
 
 /// A data PDU header (C2HData from a controller, H2CData from a host).
 pub fn data_pdu(t: PduType, h: &DataHeader, flags: u8, digests: Digests, align: u8) -> Vec<u8> {
-    encode_header(
+    let mut b = Vec::new();
+    data_pdu_into(&mut b, t, h, flags, digests, align);
+    b
+}
+
+/// [`data_pdu`]'s header, appended to `out`.
+pub fn data_pdu_into(
+    out: &mut Vec<u8>,
+    t: PduType,
+    h: &DataHeader,
+    flags: u8,
+    digests: Digests,
+    align: u8,
+) {
+    encode_header_into(
+        out,
         t,
         flags,
         &short(h.cccid, h.ttag, h.datao, h.datal),
         h.datal as usize,
         digests,
         align,
-    )
+    );
 }
 
 /// An R2T PDU.
@@ -622,6 +660,34 @@ pub fn term_req(t: PduType, err: &PduError, offending: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::cmd::{Cqe, Sqe};
+
+    #[test]
+    fn encoding_into_a_buffer_appends_what_the_allocating_encoders_return() {
+        let digests = Digests {
+            header: true,
+            data: true,
+        };
+        let cqe = Cqe {
+            cid: 7,
+            status: 2,
+            ..Cqe::default()
+        };
+        let h = DataHeader {
+            cccid: 7,
+            ttag: 0,
+            datao: 0,
+            datal: 4096,
+        };
+        for d in [D0, digests] {
+            let mut out = vec![0xEE; 3];
+            capsule_resp_into(&mut out, &cqe, d);
+            data_pdu_into(&mut out, PduType::C2HData, &h, FLAG_DATA_LAST, d, 3);
+            let mut want = vec![0xEE; 3];
+            want.extend(capsule_resp(&cqe, d));
+            want.extend(data_pdu(PduType::C2HData, &h, FLAG_DATA_LAST, d, 3));
+            assert_eq!(out, want);
+        }
+    }
 
     const D0: Digests = Digests {
         header: false,

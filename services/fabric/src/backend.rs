@@ -2,14 +2,22 @@
 //! it consumes, and the shared buffer pool.
 //!
 //! Everything runs on the fabric's single runtime thread, so the state is in `RefCell`s and
-//! no lock is taken. A command task allocates a chain ([`Backend::alloc`], waiting while the
-//! pool is exhausted: backpressure, not failure), submits a descriptor ([`Backend::submit`],
-//! waiting while the ring is full) and awaits its completion, which [`Backend::run`] routes by
-//! tag. A completion whose waiter is gone (its connection died) has its buffer freed; one
-//! addressed to a dead predecessor (another epoch) too.
+//! no lock is taken. Two ways in:
+//!
+//! - The fast path (reads and in-capsule writes, [`Backend::try_start`]): the connection's
+//!   reader takes the buffer and ring slot at once and leaves a [`crate::io::Pending`] in the
+//!   command table; [`Backend::run`] finishes the command from the completion itself (no task,
+//!   no channel, no allocation per command).
+//! - Everything else runs as a command task: it allocates a chain ([`Backend::alloc`], waiting
+//!   while the pool is exhausted: backpressure, not failure), submits a descriptor
+//!   ([`Backend::submit`], waiting while the ring is full) and awaits its completion.
+//!
+//! The command table is a slab indexed by the low bits of the tag (the high bits are a
+//! sequence number, so a stale or forged tag finds nothing). A completion whose waiter is gone
+//! (its connection died) has its buffer freed; one addressed to a dead predecessor (another
+//! epoch) too.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
@@ -19,6 +27,8 @@ use duplex_ipc::pool::{BufHandle, Pool, PoolError, ReclaimPlan, NIL};
 use duplex_ipc::ring::{Consumer, Producer, RingError};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
+
+use crate::io::Pending;
 
 /// Errors talking to the datapath.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +50,76 @@ pub enum BackendError {
 struct Channel {
     submit: Producer<IoDesc>,
     complete: Consumer<IoDesc>,
-    pending: HashMap<u64, oneshot::Sender<IoDesc>>,
-    next_tag: u64,
+    pending: Table,
+}
+
+/// Who waits for a submitted request.
+enum Waiter {
+    /// A command task.
+    Task(oneshot::Sender<IoDesc>),
+    /// A fast-path command, finished by the router.
+    Io(Pending),
+}
+
+/// Requests in flight, by tag: slot index in the low [`Table::INDEX_BITS`] bits, a sequence
+/// number above them.
+#[derive(Default)]
+struct Table {
+    slots: Vec<Option<(u64, Waiter)>>,
+    free: Vec<u32>,
+    seq: u64,
+    len: usize,
+}
+
+impl Table {
+    const INDEX_BITS: u32 = 24;
+
+    /// The tag the next [`Table::insert`] takes.
+    fn next_tag(&mut self) -> u64 {
+        let index = match self.free.last() {
+            Some(i) => *i as usize,
+            None => self.slots.len(),
+        };
+        (self.seq.wrapping_add(1) << Self::INDEX_BITS) | index as u64
+    }
+
+    /// Stores `w` under `tag`, which [`Table::next_tag`] just returned.
+    fn insert(&mut self, tag: u64, w: Waiter) {
+        self.seq = self.seq.wrapping_add(1);
+        let index = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        debug_assert_eq!(tag, (self.seq << Self::INDEX_BITS) | index as u64);
+        self.slots[index] = Some((tag, w));
+        self.len += 1;
+    }
+
+    /// Takes the waiter of `tag`, if it is in flight.
+    fn remove(&mut self, tag: u64) -> Option<Waiter> {
+        let index = (tag & ((1 << Self::INDEX_BITS) - 1)) as usize;
+        let slot = self.slots.get_mut(index)?;
+        if !matches!(slot, Some((t, _)) if *t == tag) {
+            return None;
+        }
+        let (_, w) = slot.take()?;
+        self.free.push(index as u32);
+        self.len -= 1;
+        Some(w)
+    }
+
+    /// Takes every waiter.
+    fn drain(&mut self) -> Vec<Waiter> {
+        self.free.clear();
+        self.len = 0;
+        self.slots
+            .drain(..)
+            .filter_map(|s| s.map(|(_, w)| w))
+            .collect()
+    }
 }
 
 /// The fabric's datapath channel (one per I/O thread; the fabric has one).
@@ -96,8 +174,7 @@ impl Backend {
             chan: RefCell::new(Channel {
                 submit,
                 complete,
-                pending: HashMap::new(),
-                next_tag: 1,
+                pending: Table::default(),
             }),
             epoch,
             submit_ring,
@@ -179,31 +256,80 @@ impl Backend {
         if ch.submit.free()? == 0 {
             return Ok(None);
         }
-        let tag = ch.next_tag;
-        ch.next_tag += 1;
-        desc.tag = tag;
-        desc.epoch = self.epoch;
-        if desc.buf != NIL {
-            let index = ch.submit.next_index();
-            self.pool
-                .lend_chain(BufHandle(desc.buf), self.submit_ring, index)?;
-        }
-        ch.submit.try_push(std::slice::from_ref(desc))?;
         let (tx, rx) = oneshot::channel();
-        ch.pending.insert(tag, tx);
+        self.publish(&mut ch, desc, Waiter::Task(tx))
+            .map_err(|(e, _)| e)?;
         Ok(Some(rx))
+    }
+
+    /// The fast path: publishes `desc` now if the ring has room, and the router finishes the
+    /// command `p` from its completion ([`crate::io::finish`]). `Err(p)` if the ring is full
+    /// or the channel is down; the caller still holds `desc.buf` then.
+    pub fn try_start(&self, mut desc: IoDesc, p: Pending) -> Result<(), Pending> {
+        if self.closed.get() {
+            return Err(p);
+        }
+        let mut ch = self.chan.borrow_mut();
+        if !matches!(ch.submit.free(), Ok(n) if n > 0) {
+            return Err(p);
+        }
+        match self.publish(&mut ch, &mut desc, Waiter::Io(p)) {
+            Ok(()) => Ok(()),
+            Err((e, Waiter::Io(p))) => {
+                tracing::error!(error = %e, "cannot submit to the datapath");
+                Err(p)
+            }
+            Err((_, Waiter::Task(_))) => unreachable!("the waiter given back is the one given"),
+        }
+    }
+
+    /// Tags `desc`, lends its chain to the ring and publishes it (the ring has room). On
+    /// failure nothing was published, the chain is the caller's again and `waiter` comes back.
+    fn publish(
+        &self,
+        ch: &mut Channel,
+        desc: &mut IoDesc,
+        waiter: Waiter,
+    ) -> Result<(), (BackendError, Waiter)> {
+        desc.epoch = self.epoch;
+        let index = ch.submit.next_index();
+        if desc.buf != NIL {
+            if let Err(e) = self
+                .pool
+                .lend_chain(BufHandle(desc.buf), self.submit_ring, index)
+            {
+                return Err((e.into(), waiter));
+            }
+        }
+        desc.tag = ch.pending.next_tag();
+        if let Err(e) = ch.submit.try_push(std::slice::from_ref(desc)) {
+            if desc.buf != NIL {
+                let _ = self
+                    .pool
+                    .take_chain(BufHandle(desc.buf), self.submit_ring, index);
+            }
+            return Err((e.into(), waiter));
+        }
+        ch.pending.insert(desc.tag, waiter);
+        Ok(())
     }
 
     /// Routes completions to their waiters until the channel fails. Run it as a task.
     pub async fn run(self: Rc<Self>) -> Result<(), BackendError> {
         let result = self.route().await;
         self.closed.set(true);
-        self.chan.borrow_mut().pending.clear();
+        let waiters = self.chan.borrow_mut().pending.drain();
+        for w in waiters {
+            // Task waiters see their channel close; fast-path commands fail here.
+            if let Waiter::Io(p) = w {
+                crate::io::fail(p);
+            }
+        }
         self.pool_freed.notify_waiters();
         result
     }
 
-    async fn route(&self) -> Result<(), BackendError> {
+    async fn route(self: &Rc<Self>) -> Result<(), BackendError> {
         let mut batch = Vec::with_capacity(64);
         loop {
             batch.clear();
@@ -228,29 +354,36 @@ impl Backend {
         }
     }
 
-    fn complete_one(&self, d: IoDesc, index: u64) {
+    fn complete_one(self: &Rc<Self>, d: IoDesc, index: u64) {
         if d.buf != NIL {
             if let Err(e) = self
                 .pool
                 .take_chain(BufHandle(d.buf), self.complete_ring, index)
             {
                 tracing::error!(tag = d.tag, error = %e, "completion carries a buffer we cannot take");
-                self.chan.borrow_mut().pending.remove(&d.tag);
+                // The command fails (a task sees its channel close).
+                let waiter = (d.epoch == self.epoch)
+                    .then(|| self.chan.borrow_mut().pending.remove(d.tag))
+                    .flatten();
+                if let Some(Waiter::Io(p)) = waiter {
+                    crate::io::fail(p);
+                }
                 return;
             }
         }
         let waiter = if d.epoch == self.epoch {
-            self.chan.borrow_mut().pending.remove(&d.tag)
+            self.chan.borrow_mut().pending.remove(d.tag)
         } else {
             None
         };
         match waiter {
-            Some(tx) => {
+            Some(Waiter::Task(tx)) => {
                 if let Err(d) = tx.send(d) {
                     // The command's connection is gone.
                     self.release(d);
                 }
             }
+            Some(Waiter::Io(p)) => crate::io::finish(self, p, d),
             None => {
                 tracing::debug!(
                     tag = d.tag,
@@ -270,7 +403,7 @@ impl Backend {
 
     /// Requests in flight.
     pub fn in_flight(&self) -> usize {
-        self.chan.borrow().pending.len()
+        self.chan.borrow().pending.len
     }
 }
 
@@ -339,4 +472,36 @@ impl AsRawFd for Bell {
 
 fn drain(fd: &AsyncFd<Bell>) {
     fd.get_ref().0.drain();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Waiter {
+        Waiter::Task(oneshot::channel().0)
+    }
+
+    #[test]
+    fn the_command_table_finds_only_live_tags() {
+        let mut t = Table::default();
+        let a = t.next_tag();
+        t.insert(a, task());
+        let b = t.next_tag();
+        t.insert(b, task());
+        assert_ne!(a, b);
+        assert_eq!(t.len, 2);
+        assert!(t.remove(a).is_some());
+        // Gone once taken; a slot reused later answers only to its new tag.
+        assert!(t.remove(a).is_none());
+        let c = t.next_tag();
+        t.insert(c, task());
+        assert_eq!(c & 0xFF_FFFF, a & 0xFF_FFFF, "the freed slot is reused");
+        assert!(t.remove(a).is_none());
+        assert!(t.remove(u64::MAX).is_none());
+        assert!(t.remove(c).is_some());
+        assert_eq!(t.drain().len(), 1);
+        assert_eq!(t.len, 0);
+        assert!(t.remove(b).is_none());
+    }
 }

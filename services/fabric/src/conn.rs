@@ -1,26 +1,28 @@
 //! One NVMe/TCP connection = one queue (admin or I/O) of one controller.
 //!
 //! States: `AwaitIcReq` → (ICReq/ICResp) → `AwaitConnect` → (Fabrics Connect) → `Admin` or
-//! `Io` → closed. The reader (this task) parses PDUs and starts one task per command; a writer
-//! task owns the socket's write half and sends what command tasks queue on a bounded channel.
-//! Host-to-controller data that did not fit in the capsule is pulled with R2T and arrives as
-//! H2CData, which the reader routes to the waiting command by transfer tag.
+//! `Io` → closed. The reader (this task) parses PDUs. Reads and in-capsule writes start at once
+//! and are finished by the datapath completion router (the fast path, [`crate::io::start`]);
+//! every other command, and those when the pool or ring is full, runs as a task of its own. A
+//! writer task owns the socket's write half and sends what commands queue in the connection's
+//! [`Outbox`]. Host-to-controller data that did not fit in the capsule is pulled with R2T and
+//! arrives as H2CData, which the reader routes to the waiting command by transfer tag.
 //!
 //! Bounds (a slow or hostile host cannot grow our memory, nor take what other hosts need): at
 //! most `sqsize + 1` commands in flight per queue (more is a protocol error), in-capsule data ≤
 //! [`IN_CAPSULE_DATA`], one transfer ≤ [`MAX_TRANSFER`] bytes, at most [`queue_budget`] pool
 //! chunks held per queue (a read or write waits for its share before it allocates or pulls data
-//! with R2T), an outgoing queue of [`TX_QUEUE`] PDUs (a host that does not read stalls its own
-//! commands, then its own socket), and a connection limit per process. Per connection that is at
-//! most the budget, plus `TX_QUEUE` PDUs of at most one transfer each, plus in-capsule data of
-//! the queued commands.
+//! with R2T), an outgoing queue past [`TX_QUEUE`] PDUs stops the reader (a host that does not
+//! read stalls its own commands, then its own socket), and a connection limit per process. Per
+//! connection that is at most the budget, plus the PDUs of the commands in flight (two each) and
+//! [`TX_QUEUE`] more, plus in-capsule data of the queued commands.
 //!
 //! Protocol violations (unknown PDU type, bad lengths, digest mismatch, H2CData outside its
 //! R2T, …) get a C2HTermReq naming the fault, then the connection closes. Other connections are
 //! untouched.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ use duplex_nvme::tcp::{self, fes, CommonHeader, Digests, Layout, PduError, PduTy
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::backend::{Backend, Chain};
@@ -49,8 +51,8 @@ pub const IN_CAPSULE_DATA: usize = 8192;
 pub const MAX_TRANSFER: usize = 128 * 1024;
 /// MDTS as reported: 2^5 × 4 KiB.
 pub const MDTS: u8 = 5;
-/// PDUs queued for sending per connection.
-pub const TX_QUEUE: usize = 32;
+/// PDUs queued for sending on a connection past which its reader stops reading commands.
+pub const TX_QUEUE: usize = 2 * QUEUE_ENTRIES as usize;
 /// How long a new connection has to send ICReq, and a Connect after it.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,16 +95,107 @@ pub enum Payload {
 pub enum Out {
     /// A whole PDU.
     Bytes(Vec<u8>),
-    /// A C2HData PDU whose data goes from the pool straight to the socket: the header, then
-    /// the first `len` bytes of the chain (no data digest: those PDUs are `Bytes`).
-    Chain {
-        /// The PDU header.
-        header: Vec<u8>,
+    /// A CapsuleResp PDU (the writer encodes it).
+    Resp(Cqe),
+    /// The C2HData PDU of command `cid` whose data goes from the pool straight to the socket:
+    /// the first `len` bytes of the chain, last PDU of the transfer, no data digest (PDUs with
+    /// one are `Bytes`).
+    Data {
+        /// The command.
+        cid: u16,
         /// The data.
         chain: Chain,
         /// Bytes of it to send.
         len: usize,
     },
+}
+
+/// PDUs a connection's commands queued for its writer. Pushing never waits: what bounds the
+/// queue is the commands in flight (at most `sqsize + 1`, each queuing its data and response)
+/// and the reader, which stops reading past [`TX_QUEUE`].
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: RefCell<VecDeque<Out>>,
+    /// Something was queued, or the outbox closed.
+    ready: Notify,
+    /// The writer took what was queued.
+    drained: Notify,
+    closed: Cell<bool>,
+}
+
+impl Outbox {
+    /// Queues `out`; `false` (and `out` is dropped, its chain freed) once closed.
+    pub fn push(&self, out: Out) -> bool {
+        if self.closed.get() {
+            return false;
+        }
+        self.queue.borrow_mut().push_back(out);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Refuses everything from now on; the writer sends what is queued, then stops.
+    fn close(&self) {
+        self.closed.set(true);
+        self.ready.notify_one();
+    }
+
+    /// Closes and drops what is queued (the socket failed).
+    fn abandon(&self) {
+        self.close();
+        let dropped = std::mem::take(&mut *self.queue.borrow_mut());
+        drop(dropped);
+        self.drained.notify_waiters();
+    }
+
+    fn pop(&self) -> Option<Out> {
+        self.queue.borrow_mut().pop_front()
+    }
+
+    /// Waits until the writer has caught up to below [`TX_QUEUE`] (or the outbox closed).
+    async fn room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.queue.borrow().len() < TX_QUEUE || self.closed.get() {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
+
+/// The command ids outstanding on a queue.
+struct CidSet {
+    bits: Box<[u64]>,
+    len: usize,
+}
+
+impl CidSet {
+    fn new() -> Self {
+        Self {
+            bits: vec![0; 1 << 10].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    /// Adds `cid`; `false` if it is already in.
+    fn insert(&mut self, cid: u16) -> bool {
+        let (w, b) = (usize::from(cid >> 6), 1u64 << (cid & 63));
+        if self.bits[w] & b != 0 {
+            return false;
+        }
+        self.bits[w] |= b;
+        self.len += 1;
+        true
+    }
+
+    fn remove(&mut self, cid: u16) {
+        let (w, b) = (usize::from(cid >> 6), 1u64 << (cid & 63));
+        if self.bits[w] & b != 0 {
+            self.bits[w] &= !b;
+            self.len -= 1;
+        }
+    }
 }
 
 impl Reply {
@@ -231,10 +324,10 @@ pub struct Queue {
     sqsize: Cell<u16>,
     sqhd: Cell<u16>,
     sqflow_disabled: Cell<bool>,
-    outstanding: RefCell<std::collections::HashSet<u16>>,
+    outstanding: RefCell<CidSet>,
     transfers: RefCell<HashMap<u16, Transfer>>,
     next_ttag: Cell<u16>,
-    tx: mpsc::Sender<Out>,
+    outbox: Rc<Outbox>,
     /// Pool chunks this queue may hold at once (see [`queue_budget`]).
     budget: Arc<Semaphore>,
 }
@@ -261,14 +354,24 @@ impl Queue {
     /// back when dropped. This is what keeps one slow or stalled host from taking the whole
     /// pool: its commands wait here, then its queue fills, then its socket.
     pub async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let chunk = self.shared.backend.as_ref()?.pool().chunk_size().max(1);
-        let n = u32::try_from(bytes.div_ceil(chunk)).ok()?;
+        let n = self.chunks(bytes)?;
         Arc::clone(&self.budget).acquire_many_owned(n).await.ok()
     }
 
+    /// [`Queue::reserve`] if the share is there now.
+    pub fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let n = self.chunks(bytes)?;
+        Arc::clone(&self.budget).try_acquire_many_owned(n).ok()
+    }
+
+    fn chunks(&self, bytes: usize) -> Option<u32> {
+        let chunk = self.shared.backend.as_ref()?.pool().chunk_size().max(1);
+        u32::try_from(bytes.div_ceil(chunk)).ok()
+    }
+
     /// Queues a PDU for sending. Fails only if the connection is closing.
-    pub async fn send(&self, pdu: Vec<u8>) -> bool {
-        self.tx.send(Out::Bytes(pdu)).await.is_ok()
+    pub fn send(&self, pdu: Vec<u8>) -> bool {
+        self.outbox.push(Out::Bytes(pdu))
     }
 
     /// Pulls `len` bytes of host data for command `cid` with R2T (one R2T per window of at
@@ -331,7 +434,7 @@ impl Queue {
                 },
                 self.digests,
             );
-            if !self.send(r2t).await {
+            if !self.send(r2t) {
                 self.transfers.borrow_mut().remove(&ttag);
                 return Err(generic::DATA_TRANSFER);
             }
@@ -368,48 +471,50 @@ impl Queue {
     }
 
     /// Sends the data (if any) and the response of command `cid`.
-    pub async fn complete(&self, cid: u16, reply: Reply, sgl_len: usize) {
+    pub fn complete(&self, cid: u16, reply: Reply, sgl_len: usize) {
         let mut status = reply.status;
         if let Some(data) = reply.data.filter(|_| status.is_success() && sgl_len > 0) {
-            let h = tcp::DataHeader {
-                cccid: cid,
-                ttag: 0,
-                datao: 0,
-                datal: sgl_len as u32,
-            };
-            let pdu = tcp::data_pdu(
-                PduType::C2HData,
-                &h,
-                tcp::FLAG_DATA_LAST,
-                self.digests,
-                self.hpda,
-            );
             let sent = match data {
                 // Zero copy: the writer sends the header, then the data from the pool. Read
                 // data must be exactly what the SGL asked for.
                 Payload::Chain(c) if !self.digests.data => {
                     let whole = c.bytes() == Some(sgl_len);
                     if whole {
-                        let out = Out::Chain {
-                            header: pdu,
+                        let out = Out::Data {
+                            cid,
                             chain: c,
                             len: sgl_len,
                         };
-                        if self.tx.send(out).await.is_err() {
+                        if !self.outbox.push(out) {
                             return;
                         }
                     }
                     whole
                 }
-                data => match copy_data(pdu, data, sgl_len, self.digests.data) {
-                    Some(pdu) => {
-                        if !self.send(pdu).await {
-                            return;
+                data => {
+                    let h = tcp::DataHeader {
+                        cccid: cid,
+                        ttag: 0,
+                        datao: 0,
+                        datal: sgl_len as u32,
+                    };
+                    let pdu = tcp::data_pdu(
+                        PduType::C2HData,
+                        &h,
+                        tcp::FLAG_DATA_LAST,
+                        self.digests,
+                        self.hpda,
+                    );
+                    match copy_data(pdu, data, sgl_len, self.digests.data) {
+                        Some(pdu) => {
+                            if !self.send(pdu) {
+                                return;
+                            }
+                            true
                         }
-                        true
+                        None => false,
                     }
-                    None => false,
-                },
+                }
             };
             if !sent {
                 status = generic::INTERNAL;
@@ -429,8 +534,8 @@ impl Queue {
         };
         // The command leaves the queue before its response can reach the host, so the host
         // may reuse the id at once.
-        self.outstanding.borrow_mut().remove(&cid);
-        self.send(tcp::capsule_resp(&cqe, self.digests)).await;
+        self.outstanding.borrow_mut().remove(cid);
+        self.outbox.push(Out::Resp(cqe));
     }
 }
 
@@ -478,21 +583,37 @@ impl From<std::io::Error> for ReadError {
     }
 }
 
-/// Reads one PDU. Its data goes into `spare`'s allocation (taken; the caller may hand the
-/// PDU's data back once done with it, so large H2CData PDUs do not cost an allocation each).
+/// Buffers a connection reads PDUs into, handed back after each PDU
+/// ([`Spare::give_back`]) so that reading a PDU costs no allocation.
+#[derive(Default)]
+struct Spare {
+    header: Vec<u8>,
+    data: Vec<u8>,
+}
+
+impl Spare {
+    fn give_back(&mut self, pdu: Pdu) {
+        self.header = pdu.header;
+        self.data = pdu.data;
+    }
+}
+
+/// Reads one PDU into `spare`'s buffers (taken).
 async fn read_pdu(
     rd: &mut BufReader<OwnedReadHalf>,
     digests: Digests,
     max_data: usize,
-    spare: &mut Vec<u8>,
+    spare: &mut Spare,
 ) -> Result<Pdu, ReadError> {
     let mut ch = [0u8; tcp::CH_LEN];
     rd.read_exact(&mut ch).await?;
     let common = CommonHeader::parse(&ch);
     let layout = tcp::layout(&common, digests, true, max_data)
         .map_err(|e| ReadError::Proto(e, ch.to_vec()))?;
-    let mut header = vec![0u8; tcp::CH_LEN + layout.head_rest()];
-    header[..tcp::CH_LEN].copy_from_slice(&ch);
+    let mut header = std::mem::take(&mut spare.header);
+    header.clear();
+    header.extend_from_slice(&ch);
+    header.resize(tcp::CH_LEN + layout.head_rest(), 0);
     rd.read_exact(&mut header[tcp::CH_LEN..]).await?;
     if layout.header_digest {
         let got = &header[layout.hlen..layout.hlen + tcp::DIGEST_LEN];
@@ -504,7 +625,7 @@ async fn read_pdu(
         }
     }
     header.truncate(layout.hlen);
-    let mut data = std::mem::take(spare);
+    let mut data = std::mem::take(&mut spare.data);
     data.clear();
     data.reserve(layout.data_len);
     while data.len() < layout.data_len {
@@ -575,7 +696,7 @@ async fn handshake(
 ) -> Option<(Rc<Queue>, Writer)> {
     let first = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        read_pdu(rd, Digests::default(), 0, &mut Vec::new()),
+        read_pdu(rd, Digests::default(), 0, &mut Spare::default()),
     )
     .await;
     let fail = |e: PduError, quote: &[u8]| tcp::term_req(PduType::C2HTermReq, &e, quote);
@@ -629,8 +750,12 @@ async fn handshake(
         return None;
     }
     tracing::debug!(digests = ?icreq.digests, hpda = icreq.hpda, "ICReq accepted");
-    let (tx, rx) = mpsc::channel(TX_QUEUE);
-    let writer = tokio::task::spawn_local(write_loop(wr, rx));
+    let outbox = Rc::new(Outbox::default());
+    let writer = tokio::task::spawn_local(write_loop(
+        wr,
+        Rc::clone(&outbox),
+        Gather::new(icreq.digests, icreq.hpda),
+    ));
     let queue = Rc::new(Queue {
         shared: shared.clone(),
         peer,
@@ -643,10 +768,10 @@ async fn handshake(
         sqsize: Cell::new(31),
         sqhd: Cell::new(0),
         sqflow_disabled: Cell::new(false),
-        outstanding: RefCell::new(Default::default()),
+        outstanding: RefCell::new(CidSet::new()),
         transfers: RefCell::new(HashMap::new()),
         next_ttag: Cell::new(0),
-        tx,
+        outbox,
         budget: Arc::new(Semaphore::new(queue_budget(shared.backend.as_deref()))),
     });
     Some((queue, writer))
@@ -661,11 +786,12 @@ enum Seg {
 }
 
 /// What the writer has gathered for its next send.
-#[derive(Default)]
 struct Gather {
     buf: Vec<u8>,
     segs: Vec<Seg>,
     bytes: usize,
+    digests: Digests,
+    hpda: u8,
 }
 
 impl Gather {
@@ -673,22 +799,54 @@ impl Gather {
     const MAX_BYTES: usize = 256 * 1024;
     const MAX_SEGS: usize = 256;
 
-    fn push(&mut self, out: Out) {
-        match out {
-            Out::Bytes(pdu) => self.push_bytes(&pdu),
-            Out::Chain { header, chain, len } => {
-                self.push_bytes(&header);
-                self.segs.push(Seg::Chain(chain, len));
-                self.bytes += len;
-            }
+    /// Encodes PDUs with `digests`, aligning C2HData's data to `hpda`.
+    fn new(digests: Digests, hpda: u8) -> Self {
+        Self {
+            buf: Vec::new(),
+            segs: Vec::new(),
+            bytes: 0,
+            digests,
+            hpda,
         }
     }
 
-    /// Appends bytes to the buffer, extending the last buffer piece if it ends there.
-    fn push_bytes(&mut self, bytes: &[u8]) {
+    fn push(&mut self, out: Out) {
         let start = self.buf.len();
-        self.buf.extend_from_slice(bytes);
-        self.bytes += bytes.len();
+        match out {
+            Out::Bytes(pdu) => self.buf.extend_from_slice(&pdu),
+            Out::Resp(cqe) => tcp::capsule_resp_into(&mut self.buf, &cqe, self.digests),
+            Out::Data { cid, chain, len } => {
+                let h = tcp::DataHeader {
+                    cccid: cid,
+                    ttag: 0,
+                    datao: 0,
+                    datal: len as u32,
+                };
+                let header = Digests {
+                    data: false,
+                    ..self.digests
+                };
+                tcp::data_pdu_into(
+                    &mut self.buf,
+                    PduType::C2HData,
+                    &h,
+                    tcp::FLAG_DATA_LAST,
+                    header,
+                    self.hpda,
+                );
+                self.appended(start);
+                self.segs.push(Seg::Chain(chain, len));
+                self.bytes += len;
+                return;
+            }
+        }
+        self.appended(start);
+    }
+
+    /// Counts the bytes appended to the buffer since `start`, extending the last buffer piece
+    /// if it ends there.
+    fn appended(&mut self, start: usize) {
+        self.bytes += self.buf.len() - start;
         if let Some(Seg::Buf(_, end)) = self.segs.last_mut() {
             if *end == start {
                 *end = self.buf.len();
@@ -741,21 +899,32 @@ impl Gather {
     }
 }
 
-/// Sends what the connection's tasks queue, in order. Everything ready is gathered (PDUs into
-/// one buffer, read data as pieces of the pool) and leaves in one `sendmsg` when nothing more
-/// is ready or enough is gathered: the data of reads goes from the pool straight to the
-/// socket.
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
-    let mut gather = Gather::default();
-    while let Some(first) = rx.recv().await {
+/// Sends what the connection's commands queue, in order. Everything ready is gathered (PDUs
+/// into one buffer, read data as pieces of the pool) and leaves in one `sendmsg` when nothing
+/// more is ready or enough is gathered: the data of reads goes from the pool straight to the
+/// socket. Ends once the outbox is closed and empty, or the socket fails (then what is queued
+/// is dropped and nothing more is taken).
+async fn write_loop(mut wr: OwnedWriteHalf, outbox: Rc<Outbox>, mut gather: Gather) {
+    loop {
+        let ready = outbox.ready.notified();
+        let Some(first) = outbox.pop() else {
+            if outbox.closed.get() {
+                break;
+            }
+            ready.await;
+            continue;
+        };
         gather.push(first);
-        while let Ok(out) = rx.try_recv() {
+        while let Some(out) = outbox.pop() {
             if gather.full() && gather.send(wr.as_ref()).await.is_err() {
+                outbox.abandon();
                 return;
             }
             gather.push(out);
         }
+        outbox.drained.notify_waiters();
         if gather.send(wr.as_ref()).await.is_err() {
+            outbox.abandon();
             return;
         }
     }
@@ -764,7 +933,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) {
 
 async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer) {
     let mut tasks = JoinSet::new();
-    let mut spare = Vec::new();
+    let mut spare = Spare::default();
     let mut teardown: Option<watch::Receiver<Teardown>> = None;
     let max_data = IN_CAPSULE_DATA.max(MAX_TRANSFER);
     let connect_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
@@ -786,8 +955,13 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
                 }
             }
         };
+        let next = async {
+            // A host that does not read its responses stops being read.
+            queue.outbox.room().await;
+            read_pdu(&mut rd, queue.digests, max_data, &mut spare).await
+        };
         let pdu = tokio::select! {
-            r = read_pdu(&mut rd, queue.digests, max_data, &mut spare) => r,
+            r = next => r,
             _ = torn => {
                 if teardown.is_none() {
                     queue.shared.warn(queue.peer, "no Connect within the handshake timeout: closing");
@@ -799,6 +973,10 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
         // Reap finished command tasks without waiting. (Never a select branch: losing that
         // race would drop `read_pdu` halfway through a PDU and desynchronise the stream.)
         while tasks.try_join_next().is_some() {}
+        if queue.outbox.closed.get() {
+            // The writer failed: the socket is gone.
+            break None;
+        }
         let mut pdu = match pdu {
             Ok(p) => p,
             Err(ReadError::Io) => break None,
@@ -812,11 +990,7 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
         }
         let result = match pdu.layout.pdu_type {
             PduType::CapsuleCmd => on_capsule(&queue, &mut tasks, &mut pdu),
-            PduType::H2CData => {
-                let r = on_h2c_data(&queue, &pdu);
-                spare = std::mem::take(&mut pdu.data);
-                r
-            }
+            PduType::H2CData => on_h2c_data(&queue, &pdu),
             PduType::H2CTermReq => {
                 let (fes, fei) = tcp::parse_term_req(&pdu.header).unwrap_or((0, 0));
                 tracing::info!(fes, fei, "host terminated the connection (H2CTermReq)");
@@ -827,13 +1001,11 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
                 "unexpected PDU type after ICReq",
             )),
         };
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                queue.shared.warn(queue.peer, &e.to_string());
-                break Some(tcp::term_req(PduType::C2HTermReq, &e, &pdu.header));
-            }
+        if let Err(e) = result {
+            queue.shared.warn(queue.peer, &e.to_string());
+            break Some(tcp::term_req(PduType::C2HTermReq, &e, &pdu.header));
         }
+        spare.give_back(pdu);
         if teardown.is_none() {
             if let Some(c) = queue.controller() {
                 teardown = Some(c.watch());
@@ -846,8 +1018,11 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
     while tasks.join_next().await.is_some() {}
     queue.transfers.borrow_mut().clear();
     if let Some(t) = term {
-        let _ = queue.tx.send(Out::Bytes(t)).await;
+        queue.send(t);
     }
+    // The writer sends what is queued, then ends. Fast-path commands still in the datapath
+    // complete into the closed outbox, which drops their data.
+    queue.outbox.close();
     let role = queue.role.replace(Role::Unconnected);
     match role {
         Role::Admin(c) => {
@@ -860,7 +1035,6 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
         }
         Role::Unconnected => {}
     }
-    // Dropping the last sender ends the writer after it flushed what was queued.
     drop(queue);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
@@ -879,7 +1053,7 @@ fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: &mut Pdu) -> Resu
     let limit = usize::from(queue.sqsize.get()) + 1;
     {
         let mut out = queue.outstanding.borrow_mut();
-        if out.len() >= limit {
+        if out.len >= limit {
             return Err(PduError::new(
                 fes::PDU_SEQUENCE,
                 "more commands outstanding than the queue has entries",
@@ -897,14 +1071,22 @@ fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: &mut Pdu) -> Resu
                     status: generic::CID_CONFLICT.cqe_bits(),
                     ..Cqe::default()
                 };
-                q.send(tcp::capsule_resp(&cqe, q.digests)).await;
+                q.outbox.push(Out::Resp(cqe));
             });
             return Ok(());
         }
     }
     queue.advance_sqhd();
     let sgl = sqe.sgl();
-    let (data, sgl_len, bad) = classify_data(&sqe, sgl, std::mem::take(&mut pdu.data));
+    let (kind, sgl_len, bad) = classify_data(&sqe, sgl, pdu.data.len());
+    if bad.is_none() && io_cmds::start(queue, &sqe, &pdu.data, sgl_len) {
+        return Ok(());
+    }
+    let data = match kind {
+        DataKind::None => DataIn::None,
+        DataKind::InCapsule => DataIn::InCapsule(std::mem::take(&mut pdu.data)),
+        DataKind::Transfer(n) => DataIn::Transfer(n),
+    };
     let q = queue.clone();
     tasks.spawn_local(async move {
         let reply = match bad {
@@ -927,27 +1109,35 @@ fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: &mut Pdu) -> Resu
                 ),
             );
         }
-        q.complete(sqe.cid, reply, sgl_len).await;
+        q.complete(sqe.cid, reply, sgl_len);
     });
     Ok(())
 }
 
-/// Works out from SGL descriptor 1 where the command's data is, and how many bytes of data a
-/// read returns. An SGL the command cannot use completes it with an error status.
+/// Where a command's data is.
+enum DataKind {
+    None,
+    InCapsule,
+    Transfer(usize),
+}
+
+/// Works out from SGL descriptor 1 (and `capsule`, the bytes of in-capsule data) where the
+/// command's data is, and how many bytes of data a read returns. An SGL the command cannot use
+/// completes it with an error status.
 fn classify_data(
     sqe: &Sqe,
     s: duplex_nvme::cmd::Sgl,
-    data: Vec<u8>,
-) -> (DataIn, usize, Option<Status>) {
+    capsule: usize,
+) -> (DataKind, usize, Option<Status>) {
     let len = s.length as usize;
-    if !data.is_empty() {
-        if s.id != sgl::DATA_BLOCK_OFFSET || s.address != 0 || len != data.len() {
-            return (DataIn::None, 0, Some(generic::SGL_LENGTH));
+    if capsule > 0 {
+        if s.id != sgl::DATA_BLOCK_OFFSET || s.address != 0 || len != capsule {
+            return (DataKind::None, 0, Some(generic::SGL_LENGTH));
         }
-        return (DataIn::InCapsule(data), 0, None);
+        return (DataKind::InCapsule, 0, None);
     }
     if len == 0 {
-        return (DataIn::None, 0, None);
+        return (DataKind::None, 0, None);
     }
     if s.id != sgl::TRANSPORT_DATA_BLOCK {
         let status = if s.id == sgl::DATA_BLOCK_OFFSET {
@@ -955,15 +1145,15 @@ fn classify_data(
         } else {
             generic::SGL_TYPE
         };
-        return (DataIn::None, 0, Some(status));
+        return (DataKind::None, 0, Some(status));
     }
     if len > MAX_TRANSFER.max(duplex_nvme::cmd::CONNECT_DATA_LEN) {
-        return (DataIn::None, 0, Some(generic::INVALID_FIELD));
+        return (DataKind::None, 0, Some(generic::INVALID_FIELD));
     }
     if host_to_controller(sqe) {
-        (DataIn::Transfer(len), 0, None)
+        (DataKind::Transfer(len), 0, None)
     } else {
-        (DataIn::None, len, None)
+        (DataKind::None, len, None)
     }
 }
 
@@ -1193,4 +1383,24 @@ fn on_h2c_data(queue: &Rc<Queue>, pdu: &Pdu) -> Result<(), PduError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_ids_are_tracked_one_by_one() {
+        let mut set = CidSet::new();
+        for cid in [0, 63, 64, 0xFFFF] {
+            assert!(set.insert(cid));
+            assert!(!set.insert(cid), "{cid} twice");
+        }
+        assert_eq!(set.len, 4);
+        set.remove(63);
+        set.remove(63);
+        assert_eq!(set.len, 3);
+        assert!(set.insert(63));
+        assert!(!set.insert(64));
+    }
 }

@@ -1,7 +1,14 @@
 //! NVM I/O commands: checked against the namespace, turned into ring descriptors for the
 //! datapath, their data moved through the shared buffer pool.
+//!
+//! Reads and in-capsule writes take the fast path when they can ([`start`]): the reader
+//! checks the command, takes its pool share, buffer and ring slot at once, and the completion
+//! router finishes it ([`finish`]). Everything else, and those when the pool or ring is full
+//! right now, runs as a task ([`execute`]), which waits for what it needs.
 
 use std::rc::Rc;
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use duplex_ipc::desc::{
     IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
@@ -12,9 +19,158 @@ use duplex_nvme::spec::io;
 use duplex_nvme::status::{generic, media, Status};
 
 use crate::backend::{Backend, BackendError, Chain};
-use crate::conn::{DataIn, Payload, Queue, Reply, MAX_TRANSFER};
+use crate::conn::{DataIn, Payload, Queue, Reply, Role, MAX_TRANSFER};
 use crate::controller::Controller;
 use crate::target::Namespace;
+
+/// A fast-path command in flight: the router finishes it from its completion.
+#[derive(Debug)]
+pub struct Pending {
+    queue: Rc<Queue>,
+    cid: u16,
+    bytes: usize,
+    op: FastOp,
+    permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+enum FastOp {
+    /// A read returning `sgl_len` bytes.
+    Read { sgl_len: usize },
+    /// A write whose data is in the chain.
+    Write,
+}
+
+/// Starts a read, or a write whose data came in the capsule (`capsule`), on an I/O queue
+/// without a task. `false` if the command needs the general path: another command, a check
+/// that fails (the task answers it), or no pool share, buffer or ring slot right now.
+pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
+    let ctrl = match &*q.role.borrow() {
+        Role::Io(c, _) => Rc::clone(c),
+        _ => return false,
+    };
+    let Some(backend) = q.shared.backend.as_ref() else {
+        return false;
+    };
+    if sqe.psdt() == 0 {
+        return false;
+    }
+    let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {
+        return false;
+    };
+    let (slba, nlb) = (sqe.slba(), sqe.nlb());
+    let Ok(bytes) = range(ns, slba, nlb) else {
+        return false;
+    };
+    if bytes > MAX_TRANSFER {
+        return false;
+    }
+    let op = match sqe.opcode {
+        io::READ if capsule.is_empty() && sgl_len == bytes => FastOp::Read { sgl_len },
+        io::WRITE if capsule.len() == bytes => FastOp::Write,
+        _ => return false,
+    };
+    let Some(permit) = q.try_reserve(bytes) else {
+        return false;
+    };
+    let Ok(buf) = backend.pool().alloc_chain(bytes) else {
+        return false;
+    };
+    let mut d = match op {
+        FastOp::Read { .. } => desc(OP_READ, ns, slba, nlb),
+        FastOp::Write => {
+            if let Err(e) = backend.pool().write_chain(buf, capsule) {
+                tracing::error!(error = %e, "cannot copy host data into the pool");
+                backend.free(buf);
+                return false;
+            }
+            let mut d = desc(OP_WRITE, ns, slba, nlb);
+            if sqe.fua() || !ctrl.wce.get() {
+                d.flags |= FLAG_FUA;
+            }
+            d
+        }
+    };
+    d.buf = buf.0;
+    d.buf_len = bytes as u32;
+    let p = Pending {
+        queue: Rc::clone(q),
+        cid: sqe.cid,
+        bytes,
+        op,
+        permit,
+    };
+    if backend.try_start(d, p).is_err() {
+        backend.free(buf);
+        return false;
+    }
+    true
+}
+
+/// Finishes a fast-path command from its completion `done`.
+pub fn finish(backend: &Rc<Backend>, p: Pending, done: IoDesc) {
+    let (reply, sgl_len) = match p.op {
+        FastOp::Read { sgl_len } => match read_done(&p.queue, backend, done, p.permit, p.bytes) {
+            Ok(chain) => (
+                Reply {
+                    data: Some(Payload::Chain(chain)),
+                    ..Reply::default()
+                },
+                sgl_len,
+            ),
+            Err(s) => (Reply::status(s), 0),
+        },
+        FastOp::Write => {
+            let status = write_done(&p.queue, backend, done, p.bytes);
+            drop(p.permit);
+            (Reply::status(status), 0)
+        }
+    };
+    p.queue.complete(p.cid, reply, sgl_len);
+}
+
+/// Fails a fast-path command whose completion will never come (the datapath channel failed).
+pub fn fail(p: Pending) {
+    p.queue.complete(p.cid, Reply::status(generic::INTERNAL), 0);
+}
+
+/// What a completed read gives the host: its chain (which holds `permit`), or an error.
+fn read_done(
+    q: &Queue,
+    backend: &Rc<Backend>,
+    done: IoDesc,
+    permit: OwnedSemaphorePermit,
+    bytes: usize,
+) -> Result<Chain, Status> {
+    let chain = (done.buf != NIL).then(|| backend.own(BufHandle(done.buf), permit));
+    let status = Status::from_desc(done.status);
+    if !status.is_success() {
+        if status.sct() == 2 {
+            q.shared.target.record_media_error();
+        }
+        return Err(status);
+    }
+    let chain = chain.ok_or_else(|| {
+        tracing::error!("datapath completed a read without its buffer");
+        generic::INTERNAL
+    })?;
+    q.shared.target.record_read(bytes as u64);
+    Ok(chain)
+}
+
+/// The status of a completed write; its chain is freed.
+fn write_done(q: &Queue, backend: &Backend, done: IoDesc, bytes: usize) -> Status {
+    if done.buf != NIL {
+        backend.free(BufHandle(done.buf));
+    }
+    let status = Status::from_desc(done.status);
+    if status.is_success() {
+        q.shared.target.record_write(bytes as u64);
+    } else if status.sct() == 2 {
+        q.shared.target.record_media_error();
+    }
+    status
+}
 
 /// Executes one I/O command.
 pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataIn) -> Reply {
@@ -104,20 +260,7 @@ async fn read_blocks(
     // On an error the chain stays lent to the ring; the datapath's completion returns it and
     // the router frees it.
     let done = backend.submit(d).await.map_err(backend_error)?;
-    let chain = (done.buf != NIL).then(|| backend.own(BufHandle(done.buf), permit));
-    let status = Status::from_desc(done.status);
-    if !status.is_success() {
-        if status.sct() == 2 {
-            q.shared.target.record_media_error();
-        }
-        return Err(status);
-    }
-    let chain = chain.ok_or_else(|| {
-        tracing::error!("datapath completed a read without its buffer");
-        generic::INTERNAL
-    })?;
-    q.shared.target.record_read(bytes as u64);
-    Ok(chain)
+    read_done(q, backend, done, permit, bytes)
 }
 
 async fn write(
@@ -178,20 +321,10 @@ async fn write(
     if sqe.fua() || !ctrl.wce.get() {
         d.flags |= FLAG_FUA;
     }
-    let done = match submit(backend, d).await {
-        Ok(d) => d,
-        Err(s) => return s,
-    };
-    if done.buf != NIL {
-        backend.free(BufHandle(done.buf));
+    match submit(backend, d).await {
+        Ok(done) => write_done(q, backend, done, bytes),
+        Err(s) => s,
     }
-    let status = Status::from_desc(done.status);
-    if status.is_success() {
-        q.shared.target.record_write(bytes as u64);
-    } else if status.sct() == 2 {
-        q.shared.target.record_media_error();
-    }
-    status
 }
 
 /// A chain held by a command task, freed if the task ends (or is dropped) before handing it
