@@ -713,9 +713,7 @@ impl Engine {
             skip: req.done,
             len: req.cmd.len - req.done,
             offset: req.cmd.offset + req.done,
-            inline: self.volumes[vol]
-                .memory_backed()
-                .then(|| self.volumes[vol].fd()),
+            inline: self.volumes[vol].mapped(),
         };
         req.carried = self.uring.transfer(slot, t)?;
         req.outstanding = 1;

@@ -72,7 +72,9 @@
 //!   `io_uring_register`, no `open*`, no `poll`, no `fdatasync`/`fallocate` syscalls (they go
 //!   through the ring).
 //! * `unsafe` lives only in the `uring` module (the DMA-like boundary where the kernel writes
-//!   pool memory); no Rust reference ever points into pool memory.
+//!   pool memory) and the `mapped` module (memory-backed volumes mapped, copied through raw
+//!   pointers, and the `SIGBUS` handler that survives a file shrinking under its mapping); no
+//!   Rust reference ever points into pool memory or a volume's mapping.
 //!
 //! # O_DIRECT
 //!
@@ -96,6 +98,7 @@
 
 mod channel;
 mod engine;
+mod mapped;
 mod request;
 pub mod service;
 mod uring;

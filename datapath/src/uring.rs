@@ -29,6 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::pool::Pool;
+
+use crate::mapped::MappedFile;
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 
 /// Set in the `user_data` of a poll, whose low 32 bits are the polled file's index; request
@@ -68,9 +70,11 @@ pub enum UringError {
 /// Same layout as `struct iovec` (asserted below), but made of integers so the ring stays `Send`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct Iov {
-    base: usize,
-    len: usize,
+pub(crate) struct Iov {
+    /// Address.
+    pub(crate) base: usize,
+    /// Length.
+    pub(crate) len: usize,
 }
 
 const _: () = assert!(std::mem::size_of::<Iov>() == std::mem::size_of::<libc::iovec>());
@@ -117,10 +121,10 @@ pub(crate) struct Transfer<'a> {
     pub len: u64,
     /// File offset of the first byte to transfer.
     pub offset: u64,
-    /// Do it now, with `preadv2`/`pwritev2` on this fd (the same file as `file`), instead of
+    /// Do it now, as a copy to or from this mapping of the same file as `file`, instead of
     /// through the ring: for memory-backed files, where the ring would only hand the copy to a
     /// kernel worker thread. Its result is reaped like a ring completion.
-    pub inline: Option<BorrowedFd<'a>>,
+    pub inline: Option<&'a MappedFile>,
 }
 
 /// A restricted io_uring with per-slot iovec storage.
@@ -291,8 +295,12 @@ impl Uring {
         let n = u32::try_from(iovs.len()).unwrap_or(u32::MAX);
         let ptr = iovs.as_ptr().cast::<libc::iovec>();
         self.iovs[slot] = iovs;
-        if let Some(fd) = t.inline {
-            let res = inline_transfer(fd, t.dir, ptr, n, t.offset);
+        if let Some(m) = t.inline {
+            // SAFETY: every iovec was built above: inside one chunk of the pool mapping (handle
+            // checked, length bounded by the chunk), which self.pool keeps mapped, chunks the
+            // engine holds and never references; or inside self.zeroes, only read (a read into
+            // the zero buffer was refused above). The copy ends before we return.
+            let res = unsafe { m.copy(t.dir, t.offset, &self.iovs[slot]) };
             self.done_inline.push((slot as u64, res));
             self.counted(slot);
             return Ok(carried);
@@ -430,50 +438,6 @@ impl Uring {
     /// Whether completions are waiting to be reaped (no system call).
     pub(crate) fn has_completions(&mut self) -> bool {
         !self.done_inline.is_empty() || !self.ring.completion().is_empty()
-    }
-}
-
-/// `preadv2`/`pwritev2` of `n` iovecs at `iov` on `fd` at `offset`, now; returns what the ring
-/// would: bytes moved, or a negated errno.
-fn inline_transfer(
-    fd: BorrowedFd<'_>,
-    dir: Dir,
-    iov: *const libc::iovec,
-    n: u32,
-    offset: u64,
-) -> i32 {
-    let Ok(offset) = libc::off_t::try_from(offset) else {
-        return -libc::EINVAL;
-    };
-    let n = libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
-    loop {
-        let res = match dir {
-            // SAFETY: the caller (transfer) built `iov`: n iovecs in this slot's storage, each
-            // inside one chunk of the pool mapping the ring keeps alive (or, for writes, inside
-            // the zero buffer), chunks the engine holds and never references. The call ends
-            // before we return, so nothing points at them afterwards.
-            Dir::Read => unsafe { libc::preadv2(fd.as_raw_fd(), iov, n, offset, 0) },
-            // SAFETY: as above; the kernel only reads the memory.
-            Dir::Write { dsync } => unsafe {
-                libc::pwritev2(
-                    fd.as_raw_fd(),
-                    iov,
-                    n,
-                    offset,
-                    if dsync { libc::RWF_DSYNC } else { 0 },
-                )
-            },
-        };
-        if res >= 0 {
-            // At most MAX_IOVECS chunks: far below i32::MAX.
-            return i32::try_from(res).unwrap_or(i32::MAX);
-        }
-        let errno = std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO);
-        if errno != libc::EINTR {
-            return -errno;
-        }
     }
 }
 
@@ -618,8 +582,8 @@ mod tests {
 
     fn vectored_transfers(inline: bool) {
         let (mut u, mut f, _d) = setup(4096, 4);
-        let same_file = f.try_clone().expect("dup");
-        let inline = inline.then(|| same_file.as_fd());
+        let mapping = inline.then(|| MappedFile::map(f.as_fd(), 1 << 20).expect("map"));
+        let inline = mapping.as_ref();
         let pool = Arc::clone(&u.pool);
         let h = pool.alloc_chain(3 * 4096).expect("chain");
         let data: Vec<u8> = (0..3 * 4096).map(|i| (i * 7 % 251) as u8).collect();

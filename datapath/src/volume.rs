@@ -13,6 +13,8 @@ use duplex_ipc::topology::VolumeSpec;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::stat::{fstat, SFlag};
 
+use crate::mapped::MappedFile;
+
 /// Errors taking a volume's backing fd.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -60,6 +62,7 @@ pub struct Volume {
     direct: bool,
     block_device: bool,
     memory_backed: bool,
+    mapped: Option<MappedFile>,
     fd: OwnedFd,
 }
 
@@ -125,6 +128,22 @@ impl Volume {
                 let t = s.filesystem_type();
                 t == nix::sys::statfs::TMPFS_MAGIC || t.0 == RAMFS_MAGIC
             });
+        // Those are mapped, and the engine copies (the mapped module); should mapping fail,
+        // the io_uring serves them, slowly but correctly.
+        let mapped = if memory_backed {
+            let mapped = usize::try_from(bytes)
+                .map_err(|_| crate::mapped::MapError::Empty)
+                .and_then(|len| MappedFile::map(fd.as_fd(), len));
+            match mapped {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(volume = %spec.name, error = %e, "cannot map a memory-backed volume: serving it through the io_uring");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
             id: spec.id,
             name: spec.name.clone(),
@@ -133,6 +152,7 @@ impl Volume {
             direct: spec.direct,
             block_device,
             memory_backed,
+            mapped,
             fd,
         })
     }
@@ -171,6 +191,11 @@ impl Volume {
     /// device, so the engine does them inline.
     pub fn memory_backed(&self) -> bool {
         self.memory_backed
+    }
+
+    /// The mapping of a memory-backed volume, through which the engine copies.
+    pub(crate) fn mapped(&self) -> Option<&MappedFile> {
+        self.mapped.as_ref()
     }
 
     /// The backing fd.

@@ -13,7 +13,8 @@ use common::*;
 use duplex_datapath::{Channel, Engine, EngineConfig, EngineError, FLUSH_ALL};
 use duplex_ipc::desc::{
     IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
-    STATUS_INVALID_FIELD, STATUS_LBA_OUT_OF_RANGE, STATUS_SUCCESS,
+    STATUS_INVALID_FIELD, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR, STATUS_SUCCESS,
+    STATUS_WRITE_FAULT,
 };
 use duplex_ipc::pool::{BufHandle, ChunkState, NIL};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, StartMode};
@@ -33,8 +34,8 @@ fn write_then_read_back_on_both_block_sizes() {
     write_then_read_back(Setup::default());
 }
 
-/// The same on tmpfs, where the engine reads and writes inline (`preadv2`/`pwritev2`) instead
-/// of through the io_uring.
+/// The same on tmpfs, where the engine maps the file and copies instead of going through the
+/// io_uring.
 #[test]
 fn write_then_read_back_on_a_memory_backed_volume() {
     let shm = std::path::Path::new("/dev/shm");
@@ -46,6 +47,39 @@ fn write_then_read_back_on_a_memory_backed_volume() {
         dir: Some(shm.to_owned()),
         ..Setup::default()
     });
+}
+
+/// A memory-backed volume whose file is truncated under the engine's mapping: its reads and
+/// writes fail (read error, write fault), and the engine and the other volume go on.
+#[test]
+fn a_memory_backed_file_that_shrinks_fails_its_io_and_nothing_else() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("SKIPPED: no /dev/shm");
+        return;
+    }
+    let mut node = Node::start(Setup {
+        dir: Some(shm.to_owned()),
+        ..Setup::default()
+    });
+    let data = pattern(5, 4096);
+    ok(&node.f().write_sync(2, 100, &data, 0));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&node.paths[1])
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let r = node.f().read_sync(2, 100, 1);
+    assert_eq!(r.desc.status, STATUS_READ_ERROR, "{:?}", r.desc);
+    // Inside what is left of the file too: the mapping is no longer the file.
+    let w = node.f().write_sync(2, 0, &data, 0);
+    assert_eq!(w.desc.status, STATUS_WRITE_FAULT, "{:?}", w.desc);
+    let other = pattern(6, 4096);
+    ok(&node.f().write_sync(1, 0, &other, 0));
+    assert_eq!(node.f().read_sync(1, 0, 8).data.unwrap(), other);
+    let stats = node.stop();
+    assert_eq!(stats.errors, 2, "{stats:?}");
 }
 
 fn write_then_read_back(setup: Setup) {

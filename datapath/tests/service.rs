@@ -112,8 +112,8 @@ impl Drop for Datapath {
 impl Duplexd {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        // Volume 2 lives in memory (tmpfs): the engine serves it inline (preadv2/pwritev2),
-        // so the policy tests exercise both ways.
+        // Volume 2 lives in memory (tmpfs): the engine maps it and copies, so the policy tests
+        // exercise both ways.
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let mut specs = Vec::new();
         let mut volumes = Vec::new();
@@ -365,6 +365,14 @@ fn probe_run(node: &Duplexd, omit: &str) -> (ExitStatus, String) {
     let deadline = Instant::now() + Duration::from_secs(2);
     while got.len() < 3 && Instant::now() < deadline {
         let _ = f.cq.pop_wait(&mut got, 3, Some(Duration::from_millis(100)));
+    }
+    // Volume 2's file shrinks under the datapath's mapping: the read past the new end faults
+    // (SIGBUS), the handler repairs the mapping and returns (rt_sigreturn), the read fails.
+    node.volumes[1].1.set_len(4096).unwrap();
+    f.read(2, 100, 1);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while got.len() < 4 && Instant::now() < deadline {
+        let _ = f.cq.pop_wait(&mut got, 4, Some(Duration::from_millis(100)));
     }
     let env = Envelope {
         request_id: dp.control.next_request_id(),
