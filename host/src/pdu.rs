@@ -2,7 +2,7 @@
 
 use std::io::Read;
 
-use duplex_nvme::tcp::{self, fes, CommonHeader, Digests, PduError, PduType};
+use duplex_nvme::tcp::{self, fes, CommonHeader, Digests, Layout, PduError, PduType};
 
 use crate::{HostError, Result};
 
@@ -22,6 +22,31 @@ pub struct Pdu {
 /// Reads one controller PDU: checks the common header against the negotiated `digests` and
 /// `max_data`, verifies digests. A TermReq from the controller is [`HostError::Terminated`].
 pub fn read(r: &mut impl Read, digests: Digests, max_data: usize) -> Result<Pdu> {
+    let head = read_header(r, digests, max_data)?;
+    let mut data = Vec::new();
+    read_data(r, &head, &mut data)?;
+    Ok(Pdu {
+        pdu_type: head.layout.pdu_type,
+        ch: head.ch,
+        header: head.header,
+        data,
+    })
+}
+
+/// A PDU whose header has been read, its data not yet.
+#[derive(Debug)]
+pub struct Head {
+    /// Common header.
+    pub ch: CommonHeader,
+    /// Where everything is.
+    pub layout: Layout,
+    /// The whole header (common header included, digest stripped).
+    pub header: Vec<u8>,
+}
+
+/// Reads a controller PDU's header (checked as [`read`] does); its data is read next, with
+/// [`read_data`], straight to where it belongs.
+pub fn read_header(r: &mut impl Read, digests: Digests, max_data: usize) -> Result<Head> {
     let mut ch = [0u8; tcp::CH_LEN];
     r.read_exact(&mut ch)?;
     let c = CommonHeader::parse(&ch);
@@ -34,25 +59,35 @@ pub fn read(r: &mut impl Read, digests: Digests, max_data: usize) -> Result<Pdu>
         return Err(PduError::new(fes::HEADER_DIGEST, "header digest mismatch").into());
     }
     header.truncate(l.hlen);
-    let mut data = vec![0u8; l.data_len];
-    r.read_exact(&mut data)?;
-    if l.data_digest {
-        let mut d = [0u8; tcp::DIGEST_LEN];
-        r.read_exact(&mut d)?;
-        if tcp::digest(&data) != d {
-            return Err(PduError::new(fes::HEADER_DIGEST, "data digest mismatch").into());
-        }
-    }
     if l.pdu_type == PduType::C2HTermReq {
         let (fes, fei) = tcp::parse_term_req(&header).unwrap_or((0, 0));
         return Err(HostError::Terminated { fes, fei });
     }
-    Ok(Pdu {
-        pdu_type: l.pdu_type,
+    Ok(Head {
         ch: c,
+        layout: l,
         header,
-        data,
     })
+}
+
+/// Reads the data of the PDU `head` announced, appending it to `dest` (without zeroing it
+/// first), and checks its digest.
+pub fn read_data(r: &mut impl Read, head: &Head, dest: &mut Vec<u8>) -> Result<()> {
+    let n = head.layout.data_len;
+    let start = dest.len();
+    dest.reserve(n);
+    let got = r.by_ref().take(n as u64).read_to_end(dest)?;
+    if got != n {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    if head.layout.data_digest {
+        let mut d = [0u8; tcp::DIGEST_LEN];
+        r.read_exact(&mut d)?;
+        if tcp::digest(&dest[start..]) != d {
+            return Err(PduError::new(fes::HEADER_DIGEST, "data digest mismatch").into());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

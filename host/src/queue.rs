@@ -79,6 +79,9 @@ impl Completion {
     }
 }
 
+/// Bytes the receive side buffers.
+const RECV_BUFFER: usize = 64 * 1024;
+
 #[derive(Debug)]
 struct Pending {
     out: Vec<u8>,
@@ -110,7 +113,9 @@ impl Queue {
         s.set_nodelay(true)?;
         s.set_read_timeout(opts.timeout)?;
         let mut writer = s.try_clone()?;
-        let mut reader = BufReader::with_capacity(256 * 1024, s);
+        // Small PDUs (responses, 4 KiB data) are read many to a system call; data of a
+        // larger transfer than this skips the buffer and lands in its command's buffer.
+        let mut reader = BufReader::with_capacity(RECV_BUFFER, s);
         let req = tcp::IcReq {
             pfv: 0,
             hpda: 0,
@@ -267,7 +272,22 @@ impl Queue {
                     }
                 }
             }
-            let p = pdu::read(&mut self.reader, self.opts.digests, self.opts.max_data)?;
+            let head = pdu::read_header(&mut self.reader, self.opts.digests, self.opts.max_data)?;
+            if head.layout.pdu_type == PduType::C2HData {
+                // Read data goes straight into its command's buffer.
+                if let Some(c) = self.on_c2h(&head)? {
+                    return Ok(c);
+                }
+                continue;
+            }
+            let mut data = Vec::new();
+            pdu::read_data(&mut self.reader, &head, &mut data)?;
+            let p = Pdu {
+                pdu_type: head.layout.pdu_type,
+                ch: head.ch,
+                header: head.header,
+                data,
+            };
             match p.pdu_type {
                 PduType::CapsuleResp => {
                     let cqe: Cqe = bytemuck::pod_read_unaligned(&p.header[tcp::CH_LEN..24]);
@@ -280,11 +300,6 @@ impl Queue {
                         data: pending.data,
                     });
                 }
-                PduType::C2HData => {
-                    if let Some(c) = self.on_c2h(&p)? {
-                        return Ok(c);
-                    }
-                }
                 PduType::R2T => self.on_r2t(&p)?,
                 other => {
                     return Err(HostError::Unexpected(format!(
@@ -295,15 +310,16 @@ impl Queue {
         }
     }
 
-    fn on_c2h(&mut self, p: &Pdu) -> Result<Option<Completion>> {
+    /// A C2HData PDU whose header is read: its data is read into the command's buffer.
+    fn on_c2h(&mut self, p: &pdu::Head) -> Result<Option<Completion>> {
         let h = tcp::parse_data_header(&p.header)
             .ok_or_else(|| HostError::Unexpected("short C2HData header".into()))?;
         let pending = self.pending.get_mut(&h.cccid).ok_or_else(|| {
             HostError::Unexpected(format!("C2HData for unknown command {}", h.cccid))
         })?;
         if h.datao as usize != pending.data.len()
-            || h.datal as usize != p.data.len()
-            || pending.data.len() + p.data.len() > pending.want
+            || h.datal as usize != p.layout.data_len
+            || pending.data.len() + p.layout.data_len > pending.want
         {
             return Err(HostError::Unexpected(format!(
                 "C2HData at {} of {} bytes for command {} (have {}, want {})",
@@ -314,7 +330,10 @@ impl Queue {
                 pending.want
             )));
         }
-        pending.data.extend_from_slice(&p.data);
+        if pending.data.capacity() == 0 {
+            pending.data.reserve_exact(pending.want);
+        }
+        pdu::read_data(&mut self.reader, p, &mut pending.data)?;
         let last = p.ch.flags & tcp::FLAG_DATA_LAST != 0;
         if last && p.ch.flags & tcp::FLAG_DATA_SUCCESS != 0 {
             // No response capsule follows: the command succeeded.
