@@ -9,7 +9,7 @@
 //!
 //! | opcode | what happens |
 //! |---|---|
-//! | `OP_READ` / `OP_WRITE` | `readv`/`writev` straight between the file and the pool chunks of the descriptor's chain (zero-copy; the payload is packed from the chain's head, chunk `i` holding bytes `[i*cs, (i+1)*cs)`). `FLAG_FUA` on a write: `RWF_DSYNC`. A read sets the chain's used lengths and the completion's `buf_len`. The chain goes back to the fabric in the completion. |
+//! | `OP_READ` / `OP_WRITE` | `readv`/`writev` straight between the file and the pool chunks of the descriptor's chain (zero-copy; the payload is packed from the chain's head, chunk `i` holding bytes `[i*cs, (i+1)*cs)`). `FLAG_FUA` on a write: `RWF_DSYNC`. Memory-backed volumes (tmpfs, ramfs) are mapped and copied instead, inline (`mapped` module). A read sets the chain's used lengths and the completion's `buf_len`. The chain goes back to the fabric in the completion. |
 //! | `OP_FLUSH` | `fdatasync` of the volume, or of every volume for `volume == u32::MAX` |
 //! | `OP_WRITE_ZEROES` | `fallocate(FALLOC_FL_ZERO_RANGE \| FALLOC_FL_KEEP_SIZE)`; `FLAG_FUA`: then `fdatasync` |
 //! | `OP_DEALLOCATE` | `fallocate(FALLOC_FL_PUNCH_HOLE \| FALLOC_FL_KEEP_SIZE)` (later reads return zeroes); 0 blocks is a no-op; `FLAG_FUA`: then `fdatasync` |
@@ -68,7 +68,8 @@
 //!   operation, and only then enabled (`uring` module docs). seccomp cannot see io_uring
 //!   operations; the restrictions are what confines them.
 //! * Then the process enters `sandbox/policies/datapath.policy`: besides `common`, only
-//!   `io_uring_enter` and `sendmsg`/`recvmsg` (lifecycle channel). No `io_uring_setup` or
+//!   `io_uring_enter`, `sched_yield` (the poll), `rt_sigreturn` (the `SIGBUS` handler of
+//!   memory-backed volumes, `mapped` module) and `sendmsg`/`recvmsg` (lifecycle channel). No `io_uring_setup` or
 //!   `io_uring_register`, no `open*`, no `poll`, no `fdatasync`/`fallocate` syscalls (they go
 //!   through the ring).
 //! * `unsafe` lives only in the `uring` module (the DMA-like boundary where the kernel writes
