@@ -342,8 +342,10 @@ impl Engine {
                 idle_since = None;
                 continue;
             }
+            let first_idle_turn = idle_since.is_none();
             let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < self.config.spin {
+            // Every idle period polls at least once, however late this thread got the core.
+            if first_idle_turn || since.elapsed() < self.config.spin {
                 // Give the core away if anything else wants it: on a core shared with the
                 // fabric (or the io_uring's workers) a plain spin would only delay the work we
                 // are waiting for; on a core of our own this returns at once.

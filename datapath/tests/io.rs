@@ -38,30 +38,32 @@ fn write_then_read_back_on_both_block_sizes() {
 /// io_uring.
 #[test]
 fn write_then_read_back_on_a_memory_backed_volume() {
+    if let Some(setup) = on_tmpfs() {
+        write_then_read_back(setup);
+    }
+}
+
+/// Volumes on tmpfs (`/dev/shm`), or `None` (the test says it is skipped) where there is none.
+fn on_tmpfs() -> Option<Setup> {
     let shm = std::path::Path::new("/dev/shm");
     if !shm.is_dir() {
         eprintln!("SKIPPED: no /dev/shm");
-        return;
+        return None;
     }
-    write_then_read_back(Setup {
+    Some(Setup {
         dir: Some(shm.to_owned()),
         ..Setup::default()
-    });
+    })
 }
 
 /// A memory-backed volume whose file is truncated under the engine's mapping: its reads and
 /// writes fail (read error, write fault), and the engine and the other volume go on.
 #[test]
 fn a_memory_backed_file_that_shrinks_fails_its_io_and_nothing_else() {
-    let shm = std::path::Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("SKIPPED: no /dev/shm");
+    let Some(setup) = on_tmpfs() else {
         return;
-    }
-    let mut node = Node::start(Setup {
-        dir: Some(shm.to_owned()),
-        ..Setup::default()
-    });
+    };
+    let mut node = Node::start(setup);
     let data = pattern(5, 4096);
     ok(&node.f().write_sync(2, 100, &data, 0));
     std::fs::OpenOptions::new()
@@ -248,15 +250,10 @@ fn write_zeroes_and_deallocate_read_back_zeroes() {
 /// tmpfs cannot `FALLOC_FL_ZERO_RANGE`: the engine falls back to writing zeroes.
 #[test]
 fn tmpfs_volumes_fall_back_to_writing_zeroes() {
-    let shm = std::path::Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("SKIPPED: no /dev/shm");
+    let Some(setup) = on_tmpfs() else {
         return;
-    }
-    let mut node = Node::start(Setup {
-        dir: Some(shm.to_owned()),
-        ..Setup::default()
-    });
+    };
+    let mut node = Node::start(setup);
     for (vol, bs) in [(1, 512), (2, 4096)] {
         zeroes_case(&mut node, vol, bs, OP_WRITE_ZEROES, 0);
         zeroes_case(&mut node, vol, bs, OP_WRITE_ZEROES, FLAG_FUA);
