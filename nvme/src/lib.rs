@@ -20,6 +20,7 @@
 pub mod cmd;
 pub mod identify;
 pub mod log;
+pub mod resv;
 pub mod spec;
 pub mod status;
 pub mod tcp;
