@@ -362,18 +362,24 @@ fn probe_run(node: &Duplexd, omit: &str) -> (ExitStatus, String) {
     f.write(2, 0, &[7; 4096], 0);
     f.read(2, 0, 1);
     let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while got.len() < 3 && Instant::now() < deadline {
-        let _ = f.cq.pop_wait(&mut got, 3, Some(Duration::from_millis(100)));
+    // Each step's completions are awaited until they come or the probe dies: a Shutdown that
+    // overtook a slow (loaded) probe's work would end it before it ever idled and polled, and
+    // the sched_yield rule would look unneeded.
+    fn await_completions(f: &mut Fabric, dp: &mut Datapath, got: &mut Vec<IoDesc>, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < n && Instant::now() < deadline {
+            if dp.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            let _ = f.cq.pop_wait(got, n, Some(Duration::from_millis(100)));
+        }
     }
+    await_completions(&mut f, &mut dp, &mut got, 3);
     // Volume 2's file shrinks under the datapath's mapping: the read past the new end faults
     // (SIGBUS), the handler repairs the mapping and returns (rt_sigreturn), the read fails.
     node.volumes[1].1.set_len(4096).unwrap();
     f.read(2, 100, 1);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while got.len() < 4 && Instant::now() < deadline {
-        let _ = f.cq.pop_wait(&mut got, 4, Some(Duration::from_millis(100)));
-    }
+    await_completions(&mut f, &mut dp, &mut got, 4);
     let env = Envelope {
         request_id: dp.control.next_request_id(),
         epoch: 1,
