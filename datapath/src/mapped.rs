@@ -65,6 +65,9 @@ pub enum MapError {
     /// Nothing to map.
     #[error("an empty volume cannot be mapped")]
     Empty,
+    /// More bytes than the address space holds.
+    #[error("{0} bytes do not fit the address space")]
+    TooLarge(u64),
 }
 
 /// A memory-backed volume's file, mapped shared and writable.
@@ -77,10 +80,11 @@ pub struct MappedFile {
 
 impl MappedFile {
     /// Maps the first `len` bytes of `fd` (the caller checked the file holds them).
-    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Self, MapError> {
+    pub fn map(fd: BorrowedFd<'_>, len: u64) -> Result<Self, MapError> {
         if len == 0 {
             return Err(MapError::Empty);
         }
+        let len = usize::try_from(len).map_err(|_| MapError::TooLarge(len))?;
         HANDLER.call_once(|| HANDLER_OK.store(install_handler().is_ok(), Ordering::Release));
         if !HANDLER_OK.load(Ordering::Acquire) {
             return Err(MapError::Sys {

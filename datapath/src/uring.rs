@@ -29,9 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::pool::Pool;
+use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 
 use crate::mapped::MappedFile;
-use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 
 /// Set in the `user_data` of a poll, whose low 32 bits are the polled file's index; request
 /// operations carry their slot number.
@@ -292,8 +292,6 @@ impl Uring {
             at += len;
         }
         let carried = at - t.skip;
-        let n = u32::try_from(iovs.len()).unwrap_or(u32::MAX);
-        let ptr = iovs.as_ptr().cast::<libc::iovec>();
         self.iovs[slot] = iovs;
         if let Some(m) = t.inline {
             // SAFETY: every iovec was built above: inside one chunk of the pool mapping (handle
@@ -305,6 +303,9 @@ impl Uring {
             self.counted(slot);
             return Ok(carried);
         }
+        let iovs = &self.iovs[slot];
+        let n = u32::try_from(iovs.len()).unwrap_or(u32::MAX);
+        let ptr = iovs.as_ptr().cast::<libc::iovec>();
         let file = types::Fixed(t.file);
         let entry = match t.dir {
             Dir::Read => opcode::Readv::new(file, ptr, n).offset(t.offset).build(),

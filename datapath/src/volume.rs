@@ -131,10 +131,7 @@ impl Volume {
         // Those are mapped, and the engine copies (the mapped module); should mapping fail,
         // the io_uring serves them, slowly but correctly.
         let mapped = if memory_backed {
-            let mapped = usize::try_from(bytes)
-                .map_err(|_| crate::mapped::MapError::Empty)
-                .and_then(|len| MappedFile::map(fd.as_fd(), len));
-            match mapped {
+            match MappedFile::map(fd.as_fd(), bytes) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     tracing::warn!(volume = %spec.name, error = %e, "cannot map a memory-backed volume: serving it through the io_uring");
@@ -188,7 +185,7 @@ impl Volume {
     }
 
     /// The backing file lives in memory (tmpfs or ramfs): reads and writes never wait for a
-    /// device, so the engine does them inline.
+    /// device, so the engine maps the file and copies, inline (the `mapped` module).
     pub fn memory_backed(&self) -> bool {
         self.memory_backed
     }

@@ -254,7 +254,7 @@ impl Queue {
             cid,
             Pending {
                 out: if inline { Vec::new() } else { out },
-                data: Vec::new(),
+                data: Vec::with_capacity(want),
                 want,
             },
         );
@@ -329,9 +329,6 @@ impl Queue {
                 pending.data.len(),
                 pending.want
             )));
-        }
-        if pending.data.capacity() == 0 {
-            pending.data.reserve_exact(pending.want);
         }
         pdu::read_data(&mut self.reader, p, &mut pending.data)?;
         let last = p.ch.flags & tcp::FLAG_DATA_LAST != 0;

@@ -96,13 +96,10 @@ impl HostId {
     /// The 64-bit identifier, if bytes 15:8 are zero (what Reservation Report puts in HOSTID
     /// when EDS = 0).
     pub fn as_u64(&self) -> Option<u64> {
-        let (lo, hi) = self.0.split_at(8);
-        if hi.iter().any(|&b| b != 0) {
+        if self.0[8..].iter().any(|&b| b != 0) {
             return None;
         }
-        let mut a = [0u8; 8];
-        a.copy_from_slice(lo);
-        Some(u64::from_le_bytes(a))
+        le64(&self.0, 0)
     }
 }
 
@@ -198,10 +195,24 @@ impl ResvType {
 
 /// Reads a little-endian u64 at `off`, `None` past the end.
 fn le64(b: &[u8], off: usize) -> Option<u64> {
-    let s = b.get(off..off + 8)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    Some(u64::from_le_bytes(a))
+    b.get(off..off + 8).map(|_| crate::bytes::u64_at(b, off))
+}
+
+/// The two keys of Register's and Acquire's 16-byte data; shorter data: Data SGL Length
+/// Invalid.
+fn two_keys(data: &[u8]) -> Result<(u64, u64), Status> {
+    match (le64(data, 0), le64(data, 8)) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(generic::SGL_LENGTH),
+    }
+}
+
+/// Register's and Acquire's 16-byte data from its two keys.
+fn key_data(first: u64, second: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    put_u64(&mut b, 0, first);
+    put_u64(&mut b, 8, second);
+    b
 }
 
 /// Ignore Existing Key, dword 10 bit 3 of all three commands.
@@ -265,9 +276,7 @@ impl Register {
             3 => Cptpl::Set,
             _ => return Err(generic::INVALID_FIELD),
         };
-        let (Some(crkey), Some(nrkey)) = (le64(data, 0), le64(data, 8)) else {
-            return Err(generic::SGL_LENGTH);
-        };
+        let (crkey, nrkey) = two_keys(data)?;
         Ok(Self {
             action,
             iekey: cdw10 & IEKEY != 0,
@@ -289,10 +298,7 @@ impl Register {
 
     /// The 16-byte data buffer.
     pub fn data(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        put_u64(&mut b, 0, self.crkey);
-        put_u64(&mut b, 8, self.nrkey);
-        b
+        key_data(self.crkey, self.nrkey)
     }
 }
 
@@ -335,9 +341,7 @@ impl Acquire {
             return Err(generic::INVALID_FIELD);
         }
         let rtype = ResvType::from_u8(rtype_field(cdw10)).ok_or(generic::INVALID_FIELD)?;
-        let (Some(crkey), Some(prkey)) = (le64(data, 0), le64(data, 8)) else {
-            return Err(generic::SGL_LENGTH);
-        };
+        let (crkey, prkey) = two_keys(data)?;
         Ok(Self {
             action,
             rtype,
@@ -353,10 +357,7 @@ impl Acquire {
 
     /// The 16-byte data buffer.
     pub fn data(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        put_u64(&mut b, 0, self.crkey);
-        put_u64(&mut b, 8, self.prkey);
-        b
+        key_data(self.crkey, self.prkey)
     }
 }
 

@@ -256,9 +256,9 @@ impl Backend {
         if ch.submit.free()? == 0 {
             return Ok(None);
         }
+        self.publish(&mut ch, desc)?;
         let (tx, rx) = oneshot::channel();
-        self.publish(&mut ch, desc, Waiter::Task(tx))
-            .map_err(|(e, _)| e)?;
+        ch.pending.insert(desc.tag, Waiter::Task(tx));
         Ok(Some(rx))
     }
 
@@ -273,44 +273,33 @@ impl Backend {
         if !matches!(ch.submit.free(), Ok(n) if n > 0) {
             return Err(p);
         }
-        match self.publish(&mut ch, &mut desc, Waiter::Io(p)) {
-            Ok(()) => Ok(()),
-            Err((e, Waiter::Io(p))) => {
-                tracing::error!(error = %e, "cannot submit to the datapath");
-                Err(p)
-            }
-            Err((_, Waiter::Task(_))) => unreachable!("the waiter given back is the one given"),
+        if let Err(e) = self.publish(&mut ch, &mut desc) {
+            tracing::error!(error = %e, "cannot submit to the datapath");
+            return Err(p);
         }
+        ch.pending.insert(desc.tag, Waiter::Io(p));
+        Ok(())
     }
 
-    /// Tags `desc`, lends its chain to the ring and publishes it (the ring has room). On
-    /// failure nothing was published, the chain is the caller's again and `waiter` comes back.
-    fn publish(
-        &self,
-        ch: &mut Channel,
-        desc: &mut IoDesc,
-        waiter: Waiter,
-    ) -> Result<(), (BackendError, Waiter)> {
+    /// Tags `desc` with the command table's next tag, lends its chain to the ring and
+    /// publishes it (the ring has room); the caller then stores the waiter under `desc.tag`.
+    /// On failure nothing was published and the chain is the caller's again.
+    fn publish(&self, ch: &mut Channel, desc: &mut IoDesc) -> Result<(), BackendError> {
         desc.epoch = self.epoch;
+        desc.tag = ch.pending.next_tag();
         let index = ch.submit.next_index();
         if desc.buf != NIL {
-            if let Err(e) = self
-                .pool
-                .lend_chain(BufHandle(desc.buf), self.submit_ring, index)
-            {
-                return Err((e.into(), waiter));
-            }
+            self.pool
+                .lend_chain(BufHandle(desc.buf), self.submit_ring, index)?;
         }
-        desc.tag = ch.pending.next_tag();
         if let Err(e) = ch.submit.try_push(std::slice::from_ref(desc)) {
             if desc.buf != NIL {
                 let _ = self
                     .pool
                     .take_chain(BufHandle(desc.buf), self.submit_ring, index);
             }
-            return Err((e.into(), waiter));
+            return Err(e.into());
         }
-        ch.pending.insert(desc.tag, waiter);
         Ok(())
     }
 

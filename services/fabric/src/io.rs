@@ -35,8 +35,8 @@ pub struct Pending {
 
 #[derive(Debug)]
 enum FastOp {
-    /// A read returning `sgl_len` bytes.
-    Read { sgl_len: usize },
+    /// A read (returning exactly its `bytes`: the SGL asked for no more).
+    Read,
     /// A write whose data is in the chain.
     Write,
 }
@@ -66,7 +66,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
         return false;
     }
     let op = match sqe.opcode {
-        io::READ if capsule.is_empty() && sgl_len == bytes => FastOp::Read { sgl_len },
+        io::READ if capsule.is_empty() && sgl_len == bytes => FastOp::Read,
         io::WRITE if capsule.len() == bytes => FastOp::Write,
         _ => return false,
     };
@@ -77,7 +77,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
         return false;
     };
     let mut d = match op {
-        FastOp::Read { .. } => desc(OP_READ, ns, slba, nlb),
+        FastOp::Read => desc(OP_READ, ns, slba, nlb),
         FastOp::Write => {
             if let Err(e) = backend.pool().write_chain(buf, capsule) {
                 tracing::error!(error = %e, "cannot copy host data into the pool");
@@ -85,9 +85,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
                 return false;
             }
             let mut d = desc(OP_WRITE, ns, slba, nlb);
-            if sqe.fua() || !ctrl.wce.get() {
-                d.flags |= FLAG_FUA;
-            }
+            d.flags |= write_flags(&ctrl, sqe);
             d
         }
     };
@@ -110,13 +108,13 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
 /// Finishes a fast-path command from its completion `done`.
 pub fn finish(backend: &Rc<Backend>, p: Pending, done: IoDesc) {
     let (reply, sgl_len) = match p.op {
-        FastOp::Read { sgl_len } => match read_done(&p.queue, backend, done, p.permit, p.bytes) {
+        FastOp::Read => match read_done(&p.queue, backend, done, p.permit, p.bytes) {
             Ok(chain) => (
                 Reply {
                     data: Some(Payload::Chain(chain)),
                     ..Reply::default()
                 },
-                sgl_len,
+                p.bytes,
             ),
             Err(s) => (Reply::status(s), 0),
         },
@@ -190,6 +188,16 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
         io::WRITE_ZEROES => write_zeroes(&backend, ctrl, &ns, &sqe).await.into(),
         io::DSM => dsm(q, &backend, &ns, &sqe, data).await.into(),
         _ => Reply::status(generic::INVALID_OPCODE),
+    }
+}
+
+/// Descriptor flags of a write: FUA when the command asks, or when the volatile write cache is
+/// off.
+fn write_flags(ctrl: &Controller, sqe: &Sqe) -> u8 {
+    if sqe.fua() || !ctrl.wce.get() {
+        FLAG_FUA
+    } else {
+        0
     }
 }
 
@@ -318,9 +326,7 @@ async fn write(
     let mut d = desc(OP_WRITE, ns, slba, nlb);
     d.buf = buf.0;
     d.buf_len = bytes as u32;
-    if sqe.fua() || !ctrl.wce.get() {
-        d.flags |= FLAG_FUA;
-    }
+    d.flags |= write_flags(ctrl, sqe);
     match submit(backend, d).await {
         Ok(done) => write_done(q, backend, done, bytes),
         Err(s) => s,
@@ -386,9 +392,7 @@ async fn write_zeroes(backend: &Backend, ctrl: &Controller, ns: &Namespace, sqe:
         return s;
     }
     let mut d = desc(OP_WRITE_ZEROES, ns, slba, nlb);
-    if sqe.fua() || !ctrl.wce.get() {
-        d.flags |= FLAG_FUA;
-    }
+    d.flags |= write_flags(ctrl, sqe);
     match submit(backend, d).await {
         Ok(done) => Status::from_desc(done.status),
         Err(s) => s,
