@@ -36,11 +36,11 @@ use crate::bytes::{put_u16, put_u32, put_u64};
 use crate::status::{generic, Status};
 
 /// Reservation Conflict (generic status 83h), with Do Not Retry as the Linux target sets it.
-pub const RESERVATION_CONFLICT: Status = Status::new(0, 0x83).dnr();
+pub const RESERVATION_CONFLICT: Status = crate::status::generic::RESERVATION_CONFLICT;
 
 /// Host Identifier Inconsistent Format (generic status 18h): Reservation Report with the
 /// 64-bit host identifier format while a registrant's host identifier is 128 bits.
-pub const HOST_ID_INCONSISTENT_FORMAT: Status = Status::new(0, 0x18).dnr();
+pub const HOST_ID_INCONSISTENT_FORMAT: Status = crate::status::generic::HOST_ID_INCONSISTENT;
 
 /// Reservation command opcodes (NVM command set I/O commands).
 pub mod opc {

@@ -3,6 +3,14 @@
 
 /// Admin command opcodes.
 pub mod admin {
+    /// Delete I/O Submission Queue (PCIe controllers).
+    pub const DELETE_IO_SQ: u8 = 0x00;
+    /// Create I/O Submission Queue (PCIe controllers).
+    pub const CREATE_IO_SQ: u8 = 0x01;
+    /// Delete I/O Completion Queue (PCIe controllers).
+    pub const DELETE_IO_CQ: u8 = 0x04;
+    /// Create I/O Completion Queue (PCIe controllers).
+    pub const CREATE_IO_CQ: u8 = 0x05;
     /// Get Log Page.
     pub const GET_LOG_PAGE: u8 = 0x02;
     /// Identify.
@@ -112,6 +120,88 @@ pub mod feat {
     pub const ASYNC_EVENT: u8 = 0x0B;
     /// Keep Alive Timer.
     pub const KATO: u8 = 0x0F;
+    /// Host Identifier (PCIe: the 8- or 16-byte identifier reservations key hosts by).
+    pub const HOST_ID: u8 = 0x81;
+}
+
+/// Memory-mapped controller registers of an NVMe over PCIe controller (BAR0), NVMe Base
+/// Specification 2.0 section 3.1.4. CAP, VS, CC and CSTS share their offsets with the fabrics
+/// properties in [`prop`].
+pub mod reg {
+    /// Controller Capabilities (8 bytes).
+    pub const CAP: u64 = 0x00;
+    /// Version (4 bytes).
+    pub const VS: u64 = 0x08;
+    /// Interrupt Mask Set (4 bytes).
+    pub const INTMS: u64 = 0x0C;
+    /// Interrupt Mask Clear (4 bytes).
+    pub const INTMC: u64 = 0x10;
+    /// Controller Configuration (4 bytes).
+    pub const CC: u64 = 0x14;
+    /// Controller Status (4 bytes).
+    pub const CSTS: u64 = 0x1C;
+    /// NVM Subsystem Reset (4 bytes).
+    pub const NSSR: u64 = 0x20;
+    /// Admin Queue Attributes (4 bytes).
+    pub const AQA: u64 = 0x24;
+    /// Admin Submission Queue Base Address (8 bytes).
+    pub const ASQ: u64 = 0x28;
+    /// Admin Completion Queue Base Address (8 bytes).
+    pub const ACQ: u64 = 0x30;
+    /// First doorbell (SQ 0 tail); queue y's SQ tail doorbell is at
+    /// `DOORBELLS + (2y) * (4 << CAP.DSTRD)`, its CQ head doorbell at `DOORBELLS + (2y + 1) * ..`.
+    pub const DOORBELLS: u64 = 0x1000;
+
+    /// CAP.MQES: maximum queue entries supported, zero-based (bits 15:0).
+    pub const fn cap_mqes(cap: u64) -> u32 {
+        (cap & 0xFFFF) as u32
+    }
+    /// CAP.TO: worst-case time to ready, in 500 ms units (bits 31:24).
+    pub const fn cap_to(cap: u64) -> u32 {
+        ((cap >> 24) & 0xFF) as u32
+    }
+    /// CAP.DSTRD: doorbell stride, 4 << DSTRD bytes (bits 35:32).
+    pub const fn cap_dstrd(cap: u64) -> u32 {
+        ((cap >> 32) & 0xF) as u32
+    }
+    /// CAP.MPSMIN: minimum memory page size, 4 KiB << MPSMIN (bits 51:48).
+    pub const fn cap_mpsmin(cap: u64) -> u32 {
+        ((cap >> 48) & 0xF) as u32
+    }
+    /// CAP.MPSMAX: maximum memory page size, 4 KiB << MPSMAX (bits 55:52).
+    pub const fn cap_mpsmax(cap: u64) -> u32 {
+        ((cap >> 52) & 0xF) as u32
+    }
+    /// CAP.CQR: contiguous queues required (bit 16).
+    pub const CAP_CQR: u64 = 1 << 16;
+    /// CAP.CSS bit 37: the NVM command set.
+    pub const CAP_CSS_NVM: u64 = 1 << 37;
+
+    /// CC.EN.
+    pub const CC_EN: u32 = 1;
+    /// CC.CSS (bits 6:4): 000b = NVM command set.
+    pub const CC_CSS_SHIFT: u32 = 4;
+    /// CC.MPS (bits 10:7): memory page size 4 KiB << MPS.
+    pub const CC_MPS_SHIFT: u32 = 7;
+    /// CC.AMS (bits 13:11): 000b = round robin.
+    pub const CC_AMS_SHIFT: u32 = 11;
+    /// CC.SHN (bits 15:14): 01b normal shutdown, 10b abrupt shutdown.
+    pub const CC_SHN_SHIFT: u32 = 14;
+    /// CC.IOSQES (bits 19:16): log2 of the SQ entry size (6 = 64 bytes).
+    pub const CC_IOSQES_SHIFT: u32 = 16;
+    /// CC.IOCQES (bits 23:20): log2 of the CQ entry size (4 = 16 bytes).
+    pub const CC_IOCQES_SHIFT: u32 = 20;
+
+    /// CSTS.RDY.
+    pub const CSTS_RDY: u32 = 1;
+    /// CSTS.CFS: controller fatal status.
+    pub const CSTS_CFS: u32 = 1 << 1;
+    /// CSTS.SHST (bits 3:2) mask.
+    pub const CSTS_SHST_MASK: u32 = 3 << 2;
+    /// CSTS.SHST = 10b: shutdown processing complete.
+    pub const CSTS_SHST_COMPLETE: u32 = 2 << 2;
+    /// CSTS.NSSRO: NVM subsystem reset occurred.
+    pub const CSTS_NSSRO: u32 = 1 << 4;
 }
 
 /// Log page identifiers.

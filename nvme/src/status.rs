@@ -93,8 +93,18 @@ impl fmt::Display for Status {
             (0, 0x0D) => "invalid SGL segment descriptor",
             (0, 0x0F) => "data SGL length invalid",
             (0, 0x11) => "SGL descriptor type invalid",
+            (0, 0x13) => "invalid PRP offset",
+            (0, 0x18) => "host identifier inconsistent format",
+            (0, 0x1B) => "command aborted due to preempt and abort",
             (0, 0x80) => "LBA out of range",
+            (0, 0x81) => "capacity exceeded",
+            (0, 0x82) => "namespace not ready",
             (0, 0x83) => "reservation conflict",
+            (1, 0x00) => "completion queue invalid",
+            (1, 0x01) => "invalid queue identifier",
+            (1, 0x02) => "invalid queue size",
+            (1, 0x03) => "abort command limit exceeded",
+            (1, 0x0C) => "invalid queue deletion",
             (1, 0x05) => "asynchronous event request limit exceeded",
             (1, 0x09) => "invalid log page",
             (1, 0x0D) => "feature not saveable",
@@ -104,6 +114,7 @@ impl fmt::Display for Status {
             (1, 0x84) => "connect: invalid host",
             (2, 0x80) => "write fault",
             (2, 0x81) => "unrecovered read error",
+            (2, 0x82) => "end-to-end guard check error",
             (2, 0x85) => "compare failure",
             (3, 0x02) => "asymmetric access inaccessible",
             (3, 0x03) => "asymmetric access transition",
@@ -140,13 +151,35 @@ pub mod generic {
     pub const SGL_LENGTH: Status = Status::new(0, 0x0F).dnr();
     /// SGL Descriptor Type Invalid.
     pub const SGL_TYPE: Status = Status::new(0, 0x11).dnr();
+    /// Invalid PRP Offset.
+    pub const PRP_OFFSET: Status = Status::new(0, 0x13).dnr();
+    /// Host Identifier Inconsistent Format.
+    pub const HOST_ID_INCONSISTENT: Status = Status::new(0, 0x18).dnr();
+    /// Command Aborted due to Preempt and Abort.
+    pub const ABORTED_PREEMPT: Status = Status::new(0, 0x1B);
     /// LBA Out of Range.
     pub const LBA_RANGE: Status = Status::new(0, 0x80).dnr();
+    /// Capacity Exceeded.
+    pub const CAPACITY_EXCEEDED: Status = Status::new(0, 0x81).dnr();
+    /// Namespace Not Ready.
+    pub const NS_NOT_READY: Status = Status::new(0, 0x82);
+    /// Reservation Conflict.
+    pub const RESERVATION_CONFLICT: Status = Status::new(0, 0x83).dnr();
 }
 
 /// Command specific status (SCT 1).
 pub mod specific {
     use super::Status;
+    /// Completion Queue Invalid.
+    pub const INVALID_CQ: Status = Status::new(1, 0x00).dnr();
+    /// Invalid Queue Identifier.
+    pub const INVALID_QID: Status = Status::new(1, 0x01).dnr();
+    /// Invalid Queue Size.
+    pub const INVALID_QUEUE_SIZE: Status = Status::new(1, 0x02).dnr();
+    /// Abort Command Limit Exceeded.
+    pub const ABORT_LIMIT: Status = Status::new(1, 0x03).dnr();
+    /// Invalid Queue Deletion.
+    pub const INVALID_QUEUE_DELETION: Status = Status::new(1, 0x0C).dnr();
     /// Asynchronous Event Request Limit Exceeded.
     pub const AER_LIMIT: Status = Status::new(1, 0x05).dnr();
     /// Invalid Log Page.
@@ -172,6 +205,8 @@ pub mod media {
     pub const READ_ERROR: Status = Status::new(2, 0x81).dnr();
     /// Compare Failure.
     pub const COMPARE_FAILURE: Status = Status::new(2, 0x85).dnr();
+    /// End-to-end Guard Check Error.
+    pub const GUARD_CHECK: Status = Status::new(2, 0x82).dnr();
 }
 
 #[cfg(test)]
