@@ -1,0 +1,1 @@
+//! duplex-drive-sim: a dual-ported NVMe drive simulator.

@@ -1,0 +1,1 @@
+//! duplex-vfio: VFIO transports for duplex's NVMe driver.
