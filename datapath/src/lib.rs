@@ -100,6 +100,7 @@
 mod channel;
 mod engine;
 mod mapped;
+pub mod nvme;
 mod request;
 pub mod service;
 mod uring;
