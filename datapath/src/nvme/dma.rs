@@ -18,6 +18,8 @@ use duplex_nvme::cmd::{Cqe, Sqe};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
+use super::transport::{DmaMapping, Transport, TransportError};
+
 /// The page size the driver programs (CC.MPS = 0) and aligns everything to.
 pub const PAGE: usize = 4096;
 
@@ -138,6 +140,21 @@ impl DmaMem {
     /// The device's address of `offset`.
     pub fn iova_of(&self, offset: usize) -> u64 {
         self.iova + offset as u64
+    }
+
+    /// Makes the whole region visible to the device behind `t` at [`DmaMem::iova`].
+    pub fn map_for<T: Transport + ?Sized>(&self, t: &mut T) -> Result<(), TransportError> {
+        let m = DmaMapping {
+            iova: self.iova,
+            len: self.len as u64,
+            fd: self.fd.as_fd(),
+            file_offset: 0,
+            vaddr: self.vaddr(),
+        };
+        // SAFETY: the mapping stays mapped until `self` drops, and the controller that owns
+        // both the transport and this memory drops the transport's DMA access with itself;
+        // this module never forms a Rust reference into the region (raw pointers only).
+        unsafe { t.map_dma(m) }
     }
 
     fn ptr(&self, offset: usize, len: usize) -> Result<*mut u8, DmaError> {

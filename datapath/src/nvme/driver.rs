@@ -9,7 +9,7 @@ use duplex_nvme::status::Status;
 use super::dma::{DmaMem, PAGE};
 use super::error::{CmdError, NvmeError};
 use super::prp::{self, Seg};
-use super::transport::{DmaMapping, Transport};
+use super::transport::Transport;
 
 /// Admin queue entries.
 const ADMIN_ENTRIES: u16 = 32;
@@ -295,8 +295,11 @@ enum State {
 
 /// An NVMe controller driven from user space: polled completions, no interrupts.
 pub struct Controller<T: Transport> {
+    /// Declared (so dropped) before the memory: the device loses access first.
     t: T,
     mem: DmaMem,
+    /// Data memory mapped for the device ([`Controller::add_memory`]), kept as long as `t`.
+    extra: Vec<DmaMem>,
     opts: Options,
     layout: Layout,
     cap: u64,
@@ -341,13 +344,7 @@ impl<T: Transport> Controller<T> {
                 layout.len
             )));
         }
-        t.map_dma(DmaMapping {
-            iova: mem.iova(),
-            len: mem.len() as u64,
-            fd: mem.fd(),
-            file_offset: 0,
-            vaddr: mem.vaddr(),
-        })?;
+        mem.map_for(&mut t)?;
         let cap = t.read64(reg::CAP)?;
         if cap & reg::CAP_CSS_NVM == 0 {
             return Err(NvmeError::Unsupported(format!(
@@ -378,6 +375,7 @@ impl<T: Transport> Controller<T> {
             mem,
             opts,
             layout,
+            extra: Vec::new(),
             cap,
             dstrd: reg::cap_dstrd(cap),
             entries,
@@ -414,6 +412,19 @@ impl<T: Transport> Controller<T> {
     /// The DMA memory (scratch data is read through it).
     pub fn memory(&self) -> &DmaMem {
         &self.mem
+    }
+
+    /// Maps `mem` for the device (data buffers: the pool, a test's buffers) and keeps it for
+    /// as long as the controller lives; returns its index for [`Controller::added_memory`].
+    pub fn add_memory(&mut self, mem: DmaMem) -> Result<usize, NvmeError> {
+        mem.map_for(&mut self.t)?;
+        self.extra.push(mem);
+        Ok(self.extra.len() - 1)
+    }
+
+    /// Memory added with [`Controller::add_memory`].
+    pub fn added_memory(&self, index: usize) -> Option<&DmaMem> {
+        self.extra.get(index)
     }
 
     /// Identify Controller, as read at bring-up.
@@ -902,7 +913,8 @@ impl<T: Transport> Controller<T> {
     }
 
     /// Collects finished commands of I/O queue `qid` (and those found earlier while waiting)
-    /// into `out`; returns how many were added.
+    /// into `out`; returns how many were added. An error means the controller failed: call
+    /// [`Controller::reset`], which reports every command still outstanding.
     pub fn poll(&mut self, qid: u16, out: &mut Vec<Done>) -> Result<usize, NvmeError> {
         let before = out.len();
         let stash = std::mem::take(&mut self.stash);
@@ -913,7 +925,12 @@ impl<T: Transport> Controller<T> {
                 self.stash.push(d);
             }
         }
-        self.poll_queue(qid, out)?;
+        match self.poll_queue(qid, out) {
+            // What was found is delivered; the failure shows on the next call.
+            Err(_) if out.len() > before => {}
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
         Ok(out.len() - before)
     }
 
@@ -1051,18 +1068,26 @@ impl<T: Transport> Controller<T> {
     /// back, the error says why and it stays failed (later commands fail fast).
     pub fn reset(&mut self, out: &mut Vec<Done>) -> Result<(), NvmeError> {
         self.resets += 1;
+        let mut lost = Vec::new();
         for q in std::iter::once(&mut self.admin).chain(self.io.iter_mut()) {
             for s in q.slots.iter_mut().filter(|s| s.busy) {
                 s.busy = false;
-                out.push(Done {
-                    qid: q.qid,
-                    tag: s.tag,
-                    result: Err(CmdError::Reset),
-                });
+                lost.push((q.qid, s.tag));
             }
         }
         self.state = State::Live;
-        match self.bring_up() {
+        let r = self.bring_up();
+        let why = if r.is_ok() {
+            CmdError::Reset
+        } else {
+            CmdError::ControllerLost
+        };
+        out.extend(lost.into_iter().map(|(qid, tag)| Done {
+            qid,
+            tag,
+            result: Err(why.clone()),
+        }));
+        match r {
             Ok(()) => {
                 tracing::info!(controller = %self.t.name(), resets = self.resets, "controller reset done");
                 Ok(())

@@ -31,6 +31,8 @@ pub mod driver;
 pub mod error;
 pub mod prp;
 pub mod transport;
+pub mod vfio_kernel;
+pub mod vfio_user;
 
 pub use dma::DmaMem;
 pub use driver::{Controller, ControllerId, Done, IoCmd, NamespaceId, Options};

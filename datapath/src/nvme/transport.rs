@@ -68,7 +68,13 @@ pub trait Transport {
     }
 
     /// Makes `m` visible to the device (IOMMU mapping, or sharing the fd).
-    fn map_dma(&mut self, m: DmaMapping<'_>) -> Result<(), TransportError>;
+    ///
+    /// # Safety
+    ///
+    /// From now until [`Transport::unmap_dma`] of the range (or the transport is dropped) the
+    /// device may read and write that memory at any time: the caller keeps it mapped at
+    /// `m.vaddr` and never forms a Rust reference to it (raw pointers and system calls only).
+    unsafe fn map_dma(&mut self, m: DmaMapping<'_>) -> Result<(), TransportError>;
 
     /// Removes a mapping made by [`Transport::map_dma`].
     fn unmap_dma(&mut self, iova: u64, len: u64) -> Result<(), TransportError>;
