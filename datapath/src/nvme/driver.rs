@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use duplex_nvme::cmd::{Cqe, Sqe};
+use duplex_nvme::resv;
 use duplex_nvme::spec::{admin, cns, feat, io, reg};
 use duplex_nvme::status::Status;
 
@@ -447,6 +448,11 @@ impl<T: Transport> Controller<T> {
         self.entries
     }
 
+    /// The command timeout the controller was brought up with.
+    pub fn timeout(&self) -> Duration {
+        self.opts.timeout
+    }
+
     /// Controller resets done since bring-up.
     pub fn resets(&self) -> u64 {
         self.resets
@@ -871,8 +877,9 @@ impl<T: Transport> Controller<T> {
         let mut sqe = cmd.sqe;
         sqe.cid = cid;
         sqe.flags &= !0xC0; // PSDT 00b: PRPs
-        sqe.dptr = [0; 16];
         if cmd.len > 0 {
+            // Commands without data keep the caller's data pointer (a queue's base address).
+            sqe.dptr = [0; 16];
             let p = prp::build(segs, cmd.len, self.mem.iova_of(prp_page))?;
             if !p.list.is_empty() {
                 let bytes: Vec<u8> = p.list.iter().flat_map(|e| e.to_le_bytes()).collect();
@@ -1098,6 +1105,79 @@ impl<T: Transport> Controller<T> {
                 Err(e)
             }
         }
+    }
+
+    /// Reservation Register on namespace `nsid` through I/O queue `qid`.
+    pub fn resv_register(
+        &mut self,
+        qid: u16,
+        nsid: u32,
+        r: &resv::Register,
+    ) -> Result<Result<(), CmdError>, NvmeError> {
+        self.resv_cmd(qid, nsid, resv::opc::REGISTER, r.cdw10(), &r.data())
+    }
+
+    /// Reservation Acquire (acquire, preempt, preempt and abort).
+    pub fn resv_acquire(
+        &mut self,
+        qid: u16,
+        nsid: u32,
+        a: &resv::Acquire,
+    ) -> Result<Result<(), CmdError>, NvmeError> {
+        self.resv_cmd(qid, nsid, resv::opc::ACQUIRE, a.cdw10(), &a.data())
+    }
+
+    /// Reservation Release (release, clear).
+    pub fn resv_release(
+        &mut self,
+        qid: u16,
+        nsid: u32,
+        r: &resv::Release,
+    ) -> Result<Result<(), CmdError>, NvmeError> {
+        self.resv_cmd(qid, nsid, resv::opc::RELEASE, r.cdw10(), &r.data())
+    }
+
+    fn resv_cmd(
+        &mut self,
+        qid: u16,
+        nsid: u32,
+        opcode: u8,
+        cdw10: u32,
+        data: &[u8],
+    ) -> Result<Result<(), CmdError>, NvmeError> {
+        let sqe = Sqe {
+            opcode,
+            nsid,
+            cdw10,
+            ..Sqe::default()
+        };
+        let timeout = self.opts.timeout;
+        Ok(self
+            .exec_scratch(qid, IoCmd::raw(sqe, 0), Some(data), None, timeout)?
+            .map(drop))
+    }
+
+    /// Reservation Report (extended data structure: 128-bit host identifiers): the raw
+    /// report of at most `len` bytes (a multiple of 4, at most the scratch size).
+    pub fn resv_report(
+        &mut self,
+        qid: u16,
+        nsid: u32,
+        len: usize,
+    ) -> Result<Result<Vec<u8>, CmdError>, NvmeError> {
+        let len = len.clamp(4, SCRATCH) & !3;
+        let sqe = Sqe {
+            opcode: resv::opc::REPORT,
+            nsid,
+            cdw10: (len / 4 - 1) as u32,
+            cdw11: 1, // EDS
+            ..Sqe::default()
+        };
+        let mut out = vec![0u8; len];
+        let timeout = self.opts.timeout;
+        Ok(self
+            .exec_scratch(qid, IoCmd::raw(sqe, 0), None, Some(&mut out[..]), timeout)?
+            .map(|_| out))
     }
 
     /// Orderly shutdown (CC.SHN normal, wait for CSTS.SHST complete, bounded by CAP.TO).
