@@ -33,6 +33,7 @@ use duplex_ipc::pool::{BufHandle, ChunkState, Pool, PoolError, NIL};
 use duplex_ipc::ring::{Consumer, Producer, RingError};
 
 use crate::channel::Channel;
+use crate::drives::{Drive, Finished};
 use crate::request::{self, Command, Kind};
 use crate::uring::{Dir, Memory, Transfer, Uring, UringError, POLL_BIT};
 use crate::volume::Volume;
@@ -141,6 +142,8 @@ enum Phase {
     Zeroes,
     /// `fdatasync` in flight on `outstanding` volumes.
     Sync,
+    /// `outstanding` NVMe commands in flight on the volume's drive.
+    Drive,
 }
 
 /// One consumed submission.
@@ -177,6 +180,8 @@ struct ChannelState {
 #[derive(Debug)]
 pub struct Engine {
     volumes: Vec<Volume>,
+    drives: Vec<Drive>,
+    finished: Vec<Finished>,
     pool: Arc<Pool>,
     channels: Vec<ChannelState>,
     uring: Uring,
@@ -207,6 +212,18 @@ impl Engine {
         channels: Vec<Channel>,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
+        Self::with_drives(volumes, Vec::new(), pool, channels, config)
+    }
+
+    /// As [`Engine::new`], with NVMe drives serving the volumes whose [`Volume::on_drive`]
+    /// index points into `drives` (the `drives` module).
+    pub fn with_drives(
+        volumes: Vec<Volume>,
+        drives: Vec<Drive>,
+        pool: Arc<Pool>,
+        channels: Vec<Channel>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
         let bad = |m: String| Err(EngineError::Config(m));
         if !(1..=4096).contains(&config.queue_depth) {
             return bad(format!("queue depth {} (1..=4096)", config.queue_depth));
@@ -217,6 +234,12 @@ impl Engine {
         for (i, v) in volumes.iter().enumerate() {
             if volumes[..i].iter().any(|o| o.id() == v.id()) {
                 return bad(format!("volume id {} used twice", v.id()));
+            }
+            if v.drive().is_some_and(|d| d >= drives.len()) {
+                return bad(format!(
+                    "volume {} names a drive that is not there",
+                    v.name()
+                ));
             }
             if v.direct() && pool.chunk_size() % v.block_size() as usize != 0 {
                 return bad(format!(
@@ -271,6 +294,8 @@ impl Engine {
         );
         Ok(Self {
             volumes,
+            drives,
+            finished: Vec::new(),
             pool,
             channels,
             uring,
@@ -324,6 +349,7 @@ impl Engine {
         loop {
             beat();
             let mut progress = self.reap()?;
+            progress |= self.poll_drives();
             progress |= self.publish();
             let stopping = self.stop.load(Ordering::Acquire);
             if stopping {
@@ -340,6 +366,12 @@ impl Engine {
             self.uring.submit()?;
             if progress {
                 idle_since = None;
+                continue;
+            }
+            if self.drives.iter().any(Drive::busy) {
+                // Drive completions are polled: with commands in flight, keep polling (and
+                // let whatever shares the core run between turns).
+                std::thread::yield_now();
                 continue;
             }
             let first_idle_turn = idle_since.is_none();
@@ -368,6 +400,49 @@ impl Engine {
             self.disarm();
             slept?;
         }
+    }
+
+    /// Polls every drive; accounts the pieces that finished. Returns whether anything moved.
+    fn poll_drives(&mut self) -> bool {
+        if self.drives.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut finished = std::mem::take(&mut self.finished);
+        finished.clear();
+        let mut progress = false;
+        for d in &mut self.drives {
+            progress |= d.poll(now, &mut finished);
+        }
+        for f in &finished {
+            self.drive_done(f.slot, f.status);
+        }
+        self.finished = finished;
+        progress
+    }
+
+    /// One NVMe command of request `slot` ended with `status`.
+    fn drive_done(&mut self, slot: usize, status: u16) {
+        let Some(req) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            tracing::error!(slot, "drive completion for an empty request slot");
+            return;
+        };
+        req.outstanding = req.outstanding.saturating_sub(1);
+        if status != STATUS_SUCCESS && req.status == STATUS_SUCCESS {
+            req.status = status;
+        }
+        if req.outstanding > 0 {
+            return;
+        }
+        let mut status = req.status;
+        if status == STATUS_SUCCESS && req.cmd.kind == Kind::Read {
+            let bytes = usize::try_from(req.cmd.len).unwrap_or(usize::MAX);
+            if let Err(e) = self.pool.set_chain_len(BufHandle(req.desc.buf), bytes) {
+                tracing::error!(tag = req.desc.tag, error = %e, "cannot set the read chain's lengths");
+                status = STATUS_INTERNAL;
+            }
+        }
+        self.complete(slot, status);
     }
 
     /// No request in flight and every completion published.
@@ -653,6 +728,20 @@ impl Engine {
             status: STATUS_SUCCESS,
         };
         let vol = cmd.volume.unwrap_or(0);
+        if let Some(d) = cmd.volume.and_then(|v| self.volumes[v].drive()) {
+            req.phase = Phase::Drive;
+            let started = self.drives[d].start(slot, &cmd, &req.chain, &self.pool);
+            self.slots[slot] = Some(req);
+            match started {
+                Ok(n) => {
+                    if let Some(r) = self.slots[slot].as_mut() {
+                        r.outstanding = n;
+                    }
+                }
+                Err(status) => self.complete(slot, status),
+            }
+            return Ok(());
+        }
         let emulate = self.config.emulate_zeroes;
         let first = match cmd.kind {
             Kind::Read | Kind::Write => self.transfer(slot, &mut req),
@@ -682,7 +771,14 @@ impl Engine {
                 self.sync(slot, &mut req, cmd.volume)
             }
         };
+        let nothing_outstanding = req.outstanding == 0 && req.phase == Phase::Sync;
+        let status = req.status;
         self.slots[slot] = Some(req);
+        if first.is_ok() && nothing_outstanding {
+            // A flush of every volume when every one is on a dead drive.
+            self.complete(slot, status);
+            return Ok(());
+        }
         self.issued(slot, first)
     }
 
@@ -737,8 +833,29 @@ impl Engine {
             }
             None => {
                 for v in 0..self.volumes.len() {
+                    if self.volumes[v].drive().is_some() {
+                        continue;
+                    }
                     self.uring.fdatasync(slot, self.volume_file(v))?;
                     req.outstanding += 1;
+                }
+                // And a Flush on every drive: their completions count down the same total.
+                for d in 0..self.drives.len() {
+                    let flush = Command {
+                        kind: Kind::Flush,
+                        volume: None,
+                        offset: 0,
+                        len: 0,
+                        fua: false,
+                    };
+                    match self.drives[d].start(slot, &flush, &[], &self.pool) {
+                        Ok(n) => req.outstanding += n,
+                        Err(status) => {
+                            if req.status == STATUS_SUCCESS {
+                                req.status = status;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -868,6 +985,11 @@ impl Engine {
                 } else {
                     return self.main_done(slot, req);
                 }
+            }
+            Phase::Drive => {
+                // Drive requests never queue io_uring operations.
+                tracing::error!(slot, res, "io_uring completion for a drive request");
+                Ok(())
             }
             Phase::Sync => {
                 if res < 0 && req.status == STATUS_SUCCESS {

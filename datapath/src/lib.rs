@@ -98,6 +98,7 @@
 //! around the real binary instead).
 
 mod channel;
+pub mod drives;
 mod engine;
 mod mapped;
 pub mod nvme;

@@ -166,6 +166,7 @@ mod tests {
                 block_size: bs,
                 blocks,
                 direct: false,
+                drive: None,
             };
             out.push(Volume::new(&spec, f.into()).expect("volume"));
         }

@@ -22,10 +22,13 @@ use duplex_ipc::doorbell::{Doorbell, DoorbellError};
 use duplex_ipc::lifecycle::{self, Control, Handed, LifecycleError, Next, Started};
 use duplex_ipc::pool::{Holder, Pool, PoolError, ReclaimPlan};
 use duplex_ipc::ring::{self, Consumer, Producer, RingError, RingRegion};
-use duplex_ipc::topology::{Topology, TopologyError, ROLE_DATAPATH, TOPOLOGY_RESOURCE};
+use duplex_ipc::topology::{
+    DriveTransport, Topology, TopologyError, ROLE_DATAPATH, TOPOLOGY_RESOURCE,
+};
 use duplex_sandbox::SandboxError;
 
 use crate::channel::Channel;
+use crate::drives::{Drive, DriveError, DriveFds};
 use crate::engine::{Engine, EngineConfig, EngineError, EngineStats, Stopper};
 use crate::volume::{Volume, VolumeError};
 
@@ -81,6 +84,9 @@ pub enum ServiceError {
     /// A volume's backing fd is unusable.
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// A drive volume's drive did not come up.
+    #[error(transparent)]
+    Drive(#[from] DriveError),
     /// The engine could not be built or failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -195,9 +201,32 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         channels.push(Channel::new(consumer, producer));
     }
     let mut volumes = Vec::new();
+    let mut drives = Vec::new();
     for spec in &topology.volumes {
-        let fd = take(&mut started, &spec.resource)?.fd;
-        volumes.push(Volume::new(spec, fd)?);
+        match &spec.drive {
+            None => {
+                let fd = take(&mut started, &spec.resource)?.fd;
+                volumes.push(Volume::new(spec, fd)?);
+            }
+            Some(d) => {
+                let fds = match d.transport {
+                    DriveTransport::VfioUser => {
+                        DriveFds::User(take(&mut started, &spec.resource)?.fd)
+                    }
+                    DriveTransport::Vfio => DriveFds::Kernel {
+                        container: take(&mut started, &format!("{}:container", spec.resource))?.fd,
+                        group: take(&mut started, &format!("{}:group", spec.resource))?.fd,
+                        device: take(&mut started, &format!("{}:device", spec.resource))?.fd,
+                    },
+                };
+                let drive = Drive::open(spec, fds, &pool)?;
+                let placeholder = drive.placeholder_fd().map_err(|e| {
+                    ServiceError::Missing(format!("{} (DMA memory fd: {e})", spec.resource))
+                })?;
+                volumes.push(Volume::on_drive(spec, drives.len(), placeholder)?);
+                drives.push(drive);
+            }
+        }
     }
     for r in &started.resources {
         tracing::debug!(
@@ -210,7 +239,7 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         grace: STOP_GRACE,
         ..EngineConfig::default()
     };
-    let engine = Engine::new(volumes, Arc::new(pool), channels, config)?;
+    let engine = Engine::with_drives(volumes, drives, Arc::new(pool), channels, config)?;
     let stopper = engine.stopper();
     enter().map_err(ServiceError::Sandbox)?;
     started.ready()?;

@@ -63,6 +63,8 @@ pub struct Volume {
     block_device: bool,
     memory_backed: bool,
     mapped: Option<MappedFile>,
+    /// Served by drive `n` of the engine (the `drives` module), not through `fd`.
+    drive: Option<usize>,
     fd: OwnedFd,
 }
 
@@ -150,8 +152,42 @@ impl Volume {
             block_device,
             memory_backed,
             mapped,
+            drive: None,
             fd,
         })
+    }
+
+    /// A volume on a namespace of drive `drive` (the engine's index). `placeholder` is any fd
+    /// (the drive's DMA memory): the engine registers one fixed file per volume, and a drive
+    /// volume's is never used for I/O.
+    pub fn on_drive(
+        spec: &VolumeSpec,
+        drive: usize,
+        placeholder: OwnedFd,
+    ) -> Result<Self, VolumeError> {
+        if !matches!(spec.block_size, 512 | 4096) || spec.blocks == 0 {
+            return Err(VolumeError::BadSpec {
+                name: spec.name.clone(),
+                why: format!("{} blocks of {} bytes", spec.blocks, spec.block_size),
+            });
+        }
+        Ok(Self {
+            id: spec.id,
+            name: spec.name.clone(),
+            block_size: spec.block_size,
+            blocks: spec.blocks,
+            direct: false,
+            block_device: false,
+            memory_backed: false,
+            mapped: None,
+            drive: Some(drive),
+            fd: placeholder,
+        })
+    }
+
+    /// The engine's drive serving this volume, if it is on a drive.
+    pub(crate) fn drive(&self) -> Option<usize> {
+        self.drive
     }
 
     /// Id used in descriptors.
@@ -226,6 +262,7 @@ mod tests {
             block_size: 512,
             blocks,
             direct,
+            drive: None,
         }
     }
 

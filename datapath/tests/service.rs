@@ -144,6 +144,7 @@ impl Duplexd {
                 block_size: bs,
                 blocks,
                 direct,
+                drive: None,
             });
             volumes.push((format!("volume:{name}"), file));
         }

@@ -62,6 +62,9 @@ pub const STATUS_INVALID_FIELD: u16 = 0x0002;
 pub const STATUS_INTERNAL: u16 = 0x0006;
 /// Completion status: LBA out of range.
 pub const STATUS_LBA_OUT_OF_RANGE: u16 = 0x0080;
+/// Completion status: reservation conflict (the drive is reserved by another controller: this
+/// node has been fenced off it).
+pub const STATUS_RESERVATION_CONFLICT: u16 = 0x0083;
 /// Completion status: media error, write fault.
 pub const STATUS_WRITE_FAULT: u16 = 0x0280;
 /// Completion status: media error, unrecovered read error.

@@ -659,6 +659,12 @@ impl Pool {
             .wrapping_add(self.data + h as usize * self.chunk_size)
     }
 
+    /// Offset of chunk `h` from the start of the region (where a device that maps the whole
+    /// region for DMA finds it); `None` for a handle outside the pool.
+    pub fn chunk_offset(&self, h: u32) -> Option<usize> {
+        (h < self.count).then(|| self.data + h as usize * self.chunk_size)
+    }
+
     /// Number of free chunks (a scan; for monitoring and tests).
     pub fn free_count(&self) -> usize {
         (0..self.count)

@@ -86,6 +86,34 @@ pub struct VolumeSpec {
     pub blocks: u64,
     /// The backing fd was opened with `O_DIRECT`.
     pub direct: bool,
+    /// Served from a namespace of an NVMe drive through the datapath's own driver instead of
+    /// a file: `resource` and `path` then name the drive's handed-over connection and address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drive: Option<DriveSpec>,
+}
+
+/// How the datapath reaches the NVMe drive behind a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriveTransport {
+    /// A vfio-user socket (`duplex-drive-sim`, or any vfio-user NVMe device): the volume's
+    /// resource is the connected stream.
+    VfioUser,
+    /// A PCIe function bound to `vfio-pci`: resources `RESOURCE:container`, `RESOURCE:group`
+    /// and `RESOURCE:device`.
+    Vfio,
+}
+
+/// The drive behind a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveSpec {
+    /// Transport.
+    pub transport: DriveTransport,
+    /// Namespace id on the drive.
+    pub nsid: u32,
+    /// Host identifier the node registers reservations under (Set Features 81h).
+    pub host_id: [u8; 16],
 }
 
 /// One NVMe subsystem.
@@ -295,6 +323,7 @@ mod tests {
                 block_size: 4096,
                 blocks: 256,
                 direct: false,
+                drive: None,
             }],
             subsystems: vec![SubsystemSpec {
                 nqn: "nqn.2026-11.io.duplex:a".into(),

@@ -345,6 +345,57 @@ impl NodeConfig {
                     ),
                 ));
             }
+            match (&v.path, &v.drive) {
+                (Some(_), Some(d)) => {
+                    return Err(err(
+                        d.span(),
+                        format!(
+                        "volume {:?}: give `path` (a file or block device) or `drive`, not both",
+                        v.name.get_ref()
+                    ),
+                    ))
+                }
+                (None, None) => {
+                    return Err(err(
+                        v.name.span(),
+                        format!(
+                            "volume {:?}: needs `path` (a file or block device) or `drive` \
+                             (\"vfio-user:SOCKET\" or \"vfio:PCI-ADDRESS\")",
+                            v.name.get_ref()
+                        ),
+                    ))
+                }
+                (None, Some(d)) => {
+                    if let Err(why) = crate::storage::parse_drive(d.get_ref()) {
+                        return Err(err(
+                            d.span(),
+                            format!("volume {:?}: {why}", v.name.get_ref()),
+                        ));
+                    }
+                    if v.size.is_none() {
+                        return Err(err(
+                            d.span(),
+                            format!(
+                                "volume {:?}: a drive volume needs `size` (the namespace must hold it)",
+                                v.name.get_ref()
+                            ),
+                        ));
+                    }
+                }
+                (Some(_), None) => {}
+            }
+            if let Some(n) = &v.nsid {
+                if *n.get_ref() == 0 || *n.get_ref() == u32::MAX || v.drive.is_none() {
+                    return Err(err(
+                        n.span(),
+                        format!(
+                            "volume {:?}: nsid {} (only for a drive volume, 1 to 4294967294)",
+                            v.name.get_ref(),
+                            n.get_ref()
+                        ),
+                    ));
+                }
+            }
             if let Some(size) = &v.size {
                 let n = size.get_ref().0;
                 if n == 0 || n % u64::from(bs) != 0 {

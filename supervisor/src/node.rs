@@ -313,8 +313,9 @@ impl Node {
 
         if config.serves_storage() {
             let state_dir = config.node.state_dir.get_ref();
-            let volumes = storage::open_volumes(&config.volumes, state_dir)
-                .map_err(|e| res_err("storage")(e.to_string()))?;
+            let volumes =
+                storage::open_volumes(&config.volumes, state_dir, config.node.name.get_ref())
+                    .map_err(|e| res_err("storage")(e.to_string()))?;
             let listeners: Vec<storage::FabricListener> = config
                 .listeners
                 .iter()
@@ -354,15 +355,12 @@ impl Node {
                     blocks = v.spec.blocks,
                     block_size = v.spec.block_size,
                     direct = v.spec.direct,
+                    drive = v.spec.drive.is_some(),
                     "volume opened"
                 );
-                add(
-                    &mut shared,
-                    v.spec.resource.clone(),
-                    ResourceKind::File,
-                    OwnedFd::from(v.file),
-                    &[datapath.as_str()],
-                );
+                for (resource, kind, fd) in v.fds {
+                    add(&mut shared, resource, kind, fd, &[datapath.as_str()]);
+                }
             }
         }
 

@@ -8,6 +8,12 @@
 //! size = "1GiB"               # created sparse when missing; must match when present
 //! block_size = 4096           # 512 or 4096 (default 4096)
 //!
+//! [[volume]]                  # a volume on an NVMe drive, through the datapath's driver
+//! name = "vol1"
+//! drive = "vfio-user:drives/d0-a.sock"   # or "vfio:0000:00:04.0" (bound to vfio-pci)
+//! nsid = 1                    # default 1
+//! size = "1GiB"               # required: the namespace must hold it
+//!
 //! [[subsystem]]
 //! nqn = "nqn.2026-11.io.duplex:vol0"
 //! hosts = ["nqn.2014-08.org.nvmexpress:uuid:…"]   # or allow_any_host = true
@@ -31,14 +37,15 @@
 //! name, so they are the same on every start and on both nodes of a pair (hosts merge
 //! multipath paths on them); a namespace may also set them explicitly.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use duplex_ipc::control::ResourceKind;
 use duplex_ipc::topology::{
-    ChannelSpec, IoSpec, ListenerKind, ListenerSpec, NamespaceSpec, SubsystemSpec, Topology,
-    VolumeSpec, TOPOLOGY_VERSION,
+    ChannelSpec, DriveSpec, DriveTransport, IoSpec, ListenerKind, ListenerSpec, NamespaceSpec,
+    SubsystemSpec, Topology, VolumeSpec, TOPOLOGY_VERSION,
 };
 use serde::Deserialize;
 use toml::Spanned;
@@ -59,7 +66,13 @@ pub struct VolumeConfig {
     /// Unique name.
     pub name: Spanned<String>,
     /// Backing file or block device.
-    pub path: Spanned<PathBuf>,
+    pub path: Option<Spanned<PathBuf>>,
+    /// Or an NVMe drive the datapath drives itself: `"vfio-user:SOCKET"` (a socket path,
+    /// relative ones under node.state_dir; `duplex-drive-sim` serves these) or
+    /// `"vfio:PCI-ADDRESS"` (a function bound to `vfio-pci`).
+    pub drive: Option<Spanned<String>>,
+    /// The drive's namespace (default 1).
+    pub nsid: Option<Spanned<u32>>,
     /// Size ("1GiB", "512MiB", or bytes); required to create a missing file.
     pub size: Option<Spanned<Size>>,
     /// Logical block size.
@@ -229,8 +242,45 @@ pub fn as_uuid(mut b: [u8; 16]) -> [u8; 16] {
 pub struct OpenVolume {
     /// What the services are told.
     pub spec: VolumeSpec,
-    /// The open file.
-    pub file: File,
+    /// The resources the datapath gets for it: the open file, or the drive's connection
+    /// (vfio-user stream; kernel VFIO container, group, device).
+    pub fds: Vec<(String, ResourceKind, std::os::fd::OwnedFd)>,
+}
+
+/// Where a drive volume's drive is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriveAddress {
+    /// A vfio-user socket path.
+    VfioUser(PathBuf),
+    /// A PCI address of a function bound to vfio-pci.
+    Vfio(String),
+}
+
+/// Parses a volume's `drive` ("vfio-user:SOCKET" or "vfio:PCI-ADDRESS").
+pub fn parse_drive(s: &str) -> Result<DriveAddress, String> {
+    if let Some(p) = s.strip_prefix("vfio-user:") {
+        if p.is_empty() {
+            return Err("drive \"vfio-user:\" names no socket".into());
+        }
+        return Ok(DriveAddress::VfioUser(PathBuf::from(p)));
+    }
+    if let Some(bdf) = s.strip_prefix("vfio:") {
+        let ok = bdf.len() == 12
+            && bdf.char_indices().all(|(i, c)| match i {
+                4 | 7 => c == ':',
+                10 => c == '.',
+                _ => c.is_ascii_hexdigit(),
+            });
+        if !ok {
+            return Err(format!(
+                "drive {s:?}: expected a PCI address like vfio:0000:00:04.0"
+            ));
+        }
+        return Ok(DriveAddress::Vfio(bdf.to_owned()));
+    }
+    Err(format!(
+        "drive {s:?}: expected \"vfio-user:SOCKET\" or \"vfio:PCI-ADDRESS\""
+    ))
 }
 
 /// Errors opening volumes.
@@ -248,15 +298,22 @@ pub enum StorageError {
     },
 }
 
-/// Opens (creating sparse if missing) every volume. Volume ids are 1, 2, … in config order.
+/// Opens (creating sparse if missing) every volume; connects to the drives of drive volumes.
+/// Volume ids are 1, 2, … in config order. `node` names the host identifier this node
+/// registers reservations under.
 pub fn open_volumes(
     volumes: &[VolumeConfig],
     state_dir: &Path,
+    node: &str,
 ) -> Result<Vec<OpenVolume>, StorageError> {
     let mut out = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         let name = v.name.get_ref().clone();
-        let path = state_dir.join(v.path.get_ref());
+        let Some(path) = &v.path else {
+            out.push(open_drive(v, i, state_dir, node)?);
+            continue;
+        };
+        let path = state_dir.join(path.get_ref());
         let fail = |message: String| StorageError::Volume {
             name: name.clone(),
             path: path.display().to_string(),
@@ -327,11 +384,88 @@ pub fn open_volumes(
                 block_size: bs as u32,
                 blocks,
                 direct,
+                drive: None,
             },
-            file,
+            fds: vec![(format!("volume:{name}"), ResourceKind::File, file.into())],
         });
     }
     Ok(out)
+}
+
+/// Connects to the drive of a drive volume (checked by the config validation).
+fn open_drive(
+    v: &VolumeConfig,
+    i: usize,
+    state_dir: &Path,
+    node: &str,
+) -> Result<OpenVolume, StorageError> {
+    let name = v.name.get_ref().clone();
+    let raw = v
+        .drive
+        .as_ref()
+        .map(|d| d.get_ref().clone())
+        .unwrap_or_default();
+    let fail = |message: String| StorageError::Volume {
+        name: name.clone(),
+        path: raw.clone(),
+        message,
+    };
+    let bs = *v.block_size.get_ref();
+    let size = v
+        .size
+        .as_ref()
+        .map(|s| s.get_ref().0)
+        .ok_or_else(|| fail("a drive volume needs a size".into()))?;
+    let resource = format!("drive:{name}");
+    let (transport, address, fds) = match parse_drive(&raw).map_err(fail)? {
+        DriveAddress::VfioUser(p) => {
+            let p = state_dir.join(p);
+            let stream = std::os::unix::net::UnixStream::connect(&p).map_err(|e| {
+                fail(format!(
+                    "cannot connect to {}: {e} (is the drive (duplex-drive-sim) running?)",
+                    p.display()
+                ))
+            })?;
+            (
+                DriveTransport::VfioUser,
+                p.display().to_string(),
+                vec![(resource.clone(), ResourceKind::Socket, stream.into())],
+            )
+        }
+        DriveAddress::Vfio(bdf) => {
+            let h = duplex_vfio::kernel::open(&bdf).map_err(|e| fail(e.to_string()))?;
+            (
+                DriveTransport::Vfio,
+                bdf,
+                vec![
+                    (
+                        format!("{resource}:container"),
+                        ResourceKind::File,
+                        h.container,
+                    ),
+                    (format!("{resource}:group"), ResourceKind::File, h.group),
+                    (format!("{resource}:device"), ResourceKind::File, h.device),
+                ],
+            )
+        }
+    };
+    Ok(OpenVolume {
+        spec: VolumeSpec {
+            id: i as u32 + 1,
+            name: name.clone(),
+            resource,
+            path: address,
+            block_size: bs,
+            blocks: size / u64::from(bs),
+            direct: false,
+            drive: Some(DriveSpec {
+                transport,
+                nsid: v.nsid.as_ref().map_or(1, |n| *n.get_ref()),
+                host_id: derive_id(&["host", node]),
+            }),
+        },
+        fds,
+    })
 }
 
 fn libc_o_direct() -> i32 {

@@ -523,8 +523,10 @@ impl GuestImage {
         self.spawn_with(spec, accel)
     }
 
-    /// KVM if it boots this image here, else TCG; probed once per machine and image.
-    fn accel(&self) -> Result<Accel> {
+    /// How [`GuestImage::run`] will run this image: KVM if it boots it here, else TCG (or what
+    /// `DUPLEX_GUEST_ACCEL` forces); probed once per machine and image. For tests whose QEMU
+    /// arguments depend on it (e.g. `kernel-irqchip=split` for an emulated IOMMU under KVM).
+    pub fn accel(&self) -> Result<Accel> {
         match std::env::var("DUPLEX_GUEST_ACCEL").as_deref() {
             Ok("kvm") => return Ok(Accel::Kvm),
             Ok("tcg") => return Ok(Accel::Tcg),

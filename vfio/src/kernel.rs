@@ -32,6 +32,7 @@ const GROUP_GET_DEVICE_FD: libc::c_ulong = vfio_io(6);
 const DEVICE_GET_INFO: libc::c_ulong = vfio_io(7);
 const DEVICE_GET_REGION_INFO: libc::c_ulong = vfio_io(8);
 const DEVICE_RESET: libc::c_ulong = vfio_io(11);
+const IOMMU_GET_INFO: libc::c_ulong = vfio_io(12);
 const IOMMU_MAP_DMA: libc::c_ulong = vfio_io(13);
 const IOMMU_UNMAP_DMA: libc::c_ulong = vfio_io(14);
 
@@ -46,6 +47,11 @@ const REGION_INFO_FLAG_WRITE: u32 = 2;
 const REGION_INFO_FLAG_MMAP: u32 = 4;
 const DMA_MAP_FLAG_READ: u32 = 1;
 const DMA_MAP_FLAG_WRITE: u32 = 2;
+/// `VFIO_IOMMU_INFO_CAPS` and `VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE`.
+const IOMMU_INFO_CAPS: u32 = 1 << 1;
+const IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: u16 = 1;
+/// `sizeof(struct vfio_iommu_type1_info)`.
+const IOMMU_INFO_LEN: usize = 24;
 /// PCI region indexes of vfio-pci.
 const BAR0_REGION: u32 = 0;
 const CONFIG_REGION: u32 = 7;
@@ -465,7 +471,111 @@ impl Device {
             iova,
             size,
         };
-        ioctl_ptr(&self.container, "VFIO_IOMMU_MAP_DMA", IOMMU_MAP_DMA, &mut m).map(drop)
+        let r = ioctl_ptr(&self.container, "VFIO_IOMMU_MAP_DMA", IOMMU_MAP_DMA, &mut m);
+        match r {
+            Ok(_) => Ok(()),
+            // EINVAL is also what an IOVA beyond the IOMMU's address width gets: say so.
+            Err(KernelError::Ioctl { source, .. })
+                if source.raw_os_error() == Some(libc::EINVAL) && size > 0 =>
+            {
+                let end = iova.saturating_add(size - 1);
+                match self.iova_ranges() {
+                    Ok(ranges)
+                        if !ranges.is_empty()
+                            && !ranges.iter().any(|&(s, e)| s <= iova && end <= e) =>
+                    {
+                        let usable: Vec<String> = ranges
+                            .iter()
+                            .map(|(s, e)| format!("{s:#x}-{e:#x}"))
+                            .collect();
+                        Err(KernelError::Unusable(format!(
+                            "VFIO_IOMMU_MAP_DMA of IOVA {iova:#x}-{end:#x}: outside the \
+                             IOMMU's usable IOVA ranges {}",
+                            usable.join(", ")
+                        )))
+                    }
+                    _ => Err(KernelError::Ioctl {
+                        what: "VFIO_IOMMU_MAP_DMA",
+                        source,
+                    }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The IOVA ranges the container's IOMMU can map (`[start, end]`, inclusive), from the
+    /// kernel's IOVA range capability; empty if the kernel does not report one (before 5.4).
+    /// An emulated Intel IOMMU with `aw-bits=39` (and much real hardware) ends at `2^39 - 1`.
+    pub fn iova_ranges(&self) -> Result<Vec<(u64, u64)>, KernelError> {
+        let mut argsz = IOMMU_INFO_LEN as u32;
+        for _ in 0..2 {
+            // u64 elements: the structure and its capabilities are 8-byte aligned.
+            let mut buf = vec![0u64; (argsz as usize).div_ceil(8)];
+            let bytes = buf.len() * 8;
+            buf[0] = u64::from(argsz);
+            // SAFETY: `buf` is a live, exclusively owned buffer of `bytes` >= `argsz` bytes whose
+            // first u32 (little-endian x86 layout) is `argsz`; VFIO_IOMMU_GET_INFO writes at most
+            // `argsz` bytes into it during the call.
+            let r = unsafe {
+                libc::ioctl(
+                    self.container.as_raw_fd(),
+                    IOMMU_GET_INFO,
+                    buf.as_mut_ptr().cast::<u8>(),
+                )
+            };
+            if r < 0 {
+                return Err(KernelError::Ioctl {
+                    what: "VFIO_IOMMU_GET_INFO",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            let raw: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let u16_at = |o: usize| raw.get(o..o + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+            let u32_at = |o: usize| {
+                raw.get(o..o + 4)
+                    .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            };
+            let u64_at = |o: usize| {
+                raw.get(o..o + 8).map(|b| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(b);
+                    u64::from_ne_bytes(a)
+                })
+            };
+            let wanted = u32_at(0).unwrap_or(0);
+            let flags = u32_at(4).unwrap_or(0);
+            if flags & IOMMU_INFO_CAPS == 0 {
+                return Ok(Vec::new());
+            }
+            if wanted as usize > bytes {
+                // The capabilities did not fit: ask again with the size the kernel named.
+                argsz = wanted;
+                continue;
+            }
+            let mut at = u32_at(16).unwrap_or(0) as usize;
+            let mut hops = 0;
+            while at >= IOMMU_INFO_LEN && hops < 64 {
+                hops += 1;
+                let (Some(id), Some(next)) = (u16_at(at), u32_at(at + 4)) else {
+                    break;
+                };
+                if id == IOMMU_TYPE1_INFO_CAP_IOVA_RANGE {
+                    let n = u32_at(at + 8).unwrap_or(0) as usize;
+                    return Ok((0..n)
+                        .map_while(|i| {
+                            let o = at + 16 + i * 16;
+                            Some((u64_at(o)?, u64_at(o + 8)?))
+                        })
+                        .collect());
+                }
+                at = next as usize;
+            }
+            return Ok(Vec::new());
+        }
+        Err(KernelError::Unusable(
+            "VFIO_IOMMU_GET_INFO keeps asking for a larger buffer".into(),
+        ))
     }
 
     /// Removes a DMA mapping.

@@ -56,6 +56,12 @@ impl VfioUser {
         Ok(Self { client, name })
     }
 
+    /// From now on, no `setsockopt` per exchange (the datapath's sandbox allows none): see
+    /// `duplex_vfio::user::Client::fix_timeouts`.
+    pub fn fix_timeouts(&mut self) {
+        self.client.fix_timeouts();
+    }
+
     /// Closes the connection (the device sees the client go).
     pub fn close(&self) {
         self.client.shutdown();

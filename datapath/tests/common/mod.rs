@@ -333,6 +333,7 @@ pub fn volume_files(setup: &Setup, dir: &Path) -> (Vec<Volume>, Vec<PathBuf>) {
             block_size: v.block_size,
             blocks: v.blocks,
             direct: setup.direct,
+            drive: None,
         };
         volumes.push(Volume::new(&spec, f.into()).unwrap());
         paths.push(path);

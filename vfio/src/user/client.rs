@@ -170,6 +170,13 @@ impl Client {
         Client::from_stream(stream, timeout)
     }
 
+    /// Keeps the socket timeouts as set up from now on (no `setsockopt` per exchange; see
+    /// [`Client::from_stream`]): each system call of an exchange is bounded by the timeout,
+    /// the exchange by a small multiple of it. For a client in a sandbox without `setsockopt`.
+    pub fn fix_timeouts(&mut self) {
+        self.link.set_rearm(false);
+    }
+
     /// Takes an already-connected stream (made blocking), negotiates the version, and reads the
     /// device info and every region's info. `timeout` (non-zero) bounds each exchange, this
     /// set-up's and every later call's: a reply not complete by then is

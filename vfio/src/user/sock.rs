@@ -62,6 +62,9 @@ pub(crate) struct Link {
     read_armed: Option<Duration>,
     /// The send timeout currently set on the socket.
     write_armed: Option<Duration>,
+    /// Whether the socket timeouts follow each exchange's deadline (a `setsockopt` whenever
+    /// the time left drifts by more than [`SLACK`]); when off they stay as set at creation.
+    rearm: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -85,7 +88,16 @@ impl Link {
             deadline: None,
             read_armed: timeout,
             write_armed: timeout,
+            rearm: true,
         })
+    }
+
+    /// Stops (or resumes) adjusting the socket timeouts to each exchange's deadline. Off,
+    /// every system call waits at most the timeout set at creation, so an exchange of a few
+    /// calls may take a small multiple of it; no `setsockopt` is made after set-up (for a
+    /// process whose seccomp policy allows none).
+    pub(crate) fn set_rearm(&mut self, on: bool) {
+        self.rearm = on;
     }
 
     /// The socket.
@@ -112,8 +124,8 @@ impl Link {
             Direction::Read => &mut self.read_armed,
             Direction::Write => &mut self.write_armed,
         };
-        let close_enough =
-            armed.is_some_and(|armed| armed <= left + SLACK && armed + SLACK >= left);
+        let close_enough = !self.rearm
+            || armed.is_some_and(|armed| armed <= left + SLACK && armed + SLACK >= left);
         if !close_enough {
             let set = match direction {
                 Direction::Read => self.stream.set_read_timeout(Some(left)),

@@ -44,6 +44,7 @@ pub fn topology() -> Topology {
             block_size: BS,
             blocks: BLOCKS,
             direct: false,
+            drive: None,
         }],
         subsystems: vec![SubsystemSpec {
             nqn: SUBNQN.into(),

@@ -1,0 +1,561 @@
+//! Volumes on NVMe drives: the engine's side of the user-space driver ([`crate::nvme`]).
+//!
+//! Each drive is one controller (one I/O queue pair, polled by the engine's thread) with the
+//! buffer pool mapped for its DMA at [`POOL_IOVA`]: a read or write moves data between the
+//! drive and the pool chunks of the request's chain directly, the chunks described with PRPs.
+//! A request becomes one or more *pieces* (one NVMe command each: transfers are cut at the
+//! drive's maximum transfer size, Write Zeroes at 65536 blocks); the request completes when all
+//! its pieces have.
+//!
+//! Errors: a retriable failure (a timeout that was aborted, a controller reset, a status
+//! without Do Not Retry) is retried up to [`RETRIES`] times; anything else fails the request
+//! with the status the fabric reports to the host: Reservation Conflict stays Reservation
+//! Conflict (the node has been fenced off the drive), media errors stay media errors, a lost
+//! controller is an internal error (retriable: the host may try another path). A controller
+//! that fails (bad completion, transport gone) is reset; if it does not come back, the drive
+//! is dead and every request on it fails.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use duplex_ipc::desc::{
+    STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR, STATUS_RESERVATION_CONFLICT,
+    STATUS_WRITE_FAULT,
+};
+use duplex_ipc::pool::Pool;
+use duplex_ipc::topology::{DriveTransport, VolumeSpec};
+
+use crate::nvme::vfio_kernel::KernelVfio;
+use crate::nvme::vfio_user::VfioUser;
+use crate::nvme::{
+    CmdError, Controller, DmaMapping, DmaMem, Done, IoCmd, NvmeError, Options, Seg, Transport,
+    TransportError,
+};
+use crate::request::{Command, Kind};
+
+/// Where the buffer pool sits in a drive's DMA address space (below 2^39, the smallest IOMMU
+/// address width QEMU and most hardware give).
+pub const POOL_IOVA: u64 = 1 << 32;
+/// Times a retriable piece is tried again.
+pub const RETRIES: u8 = 3;
+/// How often outstanding commands are checked for timeouts.
+const TIMEOUT_CHECK: Duration = Duration::from_millis(10);
+/// The largest piece when the drive sets no limit (the driver's one PRP list page allows a
+/// little more).
+const MAX_PIECE: u64 = 1 << 20;
+/// Timeout of the vfio-user request/reply exchanges.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors bringing a drive up.
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    /// The resources handed over do not make a drive.
+    #[error("Volume {volume}: {why}")]
+    Resources {
+        /// Volume.
+        volume: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The controller did not come up, or its namespace does not fit the volume.
+    #[error("Volume {volume} on drive {address}: {source}")]
+    Controller {
+        /// Volume.
+        volume: String,
+        /// Socket or PCI address.
+        address: String,
+        /// Why.
+        #[source]
+        source: NvmeError,
+    },
+    /// The namespace does not match the volume's geometry.
+    #[error("Volume {volume} on drive {address}: {why}")]
+    Geometry {
+        /// Volume.
+        volume: String,
+        /// Socket or PCI address.
+        address: String,
+        /// What differs.
+        why: String,
+    },
+}
+
+/// Either transport, so one controller type serves both.
+#[derive(Debug)]
+pub enum AnyTransport {
+    /// vfio-user.
+    User(VfioUser),
+    /// Kernel VFIO.
+    Kernel(KernelVfio),
+}
+
+impl Transport for AnyTransport {
+    fn name(&self) -> &str {
+        match self {
+            Self::User(t) => t.name(),
+            Self::Kernel(t) => t.name(),
+        }
+    }
+
+    fn read32(&mut self, offset: u64) -> Result<u32, TransportError> {
+        match self {
+            Self::User(t) => t.read32(offset),
+            Self::Kernel(t) => t.read32(offset),
+        }
+    }
+
+    fn write32(&mut self, offset: u64, value: u32) -> Result<(), TransportError> {
+        match self {
+            Self::User(t) => t.write32(offset, value),
+            Self::Kernel(t) => t.write32(offset, value),
+        }
+    }
+
+    unsafe fn map_dma(&mut self, m: DmaMapping<'_>) -> Result<(), TransportError> {
+        match self {
+            // SAFETY: forwarded; our caller upholds the same contract.
+            Self::User(t) => unsafe { t.map_dma(m) },
+            // SAFETY: forwarded; our caller upholds the same contract.
+            Self::Kernel(t) => unsafe { t.map_dma(m) },
+        }
+    }
+
+    fn unmap_dma(&mut self, iova: u64, len: u64) -> Result<(), TransportError> {
+        match self {
+            Self::User(t) => t.unmap_dma(iova, len),
+            Self::Kernel(t) => t.unmap_dma(iova, len),
+        }
+    }
+}
+
+/// The fds duplexd hands over for one drive volume.
+#[derive(Debug)]
+pub enum DriveFds {
+    /// The connected vfio-user stream.
+    User(OwnedFd),
+    /// Kernel VFIO: container, group, device.
+    Kernel {
+        /// `/dev/vfio/vfio` with the group attached.
+        container: OwnedFd,
+        /// `/dev/vfio/N`.
+        group: OwnedFd,
+        /// The device.
+        device: OwnedFd,
+    },
+}
+
+/// One NVMe command of a request.
+#[derive(Debug, Clone)]
+struct Piece {
+    slot: usize,
+    cmd: IoCmd,
+    segs: Vec<Seg>,
+    tries: u8,
+}
+
+/// One drive.
+#[derive(Debug)]
+pub struct Drive {
+    name: String,
+    ctrl: Controller<AnyTransport>,
+    nsid: u32,
+    block_size: u32,
+    max_piece: u64,
+    /// Pieces in flight, by tag.
+    inflight: Vec<Option<Piece>>,
+    free_tags: Vec<usize>,
+    /// Pieces waiting for room on the queue.
+    backlog: VecDeque<Piece>,
+    /// Why the drive is dead (its controller did not come back from a reset).
+    dead: Option<String>,
+    last_check: Instant,
+    /// Retried pieces (for the logs and tests).
+    retries: u64,
+}
+
+/// A piece (or a request's share of it) that finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// The engine's request slot.
+    pub slot: usize,
+    /// The descriptor status (`STATUS_SUCCESS` or the error's).
+    pub status: u16,
+}
+
+impl Drive {
+    /// Brings up the drive behind `spec` (before the sandbox): connects the controller over the
+    /// handed-over fds, maps its DMA memory and the pool, identifies the namespace and checks it
+    /// holds the volume.
+    pub fn open(spec: &VolumeSpec, fds: DriveFds, pool: &Pool) -> Result<Self, DriveError> {
+        let volume = spec.name.clone();
+        let address = spec.path.clone();
+        let bad = |why: String| DriveError::Resources {
+            volume: volume.clone(),
+            why,
+        };
+        let Some(d) = &spec.drive else {
+            return Err(bad("not a drive volume".into()));
+        };
+        let ctl = |source: NvmeError| DriveError::Controller {
+            volume: volume.clone(),
+            address: address.clone(),
+            source,
+        };
+        let t = match (d.transport, fds) {
+            (DriveTransport::VfioUser, DriveFds::User(fd)) => {
+                let mut t =
+                    VfioUser::from_stream(UnixStream::from(fd), address.clone(), SOCKET_TIMEOUT)
+                        .map_err(|e| ctl(e.into()))?;
+                t.fix_timeouts();
+                AnyTransport::User(t)
+            }
+            (
+                DriveTransport::Vfio,
+                DriveFds::Kernel {
+                    container,
+                    group,
+                    device,
+                },
+            ) => {
+                let t = KernelVfio::from_fds(container, device, Some(group), &address)
+                    .map_err(|e| ctl(e.into()))?;
+                if !t.bar0_mapped() {
+                    // Register access would need pread/pwrite, which the sandbox does not allow.
+                    return Err(bad("BAR0 cannot be mapped".into()));
+                }
+                AnyTransport::Kernel(t)
+            }
+            _ => return Err(bad("the handed-over fds do not match the transport".into())),
+        };
+        let opts = Options {
+            io_queues: 1,
+            queue_entries: 256,
+            host_id: Some(d.host_id),
+            ..Options::default()
+        };
+        let mem = DmaMem::create(&format!("duplex-drive-{}", spec.name), opts.dma_len(), 0)
+            .map_err(|e| ctl(e.into()))?;
+        let mut ctrl = Controller::new(t, mem, opts).map_err(ctl)?;
+        let pool_fd = pool
+            .region()
+            .try_clone_fd()
+            .map_err(|e| bad(format!("cannot share the buffer pool: {e}")))?;
+        if pool.chunk_size() % 4096 != 0 {
+            return Err(bad(format!(
+                "pool chunks of {} bytes: a drive volume needs chunks of whole 4 KiB pages",
+                pool.chunk_size()
+            )));
+        }
+        let pool_mem =
+            DmaMem::map(pool_fd, pool.region().len(), POOL_IOVA).map_err(|e| ctl(e.into()))?;
+        ctrl.add_memory(pool_mem).map_err(ctl)?;
+        let ns = ctrl.namespace(d.nsid).map_err(ctl)?;
+        let geometry = |why: String| DriveError::Geometry {
+            volume: volume.clone(),
+            address: address.clone(),
+            why,
+        };
+        if ns.block_size != spec.block_size {
+            return Err(geometry(format!(
+                "namespace {} has {}-byte blocks, the volume {}-byte ones",
+                d.nsid, ns.block_size, spec.block_size
+            )));
+        }
+        if ns.blocks < spec.blocks {
+            return Err(geometry(format!(
+                "namespace {} holds {} blocks, the volume needs {}",
+                d.nsid, ns.blocks, spec.blocks
+            )));
+        }
+        let mdts = ctrl.identity().mdts_bytes;
+        let max_piece = if mdts == 0 {
+            MAX_PIECE
+        } else {
+            mdts.min(MAX_PIECE)
+        };
+        tracing::info!(
+            volume = %spec.name,
+            drive = %address,
+            model = %ctrl.identity().model,
+            serial = %ctrl.identity().serial,
+            blocks = ns.blocks,
+            block_size = ns.block_size,
+            "drive volume ready"
+        );
+        Ok(Self {
+            name: spec.name.clone(),
+            ctrl,
+            nsid: d.nsid,
+            block_size: ns.block_size,
+            max_piece: max_piece / u64::from(ns.block_size) * u64::from(ns.block_size),
+            inflight: Vec::new(),
+            free_tags: Vec::new(),
+            backlog: VecDeque::new(),
+            dead: None,
+            last_check: Instant::now(),
+            retries: 0,
+        })
+    }
+
+    /// The DMA memory's fd (the engine registers one fd per volume).
+    pub fn placeholder_fd(&self) -> std::io::Result<OwnedFd> {
+        self.ctrl.memory().fd().try_clone_to_owned()
+    }
+
+    /// Whether commands are in flight or waiting.
+    pub fn busy(&self) -> bool {
+        !self.backlog.is_empty() || self.free_tags.len() < self.inflight.len()
+    }
+
+    /// Pieces retried so far.
+    pub fn retries(&self) -> u64 {
+        self.retries
+    }
+
+    /// Starts a request: cuts it into pieces and submits them. `chain` holds the pool chunks
+    /// of a read or write. Returns how many pieces were made (the request's outstanding
+    /// count); 0 with `Err(status)` when the request fails at once.
+    pub(crate) fn start(
+        &mut self,
+        slot: usize,
+        cmd: &Command,
+        chain: &[u32],
+        pool: &Pool,
+    ) -> Result<u32, u16> {
+        let (kind, offset, len, fua) = (cmd.kind, cmd.offset, cmd.len, cmd.fua);
+        if let Some(why) = &self.dead {
+            tracing::debug!(drive = %self.name, %why, "request on a dead drive");
+            return Err(STATUS_INTERNAL);
+        }
+        let bs = u64::from(self.block_size);
+        let lba = offset / bs;
+        let mut pieces = Vec::new();
+        match kind {
+            Kind::Flush => pieces.push(IoCmd::flush(self.nsid)),
+            Kind::Read | Kind::Write => {
+                let mut at = 0;
+                while at < len {
+                    let n = self.max_piece.min(len - at);
+                    let blocks = u32::try_from(n / bs).map_err(|_| STATUS_INTERNAL)?;
+                    let cmd = if kind == Kind::Read {
+                        IoCmd::read(self.nsid, lba + at / bs, blocks, self.block_size)
+                    } else {
+                        IoCmd::write(self.nsid, lba + at / bs, blocks, self.block_size, fua)
+                    };
+                    pieces.push(cmd);
+                    at += n;
+                }
+            }
+            Kind::WriteZeroes | Kind::Deallocate => {
+                let mut left = len / bs;
+                let mut at = lba;
+                while left > 0 {
+                    let n = left.min(1 << 16);
+                    let mut cmd = IoCmd::write_zeroes(self.nsid, at, n as u32);
+                    if kind == Kind::Deallocate {
+                        cmd.sqe.cdw12 |= 1 << 25; // DEAC: deallocate (reads return zeroes)
+                    }
+                    if fua {
+                        cmd.sqe.cdw12 |= 1 << 30;
+                    }
+                    pieces.push(cmd);
+                    left -= n;
+                    at += n;
+                }
+            }
+        }
+        let count = u32::try_from(pieces.len()).map_err(|_| STATUS_INTERNAL)?;
+        let mut done_bytes = 0u64;
+        for cmd in pieces {
+            let segs = if kind.has_data() {
+                let segs = chain_segs(pool, chain, done_bytes, cmd.len).ok_or(STATUS_INTERNAL)?;
+                done_bytes += cmd.len;
+                segs
+            } else {
+                Vec::new()
+            };
+            self.backlog.push_back(Piece {
+                slot,
+                cmd,
+                segs,
+                tries: 0,
+            });
+        }
+        Ok(count)
+    }
+
+    /// Submits what waits, rings, polls completions, checks timeouts. Pieces that are done
+    /// (for good: retries exhausted or success) go to `out`. Returns whether anything moved.
+    pub fn poll(&mut self, now: Instant, out: &mut Vec<Finished>) -> bool {
+        let mut progress = false;
+        if let Some(why) = &self.dead {
+            // Fail whatever still waits.
+            let why = why.clone();
+            while let Some(p) = self.backlog.pop_front() {
+                tracing::debug!(drive = %self.name, %why, "failing a piece on a dead drive");
+                out.push(Finished {
+                    slot: p.slot,
+                    status: STATUS_INTERNAL,
+                });
+                progress = true;
+            }
+            return progress;
+        }
+        let mut submitted = false;
+        while let Some(p) = self.backlog.pop_front() {
+            let tag = match self.free_tags.pop() {
+                Some(t) => t,
+                None => {
+                    self.inflight.push(None);
+                    self.inflight.len() - 1
+                }
+            };
+            match self.ctrl.submit(1, p.cmd, &p.segs, tag as u64) {
+                Ok(()) => {
+                    self.inflight[tag] = Some(p);
+                    submitted = true;
+                }
+                Err(NvmeError::QueueFull(_)) => {
+                    self.free_tags.push(tag);
+                    self.backlog.push_front(p);
+                    break;
+                }
+                Err(e) => {
+                    self.free_tags.push(tag);
+                    self.backlog.push_front(p);
+                    self.recover(&e.to_string(), out);
+                    return true;
+                }
+            }
+        }
+        if submitted {
+            progress = true;
+            if let Err(e) = self.ctrl.ring(1) {
+                self.recover(&e.to_string(), out);
+                return true;
+            }
+        }
+        let mut done = Vec::new();
+        if let Err(e) = self.ctrl.poll(1, &mut done) {
+            self.settle(done, out);
+            self.recover(&e.to_string(), out);
+            return true;
+        }
+        if now.duration_since(self.last_check) >= TIMEOUT_CHECK {
+            self.last_check = now;
+            if let Err(e) = self.ctrl.check_timeouts(now, &mut done) {
+                self.settle(done, out);
+                self.recover(&e.to_string(), out);
+                return true;
+            }
+        }
+        progress |= !done.is_empty();
+        self.settle(done, out);
+        progress
+    }
+
+    /// Accounts finished commands: success or a final error goes out, a retriable error goes
+    /// back to the backlog.
+    fn settle(&mut self, done: Vec<Done>, out: &mut Vec<Finished>) {
+        for d in done {
+            let Some(p) = usize::try_from(d.tag)
+                .ok()
+                .and_then(|t| self.inflight.get_mut(t))
+                .and_then(Option::take)
+            else {
+                tracing::error!(drive = %self.name, tag = d.tag, "completion for no piece");
+                continue;
+            };
+            self.free_tags.push(d.tag as usize);
+            match d.result {
+                Ok(_) => out.push(Finished {
+                    slot: p.slot,
+                    status: 0,
+                }),
+                Err(e) if e.retriable() && p.tries < RETRIES => {
+                    tracing::warn!(drive = %self.name, error = %e, tries = p.tries + 1, "retrying a command");
+                    self.retries += 1;
+                    self.backlog.push_back(Piece {
+                        tries: p.tries + 1,
+                        ..p
+                    });
+                }
+                Err(e) => {
+                    let status = status_of(&e);
+                    if e == CmdError::ReservationConflict {
+                        tracing::error!(drive = %self.name, "reservation conflict: this node is fenced off the drive");
+                    } else {
+                        tracing::warn!(drive = %self.name, error = %e, status, "command failed");
+                    }
+                    out.push(Finished {
+                        slot: p.slot,
+                        status,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The controller failed: reset it; what was outstanding comes back (to retry or fail).
+    fn recover(&mut self, why: &str, out: &mut Vec<Finished>) {
+        tracing::error!(drive = %self.name, %why, "drive controller failed; resetting it");
+        let mut done = Vec::new();
+        let r = self.ctrl.reset(&mut done);
+        self.settle(done, out);
+        if let Err(e) = r {
+            tracing::error!(drive = %self.name, error = %e, "drive lost: it did not come back from a reset");
+            self.dead = Some(e.to_string());
+            // Nothing is outstanding any more; fail what waits.
+            for p in std::mem::take(&mut self.inflight).into_iter().flatten() {
+                out.push(Finished {
+                    slot: p.slot,
+                    status: STATUS_INTERNAL,
+                });
+            }
+            self.free_tags.clear();
+            while let Some(p) = self.backlog.pop_front() {
+                out.push(Finished {
+                    slot: p.slot,
+                    status: STATUS_INTERNAL,
+                });
+            }
+        }
+    }
+}
+
+/// The descriptor status of a final command error.
+fn status_of(e: &CmdError) -> u16 {
+    match e {
+        CmdError::ReservationConflict => STATUS_RESERVATION_CONFLICT,
+        CmdError::LbaOutOfRange => STATUS_LBA_OUT_OF_RANGE,
+        CmdError::ReadError => STATUS_READ_ERROR,
+        CmdError::WriteFault => STATUS_WRITE_FAULT,
+        CmdError::Status(s) => (u16::from(s.sct()) << 8) | u16::from(s.sc()),
+        CmdError::PreemptAborted => 0x001B,
+        // The host may retry elsewhere (internal errors are the retriable status).
+        CmdError::TimedOut | CmdError::Reset | CmdError::ControllerLost => STATUS_INTERNAL,
+    }
+}
+
+/// The device-address segments of bytes `[from, from + len)` of a chain of pool chunks.
+fn chain_segs(pool: &Pool, chain: &[u32], from: u64, len: u64) -> Option<Vec<Seg>> {
+    let cs = pool.chunk_size() as u64;
+    let mut segs = Vec::new();
+    let mut at = from;
+    let end = from.checked_add(len)?;
+    while at < end {
+        let k = usize::try_from(at / cs).ok()?;
+        let h = *chain.get(k)?;
+        let within = at % cs;
+        let n = (cs - within).min(end - at);
+        let base = pool.chunk_offset(h)? as u64;
+        segs.push(Seg {
+            iova: POOL_IOVA + base + within,
+            len: u32::try_from(n).ok()?,
+        });
+        at += n;
+    }
+    Some(segs)
+}
