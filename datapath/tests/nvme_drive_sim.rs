@@ -667,3 +667,89 @@ fn fault_statuses_come_back_typed() {
     let diff: Vec<usize> = (0..PAGE).filter(|&i| back[i] != page[i]).collect();
     assert_eq!(diff, vec![1]);
 }
+
+#[test]
+fn latency_torn_writes_and_a_pulled_drive_behave_as_documented() {
+    let mut r = rig(cfg(4096));
+    let mut c = connect(
+        &r,
+        0,
+        Options {
+            timeout: Duration::from_millis(400),
+            abort_timeout: Duration::from_millis(400),
+            ..opts(1, 1)
+        },
+    );
+    let mem = data(&mut c, 4);
+    let page = vec![9u8; PAGE];
+    // Latency below the timeout is only latency; above it, the command is aborted.
+    let slow = r.drive.inject(Fault::Latency {
+        op: FaultOp::Write,
+        micros: 50_000,
+    });
+    write_at(&mut c, mem, 1, 4096, &[(0, PAGE)], &page, false).expect("a slow write");
+    r.drive.clear_fault(slow);
+    let stuck = r.drive.inject(Fault::Latency {
+        op: FaultOp::Read,
+        micros: 10_000_000,
+    });
+    assert_eq!(
+        read_at(&mut c, 1, mem, 1, 4096, &[(0, PAGE)]),
+        Err(CmdError::TimedOut)
+    );
+    r.drive.clear_fault(stuck);
+    assert_eq!(
+        read_at(&mut c, 1, mem, 1, 4096, &[(0, PAGE)]).expect("read"),
+        page
+    );
+
+    // A torn write: half of it reaches the medium, then the power fails. The write never
+    // completes; the driver times out, cannot reset a drive without power, and says so.
+    let mut two = vec![0xC3u8; 2 * PAGE];
+    two[PAGE..].fill(0x3C);
+    flush(&mut c).expect("flush");
+    r.drive.inject(Fault::TornWrite {
+        first_lba: 10,
+        last_lba: 11,
+        keep_bytes: PAGE as u64,
+    });
+    let m = c.added_memory(mem).expect("memory");
+    m.write(0, &two).expect("fill");
+    let seg = [Seg {
+        iova: m.iova_of(0),
+        len: 2 * PAGE as u32,
+    }];
+    let torn = c.exec(1, IoCmd::write(1, 10, 2, 4096, false), &seg, c.timeout());
+    assert!(
+        !matches!(torn, Ok(Ok(_))),
+        "a torn write must not complete: {torn:?}"
+    );
+    assert!(!r.drive.is_powered(), "the torn write cut the power");
+    r.ports.pull();
+    drop(c);
+    r.drive.power_on();
+    r.ports.insert().expect("insert");
+    let mut c = connect(&r, 0, opts(1, 1));
+    let mem = data(&mut c, 4);
+    let back = read_at(&mut c, 1, mem, 10, 4096, &[(0, 2 * PAGE)]).expect("read");
+    assert_eq!(
+        &back[..PAGE],
+        &two[..PAGE],
+        "the first half reached the medium"
+    );
+    assert_eq!(
+        &back[PAGE..],
+        &vec![0u8; PAGE][..],
+        "the second half never did"
+    );
+
+    // A pulled drive: typed errors, no panic, and the controller stays failed.
+    r.ports.pull();
+    let e = c.exec(1, IoCmd::flush(1), &[], c.timeout());
+    assert!(e.is_err(), "{e:?}");
+    let again = c.exec(1, IoCmd::flush(1), &[], c.timeout());
+    assert!(
+        matches!(again, Err(NvmeError::Failed(_))),
+        "later commands fail fast: {again:?}"
+    );
+}
