@@ -53,7 +53,7 @@ impl Options {
     /// Bytes of DMA memory the driver needs for these options (pass a [`DmaMem`] at least
     /// this large).
     pub fn dma_len(&self) -> usize {
-        Layout::new(self.io_queues, self.queue_entries).len
+        Layout::new(self.io_queues.max(1), self.queue_entries).len
     }
 }
 
@@ -336,7 +336,9 @@ const SYNC_TAG: u64 = 1 << 63;
 impl<T: Transport> Controller<T> {
     /// Brings the controller up: maps `mem`, disables, programs the admin queue, enables,
     /// identifies, sets the host identifier, and creates the I/O queues.
-    pub fn new(mut t: T, mem: DmaMem, opts: Options) -> Result<Self, NvmeError> {
+    pub fn new(mut t: T, mem: DmaMem, mut opts: Options) -> Result<Self, NvmeError> {
+        // Bring-up creates at least one I/O queue; the layout must have room for it.
+        opts.io_queues = opts.io_queues.max(1);
         let layout = Layout::new(opts.io_queues, opts.queue_entries);
         if mem.len() < layout.len {
             return Err(NvmeError::Unsupported(format!(
@@ -800,12 +802,16 @@ impl<T: Transport> Controller<T> {
         let mut spins = 0u32;
         loop {
             found.clear();
-            self.poll_queue(qid, &mut found)?;
-            if qid != 0 {
+            // A step that fails must not lose what the earlier ones collected: other
+            // callers' completions go to the stash whatever happens.
+            let mut step = self.poll_queue(qid, &mut found);
+            if step.is_ok() && qid != 0 {
                 // An admin command waited on by nobody (an Abort) must not pile up.
-                self.poll_queue(0, &mut found)?;
+                step = self.poll_queue(0, &mut found);
             }
-            self.check_timeouts(Instant::now(), &mut found)?;
+            if step.is_ok() {
+                step = self.check_timeouts_all(Instant::now(), &mut found);
+            }
             let mut mine = None;
             for d in found.drain(..) {
                 if d.tag == tag {
@@ -817,6 +823,7 @@ impl<T: Transport> Controller<T> {
             if let Some(r) = mine {
                 return Ok(r);
             }
+            step?;
             if !matches!(self.state, State::Live) {
                 self.live()?;
             }
@@ -923,6 +930,11 @@ impl<T: Transport> Controller<T> {
     /// into `out`; returns how many were added. An error means the controller failed: call
     /// [`Controller::reset`], which reports every command still outstanding.
     pub fn poll(&mut self, qid: u16, out: &mut Vec<Done>) -> Result<usize, NvmeError> {
+        if qid == 0 {
+            // The admin queue holds only the driver's own commands (reaped by exec and
+            // check_timeouts).
+            return Err(NvmeError::NoQueue(0));
+        }
         let before = out.len();
         let stash = std::mem::take(&mut self.stash);
         for d in stash {
@@ -983,8 +995,15 @@ impl<T: Transport> Controller<T> {
         if cqe.sqid != q.qid {
             return Err(format!("entry names SQ {} (cid {})", cqe.sqid, cqe.cid));
         }
-        if cqe.sqhd >= q.entries {
-            return Err(format!("SQ head {} beyond {} entries", cqe.sqhd, q.entries));
+        // The head only moves forward, from the last one reported up to the tail.
+        let n = u32::from(q.entries);
+        let used = (u32::from(q.sq_tail) + n - u32::from(q.sq_head)) % n;
+        let moved = (u32::from(cqe.sqhd) + n - u32::from(q.sq_head)) % n;
+        if cqe.sqhd >= q.entries || moved > used {
+            return Err(format!(
+                "SQ head {} outside {}..={} ({} entries)",
+                cqe.sqhd, q.sq_head, q.sq_tail, q.entries
+            ));
         }
         let slot = match q.slots.get_mut(usize::from(cqe.cid)) {
             Some(s) if s.busy => s,
@@ -1015,9 +1034,19 @@ impl<T: Transport> Controller<T> {
     /// command still outstanding past its second deadline resets the controller, which
     /// completes every outstanding command with [`CmdError::Reset`] into `out`.
     pub fn check_timeouts(&mut self, now: Instant, out: &mut Vec<Done>) -> Result<(), NvmeError> {
+        let mut all = Vec::new();
+        let r = self.check_timeouts_all(now, &mut all);
+        out.extend(all.into_iter().filter(|d| d.tag & SYNC_TAG == 0));
+        r
+    }
+
+    /// [`Controller::check_timeouts`], the driver's own commands included in `out`.
+    fn check_timeouts_all(&mut self, now: Instant, out: &mut Vec<Done>) -> Result<(), NvmeError> {
         if !matches!(self.state, State::Live) {
             return Ok(());
         }
+        // Completed Aborts (nobody waits for them) free their admin slots here.
+        self.poll_queue(0, out)?;
         let mut abort = Vec::new();
         let mut reset = false;
         for q in std::iter::once(&mut self.admin).chain(self.io.iter_mut()) {
@@ -1065,7 +1094,7 @@ impl<T: Transport> Controller<T> {
         }
         if reset {
             tracing::warn!(controller = %self.t.name(), "aborted command still outstanding; resetting the controller");
-            self.reset(out)?;
+            self.reset_all(out)?;
         }
         Ok(())
     }
@@ -1074,6 +1103,14 @@ impl<T: Transport> Controller<T> {
     /// command completes into `out` with [`CmdError::Reset`]; if the controller does not come
     /// back, the error says why and it stays failed (later commands fail fast).
     pub fn reset(&mut self, out: &mut Vec<Done>) -> Result<(), NvmeError> {
+        let mut all = Vec::new();
+        let r = self.reset_all(&mut all);
+        out.extend(all.into_iter().filter(|d| d.tag & SYNC_TAG == 0));
+        r
+    }
+
+    /// [`Controller::reset`], the driver's own commands included in `out`.
+    fn reset_all(&mut self, out: &mut Vec<Done>) -> Result<(), NvmeError> {
         self.resets += 1;
         let mut lost = Vec::new();
         for q in std::iter::once(&mut self.admin).chain(self.io.iter_mut()) {
