@@ -60,15 +60,14 @@ pub enum DriveError {
         why: String,
     },
     /// The controller did not come up, or its namespace does not fit the volume.
-    #[error("Volume {volume} on drive {address}: {source}")]
+    #[error("Volume {volume} on drive {address}: {error}")]
     Controller {
         /// Volume.
         volume: String,
         /// Socket or PCI address.
         address: String,
         /// Why.
-        #[source]
-        source: NvmeError,
+        error: NvmeError,
     },
     /// The namespace does not match the volume's geometry.
     #[error("Volume {volume} on drive {address}: {why}")]
@@ -198,10 +197,10 @@ impl Drive {
         let Some(d) = &spec.drive else {
             return Err(bad("not a drive volume".into()));
         };
-        let ctl = |source: NvmeError| DriveError::Controller {
+        let ctl = |error: NvmeError| DriveError::Controller {
             volume: volume.clone(),
             address: address.clone(),
-            source,
+            error,
         };
         let t = match (d.transport, fds) {
             (DriveTransport::VfioUser, DriveFds::User(fd)) => {

@@ -873,6 +873,44 @@ service = "fabric"
     }
 
     #[test]
+    fn drive_volumes_are_checked() {
+        let vol = |body: &str| format!("{GOOD}\n[[volume]]\nname = \"v\"\n{body}\n");
+        let e = error(&vol("drive = \"vfio-user:d.sock\""));
+        assert!(
+            e.contains("volume \"v\": a drive volume needs `size`"),
+            "{e}"
+        );
+        let e = error(&vol("drive = \"vfio:00:04.0\"\nsize = \"1GiB\""));
+        assert!(
+            e.contains("expected a PCI address like vfio:0000:00:04.0"),
+            "{e}"
+        );
+        let e = error(&vol("drive = \"nvme0\"\nsize = \"1GiB\""));
+        assert!(
+            e.contains("expected \"vfio-user:SOCKET\" or \"vfio:PCI-ADDRESS\""),
+            "{e}"
+        );
+        let e = error(&vol(
+            "path = \"v.img\"\ndrive = \"vfio-user:d.sock\"\nsize = \"1GiB\"",
+        ));
+        assert!(e.contains("not both"), "{e}");
+        let e = error(&vol("size = \"1GiB\""));
+        assert!(e.contains("needs `path`"), "{e}");
+        let e = error(&vol("path = \"v.img\"\nnsid = 2"));
+        assert!(e.contains("nsid 2 (only for a drive volume"), "{e}");
+        let e = error(&vol(
+            "drive = \"vfio-user:d.sock\"\nsize = \"1GiB\"\nnsid = 0",
+        ));
+        assert!(e.contains("nsid 0"), "{e}");
+        assert_eq!(
+            error(&vol(
+                "drive = \"vfio:0000:00:04.0\"\nsize = \"1GiB\"\nnsid = 3"
+            )),
+            "parsed"
+        );
+    }
+
+    #[test]
     fn dependency_cycles_are_refused() {
         let text = GOOD.replace(
             "name = \"datapath\"\nkind = \"datapath\"",

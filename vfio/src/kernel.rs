@@ -114,22 +114,20 @@ const _: () = assert!(std::mem::size_of::<DmaUnmap>() == 24);
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// A file could not be opened or read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Open {
         /// The path.
         path: String,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// An ioctl failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed: {cause}")]
     Ioctl {
         /// Which ioctl.
         what: &'static str,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The VFIO setup is not usable.
     #[error("{0}")]
@@ -168,7 +166,7 @@ fn ioctl_ptr<T>(
     if r < 0 {
         return Err(KernelError::Ioctl {
             what,
-            source: std::io::Error::last_os_error(),
+            cause: std::io::Error::last_os_error(),
         });
     }
     Ok(r)
@@ -185,7 +183,7 @@ fn ioctl_val(
     if r < 0 {
         return Err(KernelError::Ioctl {
             what,
-            source: std::io::Error::last_os_error(),
+            cause: std::io::Error::last_os_error(),
         });
     }
     Ok(r)
@@ -197,9 +195,9 @@ fn open_rw(path: &str) -> Result<OwnedFd, KernelError> {
         .write(true)
         .open(path)
         .map(OwnedFd::from)
-        .map_err(|source| KernelError::Open {
+        .map_err(|cause| KernelError::Open {
             path: path.to_string(),
-            source,
+            cause,
         })
 }
 
@@ -210,9 +208,9 @@ pub fn open(bdf: &str) -> Result<Handles, KernelError> {
         return Err(KernelError::Unusable(format!("bad PCI address {bdf:?}")));
     }
     let link = format!("/sys/bus/pci/devices/{bdf}/iommu_group");
-    let group_path = std::fs::read_link(&link).map_err(|source| KernelError::Open {
+    let group_path = std::fs::read_link(&link).map_err(|cause| KernelError::Open {
         path: link.clone(),
-        source,
+        cause,
     })?;
     let group_id = group_path
         .file_name()
@@ -279,7 +277,7 @@ pub fn open(bdf: &str) -> Result<Handles, KernelError> {
     if dfd < 0 {
         return Err(KernelError::Ioctl {
             what: "VFIO_GROUP_GET_DEVICE_FD",
-            source: std::io::Error::last_os_error(),
+            cause: std::io::Error::last_os_error(),
         });
     }
     // SAFETY: the ioctl returned a new fd that nothing else owns.
@@ -356,16 +354,16 @@ impl Device {
         let mut cmd = [0u8; 2];
         device
             .read_exact_at(&mut cmd, config.offset + PCI_COMMAND)
-            .map_err(|source| KernelError::Ioctl {
+            .map_err(|cause| KernelError::Ioctl {
                 what: "config space read",
-                source,
+                cause,
             })?;
         let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
         device
             .write_all_at(&cmd.to_le_bytes(), config.offset + PCI_COMMAND)
-            .map_err(|source| KernelError::Ioctl {
+            .map_err(|cause| KernelError::Ioctl {
                 what: "config space write",
-                source,
+                cause,
             })?;
         let bar0 = if bar0_info.flags & REGION_INFO_FLAG_MMAP != 0 {
             let len = usize::try_from(bar0_info.size)
@@ -429,9 +427,9 @@ impl Device {
         let mut b = [0u8; 4];
         self.device
             .read_exact_at(&mut b, self.bar0_info.offset + offset)
-            .map_err(|source| KernelError::Ioctl {
+            .map_err(|cause| KernelError::Ioctl {
                 what: "BAR0 read",
-                source,
+                cause,
             })?;
         Ok(u32::from_le_bytes(b))
     }
@@ -450,9 +448,9 @@ impl Device {
         }
         self.device
             .write_all_at(&value.to_le_bytes(), self.bar0_info.offset + offset)
-            .map_err(|source| KernelError::Ioctl {
+            .map_err(|cause| KernelError::Ioctl {
                 what: "BAR0 write",
-                source,
+                cause,
             })
     }
 
@@ -475,8 +473,8 @@ impl Device {
         match r {
             Ok(_) => Ok(()),
             // EINVAL is also what an IOVA beyond the IOMMU's address width gets: say so.
-            Err(KernelError::Ioctl { source, .. })
-                if source.raw_os_error() == Some(libc::EINVAL) && size > 0 =>
+            Err(KernelError::Ioctl { cause, .. })
+                if cause.raw_os_error() == Some(libc::EINVAL) && size > 0 =>
             {
                 let end = iova.saturating_add(size - 1);
                 match self.iova_ranges() {
@@ -496,7 +494,7 @@ impl Device {
                     }
                     _ => Err(KernelError::Ioctl {
                         what: "VFIO_IOMMU_MAP_DMA",
-                        source,
+                        cause,
                     }),
                 }
             }
@@ -527,7 +525,7 @@ impl Device {
             if r < 0 {
                 return Err(KernelError::Ioctl {
                     what: "VFIO_IOMMU_GET_INFO",
-                    source: std::io::Error::last_os_error(),
+                    cause: std::io::Error::last_os_error(),
                 });
             }
             let raw: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();

@@ -27,13 +27,12 @@ pub const PAGE: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum DmaError {
     /// A system call failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed: {cause}")]
     Sys {
         /// Which call.
         what: &'static str,
         /// Why.
-        #[source]
-        source: nix::Error,
+        cause: nix::Error,
     },
     /// An access outside the mapping (a driver bug, never device-controlled: the driver only
     /// computes offsets from its own layout).
@@ -70,14 +69,14 @@ impl DmaMem {
     pub fn create(name: &str, len: usize, iova: u64) -> Result<Self, DmaError> {
         let name = std::ffi::CString::new(name).unwrap_or_default();
         let fd =
-            memfd_create(&name, MemFdCreateFlag::MFD_CLOEXEC).map_err(|source| DmaError::Sys {
+            memfd_create(&name, MemFdCreateFlag::MFD_CLOEXEC).map_err(|cause| DmaError::Sys {
                 what: "memfd_create",
-                source,
+                cause,
             })?;
         let size = i64::try_from(len).map_err(|_| DmaError::BadSize(len))?;
-        nix::unistd::ftruncate(&fd, size).map_err(|source| DmaError::Sys {
+        nix::unistd::ftruncate(&fd, size).map_err(|cause| DmaError::Sys {
             what: "ftruncate",
-            source,
+            cause,
         })?;
         Self::map(fd, len, iova)
     }
@@ -100,9 +99,9 @@ impl DmaMem {
                 0,
             )
         }
-        .map_err(|source| DmaError::Sys {
+        .map_err(|cause| DmaError::Sys {
             what: "mmap",
-            source,
+            cause,
         })?;
         Ok(Self {
             base: base.cast(),

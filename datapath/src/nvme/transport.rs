@@ -6,24 +6,23 @@ use std::os::fd::BorrowedFd;
 
 /// A transport failure: the device (or the way to it) is gone or refused.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+#[error("{what}: {cause}")]
 pub struct TransportError {
     /// What the driver was doing.
     pub what: String,
     /// Why it failed.
-    #[source]
-    pub source: Box<dyn std::error::Error + Send + Sync>,
+    pub cause: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl TransportError {
-    /// Wraps `source` with what was being done.
+    /// Wraps `cause` with what was being done.
     pub fn new(
         what: impl Into<String>,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         Self {
             what: what.into(),
-            source: source.into(),
+            cause: cause.into(),
         }
     }
 }

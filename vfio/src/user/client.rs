@@ -44,17 +44,16 @@ const MAX_IGNORED_BODY: usize = 256;
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// Connecting to the server's socket failed.
-    #[error("connecting to vfio-user socket {path}: {source}")]
+    #[error("connecting to vfio-user socket {path}: {cause}")]
     Connect {
         /// The socket's path.
         path: PathBuf,
         /// The failure.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The socket failed.
     #[error("vfio-user socket failed: {0}")]
-    Io(#[source] io::Error),
+    Io(io::Error),
     /// The server closed the connection.
     #[error("vfio-user server closed the connection")]
     Closed,
@@ -163,9 +162,9 @@ pub struct Client {
 impl Client {
     /// Connects to the server listening at `path`, then sets up as [`Client::from_stream`].
     pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        let stream = UnixStream::connect(path).map_err(|cause| ClientError::Connect {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Client::from_stream(stream, timeout)
     }

@@ -77,7 +77,7 @@ pub enum DmaError {
     },
     /// `fstat` of the shared fd failed.
     #[error("fstat of a DMA fd failed: {0}")]
-    Stat(#[source] io::Error),
+    Stat(io::Error),
     /// The mapping reaches past the end of the shared file.
     #[error("DMA mapping of {size:#x} bytes from file offset {file_offset:#x} goes past the end of the {file_size}-byte file")]
     BeyondFile {
@@ -90,7 +90,7 @@ pub enum DmaError {
     },
     /// `mmap` of the shared fd failed.
     #[error("mmap of a DMA fd failed: {0}")]
-    Mmap(#[source] io::Error),
+    Mmap(io::Error),
     /// `unmap` of a range that is not exactly one mapping.
     #[error("no DMA mapping is exactly iova {iova:#x} of {size:#x} bytes")]
     NoSuchMapping {

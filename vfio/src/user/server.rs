@@ -99,7 +99,7 @@ pub trait Device {
 pub enum ServeError {
     /// The socket failed (a read timeout set on the stream by the caller shows up here too).
     #[error("vfio-user socket failed: {0}")]
-    Io(#[source] io::Error),
+    Io(io::Error),
     /// The client closed the connection in the middle of a message.
     #[error("vfio-user client closed the connection in the middle of a message")]
     Truncated,
