@@ -30,8 +30,7 @@ use duplex_ipc::topology::{DriveTransport, VolumeSpec};
 use crate::nvme::vfio_kernel::KernelVfio;
 use crate::nvme::vfio_user::VfioUser;
 use crate::nvme::{
-    CmdError, Controller, DmaMapping, DmaMem, Done, IoCmd, NvmeError, Options, Seg, Transport,
-    TransportError,
+    AnyTransport, CmdError, Controller, DmaMem, Done, IoCmd, NvmeError, Options, Seg,
 };
 use crate::request::{Command, Kind};
 
@@ -81,54 +80,6 @@ pub enum DriveError {
     },
 }
 
-/// Either transport, so one controller type serves both.
-#[derive(Debug)]
-pub enum AnyTransport {
-    /// vfio-user.
-    User(VfioUser),
-    /// Kernel VFIO.
-    Kernel(KernelVfio),
-}
-
-impl Transport for AnyTransport {
-    fn name(&self) -> &str {
-        match self {
-            Self::User(t) => t.name(),
-            Self::Kernel(t) => t.name(),
-        }
-    }
-
-    fn read32(&mut self, offset: u64) -> Result<u32, TransportError> {
-        match self {
-            Self::User(t) => t.read32(offset),
-            Self::Kernel(t) => t.read32(offset),
-        }
-    }
-
-    fn write32(&mut self, offset: u64, value: u32) -> Result<(), TransportError> {
-        match self {
-            Self::User(t) => t.write32(offset, value),
-            Self::Kernel(t) => t.write32(offset, value),
-        }
-    }
-
-    unsafe fn map_dma(&mut self, m: DmaMapping<'_>) -> Result<(), TransportError> {
-        match self {
-            // SAFETY: forwarded; our caller upholds the same contract.
-            Self::User(t) => unsafe { t.map_dma(m) },
-            // SAFETY: forwarded; our caller upholds the same contract.
-            Self::Kernel(t) => unsafe { t.map_dma(m) },
-        }
-    }
-
-    fn unmap_dma(&mut self, iova: u64, len: u64) -> Result<(), TransportError> {
-        match self {
-            Self::User(t) => t.unmap_dma(iova, len),
-            Self::Kernel(t) => t.unmap_dma(iova, len),
-        }
-    }
-}
-
 /// The fds duplexd hands over for one drive volume.
 #[derive(Debug)]
 pub enum DriveFds {
@@ -172,6 +123,8 @@ pub struct Drive {
     last_check: Instant,
     /// Retried pieces (for the logs and tests).
     retries: u64,
+    /// Completions of one poll (reused).
+    done: Vec<Done>,
 }
 
 /// A piece (or a request's share of it) that finished.
@@ -295,6 +248,7 @@ impl Drive {
             dead: None,
             last_check: Instant::now(),
             retries: 0,
+            done: Vec::new(),
         })
     }
 
@@ -323,16 +277,42 @@ impl Drive {
         chain: &[u32],
         pool: &Pool,
     ) -> Result<u32, u16> {
-        let (kind, offset, len, fua) = (cmd.kind, cmd.offset, cmd.len, cmd.fua);
         if let Some(why) = &self.dead {
             tracing::debug!(drive = %self.name, %why, "request on a dead drive");
             return Err(STATUS_INTERNAL);
         }
+        let queued = self.backlog.len();
+        let r = self.queue_pieces(slot, cmd, chain, pool);
+        if r.is_err() {
+            // Nothing of a request that cannot be described goes to the drive.
+            self.backlog.truncate(queued);
+        }
+        r
+    }
+
+    /// Cuts a request into commands and queues them on the backlog; returns how many.
+    fn queue_pieces(
+        &mut self,
+        slot: usize,
+        cmd: &Command,
+        chain: &[u32],
+        pool: &Pool,
+    ) -> Result<u32, u16> {
+        let (kind, len, fua) = (cmd.kind, cmd.len, cmd.fua);
         let bs = u64::from(self.block_size);
-        let lba = offset / bs;
-        let mut pieces = Vec::new();
+        let lba = cmd.offset / bs;
+        let mut count = 0u32;
+        let mut queue = |cmd: IoCmd, segs: Vec<Seg>, backlog: &mut VecDeque<Piece>| {
+            count += 1;
+            backlog.push_back(Piece {
+                slot,
+                cmd,
+                segs,
+                tries: 0,
+            });
+        };
         match kind {
-            Kind::Flush => pieces.push(IoCmd::flush(self.nsid)),
+            Kind::Flush => queue(IoCmd::flush(self.nsid), Vec::new(), &mut self.backlog),
             Kind::Read | Kind::Write => {
                 let mut at = 0;
                 while at < len {
@@ -343,7 +323,8 @@ impl Drive {
                     } else {
                         IoCmd::write(self.nsid, lba + at / bs, blocks, self.block_size, fua)
                     };
-                    pieces.push(cmd);
+                    let segs = chain_segs(pool, chain, at, n).ok_or(STATUS_INTERNAL)?;
+                    queue(cmd, segs, &mut self.backlog);
                     at += n;
                 }
             }
@@ -359,28 +340,11 @@ impl Drive {
                     if fua {
                         cmd.sqe.cdw12 |= 1 << 30;
                     }
-                    pieces.push(cmd);
+                    queue(cmd, Vec::new(), &mut self.backlog);
                     left -= n;
                     at += n;
                 }
             }
-        }
-        let count = u32::try_from(pieces.len()).map_err(|_| STATUS_INTERNAL)?;
-        let mut done_bytes = 0u64;
-        for cmd in pieces {
-            let segs = if kind.has_data() {
-                let segs = chain_segs(pool, chain, done_bytes, cmd.len).ok_or(STATUS_INTERNAL)?;
-                done_bytes += cmd.len;
-                segs
-            } else {
-                Vec::new()
-            };
-            self.backlog.push_back(Piece {
-                slot,
-                cmd,
-                segs,
-                tries: 0,
-            });
         }
         Ok(count)
     }
@@ -436,29 +400,31 @@ impl Drive {
                 return true;
             }
         }
-        let mut done = Vec::new();
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
         if let Err(e) = self.ctrl.poll(1, &mut done) {
-            self.settle(done, out);
+            self.settle(&mut done, out);
             self.recover(&e.to_string(), out);
             return true;
         }
         if now.duration_since(self.last_check) >= TIMEOUT_CHECK {
             self.last_check = now;
             if let Err(e) = self.ctrl.check_timeouts(now, &mut done) {
-                self.settle(done, out);
+                self.settle(&mut done, out);
                 self.recover(&e.to_string(), out);
                 return true;
             }
         }
         progress |= !done.is_empty();
-        self.settle(done, out);
+        self.settle(&mut done, out);
+        self.done = done;
         progress
     }
 
     /// Accounts finished commands: success or a final error goes out, a retriable error goes
     /// back to the backlog.
-    fn settle(&mut self, done: Vec<Done>, out: &mut Vec<Finished>) {
-        for d in done {
+    fn settle(&mut self, done: &mut Vec<Done>, out: &mut Vec<Finished>) {
+        for d in done.drain(..) {
             let Some(p) = usize::try_from(d.tag)
                 .ok()
                 .and_then(|t| self.inflight.get_mut(t))
@@ -502,7 +468,7 @@ impl Drive {
         tracing::error!(drive = %self.name, %why, "drive controller failed; resetting it");
         let mut done = Vec::new();
         let r = self.ctrl.reset(&mut done);
-        self.settle(done, out);
+        self.settle(&mut done, out);
         if let Err(e) = r {
             tracing::error!(drive = %self.name, error = %e, "drive lost: it did not come back from a reset");
             self.dead = Some(e.to_string());

@@ -1,5 +1,6 @@
-//! duplex-datapath: serves volumes (backing files or block devices) to the fabric through a
-//! restricted io_uring, over the shared-memory descriptor rings and buffer pool of `duplex-ipc`.
+//! duplex-datapath: serves volumes (backing files or block devices through a restricted io_uring,
+//! or namespaces of NVMe drives through its own user-space driver, [`nvme`]) to the fabric, over
+//! the shared-memory descriptor rings and buffer pool of `duplex-ipc`.
 //!
 //! # What it does
 //!
@@ -73,9 +74,15 @@
 //!   `io_uring_register`, no `open*`, no `poll`, no `fdatasync`/`fallocate` syscalls (they go
 //!   through the ring).
 //! * `unsafe` lives only in the `uring` module (the DMA-like boundary where the kernel writes
-//!   pool memory) and the `mapped` module (memory-backed volumes mapped, copied through raw
-//!   pointers, and the `SIGBUS` handler that survives a file shrinking under its mapping); no
-//!   Rust reference ever points into pool memory or a volume's mapping.
+//!   pool memory), the `mapped` module (memory-backed volumes mapped, copied through raw
+//!   pointers, and the `SIGBUS` handler that survives a file shrinking under its mapping) and
+//!   the NVMe driver's DMA and VFIO modules (`nvme::dma`, `nvme::transport`,
+//!   `nvme::vfio_kernel`: memory a device reads and writes); no Rust reference ever points into
+//!   pool memory, a volume's mapping or DMA memory.
+//! * Volumes on NVMe drives ([`drives`]) are brought up before the sandbox (vfio-user handshake
+//!   on the stream duplexd connected, or BAR0 mapped and DMA mapped through the VFIO fds duplexd
+//!   opened); afterwards a drive needs only `sendmsg`/`recvmsg` (vfio-user doorbells) or nothing
+//!   at all (BAR0 stores), and `clock_nanosleep` (common) while a controller resets.
 //!
 //! # O_DIRECT
 //!

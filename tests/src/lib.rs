@@ -35,6 +35,71 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a node's listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Runs `duplex-bench` against subsystem `subnqn` on 127.0.0.1:`port` as host `hostnqn`, with
+/// `args`: (exit code, stdout, stderr).
+pub fn duplex_bench(
+    port: u16,
+    subnqn: &str,
+    hostnqn: &str,
+    args: &[&str],
+) -> (i32, String, String) {
+    let target = format!("127.0.0.1:{port}");
+    let out = Command::new(bin("duplex-bench"))
+        .args(["--target", &target, "--nqn", subnqn, "--hostnqn", hostnqn])
+        .args(args)
+        .output()
+        .expect("duplex-bench runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The config of a storage node for system tests: datapath and fabric, an NVMe/TCP listener on
+/// 127.0.0.1:`port`, one volume `vol0` (its `[[volume]]` keys after the name in `volume`), and
+/// subsystem `subnqn` exporting it as namespace 1 to `hostnqn`. `{state}` is left for
+/// [`Node::start`].
+pub fn storage_config(name: &str, port: u16, volume: &str, subnqn: &str, hostnqn: &str) -> String {
+    format!(
+        r#"
+[node]
+name = "{name}"
+state_dir = "{{state}}"
+
+[[service]]
+name = "datapath"
+kind = "datapath"
+
+[[service]]
+name = "fabric"
+after = ["datapath"]
+
+[[listener]]
+name = "nvme"
+address = "127.0.0.1:{port}"
+service = "fabric"
+
+[[volume]]
+name = "vol0"
+{volume}
+
+[[subsystem]]
+nqn = "{subnqn}"
+hosts = ["{hostnqn}"]
+namespaces = [{{ nsid = 1, volume = "vol0" }}]
+"#
+    )
+}
+
 /// A child killed (and reaped) when dropped, so a failing test leaves no process behind.
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);

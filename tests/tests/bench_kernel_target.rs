@@ -8,17 +8,10 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use duplex_tests::bin;
 use duplex_tests::guest::{Guest, Kernel, RunSpec};
+use duplex_tests::{bin, free_port};
 
 const NQN: &str = "nqn.2026-11.io.duplex:kernel-target";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 const SCRIPT: &str = r#"set -eu
 NQN=nqn.2026-11.io.duplex:kernel-target

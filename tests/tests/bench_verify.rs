@@ -3,33 +3,11 @@
 //! by `--verify-only` and fails the run; bad arguments are one line and exit 2.
 
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 
-use duplex_tests::{bin, Node};
+use duplex_tests::{duplex_bench, free_port, storage_config, Node};
 
 const SUBNQN: &str = "nqn.2026-11.io.duplex:bench";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:d0b1e5c4-0000-4000-8000-000000000001";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn bench(port: u16, args: &[&str]) -> (i32, String, String) {
-    let target = format!("127.0.0.1:{port}");
-    let out = Command::new(bin("duplex-bench"))
-        .args(["--target", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
-        .args(args)
-        .output()
-        .expect("duplex-bench runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn duplex_bench_verifies_against_duplex_and_catches_corruption() {
@@ -43,35 +21,12 @@ fn duplex_bench_verifies_against_duplex_and_catches_corruption() {
     }
     let _cleanup = Cleanup(volume.clone());
     let port = free_port();
-    let mut node = Node::start(&format!(
-        r#"
-[node]
-name = "bench"
-state_dir = "{{state}}"
-
-[[service]]
-name = "datapath"
-kind = "datapath"
-
-[[service]]
-name = "fabric"
-after = ["datapath"]
-
-[[listener]]
-name = "nvme"
-address = "127.0.0.1:{port}"
-service = "fabric"
-
-[[volume]]
-name = "vol0"
-path = "{volume}"
-size = "64MiB"
-
-[[subsystem]]
-nqn = "{SUBNQN}"
-hosts = ["{HOSTNQN}"]
-namespaces = [{{ nsid = 1, volume = "vol0" }}]
-"#
+    let mut node = Node::start(&storage_config(
+        "bench",
+        port,
+        &format!("path = \"{volume}\"\nsize = \"64MiB\""),
+        SUBNQN,
+        HOSTNQN,
     ));
     node.log.wait_for(&["fabric ready"]);
 
@@ -96,7 +51,7 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
             "--json",
         ];
         args.extend_from_slice(extra);
-        let (code, out, err) = bench(port, &args);
+        let (code, out, err) = duplex_bench(port, SUBNQN, HOSTNQN, &args);
         assert_eq!(code, 0, "duplex-bench {args:?}: {out}{err}");
         let v: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
         assert_eq!(v["verify"]["errors"], 0, "{out}");
@@ -110,8 +65,10 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
 
     // Write 64 blocks once, check them, corrupt one behind the target's back, check again.
     let span = ["--span-blocks", "64", "--seed", "9", "--qd", "4"];
-    let (code, out, err) = bench(
+    let (code, out, err) = duplex_bench(
         port,
+        SUBNQN,
+        HOSTNQN,
         &[
             &["--workload", "write", "--verify", "--ios", "64"][..],
             &span,
@@ -119,7 +76,12 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
         .concat(),
     );
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = bench(port, &[&["--verify-only"][..], &span].concat());
+    let (code, out, err) = duplex_bench(
+        port,
+        SUBNQN,
+        HOSTNQN,
+        &[&["--verify-only"][..], &span].concat(),
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("64 blocks checked, 0 errors"), "{out}");
     let f = std::fs::OpenOptions::new()
@@ -127,7 +89,12 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
         .open(&volume)
         .expect("volume");
     f.write_all_at(b"rot!", 10 * 4096 + 100).expect("corrupt");
-    let (code, out, _) = bench(port, &[&["--verify-only"][..], &span].concat());
+    let (code, out, _) = duplex_bench(
+        port,
+        SUBNQN,
+        HOSTNQN,
+        &[&["--verify-only"][..], &span].concat(),
+    );
     assert_eq!(code, 1, "corruption must fail the run: {out}");
     assert!(
         out.contains("1 errors") && out.contains("block 10"),
@@ -135,7 +102,7 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
     );
 
     // Bad arguments: one line, exit 2.
-    let (code, _, err) = bench(port, &["--bs", "3q"]);
+    let (code, _, err) = duplex_bench(port, SUBNQN, HOSTNQN, &["--bs", "3q"]);
     assert_eq!(code, 2);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     node.stop();

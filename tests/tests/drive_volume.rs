@@ -14,31 +14,10 @@ use duplex_datapath::nvme::{Controller, DmaMem, Options};
 use duplex_nvme::resv::{
     Acquire, AcquireAction, Cptpl, Register, RegisterAction, Release, ReleaseAction, ResvType,
 };
-use duplex_tests::{bin, KillOnDrop, Node};
+use duplex_tests::{bin, duplex_bench, free_port, storage_config, KillOnDrop, Node};
 
 const SUBNQN: &str = "nqn.2026-11.io.duplex:drive";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:d0b1e5c4-0000-4000-8000-000000000006";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn bench(port: u16, args: &[&str]) -> (i32, String, String) {
-    let target = format!("127.0.0.1:{port}");
-    let out = Command::new(bin("duplex-bench"))
-        .args(["--target", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
-        .args(args)
-        .output()
-        .expect("duplex-bench runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn ctl(control: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(bin("duplex-drive-sim"))
@@ -87,36 +66,15 @@ fn a_node_serves_a_volume_on_a_simulated_drive_and_is_fenced_by_its_reservation(
     assert!(ready.starts_with("ready "), "{ready}");
 
     let port = free_port();
-    let mut node = Node::start(&format!(
-        r#"
-[node]
-name = "drive-node"
-state_dir = "{{state}}"
-
-[[service]]
-name = "datapath"
-kind = "datapath"
-
-[[service]]
-name = "fabric"
-after = ["datapath"]
-
-[[listener]]
-name = "nvme"
-address = "127.0.0.1:{port}"
-service = "fabric"
-
-[[volume]]
-name = "vol0"
-drive = "vfio-user:{a}"
-size = "64MiB"
-
-[[subsystem]]
-nqn = "{SUBNQN}"
-hosts = ["{HOSTNQN}"]
-namespaces = [{{ nsid = 1, volume = "vol0" }}]
-"#,
-        a = a.display()
+    let mut node = Node::start(&storage_config(
+        "drive-node",
+        port,
+        &format!(
+            "drive = \"vfio-user:{a}\"\nsize = \"64MiB\"",
+            a = a.display()
+        ),
+        SUBNQN,
+        HOSTNQN,
     ));
     node.log.wait_for(&["drive volume ready"]);
     node.log.wait_for(&["fabric ready"]);
@@ -136,14 +94,16 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
             "--json",
         ];
         args.extend_from_slice(extra);
-        let (code, out, err) = bench(port, &args);
+        let (code, out, err) = duplex_bench(port, SUBNQN, HOSTNQN, &args);
         assert_eq!(code, 0, "duplex-bench {args:?}: {out}{err}");
         let v: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
         assert_eq!(v["verify"]["errors"], 0, "{out}");
     }
     let span = ["--span-blocks", "64", "--seed", "5", "--qd", "4"];
-    let (code, out, err) = bench(
+    let (code, out, err) = duplex_bench(
         port,
+        SUBNQN,
+        HOSTNQN,
         &[
             &["--workload", "write", "--verify", "--ios", "64"][..],
             &span,
@@ -193,14 +153,24 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
     );
 
     // Fenced: the node's writes fail with Reservation Conflict at the host; reads go on.
-    let (code, out, err) = bench(port, &["--workload", "write", "--ios", "8", "--qd", "1"]);
+    let (code, out, err) = duplex_bench(
+        port,
+        SUBNQN,
+        HOSTNQN,
+        &["--workload", "write", "--ios", "8", "--qd", "1"],
+    );
     assert_ne!(code, 0, "a write went through a reservation: {out}{err}");
     assert!(
         format!("{out}{err}").contains("reservation conflict"),
         "the host sees why: {out}{err}"
     );
     node.log.wait_for(&["reservation conflict"]);
-    let (code, out, err) = bench(port, &[&["--verify-only"][..], &span].concat());
+    let (code, out, err) = duplex_bench(
+        port,
+        SUBNQN,
+        HOSTNQN,
+        &[&["--verify-only"][..], &span].concat(),
+    );
     assert_eq!(
         code, 0,
         "reads are allowed under Write Exclusive: {out}{err}"
@@ -218,8 +188,10 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
     )
     .expect("controller")
     .expect("clear");
-    let (code, out, err) = bench(
+    let (code, out, err) = duplex_bench(
         port,
+        SUBNQN,
+        HOSTNQN,
         &[
             "--workload",
             "write",

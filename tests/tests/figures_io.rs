@@ -11,18 +11,11 @@ use std::time::Instant;
 
 use duplex_nvme::tcp::Digests;
 use duplex_tests::nvme_host::{Host, Load, LoadResult};
-use duplex_tests::Node;
+use duplex_tests::{free_port, storage_config, Node};
 
 const SUBNQN: &str = "nqn.2026-11.io.duplex:figures";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:0f0f0f0f-0000-4000-8000-000000000001";
 const BLOCKS: u64 = 65536; // 256 MiB of 4 KiB blocks
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn print(name: &str, r: &LoadResult, io_size: usize) {
     eprintln!(
@@ -47,35 +40,12 @@ fn figures_io_over_loopback_against_a_tmpfs_volume() {
     }
     let _cleanup = Cleanup(volume.clone());
     let port = free_port();
-    let mut node = Node::start(&format!(
-        r#"
-[node]
-name = "figures"
-state_dir = "{{state}}"
-
-[[service]]
-name = "datapath"
-kind = "datapath"
-
-[[service]]
-name = "fabric"
-after = ["datapath"]
-
-[[listener]]
-name = "nvme"
-address = "127.0.0.1:{port}"
-service = "fabric"
-
-[[volume]]
-name = "vol0"
-path = "{volume}"
-size = "256MiB"
-
-[[subsystem]]
-nqn = "{SUBNQN}"
-hosts = ["{HOSTNQN}"]
-namespaces = [{{ nsid = 1, volume = "vol0" }}]
-"#
+    let mut node = Node::start(&storage_config(
+        "figures",
+        port,
+        &format!("path = \"{volume}\"\nsize = \"256MiB\""),
+        SUBNQN,
+        HOSTNQN,
     ));
     node.log.wait_for(&["fabric ready"]);
     let addr = format!("127.0.0.1:{port}").parse().expect("addr");

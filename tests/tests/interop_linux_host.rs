@@ -15,18 +15,11 @@
 use std::time::Duration;
 
 use duplex_tests::guest::{Guest, Kernel, RunSpec};
-use duplex_tests::Node;
+use duplex_tests::{free_port, Node};
 
 const SUBNQN: &str = "nqn.2026-11.io.duplex:interop";
 const HOSTID: &str = "6f1c2a4e-5b7d-4e8f-9a01-23456789abcd";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:6f1c2a4e-5b7d-4e8f-9a01-23456789abcd";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn config(io_port: u16, disc_port: u16) -> String {
     format!(

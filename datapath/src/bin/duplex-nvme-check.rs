@@ -107,26 +107,9 @@ fn main() {
         }
     };
     if let Err(e) = run(&args) {
-        eprintln!("duplex-nvme-check: error: {}", chain(&e));
+        eprintln!("duplex-nvme-check: error: {e:#}");
         std::process::exit(1);
     }
-}
-
-/// The error and its causes joined with ": ", each cause left out when the text so far already
-/// ends with it (the workspace's error types print their source in their own message too).
-fn chain(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let part = cause.to_string();
-        if text.ends_with(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
 }
 
 fn run(args: &Args) -> Result<()> {

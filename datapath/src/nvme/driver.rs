@@ -312,6 +312,8 @@ pub struct Controller<T: Transport> {
     state: State,
     /// Completions found while waiting for something else.
     stash: Vec<Done>,
+    /// PRP list entries of the command being submitted (reused).
+    prp_list: Vec<u64>,
     next_tag: u64,
     resets: u64,
     /// Bringing the controller up: an admin command that times out fails the bring-up
@@ -399,6 +401,7 @@ impl<T: Transport> Controller<T> {
             },
             state: State::Live,
             stash: Vec::new(),
+            prp_list: Vec::with_capacity(prp::LIST_ENTRIES),
             next_tag: 0,
             resets: 0,
             bringing_up: false,
@@ -887,13 +890,21 @@ impl<T: Transport> Controller<T> {
         if cmd.len > 0 {
             // Commands without data keep the caller's data pointer (a queue's base address).
             sqe.dptr = [0; 16];
-            let p = prp::build(segs, cmd.len, self.mem.iova_of(prp_page))?;
-            if !p.list.is_empty() {
-                let bytes: Vec<u8> = p.list.iter().flat_map(|e| e.to_le_bytes()).collect();
-                self.mem.write(prp_page, &bytes)?;
+            let (prp1, prp2) = prp::build(
+                segs,
+                cmd.len,
+                self.mem.iova_of(prp_page),
+                &mut self.prp_list,
+            )?;
+            if !self.prp_list.is_empty() {
+                for e in &mut self.prp_list {
+                    *e = e.to_le();
+                }
+                self.mem
+                    .write(prp_page, bytemuck::cast_slice(&self.prp_list))?;
             }
-            sqe.dptr[0..8].copy_from_slice(&p.prp1.to_le_bytes());
-            sqe.dptr[8..16].copy_from_slice(&p.prp2.to_le_bytes());
+            sqe.dptr[0..8].copy_from_slice(&prp1.to_le_bytes());
+            sqe.dptr[8..16].copy_from_slice(&prp2.to_le_bytes());
         }
         self.mem.write_sqe(sq_at, &sqe)?;
         let q = self.queue_mut(qid)?;

@@ -22,9 +22,10 @@
 //!
 //! # Memory
 //!
-//! Queues, PRP lists and scratch pages live in a [`DmaMem`] (a memfd mapped shared); the only
-//! `unsafe` of the driver is in [`dma`], and no Rust reference ever points into memory the
-//! device can write.
+//! Queues, PRP lists and scratch pages live in a [`DmaMem`] (a memfd mapped shared). The
+//! driver's `unsafe` is in [`dma`] (raw-pointer access, mapping memory for a device),
+//! [`transport`] (the DMA-mapping contract) and [`vfio_kernel`]; no Rust reference ever points
+//! into memory the device can write.
 
 pub mod dma;
 pub mod driver;
@@ -38,4 +39,4 @@ pub use dma::DmaMem;
 pub use driver::{Controller, ControllerId, Done, IoCmd, NamespaceId, Options};
 pub use error::{CmdError, NvmeError};
 pub use prp::Seg;
-pub use transport::{DmaMapping, Transport, TransportError};
+pub use transport::{AnyTransport, DmaMapping, Transport, TransportError};

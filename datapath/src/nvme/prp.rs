@@ -46,78 +46,66 @@ pub enum PrpError {
     },
 }
 
-/// The data pointer of one command.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Prps {
-    /// PRP entry 1.
-    pub prp1: u64,
-    /// PRP entry 2 (0, the second page, or the list's address).
-    pub prp2: u64,
-    /// The list's entries, to be written at the list page whose address is `prp2` (empty when
-    /// no list is needed).
-    pub list: Vec<u64>,
-}
-
-/// Builds the PRPs of a transfer of exactly `want` bytes over `segs`; `list_iova` is where the
-/// command's list page lives (used only when a list is needed).
-pub fn build(segs: &[Seg], want: u64, list_iova: u64) -> Result<Prps, PrpError> {
+/// Builds the PRPs of a transfer of exactly `want` bytes over `segs`: returns PRP1 and PRP2.
+/// `list_iova` is where the command's list page lives; when a list is needed, PRP2 is that
+/// address and `list` holds the entries to write there (it is left empty otherwise). `list` is
+/// the caller's, reused from command to command: no allocation per command once it has grown.
+pub fn build(
+    segs: &[Seg],
+    want: u64,
+    list_iova: u64,
+    list: &mut Vec<u64>,
+) -> Result<(u64, u64), PrpError> {
     let page = PAGE as u64;
+    list.clear();
     let have: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
     if have != want {
         return Err(PrpError::Length { have, want });
     }
-    let segs: Vec<Seg> = segs.iter().copied().filter(|s| s.len > 0).collect();
-    let first = *segs.first().ok_or(PrpError::Empty)?;
+    let mut nonzero = segs.iter().filter(|s| s.len > 0);
+    let first = *nonzero.next().ok_or(PrpError::Empty)?;
     if first.iova % 4 != 0 {
         return Err(PrpError::Unaligned(first.iova));
     }
-    // Every boundary between segments must be a page boundary on both sides.
-    for w in segs.windows(2) {
-        let end = w[0]
-            .iova
-            .checked_add(u64::from(w[0].len))
-            .ok_or(PrpError::Gap(w[0].iova))?;
-        if end % page != 0 {
-            return Err(PrpError::Gap(end));
-        }
-        if w[1].iova % page != 0 {
-            return Err(PrpError::Gap(w[1].iova));
-        }
-    }
-    // The page addresses after the first page.
-    let mut rest = Vec::new();
-    for (i, s) in segs.iter().enumerate() {
-        let start = if i == 0 {
-            (s.iova / page + 1) * page
-        } else {
-            s.iova
-        };
-        let end = s.iova + u64::from(s.len);
-        let mut p = start;
+    // The page addresses after the first page, segment by segment.
+    let pages = |from: u64, end: u64, list: &mut Vec<u64>| -> Result<(), PrpError> {
+        let mut p = from;
         while p < end {
-            rest.push(p);
-            if rest.len() > LIST_ENTRIES {
-                return Err(PrpError::TooLarge(rest.len() + 1));
+            list.push(p);
+            if list.len() > LIST_ENTRIES {
+                return Err(PrpError::TooLarge(list.len() + 1));
             }
             p += page;
         }
+        Ok(())
+    };
+    let mut end = first
+        .iova
+        .checked_add(u64::from(first.len))
+        .ok_or(PrpError::Gap(first.iova))?;
+    pages((first.iova / page + 1) * page, end, list)?;
+    for s in nonzero {
+        // Every boundary between segments must be a page boundary on both sides.
+        if end % page != 0 {
+            return Err(PrpError::Gap(end));
+        }
+        if s.iova % page != 0 {
+            return Err(PrpError::Gap(s.iova));
+        }
+        end = s
+            .iova
+            .checked_add(u64::from(s.len))
+            .ok_or(PrpError::Gap(s.iova))?;
+        pages(s.iova, end, list)?;
     }
-    Ok(match rest.len() {
-        0 => Prps {
-            prp1: first.iova,
-            prp2: 0,
-            list: Vec::new(),
-        },
-        1 => Prps {
-            prp1: first.iova,
-            prp2: rest[0],
-            list: Vec::new(),
-        },
-        _ => Prps {
-            prp1: first.iova,
-            prp2: list_iova,
-            list: rest,
-        },
+    Ok(match list.len() {
+        0 => (first.iova, 0),
+        1 => {
+            let second = list[0];
+            list.clear();
+            (first.iova, second)
+        }
+        _ => (first.iova, list_iova),
     })
 }
 
@@ -134,48 +122,54 @@ mod tests {
         }
     }
 
+    /// The old shape: PRP1, PRP2 and the list, from a fresh list.
+    fn prps(segs: &[Seg], want: u64, list_iova: u64) -> Result<(u64, u64, Vec<u64>), PrpError> {
+        let mut list = vec![1, 2, 3]; // stale entries from an earlier command
+        build(segs, want, list_iova, &mut list).map(|(a, b)| (a, b, list))
+    }
+
     #[test]
     fn one_two_and_many_pages() {
-        let one = build(&[seg(0x10000, P)], P, 0xAAA000).expect("one page");
-        assert_eq!((one.prp1, one.prp2, one.list.len()), (0x10000, 0, 0));
-        let off = build(&[seg(0x10200, P)], P, 0xAAA000).expect("offset: two pages");
-        assert_eq!((off.prp1, off.prp2), (0x10200, 0x11000));
-        let many = build(&[seg(0x10000, 4 * P)], 4 * P, 0xAAA000).expect("list");
-        assert_eq!(many.prp2, 0xAAA000);
-        assert_eq!(many.list, vec![0x11000, 0x12000, 0x13000]);
+        let one = prps(&[seg(0x10000, P)], P, 0xAAA000).expect("one page");
+        assert_eq!((one.0, one.1, one.2.len()), (0x10000, 0, 0));
+        let off = prps(&[seg(0x10200, P)], P, 0xAAA000).expect("offset: two pages");
+        assert_eq!((off.0, off.1), (0x10200, 0x11000));
+        let many = prps(&[seg(0x10000, 4 * P)], 4 * P, 0xAAA000).expect("list");
+        assert_eq!(many.1, 0xAAA000);
+        assert_eq!(many.2, vec![0x11000, 0x12000, 0x13000]);
     }
 
     #[test]
     fn segments_join_at_page_boundaries_only() {
-        let p = build(
+        let p = prps(
             &[seg(0x10800, P / 2), seg(0x40000, 2 * P)],
             P / 2 + 2 * P,
             0xA000,
         )
         .expect("scattered");
-        assert_eq!(p.prp1, 0x10800);
-        assert_eq!(p.list, vec![0x40000, 0x41000]);
+        assert_eq!(p.0, 0x10800);
+        assert_eq!(p.2, vec![0x40000, 0x41000]);
         assert_eq!(
-            build(&[seg(0x10000, 100), seg(0x20000, P)], 100 + P, 0),
+            prps(&[seg(0x10000, 100), seg(0x20000, P)], 100 + P, 0),
             Err(PrpError::Gap(0x10064))
         );
         assert_eq!(
-            build(&[seg(0x10000, P), seg(0x20010, P)], 2 * P, 0),
+            prps(&[seg(0x10000, P), seg(0x20010, P)], 2 * P, 0),
             Err(PrpError::Gap(0x20010))
         );
         assert_eq!(
-            build(&[seg(0x10002, 8)], 8, 0),
+            prps(&[seg(0x10002, 8)], 8, 0),
             Err(PrpError::Unaligned(0x10002))
         );
-        assert_eq!(build(&[], 0, 0), Err(PrpError::Empty));
+        assert_eq!(prps(&[], 0, 0), Err(PrpError::Empty));
         assert!(matches!(
-            build(&[seg(0, P)], 2 * P, 0),
+            prps(&[seg(0, P)], 2 * P, 0),
             Err(PrpError::Length { .. })
         ));
         let max = (LIST_ENTRIES as u64 + 1) * P;
-        assert!(build(&[seg(0, max)], max, 0).is_ok());
+        assert!(prps(&[seg(0, max)], max, 0).is_ok());
         assert_eq!(
-            build(&[seg(0, max + P)], max + P, 0),
+            prps(&[seg(0, max + P)], max + P, 0),
             Err(PrpError::TooLarge(LIST_ENTRIES + 2))
         );
     }

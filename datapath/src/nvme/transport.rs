@@ -4,6 +4,9 @@
 
 use std::os::fd::BorrowedFd;
 
+use super::vfio_kernel::KernelVfio;
+use super::vfio_user::VfioUser;
+
 /// A transport failure: the device (or the way to it) is gone or refused.
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {cause}")]
@@ -77,4 +80,52 @@ pub trait Transport {
 
     /// Removes a mapping made by [`Transport::map_dma`].
     fn unmap_dma(&mut self, iova: u64, len: u64) -> Result<(), TransportError>;
+}
+
+/// Either transport, so one controller type serves both.
+#[derive(Debug)]
+pub enum AnyTransport {
+    /// vfio-user.
+    User(VfioUser),
+    /// Kernel VFIO.
+    Kernel(KernelVfio),
+}
+
+impl Transport for AnyTransport {
+    fn name(&self) -> &str {
+        match self {
+            Self::User(t) => t.name(),
+            Self::Kernel(t) => t.name(),
+        }
+    }
+
+    fn read32(&mut self, offset: u64) -> Result<u32, TransportError> {
+        match self {
+            Self::User(t) => t.read32(offset),
+            Self::Kernel(t) => t.read32(offset),
+        }
+    }
+
+    fn write32(&mut self, offset: u64, value: u32) -> Result<(), TransportError> {
+        match self {
+            Self::User(t) => t.write32(offset, value),
+            Self::Kernel(t) => t.write32(offset, value),
+        }
+    }
+
+    unsafe fn map_dma(&mut self, m: DmaMapping<'_>) -> Result<(), TransportError> {
+        match self {
+            // SAFETY: forwarded; our caller upholds the same contract.
+            Self::User(t) => unsafe { t.map_dma(m) },
+            // SAFETY: forwarded; our caller upholds the same contract.
+            Self::Kernel(t) => unsafe { t.map_dma(m) },
+        }
+    }
+
+    fn unmap_dma(&mut self, iova: u64, len: u64) -> Result<(), TransportError> {
+        match self {
+            Self::User(t) => t.unmap_dma(iova, len),
+            Self::Kernel(t) => t.unmap_dma(iova, len),
+        }
+    }
 }
