@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::drive::Fault;
+use crate::lock;
 use crate::port::Ports;
 
 /// Longest request line accepted.
@@ -55,10 +56,6 @@ pub enum Request {
     Insert,
     /// Destage the write cache.
     Flush,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Carries out one request.

@@ -77,6 +77,12 @@ pub use ctrl::{Controller, Progress, RegError, BAR0_SIZE};
 pub use dma::{Dma, DmaFault, VecDma};
 pub use drive::{Drive, DriveConfig, DriveError, Fault, FaultOp, PowerCutReport, Waker};
 
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is plain
+/// data, and a panic is already a bug).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[doc(hidden)]
 pub mod ratelimit {
     //! Rate limiting for logs a host can trigger repeatedly.

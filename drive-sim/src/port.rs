@@ -39,10 +39,22 @@ const CONFIG_SIZE: u64 = 256;
 /// The worker's longest sleep without a wakeup (it also notices stops this way).
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
-/// Lock a mutex, recovering the data if a panicking thread poisoned it (the state is plain
-/// data; a panic is already a bug that aborts in release builds).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+use crate::lock;
+
+impl PortShared {
+    /// The client's DMA mappings, to change them.
+    fn table_mut(&self) -> std::sync::RwLockWriteGuard<'_, DmaTable> {
+        self.dma
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The client's DMA mappings, to reach its memory.
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, DmaTable> {
+        self.dma
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Wakes a port's worker.
@@ -250,20 +262,13 @@ impl Device for PortDevice {
     ) -> Result<(), Errno> {
         let fd = fd.ok_or(Errno::EINVAL)?;
         self.0
-            .dma
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .table_mut()
             .map(iova, size, file_offset, readable, writable, fd)
             .map_err(|e| e.errno())
     }
 
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), Errno> {
-        self.0
-            .dma
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .unmap(iova, size)
-            .map_err(|e| e.errno())
+        self.0.table_mut().unmap(iova, size).map_err(|e| e.errno())
     }
 
     fn set_irqs(
@@ -487,10 +492,7 @@ fn accept_loop(s: &Arc<PortShared>, listener: &UnixListener) {
             let mut c = lock(&s.ctrl);
             let _ = c.write_reg(reg::CC, &0u32.to_le_bytes());
         }
-        s.dma
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        s.table_mut().clear();
         lock(&s.irqs).clear();
     }
 }
@@ -498,10 +500,7 @@ fn accept_loop(s: &Arc<PortShared>, listener: &UnixListener) {
 fn work(s: &Arc<PortShared>) {
     while !s.stop.load(Ordering::Relaxed) {
         let progress = {
-            let dma = s
-                .dma
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let dma = s.table();
             let mut c = lock(&s.ctrl);
             c.process(&TableDma(&dma), Instant::now())
         };
