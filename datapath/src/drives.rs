@@ -27,12 +27,12 @@ use duplex_ipc::desc::{
 use duplex_ipc::pool::Pool;
 use duplex_ipc::topology::{DriveTransport, VolumeSpec};
 
+use crate::bdev::{Io, Op as Kind};
 use crate::nvme::vfio_kernel::KernelVfio;
 use crate::nvme::vfio_user::VfioUser;
 use crate::nvme::{
     AnyTransport, CmdError, Controller, DmaMem, Done, IoCmd, NvmeError, Options, Seg,
 };
-use crate::request::{Command, Kind};
 
 /// Where the buffer pool sits in a drive's DMA address space (below 2^39, the smallest IOMMU
 /// address width QEMU and most hardware give).
@@ -99,7 +99,7 @@ pub enum DriveFds {
 /// One NVMe command of a request.
 #[derive(Debug, Clone)]
 struct Piece {
-    slot: usize,
+    token: u64,
     cmd: IoCmd,
     segs: Vec<Seg>,
     tries: u8,
@@ -112,6 +112,7 @@ pub struct Drive {
     ctrl: Controller<AnyTransport>,
     nsid: u32,
     block_size: u32,
+    blocks: u64,
     max_piece: u64,
     /// Pieces in flight, by tag.
     inflight: Vec<Option<Piece>>,
@@ -130,8 +131,8 @@ pub struct Drive {
 /// A piece (or a request's share of it) that finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Finished {
-    /// The engine's request slot.
-    pub slot: usize,
+    /// The token of the I/O the piece belongs to.
+    pub token: u64,
     /// The descriptor status (`STATUS_SUCCESS` or the error's).
     pub status: u16,
 }
@@ -241,6 +242,7 @@ impl Drive {
             ctrl,
             nsid: d.nsid,
             block_size: ns.block_size,
+            blocks: spec.blocks,
             max_piece: max_piece / u64::from(ns.block_size) * u64::from(ns.block_size),
             inflight: Vec::new(),
             free_tags: Vec::new(),
@@ -252,9 +254,19 @@ impl Drive {
         })
     }
 
-    /// The DMA memory's fd (the engine registers one fd per volume).
-    pub fn placeholder_fd(&self) -> std::io::Result<OwnedFd> {
-        self.ctrl.memory().fd().try_clone_to_owned()
+    /// Name (the volume's, for logs).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Logical block size of the namespace.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Blocks of the namespace the volume uses.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
     }
 
     /// Whether commands are in flight or waiting.
@@ -267,22 +279,16 @@ impl Drive {
         self.retries
     }
 
-    /// Starts a request: cuts it into pieces and submits them. `chain` holds the pool chunks
-    /// of a read or write. Returns how many pieces were made (the request's outstanding
-    /// count); 0 with `Err(status)` when the request fails at once.
-    pub(crate) fn start(
-        &mut self,
-        slot: usize,
-        cmd: &Command,
-        chain: &[u32],
-        pool: &Pool,
-    ) -> Result<u32, u16> {
+    /// Starts an I/O: cuts it into pieces and submits them. `chain` holds the pool chunks of a
+    /// read or write (the I/O's data starts `io.chain.skip` bytes into it). Returns how many
+    /// pieces were made (the I/O's outstanding count); `Err(status)` when it fails at once.
+    pub(crate) fn start(&mut self, io: &Io, chain: &[u32], pool: &Pool) -> Result<u32, u16> {
         if let Some(why) = &self.dead {
             tracing::debug!(drive = %self.name, %why, "request on a dead drive");
             return Err(STATUS_INTERNAL);
         }
         let queued = self.backlog.len();
-        let r = self.queue_pieces(slot, cmd, chain, pool);
+        let r = self.queue_pieces(io, chain, pool);
         if r.is_err() {
             // Nothing of a request that cannot be described goes to the drive.
             self.backlog.truncate(queued);
@@ -291,21 +297,15 @@ impl Drive {
     }
 
     /// Cuts a request into commands and queues them on the backlog; returns how many.
-    fn queue_pieces(
-        &mut self,
-        slot: usize,
-        cmd: &Command,
-        chain: &[u32],
-        pool: &Pool,
-    ) -> Result<u32, u16> {
-        let (kind, len, fua) = (cmd.kind, cmd.len, cmd.fua);
+    fn queue_pieces(&mut self, io: &Io, chain: &[u32], pool: &Pool) -> Result<u32, u16> {
+        let (kind, len, fua, token) = (io.op, io.len, io.fua, io.token);
         let bs = u64::from(self.block_size);
-        let lba = cmd.offset / bs;
+        let lba = io.offset / bs;
         let mut count = 0u32;
         let mut queue = |cmd: IoCmd, segs: Vec<Seg>, backlog: &mut VecDeque<Piece>| {
             count += 1;
             backlog.push_back(Piece {
-                slot,
+                token,
                 cmd,
                 segs,
                 tries: 0,
@@ -323,7 +323,8 @@ impl Drive {
                     } else {
                         IoCmd::write(self.nsid, lba + at / bs, blocks, self.block_size, fua)
                     };
-                    let segs = chain_segs(pool, chain, at, n).ok_or(STATUS_INTERNAL)?;
+                    let segs =
+                        chain_segs(pool, chain, io.chain.skip + at, n).ok_or(STATUS_INTERNAL)?;
                     queue(cmd, segs, &mut self.backlog);
                     at += n;
                 }
@@ -359,7 +360,7 @@ impl Drive {
             while let Some(p) = self.backlog.pop_front() {
                 tracing::debug!(drive = %self.name, %why, "failing a piece on a dead drive");
                 out.push(Finished {
-                    slot: p.slot,
+                    token: p.token,
                     status: STATUS_INTERNAL,
                 });
                 progress = true;
@@ -436,7 +437,7 @@ impl Drive {
             self.free_tags.push(d.tag as usize);
             match d.result {
                 Ok(_) => out.push(Finished {
-                    slot: p.slot,
+                    token: p.token,
                     status: 0,
                 }),
                 Err(e) if e.retriable() && p.tries < RETRIES => {
@@ -455,7 +456,7 @@ impl Drive {
                         tracing::warn!(drive = %self.name, error = %e, status, "command failed");
                     }
                     out.push(Finished {
-                        slot: p.slot,
+                        token: p.token,
                         status,
                     });
                 }
@@ -475,14 +476,14 @@ impl Drive {
             // Nothing is outstanding any more; fail what waits.
             for p in std::mem::take(&mut self.inflight).into_iter().flatten() {
                 out.push(Finished {
-                    slot: p.slot,
+                    token: p.token,
                     status: STATUS_INTERNAL,
                 });
             }
             self.free_tags.clear();
             while let Some(p) = self.backlog.pop_front() {
                 out.push(Finished {
-                    slot: p.slot,
+                    token: p.token,
                     status: STATUS_INTERNAL,
                 });
             }

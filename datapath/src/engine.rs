@@ -32,10 +32,11 @@ use duplex_ipc::doorbell::{Doorbell, DoorbellError};
 use duplex_ipc::pool::{BufHandle, ChunkState, Pool, PoolError, NIL};
 use duplex_ipc::ring::{Consumer, Producer, RingError};
 
+use crate::bdev::{Attach, BdevBox, BdevStats, ChainRef, Ctx, Done, Event, FileBdev, Io};
 use crate::channel::Channel;
-use crate::drives::{Drive, Finished};
+use crate::map::VolumeMap;
 use crate::request::{self, Command, Kind};
-use crate::uring::{Dir, Memory, Transfer, Uring, UringError, POLL_BIT};
+use crate::uring::{Uring, UringError, POLL_BIT};
 use crate::volume::Volume;
 
 /// Most descriptors popped from one ring, or published on one, per loop iteration.
@@ -45,6 +46,9 @@ const INCARNATION_MASK: u64 = (1 << 48) - 1;
 /// Fixed-file index of the wake eventfd. Channel `c`'s submission data doorbell is `1 + 2c`,
 /// its completion space doorbell `2 + 2c`; volume `v` follows them: `1 + 2 * channels + v`.
 const WAKE_FILE: u32 = 0;
+/// io_uring operation slots per request slot: a request fans out to several file operations
+/// through RAID (copies, pieces per chunk); operations beyond this wait for a free slot.
+const URING_FANOUT: usize = 4;
 
 /// Tunables of the engine.
 #[derive(Clone, Debug)]
@@ -94,6 +98,10 @@ pub struct EngineStats {
     /// Completions still unpublished when the engine ended (the fabric did not make room
     /// within the grace period).
     pub unpublished: u64,
+    /// Mirror reads retried on another copy after a failure.
+    pub read_retries: u64,
+    /// RAID members failed (each once).
+    pub member_failures: u64,
 }
 
 /// Errors of the engine.
@@ -131,34 +139,16 @@ impl Stopper {
     }
 }
 
-/// A request's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Reading or writing the chain: `done` of `len` bytes moved.
-    Transfer,
-    /// `fallocate` with this mode in flight.
-    Fallocate(i32),
-    /// Writing zeroes from the zero buffer: `done` of `len` bytes written.
-    Zeroes,
-    /// `fdatasync` in flight on `outstanding` volumes.
-    Sync,
-    /// `outstanding` NVMe commands in flight on the volume's drive.
-    Drive,
-}
-
 /// One consumed submission.
 #[derive(Debug)]
 struct Request {
     channel: usize,
     desc: IoDesc,
-    /// The chain's chunks (snapshot taken when it was taken over); empty without a buffer.
-    chain: Vec<u32>,
     has_buf: bool,
     cmd: Command,
-    phase: Phase,
-    done: u64,
-    carried: u64,
+    /// Device I/Os in flight.
     outstanding: u32,
+    /// The first error of those that ended.
     status: u16,
 }
 
@@ -179,9 +169,10 @@ struct ChannelState {
 /// The datapath engine. See the module docs.
 #[derive(Debug)]
 pub struct Engine {
-    volumes: Vec<Volume>,
-    drives: Vec<Drive>,
-    finished: Vec<Finished>,
+    /// The roots of the block-device trees.
+    devices: Vec<BdevBox>,
+    /// The volumes, as extent maps over the devices.
+    maps: Vec<VolumeMap>,
     pool: Arc<Pool>,
     channels: Vec<ChannelState>,
     uring: Uring,
@@ -189,37 +180,62 @@ pub struct Engine {
     stop: Arc<AtomicBool>,
     wake: Arc<Doorbell>,
     slots: Vec<Option<Request>>,
+    /// Each request's chain of pool chunks, by request slot (the bdev layer's chain ids).
+    chains: Vec<Vec<u32>>,
     free: Vec<usize>,
-    zero_range_unsupported: Vec<bool>,
-    punch_unsupported: Vec<bool>,
     /// A poll is queued on this fixed file.
     polling: Vec<bool>,
+    /// Free io_uring operation slots, and each slot's owner `(leaf, operation)`.
+    uring_free: Vec<u32>,
+    uring_owner: Vec<(u32, u32)>,
+    /// io_uring completions per leaf device.
+    inbox: Vec<Vec<(u32, i32)>>,
+    bstats: BdevStats,
+    events: Vec<Event>,
     next_channel: usize,
     stats: EngineStats,
     invalid_log: RateLimiter,
     error_log: RateLimiter,
     cqes: Vec<(u64, i32)>,
+    done: Vec<Done>,
     batch: Vec<IoDesc>,
 }
 
 impl Engine {
-    /// Builds an engine serving `volumes` to `channels` with buffers from `pool` (attached as
-    /// the datapath's [`duplex_ipc::pool::Holder`]). Creates the restricted io_uring, so call it
-    /// before entering the sandbox.
+    /// Builds an engine serving `volumes` (each from its own backing file) to `channels` with
+    /// buffers from `pool` (attached as the datapath's [`duplex_ipc::pool::Holder`]). Creates
+    /// the restricted io_uring, so call it before entering the sandbox.
     pub fn new(
         volumes: Vec<Volume>,
         pool: Arc<Pool>,
         channels: Vec<Channel>,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        Self::with_drives(volumes, Vec::new(), pool, channels, config)
+        let mut devices: Vec<BdevBox> = Vec::new();
+        let mut maps = Vec::new();
+        for (i, v) in volumes.into_iter().enumerate() {
+            if v.direct() && pool.chunk_size() % v.block_size() as usize != 0 {
+                return Err(EngineError::Config(format!(
+                    "volume {} uses O_DIRECT with {}-byte blocks, but pool chunks are {} bytes \
+                     (must be a multiple of the block size)",
+                    v.name(),
+                    v.block_size(),
+                    pool.chunk_size()
+                )));
+            }
+            let (id, name) = (v.id(), v.name().to_owned());
+            let dev: BdevBox = Box::new(FileBdev::new(v));
+            maps.push(VolumeMap::whole(id, &name, i, &dev));
+            devices.push(dev);
+        }
+        Self::with_devices(devices, maps, pool, channels, config)
     }
 
-    /// As [`Engine::new`], with NVMe drives serving the volumes whose [`Volume::on_drive`]
-    /// index points into `drives` (the `drives` module).
-    pub fn with_drives(
-        volumes: Vec<Volume>,
-        drives: Vec<Drive>,
+    /// Builds an engine serving `maps` (volumes as extent maps) over `devices` (files, drives,
+    /// RAID devices: the roots of the block-device trees).
+    pub fn with_devices(
+        mut devices: Vec<BdevBox>,
+        maps: Vec<VolumeMap>,
         pool: Arc<Pool>,
         channels: Vec<Channel>,
         config: EngineConfig,
@@ -231,24 +247,12 @@ impl Engine {
         if config.max_sleep.is_zero() {
             return bad("max_sleep must be positive".into());
         }
-        for (i, v) in volumes.iter().enumerate() {
-            if volumes[..i].iter().any(|o| o.id() == v.id()) {
-                return bad(format!("volume id {} used twice", v.id()));
+        for (i, m) in maps.iter().enumerate() {
+            if maps[..i].iter().any(|o| o.id == m.id) {
+                return bad(format!("volume id {} used twice", m.id));
             }
-            if v.drive().is_some_and(|d| d >= drives.len()) {
-                return bad(format!(
-                    "volume {} names a drive that is not there",
-                    v.name()
-                ));
-            }
-            if v.direct() && pool.chunk_size() % v.block_size() as usize != 0 {
-                return bad(format!(
-                    "volume {} uses O_DIRECT with {}-byte blocks, but pool chunks are {} bytes \
-                     (must be a multiple of the block size)",
-                    v.name(),
-                    v.block_size(),
-                    pool.chunk_size()
-                ));
+            if let Err(why) = m.validate(&devices) {
+                return bad(why);
             }
         }
         let mut ids = Vec::new();
@@ -261,15 +265,28 @@ impl Engine {
             }
         }
         let wake = Arc::new(Doorbell::new()?);
+        let mut attach = Attach {
+            leaves: 0,
+            files: u32::try_from(1 + 2 * channels.len()).unwrap_or(u32::MAX),
+        };
+        for d in &mut devices {
+            d.attach(&mut attach);
+        }
         let mut files = vec![wake.fd()];
         for c in &channels {
             files.push(c.submit.data_doorbell().fd());
             files.push(c.complete.space_doorbell().fd());
         }
-        files.extend(volumes.iter().map(Volume::fd));
-        let entries = (config.queue_depth + files.len() + 2).next_power_of_two();
+        for d in &devices {
+            d.files(&mut files);
+        }
+        if files.len() != attach.files as usize {
+            return bad("devices registered files they did not take".into());
+        }
+        let uring_slots = config.queue_depth * URING_FANOUT;
+        let entries = (uring_slots + files.len() + 2).next_power_of_two();
         let entries = u32::try_from(entries.min(4096)).unwrap_or(4096);
-        let uring = Uring::new(entries, config.queue_depth, &files, Arc::clone(&pool))?;
+        let uring = Uring::new(entries, uring_slots, &files, Arc::clone(&pool))?;
         let polling = vec![false; files.len()];
         drop(files);
         let channels = channels
@@ -285,32 +302,37 @@ impl Engine {
                 failed: false,
             })
             .collect::<Vec<_>>();
-        let n = volumes.len();
         tracing::info!(
-            volumes = n,
+            volumes = maps.len(),
+            devices = devices.len(),
             queue_depth = config.queue_depth,
             chunk_size = pool.chunk_size(),
             "datapath engine ready (io_uring restricted)"
         );
+        let uring_slots = u32::try_from(uring_slots).unwrap_or(u32::MAX);
         Ok(Self {
-            volumes,
-            drives,
-            finished: Vec::new(),
+            devices,
+            maps,
             pool,
             channels,
             uring,
             stop: Arc::new(AtomicBool::new(false)),
             wake,
             slots: (0..config.queue_depth).map(|_| None).collect(),
+            chains: (0..config.queue_depth).map(|_| Vec::new()).collect(),
             free: (0..config.queue_depth).rev().collect(),
-            zero_range_unsupported: vec![false; n],
-            punch_unsupported: vec![false; n],
             polling,
+            uring_free: (0..uring_slots).rev().collect(),
+            uring_owner: vec![(u32::MAX, u32::MAX); uring_slots as usize],
+            inbox: (0..attach.leaves).map(|_| Vec::new()).collect(),
+            bstats: BdevStats::default(),
+            events: Vec::new(),
             next_channel: 0,
             stats: EngineStats::default(),
             invalid_log: RateLimiter::new(10, Duration::from_secs(10)),
             error_log: RateLimiter::new(10, Duration::from_secs(10)),
             cqes: Vec::with_capacity(256),
+            done: Vec::with_capacity(256),
             batch: Vec::with_capacity(BATCH),
             config,
         })
@@ -349,7 +371,7 @@ impl Engine {
         loop {
             beat();
             let mut progress = self.reap()?;
-            progress |= self.poll_drives();
+            progress |= self.poll_devices();
             progress |= self.publish();
             let stopping = self.stop.load(Ordering::Acquire);
             if stopping {
@@ -368,7 +390,7 @@ impl Engine {
                 idle_since = None;
                 continue;
             }
-            if self.drives.iter().any(Drive::busy) {
+            if self.devices.iter().any(|d| d.busy()) {
                 // Drive completions are polled: with commands in flight, keep polling (and
                 // let whatever shares the core run between turns).
                 std::thread::yield_now();
@@ -401,30 +423,52 @@ impl Engine {
             slept?;
         }
     }
-
-    /// Polls every drive; accounts the pieces that finished. Returns whether anything moved.
-    fn poll_drives(&mut self) -> bool {
-        if self.drives.is_empty() {
-            return false;
-        }
-        let now = Instant::now();
-        let mut finished = std::mem::take(&mut self.finished);
-        finished.clear();
+    /// Polls every device; accounts the I/Os that ended. Returns whether anything moved.
+    fn poll_devices(&mut self) -> bool {
+        let mut done = std::mem::take(&mut self.done);
+        done.clear();
         let mut progress = false;
-        for d in &mut self.drives {
-            progress |= d.poll(now, &mut finished);
+        let mut ctx = Ctx {
+            pool: &self.pool,
+            uring: &mut self.uring,
+            uring_free: &mut self.uring_free,
+            uring_owner: &mut self.uring_owner,
+            inbox: &mut self.inbox,
+            chains: &self.chains,
+            now: Instant::now(),
+            stats: &mut self.bstats,
+            events: &mut self.events,
+            emulate_zeroes: self.config.emulate_zeroes,
+        };
+        for d in &mut self.devices {
+            progress |= d.poll(&mut ctx, &mut done);
         }
-        for f in &finished {
-            self.drive_done(f.slot, f.status);
+        for d in &done {
+            self.device_done(d.token, d.status);
         }
-        self.finished = finished;
+        self.done = done;
+        self.fold_stats();
         progress
     }
 
-    /// One NVMe command of request `slot` ended with `status`.
-    fn drive_done(&mut self, slot: usize, status: u16) {
+    /// Takes the devices' counters and events into the engine's.
+    fn fold_stats(&mut self) {
+        self.stats.short_transfers = self.bstats.short_transfers;
+        self.stats.zero_writes = self.bstats.zero_writes;
+        self.stats.read_retries = self.bstats.read_retries;
+        for e in self.events.drain(..) {
+            match &e {
+                Event::MemberFailed { .. } => self.stats.member_failures += 1,
+            }
+            tracing::warn!(event = ?e, "device event");
+        }
+    }
+
+    /// One device I/O of request `slot` ended with `status`.
+    fn device_done(&mut self, token: u64, status: u16) {
+        let slot = usize::try_from(token).unwrap_or(usize::MAX);
         let Some(req) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            tracing::error!(slot, "drive completion for an empty request slot");
+            tracing::error!(token, "device completion for an empty request slot");
             return;
         };
         req.outstanding = req.outstanding.saturating_sub(1);
@@ -688,7 +732,7 @@ impl Engine {
             self.finish(ci, desc, false, STATUS_INVALID_FIELD, 0);
             return Ok(());
         }
-        let cmd = match request::decode(&desc, &self.volumes) {
+        let cmd = match request::decode(&desc, &self.maps) {
             Ok(c) => c,
             Err(r) => {
                 self.log_invalid(&desc, ci, r.why, None);
@@ -705,7 +749,7 @@ impl Engine {
             }
         }
         if cmd.kind == Kind::Deallocate && cmd.len == 0
-            || cmd.kind == Kind::Flush && cmd.volume.is_none() && self.volumes.is_empty()
+            || cmd.kind == Kind::Flush && cmd.volume.is_none() && self.maps.is_empty()
         {
             self.finish(ci, desc, has_buf, STATUS_SUCCESS, 0);
             return Ok(());
@@ -715,172 +759,95 @@ impl Engine {
             self.finish(ci, desc, has_buf, STATUS_INTERNAL, 0);
             return Ok(());
         };
-        let mut req = Request {
+        let req = Request {
             channel: ci,
             desc,
-            chain,
             has_buf,
             cmd,
-            phase: Phase::Transfer,
-            done: 0,
-            carried: 0,
             outstanding: 0,
             status: STATUS_SUCCESS,
         };
-        let vol = cmd.volume.unwrap_or(0);
-        if let Some(d) = cmd.volume.and_then(|v| self.volumes[v].drive()) {
-            req.phase = Phase::Drive;
-            let started = self.drives[d].start(slot, &cmd, &req.chain, &self.pool);
-            self.slots[slot] = Some(req);
-            match started {
-                Ok(n) => {
-                    if let Some(r) = self.slots[slot].as_mut() {
-                        r.outstanding = n;
-                    }
-                }
-                Err(status) => self.complete(slot, status),
-            }
-            return Ok(());
-        }
-        let emulate = self.config.emulate_zeroes;
-        let first = match cmd.kind {
-            Kind::Read | Kind::Write => self.transfer(slot, &mut req),
-            Kind::WriteZeroes if emulate || self.zero_range_unsupported[vol] => {
-                self.stats.zero_writes += 1;
-                req.phase = Phase::Zeroes;
-                self.transfer(slot, &mut req)
-            }
-            Kind::Deallocate if emulate || self.punch_unsupported[vol] => {
-                self.stats.zero_writes += 1;
-                req.phase = Phase::Zeroes;
-                self.transfer(slot, &mut req)
-            }
-            Kind::WriteZeroes | Kind::Deallocate => {
-                let mode = if cmd.kind == Kind::WriteZeroes {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                req.phase = Phase::Fallocate(mode);
-                req.outstanding = 1;
-                self.uring
-                    .fallocate(slot, self.volume_file(vol), mode, cmd.offset, cmd.len)
-            }
-            Kind::Flush => {
-                req.phase = Phase::Sync;
-                self.sync(slot, &mut req, cmd.volume)
-            }
-        };
-        let nothing_outstanding = req.outstanding == 0 && req.phase == Phase::Sync;
-        let status = req.status;
+        self.chains[slot] = chain;
         self.slots[slot] = Some(req);
-        if first.is_ok() && nothing_outstanding {
-            // A flush of every volume when every one is on a dead drive.
-            self.complete(slot, status);
-            return Ok(());
-        }
-        self.issued(slot, first)
-    }
-
-    /// Handles the outcome of queueing an operation for `slot`: a refusal (a bug) fails the
-    /// request; a failing ring ends the engine.
-    fn issued(&mut self, slot: usize, result: Result<(), UringError>) -> Result<(), EngineError> {
-        match result {
-            Ok(()) => Ok(()),
-            Err(UringError::Refused(why)) => {
-                tracing::error!(slot, why, "io_uring refused an operation");
-                self.complete(slot, STATUS_INTERNAL);
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Queues the next piece of a transfer (chain or zeroes) for `req`.
-    fn transfer(&mut self, slot: usize, req: &mut Request) -> Result<(), UringError> {
-        let vol = req.cmd.volume.unwrap_or(0);
-        let (dir, memory) = match (req.phase, req.cmd.kind) {
-            (Phase::Zeroes, _) => (Dir::Write { dsync: false }, Memory::Zeroes),
-            (_, Kind::Read) => (Dir::Read, Memory::Chain(&req.chain)),
-            _ => (Dir::Write { dsync: req.cmd.fua }, Memory::Chain(&req.chain)),
+        // Every device I/O goes out before any can be accounted (ends come from poll), so
+        // the count below is complete before the first one ends.
+        let mut ios = 0u32;
+        let mut ctx = Ctx {
+            pool: &self.pool,
+            uring: &mut self.uring,
+            uring_free: &mut self.uring_free,
+            uring_owner: &mut self.uring_owner,
+            inbox: &mut self.inbox,
+            chains: &self.chains,
+            now: Instant::now(),
+            stats: &mut self.bstats,
+            events: &mut self.events,
+            emulate_zeroes: self.config.emulate_zeroes,
         };
-        let t = Transfer {
-            file: self.volume_file(vol),
-            dir,
-            memory,
-            skip: req.done,
-            len: req.cmd.len - req.done,
-            offset: req.cmd.offset + req.done,
-            inline: self.volumes[vol].mapped(),
-        };
-        req.carried = self.uring.transfer(slot, t)?;
-        req.outstanding = 1;
-        Ok(())
-    }
-
-    /// Queues `fdatasync` of one volume, or of all.
-    fn sync(
-        &mut self,
-        slot: usize,
-        req: &mut Request,
-        volume: Option<usize>,
-    ) -> Result<(), UringError> {
-        req.phase = Phase::Sync;
-        match volume {
-            Some(v) => {
-                self.uring.fdatasync(slot, self.volume_file(v))?;
-                req.outstanding = 1;
+        let token = slot as u64;
+        let chain_id = u32::try_from(slot).unwrap_or(u32::MAX);
+        let ndev = self.devices.len();
+        let devices = &mut self.devices;
+        let mut io = |device: usize, offset: u64, len: u64, skip: u64| {
+            if let Some(d) = devices.get_mut(device) {
+                d.submit(
+                    Io {
+                        token,
+                        op: cmd.kind,
+                        offset,
+                        len,
+                        fua: cmd.fua,
+                        chain: ChainRef { id: chain_id, skip },
+                    },
+                    &mut ctx,
+                );
+                ios += 1;
             }
-            None => {
-                for v in 0..self.volumes.len() {
-                    if self.volumes[v].drive().is_some() {
-                        continue;
-                    }
-                    self.uring.fdatasync(slot, self.volume_file(v))?;
-                    req.outstanding += 1;
-                }
-                // And a Flush on every drive: their completions count down the same total.
-                for d in 0..self.drives.len() {
-                    let flush = Command {
-                        kind: Kind::Flush,
-                        volume: None,
-                        offset: 0,
-                        len: 0,
-                        fua: false,
-                    };
-                    match self.drives[d].start(slot, &flush, &[], &self.pool) {
-                        Ok(n) => req.outstanding += n,
-                        Err(status) => {
-                            if req.status == STATUS_SUCCESS {
-                                req.status = status;
-                            }
-                        }
-                    }
+        };
+        match (cmd.kind, cmd.volume) {
+            (Kind::Flush, None) => {
+                for d in 0..ndev {
+                    io(d, 0, 0, 0);
                 }
             }
+            (Kind::Flush, Some(v)) => self.maps[v].devices(|d| io(d, 0, 0, 0)),
+            (_, Some(v)) => {
+                self.maps[v].pieces(cmd.offset, cmd.len, |p| {
+                    io(p.device, p.device_offset, p.len, p.skip);
+                });
+            }
+            (_, None) => {}
+        }
+        match self.slots[slot].as_mut() {
+            Some(r) if ios > 0 => r.outstanding = ios,
+            _ => self.complete(slot, STATUS_SUCCESS),
         }
         Ok(())
     }
 
-    /// Reaps io_uring completions and advances their requests.
+    /// Reaps io_uring completions: doorbell polls are handled, I/O completions go to the inbox
+    /// of the leaf device that owns their slot (it advances them when polled).
     fn reap(&mut self) -> Result<bool, EngineError> {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         self.uring.reap(&mut cqes);
         let progress = !cqes.is_empty();
-        let mut result = Ok(());
         for &(ud, res) in &cqes {
             if ud & POLL_BIT != 0 {
                 self.polled(ud as u32, res);
                 continue;
             }
-            if let Err(e) = self.advance(ud as usize, res) {
-                result = Err(e);
-                break;
+            let owner = usize::try_from(ud)
+                .ok()
+                .and_then(|s| self.uring_owner.get(s))
+                .copied();
+            match owner.and_then(|(leaf, op)| Some((self.inbox.get_mut(leaf as usize)?, op))) {
+                Some((inbox, op)) => inbox.push((op, res)),
+                None => tracing::error!(ud, res, "io_uring completion of no device"),
             }
         }
         self.cqes = cqes;
-        result.map(|()| progress)
+        Ok(progress)
     }
 
     /// A poll on fixed file `file` completed: drain that eventfd (the loop then looks at
@@ -913,130 +880,15 @@ impl Engine {
         }
     }
 
-    /// Fixed-file index of volume `v`.
-    fn volume_file(&self, v: usize) -> u32 {
-        u32::try_from(1 + 2 * self.channels.len() + v).unwrap_or(u32::MAX)
-    }
-
-    /// One operation of request `slot` finished with `res`.
-    fn advance(&mut self, slot: usize, res: i32) -> Result<(), EngineError> {
-        let Some(mut req) = self.slots.get_mut(slot).and_then(Option::take) else {
-            tracing::error!(slot, res, "completion for an empty request slot");
-            return Ok(());
-        };
-        req.outstanding = req.outstanding.saturating_sub(1);
-        let vol = req.cmd.volume.unwrap_or(0);
-        let next: Result<(), UringError> = match req.phase {
-            Phase::Transfer | Phase::Zeroes => {
-                if res <= 0 {
-                    let errno = if res == 0 { libc::EIO } else { -res };
-                    let what = if res == 0 {
-                        "no progress (end of the backing store)"
-                    } else {
-                        "I/O failed"
-                    };
-                    let kind = if req.phase == Phase::Zeroes {
-                        Kind::WriteZeroes
-                    } else {
-                        req.cmd.kind
-                    };
-                    let status = request::errno_status(kind, errno);
-                    self.log_error(&req, errno, what);
-                    self.slots[slot] = Some(req);
-                    self.complete(slot, status);
-                    return Ok(());
-                }
-                let n = u64::try_from(res).unwrap_or(0);
-                if n < req.carried {
-                    self.stats.short_transfers += 1;
-                }
-                req.done += n.min(req.cmd.len - req.done);
-                if req.done < req.cmd.len {
-                    self.transfer(slot, &mut req)
-                } else {
-                    return self.main_done(slot, req);
-                }
-            }
-            Phase::Fallocate(mode) => {
-                if res == -libc::EOPNOTSUPP {
-                    let table = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-                        &mut self.punch_unsupported
-                    } else {
-                        &mut self.zero_range_unsupported
-                    };
-                    if !table[vol] {
-                        table[vol] = true;
-                        tracing::info!(
-                            volume = self.volumes[vol].name(),
-                            op = req.cmd.kind.name(),
-                            "fallocate unsupported by the backing store: writing zeroes instead"
-                        );
-                    }
-                    self.stats.zero_writes += 1;
-                    req.phase = Phase::Zeroes;
-                    req.done = 0;
-                    self.transfer(slot, &mut req)
-                } else if res < 0 {
-                    self.log_error(&req, -res, "fallocate failed");
-                    let status = request::errno_status(req.cmd.kind, -res);
-                    self.slots[slot] = Some(req);
-                    self.complete(slot, status);
-                    return Ok(());
-                } else {
-                    return self.main_done(slot, req);
-                }
-            }
-            Phase::Drive => {
-                // Drive requests never queue io_uring operations.
-                tracing::error!(slot, res, "io_uring completion for a drive request");
-                Ok(())
-            }
-            Phase::Sync => {
-                if res < 0 && req.status == STATUS_SUCCESS {
-                    self.log_error(&req, -res, "fdatasync failed");
-                    req.status = request::errno_status(Kind::Flush, -res);
-                }
-                if req.outstanding == 0 {
-                    let status = req.status;
-                    self.slots[slot] = Some(req);
-                    self.complete(slot, status);
-                    return Ok(());
-                }
-                Ok(())
-            }
-        };
-        self.slots[slot] = Some(req);
-        self.issued(slot, next)
-    }
-
-    /// The main operation of a request is done: a FUA write-zeroes or deallocate still needs
-    /// its `fdatasync` (a FUA write was written with `RWF_DSYNC`); everything else completes.
-    fn main_done(&mut self, slot: usize, mut req: Request) -> Result<(), EngineError> {
-        if req.cmd.fua && matches!(req.cmd.kind, Kind::WriteZeroes | Kind::Deallocate) {
-            let vol = req.cmd.volume;
-            let r = self.sync(slot, &mut req, vol);
-            self.slots[slot] = Some(req);
-            return self.issued(slot, r);
-        }
-        let mut status = STATUS_SUCCESS;
-        if req.cmd.kind == Kind::Read {
-            let bytes = usize::try_from(req.cmd.len).unwrap_or(usize::MAX);
-            if let Err(e) = self.pool.set_chain_len(BufHandle(req.desc.buf), bytes) {
-                tracing::error!(tag = req.desc.tag, error = %e, "cannot set the read chain's lengths");
-                status = STATUS_INTERNAL;
-            }
-        }
-        self.slots[slot] = Some(req);
-        self.complete(slot, status);
-        Ok(())
-    }
-
     /// Ends request `slot` with `status`: frees the slot, queues the completion.
     fn complete(&mut self, slot: usize, status: u16) {
         let Some(req) = self.slots.get_mut(slot).and_then(Option::take) else {
             return;
         };
         self.free.push(slot);
+        if let Some(c) = self.chains.get_mut(slot) {
+            c.clear();
+        }
         let bytes = if req.cmd.kind == Kind::Read && status == STATUS_SUCCESS {
             req.cmd.len
         } else {
@@ -1080,23 +932,6 @@ impl Engine {
                 error = error.map(tracing::field::display),
                 suppressed,
                 "invalid submission: {why}"
-            );
-        }
-    }
-
-    fn log_error(&mut self, req: &Request, errno: i32, what: &str) {
-        if let Some(suppressed) = self.error_log.check(Instant::now()) {
-            let volume = req.cmd.volume.map(|v| self.volumes[v].name());
-            tracing::warn!(
-                tag = req.desc.tag,
-                op = req.cmd.kind.name(),
-                volume,
-                lba = req.desc.lba,
-                blocks = req.desc.blocks,
-                errno,
-                error = %nix::errno::Errno::from_raw(errno),
-                suppressed,
-                "{what}"
             );
         }
     }

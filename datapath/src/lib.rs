@@ -104,9 +104,11 @@
 //! volume at open), and a system test under duplexd itself (`tests/service.rs` plays duplexd
 //! around the real binary instead).
 
+pub mod bdev;
 mod channel;
 pub mod drives;
 mod engine;
+pub mod map;
 mod mapped;
 pub mod nvme;
 mod request;

@@ -9,23 +9,29 @@ use duplex_ipc::desc::{
     STATUS_INVALID_FIELD, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR, STATUS_WRITE_FAULT,
 };
 
-use crate::volume::Volume;
+use crate::map::VolumeMap;
 
 /// `volume` of an `OP_FLUSH` that flushes every volume.
 pub const FLUSH_ALL: u32 = u32::MAX;
 
-/// The kinds of request, for logs and the errno mapping.
+/// The kinds of request (and of block-device I/O).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
+    /// Read into the chain.
     Read,
+    /// Write from the chain.
     Write,
+    /// Make completed writes durable.
     Flush,
+    /// Write zeroes.
     WriteZeroes,
+    /// Deallocate (reads return zeroes afterwards).
     Deallocate,
 }
 
 impl Kind {
-    pub(crate) fn name(self) -> &'static str {
+    /// For logs.
+    pub fn name(self) -> &'static str {
         match self {
             Self::Read => "read",
             Self::Write => "write",
@@ -36,7 +42,7 @@ impl Kind {
     }
 
     /// Whether the opcode moves data through a buffer chain.
-    pub(crate) fn has_data(self) -> bool {
+    pub fn has_data(self) -> bool {
         matches!(self, Self::Read | Self::Write)
     }
 }
@@ -80,7 +86,7 @@ pub(crate) fn kind(opcode: u8) -> Result<Kind, Reject> {
 }
 
 /// Validates a descriptor's opcode, volume and range against the volume table.
-pub(crate) fn decode(desc: &IoDesc, volumes: &[Volume]) -> Result<Command, Reject> {
+pub(crate) fn decode(desc: &IoDesc, volumes: &[VolumeMap]) -> Result<Command, Reject> {
     let kind = kind(desc.opcode)?;
     let fua = desc.flags & FLAG_FUA != 0;
     if kind == Kind::Flush && desc.volume == FLUSH_ALL {
@@ -94,7 +100,7 @@ pub(crate) fn decode(desc: &IoDesc, volumes: &[Volume]) -> Result<Command, Rejec
     }
     let index = volumes
         .iter()
-        .position(|v| v.id() == desc.volume)
+        .position(|v| v.id == desc.volume)
         .ok_or(reject(STATUS_INVALID_FIELD, "unknown volume"))?;
     if kind == Kind::Flush {
         return Ok(Command {
@@ -143,34 +149,24 @@ pub(crate) fn errno_status(kind: Kind, errno: i32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use duplex_ipc::topology::VolumeSpec;
 
-    fn volumes() -> (tempfile::TempDir, Vec<Volume>) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut out = Vec::new();
-        for (id, bs, blocks) in [(1_u32, 512_u32, 100_u64), (7, 4096, 10)] {
-            let path = dir.path().join(format!("v{id}"));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .expect("open");
-            f.set_len(u64::from(bs) * blocks).expect("len");
-            let spec = VolumeSpec {
+    fn volumes() -> ((), Vec<VolumeMap>) {
+        let out = [(1_u32, 512_u32, 100_u64), (7, 4096, 10)]
+            .into_iter()
+            .map(|(id, bs, blocks)| VolumeMap {
                 id,
                 name: format!("v{id}"),
-                resource: format!("volume:v{id}"),
-                path: path.display().to_string(),
                 block_size: bs,
                 blocks,
-                direct: false,
-                drive: None,
-            };
-            out.push(Volume::new(&spec, f.into()).expect("volume"));
-        }
-        (dir, out)
+                extents: vec![crate::map::Extent {
+                    start: 0,
+                    blocks,
+                    device: 0,
+                    device_offset: 0,
+                }],
+            })
+            .collect();
+        ((), out)
     }
 
     fn desc(opcode: u8, volume: u32, lba: u64, blocks: u32) -> IoDesc {

@@ -27,9 +27,11 @@ use duplex_ipc::topology::{
 };
 use duplex_sandbox::SandboxError;
 
+use crate::bdev::{BdevBox, FileBdev, NvmeBdev};
 use crate::channel::Channel;
 use crate::drives::{Drive, DriveError, DriveFds};
 use crate::engine::{Engine, EngineConfig, EngineError, EngineStats, Stopper};
+use crate::map::VolumeMap;
 use crate::volume::{Volume, VolumeError};
 
 /// The service name (and its seccomp policy's).
@@ -200,13 +202,26 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
             .map_err(ring_err(&s.name))?;
         channels.push(Channel::new(consumer, producer));
     }
-    let mut volumes = Vec::new();
-    let mut drives = Vec::new();
+    // Each volume is served 1:1 from its own backing file or drive: one device and a map
+    // covering it.
+    let mut devices: Vec<BdevBox> = Vec::new();
+    let mut maps = Vec::new();
     for spec in &topology.volumes {
-        match &spec.drive {
+        let dev: BdevBox = match &spec.drive {
             None => {
                 let fd = take(&mut started, &spec.resource)?.fd;
-                volumes.push(Volume::new(spec, fd)?);
+                let v = Volume::new(spec, fd)?;
+                if v.direct() && pool.chunk_size() % v.block_size() as usize != 0 {
+                    return Err(EngineError::Config(format!(
+                        "volume {} uses O_DIRECT with {}-byte blocks, but pool chunks are {} \
+                         bytes (must be a multiple of the block size)",
+                        v.name(),
+                        v.block_size(),
+                        pool.chunk_size()
+                    ))
+                    .into());
+                }
+                Box::new(FileBdev::new(v))
             }
             Some(d) => {
                 let fds = match d.transport {
@@ -219,14 +234,17 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
                         device: take(&mut started, &format!("{}:device", spec.resource))?.fd,
                     },
                 };
-                let drive = Drive::open(spec, fds, &pool)?;
-                let placeholder = drive.placeholder_fd().map_err(|e| {
-                    ServiceError::Missing(format!("{} (DMA memory fd: {e})", spec.resource))
-                })?;
-                volumes.push(Volume::on_drive(spec, drives.len(), placeholder)?);
-                drives.push(drive);
+                Box::new(NvmeBdev::new(Drive::open(spec, fds, &pool)?))
             }
+        };
+        let mut map = VolumeMap::whole(spec.id, &spec.name, devices.len(), &dev);
+        // A drive's namespace may be larger than the volume: the volume is its first blocks.
+        map.blocks = spec.blocks;
+        if let Some(e) = map.extents.first_mut() {
+            e.blocks = spec.blocks;
         }
+        maps.push(map);
+        devices.push(dev);
     }
     for r in &started.resources {
         tracing::debug!(
@@ -239,7 +257,7 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         grace: STOP_GRACE,
         ..EngineConfig::default()
     };
-    let engine = Engine::with_drives(volumes, drives, Arc::new(pool), channels, config)?;
+    let engine = Engine::with_devices(devices, maps, Arc::new(pool), channels, config)?;
     let stopper = engine.stopper();
     enter().map_err(ServiceError::Sandbox)?;
     started.ready()?;

@@ -63,8 +63,6 @@ pub struct Volume {
     block_device: bool,
     memory_backed: bool,
     mapped: Option<MappedFile>,
-    /// Served by drive `n` of the engine (the `drives` module), not through `fd`.
-    drive: Option<usize>,
     fd: OwnedFd,
 }
 
@@ -152,42 +150,8 @@ impl Volume {
             block_device,
             memory_backed,
             mapped,
-            drive: None,
             fd,
         })
-    }
-
-    /// A volume on a namespace of drive `drive` (the engine's index). `placeholder` is any fd
-    /// (the drive's DMA memory): the engine registers one fixed file per volume, and a drive
-    /// volume's is never used for I/O.
-    pub fn on_drive(
-        spec: &VolumeSpec,
-        drive: usize,
-        placeholder: OwnedFd,
-    ) -> Result<Self, VolumeError> {
-        if !matches!(spec.block_size, 512 | 4096) || spec.blocks == 0 {
-            return Err(VolumeError::BadSpec {
-                name: spec.name.clone(),
-                why: format!("{} blocks of {} bytes", spec.blocks, spec.block_size),
-            });
-        }
-        Ok(Self {
-            id: spec.id,
-            name: spec.name.clone(),
-            block_size: spec.block_size,
-            blocks: spec.blocks,
-            direct: false,
-            block_device: false,
-            memory_backed: false,
-            mapped: None,
-            drive: Some(drive),
-            fd: placeholder,
-        })
-    }
-
-    /// The engine's drive serving this volume, if it is on a drive.
-    pub(crate) fn drive(&self) -> Option<usize> {
-        self.drive
     }
 
     /// Id used in descriptors.
@@ -235,17 +199,6 @@ impl Volume {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
-
-    /// Byte range of `blocks` blocks from `lba`, if it lies inside the volume.
-    pub(crate) fn range(&self, lba: u64, blocks: u32) -> Option<(u64, u64)> {
-        let end = lba.checked_add(u64::from(blocks))?;
-        if end > self.blocks {
-            return None;
-        }
-        let bs = u64::from(self.block_size);
-        // end <= blocks and blocks * block_size fits a u64 (checked in new).
-        Some((lba * bs, u64::from(blocks) * bs))
-    }
 }
 
 #[cfg(test)]
@@ -282,17 +235,11 @@ mod tests {
     }
 
     #[test]
-    fn accepts_a_file_that_covers_the_volume_and_checks_ranges() {
+    fn accepts_a_file_that_covers_the_volume() {
         let (_d, fd) = file(512 * 8, true);
         let v = Volume::new(&spec(8, false), fd).expect("volume");
         assert_eq!((v.id(), v.block_size(), v.blocks()), (3, 512, 8));
         assert!(!v.is_block_device() && !v.direct());
-        assert_eq!(v.range(0, 8), Some((0, 4096)));
-        assert_eq!(v.range(7, 1), Some((3584, 512)));
-        assert_eq!(v.range(7, 2), None);
-        assert_eq!(v.range(8, 0), Some((4096, 0)));
-        assert_eq!(v.range(u64::MAX, 1), None);
-        assert_eq!(v.range(u64::MAX - 1, u32::MAX), None);
     }
 
     #[test]

@@ -1,0 +1,196 @@
+//! The block-device layer: one interface under which files, NVMe drives and RAID compose.
+//!
+//! Modelled on SPDK's bdev function table: a block device ([`Bdev`]) takes I/O ([`Io`]) and
+//! reports each one's end, exactly once, through [`Bdev::poll`]. Leaves move bytes:
+//! [`FileBdev`] (a file or block device through the engine's restricted io_uring, or a mapped
+//! memory-backed file) and [`NvmeBdev`] (a namespace of an NVMe drive through the user-space
+//! driver). [`RaidBdev`] is a block device over block devices (RAID 0, 1 and 10): it cuts an
+//! I/O into member I/Os, submits them to its members and completes the parent when they have.
+//! The engine sees only the roots of these trees, through the volume maps (`crate::map`).
+//!
+//! Everything runs on the engine's one thread. An I/O names its data by reference: the
+//! request's chain of pool chunks ([`ChainRef`]: which chain, how many bytes in) lives in the
+//! engine for as long as the request does, so a layer may look at it again whenever it needs
+//! to (a short transfer continues, a mirror read is retried on the other member) without
+//! copying it per I/O.
+//!
+//! # The contract
+//!
+//! * [`Bdev::submit`] never fails synchronously: every I/O it accepts ends in exactly one
+//!   [`Done`] from a later [`Bdev::poll`] (a refusal is a `Done` with an error status).
+//! * Offsets and lengths are bytes, whole blocks of the device, inside [`Bdev::size`] (the
+//!   caller checks; a device refuses what is not with `STATUS_LBA_OUT_OF_RANGE`).
+//! * Tokens are the caller's: a device echoes them and never interprets them.
+//! * [`Bdev::poll`] is called on every turn of the engine; a device with work that only
+//!   polling finishes (NVMe completions) says so through [`Bdev::busy`], so the engine keeps
+//!   turning instead of sleeping.
+
+use std::fmt::Debug;
+use std::os::fd::BorrowedFd;
+use std::time::Instant;
+
+use duplex_ipc::pool::Pool;
+
+use crate::uring::Uring;
+
+mod file;
+mod nvme;
+mod raid;
+
+pub use file::FileBdev;
+pub use nvme::NvmeBdev;
+pub use raid::{MemberState, RaidBdev, RaidError, RaidLevel};
+
+pub use crate::request::Kind as Op;
+
+/// Which request chain an I/O's data is in, and where in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainRef {
+    /// The engine's chain id (its request slot); meaningless for I/O without data.
+    pub id: u32,
+    /// Bytes of the chain before this I/O's first byte.
+    pub skip: u64,
+}
+
+/// One I/O to a block device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Io {
+    /// The caller's token, echoed in its [`Done`].
+    pub token: u64,
+    /// What to do.
+    pub op: Op,
+    /// First byte on the device (0 for a flush).
+    pub offset: u64,
+    /// Bytes (0 for a flush).
+    pub len: u64,
+    /// Durable on completion (FUA).
+    pub fua: bool,
+    /// The data of a read or write.
+    pub chain: ChainRef,
+}
+
+/// The end of one I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Done {
+    /// The token of the [`Io`].
+    pub token: u64,
+    /// Descriptor status (`STATUS_SUCCESS` or the error's).
+    pub status: u16,
+}
+
+/// Something a device reports to the control plane (the engine keeps them for it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A RAID member failed and no longer takes I/O; the device goes on degraded (or, with no
+    /// copy left, fails the I/O that needed it).
+    MemberFailed {
+        /// The RAID device.
+        device: String,
+        /// The member's index (its slot in the pool).
+        member: usize,
+        /// The member device's name.
+        name: String,
+        /// Why (the status of the I/O that failed).
+        status: u16,
+    },
+}
+
+/// Counters the leaves keep (the engine folds them into its stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BdevStats {
+    /// Transfers that came back short and were continued.
+    pub short_transfers: u64,
+    /// Write-zeroes or deallocate requests done by writing zeroes.
+    pub zero_writes: u64,
+    /// Mirror reads retried on another member after a failure.
+    pub read_retries: u64,
+}
+
+/// What a device needs from the engine while it works: the pool, the io_uring and its slots,
+/// the completions routed to each leaf, the request chains, the clock, counters and events.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) uring: &'a mut Uring,
+    /// Free io_uring operation slots.
+    pub(crate) uring_free: &'a mut Vec<u32>,
+    /// Owner of each io_uring slot: `(leaf, the leaf's own operation index)`.
+    pub(crate) uring_owner: &'a mut [(u32, u32)],
+    /// io_uring completions per leaf: `(the leaf's operation index, result)`.
+    pub(crate) inbox: &'a mut [Vec<(u32, i32)>],
+    /// The chains of the requests in flight, by chain id.
+    pub(crate) chains: &'a [Vec<u32>],
+    pub(crate) now: Instant,
+    pub(crate) stats: &'a mut BdevStats,
+    pub(crate) events: &'a mut Vec<Event>,
+    /// Write zeroes by writing a zero buffer, never `fallocate`.
+    pub(crate) emulate_zeroes: bool,
+}
+
+impl Ctx<'_> {
+    /// The chunks of chain `id` (empty if there is none: a bug the callers turn into an error).
+    pub(crate) fn chain(&self, id: u32) -> &[u32] {
+        self.chains.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Ids handed out before the engine's io_uring exists: a leaf id per leaf (its inbox) and a
+/// fixed-file index per file the io_uring must know.
+#[derive(Debug, Default)]
+pub struct Attach {
+    pub(crate) leaves: u32,
+    pub(crate) files: u32,
+}
+
+impl Attach {
+    /// A new leaf id.
+    pub(crate) fn leaf(&mut self) -> u32 {
+        self.leaves += 1;
+        self.leaves - 1
+    }
+
+    /// The next fixed-file index.
+    pub(crate) fn file(&mut self) -> u32 {
+        self.files += 1;
+        self.files - 1
+    }
+}
+
+/// A block device. See the module docs for the contract.
+pub trait Bdev: Debug + Send {
+    /// Name, for logs and events.
+    fn name(&self) -> &str;
+    /// Logical block size in bytes.
+    fn block_size(&self) -> u32;
+    /// Usable size in bytes.
+    fn size(&self) -> u64;
+    /// Takes leaf ids and fixed-file indices (called once, before [`Bdev::files`]).
+    fn attach(&mut self, ids: &mut Attach);
+    /// Appends the fds of the fixed files it took, in the order it took them.
+    fn files<'a>(&'a self, out: &mut Vec<BorrowedFd<'a>>);
+    /// Starts an I/O; it ends in exactly one [`Done`] from a later [`Bdev::poll`].
+    fn submit(&mut self, io: Io, ctx: &mut Ctx<'_>);
+    /// Advances the device's work, appending the I/Os that ended to `out`. Returns whether
+    /// anything moved.
+    fn poll(&mut self, ctx: &mut Ctx<'_>, out: &mut Vec<Done>) -> bool;
+    /// Whether work is in flight that only polling finishes (the engine must not sleep).
+    fn busy(&self) -> bool;
+    /// I/Os accepted and not yet reported done.
+    fn inflight(&self) -> usize;
+    /// Retried commands (NVMe leaves; composite devices sum their members).
+    fn retries(&self) -> u64 {
+        0
+    }
+}
+
+/// A boxed block device.
+pub type BdevBox = Box<dyn Bdev>;
+
+/// Checks an I/O against a device's geometry: whole blocks inside the device.
+pub(crate) fn in_range(io: &Io, block_size: u32, size: u64) -> bool {
+    let bs = u64::from(block_size);
+    io.op == Op::Flush
+        || io.offset % bs == 0
+            && io.len % bs == 0
+            && io.offset.checked_add(io.len).is_some_and(|end| end <= size)
+}

@@ -1,0 +1,524 @@
+//! [`RaidBdev`]: RAID 0, 1 and 10, a block device over block devices.
+//!
+//! The members are grouped in *sets* of copies: RAID 0 has one set per member (no copies),
+//! RAID 1 one set holding every member, RAID 10 a set per pair of members (0,1), (2,3), ....
+//! The device's address space is striped over the sets in chunks (chunk `c` lives on set
+//! `c mod S` at set offset `(c div S) × chunk`); with one set there is no striping. A set's
+//! offset `o` is byte `data_offset + o` of each of its members (the data area behind the
+//! superblock, metadata and journal areas of the on-disk layout).
+//!
+//! Per I/O, cut at chunk boundaries into pieces:
+//! * a write, write-zeroes or deallocate goes to every *active* member of the piece's set, and
+//!   completes when every one has: acknowledged only once on every live copy;
+//! * a read goes to one active member of the set (round robin over the set's copies); when it
+//!   fails, it is retried on another active copy that was not tried yet;
+//! * a flush goes to every active member.
+//!
+//! A member whose I/O fails is marked [`MemberState::Failed`] (an [`Event::MemberFailed`] for
+//! the control plane, which records it in the pool's metadata) if its set keeps another
+//! active copy: the device goes on degraded and the I/O succeeds on the copies that remain. A
+//! failed member takes no more I/O (its data goes stale; it comes back only by a rebuild).
+//! The last active copy of a set is never failed (as md keeps the last working mirror): its
+//! errors fail the I/O instead, and so do a RAID 0 member's. Reservation Conflict is not a
+//! drive failure but this node being fenced off the drives: it fails the I/O and fails no
+//! member.
+
+use std::os::fd::BorrowedFd;
+
+use duplex_ipc::desc::{
+    STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_RESERVATION_CONFLICT, STATUS_SUCCESS,
+};
+
+use super::{in_range, Attach, Bdev, BdevBox, Ctx, Done, Event, Io, Op};
+
+/// RAID levels of the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaidLevel {
+    /// Striping, no redundancy.
+    Raid0,
+    /// Mirroring over every member.
+    Raid1,
+    /// Striping over mirrored pairs.
+    Raid10,
+}
+
+/// A member's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    /// Takes I/O.
+    Active,
+    /// Failed: takes no I/O; its data is stale.
+    Failed,
+}
+
+/// Why a RAID device cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RaidError {
+    /// The geometry is impossible.
+    #[error("RAID device {name}: {why}")]
+    Geometry {
+        /// The device.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+#[derive(Debug)]
+struct Member {
+    dev: BdevBox,
+    state: MemberState,
+}
+
+/// One I/O of the RAID device's caller.
+#[derive(Debug, Clone, Copy)]
+struct Parent {
+    token: u64,
+    outstanding: u32,
+    status: u16,
+}
+
+/// One member I/O.
+#[derive(Debug, Clone, Copy)]
+struct Child {
+    parent: usize,
+    set: usize,
+    member: usize,
+    io: Io,
+    /// Members of the set this read was tried on (bit per member index).
+    tried: u64,
+}
+
+/// RAID 0, 1 or 10 over block devices. See the module docs.
+#[derive(Debug)]
+pub struct RaidBdev {
+    name: String,
+    level: RaidLevel,
+    chunk: u64,
+    block_size: u32,
+    data_offset: u64,
+    /// Bytes of each member's data area used (whole chunks).
+    member_len: u64,
+    members: Vec<Member>,
+    sets: Vec<Vec<usize>>,
+    parents: Vec<Option<Parent>>,
+    free_parents: Vec<usize>,
+    children: Vec<Option<Child>>,
+    free_children: Vec<usize>,
+    ready: Vec<Done>,
+    scratch: Vec<Done>,
+    next_read: usize,
+}
+
+impl RaidBdev {
+    /// Builds a RAID device named `name` over `members` (in slot order), with `chunk`-byte
+    /// chunks, using bytes `[data_offset, data_offset + data_len)` of every member. `states`
+    /// gives each member's state (a member recorded failed stays out); empty means all active.
+    pub fn new(
+        name: &str,
+        level: RaidLevel,
+        chunk: u64,
+        data_offset: u64,
+        data_len: u64,
+        members: Vec<BdevBox>,
+        states: &[MemberState],
+    ) -> Result<Self, RaidError> {
+        let bad = |why: String| {
+            Err(RaidError::Geometry {
+                name: name.to_owned(),
+                why,
+            })
+        };
+        let n = members.len();
+        let sets: Vec<Vec<usize>> = match level {
+            RaidLevel::Raid0 if n >= 1 => (0..n).map(|i| vec![i]).collect(),
+            RaidLevel::Raid1 if n >= 2 => vec![(0..n).collect()],
+            RaidLevel::Raid10 if n >= 4 && n % 2 == 0 => {
+                (0..n / 2).map(|p| vec![2 * p, 2 * p + 1]).collect()
+            }
+            _ => return bad(format!("{n} members do not make {level:?}")),
+        };
+        if n > 64 {
+            return bad(format!("{n} members (at most 64)"));
+        }
+        if !states.is_empty() && states.len() != n {
+            return bad(format!("{} member states for {n} members", states.len()));
+        }
+        let Some(block_size) = members.first().map(|m| m.block_size()) else {
+            return bad("no members".into());
+        };
+        if let Some(m) = members.iter().find(|m| m.block_size() != block_size) {
+            return bad(format!(
+                "member {} has {}-byte blocks, the first member {}-byte ones",
+                m.name(),
+                m.block_size(),
+                block_size
+            ));
+        }
+        if !chunk.is_power_of_two() || chunk < u64::from(block_size) || chunk < 4096 {
+            return bad(format!(
+                "chunk of {chunk} bytes (a power of two, at least 4 KiB and one block)"
+            ));
+        }
+        if data_offset % u64::from(block_size) != 0 {
+            return bad(format!("data offset {data_offset} is not on a block"));
+        }
+        let member_len = data_len / chunk * chunk;
+        if member_len == 0 {
+            return bad(format!("a data area of {data_len} bytes holds no chunk"));
+        }
+        if let Some(m) = members.iter().find(|m| {
+            data_offset
+                .checked_add(member_len)
+                .is_none_or(|e| e > m.size())
+        }) {
+            return bad(format!(
+                "member {} holds {} bytes, the data area ends at {}",
+                m.name(),
+                m.size(),
+                data_offset.saturating_add(member_len)
+            ));
+        }
+        let members: Vec<Member> = members
+            .into_iter()
+            .enumerate()
+            .map(|(i, dev)| Member {
+                dev,
+                state: states.get(i).copied().unwrap_or(MemberState::Active),
+            })
+            .collect();
+        Ok(Self {
+            name: name.to_owned(),
+            level,
+            chunk,
+            block_size,
+            data_offset,
+            member_len,
+            members,
+            sets,
+            parents: Vec::new(),
+            free_parents: Vec::new(),
+            children: Vec::new(),
+            free_children: Vec::new(),
+            ready: Vec::new(),
+            scratch: Vec::new(),
+            next_read: 0,
+        })
+    }
+
+    /// The level.
+    pub fn level(&self) -> RaidLevel {
+        self.level
+    }
+
+    /// Each member's state, in slot order.
+    pub fn member_states(&self) -> Vec<MemberState> {
+        self.members.iter().map(|m| m.state).collect()
+    }
+
+    /// Whether some member has failed.
+    pub fn degraded(&self) -> bool {
+        self.members.iter().any(|m| m.state == MemberState::Failed)
+    }
+
+    /// Active members of set `s` other than `except`.
+    fn others_active(&self, s: usize, except: usize) -> bool {
+        self.sets[s]
+            .iter()
+            .any(|&m| m != except && self.members[m].state == MemberState::Active)
+    }
+
+    fn new_parent(&mut self, token: u64) -> usize {
+        let p = Parent {
+            token,
+            outstanding: 0,
+            status: STATUS_SUCCESS,
+        };
+        match self.free_parents.pop() {
+            Some(i) => {
+                self.parents[i] = Some(p);
+                i
+            }
+            None => {
+                self.parents.push(Some(p));
+                self.parents.len() - 1
+            }
+        }
+    }
+
+    /// Sends a member I/O for parent `parent`.
+    fn send(&mut self, child: Child, ctx: &mut Ctx<'_>) {
+        let i = match self.free_children.pop() {
+            Some(i) => i,
+            None => {
+                self.children.push(None);
+                self.children.len() - 1
+            }
+        };
+        let io = Io {
+            token: i as u64,
+            ..child.io
+        };
+        self.children[i] = Some(Child { io, ..child });
+        if let Some(p) = self.parents[child.parent].as_mut() {
+            p.outstanding += 1;
+        }
+        self.members[child.member].dev.submit(io, ctx);
+    }
+
+    /// Records an error on parent `p` (the first one stays).
+    fn fail_parent(&mut self, p: usize, status: u16) {
+        if let Some(p) = self.parents[p].as_mut() {
+            if p.status == STATUS_SUCCESS {
+                p.status = status;
+            }
+        }
+    }
+
+    /// One member I/O of parent `p` is accounted; the parent ends when none is left.
+    fn settle(&mut self, p: usize) {
+        let Some(parent) = self.parents.get_mut(p).and_then(Option::as_mut) else {
+            return;
+        };
+        parent.outstanding = parent.outstanding.saturating_sub(1);
+        if parent.outstanding == 0 {
+            self.ready.push(Done {
+                token: parent.token,
+                status: parent.status,
+            });
+            self.parents[p] = None;
+            self.free_parents.push(p);
+        }
+    }
+
+    /// Marks member `m` failed (if its set keeps another active copy; returns whether it did).
+    fn fail_member(&mut self, m: usize, s: usize, status: u16, ctx: &mut Ctx<'_>) -> bool {
+        if status == STATUS_RESERVATION_CONFLICT || !self.others_active(s, m) {
+            return false;
+        }
+        if self.members[m].state == MemberState::Active {
+            self.members[m].state = MemberState::Failed;
+            tracing::error!(
+                raid = %self.name,
+                member = m,
+                device = self.members[m].dev.name(),
+                status,
+                "RAID member failed: going on degraded"
+            );
+            ctx.events.push(Event::MemberFailed {
+                device: self.name.clone(),
+                member: m,
+                name: self.members[m].dev.name().to_owned(),
+                status,
+            });
+        }
+        true
+    }
+
+    /// A member I/O ended.
+    fn child_done(&mut self, d: Done, ctx: &mut Ctx<'_>) {
+        let Some(c) = usize::try_from(d.token)
+            .ok()
+            .and_then(|i| self.children.get_mut(i))
+            .and_then(Option::take)
+        else {
+            tracing::error!(raid = %self.name, token = d.token, "member completion for no I/O");
+            return;
+        };
+        self.free_children.push(d.token as usize);
+        if d.status == STATUS_SUCCESS {
+            self.settle(c.parent);
+            return;
+        }
+        let failed_over = if self.members[c.member].state == MemberState::Failed {
+            // Already failed by another I/O: this copy no longer counts.
+            self.others_active(c.set, c.member)
+        } else {
+            self.fail_member(c.member, c.set, d.status, ctx)
+        };
+        if c.io.op == Op::Read && failed_over {
+            // Try a copy this read has not been tried on.
+            let tried = c.tried | 1 << c.member;
+            let next = self.sets[c.set]
+                .iter()
+                .copied()
+                .find(|&m| tried & 1 << m == 0 && self.members[m].state == MemberState::Active);
+            if let Some(m) = next {
+                ctx.stats.read_retries += 1;
+                tracing::warn!(raid = %self.name, from = c.member, to = m, "read retried on another copy");
+                self.send(
+                    Child {
+                        member: m,
+                        tried,
+                        ..c
+                    },
+                    ctx,
+                );
+                self.settle(c.parent);
+                return;
+            }
+            self.fail_parent(c.parent, d.status);
+        } else if !failed_over {
+            self.fail_parent(c.parent, d.status);
+        }
+        self.settle(c.parent);
+    }
+}
+
+impl Bdev for RaidBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn size(&self) -> u64 {
+        self.member_len * self.sets.len() as u64
+    }
+
+    fn attach(&mut self, ids: &mut Attach) {
+        for m in &mut self.members {
+            m.dev.attach(ids);
+        }
+    }
+
+    fn files<'a>(&'a self, out: &mut Vec<BorrowedFd<'a>>) {
+        for m in &self.members {
+            m.dev.files(out);
+        }
+    }
+
+    fn submit(&mut self, io: Io, ctx: &mut Ctx<'_>) {
+        if !in_range(&io, self.block_size, self.size()) {
+            self.ready.push(Done {
+                token: io.token,
+                status: STATUS_LBA_OUT_OF_RANGE,
+            });
+            return;
+        }
+        let p = self.new_parent(io.token);
+        // The parent holds one count of its own while its pieces go out, so that a member
+        // completing at once cannot end it early.
+        if let Some(parent) = self.parents[p].as_mut() {
+            parent.outstanding = 1;
+        }
+        if io.op == Op::Flush {
+            for m in 0..self.members.len() {
+                if self.members[m].state == MemberState::Active {
+                    let set = self.sets.iter().position(|s| s.contains(&m)).unwrap_or(0);
+                    self.send(
+                        Child {
+                            parent: p,
+                            set,
+                            member: m,
+                            io,
+                            tried: 0,
+                        },
+                        ctx,
+                    );
+                }
+            }
+            self.settle(p);
+            return;
+        }
+        let nsets = self.sets.len() as u64;
+        let mut at = 0;
+        while at < io.len {
+            let off = io.offset + at;
+            let (set, set_off, len) = if nsets == 1 {
+                (0, off, io.len)
+            } else {
+                let c = off / self.chunk;
+                let within = off % self.chunk;
+                (
+                    (c % nsets) as usize,
+                    c / nsets * self.chunk + within,
+                    (self.chunk - within).min(io.len - at),
+                )
+            };
+            let piece = Io {
+                offset: self.data_offset + set_off,
+                len,
+                chain: super::ChainRef {
+                    id: io.chain.id,
+                    skip: io.chain.skip + at,
+                },
+                ..io
+            };
+            let active = self.sets[set]
+                .iter()
+                .filter(|&&m| self.members[m].state == MemberState::Active)
+                .count();
+            let pick = (io.op == Op::Read && active > 0).then(|| self.next_read % active);
+            if active == 0 {
+                // Only a bug leaves a set without an active copy (the last is never failed).
+                self.fail_parent(p, STATUS_INTERNAL);
+            }
+            let mut nth = 0;
+            for k in 0..self.sets[set].len() {
+                let m = self.sets[set][k];
+                if self.members[m].state != MemberState::Active {
+                    continue;
+                }
+                nth += 1;
+                if pick.is_some_and(|want| want != nth - 1) {
+                    continue;
+                }
+                self.send(
+                    Child {
+                        parent: p,
+                        set,
+                        member: m,
+                        io: piece,
+                        tried: 0,
+                    },
+                    ctx,
+                );
+            }
+            if pick.is_some() {
+                self.next_read = self.next_read.wrapping_add(1);
+            }
+            at += len;
+        }
+        self.settle(p);
+    }
+
+    fn poll(&mut self, ctx: &mut Ctx<'_>, out: &mut Vec<Done>) -> bool {
+        let mut progress = false;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // Member completions may start retries on other members: poll again while members
+        // move (a few turns; the engine's loop comes back anyway).
+        for _ in 0..4 {
+            scratch.clear();
+            let mut moved = false;
+            for m in &mut self.members {
+                moved |= m.dev.poll(ctx, &mut scratch);
+            }
+            for d in scratch.drain(..) {
+                self.child_done(d, ctx);
+            }
+            progress |= moved;
+            if !moved {
+                break;
+            }
+        }
+        self.scratch = scratch;
+        progress |= !self.ready.is_empty();
+        out.append(&mut self.ready);
+        progress
+    }
+
+    fn busy(&self) -> bool {
+        !self.ready.is_empty() || self.members.iter().any(|m| m.dev.busy())
+    }
+
+    fn inflight(&self) -> usize {
+        self.parents.iter().filter(|p| p.is_some()).count() + self.ready.len()
+    }
+
+    fn retries(&self) -> u64 {
+        self.members.iter().map(|m| m.dev.retries()).sum()
+    }
+}
