@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use duplex_datapath::{Channel, Engine, EngineConfig, EngineError, FLUSH_ALL};
@@ -502,34 +502,56 @@ fn queue_depth_128_with_verification() {
     assert_eq!(pool.free_count(), pool.capacity() as usize);
 }
 
-/// A completion ring of 4 slots drained slowly: the engine stops consuming while it is full,
-/// waits for room, and loses nothing.
+/// A completion ring of 4 slots that the fabric empties one completion at a time, each time
+/// only once the ring is full and the engine, with completions it cannot publish, is asleep
+/// waiting for room: the engine waits rather than dropping anything, is woken by the room made
+/// (its `max_sleep` is an hour), and loses nothing.
 #[test]
 fn completion_ring_backpressure_loses_nothing() {
+    const WRITES: u64 = 100;
+    const CQ_SLOTS: u64 = 4;
     let mut node = Node::start(Setup {
         submit_capacity: 128,
-        complete_capacity: 4,
+        complete_capacity: CQ_SLOTS,
+        config: EngineConfig {
+            // Only the room made can wake the waiting engine in time.
+            max_sleep: Duration::from_secs(3600),
+            ..EngineConfig::default()
+        },
         ..Setup::default()
     });
-    let f = node.f();
+    let mut f = node.fabric.remove(0);
     let mut tags = Vec::new();
-    for i in 0..100_u64 {
+    for i in 0..WRITES {
         tags.push(f.write(1, i, &pattern(i, 512), 0));
     }
     let mut seen = Vec::new();
-    let deadline = Instant::now() + DEADLINE;
-    while seen.len() < 100 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of 100 completions",
-            seen.len()
-        );
+    while (seen.len() as u64) < WRITES {
+        // More completions are due than the ring holds: the engine must fill the ring and wait
+        // for room. Only then is one slot freed. (The ring is read first: a full ring seen after
+        // a slot was freed is a new one, so the wait seen with it is a new wait.)
+        let take = if WRITES - seen.len() as u64 > CQ_SLOTS {
+            wait_until(
+                &format!(
+                    "a full completion ring and the engine asleep waiting for room ({} of \
+                     {WRITES} taken)",
+                    seen.len()
+                ),
+                || f.completions_ready() == CQ_SLOTS && node.engine_asleep_for_room(&f),
+            );
+            1
+        } else {
+            // The last completions: all fit, wait for them to be there.
+            let due = (WRITES - seen.len() as u64) as usize;
+            wait_until("the last completions", || {
+                f.completions_ready() == due as u64
+            });
+            due
+        };
         let mut got = Vec::new();
         let index = f.cq.next_index();
-        let n =
-            f.cq.pop_wait(&mut got, 1, Some(Duration::from_millis(100)))
-                .unwrap();
-        for (j, d) in got.into_iter().enumerate().take(n) {
+        assert_eq!(f.cq.try_pop(&mut got, take).unwrap(), take);
+        for (j, d) in got.into_iter().enumerate() {
             assert_eq!(d.status, STATUS_SUCCESS);
             f.pool
                 .take_chain(BufHandle(d.buf), f.cq_id(), index + j as u64)
@@ -537,30 +559,42 @@ fn completion_ring_backpressure_loses_nothing() {
             f.pool.free_chain(BufHandle(d.buf)).unwrap();
             seen.push(d.tag);
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
+    assert_eq!(
+        f.completions_ready(),
+        0,
+        "more completions than submissions"
+    );
     seen.sort_unstable();
     assert_eq!(seen, tags, "every submission completed exactly once");
-    for i in 0..100_u64 {
+    for i in 0..WRITES {
         assert_eq!(f.read_sync(1, i, 1).data.unwrap(), pattern(i, 512));
     }
     let stats = node.stop();
-    assert!(stats.sleeps > 0);
+    assert_eq!(stats.completions, 2 * WRITES);
+    assert_eq!(stats.unpublished, 0);
+    // Each wait for room seen above was a sleep of its own.
+    assert!(stats.sleeps >= WRITES - CQ_SLOTS, "{stats:?}");
 }
 
-/// Stopping an idle engine is prompt; stopping a busy one completes what it consumed.
+/// Stopping an idle engine wakes it: asleep with an hour-long `max_sleep`, it still ends when
+/// told to (`Node::stop` fails the test if it does not). Stopping a busy one completes what it
+/// consumed and leaves the rest in the submission ring.
 #[test]
 fn shutdown_idle_and_busy() {
-    let node = Node::start(Setup::default());
-    std::thread::sleep(Duration::from_millis(50));
-    let t = Instant::now();
+    let node = Node::start(Setup {
+        config: EngineConfig {
+            max_sleep: Duration::from_secs(3600),
+            ..EngineConfig::default()
+        },
+        ..Setup::default()
+    });
+    wait_until("the idle engine asleep", || {
+        node.engine_asleep_on(&node.fabric[0])
+    });
     let stats = node.stop();
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "idle stop took {:?}",
-        t.elapsed()
-    );
     assert_eq!(stats.submissions, 0);
+    assert!(stats.sleeps >= 1, "{stats:?}");
 
     let mut node = Node::start(Setup::default());
     let f = node.f();
@@ -570,36 +604,46 @@ fn shutdown_idle_and_busy() {
     // Whatever the engine consumed before it stopped is completed; the rest stays in the ring.
     let mut f = node.fabric.remove(0);
     let stats = node.stop();
+    // The engine has returned: everything it published is in the ring already.
     let mut got = Vec::new();
-    while f.drain_some_into(&mut got, Duration::from_millis(50)) > 0 {}
+    f.drain_ready_into(&mut got);
+    assert_eq!(stats.unpublished, 0);
     assert_eq!(stats.submissions, stats.completions);
     assert_eq!(got.len() as u64, stats.completions);
     assert!(got.iter().all(|d| d.desc.status == STATUS_SUCCESS));
+    assert_eq!(f.submissions_waiting(), 64 - stats.submissions);
 }
 
-/// From idle (sleeping far longer than the test waits), a submission is served at once: the
-/// doorbell wakes the engine. And the heartbeat goes on while idle.
+/// From a sleep that would last an hour, a submission is served: the doorbell wakes the engine.
+/// Each write is published only once the engine is asleep waiting for submissions, so each
+/// round is one such sleep ended by the doorbell (the test's hang guard is far shorter than
+/// the sleep).
 #[test]
-fn idle_engine_wakes_on_a_submission_and_beats() {
+fn idle_engine_wakes_on_a_submission() {
+    const ROUNDS: u64 = 20;
     let mut node = Node::start(Setup {
         config: EngineConfig {
-            max_sleep: Duration::from_secs(20),
+            max_sleep: Duration::from_secs(3600),
             ..EngineConfig::default()
         },
         ..Setup::default()
     });
-    for i in 0..20 {
-        std::thread::sleep(Duration::from_millis(30));
-        let t = Instant::now();
+    for i in 0..ROUNDS {
+        wait_until(&format!("the engine asleep before write {i}"), || {
+            node.engine_asleep_on(&node.fabric[0])
+        });
         ok(&node.f().write_sync(1, i, &pattern(i, 512), 0));
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "took {:?}",
-            t.elapsed()
-        );
     }
-    node.stop();
+    let stats = node.stop();
+    assert_eq!(stats.submissions, ROUNDS);
+    assert!(stats.sleeps >= ROUNDS, "{stats:?}");
+}
 
+/// The heartbeat goes on while idle: each time the engine is seen asleep, with nothing to
+/// wake it but its `max_sleep`, it beats again.
+#[test]
+fn idle_engine_beats() {
+    const ROUNDS: u64 = 10;
     let node = Node::start(Setup {
         config: EngineConfig {
             max_sleep: Duration::from_millis(20),
@@ -607,15 +651,17 @@ fn idle_engine_wakes_on_a_submission_and_beats() {
         },
         ..Setup::default()
     });
-    let before = node.beats.load(std::sync::atomic::Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(500));
-    let after = node.beats.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        after - before >= 10,
-        "only {} beats in 500 ms",
-        after - before
-    );
-    node.stop();
+    for i in 0..ROUNDS {
+        wait_until(&format!("the engine asleep ({i} sleeps seen)"), || {
+            node.engine_asleep_on(&node.fabric[0])
+        });
+        // It does not beat while blocked, so a beat now means it woke by itself.
+        let before = node.beats();
+        wait_until(&format!("a beat after sleep {i}"), || node.beats() > before);
+    }
+    let stats = node.stop();
+    assert_eq!(stats.submissions, 0);
+    assert!(stats.sleeps >= ROUNDS, "{stats:?}");
 }
 
 /// Two channels served at once from two fabric threads.

@@ -1,13 +1,19 @@
 //! Our [`Client`] against scripted servers that misbehave: silence, trickles, garbage, wrong
 //! ids and commands, huge sizes, error flags, malformed region info, stray descriptors. Every
-//! case must end in a typed error within the timeout, never a panic or a hang, and a stream put
-//! out of step must leave the client refusing further calls.
+//! case must end in a typed error, never a panic or a hang, and a stream put out of step must
+//! leave the client refusing further calls without touching the socket again.
+//!
+//! No test measures time. What the timeout does is shown by what happens: a silent server gets
+//! [`ClientError::Timeout`], a trickling one is hung up on before its reply is complete, a reply
+//! held back while a shorter timeout runs out elsewhere is still taken. [`HANG_GUARD`] only
+//! turns a hang into a clear failure.
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use duplex_vfio::user::proto::{
     self, command, Capabilities, DeviceInfoBody, Header, RegionAccess, RegionInfoBody, HEADER_SIZE,
@@ -15,8 +21,29 @@ use duplex_vfio::user::proto::{
 use duplex_vfio::user::{Client, ClientError, Errno};
 
 const TIMEOUT: Duration = Duration::from_millis(400);
-/// How far past the timeout a failing call may return (scheduling on a loaded machine).
-const LATE: Duration = Duration::from_millis(1500);
+/// A timeout no exchange in these tests comes near, even on a stalled machine.
+const LONG_TIMEOUT: Duration = Duration::from_secs(60);
+/// A call still running after this long has hung. A guard only, never what a test checks: it
+/// turns a hang into a failure that says so instead of waiting for the harness to kill the test.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// Runs `call` on a thread of its own and returns what it returned; fails the test, saying
+/// `what` hung or panicked, if it never returns.
+fn returns<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        // The receiver is gone only when the test has already failed.
+        let _ = done.send(call());
+    });
+    match result.recv_timeout(HANG_GUARD) {
+        Ok(value) => {
+            worker.join().expect("call thread");
+            value
+        }
+        Err(RecvTimeoutError::Timeout) => panic!("{what} hung: no result after {HANG_GUARD:?}"),
+        Err(RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
 
 /// Reads one request (header and body); `None` once the client has gone.
 fn read_request(stream: &mut UnixStream) -> Option<(Header, Vec<u8>)> {
@@ -80,72 +107,164 @@ fn handshake(stream: &mut UnixStream) {
     reply(stream, &region, &region_body(0));
 }
 
-/// Runs `script` as the server on one end of a socketpair; returns the other end.
-fn scripted(script: impl FnOnce(&mut UnixStream) + Send + 'static) -> (UnixStream, JoinHandle<()>) {
+/// Runs `script` as the server on one end of a socketpair; returns the other end and the
+/// server thread, which yields what the script returned.
+fn scripted<T: Send + 'static>(
+    script: impl FnOnce(&mut UnixStream) -> T + Send + 'static,
+) -> (UnixStream, JoinHandle<T>) {
     let (client, mut server) = UnixStream::pair().expect("socketpair");
     let handle = thread::spawn(move || {
-        script(&mut server);
+        let outcome = script(&mut server);
         // Hold the connection until the client lets go, so silence is silence, not a close.
         let mut sink = [0u8; 64];
         while matches!(server.read(&mut sink), Ok(n) if n > 0) {}
+        outcome
     });
     (client, handle)
 }
 
-/// Connects to a scripted server, expecting failure; checks how long it took.
-fn connect_fails(script: impl FnOnce(&mut UnixStream) + Send + 'static) -> ClientError {
+/// Connects to a scripted server, expecting failure (a hang fails the test); returns the error
+/// and what the script returned.
+fn connect_fails_with<T: Send + 'static>(
+    script: impl FnOnce(&mut UnixStream) -> T + Send + 'static,
+) -> (ClientError, T) {
     let (stream, server) = scripted(script);
-    let started = Instant::now();
-    let result = Client::from_stream(stream, TIMEOUT);
-    assert!(
-        started.elapsed() < TIMEOUT + LATE,
-        "took {:?}",
-        started.elapsed()
-    );
+    let result = returns("connecting to a hostile server", move || {
+        Client::from_stream(stream, TIMEOUT)
+    });
     let error = result.expect_err("connecting to a hostile server must fail");
-    server.join().expect("script thread");
-    error
+    (error, server.join().expect("script thread"))
+}
+
+/// Connects to a scripted server, expecting failure (a hang fails the test).
+fn connect_fails(script: impl FnOnce(&mut UnixStream) + Send + 'static) -> ClientError {
+    connect_fails_with(script).0
 }
 
 /// Connects to a scripted server that handshakes properly, then runs `after`.
-fn connected(after: impl FnOnce(&mut UnixStream) + Send + 'static) -> (Client, JoinHandle<()>) {
+fn connected<T: Send + 'static>(
+    after: impl FnOnce(&mut UnixStream) -> T + Send + 'static,
+) -> (Client, JoinHandle<T>) {
+    connected_with(TIMEOUT, after)
+}
+
+/// As [`connected`], with the client's `timeout`.
+fn connected_with<T: Send + 'static>(
+    timeout: Duration,
+    after: impl FnOnce(&mut UnixStream) -> T + Send + 'static,
+) -> (Client, JoinHandle<T>) {
     let (stream, server) = scripted(move |stream| {
         handshake(stream);
-        after(stream);
+        after(stream)
     });
-    let client = Client::from_stream(stream, TIMEOUT).expect("handshake");
+    let client = Client::from_stream(stream, timeout).expect("handshake");
     (client, server)
+}
+
+/// Reads whatever the client sends until it closes the connection; returns how many bytes.
+fn bytes_until_closed(stream: &mut UnixStream) -> usize {
+    let mut rest = Vec::new();
+    // An error (a reset) ends the connection too; what arrived before it is counted.
+    let _ = stream.read_to_end(&mut rest);
+    rest.len()
 }
 
 fn is_protocol(error: &ClientError, needle: &str) -> bool {
     matches!(error, ClientError::Protocol(why) if why.contains(needle))
 }
 
+/// A server that takes the request and never answers: the client gives up with `Timeout` (not
+/// a hang, not another error), having sent nothing more.
 #[test]
 fn silence_times_out() {
-    let started = Instant::now();
-    let error = connect_fails(|stream| {
-        read_request(stream);
+    let (error, after_request) = connect_fails_with(|stream| {
+        read_request(stream).expect("VERSION");
+        bytes_until_closed(stream)
     });
     assert!(matches!(error, ClientError::Timeout), "{error:?}");
-    assert!(started.elapsed() >= TIMEOUT);
+    assert_eq!(after_request, 0, "bytes sent after the unanswered request");
 }
 
+/// A reply trickled a byte at a time, each byte well within the timeout of the one before but
+/// the whole far beyond it: the exchange's deadline, not a per-read one, ends it. The server
+/// sees the client hang up before its reply is complete, and the error is `Timeout` (a reply
+/// read whole would have been a protocol error: its body is 400 spaces).
 #[test]
 fn a_trickle_cannot_stretch_the_timeout() {
-    let error = connect_fails(|stream| {
+    let (error, trickled) = connect_fails_with(|stream| {
         let (version, _) = read_request(stream).expect("VERSION");
         let header = version.reply(400).expect("size");
         let mut message = header.encode().to_vec();
         message.resize(HEADER_SIZE + 400, b' ');
-        for byte in message {
+        for (sent, byte) in message.into_iter().enumerate() {
             if stream.write_all(&[byte]).is_err() {
-                return;
+                // The client hung up with `sent` bytes of the reply written.
+                return Some(sent);
             }
+            // The hostile server's pace (a byte per 50 ms: the 416 bytes take 20 s), not a wait
+            // for anything; nothing here depends on how long it really takes.
             thread::sleep(Duration::from_millis(50));
         }
+        None
     });
     assert!(matches!(error, ClientError::Timeout), "{error:?}");
+    assert!(
+        trickled.is_some(),
+        "the client took the whole trickled reply instead of giving up"
+    );
+}
+
+/// The timeout cuts off silence, not a reply that is merely slow. A client with a long timeout
+/// asks; its server holds the reply until another client, with the short [`TIMEOUT`] and asked
+/// later, has given up on a silent server. The first client must still be waiting then, and
+/// take the reply: a call's timeout is its own, and a slow reply within it is not cut short.
+/// (The order of events is what is checked; the long timeout is long only so that a stalled
+/// test machine cannot make it expire.)
+#[test]
+fn a_slow_reply_within_the_timeout_is_taken() {
+    let (asked_tx, asked) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let (mut client, server) = connected_with(LONG_TIMEOUT, move |stream| {
+        let (request, _) = read_request(stream)?;
+        asked_tx.send(()).ok()?;
+        released.recv().ok()?;
+        reply(stream, &request, &[]);
+        let (next, _) = read_request(stream)?;
+        reply(stream, &next, &[]);
+        Some(())
+    });
+    let (done, result) = mpsc::channel();
+    let caller = thread::spawn(move || {
+        let _ = done.send(client.reset());
+        client
+    });
+    asked
+        .recv_timeout(HANG_GUARD)
+        .expect("the server never got the request");
+    // Meanwhile a whole short timeout runs out, on another connection.
+    let error = connect_fails(|stream| {
+        read_request(stream);
+    });
+    assert!(matches!(error, ClientError::Timeout), "{error:?}");
+    // The server has had the request all that time and has not answered: the client must
+    // still be waiting.
+    match result.try_recv() {
+        Err(TryRecvError::Empty) => {}
+        other => panic!("the client did not wait for the reply: {other:?}"),
+    }
+    release.send(()).expect("server");
+    let outcome = result
+        .recv_timeout(HANG_GUARD)
+        .expect("the call hung after the reply was sent");
+    outcome.expect("a slow reply within the timeout");
+    let mut client = caller.join().expect("caller");
+    assert!(!client.is_broken());
+    client.reset().expect("still in step");
+    client.shutdown();
+    server
+        .join()
+        .expect("script")
+        .expect("the script ran to its end");
 }
 
 #[test]
@@ -424,13 +543,13 @@ fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[std::os::fd::Borrowed
     assert_eq!(sent, bytes.len());
 }
 
+/// An error reply leaves the stream in step; a protocol violation breaks it, after which every
+/// call is refused at once: `Broken`, with nothing more sent to the server.
 #[test]
 fn error_replies_keep_the_connection_and_protocol_errors_break_it() {
     let (mut client, server) = connected(|stream| {
         // An error reply with a (spurious) body: read whole, the stream stays in step.
-        let Some((first, _)) = read_request(stream) else {
-            return;
-        };
+        let (first, _) = read_request(stream)?;
         raw(
             stream,
             Header {
@@ -440,9 +559,7 @@ fn error_replies_keep_the_connection_and_protocol_errors_break_it() {
             &[9; 8],
         );
         // A proper answer.
-        let Some((second, _)) = read_request(stream) else {
-            return;
-        };
+        let (second, _) = read_request(stream)?;
         let mut body = RegionAccess {
             offset: 0,
             region: 0,
@@ -453,9 +570,7 @@ fn error_replies_keep_the_connection_and_protocol_errors_break_it() {
         body.extend_from_slice(b"good");
         reply(stream, &second, &body);
         // An answer for another access.
-        let Some((third, _)) = read_request(stream) else {
-            return;
-        };
+        let (third, _) = read_request(stream)?;
         let mut body = RegionAccess {
             offset: 8,
             region: 0,
@@ -465,6 +580,8 @@ fn error_replies_keep_the_connection_and_protocol_errors_break_it() {
         .to_vec();
         body.extend_from_slice(b"evil");
         reply(stream, &third, &body);
+        // What the broken client sends from now on (it should send nothing).
+        Some(bytes_until_closed(stream))
     });
     let mut buf = [0u8; 4];
     let error = client.region_read(0, 0, &mut buf).expect_err("error reply");
@@ -485,30 +602,40 @@ fn error_replies_keep_the_connection_and_protocol_errors_break_it() {
         .expect_err("wrong access");
     assert!(is_protocol(&error, "REGION_READ reply is for"), "{error:?}");
     assert!(client.is_broken());
-    let started = Instant::now();
-    assert!(matches!(client.reset(), Err(ClientError::Broken)));
-    assert!(started.elapsed() < Duration::from_millis(100));
+    let error = client.reset().expect_err("broken");
+    assert!(matches!(error, ClientError::Broken), "{error:?}");
+    let error = client.region_read(0, 0, &mut buf).expect_err("broken");
+    assert!(matches!(error, ClientError::Broken), "{error:?}");
     drop(client);
-    server.join().expect("script");
+    let after_break = server.join().expect("script");
+    assert_eq!(
+        after_break,
+        Some(0),
+        "bytes a broken client sent (None: the script ended early)"
+    );
 }
 
+/// A call whose reply never comes fails with `Timeout` (it does not hang) and breaks the
+/// client: the next call is refused with `Broken`, and nothing more reaches the server.
 #[test]
 fn a_missing_reply_times_out_and_breaks_the_client() {
     let (mut client, server) = connected(|stream| {
-        read_request(stream);
+        read_request(stream).expect("REGION_READ");
+        bytes_until_closed(stream)
     });
-    let started = Instant::now();
-    let mut buf = [0u8; 8];
-    let error = client.region_read(0, 0, &mut buf).expect_err("no reply");
+    let (mut client, error) = returns("a call to a silent server", move || {
+        let mut buf = [0u8; 8];
+        let error = client.region_read(0, 0, &mut buf).expect_err("no reply");
+        (client, error)
+    });
     assert!(matches!(error, ClientError::Timeout), "{error:?}");
-    let took = started.elapsed();
-    assert!(took >= TIMEOUT && took < TIMEOUT + LATE, "took {took:?}");
-    assert!(matches!(
-        client.region_read(0, 0, &mut buf),
-        Err(ClientError::Broken)
-    ));
+    assert!(client.is_broken());
+    let mut buf = [0u8; 8];
+    let error = client.region_read(0, 0, &mut buf).expect_err("broken");
+    assert!(matches!(error, ClientError::Broken), "{error:?}");
     drop(client);
-    server.join().expect("script");
+    let after_request = server.join().expect("script");
+    assert_eq!(after_request, 0, "bytes sent after the unanswered request");
 }
 
 #[test]

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use duplex_datapath::bdev::BdevBox;
+use duplex_datapath::map::VolumeMap;
 use duplex_datapath::{Channel, Engine, EngineConfig, EngineError, EngineStats, Stopper, Volume};
 use duplex_ipc::desc::{IoDesc, OP_READ, OP_WRITE};
 use duplex_ipc::doorbell::Doorbell;
@@ -20,6 +22,27 @@ use duplex_ipc::topology::{VolumeSpec, ROLE_DATAPATH, ROLE_FABRIC};
 
 /// Generous bound on every wait; tests end as soon as their condition holds.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+/// Offset of `producer_waiting` in a ring region (docs/IPC.md): set by a producer about to sleep
+/// on a full ring, cleared when it wakes.
+const PRODUCER_WAITING: usize = 384;
+/// Offset of `consumer_waiting` in a ring region (docs/IPC.md): set by a consumer about to sleep
+/// on an empty ring, cleared when it wakes.
+const CONSUMER_WAITING: usize = 512;
+
+/// Waits until `condition` holds, checking it again and again; how long that takes is not
+/// measured. [`DEADLINE`] is a hang guard only: past it the test fails saying what it waited for.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "hang: still waiting for {what} after {DEADLINE:?}"
+        );
+        // Let the engine have the core (on a small machine it may share ours).
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// The fabric's epoch in these tests.
 pub const EPOCH: u64 = 7;
 
@@ -199,6 +222,54 @@ impl Fabric {
         Done { desc, data }
     }
 
+    /// Whether the engine has announced that it is going to sleep on this channel's empty
+    /// submission ring (its `consumer_waiting` flag; cleared again when it wakes).
+    pub fn engine_waits_for_submissions(&self) -> bool {
+        self.sq
+            .ring()
+            .region()
+            .atomic_u32(CONSUMER_WAITING)
+            .load(Ordering::SeqCst)
+            != 0
+    }
+
+    /// Whether the engine has announced that it is going to sleep until this channel's full
+    /// completion ring has room (its `producer_waiting` flag; cleared again when it wakes).
+    pub fn engine_waits_for_room(&self) -> bool {
+        self.cq
+            .ring()
+            .region()
+            .atomic_u32(PRODUCER_WAITING)
+            .load(Ordering::SeqCst)
+            != 0
+    }
+
+    /// Completions published and not yet popped.
+    pub fn completions_ready(&self) -> u64 {
+        let ring = self.cq.ring();
+        // Head first: the tail only grows, so this never underflows.
+        let head = ring.head();
+        ring.tail().wrapping_sub(head)
+    }
+
+    /// Submissions published and not yet consumed by the engine.
+    pub fn submissions_waiting(&self) -> u64 {
+        let ring = self.sq.ring();
+        let head = ring.head();
+        ring.tail().wrapping_sub(head)
+    }
+
+    /// Pops, without waiting, every completion already published, settling them into `out`.
+    pub fn drain_ready_into(&mut self, out: &mut Vec<Done>) -> usize {
+        let mut got = Vec::new();
+        let index = self.cq.next_index();
+        let n = self.cq.try_pop(&mut got, usize::MAX).unwrap();
+        for (j, d) in got.into_iter().enumerate() {
+            out.push(self.settle(d, index + j as u64));
+        }
+        n
+    }
+
     /// Pops what completions are there within `wait`, settling them into `out`.
     pub fn drain_some_into(&mut self, out: &mut Vec<Done>, wait: Duration) -> usize {
         let mut got = Vec::new();
@@ -259,9 +330,15 @@ pub struct Node {
     pub fabric: Vec<Fabric>,
     pub pool: Arc<Pool>,
     pub stop: Stopper,
+    /// Calls of the engine's beat callback (once per turn of its loop).
     pub beats: Arc<AtomicU64>,
+    /// `/proc/self/task/<tid>/stat` of the engine's thread.
+    engine_stat: PathBuf,
     engine: Option<JoinHandle<Result<EngineStats, EngineError>>>,
 }
+
+/// Makes a node's devices and volume maps from the datapath's pool.
+type DeviceBuilder<'a> = dyn FnOnce(&Pool) -> (Vec<BdevBox>, Vec<VolumeMap>) + 'a;
 
 /// The fabric's ends of one channel: submission producer, completion consumer.
 type FabricEnds = (Producer<IoDesc>, Consumer<IoDesc>);
@@ -367,6 +444,19 @@ pub fn pools(setup: &Setup) -> (Arc<Pool>, Arc<Pool>) {
 impl Node {
     /// Builds everything and runs the engine on a thread.
     pub fn start(setup: Setup) -> Self {
+        Self::start_with(setup, None)
+    }
+
+    /// As [`Node::start`], serving the devices and volume maps `build` makes (given the
+    /// datapath's pool) instead of the setup's volume files.
+    pub fn start_devices(
+        setup: Setup,
+        build: impl FnOnce(&Pool) -> (Vec<BdevBox>, Vec<VolumeMap>),
+    ) -> Self {
+        Self::start_with(setup, Some(Box::new(build)))
+    }
+
+    fn start_with(setup: Setup, build: Option<Box<DeviceBuilder<'_>>>) -> Self {
         let (dir, base) = match &setup.dir {
             Some(d) => {
                 let t = tempfile::tempdir_in(d).unwrap();
@@ -382,18 +472,33 @@ impl Node {
         let (volumes, paths) = volume_files(&setup, &base);
         let (fabric_pool, dp_pool) = pools(&setup);
         let (channels, ends) = rings(&setup, setup.channels);
-        let engine = Engine::new(volumes, dp_pool, channels, setup.config.clone()).unwrap();
+        let engine = match build {
+            None => Engine::new(volumes, dp_pool, channels, setup.config.clone()).unwrap(),
+            Some(build) => {
+                let (devices, maps) = build(&dp_pool);
+                Engine::with_devices(devices, maps, dp_pool, channels, setup.config.clone())
+                    .unwrap()
+            }
+        };
         let stop = engine.stopper();
         let beats = Arc::new(AtomicU64::new(0));
         let b = Arc::clone(&beats);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let engine = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
+                // "<pid>/task/<tid>": where this thread's scheduler state is.
+                tid_tx
+                    .send(std::fs::read_link("/proc/thread-self"))
+                    .unwrap();
                 engine.run(|| {
-                    b.fetch_add(1, Ordering::Relaxed);
+                    b.fetch_add(1, Ordering::SeqCst);
                 })
             })
             .unwrap();
+        let engine_stat = Path::new("/proc")
+            .join(tid_rx.recv().unwrap().unwrap())
+            .join("stat");
         let block_sizes: HashMap<u32, u32> =
             setup.volumes.iter().map(|v| (v.id, v.block_size)).collect();
         let fabric = ends
@@ -413,12 +518,45 @@ impl Node {
             pool: fabric_pool,
             stop,
             beats,
+            engine_stat,
             engine: Some(engine),
         }
     }
 
     pub fn f(&mut self) -> &mut Fabric {
         &mut self.fabric[0]
+    }
+
+    /// The engine's beats so far.
+    pub fn beats(&self) -> u64 {
+        self.beats.load(Ordering::SeqCst)
+    }
+
+    /// Whether the engine is asleep waiting for a submission on `fabric` (which must be one of
+    /// its channels): it has announced the wait (the submission ring's `consumer_waiting` flag)
+    /// and its thread is blocked (`S` in `/proc/…/stat`). Its loop blocks nowhere but in that
+    /// sleep, which it enters only after announcing the wait and finding the ring still empty,
+    /// so once this holds the engine has counted the sleep and only a doorbell, the wake
+    /// eventfd or [`EngineConfig::max_sleep`] ends it.
+    pub fn engine_asleep_on(&self, fabric: &Fabric) -> bool {
+        fabric.engine_waits_for_submissions() && self.engine_blocked()
+    }
+
+    /// Whether the engine is asleep until `fabric`'s full completion ring has room (which must
+    /// be one of its channels): it has announced the wait (the completion ring's
+    /// `producer_waiting` flag) and its thread is blocked; see [`Node::engine_asleep_on`].
+    pub fn engine_asleep_for_room(&self, fabric: &Fabric) -> bool {
+        fabric.engine_waits_for_room() && self.engine_blocked()
+    }
+
+    /// Whether the engine's thread is blocked in the kernel (state `S`).
+    fn engine_blocked(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(&self.engine_stat) else {
+            return false;
+        };
+        // The state follows the parenthesised thread name.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('S'))
     }
 
     /// Stops the engine and returns its counters.

@@ -1,0 +1,366 @@
+//! RAID 0, 1 and 10 in the datapath, through the engine's rings: striping lands where the
+//! geometry says (checked against the member files, computed independently here); mirrors over
+//! `duplex-drive-sim` drives lose a member (pulled, failing writes, power cut) under a verifying
+//! workload with no error reaching the host, go on degraded, never read the failed member again
+//! (it is put back with stale data, and every block still verifies), and fail I/O only when the
+//! last copy fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::{pattern, Node, Setup};
+use duplex_datapath::bdev::{BdevBox, FileBdev, NvmeBdev, RaidBdev, RaidLevel};
+use duplex_datapath::drives::{Drive as NvmeDrive, DriveFds};
+use duplex_datapath::map::VolumeMap;
+use duplex_datapath::Volume;
+use duplex_drive_sim::port::Ports;
+use duplex_drive_sim::{Drive, DriveConfig, Fault, FaultOp};
+use duplex_ipc::desc::{IoDesc, OP_FLUSH, STATUS_SUCCESS};
+use duplex_ipc::pool::Pool;
+use duplex_ipc::topology::{DriveSpec, DriveTransport, VolumeSpec};
+
+const BS: u32 = 4096;
+/// Where the data area starts on every member (as the on-disk layout would put it).
+const DATA_OFFSET: u64 = 1 << 20;
+/// Bytes of each member's data area the tests use.
+const DATA_LEN: u64 = 8 << 20;
+const CHUNK: u64 = 64 << 10;
+/// Blocks per write of the workload (16 KiB: some writes cross chunk ends).
+const IO_BLOCKS: u32 = 4;
+
+/// One simulated drive with its ports.
+struct SimDrive {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    ports: Ports,
+    drive: Arc<Drive>,
+}
+
+fn sim_drive() -> SimDrive {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tempfile::tempfile_in(dir.path()).unwrap();
+    let drive = Drive::open(
+        file,
+        DriveConfig {
+            block_size: BS,
+            blocks: (16 << 20) / u64::from(BS),
+            cache_blocks: 1 << 12,
+            ..DriveConfig::default()
+        },
+    )
+    .unwrap();
+    let sockets = vec![dir.path().join("a.sock"), dir.path().join("b.sock")];
+    let ports = Ports::start(drive.clone(), &sockets).unwrap();
+    SimDrive {
+        _dir: dir,
+        socket: sockets[0].clone(),
+        ports,
+        drive,
+    }
+}
+
+/// The datapath's NVMe block device on port A of `d`, as duplexd would hand it over.
+fn nvme_bdev(d: &SimDrive, name: &str, pool: &Pool) -> BdevBox {
+    let spec = VolumeSpec {
+        id: 0,
+        name: name.into(),
+        resource: format!("volume:{name}"),
+        path: d.socket.display().to_string(),
+        block_size: BS,
+        blocks: d.drive.config().blocks,
+        direct: false,
+        drive: Some(DriveSpec {
+            transport: DriveTransport::VfioUser,
+            nsid: 1,
+            host_id: [7; 16],
+        }),
+    };
+    let stream = UnixStream::connect(&d.socket).unwrap();
+    let drive = NvmeDrive::open(&spec, DriveFds::User(stream.into()), pool).unwrap();
+    Box::new(NvmeBdev::new(drive))
+}
+
+/// An engine serving volume 1, the whole of a RAID device over `members`.
+fn raid_node(level: RaidLevel, members: impl FnOnce(&Pool) -> Vec<BdevBox>) -> (Node, u64) {
+    let setup = Setup {
+        volumes: vec![],
+        ..Setup::default()
+    };
+    let mut blocks = 0;
+    let mut node = Node::start_devices(setup, |pool| {
+        let raid = RaidBdev::new(
+            "pool0",
+            level,
+            CHUNK,
+            DATA_OFFSET,
+            DATA_LEN,
+            members(pool),
+            &[],
+        )
+        .unwrap();
+        let dev: BdevBox = Box::new(raid);
+        let map = VolumeMap::whole(1, "vol1", 0, &dev);
+        blocks = map.blocks;
+        (vec![dev], vec![map])
+    });
+    node.fabric[0].block_sizes.insert(1, BS);
+    (node, blocks)
+}
+
+/// Payload of workload write `i` (a different generation `g` gives different bytes).
+fn payload(i: u64, g: u64) -> Vec<u8> {
+    pattern(i ^ (g << 32), (IO_BLOCKS * BS) as usize)
+}
+
+/// Writes `count` numbered writes from `first` (lba `i * IO_BLOCKS`), `depth` in flight,
+/// calling `at(i)` once write `i` is submitted; every completion must succeed.
+fn write_run(node: &mut Node, first: u64, count: u64, g: u64, mut at: impl FnMut(u64)) {
+    let f = &mut node.fabric[0];
+    let mut inflight = 0;
+    for i in first..first + count {
+        f.write(1, i * u64::from(IO_BLOCKS), &payload(i, g), 0);
+        inflight += 1;
+        at(i);
+        if inflight == 16 {
+            for d in f.collect(16).into_values() {
+                assert_eq!(d.desc.status, STATUS_SUCCESS, "write failed: {:?}", d.desc);
+            }
+            inflight = 0;
+        }
+    }
+    for d in f.collect(inflight).into_values() {
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "write failed: {:?}", d.desc);
+    }
+}
+
+/// Reads back writes `first..first+count` and checks them against generation `g`.
+fn verify_run(node: &mut Node, first: u64, count: u64, g: u64) {
+    let f = &mut node.fabric[0];
+    for i in first..first + count {
+        let d = f.read_sync(1, i * u64::from(IO_BLOCKS), IO_BLOCKS);
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "read of write {i} failed");
+        assert!(
+            d.data.as_deref() == Some(&payload(i, g)[..]),
+            "write {i} read back wrong"
+        );
+    }
+}
+
+fn flush(node: &mut Node) -> u16 {
+    let d = node.fabric[0].call(
+        IoDesc {
+            opcode: OP_FLUSH,
+            volume: 1,
+            ..IoDesc::default()
+        },
+        0,
+        &[],
+    );
+    d.desc.status
+}
+
+#[test]
+fn raid0_stripes_chunks_over_the_members_as_the_geometry_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("m{i}"))).collect();
+    let (mut node, blocks) = raid_node(RaidLevel::Raid0, |_| {
+        paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(p)
+                    .unwrap();
+                f.set_len(DATA_OFFSET + DATA_LEN).unwrap();
+                let spec = VolumeSpec {
+                    id: i as u32,
+                    name: format!("m{i}"),
+                    resource: String::new(),
+                    path: p.display().to_string(),
+                    block_size: BS,
+                    blocks: (DATA_OFFSET + DATA_LEN) / u64::from(BS),
+                    direct: false,
+                    drive: None,
+                };
+                Box::new(FileBdev::new(Volume::new(&spec, f.into()).unwrap())) as BdevBox
+            })
+            .collect()
+    });
+    assert_eq!(blocks * u64::from(BS), 3 * DATA_LEN);
+    let count = 200;
+    write_run(&mut node, 0, count, 1, |_| {});
+    assert_eq!(flush(&mut node), STATUS_SUCCESS);
+    verify_run(&mut node, 0, count, 1);
+    node.stop();
+    // Independently: byte b of the volume is in chunk c = b / CHUNK, on member c % 3, at
+    // DATA_OFFSET + (c / 3) * CHUNK + b % CHUNK.
+    let files: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    for i in 0..count {
+        let want = payload(i, 1);
+        let start = i * u64::from(IO_BLOCKS * BS);
+        for (k, &byte) in want.iter().enumerate().step_by(509) {
+            let b = start + k as u64;
+            let c = b / CHUNK;
+            let at = DATA_OFFSET + (c / 3) * CHUNK + b % CHUNK;
+            assert_eq!(files[(c % 3) as usize][at as usize], byte, "byte {b}");
+        }
+    }
+    // Nothing before the data area was touched (superblock and metadata areas are not ours).
+    for f in &files {
+        assert!(f[..DATA_OFFSET as usize].iter().all(|&b| b == 0));
+    }
+}
+
+/// How a member is taken away.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    Pull,
+    Error,
+    PowerCut,
+}
+
+fn lose(d: &mut SimDrive, how: Loss) {
+    match how {
+        Loss::Pull => d.ports.pull(),
+        Loss::Error => {
+            d.drive.inject(Fault::Error {
+                op: FaultOp::Any,
+                first_lba: 0,
+                last_lba: u64::MAX,
+                status: 0x0280, // Media: Write Fault
+                dnr: true,
+                remaining: None,
+            });
+        }
+        Loss::PowerCut => {
+            d.drive.power_cut();
+        }
+    }
+}
+
+fn restore(d: &mut SimDrive, how: Loss) {
+    match how {
+        Loss::Pull => d.ports.insert().unwrap(),
+        Loss::Error => d.drive.clear_faults(),
+        Loss::PowerCut => d.drive.power_on(),
+    }
+}
+
+/// A mirror (RAID 1 over 2 drives, or RAID 10 over 4) loses member `victim` in the middle of
+/// a verifying workload: no error reaches the host; the member is failed once; after it comes
+/// back with stale data, reads never go to it.
+fn mirror_loses_a_member(level: RaidLevel, n: usize, victim: usize, how: Loss) {
+    let mut drives: Vec<SimDrive> = (0..n).map(|_| sim_drive()).collect();
+    let (mut node, _) = raid_node(level, |pool| {
+        drives
+            .iter()
+            .enumerate()
+            .map(|(i, d)| nvme_bdev(d, &format!("d{i}"), pool))
+            .collect()
+    });
+    let count = 400;
+    // Generation 1 everywhere, flushed: on every member's medium.
+    write_run(&mut node, 0, count, 1, |_| {});
+    assert_eq!(flush(&mut node), STATUS_SUCCESS);
+    // Generation 2, with the member lost halfway through (writes in flight).
+    let mut lost = false;
+    write_run(&mut node, 0, count, 2, |i| {
+        if i == count / 2 {
+            lose(&mut drives[victim], how);
+            lost = true;
+        }
+    });
+    assert!(lost);
+    assert_eq!(flush(&mut node), STATUS_SUCCESS, "a degraded flush");
+    verify_run(&mut node, 0, count, 2);
+    // The member comes back, stale (it missed generation 2, or part of it): reads must not
+    // go to it, so every block still reads generation 2.
+    restore(&mut drives[victim], how);
+    verify_run(&mut node, 0, count, 2);
+    write_run(&mut node, 0, count / 4, 3, |_| {});
+    verify_run(&mut node, 0, count / 4, 3);
+    let stats = node.stop();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.member_failures, 1, "{stats:?}");
+    // What the failed member holds is stale: it lacks generation 3 entirely.
+    let first = drives[victim]
+        .drive
+        .read_medium(DATA_OFFSET / u64::from(BS), u64::from(IO_BLOCKS))
+        .unwrap();
+    assert_ne!(
+        first,
+        payload(0, 3),
+        "the failed member got writes after failing"
+    );
+}
+
+#[test]
+fn raid1_survives_a_pulled_member() {
+    mirror_loses_a_member(RaidLevel::Raid1, 2, 1, Loss::Pull);
+}
+
+#[test]
+fn raid1_survives_a_member_failing_every_command() {
+    mirror_loses_a_member(RaidLevel::Raid1, 2, 0, Loss::Error);
+}
+
+#[test]
+fn raid1_survives_a_member_losing_power() {
+    mirror_loses_a_member(RaidLevel::Raid1, 2, 1, Loss::PowerCut);
+}
+
+#[test]
+fn raid10_survives_a_pulled_member() {
+    mirror_loses_a_member(RaidLevel::Raid10, 4, 2, Loss::Pull);
+}
+
+#[test]
+fn raid10_survives_a_member_failing_every_command() {
+    mirror_loses_a_member(RaidLevel::Raid10, 4, 3, Loss::Error);
+}
+
+#[test]
+fn raid10_survives_a_member_losing_power() {
+    mirror_loses_a_member(RaidLevel::Raid10, 4, 0, Loss::PowerCut);
+}
+
+#[test]
+fn the_last_copy_is_never_failed_its_errors_reach_the_host() {
+    let mut drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let (mut node, _) = raid_node(RaidLevel::Raid1, |pool| {
+        drives
+            .iter()
+            .enumerate()
+            .map(|(i, d)| nvme_bdev(d, &format!("d{i}"), pool))
+            .collect()
+    });
+    write_run(&mut node, 0, 32, 1, |_| {});
+    lose(&mut drives[0], Loss::Pull);
+    write_run(&mut node, 0, 32, 2, |_| {});
+    // The last copy fails a range: those reads fail (no other copy), others go on.
+    drives[1].drive.inject(Fault::Error {
+        op: FaultOp::Read,
+        first_lba: DATA_OFFSET / u64::from(BS),
+        last_lba: DATA_OFFSET / u64::from(BS) + u64::from(IO_BLOCKS) - 1,
+        status: 0x0281, // Media: Unrecovered Read Error
+        dnr: true,
+        remaining: None,
+    });
+    let f = &mut node.fabric[0];
+    let bad = f.read_sync(1, 0, IO_BLOCKS);
+    assert_ne!(bad.desc.status, STATUS_SUCCESS, "a read with no good copy");
+    drives[1].drive.clear_faults();
+    verify_run(&mut node, 0, 32, 2);
+    let stats = node.stop();
+    assert_eq!(stats.member_failures, 1, "{stats:?}");
+    assert_eq!(stats.errors, 1, "{stats:?}");
+    drop(drives);
+}
