@@ -9,6 +9,9 @@ use duplex_ipc::ring::{Consumer, Producer, WaitPolicy};
 pub struct Channel {
     pub(crate) submit: Consumer<IoDesc>,
     pub(crate) complete: Producer<IoDesc>,
+    /// Descriptors address raw drives (by drive id) instead of volumes: the metadata
+    /// service's privileged channel.
+    pub(crate) raw: bool,
 }
 
 impl Channel {
@@ -18,7 +21,22 @@ impl Channel {
     pub fn new(mut submit: Consumer<IoDesc>, mut complete: Producer<IoDesc>) -> Self {
         submit.set_policy(WaitPolicy::Doorbell);
         complete.set_policy(WaitPolicy::Doorbell);
-        Self { submit, complete }
+        Self {
+            submit,
+            complete,
+            raw: false,
+        }
+    }
+
+    /// A privileged channel: its descriptors' `volume` is a raw drive id (the engine's device
+    /// index of the drive as it was built), reaching the whole drive, superblocks and metadata
+    /// areas included, whether or not the drive has become a member of a pool since. Only the
+    /// metadata service gets one.
+    pub fn raw(submit: Consumer<IoDesc>, complete: Producer<IoDesc>) -> Self {
+        Self {
+            raw: true,
+            ..Self::new(submit, complete)
+        }
     }
 
     /// Id of the submission ring.

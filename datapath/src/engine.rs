@@ -32,9 +32,10 @@ use duplex_ipc::doorbell::{Doorbell, DoorbellError};
 use duplex_ipc::pool::{BufHandle, ChunkState, Pool, PoolError, NIL};
 use duplex_ipc::ring::{Consumer, Producer, RingError};
 
-use crate::bdev::{Attach, BdevBox, BdevStats, ChainRef, Ctx, Done, Event, FileBdev, Io};
+use crate::bdev::{Attach, BdevBox, BdevStats, ChainRef, Ctx, Done, Event, FileBdev, Io, RaidBdev};
 use crate::channel::Channel;
-use crate::map::VolumeMap;
+use crate::control::{self, Command as Control, DeviceStatus, EngineControl, Inlet, PoolSpec};
+use crate::map::{Extent, VolumeMap};
 use crate::request::{self, Command, Kind};
 use crate::uring::{Uring, UringError, POLL_BIT};
 use crate::volume::Volume;
@@ -164,15 +165,24 @@ struct ChannelState {
     armed_data: bool,
     armed_space: bool,
     failed: bool,
+    raw: bool,
 }
 
 /// The datapath engine. See the module docs.
 #[derive(Debug)]
 pub struct Engine {
-    /// The roots of the block-device trees.
-    devices: Vec<BdevBox>,
+    /// The roots of the block-device trees (`None`: taken into a RAID device).
+    devices: Vec<Option<BdevBox>>,
     /// The volumes, as extent maps over the devices.
     maps: Vec<VolumeMap>,
+    /// Raw drives for privileged channels: a map per drive id whose extent names the drive id.
+    raw_maps: Vec<VolumeMap>,
+    /// Where each raw drive is: a root, or member `m` of a root.
+    drive_loc: Vec<(usize, Option<usize>)>,
+    /// Epoch of the maps now served.
+    epoch: u64,
+    inlet: Inlet,
+    control: EngineControl,
     pool: Arc<Pool>,
     channels: Vec<ChannelState>,
     uring: Uring,
@@ -300,8 +310,31 @@ impl Engine {
                 armed_data: false,
                 armed_space: false,
                 failed: false,
+                raw: c.raw,
             })
             .collect::<Vec<_>>();
+        let raw_maps = devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let bs = d.block_size();
+                let blocks = d.size() / u64::from(bs);
+                VolumeMap {
+                    id: u32::try_from(i).unwrap_or(u32::MAX),
+                    name: d.name().to_owned(),
+                    block_size: bs,
+                    blocks,
+                    extents: vec![Extent {
+                        start: 0,
+                        blocks,
+                        device: i,
+                        device_offset: 0,
+                    }],
+                }
+            })
+            .collect();
+        let drive_loc = (0..devices.len()).map(|i| (i, None)).collect();
+        let (control, inlet) = control::pair(Arc::clone(&wake));
         tracing::info!(
             volumes = maps.len(),
             devices = devices.len(),
@@ -311,8 +344,13 @@ impl Engine {
         );
         let uring_slots = u32::try_from(uring_slots).unwrap_or(u32::MAX);
         Ok(Self {
-            devices,
+            devices: devices.into_iter().map(Some).collect(),
             maps,
+            raw_maps,
+            drive_loc,
+            epoch: 0,
+            inlet,
+            control,
             pool,
             channels,
             uring,
@@ -336,6 +374,12 @@ impl Engine {
             batch: Vec::with_capacity(BATCH),
             config,
         })
+    }
+
+    /// The control plane's handle: publishes maps and pools while the engine runs, and
+    /// receives its events.
+    pub fn control(&self) -> EngineControl {
+        self.control.clone()
     }
 
     /// A handle that stops [`Engine::run`].
@@ -370,7 +414,8 @@ impl Engine {
         let mut stop_at: Option<Instant> = None;
         loop {
             beat();
-            let mut progress = self.reap()?;
+            let mut progress = self.apply_commands();
+            progress |= self.reap()?;
             progress |= self.poll_devices();
             progress |= self.publish();
             let stopping = self.stop.load(Ordering::Acquire);
@@ -390,7 +435,7 @@ impl Engine {
                 idle_since = None;
                 continue;
             }
-            if self.devices.iter().any(|d| d.busy()) {
+            if self.devices.iter().flatten().any(|d| d.busy()) {
                 // Drive completions are polled: with commands in flight, keep polling (and
                 // let whatever shares the core run between turns).
                 std::thread::yield_now();
@@ -440,7 +485,7 @@ impl Engine {
             events: &mut self.events,
             emulate_zeroes: self.config.emulate_zeroes,
         };
-        for d in &mut self.devices {
+        for d in self.devices.iter_mut().flatten() {
             progress |= d.poll(&mut ctx, &mut done);
         }
         for d in &done {
@@ -461,7 +506,170 @@ impl Engine {
                 Event::MemberFailed { .. } => self.stats.member_failures += 1,
             }
             tracing::warn!(event = ?e, "device event");
+            // The control plane may be gone (or restarting): the event is logged either way.
+            let _ = self.inlet.events.send(e);
         }
+    }
+
+    /// Applies what the control plane sent (between two turns: atomic with respect to I/O).
+    /// Returns whether anything was applied.
+    fn apply_commands(&mut self) -> bool {
+        let mut any = false;
+        while let Some(c) = self.inlet.next() {
+            any = true;
+            match c {
+                Control::PublishVolumes { epoch, maps, reply } => {
+                    let r = self.publish_volumes(epoch, maps);
+                    let _ = reply.send(r);
+                }
+                Control::PublishPool { epoch, spec, reply } => {
+                    let r = self.publish_pool(epoch, spec);
+                    let _ = reply.send(r);
+                }
+                Control::FailuresRecorded {
+                    device,
+                    members,
+                    reply,
+                } => {
+                    let r = match self.devices.get_mut(device).and_then(Option::as_mut) {
+                        Some(d) => {
+                            d.failures_recorded(&members);
+                            Ok(())
+                        }
+                        None => Err(format!("no device {device}")),
+                    };
+                    let _ = reply.send(r);
+                }
+                Control::Status { reply } => {
+                    let status = self
+                        .devices
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(index, d)| {
+                            let d = d.as_ref()?;
+                            Some(DeviceStatus {
+                                index,
+                                name: d.name().to_owned(),
+                                size: d.size(),
+                                members: d.member_states(),
+                                inflight: d.inflight(),
+                                held: d.held(),
+                            })
+                        })
+                        .collect();
+                    let _ = reply.send(Ok(status));
+                }
+            }
+        }
+        any
+    }
+
+    /// Checks an epoch against the one served: older is refused.
+    fn check_epoch(&mut self, epoch: u64) -> Result<(), String> {
+        if epoch < self.epoch {
+            return Err(format!(
+                "epoch {epoch} is older than the epoch {} served",
+                self.epoch
+            ));
+        }
+        self.epoch = epoch;
+        Ok(())
+    }
+
+    fn publish_volumes(&mut self, epoch: u64, maps: Vec<VolumeMap>) -> Result<(), String> {
+        if epoch < self.epoch {
+            return Err(format!(
+                "epoch {epoch} is older than the epoch {} served",
+                self.epoch
+            ));
+        }
+        for (i, m) in maps.iter().enumerate() {
+            if maps[..i].iter().any(|o| o.id == m.id) {
+                return Err(format!("volume id {} used twice", m.id));
+            }
+            m.validate_with(|d| {
+                self.devices
+                    .get(d)
+                    .and_then(Option::as_ref)
+                    .map(|d| (d.name().to_owned(), d.block_size(), d.size()))
+            })?;
+        }
+        self.check_epoch(epoch)?;
+        tracing::info!(epoch, volumes = maps.len(), "volume maps published");
+        self.maps = maps;
+        Ok(())
+    }
+
+    fn publish_pool(&mut self, epoch: u64, spec: PoolSpec) -> Result<usize, String> {
+        if epoch < self.epoch {
+            return Err(format!(
+                "epoch {epoch} is older than the epoch {} served",
+                self.epoch
+            ));
+        }
+        let mut roots = Vec::new();
+        for &d in &spec.drives {
+            let loc = self.drive_loc.get(d as usize).copied();
+            let Some((root, None)) = loc else {
+                return Err(format!("drive {d} is not a free drive"));
+            };
+            let Some(dev) = self.devices.get(root).and_then(Option::as_ref) else {
+                return Err(format!("drive {d} is not there"));
+            };
+            if dev.inflight() > 0
+                || self
+                    .maps
+                    .iter()
+                    .any(|m| m.extents.iter().any(|e| e.device == root))
+            {
+                return Err(format!("drive {d} ({}) is in use", dev.name()));
+            }
+            if roots.contains(&root) {
+                return Err(format!("drive {d} named twice"));
+            }
+            roots.push(root);
+        }
+        let geometry: Vec<(String, u32, u64)> = roots
+            .iter()
+            .filter_map(|&r| self.devices.get(r).and_then(Option::as_ref))
+            .map(|d| (d.name().to_owned(), d.block_size(), d.size()))
+            .collect();
+        RaidBdev::check(
+            &spec.name,
+            spec.level,
+            spec.chunk,
+            spec.data_offset,
+            spec.data_len,
+            &geometry,
+            &spec.states,
+        )
+        .map_err(|e| e.to_string())?;
+        let members: Vec<BdevBox> = roots
+            .iter()
+            .filter_map(|&r| self.devices.get_mut(r).and_then(Option::take))
+            .collect();
+        let raid = RaidBdev::new(
+            &spec.name,
+            spec.level,
+            spec.chunk,
+            spec.data_offset,
+            spec.data_len,
+            members,
+            &spec.states,
+        )
+        .map_err(|e| e.to_string())?;
+        self.check_epoch(epoch)?;
+        let index = self.devices.len();
+        self.devices.push(Some(Box::new(
+            raid.hold_until_recorded(spec.hold_until_recorded),
+        )));
+        for (m, &d) in spec.drives.iter().enumerate() {
+            if let Some(loc) = self.drive_loc.get_mut(d as usize) {
+                *loc = (index, Some(m));
+            }
+        }
+        tracing::info!(epoch, pool = %spec.name, device = index, level = ?spec.level, "pool device built");
+        Ok(index)
     }
 
     /// One device I/O of request `slot` ended with `status`.
@@ -732,7 +940,9 @@ impl Engine {
             self.finish(ci, desc, false, STATUS_INVALID_FIELD, 0);
             return Ok(());
         }
-        let cmd = match request::decode(&desc, &self.maps) {
+        let raw = self.channels[ci].raw;
+        let table = if raw { &self.raw_maps } else { &self.maps };
+        let cmd = match request::decode(&desc, table) {
             Ok(c) => c,
             Err(r) => {
                 self.log_invalid(&desc, ci, r.why, None);
@@ -788,31 +998,52 @@ impl Engine {
         let chain_id = u32::try_from(slot).unwrap_or(u32::MAX);
         let ndev = self.devices.len();
         let devices = &mut self.devices;
+        let drive_loc = &self.drive_loc;
         let mut io = |device: usize, offset: u64, len: u64, skip: u64| {
-            if let Some(d) = devices.get_mut(device) {
-                d.submit(
-                    Io {
-                        token,
-                        op: cmd.kind,
-                        offset,
-                        len,
-                        fua: cmd.fua,
-                        chain: ChainRef { id: chain_id, skip },
-                    },
-                    &mut ctx,
-                );
-                ios += 1;
+            let io = Io {
+                token,
+                op: cmd.kind,
+                offset,
+                len,
+                fua: cmd.fua,
+                chain: ChainRef { id: chain_id, skip },
+            };
+            // On a raw channel `device` is a drive id: the drive itself or a pool's member.
+            let (root, member) = if raw {
+                drive_loc.get(device).copied().unwrap_or((usize::MAX, None))
+            } else {
+                (device, None)
+            };
+            let Some(d) = devices.get_mut(root).and_then(Option::as_mut) else {
+                return;
+            };
+            match member {
+                None => {
+                    d.submit(io, &mut ctx);
+                    ios += 1;
+                }
+                Some(m) => {
+                    if d.submit_member(m, io, &mut ctx).is_ok() {
+                        ios += 1;
+                    }
+                }
             }
         };
+        let table = if raw { &self.raw_maps } else { &self.maps };
         match (cmd.kind, cmd.volume) {
+            (Kind::Flush, None) if raw => {
+                for d in 0..drive_loc.len() {
+                    io(d, 0, 0, 0);
+                }
+            }
             (Kind::Flush, None) => {
                 for d in 0..ndev {
                     io(d, 0, 0, 0);
                 }
             }
-            (Kind::Flush, Some(v)) => self.maps[v].devices(|d| io(d, 0, 0, 0)),
+            (Kind::Flush, Some(v)) => table[v].devices(|d| io(d, 0, 0, 0)),
             (_, Some(v)) => {
-                self.maps[v].pieces(cmd.offset, cmd.len, |p| {
+                table[v].pieces(cmd.offset, cmd.len, |p| {
                     io(p.device, p.device_offset, p.len, p.skip);
                 });
             }

@@ -106,6 +106,7 @@
 
 pub mod bdev;
 mod channel;
+pub mod control;
 pub mod drives;
 mod engine;
 pub mod map;

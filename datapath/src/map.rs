@@ -70,6 +70,19 @@ impl VolumeMap {
     /// Checks the map against the devices: block size, extents in order, contiguous, covering
     /// the volume, inside their devices.
     pub fn validate(&self, devices: &[BdevBox]) -> Result<(), String> {
+        self.validate_with(|d| {
+            devices
+                .get(d)
+                .map(|d| (d.name().to_owned(), d.block_size(), d.size()))
+        })
+    }
+
+    /// As [`VolumeMap::validate`], with the devices' `(name, block size, size)` looked up by
+    /// index.
+    pub fn validate_with(
+        &self,
+        device: impl Fn(usize) -> Option<(String, u32, u64)>,
+    ) -> Result<(), String> {
         if !matches!(self.block_size, 512 | 4096) || self.blocks == 0 {
             return Err(format!(
                 "volume {}: {} blocks of {} bytes",
@@ -79,16 +92,13 @@ impl VolumeMap {
         let bs = u64::from(self.block_size);
         let mut next = 0u64;
         for e in &self.extents {
-            let Some(dev) = devices.get(e.device) else {
+            let Some((dev_name, dev_bs, dev_size)) = device(e.device) else {
                 return Err(format!("volume {}: no device {}", self.name, e.device));
             };
-            if dev.block_size() != self.block_size {
+            if dev_bs != self.block_size {
                 return Err(format!(
-                    "volume {} has {}-byte blocks, its device {} {}-byte ones",
-                    self.name,
-                    self.block_size,
-                    dev.name(),
-                    dev.block_size()
+                    "volume {} has {}-byte blocks, its device {dev_name} {dev_bs}-byte ones",
+                    self.name, self.block_size,
                 ));
             }
             let end = e
@@ -98,12 +108,11 @@ impl VolumeMap {
             if e.start != next
                 || e.blocks == 0
                 || e.device_offset % bs != 0
-                || end.is_none_or(|end| end > dev.size())
+                || end.is_none_or(|end| end > dev_size)
             {
                 return Err(format!(
-                    "volume {}: extent {e:?} is out of order, empty or outside device {}",
+                    "volume {}: extent {e:?} is out of order, empty or outside device {dev_name}",
                     self.name,
-                    dev.name()
                 ));
             }
             next = e.start + e.blocks;

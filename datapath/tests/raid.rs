@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::{pattern, Node, Setup};
-use duplex_datapath::bdev::{BdevBox, FileBdev, NvmeBdev, RaidBdev, RaidLevel};
+use duplex_datapath::bdev::{BdevBox, Event, FileBdev, NvmeBdev, RaidBdev, RaidLevel};
+use duplex_datapath::control::PoolSpec;
 use duplex_datapath::drives::{Drive as NvmeDrive, DriveFds};
 use duplex_datapath::map::VolumeMap;
 use duplex_datapath::Volume;
@@ -363,4 +364,159 @@ fn the_last_copy_is_never_failed_its_errors_reach_the_host() {
     assert_eq!(stats.member_failures, 1, "{stats:?}");
     assert_eq!(stats.errors, 1, "{stats:?}");
     drop(drives);
+}
+
+/// An engine with `n` simulated drives as raw devices 0..n, no volumes, channel 0 for hosts
+/// and channel 1 privileged (raw drive ids).
+fn raw_node(drives: &[SimDrive]) -> Node {
+    let setup = Setup {
+        volumes: vec![],
+        channels: 2,
+        raw_channels: 1,
+        ..Setup::default()
+    };
+    let mut node = Node::start_devices(setup, |pool| {
+        let devs = drives
+            .iter()
+            .enumerate()
+            .map(|(i, d)| nvme_bdev(d, &format!("d{i}"), pool))
+            .collect();
+        (devs, vec![])
+    });
+    for i in 0..drives.len() as u32 {
+        node.fabric[1].block_sizes.insert(i, BS);
+    }
+    node
+}
+
+fn mirror_spec(hold: bool) -> PoolSpec {
+    PoolSpec {
+        name: "pool0".into(),
+        level: RaidLevel::Raid1,
+        chunk: CHUNK,
+        data_offset: DATA_OFFSET,
+        data_len: DATA_LEN,
+        drives: vec![0, 1],
+        states: vec![],
+        hold_until_recorded: hold,
+    }
+}
+
+#[test]
+fn pools_and_volumes_are_published_at_run_time_and_raw_drives_stay_reachable() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let mut node = raw_node(&drives);
+    // Raw access before any pool: a label at the start of drive 1.
+    let label = pattern(99, BS as usize);
+    let d = node.fabric[1].write_sync(1, 0, &label, 0);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    // Nothing is exported yet: volume 1 is unknown.
+    let d = node.fabric[0].call(
+        IoDesc {
+            opcode: OP_FLUSH,
+            volume: 1,
+            ..IoDesc::default()
+        },
+        0,
+        &[],
+    );
+    assert_ne!(d.desc.status, STATUS_SUCCESS);
+    let ctl = node.control.clone();
+    let pool = ctl.publish_pool(5, mirror_spec(false)).unwrap();
+    assert_eq!(pool, 2);
+    // The drives are taken: a second pool over them is refused; so is an older epoch.
+    let e = ctl.publish_pool(5, mirror_spec(false)).unwrap_err();
+    assert!(e.contains("not a free drive"), "{e}");
+    let status = ctl.status().unwrap();
+    assert_eq!(status.len(), 1, "{status:?}");
+    assert_eq!(status[0].members.len(), 2);
+    let whole = VolumeMap {
+        id: 1,
+        name: "vol1".into(),
+        block_size: BS,
+        blocks: DATA_LEN / u64::from(BS),
+        extents: vec![duplex_datapath::map::Extent {
+            start: 0,
+            blocks: DATA_LEN / u64::from(BS),
+            device: pool,
+            device_offset: 0,
+        }],
+    };
+    let e = ctl.publish_volumes(4, vec![whole.clone()]).unwrap_err();
+    assert!(e.contains("older"), "{e}");
+    let mut bad = whole.clone();
+    bad.blocks += 1;
+    bad.extents[0].blocks += 1;
+    assert!(ctl.publish_volumes(5, vec![bad]).is_err());
+    ctl.publish_volumes(5, vec![whole]).unwrap();
+    node.fabric[0].block_sizes.insert(1, BS);
+    write_run(&mut node, 0, 64, 1, |_| {});
+    verify_run(&mut node, 0, 64, 1);
+    // Raw reads of the members see the mirrored data at the data offset, and the label.
+    let first = u64::from(DATA_OFFSET as u32 / BS);
+    for id in [0, 1] {
+        let d = node.fabric[1].read_sync(id, first, IO_BLOCKS);
+        assert_eq!(d.desc.status, STATUS_SUCCESS);
+        assert!(d.data.as_deref() == Some(&payload(0, 1)[..]), "member {id}");
+    }
+    let d = node.fabric[1].read_sync(1, 0, 1);
+    assert!(d.data.as_deref() == Some(&label[..]));
+    node.stop();
+}
+
+#[test]
+fn writes_after_a_member_fails_wait_until_the_failure_is_recorded() {
+    let mut drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let mut node = raw_node(&drives);
+    let ctl = node.control.clone();
+    let pool = ctl.publish_pool(1, mirror_spec(true)).unwrap();
+    let blocks = DATA_LEN / u64::from(BS);
+    ctl.publish_volumes(
+        1,
+        vec![VolumeMap {
+            id: 1,
+            name: "vol1".into(),
+            block_size: BS,
+            blocks,
+            extents: vec![duplex_datapath::map::Extent {
+                start: 0,
+                blocks,
+                device: pool,
+                device_offset: 0,
+            }],
+        }],
+    )
+    .unwrap();
+    node.fabric[0].block_sizes.insert(1, BS);
+    write_run(&mut node, 0, 16, 1, |_| {});
+    lose(&mut drives[1], Loss::Pull);
+    // The next write meets the pulled member: it is failed, and the write is held.
+    let tag = node.fabric[0].write(1, 0, &payload(0, 2), 0);
+    match ctl.next_event() {
+        Some(Event::MemberFailed { member, .. }) => assert_eq!(member, 1),
+        other => panic!("expected a member failure, got {other:?}"),
+    }
+    common::wait_until("the write to be held", || {
+        ctl.status().unwrap()[0].held == 1
+    });
+    assert_eq!(
+        node.fabric[0].completions_ready(),
+        0,
+        "a held write was acknowledged"
+    );
+    // Reads are not held.
+    verify_run(&mut node, 1, 15, 1);
+    // Another write after the failure is held too (it skips the failed member).
+    let tag2 = node.fabric[0].write(1, IO_BLOCKS.into(), &payload(1, 2), 0);
+    common::wait_until("the second write to be held", || {
+        ctl.status().unwrap()[0].held == 2
+    });
+    assert_eq!(node.fabric[0].completions_ready(), 0);
+    ctl.failures_recorded(pool, vec![1]).unwrap();
+    let done = node.fabric[0].collect(2);
+    assert_eq!(done[&tag].desc.status, STATUS_SUCCESS);
+    assert_eq!(done[&tag2].desc.status, STATUS_SUCCESS);
+    verify_run(&mut node, 0, 2, 2);
+    let stats = node.stop();
+    assert_eq!(stats.errors, 0, "{stats:?}");
 }

@@ -181,6 +181,30 @@ pub trait Bdev: Debug + Send {
     fn retries(&self) -> u64 {
         0
     }
+    /// Block size and size of member `i` (composite devices).
+    fn member_geometry(&self, _i: usize) -> Option<(u32, u64)> {
+        None
+    }
+    /// Starts an I/O on member `i` itself, bypassing the device's geometry and redundancy (the
+    /// metadata service's raw access to a pool's drives); it ends like any I/O of this device.
+    /// `Err` gives the I/O back when there is no such member.
+    fn submit_member(&mut self, _i: usize, io: Io, _ctx: &mut Ctx<'_>) -> Result<(), Io> {
+        Err(io)
+    }
+    /// The failure of these members is recorded on disk (RAID devices release held writes).
+    fn failures_recorded(&mut self, _members: &[usize]) {}
+    /// Completions held back until a member failure is recorded (RAID devices).
+    fn held(&self) -> usize {
+        0
+    }
+    /// Members' states (RAID devices; empty for a leaf).
+    fn member_states(&self) -> Vec<MemberState> {
+        Vec::new()
+    }
+    /// Gives up the members (RAID devices, when idle), in slot order.
+    fn into_members(self: Box<Self>) -> Vec<BdevBox> {
+        Vec::new()
+    }
 }
 
 /// A boxed block device.

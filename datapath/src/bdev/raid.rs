@@ -74,6 +74,7 @@ struct Member {
 #[derive(Debug, Clone, Copy)]
 struct Parent {
     token: u64,
+    op: Op,
     outstanding: u32,
     status: u16,
 }
@@ -87,6 +88,8 @@ struct Child {
     io: Io,
     /// Members of the set this read was tried on (bit per member index).
     tried: u64,
+    /// Raw access to the member (no redundancy, no failure handling).
+    raw: bool,
 }
 
 /// RAID 0, 1 or 10 over block devices. See the module docs.
@@ -108,6 +111,12 @@ pub struct RaidBdev {
     ready: Vec<Done>,
     scratch: Vec<Done>,
     next_read: usize,
+    /// Hold write and flush completions while a member failure is not recorded on disk.
+    hold_until_recorded: bool,
+    /// Failed members whose failure is not recorded yet (bit per member).
+    unrecorded: u64,
+    /// Completions held until then.
+    held: Vec<Done>,
 }
 
 impl RaidBdev {
@@ -123,62 +132,12 @@ impl RaidBdev {
         members: Vec<BdevBox>,
         states: &[MemberState],
     ) -> Result<Self, RaidError> {
-        let bad = |why: String| {
-            Err(RaidError::Geometry {
-                name: name.to_owned(),
-                why,
-            })
-        };
-        let n = members.len();
-        let sets: Vec<Vec<usize>> = match level {
-            RaidLevel::Raid0 if n >= 1 => (0..n).map(|i| vec![i]).collect(),
-            RaidLevel::Raid1 if n >= 2 => vec![(0..n).collect()],
-            RaidLevel::Raid10 if n >= 4 && n % 2 == 0 => {
-                (0..n / 2).map(|p| vec![2 * p, 2 * p + 1]).collect()
-            }
-            _ => return bad(format!("{n} members do not make {level:?}")),
-        };
-        if n > 64 {
-            return bad(format!("{n} members (at most 64)"));
-        }
-        if !states.is_empty() && states.len() != n {
-            return bad(format!("{} member states for {n} members", states.len()));
-        }
-        let Some(block_size) = members.first().map(|m| m.block_size()) else {
-            return bad("no members".into());
-        };
-        if let Some(m) = members.iter().find(|m| m.block_size() != block_size) {
-            return bad(format!(
-                "member {} has {}-byte blocks, the first member {}-byte ones",
-                m.name(),
-                m.block_size(),
-                block_size
-            ));
-        }
-        if !chunk.is_power_of_two() || chunk < u64::from(block_size) || chunk < 4096 {
-            return bad(format!(
-                "chunk of {chunk} bytes (a power of two, at least 4 KiB and one block)"
-            ));
-        }
-        if data_offset % u64::from(block_size) != 0 {
-            return bad(format!("data offset {data_offset} is not on a block"));
-        }
-        let member_len = data_len / chunk * chunk;
-        if member_len == 0 {
-            return bad(format!("a data area of {data_len} bytes holds no chunk"));
-        }
-        if let Some(m) = members.iter().find(|m| {
-            data_offset
-                .checked_add(member_len)
-                .is_none_or(|e| e > m.size())
-        }) {
-            return bad(format!(
-                "member {} holds {} bytes, the data area ends at {}",
-                m.name(),
-                m.size(),
-                data_offset.saturating_add(member_len)
-            ));
-        }
+        let geometry: Vec<(String, u32, u64)> = members
+            .iter()
+            .map(|m| (m.name().to_owned(), m.block_size(), m.size()))
+            .collect();
+        let (sets, block_size, member_len) =
+            Self::check(name, level, chunk, data_offset, data_len, &geometry, states)?;
         let members: Vec<Member> = members
             .into_iter()
             .enumerate()
@@ -203,7 +162,90 @@ impl RaidBdev {
             ready: Vec::new(),
             scratch: Vec::new(),
             next_read: 0,
+            hold_until_recorded: false,
+            unrecorded: 0,
+            held: Vec::new(),
         })
+    }
+
+    /// Holds write and flush completions after a member fails until
+    /// [`Bdev::failures_recorded`] says the failure is on disk: until then, a crash could bring
+    /// the failed member back as current and serve its stale data, so nothing written
+    /// degraded may be acknowledged.
+    pub fn hold_until_recorded(mut self, on: bool) -> Self {
+        self.hold_until_recorded = on;
+        self
+    }
+
+    /// Checks a RAID geometry over members of the given `(name, block size, size)`; returns
+    /// the copy sets, the block size and the bytes used of each member's data area.
+    pub fn check(
+        name: &str,
+        level: RaidLevel,
+        chunk: u64,
+        data_offset: u64,
+        data_len: u64,
+        members: &[(String, u32, u64)],
+        states: &[MemberState],
+    ) -> Result<(Vec<Vec<usize>>, u32, u64), RaidError> {
+        let bad = |why: String| {
+            Err(RaidError::Geometry {
+                name: name.to_owned(),
+                why,
+            })
+        };
+        let n = members.len();
+        let sets: Vec<Vec<usize>> = match level {
+            RaidLevel::Raid0 if n >= 1 => (0..n).map(|i| vec![i]).collect(),
+            RaidLevel::Raid1 if n >= 2 => vec![(0..n).collect()],
+            RaidLevel::Raid10 if n >= 4 && n % 2 == 0 => {
+                (0..n / 2).map(|p| vec![2 * p, 2 * p + 1]).collect()
+            }
+            _ => return bad(format!("{n} members do not make {level:?}")),
+        };
+        if n > 64 {
+            return bad(format!("{n} members (at most 64)"));
+        }
+        if !states.is_empty() && states.len() != n {
+            return bad(format!("{} member states for {n} members", states.len()));
+        }
+        let Some(&(_, block_size, _)) = members.first() else {
+            return bad("no members".into());
+        };
+        if let Some((m, bs, _)) = members.iter().find(|m| m.1 != block_size) {
+            return bad(format!(
+                "member {m} has {bs}-byte blocks, the first member {block_size}-byte ones"
+            ));
+        }
+        if !chunk.is_power_of_two() || chunk < u64::from(block_size) || chunk < 4096 {
+            return bad(format!(
+                "chunk of {chunk} bytes (a power of two, at least 4 KiB and one block)"
+            ));
+        }
+        if data_offset % u64::from(block_size) != 0 {
+            return bad(format!("data offset {data_offset} is not on a block"));
+        }
+        let member_len = data_len / chunk * chunk;
+        if member_len == 0 {
+            return bad(format!("a data area of {data_len} bytes holds no chunk"));
+        }
+        if let Some((m, size, _)) = members
+            .iter()
+            .map(|(m, _, size)| (m, size, ()))
+            .find(|(_, &size, _)| data_offset.checked_add(member_len).is_none_or(|e| e > size))
+        {
+            return bad(format!(
+                "member {m} holds {size} bytes, the data area ends at {}",
+                data_offset.saturating_add(member_len)
+            ));
+        }
+        if sets
+            .iter()
+            .any(|s| !states.is_empty() && s.iter().all(|&m| states[m] == MemberState::Failed))
+        {
+            return bad("every copy of some data is failed".into());
+        }
+        Ok((sets, block_size, member_len))
     }
 
     /// The level.
@@ -228,9 +270,10 @@ impl RaidBdev {
             .any(|&m| m != except && self.members[m].state == MemberState::Active)
     }
 
-    fn new_parent(&mut self, token: u64) -> usize {
+    fn new_parent(&mut self, token: u64, op: Op) -> usize {
         let p = Parent {
             token,
+            op,
             outstanding: 0,
             status: STATUS_SUCCESS,
         };
@@ -282,10 +325,15 @@ impl RaidBdev {
         };
         parent.outstanding = parent.outstanding.saturating_sub(1);
         if parent.outstanding == 0 {
-            self.ready.push(Done {
+            let done = Done {
                 token: parent.token,
                 status: parent.status,
-            });
+            };
+            if self.unrecorded != 0 && parent.op != Op::Read {
+                self.held.push(done);
+            } else {
+                self.ready.push(done);
+            }
             self.parents[p] = None;
             self.free_parents.push(p);
         }
@@ -298,6 +346,9 @@ impl RaidBdev {
         }
         if self.members[m].state == MemberState::Active {
             self.members[m].state = MemberState::Failed;
+            if self.hold_until_recorded {
+                self.unrecorded |= 1 << m;
+            }
             tracing::error!(
                 raid = %self.name,
                 member = m,
@@ -326,7 +377,10 @@ impl RaidBdev {
             return;
         };
         self.free_children.push(d.token as usize);
-        if d.status == STATUS_SUCCESS {
+        if d.status == STATUS_SUCCESS || c.raw {
+            if d.status != STATUS_SUCCESS {
+                self.fail_parent(c.parent, d.status);
+            }
             self.settle(c.parent);
             return;
         }
@@ -398,7 +452,7 @@ impl Bdev for RaidBdev {
             });
             return;
         }
-        let p = self.new_parent(io.token);
+        let p = self.new_parent(io.token, io.op);
         // The parent holds one count of its own while its pieces go out, so that a member
         // completing at once cannot end it early.
         if let Some(parent) = self.parents[p].as_mut() {
@@ -415,6 +469,7 @@ impl Bdev for RaidBdev {
                             member: m,
                             io,
                             tried: 0,
+                            raw: false,
                         },
                         ctx,
                     );
@@ -473,6 +528,7 @@ impl Bdev for RaidBdev {
                         member: m,
                         io: piece,
                         tried: 0,
+                        raw: false,
                     },
                     ctx,
                 );
@@ -515,10 +571,64 @@ impl Bdev for RaidBdev {
     }
 
     fn inflight(&self) -> usize {
-        self.parents.iter().filter(|p| p.is_some()).count() + self.ready.len()
+        self.parents.iter().filter(|p| p.is_some()).count() + self.ready.len() + self.held.len()
     }
 
     fn retries(&self) -> u64 {
         self.members.iter().map(|m| m.dev.retries()).sum()
+    }
+
+    fn member_geometry(&self, i: usize) -> Option<(u32, u64)> {
+        self.members
+            .get(i)
+            .map(|m| (m.dev.block_size(), m.dev.size()))
+    }
+
+    fn submit_member(&mut self, i: usize, io: Io, ctx: &mut Ctx<'_>) -> Result<(), Io> {
+        if i >= self.members.len() {
+            return Err(io);
+        }
+        let p = self.new_parent(io.token, Op::Read);
+        if let Some(parent) = self.parents[p].as_mut() {
+            parent.outstanding = 1;
+        }
+        let set = self.sets.iter().position(|s| s.contains(&i)).unwrap_or(0);
+        self.send(
+            Child {
+                parent: p,
+                set,
+                member: i,
+                io,
+                tried: 0,
+                raw: true,
+            },
+            ctx,
+        );
+        self.settle(p);
+        Ok(())
+    }
+
+    fn failures_recorded(&mut self, members: &[usize]) {
+        for &m in members {
+            if m < 64 {
+                self.unrecorded &= !(1 << m);
+            }
+        }
+        if self.unrecorded == 0 && !self.held.is_empty() {
+            tracing::info!(raid = %self.name, released = self.held.len(), "member failure recorded: held completions released");
+            self.ready.append(&mut self.held);
+        }
+    }
+
+    fn member_states(&self) -> Vec<MemberState> {
+        RaidBdev::member_states(self)
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn into_members(self: Box<Self>) -> Vec<BdevBox> {
+        self.members.into_iter().map(|m| m.dev).collect()
     }
 }

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use duplex_datapath::bdev::BdevBox;
+use duplex_datapath::control::EngineControl;
 use duplex_datapath::map::VolumeMap;
 use duplex_datapath::{Channel, Engine, EngineConfig, EngineError, EngineStats, Stopper, Volume};
 use duplex_ipc::desc::{IoDesc, OP_READ, OP_WRITE};
@@ -87,6 +88,8 @@ pub struct Setup {
     /// Open the volume files with `O_DIRECT`.
     pub direct: bool,
     pub config: EngineConfig,
+    /// The last `raw_channels` of the channels are privileged (raw drive ids).
+    pub raw_channels: usize,
 }
 
 impl Default for Setup {
@@ -112,6 +115,7 @@ impl Default for Setup {
             dir: None,
             direct: false,
             config: EngineConfig::default(),
+            raw_channels: 0,
         }
     }
 }
@@ -330,6 +334,8 @@ pub struct Node {
     pub fabric: Vec<Fabric>,
     pub pool: Arc<Pool>,
     pub stop: Stopper,
+    /// The engine's control inlet.
+    pub control: EngineControl,
     /// Calls of the engine's beat callback (once per turn of its loop).
     pub beats: Arc<AtomicU64>,
     /// `/proc/self/task/<tid>/stat` of the engine's thread.
@@ -375,7 +381,11 @@ fn rings(setup: &Setup, n: usize) -> (Vec<Channel>, Vec<FabricEnds>) {
         fab_cq.set_policy(WaitPolicy::Doorbell);
         let dp_cq = Producer::attach(cq, cq_data, cq_space, 1, StartMode::Fresh).unwrap();
         let dp_sq = Consumer::attach(sq, sq_data, sq_space, 1, StartMode::Fresh).unwrap();
-        engine_side.push(Channel::new(dp_sq, dp_cq));
+        engine_side.push(if i + setup.raw_channels >= n {
+            Channel::raw(dp_sq, dp_cq)
+        } else {
+            Channel::new(dp_sq, dp_cq)
+        });
         fabric_side.push((fab_sq, fab_cq));
     }
     (engine_side, fabric_side)
@@ -481,6 +491,7 @@ impl Node {
             }
         };
         let stop = engine.stopper();
+        let control = engine.control();
         let beats = Arc::new(AtomicU64::new(0));
         let b = Arc::clone(&beats);
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
@@ -517,6 +528,7 @@ impl Node {
             fabric,
             pool: fabric_pool,
             stop,
+            control,
             beats,
             engine_stat,
             engine: Some(engine),

@@ -1,0 +1,183 @@
+//! The engine's control inlet: what the control plane (the metadata service, through the
+//! datapath service's control thread) changes while the engine serves, and what the engine
+//! reports back.
+//!
+//! Commands are applied by the engine's own thread between two turns of its loop, so a change
+//! is atomic with respect to I/O: a request resolves its volume map when it starts and finishes
+//! on the devices it started on. Each command carries the epoch of the map it publishes; an
+//! epoch older than the engine's current one is refused (a restarted control plane replaying
+//! an old decision must not roll the maps back), the same epoch is accepted again (idempotent
+//! replay).
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use duplex_ipc::doorbell::Doorbell;
+
+use crate::bdev::{Event, MemberState, RaidLevel};
+use crate::map::VolumeMap;
+
+/// A RAID device to build over raw drives (engine device indices that are drives).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Name (logs, events).
+    pub name: String,
+    /// Level.
+    pub level: RaidLevel,
+    /// Chunk size in bytes.
+    pub chunk: u64,
+    /// Where the data area starts on each member.
+    pub data_offset: u64,
+    /// Bytes of each member's data area.
+    pub data_len: u64,
+    /// The members, in slot order: raw drive ids.
+    pub drives: Vec<u32>,
+    /// Each member's recorded state (a failed member stays out).
+    pub states: Vec<MemberState>,
+    /// Hold write and flush completions after a member fails until the control plane says the
+    /// failure is recorded on disk ([`Command::FailuresRecorded`]): a write is acknowledged
+    /// only once the on-disk metadata can no longer present the failed member as current.
+    pub hold_until_recorded: bool,
+}
+
+/// What a device looks like now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceStatus {
+    /// Engine device index.
+    pub index: usize,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// RAID members' states (empty for a leaf).
+    pub members: Vec<MemberState>,
+    /// I/Os in flight (held ones included).
+    pub inflight: usize,
+    /// Completions held until a member failure is recorded.
+    pub held: usize,
+}
+
+/// Replies to commands: `Err` carries a one-line reason.
+pub type Reply<T> = Sender<Result<T, String>>;
+
+/// A change for the engine.
+#[derive(Debug)]
+pub enum Command {
+    /// Replace the volume table (maps over the current devices).
+    PublishVolumes {
+        /// Epoch of this map.
+        epoch: u64,
+        /// The volumes.
+        maps: Vec<VolumeMap>,
+        /// Answered when applied.
+        reply: Reply<()>,
+    },
+    /// Build a RAID device over idle raw drives; answers its device index.
+    PublishPool {
+        /// Epoch of this map.
+        epoch: u64,
+        /// The device.
+        spec: PoolSpec,
+        /// Answered when built.
+        reply: Reply<usize>,
+    },
+    /// The failure of these members of device `device` is recorded on disk: release the
+    /// writes held since.
+    FailuresRecorded {
+        /// Engine device index of the RAID device.
+        device: usize,
+        /// Member indices.
+        members: Vec<usize>,
+        /// Answered when applied.
+        reply: Reply<()>,
+    },
+    /// The devices as they are now.
+    Status {
+        /// Answered at once.
+        reply: Reply<Vec<DeviceStatus>>,
+    },
+}
+
+/// The control plane's handle on a running engine ([`crate::Engine::control`]).
+#[derive(Debug, Clone)]
+pub struct EngineControl {
+    pub(crate) tx: Sender<Command>,
+    pub(crate) wake: Arc<Doorbell>,
+    pub(crate) events: Arc<Mutex<Receiver<Event>>>,
+}
+
+/// The engine's end.
+#[derive(Debug)]
+pub(crate) struct Inlet {
+    pub(crate) rx: Receiver<Command>,
+    pub(crate) events: Sender<Event>,
+}
+
+pub(crate) fn pair(wake: Arc<Doorbell>) -> (EngineControl, Inlet) {
+    let (tx, rx) = mpsc::channel();
+    let (etx, erx) = mpsc::channel();
+    (
+        EngineControl {
+            tx,
+            wake,
+            events: Arc::new(Mutex::new(erx)),
+        },
+        Inlet { rx, events: etx },
+    )
+}
+
+impl Inlet {
+    /// The next command, if one waits.
+    pub(crate) fn next(&self) -> Option<Command> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl EngineControl {
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, String> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(make(tx))
+            .map_err(|_| "the engine has stopped".to_owned())?;
+        self.wake.ring();
+        rx.recv()
+            .map_err(|_| "the engine stopped before answering".to_owned())?
+    }
+
+    /// Replaces the volume table (see [`Command::PublishVolumes`]).
+    pub fn publish_volumes(&self, epoch: u64, maps: Vec<VolumeMap>) -> Result<(), String> {
+        self.call(|reply| Command::PublishVolumes { epoch, maps, reply })
+    }
+
+    /// Builds a RAID device (see [`Command::PublishPool`]); returns its device index.
+    pub fn publish_pool(&self, epoch: u64, spec: PoolSpec) -> Result<usize, String> {
+        self.call(|reply| Command::PublishPool { epoch, spec, reply })
+    }
+
+    /// Releases writes held after member failures (see [`Command::FailuresRecorded`]).
+    pub fn failures_recorded(&self, device: usize, members: Vec<usize>) -> Result<(), String> {
+        self.call(|reply| Command::FailuresRecorded {
+            device,
+            members,
+            reply,
+        })
+    }
+
+    /// The devices now.
+    pub fn status(&self) -> Result<Vec<DeviceStatus>, String> {
+        self.call(|reply| Command::Status { reply })
+    }
+
+    /// Events reported since the last call (member failures).
+    pub fn events(&self) -> Vec<Event> {
+        let Ok(rx) = self.events.lock() else {
+            return Vec::new();
+        };
+        rx.try_iter().collect()
+    }
+
+    /// Waits for the next event (for tests and the control thread).
+    pub fn next_event(&self) -> Option<Event> {
+        self.events.lock().ok()?.recv().ok()
+    }
+}
