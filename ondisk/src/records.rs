@@ -1,0 +1,1120 @@
+//! The records of a pool's configuration and their encoding.
+//!
+//! A metadata image's body is a sequence of records, each a TLV:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 2 | type |
+//! | 2 | 2 | flags (bit 0: must-understand; other bits reserved, zero) |
+//! | 4 | 4 | payload length |
+//! | 8 | length | payload |
+//!
+//! A record type this code does not know is skipped when its must-understand flag is clear and
+//! refuses the image when it is set. Payloads are fields in order, little-endian, with strings
+//! as a u16 byte length and UTF-8, and lists as a count then the items; a known record's payload
+//! must be exactly its fields. `docs/ONDISK.md` lists every payload.
+//!
+//! [`PoolConfig`] is all records of one image; [`PoolConfig::validate`] checks each record's
+//! limits and the rules across records. Nothing invalid is ever encoded, and nothing invalid
+//! decodes.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::bytes::{Reader, Writer};
+use crate::error::{ConfigError, EncodeError, FormatError, Problem, StringProblem, Structure};
+use crate::{Uuid, MAX_NODES};
+
+/// Size of a record's type/flags/length header.
+pub const RECORD_HEADER_SIZE: usize = 8;
+/// Record flag: a reader that does not know the type must refuse the image.
+pub const FLAG_MUST_UNDERSTAND: u16 = 1;
+
+/// Record type: [`Pool`].
+pub const TYPE_POOL: u16 = 1;
+/// Record type: [`Ownership`].
+pub const TYPE_OWNERSHIP: u16 = 2;
+/// Record type: the cluster configuration generation.
+pub const TYPE_CLUSTER_CONFIG: u16 = 3;
+/// Record type: [`Subsystem`].
+pub const TYPE_SUBSYSTEM: u16 = 4;
+/// Record type: [`Volume`].
+pub const TYPE_VOLUME: u16 = 5;
+/// Record type: [`Namespace`].
+pub const TYPE_NAMESPACE: u16 = 6;
+
+/// Longest pool or volume name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest NQN, in bytes (NVMe Base Specification).
+pub const MAX_NQN_LEN: usize = 223;
+/// Longest subsystem serial number (the NVMe Identify field's width).
+pub const MAX_SERIAL_LEN: usize = 20;
+/// Longest subsystem model number (the NVMe Identify field's width).
+pub const MAX_MODEL_LEN: usize = 40;
+/// Most allowed hosts of a subsystem.
+pub const MAX_HOSTS: usize = 1024;
+/// Largest namespace id.
+pub const MAX_NSID: u32 = 1024;
+/// Most members of a pool.
+pub const MAX_MEMBERS: usize = 64;
+/// Smallest chunk size.
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Largest chunk size.
+pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
+
+/// Encoded size of one pool member entry.
+const MEMBER_SIZE: u64 = 16 + 4 + 1 + 8 + 8;
+/// Encoded size of one extent.
+const EXTENT_SIZE: u64 = 24;
+
+/// A pool's RAID level. Codes 5 and 6 are reserved for RAID 5 and 6 and refused by this
+/// version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RaidLevel {
+    /// Striping, no redundancy (scratch pools): every member is needed.
+    Raid0,
+    /// Mirroring across all members: one current member is enough.
+    Raid1,
+    /// Striping over mirror pairs (member slots 0+1, 2+3, ...): one current member of each
+    /// pair is needed.
+    Raid10,
+}
+
+impl RaidLevel {
+    /// The level's on-disk code (0, 1 or 10).
+    pub fn code(self) -> u8 {
+        match self {
+            RaidLevel::Raid0 => 0,
+            RaidLevel::Raid1 => 1,
+            RaidLevel::Raid10 => 10,
+        }
+    }
+}
+
+impl fmt::Display for RaidLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RAID {}", self.code())
+    }
+}
+
+/// The state of a member drive (in the pool record and in the drive's own superblock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemberState {
+    /// In service: receives every write, may be read.
+    Active,
+    /// Out of service: receives nothing, never read.
+    Failed,
+    /// Being rebuilt: blocks below `position` are rebuilt (it receives every write; reads are
+    /// the raid service's business).
+    Rebuilding {
+        /// Blocks (of the drive's block size) of the data area already rebuilt.
+        position: u64,
+    },
+}
+
+impl MemberState {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            MemberState::Active => 1,
+            MemberState::Failed => 2,
+            MemberState::Rebuilding { .. } => 3,
+        }
+    }
+
+    /// The rebuild position, 0 unless rebuilding.
+    pub fn position(self) -> u64 {
+        match self {
+            MemberState::Rebuilding { position } => position,
+            _ => 0,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8, position: u64) -> Option<MemberState> {
+        Some(match code {
+            1 => MemberState::Active,
+            2 => MemberState::Failed,
+            3 => MemberState::Rebuilding { position },
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for MemberState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemberState::Active => f.write_str("active"),
+            MemberState::Failed => f.write_str("failed"),
+            MemberState::Rebuilding { position } => write!(f, "rebuilding at block {position}"),
+        }
+    }
+}
+
+/// One member drive of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolMember {
+    /// The drive (its superblock's drive UUID).
+    pub drive_uuid: Uuid,
+    /// Its slot: the position in the RAID geometry (`0..members`).
+    pub slot: u32,
+    /// Its state.
+    pub state: MemberState,
+    /// The generation of the commit that last changed its state.
+    pub changed_generation: u64,
+}
+
+/// The pool record: the pool's identity, geometry and members.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Pool {
+    /// The pool's name (1..=64 bytes, no control characters).
+    pub name: String,
+    /// The pool's identity (every member's superblock names it).
+    pub uuid: Uuid,
+    /// The RAID level.
+    pub raid_level: RaidLevel,
+    /// Chunk (stripe unit) size in bytes: a power of two in 4 KiB..=1 MiB.
+    pub chunk_size: u32,
+    /// Bytes of each member's data area the pool uses: the smallest member's data area when
+    /// the pool was created (fixed for the pool's life).
+    pub member_data_bytes: u64,
+    /// The members.
+    pub members: Vec<PoolMember>,
+}
+
+/// A run of volume blocks mapped to pool blocks. Both are counted in the volume's blocks:
+/// the extent maps volume bytes `volume_block × block_size ..` to pool bytes
+/// `pool_block × block_size ..`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Extent {
+    /// First volume block.
+    pub volume_block: u64,
+    /// First pool block (in the volume's block size).
+    pub pool_block: u64,
+    /// Length in blocks (at least 1).
+    pub blocks: u64,
+}
+
+/// A volume: an extent map over the pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Volume {
+    /// The volume's name (1..=64 bytes, no control characters; unique in the pool).
+    pub name: String,
+    /// The volume's identity.
+    pub uuid: Uuid,
+    /// The NGUID its namespaces report (hosts' multipath merges paths on it; not all zero).
+    pub nguid: [u8; 16],
+    /// Size in blocks.
+    pub size_blocks: u64,
+    /// Block size: 512 or 4096.
+    pub block_size: u32,
+    /// Flags; none are defined yet (bit 0 is reserved for thin provisioning) and a set flag is
+    /// refused.
+    pub flags: u32,
+    /// The volume this one is a snapshot of ([`Uuid::NIL`]: none).
+    pub parent: Uuid,
+    /// The extent map: covers `0..size_blocks` exactly, without overlap (thick volumes; a
+    /// grown volume has more than one extent).
+    pub extents: Vec<Extent>,
+}
+
+/// An NVMe subsystem (cluster-wide: copied into every pool's image).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Subsystem {
+    /// The subsystem NQN (`nqn.`..., at most 223 bytes).
+    pub nqn: String,
+    /// Whether any host may connect.
+    pub allow_any_host: bool,
+    /// The host NQNs allowed to connect (when not `allow_any_host`).
+    pub hosts: Vec<String>,
+    /// Serial number (printable ASCII, at most 20 bytes).
+    pub serial: String,
+    /// Model number (printable ASCII, at most 40 bytes).
+    pub model: String,
+}
+
+/// A namespace: a volume of this pool exported by a subsystem.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Namespace {
+    /// The subsystem's NQN.
+    pub subsystem_nqn: String,
+    /// Namespace id, 1..=1024.
+    pub nsid: u32,
+    /// The volume (of this pool).
+    pub volume_uuid: Uuid,
+    /// ANA group id (not 0).
+    pub ana_group: u32,
+}
+
+/// Who owns the pool: the only node that may write its metadata, under this epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ownership {
+    /// The owner's node id.
+    pub owner_node: u32,
+    /// The ownership epoch (bumped on every change of owner).
+    pub epoch: u64,
+}
+
+/// One decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A pool record.
+    Pool(Pool),
+    /// An ownership record.
+    Ownership(Ownership),
+    /// The cluster configuration generation.
+    ClusterConfig {
+        /// Generation of the cluster-wide configuration (subsystems) this image carries.
+        generation: u64,
+    },
+    /// A subsystem record.
+    Subsystem(Subsystem),
+    /// A volume record.
+    Volume(Volume),
+    /// A namespace record.
+    Namespace(Namespace),
+    /// A record of a type this code does not know, without the must-understand flag.
+    Skipped {
+        /// Its type.
+        record_type: u16,
+        /// Its flags.
+        flags: u16,
+        /// Offset of its header.
+        offset: u64,
+        /// Payload length.
+        length: u32,
+    },
+}
+
+/// Everything one metadata image says about a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolConfig {
+    /// The pool record.
+    pub pool: Pool,
+    /// The ownership record.
+    pub ownership: Ownership,
+    /// Generation of the cluster-wide configuration (the subsystems) in this image. Every
+    /// pool's image carries a copy; on importing several pools the copy with the highest
+    /// cluster generation wins.
+    pub cluster_generation: u64,
+    /// The cluster's subsystems.
+    pub subsystems: Vec<Subsystem>,
+    /// The pool's volumes.
+    pub volumes: Vec<Volume>,
+    /// The namespaces that export this pool's volumes.
+    pub namespaces: Vec<Namespace>,
+}
+
+/// Bytes a pool offers for volumes: each member's data area rounded down to whole chunks, times
+/// the members that hold distinct data (RAID 0: every member; RAID 1: one; RAID 10: half).
+pub fn pool_capacity_bytes(
+    level: RaidLevel,
+    members: usize,
+    data_area_bytes: u64,
+    chunk_size: u32,
+) -> Result<u64, ConfigError> {
+    check_chunk_size(chunk_size)?;
+    check_member_count(level, members)?;
+    let chunk = u64::from(chunk_size);
+    let per_member = data_area_bytes / chunk * chunk;
+    if per_member == 0 {
+        return Err(ConfigError::DataArea {
+            bytes: data_area_bytes,
+            chunk: chunk_size,
+        });
+    }
+    let n = members as u64;
+    Ok(match level {
+        RaidLevel::Raid0 => per_member.saturating_mul(n),
+        RaidLevel::Raid1 => per_member,
+        RaidLevel::Raid10 => per_member.saturating_mul(n / 2),
+    })
+}
+
+fn check_chunk_size(chunk_size: u32) -> Result<(), ConfigError> {
+    if chunk_size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        Ok(())
+    } else {
+        Err(ConfigError::ChunkSize(chunk_size))
+    }
+}
+
+fn check_member_count(level: RaidLevel, count: usize) -> Result<(), ConfigError> {
+    let (ok, rule) = match level {
+        RaidLevel::Raid0 => (count >= 1, "RAID 0 needs 1 to 64 members"),
+        RaidLevel::Raid1 => (count >= 1, "RAID 1 needs 1 to 64 members"),
+        RaidLevel::Raid10 => (
+            count >= 4 && count % 2 == 0,
+            "RAID 10 needs an even number of members, 4 to 64",
+        ),
+    };
+    if ok && count <= MAX_MEMBERS {
+        Ok(())
+    } else {
+        Err(ConfigError::MemberCount { level, count, rule })
+    }
+}
+
+fn bad_string(field: &'static str, value: &str, problem: StringProblem) -> ConfigError {
+    ConfigError::BadString {
+        field,
+        value: value.to_string(),
+        problem,
+    }
+}
+
+fn check_name(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(bad_string(field, value, StringProblem::Empty));
+    }
+    if value.len() > MAX_NAME_LEN {
+        let len = value.len();
+        let max = MAX_NAME_LEN;
+        return Err(bad_string(
+            field,
+            value,
+            StringProblem::TooLong { len, max },
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(bad_string(field, value, StringProblem::ControlCharacter));
+    }
+    Ok(())
+}
+
+fn check_nqn(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.len() > MAX_NQN_LEN {
+        let len = value.len();
+        let max = MAX_NQN_LEN;
+        return Err(bad_string(
+            field,
+            value,
+            StringProblem::TooLong { len, max },
+        ));
+    }
+    if !value.starts_with("nqn.") {
+        return Err(bad_string(field, value, StringProblem::NotNqn));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(bad_string(field, value, StringProblem::ControlCharacter));
+    }
+    Ok(())
+}
+
+fn check_ascii(field: &'static str, value: &str, max: usize) -> Result<(), ConfigError> {
+    if value.len() > max {
+        let len = value.len();
+        return Err(bad_string(
+            field,
+            value,
+            StringProblem::TooLong { len, max },
+        ));
+    }
+    if !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(bad_string(field, value, StringProblem::NotPrintableAscii));
+    }
+    Ok(())
+}
+
+fn check_uuid(uuid: &Uuid, what: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if uuid.is_nil() {
+        Err(ConfigError::NilUuid { what: what() })
+    } else {
+        Ok(())
+    }
+}
+
+fn check_node(what: &'static str, node: u32) -> Result<(), ConfigError> {
+    if node < MAX_NODES {
+        Ok(())
+    } else {
+        Err(ConfigError::NodeId { what, node })
+    }
+}
+
+impl Pool {
+    /// The pool's capacity in bytes ([`pool_capacity_bytes`]).
+    pub fn capacity_bytes(&self) -> Result<u64, ConfigError> {
+        pool_capacity_bytes(
+            self.raid_level,
+            self.members.len(),
+            self.member_data_bytes,
+            self.chunk_size,
+        )
+    }
+
+    /// The member in `slot`, if any.
+    pub fn member_in_slot(&self, slot: u32) -> Option<&PoolMember> {
+        self.members.iter().find(|m| m.slot == slot)
+    }
+
+    /// Checks the record's own rules: name, UUIDs, chunk size, member count for the level,
+    /// slots exactly `0..n`, members unique, at least one chunk per member.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_name("Pool name", &self.name)?;
+        check_uuid(&self.uuid, || format!("Pool {:?} UUID", self.name))?;
+        self.capacity_bytes()?;
+        let count = self.members.len();
+        let mut slots = BTreeSet::new();
+        let mut drives = BTreeSet::new();
+        for m in &self.members {
+            check_uuid(&m.drive_uuid, || {
+                format!("Drive UUID of pool member slot {}", m.slot)
+            })?;
+            if m.slot as usize >= count {
+                return Err(ConfigError::MemberSlot {
+                    slot: m.slot,
+                    count,
+                    why: "out of range",
+                });
+            }
+            if !slots.insert(m.slot) {
+                return Err(ConfigError::MemberSlot {
+                    slot: m.slot,
+                    count,
+                    why: "repeated",
+                });
+            }
+            if !drives.insert(m.drive_uuid) {
+                return Err(ConfigError::Duplicate {
+                    what: "member drive",
+                    value: m.drive_uuid.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Volume {
+    /// Checks the record's own rules: name, UUID, NGUID, block size, size, flags, parent, and
+    /// that the extents cover `0..size_blocks` exactly without overlap.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_name("Volume name", &self.name)?;
+        check_uuid(&self.uuid, || format!("Volume {:?} UUID", self.name))?;
+        if self.nguid == [0; 16] {
+            return Err(ConfigError::NilUuid {
+                what: format!("Volume {:?} NGUID", self.name),
+            });
+        }
+        let volume = || self.name.clone();
+        if self.block_size != 512 && self.block_size != 4096 {
+            return Err(ConfigError::VolumeBlockSize {
+                volume: volume(),
+                block_size: self.block_size,
+            });
+        }
+        if self.size_blocks == 0 {
+            return Err(ConfigError::EmptyVolume { volume: volume() });
+        }
+        if self.flags != 0 {
+            return Err(ConfigError::VolumeFlags {
+                volume: volume(),
+                flags: self.flags,
+            });
+        }
+        if self.parent == self.uuid {
+            return Err(ConfigError::SelfParent { volume: volume() });
+        }
+        let mut order: Vec<usize> = (0..self.extents.len()).collect();
+        for (index, e) in self.extents.iter().enumerate() {
+            let pool_end = e
+                .pool_block
+                .checked_add(e.blocks)
+                .and_then(|b| b.checked_mul(u64::from(self.block_size)));
+            if e.blocks == 0 || e.volume_block.checked_add(e.blocks).is_none() || pool_end.is_none()
+            {
+                return Err(ConfigError::BadExtent {
+                    volume: volume(),
+                    index,
+                });
+            }
+        }
+        order.sort_by_key(|&i| self.extents.get(i).map_or(0, |e| e.volume_block));
+        // Walk in volume order: each extent must start exactly where the previous one ended.
+        let mut next = 0u64;
+        let mut prev: Option<usize> = None;
+        for i in order {
+            let Some(e) = self.extents.get(i) else {
+                continue;
+            };
+            if e.volume_block < next {
+                return Err(ConfigError::ExtentOverlap {
+                    volume: volume(),
+                    first: prev.unwrap_or(i),
+                    second: i,
+                    block: e.volume_block,
+                });
+            }
+            if e.volume_block > next {
+                return Err(ConfigError::ExtentCoverage {
+                    volume: volume(),
+                    start: next,
+                    end: e.volume_block,
+                    size: self.size_blocks,
+                });
+            }
+            next = e.volume_block.saturating_add(e.blocks);
+            prev = Some(i);
+        }
+        if next != self.size_blocks {
+            let (start, end) = if next < self.size_blocks {
+                (next, self.size_blocks)
+            } else {
+                (self.size_blocks, next)
+            };
+            return Err(ConfigError::ExtentCoverage {
+                volume: volume(),
+                start,
+                end,
+                size: self.size_blocks,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Subsystem {
+    /// Checks the record's own rules: NQN, host NQNs (valid, unique, at most [`MAX_HOSTS`]),
+    /// serial and model.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_nqn("Subsystem NQN", &self.nqn)?;
+        if self.hosts.len() > MAX_HOSTS {
+            return Err(ConfigError::TooMany {
+                what: "allowed hosts",
+                count: self.hosts.len(),
+                max: MAX_HOSTS,
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for h in &self.hosts {
+            check_nqn("Host NQN", h)?;
+            if !seen.insert(h.as_str()) {
+                return Err(ConfigError::Duplicate {
+                    what: "host NQN",
+                    value: format!("{h} in subsystem {}", self.nqn),
+                });
+            }
+        }
+        check_ascii("Subsystem serial", &self.serial, MAX_SERIAL_LEN)?;
+        check_ascii("Subsystem model", &self.model, MAX_MODEL_LEN)
+    }
+}
+
+impl Namespace {
+    /// Checks the record's own rules: subsystem NQN, nsid range, volume UUID, ANA group id.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_nqn("Namespace subsystem NQN", &self.subsystem_nqn)?;
+        if !(1..=MAX_NSID).contains(&self.nsid) {
+            return Err(ConfigError::Nsid {
+                subsystem: self.subsystem_nqn.clone(),
+                nsid: self.nsid,
+            });
+        }
+        check_uuid(&self.volume_uuid, || {
+            format!(
+                "Volume UUID of namespace {} of {}",
+                self.nsid, self.subsystem_nqn
+            )
+        })?;
+        if self.ana_group == 0 {
+            return Err(ConfigError::AnaGroup {
+                subsystem: self.subsystem_nqn.clone(),
+                nsid: self.nsid,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Ownership {
+    /// Checks the owner's node id.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_node("Owner", self.owner_node)
+    }
+}
+
+impl PoolConfig {
+    /// The pool's capacity in bytes.
+    pub fn capacity_bytes(&self) -> Result<u64, ConfigError> {
+        self.pool.capacity_bytes()
+    }
+
+    /// Checks every record's own rules, then the rules across records: unique subsystem NQNs,
+    /// volume names, UUIDs and NGUIDs, and (subsystem, nsid) pairs; every namespace names a
+    /// subsystem of the image and a volume of this pool; every extent lies within the pool's
+    /// capacity and no two extents (of one volume or of two) map the same pool byte.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.pool.check()?;
+        self.ownership.check()?;
+        let mut nqns = BTreeSet::new();
+        for s in &self.subsystems {
+            s.check()?;
+            if !nqns.insert(s.nqn.as_str()) {
+                return Err(ConfigError::Duplicate {
+                    what: "subsystem NQN",
+                    value: s.nqn.clone(),
+                });
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut uuids = BTreeSet::new();
+        let mut nguids = BTreeSet::new();
+        for v in &self.volumes {
+            v.check()?;
+            if !names.insert(v.name.as_str()) {
+                return Err(ConfigError::Duplicate {
+                    what: "volume name",
+                    value: format!("{:?}", v.name),
+                });
+            }
+            if !uuids.insert(v.uuid) {
+                return Err(ConfigError::Duplicate {
+                    what: "volume UUID",
+                    value: v.uuid.to_string(),
+                });
+            }
+            if !nguids.insert(v.nguid) {
+                return Err(ConfigError::Duplicate {
+                    what: "volume NGUID",
+                    value: Uuid(v.nguid).to_string(),
+                });
+            }
+        }
+        let mut nsids = BTreeSet::new();
+        for n in &self.namespaces {
+            n.check()?;
+            if !nsids.insert((n.subsystem_nqn.as_str(), n.nsid)) {
+                return Err(ConfigError::Duplicate {
+                    what: "namespace",
+                    value: format!("{} of {}", n.nsid, n.subsystem_nqn),
+                });
+            }
+            if !nqns.contains(n.subsystem_nqn.as_str()) {
+                return Err(ConfigError::UnknownSubsystem {
+                    subsystem: n.subsystem_nqn.clone(),
+                    nsid: n.nsid,
+                });
+            }
+            if !uuids.contains(&n.volume_uuid) {
+                return Err(ConfigError::UnknownVolume {
+                    subsystem: n.subsystem_nqn.clone(),
+                    nsid: n.nsid,
+                    volume: n.volume_uuid,
+                });
+            }
+        }
+        self.check_pool_space()
+    }
+
+    /// Every extent within the pool's capacity, no pool byte mapped twice.
+    fn check_pool_space(&self) -> Result<(), ConfigError> {
+        let capacity = self.pool.capacity_bytes()?;
+        // (start, end, volume index), in pool bytes.
+        let mut spans: Vec<(u128, u128, usize)> = Vec::new();
+        for (vi, v) in self.volumes.iter().enumerate() {
+            let bs = u128::from(v.block_size);
+            for (index, e) in v.extents.iter().enumerate() {
+                let start = u128::from(e.pool_block) * bs;
+                let end = start + u128::from(e.blocks) * bs;
+                if end > u128::from(capacity) {
+                    return Err(ConfigError::ExtentOutsidePool {
+                        volume: v.name.clone(),
+                        index,
+                        end,
+                        capacity,
+                    });
+                }
+                spans.push((start, end, vi));
+            }
+        }
+        spans.sort_unstable();
+        let mut reach: Option<(u128, usize)> = None;
+        for (start, end, vi) in spans {
+            if let Some((prev_end, prev_vi)) = reach {
+                if start < prev_end {
+                    let name = |i: usize| self.volumes.get(i).map(|v| v.name.clone());
+                    return Err(ConfigError::PoolOverlap {
+                        first: name(prev_vi).unwrap_or_default(),
+                        second: name(vi).unwrap_or_default(),
+                        at: start,
+                    });
+                }
+            }
+            reach = Some((end, vi));
+        }
+        Ok(())
+    }
+
+    /// The body of a metadata image: the records in canonical order (pool, ownership, cluster
+    /// config, subsystems, volumes, namespaces), each flagged must-understand. Refuses a
+    /// configuration that does not [`validate`](Self::validate).
+    pub fn encode_body(&self) -> Result<Vec<u8>, EncodeError> {
+        self.validate()?;
+        let mut out = Vec::new();
+        record(&mut out, TYPE_POOL, |w| encode_pool(w, &self.pool));
+        record(&mut out, TYPE_OWNERSHIP, |w| {
+            w.u32(self.ownership.owner_node);
+            w.u64(self.ownership.epoch);
+        });
+        record(&mut out, TYPE_CLUSTER_CONFIG, |w| {
+            w.u64(self.cluster_generation)
+        });
+        for s in &self.subsystems {
+            record(&mut out, TYPE_SUBSYSTEM, |w| encode_subsystem(w, s));
+        }
+        for v in &self.volumes {
+            if u32::try_from(v.extents.len()).is_err() {
+                return Err(EncodeError::TooLarge {
+                    needed: (v.extents.len() as u64).saturating_mul(EXTENT_SIZE),
+                    slot_size: u64::from(u32::MAX),
+                });
+            }
+            record(&mut out, TYPE_VOLUME, |w| encode_volume(w, v));
+        }
+        for n in &self.namespaces {
+            record(&mut out, TYPE_NAMESPACE, |w| {
+                w.string(&n.subsystem_nqn);
+                w.u32(n.nsid);
+                w.uuid(&n.volume_uuid);
+                w.u32(n.ana_group);
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes and validates a body on its own (offsets in errors are from the body's start).
+    pub fn decode_body(body: &[u8]) -> Result<PoolConfig, FormatError> {
+        decode_config(body, 0)
+    }
+}
+
+/// Appends one record with the must-understand flag; the payload is what `f` writes.
+fn record(out: &mut Vec<u8>, record_type: u16, f: impl FnOnce(&mut Writer)) {
+    let mut w = Writer::default();
+    f(&mut w);
+    let len = u32::try_from(w.buf.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&record_type.to_le_bytes());
+    out.extend_from_slice(&FLAG_MUST_UNDERSTAND.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&w.buf);
+}
+
+fn encode_pool(w: &mut Writer, p: &Pool) {
+    w.string(&p.name);
+    w.uuid(&p.uuid);
+    w.u8(p.raid_level.code());
+    w.u32(p.chunk_size);
+    w.u64(p.member_data_bytes);
+    // At most MAX_MEMBERS after validation.
+    w.u16(u16::try_from(p.members.len()).unwrap_or(u16::MAX));
+    for m in &p.members {
+        w.uuid(&m.drive_uuid);
+        w.u32(m.slot);
+        w.u8(m.state.code());
+        w.u64(m.state.position());
+        w.u64(m.changed_generation);
+    }
+}
+
+fn encode_subsystem(w: &mut Writer, s: &Subsystem) {
+    w.string(&s.nqn);
+    w.bool(s.allow_any_host);
+    w.string(&s.serial);
+    w.string(&s.model);
+    // At most MAX_HOSTS after validation.
+    w.u16(u16::try_from(s.hosts.len()).unwrap_or(u16::MAX));
+    for h in &s.hosts {
+        w.string(h);
+    }
+}
+
+fn encode_volume(w: &mut Writer, v: &Volume) {
+    w.string(&v.name);
+    w.uuid(&v.uuid);
+    w.buf.extend_from_slice(&v.nguid);
+    w.u64(v.size_blocks);
+    w.u32(v.block_size);
+    w.u32(v.flags);
+    w.uuid(&v.parent);
+    w.u32(u32::try_from(v.extents.len()).unwrap_or(u32::MAX));
+    for e in &v.extents {
+        w.u64(e.volume_block);
+        w.u64(e.pool_block);
+        w.u64(e.blocks);
+    }
+}
+
+/// Decodes the records of a body (offsets in errors are from the body's start). Each known
+/// record is checked on its own ([`Pool::check`], ...); the rules across records are
+/// [`PoolConfig::validate`]'s.
+pub fn decode_records(body: &[u8]) -> Result<Vec<Record>, FormatError> {
+    Ok(decode_at(body, 0)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Decodes records, with the offset of each (in reported coordinates: `base` + position).
+fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> {
+    let mut r = Reader::new(body, base, Structure::RecordHeader);
+    let mut out = Vec::new();
+    while r.remaining() > 0 {
+        let at = r.offset();
+        let record_type = r.u16()?;
+        let flags = r.u16()?;
+        let length = r.u32()?;
+        let payload_at = r.offset();
+        let payload = r.take(length as usize)?;
+        let structure = match record_type {
+            TYPE_POOL => Structure::PoolRecord,
+            TYPE_OWNERSHIP => Structure::OwnershipRecord,
+            TYPE_CLUSTER_CONFIG => Structure::ClusterConfigRecord,
+            TYPE_SUBSYSTEM => Structure::SubsystemRecord,
+            TYPE_VOLUME => Structure::VolumeRecord,
+            TYPE_NAMESPACE => Structure::NamespaceRecord,
+            _ if flags & FLAG_MUST_UNDERSTAND != 0 => {
+                return Err(r.error_at(at, Problem::UnknownRequiredRecord { record_type }));
+            }
+            _ => {
+                out.push((
+                    at,
+                    Record::Skipped {
+                        record_type,
+                        flags,
+                        offset: at,
+                        length,
+                    },
+                ));
+                continue;
+            }
+        };
+        let mut p = Reader::new(payload, payload_at, structure);
+        let rec = match record_type {
+            TYPE_POOL => Record::Pool(decode_pool(&mut p)?),
+            TYPE_OWNERSHIP => Record::Ownership(Ownership {
+                owner_node: p.u32()?,
+                epoch: p.u64()?,
+            }),
+            TYPE_CLUSTER_CONFIG => Record::ClusterConfig {
+                generation: p.u64()?,
+            },
+            TYPE_SUBSYSTEM => Record::Subsystem(decode_subsystem(&mut p)?),
+            TYPE_VOLUME => Record::Volume(decode_volume(&mut p)?),
+            _ => Record::Namespace(Namespace {
+                subsystem_nqn: p.string("subsystem NQN")?,
+                nsid: p.u32()?,
+                volume_uuid: p.uuid()?,
+                ana_group: p.u32()?,
+            }),
+        };
+        p.finish()?;
+        let checked = match &rec {
+            Record::Pool(x) => x.check(),
+            Record::Ownership(x) => x.check(),
+            Record::Subsystem(x) => x.check(),
+            Record::Volume(x) => x.check(),
+            Record::Namespace(x) => x.check(),
+            Record::ClusterConfig { .. } | Record::Skipped { .. } => Ok(()),
+        };
+        checked.map_err(|e| FormatError::new(structure, at, Problem::Config(e)))?;
+        out.push((at, rec));
+    }
+    Ok(out)
+}
+
+fn decode_pool(p: &mut Reader<'_>) -> Result<Pool, FormatError> {
+    let name = p.string("pool name")?;
+    let uuid = p.uuid()?;
+    let level_at = p.offset();
+    let raid_level = match p.u8()? {
+        0 => RaidLevel::Raid0,
+        1 => RaidLevel::Raid1,
+        10 => RaidLevel::Raid10,
+        code @ (5 | 6) => {
+            return Err(p.error_at(
+                level_at,
+                Problem::BadValue {
+                    field: "RAID level",
+                    value: u64::from(code),
+                    why: "reserved for parity RAID, which this version does not support",
+                },
+            ))
+        }
+        code => {
+            return Err(p.error_at(
+                level_at,
+                Problem::BadValue {
+                    field: "RAID level",
+                    value: u64::from(code),
+                    why: "unknown code",
+                },
+            ))
+        }
+    };
+    let chunk_size = p.u32()?;
+    let member_data_bytes = p.u64()?;
+    let count_at = p.offset();
+    let count = p.u16()?;
+    let count = p.count_fits(count_at, u64::from(count), MEMBER_SIZE)?;
+    let mut members = Vec::with_capacity(count);
+    for _ in 0..count {
+        let drive_uuid = p.uuid()?;
+        let slot = p.u32()?;
+        let state_at = p.offset();
+        let code = p.u8()?;
+        let position = p.u64()?;
+        let state = MemberState::from_code(code, position).ok_or_else(|| {
+            p.error_at(
+                state_at,
+                Problem::BadValue {
+                    field: "member state",
+                    value: u64::from(code),
+                    why: "unknown code",
+                },
+            )
+        })?;
+        if position != 0 && !matches!(state, MemberState::Rebuilding { .. }) {
+            return Err(p.error_at(
+                state_at + 1,
+                Problem::BadValue {
+                    field: "member rebuild position",
+                    value: position,
+                    why: "must be 0 unless the member is rebuilding",
+                },
+            ));
+        }
+        members.push(PoolMember {
+            drive_uuid,
+            slot,
+            state,
+            changed_generation: p.u64()?,
+        });
+    }
+    Ok(Pool {
+        name,
+        uuid,
+        raid_level,
+        chunk_size,
+        member_data_bytes,
+        members,
+    })
+}
+
+fn decode_subsystem(p: &mut Reader<'_>) -> Result<Subsystem, FormatError> {
+    let nqn = p.string("subsystem NQN")?;
+    let allow_any_host = p.bool("allow any host")?;
+    let serial = p.string("serial")?;
+    let model = p.string("model")?;
+    let count_at = p.offset();
+    let count = p.u16()?;
+    // Each host takes at least its 2-byte length.
+    let count = p.count_fits(count_at, u64::from(count), 2)?;
+    let mut hosts = Vec::with_capacity(count);
+    for _ in 0..count {
+        hosts.push(p.string("host NQN")?);
+    }
+    Ok(Subsystem {
+        nqn,
+        allow_any_host,
+        hosts,
+        serial,
+        model,
+    })
+}
+
+fn decode_volume(p: &mut Reader<'_>) -> Result<Volume, FormatError> {
+    let name = p.string("volume name")?;
+    let uuid = p.uuid()?;
+    let nguid = p.array::<16>()?;
+    let size_blocks = p.u64()?;
+    let block_size = p.u32()?;
+    let flags = p.u32()?;
+    let parent = p.uuid()?;
+    let count_at = p.offset();
+    let count = p.u32()?;
+    let count = p.count_fits(count_at, u64::from(count), EXTENT_SIZE)?;
+    let mut extents = Vec::with_capacity(count);
+    for _ in 0..count {
+        extents.push(Extent {
+            volume_block: p.u64()?,
+            pool_block: p.u64()?,
+            blocks: p.u64()?,
+        });
+    }
+    Ok(Volume {
+        name,
+        uuid,
+        nguid,
+        size_blocks,
+        block_size,
+        flags,
+        parent,
+        extents,
+    })
+}
+
+/// Decodes a body into a validated [`PoolConfig`]; `base` is the body's offset in reported
+/// coordinates (128 inside a metadata slot).
+pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, FormatError> {
+    let mut pool = None;
+    let mut ownership = None;
+    let mut cluster_generation = None;
+    let mut subsystems = Vec::new();
+    let mut volumes = Vec::new();
+    let mut namespaces = Vec::new();
+    fn once<T>(
+        slot: &mut Option<T>,
+        v: T,
+        at: u64,
+        structure: Structure,
+        record: &'static str,
+    ) -> Result<(), FormatError> {
+        if slot.is_some() {
+            return Err(FormatError::new(
+                structure,
+                at,
+                Problem::DuplicateRecord { record },
+            ));
+        }
+        *slot = Some(v);
+        Ok(())
+    }
+    for (at, rec) in decode_at(body, base)? {
+        match rec {
+            Record::Pool(p) => once(&mut pool, p, at, Structure::PoolRecord, "pool")?,
+            Record::Ownership(o) => once(
+                &mut ownership,
+                o,
+                at,
+                Structure::OwnershipRecord,
+                "ownership",
+            )?,
+            Record::ClusterConfig { generation } => once(
+                &mut cluster_generation,
+                generation,
+                at,
+                Structure::ClusterConfigRecord,
+                "cluster config",
+            )?,
+            Record::Subsystem(s) => subsystems.push(s),
+            Record::Volume(v) => volumes.push(v),
+            Record::Namespace(n) => namespaces.push(n),
+            Record::Skipped { .. } => {}
+        }
+    }
+    let missing = |record| {
+        FormatError::new(
+            Structure::ImageBody,
+            base,
+            Problem::MissingRecord { record },
+        )
+    };
+    let config = PoolConfig {
+        pool: pool.ok_or_else(|| missing("pool"))?,
+        ownership: ownership.ok_or_else(|| missing("ownership"))?,
+        cluster_generation: cluster_generation.ok_or_else(|| missing("cluster config"))?,
+        subsystems,
+        volumes,
+        namespaces,
+    };
+    config
+        .validate()
+        .map_err(|e| FormatError::new(Structure::ImageBody, base, Problem::Config(e)))?;
+    Ok(config)
+}

@@ -1,0 +1,306 @@
+//! The byte offsets of `docs/ONDISK.md`, written here as literals independently of the code's
+//! constants: each test encodes a structure and reads its fields back at the documented
+//! offsets, so the document and the code cannot drift apart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use duplex_ondisk::records::{decode_records, Record};
+use duplex_ondisk::{Heartbeat, MemberState, MetadataImage, RaidLevel, Role, SuperblockCopy, Uuid};
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+}
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+fn crc_zeroed(b: &[u8], at: usize) -> u32 {
+    let mut c = b.to_vec();
+    c[at..at + 4].fill(0);
+    crc32c::crc32c(&c)
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn layout_of_a_one_gib_drive() {
+    let l = layout();
+    assert_eq!(l.capacity_bytes, 1 << 30);
+    assert_eq!(l.block_size, 4096);
+    assert_eq!(l.heartbeat_offset, 4096);
+    assert_eq!(l.heartbeat_slot_size, 4096);
+    assert_eq!(l.heartbeat_slots, 4);
+    assert_eq!(l.metadata_offset, MIB);
+    assert_eq!(l.metadata_slot_size, 2 * MIB as u32);
+    assert_eq!(l.metadata_slots, 8);
+    assert_eq!(l.journal_offset, 17 * MIB);
+    assert_eq!(l.journal_size, 64 * MIB);
+    assert_eq!(l.data_offset, 81 * MIB);
+    // The secondary superblock is the last 4 KiB; the data area ends at the 1 MiB boundary
+    // below it.
+    assert_eq!(l.secondary_offset, (1 << 30) - 4096);
+    assert_eq!(l.data_end(), 1023 * MIB);
+    assert_eq!(l.data_size, (1023 - 81) * MIB);
+    assert_eq!(l.metadata_slot_offset(0), Some(MIB));
+    assert_eq!(l.metadata_slot_offset(7), Some(15 * MIB));
+    assert_eq!(l.metadata_slot_offset(8), None);
+    assert_eq!(l.heartbeat_slot_offset(3), Some(4 * 4096));
+    assert_eq!(l.heartbeat_slot_offset(4), None);
+    assert_eq!(l.next_metadata_slot(7), 0);
+}
+
+#[test]
+fn minimum_capacity_is_82_mib_and_4_kib() {
+    let min = 82 * MIB + 4096;
+    assert_eq!(duplex_ondisk::layout::MIN_CAPACITY, min);
+    let l = duplex_ondisk::Layout::for_drive(min, 512).unwrap();
+    assert_eq!(l.data_size, MIB);
+    assert_eq!(l.secondary_offset, 82 * MIB);
+    assert!(duplex_ondisk::Layout::for_drive(min - 512, 512).is_err());
+}
+
+#[test]
+fn superblock_fields_are_where_the_document_says() {
+    let sb = duplex_ondisk::Superblock {
+        member_slot: 0x0102_0304,
+        role: Role::Spare,
+        state: MemberState::Rebuilding { position: 0x1122 },
+        generation: 0x0a0b_0c0d_0e0f_1011,
+        epoch: 0x2122_2324_2526_2728,
+        owner_node: 3,
+        copy: SuperblockCopy::Secondary,
+        ..superblock(uuid(0xd7, 1), 5, SuperblockCopy::Primary)
+    };
+    let b = sb.encode();
+    assert_eq!(b.len(), 4096);
+    assert_eq!(&b[0..8], b"DPLXSB01");
+    assert_eq!(u32_at(&b[..], 8), 1);
+    assert_eq!(u32_at(&b[..], 12), 0x0102_0304);
+    assert_eq!(&b[16..32], &CLUSTER.0);
+    assert_eq!(&b[32..48], &POOL.0);
+    assert_eq!(&b[48..64], &uuid(0xd7, 1).0);
+    assert_eq!(b[64], 3, "role spare");
+    assert_eq!(b[65], 3, "state rebuilding");
+    assert_eq!(b[66], 2, "copy secondary");
+    assert_eq!(b[67], 0);
+    assert_eq!(u32_at(&b[..], 68), 3);
+    assert_eq!(u64_at(&b[..], 72), 0x1122);
+    assert_eq!(u64_at(&b[..], 80), 0x0a0b_0c0d_0e0f_1011);
+    assert_eq!(u64_at(&b[..], 88), 0x2122_2324_2526_2728);
+    assert!(b[96..128].iter().all(|&x| x == 0));
+    let l = layout();
+    assert_eq!(u64_at(&b[..], 128), l.capacity_bytes);
+    assert_eq!(u32_at(&b[..], 136), l.block_size);
+    assert_eq!(u32_at(&b[..], 140), l.heartbeat_slots);
+    assert_eq!(u64_at(&b[..], 144), l.heartbeat_offset);
+    assert_eq!(u32_at(&b[..], 152), l.heartbeat_slot_size);
+    assert_eq!(u32_at(&b[..], 156), l.metadata_slots);
+    assert_eq!(u64_at(&b[..], 160), l.metadata_offset);
+    assert_eq!(u32_at(&b[..], 168), l.metadata_slot_size);
+    assert_eq!(u32_at(&b[..], 172), 0);
+    assert_eq!(u64_at(&b[..], 176), l.journal_offset);
+    assert_eq!(u64_at(&b[..], 184), l.journal_size);
+    assert_eq!(u64_at(&b[..], 192), l.data_offset);
+    assert_eq!(u64_at(&b[..], 200), l.data_size);
+    assert_eq!(u64_at(&b[..], 208), l.secondary_offset);
+    assert!(b[216..4092].iter().all(|&x| x == 0));
+    assert_eq!(u32_at(&b[..], 4092), crc_zeroed(&b[..], 4092));
+}
+
+#[test]
+fn state_role_and_copy_codes() {
+    for (role, code) in [(Role::Data, 1), (Role::Parity, 2), (Role::Spare, 3)] {
+        let b = duplex_ondisk::Superblock {
+            role,
+            ..superblock(uuid(1, 1), 0, SuperblockCopy::Primary)
+        }
+        .encode();
+        assert_eq!(b[64], code);
+        assert_eq!(b[66], 1);
+    }
+    for (state, code) in [(MemberState::Active, 1), (MemberState::Failed, 2)] {
+        let b = duplex_ondisk::Superblock {
+            state,
+            ..superblock(uuid(1, 1), 0, SuperblockCopy::Primary)
+        }
+        .encode();
+        assert_eq!(b[65], code);
+        assert_eq!(u64_at(&b[..], 72), 0);
+    }
+}
+
+#[test]
+fn heartbeat_fields_are_where_the_document_says() {
+    let hb = Heartbeat {
+        node_id: 2,
+        boot_id: uuid(0xbb, 1),
+        epoch: 0x0102_0304_0506_0708,
+        counter: 0x1112_1314_1516_1718,
+        peer_boot_id: uuid(0xbc, 2),
+        peer_counter: 0x2122_2324_2526_2728,
+    };
+    let b = hb.encode();
+    assert_eq!(&b[0..8], b"DPLXHB01");
+    assert_eq!(u32_at(&b[..], 8), 1);
+    assert_eq!(u32_at(&b[..], 12), 2);
+    assert_eq!(&b[16..32], &uuid(0xbb, 1).0);
+    assert_eq!(u64_at(&b[..], 32), 0x0102_0304_0506_0708);
+    assert_eq!(u64_at(&b[..], 40), 0x1112_1314_1516_1718);
+    assert_eq!(&b[48..64], &uuid(0xbc, 2).0);
+    assert_eq!(u64_at(&b[..], 64), 0x2122_2324_2526_2728);
+    assert!(b[72..4092].iter().all(|&x| x == 0));
+    assert_eq!(u32_at(&b[..], 4092), crc_zeroed(&b[..], 4092));
+}
+
+#[test]
+fn image_header_fields_are_where_the_document_says() {
+    let image = MetadataImage {
+        slot_index: 5,
+        generation: 0x0102_0304_0506_0708,
+        epoch: 9,
+        writer_node: 1,
+        config: duplex_ondisk::PoolConfig {
+            ownership: duplex_ondisk::Ownership {
+                owner_node: 1,
+                epoch: 9,
+            },
+            ..config(RaidLevel::Raid1, 2)
+        },
+    };
+    let b = image.encode(2 << 20).unwrap();
+    assert_eq!(b.len() % 4096, 0);
+    assert_eq!(&b[0..8], b"DPLXMD01");
+    assert_eq!(u32_at(&b, 8), 1);
+    assert_eq!(u32_at(&b, 12), 5);
+    assert_eq!(&b[16..32], &POOL.0);
+    assert_eq!(u64_at(&b, 32), 0x0102_0304_0506_0708);
+    assert_eq!(u64_at(&b, 40), 9);
+    assert_eq!(u32_at(&b, 48), 1);
+    let body_len = u32_at(&b, 52) as usize;
+    let body = &b[128..128 + body_len];
+    assert_eq!(u32_at(&b, 56), crc32c::crc32c(body));
+    assert!(b[60..124].iter().all(|&x| x == 0));
+    assert_eq!(u32_at(&b, 124), crc_zeroed(&b[..128], 124));
+    assert!(b[128 + body_len..].iter().all(|&x| x == 0), "zero padding");
+
+    // The body's first record is the pool record: type 1, flags must-understand, length, then
+    // name (u16 length + UTF-8), uuid, raid level, chunk size, data bytes, member count,
+    // members of 37 bytes each.
+    assert_eq!(u16_at(body, 0), 1);
+    assert_eq!(u16_at(body, 2), 1);
+    let len = u32_at(body, 4) as usize;
+    let p = &body[8..8 + len];
+    assert_eq!(u16_at(p, 0), 5);
+    assert_eq!(&p[2..7], b"pool0");
+    assert_eq!(&p[7..23], &POOL.0);
+    assert_eq!(p[23], 1, "RAID 1");
+    assert_eq!(u32_at(p, 24), 64 * 1024);
+    assert_eq!(u64_at(p, 28), layout().data_size);
+    assert_eq!(u16_at(p, 36), 2);
+    let m1 = &p[38 + 37..38 + 74];
+    assert_eq!(&m1[0..16], &drive_uuid(1).0);
+    assert_eq!(u32_at(m1, 16), 1);
+    assert_eq!(m1[20], 1, "active");
+    assert_eq!(u64_at(m1, 21), 0);
+    assert_eq!(u64_at(m1, 29), 1);
+    assert_eq!(len, 38 + 2 * 37);
+
+    // Then ownership (type 2: node u32, epoch u64) and cluster config (type 3: u64).
+    let o = &body[8 + len..];
+    assert_eq!((u16_at(o, 0), u16_at(o, 2), u32_at(o, 4)), (2, 1, 12));
+    assert_eq!((u32_at(o, 8), u64_at(o, 12)), (1, 9));
+    let c = &o[20..];
+    assert_eq!((u16_at(c, 0), u32_at(c, 4), u64_at(c, 8)), (3, 8, 1));
+
+    // Record types in canonical order.
+    let types: Vec<&str> = decode_records(body)
+        .unwrap()
+        .iter()
+        .map(|r| match r {
+            Record::Pool(_) => "pool",
+            Record::Ownership(_) => "ownership",
+            Record::ClusterConfig { .. } => "cluster",
+            Record::Subsystem(_) => "subsystem",
+            Record::Volume(_) => "volume",
+            Record::Namespace(_) => "namespace",
+            Record::Skipped { .. } => "skipped",
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "pool",
+            "ownership",
+            "cluster",
+            "subsystem",
+            "volume",
+            "volume",
+            "namespace",
+            "namespace"
+        ]
+    );
+}
+
+#[test]
+fn volume_subsystem_and_namespace_payloads() {
+    let cfg = config(RaidLevel::Raid1, 2);
+    let body = cfg.encode_body().unwrap();
+    // Walk the records by their headers.
+    let mut at = 0;
+    let mut payloads = Vec::new();
+    while at < body.len() {
+        let t = u16_at(&body, at);
+        let len = u32_at(&body, at + 4) as usize;
+        payloads.push((t, body[at + 8..at + 8 + len].to_vec()));
+        at += 8 + len;
+    }
+    let sub = &payloads[3];
+    assert_eq!(sub.0, 4);
+    let s = &sub.1;
+    let nqn_len = u16_at(s, 0) as usize;
+    assert_eq!(&s[2..2 + nqn_len], SUBSYS.as_bytes());
+    let mut o = 2 + nqn_len;
+    assert_eq!(s[o], 0, "allow_any_host false");
+    o += 1;
+    let serial_len = u16_at(s, o) as usize;
+    assert_eq!(&s[o + 2..o + 2 + serial_len], b"DPLX0001");
+    o += 2 + serial_len;
+    let model_len = u16_at(s, o) as usize;
+    assert_eq!(&s[o + 2..o + 2 + model_len], b"duplex");
+    o += 2 + model_len;
+    assert_eq!(u16_at(s, o), 1, "one host");
+
+    let vol = &payloads[4];
+    assert_eq!(vol.0, 5);
+    let v = &vol.1;
+    assert_eq!(u16_at(v, 0), 4);
+    assert_eq!(&v[2..6], b"vol0");
+    assert_eq!(&v[6..22], &uuid(0xa0, 0).0);
+    assert_eq!(&v[22..38], &uuid(0xa1, 0).0);
+    assert_eq!(u64_at(v, 38), 1000);
+    assert_eq!(u32_at(v, 46), 4096);
+    assert_eq!(u32_at(v, 50), 0);
+    assert_eq!(&v[54..70], &Uuid::NIL.0);
+    assert_eq!(u32_at(v, 70), 2);
+    assert_eq!((u64_at(v, 74), u64_at(v, 82), u64_at(v, 90)), (0, 0, 600));
+    assert_eq!(
+        (u64_at(v, 98), u64_at(v, 106), u64_at(v, 114)),
+        (600, 2000, 400)
+    );
+    assert_eq!(v.len(), 122);
+
+    let ns = &payloads[6];
+    assert_eq!(ns.0, 6);
+    let n = &ns.1;
+    let l = u16_at(n, 0) as usize;
+    assert_eq!(&n[2..2 + l], SUBSYS.as_bytes());
+    assert_eq!(u32_at(n, 2 + l), 1);
+    assert_eq!(&n[6 + l..22 + l], &uuid(0xa0, 0).0);
+    assert_eq!(u32_at(n, 22 + l), 1);
+    assert_eq!(n.len(), 26 + l);
+}
