@@ -163,6 +163,8 @@ impl Duplexd {
                 }],
             },
             listeners: vec![],
+            drives: vec![],
+            meta: None,
         };
         let pool = Pool::create(
             "pool:io",

@@ -66,6 +66,14 @@ pub struct Topology {
     pub io: IoSpec,
     /// NVMe/TCP listeners of the fabric.
     pub listeners: Vec<ListenerSpec>,
+    /// Drives the metadata service builds pools on: the datapath opens each as a raw device
+    /// (device index = its position after the volumes), exported only through pools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<VolumeSpec>,
+    /// The metadata service's privileged channel to the datapath: descriptors address the
+    /// drives above by raw drive id (their datapath device index), on the same pool as `io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<ChannelSpec>,
 }
 
 /// One volume: a backing file or block device the datapath serves blocks from.
@@ -197,6 +205,11 @@ impl Topology {
         self.volumes.iter().find(|v| v.id == id)
     }
 
+    /// The raw drive id (datapath device index) of pool drive `i`.
+    pub fn drive_id(&self, i: usize) -> u32 {
+        u32::try_from(self.volumes.len() + i).unwrap_or(u32::MAX)
+    }
+
     /// Writes the topology into a new memfd sealed against any change.
     pub fn to_memfd(&self) -> Result<OwnedFd, TopologyError> {
         let json = serde_json::to_vec(self).map_err(|e| TopologyError::Malformed(e.to_string()))?;
@@ -288,6 +301,16 @@ impl Topology {
                 return bad(format!("volume id {} used twice", v.id));
             }
         }
+        for (i, d) in self.drives.iter().enumerate() {
+            if !matches!(d.block_size, 512 | 4096) || d.blocks == 0 {
+                return bad(format!("drive {}: {} blocks of {}", d.name, d.blocks, d.block_size));
+            }
+            if self.drives[..i].iter().any(|o| o.name == d.name)
+                || self.volumes.iter().any(|o| o.name == d.name)
+            {
+                return bad(format!("drive name {} used twice", d.name));
+            }
+        }
         for s in &self.subsystems {
             for (i, n) in s.namespaces.iter().enumerate() {
                 if n.nsid == 0 || n.nsid == u32::MAX {
@@ -346,6 +369,8 @@ mod tests {
                 }],
             },
             listeners: vec![],
+            drives: vec![],
+            meta: None,
         }
     }
 

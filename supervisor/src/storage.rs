@@ -561,6 +561,8 @@ pub fn topology(
                 kind: l.kind,
             })
             .collect(),
+        drives: Vec::new(),
+        meta: None,
     }
 }
 

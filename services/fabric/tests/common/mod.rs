@@ -64,6 +64,8 @@ pub fn topology() -> Topology {
             channels: vec![],
         },
         listeners: vec![],
+        drives: vec![],
+        meta: None,
     }
 }
 
