@@ -17,6 +17,10 @@ use duplex_ipc::doorbell::Doorbell;
 use crate::bdev::{Event, MemberState, RaidLevel};
 use crate::map::VolumeMap;
 
+/// In [`PoolSpec::drives`]: a member that is not there (missing, or stale and kept out); its
+/// state must be [`MemberState::Failed`].
+pub const MISSING_DRIVE: u32 = u32::MAX;
+
 /// A RAID device to build over raw drives (engine device indices that are drives).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolSpec {
@@ -30,7 +34,7 @@ pub struct PoolSpec {
     pub data_offset: u64,
     /// Bytes of each member's data area.
     pub data_len: u64,
-    /// The members, in slot order: raw drive ids.
+    /// The members, in slot order: raw drive ids ([`MISSING_DRIVE`] for one not there).
     pub drives: Vec<u32>,
     /// Each member's recorded state (a failed member stays out).
     pub states: Vec<MemberState>,

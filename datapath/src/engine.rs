@@ -32,8 +32,12 @@ use duplex_ipc::doorbell::{Doorbell, DoorbellError};
 use duplex_ipc::pool::{BufHandle, ChunkState, Pool, PoolError, NIL};
 use duplex_ipc::ring::{Consumer, Producer, RingError};
 
-use crate::bdev::{Attach, BdevBox, BdevStats, ChainRef, Ctx, Done, Event, FileBdev, Io, RaidBdev};
+use crate::bdev::{
+    Attach, BdevBox, BdevStats, ChainRef, Ctx, Done, Event, FileBdev, Io, MemberState, MissingBdev,
+    RaidBdev,
+};
 use crate::channel::Channel;
+use crate::control::MISSING_DRIVE;
 use crate::control::{self, Command as Control, DeviceStatus, EngineControl, Inlet, PoolSpec};
 use crate::map::{Extent, VolumeMap};
 use crate::request::{self, Command, Kind};
@@ -607,8 +611,39 @@ impl Engine {
                 self.epoch
             ));
         }
+        // Published already (a restarted control plane replays its decisions): the same
+        // device, if it is the same pool over the same drives.
+        let placed: Vec<Option<(usize, Option<usize>)>> = spec
+            .drives
+            .iter()
+            .map(|&d| self.drive_loc.get(d as usize).copied())
+            .collect();
+        let present: Vec<(usize, &Option<(usize, Option<usize>)>)> = placed
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| spec.drives[*i] != MISSING_DRIVE)
+            .collect();
+        if let Some((_, Some((root, Some(_))))) = present.first() {
+            let same = present.iter().all(|(i, p)| **p == Some((*root, Some(*i))))
+                && self
+                    .devices
+                    .get(*root)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|d| d.name() == spec.name);
+            if same {
+                self.check_epoch(epoch)?;
+                return Ok(*root);
+            }
+        }
         let mut roots = Vec::new();
-        for &d in &spec.drives {
+        for (i, &d) in spec.drives.iter().enumerate() {
+            if d == MISSING_DRIVE {
+                if spec.states.get(i) != Some(&MemberState::Failed) {
+                    return Err(format!("member {i} is missing but not failed"));
+                }
+                roots.push(usize::MAX);
+                continue;
+            }
             let loc = self.drive_loc.get(d as usize).copied();
             let Some((root, None)) = loc else {
                 return Err(format!("drive {d} is not a free drive"));
@@ -629,10 +664,24 @@ impl Engine {
             }
             roots.push(root);
         }
+        // A missing member takes the geometry of the first present one.
+        let Some(model) = roots
+            .iter()
+            .find(|&&r| r != usize::MAX)
+            .and_then(|&r| self.devices.get(r).and_then(Option::as_ref))
+            .map(|d| (d.block_size(), d.size()))
+        else {
+            return Err("no member of the pool is present".into());
+        };
         let geometry: Vec<(String, u32, u64)> = roots
             .iter()
-            .filter_map(|&r| self.devices.get(r).and_then(Option::as_ref))
-            .map(|d| (d.name().to_owned(), d.block_size(), d.size()))
+            .enumerate()
+            .map(
+                |(i, &r)| match self.devices.get(r).and_then(Option::as_ref) {
+                    Some(d) => (d.name().to_owned(), d.block_size(), d.size()),
+                    None => (format!("{}-missing-{i}", spec.name), model.0, model.1),
+                },
+            )
             .collect();
         RaidBdev::check(
             &spec.name,
@@ -646,7 +695,13 @@ impl Engine {
         .map_err(|e| e.to_string())?;
         let members: Vec<BdevBox> = roots
             .iter()
-            .filter_map(|&r| self.devices.get_mut(r).and_then(Option::take))
+            .zip(&geometry)
+            .map(
+                |(&r, g)| match self.devices.get_mut(r).and_then(Option::take) {
+                    Some(d) => d,
+                    None => Box::new(MissingBdev::new(&g.0, g.1, g.2)) as BdevBox,
+                },
+            )
             .collect();
         let raid = RaidBdev::new(
             &spec.name,
@@ -664,6 +719,9 @@ impl Engine {
             raid.hold_until_recorded(spec.hold_until_recorded),
         )));
         for (m, &d) in spec.drives.iter().enumerate() {
+            if d == MISSING_DRIVE {
+                continue;
+            }
             if let Some(loc) = self.drive_loc.get_mut(d as usize) {
                 *loc = (index, Some(m));
             }

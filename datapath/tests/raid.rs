@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::{pattern, Node, Setup};
-use duplex_datapath::bdev::{BdevBox, Event, FileBdev, NvmeBdev, RaidBdev, RaidLevel};
-use duplex_datapath::control::PoolSpec;
+use duplex_datapath::bdev::{BdevBox, Event, FileBdev, MemberState, NvmeBdev, RaidBdev, RaidLevel};
+use duplex_datapath::control::{PoolSpec, MISSING_DRIVE};
 use duplex_datapath::drives::{Drive as NvmeDrive, DriveFds};
 use duplex_datapath::map::VolumeMap;
 use duplex_datapath::Volume;
@@ -424,8 +424,12 @@ fn pools_and_volumes_are_published_at_run_time_and_raw_drives_stay_reachable() {
     let ctl = node.control.clone();
     let pool = ctl.publish_pool(5, mirror_spec(false)).unwrap();
     assert_eq!(pool, 2);
-    // The drives are taken: a second pool over them is refused; so is an older epoch.
-    let e = ctl.publish_pool(5, mirror_spec(false)).unwrap_err();
+    // The same pool again is the same device (a replay); another pool over its drives is
+    // refused; so is an older epoch.
+    assert_eq!(ctl.publish_pool(5, mirror_spec(false)).unwrap(), pool);
+    let mut other = mirror_spec(false);
+    other.name = "pool1".into();
+    let e = ctl.publish_pool(5, other).unwrap_err();
     assert!(e.contains("not a free drive"), "{e}");
     let status = ctl.status().unwrap();
     assert_eq!(status.len(), 1, "{status:?}");
@@ -517,6 +521,49 @@ fn writes_after_a_member_fails_wait_until_the_failure_is_recorded() {
     assert_eq!(done[&tag].desc.status, STATUS_SUCCESS);
     assert_eq!(done[&tag2].desc.status, STATUS_SUCCESS);
     verify_run(&mut node, 0, 2, 2);
+    let stats = node.stop();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+}
+
+#[test]
+fn a_pool_with_a_missing_member_serves_degraded_and_a_replayed_publish_is_the_same_device() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let mut node = raw_node(&drives);
+    let ctl = node.control.clone();
+    let mut spec = mirror_spec(false);
+    spec.drives = vec![MISSING_DRIVE, 1];
+    let e = ctl.publish_pool(1, spec.clone()).unwrap_err();
+    assert!(e.contains("missing but not failed"), "{e}");
+    spec.states = vec![MemberState::Failed, MemberState::Active];
+    let pool = ctl.publish_pool(1, spec.clone()).unwrap();
+    assert_eq!(ctl.publish_pool(1, spec.clone()).unwrap(), pool, "a replay");
+    let mut other = spec.clone();
+    other.name = "other".into();
+    assert!(ctl.publish_pool(1, other).is_err(), "drive 1 is taken");
+    let blocks = DATA_LEN / u64::from(BS);
+    ctl.publish_volumes(
+        1,
+        vec![VolumeMap {
+            id: 1,
+            name: "vol1".into(),
+            block_size: BS,
+            blocks,
+            extents: vec![duplex_datapath::map::Extent {
+                start: 0,
+                blocks,
+                device: pool,
+                device_offset: 0,
+            }],
+        }],
+    )
+    .unwrap();
+    node.fabric[0].block_sizes.insert(1, BS);
+    write_run(&mut node, 0, 32, 1, |_| {});
+    verify_run(&mut node, 0, 32, 1);
+    // Drive 0 is still free: raw I/O reaches it, and it never got pool data.
+    let d = node.fabric[1].read_sync(0, DATA_OFFSET / u64::from(BS), IO_BLOCKS);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    assert!(d.data.as_deref() != Some(&payload(0, 1)[..]));
     let stats = node.stop();
     assert_eq!(stats.errors, 0, "{stats:?}");
 }

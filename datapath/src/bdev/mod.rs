@@ -34,10 +34,12 @@ use duplex_ipc::pool::Pool;
 use crate::uring::Uring;
 
 mod file;
+mod missing;
 mod nvme;
 mod raid;
 
 pub use file::FileBdev;
+pub use missing::MissingBdev;
 pub use nvme::NvmeBdev;
 pub use raid::{MemberState, RaidBdev, RaidError, RaidLevel};
 
