@@ -172,6 +172,9 @@ struct ChannelState {
     raw: bool,
 }
 
+/// Where a raw drive is: root device `r`, or member `m` of root `r`.
+type DriveLoc = (usize, Option<usize>);
+
 /// The datapath engine. See the module docs.
 #[derive(Debug)]
 pub struct Engine {
@@ -182,7 +185,7 @@ pub struct Engine {
     /// Raw drives for privileged channels: a map per drive id whose extent names the drive id.
     raw_maps: Vec<VolumeMap>,
     /// Where each raw drive is: a root, or member `m` of a root.
-    drive_loc: Vec<(usize, Option<usize>)>,
+    drive_loc: Vec<DriveLoc>,
     /// Epoch of the maps now served.
     epoch: u64,
     inlet: Inlet,
@@ -613,12 +616,12 @@ impl Engine {
         }
         // Published already (a restarted control plane replays its decisions): the same
         // device, if it is the same pool over the same drives.
-        let placed: Vec<Option<(usize, Option<usize>)>> = spec
+        let placed: Vec<Option<DriveLoc>> = spec
             .drives
             .iter()
             .map(|&d| self.drive_loc.get(d as usize).copied())
             .collect();
-        let present: Vec<(usize, &Option<(usize, Option<usize>)>)> = placed
+        let present: Vec<(usize, &Option<DriveLoc>)> = placed
             .iter()
             .enumerate()
             .filter(|(i, _)| spec.drives[*i] != MISSING_DRIVE)
