@@ -23,6 +23,7 @@ pub mod admin;
 pub mod control;
 pub mod desc;
 pub mod doorbell;
+pub mod exports;
 pub mod lifecycle;
 pub mod pool;
 pub mod region;

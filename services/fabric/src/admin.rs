@@ -2,15 +2,17 @@
 
 use std::rc::Rc;
 
+use duplex_ipc::exports::MAX_ANA_GROUP;
 use duplex_ipc::topology::ListenerKind;
 use duplex_nvme::cmd::{GetLogPage, Sqe};
 use duplex_nvme::identify::{self, ControllerInfo, ControllerType, NamespaceInfo};
 use duplex_nvme::log::{self, effects, AnaGroup, DiscoveryEntry};
-use duplex_nvme::spec::{admin, ana, cns, feat, io, lid};
+use duplex_nvme::spec::{admin, aen, ana, cns, feat, io, lid};
 use duplex_nvme::status::{generic, specific};
 
 use crate::conn::{DataIn, Queue, Reply, IN_CAPSULE_DATA, MAX_TRANSFER, MDTS};
 use crate::controller::{Controller, AER_LIMIT, KAS, MAX_IO_QUEUES, QUEUE_ENTRIES, VERSION};
+use crate::target::Target;
 
 /// Firmware revision reported (the crate version).
 pub const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
@@ -38,10 +40,18 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
     }
 }
 
-/// Identify Controller content for `ctrl`.
-pub fn controller_info(ctrl: &Controller) -> ControllerInfo {
+/// Identify Controller content for `ctrl`. OAES reports Namespace Attribute Notices (bit 8)
+/// and ANA Change Notices (bit 11) on I/O controllers, Discovery Log Page Change Notices
+/// (bit 31) on discovery controllers. ANAGRPMAX (and NANAGRPID) bound every ANA group id the
+/// subsystem may use: [`MAX_ANA_GROUP`] for an exported subsystem, the node's group otherwise.
+pub fn controller_info(target: &Target, ctrl: &Controller) -> ControllerInfo {
     let s = &ctrl.subsys;
     let io = !s.discovery;
+    let ana_groups = if s.exported {
+        MAX_ANA_GROUP.max(target.topology.ana_group)
+    } else {
+        target.topology.ana_group.max(1)
+    };
     ControllerInfo {
         vendor_id: 0,
         serial: s.serial.clone(),
@@ -66,8 +76,8 @@ pub fn controller_info(ctrl: &Controller) -> ControllerInfo {
         elpe: 0,
         kas: KAS,
         anatt: if io { ANATT } else { 0 },
-        ana_groups: 1,
-        nn: s.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0),
+        ana_groups,
+        nn: s.max_nsid(),
         maxcmd: QUEUE_ENTRIES,
         oncs: if io {
             identify::ONCS_COMPARE | identify::ONCS_DSM | identify::ONCS_WRITE_ZEROES
@@ -87,13 +97,16 @@ fn identify(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
     let s = &ctrl.subsys;
     let ns = || s.namespace(sqe.nsid);
     match cns {
-        cns::CONTROLLER => Reply::data(identify::controller(&controller_info(ctrl))),
+        cns::CONTROLLER => Reply::data(identify::controller(&controller_info(
+            &q.shared.target,
+            ctrl,
+        ))),
         cns::NAMESPACE if !s.discovery => match ns() {
             Some(n) => Reply::data(identify::namespace(&NamespaceInfo {
-                blocks: n.volume.blocks,
-                used: n.volume.blocks,
-                block_size: n.volume.block_size,
-                ana_group: q.shared.target.topology.ana_group,
+                blocks: n.blocks,
+                used: n.blocks,
+                block_size: n.block_size,
+                ana_group: n.ana_group,
                 nguid: n.nguid,
                 shared: true,
             })),
@@ -104,7 +117,7 @@ fn identify(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
                 return Reply::status(generic::INVALID_NS);
             }
             Reply::data(identify::active_ns_list(
-                s.namespaces.iter().map(|n| n.nsid),
+                s.namespaces().iter().map(|n| n.nsid),
                 sqe.nsid,
             ))
         }
@@ -138,14 +151,7 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
         (lid::ERROR, _) => log::error_info(1),
         (lid::SMART, false) => log::smart(&target.health()),
         (lid::FW_SLOT, false) => log::firmware_slot(FIRMWARE),
-        (lid::CHANGED_NS, false) => {
-            let list = if g.rae {
-                ctrl.changed_ns.borrow().clone()
-            } else {
-                std::mem::take(&mut *ctrl.changed_ns.borrow_mut())
-            };
-            log::changed_ns_list(&list)
-        }
+        (lid::CHANGED_NS, false) => log::changed_ns_list(&ctrl.changed_namespaces()),
         (lid::CMD_EFFECTS, false) => log::command_effects(
             &[
                 admin::GET_LOG_PAGE,
@@ -167,19 +173,58 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
             ],
         ),
         (lid::ANA, false) => {
-            let groups = [AnaGroup {
-                id: target.topology.ana_group,
-                state: ana::OPTIMIZED,
-                nsids: s.namespaces.iter().map(|n| n.nsid).collect(),
-            }];
+            let namespaces = s.namespaces();
+            let mut ids: Vec<u32> = namespaces.iter().map(|n| n.ana_group).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let groups: Vec<AnaGroup> = ids
+                .into_iter()
+                .map(|id| AnaGroup {
+                    id,
+                    state: ana::OPTIMIZED,
+                    nsids: namespaces
+                        .iter()
+                        .filter(|n| n.ana_group == id)
+                        .map(|n| n.nsid)
+                        .collect(),
+                })
+                .collect();
+            // A subsystem without namespaces still reports the node's group (as hosts read
+            // the log before any namespace exists).
+            let groups = if groups.is_empty() {
+                vec![AnaGroup {
+                    id: target.topology.ana_group,
+                    state: ana::OPTIMIZED,
+                    nsids: Vec::new(),
+                }]
+            } else {
+                groups
+            };
             log::ana(target.ana_change_count(), &groups, g.lsp & 1 != 0)
         }
         _ => return Reply::status(specific::INVALID_LOG_PAGE),
     };
-    match log::window(&page, g.offset, len) {
-        Some(d) => Reply::data(d),
-        None => Reply::status(generic::INVALID_FIELD),
+    let Some(data) = log::window(&page, g.offset, len) else {
+        return Reply::status(generic::INVALID_FIELD);
+    };
+    // What reading a log page clears, now that the read succeeded. The Changed Namespace List
+    // lists what changed since it was last read (whatever RAE says: RAE is about the event),
+    // counted as read once a read reaches its end; RAE cleared unmasks the page's notices.
+    let notice = match g.lid {
+        lid::CHANGED_NS => {
+            if g.offset.saturating_add(g.len) >= page.len() as u64 {
+                ctrl.clear_changed_namespaces();
+            }
+            aen::CFG_NS_ATTR
+        }
+        lid::ANA => aen::CFG_ANA_CHANGE,
+        lid::DISCOVERY => aen::CFG_DISC_CHANGE,
+        _ => 0,
+    };
+    if !g.rae && notice != 0 {
+        ctrl.clear_notice(notice);
     }
+    Reply::data(data)
 }
 
 /// The discovery log as `ctrl`'s host may see it: every subsystem that allows the host, at
@@ -196,7 +241,7 @@ fn discovery_entries(q: &Queue, ctrl: &Controller) -> Vec<DiscoveryEntry> {
         (ip.to_string(), p.addr.port().to_string(), ip.is_ipv6())
     };
     let mut out = Vec::new();
-    for s in &target.subsystems {
+    for s in target.subsystems() {
         if !s.allows(&ctrl.hostnqn) {
             continue;
         }

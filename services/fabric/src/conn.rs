@@ -1319,7 +1319,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
     if subsys.discovery {
         return bad_field(42);
     }
-    let Some(ctrl) = target.controller(cd.cntlid) else {
+    let Some(ctrl) = target.controller(cd.cntlid).filter(|c| c.alive()) else {
         return bad_data(specific::CONNECT_INVALID_PARAM, 16);
     };
     if ctrl.subsys.nqn != subsys.nqn {

@@ -7,7 +7,7 @@ use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use duplex_nvme::spec::prop;
+use duplex_nvme::spec::{aen, lid, prop};
 use tokio::sync::{watch, Notify};
 
 use crate::target::Subsystem;
@@ -38,7 +38,14 @@ pub enum Teardown {
     KeepAliveExpired,
     /// The fabric is shutting down.
     Shutdown,
+    /// Its subsystem left the export table.
+    Removed,
+    /// Its host is no longer allowed on its subsystem.
+    Denied,
 }
+
+/// Most entries of the Changed Namespace List log page; past that it reports FFFFFFFFh.
+pub const CHANGED_NS_ENTRIES: usize = 1024;
 
 /// A controller.
 #[derive(Debug)]
@@ -67,8 +74,12 @@ pub struct Controller {
     pub aers: Cell<usize>,
     events: RefCell<VecDeque<u32>>,
     event_ready: Notify,
-    /// Namespaces changed since the host last read the Changed Namespace List.
-    pub changed_ns: RefCell<Vec<u32>>,
+    /// Notice classes (their Asynchronous Event Configuration bits) reported and not yet
+    /// cleared by the host reading their log page with RAE cleared: masked meanwhile.
+    masked: Cell<u32>,
+    /// Namespaces changed since the host last read the Changed Namespace List, ascending; one
+    /// more than [`CHANGED_NS_ENTRIES`] means "more than fit".
+    changed_ns: RefCell<Vec<u32>>,
     last_traffic: Cell<Instant>,
     teardown: watch::Sender<Teardown>,
 }
@@ -97,6 +108,7 @@ impl Controller {
             aers: Cell::new(0),
             events: RefCell::new(VecDeque::new()),
             event_ready: Notify::new(),
+            masked: Cell::new(0),
             changed_ns: RefCell::new(Vec::new()),
             last_traffic: Cell::new(Instant::now()),
             teardown: watch::channel(Teardown::Alive).0,
@@ -173,6 +185,11 @@ impl Controller {
         });
     }
 
+    /// Whether the controller has not been torn down.
+    pub fn alive(&self) -> bool {
+        *self.teardown.borrow() == Teardown::Alive
+    }
+
     /// A receiver that sees the teardown.
     pub fn watch(&self) -> watch::Receiver<Teardown> {
         self.teardown.subscribe()
@@ -185,6 +202,63 @@ impl Controller {
         }
         self.events.borrow_mut().push_back(dword0);
         self.event_ready.notify_one();
+    }
+
+    /// Queues a notice (event type 2h) with `info` and `log_page` if its class, the
+    /// Asynchronous Event Configuration bit `enabled_by`, is enabled and not masked; masks the
+    /// class until the host reads `log_page` with RAE cleared ([`Controller::clear_notice`]).
+    /// Returns whether it was queued.
+    pub fn raise_notice(&self, info: u32, log_page: u8, enabled_by: u32) -> bool {
+        if self.aec.get() & enabled_by == 0 || self.masked.get() & enabled_by != 0 {
+            return false;
+        }
+        self.masked.set(self.masked.get() | enabled_by);
+        self.events
+            .borrow_mut()
+            .push_back(aen::dword0(aen::TYPE_NOTICE, info, log_page));
+        self.event_ready.notify_one();
+        true
+    }
+
+    /// The host read the log page of notice class `enabled_by` with RAE cleared: the class is
+    /// reported again.
+    pub fn clear_notice(&self, enabled_by: u32) {
+        self.masked.set(self.masked.get() & !enabled_by);
+    }
+
+    /// Namespaces `nsids` were added, removed or changed: they join the Changed Namespace List
+    /// (whether or not the event is enabled: the log page is not) and a Namespace Attribute
+    /// Changed notice is raised (if enabled and not masked).
+    pub fn namespaces_changed(&self, nsids: &[u32]) {
+        {
+            let mut list = self.changed_ns.borrow_mut();
+            for &id in nsids {
+                if list.len() > CHANGED_NS_ENTRIES {
+                    break;
+                }
+                if let Err(at) = list.binary_search(&id) {
+                    list.insert(at, id);
+                }
+            }
+        }
+        if self.raise_notice(aen::NOTICE_NS_CHANGED, lid::CHANGED_NS, aen::CFG_NS_ATTR) {
+            tracing::debug!(
+                cntlid = self.cntlid,
+                ?nsids,
+                "namespace attribute changed notice queued"
+            );
+        }
+    }
+
+    /// The Changed Namespace List as it stands (ascending ids; longer than
+    /// [`CHANGED_NS_ENTRIES`] when more changed than fit).
+    pub fn changed_namespaces(&self) -> Vec<u32> {
+        self.changed_ns.borrow().clone()
+    }
+
+    /// The host read the Changed Namespace List: it starts afresh.
+    pub fn clear_changed_namespaces(&self) {
+        self.changed_ns.borrow_mut().clear();
     }
 
     /// Waits for the next asynchronous event.

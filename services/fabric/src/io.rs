@@ -58,6 +58,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
     let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {
         return false;
     };
+    let ns = &ns;
     let (slba, nlb) = (sqe.slba(), sqe.nlb());
     let Ok(bytes) = range(ns, slba, nlb) else {
         return false;
@@ -178,7 +179,7 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
     if sqe.opcode == io::FLUSH {
         return flush(&backend, ctrl, &sqe).await.into();
     }
-    let Some(ns) = ctrl.subsys.namespace(sqe.nsid).cloned() else {
+    let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {
         return Reply::status(generic::INVALID_NS);
     };
     match sqe.opcode {
@@ -204,10 +205,10 @@ fn write_flags(ctrl: &Controller, sqe: &Sqe) -> u8 {
 /// Checks `slba + nlb` against the namespace and returns the byte length.
 fn range(ns: &Namespace, slba: u64, nlb: u32) -> Result<usize, Status> {
     let end = slba.checked_add(u64::from(nlb)).ok_or(generic::LBA_RANGE)?;
-    if end > ns.volume.blocks {
+    if end > ns.blocks {
         return Err(generic::LBA_RANGE);
     }
-    Ok(nlb as usize * ns.volume.block_size as usize)
+    Ok(nlb as usize * ns.block_size as usize)
 }
 
 fn backend_error(e: BackendError) -> Status {
@@ -218,7 +219,7 @@ fn backend_error(e: BackendError) -> Status {
 fn desc(op: u8, ns: &Namespace, lba: u64, blocks: u32) -> IoDesc {
     IoDesc {
         opcode: op,
-        volume: ns.volume.id,
+        volume: ns.volume,
         lba,
         blocks,
         buf: NIL,
@@ -404,7 +405,7 @@ async fn flush(backend: &Backend, ctrl: &Controller, sqe: &Sqe) -> Status {
         u32::MAX
     } else {
         match ctrl.subsys.namespace(sqe.nsid) {
-            Some(ns) => ns.volume.id,
+            Some(ns) => ns.volume,
             None => return generic::INVALID_NS,
         }
     };

@@ -3,7 +3,7 @@
 //! The fabric service accepts hosts on the listeners duplexd bound for it, speaks NVMe/TCP
 //! (ICReq/ICResp, command and response capsules, in-capsule data, R2T/H2CData, C2HData, header
 //! and data digests), serves the discovery subsystem and the NVM subsystems of the node's
-//! topology through the dynamic controller model (one controller per admin Connect, host NQN
+//! topology (and of the export table, which changes at run time) through the dynamic controller model (one controller per admin Connect, host NQN
 //! allow-lists, keep-alive enforced, asynchronous events, ANA reporting), and turns I/O
 //! commands into descriptors on the datapath's rings, with data in the shared buffer pool.
 //!
@@ -14,7 +14,8 @@
 //! * [`admin`]: admin commands (Identify, logs, features, AER, keep alive) and discovery.
 //! * [`io`]: NVM I/O commands → datapath descriptors.
 //! * [`backend`]: the ring and pool client of the datapath channel.
-//! * [`target`]: subsystems, namespaces, ports, the controller registry.
+//! * [`target`]: subsystems, namespaces, ports, the controller registry; merging export tables.
+//! * [`exports`]: the export table feed (the exports region and its doorbell).
 //!
 //! Everything runs on one thread (a tokio current-thread runtime): connections and commands are
 //! tasks, shared state lives in `Rc`/`RefCell`, and nothing is locked.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod backend;
 pub mod conn;
 pub mod controller;
+pub mod exports;
 pub mod io;
 pub mod server;
 pub mod service;

@@ -5,6 +5,13 @@
 //! `listener:NAME` per topology listener (bound and listening, opened by duplexd: a restarted
 //! fabric accepts on the very same sockets, so hosts reconnect to the same address).
 //!
+//! Optional: `exports`, the exports region ([`duplex_ipc::exports`]), and `exports-bell`, the
+//! eventfd its writer rings after each publish. With them the fabric reads the current export
+//! table before it says Ready (fresh start or restart alike) and again on every ring
+//! ([`crate::exports::ExportsFeed`]); without them it serves the static topology alone. The
+//! region is mapped and the bell registered with the reactor before the sandbox is entered:
+//! following the table needs no system call the policy does not already allow.
+//!
 //! A restarted fabric (`StartMode::Restart`) reclaims the buffers its predecessor held and
 //! drops completions addressed to it; hosts lose their connections and reconnect.
 
@@ -18,6 +25,7 @@ use anyhow::{anyhow, Context};
 use duplex_ipc::control::StartMode;
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::Doorbell;
+use duplex_ipc::exports::{ExportsRegion, EXPORTS_BELL_RESOURCE, EXPORTS_RESOURCE};
 use duplex_ipc::lifecycle::{self, Control, Health, Next, Started};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, WaitPolicy};
@@ -25,6 +33,7 @@ use duplex_ipc::topology::{Topology, ROLE_FABRIC, TOPOLOGY_RESOURCE};
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
+use crate::exports::ExportsFeed;
 use crate::server::{self, Listener};
 use crate::target::{Port, Target};
 
@@ -38,6 +47,8 @@ struct Parts {
     submit: Option<Producer<IoDesc>>,
     complete: Option<Consumer<IoDesc>>,
     listeners: Vec<(std::net::TcpListener, Port)>,
+    exports: Option<ExportsRegion>,
+    exports_bell: Option<Doorbell>,
 }
 
 fn take(started: &mut Started, name: &str) -> anyhow::Result<OwnedFd> {
@@ -100,6 +111,16 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
             },
         ));
     }
+    let exports = started
+        .take(EXPORTS_RESOURCE)
+        .map(|h| ExportsRegion::attach(h.fd))
+        .transpose()
+        .context("exports region")?;
+    let exports_bell = started
+        .take(EXPORTS_BELL_RESOURCE)
+        .map(|h| Doorbell::from_fd(h.fd))
+        .transpose()
+        .context("exports doorbell")?;
     Ok(Parts {
         health,
         topology,
@@ -107,6 +128,8 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
         submit,
         complete,
         listeners,
+        exports,
+        exports_bell,
     })
 }
 
@@ -131,6 +154,8 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         submit,
         complete,
         listeners,
+        exports,
+        exports_bell,
     } = parts;
     let restart = started.mode == StartMode::Restart;
     let backend = match (pool, submit, complete) {
@@ -150,6 +175,21 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         });
     }
     let target = Rc::new(Target::new(topology, ports));
+    match (exports, exports_bell) {
+        (Some(region), bell) => {
+            if bell.is_none() {
+                tracing::warn!("no `{EXPORTS_BELL_RESOURCE}`: the export table is read once");
+            }
+            let feed =
+                ExportsFeed::new(region, bell).context("cannot watch the exports doorbell")?;
+            feed.refresh(&target);
+            tokio::task::spawn_local(feed.run(Rc::clone(&target)));
+        }
+        (None, Some(_)) => {
+            tracing::warn!("`{EXPORTS_BELL_RESOURCE}` without `{EXPORTS_RESOURCE}`: ignored");
+        }
+        (None, None) => {}
+    }
     let started = Arc::new(started);
     let (tx, mut events) = mpsc::unbounded_channel();
     lifecycle::spawn_control_thread(Arc::clone(&started), move |_, event| tx.send(event).is_ok())
@@ -169,7 +209,8 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
     tracing::info!(
         generation = started.generation,
         mode = ?started.mode,
-        subsystems = target.subsystems.len(),
+        subsystems = target.subsystems().len(),
+        exports_generation = target.exports_generation(),
         "fabric ready"
     );
     let stop = async {

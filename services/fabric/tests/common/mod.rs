@@ -2,7 +2,9 @@
 //! memory "datapath" thread at the other end of the rings, and a small blocking NVMe/TCP host.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,9 +12,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use duplex_fabric::backend::Backend;
+use duplex_fabric::exports::ExportsFeed;
 use duplex_fabric::server::{self, Listener};
 use duplex_fabric::target::{Port, Target};
 use duplex_ipc::desc::{self, IoDesc};
+use duplex_ipc::doorbell::Doorbell;
+use duplex_ipc::exports::ExportsRegion;
 use duplex_ipc::pool::{BufHandle, Holder, Pool, NIL};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, StartMode, WaitPolicy};
 use duplex_ipc::topology::*;
@@ -69,7 +74,9 @@ pub fn topology() -> Topology {
     }
 }
 
-/// The fabric on a thread plus a memory datapath.
+/// The fabric on a thread plus a memory datapath. The datapath serves every volume id from a
+/// disk of its own (`BLOCKS` blocks of `BS` bytes, made on first use), so a namespace's I/O
+/// lands on the volume the topology or export table names.
 pub struct Harness {
     pub addr: SocketAddr,
     /// A view of the shared pool (to count what is in use).
@@ -82,6 +89,12 @@ pub struct Harness {
 
 impl Harness {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts the fabric with an exports region (and the doorbell its writer rings), as the
+    /// service does: the table is read before the first host is served, then on every ring.
+    pub fn start_with(exports: Option<(OwnedFd, Option<Doorbell>)>) -> Self {
         let sq = RingRegion::<IoDesc>::create("sq", 64, 1).expect("ring");
         let cq = RingRegion::<IoDesc>::create("cq", 64, 2).expect("ring");
         let (sq_data, sq_space) = ring::doorbells().expect("bells");
@@ -150,6 +163,12 @@ impl Harness {
                     kind: ListenerKind::Nvme,
                 };
                 let target = Rc::new(Target::new(topology(), vec![port.clone()]));
+                if let Some((fd, bell)) = exports {
+                    let region = ExportsRegion::attach(fd).expect("exports region");
+                    let feed = ExportsFeed::new(region, bell).expect("exports feed");
+                    feed.refresh(&target);
+                    tokio::task::spawn_local(feed.run(target.clone()));
+                }
                 let l = Listener {
                     socket: tokio::net::TcpListener::from_std(listener).expect("listener"),
                     port,
@@ -199,7 +218,7 @@ fn memory_datapath(
     mut cq: Producer<IoDesc>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut disk = vec![0u8; (BLOCKS * u64::from(BS)) as usize];
+    let mut disks: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut batch = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         batch.clear();
@@ -215,7 +234,20 @@ fn memory_datapath(
             }
             let off = (d.lba * u64::from(BS)) as usize;
             let len = d.blocks as usize * BS as usize;
-            d.status = if off + len > disk.len() && d.opcode != desc::OP_FLUSH {
+            // A flush names no disk (it may name every volume: u32::MAX).
+            let flush = d.opcode == desc::OP_FLUSH;
+            let volume = if flush { u32::MAX } else { d.volume };
+            let disk = disks.entry(volume).or_insert_with(|| {
+                vec![
+                    0u8;
+                    if flush {
+                        0
+                    } else {
+                        (BLOCKS * u64::from(BS)) as usize
+                    }
+                ]
+            });
+            d.status = if off + len > disk.len() && !flush {
                 desc::STATUS_LBA_OUT_OF_RANGE
             } else {
                 match d.opcode {
