@@ -14,11 +14,17 @@
 //! 3. sends the request and waits for its answer.
 //!
 //! A connection that drops before step 3 is retried (reconnect) for every request, until the
-//! timeout. One that drops after step 3 is retried only for idempotent requests (status, list);
-//! for restart and crash the outcome is unknown ([`ClientError::Interrupted`]), unless the target
-//! was mgmt itself, whose going down is the expected outcome ([`Outcome::MgmtWentDown`]). When
-//! the time runs out without an answer, `<state_dir>/duplexd.lock` says whether duplexd is alive
-//! ([`ClientError::Restarting`]) or not ([`ClientError::NotAnswering`]).
+//! timeout. One that drops after step 3 is retried only for idempotent requests (status, list,
+//! and the storage configuration requests that only read: drive, pool, volume and subsystem
+//! lists, pool show); for restart, crash and the configuration changes the outcome is unknown
+//! ([`ClientError::Interrupted`]), unless the target was mgmt itself, whose going down is the
+//! expected outcome ([`Outcome::MgmtWentDown`]). When the time runs out without an answer,
+//! `<state_dir>/duplexd.lock` says whether duplexd is alive ([`ClientError::Restarting`]) or not
+//! ([`ClientError::NotAnswering`]).
+//!
+//! A configuration request, once sent, is given at least [`CONFIG_ANSWER_WAIT`] to be answered
+//! (mgmt itself waits up to [`crate::server::CONFIG_TIMEOUT`] for the metadata service, whose
+//! commits flush drives), whatever the timeout for reaching mgmt.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,7 @@ use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use duplex_ipc::admin::{
     read_service, read_status, CrashMode, NodeStatus, ServiceInfo, MAX_SERVICES,
 };
+use duplex_ipc::config::{ConfigErrorKind, ConfigReply, ConfigRequest};
 use duplex_schemas::mgmt_capnp::management;
 use tokio::time::Instant;
 
@@ -41,6 +48,10 @@ const TRAVERSAL_LIMIT_WORDS: usize = 1024 * 1024;
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Longest pause between reconnects.
 const MAX_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// The least time a sent configuration request is given to be answered: mgmt's own wait for
+/// the metadata service, and a margin.
+pub const CONFIG_ANSWER_WAIT: Duration =
+    Duration::from_secs(crate::server::CONFIG_TIMEOUT.as_secs() + 5);
 
 /// One management call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,19 +69,33 @@ pub enum Request {
         /// How.
         mode: CrashMode,
     },
+    /// A storage configuration request, for the metadata service.
+    Config(ConfigRequest),
 }
 
 impl Request {
     /// Whether repeating the request is harmless (it only reads).
     pub fn idempotent(&self) -> bool {
-        matches!(self, Self::Status | Self::ListServices)
+        match self {
+            Self::Status | Self::ListServices => true,
+            Self::Config(request) => request.is_read_only(),
+            Self::Restart(_) | Self::Crash { .. } => false,
+        }
     }
 
     /// The service the request acts on.
     pub fn target(&self) -> Option<&str> {
         match self {
             Self::Restart(name) | Self::Crash { name, .. } => Some(name),
-            Self::Status | Self::ListServices => None,
+            Self::Status | Self::ListServices | Self::Config(_) => None,
+        }
+    }
+
+    /// How long the answer may take once the request is sent, given the client's `timeout`.
+    pub fn answer_wait(&self, timeout: Duration) -> Duration {
+        match self {
+            Self::Config(_) => timeout.max(CONFIG_ANSWER_WAIT),
+            _ => timeout,
         }
     }
 
@@ -89,6 +114,9 @@ pub enum Answer {
     Services(Vec<ServiceInfo>),
     /// To [`Request::Restart`] and [`Request::Crash`]: what the supervisor did.
     Done(String),
+    /// To [`Request::Config`]: the metadata service's reply, never an error (that is
+    /// [`ClientError::Config`]), and one that fits the request.
+    Config(ConfigReply),
 }
 
 /// How a call ended well.
@@ -164,6 +192,14 @@ pub enum ClientError {
     /// mgmt refused or failed the request; its message.
     #[error("{0}")]
     Remote(String),
+    /// The metadata service refused or failed a configuration request; nothing was changed.
+    #[error("{message}")]
+    Config {
+        /// Class.
+        kind: ConfigErrorKind,
+        /// Its message, on one line.
+        message: String,
+    },
     /// The answer made no sense.
     #[error("bad answer from mgmt: {0}")]
     Protocol(String),
@@ -205,6 +241,12 @@ async fn call_async(target: &Target, request: &Request) -> Result<Outcome, Clien
     let mut pause = FIRST_RETRY_PAUSE;
     loop {
         match attempt(target, request, deadline).await? {
+            Attempt::Answer(Answer::Config(ConfigReply::Error { kind, message })) => {
+                return Err(ClientError::Config {
+                    kind,
+                    message: crate::server::one_line(&message),
+                })
+            }
             Attempt::Answer(a) => return Ok(Outcome::Answer(a)),
             Attempt::Remote(m) => return Err(ClientError::Remote(m)),
             Attempt::Protocol(m) => return Err(ClientError::Protocol(m)),
@@ -221,7 +263,7 @@ async fn call_async(target: &Target, request: &Request) -> Result<Outcome, Clien
                 return if hang && request.stops_mgmt() {
                     Ok(Outcome::MgmtWentDown)
                 } else {
-                    Err(ClientError::Unanswered(target.timeout))
+                    Err(ClientError::Unanswered(request.answer_wait(target.timeout)))
                 };
             }
             Attempt::TimedOut { .. } => return Err(diagnose(target)),
@@ -293,6 +335,8 @@ async fn exchange(client: &management::Client, request: &Request, deadline: Inst
             Ok(Ok(())) => {}
         }
     }
+    // Once sent, a request may take longer than reaching mgmt did (configuration commits).
+    let deadline = deadline.max(Instant::now() + request.answer_wait(Duration::ZERO));
     match tokio::time::timeout_at(deadline, send(client, request)).await {
         Err(_) => Attempt::TimedOut { sent: true },
         Ok(Ok(answer)) => Attempt::Answer(answer),
@@ -376,6 +420,24 @@ async fn send(client: &management::Client, request: &Request) -> Result<Answer, 
             call.get().set_mode((*mode).into());
             let reply = call.send().promise.await?;
             Ok(Answer::Done(text(reply.get()?.get_message())?))
+        }
+        Request::Config(request) => {
+            let mut call = client.config_request();
+            request.write_body(call.get().init_request());
+            let reply = call.send().promise.await?;
+            let reply = reply.get()?;
+            if !reply.has_reply() {
+                return Err(bad("a config answer without a reply"));
+            }
+            let reply = ConfigReply::read_body(reply.get_reply()?).map_err(bad)?;
+            if !reply.answers(request) {
+                return Err(bad(format!(
+                    "mgmt answered {} with {}",
+                    request.kind_name(),
+                    reply.kind_name()
+                )));
+            }
+            Ok(Answer::Config(reply))
         }
     }
 }
@@ -477,6 +539,23 @@ mod tests {
         assert!(!crash.idempotent());
         assert!(crash.stops_mgmt());
         assert!(!Request::Restart("fabric".into()).stops_mgmt());
+        assert!(Request::Config(ConfigRequest::ListPools).idempotent());
+        assert!(Request::Config(ConfigRequest::ShowPool("tank".into())).idempotent());
+        assert!(!Request::Config(ConfigRequest::DeleteVolume("v".into())).idempotent());
+        assert!(!Request::Config(ConfigRequest::ListDrives).stops_mgmt());
+    }
+
+    #[test]
+    fn config_requests_get_time_for_a_commit() {
+        let short = Duration::from_secs(1);
+        let config = Request::Config(ConfigRequest::DeleteVolume("v".into()));
+        assert_eq!(config.answer_wait(short), CONFIG_ANSWER_WAIT);
+        assert_eq!(
+            config.answer_wait(Duration::from_secs(99)),
+            Duration::from_secs(99)
+        );
+        assert_eq!(Request::Status.answer_wait(short), short);
+        assert!(CONFIG_ANSWER_WAIT > crate::server::CONFIG_TIMEOUT);
     }
 
     #[test]

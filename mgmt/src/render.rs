@@ -1,14 +1,18 @@
 //! What duplexctl prints: tables for people, one JSON document for scripts.
 //!
 //! JSON field names are snake_case and stable (documented in `docs/OPERATOR.md`); numbers are
-//! raw (milliseconds, pids with 0 for "none"), text is as the supervisor sent it. The human
-//! forms humanise durations and replace control characters in text that came from the node, so
-//! that nothing printed can drive the terminal.
+//! raw (milliseconds, bytes, pids with 0 for "none"), text is as the node sent it. The human
+//! forms humanise durations and sizes and replace control characters in text that came from the
+//! node, so that nothing printed can drive the terminal.
 
 use duplex_ipc::admin::{NodeStatus, ServiceInfo};
+use duplex_ipc::config::{
+    ConfigRequest, Done, DriveInfo, DriveState, PoolInfo, PoolState, SubsystemInfo, VolumeInfo,
+};
 use serde::Serialize;
 
 use crate::client::human_duration;
+use crate::units::human_bytes;
 
 /// One row of `service list --json`.
 #[derive(Debug, Serialize)]
@@ -153,8 +157,14 @@ pub fn services_table(services: &[ServiceInfo]) -> String {
             ]
         })
         .collect();
-    let mut widths = HEADER.map(str::len);
-    for row in &rows {
+    table(&HEADER, &rows)
+}
+
+/// A table: a header line, then one line per row, columns two spaces apart, the last column
+/// not padded (it may hold free text).
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -174,8 +184,8 @@ pub fn services_table(services: &[ServiceInfo]) -> String {
         out.push_str(text.trim_end());
         out.push('\n');
     };
-    line(&HEADER.map(String::from));
-    for row in &rows {
+    line(&header.map(String::from));
+    for row in rows {
         line(row);
     }
     out
@@ -203,10 +213,294 @@ pub fn status_text(s: &NodeStatus) -> String {
     )
 }
 
+/// `drive list --json`.
+#[derive(Debug, Serialize)]
+pub struct DrivesJson<'a> {
+    /// Every drive.
+    pub drives: &'a [DriveInfo],
+}
+
+/// `pool list --json`.
+#[derive(Debug, Serialize)]
+pub struct PoolsJson<'a> {
+    /// Every pool.
+    pub pools: &'a [PoolInfo],
+}
+
+/// `pool show --json`.
+#[derive(Debug, Serialize)]
+pub struct PoolJson<'a> {
+    /// The pool.
+    pub pool: &'a PoolInfo,
+}
+
+/// `volume list --json`.
+#[derive(Debug, Serialize)]
+pub struct VolumesJson<'a> {
+    /// Every volume.
+    pub volumes: &'a [VolumeInfo],
+}
+
+/// `subsystem list --json`.
+#[derive(Debug, Serialize)]
+pub struct SubsystemsJson<'a> {
+    /// Every subsystem.
+    pub subsystems: &'a [SubsystemInfo],
+}
+
+/// The `--json` answer of a storage change.
+#[derive(Debug, Serialize)]
+pub struct DoneJson {
+    /// What was done, one line (the metadata service's words, or duplexctl's when it gave none).
+    pub message: String,
+    /// `namespace add`: the nsid assigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nsid: Option<u32>,
+    /// `pool create`, `volume create`: the UUID created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
+/// `-` for what is absent.
+fn or_dash(present: bool, text: impl FnOnce() -> String) -> String {
+    if present {
+        text()
+    } else {
+        "-".into()
+    }
+}
+
+/// The drive table for people.
+pub fn drives_table(drives: &[DriveInfo]) -> String {
+    const HEADER: [&str; 9] = [
+        "NAME", "STATE", "POOL", "SLOT", "SIZE", "BLOCK", "MODEL", "SERIAL", "ADDRESS",
+    ];
+    let rows: Vec<[String; 9]> = drives
+        .iter()
+        .map(|d| {
+            let seen = d.state != DriveState::Missing;
+            [
+                printable(&d.name),
+                d.state.name().into(),
+                or_dash(!d.pool.is_empty(), || printable(&d.pool)),
+                or_dash(!d.pool.is_empty(), || d.slot.to_string()),
+                or_dash(seen, || human_bytes(d.capacity_bytes)),
+                or_dash(seen && d.block_size != 0, || d.block_size.to_string()),
+                or_dash(!d.model.is_empty(), || printable(&d.model)),
+                or_dash(!d.serial.is_empty(), || printable(&d.serial)),
+                or_dash(!d.address.is_empty(), || printable(&d.address)),
+            ]
+        })
+        .collect();
+    table(&HEADER, &rows)
+}
+
+/// Allocated bytes and percent of capacity (`-` for an empty pool).
+fn usage(p: &PoolInfo) -> (u64, String) {
+    let used = p.capacity_bytes.saturating_sub(p.free_bytes);
+    let percent = if p.capacity_bytes == 0 {
+        "-".into()
+    } else {
+        format!("{}%", u128::from(used) * 100 / u128::from(p.capacity_bytes))
+    };
+    (used, percent)
+}
+
+/// The pool table for people (like `zpool list`).
+pub fn pools_table(pools: &[PoolInfo]) -> String {
+    const HEADER: [&str; 10] = [
+        "NAME", "RAID", "SIZE", "ALLOC", "FREE", "CAP", "CHUNK", "MEMBERS", "STATE", "OWNER",
+    ];
+    let rows: Vec<[String; 10]> = pools
+        .iter()
+        .map(|p| {
+            let (used, percent) = usage(p);
+            [
+                printable(&p.name),
+                p.raid.name().into(),
+                human_bytes(p.capacity_bytes),
+                human_bytes(used),
+                human_bytes(p.free_bytes),
+                percent,
+                human_bytes(u64::from(p.chunk_bytes)),
+                p.members.len().to_string(),
+                p.state.name().into(),
+                format!("node {}", p.owner_node),
+            ]
+        })
+        .collect();
+    table(&HEADER, &rows)
+}
+
+/// One pool for people (like `zpool status`): the pool, its state and a member table.
+pub fn pool_text(p: &PoolInfo) -> String {
+    let (used, percent) = usage(p);
+    let mut out = format!(
+        "  pool: {}\n  uuid: {}\n state: {}\n",
+        printable(&p.name),
+        printable(&p.uuid),
+        p.state.name()
+    );
+    match p.state {
+        PoolState::Online => {}
+        PoolState::Degraded => out.push_str(
+            "status: a member is failed, missing or rebuilding: the pool serves with less redundancy than configured\n",
+        ),
+        PoolState::Offline => out.push_str(
+            "status: the pool does not serve: too many members are lost, or it is not imported\n",
+        ),
+    }
+    out.push_str(&format!(
+        "  raid: {}, chunk {}\n  size: {} ({} allocated, {} free, {percent} used)\n owner: node {} (epoch {}, generation {})\n\n",
+        p.raid.name(),
+        human_bytes(u64::from(p.chunk_bytes)),
+        human_bytes(p.capacity_bytes),
+        human_bytes(used),
+        human_bytes(p.free_bytes),
+        p.owner_node,
+        p.epoch,
+        p.generation,
+    ));
+    const HEADER: [&str; 4] = ["SLOT", "DRIVE", "STATE", "DRIVE-UUID"];
+    let rows: Vec<[String; 4]> = p
+        .members
+        .iter()
+        .map(|m| {
+            [
+                m.slot.to_string(),
+                or_dash(!m.drive.is_empty(), || printable(&m.drive)),
+                m.state.name().into(),
+                or_dash(!m.drive_uuid.is_empty(), || printable(&m.drive_uuid)),
+            ]
+        })
+        .collect();
+    for line in table(&HEADER, &rows).lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The volume table for people.
+pub fn volumes_table(volumes: &[VolumeInfo]) -> String {
+    const HEADER: [&str; 6] = ["NAME", "POOL", "SIZE", "BLOCK", "NGUID", "EXPORTS"];
+    let rows: Vec<[String; 6]> = volumes
+        .iter()
+        .map(|v| {
+            let exports = v
+                .exports
+                .iter()
+                .map(|e| format!("{} nsid {}", printable(&e.nqn), e.nsid))
+                .collect::<Vec<_>>()
+                .join(", ");
+            [
+                printable(&v.name),
+                printable(&v.pool),
+                human_bytes(v.size_bytes),
+                v.block_size.to_string(),
+                or_dash(!v.nguid.is_empty(), || printable(&v.nguid)),
+                or_dash(!exports.is_empty(), || exports),
+            ]
+        })
+        .collect();
+    table(&HEADER, &rows)
+}
+
+/// The subsystem table for people: namespaces as `nsid:volume`, hosts as `any` or their NQNs.
+pub fn subsystems_table(subsystems: &[SubsystemInfo]) -> String {
+    const HEADER: [&str; 3] = ["NQN", "NAMESPACES", "HOSTS"];
+    let rows: Vec<[String; 3]> = subsystems
+        .iter()
+        .map(|s| {
+            let namespaces = s
+                .namespaces
+                .iter()
+                .map(|n| format!("{}:{}", n.nsid, printable(&n.volume)))
+                .collect::<Vec<_>>()
+                .join(",");
+            let listed = s
+                .hosts
+                .iter()
+                .map(|h| printable(h))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let hosts = match (s.allow_any_host, listed.is_empty()) {
+                (true, true) => "any".into(),
+                (true, false) => format!("any (also listed: {listed})"),
+                (false, true) => "none".into(),
+                (false, false) => listed,
+            };
+            [
+                printable(&s.nqn),
+                or_dash(!namespaces.is_empty(), || namespaces),
+                hosts,
+            ]
+        })
+        .collect();
+    table(&HEADER, &rows)
+}
+
+/// What duplexctl says a change did when the metadata service said nothing.
+fn fallback(request: &ConfigRequest, done: &Done) -> String {
+    match request {
+        ConfigRequest::CreatePool { name, .. } => format!("created pool {name}"),
+        ConfigRequest::DestroyPool { name, .. } => format!("destroyed pool {name}"),
+        ConfigRequest::CreateVolume { name, pool, .. } => {
+            format!("created volume {name} in pool {pool}")
+        }
+        ConfigRequest::ResizeVolume { name, size_bytes } => {
+            format!("resized volume {name} to {}", human_bytes(*size_bytes))
+        }
+        ConfigRequest::DeleteVolume(name) => format!("deleted volume {name}"),
+        ConfigRequest::CreateSubsystem(nqn) => format!("created subsystem {nqn}"),
+        ConfigRequest::DeleteSubsystem(nqn) => format!("deleted subsystem {nqn}"),
+        ConfigRequest::AddNamespace { nqn, volume, .. } => {
+            format!("added namespace {} of {nqn}: volume {volume}", done.nsid)
+        }
+        ConfigRequest::RemoveNamespace { nqn, nsid } => {
+            format!("removed namespace {nsid} of {nqn}")
+        }
+        ConfigRequest::AllowHost { nqn, host_nqn } => format!("allowed host {host_nqn} on {nqn}"),
+        ConfigRequest::DenyHost { nqn, host_nqn } => format!("denied host {host_nqn} on {nqn}"),
+        ConfigRequest::AllowAnyHost { nqn, any: true } => format!("{nqn} now admits any host"),
+        ConfigRequest::AllowAnyHost { nqn, any: false } => {
+            format!("{nqn} now admits only its allowed hosts")
+        }
+        ConfigRequest::ListDrives
+        | ConfigRequest::ListPools
+        | ConfigRequest::ShowPool(_)
+        | ConfigRequest::ListVolumes
+        | ConfigRequest::ListSubsystems => format!("{}: done", request.kind_name()),
+    }
+}
+
+/// The one line a change prints: the metadata service's message, on one line and printable,
+/// or duplexctl's own when it gave none.
+pub fn done_line(request: &ConfigRequest, done: &Done) -> String {
+    let message = crate::server::one_line(&done.message);
+    let message = if message.is_empty() {
+        fallback(request, done)
+    } else {
+        message
+    };
+    printable(&message)
+}
+
+/// The JSON form of a change.
+pub fn done_json(request: &ConfigRequest, done: &Done) -> DoneJson {
+    DoneJson {
+        message: done_line(request, done),
+        nsid: matches!(request, ConfigRequest::AddNamespace { .. }).then_some(done.nsid),
+        uuid: (!done.uuid.is_empty()).then(|| done.uuid.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use duplex_ipc::admin::ServiceState;
+    use duplex_ipc::config::examples;
 
     fn service(name: &str, pid: u32, last_exit: &str) -> ServiceInfo {
         ServiceInfo {
@@ -265,5 +559,200 @@ mod tests {
         }
         assert_eq!(row["last_exit"], "exit status 3");
         assert_eq!(row["kind"], "service");
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    #[test]
+    fn drive_table_dashes_what_a_free_or_missing_drive_lacks() {
+        let mut missing = examples::drive("d9", "tank", 3, DriveState::Missing);
+        missing.address.clear();
+        missing.model.clear();
+        missing.serial.clear();
+        missing.block_size = 0;
+        let table = drives_table(&[
+            examples::drive("d0", "tank", 0, DriveState::Active),
+            examples::drive("d1\u{1b}", "", 0, DriveState::Free),
+            missing,
+        ]);
+        assert_eq!(
+            lines(&table),
+            [
+                "NAME  STATE    POOL  SLOT  SIZE  BLOCK  MODEL             SERIAL   ADDRESS",
+                "d0    active   tank  0     1G    4096   duplex-drive-sim  SIM-d0   vfio-user:drives/d0-a.sock",
+                "d1?   free     -     -     1G    4096   duplex-drive-sim  SIM-d1?  vfio-user:drives/d1?-a.sock",
+                "d9    missing  tank  3     -     -      -                 -        -",
+            ]
+        );
+    }
+
+    #[test]
+    fn pool_table_is_like_zpool_list() {
+        let mut empty = examples::pool("scratch", 1);
+        empty.capacity_bytes = 0;
+        empty.free_bytes = 0;
+        empty.state = PoolState::Offline;
+        let table = pools_table(&[examples::pool("tank", 2), empty]);
+        assert_eq!(
+            lines(&table),
+            [
+                "NAME     RAID   SIZE  ALLOC  FREE  CAP  CHUNK  MEMBERS  STATE     OWNER",
+                "tank     raid1  1G    256M   768M  25%  64K    2        degraded  node 0",
+                "scratch  raid1  0B    0B     0B    -    64K    1        offline   node 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn pool_show_is_like_zpool_status() {
+        let text = pool_text(&examples::pool("tank", 2));
+        assert_eq!(
+            lines(&text),
+            [
+                "  pool: tank",
+                "  uuid: 0b1e5c7a-2f4d-4e8a-9c3b-5d6e7f809a1b",
+                " state: degraded",
+                "status: a member is failed, missing or rebuilding: the pool serves with less redundancy than configured",
+                "  raid: raid1, chunk 64K",
+                "  size: 1G (256M allocated, 768M free, 25% used)",
+                " owner: node 0 (epoch 3, generation 42)",
+                "",
+                "  SLOT  DRIVE  STATE   DRIVE-UUID",
+                "  0     d0     active  6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e00",
+                "  1     d1     failed  6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e01",
+            ]
+        );
+        let mut online = examples::pool("tank", 1);
+        online.state = PoolState::Online;
+        assert!(!pool_text(&online).contains("status:"));
+    }
+
+    #[test]
+    fn volume_and_subsystem_tables() {
+        let mut unexported = examples::volume("vol1");
+        unexported.exports.clear();
+        unexported.size_bytes = 10 << 30;
+        let table = volumes_table(&[examples::volume("vol0"), unexported]);
+        assert_eq!(
+            lines(&table),
+            [
+                "NAME  POOL  SIZE  BLOCK  NGUID                             EXPORTS",
+                "vol0  tank  256M  4096   00112233445566778899aabbccddeeff  nqn.2026-11.io.duplex:vol0 nsid 1",
+                "vol1  tank  10G   4096   00112233445566778899aabbccddeeff  -",
+            ]
+        );
+        let mut open = examples::subsystem("nqn.2026-11.io.duplex:b");
+        open.allow_any_host = true;
+        open.hosts.clear();
+        open.namespaces.clear();
+        let mut closed = examples::subsystem("nqn.2026-11.io.duplex:c");
+        closed.hosts.clear();
+        let table =
+            subsystems_table(&[examples::subsystem("nqn.2026-11.io.duplex:a"), open, closed]);
+        assert_eq!(
+            lines(&table),
+            [
+                "NQN                      NAMESPACES  HOSTS",
+                "nqn.2026-11.io.duplex:a  1:vol0      nqn.2014-08.org.nvmexpress:uuid:host-a",
+                "nqn.2026-11.io.duplex:b  -           any",
+                "nqn.2026-11.io.duplex:c  1:vol0      none",
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_lists_are_a_header() {
+        assert_eq!(drives_table(&[]).lines().count(), 1);
+        assert_eq!(pools_table(&[]).lines().count(), 1);
+        assert_eq!(volumes_table(&[]).lines().count(), 1);
+        assert_eq!(subsystems_table(&[]).lines().count(), 1);
+    }
+
+    #[test]
+    fn a_change_prints_one_line() {
+        let add = ConfigRequest::AddNamespace {
+            nqn: "nqn.2026-11.io.duplex:a".into(),
+            volume: "vol0".into(),
+            nsid: 0,
+        };
+        let said = Done {
+            message: "added namespace 3 of nqn.2026-11.io.duplex:a\n(volume vol0)\u{7}".into(),
+            nsid: 3,
+            uuid: String::new(),
+        };
+        assert_eq!(
+            done_line(&add, &said),
+            "added namespace 3 of nqn.2026-11.io.duplex:a (volume vol0)"
+        );
+        let silent = Done {
+            nsid: 3,
+            ..Done::default()
+        };
+        assert_eq!(
+            done_line(&add, &silent),
+            "added namespace 3 of nqn.2026-11.io.duplex:a: volume vol0"
+        );
+        let v = serde_json::to_value(done_json(&add, &silent)).expect("json");
+        assert_eq!(v["nsid"], 3);
+        assert!(v.get("uuid").is_none(), "{v}");
+        let create = ConfigRequest::CreatePool {
+            name: "tank".into(),
+            raid: duplex_ipc::config::RaidLevel::Raid1,
+            drives: vec!["d0".into(), "d1".into()],
+            chunk_bytes: 0,
+        };
+        let made = Done {
+            uuid: "0b1e5c7a-2f4d-4e8a-9c3b-5d6e7f809a1b".into(),
+            ..Done::default()
+        };
+        let v = serde_json::to_value(done_json(&create, &made)).expect("json");
+        assert_eq!(v["message"], "created pool tank");
+        assert_eq!(v["uuid"], "0b1e5c7a-2f4d-4e8a-9c3b-5d6e7f809a1b");
+        assert!(v.get("nsid").is_none(), "{v}");
+    }
+
+    #[test]
+    fn storage_json_uses_the_documented_names() {
+        let pools = [examples::pool("tank", 2)];
+        let v = serde_json::to_value(PoolsJson { pools: &pools }).expect("json");
+        let pool = &v["pools"][0];
+        for key in [
+            "name",
+            "uuid",
+            "raid",
+            "chunk_bytes",
+            "capacity_bytes",
+            "free_bytes",
+            "state",
+            "generation",
+            "epoch",
+            "owner_node",
+            "members",
+        ] {
+            assert!(pool.get(key).is_some(), "{key} missing in {pool}");
+        }
+        assert_eq!(pool["raid"], "raid1");
+        assert_eq!(pool["state"], "degraded");
+        assert_eq!(pool["members"][1]["state"], "failed");
+        assert_eq!(
+            pool["members"][1]["drive_uuid"],
+            "6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e01"
+        );
+        let drives = [examples::drive("d0", "", 0, DriveState::Free)];
+        let v = serde_json::to_value(DrivesJson { drives: &drives }).expect("json");
+        assert_eq!(v["drives"][0]["state"], "free");
+        assert_eq!(v["drives"][0]["capacity_bytes"], 1_u64 << 30);
+        let volumes = [examples::volume("vol0")];
+        let v = serde_json::to_value(VolumesJson { volumes: &volumes }).expect("json");
+        assert_eq!(v["volumes"][0]["exports"][0]["nsid"], 1);
+        let subsystems = [examples::subsystem("nqn.2026-11.io.duplex:a")];
+        let v = serde_json::to_value(SubsystemsJson {
+            subsystems: &subsystems,
+        })
+        .expect("json");
+        assert_eq!(v["subsystems"][0]["allow_any_host"], false);
+        assert_eq!(v["subsystems"][0]["namespaces"][0]["ana_group"], 1);
     }
 }

@@ -1,6 +1,8 @@
 //! The mgmt service: serves the management RPC interface (`schemas/mgmt.capnp`) on the listening
 //! socket the supervisor hands over, and carries every call out as one request on the admin
-//! channel (`schemas/admin.capnp`), the only privilege mgmt holds.
+//! channel to the supervisor (`schemas/admin.capnp`) or, for the storage configuration (`config`),
+//! on the config channel to the metadata service (`schemas/config.capnp`): the two privileges
+//! mgmt holds. The config channel is handed over only when the node runs a metadata service.
 //!
 //! # Threads and tasks
 //!
@@ -16,6 +18,12 @@
 //!   [`AdminChannel::call`]s one at a time (so calls are serialised, and a slow supervisor never
 //!   stalls the runtime, hence never the heartbeat). RPC handlers queue jobs to it (at most
 //!   [`MAX_QUEUED_CALLS`]) and await the answer on a oneshot channel.
+//! * The **config thread**, when there is a config channel, does the same for
+//!   [`ConfigChannel::call`]s, with [`CONFIG_TIMEOUT`] (a commit flushes drives): a slow commit
+//!   never delays a `status` or `service list`. Before a config request is queued, mgmt asks the
+//!   supervisor whether the metadata service runs, so that a request is not left in the channel
+//!   for a metadata service that is down (it would be carried out when it comes back, after the
+//!   client was told it failed).
 //!
 //! # Untrusted clients
 //!
@@ -34,8 +42,9 @@ use std::time::{Duration, Instant};
 
 use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
 use duplex_ipc::admin::{
-    write_service, write_status, AdminChannel, AdminReply, AdminRequest, CrashMode,
+    write_service, write_status, AdminChannel, AdminReply, AdminRequest, CrashMode, ServiceState,
 };
+use duplex_ipc::config::{ConfigChannel, ConfigReply, ConfigRequest};
 use duplex_ipc::control::{ControlError, RateLimiter, ResourceKind, MAX_NAME_BYTES};
 use duplex_ipc::lifecycle::{
     self, Control, Health, LifecycleError, Next, Started, HEALTH_RESOURCE,
@@ -53,11 +62,20 @@ pub const SERVICE: &str = "mgmt";
 pub const ADMIN_RESOURCE: &str = "admin";
 /// Resource name of the listening socket (`<state_dir>/mgmt.sock`, `SOCK_STREAM`).
 pub const SOCKET_RESOURCE: &str = "mgmt-socket";
+/// Resource name of mgmt's end of the config channel (a connected `SOCK_SEQPACKET` socket);
+/// handed over only when the node runs a metadata service.
+pub const CONFIG_RESOURCE: &str = "config";
+/// The service at the other end of the config channel.
+pub const METADATA_SERVICE: &str = "metadata";
 /// How long mgmt waits for the supervisor's `Start`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one admin call may take before the RPC fails with "supervisor did not answer".
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Admin calls that may wait for the admin thread; more fail at once ("mgmt is busy").
+/// How long one config call may take before the RPC fails with "the metadata service did not
+/// answer": a commit writes and flushes every member drive of a pool.
+pub const CONFIG_TIMEOUT: Duration = Duration::from_secs(30);
+/// Calls that may wait for the admin thread (and, separately, for the config thread); more fail
+/// at once ("mgmt is busy").
 pub const MAX_QUEUED_CALLS: usize = 32;
 /// Connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -125,6 +143,8 @@ pub struct Resources {
     pub admin: AdminChannel,
     /// The listening socket clients connect to.
     pub listener: StdUnixListener,
+    /// The config channel to the metadata service, when the node runs one.
+    pub config: Option<ConfigChannel>,
 }
 
 fn take_fd(
@@ -144,7 +164,9 @@ fn take_fd(
 }
 
 /// Takes and checks the three resources mgmt needs: the health region, the admin channel and the
-/// listening `AF_UNIX` stream socket.
+/// listening `AF_UNIX` stream socket; and the config channel if there is one. Its requests are
+/// numbered from `generation << 32`, so that no reply meant for an earlier mgmt is taken for an
+/// answer; whatever such replies are already queued are discarded.
 pub fn take_resources(started: &mut Started) -> Result<Resources, MgmtError> {
     match started.resources.iter().find(|r| r.name == HEALTH_RESOURCE) {
         None => return Err(MgmtError::MissingResource(HEALTH_RESOURCE)),
@@ -168,10 +190,34 @@ pub fn take_resources(started: &mut Started) -> Result<Resources, MgmtError> {
         name: SOCKET_RESOURCE,
         why,
     })?;
+    let config = match started.take(CONFIG_RESOURCE) {
+        None => None,
+        Some(handed) if handed.kind != ResourceKind::Socket => {
+            return Err(MgmtError::WrongKind {
+                name: CONFIG_RESOURCE,
+                got: handed.kind,
+                want: ResourceKind::Socket,
+            })
+        }
+        Some(handed) => {
+            let channel = ConfigChannel::from_fd(handed.fd)
+                .map_err(|e| MgmtError::BadResource {
+                    name: CONFIG_RESOURCE,
+                    why: e.to_string(),
+                })?
+                .with_first_request_id(started.generation << 32);
+            let stale = channel.discard_queued();
+            if stale > 0 {
+                tracing::info!(stale, "discarded config replies meant for an earlier mgmt");
+            }
+            Some(channel)
+        }
+    };
     Ok(Resources {
         health,
         admin,
         listener: StdUnixListener::from(fd),
+        config,
     })
 }
 
@@ -226,8 +272,26 @@ async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> 
         health,
         admin,
         listener,
+        config,
     } = resources;
-    let admin = Admin::spawn(admin)?;
+    let admin = Worker::spawn(
+        "admin",
+        "start the admin thread",
+        "the supervisor",
+        move |request| admin_call(&admin, request),
+    )?;
+    let config = match config {
+        Some(channel) => Some(Worker::spawn(
+            "config",
+            "start the config thread",
+            "the metadata service",
+            move |request| config_call(&channel, request, CONFIG_TIMEOUT),
+        )?),
+        None => {
+            tracing::info!("no config channel: this node runs no metadata service");
+            None
+        }
+    };
     listener
         .set_nonblocking(true)
         .map_err(setup("make the mgmt socket non-blocking"))?;
@@ -239,9 +303,7 @@ async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> 
     tokio::task::spawn_local(heartbeat(health, beat_every));
     started.ready()?;
     tracing::info!(generation = started.generation, mode = ?started.mode, "mgmt ready");
-    let bootstrap: management::Client = capnp_rpc::new_client(Management {
-        admin: Rc::new(admin),
-    });
+    let bootstrap: management::Client = capnp_rpc::new_client(Management { admin, config });
     tokio::select! {
         r = watch_lifecycle(&started, events) => r,
         () = accept_loop(listener, bootstrap) => Ok(()),
@@ -404,61 +466,69 @@ async fn idle(activity: Activity) {
     }
 }
 
-/// The answer to one admin job: the supervisor's reply, or a one-line reason for the RPC error.
-type JobResult = Result<AdminReply, String>;
-
-struct Job {
-    request: AdminRequest,
-    reply: oneshot::Sender<JobResult>,
+/// One job for a worker thread: the request, and where its answer (or a one-line reason for the
+/// RPC error) goes.
+struct Job<Q, A> {
+    request: Q,
+    reply: oneshot::Sender<Result<A, String>>,
 }
 
-/// The admin thread's queue.
-struct Admin {
-    jobs: mpsc::SyncSender<Job>,
+/// A thread that owns a channel and makes blocking calls on it one at a time, for requests
+/// queued by RPC handlers (at most [`MAX_QUEUED_CALLS`]).
+struct Worker<Q, A> {
+    jobs: mpsc::SyncSender<Job<Q, A>>,
+    /// The thread's name (`admin`, `config`).
+    name: &'static str,
+    /// Who answers, for messages ("the supervisor").
+    peer: &'static str,
 }
 
-impl Admin {
-    fn spawn(channel: AdminChannel) -> Result<Self, MgmtError> {
-        let (jobs, queue) = mpsc::sync_channel::<Job>(MAX_QUEUED_CALLS);
+impl<Q: Send + 'static, A: Send + 'static> Worker<Q, A> {
+    /// Starts thread `name`; `starting` says what failed if it cannot start ("start the admin
+    /// thread"), `peer` who answers its calls.
+    fn spawn(
+        name: &'static str,
+        starting: &'static str,
+        peer: &'static str,
+        mut call: impl FnMut(&Q) -> Result<A, String> + Send + 'static,
+    ) -> Result<Self, MgmtError> {
+        let (jobs, queue) = mpsc::sync_channel::<Job<Q, A>>(MAX_QUEUED_CALLS);
         std::thread::Builder::new()
-            .name("admin".into())
+            .name(name.into())
             .spawn(move || {
                 // Ends when every sender is gone (the runtime is shutting down).
                 while let Ok(job) = queue.recv() {
-                    let result = admin_call(&channel, &job.request);
+                    let result = call(&job.request);
                     // The RPC may have been cancelled (client gone); nothing to do then.
                     let _ = job.reply.send(result);
                 }
             })
-            .map_err(setup("start the admin thread"))?;
-        Ok(Self { jobs })
+            .map_err(setup(starting))?;
+        Ok(Self { jobs, name, peer })
     }
 
-    async fn call(&self, request: AdminRequest) -> Result<AdminReply, capnp::Error> {
+    async fn call(&self, request: Q) -> Result<A, capnp::Error> {
         let (reply, answer) = oneshot::channel();
+        let gone = || capnp::Error::failed(format!("mgmt's {} thread is gone", self.name));
         self.jobs
             .try_send(Job { request, reply })
             .map_err(|e| match e {
-                mpsc::TrySendError::Full(_) => capnp::Error::overloaded(
-                    "mgmt is busy: too many requests are waiting for the supervisor; try again"
-                        .into(),
-                ),
-                mpsc::TrySendError::Disconnected(_) => {
-                    capnp::Error::failed("mgmt's admin thread is gone".into())
-                }
+                mpsc::TrySendError::Full(_) => capnp::Error::overloaded(format!(
+                    "mgmt is busy: too many requests are waiting for {}; try again",
+                    self.peer
+                )),
+                mpsc::TrySendError::Disconnected(_) => gone(),
             })?;
         match answer.await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(message)) => Err(capnp::Error::failed(message)),
-            Err(oneshot::Canceled) => {
-                Err(capnp::Error::failed("mgmt's admin thread is gone".into()))
-            }
+            Err(oneshot::Canceled) => Err(gone()),
         }
     }
 }
 
 /// One request on the admin channel, with the failure cases turned into one-line messages.
-fn admin_call(channel: &AdminChannel, request: &AdminRequest) -> JobResult {
+fn admin_call(channel: &AdminChannel, request: &AdminRequest) -> Result<AdminReply, String> {
     match channel.call(request, ADMIN_TIMEOUT) {
         Ok(Some(AdminReply::Error { message, .. })) => Err(one_line(&message)),
         Ok(Some(reply)) => Ok(reply),
@@ -470,6 +540,39 @@ fn admin_call(channel: &AdminChannel, request: &AdminRequest) -> JobResult {
                 .map(|s| format!(": {s}"))
                 .unwrap_or_default();
             Err(format!("admin channel failed: {e}{source}"))
+        }
+    }
+}
+
+/// One request on the config channel, with the failure cases turned into one-line messages.
+/// An `error` reply is an answer (it goes back to the client as such), not a failure here.
+fn config_call(
+    channel: &ConfigChannel,
+    request: &ConfigRequest,
+    timeout: Duration,
+) -> Result<ConfigReply, String> {
+    let outcome = if request.is_read_only() {
+        ""
+    } else {
+        "; the request may or may not have been carried out"
+    };
+    match channel.call(request, timeout) {
+        Ok(Some(reply)) => Ok(reply),
+        Ok(None) => Err(format!(
+            "the metadata service did not answer within {}{outcome}",
+            crate::client::human_duration(timeout)
+        )),
+        Err(ControlError::PeerClosed) => Err(format!(
+            "the metadata service is not running (its config channel is closed){outcome}"
+        )),
+        Err(e) if e.is_malformed() => Err(format!(
+            "the metadata service sent a malformed reply: {e}{outcome}"
+        )),
+        Err(e) => {
+            let source = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            Err(format!("config channel failed: {e}{source}{outcome}"))
         }
     }
 }
@@ -507,9 +610,14 @@ fn service_name(name: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, 
     Ok(name.to_owned())
 }
 
-/// The RPC interface: each method is one admin request.
+/// Why a config request cannot be forwarded at all: the node has no metadata service.
+pub const NO_METADATA: &str =
+    "the metadata service is not running: this node has none (no service named `metadata` in its config)";
+
+/// The RPC interface: each method is one admin request, or one config request.
 struct Management {
-    admin: Rc<Admin>,
+    admin: Worker<AdminRequest, AdminReply>,
+    config: Option<Worker<ConfigRequest, ConfigReply>>,
 }
 
 impl management::Server for Management {
@@ -574,9 +682,63 @@ impl management::Server for Management {
         results.get().set_message(message.as_str());
         Ok(())
     }
+
+    async fn config(
+        self: Rc<Self>,
+        params: management::ConfigParams,
+        mut results: management::ConfigResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        if !params.has_request() {
+            return Err(capnp::Error::failed("config call without a request".into()));
+        }
+        let request = ConfigRequest::read_body(params.get_request()?)
+            .map_err(|e| capnp::Error::failed(format!("malformed config request: {e}")))?;
+        let Some(config) = &self.config else {
+            return Err(capnp::Error::failed(NO_METADATA.into()));
+        };
+        self.check_metadata_runs().await?;
+        tracing::debug!(request = request.kind_name(), "config request");
+        let reply = config.call(request.clone()).await?;
+        if !reply.answers(&request) {
+            return Err(capnp::Error::failed(format!(
+                "the metadata service answered {} with {}, which does not fit",
+                request.kind_name(),
+                reply.kind_name()
+            )));
+        }
+        reply.write_body(results.get().init_reply());
+        Ok(())
+    }
 }
 
 impl Management {
+    /// Fails at once, with nothing sent, when the supervisor says the metadata service is down
+    /// (backoff, failed, stopped). Starting counts as up: it answers once it is ready. When the
+    /// supervisor cannot say, the request goes ahead (and times out if nobody answers).
+    async fn check_metadata_runs(&self) -> Result<(), capnp::Error> {
+        let services = match self.admin.call(AdminRequest::ListServices).await {
+            Ok(AdminReply::Services(list)) => list,
+            Ok(other) => {
+                tracing::debug!(reply = ?other, "cannot tell whether metadata runs");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell whether metadata runs");
+                return Ok(());
+            }
+        };
+        match services.iter().find(|s| s.name == METADATA_SERVICE) {
+            Some(s) if !matches!(s.state, ServiceState::Starting | ServiceState::Running) => {
+                Err(capnp::Error::failed(format!(
+                    "the metadata service is not running (it is {}; see `duplexctl service list`)",
+                    s.state.name()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A restart or crash request: the supervisor's "done" message.
     async fn done(&self, request: AdminRequest) -> Result<String, capnp::Error> {
         match self.admin.call(request).await? {
@@ -634,6 +796,66 @@ mod tests {
         assert_eq!(
             admin_call(&mgmt, &AdminRequest::ListServices),
             Err("supervisor closed the admin channel".into())
+        );
+    }
+
+    #[test]
+    fn config_failures_are_one_line_messages_that_say_what_is_known() {
+        use duplex_ipc::config::ConfigErrorKind;
+        let (mgmt, metadata) = ConfigChannel::pair().expect("pair");
+        let wait = Duration::from_millis(20);
+        // Nobody answers: a read says so; a change also says its outcome is unknown.
+        assert_eq!(
+            config_call(&mgmt, &ConfigRequest::ListPools, wait),
+            Err("the metadata service did not answer within 20ms".into())
+        );
+        assert_eq!(
+            config_call(&mgmt, &ConfigRequest::DeleteVolume("v".into()), wait),
+            Err("the metadata service did not answer within 20ms; the request may or may not have been carried out".into())
+        );
+        assert_eq!(mgmt.discard_queued(), 0, "mgmt's end holds no requests");
+        assert_eq!(metadata.discard_queued(), 2, "both requests were sent");
+        // An error reply is an answer, passed on as such.
+        let server = std::thread::spawn(move || {
+            let (id, _) = metadata
+                .recv_request(Duration::from_secs(5))
+                .expect("recv")
+                .expect("a request");
+            metadata
+                .send_reply(
+                    id,
+                    &ConfigReply::Error {
+                        kind: ConfigErrorKind::InUse,
+                        message: "volume v is exported".into(),
+                    },
+                )
+                .expect("reply");
+            metadata.send_raw_for_tests(b"junk").expect("junk");
+            let _ = metadata.recv_request(Duration::from_secs(5));
+            // Then the metadata end is gone for good.
+        });
+        assert_eq!(
+            config_call(
+                &mgmt,
+                &ConfigRequest::DeleteVolume("v".into()),
+                Duration::from_secs(5)
+            ),
+            Ok(ConfigReply::Error {
+                kind: ConfigErrorKind::InUse,
+                message: "volume v is exported".into()
+            })
+        );
+        let malformed = config_call(&mgmt, &ConfigRequest::ListDrives, Duration::from_secs(5));
+        assert!(
+            malformed
+                .as_ref()
+                .is_err_and(|m| m.starts_with("the metadata service sent a malformed reply")),
+            "{malformed:?}"
+        );
+        server.join().expect("server");
+        assert_eq!(
+            config_call(&mgmt, &ConfigRequest::ListDrives, Duration::from_secs(5)),
+            Err("the metadata service is not running (its config channel is closed)".into())
         );
     }
 }

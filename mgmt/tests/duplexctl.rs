@@ -40,6 +40,84 @@ fn usage_errors_are_one_line_and_exit_2() {
 }
 
 #[test]
+fn storage_argument_errors_exit_2_without_contacting_the_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // Something listens but never answers: a command that reached for it would hang until its
+    // timeout and exit 1; a usage error exits 2 first.
+    let _listener = UnixListener::bind(d.join("mgmt.sock")).expect("bind");
+    let nqn = "nqn.2026-11.io.duplex:vol0";
+    for (args, says) in [
+        (
+            &["volume", "create", "v", "--pool", "p", "--size", "10x"][..],
+            "invalid value '10x' for '--size <SIZE>': not a size",
+        ),
+        (
+            &["volume", "resize", "v", "--size", "1.5G"],
+            "invalid value '1.5G' for '--size <SIZE>'",
+        ),
+        (
+            &["volume", "create", "v", "--pool", "p", "--size", "0"],
+            "must be more than 0",
+        ),
+        (
+            &["pool", "create", "tank", "--raid", "5", "--drives", "a,b"],
+            "invalid value '5' for '--raid <RAID>' [possible values: 0, 1, 10]",
+        ),
+        (
+            &[
+                "pool", "create", "tank", "--raid", "1", "--drives", "a,b", "--chunk", "3k",
+            ],
+            "a chunk is a power of two from 4k to 1m",
+        ),
+        (
+            &[
+                "pool", "create", "tank", "--raid", "1", "--drives", "a,b", "--chunk", "2m",
+            ],
+            "a chunk is a power of two from 4k to 1m",
+        ),
+        (
+            &["pool", "create", "tank", "--raid", "1"],
+            "required arguments were not provided: --drives",
+        ),
+        (
+            &["pool", "create", "tank", "--raid", "1", "--drives", "a,b,a"],
+            "drive a is named twice in --drives",
+        ),
+        (
+            &["pool", "show", &"x".repeat(65)],
+            "a name must be 1 to 64 bytes long",
+        ),
+        (
+            &["subsystem", "create", "iqn.2026-11.x"],
+            "an NQN starts with \"nqn.\"",
+        ),
+        (
+            &["subsystem", "create", &format!("nqn.{}", "x".repeat(220))],
+            "an NQN must be 1 to 223 bytes long",
+        ),
+        (&["host", "allow", nqn], "<HOSTNQN|--any>"),
+        (
+            &["host", "allow", nqn, "nqn.2014-08.h", "--any"],
+            "cannot be used with",
+        ),
+        (&["host", "deny", nqn, "not-an-nqn"], "an NQN starts with"),
+        (&["namespace", "add", nqn], "--volume"),
+        (
+            &["namespace", "add", nqn, "--volume", "v", "--nsid", "0"],
+            "a namespace id is a number from 1 to 4294967294",
+        ),
+        (&["namespace", "remove", nqn, "x"], "a namespace id"),
+        (&["drive", "frob"], "unrecognized subcommand 'frob'"),
+    ] {
+        let out = duplexctl(d, args);
+        let line = out.failed(2);
+        assert!(line.contains(says), "{args:?}: {line}");
+        assert!(line.ends_with("(see duplexctl --help)"), "{line}");
+    }
+}
+
+#[test]
 fn help_goes_to_stdout_with_exit_0() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = duplexctl(dir.path(), &["service", "crash", "--help"]);

@@ -10,6 +10,11 @@
 //!   (service table, restart, crash injection, node status). Only mgmt holds one.
 //! * `mgmt.capnp` → [`mgmt_capnp`]: the management RPC interface (`capnp-rpc`) that `duplexctl`
 //!   calls on the mgmt service.
+//! * `config.capnp` → [`config_capnp`]: the config channel from the mgmt service to the metadata
+//!   service (pools, volumes, subsystems, namespaces, hosts). Only mgmt holds its sending end.
+//! * `maps.capnp` → [`maps_capnp`]: the maps channel between the metadata service and the
+//!   datapath (pools over raw drives, volume maps, recorded failures; member-failure events).
+//!   Only the metadata service holds its requesting end.
 //!
 //! The generated code is committed under `src/generated/` so that a machine without the `capnp`
 //! compiler can build the workspace. `tests/fresh.rs` regenerates it and fails if the committed
@@ -44,6 +49,22 @@ pub mod admin_capnp {
     include!("generated/admin_capnp.rs");
 }
 
+/// Generated code for `config.capnp`, the mgmt → metadata config channel.
+///
+/// Produced by `capnpc`; do not edit.
+#[allow(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
+pub mod config_capnp {
+    include!("generated/config_capnp.rs");
+}
+
+/// Generated code for `maps.capnp`, the metadata ↔ datapath maps channel.
+///
+/// Produced by `capnpc`; do not edit.
+#[allow(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
+pub mod maps_capnp {
+    include!("generated/maps_capnp.rs");
+}
+
 /// Generated code for `mgmt.capnp`, the management RPC interface served by mgmt.
 ///
 /// Produced by `capnpc`; do not edit.
@@ -58,4 +79,6 @@ pub const SCHEMAS: &[(&str, &str)] = &[
     ("lifecycle.capnp", "lifecycle_capnp.rs"),
     ("admin.capnp", "admin_capnp.rs"),
     ("mgmt.capnp", "mgmt_capnp.rs"),
+    ("config.capnp", "config_capnp.rs"),
+    ("maps.capnp", "maps_capnp.rs"),
 ];

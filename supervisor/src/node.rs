@@ -7,9 +7,9 @@
 //! privileges, rlimits, its own mount namespace when duplexd is root) with exactly one fd beyond
 //! stdio, its end of a `SOCK_SEQPACKET` control socket, at fd 3; its stdout and stderr go to a
 //! pipe duplexd reads. Everything else (its health region, ring and pool regions, doorbells,
-//! listening sockets, and for mgmt the admin channel and `mgmt.sock`) reaches it in the `Start`
-//! message with `SCM_RIGHTS`, and the supervisor keeps its own copies so a successor gets the
-//! very same objects. The service enters its seccomp policy itself, first thing in `main`.
+//! listening sockets, for mgmt the admin channel and `mgmt.sock`, and for mgmt and metadata
+//! their ends of the config channel) reaches it in the `Start` message with `SCM_RIGHTS`, and the
+//! supervisor keeps its own copies so a successor gets the very same objects. The service enters its seccomp policy itself, first thing in `main`.
 
 use std::collections::VecDeque;
 use std::net::TcpListener;
@@ -24,6 +24,7 @@ use duplex_ipc::admin::{
     AdminChannel, AdminErrorCode, AdminReply, AdminRequest, CrashMode, NodeStatus, ServiceInfo,
     ServiceState,
 };
+use duplex_ipc::config::ConfigChannel;
 use duplex_ipc::control::{
     Body, ControlChannel, Envelope, Fault, Resource, ResourceKind, StartMode,
 };
@@ -51,6 +52,10 @@ pub const ADMIN_RESOURCE: &str = "admin";
 pub const MGMT_SOCKET_RESOURCE: &str = "mgmt-socket";
 /// File name of the management socket in the state directory.
 pub const MGMT_SOCKET_FILE: &str = "mgmt.sock";
+/// The service at the other end of mgmt's config channel.
+pub const METADATA_SERVICE: &str = "metadata";
+/// Name of the config channel resource: mgmt and metadata each get their own end under it.
+pub const CONFIG_RESOURCE: &str = "config";
 /// Longest log line passed on whole; longer ones are split.
 const MAX_LOG_LINE: usize = 4096;
 /// `RLIMIT_NOFILE` of a service.
@@ -407,6 +412,28 @@ impl Node {
                 &[MGMT_SERVICE],
             );
             mgmt_socket_path = Some(path);
+        }
+
+        // mgmt and metadata: the config channel (the privilege to change the storage
+        // configuration). duplexd holds both ends, so the channel outlives either's restarts.
+        let has = |name: &str| config.services.iter().any(|s| s.name.get_ref() == name);
+        if has(MGMT_SERVICE) && has(METADATA_SERVICE) {
+            let (mgmt_end, metadata_end) =
+                ConfigChannel::pair().map_err(|e| res_err("config channel")(e.to_string()))?;
+            add(
+                &mut shared,
+                CONFIG_RESOURCE.into(),
+                ResourceKind::Socket,
+                mgmt_end.into_fd(),
+                &[MGMT_SERVICE],
+            );
+            add(
+                &mut shared,
+                CONFIG_RESOURCE.into(),
+                ResourceKind::Socket,
+                metadata_end.into_fd(),
+                &[METADATA_SERVICE],
+            );
         }
 
         let beat = Duration::from_millis(config.supervisor.heartbeat_ms);
@@ -1212,4 +1239,68 @@ fn kill_child(s: &mut Service) {
 fn is_executable(path: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duplex_ipc::config::ConfigRequest;
+
+    /// A node of `services` (each binary a stub: nothing is spawned) in a fresh state directory.
+    fn new_node(services: &[&str]) -> (tempfile::TempDir, Node) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut text = format!(
+            "[node]\nname = \"a\"\nstate_dir = \"{}\"\n",
+            dir.path().display()
+        );
+        for name in services {
+            let binary = dir.path().join(format!("duplex-{name}"));
+            std::fs::write(&binary, "#!/bin/sh\n").expect("stub");
+            std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            text.push_str(&format!("[[service]]\nname = \"{name}\"\n"));
+        }
+        let config = NodeConfig::parse("node.toml", &text).expect("config");
+        let node = Node::new(config, dir.path().to_owned()).expect("node");
+        (dir, node)
+    }
+
+    /// The config channel ends `service` is handed.
+    fn config_ends(node: &Node, service: &str) -> Vec<ConfigChannel> {
+        let s = node
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .expect("service");
+        s.resources
+            .iter()
+            .map(|&r| &node.shared[r])
+            .filter(|r| r.name == CONFIG_RESOURCE && r.kind == ResourceKind::Socket)
+            .map(|r| ConfigChannel::from_fd(r.fd.try_clone().expect("dup")).expect("channel"))
+            .collect()
+    }
+
+    #[test]
+    fn mgmt_and_metadata_get_the_two_ends_of_one_config_channel() {
+        let (_dir, node) = new_node(&[MGMT_SERVICE, METADATA_SERVICE]);
+        let mgmt = config_ends(&node, MGMT_SERVICE);
+        let metadata = config_ends(&node, METADATA_SERVICE);
+        assert_eq!((mgmt.len(), metadata.len()), (1, 1));
+        let id = mgmt[0]
+            .send_request(&ConfigRequest::ListPools)
+            .expect("send");
+        assert_eq!(
+            metadata[0]
+                .recv_request(Duration::from_secs(5))
+                .expect("recv"),
+            Some((id, ConfigRequest::ListPools))
+        );
+
+        // Without both, nobody gets one.
+        let (_dir, node) = new_node(&[MGMT_SERVICE]);
+        assert!(config_ends(&node, MGMT_SERVICE).is_empty());
+        let (_dir, node) = new_node(&[METADATA_SERVICE]);
+        assert!(config_ends(&node, METADATA_SERVICE).is_empty());
+    }
 }

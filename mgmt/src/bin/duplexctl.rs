@@ -1,16 +1,20 @@
 //! `duplexctl`: the operator's command-line client of a duplex node. See `docs/OPERATOR.md`.
 //!
-//! Exit status: 0 success, 1 failure (one line on stderr, `duplexctl: ...`), 2 usage error.
+//! Exit status: 0 success, 1 failure (one line on stderr, `duplexctl: ...`), 2 usage error
+//! (also one line; nothing is contacted).
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use duplex_ipc::admin::CrashMode;
+use duplex_ipc::config::{check_name, check_nqn, ConfigReply, ConfigRequest, RaidLevel};
 use duplex_mgmt::client::{self, Answer, Outcome, Request, Target};
 use duplex_mgmt::render;
+use duplex_mgmt::units::{parse_chunk, parse_size};
 
 /// Manage a duplex storage node through its mgmt service.
 #[derive(Debug, Parser)]
@@ -45,6 +49,196 @@ enum Command {
     /// The service table and actions on services.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// The drives the node sees.
+    #[command(subcommand)]
+    Drive(DriveCommand),
+    /// Pools: RAID sets of drives that volumes are carved from.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Volumes: thick allocations in a pool, exported as namespaces.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// NVMe subsystems hosts connect to.
+    #[command(subcommand)]
+    Subsystem(SubsystemCommand),
+    /// Namespaces: volumes exported in a subsystem.
+    #[command(subcommand)]
+    Namespace(NamespaceCommand),
+    /// Which hosts may connect to a subsystem.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DriveCommand {
+    /// Every drive: state, pool and slot, size, model, serial, address.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Make a pool of free drives.
+    Create {
+        /// The pool's name (1 to 64 bytes).
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// RAID level: 0 (striping), 1 (mirroring), 10 (striped mirror pairs).
+        #[arg(long, value_enum)]
+        raid: Raid,
+        /// Free drives, comma-separated, in slot order (RAID 10 pairs: slots 0+1, 2+3, ...).
+        #[arg(long, value_name = "D1,D2,...", value_delimiter = ',', required = true, value_parser = parse_name)]
+        drives: Vec<String>,
+        /// Stripe chunk: a power of two from 4k to 1m [default: 64k].
+        #[arg(long, value_name = "SIZE", value_parser = parse_chunk_arg)]
+        chunk: Option<u32>,
+    },
+    /// Every pool: RAID level, size, allocation, state.
+    List,
+    /// One pool: its state and its members.
+    Show {
+        /// The pool.
+        #[arg(value_parser = parse_name)]
+        name: String,
+    },
+    /// Forget a pool; its drives become free.
+    Destroy {
+        /// The pool.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Also delete its volumes and the namespaces exporting them.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `--raid` of `pool create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Raid {
+    /// Striping, no redundancy.
+    #[value(name = "0")]
+    Raid0,
+    /// Mirroring across all drives.
+    #[value(name = "1")]
+    Raid1,
+    /// Striping over mirror pairs.
+    #[value(name = "10")]
+    Raid10,
+}
+
+impl From<Raid> for RaidLevel {
+    fn from(raid: Raid) -> Self {
+        match raid {
+            Raid::Raid0 => Self::Raid0,
+            Raid::Raid1 => Self::Raid1,
+            Raid::Raid10 => Self::Raid10,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Make a volume in a pool.
+    Create {
+        /// The volume's name (1 to 64 bytes).
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// The pool it is allocated from.
+        #[arg(long, value_parser = parse_name)]
+        pool: String,
+        /// Its size: 512, 4k, 10m, 10G, 1t (powers of 1024).
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+    },
+    /// Every volume: pool, size, NGUID, the namespaces exporting it.
+    List,
+    /// Change a volume's size.
+    Resize {
+        /// The volume.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// The new size (as for create).
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+    },
+    /// Delete a volume (not while a namespace exports it).
+    Delete {
+        /// The volume.
+        #[arg(value_parser = parse_name)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubsystemCommand {
+    /// Make a subsystem (no namespace, no host allowed yet).
+    Create {
+        /// Its NQN (nqn.yyyy-mm.reverse.domain:name, at most 223 bytes).
+        #[arg(value_parser = parse_nqn)]
+        nqn: String,
+    },
+    /// Every subsystem: namespaces and allowed hosts.
+    List,
+    /// Delete a subsystem (not while it has namespaces).
+    Delete {
+        /// Its NQN.
+        #[arg(value_parser = parse_nqn)]
+        nqn: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NamespaceCommand {
+    /// Export a volume as a namespace of a subsystem.
+    Add {
+        /// The subsystem's NQN.
+        #[arg(value_parser = parse_nqn)]
+        nqn: String,
+        /// The volume.
+        #[arg(long, value_parser = parse_name)]
+        volume: String,
+        /// The namespace id [default: the lowest free one].
+        #[arg(long, value_parser = parse_nsid)]
+        nsid: Option<u32>,
+    },
+    /// Stop exporting a namespace (the volume stays).
+    Remove {
+        /// The subsystem's NQN.
+        #[arg(value_parser = parse_nqn)]
+        nqn: String,
+        /// The namespace id.
+        #[arg(value_parser = parse_nsid)]
+        nsid: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCommand {
+    /// Allow a host to connect to a subsystem, or (--any) every host.
+    #[command(group(ArgGroup::new("who").required(true).args(["host", "any"])))]
+    Allow {
+        /// The subsystem's NQN.
+        #[arg(value_parser = parse_nqn)]
+        nqn: String,
+        /// The host's NQN.
+        #[arg(value_name = "HOSTNQN", value_parser = parse_nqn)]
+        host: Option<String>,
+        /// Any host may connect.
+        #[arg(long)]
+        any: bool,
+    },
+    /// Take a host off a subsystem's allow-list, or (--any) admit only the hosts on it.
+    #[command(group(ArgGroup::new("who").required(true).args(["host", "any"])))]
+    Deny {
+        /// The subsystem's NQN.
+        #[arg(value_parser = parse_nqn)]
+        nqn: String,
+        /// The host's NQN.
+        #[arg(value_name = "HOSTNQN", value_parser = parse_nqn)]
+        host: Option<String>,
+        /// Stop admitting any host: only those on the allow-list.
+        #[arg(long)]
+        any: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +284,31 @@ impl From<Mode> for CrashMode {
     }
 }
 
+fn parse_name(text: &str) -> Result<String, String> {
+    check_name(text).map_err(|e| e.to_string())?;
+    Ok(text.to_owned())
+}
+
+fn parse_nqn(text: &str) -> Result<String, String> {
+    check_nqn(text).map_err(|e| e.to_string())?;
+    Ok(text.to_owned())
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_chunk_arg(text: &str) -> Result<u32, String> {
+    parse_chunk(text).map_err(|e| e.to_string())
+}
+
+fn parse_nsid(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(n) if (1..=0xffff_fffe).contains(&n) => Ok(n),
+        _ => Err("a namespace id is a number from 1 to 4294967294".into()),
+    }
+}
+
 fn parse_timeout(text: &str) -> Result<Duration, String> {
     let secs: f64 = text
         .parse()
@@ -111,11 +330,103 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     let rendered = e.render().to_string();
     let first = rendered.split("\n\n").next().unwrap_or_default();
     let first = first.strip_prefix("error: ").unwrap_or(first);
+    usage(first)
+}
+
+/// A usage error: one line on stderr, exit status 2.
+fn usage(message: &str) -> ExitCode {
     eprintln!(
         "duplexctl: {} (see duplexctl --help)",
-        duplex_mgmt::server::one_line(first)
+        duplex_mgmt::server::one_line(message)
     );
     ExitCode::from(2)
+}
+
+/// The storage configuration request of a storage command; `Err` is a usage error clap cannot
+/// see.
+fn config_request(command: &Command) -> Result<ConfigRequest, String> {
+    Ok(match command {
+        Command::Status | Command::Service(_) => return Err("not a storage command".into()),
+        Command::Drive(DriveCommand::List) => ConfigRequest::ListDrives,
+        Command::Pool(PoolCommand::Create {
+            name,
+            raid,
+            drives,
+            chunk,
+        }) => {
+            let mut seen = HashSet::new();
+            if let Some(twice) = drives.iter().find(|d| !seen.insert(d.as_str())) {
+                return Err(format!("drive {twice} is named twice in --drives"));
+            }
+            ConfigRequest::CreatePool {
+                name: name.clone(),
+                raid: (*raid).into(),
+                drives: drives.clone(),
+                chunk_bytes: chunk.unwrap_or(0),
+            }
+        }
+        Command::Pool(PoolCommand::List) => ConfigRequest::ListPools,
+        Command::Pool(PoolCommand::Show { name }) => ConfigRequest::ShowPool(name.clone()),
+        Command::Pool(PoolCommand::Destroy { name, force }) => ConfigRequest::DestroyPool {
+            name: name.clone(),
+            force: *force,
+        },
+        Command::Volume(VolumeCommand::Create { name, pool, size }) => {
+            ConfigRequest::CreateVolume {
+                name: name.clone(),
+                pool: pool.clone(),
+                size_bytes: *size,
+            }
+        }
+        Command::Volume(VolumeCommand::List) => ConfigRequest::ListVolumes,
+        Command::Volume(VolumeCommand::Resize { name, size }) => ConfigRequest::ResizeVolume {
+            name: name.clone(),
+            size_bytes: *size,
+        },
+        Command::Volume(VolumeCommand::Delete { name }) => {
+            ConfigRequest::DeleteVolume(name.clone())
+        }
+        Command::Subsystem(SubsystemCommand::Create { nqn }) => {
+            ConfigRequest::CreateSubsystem(nqn.clone())
+        }
+        Command::Subsystem(SubsystemCommand::List) => ConfigRequest::ListSubsystems,
+        Command::Subsystem(SubsystemCommand::Delete { nqn }) => {
+            ConfigRequest::DeleteSubsystem(nqn.clone())
+        }
+        Command::Namespace(NamespaceCommand::Add { nqn, volume, nsid }) => {
+            ConfigRequest::AddNamespace {
+                nqn: nqn.clone(),
+                volume: volume.clone(),
+                nsid: nsid.unwrap_or(0),
+            }
+        }
+        Command::Namespace(NamespaceCommand::Remove { nqn, nsid }) => {
+            ConfigRequest::RemoveNamespace {
+                nqn: nqn.clone(),
+                nsid: *nsid,
+            }
+        }
+        Command::Host(HostCommand::Allow { nqn, host, any }) => match host {
+            Some(host) => ConfigRequest::AllowHost {
+                nqn: nqn.clone(),
+                host_nqn: host.clone(),
+            },
+            None => ConfigRequest::AllowAnyHost {
+                nqn: nqn.clone(),
+                any: *any,
+            },
+        },
+        Command::Host(HostCommand::Deny { nqn, host, any }) => match host {
+            Some(host) => ConfigRequest::DenyHost {
+                nqn: nqn.clone(),
+                host_nqn: host.clone(),
+            },
+            None => ConfigRequest::AllowAnyHost {
+                nqn: nqn.clone(),
+                any: !*any,
+            },
+        },
+    })
 }
 
 fn main() -> ExitCode {
@@ -140,6 +451,10 @@ fn main() -> ExitCode {
         Command::Service(ServiceCommand::Crash { name, mode }) => Request::Crash {
             name: name.clone(),
             mode: (*mode).into(),
+        },
+        storage => match config_request(storage) {
+            Ok(request) => Request::Config(request),
+            Err(message) => return usage(&message),
         },
     };
     let target = Target {
@@ -174,6 +489,12 @@ fn print(cli: &Cli, request: &Request, outcome: &Outcome) -> std::io::Result<()>
             message,
             mgmt_went_down: false,
         })?,
+        (Outcome::Answer(Answer::Config(reply)), json_wanted) => {
+            let Request::Config(config) = request else {
+                return Err(std::io::Error::other("a storage answer to another command"));
+            };
+            config_text(config, reply, json_wanted)?
+        }
         (Outcome::MgmtWentDown, json_wanted) => {
             let what = match request {
                 Request::Crash { mode, .. } => format!("crash --mode {}", mode.name()),
@@ -193,6 +514,38 @@ fn print(cli: &Cli, request: &Request, outcome: &Outcome) -> std::io::Result<()>
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()
+}
+
+/// What a storage command prints.
+fn config_text(
+    request: &ConfigRequest,
+    reply: &ConfigReply,
+    json_wanted: bool,
+) -> std::io::Result<String> {
+    Ok(match (reply, json_wanted) {
+        (ConfigReply::Drives(drives), false) => render::drives_table(drives),
+        (ConfigReply::Drives(drives), true) => json(&render::DrivesJson { drives })?,
+        (ConfigReply::Pools(pools), false) => match (request, pools.as_slice()) {
+            (ConfigRequest::ShowPool(_), [pool]) => render::pool_text(pool),
+            _ => render::pools_table(pools),
+        },
+        (ConfigReply::Pools(pools), true) => match (request, pools.as_slice()) {
+            (ConfigRequest::ShowPool(_), [pool]) => json(&render::PoolJson { pool })?,
+            _ => json(&render::PoolsJson { pools })?,
+        },
+        (ConfigReply::Volumes(volumes), false) => render::volumes_table(volumes),
+        (ConfigReply::Volumes(volumes), true) => json(&render::VolumesJson { volumes })?,
+        (ConfigReply::Subsystems(subsystems), false) => render::subsystems_table(subsystems),
+        (ConfigReply::Subsystems(subsystems), true) => {
+            json(&render::SubsystemsJson { subsystems })?
+        }
+        (ConfigReply::Done(done), false) => format!("{}\n", render::done_line(request, done)),
+        (ConfigReply::Done(done), true) => json(&render::done_json(request, done))?,
+        // The client turns errors into a failure before anything is printed.
+        (ConfigReply::Error { message, .. }, _) => {
+            return Err(std::io::Error::other(message.clone()))
+        }
+    })
 }
 
 fn json(value: &impl serde::Serialize) -> std::io::Result<String> {

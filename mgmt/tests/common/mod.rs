@@ -1,6 +1,7 @@
 //! The test's own little supervisor: it creates what duplexd would (listening `mgmt.sock`, admin
-//! channel, health region), spawns the real `duplex-mgmt` with the environment duplexd gives it,
-//! does the lifecycle handshake, answers admin requests with canned replies, and runs the real
+//! channel, config channel, health region), spawns the real `duplex-mgmt` with the environment
+//! duplexd gives it, does the lifecycle handshake, answers admin requests with canned replies,
+//! plays the metadata service on the config channel (canned replies too), and runs the real
 //! `duplexctl` against the socket.
 //!
 //! Two knobs for working on the seccomp policy (off by default):
@@ -22,6 +23,9 @@ use std::time::{Duration, Instant};
 
 use duplex_ipc::admin::{
     AdminChannel, AdminErrorCode, AdminReply, AdminRequest, NodeStatus, ServiceInfo, ServiceState,
+};
+use duplex_ipc::config::{
+    examples, ConfigChannel, ConfigErrorKind, ConfigReply, ConfigRequest, Done, DriveState,
 };
 use duplex_ipc::control::{Body, ControlChannel, Envelope, Resource, ResourceKind, StartMode};
 use duplex_ipc::lifecycle::{Health, CONTROL_FD_ENV};
@@ -117,11 +121,23 @@ fn answer(request: &AdminRequest) -> Option<AdminReply> {
     })
 }
 
+fn kill_mgmt(mgmt_pid: &AtomicI32) {
+    let pid = mgmt_pid.load(Ordering::Relaxed);
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// The supervisor end of the admin channel, answered by a thread.
 pub struct AdminResponder {
     pub requests: Arc<Mutex<Vec<AdminRequest>>>,
     /// When set, the next `NodeStatus` request kills mgmt instead of being answered.
     pub kill_on_status: Arc<AtomicBool>,
+    /// When set, the service table lists a `metadata` service in this state.
+    pub metadata_state: Arc<Mutex<Option<ServiceState>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -131,10 +147,12 @@ impl AdminResponder {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let kill_on_status = Arc::new(AtomicBool::new(false));
+        let metadata_state = Arc::new(Mutex::new(None));
         let thread = {
             let requests = Arc::clone(&requests);
             let stop = Arc::clone(&stop);
             let kill_on_status = Arc::clone(&kill_on_status);
+            let metadata_state = Arc::clone(&metadata_state);
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(Some((id, request))) = channel.recv_request(Duration::from_millis(50))
@@ -153,16 +171,26 @@ impl AdminResponder {
                     if kills_mgmt {
                         // What duplexd does for restart/crash of mgmt: the process goes away
                         // before mgmt can answer.
-                        let pid = mgmt_pid.load(Ordering::Relaxed);
-                        if pid > 0 {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
+                        kill_mgmt(&mgmt_pid);
                         continue;
                     }
-                    if let Some(reply) = answer(&request) {
+                    if let Some(mut reply) = answer(&request) {
+                        if let (AdminReply::Services(list), Some(state)) =
+                            (&mut reply, *metadata_state.lock().unwrap())
+                        {
+                            list.push(ServiceInfo {
+                                name: "metadata".into(),
+                                datapath: false,
+                                state,
+                                pid: 0,
+                                generation: 4,
+                                restarts: 3,
+                                uptime_ms: 0,
+                                hangs: 0,
+                                last_exit: "signal 6 (SIGABRT)".into(),
+                                last_restart_ms: 0,
+                            });
+                        }
                         let _ = channel.send_reply(id, &reply);
                     }
                 }
@@ -171,6 +199,7 @@ impl AdminResponder {
         Self {
             requests,
             kill_on_status,
+            metadata_state,
             stop,
             thread: Some(thread),
         }
@@ -178,6 +207,131 @@ impl AdminResponder {
 
     pub fn taken(&self) -> Vec<AdminRequest> {
         std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+/// A pool name the fake metadata service refuses to create (its drives are in use).
+pub const BUSY_POOL: &str = "busy";
+/// A pool name the fake metadata service answers `pool show` about with two pools.
+pub const TWO_POOLS: &str = "two";
+/// The error message of [`BUSY_POOL`] (with a line break mgmt or duplexctl must flatten).
+pub const BUSY_MESSAGE: &str = "drive d0 belongs to\npool tank";
+
+/// The drives the fake metadata service knows.
+pub fn canned_drives() -> Vec<duplex_ipc::config::DriveInfo> {
+    vec![
+        examples::drive("d0", "tank", 0, DriveState::Active),
+        examples::drive("d1", "tank", 1, DriveState::Failed),
+        examples::drive("d2", "", 0, DriveState::Free),
+    ]
+}
+
+/// The fake metadata service's answer.
+fn config_answer(request: &ConfigRequest) -> ConfigReply {
+    let done = |message: String| {
+        ConfigReply::Done(Done {
+            message,
+            ..Done::default()
+        })
+    };
+    match request {
+        ConfigRequest::ListDrives => ConfigReply::Drives(canned_drives()),
+        ConfigRequest::ListPools => ConfigReply::Pools(vec![
+            examples::pool("tank", 2),
+            examples::pool("scratch", 1),
+        ]),
+        ConfigRequest::ShowPool(name) if name == "tank" => {
+            ConfigReply::Pools(vec![examples::pool("tank", 2)])
+        }
+        ConfigRequest::ShowPool(name) if name == TWO_POOLS => ConfigReply::Pools(vec![
+            examples::pool("tank", 2),
+            examples::pool("scratch", 1),
+        ]),
+        ConfigRequest::ShowPool(name) => ConfigReply::Error {
+            kind: ConfigErrorKind::NotFound,
+            message: format!("no pool named `{name}`"),
+        },
+        ConfigRequest::ListVolumes => ConfigReply::Volumes(vec![examples::volume("vol0")]),
+        ConfigRequest::ListSubsystems => {
+            ConfigReply::Subsystems(vec![examples::subsystem("nqn.2026-11.io.duplex:vol0")])
+        }
+        ConfigRequest::CreatePool { name, .. } if name == BUSY_POOL => ConfigReply::Error {
+            kind: ConfigErrorKind::InUse,
+            message: BUSY_MESSAGE.into(),
+        },
+        ConfigRequest::CreatePool {
+            name, raid, drives, ..
+        } => ConfigReply::Done(Done {
+            message: format!(
+                "created pool {name} ({}, {} drives)",
+                raid.name(),
+                drives.len()
+            ),
+            nsid: 0,
+            uuid: "0b1e5c7a-2f4d-4e8a-9c3b-5d6e7f809a1b".into(),
+        }),
+        // Says nothing: duplexctl words the line itself.
+        ConfigRequest::AddNamespace { nsid, .. } => ConfigReply::Done(Done {
+            message: String::new(),
+            nsid: if *nsid == 0 { 3 } else { *nsid },
+            uuid: String::new(),
+        }),
+        other => done(format!("did {}", other.kind_name())),
+    }
+}
+
+/// The metadata end of the config channel, answered by a thread.
+pub struct MetadataResponder {
+    pub requests: Arc<Mutex<Vec<ConfigRequest>>>,
+    /// When set, the next request kills mgmt instead of being answered.
+    pub kill_next: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetadataResponder {
+    fn start(channel: ConfigChannel, mgmt_pid: Arc<AtomicI32>) -> Self {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let kill_next = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let requests = Arc::clone(&requests);
+            let stop = Arc::clone(&stop);
+            let kill_next = Arc::clone(&kill_next);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(Some((id, request))) = channel.recv_request(Duration::from_millis(50))
+                    else {
+                        continue;
+                    };
+                    requests.lock().unwrap().push(request.clone());
+                    if kill_next.swap(false, Ordering::Relaxed) {
+                        kill_mgmt(&mgmt_pid);
+                        continue;
+                    }
+                    let _ = channel.send_reply(id, &config_answer(&request));
+                }
+            })
+        };
+        Self {
+            requests,
+            kill_next,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn taken(&self) -> Vec<ConfigRequest> {
+        std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+impl Drop for MetadataResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -193,8 +347,10 @@ impl Drop for AdminResponder {
 /// What to hand to a spawned mgmt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Handout {
-    /// health, admin, mgmt-socket.
+    /// health, admin, mgmt-socket, config.
     All,
+    /// Without the config channel (a node without a metadata service).
+    NoConfig,
     /// Without the admin channel.
     NoAdmin,
     /// The health region handed over as the listening socket.
@@ -209,6 +365,8 @@ pub struct Node {
     pub health: Health,
     admin_mgmt_end: OwnedFd,
     pub admin: AdminResponder,
+    config_mgmt_end: OwnedFd,
+    pub metadata: MetadataResponder,
     mgmt_pid: Arc<AtomicI32>,
     generation: u64,
 }
@@ -222,6 +380,8 @@ impl Node {
         let (sup, mgmt) = AdminChannel::pair().unwrap();
         let mgmt_pid = Arc::new(AtomicI32::new(0));
         let admin = AdminResponder::start(sup, Arc::clone(&mgmt_pid));
+        let (config_mgmt_end, metadata_end) = ConfigChannel::pair().unwrap();
+        let metadata = MetadataResponder::start(metadata_end, Arc::clone(&mgmt_pid));
         // duplexd writes its pid into the lock file; this test plays duplexd.
         std::fs::write(
             dir.path().join("duplexd.lock"),
@@ -235,6 +395,8 @@ impl Node {
             health,
             admin_mgmt_end: mgmt.into_fd(),
             admin,
+            config_mgmt_end: config_mgmt_end.into_fd(),
+            metadata,
             mgmt_pid,
             generation: 0,
         }
@@ -246,8 +408,13 @@ impl Node {
 
     /// Spawns mgmt and completes the handshake (Hello → Start → Ready).
     pub fn start_mgmt(&mut self) -> Mgmt {
+        self.start_mgmt_with(Handout::All)
+    }
+
+    /// Spawns mgmt and completes the handshake, handing over `handout`.
+    pub fn start_mgmt_with(&mut self, handout: Handout) -> Mgmt {
         let mut m = self.spawn_mgmt();
-        self.handshake(&mut m, Handout::All);
+        self.handshake(&mut m, handout);
         m
     }
 
@@ -357,6 +524,9 @@ impl Node {
         if handout != Handout::NoAdmin {
             add("admin", ResourceKind::Socket, self.admin_mgmt_end.as_fd());
         }
+        if handout != Handout::NoConfig {
+            add("config", ResourceKind::Socket, self.config_mgmt_end.as_fd());
+        }
         if handout == Handout::WrongSocket {
             add(
                 "mgmt-socket",
@@ -380,7 +550,7 @@ impl Node {
             },
         };
         m.control.send(&start, &fds).unwrap();
-        if handout != Handout::All {
+        if !matches!(handout, Handout::All | Handout::NoConfig) {
             return;
         }
         let (ready, _) = m
