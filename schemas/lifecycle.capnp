@@ -114,7 +114,7 @@ struct Start {
 
   resources @2 :List(Resource);
   # The resources handed over with this message: exactly one per file descriptor passed with it.
-  # At most 16 entries, the most descriptors one message may carry.
+  # At most 64 entries, the most descriptors one message may carry.
 }
 
 enum StartMode {

@@ -53,12 +53,17 @@ pub struct DeviceStatus {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
+    /// Logical block size in bytes.
+    pub block_size: u32,
     /// RAID members' states (empty for a leaf).
     pub members: Vec<MemberState>,
     /// I/Os in flight (held ones included).
     pub inflight: usize,
     /// Completions held until a member failure is recorded.
     pub held: usize,
+    /// For a raw drive taken into a RAID device: that device's index and the drive's member
+    /// slot ([`EngineControl::devices`] only; such drives are not roots).
+    pub member_of: Option<(usize, usize)>,
 }
 
 /// Replies to commands: `Err` carries a one-line reason.
@@ -97,6 +102,12 @@ pub enum Command {
     },
     /// The devices as they are now.
     Status {
+        /// Answered at once.
+        reply: Reply<Vec<DeviceStatus>>,
+    },
+    /// Every device by index: the roots as [`Command::Status`] has them, and the raw drives
+    /// taken into RAID devices (their leaf geometry, where they are).
+    Devices {
         /// Answered at once.
         reply: Reply<Vec<DeviceStatus>>,
     },
@@ -167,9 +178,16 @@ impl EngineControl {
         })
     }
 
-    /// The devices now.
+    /// The devices now: the roots of the block-device trees (volumes' devices, free drives,
+    /// RAID devices).
     pub fn status(&self) -> Result<Vec<DeviceStatus>, String> {
         self.call(|reply| Command::Status { reply })
+    }
+
+    /// Every device now, by index: [`EngineControl::status`] and the drives taken into RAID
+    /// devices (so a control plane can map every raw drive id to its name and geometry).
+    pub fn devices(&self) -> Result<Vec<DeviceStatus>, String> {
+        self.call(|reply| Command::Devices { reply })
     }
 
     /// Events reported since the last call (member failures).

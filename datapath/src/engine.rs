@@ -548,27 +548,60 @@ impl Engine {
                     let _ = reply.send(r);
                 }
                 Control::Status { reply } => {
-                    let status = self
-                        .devices
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(index, d)| {
-                            let d = d.as_ref()?;
-                            Some(DeviceStatus {
-                                index,
-                                name: d.name().to_owned(),
-                                size: d.size(),
-                                members: d.member_states(),
-                                inflight: d.inflight(),
-                                held: d.held(),
-                            })
-                        })
-                        .collect();
-                    let _ = reply.send(Ok(status));
+                    let _ = reply.send(Ok(self.device_status(false)));
+                }
+                Control::Devices { reply } => {
+                    let _ = reply.send(Ok(self.device_status(true)));
                 }
             }
         }
         any
+    }
+
+    /// The roots' status, by index; with `taken`, the drives taken into RAID devices too.
+    fn device_status(&self, taken: bool) -> Vec<DeviceStatus> {
+        let mut out = Vec::new();
+        for (index, d) in self.devices.iter().enumerate() {
+            match d {
+                Some(d) => out.push(DeviceStatus {
+                    index,
+                    name: d.name().to_owned(),
+                    size: d.size(),
+                    block_size: d.block_size(),
+                    members: d.member_states(),
+                    inflight: d.inflight(),
+                    held: d.held(),
+                    member_of: None,
+                }),
+                None if taken => {
+                    let Some(&(root, Some(m))) = self.drive_loc.get(index) else {
+                        continue;
+                    };
+                    let geometry = self
+                        .devices
+                        .get(root)
+                        .and_then(Option::as_ref)
+                        .and_then(|r| r.member_geometry(m));
+                    let (Some((block_size, size)), Some(raw)) =
+                        (geometry, self.raw_maps.get(index))
+                    else {
+                        continue;
+                    };
+                    out.push(DeviceStatus {
+                        index,
+                        name: raw.name.clone(),
+                        size,
+                        block_size,
+                        members: Vec::new(),
+                        inflight: 0,
+                        held: 0,
+                        member_of: Some((root, m)),
+                    });
+                }
+                None => {}
+            }
+        }
+        out
     }
 
     /// Checks an epoch against the one served: older is refused.

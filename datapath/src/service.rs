@@ -1,37 +1,77 @@
 //! The datapath as a duplex service: lifecycle handshake, handed-over resources, sandbox,
-//! control thread, engine.
+//! control thread, maps channel, engine.
 //!
 //! Order (everything that needs a system call the policy does not allow comes before the
 //! filter): `Hello` → `Start`; attach the health region, read the topology, attach the pool
 //! (reclaiming a predecessor's buffers on a restart), the completion rings (produced) then the
-//! submission rings (consumed), take the volume fds; build the [`Engine`] (which creates and
-//! restricts the io_uring); enter the `datapath` seccomp policy; say `Ready`; serve.
+//! submission rings (consumed), open the volumes' and pool drives' devices, take the maps
+//! channel (its socket type is checked with `getsockopt`); build the [`Engine`] (which creates
+//! and restricts the io_uring); enter the `datapath` seccomp policy; say `Ready`; start the
+//! control and maps threads; serve.
 //!
 //! Control messages (`Shutdown`, `Inject`) are received by a second thread, which blocks on the
 //! lifecycle channel and stops the engine on `Shutdown` (or when the supervisor goes away). The
 //! heartbeat is beaten by the engine's serving loop, so a stuck loop stops it; an injected hang
 //! (carried out on the control thread) stops it too, through the process-wide flag of
 //! `duplex_ipc::lifecycle`.
+//!
+//! # Devices
+//!
+//! Device indices, in order: one per topology volume (its file or drive, with a volume map
+//! covering it: served 1:1), then one per pool drive (`Topology::drives`, built the same way
+//! but with no volume map: raw drive id `Topology::drive_id(i)`, exported only through the
+//! pools the metadata service publishes), then the RAID pools as they are published. The
+//! metadata service's privileged channel (`Topology::meta`, if any) is attached as a raw
+//! channel: its descriptors address raw drive ids, whether or not the drive became a pool
+//! member.
+//!
+//! # The maps channel
+//!
+//! With the optional resource `maps` (`duplex_ipc::maps`, `schemas/maps.capnp`), the metadata
+//! service publishes pools and volume maps and records member failures. Two threads serve it,
+//! so the engine's thread never waits on the socket:
+//!
+//! * `maps` blocks in `recvmsg` for a request, hands it to the engine through
+//!   [`EngineControl`] (applied between two turns of the engine's loop) and sends the reply. A
+//!   volume table that does not fit one datagram arrives in parts, staged here and handed to
+//!   the engine whole with the last one. A malformed request is logged (rate-limited) and
+//!   answered with an error when its id could be read, dropped otherwise.
+//! * `maps-events` blocks on [`EngineControl::next_event`] and pushes every member failure to
+//!   the peer as it happens (the pool named by its device index).
+//!
+//! The supervisor holds the other end across restarts of the metadata service, so the
+//! datapath's end stays connected while no metadata service runs: requests simply stop, and
+//! events (and a reply whose requester died) wait in the socket for the successor, which skips
+//! replies it did not ask for and reads the current state with `listDevices` (which also says
+//! where every raw drive is). Should the socket's buffer fill meanwhile, the two threads block in
+//! `sendmsg` until the successor reads; the engine goes on serving. Both threads end when the
+//! supervisor closes its end.
+//!
+//! Everything published this way lives in the engine only: a datapath that restarts (duplexd
+//! treats its death as the node's failure, but should it restart one) comes back with the
+//! topology's devices and no pools or pool volumes; the metadata service publishes them again.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use duplex_ipc::control::{ControlError, StartMode};
+use duplex_ipc::control::{ControlError, RateLimiter, StartMode};
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::{Doorbell, DoorbellError};
 use duplex_ipc::lifecycle::{self, Control, Handed, LifecycleError, Next, Started};
+use duplex_ipc::maps::{self as wire, MapsChannel, MapsError, MapsReply, MapsRequest};
 use duplex_ipc::pool::{Holder, Pool, PoolError, ReclaimPlan};
 use duplex_ipc::ring::{self, Consumer, Producer, RingError, RingRegion};
 use duplex_ipc::topology::{
-    DriveTransport, Topology, TopologyError, ROLE_DATAPATH, TOPOLOGY_RESOURCE,
+    DriveTransport, Topology, TopologyError, VolumeSpec, ROLE_DATAPATH, TOPOLOGY_RESOURCE,
 };
 use duplex_sandbox::SandboxError;
 
-use crate::bdev::{BdevBox, FileBdev, NvmeBdev};
+use crate::bdev::{BdevBox, Event, FileBdev, MemberState, NvmeBdev, RaidLevel};
 use crate::channel::Channel;
+use crate::control::{DeviceStatus, EngineControl, PoolSpec};
 use crate::drives::{Drive, DriveError, DriveFds};
 use crate::engine::{Engine, EngineConfig, EngineError, EngineStats, Stopper};
-use crate::map::VolumeMap;
+use crate::map::{Extent, VolumeMap};
 use crate::volume::{Volume, VolumeError};
 
 /// The service name (and its seccomp policy's).
@@ -98,6 +138,9 @@ pub enum ServiceError {
     /// The control thread could not be started.
     #[error("Cannot start the control thread")]
     Thread(#[source] std::io::Error),
+    /// The handed-over maps channel is not a `SOCK_SEQPACKET` socket.
+    #[error("Handed-over `{}` is unusable", wire::MAPS_RESOURCE)]
+    Maps(#[source] ControlError),
 }
 
 fn take(started: &mut Started, name: &str) -> Result<Handed, ServiceError> {
@@ -160,8 +203,9 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         name: pool_name.clone(),
         source,
     })?;
+    // The fabric's channels, then the metadata service's raw channel (same pool).
     let mut rings = Vec::new();
-    for c in &topology.io.channels {
+    for c in topology.io.channels.iter().chain(&topology.meta) {
         let submit = ring_parts(&mut started, &c.submit)?;
         let complete = ring_parts(&mut started, &c.complete)?;
         rings.push((submit, complete));
@@ -196,47 +240,23 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
                 .map_err(ring_err(&c.name))?,
         );
     }
+    let fabric_channels = topology.io.channels.len();
     let mut channels = Vec::new();
-    for (s, producer) in submits.into_iter().zip(producers) {
+    for (i, (s, producer)) in submits.into_iter().zip(producers).enumerate() {
         let consumer = Consumer::attach(s.region, s.data, s.space, generation, mode)
             .map_err(ring_err(&s.name))?;
-        channels.push(Channel::new(consumer, producer));
+        channels.push(if i < fabric_channels {
+            Channel::new(consumer, producer)
+        } else {
+            Channel::raw(consumer, producer)
+        });
     }
     // Each volume is served 1:1 from its own backing file or drive: one device and a map
     // covering it.
     let mut devices: Vec<BdevBox> = Vec::new();
     let mut maps = Vec::new();
     for spec in &topology.volumes {
-        let dev: BdevBox = match &spec.drive {
-            None => {
-                let fd = take(&mut started, &spec.resource)?.fd;
-                let v = Volume::new(spec, fd)?;
-                if v.direct() && pool.chunk_size() % v.block_size() as usize != 0 {
-                    return Err(EngineError::Config(format!(
-                        "volume {} uses O_DIRECT with {}-byte blocks, but pool chunks are {} \
-                         bytes (must be a multiple of the block size)",
-                        v.name(),
-                        v.block_size(),
-                        pool.chunk_size()
-                    ))
-                    .into());
-                }
-                Box::new(FileBdev::new(v))
-            }
-            Some(d) => {
-                let fds = match d.transport {
-                    DriveTransport::VfioUser => {
-                        DriveFds::User(take(&mut started, &spec.resource)?.fd)
-                    }
-                    DriveTransport::Vfio => DriveFds::Kernel {
-                        container: take(&mut started, &format!("{}:container", spec.resource))?.fd,
-                        group: take(&mut started, &format!("{}:group", spec.resource))?.fd,
-                        device: take(&mut started, &format!("{}:device", spec.resource))?.fd,
-                    },
-                };
-                Box::new(NvmeBdev::new(Drive::open(spec, fds, &pool)?))
-            }
-        };
+        let dev = open_device(&mut started, spec, &pool)?;
         let mut map = VolumeMap::whole(spec.id, &spec.name, devices.len(), &dev);
         // A drive's namespace may be larger than the volume: the volume is its first blocks.
         map.blocks = spec.blocks;
@@ -246,6 +266,16 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         maps.push(map);
         devices.push(dev);
     }
+    // The pool drives: raw devices, reached through the raw channel and the pools built on
+    // them; device index = raw drive id.
+    for (i, spec) in topology.drives.iter().enumerate() {
+        debug_assert_eq!(topology.drive_id(i) as usize, devices.len());
+        devices.push(open_device(&mut started, spec, &pool)?);
+    }
+    let maps_channel = match started.take(wire::MAPS_RESOURCE) {
+        Some(r) => Some(MapsChannel::from_fd(r.fd).map_err(ServiceError::Maps)?),
+        None => None,
+    };
     for r in &started.resources {
         tracing::debug!(
             resource = r.name,
@@ -259,20 +289,65 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
     };
     let engine = Engine::with_devices(devices, maps, Arc::new(pool), channels, config)?;
     let stopper = engine.stopper();
+    let engine_control = engine.control();
     enter().map_err(ServiceError::Sandbox)?;
     started.ready()?;
     tracing::info!(
         generation,
         node = topology.node,
         volumes = topology.volumes.len(),
+        drives = topology.drives.len(),
         channels = topology.io.channels.len(),
+        meta = topology.meta.is_some(),
+        maps = maps_channel.is_some(),
         "datapath ready"
     );
     lifecycle::spawn_control_thread(Arc::new(started), move |started, event| {
         control(started, &stopper, event)
     })
     .map_err(ServiceError::Thread)?;
+    if let Some(channel) = maps_channel {
+        spawn_maps_threads(Arc::new(channel), engine_control).map_err(ServiceError::Thread)?;
+    }
     Ok(engine.run(|| health.beat())?)
+}
+
+/// Builds the device of a volume or pool drive: its handed-over file (`spec.resource`) or its
+/// NVMe drive (vfio-user: the connected stream `spec.resource`; VFIO: `RESOURCE:container`,
+/// `RESOURCE:group`, `RESOURCE:device`).
+fn open_device(
+    started: &mut Started,
+    spec: &VolumeSpec,
+    pool: &Pool,
+) -> Result<BdevBox, ServiceError> {
+    Ok(match &spec.drive {
+        None => {
+            let fd = take(started, &spec.resource)?.fd;
+            let v = Volume::new(spec, fd)?;
+            if v.direct() && pool.chunk_size() % v.block_size() as usize != 0 {
+                return Err(EngineError::Config(format!(
+                    "volume {} uses O_DIRECT with {}-byte blocks, but pool chunks are {} \
+                     bytes (must be a multiple of the block size)",
+                    v.name(),
+                    v.block_size(),
+                    pool.chunk_size()
+                ))
+                .into());
+            }
+            Box::new(FileBdev::new(v))
+        }
+        Some(d) => {
+            let fds = match d.transport {
+                DriveTransport::VfioUser => DriveFds::User(take(started, &spec.resource)?.fd),
+                DriveTransport::Vfio => DriveFds::Kernel {
+                    container: take(started, &format!("{}:container", spec.resource))?.fd,
+                    group: take(started, &format!("{}:group", spec.resource))?.fd,
+                    device: take(started, &format!("{}:device", spec.resource))?.fd,
+                },
+            };
+            Box::new(NvmeBdev::new(Drive::open(spec, fds, pool)?))
+        }
+    })
 }
 
 /// The control thread: obeys the supervisor until `Shutdown` or until it goes away. Returns
@@ -296,5 +371,346 @@ fn control(started: &Started, stop: &Stopper, event: Control) -> bool {
             stop.stop();
             false
         }
+    }
+}
+
+const _: () = assert!(wire::MISSING_DRIVE == crate::control::MISSING_DRIVE);
+
+/// Refusals and channel trouble logged per window, per thread (the metadata service is
+/// privileged, but a broken one must not flood the log).
+const MAPS_LOG_BURST: u32 = 10;
+/// The window of [`MAPS_LOG_BURST`].
+const MAPS_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Starts the maps channel's two threads (see the module docs).
+fn spawn_maps_threads(channel: Arc<MapsChannel>, control: EngineControl) -> std::io::Result<()> {
+    let events = (Arc::clone(&channel), control.clone());
+    let server = MapsServer {
+        channel,
+        control,
+        staged: None,
+        log: RateLimiter::new(MAPS_LOG_BURST, MAPS_LOG_WINDOW),
+    };
+    std::thread::Builder::new()
+        .name("maps".into())
+        .spawn(move || server.serve())?;
+    std::thread::Builder::new()
+        .name("maps-events".into())
+        .spawn(move || serve_events(&events.0, &events.1))?;
+    Ok(())
+}
+
+/// A volume table arriving in parts.
+#[derive(Debug)]
+struct Staged {
+    epoch: u64,
+    next_part: u32,
+    volumes: Vec<wire::VolumeMap>,
+}
+
+/// The `maps` thread's state.
+#[derive(Debug)]
+struct MapsServer {
+    channel: Arc<MapsChannel>,
+    control: EngineControl,
+    staged: Option<Staged>,
+    log: RateLimiter,
+}
+
+impl MapsServer {
+    /// Receives requests and answers them until the supervisor closes the channel.
+    fn serve(mut self) {
+        loop {
+            let (id, reply) = match self.channel.recv_request(None) {
+                Ok(Some((id, request))) => {
+                    let kind = request.kind_name();
+                    let reply = self.handle(request);
+                    if let MapsReply::Error(why) = &reply {
+                        self.warn(|suppressed| {
+                            tracing::warn!(
+                                request = kind,
+                                suppressed,
+                                "maps request refused: {why}"
+                            );
+                        });
+                    }
+                    (id, reply)
+                }
+                // No timeout: only a request ends the wait.
+                Ok(None) => continue,
+                // The channel logged it (rate-limited); answer what can be answered.
+                Err(MapsError::Malformed { request_id, source }) => (
+                    request_id,
+                    MapsReply::Error(bounded_error(format!("malformed request: {source}"))),
+                ),
+                Err(e) if e.is_malformed() => continue,
+                Err(MapsError::Channel(ControlError::PeerClosed)) => {
+                    tracing::info!("the supervisor closed the maps channel: no more map changes");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "maps channel failed: no more map changes");
+                    return;
+                }
+            };
+            if !self.reply(id, &reply) {
+                return;
+            }
+        }
+    }
+
+    /// Sends a reply; one that cannot be sent (out of bounds) becomes an error reply. Returns
+    /// whether the channel is still usable.
+    fn reply(&mut self, id: u64, reply: &MapsReply) -> bool {
+        let e = match self.channel.send_reply(id, reply) {
+            Ok(()) => return true,
+            Err(ControlError::PeerClosed) => {
+                tracing::info!("the supervisor closed the maps channel: no more map changes");
+                return false;
+            }
+            Err(e) => e,
+        };
+        let error = MapsReply::Error(bounded_error(format!(
+            "the reply ({}) cannot be sent: {e}",
+            reply.kind_name()
+        )));
+        match self.channel.send_reply(id, &error) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "maps channel failed: no more map changes");
+                false
+            }
+        }
+    }
+
+    fn warn(&mut self, log: impl FnOnce(u64)) {
+        if let Some(suppressed) = self.log.check(Instant::now()) {
+            log(suppressed);
+        }
+    }
+
+    /// Carries out one request through the engine's control inlet.
+    fn handle(&mut self, request: MapsRequest) -> MapsReply {
+        let result = match request {
+            MapsRequest::ListDevices => self.list_devices(),
+            MapsRequest::PublishPool(spec) => self.publish_pool(spec),
+            MapsRequest::PublishVolumes(part) => self.publish_volumes(part),
+            MapsRequest::FailuresRecorded { device, members } => self
+                .control
+                .failures_recorded(
+                    device as usize,
+                    members.into_iter().map(|m| m as usize).collect(),
+                )
+                .map(|()| MapsReply::Done),
+        };
+        result.unwrap_or_else(|why| MapsReply::Error(bounded_error(why)))
+    }
+
+    fn list_devices(&self) -> Result<MapsReply, String> {
+        let devices = self.control.devices()?;
+        if devices.len() > wire::MAX_DEVICES {
+            return Err(format!(
+                "{} devices, more than one listing holds ({})",
+                devices.len(),
+                wire::MAX_DEVICES
+            ));
+        }
+        Ok(MapsReply::Devices(
+            devices.iter().map(device_info).collect(),
+        ))
+    }
+
+    /// Builds a pool (or, replayed by a restarted metadata service, finds the same pool over
+    /// the same drives: the engine answers its index again).
+    fn publish_pool(&self, spec: wire::PoolSpec) -> Result<MapsReply, String> {
+        let epoch = spec.epoch;
+        let spec = PoolSpec {
+            name: spec.name,
+            level: match spec.level {
+                wire::RaidLevel::Raid0 => RaidLevel::Raid0,
+                wire::RaidLevel::Raid1 => RaidLevel::Raid1,
+                wire::RaidLevel::Raid10 => RaidLevel::Raid10,
+            },
+            chunk: spec.chunk,
+            data_offset: spec.data_offset,
+            data_len: spec.data_len,
+            drives: spec.drives,
+            states: spec.states.into_iter().map(member_state).collect(),
+            hold_until_recorded: spec.hold_until_recorded,
+        };
+        let index = self.control.publish_pool(epoch, spec)?;
+        u32::try_from(index)
+            .map(MapsReply::Device)
+            .map_err(|_| format!("device index {index} does not fit the wire"))
+    }
+
+    /// Stages a part of a volume table; the last part publishes the whole table.
+    fn publish_volumes(&mut self, part: wire::PublishVolumes) -> Result<MapsReply, String> {
+        let mut staged = match (self.staged.take(), part.part) {
+            (_, 0) => Staged {
+                epoch: part.epoch,
+                next_part: 0,
+                volumes: Vec::new(),
+            },
+            (Some(s), n) if s.next_part == n && s.epoch == part.epoch => s,
+            (_, n) => {
+                return Err(format!(
+                    "volume table part {n} of epoch {} does not follow the staged parts \
+                     (dropped them)",
+                    part.epoch
+                ))
+            }
+        };
+        if staged.volumes.len() + part.volumes.len() > wire::MAX_VOLUMES {
+            return Err(format!(
+                "volume table of more than {} volumes (dropped it)",
+                wire::MAX_VOLUMES
+            ));
+        }
+        staged.volumes.extend(part.volumes);
+        staged.next_part = staged.next_part.saturating_add(1);
+        if part.more {
+            self.staged = Some(staged);
+            return Ok(MapsReply::Done);
+        }
+        let maps = staged.volumes.into_iter().map(volume_map).collect();
+        self.control.publish_volumes(staged.epoch, maps)?;
+        Ok(MapsReply::Done)
+    }
+}
+
+/// The `maps-events` thread: pushes member failures to the peer until the engine stops or the
+/// supervisor closes the channel.
+fn serve_events(channel: &MapsChannel, control: &EngineControl) {
+    let mut log = RateLimiter::new(MAPS_LOG_BURST, MAPS_LOG_WINDOW);
+    while let Some(event) = control.next_event() {
+        let (device, member, name, status) = match event {
+            Event::MemberFailed {
+                device,
+                member,
+                name,
+                status,
+            } => (device, member, name, status),
+        };
+        let index = control
+            .devices()
+            .ok()
+            .and_then(|all| pool_of(&all, &device, member, &name));
+        let (Some(index), Ok(member)) = (
+            index.and_then(|i| u32::try_from(i).ok()),
+            u32::try_from(member),
+        ) else {
+            tracing::error!(
+                device,
+                member,
+                "member failure of a device not found: not reported"
+            );
+            continue;
+        };
+        let event = wire::MemberFailed {
+            device: index,
+            member,
+            name: wire_name(&name, || format!("member{member}")),
+            status,
+        };
+        match channel.send_event(&event) {
+            Ok(()) => {}
+            Err(ControlError::PeerClosed) => {
+                tracing::info!("the supervisor closed the maps channel: no more events");
+                return;
+            }
+            Err(e) => {
+                if let Some(suppressed) = log.check(Instant::now()) {
+                    tracing::error!(error = %e, suppressed, ?event, "cannot send a member failure");
+                }
+            }
+        }
+    }
+}
+
+/// The device index of the pool whose member `member` (device `name`) failed: the pool that
+/// raw drive fills that slot of (drive names are unique), else the only pool named `pool`.
+fn pool_of(devices: &[DeviceStatus], pool: &str, member: usize, name: &str) -> Option<usize> {
+    let by_drive = devices.iter().find_map(|d| match d.member_of {
+        Some((root, slot)) if slot == member && d.name == name => Some(root),
+        _ => None,
+    });
+    by_drive.or_else(|| {
+        let mut named = devices
+            .iter()
+            .filter(|d| d.name == pool && !d.members.is_empty());
+        match (named.next(), named.next()) {
+            (Some(d), None) => Some(d.index),
+            _ => None,
+        }
+    })
+}
+
+/// A name as the wire bounds it: cut to [`wire::MAX_NAME_BYTES`], never empty.
+fn wire_name(name: &str, fallback: impl FnOnce() -> String) -> String {
+    if name.is_empty() {
+        return fallback();
+    }
+    wire::truncate_name(name, wire::MAX_NAME_BYTES)
+}
+
+/// An error text as the wire bounds it.
+fn bounded_error(text: String) -> String {
+    if text.len() <= wire::MAX_ERROR_BYTES {
+        return text;
+    }
+    wire::truncate_name(&text, wire::MAX_ERROR_BYTES)
+}
+
+fn member_state(s: wire::MemberState) -> MemberState {
+    match s {
+        wire::MemberState::Active => MemberState::Active,
+        wire::MemberState::Failed => MemberState::Failed,
+    }
+}
+
+fn wire_member_state(s: MemberState) -> wire::MemberState {
+    match s {
+        MemberState::Active => wire::MemberState::Active,
+        MemberState::Failed => wire::MemberState::Failed,
+    }
+}
+
+fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn device_info(d: &DeviceStatus) -> wire::DeviceInfo {
+    wire::DeviceInfo {
+        index: saturating_u32(d.index),
+        name: wire_name(&d.name, || format!("device{}", d.index)),
+        size_bytes: d.size,
+        block_size: d.block_size,
+        members: d.members.iter().copied().map(wire_member_state).collect(),
+        inflight: saturating_u32(d.inflight),
+        held: saturating_u32(d.held),
+        member_of: d.member_of.map(|(device, slot)| wire::PoolSlot {
+            device: saturating_u32(device),
+            slot: saturating_u32(slot),
+        }),
+    }
+}
+
+fn volume_map(v: wire::VolumeMap) -> VolumeMap {
+    VolumeMap {
+        id: v.id,
+        name: v.name,
+        block_size: v.block_size,
+        blocks: v.blocks,
+        extents: v
+            .extents
+            .into_iter()
+            .map(|e| Extent {
+                start: e.start,
+                blocks: e.blocks,
+                device: e.device as usize,
+                device_offset: e.device_offset,
+            })
+            .collect(),
     }
 }

@@ -32,6 +32,10 @@ use duplex_ipc::desc::{
 };
 use duplex_ipc::doorbell::Doorbell;
 use duplex_ipc::lifecycle::{Health, CONTROL_FD_ENV};
+use duplex_ipc::maps::{
+    Extent, MapsChannel, MapsMessage, MapsReply, MapsRequest, MemberState, PoolSlot, PoolSpec,
+    PublishVolumes, RaidLevel, VolumeMap, MAPS_RESOURCE,
+};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, WaitPolicy};
 use duplex_ipc::topology::{
@@ -55,7 +59,44 @@ struct Duplexd {
         Doorbell,
     )>,
     volumes: Vec<(String, std::fs::File)>,
+    /// Pool drives: resource, opened file, path.
+    drives: Vec<(String, std::fs::File, std::path::PathBuf)>,
+    /// The maps channel: the datapath's end (handed over) and the metadata service's (kept
+    /// across its incarnations, as duplexd keeps it).
+    maps: Option<(MapsChannel, MapsChannel)>,
 }
+
+/// What a test node hands the datapath.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// How many of the two standard volumes (v1: 512-byte blocks on disk, v2: 4 KiB blocks in
+    /// memory).
+    volumes: usize,
+    /// The fabric's channel `io0`.
+    io: bool,
+    /// Pool drives (sparse files of [`DRIVE_BYTES`], 4 KiB blocks).
+    drives: usize,
+    /// The metadata service's raw channel `meta`.
+    meta: bool,
+    /// The maps channel.
+    maps: bool,
+}
+
+impl Layout {
+    /// The layout of the original tests: two volumes, one fabric channel.
+    const STANDARD: Self = Self {
+        volumes: 2,
+        io: true,
+        drives: 0,
+        meta: false,
+        maps: false,
+    };
+}
+
+/// Size of each pool drive.
+const DRIVE_BYTES: u64 = 96 << 20;
+/// Block size of the pool drives.
+const DRIVE_BS: u32 = 4096;
 
 /// The datapath process.
 struct Datapath {
@@ -109,33 +150,42 @@ impl Drop for Datapath {
     }
 }
 
+/// Creates a sparse file of `bytes` at `path` and opens it as duplexd would: O_DIRECT where
+/// the file system allows it. Returns the file and whether it is direct.
+fn backing_file(path: &std::path::Path, bytes: u64) -> (std::fs::File, bool) {
+    std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Ok(f) => (f, true),
+        Err(_) => (open(0).unwrap(), false),
+    }
+}
+
 impl Duplexd {
     fn new() -> Self {
+        Self::build(Layout::STANDARD)
+    }
+
+    fn build(layout: Layout) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Volume 2 lives in memory (tmpfs): the engine maps it and copies, so the policy tests
         // exercise both ways.
         let shm = tempfile::tempdir_in("/dev/shm").unwrap();
         let mut specs = Vec::new();
         let mut volumes = Vec::new();
-        for (id, bs, blocks) in [(1_u32, 512_u32, 4096_u64), (2, 4096, 512)] {
+        for (id, bs, blocks) in [(1_u32, 512_u32, 4096_u64), (2, 4096, 512)]
+            .into_iter()
+            .take(layout.volumes)
+        {
             let name = format!("v{id}");
             let path = if id == 2 { shm.path() } else { dir.path() }.join(&name);
-            std::fs::File::create(&path)
-                .unwrap()
-                .set_len(u64::from(bs) * blocks)
-                .unwrap();
-            // As duplexd opens it: O_DIRECT where the file system allows it.
-            let open = |flags| {
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(flags)
-                    .open(&path)
-            };
-            let (file, direct) = match open(libc::O_DIRECT) {
-                Ok(f) => (f, true),
-                Err(_) => (open(0).unwrap(), false),
-            };
+            let (file, direct) = backing_file(&path, u64::from(bs) * blocks);
             specs.push(VolumeSpec {
                 id,
                 name: name.clone(),
@@ -148,6 +198,28 @@ impl Duplexd {
             });
             volumes.push((format!("volume:{name}"), file));
         }
+        let mut drive_specs = Vec::new();
+        let mut drives = Vec::new();
+        for i in 0..layout.drives {
+            let name = format!("d{i}");
+            let path = dir.path().join(&name);
+            let (file, direct) = backing_file(&path, DRIVE_BYTES);
+            drive_specs.push(VolumeSpec {
+                id: i as u32,
+                name: name.clone(),
+                resource: format!("drive:{name}"),
+                path: path.display().to_string(),
+                block_size: DRIVE_BS,
+                blocks: DRIVE_BYTES / u64::from(DRIVE_BS),
+                direct,
+                drive: None,
+            });
+            drives.push((format!("drive:{name}"), file, path));
+        }
+        let channel = |name: &str| ChannelSpec {
+            submit: format!("{name}.sq"),
+            complete: format!("{name}.cq"),
+        };
         let topology = Topology {
             version: TOPOLOGY_VERSION,
             node: "a".into(),
@@ -157,14 +229,15 @@ impl Duplexd {
             subsystems: vec![],
             io: IoSpec {
                 pool: "io".into(),
-                channels: vec![ChannelSpec {
-                    submit: "io0.sq".into(),
-                    complete: "io0.cq".into(),
-                }],
+                channels: if layout.io {
+                    vec![channel("io0")]
+                } else {
+                    vec![]
+                },
             },
             listeners: vec![],
-            drives: vec![],
-            meta: None,
+            drives: drive_specs,
+            meta: layout.meta.then(|| channel("meta")),
         };
         let pool = Pool::create(
             "pool:io",
@@ -177,7 +250,15 @@ impl Duplexd {
         )
         .unwrap();
         let mut rings = Vec::new();
-        for (name, id) in [("io0.sq", 1_u8), ("io0.cq", 2)] {
+        let names = [("io0.sq", 1_u8), ("io0.cq", 2)]
+            .into_iter()
+            .filter(|_| layout.io)
+            .chain(
+                [("meta.sq", 3), ("meta.cq", 4)]
+                    .into_iter()
+                    .filter(|_| layout.meta),
+            );
+        for (name, id) in names {
             let region = RingRegion::create(name, 64, id).unwrap();
             let (data, space) = ring::doorbells().unwrap();
             rings.push((name.to_owned(), region, data, space));
@@ -189,14 +270,43 @@ impl Duplexd {
             pool: Arc::new(pool),
             rings,
             volumes,
+            drives,
+            maps: layout.maps.then(|| MapsChannel::pair().unwrap()),
         }
     }
 
     /// The fabric's ends of the channel.
     fn fabric(&self) -> Fabric {
+        self.ends("io0", HashMap::from([(1, 512), (2, 4096)]))
+    }
+
+    /// The metadata service's ends of its raw channel (volume = raw drive id).
+    fn meta(&self) -> Fabric {
+        let ids = (0..self.drives.len() as u32).map(|i| (i + self.volumes.len() as u32, DRIVE_BS));
+        self.ends("meta", ids.collect())
+    }
+
+    /// One incarnation of the metadata service's end of the maps channel (`generation` numbers
+    /// its requests, as the metadata service does).
+    fn metadata(&self, generation: u64) -> MapsChannel {
+        let (_, theirs) = self.maps.as_ref().expect("a node with a maps channel");
+        let fd = theirs.as_fd().try_clone_to_owned().unwrap();
+        MapsChannel::from_fd(fd)
+            .unwrap()
+            .with_first_request_id(generation << 32)
+    }
+
+    /// The submitting ends of channel `name`.
+    fn ends(&self, name: &str, block_sizes: HashMap<u32, u32>) -> Fabric {
         let clone = |d: &Doorbell| d.try_clone().unwrap();
-        let (_, sq, sq_data, sq_space) = &self.rings[0];
-        let (_, cq, cq_data, cq_space) = &self.rings[1];
+        let ring = |n: String| {
+            self.rings
+                .iter()
+                .find(|r| r.0 == n)
+                .unwrap_or_else(|| panic!("no ring {n}"))
+        };
+        let (_, sq, sq_data, sq_space) = ring(format!("{name}.sq"));
+        let (_, cq, cq_data, cq_space) = ring(format!("{name}.cq"));
         let mut p = Producer::attach(
             sq.try_clone().unwrap(),
             clone(sq_data),
@@ -220,7 +330,7 @@ impl Duplexd {
             sq: p,
             cq: c,
             next_tag: 0,
-            block_sizes: HashMap::from([(1, 512), (2, 4096)]),
+            block_sizes,
         }
     }
 
@@ -314,6 +424,12 @@ impl Duplexd {
         }
         for (name, file) in &self.volumes {
             add(name, ResourceKind::File, file.as_fd());
+        }
+        for (name, file, _) in &self.drives {
+            add(name, ResourceKind::File, file.as_fd());
+        }
+        if let Some((ours, _)) = &self.maps {
+            add(MAPS_RESOURCE, ResourceKind::Socket, ours.as_fd());
         }
         let start = Envelope {
             request_id: dp.control.next_request_id(),
@@ -577,4 +693,293 @@ fn every_datapath_rule_is_needed() {
         "rules the datapath does not need (exercise them or remove them):\n{}",
         unneeded.join("\n")
     );
+}
+
+// -- Pool drives, the metadata service's raw channel and the maps channel.
+
+/// Where the pools' data areas start on each drive (block aligned, well inside the drive).
+const DATA_OFFSET: u64 = 81 << 20;
+/// Bytes of each member's data area.
+const DATA_LEN: u64 = 8 << 20;
+/// Stripe chunk.
+const CHUNK: u64 = 64 << 10;
+
+/// A RAID 1 pool over raw drives `drives`, holding writes after a member failure until it is
+/// recorded.
+fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
+    PoolSpec {
+        epoch,
+        name: name.into(),
+        level: RaidLevel::Raid1,
+        chunk: CHUNK,
+        data_offset: DATA_OFFSET,
+        data_len: DATA_LEN,
+        drives,
+        states: vec![],
+        hold_until_recorded: true,
+    }
+}
+
+/// A volume of `blocks` 4 KiB blocks at byte `offset` of device `device`.
+fn volume(id: u32, device: u32, offset: u64, blocks: u64) -> VolumeMap {
+    VolumeMap {
+        id,
+        name: format!("vol{id}"),
+        block_size: DRIVE_BS,
+        blocks,
+        extents: vec![Extent {
+            start: 0,
+            blocks,
+            device,
+            device_offset: offset,
+        }],
+    }
+}
+
+/// `len` bytes of the file at `path` from `offset`, read past the datapath (no O_DIRECT).
+fn file_bytes(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut out = vec![0; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut out, offset)
+        .unwrap();
+    out
+}
+
+/// Flushes everything reachable through `f`.
+fn flush_all(f: &mut Fabric) {
+    let d = f.call(
+        IoDesc {
+            opcode: OP_FLUSH,
+            volume: duplex_datapath::FLUSH_ALL,
+            ..IoDesc::default()
+        },
+        0,
+        &[],
+    );
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+}
+
+/// Asks for an orderly stop and checks it happened, with nothing logged as a panic.
+fn shut_down(mut dp: Datapath) {
+    dp.send(Body::Shutdown {
+        reason: "test".into(),
+        deadline_ms: 5000,
+    });
+    let status = dp.wait(DEADLINE);
+    assert!(status.success(), "{status:?}; log:\n{}", dp.log());
+    assert!(!dp.log().contains("panicked"), "{}", dp.log());
+}
+
+/// Every thread of the datapath (the maps threads included) runs under its policy.
+fn assert_sandboxed(dp: &Datapath) {
+    if std::env::var_os("DATAPATH_TEST_STRACE").is_some() {
+        return;
+    }
+    // The maps threads start after Ready.
+    common::wait_until("engine, lifecycle, maps and maps-events threads", || {
+        thread_statuses(dp.child.id()).len() >= 4
+    });
+    for s in thread_statuses(dp.child.id()) {
+        assert!(s.contains("\nSeccomp:\t2\n"), "{s}");
+    }
+}
+
+#[test]
+fn pools_and_volumes_published_on_the_maps_channel_are_served_to_the_fabric() {
+    // Volume v1 (device 0), then the pool drives d0, d1 (raw drive ids 1, 2).
+    let node = Duplexd::build(Layout {
+        volumes: 1,
+        io: true,
+        drives: 2,
+        meta: false,
+        maps: true,
+    });
+    let dp = node.start();
+    assert_sandboxed(&dp);
+    let mut md = node.metadata(1);
+    let devices = md.list_devices(DEADLINE).unwrap();
+    assert_eq!(devices.len(), 3, "{devices:?}");
+    assert_eq!((devices[0].index, devices[0].name.as_str()), (0, "v1"));
+    for (i, d) in devices[1..].iter().enumerate() {
+        assert_eq!(d.index, 1 + i as u32);
+        assert_eq!(d.name, format!("d{i}"));
+        assert_eq!((d.size_bytes, d.block_size), (DRIVE_BYTES, DRIVE_BS));
+        assert!(d.members.is_empty() && d.member_of.is_none(), "{d:?}");
+    }
+
+    // Garbage is dropped; a request whose id can be read but whose body is broken (an unknown
+    // RAID level) is answered with an error; the channel serves on.
+    md.send_raw_for_tests(b"garbage, not a request").unwrap();
+    let mut bad = MapsRequest::PublishPool(mirror("p", 1, vec![1, 2])).encode(4242);
+    assert_eq!(&bad[48..50], &[1, 0], "layout of PoolSpec.level changed");
+    bad[48] = 9;
+    md.send_raw_for_tests(&bad).unwrap();
+    match md.recv_message(DEADLINE).unwrap() {
+        Some(MapsMessage::Reply {
+            request_id: 4242,
+            reply: MapsReply::Error(why),
+        }) => assert!(why.contains("malformed"), "{why}"),
+        other => panic!("expected the error reply to 4242, got {other:?}"),
+    }
+
+    // RAID 1 over both drives, then a volume table in two parts: vol7 is the first half of the
+    // pool's data area, vol8 the second.
+    let pool = md
+        .publish_pool(mirror("tank", 1, vec![1, 2]), DEADLINE)
+        .unwrap();
+    assert_eq!(pool, 3);
+    // Replayed (as a restarted metadata service does): the same device. Another pool over
+    // the same drives is refused.
+    let again = md.publish_pool(mirror("tank", 1, vec![1, 2]), DEADLINE);
+    assert_eq!(again.unwrap(), pool);
+    let other = md.publish_pool(mirror("other", 1, vec![1, 2]), DEADLINE);
+    assert!(other.is_err(), "a second pool over taken drives: {other:?}");
+    let half = DATA_LEN / 2;
+    let blocks = half / u64::from(DRIVE_BS);
+    let part = |part, more, v: VolumeMap| {
+        MapsRequest::PublishVolumes(PublishVolumes {
+            epoch: 1,
+            volumes: vec![v],
+            part,
+            more,
+        })
+    };
+    let vol7 = volume(7, pool, 0, blocks);
+    let vol8 = volume(8, pool, half, blocks);
+    for request in [part(0, true, vol7.clone()), part(1, false, vol8.clone())] {
+        assert_eq!(md.call(&request, DEADLINE).unwrap(), MapsReply::Done);
+    }
+    // A part out of order is refused.
+    let reply = md.call(&part(3, false, vol7), DEADLINE).unwrap();
+    assert!(matches!(reply, MapsReply::Error(_)), "{reply:?}");
+
+    // The fabric writes the volumes; the data lands at the data offset of both drives.
+    let mut f = node.ends(
+        "io0",
+        HashMap::from([(1, 512), (7, DRIVE_BS), (8, DRIVE_BS)]),
+    );
+    let bs = DRIVE_BS as usize;
+    let writes = [(7_u32, 0_u64, 8_usize), (7, 100, 3), (8, 3, 16)];
+    for (i, &(vol, lba, n)) in writes.iter().enumerate() {
+        let d = f.write_sync(vol, lba, &pattern(i as u64 + 1, n * bs), 0);
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "{d:?}; log:\n{}", dp.log());
+    }
+    flush_all(&mut f);
+    for (i, &(vol, lba, n)) in writes.iter().enumerate() {
+        let data = pattern(i as u64 + 1, n * bs);
+        assert_eq!(f.read_sync(vol, lba, n as u32).data.unwrap(), data);
+        let at = DATA_OFFSET + if vol == 8 { half } else { 0 } + lba * u64::from(DRIVE_BS);
+        for (_, _, path) in &node.drives {
+            assert!(file_bytes(path, at, data.len()) == data, "{path:?} at {at}");
+        }
+    }
+    let devices = md.list_devices(DEADLINE).unwrap();
+    assert_eq!(devices.len(), 4, "{devices:?}");
+    assert_eq!(devices[3].name, "tank");
+    assert_eq!(devices[3].size_bytes, DATA_LEN);
+    assert_eq!(
+        devices[3].members,
+        vec![MemberState::Active, MemberState::Active]
+    );
+    for slot in 0..2 {
+        assert_eq!(
+            devices[1 + slot].member_of,
+            Some(PoolSlot {
+                device: pool,
+                slot: slot as u32
+            })
+        );
+    }
+
+    // The metadata service goes away. Meanwhile drive d1 (slot 1) loses its data area: the
+    // next read sent to it fails, the member is failed, and the reads succeed from d0.
+    drop(md);
+    node.drives[1].1.set_len(DATA_OFFSET).unwrap();
+    for _ in 0..4 {
+        let d = f.read_sync(7, 0, 8);
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "log:\n{}", dp.log());
+        assert_eq!(d.data.unwrap(), pattern(1, 8 * bs));
+    }
+    // Its successor gets the event that waited in the socket.
+    let mut md = node.metadata(2);
+    let e = md
+        .recv_event(DEADLINE)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no member failure; log:\n{}", dp.log()));
+    assert_eq!((e.device, e.member, e.name.as_str()), (pool, 1, "d1"));
+    // A write now is held until the failure is recorded.
+    let data = pattern(99, 2 * bs);
+    let tag = f.write(7, 10, &data, 0);
+    common::wait_until("the write to be held", || {
+        md.list_devices(DEADLINE).unwrap()[3].held == 1
+    });
+    assert_eq!(f.completions_ready(), 0, "a held write was acknowledged");
+    md.failures_recorded(pool, vec![1], DEADLINE).unwrap();
+    let done = f.collect(1);
+    assert_eq!(done[&tag].desc.status, STATUS_SUCCESS);
+    assert_eq!(f.read_sync(7, 10, 2).data.unwrap(), data);
+    let devices = md.list_devices(DEADLINE).unwrap();
+    assert_eq!(
+        devices[3].members,
+        vec![MemberState::Active, MemberState::Failed]
+    );
+    assert_eq!(devices[3].held, 0);
+    shut_down(dp);
+}
+
+#[test]
+fn raw_drives_are_reached_through_the_metadata_channel_in_and_out_of_pools() {
+    let node = Duplexd::build(Layout {
+        volumes: 0,
+        io: false,
+        drives: 2,
+        meta: true,
+        maps: true,
+    });
+    let dp = node.start();
+    let mut md = node.metadata(1);
+    let devices = md.list_devices(DEADLINE).unwrap();
+    let names: Vec<_> = devices.iter().map(|d| (d.index, d.name.as_str())).collect();
+    assert_eq!(names, vec![(0, "d0"), (1, "d1")]);
+    // Raw writes (by raw drive id) land where they say: a label at the start of d0, a block
+    // deep into d1.
+    let mut m = node.meta();
+    let bs = DRIVE_BS as usize;
+    let label = pattern(1, bs);
+    let deep = pattern(2, 4 * bs);
+    for (id, lba, data) in [(0, 0, &label), (1, 1000, &deep)] {
+        let d = m.write_sync(id, lba, data, 0);
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "{d:?}; log:\n{}", dp.log());
+    }
+    flush_all(&mut m);
+    assert!(file_bytes(&node.drives[0].2, 0, bs) == label);
+    assert!(file_bytes(&node.drives[1].2, 1000 * 4096, 4 * bs) == deep);
+    assert_eq!(m.read_sync(1, 1000, 4).data.unwrap(), deep);
+    // Once the drives are a pool's members they are still reached whole, metadata areas
+    // included.
+    let pool = md
+        .publish_pool(mirror("tank", 1, vec![0, 1]), DEADLINE)
+        .unwrap();
+    assert_eq!(pool, 2);
+    let superblock = pattern(3, bs);
+    let d = m.write_sync(1, 8, &superblock, 0);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    flush_all(&mut m);
+    assert!(file_bytes(&node.drives[1].2, 8 * 4096, bs) == superblock);
+    assert_eq!(m.read_sync(0, 0, 1).data.unwrap(), label);
+    let devices = md.list_devices(DEADLINE).unwrap();
+    assert_eq!(devices.len(), 3, "{devices:?}");
+    for (slot, d) in devices.iter().take(2).enumerate() {
+        assert_eq!(d.size_bytes, DRIVE_BYTES);
+        assert_eq!(
+            d.member_of,
+            Some(PoolSlot {
+                device: pool,
+                slot: slot as u32
+            })
+        );
+    }
+    shut_down(dp);
 }

@@ -36,7 +36,7 @@ use nix::sys::socket::{
 /// Largest encoded message, in bytes, that a channel sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Most file descriptors that may travel with one message.
-pub const MAX_FDS: usize = 16;
+pub const MAX_FDS: usize = 64;
 /// Longest service or resource name, in bytes of UTF-8.
 pub const MAX_NAME_BYTES: usize = 256;
 /// Longest free-text field (shutdown reason, error message), in bytes of UTF-8.

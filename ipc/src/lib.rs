@@ -26,6 +26,7 @@ pub mod desc;
 pub mod doorbell;
 pub mod exports;
 pub mod lifecycle;
+pub mod maps;
 pub mod pool;
 pub mod region;
 pub mod ring;
