@@ -23,6 +23,8 @@ pub const TOPOLOGY_VERSION: u32 = 1;
 pub const ROLE_DATAPATH: u8 = 1;
 /// Pool holder role of the fabric.
 pub const ROLE_FABRIC: u8 = 2;
+/// Pool holder role of the metadata service (its privileged channel's buffers).
+pub const ROLE_METADATA: u8 = 3;
 /// Largest topology accepted (bytes).
 pub const MAX_TOPOLOGY_BYTES: u64 = 1 << 20;
 
@@ -303,7 +305,10 @@ impl Topology {
         }
         for (i, d) in self.drives.iter().enumerate() {
             if !matches!(d.block_size, 512 | 4096) || d.blocks == 0 {
-                return bad(format!("drive {}: {} blocks of {}", d.name, d.blocks, d.block_size));
+                return bad(format!(
+                    "drive {}: {} blocks of {}",
+                    d.name, d.blocks, d.block_size
+                ));
             }
             if self.drives[..i].iter().any(|o| o.name == d.name)
                 || self.volumes.iter().any(|o| o.name == d.name)
