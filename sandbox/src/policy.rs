@@ -35,6 +35,7 @@ pub(crate) const SERVICES: &[(&str, &str)] = &[
     ("mgmt", include_str!("../policies/mgmt.policy")),
     ("datapath", include_str!("../policies/datapath.policy")),
     ("fabric", include_str!("../policies/fabric.policy")),
+    ("metadata", include_str!("../policies/metadata.policy")),
 ];
 
 /// Policies that may only be included (`@include NAME`), as `(name, text)`.

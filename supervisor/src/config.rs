@@ -48,7 +48,7 @@ use toml::Spanned;
 
 use crate::storage::{
     parse_id, valid_nqn, FabricSettings, SubsystemConfig, VolumeConfig, COMPLETE_RING, FABRIC,
-    IO_POOL, SUBMIT_RING,
+    IO_POOL, METADATA, META_COMPLETE_RING, META_SUBMIT_RING, SUBMIT_RING,
 };
 
 /// Errors reading the node config. Each renders as one line.
@@ -111,6 +111,10 @@ pub struct NodeConfig {
     /// Volumes (backing files or block devices) the datapath serves.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// Pool drives: the datapath opens them as raw devices, the metadata service builds pools
+    /// on them (`duplexctl pool create`). Same keys as `[[volume]]`.
+    #[serde(default, rename = "drive")]
+    pub drives: Vec<VolumeConfig>,
     /// NVMe subsystems the fabric exports.
     #[serde(default, rename = "subsystem")]
     pub subsystems: Vec<SubsystemConfig>,
@@ -284,11 +288,17 @@ impl NodeConfig {
             .find(|s| s.kind == ServiceKind::Datapath)
     }
 
-    /// Whether the node serves storage: it has subsystems, a datapath and a fabric service.
+    /// Whether the node serves storage: it has a datapath and a fabric service, and either
+    /// subsystems of its own or a metadata service (which creates them at run time).
     pub fn serves_storage(&self) -> bool {
-        !self.subsystems.is_empty()
+        (!self.subsystems.is_empty() || self.has_metadata())
             && self.datapath().is_some()
             && self.services.iter().any(|s| s.name.get_ref() == FABRIC)
+    }
+
+    /// Whether the node has the metadata service (pools on the `[[drive]]`s).
+    pub fn has_metadata(&self) -> bool {
+        self.services.iter().any(|s| s.name.get_ref() == METADATA)
     }
 
     /// Adds the fabric ↔ datapath rings and pool when the node serves storage.
@@ -314,11 +324,28 @@ impl NodeConfig {
             consumer: at(FABRIC.into()),
             capacity: Spanned::new(0..0, capacity),
         });
+        let mut users = vec![at(FABRIC.into()), at(dp.clone())];
+        if self.has_metadata() {
+            // The metadata service's privileged channel to the datapath, on the same pool.
+            self.rings.push(RingConfig {
+                name: at(META_SUBMIT_RING.into()),
+                producer: at(METADATA.into()),
+                consumer: at(dp.clone()),
+                capacity: Spanned::new(0..0, 16),
+            });
+            self.rings.push(RingConfig {
+                name: at(META_COMPLETE_RING.into()),
+                producer: at(dp),
+                consumer: at(METADATA.into()),
+                capacity: Spanned::new(0..0, 16),
+            });
+            users.push(at(METADATA.into()));
+        }
         self.pools.push(PoolConfig {
             name: at(IO_POOL.into()),
             chunk_size: Spanned::new(0..0, chunk_size),
             chunks: Spanned::new(0..0, chunks),
-            users: vec![at(FABRIC.into()), at(dp)],
+            users,
         });
     }
 
@@ -333,14 +360,19 @@ impl NodeConfig {
             message,
         };
         let mut names = HashSet::new();
-        for v in &self.volumes {
-            unique(&mut names, &v.name, "volume", &err)?;
+        for (what, v) in self
+            .volumes
+            .iter()
+            .map(|v| ("volume", v))
+            .chain(self.drives.iter().map(|v| ("drive", v)))
+        {
+            unique(&mut names, &v.name, what, &err)?;
             let bs = *v.block_size.get_ref();
             if bs != 512 && bs != 4096 {
                 return Err(err(
                     v.block_size.span(),
                     format!(
-                        "volume {:?}: block_size {bs} must be 512 or 4096",
+                        "{what} {:?}: block_size {bs} must be 512 or 4096",
                         v.name.get_ref()
                     ),
                 ));
@@ -350,7 +382,7 @@ impl NodeConfig {
                     return Err(err(
                         d.span(),
                         format!(
-                        "volume {:?}: give `path` (a file or block device) or `drive`, not both",
+                        "{what} {:?}: give `path` (a file or block device) or `drive`, not both",
                         v.name.get_ref()
                     ),
                     ))
@@ -359,7 +391,7 @@ impl NodeConfig {
                     return Err(err(
                         v.name.span(),
                         format!(
-                            "volume {:?}: needs `path` (a file or block device) or `drive` \
+                            "{what} {:?}: needs `path` (a file or block device) or `drive` \
                              (\"vfio-user:SOCKET\" or \"vfio:PCI-ADDRESS\")",
                             v.name.get_ref()
                         ),
@@ -369,14 +401,14 @@ impl NodeConfig {
                     if let Err(why) = crate::storage::parse_drive(d.get_ref()) {
                         return Err(err(
                             d.span(),
-                            format!("volume {:?}: {why}", v.name.get_ref()),
+                            format!("{what} {:?}: {why}", v.name.get_ref()),
                         ));
                     }
                     if v.size.is_none() {
                         return Err(err(
                             d.span(),
                             format!(
-                                "volume {:?}: a drive volume needs `size` (the namespace must hold it)",
+                                "{what} {:?}: a drive volume needs `size` (the namespace must hold it)",
                                 v.name.get_ref()
                             ),
                         ));
@@ -389,7 +421,7 @@ impl NodeConfig {
                     return Err(err(
                         n.span(),
                         format!(
-                            "volume {:?}: nsid {} (only for a drive volume, 1 to 4294967294)",
+                            "{what} {:?}: nsid {} (only for a drive volume, 1 to 4294967294)",
                             v.name.get_ref(),
                             n.get_ref()
                         ),
@@ -402,7 +434,7 @@ impl NodeConfig {
                     return Err(err(
                         size.span(),
                         format!(
-                            "volume {:?}: size {n} must be a positive multiple of the block size {bs}",
+                            "{what} {:?}: size {n} must be a positive multiple of the block size {bs}",
                             v.name.get_ref()
                         ),
                     ));

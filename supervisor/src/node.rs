@@ -30,7 +30,11 @@ use duplex_ipc::control::{
 };
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::Doorbell;
+use duplex_ipc::exports::{
+    ExportsRegion, DEFAULT_EXPORTS_SIZE, EXPORTS_BELL_RESOURCE, EXPORTS_RESOURCE,
+};
 use duplex_ipc::lifecycle::{Health, CONTROL_FD_ENV, HEALTH_RESOURCE};
+use duplex_ipc::maps::{MapsChannel, MAPS_RESOURCE};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::RingRegion;
 use duplex_sandbox::{harden_child, Hardening, SANDBOX_ENV};
@@ -321,6 +325,11 @@ impl Node {
             let volumes =
                 storage::open_volumes(&config.volumes, state_dir, config.node.name.get_ref())
                     .map_err(|e| res_err("storage")(e.to_string()))?;
+            // Pool drives: raw devices of the datapath, for the metadata service's pools.
+            let drives =
+                storage::open_volumes(&config.drives, state_dir, config.node.name.get_ref())
+                    .map_err(|e| res_err("storage")(e.to_string()))?;
+            let metadata = config.has_metadata();
             let listeners: Vec<storage::FabricListener> = config
                 .listeners
                 .iter()
@@ -331,13 +340,15 @@ impl Node {
                     kind: l.kind.as_ref().map_or(ListenerKind::Nvme, |k| *k.get_ref()),
                 })
                 .collect();
-            let topology = storage::topology(
+            let topology = storage::topology_with_drives(
                 config.node.name.get_ref(),
                 &config.fabric,
                 &config.subsystems,
                 &volumes,
                 &listeners,
                 true,
+                &drives,
+                metadata,
             );
             let datapath = config
                 .datapath()
@@ -351,8 +362,66 @@ impl Node {
                 TOPOLOGY_RESOURCE.to_owned(),
                 ResourceKind::File,
                 fd,
-                &[storage::FABRIC, datapath.as_str()],
+                &[storage::FABRIC, datapath.as_str(), METADATA_SERVICE],
             );
+            for d in drives {
+                tracing::info!(
+                    drive = %d.spec.name,
+                    path = %d.spec.path,
+                    blocks = d.spec.blocks,
+                    block_size = d.spec.block_size,
+                    "pool drive opened"
+                );
+                for (resource, kind, fd) in d.fds {
+                    add(&mut shared, resource, kind, fd, &[datapath.as_str()]);
+                }
+            }
+            if metadata {
+                // The maps channel (metadata → datapath: pools and volume maps) and the export
+                // table (metadata → fabric), both held here across restarts of either end.
+                let (ours, theirs) =
+                    MapsChannel::pair().map_err(|e| res_err("maps channel")(e.to_string()))?;
+                add(
+                    &mut shared,
+                    MAPS_RESOURCE.into(),
+                    ResourceKind::Socket,
+                    ours.into_fd(),
+                    &[METADATA_SERVICE],
+                );
+                add(
+                    &mut shared,
+                    MAPS_RESOURCE.into(),
+                    ResourceKind::Socket,
+                    theirs.into_fd(),
+                    &[datapath.as_str()],
+                );
+                let exports = ExportsRegion::create(DEFAULT_EXPORTS_SIZE)
+                    .map_err(|e| res_err("exports region")(e.to_string()))?;
+                let fd = exports
+                    .region()
+                    .try_clone_fd()
+                    .map_err(|e| res_err("exports region")(e.to_string()))?;
+                add(
+                    &mut shared,
+                    EXPORTS_RESOURCE.into(),
+                    ResourceKind::Region,
+                    fd,
+                    &[storage::FABRIC, METADATA_SERVICE],
+                );
+                let bell =
+                    Doorbell::new().map_err(|e| res_err("exports doorbell")(e.to_string()))?;
+                let fd = bell
+                    .fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| res_err("exports doorbell")(e.to_string()))?;
+                add(
+                    &mut shared,
+                    EXPORTS_BELL_RESOURCE.into(),
+                    ResourceKind::Eventfd,
+                    fd,
+                    &[storage::FABRIC, METADATA_SERVICE],
+                );
+            }
             for v in volumes {
                 tracing::info!(
                     volume = %v.spec.name,

@@ -58,6 +58,12 @@ pub const SUBMIT_RING: &str = "fabric-io0-sq";
 pub const COMPLETE_RING: &str = "fabric-io0-cq";
 /// The derived pool.
 pub const IO_POOL: &str = "fabric-io";
+/// Name of the metadata service (pools on the `[[drive]]`s).
+pub const METADATA: &str = "metadata";
+/// The metadata service's privileged submission ring to the datapath.
+pub const META_SUBMIT_RING: &str = "metadata-io-sq";
+/// Its completion ring.
+pub const META_COMPLETE_RING: &str = "metadata-io-cq";
 
 /// `[[volume]]`.
 #[derive(Debug, Deserialize)]
@@ -492,6 +498,30 @@ pub fn topology(
     listeners: &[FabricListener],
     channel: bool,
 ) -> Topology {
+    topology_with_drives(
+        node,
+        fabric,
+        subsystems,
+        volumes,
+        listeners,
+        channel,
+        &[],
+        false,
+    )
+}
+
+/// As [`topology`], with pool drives and (`meta`) the metadata service's channel.
+#[allow(clippy::too_many_arguments)]
+pub fn topology_with_drives(
+    node: &str,
+    fabric: &FabricSettings,
+    subsystems: &[SubsystemConfig],
+    volumes: &[OpenVolume],
+    listeners: &[FabricListener],
+    channel: bool,
+    drives: &[OpenVolume],
+    meta: bool,
+) -> Topology {
     let subsystems = subsystems
         .iter()
         .map(|s| {
@@ -561,8 +591,11 @@ pub fn topology(
                 kind: l.kind,
             })
             .collect(),
-        drives: Vec::new(),
-        meta: None,
+        drives: drives.iter().map(|d| d.spec.clone()).collect(),
+        meta: meta.then(|| ChannelSpec {
+            submit: META_SUBMIT_RING.to_owned(),
+            complete: META_COMPLETE_RING.to_owned(),
+        }),
     }
 }
 

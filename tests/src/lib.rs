@@ -220,6 +220,56 @@ impl Node {
         self.duplexd.0.id()
     }
 
+    /// Starts duplexd again on the same config and state directory (the previous one must
+    /// have ended: [`Node::stop`] or [`Node::kill_all`]).
+    pub fn relaunch(&mut self) {
+        let path = self._dir.path().join("node.toml");
+        let mut child = Command::new(bin("duplexd"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.log = Log::new(child.stderr.take().unwrap());
+        self.duplexd = KillOnDrop(child);
+        self.log.wait_for(&["service spawned"]);
+    }
+
+    /// SIGKILLs duplexd and every service it runs (the whole node, as a power loss of the
+    /// controller would stop it), and waits until every one of them is gone.
+    pub fn kill_all(&mut self) {
+        let pids: Vec<i32> = self
+            .services()
+            .iter()
+            .filter_map(|s| s["pid"].as_i64())
+            .filter(|&p| p > 0)
+            .map(|p| p as i32)
+            .chain(std::iter::once(self.pid() as i32))
+            .collect();
+        for &p in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.duplexd.0.wait();
+        let deadline = Instant::now() + PATIENCE;
+        // A killed child of duplexd is reaped by init once duplexd is gone; wait for that.
+        while pids.iter().any(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "killed processes linger: {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.log.drain();
+    }
+
     /// SIGTERM, then the exit code; drains the log.
     pub fn stop(&mut self) -> Option<i32> {
         nix::sys::signal::kill(

@@ -12,8 +12,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod disk;
 pub mod ops;
+pub mod ring;
+pub mod service;
 pub mod store;
 
 pub use disk::{DiskError, MemDisk, MetaDisk};

@@ -1,0 +1,1106 @@
+//! The node's storage as the metadata service runs it: every drive the node has, every pool
+//! imported from them, and the operators' configuration requests (`duplexctl pool|volume|
+//! subsystem|namespace|host ...`, through mgmt's config channel).
+//!
+//! A request is checked against the configuration in force, turned into new pool
+//! configurations (pure functions of [`crate::ops`]), committed to the drives ([`PoolStore::commit`]:
+//! durable on every live member before it counts), and only then published: the volume maps to
+//! the datapath, the export table (subsystems, namespaces, hosts) to the fabric, and the
+//! answer to the operator. A refused request changes nothing anywhere.
+//!
+//! Subsystems are cluster-wide: every pool's image carries a copy with the cluster
+//! generation, and a change to them is committed to every pool (the copy with the highest
+//! generation wins at the next start). Namespaces live in the pool of their volume.
+//!
+//! Volume ids (the datapath's and fabric's name for a volume in every I/O descriptor) are a
+//! function of the volume's UUID ([`volume_id`]), so they are the same after a restart of this
+//! service, of the node, or on the peer node; a new volume's UUID is drawn again until its id
+//! is unused.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+
+use duplex_ipc::config::{
+    ConfigErrorKind, ConfigReply, ConfigRequest, DriveInfo, DriveState, Export, NamespaceInfo,
+    PoolInfo, PoolMember as PoolMemberInfo, PoolState, SubsystemInfo, VolumeInfo,
+};
+use duplex_ipc::exports::{ExportNamespace, ExportSubsystem};
+use duplex_ondisk::import::MemberStatus;
+use duplex_ondisk::{MemberState, PoolConfig, RaidLevel, Uuid};
+
+use crate::disk::MetaDisk;
+use crate::ops::{self, OpError};
+use crate::store::{probe, FormatSpec, PoolStore, StoreError};
+
+/// Where pool volume ids start (the node config's file volumes use small ids).
+pub const VOLUME_ID_BASE: u32 = 0x4000_0000;
+/// A member that is not there, in [`PoolPublish::drives`].
+pub const MISSING: u32 = u32::MAX;
+/// Chunk size when the operator gives none.
+pub const DEFAULT_CHUNK: u32 = 64 << 10;
+/// Model number of the subsystems (what hosts see).
+pub const MODEL: &str = "duplex";
+
+/// The id a volume is served under.
+pub fn volume_id(uuid: &Uuid) -> u32 {
+    VOLUME_ID_BASE
+        | (u32::from_le_bytes([uuid.0[0], uuid.0[1], uuid.0[2], uuid.0[3]]) & 0x3fff_ffff)
+}
+
+/// A RAID device for the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolPublish {
+    /// Pool name.
+    pub name: String,
+    /// Level.
+    pub level: RaidLevel,
+    /// Chunk bytes.
+    pub chunk: u64,
+    /// Where each member's data area starts.
+    pub data_offset: u64,
+    /// Bytes of each member's data area.
+    pub data_len: u64,
+    /// Raw drive ids in slot order ([`MISSING`] where no current member is).
+    pub drives: Vec<u32>,
+    /// Whether each member is failed (kept out).
+    pub failed: Vec<bool>,
+}
+
+/// A volume map for the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumePublish {
+    /// Id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Block size.
+    pub block_size: u32,
+    /// Blocks.
+    pub blocks: u64,
+    /// Extents: (first volume block, blocks, device, byte offset on the device).
+    pub extents: Vec<(u64, u64, u32, u64)>,
+}
+
+/// Where the metadata service's decisions go: the datapath (maps) and the fabric (exports).
+pub trait Publisher {
+    /// Builds (or finds again) a pool's RAID device; returns its device index.
+    fn publish_pool(&mut self, epoch: u64, pool: &PoolPublish) -> Result<u32, String>;
+    /// Replaces the volume maps.
+    fn publish_volumes(&mut self, epoch: u64, volumes: &[VolumePublish]) -> Result<(), String>;
+    /// Member failures are recorded on disk.
+    fn failures_recorded(&mut self, device: u32, members: &[u32]) -> Result<(), String>;
+    /// Replaces the fabric's export table.
+    fn publish_exports(&mut self, subsystems: Vec<ExportSubsystem>) -> Result<(), String>;
+}
+
+/// A drive of the node.
+#[derive(Debug)]
+pub struct Drive<D> {
+    /// The node config's name.
+    pub name: String,
+    /// Where it is reached.
+    pub address: String,
+    /// Raw drive id at the datapath.
+    pub id: u32,
+    /// Capacity.
+    pub capacity: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// The drive (a handle: a pool's store holds a clone of it).
+    pub disk: D,
+    /// What it is.
+    pub state: DriveState,
+    /// Its pool (name) when a member, stale member or foreign.
+    pub pool: String,
+    /// Its slot when a member.
+    pub slot: u32,
+}
+
+#[derive(Debug)]
+struct PoolEntry<D: MetaDisk> {
+    store: PoolStore<D>,
+    /// Its RAID device at the datapath.
+    device: Option<u32>,
+    /// Raw drive ids by slot (`MISSING` where no current member).
+    drives: Vec<u32>,
+}
+
+/// The node's storage. See the module docs.
+#[derive(Debug)]
+pub struct Cluster<D: MetaDisk + Clone, P: Publisher> {
+    node: u32,
+    ana_group: u32,
+    cluster_uuid: Uuid,
+    drives: Vec<Drive<D>>,
+    pools: Vec<PoolEntry<D>>,
+    publisher: P,
+    random: RandomState,
+    counter: u64,
+}
+
+fn err(kind: ConfigErrorKind, message: impl Into<String>) -> ConfigReply {
+    ConfigReply::Error {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn op_err(e: OpError) -> ConfigReply {
+    let kind = match e {
+        OpError::InvalidArgument(_) => ConfigErrorKind::InvalidArgument,
+        OpError::NotFound(_) => ConfigErrorKind::NotFound,
+        OpError::AlreadyExists(_) => ConfigErrorKind::AlreadyExists,
+        OpError::InUse(_) => ConfigErrorKind::InUse,
+        OpError::NoSpace(_) => ConfigErrorKind::NoSpace,
+    };
+    err(kind, e.to_string())
+}
+
+fn store_err(e: StoreError) -> ConfigReply {
+    let kind = match e {
+        StoreError::Config(_) => ConfigErrorKind::InvalidArgument,
+        StoreError::Unsuitable { .. } => ConfigErrorKind::Refused,
+        StoreError::Import(_) => ConfigErrorKind::Refused,
+        StoreError::Disk { .. } | StoreError::CommitFailed { .. } => ConfigErrorKind::IoError,
+    };
+    err(kind, e.to_string())
+}
+
+fn done(message: String) -> ConfigReply {
+    ConfigReply::Done(duplex_ipc::config::Done {
+        message,
+        ..Default::default()
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn raid_from(r: duplex_ipc::config::RaidLevel) -> RaidLevel {
+    match r {
+        duplex_ipc::config::RaidLevel::Raid0 => RaidLevel::Raid0,
+        duplex_ipc::config::RaidLevel::Raid1 => RaidLevel::Raid1,
+        duplex_ipc::config::RaidLevel::Raid10 => RaidLevel::Raid10,
+    }
+}
+
+fn raid_to(r: RaidLevel) -> duplex_ipc::config::RaidLevel {
+    match r {
+        RaidLevel::Raid0 => duplex_ipc::config::RaidLevel::Raid0,
+        RaidLevel::Raid1 => duplex_ipc::config::RaidLevel::Raid1,
+        RaidLevel::Raid10 => duplex_ipc::config::RaidLevel::Raid10,
+    }
+}
+
+impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
+    /// Takes the node's drives, imports every pool found on them (a pool that cannot be
+    /// imported stays offline, its drives reported, nothing written to them), and publishes
+    /// the pools, volumes and exports.
+    pub fn start(drives: Vec<Drive<D>>, node: u32, ana_group: u32, publisher: P) -> Self {
+        let mut c = Self {
+            node,
+            ana_group,
+            cluster_uuid: Uuid::NIL,
+            drives,
+            pools: Vec::new(),
+            publisher,
+            random: RandomState::new(),
+            counter: 0,
+        };
+        // Group the drives by the pool their superblocks name.
+        let mut groups: Vec<Uuid> = Vec::new();
+        for d in &mut c.drives {
+            if let Some(sb) = probe(&mut d.disk) {
+                if c.cluster_uuid.is_nil() {
+                    c.cluster_uuid = sb.cluster_uuid;
+                }
+                if !groups.contains(&sb.pool_uuid) {
+                    groups.push(sb.pool_uuid);
+                }
+                d.state = DriveState::Stale;
+                d.pool = sb.pool_uuid.to_string();
+            }
+        }
+        for pool in groups {
+            c.import(pool);
+        }
+        if let Err(e) = c.publish_all() {
+            tracing::error!(error = %e, "publishing the imported configuration failed");
+        }
+        c
+    }
+
+    /// Imports one pool from the drives that name it.
+    fn import(&mut self, pool: Uuid) {
+        let pool_text = pool.to_string();
+        let mut disks = Vec::new();
+        let mut ids = Vec::new();
+        for d in &self.drives {
+            if d.pool == pool_text {
+                disks.push(d.disk.clone());
+                ids.push(d.id);
+            }
+        }
+        let labels: Vec<String> = disks.iter().map(|d| d.label().to_owned()).collect();
+        match PoolStore::import(disks, Some(pool), false, self.node) {
+            Ok((store, plan, rest)) => {
+                let name = store.config().pool.name.clone();
+                let mut slots = vec![MISSING; store.config().pool.members.len()];
+                for m in &plan.members {
+                    let Some(label) = &m.drive else { continue };
+                    let Some(i) = labels.iter().position(|l| l == label) else {
+                        continue;
+                    };
+                    let d = self.drives.iter_mut().find(|d| d.id == ids[i]);
+                    if let Some(d) = d {
+                        d.pool = name.clone();
+                        d.slot = m.slot;
+                        d.state = match m.status {
+                            MemberStatus::Current { .. } => {
+                                if let Some(s) = slots.get_mut(m.slot as usize) {
+                                    *s = d.id;
+                                }
+                                DriveState::Active
+                            }
+                            MemberStatus::Stale(_) => DriveState::Stale,
+                            MemberStatus::Missing => DriveState::Missing,
+                        };
+                    }
+                }
+                drop(rest);
+                tracing::info!(pool = %name, stamp = %store.stamp(), repairs = plan.repairs.len(), "pool imported");
+                self.pools.push(PoolEntry {
+                    store,
+                    device: None,
+                    drives: slots,
+                });
+            }
+            Err(e) => {
+                tracing::error!(pool = %pool_text, error = %e, "pool not imported: nothing was written to its drives");
+                for d in &mut self.drives {
+                    if d.pool == pool_text {
+                        d.state = DriveState::Stale;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes every pool's device, the volume maps and the exports.
+    fn publish_all(&mut self) -> Result<(), String> {
+        for i in 0..self.pools.len() {
+            self.publish_pool(i)?;
+        }
+        self.publish_volumes()?;
+        self.publish_exports()
+    }
+
+    fn epoch(&self) -> u64 {
+        self.pools
+            .iter()
+            .map(|p| p.store.config().ownership.epoch)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn publish_pool(&mut self, i: usize) -> Result<(), String> {
+        let epoch = self.epoch();
+        let p = &self.pools[i];
+        let cfg = p.store.config();
+        let layout = (0..cfg.pool.members.len())
+            .find_map(|s| p.store.layout(s))
+            .ok_or_else(|| format!("pool {}: no member is open", cfg.pool.name))?;
+        let spec = PoolPublish {
+            name: cfg.pool.name.clone(),
+            level: cfg.pool.raid_level,
+            chunk: u64::from(cfg.pool.chunk_size),
+            data_offset: layout.data_offset,
+            data_len: cfg.pool.member_data_bytes,
+            drives: p.drives.clone(),
+            failed: cfg
+                .pool
+                .members
+                .iter()
+                .zip(&p.drives)
+                .map(|(m, &d)| d == MISSING || matches!(m.state, MemberState::Failed))
+                .collect(),
+        };
+        let device = self.publisher.publish_pool(epoch, &spec)?;
+        self.pools[i].device = Some(device);
+        Ok(())
+    }
+
+    fn volume_maps(&self) -> Vec<VolumePublish> {
+        let mut out = Vec::new();
+        for p in &self.pools {
+            let Some(device) = p.device else { continue };
+            for v in &p.store.config().volumes {
+                let bs = u64::from(v.block_size);
+                out.push(VolumePublish {
+                    id: volume_id(&v.uuid),
+                    name: v.name.clone(),
+                    block_size: v.block_size,
+                    blocks: v.size_blocks,
+                    extents: v
+                        .extents
+                        .iter()
+                        .map(|e| (e.volume_block, e.blocks, device, e.pool_block * bs))
+                        .collect(),
+                });
+            }
+        }
+        out
+    }
+
+    fn publish_volumes(&mut self) -> Result<(), String> {
+        let maps = self.volume_maps();
+        let epoch = self.epoch();
+        self.publisher.publish_volumes(epoch, &maps)
+    }
+
+    /// The cluster's subsystems: the copy with the highest cluster generation.
+    fn subsystems(&self) -> (u64, Vec<duplex_ondisk::Subsystem>) {
+        self.pools
+            .iter()
+            .map(|p| p.store.config())
+            .max_by_key(|c| c.cluster_generation)
+            .map(|c| (c.cluster_generation, c.subsystems.clone()))
+            .unwrap_or((0, Vec::new()))
+    }
+
+    fn export_table(&self) -> Vec<ExportSubsystem> {
+        let (_, subsystems) = self.subsystems();
+        subsystems
+            .into_iter()
+            .map(|s| {
+                let mut namespaces: Vec<ExportNamespace> = self
+                    .pools
+                    .iter()
+                    .map(|p| p.store.config())
+                    .flat_map(|c| {
+                        c.namespaces
+                            .iter()
+                            .filter(|n| n.subsystem_nqn == s.nqn)
+                            .filter_map(|n| {
+                                let v = c.volumes.iter().find(|v| v.uuid == n.volume_uuid)?;
+                                Some(ExportNamespace {
+                                    nsid: n.nsid,
+                                    volume: volume_id(&v.uuid),
+                                    block_size: v.block_size,
+                                    blocks: v.size_blocks,
+                                    nguid: v.nguid,
+                                    uuid: v.uuid.0,
+                                    ana_group: n.ana_group,
+                                })
+                            })
+                    })
+                    .collect();
+                namespaces.sort_by_key(|n| n.nsid);
+                ExportSubsystem {
+                    nqn: s.nqn,
+                    serial: s.serial,
+                    model: s.model,
+                    allow_any_host: s.allow_any_host,
+                    hosts: s.hosts,
+                    namespaces,
+                }
+            })
+            .collect()
+    }
+
+    fn publish_exports(&mut self) -> Result<(), String> {
+        let table = self.export_table();
+        self.publisher.publish_exports(table)
+    }
+
+    /// A fresh UUID (random, from the process's random hash keys and a counter).
+    fn new_uuid(&mut self) -> Uuid {
+        let mut out = [0u8; 16];
+        for half in 0..2 {
+            self.counter += 1;
+            let mut h = self.random.build_hasher();
+            h.write_u64(self.counter);
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            out[half * 8..half * 8 + 8].copy_from_slice(&h.finish().to_le_bytes());
+        }
+        // RFC 9562 version 4, variant 10.
+        out[6] = (out[6] & 0x0f) | 0x40;
+        out[8] = (out[8] & 0x3f) | 0x80;
+        Uuid(out)
+    }
+
+    /// Where decisions are published.
+    pub fn publisher(&self) -> &P {
+        &self.publisher
+    }
+
+    /// Where decisions are published (to receive its events).
+    pub fn publisher_mut(&mut self) -> &mut P {
+        &mut self.publisher
+    }
+
+    /// Answers one request. See the module docs.
+    pub fn handle(&mut self, req: ConfigRequest) -> ConfigReply {
+        match req {
+            ConfigRequest::ListDrives => ConfigReply::Drives(self.drive_infos()),
+            ConfigRequest::ListPools => ConfigReply::Pools(self.pool_infos()),
+            ConfigRequest::ShowPool(name) => {
+                let pools: Vec<PoolInfo> = self
+                    .pool_infos()
+                    .into_iter()
+                    .filter(|p| p.name == name)
+                    .collect();
+                if pools.is_empty() {
+                    err(ConfigErrorKind::NotFound, format!("no pool {name}"))
+                } else {
+                    ConfigReply::Pools(pools)
+                }
+            }
+            ConfigRequest::ListVolumes => ConfigReply::Volumes(self.volume_infos()),
+            ConfigRequest::ListSubsystems => ConfigReply::Subsystems(self.subsystem_infos()),
+            ConfigRequest::CreatePool {
+                name,
+                raid,
+                drives,
+                chunk_bytes,
+            } => self.create_pool(&name, raid_from(raid), &drives, chunk_bytes),
+            ConfigRequest::DestroyPool { name, force } => self.destroy_pool(&name, force),
+            ConfigRequest::CreateVolume {
+                name,
+                pool,
+                size_bytes,
+            } => self.create_volume(&name, &pool, size_bytes),
+            ConfigRequest::ResizeVolume { name, size_bytes } => self
+                .in_volume_pool(&name, |cfg| ops::resize_volume(cfg, &name, size_bytes))
+                .unwrap_or_else(|r| r),
+            ConfigRequest::DeleteVolume(name) => self
+                .in_volume_pool(&name, |cfg| ops::delete_volume(cfg, &name))
+                .unwrap_or_else(|r| r),
+            ConfigRequest::CreateSubsystem(nqn) => {
+                let serial = serial_of(&nqn);
+                self.everywhere(&format!("subsystem {nqn} created"), |cfg| {
+                    ops::create_subsystem(cfg, &nqn, &serial, MODEL)
+                })
+            }
+            ConfigRequest::DeleteSubsystem(nqn) => self
+                .everywhere(&format!("subsystem {nqn} deleted"), |cfg| {
+                    ops::delete_subsystem(cfg, &nqn)
+                }),
+            ConfigRequest::AllowHost { nqn, host_nqn } => self
+                .everywhere(&format!("host {host_nqn} allowed on {nqn}"), |cfg| {
+                    ops::allow_host(cfg, &nqn, &host_nqn)
+                }),
+            ConfigRequest::DenyHost { nqn, host_nqn } => self
+                .everywhere(&format!("host {host_nqn} denied on {nqn}"), |cfg| {
+                    ops::deny_host(cfg, &nqn, &host_nqn)
+                }),
+            ConfigRequest::AllowAnyHost { nqn, any } => self.everywhere(
+                &format!(
+                    "{} host may connect to {nqn}",
+                    if any { "any" } else { "only an allowed" }
+                ),
+                |cfg| ops::allow_any_host(cfg, &nqn, any),
+            ),
+            ConfigRequest::AddNamespace { nqn, volume, nsid } => {
+                self.add_namespace(&nqn, &volume, nsid)
+            }
+            ConfigRequest::RemoveNamespace { nqn, nsid } => {
+                let Some(i) = self.pools.iter().position(|p| {
+                    p.store
+                        .config()
+                        .namespaces
+                        .iter()
+                        .any(|n| n.subsystem_nqn == nqn && n.nsid == nsid)
+                }) else {
+                    if self.subsystems().1.iter().all(|s| s.nqn != nqn) {
+                        return err(ConfigErrorKind::NotFound, format!("no subsystem {nqn}"));
+                    }
+                    return err(
+                        ConfigErrorKind::NotFound,
+                        format!("subsystem {nqn} has no namespace {nsid}"),
+                    );
+                };
+                match ops::remove_namespace(self.pools[i].store.config(), &nqn, nsid) {
+                    Ok(cfg) => self.commit_and_publish(
+                        i,
+                        cfg,
+                        format!("namespace {nsid} removed from {nqn}"),
+                    ),
+                    Err(e) => op_err(e),
+                }
+            }
+        }
+    }
+
+    /// Commits `cfg` to pool `i`, then publishes maps and exports.
+    fn commit_and_publish(&mut self, i: usize, cfg: PoolConfig, message: String) -> ConfigReply {
+        if let Err(e) = self.pools[i].store.commit(cfg) {
+            return store_err(e);
+        }
+        if let Err(e) = self.publish_volumes().and_then(|()| self.publish_exports()) {
+            // The change is on the drives; the datapath or fabric did not take it (they get
+            // everything again when they or this service restart).
+            return err(
+                ConfigErrorKind::IoError,
+                format!("{message}, but publishing it failed: {e}"),
+            );
+        }
+        done(message)
+    }
+
+    /// Applies a cluster-wide change (subsystems, hosts) to every pool, with the cluster
+    /// generation + 1.
+    fn everywhere(
+        &mut self,
+        message: &str,
+        change: impl Fn(&PoolConfig) -> Result<PoolConfig, OpError>,
+    ) -> ConfigReply {
+        if self.pools.is_empty() {
+            return err(
+                ConfigErrorKind::NotReady,
+                "no pool: subsystems and hosts are stored on the pools' drives; create a pool first",
+            );
+        }
+        let (generation, subsystems) = self.subsystems();
+        let mut changed = Vec::new();
+        for p in &self.pools {
+            // Every pool gets the winning copy of the subsystems before the change.
+            let mut base = p.store.config().clone();
+            base.subsystems = subsystems.clone();
+            match change(&base) {
+                Ok(mut cfg) => {
+                    cfg.cluster_generation = generation + 1;
+                    changed.push(cfg);
+                }
+                Err(e) => return op_err(e),
+            }
+        }
+        // Namespaces of other pools may name a subsystem being deleted.
+        for (i, cfg) in changed.iter().enumerate() {
+            for (j, p) in self.pools.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                if let Some(n) = p
+                    .store
+                    .config()
+                    .namespaces
+                    .iter()
+                    .find(|n| cfg.subsystems.iter().all(|s| s.nqn != n.subsystem_nqn))
+                {
+                    return err(
+                        ConfigErrorKind::InUse,
+                        format!(
+                            "subsystem {} has namespace {}: remove its namespaces first",
+                            n.subsystem_nqn, n.nsid
+                        ),
+                    );
+                }
+            }
+        }
+        for (i, cfg) in changed.into_iter().enumerate() {
+            if let Err(e) = self.pools[i].store.commit(cfg) {
+                return store_err(e);
+            }
+        }
+        if let Err(e) = self.publish_exports() {
+            return err(
+                ConfigErrorKind::IoError,
+                format!("{message}, but publishing it failed: {e}"),
+            );
+        }
+        done(message.to_owned())
+    }
+
+    fn in_volume_pool(
+        &mut self,
+        name: &str,
+        change: impl Fn(&PoolConfig) -> Result<PoolConfig, OpError>,
+    ) -> Result<ConfigReply, ConfigReply> {
+        let i = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().volumes.iter().any(|v| v.name == name))
+            .ok_or_else(|| err(ConfigErrorKind::NotFound, format!("no volume {name}")))?;
+        let cfg = change(self.pools[i].store.config()).map_err(op_err)?;
+        let size = cfg
+            .volumes
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.size_blocks * u64::from(v.block_size));
+        let message = match size {
+            Some(s) => format!("volume {name} is {}", ops::human(s)),
+            None => format!("volume {name} deleted"),
+        };
+        Ok(self.commit_and_publish(i, cfg, message))
+    }
+
+    fn create_pool(
+        &mut self,
+        name: &str,
+        level: RaidLevel,
+        drives: &[String],
+        chunk: u32,
+    ) -> ConfigReply {
+        if let Err(e) = ops::check_name("Pool", name) {
+            return op_err(e);
+        }
+        if self
+            .pools
+            .iter()
+            .any(|p| p.store.config().pool.name == name)
+        {
+            return err(
+                ConfigErrorKind::AlreadyExists,
+                format!("pool {name} exists"),
+            );
+        }
+        let chunk = if chunk == 0 { DEFAULT_CHUNK } else { chunk };
+        let need = match level {
+            RaidLevel::Raid0 => !drives.is_empty(),
+            RaidLevel::Raid1 => drives.len() >= 2,
+            RaidLevel::Raid10 => drives.len() >= 4 && drives.len() % 2 == 0,
+        };
+        if !need {
+            return err(
+                ConfigErrorKind::InvalidArgument,
+                format!(
+                    "{level} needs {}; {} given",
+                    match level {
+                        RaidLevel::Raid0 => "at least 1 drive",
+                        RaidLevel::Raid1 => "at least 2 drives",
+                        RaidLevel::Raid10 => "an even number of drives, at least 4",
+                    },
+                    drives.len()
+                ),
+            );
+        }
+        let mut idx = Vec::new();
+        for d in drives {
+            let Some(i) = self.drives.iter().position(|x| &x.name == d) else {
+                return err(ConfigErrorKind::NotFound, format!("no drive {d}"));
+            };
+            if idx.contains(&i) {
+                return err(
+                    ConfigErrorKind::InvalidArgument,
+                    format!("drive {d} named twice"),
+                );
+            }
+            let x = &self.drives[i];
+            if x.state != DriveState::Free {
+                return err(
+                    ConfigErrorKind::InUse,
+                    format!(
+                        "drive {d} is not free ({}{})",
+                        x.state.name(),
+                        if x.pool.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" in pool {}", x.pool)
+                        }
+                    ),
+                );
+            }
+            idx.push(i);
+        }
+        if self.cluster_uuid.is_nil() {
+            self.cluster_uuid = self.new_uuid();
+        }
+        let (generation, subsystems) = self.subsystems();
+        let uuid = self.new_uuid();
+        let drive_uuids: Vec<Uuid> = idx.iter().map(|_| self.new_uuid()).collect();
+        let spec = FormatSpec {
+            name: name.to_owned(),
+            uuid,
+            level,
+            chunk_size: chunk,
+            cluster_uuid: self.cluster_uuid,
+            node: self.node,
+            drive_uuids,
+            subsystems,
+            cluster_generation: generation,
+        };
+        let disks: Vec<D> = idx.iter().map(|&i| self.drives[i].disk.clone()).collect();
+        match PoolStore::format(&spec, disks) {
+            Ok(store) => {
+                let ids: Vec<u32> = idx.iter().map(|&i| self.drives[i].id).collect();
+                for (slot, &i) in idx.iter().enumerate() {
+                    let d = &mut self.drives[i];
+                    d.state = DriveState::Active;
+                    d.pool = name.to_owned();
+                    d.slot = slot as u32;
+                }
+                self.pools.push(PoolEntry {
+                    store,
+                    device: None,
+                    drives: ids,
+                });
+                let i = self.pools.len() - 1;
+                if let Err(e) = self.publish_pool(i) {
+                    return err(
+                        ConfigErrorKind::IoError,
+                        format!("pool {name} created, but the datapath did not take it: {e}"),
+                    );
+                }
+                let capacity = ops::capacity(self.pools[i].store.config());
+                ConfigReply::Done(duplex_ipc::config::Done {
+                    message: format!(
+                        "pool {name} created: {level} over {} drives, {} usable",
+                        idx.len(),
+                        ops::human(capacity)
+                    ),
+                    nsid: 0,
+                    uuid: uuid.to_string(),
+                })
+            }
+            Err(e) => store_err(e),
+        }
+    }
+
+    fn destroy_pool(&mut self, name: &str, force: bool) -> ConfigReply {
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == name)
+        else {
+            return err(ConfigErrorKind::NotFound, format!("no pool {name}"));
+        };
+        let cfg = self.pools[i].store.config();
+        if !cfg.volumes.is_empty() && !force {
+            return err(
+                ConfigErrorKind::InUse,
+                format!(
+                    "pool {name} has {} volume(s): delete them, or destroy with --force",
+                    cfg.volumes.len()
+                ),
+            );
+        }
+        if self.pools[i].device.is_some() {
+            return err(
+                ConfigErrorKind::Refused,
+                format!("pool {name} is in use by the datapath until duplexd restarts; this build cannot take a pool out of a running datapath"),
+            );
+        }
+        let entry = self.pools.remove(i);
+        match entry.store.destroy() {
+            Ok(disks) => {
+                for disk in disks {
+                    if let Some(d) = self.drives.iter_mut().find(|d| d.address == disk.label()) {
+                        d.state = DriveState::Free;
+                        d.pool.clear();
+                        d.slot = 0;
+                    }
+                }
+                let _ = self.publish_volumes().and_then(|()| self.publish_exports());
+                done(format!("pool {name} destroyed"))
+            }
+            Err(e) => store_err(e),
+        }
+    }
+
+    fn create_volume(&mut self, name: &str, pool: &str, size: u64) -> ConfigReply {
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == pool)
+        else {
+            return err(ConfigErrorKind::NotFound, format!("no pool {pool}"));
+        };
+        let taken: Vec<String> = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, p)| p.store.config().volumes.iter().map(|v| v.name.clone()))
+            .collect();
+        let ids: Vec<u32> = self
+            .pools
+            .iter()
+            .flat_map(|p| p.store.config().volumes.iter().map(|v| volume_id(&v.uuid)))
+            .collect();
+        let mut uuid = self.new_uuid();
+        while ids.contains(&volume_id(&uuid)) {
+            uuid = self.new_uuid();
+        }
+        let mut nguid = self.new_uuid().0;
+        nguid[..8].copy_from_slice(&uuid.0[..8]);
+        let cfg = match ops::create_volume(
+            self.pools[i].store.config(),
+            name,
+            size,
+            4096,
+            uuid,
+            nguid,
+            &taken,
+        ) {
+            Ok(c) => c,
+            Err(e) => return op_err(e),
+        };
+        match self.commit_and_publish(
+            i,
+            cfg,
+            format!("volume {name} created in {pool}: {}", ops::human(size)),
+        ) {
+            ConfigReply::Done(mut d) => {
+                d.uuid = uuid.to_string();
+                ConfigReply::Done(d)
+            }
+            other => other,
+        }
+    }
+
+    fn add_namespace(&mut self, nqn: &str, volume: &str, nsid: u32) -> ConfigReply {
+        if self.subsystems().1.iter().all(|s| s.nqn != nqn) {
+            return err(ConfigErrorKind::NotFound, format!("no subsystem {nqn}"));
+        }
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().volumes.iter().any(|v| v.name == volume))
+        else {
+            return err(ConfigErrorKind::NotFound, format!("no volume {volume}"));
+        };
+        let taken: Vec<u32> = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, p)| {
+                p.store
+                    .config()
+                    .namespaces
+                    .iter()
+                    .filter(|n| n.subsystem_nqn == nqn)
+                    .map(|n| n.nsid)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // The pool's copy of the subsystems may be older than the winning one.
+        let mut base = self.pools[i].store.config().clone();
+        let (generation, subsystems) = self.subsystems();
+        base.subsystems = subsystems;
+        base.cluster_generation = generation;
+        let nsid = (nsid != 0).then_some(nsid);
+        match ops::add_namespace(&base, nqn, volume, nsid, self.ana_group, &taken) {
+            Ok((cfg, nsid)) => match self.commit_and_publish(
+                i,
+                cfg,
+                format!("volume {volume} is namespace {nsid} of {nqn}"),
+            ) {
+                ConfigReply::Done(mut d) => {
+                    d.nsid = nsid;
+                    ConfigReply::Done(d)
+                }
+                other => other,
+            },
+            Err(e) => op_err(e),
+        }
+    }
+
+    /// A member of the pool at `device` failed (the datapath's event): record it on disk, then
+    /// tell the datapath it is recorded (it holds writes until then).
+    pub fn member_failed(&mut self, device: u32, member: u32) -> Result<(), String> {
+        let Some(i) = self.pools.iter().position(|p| p.device == Some(device)) else {
+            return Err(format!("no pool at device {device}"));
+        };
+        let mut cfg = self.pools[i].store.config().clone();
+        let next = self.pools[i].store.stamp().generation + 1;
+        let name = cfg.pool.name.clone();
+        if let Some(m) = cfg.pool.members.get_mut(member as usize) {
+            if m.state != MemberState::Failed {
+                m.state = MemberState::Failed;
+                m.changed_generation = next;
+                self.pools[i].store.commit(cfg).map_err(|e| e.to_string())?;
+            }
+        }
+        if let Some(d) = self
+            .drives
+            .iter_mut()
+            .find(|d| d.pool == name && d.slot == member)
+        {
+            d.state = DriveState::Failed;
+        }
+        tracing::warn!(pool = %name, member, "member failure recorded on disk");
+        self.publisher.failures_recorded(device, &[member])
+    }
+
+    fn drive_infos(&self) -> Vec<DriveInfo> {
+        let mut out: Vec<DriveInfo> = self
+            .drives
+            .iter()
+            .map(|d| DriveInfo {
+                name: d.name.clone(),
+                address: d.address.clone(),
+                capacity_bytes: d.capacity,
+                block_size: d.block_size,
+                model: String::new(),
+                serial: String::new(),
+                pool: d.pool.clone(),
+                slot: d.slot,
+                state: d.state,
+            })
+            .collect();
+        for p in &self.pools {
+            let cfg = p.store.config();
+            for (slot, m) in cfg.pool.members.iter().enumerate() {
+                let known = self
+                    .drives
+                    .iter()
+                    .any(|d| d.pool == cfg.pool.name && d.slot == slot as u32);
+                if !known {
+                    out.push(DriveInfo {
+                        name: String::new(),
+                        address: String::new(),
+                        capacity_bytes: 0,
+                        block_size: 0,
+                        model: String::new(),
+                        serial: m.drive_uuid.to_string(),
+                        pool: cfg.pool.name.clone(),
+                        slot: slot as u32,
+                        state: DriveState::Missing,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn pool_infos(&self) -> Vec<PoolInfo> {
+        self.pools
+            .iter()
+            .map(|p| {
+                let cfg = p.store.config();
+                let members: Vec<PoolMemberInfo> = cfg
+                    .pool
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(slot, m)| {
+                        let drive = self
+                            .drives
+                            .iter()
+                            .find(|d| d.pool == cfg.pool.name && d.slot == slot as u32);
+                        let state = match (m.state, p.drives.get(slot)) {
+                            (MemberState::Failed, _) => DriveState::Failed,
+                            (MemberState::Rebuilding { .. }, _) => DriveState::Rebuilding,
+                            (MemberState::Active, Some(&MISSING)) => {
+                                drive.map_or(DriveState::Missing, |d| d.state)
+                            }
+                            (MemberState::Active, _) => DriveState::Active,
+                        };
+                        PoolMemberInfo {
+                            drive: drive.map(|d| d.name.clone()).unwrap_or_default(),
+                            drive_uuid: m.drive_uuid.to_string(),
+                            slot: slot as u32,
+                            state,
+                        }
+                    })
+                    .collect();
+                let degraded = members.iter().any(|m| m.state != DriveState::Active);
+                let stamp = p.store.stamp();
+                PoolInfo {
+                    name: cfg.pool.name.clone(),
+                    uuid: cfg.pool.uuid.to_string(),
+                    raid: raid_to(cfg.pool.raid_level),
+                    chunk_bytes: cfg.pool.chunk_size,
+                    capacity_bytes: ops::capacity(cfg),
+                    free_bytes: ops::free_bytes(cfg),
+                    state: if p.device.is_none() {
+                        PoolState::Offline
+                    } else if degraded {
+                        PoolState::Degraded
+                    } else {
+                        PoolState::Online
+                    },
+                    generation: stamp.generation,
+                    epoch: stamp.epoch,
+                    owner_node: cfg.ownership.owner_node,
+                    members,
+                }
+            })
+            .collect()
+    }
+
+    fn volume_infos(&self) -> Vec<VolumeInfo> {
+        let mut out = Vec::new();
+        for p in &self.pools {
+            let cfg = p.store.config();
+            for v in &cfg.volumes {
+                out.push(VolumeInfo {
+                    name: v.name.clone(),
+                    uuid: v.uuid.to_string(),
+                    nguid: hex(&v.nguid),
+                    pool: cfg.pool.name.clone(),
+                    size_bytes: v.size_blocks * u64::from(v.block_size),
+                    block_size: v.block_size,
+                    exports: cfg
+                        .namespaces
+                        .iter()
+                        .filter(|n| n.volume_uuid == v.uuid)
+                        .map(|n| Export {
+                            nqn: n.subsystem_nqn.clone(),
+                            nsid: n.nsid,
+                        })
+                        .collect(),
+                });
+            }
+        }
+        out
+    }
+
+    fn subsystem_infos(&self) -> Vec<SubsystemInfo> {
+        self.export_table()
+            .into_iter()
+            .map(|s| SubsystemInfo {
+                nqn: s.nqn,
+                allow_any_host: s.allow_any_host,
+                hosts: s.hosts,
+                namespaces: s
+                    .namespaces
+                    .iter()
+                    .map(|n| NamespaceInfo {
+                        nsid: n.nsid,
+                        volume: self
+                            .pools
+                            .iter()
+                            .flat_map(|p| &p.store.config().volumes)
+                            .find(|v| v.uuid.0 == n.uuid)
+                            .map(|v| v.name.clone())
+                            .unwrap_or_default(),
+                        nguid: hex(&n.nguid),
+                        ana_group: n.ana_group,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// A subsystem's serial number: 20 hex digits of a hash of its NQN (the same on both nodes).
+fn serial_of(nqn: &str) -> String {
+    let crc = crc32(nqn.as_bytes());
+    let crc2 = crc32(&[nqn.as_bytes(), b"/2"].concat());
+    format!("{crc:08x}{crc2:08x}dplx")
+}
+
+/// CRC-32 (IEEE), enough to derive serials.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

@@ -1,0 +1,304 @@
+//! The metadata service process (`duplex-metadata`): sandboxed, restartable, one per node.
+//!
+//! Resources from duplexd: `topology` (the pool drives and the privileged channel's rings),
+//! the shared pool and the rings of `topology.meta` (it produces the submission ring, consumes
+//! the completion ring, holding pool buffers as the metadata role), `config` (requests from
+//! mgmt), `maps` (to the datapath: pools and volume maps; member failures back), `exports` and
+//! `exports-bell` (the export table the fabric serves).
+//!
+//! Fresh or restarted, it does the same: reads every drive through the datapath, imports the
+//! pools by the import rule, publishes pools, volume maps and the export table (the datapath
+//! finds an already-built pool again; the export table is republished with a newer
+//! generation), then serves requests one at a time. A restart loses nothing: every change it
+//! acknowledged is on the drives, and the datapath kept serving the maps it had.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use duplex_ipc::config::ConfigChannel;
+use duplex_ipc::desc::IoDesc;
+use duplex_ipc::doorbell::Doorbell;
+use duplex_ipc::exports::{
+    ExportSubsystem, ExportTable, ExportsRegion, EXPORTS_BELL_RESOURCE, EXPORTS_RESOURCE,
+};
+use duplex_ipc::lifecycle::{self, Control, Health, Next, Started};
+use duplex_ipc::maps::{self, MapsChannel, MAPS_RESOURCE};
+use duplex_ipc::pool::{Holder, Pool};
+use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, WaitPolicy};
+use duplex_ipc::topology::{Topology, ROLE_METADATA, TOPOLOGY_RESOURCE};
+use duplex_ondisk::RaidLevel;
+
+use crate::cluster::{Cluster, Drive, PoolPublish, Publisher, VolumePublish};
+use crate::ring::{RingClient, RingDisk};
+
+/// The service's name (its seccomp policy).
+pub const SERVICE: &str = "metadata";
+/// Resource name of the config channel.
+pub const CONFIG_RESOURCE: &str = "config";
+/// How long a request to the datapath may take.
+const MAPS_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn take(started: &mut Started, name: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
+    started
+        .take(name)
+        .map(|h| h.fd)
+        .ok_or_else(|| anyhow!("resource `{name}` was not handed over"))
+}
+
+fn ring_parts(
+    started: &mut Started,
+    name: &str,
+) -> anyhow::Result<(RingRegion<IoDesc>, Doorbell, Doorbell)> {
+    let region = RingRegion::<IoDesc>::attach(take(started, &format!("ring:{name}"))?)
+        .with_context(|| format!("ring {name}"))?;
+    let data = Doorbell::from_fd(take(started, &format!("ring:{name}:data"))?)?;
+    let space = Doorbell::from_fd(take(started, &format!("ring:{name}:space"))?)?;
+    Ok((region, data, space))
+}
+
+/// Publishes to the datapath (maps channel) and the fabric (exports region).
+#[derive(Debug)]
+struct ServicePublisher {
+    maps: MapsChannel,
+    exports: ExportsRegion,
+    bell: Doorbell,
+}
+
+fn level(l: RaidLevel) -> maps::RaidLevel {
+    match l {
+        RaidLevel::Raid0 => maps::RaidLevel::Raid0,
+        RaidLevel::Raid1 => maps::RaidLevel::Raid1,
+        RaidLevel::Raid10 => maps::RaidLevel::Raid10,
+    }
+}
+
+impl Publisher for ServicePublisher {
+    fn publish_pool(&mut self, epoch: u64, pool: &PoolPublish) -> Result<u32, String> {
+        let spec = maps::PoolSpec {
+            epoch,
+            name: pool.name.clone(),
+            level: level(pool.level),
+            chunk: pool.chunk,
+            data_offset: pool.data_offset,
+            data_len: pool.data_len,
+            drives: pool.drives.clone(),
+            states: pool
+                .failed
+                .iter()
+                .map(|&f| {
+                    if f {
+                        maps::MemberState::Failed
+                    } else {
+                        maps::MemberState::Active
+                    }
+                })
+                .collect(),
+            hold_until_recorded: true,
+        };
+        self.maps
+            .publish_pool(spec, MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
+    fn publish_volumes(&mut self, epoch: u64, volumes: &[VolumePublish]) -> Result<(), String> {
+        let maps: Vec<maps::VolumeMap> = volumes
+            .iter()
+            .map(|v| maps::VolumeMap {
+                id: v.id,
+                name: v.name.clone(),
+                block_size: v.block_size,
+                blocks: v.blocks,
+                extents: v
+                    .extents
+                    .iter()
+                    .map(|&(start, blocks, device, device_offset)| maps::Extent {
+                        start,
+                        blocks,
+                        device,
+                        device_offset,
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.maps
+            .publish_volumes(epoch, &maps, MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
+    fn failures_recorded(&mut self, device: u32, members: &[u32]) -> Result<(), String> {
+        self.maps
+            .failures_recorded(device, members.to_vec(), MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
+    fn publish_exports(&mut self, subsystems: Vec<ExportSubsystem>) -> Result<(), String> {
+        let table = ExportTable {
+            generation: self.exports.current_generation() + 1,
+            subsystems,
+        };
+        self.exports.publish(&table).map_err(|e| e.to_string())?;
+        self.bell.ring();
+        Ok(())
+    }
+}
+
+/// Runs the service; `enter` puts the seccomp policy on once every resource is taken.
+pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let mut started = lifecycle::start(SERVICE, Duration::from_secs(10))?;
+    let health: Health = started.health()?;
+    let topology = Topology::from_memfd(take(&mut started, TOPOLOGY_RESOURCE)?)?;
+    let meta = topology
+        .meta
+        .clone()
+        .ok_or_else(|| anyhow!("the topology has no metadata channel"))?;
+    let mode = match started.mode {
+        duplex_ipc::control::StartMode::Fresh => ring::StartMode::Fresh,
+        duplex_ipc::control::StartMode::Restart => ring::StartMode::Restart,
+    };
+    let restart = mode == ring::StartMode::Restart;
+    let pool = Pool::attach(
+        take(&mut started, &format!("pool:{}", topology.io.pool))?,
+        Holder {
+            role: ROLE_METADATA,
+            incarnation: started.generation,
+        },
+    )?;
+    let (r, d, s) = ring_parts(&mut started, &meta.submit)?;
+    let mut submit = Producer::attach(r, d, s, started.generation, mode)?;
+    submit.set_policy(WaitPolicy::Doorbell);
+    let (r, d, s) = ring_parts(&mut started, &meta.complete)?;
+    let mut complete = Consumer::attach(r, d, s, started.generation, mode)?;
+    complete.set_policy(WaitPolicy::Doorbell);
+    let config = ConfigChannel::from_fd(take(&mut started, CONFIG_RESOURCE)?)?;
+    let maps_channel = MapsChannel::from_fd(take(&mut started, MAPS_RESOURCE)?)?
+        .with_first_request_id(started.generation << 32);
+    let exports = ExportsRegion::attach(take(&mut started, EXPORTS_RESOURCE)?)?;
+    let bell = Doorbell::from_fd(take(&mut started, EXPORTS_BELL_RESOURCE)?)?;
+    enter()?;
+    // Whatever a predecessor left queued on the config channel was never answered: mgmt
+    // gave up on it (its caller got an error); do not act on it now.
+    let dropped = config.discard_queued();
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "discarded config requests a predecessor left unanswered"
+        );
+    }
+    let started = Arc::new(started);
+    started.ready()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    lifecycle::spawn_control_thread(Arc::clone(&started), move |started, event| match event {
+        Control::Message(envelope) => {
+            if started.handle(&envelope) == Next::Shutdown {
+                flag.store(true, Ordering::Release);
+                return false;
+            }
+            true
+        }
+        Control::Closed | Control::Failed(_) => {
+            flag.store(true, Ordering::Release);
+            false
+        }
+    })?;
+    let client = Rc::new(RefCell::new(RingClient::new(
+        Arc::new(pool),
+        submit,
+        complete,
+        started.generation,
+        restart,
+    )));
+    let mut maps_channel = maps_channel;
+    // The datapath's view of the drives: their ids, sizes and block sizes.
+    let devices = maps_channel
+        .list_devices(MAPS_TIMEOUT)
+        .map_err(|e| anyhow!("the datapath did not list its devices: {e}"))?;
+    let mut drives = Vec::new();
+    for (i, spec) in topology.drives.iter().enumerate() {
+        let id = topology.drive_id(i);
+        let Some(dev) = devices.iter().find(|d| d.index == id) else {
+            tracing::error!(drive = %spec.name, id, "the datapath has no such drive");
+            continue;
+        };
+        // A drive taken into a pool reports the drive's own size through its member slot.
+        let capacity = spec.blocks * u64::from(spec.block_size);
+        let disk = RingDisk::new(
+            Rc::clone(&client),
+            id,
+            &spec.path,
+            capacity,
+            dev.block_size.max(spec.block_size),
+        );
+        drives.push(Drive {
+            name: spec.name.clone(),
+            address: spec.path.clone(),
+            id,
+            capacity,
+            block_size: spec.block_size,
+            disk,
+            state: duplex_ipc::config::DriveState::Free,
+            pool: String::new(),
+            slot: 0,
+        });
+    }
+    health.beat();
+    let publisher = ServicePublisher {
+        maps: maps_channel,
+        exports,
+        bell,
+    };
+    let mut cluster = Cluster::start(drives, 0, topology.ana_group, publisher);
+    tracing::info!(
+        generation = started.generation,
+        restart,
+        drives = topology.drives.len(),
+        "metadata service ready"
+    );
+    while !stop.load(Ordering::Acquire) {
+        health.beat();
+        match config.recv_request(Duration::from_millis(50)) {
+            Ok(Some((id, request))) => {
+                tracing::info!(request = request.kind_name(), "config request");
+                let reply = cluster.handle(request);
+                health.beat();
+                if let Err(e) = config.send_reply(id, &reply) {
+                    tracing::warn!(error = %e, "cannot answer mgmt");
+                }
+            }
+            Ok(None) => {}
+            Err(e) if e.is_malformed() => {
+                tracing::warn!(error = %e, "malformed config request dropped");
+            }
+            Err(e) => return Err(anyhow!("config channel failed: {e}")),
+        }
+        // Member failures the datapath reported: record them, then release its writes.
+        loop {
+            let event = cluster_event(&mut cluster);
+            match event {
+                Some((device, member)) => {
+                    if let Err(e) = cluster.member_failed(device, member) {
+                        tracing::error!(device, member, error = %e, "recording a member failure failed");
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+    tracing::info!("metadata service stopping");
+    Ok(())
+}
+
+fn cluster_event(c: &mut Cluster<RingDisk, ServicePublisher>) -> Option<(u32, u32)> {
+    match c.publisher_mut().maps.recv_event(Duration::ZERO) {
+        Ok(Some(e)) => Some((e.device, e.member)),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "maps channel");
+            None
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The metadata service's brain over drives in memory and a recording publisher: operators'
+//! requests become commits and publications; a restart (a new instance over the same drives)
+//! finds the same pools, volumes (same ids), subsystems, namespaces and hosts and publishes
+//! them again; wrong requests get their error kind and change nothing on the drives.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use duplex_ipc::config::{
+    ConfigErrorKind, ConfigReply, ConfigRequest, DriveState, PoolState, RaidLevel,
+};
+use duplex_ipc::exports::ExportSubsystem;
+use duplex_metadata::cluster::{Cluster, Drive, PoolPublish, Publisher, VolumePublish, MISSING};
+use duplex_metadata::disk::MemDisk;
+
+#[derive(Debug, Default)]
+struct Recorder {
+    pools: Vec<PoolPublish>,
+    volumes: Vec<VolumePublish>,
+    exports: Vec<ExportSubsystem>,
+    recorded: Vec<(u32, Vec<u32>)>,
+}
+
+impl Publisher for Recorder {
+    fn publish_pool(&mut self, _epoch: u64, pool: &PoolPublish) -> Result<u32, String> {
+        let i = match self.pools.iter().position(|p| p.name == pool.name) {
+            Some(i) => {
+                self.pools[i] = pool.clone();
+                i
+            }
+            None => {
+                self.pools.push(pool.clone());
+                self.pools.len() - 1
+            }
+        };
+        Ok(100 + i as u32)
+    }
+    fn publish_volumes(&mut self, _epoch: u64, volumes: &[VolumePublish]) -> Result<(), String> {
+        self.volumes = volumes.to_vec();
+        Ok(())
+    }
+    fn failures_recorded(&mut self, device: u32, members: &[u32]) -> Result<(), String> {
+        self.recorded.push((device, members.to_vec()));
+        Ok(())
+    }
+    fn publish_exports(&mut self, subsystems: Vec<ExportSubsystem>) -> Result<(), String> {
+        self.exports = subsystems;
+        Ok(())
+    }
+}
+
+fn drives(disks: &[MemDisk]) -> Vec<Drive<MemDisk>> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Drive {
+            name: format!("d{i}"),
+            address: format!("sim:{i}"),
+            id: 10 + i as u32,
+            capacity: 256 << 20,
+            block_size: 4096,
+            disk: d.clone(),
+            state: DriveState::Free,
+            pool: String::new(),
+            slot: 0,
+        })
+        .collect()
+}
+
+fn disks(n: usize) -> Vec<MemDisk> {
+    (0..n)
+        .map(|i| MemDisk::new(&format!("sim:{i}"), 256 << 20, 4096))
+        .collect()
+}
+
+fn ok(r: ConfigReply) -> duplex_ipc::config::Done {
+    match r {
+        ConfigReply::Done(d) => d,
+        other => panic!("expected done, got {other:?}"),
+    }
+}
+
+fn kind(r: ConfigReply) -> ConfigErrorKind {
+    match r {
+        ConfigReply::Error { kind, message } => {
+            assert!(!message.contains('\n'), "one line: {message}");
+            kind
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+const NQN: &str = "nqn.2026-12.io.duplex:tank";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0c6b4d7e-2c9f-4a55-9d0b-6ad0e5a3c1f2";
+
+#[test]
+fn a_configuration_built_by_requests_survives_a_restart() {
+    let d = disks(3);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    assert_eq!(
+        kind(c.handle(ConfigRequest::CreateSubsystem(NQN.into()))),
+        ConfigErrorKind::NotReady
+    );
+    let done = ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    assert!(!done.uuid.is_empty());
+    ok(c.handle(ConfigRequest::CreateVolume {
+        name: "vol0".into(),
+        pool: "tank".into(),
+        size_bytes: 64 << 20,
+    }));
+    ok(c.handle(ConfigRequest::CreateSubsystem(NQN.into())));
+    let ns = ok(c.handle(ConfigRequest::AddNamespace {
+        nqn: NQN.into(),
+        volume: "vol0".into(),
+        nsid: 0,
+    }));
+    assert_eq!(ns.nsid, 1);
+    ok(c.handle(ConfigRequest::AllowHost {
+        nqn: NQN.into(),
+        host_nqn: HOST.into(),
+    }));
+    ok(c.handle(ConfigRequest::ResizeVolume {
+        name: "vol0".into(),
+        size_bytes: 96 << 20,
+    }));
+    let before_volumes = c_volumes(&mut c);
+    let before_subs = c_subsystems(&mut c);
+    let published = {
+        let ConfigReply::Pools(p) = c.handle(ConfigRequest::ListPools) else {
+            panic!()
+        };
+        p
+    };
+    assert_eq!(published[0].state, PoolState::Online);
+    drop(c);
+    // A restart: everything comes back from the drives, published again.
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    assert_eq!(c_volumes(&mut c), before_volumes);
+    assert_eq!(c_subsystems(&mut c), before_subs);
+    let ConfigReply::Drives(ds) = c.handle(ConfigRequest::ListDrives) else {
+        panic!()
+    };
+    let states: Vec<_> = ds
+        .iter()
+        .map(|d| (d.name.as_str(), d.state, d.pool.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("d0", DriveState::Active, "tank"),
+            ("d1", DriveState::Active, "tank"),
+            ("d2", DriveState::Free, "")
+        ]
+    );
+}
+
+fn c_volumes(c: &mut Cluster<MemDisk, Recorder>) -> Vec<duplex_ipc::config::VolumeInfo> {
+    let ConfigReply::Volumes(v) = c.handle(ConfigRequest::ListVolumes) else {
+        panic!()
+    };
+    v
+}
+
+fn c_subsystems(c: &mut Cluster<MemDisk, Recorder>) -> Vec<duplex_ipc::config::SubsystemInfo> {
+    let ConfigReply::Subsystems(s) = c.handle(ConfigRequest::ListSubsystems) else {
+        panic!()
+    };
+    s
+}
+
+#[test]
+fn wrong_requests_get_their_kind_and_write_nothing() {
+    let d = disks(3);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    ok(c.handle(ConfigRequest::CreateVolume {
+        name: "vol0".into(),
+        pool: "tank".into(),
+        size_bytes: 64 << 20,
+    }));
+    ok(c.handle(ConfigRequest::CreateSubsystem(NQN.into())));
+    ok(c.handle(ConfigRequest::AddNamespace {
+        nqn: NQN.into(),
+        volume: "vol0".into(),
+        nsid: 0,
+    }));
+    let writes = || d.iter().map(MemDisk::writes).sum::<u64>();
+    let w = writes();
+    let cases = vec![
+        (
+            ConfigRequest::CreatePool {
+                name: "tank".into(),
+                raid: RaidLevel::Raid0,
+                drives: vec!["d2".into()],
+                chunk_bytes: 0,
+            },
+            ConfigErrorKind::AlreadyExists,
+        ),
+        (
+            ConfigRequest::CreatePool {
+                name: "p2".into(),
+                raid: RaidLevel::Raid1,
+                drives: vec!["d1".into(), "d2".into()],
+                chunk_bytes: 0,
+            },
+            ConfigErrorKind::InUse,
+        ),
+        (
+            ConfigRequest::CreatePool {
+                name: "p2".into(),
+                raid: RaidLevel::Raid1,
+                drives: vec!["d2".into()],
+                chunk_bytes: 0,
+            },
+            ConfigErrorKind::InvalidArgument,
+        ),
+        (
+            ConfigRequest::CreatePool {
+                name: "p2".into(),
+                raid: RaidLevel::Raid0,
+                drives: vec!["nope".into()],
+                chunk_bytes: 0,
+            },
+            ConfigErrorKind::NotFound,
+        ),
+        (
+            ConfigRequest::CreateVolume {
+                name: "vol0".into(),
+                pool: "tank".into(),
+                size_bytes: 1 << 20,
+            },
+            ConfigErrorKind::AlreadyExists,
+        ),
+        (
+            ConfigRequest::CreateVolume {
+                name: "v2".into(),
+                pool: "nope".into(),
+                size_bytes: 1 << 20,
+            },
+            ConfigErrorKind::NotFound,
+        ),
+        (
+            ConfigRequest::CreateVolume {
+                name: "v2".into(),
+                pool: "tank".into(),
+                size_bytes: 1 << 40,
+            },
+            ConfigErrorKind::NoSpace,
+        ),
+        (
+            ConfigRequest::CreateSubsystem("iqn.2001-04.com.example:x".into()),
+            ConfigErrorKind::InvalidArgument,
+        ),
+        (
+            ConfigRequest::DeleteVolume("vol0".into()),
+            ConfigErrorKind::InUse,
+        ),
+        (
+            ConfigRequest::DestroyPool {
+                name: "tank".into(),
+                force: false,
+            },
+            ConfigErrorKind::InUse,
+        ),
+        (
+            ConfigRequest::DeleteSubsystem(NQN.into()),
+            ConfigErrorKind::InUse,
+        ),
+        (
+            ConfigRequest::AddNamespace {
+                nqn: NQN.into(),
+                volume: "vol0".into(),
+                nsid: 5,
+            },
+            ConfigErrorKind::InUse,
+        ),
+        (
+            ConfigRequest::RemoveNamespace {
+                nqn: NQN.into(),
+                nsid: 9,
+            },
+            ConfigErrorKind::NotFound,
+        ),
+        (
+            ConfigRequest::DenyHost {
+                nqn: NQN.into(),
+                host_nqn: HOST.into(),
+            },
+            ConfigErrorKind::NotFound,
+        ),
+        (
+            ConfigRequest::ShowPool("nope".into()),
+            ConfigErrorKind::NotFound,
+        ),
+    ];
+    for (req, want) in cases {
+        let got = kind(c.handle(req.clone()));
+        assert_eq!(got, want, "{req:?}");
+    }
+    assert_eq!(writes(), w, "a refused request wrote to the drives");
+}
+
+#[test]
+fn a_failed_member_is_recorded_then_released_and_stays_failed() {
+    let d = disks(2);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    c.member_failed(100, 1).unwrap();
+    assert_eq!(c.publisher().recorded, vec![(100, vec![1])]);
+    let ConfigReply::Pools(p) = c.handle(ConfigRequest::ShowPool("tank".into())) else {
+        panic!()
+    };
+    assert_eq!(p[0].state, PoolState::Degraded);
+    assert_eq!(p[0].members[1].state, DriveState::Failed);
+    drop(c);
+    let c2 = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let mut c2 = c2;
+    let ConfigReply::Pools(p) = c2.handle(ConfigRequest::ShowPool("tank".into())) else {
+        panic!()
+    };
+    assert_eq!(
+        p[0].members[1].state,
+        DriveState::Failed,
+        "recorded on disk"
+    );
+    let ConfigReply::Drives(ds) = c2.handle(ConfigRequest::ListDrives) else {
+        panic!()
+    };
+    assert_eq!(
+        ds[1].state,
+        DriveState::Stale,
+        "the failed member is stale, never read"
+    );
+    let pool = &c2.publisher().pools[0];
+    assert_eq!(
+        pool.drives,
+        vec![10, MISSING],
+        "the stale member is not given to the datapath"
+    );
+    assert_eq!(pool.failed, vec![false, true]);
+}
