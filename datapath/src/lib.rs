@@ -98,11 +98,16 @@
 //!
 //! # Not done
 //!
-//! VFIO and vfio-user drives, RAID geometry and volume maps (the datapath serves volumes 1:1 from
-//! their backing stores), per-block checksums (`FLAG_CHECKSUM` is ignored), `IORING_SETUP_SQPOLL`
-//! and registered buffers, a size check of block devices (needs an ioctl; duplexd sizes the
-//! volume at open), and a system test under duplexd itself (`tests/service.rs` plays duplexd
-//! around the real binary instead).
+//! RAID 0, 1 and 10 exist ([`bdev`]); rebuild and resync do not: a member that failed, or that
+//! the metadata service found stale, stays out for good and its pool serves degraded. Parity
+//! RAID (5, 6), the write-intent bitmap and scrubbing; taking a RAID device out of a running
+//! engine (there is no command for it, so a pool the datapath serves cannot be destroyed) and
+//! drives added after start (the raw drives are the topology's); reconnecting a drive that came
+//! back after a pull; several I/O queues per drive and interrupts (completions are polled);
+//! per-block checksums (`FLAG_CHECKSUM` is ignored); `IORING_SETUP_SQPOLL` and registered
+//! buffers; a size check of block devices (needs an ioctl; duplexd sizes the volume at open).
+//! Pools and volume maps published at run time live in the engine only: a restarted datapath
+//! serves none of them until the metadata service publishes them again.
 
 pub mod bdev;
 mod channel;

@@ -70,6 +70,10 @@ pub const MIN_CHUNK_BYTES: u32 = 4 * 1024;
 /// Largest chunk a pool may have.
 pub const MAX_CHUNK_BYTES: u32 = 1024 * 1024;
 
+/// The request id of the restart notice ([`ConfigChannel::send_restart_notice`]): never a
+/// request's.
+pub const RESTART_NOTICE_ID: u64 = 0;
+
 /// A request from mgmt to the metadata service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigRequest {
@@ -1348,6 +1352,21 @@ impl ConfigChannel {
         Ok(id)
     }
 
+    /// Sends the restart notice (metadata's end, when it starts as a restart): a reply with
+    /// request id [`RESTART_NOTICE_ID`], an error saying the service restarted. A request its
+    /// predecessor had taken and not answered is lost; the caller waiting for it gets this
+    /// notice as its answer at once instead of waiting out its timeout.
+    pub fn send_restart_notice(&self) -> Result<(), ControlError> {
+        let reply = ConfigReply::Error {
+            kind: ConfigErrorKind::NotReady,
+            message: "the metadata service restarted while the request was in flight; it may or \
+                      may not have been carried out"
+                .into(),
+        };
+        self.inner
+            .send_datagram(&reply.encode(RESTART_NOTICE_ID), &[])
+    }
+
     /// Sends the reply to request `request_id`. Refuses (sending nothing) a reply out of bounds
     /// or larger than one datagram.
     pub fn send_reply(&self, request_id: u64, reply: &ConfigReply) -> Result<(), ControlError> {
@@ -1437,7 +1456,9 @@ impl ConfigChannel {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv_reply(left)? {
-                Some((got, reply)) if got == id => return Ok(Some(reply)),
+                Some((got, reply)) if got == id || got == RESTART_NOTICE_ID => {
+                    return Ok(Some(reply))
+                }
                 Some((got, reply)) => {
                     tracing::debug!(
                         id = got,

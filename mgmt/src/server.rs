@@ -556,6 +556,11 @@ fn config_call(
     } else {
         "; the request may or may not have been carried out"
     };
+    // A restart notice left from an earlier restart is no answer to this request.
+    let stale = channel.discard_queued();
+    if stale > 0 {
+        tracing::debug!(stale, "discarded config replies nobody waits for");
+    }
     match channel.call(request, timeout) {
         Ok(Some(reply)) => Ok(reply),
         Ok(None) => Err(format!(

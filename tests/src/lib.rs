@@ -223,7 +223,17 @@ impl Node {
     /// Starts duplexd again on the same config and state directory (the previous one must
     /// have ended: [`Node::stop`] or [`Node::kill_all`]).
     pub fn relaunch(&mut self) {
+        self.relaunch_replacing("", "");
+    }
+
+    /// As [`Node::relaunch`], with `from` replaced by `to` in the config first (a new listener
+    /// port: the old one may have been taken by another test's node in the meantime).
+    pub fn relaunch_replacing(&mut self, from: &str, to: &str) {
         let path = self._dir.path().join("node.toml");
+        if !from.is_empty() {
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, text.replace(from, to)).unwrap();
+        }
         let mut child = Command::new(bin("duplexd"))
             .arg("--config")
             .arg(&path)

@@ -179,14 +179,20 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
     let exports = ExportsRegion::attach(take(&mut started, EXPORTS_RESOURCE)?)?;
     let bell = Doorbell::from_fd(take(&mut started, EXPORTS_BELL_RESOURCE)?)?;
     enter()?;
-    // Whatever a predecessor left queued on the config channel was never answered: mgmt
-    // gave up on it (its caller got an error); do not act on it now.
+    // Whatever a predecessor left queued on the config channel is not acted on now: its
+    // caller is told at once (the restart notice) that it may or may not have been carried
+    // out, as is the caller of a request the predecessor took and never answered.
     let dropped = config.discard_queued();
     if dropped > 0 {
         tracing::warn!(
             dropped,
             "discarded config requests a predecessor left unanswered"
         );
+    }
+    if mode == ring::StartMode::Restart {
+        if let Err(e) = config.send_restart_notice() {
+            tracing::warn!(error = %e, "cannot send the restart notice to mgmt");
+        }
     }
     let started = Arc::new(started);
     started.ready()?;
