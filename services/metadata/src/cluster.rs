@@ -784,7 +784,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         if self.pools[i].device.is_some() {
             return err(
                 ConfigErrorKind::Refused,
-                format!("pool {name} is in use by the datapath until duplexd restarts; this build cannot take a pool out of a running datapath"),
+                format!("pool {name} is served by the datapath, and this build cannot take a pool out of a running datapath yet"),
             );
         }
         let entry = self.pools.remove(i);
