@@ -556,6 +556,64 @@ fn the_metadata_service_crashes_50_times_under_config_changes_and_io() {
         }
         crashes += 1;
     }
+    // Crashes while a change is in flight (often inside its commit: writes and flushes to
+    // both drives through the datapath): duplexctl learns at once (the restart notice) that it
+    // may or may not have been carried out; afterwards it is wholly present or wholly absent,
+    // and present whenever duplexctl said done.
+    let (mut present, mut absent) = (0, 0);
+    for i in 0..10 {
+        let name = format!("w{i}");
+        let change = Command::new(bin("duplexctl"))
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .args(["volume", "create", &name, "--pool", "tank", "--size", "1m"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("duplexctl runs");
+        let mode = if i % 2 == 0 { "kill" } else { "panic" };
+        let (code, out, err) = node.ctl(&["service", "crash", "metadata", "--mode", mode]);
+        assert_eq!(code, 0, "crash {mode}: {out}{err}");
+        let done = change
+            .wait_with_output()
+            .expect("duplexctl ends")
+            .status
+            .success();
+        let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+        let volumes = loop {
+            let (code, out, _) = node.ctl(&["--json", "volume", "list"]);
+            if code == 0 {
+                break serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["volumes"]
+                    .clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "metadata does not answer"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let found: Vec<&serde_json::Value> = volumes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["name"] == name.as_str())
+            .collect();
+        match found.as_slice() {
+            [v] => {
+                assert_eq!(v["size_bytes"], 1 << 20, "{name} whole: {v}");
+                present += 1;
+            }
+            [] => {
+                assert!(
+                    !done,
+                    "duplexctl said {name} was created, but it is not there"
+                );
+                absent += 1;
+            }
+            more => panic!("{name} listed {} times", more.len()),
+        }
+        crashes += 1;
+    }
     // The workload ran through all of it.
     stop.store(true, std::sync::atomic::Ordering::Release);
     let runs = workload.join().expect("workload thread");
@@ -568,6 +626,9 @@ fn the_metadata_service_crashes_50_times_under_config_changes_and_io() {
         let v: serde_json::Value = serde_json::from_str(out).expect("JSON report");
         assert_eq!(v["verify"]["errors"], 0, "{out}");
     }
-    assert_eq!(crashes, 50);
-    eprintln!("crashes: {crashes}; workload runs: {}", runs.len());
+    assert_eq!(crashes, 60);
+    eprintln!(
+        "crashes: {crashes}; in flight: {present} changes present, {absent} absent; workload runs: {}",
+        runs.len()
+    );
 }
