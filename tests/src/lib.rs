@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod guest;
 pub mod nvme_host;
+pub mod pool;
 
 /// How long any single wait in a system test may take before it fails with the log so far.
 /// Generous: it bounds a hang, it does not measure speed.
@@ -224,6 +225,18 @@ impl Node {
     /// have ended: [`Node::stop`] or [`Node::kill_all`]).
     pub fn relaunch(&mut self) {
         self.relaunch_replacing("", "");
+    }
+
+    /// Replaces `from` (which must be there) with `to` in the node's config file, for the next
+    /// launch.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let path = self._dir.path().join("node.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(from),
+            "`{from}` is not in the config:\n{text}"
+        );
+        std::fs::write(&path, text.replace(from, to)).unwrap();
     }
 
     /// As [`Node::relaunch`], with `from` replaced by `to` in the config first (a new listener

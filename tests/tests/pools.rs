@@ -6,88 +6,19 @@
 //! subsystem and host come back from the drives, and `duplex-bench --verify-only` finds the
 //! data. Every wrong command gets one line, exit 1, and changes nothing on the drives.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use duplex_tests::{bin, duplex_bench, free_port, KillOnDrop, Node};
+use duplex_tests::pool::{
+    self, ctl_json as json, ctl_ok as ok, drive_sim, pool_node_config, Rig, RigSpec,
+};
+use duplex_tests::{bin, duplex_bench, free_port, Node};
 
 const SUBNQN: &str = "nqn.2026-12.io.duplex:pools";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:d0b1e5c4-0000-4000-8000-000000000014";
 
-/// A simulated drive of `size` under `dir`; returns the process and its port A socket.
-fn drive(dir: &Path, name: &str, size: &str) -> (KillOnDrop, std::path::PathBuf) {
-    let a = dir.join(format!("{name}-a.sock"));
-    let mut sim = Command::new(bin("duplex-drive-sim"))
-        .arg("serve")
-        .arg("--backing")
-        .arg(dir.join(format!("{name}.img")))
-        .args(["--size", size, "--block-size", "4096"])
-        .arg("--socket")
-        .arg(&a)
-        .arg("--socket")
-        .arg(dir.join(format!("{name}-b.sock")))
-        .arg("--control")
-        .arg(dir.join(format!("{name}.ctl")))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("duplex-drive-sim starts");
-    let mut ready = String::new();
-    BufReader::new(sim.stdout.take().expect("stdout"))
-        .read_line(&mut ready)
-        .expect("ready line");
-    assert!(ready.starts_with("ready "), "{ready}");
-    (KillOnDrop(sim), a)
-}
-
 fn config(port: u16, drives: &[&Path]) -> String {
-    config_sized(port, drives, "128MiB")
-}
-
-fn config_sized(port: u16, drives: &[&Path], size: &str) -> String {
-    let mut c = format!(
-        r#"
-[node]
-name = "pools"
-state_dir = "{{state}}"
-
-[supervisor]
-# Services are crashed on purpose here, many times in a row: restart them at once, never call
-# it a crash loop.
-backoff_initial_ms = 1
-backoff_max_ms = 20
-crash_loop_exits = 1000
-crash_loop_window_s = 1
-
-[[service]]
-name = "datapath"
-kind = "datapath"
-
-[[service]]
-name = "fabric"
-after = ["datapath"]
-
-[[service]]
-name = "metadata"
-after = ["datapath"]
-
-[[service]]
-name = "mgmt"
-binary = "{{mgmt}}"
-
-[[listener]]
-name = "nvme"
-address = "127.0.0.1:{port}"
-service = "fabric"
-"#
-    );
-    for (i, d) in drives.iter().enumerate() {
-        c.push_str(&format!(
-            "\n[[drive]]\nname = \"d{i}\"\ndrive = \"vfio-user:{}\"\nsize = \"{size}\"\n",
-            d.display()
-        ));
-    }
-    c
+    pool_node_config(port, drives, "128MiB")
 }
 
 /// Starts the node again with its listener on a new port; returns it.
@@ -95,23 +26,6 @@ fn relaunch_elsewhere(node: &mut Node, port: u16) -> u16 {
     let new = free_port();
     node.relaunch_replacing(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{new}"));
     new
-}
-
-/// `duplexctl --json ARGS`, which must succeed; its JSON.
-fn json(node: &Node, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let (code, out, err) = node.ctl(&all);
-    assert_eq!(code, 0, "duplexctl {args:?}: {out}{err}");
-    serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("duplexctl {args:?}: not JSON ({e}): {out}"))
-}
-
-/// `duplexctl ARGS`, which must succeed.
-fn ok(node: &Node, args: &[&str]) -> String {
-    let (code, out, err) = node.ctl(args);
-    assert_eq!(code, 0, "duplexctl {args:?}: {out}{err}");
-    out
 }
 
 /// What the operator sees of the configuration (and what must come back after restarts).
@@ -132,8 +46,8 @@ const SPAN: [&str; 4] = ["--span-blocks", "2048", "--seed", "11"];
 #[test]
 fn a_pool_built_with_duplexctl_survives_restarts_and_a_sigkill_of_the_node() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_s0, a0) = drive(dir.path(), "d0", "128M");
-    let (_s1, a1) = drive(dir.path(), "d1", "128M");
+    let (_s0, a0) = drive_sim(dir.path(), "d0", "128M");
+    let (_s1, a1) = drive_sim(dir.path(), "d1", "128M");
     let port = free_port();
     let mut node = Node::start(&config(port, &[&a0, &a1]));
     node.log.wait_for(&["metadata service ready"]);
@@ -245,124 +159,45 @@ fn a_pool_built_with_duplexctl_survives_restarts_and_a_sigkill_of_the_node() {
 
 /// A node over `n` simulated drives with pool `tank` (`raid`) over all of them and volume
 /// `vol0` exported as namespace 1 of [`SUBNQN`] to [`HOSTNQN`].
-struct Rig {
-    node: Node,
-    port: u16,
-    dir: tempfile::TempDir,
-    sims: Vec<KillOnDrop>,
+fn rig(n: usize, raid: &str) -> Rig {
+    Rig::new(&RigSpec {
+        drives: n,
+        raid,
+        drive_mib: 256,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+    })
 }
 
-impl Rig {
-    fn new(n: usize, raid: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut sims = Vec::new();
-        let mut socks = Vec::new();
-        for i in 0..n {
-            let (sim, a) = drive(dir.path(), &format!("d{i}"), "256M");
-            sims.push(sim);
-            socks.push(a);
-        }
-        let port = free_port();
-        let refs: Vec<&Path> = socks.iter().map(|p| p.as_path()).collect();
-        let mut node = Node::start(&config_sized(port, &refs, "256MiB"));
-        node.log.wait_for(&["metadata service ready"]);
-        let names: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
-        ok(
-            &node,
-            &[
-                "pool",
-                "create",
-                "tank",
-                "--raid",
-                raid,
-                "--drives",
-                &names.join(","),
-            ],
-        );
-        ok(
-            &node,
-            &[
-                "volume", "create", "vol0", "--pool", "tank", "--size", "16m",
-            ],
-        );
-        ok(&node, &["subsystem", "create", SUBNQN]);
-        ok(&node, &["host", "allow", SUBNQN, HOSTNQN]);
-        ok(&node, &["namespace", "add", SUBNQN, "--volume", "vol0"]);
-        Self {
-            node,
-            port,
-            dir,
-            sims,
-        }
-    }
-
-    fn sim(&self, i: usize, args: &[&str]) -> serde_json::Value {
-        let out = Command::new(bin("duplex-drive-sim"))
-            .arg("ctl")
-            .arg("--control")
-            .arg(self.dir.path().join(format!("d{i}.ctl")))
-            .args(args)
-            .output()
-            .expect("ctl runs");
-        assert!(
-            out.status.success(),
-            "ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    }
-
-    /// A verifying workload on namespace 1, running while `during` acts.
-    fn bench_during(&self, args: &[&str], during: impl FnOnce()) -> (i32, String, String) {
-        let target = format!("127.0.0.1:{}", self.port);
-        let child = Command::new(bin("duplex-bench"))
-            .args(["--target", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("duplex-bench runs");
-        during();
-        let out = child.wait_with_output().expect("duplex-bench ends");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-/// Waits until drive `i` has taken at least `blocks` writes into its cache: the workload is
-/// under way.
-fn wait_writes(rig: &Rig, i: usize, blocks: u64) {
-    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
-    while rig.sim(i, &["status"])["cached_blocks"]
-        .as_u64()
-        .unwrap_or(0)
-        < blocks
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no writes reached drive {i}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+/// A verifying workload on namespace 1 of `rig`, running while `during` acts.
+fn bench_during(rig: &Rig, args: &[&str], during: impl FnOnce()) -> (i32, String, String) {
+    let target = format!("127.0.0.1:{}", rig.port);
+    let child = Command::new(bin("duplex-bench"))
+        .args(["--target", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    during();
+    let out = child.wait_with_output().expect("duplex-bench ends");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn member_states(node: &Node) -> Vec<String> {
-    json(node, &["pool", "show", "tank"])["pool"]["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| m["state"].as_str().unwrap_or("").to_owned())
-        .collect()
+    pool::member_states(node, "tank")
 }
 
 /// A mirror loses member `victim` (`how`: pull, error, power-cut) in the middle of a verified
 /// workload: the host sees no error and reads back everything; the member is failed on disk
 /// (still after a restart, where it is stale and never read although it is back).
 fn mirror_loses_a_member(n: usize, raid: &str, victim: usize, how: &str) {
-    let mut rig = Rig::new(n, raid);
+    let mut rig = rig(n, raid);
     let args = [
         "--workload",
         "mixed",
@@ -377,8 +212,8 @@ fn mirror_loses_a_member(n: usize, raid: &str, victim: usize, how: &str) {
         "21",
         "--json",
     ];
-    let (code, out, err) = rig.bench_during(&args, || {
-        wait_writes(&rig, victim, 64);
+    let (code, out, err) = bench_during(&rig, &args, || {
+        rig.wait_writes(victim, 64);
         match how {
             "pull" => {
                 rig.sim(victim, &["pull"]);
@@ -473,7 +308,7 @@ fn raid10_loses_a_member_to_a_power_cut_under_verified_io() {
 /// write and flush of a commit.)
 #[test]
 fn the_metadata_service_crashes_50_times_under_config_changes_and_io() {
-    let rig = Rig::new(2, "1");
+    let rig = rig(2, "1");
     let node = &rig.node;
     // The verifying workload: bounded runs back to back until the crashes are done, each
     // checking what it wrote.
@@ -504,7 +339,7 @@ fn the_metadata_service_crashes_50_times_under_config_changes_and_io() {
         }
         runs
     });
-    wait_writes(&rig, 0, 64);
+    rig.wait_writes(0, 64);
     let mut generation = node.service("metadata")["generation"].as_u64().unwrap_or(0);
     let mut crashes = 0;
     for i in 0..50 {
@@ -631,4 +466,153 @@ fn the_metadata_service_crashes_50_times_under_config_changes_and_io() {
         "crashes: {crashes}; in flight: {present} changes present, {absent} absent; workload runs: {}",
         runs.len()
     );
+}
+
+/// Waits until service `name` runs as a generation above `generation`.
+fn wait_restarted(node: &Node, name: &str, generation: u64) {
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+    loop {
+        let row = node.service(name);
+        if row["state"] == "running" && row["generation"].as_u64().unwrap_or(0) > generation {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} did not come back: {row}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// `duplexctl volume list` once the metadata service answers again (after a crash).
+fn volumes_when_answering(node: &Node) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+    loop {
+        let (code, out, _) = node.ctl(&["--json", "volume", "list"]);
+        if code == 0 {
+            return serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["volumes"]
+                .clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metadata does not answer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The volumes of `list` named `name` (0 or 1 of them, whole, or the test fails).
+fn whole_or_absent(list: &serde_json::Value, name: &str) -> bool {
+    let found: Vec<&serde_json::Value> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["name"] == name)
+        .collect();
+    match found.as_slice() {
+        [] => false,
+        [v] => {
+            assert_eq!(v["size_bytes"], 1 << 20, "{name} whole: {v}");
+            true
+        }
+        more => panic!("{name} listed {} times", more.len()),
+    }
+}
+
+/// The metadata service is crashed at chosen points inside its commits, under duplexd, while a
+/// verifying workload runs: with `--crash-in-commit K` (a test hook) it aborts right after the
+/// K-th drive write or flush of a configuration request. On a RAID-1 pool a commit is: the
+/// image to member 0, the image to member 1, flush member 0, flush member 1; K = 1..=4 crashes
+/// after each. Every change is wholly present or wholly absent after the crash, stays so
+/// through every later import (the next crash's, and a clean restart without the hook), and
+/// the host sees no error.
+#[test]
+fn the_metadata_service_crashes_at_chosen_points_inside_commits_under_io() {
+    const POINTS: u32 = 4;
+    const PER_POINT: usize = 3;
+    let mut rig = rig(2, "1");
+    let plain = "name = \"metadata\"\nafter = [\"datapath\"]";
+    // (name, present after its crash)
+    let mut outcomes: Vec<(String, bool)> = Vec::new();
+    let mut runs = Vec::new();
+    let mut seed = 300u64;
+    for point in 1..=POINTS {
+        assert_eq!(rig.node.stop(), Some(0));
+        let from = if point == 1 {
+            plain.to_owned()
+        } else {
+            format!("{plain}\nargs = [\"--crash-in-commit\", \"{}\"]", point - 1)
+        };
+        let hooked = format!("{plain}\nargs = [\"--crash-in-commit\", \"{point}\"]");
+        rig.node.edit_config(&from, &hooked);
+        rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
+        rig.node.log.wait_for(&["metadata service ready"]);
+        seed += 1;
+        let s = seed.to_string();
+        let args = [
+            "--workload",
+            "mixed",
+            "--verify",
+            "--ios",
+            "12000",
+            "--qd",
+            "8",
+            "--span-blocks",
+            "2048",
+            "--seed",
+            &s,
+            "--json",
+        ];
+        let node = &rig.node;
+        runs.push(bench_during(&rig, &args, || {
+            rig.wait_writes(0, 64);
+            for c in 0..PER_POINT {
+                let name = format!("k{point}c{c}");
+                let generation = node.service("metadata")["generation"].as_u64().unwrap_or(0);
+                let (code, out, err) =
+                    node.ctl(&["volume", "create", &name, "--pool", "tank", "--size", "1m"]);
+                assert_eq!(code, 1, "the hook did not crash the commit: {out}{err}");
+                wait_restarted(node, "metadata", generation);
+                let list = volumes_when_answering(node);
+                let present = whole_or_absent(&list, &name);
+                outcomes.push((name, present));
+                // Every earlier change as it was found right after its own crash.
+                for (n, p) in &outcomes {
+                    assert_eq!(whole_or_absent(&list, n), *p, "{n} changed: {list}");
+                }
+            }
+        }));
+        rig.node.log.pump();
+        let crashes = rig.node.log.matching(&["crash-in-commit: aborting"]).len();
+        assert!(
+            crashes >= PER_POINT,
+            "{crashes} hook crashes at point {point}"
+        );
+    }
+    // Without the hook: the same set, and the data verifies.
+    assert_eq!(rig.node.stop(), Some(0));
+    let hooked = format!("{plain}\nargs = [\"--crash-in-commit\", \"{POINTS}\"]");
+    rig.node.edit_config(&hooked, plain);
+    rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
+    rig.node.log.wait_for(&["metadata service ready"]);
+    let list = volumes_when_answering(&rig.node);
+    for (n, p) in &outcomes {
+        assert_eq!(
+            whole_or_absent(&list, n),
+            *p,
+            "{n} after a clean restart: {list}"
+        );
+    }
+    for (code, out, err) in &runs {
+        assert_eq!(*code, 0, "the host saw an error: {out}{err}");
+        let v: serde_json::Value = serde_json::from_str(out).expect("JSON report");
+        assert_eq!(v["verify"]["errors"], 0, "{out}");
+    }
+    let present = outcomes.iter().filter(|(_, p)| *p).count();
+    eprintln!(
+        "crashes inside commits: {}; changes present after their crash: {present}, absent: {}",
+        outcomes.len(),
+        outcomes.len() - present
+    );
+    assert_eq!(rig.node.stop(), Some(0));
 }

@@ -30,6 +30,29 @@ pub struct RingClient {
     incarnation: u64,
     next_tag: u64,
     timeout: Duration,
+    crash: CrashPoint,
+}
+
+/// A test hook (`duplex-metadata --crash-in-commit K`): while armed, the service aborts right
+/// after the `K`-th drive write or flush completes, so a system test can crash it at a chosen
+/// point inside a commit (after the first member's image, between the images and the flushes,
+/// between two members' flushes, ...). Armed for one configuration request at a time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CrashPoint {
+    /// The write or flush after which to abort; `None`: never.
+    pub after: Option<u32>,
+    armed: bool,
+    done: u32,
+}
+
+impl CrashPoint {
+    /// Aborting after the `after`-th write or flush of an armed request.
+    pub fn after(after: Option<u32>) -> Self {
+        Self {
+            after,
+            ..Self::default()
+        }
+    }
 }
 
 impl RingClient {
@@ -55,6 +78,40 @@ impl RingClient {
             incarnation,
             next_tag: 0,
             timeout: REQUEST_TIMEOUT,
+            crash: CrashPoint::default(),
+        }
+    }
+
+    /// Installs the crash hook (see [`CrashPoint`]).
+    pub fn set_crash_point(&mut self, crash: CrashPoint) {
+        self.crash = crash;
+    }
+
+    /// Arms (`true`, counting from zero) or disarms the crash hook.
+    pub fn arm_crash_point(&mut self, armed: bool) {
+        self.crash.armed = armed;
+        self.crash.done = 0;
+    }
+
+    /// Counts a completed write or flush; aborts the process at the chosen one.
+    fn crash_point(&mut self, opcode: u8, drive: u32, lba: u64) {
+        let Some(after) = self.crash.after else {
+            return;
+        };
+        if !self.crash.armed || !(opcode == OP_WRITE || opcode == OP_FLUSH) {
+            return;
+        }
+        self.crash.done += 1;
+        if self.crash.done == after {
+            let op = if opcode == OP_WRITE { "write" } else { "flush" };
+            tracing::error!(
+                after,
+                op,
+                drive,
+                lba,
+                "crash-in-commit: aborting after this drive operation of a configuration request (test hook)"
+            );
+            std::process::abort();
         }
     }
 
@@ -153,6 +210,7 @@ impl RingClient {
                 return Err(format!("short read: {} of {read} bytes", bytes.len()));
             }
             bytes.truncate(read);
+            self.crash_point(opcode, drive, lba);
             return Ok(bytes);
         }
     }

@@ -33,7 +33,7 @@ use duplex_ipc::topology::{Topology, ROLE_METADATA, TOPOLOGY_RESOURCE};
 use duplex_ondisk::RaidLevel;
 
 use crate::cluster::{Cluster, Drive, PoolPublish, Publisher, VolumePublish};
-use crate::ring::{RingClient, RingDisk};
+use crate::ring::{CrashPoint, RingClient, RingDisk};
 
 /// The service's name (its seccomp policy).
 pub const SERVICE: &str = "metadata";
@@ -147,7 +147,7 @@ impl Publisher for ServicePublisher {
 }
 
 /// Runs the service; `enter` puts the seccomp policy on once every resource is taken.
-pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> anyhow::Result<()> {
     let mut started = lifecycle::start(SERVICE, Duration::from_secs(10))?;
     let health: Health = started.health()?;
     let topology = Topology::from_memfd(take(&mut started, TOPOLOGY_RESOURCE)?)?;
@@ -218,6 +218,13 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
         started.generation,
         restart,
     )));
+    client.borrow_mut().set_crash_point(crash);
+    if let Some(after) = crash.after {
+        tracing::warn!(
+            after,
+            "test hook: every configuration request aborts this service after its {after}th drive write or flush"
+        );
+    }
     let mut maps_channel = maps_channel;
     // The datapath's view of the drives: their ids, sizes and block sizes.
     let devices = maps_channel
@@ -269,7 +276,9 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
         match config.recv_request(Duration::from_millis(50)) {
             Ok(Some((id, request))) => {
                 tracing::info!(request = request.kind_name(), "config request");
+                client.borrow_mut().arm_crash_point(true);
                 let reply = cluster.handle(request);
+                client.borrow_mut().arm_crash_point(false);
                 health.beat();
                 if let Err(e) = config.send_reply(id, &reply) {
                     tracing::warn!(error = %e, "cannot answer mgmt");
