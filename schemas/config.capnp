@@ -97,7 +97,20 @@ struct ConfigRequestBody {
 
     allowAnyHost @16 :AllowAnyHost;
     # Let any host connect to a subsystem (or, with `any` false, only those allowed).
+
+    importPool @17 :ImportPool;
+    # Import a pool the node found on its drives but did not import at start (listDrives shows
+    # its drives `stale`, their pool named by its uuid). Without `force` the import rule is the
+    # start's; with it, active members that are missing are accepted and failed in a new
+    # generation, and a superblock newer than every image is overruled.
   }
+}
+
+struct ImportPool {
+  pool @0 :Text;
+  # The pool's uuid (canonical lowercase text), as listDrives names it.
+
+  force @1 :Bool;
 }
 
 struct CreatePool {

@@ -164,6 +164,14 @@ pub enum ConfigRequest {
         /// Any host, or only the allowed ones.
         any: bool,
     },
+    /// Import a pool found on the drives but not imported at start.
+    ImportPool {
+        /// The pool's uuid (canonical text).
+        pool: String,
+        /// Accept missing active members (failed in a new generation) and overrule a
+        /// superblock newer than every image.
+        force: bool,
+    },
 }
 
 /// A pool's RAID level.
@@ -598,6 +606,7 @@ impl ConfigRequest {
             Self::AllowHost { .. } => "allowHost",
             Self::DenyHost { .. } => "denyHost",
             Self::AllowAnyHost { .. } => "allowAnyHost",
+            Self::ImportPool { .. } => "importPool",
         }
     }
 
@@ -639,6 +648,9 @@ impl ConfigRequest {
             Self::AllowHost { nqn, host_nqn } | Self::DenyHost { nqn, host_nqn } => {
                 required(nqn, "config.hostAccess.nqn", MAX_NQN_BYTES)?;
                 required(host_nqn, "config.hostAccess.hostNqn", MAX_NQN_BYTES)
+            }
+            Self::ImportPool { pool, .. } => {
+                required(pool, "config.importPool.pool", UUID_TEXT_BYTES)
             }
             Self::AllowAnyHost { nqn, .. } => {
                 required(nqn, "config.allowAnyHost.nqn", MAX_NQN_BYTES)
@@ -718,6 +730,11 @@ impl ConfigRequest {
                 let mut a = body.init_allow_any_host();
                 a.set_nqn(nqn.as_str());
                 a.set_any(*any);
+            }
+            Self::ImportPool { pool, force } => {
+                let mut p = body.init_import_pool();
+                p.set_pool(pool.as_str());
+                p.set_force(*force);
             }
         }
     }
@@ -817,6 +834,13 @@ impl ConfigRequest {
                 Self::AllowAnyHost {
                     nqn: text(a.get_nqn(), "config.allowAnyHost.nqn", MAX_NQN_BYTES)?,
                     any: a.get_any(),
+                }
+            }
+            Which::ImportPool(p) => {
+                let p = p.map_err(d)?;
+                Self::ImportPool {
+                    pool: text(p.get_pool(), "config.importPool.pool", UUID_TEXT_BYTES)?,
+                    force: p.get_force(),
                 }
             }
         };
@@ -1535,6 +1559,10 @@ pub mod examples {
                 host_nqn: host,
             },
             ConfigRequest::AllowAnyHost { nqn, any: true },
+            ConfigRequest::ImportPool {
+                pool: "0f1e2d3c-4b5a-4968-8776-655443322110".into(),
+                force: true,
+            },
         ]
     }
 
@@ -1752,7 +1780,7 @@ mod tests {
     #[test]
     fn every_request_round_trips() {
         let requests = requests();
-        assert_eq!(requests.len(), 17, "one of every schema member");
+        assert_eq!(requests.len(), 18, "one of every schema member");
         for (i, r) in requests.into_iter().enumerate() {
             let id = u64::try_from(i).unwrap_or(0) + (7 << 32);
             let bytes = r.encode(id);
@@ -1826,12 +1854,12 @@ mod tests {
     fn unknown_union_members_and_enumerants_are_rejected() {
         // Layout: root pointer (word 0), root data (1: requestId), root's body pointer (2), the
         // body's data (3: its union discriminant) and pointer (4).
-        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 17);
+        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 18);
         assert!(matches!(
             ConfigRequest::decode(&bytes),
             Err(ControlError::UnknownVariant {
                 what: "ConfigRequestBody",
-                value: 17
+                value: 18
             })
         ));
         let bytes = patched(ConfigReply::Volumes(Vec::new()).encode(1), word(3), 3, 6);

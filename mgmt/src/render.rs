@@ -446,6 +446,7 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
     match request {
         ConfigRequest::CreatePool { name, .. } => format!("created pool {name}"),
         ConfigRequest::DestroyPool { name, .. } => format!("destroyed pool {name}"),
+        ConfigRequest::ImportPool { pool, .. } => format!("imported pool {pool}"),
         ConfigRequest::CreateVolume { name, pool, .. } => {
             format!("created volume {name} in pool {pool}")
         }

@@ -616,3 +616,239 @@ fn the_metadata_service_crashes_at_chosen_points_inside_commits_under_io() {
     );
     assert_eq!(rig.node.stop(), Some(0));
 }
+
+// -- Import under corruption, through duplexd: the drives' backing files are damaged while the
+//    node is down (the way a drive that lies or decays would present them); the next start
+//    imports by the rule and repairs, or refuses with a clear error and writes nothing.
+
+use duplex_ondisk::layout::{METADATA_OFFSET, METADATA_SLOTS, METADATA_SLOT_SIZE, SUPERBLOCK_SIZE};
+use duplex_ondisk::{ImageHeader, Superblock};
+
+/// Drive `i`'s backing file.
+fn image_of(rig: &Rig, i: usize) -> std::path::PathBuf {
+    rig.dir.path().join(format!("d{i}.img"))
+}
+
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut out = vec![0; len];
+    std::fs::File::open(path)
+        .expect("backing file")
+        .read_exact_at(&mut out, offset)
+        .expect("read");
+    out
+}
+
+/// Overwrites `len` bytes at `offset` with garbage.
+fn scribble(path: &Path, offset: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let garbage: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ 0xa5)
+        .collect();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("backing file");
+    f.write_all_at(&garbage, offset).expect("write");
+    f.sync_all().expect("sync");
+}
+
+fn secondary_offset(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("backing file").len() - SUPERBLOCK_SIZE
+}
+
+fn slot_offset(i: u32) -> u64 {
+    METADATA_OFFSET + u64::from(i) * u64::from(METADATA_SLOT_SIZE)
+}
+
+/// The ring slot holding drive file `path`'s newest valid image header, and its generation.
+fn newest_slot(path: &Path) -> Option<(u32, u64)> {
+    (0..METADATA_SLOTS)
+        .filter_map(|i| {
+            ImageHeader::parse(&read_at(path, slot_offset(i), 4096))
+                .ok()
+                .map(|h| (i, h.generation))
+        })
+        .max_by_key(|&(_, g)| g)
+}
+
+/// Stops the node, lets `damage` act on the stopped drives, starts it again (new port) and
+/// returns the metadata service's import line for pool `tank`.
+fn restart_after(rig: &mut Rig, damage: impl FnOnce(&Rig)) -> String {
+    assert_eq!(rig.node.stop(), Some(0));
+    damage(rig);
+    rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
+    rig.node.log.wait_for(&["pool", "tank", "import"])
+}
+
+/// Through duplexd: a corrupt primary superblock, a corrupt secondary superblock and a corrupt
+/// newest metadata slot are each repaired from the winner at the next start (the repairs are on
+/// the drive afterwards, the configuration is unchanged); all copies gone on one member: the
+/// pool is imported from the other, degraded, and nothing is written to the blank drive; every
+/// metadata slot corrupt on the remaining member too: the pool is not imported, the error says
+/// why, and not one byte of either drive changes.
+#[test]
+fn damaged_metadata_is_repaired_or_refused_at_import_under_duplexd() {
+    let mut rig = rig(2, "1");
+    bench(
+        rig.port,
+        &[
+            &[
+                "--workload",
+                "write",
+                "--verify",
+                "--ios",
+                "2048",
+                "--qd",
+                "16",
+            ][..],
+            &SPAN,
+        ]
+        .concat(),
+    );
+    let before = snapshot(&rig.node);
+    let healthy = json(&rig.node, &["pool", "show", "tank"])["pool"]["state"].clone();
+    let repairs = |line: &str| duplex_tests::field(line, "repairs");
+
+    // The primary superblock of d0.
+    let line = restart_after(&mut rig, |r| scribble(&image_of(r, 0), 0, 4096));
+    assert!(
+        line.contains("pool imported") && repairs(&line) >= 1,
+        "{line}"
+    );
+    Superblock::parse(&read_at(&image_of(&rig, 0), 0, 4096)).expect("d0's primary repaired");
+    assert_eq!(snapshot(&rig.node), before);
+
+    // The secondary superblock of d1.
+    let line = restart_after(&mut rig, |r| {
+        let p = image_of(r, 1);
+        scribble(&p, secondary_offset(&p), 4096);
+    });
+    assert!(
+        line.contains("pool imported") && repairs(&line) >= 1,
+        "{line}"
+    );
+    let p1 = image_of(&rig, 1);
+    Superblock::parse(&read_at(&p1, secondary_offset(&p1), 4096)).expect("d1's secondary repaired");
+    assert_eq!(snapshot(&rig.node), before);
+
+    // The newest metadata slot of d0.
+    let (slot, generation) = newest_slot(&image_of(&rig, 0)).expect("an image on d0");
+    let line = restart_after(&mut rig, |r| {
+        scribble(&image_of(r, 0), slot_offset(slot), 8192)
+    });
+    assert!(
+        line.contains("pool imported") && repairs(&line) >= 1,
+        "{line}"
+    );
+    assert_eq!(
+        newest_slot(&image_of(&rig, 0)),
+        newest_slot(&image_of(&rig, 1)),
+        "d0's newest slot rewritten from d1's (generation {generation})"
+    );
+    assert_eq!(snapshot(&rig.node), before);
+    // The repairs stuck: the next start has nothing to repair.
+    let line = restart_after(&mut rig, |_| {});
+    assert!(
+        line.contains("pool imported") && repairs(&line) == 0,
+        "{line}"
+    );
+    bench(
+        rig.port,
+        &[&["--verify-only", "--qd", "16"][..], &SPAN].concat(),
+    );
+
+    // Every copy on d0: d0 looks blank, and an active member is missing (it may hold newer
+    // metadata): the pool is not imported and neither drive is written to. The operator
+    // retries, then forces the import: the missing member is failed on d1, the pool runs
+    // degraded on d1 alone, the data is all there, and the next start imports it unforced.
+    let uuid = json(&rig.node, &["pool", "show", "tank"])["pool"]["uuid"]
+        .as_str()
+        .expect("pool uuid")
+        .to_owned();
+    let blank = |p: &Path| {
+        scribble(p, 0, 4096);
+        scribble(p, secondary_offset(p), 4096);
+        for i in 0..METADATA_SLOTS {
+            scribble(p, slot_offset(i), 4096);
+        }
+    };
+    assert_eq!(rig.node.stop(), Some(0));
+    blank(&image_of(&rig, 0));
+    let files: Vec<Vec<u8>> = (0..2)
+        .map(|i| std::fs::read(image_of(&rig, i)).expect("drive"))
+        .collect();
+    rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
+    let line = rig.node.log.wait_for(&["pool not imported"]);
+    assert!(
+        line.contains("is missing") && line.contains(&uuid),
+        "{line}"
+    );
+    rig.node.log.wait_for(&["metadata service ready"]);
+    let drives = json(&rig.node, &["drive", "list"])["drives"].clone();
+    assert_eq!(drives[1]["state"], "stale", "{drives}");
+    assert_eq!(drives[1]["pool"], uuid.as_str(), "{drives}");
+    let (code, out, err) = rig.node.ctl(&["pool", "import", &uuid]);
+    assert_eq!(
+        code, 1,
+        "an unforced import of a pool missing a member: {out}{err}"
+    );
+    assert!(
+        err.contains("is missing") && err.lines().count() == 1,
+        "{err}"
+    );
+    for (i, want) in files.iter().enumerate() {
+        let now = std::fs::read(image_of(&rig, i)).expect("drive");
+        assert!(now == *want, "d{i} changed although the import was refused");
+    }
+    let out = ok(&rig.node, &["pool", "import", &uuid, "--force"]);
+    assert!(out.contains("degraded"), "{out}");
+    let pool = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
+    assert_ne!(pool["state"], healthy, "{pool}");
+    assert_eq!(member_states(&rig.node)[0], "failed", "{pool}");
+    let after = snapshot(&rig.node);
+    assert_eq!(
+        (&after.1, &after.2),
+        (&before.1, &before.2),
+        "the same volumes and subsystems"
+    );
+    bench(
+        rig.port,
+        &[&["--verify-only", "--qd", "16"][..], &SPAN].concat(),
+    );
+    assert!(
+        std::fs::read(image_of(&rig, 0)).expect("d0") == files[0],
+        "the blank d0 was written to"
+    );
+    let line = restart_after(&mut rig, |_| {});
+    assert!(
+        line.contains("pool imported"),
+        "the forced import is on disk: {line}"
+    );
+    assert_eq!(member_states(&rig.node)[0], "failed");
+    assert_eq!(rig.node.stop(), Some(0));
+
+    // Every metadata slot on d1 too: nothing left to import from. Refused, nothing written.
+    let p1 = image_of(&rig, 1);
+    for i in 0..METADATA_SLOTS {
+        scribble(&p1, slot_offset(i), 4096);
+    }
+    let files: Vec<Vec<u8>> = (0..2)
+        .map(|i| std::fs::read(image_of(&rig, i)).expect("drive"))
+        .collect();
+    rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
+    let line = rig.node.log.wait_for(&["pool not imported"]);
+    assert!(line.contains("nothing was written"), "{line}");
+    rig.node.log.wait_for(&["metadata service ready"]);
+    let pools = json(&rig.node, &["pool", "list"])["pools"].clone();
+    assert_eq!(pools.as_array().map(Vec::len), Some(0), "{pools}");
+    let (code, out, err) = rig.node.ctl(&["pool", "import", &uuid, "--force"]);
+    assert_eq!(code, 1, "no image left, even forced: {out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(rig.node.stop(), Some(0));
+    for (i, want) in files.iter().enumerate() {
+        let now = std::fs::read(image_of(&rig, i)).expect("drive");
+        assert!(now == *want, "d{i} changed although the import was refused");
+    }
+    eprintln!("refused import: {line}");
+}

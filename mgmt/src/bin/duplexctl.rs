@@ -109,6 +109,17 @@ enum PoolCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Import a pool found on the drives but not imported at start (`drive list` shows its
+    /// drives `stale`, with the pool's UUID).
+    Import {
+        /// The pool's UUID.
+        #[arg(value_parser = parse_uuid)]
+        uuid: String,
+        /// Accept missing members (they are failed: the pool runs degraded) and a superblock
+        /// newer than every metadata image (that newer metadata is lost).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `--raid` of `pool create`.
@@ -289,6 +300,23 @@ fn parse_name(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// A UUID in its canonical `8-4-4-4-12` hex form (either case; sent in lowercase).
+fn parse_uuid(text: &str) -> Result<String, String> {
+    let lower = text.to_ascii_lowercase();
+    let ok = lower.len() == 36
+        && lower.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if ok {
+        Ok(lower)
+    } else {
+        Err(format!(
+            "`{text}` is not a UUID (8-4-4-4-12 hex digits, as `duplexctl drive list` shows a pool's)"
+        ))
+    }
+}
+
 fn parse_nqn(text: &str) -> Result<String, String> {
     check_nqn(text).map_err(|e| e.to_string())?;
     Ok(text.to_owned())
@@ -369,6 +397,10 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
         Command::Pool(PoolCommand::Show { name }) => ConfigRequest::ShowPool(name.clone()),
         Command::Pool(PoolCommand::Destroy { name, force }) => ConfigRequest::DestroyPool {
             name: name.clone(),
+            force: *force,
+        },
+        Command::Pool(PoolCommand::Import { uuid, force }) => ConfigRequest::ImportPool {
+            pool: uuid.clone(),
             force: *force,
         },
         Command::Volume(VolumeCommand::Create { name, pool, size }) => {

@@ -223,7 +223,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             }
         }
         for pool in groups {
-            c.import(pool);
+            if let Err(e) = c.import(pool, false) {
+                tracing::error!(pool = %pool, error = %e, "pool not imported: nothing was written to its drives (`duplexctl pool import {pool}` retries, `--force` accepts what the error names)");
+            }
         }
         if let Err(e) = c.publish_all() {
             tracing::error!(error = %e, "publishing the imported configuration failed");
@@ -231,8 +233,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         c
     }
 
-    /// Imports one pool from the drives that name it.
-    fn import(&mut self, pool: Uuid) {
+    /// Imports one pool from the drives that name it; returns its index in `pools`. On an
+    /// error nothing was written and the pool's drives are reported stale.
+    fn import(&mut self, pool: Uuid, force: bool) -> Result<usize, StoreError> {
         let pool_text = pool.to_string();
         let mut disks = Vec::new();
         let mut ids = Vec::new();
@@ -243,7 +246,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             }
         }
         let labels: Vec<String> = disks.iter().map(|d| d.label().to_owned()).collect();
-        match PoolStore::import(disks, Some(pool), false, self.node) {
+        match PoolStore::import(disks, Some(pool), force, self.node) {
             Ok((store, plan, rest)) => {
                 let name = store.config().pool.name.clone();
                 let mut slots = vec![MISSING; store.config().pool.members.len()];
@@ -269,21 +272,91 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     }
                 }
                 drop(rest);
-                tracing::info!(pool = %name, stamp = %store.stamp(), repairs = plan.repairs.len(), "pool imported");
+                tracing::info!(pool = %name, stamp = %store.stamp(), repairs = plan.repairs.len(), force, "pool imported");
                 self.pools.push(PoolEntry {
                     store,
                     device: None,
                     drives: slots,
                 });
+                Ok(self.pools.len() - 1)
             }
             Err(e) => {
-                tracing::error!(pool = %pool_text, error = %e, "pool not imported: nothing was written to its drives");
                 for d in &mut self.drives {
                     if d.pool == pool_text {
                         d.state = DriveState::Stale;
                     }
                 }
+                Err(e)
             }
+        }
+    }
+
+    /// `duplexctl pool import UUID [--force]`: a pool found on the drives but not imported at
+    /// start. With `force`, its active members that are missing are failed in a new
+    /// generation (written before the answer): a drive that comes back later is stale.
+    fn import_request(&mut self, text: &str, force: bool) -> ConfigReply {
+        if let Some(p) = self
+            .pools
+            .iter()
+            .find(|p| p.store.config().pool.uuid.to_string() == text)
+        {
+            let name = &p.store.config().pool.name;
+            return err(
+                ConfigErrorKind::AlreadyExists,
+                format!("pool {text} is imported already, as {name}"),
+            );
+        }
+        let uuid = self
+            .drives
+            .iter_mut()
+            .filter(|d| d.pool == text)
+            .find_map(|d| probe(&mut d.disk).map(|sb| sb.pool_uuid))
+            .filter(|u| u.to_string() == text);
+        let Some(uuid) = uuid else {
+            return err(
+                ConfigErrorKind::NotFound,
+                format!("no drive of this node holds pool {text} (`duplexctl drive list` names the pool of every drive)"),
+            );
+        };
+        let i = match self.import(uuid, force) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(pool = %text, error = %e, "pool not imported: nothing was written to its drives");
+                return store_err(e);
+            }
+        };
+        // Active members the import did not find are failed now, on the drives.
+        let mut cfg = self.pools[i].store.config().clone();
+        let next = self.pools[i].store.stamp().generation + 1;
+        let mut failed = Vec::new();
+        for (slot, m) in cfg.pool.members.iter_mut().enumerate() {
+            if self.pools[i].drives[slot] == MISSING && m.state != MemberState::Failed {
+                m.state = MemberState::Failed;
+                m.changed_generation = next;
+                failed.push(slot.to_string());
+            }
+        }
+        let name = cfg.pool.name.clone();
+        if !failed.is_empty() {
+            if let Err(e) = self.pools[i].store.commit(cfg) {
+                self.pools.remove(i);
+                return store_err(e);
+            }
+            tracing::warn!(pool = %name, members = %failed.join(","), "missing members failed by a forced import");
+        }
+        if let Err(e) = self.publish_all() {
+            return err(
+                ConfigErrorKind::IoError,
+                format!("pool {name} imported, but publishing it failed: {e}"),
+            );
+        }
+        if failed.is_empty() {
+            done(format!("imported pool {name} ({text})"))
+        } else {
+            done(format!(
+                "imported pool {name} ({text}) degraded: missing member slot(s) {} failed",
+                failed.join(", ")
+            ))
         }
     }
 
@@ -471,6 +544,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 chunk_bytes,
             } => self.create_pool(&name, raid_from(raid), &drives, chunk_bytes),
             ConfigRequest::DestroyPool { name, force } => self.destroy_pool(&name, force),
+            ConfigRequest::ImportPool { pool, force } => self.import_request(&pool, force),
             ConfigRequest::CreateVolume {
                 name,
                 pool,
