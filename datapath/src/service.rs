@@ -309,7 +309,14 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
     if let Some(channel) = maps_channel {
         spawn_maps_threads(Arc::new(channel), engine_control).map_err(ServiceError::Thread)?;
     }
-    Ok(engine.run(|| health.beat())?)
+    // The heartbeat goes on while a drive's controller is waited for synchronously (a reset
+    // after a power cut takes up to CAP.TO): slow is not hung.
+    let health = std::rc::Rc::new(health);
+    let during_waits = std::rc::Rc::clone(&health);
+    crate::nvme::set_wait_hook(Some(std::rc::Rc::new(move || during_waits.beat())));
+    let result = engine.run(|| health.beat());
+    crate::nvme::set_wait_hook(None);
+    Ok(result?)
 }
 
 /// Builds the device of a volume or pool drive: its handed-over file (`spec.resource`) or its

@@ -852,3 +852,106 @@ fn damaged_metadata_is_repaired_or_refused_at_import_under_duplexd() {
     }
     eprintln!("refused import: {line}");
 }
+
+/// A torn metadata write during a commit, through duplexd and under a verifying workload: drive
+/// d0 (drive-sim `torn-write` over the metadata ring) persists only part of the new image and
+/// loses power. The commit goes on: d0 is failed in the next generation, written to d1 before
+/// duplexctl answers, and the change is there; the host sees no error. When d0 has power again
+/// and the node restarts, d0 is stale by its superblock, its torn slot is never read, and the
+/// pool, the change and the data come from d1.
+#[test]
+fn a_torn_metadata_write_during_a_commit_fails_the_member_and_import_follows_the_rule() {
+    let mut rig = rig(2, "1");
+    let bs = 4096;
+    let first = METADATA_OFFSET / bs;
+    let last =
+        (METADATA_OFFSET + u64::from(METADATA_SLOTS) * u64::from(METADATA_SLOT_SIZE)) / bs - 1;
+    let range = format!("{first}-{last}");
+    let args = [
+        "--workload",
+        "mixed",
+        "--verify",
+        "--ios",
+        "6000",
+        "--qd",
+        "16",
+        "--span-blocks",
+        "2048",
+        "--seed",
+        "41",
+        "--json",
+    ];
+    let mut change = (0, String::new(), String::new());
+    let (code, out, err) = bench_during(&rig, &args, || {
+        rig.wait_writes(0, 64);
+        let torn = [
+            "inject",
+            "torn-write",
+            "--lba",
+            &range,
+            "--keep-bytes",
+            "6144",
+        ];
+        rig.sim(0, &torn);
+        change = rig
+            .node
+            .ctl(&["volume", "create", "torn", "--pool", "tank", "--size", "1m"]);
+    });
+    rig.node.log.pump();
+    assert_eq!(
+        change.0,
+        0,
+        "volume create during the torn write: {}{}\nnode log:\n{}",
+        change.1,
+        change.2,
+        rig.node.log.tail(100000)
+    );
+    assert_eq!(code, 0, "the host saw an error: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert_eq!(v["verify"]["errors"], 0, "{out}");
+    let status = rig.sim(0, &["status"]);
+    assert_eq!(
+        status["powered"], false,
+        "the torn write cut d0's power: {status}"
+    );
+    assert_eq!(member_states(&rig.node)[0], "failed");
+    let torn = newest_slot(&image_of(&rig, 0));
+    let whole = newest_slot(&image_of(&rig, 1)).expect("d1's images");
+    assert!(
+        torn.is_none_or(|(_, g)| g < whole.1),
+        "d0's newest valid image ({torn:?}) is older than d1's ({whole:?})"
+    );
+    // Every block written again while d0 is out; power back, node restarted: d0 is stale and
+    // never read (it holds none of these writes), everything comes from d1.
+    let seq = "--workload write --verify --ios 2048 --span-blocks 2048 --seed 42 --qd 16";
+    bench(rig.port, &seq.split(' ').collect::<Vec<_>>());
+    rig.sim(0, &["power-on"]);
+    let d0 = std::fs::read(image_of(&rig, 0)).expect("d0");
+    let line = restart_after(&mut rig, |_| {});
+    assert!(line.contains("pool imported"), "{line}");
+    let drives = json(&rig.node, &["drive", "list"])["drives"].clone();
+    assert_eq!(drives[0]["state"], "stale", "{drives}");
+    assert_eq!(member_states(&rig.node)[0], "failed");
+    let list = volumes_when_answering(&rig.node);
+    assert!(
+        whole_or_absent(&list, "torn"),
+        "the change is there: {list}"
+    );
+    bench(
+        rig.port,
+        &[
+            "--verify-only",
+            "--span-blocks",
+            "2048",
+            "--seed",
+            "42",
+            "--qd",
+            "16",
+        ],
+    );
+    assert_eq!(rig.node.stop(), Some(0));
+    assert!(
+        std::fs::read(image_of(&rig, 0)).expect("d0") == d0,
+        "the stale d0 was written to"
+    );
+}

@@ -1,5 +1,7 @@
 //! The controller: bring-up, queues, commands, completions, timeouts and reset.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use duplex_nvme::cmd::{Cqe, Sqe};
@@ -11,6 +13,28 @@ use super::dma::{DmaMem, PAGE};
 use super::error::{CmdError, NvmeError};
 use super::prp::{self, Seg};
 use super::transport::Transport;
+
+thread_local! {
+    static WAIT_HOOK: RefCell<Option<Rc<dyn Fn()>>> = const { RefCell::new(None) };
+}
+
+/// Installs (`None`: removes) what the driver calls on this thread while it waits
+/// synchronously: for CSTS.RDY when a controller is disabled, enabled or reset (bounded by
+/// CAP.TO), for CSTS.SHST at shutdown, and for a synchronous command (bounded by its timeout).
+/// The datapath installs its liveness heartbeat here, so a drive slow to reset (a power cut, a
+/// hung firmware) is not mistaken for a hung datapath and the whole node's I/O killed with it.
+pub fn set_wait_hook(hook: Option<Rc<dyn Fn()>>) {
+    WAIT_HOOK.with(|h| *h.borrow_mut() = hook);
+}
+
+/// Calls the wait hook, if any.
+fn waiting() {
+    WAIT_HOOK.with(|h| {
+        if let Some(f) = h.borrow().as_ref() {
+            f();
+        }
+    });
+}
 
 /// Admin queue entries.
 const ADMIN_ENTRIES: u16 = 32;
@@ -521,6 +545,7 @@ impl<T: Transport> Controller<T> {
                     csts,
                 });
             }
+            waiting();
             std::thread::sleep(CSTS_POLL);
         }
     }
@@ -834,6 +859,9 @@ impl<T: Transport> Controller<T> {
             if spins < 1000 {
                 std::thread::yield_now();
             } else {
+                if spins % 1000 == 0 {
+                    waiting();
+                }
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
@@ -1246,6 +1274,7 @@ impl<T: Transport> Controller<T> {
                     csts,
                 });
             }
+            waiting();
             std::thread::sleep(CSTS_POLL);
         }
     }

@@ -36,7 +36,7 @@ pub mod vfio_kernel;
 pub mod vfio_user;
 
 pub use dma::DmaMem;
-pub use driver::{Controller, ControllerId, Done, IoCmd, NamespaceId, Options};
+pub use driver::{set_wait_hook, Controller, ControllerId, Done, IoCmd, NamespaceId, Options};
 pub use error::{CmdError, NvmeError};
 pub use prp::Seg;
 pub use transport::{AnyTransport, DmaMapping, Transport, TransportError};

@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use duplex_ipc::desc::{IoDesc, OP_FLUSH, OP_READ, OP_WRITE, STATUS_SUCCESS};
 use duplex_ipc::pool::{BufHandle, Pool, ReclaimPlan, NIL};
@@ -21,8 +21,10 @@ use crate::disk::{DiskError, MetaDisk};
 /// is failing; its commit fails on it).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often the heartbeat is called while a request is waited for.
+const BEAT_EVERY: Duration = Duration::from_millis(100);
+
 /// The channel to the datapath.
-#[derive(Debug)]
 pub struct RingClient {
     pool: Arc<Pool>,
     submit: Producer<IoDesc>,
@@ -31,6 +33,18 @@ pub struct RingClient {
     next_tag: u64,
     timeout: Duration,
     crash: CrashPoint,
+    heartbeat: Option<Rc<dyn Fn()>>,
+}
+
+impl std::fmt::Debug for RingClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingClient")
+            .field("incarnation", &self.incarnation)
+            .field("next_tag", &self.next_tag)
+            .field("timeout", &self.timeout)
+            .field("crash", &self.crash)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A test hook (`duplex-metadata --crash-in-commit K`): while armed, the service aborts right
@@ -79,7 +93,14 @@ impl RingClient {
             next_tag: 0,
             timeout: REQUEST_TIMEOUT,
             crash: CrashPoint::default(),
+            heartbeat: None,
         }
+    }
+
+    /// What to call while a request is waited for (the service's liveness heartbeat: a drive
+    /// the datapath is still resetting is slow, not a hung service).
+    pub fn set_heartbeat(&mut self, beat: Rc<dyn Fn()>) {
+        self.heartbeat = Some(beat);
     }
 
     /// Installs the crash hook (see [`CrashPoint`]).
@@ -172,10 +193,20 @@ impl RingClient {
         loop {
             got.clear();
             let index = self.complete.next_index();
-            let n = self
-                .complete
-                .pop_wait(&mut got, 1, Some(self.timeout))
-                .map_err(|e| format!("completion ring: {e}"))?;
+            let deadline = Instant::now() + self.timeout;
+            let n = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let n = self
+                    .complete
+                    .pop_wait(&mut got, 1, Some(left.min(BEAT_EVERY)))
+                    .map_err(|e| format!("completion ring: {e}"))?;
+                if n > 0 || left.is_zero() {
+                    break n;
+                }
+                if let Some(beat) = &self.heartbeat {
+                    beat();
+                }
+            };
             if n == 0 {
                 return Err(format!(
                     "the datapath did not answer within {:?}",

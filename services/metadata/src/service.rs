@@ -219,6 +219,11 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         restart,
     )));
     client.borrow_mut().set_crash_point(crash);
+    let health = Rc::new(health);
+    let beat = Rc::clone(&health);
+    client
+        .borrow_mut()
+        .set_heartbeat(Rc::new(move || beat.beat()));
     if let Some(after) = crash.after {
         tracing::warn!(
             after,
