@@ -246,6 +246,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             }
         }
         let labels: Vec<String> = disks.iter().map(|d| d.label().to_owned()).collect();
+        let started = std::time::Instant::now();
         match PoolStore::import(disks, Some(pool), force, self.node) {
             Ok((store, plan, rest)) => {
                 let name = store.config().pool.name.clone();
@@ -272,7 +273,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     }
                 }
                 drop(rest);
-                tracing::info!(pool = %name, stamp = %store.stamp(), repairs = plan.repairs.len(), force, "pool imported");
+                tracing::info!(pool = %name, stamp = %store.stamp(), repairs = plan.repairs.len(), force, volumes = store.config().volumes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "pool imported");
                 self.pools.push(PoolEntry {
                     store,
                     device: None,

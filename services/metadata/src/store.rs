@@ -463,9 +463,16 @@ impl<D: MetaDisk> PoolStore<D> {
             ));
         }
         let mut config = config;
+        let started = std::time::Instant::now();
         loop {
             let failed = self.write_generation(&config)?;
             if failed.is_empty() {
+                tracing::info!(
+                    pool = %config.pool.name,
+                    generation = self.written,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "metadata committed"
+                );
                 return Ok(self.stamp());
             }
             // Members whose write or flush failed: fail them in the next generation.
