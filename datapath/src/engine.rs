@@ -668,7 +668,19 @@ impl Engine {
                     .is_some_and(|d| d.name() == spec.name);
             if same {
                 self.check_epoch(epoch)?;
-                return Ok(*root);
+                let root = *root;
+                // Members the control plane has since recorded failed (one failed a
+                // metadata commit, which this device never saw).
+                let failed: Vec<usize> = (0..spec.drives.len())
+                    .filter(|&i| spec.states.get(i) == Some(&MemberState::Failed))
+                    .collect();
+                if let Some(dev) = self.devices.get_mut(root).and_then(Option::as_mut) {
+                    let newly = dev.fail_recorded(&failed);
+                    if !newly.is_empty() {
+                        tracing::warn!(pool = %spec.name, members = ?newly, "members failed as published");
+                    }
+                }
+                return Ok(root);
             }
         }
         let mut roots = Vec::new();

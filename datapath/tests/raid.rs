@@ -567,3 +567,59 @@ fn a_pool_with_a_missing_member_serves_degraded_and_a_replayed_publish_is_the_sa
     let stats = node.stop();
     assert_eq!(stats.errors, 0, "{stats:?}");
 }
+
+/// A member the control plane records failed on its own (it failed a metadata commit, which
+/// the RAID device never saw) is failed when the pool is published again: its writes stop; the
+/// last active copy of a set is kept whatever the publish says.
+#[test]
+fn a_member_recorded_failed_by_the_control_plane_is_no_longer_written() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let mut node = raw_node(&drives);
+    let ctl = node.control.clone();
+    let pool = ctl.publish_pool(1, mirror_spec(false)).unwrap();
+    let blocks = DATA_LEN / u64::from(BS);
+    ctl.publish_volumes(
+        1,
+        vec![VolumeMap {
+            id: 1,
+            name: "vol1".into(),
+            block_size: BS,
+            blocks,
+            extents: vec![duplex_datapath::map::Extent {
+                start: 0,
+                blocks,
+                device: pool,
+                device_offset: 0,
+            }],
+        }],
+    )
+    .unwrap();
+    node.fabric[0].block_sizes.insert(1, BS);
+    write_run(&mut node, 0, 32, 1, |_| {});
+    let mut spec = mirror_spec(false);
+    spec.states = vec![MemberState::Active, MemberState::Failed];
+    assert_eq!(ctl.publish_pool(1, spec).unwrap(), pool, "the same device");
+    let status = ctl.status().unwrap();
+    assert_eq!(
+        status[0].members,
+        vec![MemberState::Active, MemberState::Failed],
+        "{status:?}"
+    );
+    write_run(&mut node, 0, 32, 2, |_| {});
+    verify_run(&mut node, 0, 32, 2);
+    // Member 1 kept the first generation: it was not written after the publish.
+    let first = DATA_OFFSET / u64::from(BS);
+    let d = node.fabric[1].read_sync(1, first, IO_BLOCKS);
+    assert!(d.data.as_deref() == Some(&payload(0, 1)[..]), "member 1");
+    let d = node.fabric[1].read_sync(0, first, IO_BLOCKS);
+    assert!(d.data.as_deref() == Some(&payload(0, 2)[..]), "member 0");
+    // Both recorded failed: the last copy is kept.
+    let mut spec = mirror_spec(false);
+    spec.states = vec![MemberState::Failed, MemberState::Failed];
+    assert_eq!(ctl.publish_pool(1, spec).unwrap(), pool);
+    let status = ctl.status().unwrap();
+    assert_eq!(status[0].members[0], MemberState::Active, "{status:?}");
+    verify_run(&mut node, 0, 32, 2);
+    let stats = node.stop();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+}

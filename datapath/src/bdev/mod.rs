@@ -195,6 +195,12 @@ pub trait Bdev: Debug + Send {
     }
     /// The failure of these members is recorded on disk (RAID devices release held writes).
     fn failures_recorded(&mut self, _members: &[usize]) {}
+    /// The control plane recorded these members failed on its own (one failed a metadata
+    /// commit, say): stop using them (RAID devices; a member is kept while it is its set's last
+    /// active copy). Returns the members newly failed.
+    fn fail_recorded(&mut self, _members: &[usize]) -> Vec<usize> {
+        Vec::new()
+    }
     /// Completions held back until a member failure is recorded (RAID devices).
     fn held(&self) -> usize {
         0

@@ -620,6 +620,26 @@ impl Bdev for RaidBdev {
         }
     }
 
+    fn fail_recorded(&mut self, members: &[usize]) -> Vec<usize> {
+        let mut out = Vec::new();
+        for &m in members {
+            let Some(set) = self.sets.iter().position(|s| s.contains(&m)) else {
+                continue;
+            };
+            if self.members[m].state == MemberState::Active && self.others_active(set, m) {
+                self.members[m].state = MemberState::Failed;
+                tracing::warn!(
+                    raid = %self.name,
+                    member = m,
+                    device = self.members[m].dev.name(),
+                    "RAID member failed by the control plane (recorded on disk): going on degraded"
+                );
+                out.push(m);
+            }
+        }
+        out
+    }
+
     fn member_states(&self) -> Vec<MemberState> {
         RaidBdev::member_states(self)
     }

@@ -613,9 +613,25 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
     }
 
+    /// Commits `cfg` to pool `i`. A member that failed during the commit is failed in it (see
+    /// `PoolStore::commit`); the datapath's RAID device is told at once, so it stops using a
+    /// member the drives now record as failed.
+    fn commit_pool(&mut self, i: usize, cfg: PoolConfig) -> Result<(), StoreError> {
+        let before: Vec<MemberState> = cfg.pool.members.iter().map(|m| m.state).collect();
+        self.pools[i].store.commit(cfg)?;
+        let after = &self.pools[i].store.config().pool.members;
+        if after.iter().map(|m| m.state).ne(before.iter().copied()) {
+            if let Err(e) = self.publish_pool(i) {
+                tracing::error!(pool = %self.pools[i].store.config().pool.name, error = %e,
+                    "members failed during a commit; telling the datapath failed");
+            }
+        }
+        Ok(())
+    }
+
     /// Commits `cfg` to pool `i`, then publishes maps and exports.
     fn commit_and_publish(&mut self, i: usize, cfg: PoolConfig, message: String) -> ConfigReply {
-        if let Err(e) = self.pools[i].store.commit(cfg) {
+        if let Err(e) = self.commit_pool(i, cfg) {
             return store_err(e);
         }
         if let Err(e) = self.publish_volumes().and_then(|()| self.publish_exports()) {
@@ -680,7 +696,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             }
         }
         for (i, cfg) in changed.into_iter().enumerate() {
-            if let Err(e) = self.pools[i].store.commit(cfg) {
+            if let Err(e) = self.commit_pool(i, cfg) {
                 return store_err(e);
             }
         }
@@ -991,7 +1007,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             if m.state != MemberState::Failed {
                 m.state = MemberState::Failed;
                 m.changed_generation = next;
-                self.pools[i].store.commit(cfg).map_err(|e| e.to_string())?;
+                self.commit_pool(i, cfg).map_err(|e| e.to_string())?;
             }
         }
         if let Some(d) = self
