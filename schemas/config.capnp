@@ -103,6 +103,11 @@ struct ConfigRequestBody {
     # its drives `stale`, their pool named by its uuid). Without `force` the import rule is the
     # start's; with it, active members that are missing are accepted and failed in a new
     # generation, and a superblock newer than every image is overruled.
+
+    listVolumesAfter @18 :Text;
+    # The volumes whose names sort after this one (empty: from the first), in name order, as
+    # many as one reply holds (at most 128, with at most 96 exports in all): a caller pages with
+    # the last name it got until a reply lists none. (listVolumes is the first page.)
   }
 }
 

@@ -164,6 +164,8 @@ pub enum ConfigRequest {
         /// Any host, or only the allowed ones.
         any: bool,
     },
+    /// A page of volumes: those whose names sort after this one (empty: from the first).
+    ListVolumesAfter(String),
     /// Import a pool found on the drives but not imported at start.
     ImportPool {
         /// The pool's uuid (canonical text).
@@ -582,6 +584,7 @@ impl ConfigRequest {
                 | Self::ListPools
                 | Self::ShowPool(_)
                 | Self::ListVolumes
+                | Self::ListVolumesAfter(_)
                 | Self::ListSubsystems
         )
     }
@@ -607,6 +610,7 @@ impl ConfigRequest {
             Self::DenyHost { .. } => "denyHost",
             Self::AllowAnyHost { .. } => "allowAnyHost",
             Self::ImportPool { .. } => "importPool",
+            Self::ListVolumesAfter(_) => "listVolumesAfter",
         }
     }
 
@@ -651,6 +655,9 @@ impl ConfigRequest {
             }
             Self::ImportPool { pool, .. } => {
                 required(pool, "config.importPool.pool", UUID_TEXT_BYTES)
+            }
+            Self::ListVolumesAfter(name) => {
+                optional(name, "config.listVolumesAfter", MAX_NAME_BYTES)
             }
             Self::AllowAnyHost { nqn, .. } => {
                 required(nqn, "config.allowAnyHost.nqn", MAX_NQN_BYTES)
@@ -731,6 +738,7 @@ impl ConfigRequest {
                 a.set_nqn(nqn.as_str());
                 a.set_any(*any);
             }
+            Self::ListVolumesAfter(name) => body.set_list_volumes_after(name.as_str()),
             Self::ImportPool { pool, force } => {
                 let mut p = body.init_import_pool();
                 p.set_pool(pool.as_str());
@@ -836,6 +844,9 @@ impl ConfigRequest {
                     any: a.get_any(),
                 }
             }
+            Which::ListVolumesAfter(t) => {
+                Self::ListVolumesAfter(text(t, "config.listVolumesAfter", MAX_NAME_BYTES)?)
+            }
             Which::ImportPool(p) => {
                 let p = p.map_err(d)?;
                 Self::ImportPool {
@@ -878,7 +889,7 @@ impl ConfigReply {
             (Self::Error { .. }, _)
             | (Self::Drives(_), ConfigRequest::ListDrives)
             | (Self::Pools(_), ConfigRequest::ListPools)
-            | (Self::Volumes(_), ConfigRequest::ListVolumes)
+            | (Self::Volumes(_), ConfigRequest::ListVolumes | ConfigRequest::ListVolumesAfter(_))
             | (Self::Subsystems(_), ConfigRequest::ListSubsystems) => true,
             (Self::Pools(p), ConfigRequest::ShowPool(_)) => p.len() == 1,
             (Self::Done(_), r) => !r.is_read_only(),
@@ -1563,6 +1574,7 @@ pub mod examples {
                 pool: "0f1e2d3c-4b5a-4968-8776-655443322110".into(),
                 force: true,
             },
+            ConfigRequest::ListVolumesAfter("vol7".into()),
         ]
     }
 
@@ -1780,7 +1792,7 @@ mod tests {
     #[test]
     fn every_request_round_trips() {
         let requests = requests();
-        assert_eq!(requests.len(), 18, "one of every schema member");
+        assert_eq!(requests.len(), 19, "one of every schema member");
         for (i, r) in requests.into_iter().enumerate() {
             let id = u64::try_from(i).unwrap_or(0) + (7 << 32);
             let bytes = r.encode(id);
@@ -1854,12 +1866,12 @@ mod tests {
     fn unknown_union_members_and_enumerants_are_rejected() {
         // Layout: root pointer (word 0), root data (1: requestId), root's body pointer (2), the
         // body's data (3: its union discriminant) and pointer (4).
-        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 18);
+        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 19);
         assert!(matches!(
             ConfigRequest::decode(&bytes),
             Err(ControlError::UnknownVariant {
                 what: "ConfigRequestBody",
-                value: 18
+                value: 19
             })
         ));
         let bytes = patched(ConfigReply::Volumes(Vec::new()).encode(1), word(3), 3, 6);
@@ -1984,8 +1996,8 @@ mod tests {
         assert!(requests().iter().all(|r| error.answers(r)));
         assert_eq!(
             requests().iter().filter(|r| r.is_read_only()).count(),
-            5,
-            "list drives, pools, volumes, subsystems; show pool"
+            6,
+            "list drives, pools, volumes (and a page of them), subsystems; show pool"
         );
     }
 

@@ -472,6 +472,7 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
         | ConfigRequest::ListPools
         | ConfigRequest::ShowPool(_)
         | ConfigRequest::ListVolumes
+        | ConfigRequest::ListVolumesAfter(_)
         | ConfigRequest::ListSubsystems => format!("{}: done", request.kind_name()),
     }
 }

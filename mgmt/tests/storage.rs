@@ -101,12 +101,18 @@ fn lists_reach_metadata_and_render_as_tables_and_json() {
         ConfigRequest::ListDrives,
         ConfigRequest::ListPools,
         ConfigRequest::ShowPool("tank".into()),
-        ConfigRequest::ListVolumes,
-        ConfigRequest::ListSubsystems,
     ] {
         want.push(r.clone());
         want.push(r);
     }
+    // `volume list` pages: from the first, then after the last name it got, until a page is
+    // empty.
+    for _ in 0..2 {
+        want.push(ConfigRequest::ListVolumesAfter(String::new()));
+        want.push(ConfigRequest::ListVolumesAfter("vol0".into()));
+    }
+    want.push(ConfigRequest::ListSubsystems);
+    want.push(ConfigRequest::ListSubsystems);
     assert_eq!(node.metadata.taken(), want);
     // Before each, mgmt asked the supervisor whether metadata runs.
     let asked = node.admin.taken();
@@ -341,8 +347,13 @@ fn a_change_is_never_repeated_across_an_mgmt_restart_but_a_read_is() {
     let out = waiting.wait_with_output().expect("duplexctl");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("vol0"));
+    // (The first page asked twice, then the page after it: the end.)
     assert_eq!(
         node.metadata.taken(),
-        [ConfigRequest::ListVolumes, ConfigRequest::ListVolumes]
+        [
+            ConfigRequest::ListVolumesAfter(String::new()),
+            ConfigRequest::ListVolumesAfter(String::new()),
+            ConfigRequest::ListVolumesAfter("vol0".into())
+        ]
     );
 }

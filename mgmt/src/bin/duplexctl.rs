@@ -497,7 +497,12 @@ fn main() -> ExitCode {
         state_dir: cli.state_dir.clone(),
         timeout: cli.timeout,
     };
-    match client::call(&target, &request) {
+    let answer = if matches!(request, Request::Config(ConfigRequest::ListVolumes)) {
+        list_volumes(&target)
+    } else {
+        client::call(&target, &request)
+    };
+    match answer {
         Ok(outcome) => match print(&cli, &request, &outcome) {
             Ok(()) => ExitCode::SUCCESS,
             // A reader that stopped reading (`| head`) has what it wanted.
@@ -506,6 +511,31 @@ fn main() -> ExitCode {
         },
         Err(e) => fail(&e.to_string()),
     }
+}
+
+/// `volume list`: every page of volumes (one reply holds at most 128), as one list.
+fn list_volumes(target: &Target) -> Result<Outcome, client::ClientError> {
+    let mut all: Vec<duplex_ipc::config::VolumeInfo> = Vec::new();
+    loop {
+        let after = all.last().map(|v| v.name.clone()).unwrap_or_default();
+        let page = Request::Config(ConfigRequest::ListVolumesAfter(after.clone()));
+        match client::call(target, &page)? {
+            Outcome::Answer(Answer::Config(ConfigReply::Volumes(list))) => {
+                if list.is_empty() {
+                    break;
+                }
+                // Pages move forward by name, or the listing would never end.
+                if list.iter().any(|v| v.name <= after) {
+                    return Err(client::ClientError::Protocol(
+                        "the metadata service listed volumes out of order".into(),
+                    ));
+                }
+                all.extend(list);
+            }
+            other => return Ok(other),
+        }
+    }
+    Ok(Outcome::Answer(Answer::Config(ConfigReply::Volumes(all))))
 }
 
 fn print(cli: &Cli, request: &Request, outcome: &Outcome) -> std::io::Result<()> {

@@ -252,6 +252,11 @@ fn config_answer(request: &ConfigRequest) -> ConfigReply {
             message: format!("no pool named `{name}`"),
         },
         ConfigRequest::ListVolumes => ConfigReply::Volumes(vec![examples::volume("vol0")]),
+        // One page, then the end.
+        ConfigRequest::ListVolumesAfter(after) if after.is_empty() => {
+            ConfigReply::Volumes(vec![examples::volume("vol0")])
+        }
+        ConfigRequest::ListVolumesAfter(_) => ConfigReply::Volumes(vec![]),
         ConfigRequest::ListSubsystems => {
             ConfigReply::Subsystems(vec![examples::subsystem("nqn.2026-11.io.duplex:vol0")])
         }

@@ -536,7 +536,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     ConfigReply::Pools(pools)
                 }
             }
-            ConfigRequest::ListVolumes => ConfigReply::Volumes(self.volume_infos()),
+            ConfigRequest::ListVolumes => ConfigReply::Volumes(self.volume_page("")),
+            ConfigRequest::ListVolumesAfter(after) => {
+                ConfigReply::Volumes(self.volume_page(&after))
+            }
             ConfigRequest::ListSubsystems => ConfigReply::Subsystems(self.subsystem_infos()),
             ConfigRequest::CreatePool {
                 name,
@@ -1116,6 +1119,28 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 }
             })
             .collect()
+    }
+
+    /// The volumes named after `after`, in name order, as many as one reply holds.
+    fn volume_page(&self, after: &str) -> Vec<VolumeInfo> {
+        let mut all: Vec<VolumeInfo> = self
+            .volume_infos()
+            .into_iter()
+            .filter(|v| v.name.as_str() > after)
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut exports = 0;
+        let mut page = Vec::new();
+        for v in all {
+            exports += v.exports.len();
+            if page.len() == duplex_ipc::config::MAX_VOLUMES
+                || (exports > duplex_ipc::config::MAX_NAMESPACES && !page.is_empty())
+            {
+                break;
+            }
+            page.push(v);
+        }
+        page
     }
 
     fn volume_infos(&self) -> Vec<VolumeInfo> {
