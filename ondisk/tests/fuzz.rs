@@ -14,9 +14,13 @@
 //!
 //! Bounded under `cargo test` (iterations and a time cap per target, below); run longer with
 //! `BOLERO_RANDOM_ITERATIONS=… BOLERO_RANDOM_TEST_TIME_MS=… cargo test --release -p
-//! duplex-ondisk --test fuzz`, or coverage-guided with `cargo +nightly bolero test -p
-//! duplex-ondisk --test fuzz import_mutated_pools --engine libfuzzer -T 10min`. A failure
-//! prints `BOLERO_RANDOM_SEED=...`; set that variable to replay it.
+//! duplex-ondisk --test fuzz` (the variables win over the bounds in the code), or
+//! coverage-guided with `cargo +nightly bolero test -p duplex-ondisk TARGET --engine libfuzzer
+//! --sanitizer NONE -r 10000000` (cargo-bolero 0.13 builds every test binary of the package
+//! and has no `--test`: the other binaries fail to link under its instrumentation, so give it a
+//! `cargo` on `PATH` that turns `cargo test …` into `cargo test --test fuzz …`). The campaign of
+//! issue 14, 10⁷ executions per target, no failure: `docs/PERFORMANCE.md`. A failure prints
+//! `BOLERO_RANDOM_SEED=...`; set that variable to replay it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -301,6 +301,21 @@ fn raid10_loses_a_member_to_a_power_cut_under_verified_io() {
     mirror_loses_a_member(4, "10", 2, "power-cut");
 }
 
+#[test]
+fn raid1_loses_a_member_to_a_power_cut_under_verified_io() {
+    mirror_loses_a_member(2, "1", 1, "power-cut");
+}
+
+#[test]
+fn raid10_loses_a_pulled_member_under_verified_io() {
+    mirror_loses_a_member(4, "10", 1, "pull");
+}
+
+#[test]
+fn raid10_loses_a_member_failing_every_command_under_verified_io() {
+    mirror_loses_a_member(4, "10", 3, "error");
+}
+
 /// The metadata service is killed or made to panic 50 times while a loop of configuration
 /// changes runs and a verifying workload runs on an existing volume: no host error, no verify
 /// error, and after each crash every change made so far is there, whole. (A crash inside a

@@ -352,3 +352,77 @@ fn a_failed_member_is_recorded_then_released_and_stays_failed() {
     );
     assert_eq!(pool.failed, vec![false, true]);
 }
+
+/// A RAID-1 pool whose member 0 is gone at start is not imported (it may hold newer
+/// metadata) and nothing is written; `importPool` without force is refused the same way; with
+/// force the pool is imported from member 1, member 0 failed on the drive first, so the next
+/// start imports it unforced, degraded.
+#[test]
+fn a_pool_missing_a_member_waits_for_a_forced_import() {
+    let d = disks(2);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let uuid = ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }))
+    .uuid;
+    ok(c.handle(ConfigRequest::CreateVolume {
+        name: "vol0".into(),
+        pool: "tank".into(),
+        size_bytes: 64 << 20,
+    }));
+    drop(c);
+    let only_d1 = || {
+        let mut ds = drives(&d);
+        ds.remove(0);
+        ds
+    };
+    let writes = || d.iter().map(MemDisk::writes).sum::<u64>();
+    let mut c = Cluster::start(only_d1(), 0, 1, Recorder::default());
+    let ConfigReply::Pools(p) = c.handle(ConfigRequest::ListPools) else {
+        panic!()
+    };
+    assert!(p.is_empty(), "not imported: {p:?}");
+    let ConfigReply::Drives(ds) = c.handle(ConfigRequest::ListDrives) else {
+        panic!()
+    };
+    let d1 = ds.iter().find(|x| x.name == "d1").unwrap();
+    assert_eq!(
+        (d1.state, d1.pool.as_str()),
+        (DriveState::Stale, uuid.as_str())
+    );
+    let w = writes();
+    let import = |force| ConfigRequest::ImportPool {
+        pool: uuid.clone(),
+        force,
+    };
+    assert_eq!(kind(c.handle(import(false))), ConfigErrorKind::Refused);
+    assert_eq!(writes(), w, "a refused import writes nothing");
+    assert_eq!(
+        kind(c.handle(ConfigRequest::ImportPool {
+            pool: "00000000-0000-4000-8000-000000000000".into(),
+            force: true
+        })),
+        ConfigErrorKind::NotFound
+    );
+    let done = ok(c.handle(import(true)));
+    assert!(done.message.contains("degraded"), "{}", done.message);
+    assert!(writes() > w, "member 0's failure is written");
+    let ConfigReply::Pools(p) = c.handle(ConfigRequest::ListPools) else {
+        panic!()
+    };
+    assert_eq!(p[0].state, PoolState::Degraded);
+    assert_eq!(c.publisher().pools[0].failed, vec![true, false]);
+    assert_eq!(c_volumes(&mut c).len(), 1);
+    assert_eq!(kind(c.handle(import(true))), ConfigErrorKind::AlreadyExists);
+    drop(c);
+    // The failure is on the drive: the next start needs no force.
+    let mut c = Cluster::start(only_d1(), 0, 1, Recorder::default());
+    let ConfigReply::Pools(p) = c.handle(ConfigRequest::ListPools) else {
+        panic!()
+    };
+    assert_eq!(p.len(), 1, "imported unforced");
+    assert_eq!(p[0].state, PoolState::Degraded);
+}
