@@ -108,12 +108,15 @@ pub fn controller(c: &ControllerInfo) -> Vec<u8> {
     put_u16(&mut b, 268, 0x175); // CCTEMP 100 C
     put_u16(&mut b, 320, c.kas); // KAS
     if ana {
-        b[343] = c.anatt; // ANATT
+        // NVMe Base Specification, Identify Controller: byte 342 ANATT, byte 343 ANACAP, bytes
+        // 347:344 ANAGRPMAX, bytes 351:348 NANAGRPID (right after ENDGIDMAX at 341:340). They
+        // were one byte higher until a Linux host showed `anatt 0, anacap 10, anagrpmax 351`.
+        b[342] = c.anatt; // ANATT
                           // ANACAP: reports optimized, non-optimized, inaccessible, persistent loss, change;
                           // ANAGRPID does not change while the namespace is attached (bit 6).
-        b[344] = 0b0001_1111 | 1 << 6;
-        put_u32(&mut b, 345, c.ana_groups); // ANAGRPMAX
-        put_u32(&mut b, 349, c.ana_groups); // NANAGRPID
+        b[343] = 0b0001_1111 | 1 << 6;
+        put_u32(&mut b, 344, c.ana_groups); // ANAGRPMAX
+        put_u32(&mut b, 348, c.ana_groups); // NANAGRPID
     }
     b[512] = 0x66; // SQES: 64 bytes
     b[513] = 0x44; // CQES: 16 bytes
@@ -258,6 +261,16 @@ mod tests {
         assert_eq!(&b[768..773], b"nqn.x");
         assert_eq!(b[773], 0);
         assert_eq!(b[111], 1);
+        // The ANA fields at the specification's offsets, written down here from the
+        // specification (and Linux's `struct nvme_id_ctrl`), not from the encoder: ANATT 342,
+        // ANACAP 343, ANAGRPMAX 344..348, NANAGRPID 348..352, and nothing in the reserved bytes
+        // around them.
+        assert_eq!(&b[338..342], [0, 0, 0, 0], "NSETIDMAX, ENDGIDMAX");
+        assert_eq!(b[342], 10, "ANATT");
+        assert_eq!(b[343], 0x5f, "ANACAP");
+        assert_eq!(&b[344..348], [2, 0, 0, 0], "ANAGRPMAX");
+        assert_eq!(&b[348..352], [2, 0, 0, 0], "NANAGRPID");
+        assert_eq!(&b[352..356], [0, 0, 0, 0], "PELS");
     }
 
     #[test]

@@ -96,6 +96,7 @@ wait_dev
 nvme list
 nvme list-subsys
 nvme id-ctrl /dev/nvme0 > idctrl.txt || die "id-ctrl"
+nvme id-ctrl /dev/nvme0 -o json > idctrl.json || die "id-ctrl json"
 nvme id-ns /dev/nvme0n1 > idns.txt || die "id-ns"
 nvme id-ns /dev/nvme0n1 -o json > idns.json || true
 nvme ns-descs /dev/nvme0n1 > descs.txt || true
@@ -148,6 +149,7 @@ if nvme connect -t tcp -a $A -s {io_port} -n $NQN --hostnqn=nqn.2014-08.org.nvme
 fi
 cat refused.txt
 dmesg | grep -i "nvme" | tail -5
+dmesg > dmesg.txt
 echo ALL-OK
 "#
     )
@@ -220,6 +222,43 @@ fn run(kernel: Kernel) {
     assert!(
         !idns.contains("nguid   : 00000000000000000000000000000000"),
         "an NGUID"
+    );
+    // Identify Controller as the Linux host decodes it (nvme-cli's JSON), against the values
+    // duplex means to report: the host's reading, not our decoder, is what counts.
+    let id: serde_json::Value =
+        serde_json::from_str(&file("idctrl.json")).expect("nvme id-ctrl -o json");
+    for (field, want) in [
+        ("anatt", 10),    // ANA transition time, seconds
+        ("anacap", 0x5f), // optimized, non-optimized, inaccessible, persistent loss, change; grpid fixed
+        ("anagrpmax", 1), // one ANA group (a file-configured subsystem: the node's group)
+        ("nanagrpid", 1),
+        ("cmic", 0b1011), // multi-port, multi-controller, ANA reporting
+        ("mdts", 5),      // 128 KiB in 4 KiB pages
+        ("oaes", 0x900),  // namespace attribute and ANA change notices
+        ("kas", 10),      // keep alive granularity, 100 ms units
+        ("sqes", 0x66),
+        ("cqes", 0x44),
+        ("maxcmd", 128),
+        ("nn", 1),
+        ("mnan", 1),
+        ("vwc", 7),
+        ("sgls", 0x10_0001),
+        ("ioccsz", (64 + 8192) / 16),
+        ("iorcsz", 1),
+        ("icdoff", 0),
+        ("msdbd", 1),
+        ("cntrltype", 1),
+    ] {
+        assert_eq!(
+            id[field], want,
+            "id-ctrl {field} as the Linux host reads it:\n{id}"
+        );
+    }
+    assert_eq!(id["subnqn"], SUBNQN);
+    let dmesg = file("dmesg.txt");
+    assert!(
+        !dmesg.contains("disabling ANA support"),
+        "the host disabled ANA:\n{dmesg}"
     );
     let ana = file("ana.txt");
     assert!(

@@ -53,6 +53,9 @@ nvme connect -t tcp -a $A -s {port} -n $NQN -i 2 || die "connect"
 wait_blk /dev/nvme0n1
 nvme list > list1.txt
 cat list1.txt
+nvme id-ctrl /dev/nvme0 -o json > idctrl.json || die "id-ctrl json"
+nvme ana-log /dev/nvme0 > ana.txt || die "ana-log"
+cat ana.txt
 cat /sys/class/nvme/nvme0/cntlid > cntlid-before.txt
 dmesg | grep -c "new ctrl" > ctrls-before.txt
 
@@ -88,6 +91,7 @@ $FIO --filename=/dev/nvme0n2 --size=8M --randseed=77 --rw=randwrite > fio3.txt 2
 tail -5 fio3.txt
 dmesg | grep -i nvme | tail -10
 nvme disconnect -n $NQN || die "disconnect"
+dmesg > dmesg.txt
 echo ALL-OK
 "#
     )
@@ -184,6 +188,33 @@ fn run(kernel: Kernel) {
         !file("list1.txt").contains("nvme0n2"),
         "{}",
         file("list1.txt")
+    );
+    // An exported subsystem may use every ANA group id up to MAX_ANA_GROUP; the host must
+    // read that and keep ANA on (a one-byte shift once made it compute a 1 MiB ANA log and
+    // give up: "ANA log page size ... larger than MDTS ... disabling ANA support").
+    let id: serde_json::Value =
+        serde_json::from_str(&file("idctrl.json")).expect("nvme id-ctrl -o json");
+    for (field, want) in [
+        ("anatt", 10),
+        ("anacap", 0x5f),
+        ("anagrpmax", 128),
+        ("nanagrpid", 128),
+        ("cmic", 0b1011),
+    ] {
+        assert_eq!(
+            id[field], want,
+            "id-ctrl {field} as the Linux host reads it:\n{id}"
+        );
+    }
+    let dmesg = file("dmesg.txt");
+    assert!(
+        !dmesg.contains("disabling ANA support"),
+        "the host disabled ANA:\n{dmesg}"
+    );
+    assert!(
+        file("ana.txt").to_lowercase().contains("optimized"),
+        "{}",
+        file("ana.txt")
     );
     let idns2 = file("idns2.txt");
     assert!(
