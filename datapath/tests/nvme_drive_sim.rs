@@ -753,3 +753,46 @@ fn latency_torn_writes_and_a_pulled_drive_behave_as_documented() {
         "later commands fail fast: {again:?}"
     );
 }
+
+/// One port's cable pulled (`pull --port`): that port's controller loses its drive (typed
+/// errors, then failed), the other port's goes on reading and writing; plugged back in, a new
+/// controller on that port sees every write the other made, and the drive counted each write
+/// against the port that made it.
+#[test]
+fn a_pulled_port_cable_leaves_the_other_port_serving() {
+    let mut r = rig(cfg(4096));
+    let mut a = connect(&r, 0, opts(1, 1));
+    let mut b = connect(&r, 1, opts(1, 2));
+    let (ma, mb) = (data(&mut a, 2), data(&mut b, 2));
+    let mut one = vec![0u8; PAGE];
+    fill(1, &mut one);
+    write_at(&mut a, ma, 0, 4096, &[(0, PAGE)], &one, true).expect("write via A");
+    r.ports.pull_port(0).expect("pull port 0");
+    assert_eq!(r.ports.ports_present(), vec![false, true]);
+    assert!(r.drive.is_present(), "the drive itself stays");
+    let e = a.exec(1, IoCmd::flush(1), &[], a.timeout());
+    assert!(e.is_err(), "port A's controller lost its drive: {e:?}");
+    let mut two = vec![0u8; PAGE];
+    fill(2, &mut two);
+    write_at(&mut b, mb, 1, 4096, &[(0, PAGE)], &two, true).expect("write via B");
+    let back = read_at(&mut b, 1, mb, 0, 4096, &[(0, PAGE)]).expect("read via B");
+    assert_eq!(
+        back, one,
+        "B reads what A wrote before its cable was pulled"
+    );
+    assert!(r.ports.pull_port(2).is_err(), "no port 2");
+    r.ports.insert_port(0).expect("plug port 0 back");
+    assert_eq!(r.ports.ports_present(), vec![true, true]);
+    drop(a);
+    let mut a = connect(&r, 0, opts(1, 1));
+    let ma = data(&mut a, 2);
+    let back = read_at(&mut a, 1, ma, 1, 4096, &[(0, PAGE)]).expect("read via A again");
+    assert_eq!(back, two, "A sees B's write");
+    let (seq, ports) = r.drive.port_writes();
+    assert_eq!(seq, 2);
+    let by: Vec<(u16, u64, u64)> = ports
+        .iter()
+        .map(|p| (p.cntlid, p.writes, p.last_seq))
+        .collect();
+    assert_eq!(by, vec![(1, 1, 1), (2, 1, 2)]);
+}

@@ -4,12 +4,13 @@
 //!
 //! | request | effect | answer |
 //! |---|---|---|
-//! | `{"op":"status"}` | | `powered`, `present`, `cached_blocks`, `sockets`, `faults` (with ids), `reservation` (generation, type, registrants) |
+//! | `{"op":"status"}` | | `powered`, `present`, `cached_blocks`, `write_seq` (writes executed, drive-wide), `port_writes` (per port's controller: `cntlid`, `writes`, `last_seq`), `sockets`, `faults` (with ids), `reservation` (generation, type, registrants) |
 //! | `{"op":"inject","fault":{"kind":...}}` | adds a [`Fault`] | `id` |
 //! | `{"op":"clear","id":N}` / `{"op":"clear"}` | removes one fault / all | `cleared` |
 //! | `{"op":"power_cut"}` | loses the write cache, ports vanish | `lost_blocks` |
 //! | `{"op":"power_on"}` | power back, ports back | |
 //! | `{"op":"pull"}` / `{"op":"insert"}` | ports vanish / come back (data kept) | |
+//! | `{"op":"pull","port":N}` / `{"op":"insert","port":N}` | port N's cable pulled / plugged back (the drive and its other port go on) | |
 //! | `{"op":"flush"}` | destages the write cache | |
 //!
 //! Every answer has `"ok": true`, or `"ok": false` and `"error"`. A line longer than
@@ -50,10 +51,18 @@ pub enum Request {
     PowerCut,
     /// Restore the power.
     PowerOn,
-    /// Pull the drive (ports vanish).
-    Pull,
-    /// Insert the drive again.
-    Insert,
+    /// Pull the drive (ports vanish), or with `port` that port's cable alone.
+    Pull {
+        /// One port (from 0); the whole drive when absent.
+        #[serde(default)]
+        port: Option<usize>,
+    },
+    /// Insert the drive again, or with `port` plug that port back in.
+    Insert {
+        /// One port (from 0); the whole drive when absent.
+        #[serde(default)]
+        port: Option<usize>,
+    },
     /// Destage the write cache.
     Flush,
 }
@@ -65,6 +74,7 @@ pub fn handle(ports: &Mutex<Ports>, req: Request) -> Value {
     let r: Result<Value, String> = match req {
         Request::Status => {
             let resv = drive.reservations();
+            let (write_seq, port_writes) = drive.port_writes();
             let faults: Vec<Value> = drive
                 .faults()
                 .into_iter()
@@ -74,7 +84,10 @@ pub fn handle(ports: &Mutex<Ports>, req: Request) -> Value {
                 "powered": drive.is_powered(),
                 "present": p.present(),
                 "cached_blocks": drive.cached_blocks(),
+                "write_seq": write_seq,
+                "port_writes": port_writes,
                 "sockets": p.sockets(),
+                "ports_present": p.ports_present(),
                 "faults": faults,
                 "reservation": {
                     "generation": resv.generation(),
@@ -105,11 +118,13 @@ pub fn handle(ports: &Mutex<Ports>, req: Request) -> Value {
             drive.power_on();
             p.insert().map(|()| json!({})).map_err(|e| e.to_string())
         }
-        Request::Pull => {
+        Request::Pull { port: None } => {
             p.pull();
             Ok(json!({}))
         }
-        Request::Insert => p.insert().map(|()| json!({})).map_err(|e| e.to_string()),
+        Request::Pull { port: Some(i) } => p.pull_port(i).map(|()| json!({})),
+        Request::Insert { port: None } => p.insert().map(|()| json!({})).map_err(|e| e.to_string()),
+        Request::Insert { port: Some(i) } => p.insert_port(i).map(|()| json!({})),
         Request::Flush => drive
             .destage()
             .map(|()| json!({}))

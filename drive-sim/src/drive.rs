@@ -315,6 +315,19 @@ pub(crate) struct Stats {
     pub media_errors: u64,
 }
 
+/// The writes one port's controller made reach the medium (or the cache): how many, and the
+/// drive-wide sequence number of the last. A fencing test records the drive's sequence when
+/// it preempts a node, then checks that port's `last_seq` never passes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PortWrites {
+    /// The port's controller id (port index + 1).
+    pub cntlid: u16,
+    /// Writes, Write Zeroes and deallocations executed (torn ones included).
+    pub writes: u64,
+    /// The drive-wide sequence number of the last of them (0: none yet).
+    pub last_seq: u64,
+}
+
 /// The volatile write cache: block contents by LBA, destaged oldest first when full.
 #[derive(Debug, Default)]
 pub(crate) struct Cache {
@@ -421,6 +434,10 @@ pub(crate) struct DriveState {
     pub epoch: u64,
     pub ctrls: BTreeMap<u16, CtrlShared>,
     pub stats: Stats,
+    /// Writes executed, drive-wide (the sequence [`PortWrites::last_seq`] counts in).
+    pub write_seq: u64,
+    /// Writes per port's controller, by controller id.
+    pub port_writes: BTreeMap<u16, PortWrites>,
     next_seq: u64,
     powered_since: Instant,
     /// Controllers to wake once the lock is released.
@@ -428,6 +445,18 @@ pub(crate) struct DriveState {
 }
 
 impl DriveState {
+    /// Counts a write by controller `cntlid` (it reached the medium or the cache).
+    pub(crate) fn record_write(&mut self, cntlid: u16) {
+        self.write_seq += 1;
+        let seq = self.write_seq;
+        let w = self.port_writes.entry(cntlid).or_insert(PortWrites {
+            cntlid,
+            ..PortWrites::default()
+        });
+        w.writes += 1;
+        w.last_seq = seq;
+    }
+
     /// The shared record of controller `cntlid` (created if missing).
     pub fn ctrl(&mut self, cntlid: u16) -> &mut CtrlShared {
         self.ctrls.entry(cntlid).or_default()
@@ -874,6 +903,8 @@ impl Drive {
             epoch: 0,
             ctrls: BTreeMap::new(),
             stats: Stats::default(),
+            write_seq: 0,
+            port_writes: BTreeMap::new(),
             next_seq: 0,
             powered_since: Instant::now(),
             wake: Vec::new(),
@@ -1022,6 +1053,12 @@ impl Drive {
     /// Blocks in the volatile write cache (acknowledged, not on the file).
     pub fn cached_blocks(&self) -> usize {
         self.lock().cache.len()
+    }
+
+    /// The drive-wide write sequence and the writes of each port's controller.
+    pub fn port_writes(&self) -> (u64, Vec<PortWrites>) {
+        let st = self.lock();
+        (st.write_seq, st.port_writes.values().copied().collect())
     }
 
     /// Writes the cache to the file, as a Flush would (ignoring a lying-flush fault).

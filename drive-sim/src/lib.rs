@@ -75,7 +75,9 @@ pub mod prp;
 
 pub use ctrl::{Controller, Progress, RegError, BAR0_SIZE};
 pub use dma::{Dma, DmaFault, VecDma};
-pub use drive::{Drive, DriveConfig, DriveError, Fault, FaultOp, PowerCutReport, Waker};
+pub use drive::{
+    Drive, DriveConfig, DriveError, Fault, FaultOp, PortWrites, PowerCutReport, Waker,
+};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is plain
 /// data, and a panic is already a bug).

@@ -324,6 +324,37 @@ struct Port {
     worker: Option<JoinHandle<()>>,
 }
 
+impl Port {
+    /// Binds the socket and serves it (a thread accepting one client at a time).
+    fn serve(&mut self) -> std::io::Result<()> {
+        let listener = UnixListener::bind(&self.path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+        let fd = OwnedFd::from(listener.try_clone()?);
+        let s = self.shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("port-{}", self.path.display()))
+            .spawn(move || accept_loop(&s, &listener))?;
+        self.server = Some((fd, h));
+        Ok(())
+    }
+
+    /// Stops accepting, closes the connection, removes the socket file.
+    fn unplug(&mut self) {
+        if let Some((fd, h)) = self.server.take() {
+            // Wakes the accept() (EINVAL) so the thread ends.
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                nix::sys::socket::Shutdown::Both,
+            );
+            if let Some(c) = lock(&self.shared.conn).as_ref() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            let _ = h.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The ports of a drive.
 pub struct Ports {
     drive: Arc<Drive>,
@@ -402,14 +433,7 @@ impl Ports {
             return Ok(());
         }
         for p in &mut self.ports {
-            let listener = UnixListener::bind(&p.path)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.path.display())))?;
-            let fd = OwnedFd::from(listener.try_clone()?);
-            let s = p.shared.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("port-{}", p.path.display()))
-                .spawn(move || accept_loop(&s, &listener))?;
-            p.server = Some((fd, h));
+            p.serve()?;
         }
         self.drive.set_present(true);
         self.present = true;
@@ -425,21 +449,45 @@ impl Ports {
         }
         self.drive.set_present(false);
         for p in &mut self.ports {
-            if let Some((fd, h)) = p.server.take() {
-                // Wakes the accept() (EINVAL) so the thread ends.
-                let _ = nix::sys::socket::shutdown(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    nix::sys::socket::Shutdown::Both,
-                );
-                if let Some(c) = lock(&p.shared.conn).as_ref() {
-                    let _ = c.shutdown(std::net::Shutdown::Both);
-                }
-                let _ = h.join();
-            }
-            let _ = std::fs::remove_file(&p.path);
+            p.unplug();
         }
         self.present = false;
         tracing::info!("drive ports pulled");
+    }
+
+    /// Pulls the cable of port `i` alone (counting from 0): its socket vanishes and its
+    /// controller's client is gone; the drive and its other port go on. A no-op when that port
+    /// is already unplugged.
+    pub fn pull_port(&mut self, i: usize) -> Result<(), String> {
+        let n = self.ports.len();
+        let p = self
+            .ports
+            .get_mut(i)
+            .ok_or_else(|| format!("no port {i}: the drive has ports 0..{n}"))?;
+        p.unplug();
+        tracing::info!(port = i, socket = %p.path.display(), "port pulled");
+        Ok(())
+    }
+
+    /// Plugs port `i` back in (after [`Ports::pull_port`]); a no-op when it is plugged in or
+    /// the whole drive is pulled (inserting the drive plugs every port).
+    pub fn insert_port(&mut self, i: usize) -> Result<(), String> {
+        let n = self.ports.len();
+        let present = self.present;
+        let p = self
+            .ports
+            .get_mut(i)
+            .ok_or_else(|| format!("no port {i}: the drive has ports 0..{n}"))?;
+        if present && p.server.is_none() {
+            p.serve().map_err(|e| e.to_string())?;
+            tracing::info!(port = i, socket = %p.path.display(), "port inserted");
+        }
+        Ok(())
+    }
+
+    /// Whether each port is plugged in (its socket served).
+    pub fn ports_present(&self) -> Vec<bool> {
+        self.ports.iter().map(|p| p.server.is_some()).collect()
     }
 }
 

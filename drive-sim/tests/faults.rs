@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use duplex_drive_sim::{DriveConfig, Fault, FaultOp};
+use duplex_drive_sim::{DriveConfig, Fault, FaultOp, PortWrites};
 use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::{admin, feat, io, lid, reg};
 use duplex_nvme::status::{generic, media, Status};
@@ -453,4 +453,50 @@ fn faults_apply_to_both_ports() {
     assert_eq!(d.controllers(), vec![1, 2]);
     drop(b);
     assert_eq!(d.controllers(), vec![1]);
+}
+
+/// Every write is counted against the port's controller that made it, in one drive-wide
+/// sequence (what a fencing test checks: no write from a preempted port after the preempt's
+/// sequence number); failed writes are not counted.
+#[test]
+fn writes_are_counted_per_port_in_one_sequence() {
+    let d = drive(small_cfg());
+    let mut a = Host::ready(&d, 1, 1, 32);
+    let mut b = Host::ready(&d, 2, 1, 32);
+    assert_eq!(d.port_writes(), (0, vec![]));
+    let data = blocks(1, 1);
+    assert_eq!(a.write(1, 0, &data, BS, false).status(), Status::SUCCESS);
+    assert_eq!(b.write(1, 1, &data, BS, false).status(), Status::SUCCESS);
+    assert_eq!(a.write(1, 2, &data, BS, false).status(), Status::SUCCESS);
+    let (seq, ports) = d.port_writes();
+    assert_eq!(seq, 3);
+    assert_eq!(
+        ports,
+        vec![
+            PortWrites {
+                cntlid: 1,
+                writes: 2,
+                last_seq: 3
+            },
+            PortWrites {
+                cntlid: 2,
+                writes: 1,
+                last_seq: 2
+            },
+        ]
+    );
+    // A write that fails changes nothing on the medium and is not counted.
+    d.inject(Fault::Error {
+        op: FaultOp::Write,
+        first_lba: 0,
+        last_lba: 0,
+        status: 0x281,
+        dnr: true,
+        remaining: Some(1),
+    });
+    assert_ne!(b.write(1, 0, &data, BS, false).status(), Status::SUCCESS);
+    assert_eq!(d.port_writes().0, 3);
+    // Reads are not writes.
+    assert_eq!(b.read(1, 0, 1, BS).0.status(), Status::SUCCESS);
+    assert_eq!(d.port_writes().1[1].writes, 1);
 }

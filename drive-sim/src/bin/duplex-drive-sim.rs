@@ -90,10 +90,18 @@ enum Ctl {
     PowerCut,
     /// Restore the power: the ports come back.
     PowerOn,
-    /// Pull the drive: the ports vanish (the data stays).
-    Pull,
-    /// Insert the drive again.
-    Insert,
+    /// Pull the drive: the ports vanish (the data stays); with --port, that port's cable alone.
+    Pull {
+        /// One port (0 = the first --socket), the drive and its other port go on.
+        #[arg(long)]
+        port: Option<usize>,
+    },
+    /// Insert the drive again; with --port, plug that port back in.
+    Insert {
+        /// One port (0 = the first --socket).
+        #[arg(long)]
+        port: Option<usize>,
+    },
     /// Destage the write cache.
     Flush,
 }
@@ -363,8 +371,8 @@ fn ctl(control: &std::path::Path, cmd: Ctl) -> Result<()> {
         Ctl::Clear { id } => Request::Clear { id },
         Ctl::PowerCut => Request::PowerCut,
         Ctl::PowerOn => Request::PowerOn,
-        Ctl::Pull => Request::Pull,
-        Ctl::Insert => Request::Insert,
+        Ctl::Pull { port } => Request::Pull { port },
+        Ctl::Insert { port } => Request::Insert { port },
         Ctl::Flush => Request::Flush,
     };
     let answer = control::request(control, &req)

@@ -184,11 +184,13 @@ impl Controller {
         let segs = self.prps(dma, sqe, len)?;
         let data = from_host(dma, &segs, len)?;
         if let Some(keep) = st.take_torn(slba, last) {
+            st.record_write(self.cntlid);
             torn(st, slba, &data, keep);
             return Ok(0);
         }
         let through = sqe.fua() && !st.lying_flush();
         st.write_blocks(slba, &data, through).map_err(internal)?;
+        st.record_write(self.cntlid);
         st.stats.writes += 1;
         st.stats.bytes_written += len;
         Ok(0)
@@ -203,11 +205,13 @@ impl Controller {
         if let Some(keep) = st.take_torn(slba, last) {
             let n = keep.min(nlb * st.bs);
             let zeroes = vec![0u8; usize::try_from(n).unwrap_or(0)];
+            st.record_write(self.cntlid);
             torn(st, slba, &zeroes, keep);
             return Ok(0);
         }
         let through = sqe.fua() && !st.lying_flush();
         st.zero_blocks(slba, nlb, through).map_err(internal)?;
+        st.record_write(self.cntlid);
         st.stats.writes += 1;
         Ok(0)
     }
@@ -245,6 +249,7 @@ impl Controller {
         for (slba, n) in ranges {
             st.zero_blocks(slba, n, false).map_err(internal)?;
         }
+        st.record_write(self.cntlid);
         Ok(0)
     }
 
