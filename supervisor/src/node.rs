@@ -164,6 +164,9 @@ struct Service {
     beat_moved: Instant,
     /// SIGKILL at this time if the process has not exited (operator restart, stop).
     kill_at: Option<Instant>,
+    /// Starts after the datapath (`after`): it serves or feeds the datapath, so it is not
+    /// restarted once the datapath has died.
+    needs_datapath: bool,
 }
 
 impl Service {
@@ -509,8 +512,18 @@ impl Node {
         }
 
         let beat = Duration::from_millis(config.supervisor.heartbeat_ms);
+        let datapaths: Vec<&str> = config
+            .services
+            .iter()
+            .filter(|s| s.kind == ServiceKind::Datapath)
+            .map(|s| s.name.get_ref().as_str())
+            .collect();
         let mut services = Vec::new();
         for s in config.start_order() {
+            let needs_datapath = s
+                .after
+                .iter()
+                .any(|a| datapaths.contains(&a.get_ref().as_str()));
             let name = s.name.get_ref().clone();
             let binary = s
                 .binary
@@ -555,6 +568,7 @@ impl Node {
                 last_beat: 0,
                 beat_moved: now,
                 kill_at: None,
+                needs_datapath,
             });
         }
         let signals = SignalFd::with_flags(
@@ -649,6 +663,12 @@ impl Node {
             for i in 0..self.services.len() {
                 if self.services[i].next_start.is_some_and(|t| t <= now) {
                     self.services[i].next_start = None;
+                    if self.failed && self.services[i].needs_datapath {
+                        let s = &mut self.services[i];
+                        s.state = ServiceState::Failed;
+                        tracing::warn!(service = %s.name, "restart cancelled: the datapath is down, the node no longer serves");
+                        continue;
+                    }
                     self.spawn(i);
                 }
             }
@@ -1017,6 +1037,13 @@ impl Node {
                 self.failed = true;
                 // Close the listeners so hosts fail over to the peer at once.
                 self.shared.retain(|r| !r.name.starts_with("listener:"));
+                continue;
+            }
+            if self.failed && s.needs_datapath {
+                // The node no longer serves: what needs the datapath stays down (restarting it
+                // would only fail, over and over, without the datapath's resources).
+                s.state = ServiceState::Failed;
+                tracing::warn!(service = %s.name, pid, %status, "service exited and is not restarted: the datapath is down, the node no longer serves");
                 continue;
             }
             if expected == Expected::OperatorRestart {

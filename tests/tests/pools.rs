@@ -1019,3 +1019,39 @@ fn volume_list_pages_past_one_reply() {
     check(&rig.node);
     assert_eq!(rig.node.stop(), Some(0));
 }
+
+/// The datapath dies (SIGKILL): the node stops serving, and the services that need the
+/// datapath (here the metadata service) are not restarted when they then die, instead of
+/// failing to start over and over; mgmt still answers, so the operator sees why.
+#[test]
+fn after_the_datapath_dies_its_dependants_are_not_restarted() {
+    let mut rig = rig(2, "1");
+    let pid = rig.node.service("datapath")["pid"].as_u64().expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the datapath");
+    rig.node
+        .log
+        .wait_for(&["datapath died: node stops serving"]);
+    let (code, out, err) = rig
+        .node
+        .ctl(&["service", "crash", "metadata", "--mode", "kill"]);
+    assert_eq!(code, 0, "{out}{err}");
+    rig.node
+        .log
+        .wait_for(&["service=metadata", "not restarted: the datapath is down"]);
+    let row = rig.node.service("metadata");
+    assert_eq!(row["state"], "failed", "{row}");
+    assert_eq!(row["generation"], 1, "never started again: {row}");
+    assert_eq!(rig.node.service("datapath")["state"], "failed");
+    rig.node.log.pump();
+    assert!(
+        rig.node
+            .log
+            .matching(&["service spawned", "service=metadata", "generation=2"])
+            .is_empty(),
+        "metadata was spawned again"
+    );
+}
