@@ -1014,6 +1014,19 @@ fn volume_list_pages_past_one_reply() {
         assert_eq!(table.lines().count(), MORE + 2, "a header and a line each");
     };
     check(&rig.node);
+    // 97 namespaces in all (vol0 and 96 more): volume list pages by exports too (96 a reply),
+    // and a list that cannot fit one reply (subsystem list) is refused in one line, at once.
+    for i in 0..96 {
+        ok(
+            &rig.node,
+            &["namespace", "add", SUBNQN, "--volume", &format!("p{i:03}")],
+        );
+    }
+    check(&rig.node);
+    let (code, out, err) = rig.node.ctl(&["subsystem", "list"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("does not fit one reply"), "{err}");
     let line = restart_after(&mut rig, |_| {});
     assert!(line.contains(&format!("volumes={}", MORE + 1)), "{line}");
     check(&rig.node);

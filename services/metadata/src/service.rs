@@ -286,7 +286,17 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
                 client.borrow_mut().arm_crash_point(false);
                 health.beat();
                 if let Err(e) = config.send_reply(id, &reply) {
-                    tracing::warn!(error = %e, "cannot answer mgmt");
+                    // A reply one message cannot carry (a list past its bound) still gets an
+                    // answer, so the operator learns why instead of waiting for a timeout.
+                    let why = format!("the answer does not fit one reply: {e}");
+                    tracing::warn!(error = %e, "cannot answer mgmt; answering with the reason");
+                    let refusal = duplex_ipc::config::ConfigReply::Error {
+                        kind: duplex_ipc::config::ConfigErrorKind::Refused,
+                        message: why,
+                    };
+                    if let Err(e) = config.send_reply(id, &refusal) {
+                        tracing::warn!(error = %e, "cannot answer mgmt");
+                    }
                 }
             }
             Ok(None) => {}
