@@ -160,7 +160,7 @@ fn store_err(e: StoreError) -> ConfigReply {
     let kind = match e {
         StoreError::Config(_) => ConfigErrorKind::InvalidArgument,
         StoreError::Unsuitable { .. } => ConfigErrorKind::Refused,
-        StoreError::Import(_) => ConfigErrorKind::Refused,
+        StoreError::Import(_) | StoreError::NameTaken { .. } => ConfigErrorKind::Refused,
         StoreError::Disk { .. } | StoreError::CommitFailed { .. } => ConfigErrorKind::IoError,
     };
     err(kind, e.to_string())
@@ -247,7 +247,22 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
         let labels: Vec<String> = disks.iter().map(|d| d.label().to_owned()).collect();
         let started = std::time::Instant::now();
-        match PoolStore::import(disks, Some(pool), force, self.node) {
+        // Names are unique on the node: a pool named like one imported already is refused
+        // before the import writes anything (its repairs).
+        let mut looked = disks.clone();
+        let taken = crate::store::plan(&mut looked, Some(pool), force).map(|plan| {
+            let name = plan.winner.config.pool.name;
+            self.pools
+                .iter()
+                .map(|p| p.store.config().pool.clone())
+                .find(|p| p.name == name)
+                .map(|other| (name, other.uuid))
+        });
+        let result = match taken {
+            Ok(Some((name, other))) => Err(StoreError::NameTaken { pool, name, other }),
+            Ok(None) | Err(_) => PoolStore::import(disks, Some(pool), force, self.node),
+        };
+        match result {
             Ok((store, plan, rest)) => {
                 let name = store.config().pool.name.clone();
                 let mut slots = vec![MISSING; store.config().pool.members.len()];

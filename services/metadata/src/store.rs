@@ -53,6 +53,16 @@ pub enum StoreError {
     /// Import refused (nothing was written).
     #[error(transparent)]
     Import(#[from] ImportError),
+    /// Import refused (nothing was written): a pool of the same name is imported already.
+    #[error("Pool {pool} is named {name}, as is pool {other}, imported already: it is not imported (nothing was written to its drives); names are unique on a node")]
+    NameTaken {
+        /// The pool not imported.
+        pool: Uuid,
+        /// Its name.
+        name: String,
+        /// The pool imported under that name.
+        other: Uuid,
+    },
     /// A commit did not reach enough members to count; it may be in effect on the members it
     /// reached, which the next import decides.
     #[error("Pool {pool}: commit of generation {generation} failed on too many members ({why}); the change reached only some of them")]
@@ -137,6 +147,20 @@ fn read_superblocks<D: MetaDisk>(disk: &mut D) -> (Option<Vec<u8>>, Option<Vec<u
     let secondary = secondary_superblock_offset(disk.capacity())
         .and_then(|at| disk.read(at, SUPERBLOCK_SIZE).ok());
     (primary, secondary)
+}
+
+/// What importing `pool` from `disks` would do, by the import rule: reads only.
+pub fn plan<D: MetaDisk>(
+    disks: &mut [D],
+    pool: Option<Uuid>,
+    force: bool,
+) -> Result<ImportPlan, StoreError> {
+    let drives: Vec<DriveInput> = disks.iter_mut().map(read_drive).collect();
+    Ok(plan_import(&ImportRequest {
+        drives,
+        pool,
+        force,
+    })?)
 }
 
 /// Reads what the import rule needs from a drive: both superblocks and the start (header and

@@ -426,3 +426,56 @@ fn a_pool_missing_a_member_waits_for_a_forced_import() {
     assert_eq!(p.len(), 1, "imported unforced");
     assert_eq!(p[0].state, PoolState::Degraded);
 }
+
+/// Two pools named alike (made on different nodes, their drives now on one): the first found
+/// is imported, the other refused before anything is written to its drives, its drives
+/// reported stale with its uuid.
+#[test]
+fn a_pool_named_like_an_imported_one_is_not_imported() {
+    let d = disks(4);
+    let make = |pair: &[MemDisk]| {
+        let mut c = Cluster::start(drives(pair), 0, 1, Recorder::default());
+        ok(c.handle(ConfigRequest::CreatePool {
+            name: "tank".into(),
+            raid: RaidLevel::Raid1,
+            drives: vec!["d0".into(), "d1".into()],
+            chunk_bytes: 0,
+        }))
+        .uuid
+    };
+    let _first = make(&d[0..2]);
+    let second = make(&d[2..4]);
+    let writes = |ds: &[MemDisk]| ds.iter().map(MemDisk::writes).sum::<u64>();
+    let w = writes(&d[2..4]);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let ConfigReply::Pools(p) = c.handle(ConfigRequest::ListPools) else {
+        panic!()
+    };
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        writes(&d[2..4]),
+        w,
+        "nothing written to the refused pool's drives"
+    );
+    let ConfigReply::Drives(ds) = c.handle(ConfigRequest::ListDrives) else {
+        panic!()
+    };
+    for x in &ds[2..4] {
+        assert_eq!(
+            (x.state, x.pool.as_str()),
+            (DriveState::Stale, second.as_str())
+        );
+    }
+    let r = c.handle(ConfigRequest::ImportPool {
+        pool: second.clone(),
+        force: true,
+    });
+    match r {
+        ConfigReply::Error { kind, message } => {
+            assert_eq!(kind, ConfigErrorKind::Refused);
+            assert!(message.contains("names are unique"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(writes(&d[2..4]), w);
+}
