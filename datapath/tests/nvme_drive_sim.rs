@@ -481,6 +481,11 @@ fn reservation_matrix_across_both_ports() {
     a.submit(1, IoCmd::write(1, 9, 1, 4096, false), &seg, 77)
         .expect("submit");
     a.ring(1).expect("ring");
+    // The write is inside the drive (fetched, stalled) before B preempts: fetched after the
+    // preempt it would fail with Reservation Conflict instead (seen once on a loaded machine).
+    while r.drive.held_commands(1) == 0 {
+        std::thread::yield_now();
+    }
     acquire(
         &mut b,
         AcquireAction::PreemptAbort,

@@ -1084,6 +1084,14 @@ impl Drive {
     pub fn controllers(&self) -> Vec<u16> {
         self.lock().ctrls.keys().copied().collect()
     }
+
+    /// Commands controller `cntlid` has fetched and holds back (delayed or stalled), not yet
+    /// executed: a test waits on this to know a command is inside the drive.
+    pub fn held_commands(&self, cntlid: u16) -> usize {
+        self.lock().ctrls.get(&cntlid).map_or(0, |c| {
+            c.pending.iter().filter(|p| p.aborted.is_none()).count()
+        })
+    }
 }
 
 #[cfg(test)]
