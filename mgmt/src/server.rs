@@ -835,8 +835,11 @@ mod tests {
                     },
                 )
                 .expect("reply");
-            metadata.send_raw_for_tests(b"junk").expect("junk");
+            // The next request is answered with junk (sent only once it is asked: mgmt
+            // discards whatever is queued before each call, so junk sent ahead could be
+            // discarded, and the test raced on that).
             let _ = metadata.recv_request(Duration::from_secs(5));
+            metadata.send_raw_for_tests(b"junk").expect("junk");
             // Then the metadata end is gone for good.
         });
         assert_eq!(
