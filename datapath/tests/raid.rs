@@ -389,6 +389,23 @@ fn raw_node(drives: &[SimDrive]) -> Node {
     node
 }
 
+/// Volume 1 over the whole data area of pool device `pool`.
+fn whole_pool_volume(pool: usize) -> VolumeMap {
+    let blocks = DATA_LEN / u64::from(BS);
+    VolumeMap {
+        id: 1,
+        name: "vol1".into(),
+        block_size: BS,
+        blocks,
+        extents: vec![duplex_datapath::map::Extent {
+            start: 0,
+            blocks,
+            device: pool,
+            device_offset: 0,
+        }],
+    }
+}
+
 fn mirror_spec(hold: bool) -> PoolSpec {
     PoolSpec {
         name: "pool0".into(),
@@ -434,18 +451,7 @@ fn pools_and_volumes_are_published_at_run_time_and_raw_drives_stay_reachable() {
     let status = ctl.status().unwrap();
     assert_eq!(status.len(), 1, "{status:?}");
     assert_eq!(status[0].members.len(), 2);
-    let whole = VolumeMap {
-        id: 1,
-        name: "vol1".into(),
-        block_size: BS,
-        blocks: DATA_LEN / u64::from(BS),
-        extents: vec![duplex_datapath::map::Extent {
-            start: 0,
-            blocks: DATA_LEN / u64::from(BS),
-            device: pool,
-            device_offset: 0,
-        }],
-    };
+    let whole = whole_pool_volume(pool);
     let e = ctl.publish_volumes(4, vec![whole.clone()]).unwrap_err();
     assert!(e.contains("older"), "{e}");
     let mut bad = whole.clone();
@@ -474,23 +480,8 @@ fn writes_after_a_member_fails_wait_until_the_failure_is_recorded() {
     let mut node = raw_node(&drives);
     let ctl = node.control.clone();
     let pool = ctl.publish_pool(1, mirror_spec(true)).unwrap();
-    let blocks = DATA_LEN / u64::from(BS);
-    ctl.publish_volumes(
-        1,
-        vec![VolumeMap {
-            id: 1,
-            name: "vol1".into(),
-            block_size: BS,
-            blocks,
-            extents: vec![duplex_datapath::map::Extent {
-                start: 0,
-                blocks,
-                device: pool,
-                device_offset: 0,
-            }],
-        }],
-    )
-    .unwrap();
+    ctl.publish_volumes(1, vec![whole_pool_volume(pool)])
+        .unwrap();
     node.fabric[0].block_sizes.insert(1, BS);
     write_run(&mut node, 0, 16, 1, |_| {});
     lose(&mut drives[1], Loss::Pull);
@@ -540,23 +531,8 @@ fn a_pool_with_a_missing_member_serves_degraded_and_a_replayed_publish_is_the_sa
     let mut other = spec.clone();
     other.name = "other".into();
     assert!(ctl.publish_pool(1, other).is_err(), "drive 1 is taken");
-    let blocks = DATA_LEN / u64::from(BS);
-    ctl.publish_volumes(
-        1,
-        vec![VolumeMap {
-            id: 1,
-            name: "vol1".into(),
-            block_size: BS,
-            blocks,
-            extents: vec![duplex_datapath::map::Extent {
-                start: 0,
-                blocks,
-                device: pool,
-                device_offset: 0,
-            }],
-        }],
-    )
-    .unwrap();
+    ctl.publish_volumes(1, vec![whole_pool_volume(pool)])
+        .unwrap();
     node.fabric[0].block_sizes.insert(1, BS);
     write_run(&mut node, 0, 32, 1, |_| {});
     verify_run(&mut node, 0, 32, 1);
@@ -577,23 +553,8 @@ fn a_member_recorded_failed_by_the_control_plane_is_no_longer_written() {
     let mut node = raw_node(&drives);
     let ctl = node.control.clone();
     let pool = ctl.publish_pool(1, mirror_spec(false)).unwrap();
-    let blocks = DATA_LEN / u64::from(BS);
-    ctl.publish_volumes(
-        1,
-        vec![VolumeMap {
-            id: 1,
-            name: "vol1".into(),
-            block_size: BS,
-            blocks,
-            extents: vec![duplex_datapath::map::Extent {
-                start: 0,
-                blocks,
-                device: pool,
-                device_offset: 0,
-            }],
-        }],
-    )
-    .unwrap();
+    ctl.publish_volumes(1, vec![whole_pool_volume(pool)])
+        .unwrap();
     node.fabric[0].block_sizes.insert(1, BS);
     write_run(&mut node, 0, 32, 1, |_| {});
     let mut spec = mirror_spec(false);

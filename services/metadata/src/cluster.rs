@@ -254,7 +254,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             let name = plan.winner.config.pool.name;
             self.pools
                 .iter()
-                .map(|p| p.store.config().pool.clone())
+                .map(|p| &p.store.config().pool)
                 .find(|p| p.name == name)
                 .map(|other| (name, other.uuid))
         });
