@@ -10,8 +10,9 @@ use duplex_nvme::log::{self, effects, AnaGroup, DiscoveryEntry};
 use duplex_nvme::spec::{admin, aen, ana, cns, feat, io, lid};
 use duplex_nvme::status::{generic, specific};
 
-use crate::conn::{DataIn, Queue, Reply, IN_CAPSULE_DATA, MAX_TRANSFER, MDTS};
+use crate::command::{DataIn, Reply, IN_CAPSULE_DATA, MAX_TRANSFER, MDTS};
 use crate::controller::{Controller, AER_LIMIT, KAS, MAX_IO_QUEUES, QUEUE_ENTRIES, VERSION};
+use crate::queue::Queue;
 use crate::target::Target;
 
 /// Firmware revision reported (the crate version).
@@ -231,7 +232,7 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
 /// every I/O port, plus this discovery subsystem at every port.
 fn discovery_entries(q: &Queue, ctrl: &Controller) -> Vec<DiscoveryEntry> {
     let target = &q.shared.target;
-    let addr_of = |p: &crate::target::Port| {
+    let addr_of = |p: &crate::subsystem::Port| {
         // A port bound to the wildcard address reports the address this host reached.
         let ip = if p.addr.ip().is_unspecified() {
             q.local.ip()

@@ -5,9 +5,10 @@
 //! no lock is taken. Two ways in:
 //!
 //! - The fast path (reads and in-capsule writes, [`Backend::try_start`]): the connection's
-//!   reader takes the buffer and ring slot at once and leaves a [`crate::io::Pending`] in the
-//!   command table; [`Backend::run`] finishes the command from the completion itself (no task,
-//!   no channel, no allocation per command).
+//!   reader takes the buffer and ring slot at once and leaves a [`Pending`] in the command
+//!   table; [`Backend::run`] hands the completion to the [`Finish`] that started it (no task,
+//!   no channel, no allocation per command). The backend knows nothing of connections: what
+//!   finishing means is the I/O code's ([`crate::io`]).
 //! - Everything else runs as a command task: it allocates a chain ([`Backend::alloc`], waiting
 //!   while the pool is exhausted: backpressure, not failure), submits a descriptor
 //!   ([`Backend::submit`], waiting while the ring is full) and awaits its completion.
@@ -28,7 +29,56 @@ use duplex_ipc::ring::{Consumer, Producer, RingError};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 
-use crate::io::Pending;
+/// What a fast-path command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastOp {
+    /// A read (returning exactly its `bytes`: the SGL asked for no more).
+    Read,
+    /// A write whose data is in the chain.
+    Write,
+}
+
+/// A fast-path command in flight: the router hands its completion to `sink`.
+pub struct Pending {
+    /// Who finishes it (the queue it arrived on).
+    pub sink: Rc<dyn Finish>,
+    /// Command id.
+    pub cid: u16,
+    /// Bytes it moves.
+    pub bytes: usize,
+    /// What it is.
+    pub op: FastOp,
+    /// Its queue's share of the pool, held until it completes.
+    pub permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("cid", &self.cid)
+            .field("bytes", &self.bytes)
+            .field("op", &self.op)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finishes fast-path commands (implemented by the connection's queue).
+pub trait Finish {
+    /// Command `p` completed with `done` (whose buffer, if any, is ours again).
+    fn finish(&self, backend: &Rc<Backend>, p: Pending, done: IoDesc);
+    /// Command `p` will never complete: the datapath channel failed.
+    fn fail(&self, p: Pending);
+}
+
+fn finish(backend: &Rc<Backend>, p: Pending, done: IoDesc) {
+    let sink = Rc::clone(&p.sink);
+    sink.finish(backend, p, done);
+}
+
+fn fail(p: Pending) {
+    let sink = Rc::clone(&p.sink);
+    sink.fail(p);
+}
 
 /// Errors talking to the datapath.
 #[derive(Debug, thiserror::Error)]
@@ -263,7 +313,7 @@ impl Backend {
     }
 
     /// The fast path: publishes `desc` now if the ring has room, and the router finishes the
-    /// command `p` from its completion ([`crate::io::finish`]). `Err(p)` if the ring is full
+    /// command `p` from its completion ([`Finish::finish`]). `Err(p)` if the ring is full
     /// or the channel is down; the caller still holds `desc.buf` then.
     pub fn try_start(&self, mut desc: IoDesc, p: Pending) -> Result<(), Pending> {
         if self.closed.get() {
@@ -311,7 +361,7 @@ impl Backend {
         for w in waiters {
             // Task waiters see their channel close; fast-path commands fail here.
             if let Waiter::Io(p) = w {
-                crate::io::fail(p);
+                fail(p);
             }
         }
         self.pool_freed.notify_waiters();
@@ -355,7 +405,7 @@ impl Backend {
                     .then(|| self.chan.borrow_mut().pending.remove(d.tag))
                     .flatten();
                 if let Some(Waiter::Io(p)) = waiter {
-                    crate::io::fail(p);
+                    fail(p);
                 }
                 return;
             }
@@ -372,7 +422,7 @@ impl Backend {
                     self.release(d);
                 }
             }
-            Some(Waiter::Io(p)) => crate::io::finish(self, p, d),
+            Some(Waiter::Io(p)) => finish(self, p, d),
             None => {
                 tracing::debug!(
                     tag = d.tag,

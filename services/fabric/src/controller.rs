@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use duplex_nvme::spec::{aen, lid, prop};
 use tokio::sync::{watch, Notify};
 
-use crate::target::Subsystem;
+use crate::subsystem::Subsystem;
 
 /// Maximum queue entries supported (CAP.MQES + 1).
 pub const QUEUE_ENTRIES: u16 = 128;

@@ -18,28 +18,11 @@ use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::io;
 use duplex_nvme::status::{generic, media, Status};
 
-use crate::backend::{Backend, BackendError, Chain};
-use crate::conn::{DataIn, Payload, Queue, Reply, Role, MAX_TRANSFER};
+use crate::backend::{Backend, BackendError, Chain, FastOp, Finish, Pending};
+use crate::command::{CmdState, DataIn, Payload, Reply, MAX_TRANSFER};
 use crate::controller::Controller;
-use crate::target::Namespace;
-
-/// A fast-path command in flight: the router finishes it from its completion.
-#[derive(Debug)]
-pub struct Pending {
-    queue: Rc<Queue>,
-    cid: u16,
-    bytes: usize,
-    op: FastOp,
-    permit: OwnedSemaphorePermit,
-}
-
-#[derive(Debug)]
-enum FastOp {
-    /// A read (returning exactly its `bytes`: the SGL asked for no more).
-    Read,
-    /// A write whose data is in the chain.
-    Write,
-}
+use crate::queue::{Queue, Role};
+use crate::subsystem::Namespace;
 
 /// Starts a read, or a write whose data came in the capsule (`capsule`), on an I/O queue
 /// without a task. `false` if the command needs the general path: another command, a check
@@ -93,7 +76,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
     d.buf = buf.0;
     d.buf_len = bytes as u32;
     let p = Pending {
-        queue: Rc::clone(q),
+        sink: Rc::clone(q) as Rc<dyn Finish>,
         cid: sqe.cid,
         bytes,
         op,
@@ -103,34 +86,38 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
         backend.free(buf);
         return false;
     }
+    q.set_state(sqe.cid, CmdState::InDatapath);
     true
 }
 
-/// Finishes a fast-path command from its completion `done`.
-pub fn finish(backend: &Rc<Backend>, p: Pending, done: IoDesc) {
-    let (reply, sgl_len) = match p.op {
-        FastOp::Read => match read_done(&p.queue, backend, done, p.permit, p.bytes) {
-            Ok(chain) => (
-                Reply {
-                    data: Some(Payload::Chain(chain)),
-                    ..Reply::default()
-                },
-                p.bytes,
-            ),
-            Err(s) => (Reply::status(s), 0),
-        },
-        FastOp::Write => {
-            let status = write_done(&p.queue, backend, done, p.bytes);
-            drop(p.permit);
-            (Reply::status(status), 0)
-        }
-    };
-    p.queue.complete(p.cid, reply, sgl_len);
-}
+impl Finish for Queue {
+    /// Finishes a fast-path command from its completion `done`.
+    fn finish(&self, backend: &Rc<Backend>, p: Pending, done: IoDesc) {
+        let (reply, sgl_len) = match p.op {
+            FastOp::Read => match read_done(self, backend, done, p.permit, p.bytes) {
+                Ok(chain) => (
+                    Reply {
+                        data: Some(Payload::Chain(chain)),
+                        ..Reply::default()
+                    },
+                    p.bytes,
+                ),
+                Err(s) => (Reply::status(s), 0),
+            },
+            FastOp::Write => {
+                let status = write_done(self, backend, done, p.bytes);
+                drop(p.permit);
+                (Reply::status(status), 0)
+            }
+        };
+        self.complete(p.cid, reply, sgl_len);
+    }
 
-/// Fails a fast-path command whose completion will never come (the datapath channel failed).
-pub fn fail(p: Pending) {
-    p.queue.complete(p.cid, Reply::status(generic::INTERNAL), 0);
+    /// Fails a fast-path command whose completion will never come (the datapath channel
+    /// failed).
+    fn fail(&self, p: Pending) {
+        self.complete(p.cid, Reply::status(generic::INTERNAL), 0);
+    }
 }
 
 /// What a completed read gives the host: its chain (which holds `permit`), or an error.
@@ -177,7 +164,7 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
         return Reply::status(generic::INTERNAL);
     };
     if sqe.opcode == io::FLUSH {
-        return flush(&backend, ctrl, &sqe).await.into();
+        return flush(q, &backend, ctrl, &sqe).await.into();
     }
     let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {
         return Reply::status(generic::INVALID_NS);
@@ -186,7 +173,7 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
         io::READ => read(q, &backend, &ns, &sqe, data).await,
         io::WRITE => write(q, &backend, ctrl, &ns, &sqe, data).await.into(),
         io::COMPARE => compare(q, &backend, &ns, &sqe, data).await.into(),
-        io::WRITE_ZEROES => write_zeroes(&backend, ctrl, &ns, &sqe).await.into(),
+        io::WRITE_ZEROES => write_zeroes(q, &backend, ctrl, &ns, &sqe).await.into(),
         io::DSM => dsm(q, &backend, &ns, &sqe, data).await.into(),
         _ => Reply::status(generic::INVALID_OPCODE),
     }
@@ -227,16 +214,26 @@ fn desc(op: u8, ns: &Namespace, lba: u64, blocks: u32) -> IoDesc {
     }
 }
 
-async fn submit(backend: &Backend, d: IoDesc) -> Result<IoDesc, Status> {
-    let done = backend.submit(d).await.map_err(backend_error)?;
-    Ok(done)
+/// Submits `d` for command `cid` of queue `q` and waits for its completion.
+async fn submit(q: &Queue, cid: u16, backend: &Backend, d: IoDesc) -> Result<IoDesc, Status> {
+    q.submit(cid, backend, d).await.map_err(backend_error)
 }
 
 async fn read(q: &Queue, backend: &Rc<Backend>, ns: &Namespace, sqe: &Sqe, data: DataIn) -> Reply {
     if !matches!(data, DataIn::None) {
         return Reply::status(generic::INVALID_FIELD);
     }
-    match read_blocks(q, backend, ns, sqe.slba(), sqe.nlb(), sqe.sgl().length).await {
+    match read_blocks(
+        q,
+        sqe.cid,
+        backend,
+        ns,
+        sqe.slba(),
+        sqe.nlb(),
+        sqe.sgl().length,
+    )
+    .await
+    {
         Ok(chain) => Reply {
             data: Some(Payload::Chain(chain)),
             ..Reply::default()
@@ -248,6 +245,7 @@ async fn read(q: &Queue, backend: &Rc<Backend>, ns: &Namespace, sqe: &Sqe, data:
 /// Reads blocks into a pool chain, which the caller then owns.
 async fn read_blocks(
     q: &Queue,
+    cid: u16,
     backend: &Rc<Backend>,
     ns: &Namespace,
     slba: u64,
@@ -261,14 +259,14 @@ async fn read_blocks(
     if bytes != sgl_len as usize {
         return Err(generic::SGL_LENGTH);
     }
-    let permit = q.reserve(bytes).await.ok_or(generic::INTERNAL)?;
-    let buf = backend.alloc(bytes).await.map_err(backend_error)?;
+    let permit = q.reserve(cid, bytes).await.ok_or(generic::INTERNAL)?;
+    let buf = q.alloc(cid, backend, bytes).await.map_err(backend_error)?;
     let mut d = desc(OP_READ, ns, slba, nlb);
     d.buf = buf.0;
     d.buf_len = bytes as u32;
     // On an error the chain stays lent to the ring; the datapath's completion returns it and
     // the router frees it.
-    let done = backend.submit(d).await.map_err(backend_error)?;
+    let done = submit(q, cid, backend, d).await?;
     read_done(q, backend, done, permit, bytes)
 }
 
@@ -296,10 +294,10 @@ async fn write(
     if have != bytes {
         return generic::SGL_LENGTH;
     }
-    let Some(_permit) = q.reserve(bytes).await else {
+    let Some(_permit) = q.reserve(sqe.cid, bytes).await else {
         return generic::INTERNAL;
     };
-    let buf = match backend.alloc(bytes).await {
+    let buf = match q.alloc(sqe.cid, backend, bytes).await {
         Ok(b) => b,
         Err(e) => return backend_error(e),
     };
@@ -328,7 +326,7 @@ async fn write(
     d.buf = buf.0;
     d.buf_len = bytes as u32;
     d.flags |= write_flags(ctrl, sqe);
-    match submit(backend, d).await {
+    match submit(q, sqe.cid, backend, d).await {
         Ok(done) => write_done(q, backend, done, bytes),
         Err(s) => s,
     }
@@ -375,7 +373,7 @@ async fn compare(
     if theirs.len() != bytes {
         return generic::SGL_LENGTH;
     }
-    let chain = match read_blocks(q, backend, ns, slba, nlb, bytes as u32).await {
+    let chain = match read_blocks(q, sqe.cid, backend, ns, slba, nlb, bytes as u32).await {
         Ok(c) => c,
         Err(s) => return s,
     };
@@ -387,20 +385,26 @@ async fn compare(
     }
 }
 
-async fn write_zeroes(backend: &Backend, ctrl: &Controller, ns: &Namespace, sqe: &Sqe) -> Status {
+async fn write_zeroes(
+    q: &Queue,
+    backend: &Backend,
+    ctrl: &Controller,
+    ns: &Namespace,
+    sqe: &Sqe,
+) -> Status {
     let (slba, nlb) = (sqe.slba(), sqe.nlb());
     if let Err(s) = range(ns, slba, nlb) {
         return s;
     }
     let mut d = desc(OP_WRITE_ZEROES, ns, slba, nlb);
     d.flags |= write_flags(ctrl, sqe);
-    match submit(backend, d).await {
+    match submit(q, sqe.cid, backend, d).await {
         Ok(done) => Status::from_desc(done.status),
         Err(s) => s,
     }
 }
 
-async fn flush(backend: &Backend, ctrl: &Controller, sqe: &Sqe) -> Status {
+async fn flush(q: &Queue, backend: &Backend, ctrl: &Controller, sqe: &Sqe) -> Status {
     let volume = if sqe.nsid == u32::MAX {
         u32::MAX
     } else {
@@ -415,7 +419,7 @@ async fn flush(backend: &Backend, ctrl: &Controller, sqe: &Sqe) -> Status {
         buf: NIL,
         ..IoDesc::default()
     };
-    match submit(backend, d).await {
+    match submit(q, sqe.cid, backend, d).await {
         Ok(done) => Status::from_desc(done.status),
         Err(s) => s,
     }
@@ -451,7 +455,7 @@ async fn dsm(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: Data
         parsed.push((slba, nlb));
     }
     for (slba, nlb) in parsed {
-        match submit(backend, desc(OP_DEALLOCATE, ns, slba, nlb)).await {
+        match submit(q, sqe.cid, backend, desc(OP_DEALLOCATE, ns, slba, nlb)).await {
             Ok(done) if done.status == 0 => {}
             Ok(done) => return Status::from_desc(done.status),
             Err(s) => return s,

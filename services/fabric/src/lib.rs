@@ -7,14 +7,22 @@
 //! allow-lists, keep-alive enforced, asynchronous events, ANA reporting), and turns I/O
 //! commands into descriptors on the datapath's rings, with data in the shared buffer pool.
 //!
-//! One file per concern, as in SPDK's `lib/nvmf`:
-//! * [`server`]: the service: listeners, accept loops, the runtime.
-//! * [`conn`]: one connection = one queue: PDU framing, Connect, R2T, responses.
+//! One file per concern, as in SPDK's `lib/nvmf`, layered so that each uses only those listed
+//! before it (no module cycles):
+//! * [`backend`]: the ring and pool client of the datapath channel (fast-path commands are
+//!   finished through the [`backend::Finish`] trait, so it knows nothing of connections).
+//! * [`subsystem`]: subsystems, namespaces, allowed hosts, ports.
 //! * [`controller`]: controller state (properties, features, AEN queue, keep-alive).
+//! * [`target`]: what one process serves: the subsystems and the controller registry; merging
+//!   export tables.
+//! * [`command`]: one command: its reply, its data, its explicit state, the transfer limits.
+//! * [`writer`]: the outbox and the writer task of a connection.
+//! * [`queue`]: the queue state commands share: outstanding commands and their states, R2T
+//!   transfers, the pool budget, completion.
 //! * [`admin`]: admin commands (Identify, logs, features, AER, keep alive) and discovery.
 //! * [`io`]: NVM I/O commands → datapath descriptors.
-//! * [`backend`]: the ring and pool client of the datapath channel.
-//! * [`target`]: subsystems, namespaces, ports, the controller registry; merging export tables.
+//! * [`conn`]: one connection = one queue: PDU reading, admission, Connect, fabrics commands.
+//! * [`server`], [`service`]: listeners, accept loops, the runtime; the service lifecycle.
 //! * [`exports`]: the export table feed (the exports region and its doorbell).
 //!
 //! Everything runs on one thread (a tokio current-thread runtime): connections and commands are
@@ -22,10 +30,14 @@
 
 pub mod admin;
 pub mod backend;
+pub mod command;
 pub mod conn;
 pub mod controller;
 pub mod exports;
 pub mod io;
+pub mod queue;
 pub mod server;
 pub mod service;
+pub mod subsystem;
 pub mod target;
+pub mod writer;

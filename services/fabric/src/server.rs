@@ -7,8 +7,10 @@ use std::time::Duration;
 use duplex_ipc::control::RateLimiter;
 
 use crate::backend::Backend;
-use crate::conn::{self, Shared};
-use crate::target::{Port, Target};
+use crate::conn;
+use crate::queue::Shared;
+use crate::subsystem::Port;
+use crate::target::Target;
 
 /// Connections one fabric process serves at most.
 pub const MAX_CONNECTIONS: usize = 1024;

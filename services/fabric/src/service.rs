@@ -35,7 +35,8 @@ use tokio::sync::mpsc;
 use crate::backend::Backend;
 use crate::exports::ExportsFeed;
 use crate::server::{self, Listener};
-use crate::target::{Port, Target};
+use crate::subsystem::Port;
+use crate::target::Target;
 
 /// The service (and seccomp policy) name.
 pub const SERVICE: &str = "fabric";

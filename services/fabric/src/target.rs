@@ -16,200 +16,17 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Instant;
 
-use duplex_ipc::exports::{ExportNamespace, ExportSubsystem, ExportTable, MAX_NSID};
-use duplex_ipc::topology::{ListenerKind, SubsystemSpec, Topology};
+use duplex_ipc::exports::{ExportSubsystem, ExportTable};
+use duplex_ipc::topology::{ListenerKind, Topology};
 use duplex_nvme::log::HealthCounters;
 use duplex_nvme::spec::{aen, lid, DISCOVERY_NQN};
 use tokio::sync::Notify;
 
 use crate::controller::{Controller, Teardown};
+use crate::subsystem::{export_access, Namespace, Port, Subsystem};
 
 /// Controller ids one node hands out: `[cntlid_base, cntlid_base + CNTLID_SPAN)`.
 pub const CNTLID_SPAN: u16 = 0x4000;
-
-/// A namespace as the fabric serves it (a copy: commands keep the one they started with).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Namespace {
-    /// Namespace id.
-    pub nsid: u32,
-    /// The datapath volume serving it (`IoDesc.volume`).
-    pub volume: u32,
-    /// Logical block size in bytes.
-    pub block_size: u32,
-    /// Size in logical blocks.
-    pub blocks: u64,
-    /// NGUID.
-    pub nguid: [u8; 16],
-    /// UUID.
-    pub uuid: [u8; 16],
-    /// ANA group.
-    pub ana_group: u32,
-}
-
-impl Namespace {
-    fn from_export(n: &ExportNamespace) -> Self {
-        Self {
-            nsid: n.nsid,
-            volume: n.volume,
-            block_size: n.block_size,
-            blocks: n.blocks,
-            nguid: n.nguid,
-            uuid: n.uuid,
-            ana_group: n.ana_group,
-        }
-    }
-}
-
-/// Who may connect to a subsystem.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Access {
-    allow_any_host: bool,
-    hosts: HashSet<String>,
-}
-
-/// An NVM subsystem, or the discovery subsystem.
-#[derive(Debug)]
-pub struct Subsystem {
-    /// NQN.
-    pub nqn: String,
-    /// Serial number.
-    pub serial: String,
-    /// Model number.
-    pub model: String,
-    /// The discovery subsystem.
-    pub discovery: bool,
-    /// From the export table: its hosts and namespaces change at run time.
-    pub exported: bool,
-    access: RefCell<Access>,
-    /// Namespaces by id (ascending); replaced whole when the export table changes them.
-    namespaces: RefCell<Rc<[Namespace]>>,
-}
-
-impl Subsystem {
-    /// Whether `hostnqn` may connect.
-    pub fn allows(&self, hostnqn: &str) -> bool {
-        let a = self.access.borrow();
-        a.allow_any_host || a.hosts.contains(hostnqn)
-    }
-
-    /// The namespace `nsid`, if it is active now.
-    pub fn namespace(&self, nsid: u32) -> Option<Namespace> {
-        let namespaces = self.namespaces.borrow();
-        namespaces
-            .binary_search_by_key(&nsid, |n| n.nsid)
-            .ok()
-            .and_then(|i| namespaces.get(i).copied())
-    }
-
-    /// The active namespaces now, ascending by id.
-    pub fn namespaces(&self) -> Rc<[Namespace]> {
-        Rc::clone(&self.namespaces.borrow())
-    }
-
-    /// The largest namespace id this subsystem may ever report (Identify Controller NN): the
-    /// highest one for a static subsystem, [`MAX_NSID`] for an exported one (namespaces come
-    /// and go).
-    pub fn max_nsid(&self) -> u32 {
-        if self.exported {
-            MAX_NSID
-        } else {
-            self.namespaces
-                .borrow()
-                .iter()
-                .map(|n| n.nsid)
-                .max()
-                .unwrap_or(0)
-        }
-    }
-
-    fn new(
-        nqn: String,
-        serial: String,
-        model: String,
-        access: Access,
-        mut namespaces: Vec<Namespace>,
-        exported: bool,
-    ) -> Self {
-        namespaces.sort_by_key(|n| n.nsid);
-        Self {
-            nqn,
-            serial,
-            model,
-            discovery: false,
-            exported,
-            access: RefCell::new(access),
-            namespaces: RefCell::new(namespaces.into()),
-        }
-    }
-
-    fn from_spec(s: &SubsystemSpec, topo: &Topology) -> Self {
-        let namespaces = s
-            .namespaces
-            .iter()
-            .filter_map(|n| {
-                let v = topo.volume(n.volume)?;
-                Some(Namespace {
-                    nsid: n.nsid,
-                    volume: v.id,
-                    block_size: v.block_size,
-                    blocks: v.blocks,
-                    nguid: n.nguid,
-                    uuid: n.uuid,
-                    ana_group: topo.ana_group,
-                })
-            })
-            .collect();
-        let access = Access {
-            allow_any_host: s.allow_any_host,
-            hosts: s.hosts.iter().cloned().collect(),
-        };
-        Self::new(
-            s.nqn.clone(),
-            s.serial.clone(),
-            s.model.clone(),
-            access,
-            namespaces,
-            false,
-        )
-    }
-
-    fn from_export(e: &ExportSubsystem) -> Self {
-        Self::new(
-            e.nqn.clone(),
-            e.serial.clone(),
-            e.model.clone(),
-            export_access(e),
-            e.namespaces.iter().map(Namespace::from_export).collect(),
-            true,
-        )
-    }
-}
-
-fn export_access(e: &ExportSubsystem) -> Access {
-    Access {
-        allow_any_host: e.allow_any_host,
-        hosts: e.hosts.iter().cloned().collect(),
-    }
-}
-
-/// The namespace ids that differ between two sorted lists: added, removed, or with any
-/// attribute changed.
-fn changed_nsids(old: &[Namespace], new: &[Namespace]) -> Vec<u32> {
-    let old_by_id: HashMap<u32, &Namespace> = old.iter().map(|n| (n.nsid, n)).collect();
-    let new_ids: HashSet<u32> = new.iter().map(|n| n.nsid).collect();
-    let mut out: Vec<u32> = new
-        .iter()
-        .filter(|n| old_by_id.get(&n.nsid) != Some(n))
-        .map(|n| n.nsid)
-        .chain(
-            old.iter()
-                .map(|n| n.nsid)
-                .filter(|id| !new_ids.contains(id)),
-        )
-        .collect();
-    out.sort_unstable();
-    out
-}
 
 /// What applying an export table changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -229,17 +46,6 @@ pub struct ExportsChange {
     /// Controllers torn down because their host is no longer allowed.
     pub denied: usize,
 }
-/// A listening port as the discovery log reports it.
-#[derive(Clone, Debug)]
-pub struct Port {
-    /// Port id (1-based, in listener order).
-    pub id: u16,
-    /// IP address.
-    pub addr: std::net::SocketAddr,
-    /// What it serves.
-    pub kind: ListenerKind,
-}
-
 /// Everything one fabric process serves.
 #[derive(Debug)]
 pub struct Target {
@@ -273,18 +79,7 @@ impl Target {
             .iter()
             .map(|s| Rc::new(Subsystem::from_spec(s, &topology)))
             .collect();
-        let discovery = Rc::new(Subsystem {
-            nqn: DISCOVERY_NQN.to_owned(),
-            serial: format!("duplex-{}", topology.node),
-            model: "duplex discovery".to_owned(),
-            discovery: true,
-            exported: false,
-            access: RefCell::new(Access {
-                allow_any_host: true,
-                hosts: HashSet::new(),
-            }),
-            namespaces: RefCell::new(Rc::from(Vec::new())),
-        });
+        let discovery = Rc::new(Subsystem::discovery(format!("duplex-{}", topology.node)));
         let base = topology.cntlid_base.max(1);
         Self {
             topology,
@@ -401,9 +196,8 @@ impl Target {
         change: &mut ExportsChange,
     ) -> (bool, bool) {
         let access = export_access(e);
-        let access_changed = *s.access.borrow() != access;
+        let access_changed = s.set_access(access);
         if access_changed {
-            *s.access.borrow_mut() = access;
             for c in self.controllers_of(s) {
                 if !s.allows(&c.hostnqn) && c.alive() {
                     tracing::info!(
@@ -417,12 +211,9 @@ impl Target {
                 }
             }
         }
-        let mut namespaces: Vec<Namespace> =
-            e.namespaces.iter().map(Namespace::from_export).collect();
-        namespaces.sort_by_key(|n| n.nsid);
-        let changed = changed_nsids(&s.namespaces(), &namespaces);
+        let changed =
+            s.replace_namespaces(e.namespaces.iter().map(Namespace::from_export).collect());
         if !changed.is_empty() {
-            *s.namespaces.borrow_mut() = namespaces.into();
             change.namespaces += changed.len();
             for c in self.controllers_of(s) {
                 if c.alive() {
