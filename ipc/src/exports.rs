@@ -46,13 +46,14 @@
 //! rings again, so no change is missed; a spurious wake reads the same generation again. That
 //! is all the protocol: when and how often to read is the reader's policy.
 //!
-//! # Encoding (format version 1, little-endian)
+//! # Encoding (format version 2, little-endian)
 //!
 //! ```text
-//! table      = version:u32 generation:u64 count:u32 subsystem{count}
+//! table      = version:u32 generation:u64 count:u32 subsystem{count} groups:u32 group{groups}
 //! subsystem  = nqn:str serial:str model:str flags:u8 hosts:u32 str{hosts} namespaces:u32 namespace{namespaces}
 //!              flags bit 0: allow_any_host; the other bits are zero
 //! namespace  = nsid:u32 volume:u32 block_size:u32 blocks:u64 nguid:[u8;16] uuid:[u8;16] ana_group:u32
+//! group      = id:u32 state:u8       the ANA state of group `id` on this node's ports
 //! str        = length:u16 UTF-8 bytes
 //! ```
 //!
@@ -63,7 +64,10 @@
 //! not printable ASCII of at most 20 and 40 bytes; a host listed twice; an nsid outside
 //! `1..=`[`MAX_NSID`] or used twice in a subsystem; a block size other than 512 or 4096; zero
 //! blocks or a byte size past `u64`; an ANA group outside `1..=`[`MAX_ANA_GROUP`]; an all-zero
-//! NGUID or UUID, or one used twice in the table (hosts identify namespaces by them).
+//! NGUID or UUID, or one used twice in the table (hosts identify namespaces by them); an ANA
+//! group listed twice or outside `1..=`[`MAX_ANA_GROUP`], a state that is not an ANA state
+//! ([`AnaState`]), or a namespace whose group has no state (every state is said, never
+//! assumed: a group this node does not own must not default to serving).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -79,7 +83,7 @@ pub const DEFAULT_EXPORTS_SIZE: usize = 4 << 20;
 /// `params[0]` of an exports region says it is one.
 pub const EXPORTS_TAG: u64 = u64::from_le_bytes(*b"EXPORTS\x01");
 /// Version of the table encoding.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest namespace id (and most namespaces per subsystem).
 pub const MAX_NSID: u32 = 1024;
 /// Longest NQN, in bytes (NVMe base specification: 223 bytes of UTF-8).
@@ -145,6 +149,62 @@ pub struct ExportSubsystem {
     pub namespaces: Vec<ExportNamespace>,
 }
 
+/// An ANA state (the NVMe codes, as the ANA log page reports them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum AnaState {
+    /// This node serves the group: I/O goes here.
+    Optimized = 0x01,
+    /// Served, but another path is better.
+    NonOptimized = 0x02,
+    /// Not served here now (the peer owns the group): commands fail with a path error and
+    /// the host uses another path.
+    Inaccessible = 0x03,
+    /// Not served here, and will not be again.
+    PersistentLoss = 0x04,
+    /// Moving (takeover or giveback in progress): hosts wait up to ANATT and retry.
+    Change = 0x0F,
+}
+
+impl AnaState {
+    /// The state of an NVMe code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0x01 => Self::Optimized,
+            0x02 => Self::NonOptimized,
+            0x03 => Self::Inaccessible,
+            0x04 => Self::PersistentLoss,
+            0x0F => Self::Change,
+            _ => return None,
+        })
+    }
+
+    /// Whether I/O is served in this state.
+    pub fn serves_io(self) -> bool {
+        matches!(self, Self::Optimized | Self::NonOptimized)
+    }
+
+    /// The name `nvme ana-log` and sysfs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Optimized => "optimized",
+            Self::NonOptimized => "non-optimized",
+            Self::Inaccessible => "inaccessible",
+            Self::PersistentLoss => "persistent-loss",
+            Self::Change => "change",
+        }
+    }
+}
+
+/// The ANA state of one group on this node's ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AnaGroupState {
+    /// Group id, `1..=`[`MAX_ANA_GROUP`].
+    pub group: u32,
+    /// Its state.
+    pub state: AnaState,
+}
+
 /// What the fabric exports, as one versioned whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportTable {
@@ -152,6 +212,16 @@ pub struct ExportTable {
     pub generation: u64,
     /// The subsystems.
     pub subsystems: Vec<ExportSubsystem>,
+    /// The ANA state of every group a namespace names (and of groups without namespaces yet),
+    /// by group id.
+    pub ana: Vec<AnaGroupState>,
+}
+
+impl ExportTable {
+    /// The state of group `group`, if the table says.
+    pub fn ana_state(&self, group: u32) -> Option<AnaState> {
+        self.ana.iter().find(|g| g.group == group).map(|g| g.state)
+    }
 }
 
 /// Why bytes are not a valid export table.
@@ -246,6 +316,14 @@ pub enum TableError {
         /// The nsid.
         nsid: u32,
     },
+    /// An ANA group entry that is not valid.
+    #[error("Export table: ANA group {group}: {why}")]
+    AnaGroup {
+        /// The group.
+        group: u32,
+        /// What is wrong.
+        why: String,
+    },
     /// A namespace whose size or format is not servable.
     #[error("Export table: namespace {nsid} of {nqn}: {why}")]
     Namespace {
@@ -306,6 +384,22 @@ impl ExportTable {
             return Err(TableError::Generation(self.generation));
         }
         too_many("subsystems", self.subsystems.len(), MAX_SUBSYSTEMS)?;
+        too_many("ANA groups", self.ana.len(), MAX_ANA_GROUP as usize)?;
+        let mut groups = std::collections::HashSet::new();
+        for g in &self.ana {
+            if g.group == 0 || g.group > MAX_ANA_GROUP {
+                return Err(TableError::AnaGroup {
+                    group: g.group,
+                    why: format!("outside 1..={MAX_ANA_GROUP}"),
+                });
+            }
+            if !groups.insert(g.group) {
+                return Err(TableError::AnaGroup {
+                    group: g.group,
+                    why: "listed twice".to_owned(),
+                });
+            }
+        }
         let mut nqns = std::collections::HashSet::new();
         let mut nguids = std::collections::HashSet::new();
         let mut uuids = std::collections::HashSet::new();
@@ -366,6 +460,9 @@ impl ExportTable {
                         n.ana_group
                     )));
                 }
+                if !groups.contains(&n.ana_group) {
+                    return Err(bad(format!("ANA group {} has no state", n.ana_group)));
+                }
                 for (what, id, seen) in [
                     ("NGUID", &n.nguid, &mut nguids),
                     ("UUID", &n.uuid, &mut uuids),
@@ -408,6 +505,11 @@ impl ExportTable {
                 b.extend_from_slice(&n.uuid);
                 b.extend_from_slice(&n.ana_group.to_le_bytes());
             }
+        }
+        put_count(&mut b, self.ana.len());
+        for g in &self.ana {
+            b.extend_from_slice(&g.group.to_le_bytes());
+            b.push(g.state as u8);
         }
         Ok(b)
     }
@@ -461,6 +563,17 @@ impl ExportTable {
                 namespaces,
             });
         }
+        let n = r.count("ANA groups", 5, MAX_ANA_GROUP as usize)?;
+        let mut ana = Vec::with_capacity(n);
+        for _ in 0..n {
+            let group = r.u32()?;
+            let code = r.u8()?;
+            let state = AnaState::from_code(code).ok_or_else(|| TableError::AnaGroup {
+                group,
+                why: format!("state {code:#04x} is not an ANA state"),
+            })?;
+            ana.push(AnaGroupState { group, state });
+        }
         if r.at != bytes.len() {
             return Err(TableError::TrailingBytes {
                 extra: bytes.len() - r.at,
@@ -469,6 +582,7 @@ impl ExportTable {
         let t = Self {
             generation,
             subsystems,
+            ana,
         };
         t.validate()?;
         Ok(t)

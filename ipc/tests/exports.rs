@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_ipc::exports::{
-    ExportNamespace, ExportSubsystem, ExportTable, ExportsError, ExportsRegion, TableError,
-    DEFAULT_EXPORTS_SIZE, MAX_NSID,
+    AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, ExportTable, ExportsError,
+    ExportsRegion, TableError, DEFAULT_EXPORTS_SIZE, MAX_NSID,
 };
 use duplex_ipc::lifecycle::Health;
 
@@ -59,6 +59,71 @@ fn table(g: u64) -> ExportTable {
                 namespaces: vec![],
             },
         ],
+        // Every group a namespace may name, in a state that varies with `g`.
+        ana: (1..=4)
+            .map(|group| AnaGroupState {
+                group,
+                state: [
+                    AnaState::Optimized,
+                    AnaState::NonOptimized,
+                    AnaState::Inaccessible,
+                    AnaState::PersistentLoss,
+                    AnaState::Change,
+                ][((g + u64::from(group)) % 5) as usize],
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn ana_states_are_said_for_every_group_and_checked() {
+    let t = table(3);
+    let back = ExportTable::decode(&t.encode().expect("encodes")).expect("decodes");
+    assert_eq!(back, t);
+    assert_eq!(back.ana_state(1), Some(AnaState::Change));
+    assert_eq!(back.ana_state(2), Some(AnaState::Optimized));
+    assert_eq!(back.ana_state(4), Some(AnaState::Inaccessible));
+    assert_eq!(back.ana_state(9), None);
+
+    // A namespace whose group has no state is refused: a group must never default to serving.
+    let mut missing = table(3);
+    let group = missing.subsystems[0].namespaces[0].ana_group;
+    missing.ana.retain(|g| g.group != group);
+    let err = missing.encode().expect_err("a group without a state");
+    assert!(err.to_string().contains("has no state"), "{err}");
+
+    let mut twice = table(3);
+    twice.ana.push(twice.ana[0]);
+    assert!(matches!(twice.validate(), Err(TableError::AnaGroup { .. })));
+    let mut zero = table(3);
+    zero.ana.push(AnaGroupState {
+        group: 0,
+        state: AnaState::Optimized,
+    });
+    assert!(matches!(
+        zero.validate(),
+        Err(TableError::AnaGroup { group: 0, .. })
+    ));
+
+    // A state byte that is not an ANA state: the last byte of the encoding is the last
+    // group's state.
+    let mut b = t.encode().expect("encodes");
+    if let Some(last) = b.last_mut() {
+        *last = 0x05;
+    }
+    let err = ExportTable::decode(&b).expect_err("not an ANA state");
+    assert!(err.to_string().contains("not an ANA state"), "{err}");
+    // The NVMe codes, written down from the specification (ANA log page, byte 32 of a
+    // group descriptor).
+    for (state, code) in [
+        (AnaState::Optimized, 1u8),
+        (AnaState::NonOptimized, 2),
+        (AnaState::Inaccessible, 3),
+        (AnaState::PersistentLoss, 4),
+        (AnaState::Change, 0x0F),
+    ] {
+        assert_eq!(state as u8, code);
+        assert_eq!(AnaState::from_code(code), Some(state));
     }
 }
 

@@ -111,9 +111,9 @@ pub fn controller(c: &ControllerInfo) -> Vec<u8> {
         // NVMe Base Specification, Identify Controller: byte 342 ANATT, byte 343 ANACAP, bytes
         // 347:344 ANAGRPMAX, bytes 351:348 NANAGRPID (right after ENDGIDMAX at 341:340). They
         // were one byte higher until a Linux host showed `anatt 0, anacap 10, anagrpmax 351`.
+        // ANACAP: reports optimized, non-optimized, inaccessible, persistent loss, change;
+        // ANAGRPID does not change while the namespace is attached (bit 6).
         b[342] = c.anatt; // ANATT
-                          // ANACAP: reports optimized, non-optimized, inaccessible, persistent loss, change;
-                          // ANAGRPID does not change while the namespace is attached (bit 6).
         b[343] = 0b0001_1111 | 1 << 6;
         put_u32(&mut b, 344, c.ana_groups); // ANAGRPMAX
         put_u32(&mut b, 348, c.ana_groups); // NANAGRPID

@@ -196,6 +196,21 @@ pub mod specific {
     pub const CONNECT_INVALID_HOST: Status = Status::new(1, 0x84).dnr();
 }
 
+/// Path related status (SCT 3). Never with Do Not Retry: a host with another path retries
+/// there (Linux fails over on any SCT 3 status without DNR, and on an ANA status re-reads the
+/// ANA log page).
+pub mod path {
+    use super::Status;
+    /// Internal Path Error.
+    pub const INTERNAL: Status = Status::new(3, 0x00);
+    /// Asymmetric Access Persistent Loss.
+    pub const ANA_PERSISTENT_LOSS: Status = Status::new(3, 0x01);
+    /// Asymmetric Access Inaccessible.
+    pub const ANA_INACCESSIBLE: Status = Status::new(3, 0x02);
+    /// Asymmetric Access Transition.
+    pub const ANA_TRANSITION: Status = Status::new(3, 0x03);
+}
+
 /// Media and data integrity errors (SCT 2).
 pub mod media {
     use super::Status;

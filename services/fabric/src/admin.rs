@@ -7,7 +7,7 @@ use duplex_ipc::topology::ListenerKind;
 use duplex_nvme::cmd::{GetLogPage, Sqe};
 use duplex_nvme::identify::{self, ControllerInfo, ControllerType, NamespaceInfo};
 use duplex_nvme::log::{self, effects, AnaGroup, DiscoveryEntry};
-use duplex_nvme::spec::{admin, aen, ana, cns, feat, io, lid};
+use duplex_nvme::spec::{admin, aen, cns, feat, io, lid};
 use duplex_nvme::status::{generic, specific};
 
 use crate::command::{DataIn, Reply, IN_CAPSULE_DATA, MAX_TRANSFER, MDTS};
@@ -176,13 +176,18 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
         (lid::ANA, false) => {
             let namespaces = s.namespaces();
             let mut ids: Vec<u32> = namespaces.iter().map(|n| n.ana_group).collect();
+            // A subsystem without namespaces still reports the node's group (as hosts read
+            // the log before any namespace exists).
+            if ids.is_empty() {
+                ids.push(target.topology.ana_group);
+            }
             ids.sort_unstable();
             ids.dedup();
             let groups: Vec<AnaGroup> = ids
                 .into_iter()
                 .map(|id| AnaGroup {
                     id,
-                    state: ana::OPTIMIZED,
+                    state: target.ana_state(s, id) as u8,
                     nsids: namespaces
                         .iter()
                         .filter(|n| n.ana_group == id)
@@ -190,17 +195,6 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
                         .collect(),
                 })
                 .collect();
-            // A subsystem without namespaces still reports the node's group (as hosts read
-            // the log before any namespace exists).
-            let groups = if groups.is_empty() {
-                vec![AnaGroup {
-                    id: target.topology.ana_group,
-                    state: ana::OPTIMIZED,
-                    nsids: Vec::new(),
-                }]
-            } else {
-                groups
-            };
             log::ana(target.ana_change_count(), &groups, g.lsp & 1 != 0)
         }
         _ => return Reply::status(specific::INVALID_LOG_PAGE),

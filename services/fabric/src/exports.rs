@@ -88,6 +88,7 @@ impl ExportsFeed {
             removed = ?change.removed,
             namespaces = change.namespaces,
             denied = change.denied,
+            ana_groups = change.ana_groups,
             "export table applied"
         );
         Some(change)

@@ -13,10 +13,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use duplex_ipc::desc::{
     IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
 };
+use duplex_ipc::exports::AnaState;
 use duplex_ipc::pool::{BufHandle, NIL};
 use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::io;
-use duplex_nvme::status::{generic, media, Status};
+use duplex_nvme::status::{generic, media, path, Status};
 
 use crate::backend::{Backend, BackendError, Chain, FastOp, Finish, Pending};
 use crate::command::{CmdState, DataIn, Payload, Reply, MAX_TRANSFER};
@@ -42,6 +43,9 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
         return false;
     };
     let ns = &ns;
+    if path_status(q, &ctrl, ns).is_some() {
+        return false;
+    }
     let (slba, nlb) = (sqe.slba(), sqe.nlb());
     let Ok(bytes) = range(ns, slba, nlb) else {
         return false;
@@ -169,6 +173,16 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
     let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {
         return Reply::status(generic::INVALID_NS);
     };
+    if let Some(status) = path_status(q, ctrl, &ns) {
+        q.shared.note(
+            q.peer,
+            &format!(
+                "I/O to namespace {} refused on this path: {status}",
+                ns.nsid
+            ),
+        );
+        return Reply::status(status);
+    }
     match sqe.opcode {
         io::READ => read(q, &backend, &ns, &sqe, data).await,
         io::WRITE => write(q, &backend, ctrl, &ns, &sqe, data).await.into(),
@@ -176,6 +190,17 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
         io::WRITE_ZEROES => write_zeroes(q, &backend, ctrl, &ns, &sqe).await.into(),
         io::DSM => dsm(q, &backend, &ns, &sqe, data).await.into(),
         _ => Reply::status(generic::INVALID_OPCODE),
+    }
+}
+
+/// The path error an I/O command to `ns` gets here, if its ANA group is not served on this
+/// node's ports now: nothing reaches the datapath, and the host retries on another path.
+fn path_status(q: &Queue, ctrl: &Controller, ns: &Namespace) -> Option<Status> {
+    match q.shared.target.ana_state(&ctrl.subsys, ns.ana_group) {
+        AnaState::Optimized | AnaState::NonOptimized => None,
+        AnaState::Inaccessible => Some(path::ANA_INACCESSIBLE),
+        AnaState::PersistentLoss => Some(path::ANA_PERSISTENT_LOSS),
+        AnaState::Change => Some(path::ANA_TRANSITION),
     }
 }
 

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Instant;
 
-use duplex_ipc::exports::{ExportSubsystem, ExportTable};
+use duplex_ipc::exports::{AnaState, ExportSubsystem, ExportTable};
 use duplex_ipc::topology::{ListenerKind, Topology};
 use duplex_nvme::log::HealthCounters;
 use duplex_nvme::spec::{aen, lid, DISCOVERY_NQN};
@@ -45,6 +45,8 @@ pub struct ExportsChange {
     pub namespaces: usize,
     /// Controllers torn down because their host is no longer allowed.
     pub denied: usize,
+    /// ANA groups in the table, if any group's state changed (0: none changed).
+    pub ana_groups: usize,
 }
 /// Everything one fabric process serves.
 #[derive(Debug)]
@@ -67,6 +69,8 @@ pub struct Target {
     pub shutdown: Notify,
     stats: Cell<HealthCounters>,
     ana_changes: Cell<u64>,
+    /// The ANA state of each group of the exported subsystems (from the export table).
+    ana: RefCell<HashMap<u32, AnaState>>,
     /// Generation of the export table applied last (0: none).
     exports_generation: Cell<u64>,
 }
@@ -93,6 +97,7 @@ impl Target {
             shutdown: Notify::new(),
             stats: Cell::new(HealthCounters::default()),
             ana_changes: Cell::new(1),
+            ana: RefCell::new(HashMap::new()),
             exports_generation: Cell::new(0),
         }
     }
@@ -168,9 +173,37 @@ impl Target {
             }
         }
         *self.subsystems.borrow_mut() = next;
-        if ns_changed {
-            // ANA group descriptors list the namespaces: their membership changed.
+        let ana: HashMap<u32, AnaState> = table.ana.iter().map(|g| (g.group, g.state)).collect();
+        let ana_changed = *self.ana.borrow() != ana;
+        if ana_changed {
+            for g in &table.ana {
+                let was = self.ana.borrow().get(&g.group).copied();
+                if was != Some(g.state) {
+                    tracing::info!(
+                        group = g.group,
+                        from = was.map_or("none", AnaState::name),
+                        to = g.state.name(),
+                        "ANA state changed"
+                    );
+                }
+            }
+            *self.ana.borrow_mut() = ana;
+            change.ana_groups = table.ana.len();
+        }
+        if ns_changed || ana_changed {
+            // ANA group descriptors list the namespaces and their state: either changed.
             self.ana_changes.set(self.ana_changes.get().wrapping_add(1));
+        }
+        if ana_changed {
+            // Every host of an exported subsystem hears of it (an ANA change notice, which it
+            // answers by reading the ANA log page).
+            for s in self.subsystems().iter().filter(|s| s.exported) {
+                for c in self.controllers_of(s) {
+                    if c.alive() {
+                        c.raise_notice(aen::NOTICE_ANA_CHANGE, lid::ANA, aen::CFG_ANA_CHANGE);
+                    }
+                }
+            }
         }
         if discovery_changed {
             self.discovery_genctr
@@ -267,6 +300,21 @@ impl Target {
     /// ANA change count (grows with every ANA state change).
     pub fn ana_change_count(&self) -> u64 {
         self.ana_changes.get()
+    }
+
+    /// The ANA state of group `group` of subsystem `s` on this node's ports. The static
+    /// topology's subsystems are always optimized (one node serves them); an exported one's
+    /// group is what the export table says, and inaccessible if it says nothing (it always
+    /// does: a table is refused otherwise).
+    pub fn ana_state(&self, s: &Subsystem, group: u32) -> AnaState {
+        if !s.exported {
+            return AnaState::Optimized;
+        }
+        self.ana
+            .borrow()
+            .get(&group)
+            .copied()
+            .unwrap_or(AnaState::Inaccessible)
     }
 
     /// The subsystem called `nqn` reachable through a port of `kind`.

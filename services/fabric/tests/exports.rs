@@ -15,10 +15,12 @@ use std::net::SocketAddr;
 use common::*;
 use duplex_host::{Completion, Data};
 use duplex_ipc::doorbell::Doorbell;
-use duplex_ipc::exports::{ExportNamespace, ExportSubsystem, ExportTable, ExportsRegion};
+use duplex_ipc::exports::{
+    AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, ExportTable, ExportsRegion,
+};
 use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::{admin, aen, cns, feat, io, lid, DISCOVERY_NQN};
-use duplex_nvme::status::{generic, specific, Status};
+use duplex_nvme::status::{generic, path, specific, Status};
 use duplex_nvme::tcp::Digests;
 
 const NONE: Digests = Digests {
@@ -58,7 +60,18 @@ fn table(generation: u64, hosts: &[&str], namespaces: Vec<ExportNamespace>) -> E
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             namespaces,
         }],
+        ana: vec![AnaGroupState {
+            group: 1,
+            state: AnaState::Optimized,
+        }],
     }
+}
+
+/// [`table`] with group 1 (every namespace's) in `state`.
+fn table_in(generation: u64, namespaces: Vec<ExportNamespace>, state: AnaState) -> ExportTable {
+    let mut t = table(generation, &[HOSTNQN], namespaces);
+    t.ana[0].state = state;
+    t
 }
 
 /// The metadata service's end: the region it publishes in and the bell it rings.
@@ -428,6 +441,7 @@ fn a_host_no_longer_allowed_is_disconnected_and_refused_and_removed_subsystems_g
     w.publish(&ExportTable {
         generation: 3,
         subsystems: vec![],
+        ana: vec![],
     });
     assert_eq!(
         disc.next_event(),
@@ -551,4 +565,141 @@ fn identify_controller_reports_oaes_at_the_spec_offset() {
         0,
         "discovery: Discovery Log Page Change Notices (bit 31)"
     );
+}
+
+/// The ANA log page as the NVMe specification lays it out (and Linux's `nvme_ana_rsp_hdr` and
+/// `nvme_ana_group_desc` read it), at literal offsets: header (change count 7:0, number of
+/// descriptors 9:8, 16 bytes), then per group: ANAGRPID 3:0, NNSID 7:4, change count 15:8,
+/// ANA state in bits 3:0 of byte 16, NSIDs from byte 32.
+/// Returns the change count and (group, state, nsids) per descriptor.
+fn ana_log(a: &mut Admin, rae: bool) -> (u64, Vec<(u32, u8, Vec<u32>)>) {
+    let len = 4096;
+    let page = a.ok(
+        Sqe {
+            opcode: admin::GET_LOG_PAGE,
+            nsid: 0xFFFF_FFFF,
+            cdw10: u32::from(lid::ANA) | u32::from(rae) << 15 | ((len / 4 - 1) as u32) << 16,
+            ..Sqe::default()
+        },
+        len,
+    );
+    let change = u64::from_le_bytes(page[0..8].try_into().expect("8 bytes"));
+    let count = u16::from_le_bytes([page[8], page[9]]);
+    let mut at = 16;
+    let mut groups = Vec::new();
+    for _ in 0..count {
+        let d = &page[at..];
+        let nnsid = u32_at(d, 4) as usize;
+        let nsids = (0..nnsid).map(|i| u32_at(d, 32 + 4 * i)).collect();
+        groups.push((u32_at(d, 0), d[16] & 0x0F, nsids));
+        at += 32 + 4 * nnsid;
+    }
+    (change, groups)
+}
+
+/// The completion dword 0 of an ANA change notice.
+const ANA_CHANGED: u32 = aen::dword0(aen::TYPE_NOTICE, aen::NOTICE_ANA_CHANGE, lid::ANA);
+
+#[test]
+fn ana_state_changes_raise_the_notice_and_a_non_serving_path_returns_only_path_errors() {
+    let w = Writer::new();
+    w.publish(&table_in(
+        1,
+        vec![ns(1, 11, 64), ns(2, 12, 64)],
+        AnaState::Optimized,
+    ));
+    let h = w.fabric();
+    let mut a = Admin::connect(h.addr, EXPNQN, HOSTNQN);
+    a.set_aec(aen::CFG_ANA_CHANGE | aen::CFG_NS_ATTR);
+    let mut q = a.io_queue(h.addr, EXPNQN, HOSTNQN);
+    let (c0, groups) = ana_log(&mut a, false);
+    assert_eq!(
+        groups,
+        vec![(1, 1, vec![1, 2])],
+        "optimized, both namespaces"
+    );
+    let old = vec![0x5Au8; 2 * BS as usize];
+    assert!(write(&mut q, 1, 0, &old).is_success());
+
+    // Each state that does not serve: the notice, the log saying so, and every I/O command
+    // answered with its path error (SCT 3, without Do Not Retry, so a host retries on
+    // another path), reads returning no data, writes reaching nothing.
+    let mut generation = 1;
+    let mut count = c0;
+    for (state, code, status) in [
+        (AnaState::Inaccessible, 3u8, path::ANA_INACCESSIBLE),
+        (AnaState::Change, 0x0F, path::ANA_TRANSITION),
+        (AnaState::PersistentLoss, 4, path::ANA_PERSISTENT_LOSS),
+    ] {
+        a.request_event();
+        generation += 1;
+        w.publish(&table_in(
+            generation,
+            vec![ns(1, 11, 64), ns(2, 12, 64)],
+            state,
+        ));
+        assert_eq!(a.next_event(), ANA_CHANGED, "{state:?}");
+        let (c, groups) = ana_log(&mut a, false);
+        assert!(c > count, "the change count grows ({c} after {count})");
+        count = c;
+        assert_eq!(groups, vec![(1, code, vec![1, 2])], "{state:?}");
+        assert_eq!(status.sct(), 3);
+        assert!(!status.is_dnr());
+        let new = vec![0xA5u8; 2 * BS as usize];
+        assert_eq!(write(&mut q, 1, 0, &new), status, "{state:?} write");
+        let (s, data) = read(&mut q, 1, 0, 2);
+        assert_eq!(s, status, "{state:?} read");
+        assert!(data.is_empty(), "{state:?}: a read returned data");
+        // Off the fast path too: a read larger than one transfer, Write Zeroes, Flush to the
+        // namespace.
+        let mut wz = rw(io::WRITE_ZEROES, 2, 0, 8);
+        wz.cid = q.cid();
+        assert_eq!(
+            q.command(wz, None, false, 0).0.status(),
+            status,
+            "{state:?} write zeroes"
+        );
+        // Identify still answers (hosts read it on every path).
+        let (s, _) = a.identify(cns::NAMESPACE, 1);
+        assert!(s.is_success(), "{state:?} identify: {s}");
+    }
+
+    // Optimized again: served, and nothing written meanwhile reached the volume.
+    a.request_event();
+    w.publish(&table_in(
+        generation + 1,
+        vec![ns(1, 11, 64), ns(2, 12, 64)],
+        AnaState::Optimized,
+    ));
+    assert_eq!(a.next_event(), ANA_CHANGED);
+    assert_eq!(ana_log(&mut a, false).1, vec![(1, 1, vec![1, 2])]);
+    let (s, data) = read(&mut q, 1, 0, 2);
+    assert!(s.is_success(), "{s}");
+    assert_eq!(
+        data, old,
+        "a write refused on a non-serving path reached the volume"
+    );
+
+    // Non-optimized serves I/O.
+    a.request_event();
+    w.publish(&table_in(
+        generation + 2,
+        vec![ns(1, 11, 64), ns(2, 12, 64)],
+        AnaState::NonOptimized,
+    ));
+    assert_eq!(a.next_event(), ANA_CHANGED);
+    assert_eq!(ana_log(&mut a, false).1, vec![(1, 2, vec![1, 2])]);
+    assert!(read(&mut q, 1, 0, 2).0.is_success());
+
+    // The same states again, in a table that adds a namespace: its notice, and no ANA one.
+    a.request_event();
+    w.publish(&table_in(
+        generation + 3,
+        vec![ns(1, 11, 64), ns(2, 12, 64), ns(3, 13, 64)],
+        AnaState::NonOptimized,
+    ));
+    assert_eq!(a.next_event(), NS_CHANGED);
+    a.request_event();
+    a.sync();
+    assert!(a.events.is_empty(), "an ANA notice without an ANA change");
 }

@@ -24,7 +24,9 @@ use duplex_ipc::config::{
     ConfigErrorKind, ConfigReply, ConfigRequest, DriveInfo, DriveState, Export, NamespaceInfo,
     PoolInfo, PoolMember as PoolMemberInfo, PoolState, SubsystemInfo, VolumeInfo,
 };
-use duplex_ipc::exports::{ExportNamespace, ExportSubsystem};
+use duplex_ipc::exports::{
+    AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, MAX_ANA_GROUP,
+};
 use duplex_ondisk::import::MemberStatus;
 use duplex_ondisk::{MemberState, PoolConfig, RaidLevel, Uuid};
 
@@ -89,8 +91,13 @@ pub trait Publisher {
     fn publish_volumes(&mut self, epoch: u64, volumes: &[VolumePublish]) -> Result<(), String>;
     /// Member failures are recorded on disk.
     fn failures_recorded(&mut self, device: u32, members: &[u32]) -> Result<(), String>;
-    /// Replaces the fabric's export table.
-    fn publish_exports(&mut self, subsystems: Vec<ExportSubsystem>) -> Result<(), String>;
+    /// Replaces the fabric's export table: the subsystems, and the ANA state of every group
+    /// their namespaces name.
+    fn publish_exports(
+        &mut self,
+        subsystems: Vec<ExportSubsystem>,
+        ana: Vec<AnaGroupState>,
+    ) -> Result<(), String>;
 }
 
 /// A drive of the node.
@@ -500,7 +507,46 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
 
     fn publish_exports(&mut self) -> Result<(), String> {
         let table = self.export_table();
-        self.publisher.publish_exports(table)
+        let ana = self.ana_states(&table);
+        self.publisher.publish_exports(table, ana)
+    }
+
+    /// The ANA state of every group the table's namespaces name: optimized, as this node
+    /// serves every pool it imported. (The cluster service will say which pools the peer owns:
+    /// theirs are inaccessible here.)
+    fn ana_states(&self, table: &[ExportSubsystem]) -> Vec<AnaGroupState> {
+        let mut groups: Vec<u32> = table
+            .iter()
+            .flat_map(|s| s.namespaces.iter().map(|n| n.ana_group))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+            .into_iter()
+            .map(|group| AnaGroupState {
+                group,
+                state: AnaState::Optimized,
+            })
+            .collect()
+    }
+
+    /// The ANA group of pool `i`'s namespaces: one group per pool, so that a pool moves
+    /// between controllers as one ANA group. The group its namespaces have already; for a pool
+    /// without namespaces, the lowest group no other pool's namespaces use.
+    fn pool_group(&self, i: usize) -> u32 {
+        if let Some(n) = self.pools[i].store.config().namespaces.first() {
+            return n.ana_group;
+        }
+        let used: Vec<u32> = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .flat_map(|(_, p)| p.store.config().namespaces.iter().map(|n| n.ana_group))
+            .collect();
+        (1..=MAX_ANA_GROUP)
+            .find(|g| !used.contains(g))
+            .unwrap_or(self.ana_group)
     }
 
     /// A fresh UUID (random, from the process's random hash keys and a counter).
@@ -996,7 +1042,8 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         base.subsystems = subsystems;
         base.cluster_generation = generation;
         let nsid = (nsid != 0).then_some(nsid);
-        match ops::add_namespace(&base, nqn, volume, nsid, self.ana_group, &taken) {
+        let group = self.pool_group(i);
+        match ops::add_namespace(&base, nqn, volume, nsid, group, &taken) {
             Ok((cfg, nsid)) => match self.commit_and_publish(
                 i,
                 cfg,

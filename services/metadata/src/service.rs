@@ -23,7 +23,8 @@ use duplex_ipc::config::ConfigChannel;
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::Doorbell;
 use duplex_ipc::exports::{
-    ExportSubsystem, ExportTable, ExportsRegion, EXPORTS_BELL_RESOURCE, EXPORTS_RESOURCE,
+    AnaGroupState, ExportSubsystem, ExportTable, ExportsRegion, EXPORTS_BELL_RESOURCE,
+    EXPORTS_RESOURCE,
 };
 use duplex_ipc::lifecycle::{self, Control, Health, Next, Started};
 use duplex_ipc::maps::{self, MapsChannel, MAPS_RESOURCE};
@@ -135,10 +136,15 @@ impl Publisher for ServicePublisher {
             .map_err(|e| e.to_string())
     }
 
-    fn publish_exports(&mut self, subsystems: Vec<ExportSubsystem>) -> Result<(), String> {
+    fn publish_exports(
+        &mut self,
+        subsystems: Vec<ExportSubsystem>,
+        ana: Vec<AnaGroupState>,
+    ) -> Result<(), String> {
         let table = ExportTable {
             generation: self.exports.current_generation() + 1,
             subsystems,
+            ana,
         };
         self.exports.publish(&table).map_err(|e| e.to_string())?;
         self.bell.ring();

@@ -7,7 +7,7 @@
 use duplex_ipc::config::{
     ConfigErrorKind, ConfigReply, ConfigRequest, DriveState, PoolState, RaidLevel,
 };
-use duplex_ipc::exports::ExportSubsystem;
+use duplex_ipc::exports::{AnaGroupState, AnaState, ExportSubsystem};
 use duplex_metadata::cluster::{Cluster, Drive, PoolPublish, Publisher, VolumePublish, MISSING};
 use duplex_metadata::disk::MemDisk;
 
@@ -16,6 +16,7 @@ struct Recorder {
     pools: Vec<PoolPublish>,
     volumes: Vec<VolumePublish>,
     exports: Vec<ExportSubsystem>,
+    ana: Vec<AnaGroupState>,
     recorded: Vec<(u32, Vec<u32>)>,
 }
 
@@ -41,8 +42,13 @@ impl Publisher for Recorder {
         self.recorded.push((device, members.to_vec()));
         Ok(())
     }
-    fn publish_exports(&mut self, subsystems: Vec<ExportSubsystem>) -> Result<(), String> {
+    fn publish_exports(
+        &mut self,
+        subsystems: Vec<ExportSubsystem>,
+        ana: Vec<AnaGroupState>,
+    ) -> Result<(), String> {
         self.exports = subsystems;
+        self.ana = ana;
         Ok(())
     }
 }
@@ -478,4 +484,53 @@ fn a_pool_named_like_an_imported_one_is_not_imported() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert_eq!(writes(&d[2..4]), w);
+}
+
+#[test]
+fn each_pool_is_one_ana_group_with_its_state_published() {
+    let d = disks(4);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    for (pool, drives) in [("tank", ["d0", "d1"]), ("vat", ["d2", "d3"])] {
+        ok(c.handle(ConfigRequest::CreatePool {
+            name: pool.into(),
+            raid: RaidLevel::Raid1,
+            drives: drives.iter().map(|d| (*d).into()).collect(),
+            chunk_bytes: 0,
+        }));
+        for v in 0..2 {
+            ok(c.handle(ConfigRequest::CreateVolume {
+                name: format!("{pool}{v}"),
+                pool: pool.into(),
+                size_bytes: 16 << 20,
+            }));
+        }
+    }
+    ok(c.handle(ConfigRequest::CreateSubsystem(NQN.into())));
+    for v in ["tank0", "vat0", "tank1", "vat1"] {
+        ok(c.handle(ConfigRequest::AddNamespace {
+            nqn: NQN.into(),
+            volume: v.into(),
+            nsid: 0,
+        }));
+    }
+    let groups = |c: &Cluster<MemDisk, Recorder>| -> Vec<(u32, u32)> {
+        c.publisher().exports[0]
+            .namespaces
+            .iter()
+            .map(|n| (n.nsid, n.ana_group))
+            .collect()
+    };
+    // Namespaces 1 and 3 are tank's, 2 and 4 vat's: one group per pool, distinct.
+    assert_eq!(groups(&c), vec![(1, 1), (2, 2), (3, 1), (4, 2)]);
+    let ana = |c: &Cluster<MemDisk, Recorder>| c.publisher().ana.clone();
+    let optimized = |group| AnaGroupState {
+        group,
+        state: AnaState::Optimized,
+    };
+    assert_eq!(ana(&c), vec![optimized(1), optimized(2)]);
+    drop(c);
+    // The groups are on the drives: the same after a restart.
+    let c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    assert_eq!(groups(&c), vec![(1, 1), (2, 2), (3, 1), (4, 2)]);
+    assert_eq!(ana(&c), vec![optimized(1), optimized(2)]);
 }
