@@ -114,6 +114,7 @@ mod channel;
 pub mod control;
 pub mod drives;
 mod engine;
+pub mod fence;
 pub mod map;
 mod mapped;
 pub mod nvme;
