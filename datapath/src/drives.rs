@@ -21,13 +21,14 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::desc::{
-    STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR, STATUS_RESERVATION_CONFLICT,
-    STATUS_WRITE_FAULT,
+    STATUS_FENCED, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR,
+    STATUS_RESERVATION_CONFLICT, STATUS_WRITE_FAULT,
 };
 use duplex_ipc::pool::Pool;
 use duplex_ipc::topology::{DriveTransport, VolumeSpec};
 
 use crate::bdev::{Io, Op as Kind};
+use crate::fence::{mark_fenced, Fence, FenceKey, NvmeReservations};
 use crate::nvme::vfio_kernel::KernelVfio;
 use crate::nvme::vfio_user::VfioUser;
 use crate::nvme::{
@@ -126,6 +127,9 @@ pub struct Drive {
     retries: u64,
     /// Completions of one poll (reused).
     done: Vec<Done>,
+    /// This node's cluster reservation key (0: standalone): a Reservation Conflict then means
+    /// the node was fenced ([`crate::fence::mark_fenced`]).
+    fence_key: u64,
 }
 
 /// A piece (or a request's share of it) that finished.
@@ -222,6 +226,15 @@ impl Drive {
                 d.nsid, ns.blocks, spec.blocks
             )));
         }
+        if d.fence_key != 0 {
+            // A cluster member: this node and boot's key on the drive, and the cluster's
+            // reservation on it, before anything is served.
+            let key = FenceKey(d.fence_key);
+            let drive = NvmeReservations::new(spec.name.clone(), &mut ctrl, 1, d.nsid);
+            Fence::new(vec![drive], key)
+                .join()
+                .map_err(|e| bad(format!("cannot join the cluster's reservation: {e}")))?;
+        }
         let mdts = ctrl.identity().mdts_bytes;
         let max_piece = if mdts == 0 {
             MAX_PIECE
@@ -251,6 +264,7 @@ impl Drive {
             last_check: Instant::now(),
             retries: 0,
             done: Vec::new(),
+            fence_key: d.fence_key,
         })
     }
 
@@ -449,8 +463,14 @@ impl Drive {
                     });
                 }
                 Err(e) => {
-                    let status = status_of(&e);
-                    if e == CmdError::ReservationConflict {
+                    let mut status = status_of(&e);
+                    let preempted =
+                        matches!(e, CmdError::ReservationConflict | CmdError::PreemptAborted);
+                    if preempted && self.fence_key != 0 {
+                        // The peer took this node's key away: stop serving everything.
+                        mark_fenced(&self.name, &e);
+                        status = STATUS_FENCED;
+                    } else if e == CmdError::ReservationConflict {
                         tracing::error!(drive = %self.name, "reservation conflict: this node is fenced off the drive");
                     } else {
                         tracing::warn!(drive = %self.name, error = %e, status, "command failed");

@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::control::RateLimiter;
-use duplex_ipc::desc::{IoDesc, STATUS_INTERNAL, STATUS_INVALID_FIELD, STATUS_SUCCESS};
+use duplex_ipc::desc::{
+    IoDesc, STATUS_FENCED, STATUS_INTERNAL, STATUS_INVALID_FIELD, STATUS_SUCCESS,
+};
 use duplex_ipc::doorbell::{Doorbell, DoorbellError};
 use duplex_ipc::pool::{BufHandle, ChunkState, Pool, PoolError, NIL};
 use duplex_ipc::ring::{Consumer, Producer, RingError};
@@ -1044,6 +1046,11 @@ impl Engine {
         } else if data_op {
             self.log_invalid(&desc, ci, "no buffer", None);
             self.finish(ci, desc, false, STATUS_INVALID_FIELD, 0);
+            return Ok(());
+        }
+        if crate::fence::is_fenced() {
+            // The peer fenced this node: nothing more is served or acknowledged.
+            self.finish(ci, desc, has_buf, STATUS_FENCED, 0);
             return Ok(());
         }
         let raw = self.channels[ci].raw;

@@ -22,6 +22,7 @@
 //! the user-space NVMe driver.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use duplex_nvme::resv::{
     Acquire, AcquireAction, Cptpl, Register, RegisterAction, ResvType, STATUS_EXT_ENTRY_LEN,
@@ -30,6 +31,28 @@ use duplex_nvme::resv::{
 
 use crate::nvme::transport::Transport;
 use crate::nvme::{CmdError, Controller};
+
+/// Set once a drive told this (cluster member) process that its key is gone.
+static FENCED: AtomicBool = AtomicBool::new(false);
+
+/// A drive answered Reservation Conflict (or aborted a command for another host's preempt) to
+/// this cluster member: the peer fenced this node. From now on the engine serves nothing: every
+/// request fails with [`duplex_ipc::desc::STATUS_FENCED`] (a path error for hosts), so nothing
+/// more is acknowledged; only a new process (a new boot, a new key) serves again.
+pub fn mark_fenced(drive: &str, why: &dyn fmt::Display) {
+    if !FENCED.swap(true, Ordering::SeqCst) {
+        tracing::error!(
+            drive,
+            %why,
+            "FENCED: this node's reservation key is gone from a drive; serving nothing more"
+        );
+    }
+}
+
+/// Whether this process was fenced ([`mark_fenced`]).
+pub fn is_fenced() -> bool {
+    FENCED.load(Ordering::SeqCst)
+}
 
 /// The reservation type the cluster holds on every drive.
 pub const FENCE_TYPE: ResvType = ResvType::ExclusiveAccessRegistrantsOnly;

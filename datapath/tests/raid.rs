@@ -78,6 +78,7 @@ fn nvme_bdev(d: &SimDrive, name: &str, pool: &Pool) -> BdevBox {
             transport: DriveTransport::VfioUser,
             nsid: 1,
             host_id: [7; 16],
+            fence_key: 0,
         }),
     };
     let stream = UnixStream::connect(&d.socket).unwrap();

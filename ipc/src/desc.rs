@@ -65,6 +65,10 @@ pub const STATUS_LBA_OUT_OF_RANGE: u16 = 0x0080;
 /// Completion status: reservation conflict (the drive is reserved by another controller: this
 /// node has been fenced off it).
 pub const STATUS_RESERVATION_CONFLICT: u16 = 0x0083;
+/// Completion status: this node is fenced (a drive answered Reservation Conflict to a node
+/// that registered a cluster key): nothing more is served. As the fabric reports it: path
+/// status Asymmetric Access Inaccessible (SCT 3, SC 02h), so a host retries on its other path.
+pub const STATUS_FENCED: u16 = 0x0302;
 /// Completion status: media error, write fault.
 pub const STATUS_WRITE_FAULT: u16 = 0x0280;
 /// Completion status: media error, unrecovered read error.

@@ -124,6 +124,16 @@ pub struct DriveSpec {
     pub nsid: u32,
     /// Host identifier the node registers reservations under (Set Features 81h).
     pub host_id: [u8; 16],
+    /// The reservation key of this node and boot when the node is a cluster member
+    /// (`duplex_datapath::fence::FenceKey`): registered on the drive at bring-up, and a
+    /// Reservation Conflict then means the peer fenced this node. 0: not a cluster member
+    /// (conflicts reach the host as they are).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fence_key: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One NVMe subsystem.

@@ -47,7 +47,8 @@ impl Status {
     /// range errors are final, so DNR is set for everything but internal errors.
     pub const fn from_desc(v: u16) -> Self {
         let s = Self(v & 0x7FF);
-        if s.is_success() || (s.sct() == 0 && s.sc() == 0x06) {
+        // Internal errors and path errors are retriable (on another path).
+        if s.is_success() || (s.sct() == 0 && s.sc() == 0x06) || s.sct() == 3 {
             s
         } else {
             s.dnr()

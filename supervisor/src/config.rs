@@ -121,6 +121,43 @@ pub struct NodeConfig {
     /// Fabric settings.
     #[serde(default)]
     pub fabric: FabricSettings,
+    /// Cluster membership (absent: a standalone node).
+    #[serde(default)]
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[cluster]`: this node as a member of a two-controller array.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This node's id in the cluster, 1..=65535 (the two controllers differ). It names the
+    /// node in the reservation key it registers on every drive.
+    pub node_id: Spanned<u16>,
+}
+
+/// This process's boot number: the wall clock at its start, in milliseconds (48 bits last
+/// ~8900 years). Every start of duplexd is a new boot with a new, larger number, so a key
+/// registered by an earlier boot is never this boot's; a restarted service keeps it.
+fn boot_number() -> u64 {
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64)
+            & ((1 << 48) - 1)
+    })
+}
+
+impl NodeConfig {
+    /// The reservation key this node and boot register on their drives: node id in the top
+    /// 16 bits, boot number below (`duplex_datapath::fence::FenceKey`). 0 for a standalone
+    /// node.
+    pub fn fence_key(&self) -> u64 {
+        match &self.cluster {
+            Some(c) => u64::from(*c.node_id.get_ref()) << 48 | boot_number().max(1),
+            None => 0,
+        }
+    }
 }
 
 /// `[node]`.
@@ -573,6 +610,14 @@ impl NodeConfig {
                 name.span(),
                 format!("node.name {:?}: {NAME_RULE}", name.get_ref()),
             ));
+        }
+        if let Some(c) = &self.cluster {
+            if *c.node_id.get_ref() == 0 {
+                return Err(err(
+                    c.node_id.span(),
+                    "cluster.node_id must be 1..=65535".into(),
+                ));
+            }
         }
         let state_dir = &self.node.state_dir;
         if !state_dir.get_ref().is_absolute() {

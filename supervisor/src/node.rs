@@ -328,13 +328,16 @@ impl Node {
 
         if config.serves_storage() {
             let state_dir = config.node.state_dir.get_ref();
-            let volumes =
-                storage::open_volumes(&config.volumes, state_dir, config.node.name.get_ref())
-                    .map_err(|e| res_err("storage")(e.to_string()))?;
+            let name = config.node.name.get_ref();
+            let key = config.fence_key();
+            if key != 0 {
+                tracing::info!(key = format!("{key:#018x}"), "cluster member: registering this node and boot's reservation key on its drives");
+            }
+            let volumes = storage::open_volumes(&config.volumes, state_dir, name, key)
+                .map_err(|e| res_err("storage")(e.to_string()))?;
             // Pool drives: raw devices of the datapath, for the metadata service's pools.
-            let drives =
-                storage::open_volumes(&config.drives, state_dir, config.node.name.get_ref())
-                    .map_err(|e| res_err("storage")(e.to_string()))?;
+            let drives = storage::open_volumes(&config.drives, state_dir, name, key)
+                .map_err(|e| res_err("storage")(e.to_string()))?;
             let metadata = config.has_metadata();
             let listeners: Vec<storage::FabricListener> = config
                 .listeners

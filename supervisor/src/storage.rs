@@ -307,16 +307,18 @@ pub enum StorageError {
 /// Opens (creating sparse if missing) every volume; connects to the drives of drive volumes.
 /// Volume ids are 1, 2, … in config order. `node` names the host identifier this node
 /// registers reservations under.
+/// `fence_key` is the reservation key a cluster member registers on its drives (0: none).
 pub fn open_volumes(
     volumes: &[VolumeConfig],
     state_dir: &Path,
     node: &str,
+    fence_key: u64,
 ) -> Result<Vec<OpenVolume>, StorageError> {
     let mut out = Vec::new();
     for (i, v) in volumes.iter().enumerate() {
         let name = v.name.get_ref().clone();
         let Some(path) = &v.path else {
-            out.push(open_drive(v, i, state_dir, node)?);
+            out.push(open_drive(v, i, state_dir, node, fence_key)?);
             continue;
         };
         let path = state_dir.join(path.get_ref());
@@ -404,6 +406,7 @@ fn open_drive(
     i: usize,
     state_dir: &Path,
     node: &str,
+    fence_key: u64,
 ) -> Result<OpenVolume, StorageError> {
     let name = v.name.get_ref().clone();
     let raw = v
@@ -468,6 +471,7 @@ fn open_drive(
                 transport,
                 nsid: v.nsid.as_ref().map_or(1, |n| *n.get_ref()),
                 host_id: derive_id(&["host", node]),
+                fence_key,
             }),
         },
         fds,

@@ -130,6 +130,8 @@ pub struct RigSpec<'a> {
     pub subnqn: &'a str,
     /// The one host allowed.
     pub hostnqn: &'a str,
+    /// `[cluster] node_id` of the node (`None`: a standalone node).
+    pub cluster_node: Option<u16>,
 }
 
 /// A node over simulated drives with pool `tank` over all of them and volume `vol0` exported as
@@ -163,11 +165,11 @@ impl Rig {
         }
         let port = free_port();
         let refs: Vec<&Path> = socks.iter().map(|p| p.as_path()).collect();
-        let mut node = Node::start(&pool_node_config(
-            port,
-            &refs,
-            &format!("{}MiB", spec.drive_mib),
-        ));
+        let mut config = pool_node_config(port, &refs, &format!("{}MiB", spec.drive_mib));
+        if let Some(id) = spec.cluster_node {
+            config.push_str(&format!("\n[cluster]\nnode_id = {id}\n"));
+        }
+        let mut node = Node::start(&config);
         node.log.wait_for(&["metadata service ready"]);
         let names: Vec<String> = (0..spec.drives).map(|i| format!("d{i}")).collect();
         let names = names.join(",");

@@ -124,6 +124,7 @@ fn run(kernel: Kernel) {
         volume_size: "64m",
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
+        cluster_node: None,
     });
     rig.node.log.wait_for(&["fabric ready"]);
     let spec = RunSpec::new(script(rig.port))

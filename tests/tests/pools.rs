@@ -167,6 +167,7 @@ fn rig(n: usize, raid: &str) -> Rig {
         volume_size: "16m",
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
+        cluster_node: None,
     })
 }
 
@@ -984,6 +985,7 @@ fn volume_list_pages_past_one_reply() {
         volume_size: "16m",
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
+        cluster_node: None,
     });
     const MORE: usize = 300;
     for i in 0..MORE {

@@ -26,7 +26,8 @@
 use std::os::fd::BorrowedFd;
 
 use duplex_ipc::desc::{
-    STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_RESERVATION_CONFLICT, STATUS_SUCCESS,
+    STATUS_FENCED, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_RESERVATION_CONFLICT,
+    STATUS_SUCCESS,
 };
 
 use super::{in_range, Attach, Bdev, BdevBox, Ctx, Done, Event, Io, Op};
@@ -341,7 +342,10 @@ impl RaidBdev {
 
     /// Marks member `m` failed (if its set keeps another active copy; returns whether it did).
     fn fail_member(&mut self, m: usize, s: usize, status: u16, ctx: &mut Ctx<'_>) -> bool {
-        if status == STATUS_RESERVATION_CONFLICT || !self.others_active(s, m) {
+        if status == STATUS_RESERVATION_CONFLICT
+            || status == STATUS_FENCED
+            || !self.others_active(s, m)
+        {
             return false;
         }
         if self.members[m].state == MemberState::Active {

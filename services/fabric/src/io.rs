@@ -11,7 +11,7 @@ use std::rc::Rc;
 use tokio::sync::OwnedSemaphorePermit;
 
 use duplex_ipc::desc::{
-    IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
+    IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES, STATUS_FENCED,
 };
 use duplex_ipc::exports::AnaState;
 use duplex_ipc::pool::{BufHandle, NIL};
@@ -133,7 +133,7 @@ fn read_done(
     bytes: usize,
 ) -> Result<Chain, Status> {
     let chain = (done.buf != NIL).then(|| backend.own(BufHandle(done.buf), permit));
-    let status = Status::from_desc(done.status);
+    let status = datapath_status(q, done.status);
     if !status.is_success() {
         if status.sct() == 2 {
             q.shared.target.record_media_error();
@@ -153,7 +153,7 @@ fn write_done(q: &Queue, backend: &Backend, done: IoDesc, bytes: usize) -> Statu
     if done.buf != NIL {
         backend.free(BufHandle(done.buf));
     }
-    let status = Status::from_desc(done.status);
+    let status = datapath_status(q, done.status);
     if status.is_success() {
         q.shared.target.record_write(bytes as u64);
     } else if status.sct() == 2 {
@@ -191,6 +191,15 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
         io::DSM => dsm(q, &backend, &ns, &sqe, data).await.into(),
         _ => Reply::status(generic::INVALID_OPCODE),
     }
+}
+
+/// The status of a datapath completion for the host. A fenced datapath (the peer took this
+/// node's reservation key away) fences the whole target: every group becomes inaccessible here.
+fn datapath_status(q: &Queue, status: u16) -> Status {
+    if status == STATUS_FENCED {
+        q.shared.target.set_fenced();
+    }
+    Status::from_desc(status)
 }
 
 /// The path error an I/O command to `ns` gets here, if its ANA group is not served on this
@@ -424,7 +433,7 @@ async fn write_zeroes(
     let mut d = desc(OP_WRITE_ZEROES, ns, slba, nlb);
     d.flags |= write_flags(ctrl, sqe);
     match submit(q, sqe.cid, backend, d).await {
-        Ok(done) => Status::from_desc(done.status),
+        Ok(done) => datapath_status(q, done.status),
         Err(s) => s,
     }
 }
@@ -445,7 +454,7 @@ async fn flush(q: &Queue, backend: &Backend, ctrl: &Controller, sqe: &Sqe) -> St
         ..IoDesc::default()
     };
     match submit(q, sqe.cid, backend, d).await {
-        Ok(done) => Status::from_desc(done.status),
+        Ok(done) => datapath_status(q, done.status),
         Err(s) => s,
     }
 }
@@ -482,7 +491,7 @@ async fn dsm(q: &Queue, backend: &Backend, ns: &Namespace, sqe: &Sqe, data: Data
     for (slba, nlb) in parsed {
         match submit(q, sqe.cid, backend, desc(OP_DEALLOCATE, ns, slba, nlb)).await {
             Ok(done) if done.status == 0 => {}
-            Ok(done) => return Status::from_desc(done.status),
+            Ok(done) => return datapath_status(q, done.status),
             Err(s) => return s,
         }
     }

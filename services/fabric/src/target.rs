@@ -71,6 +71,8 @@ pub struct Target {
     ana_changes: Cell<u64>,
     /// The ANA state of each group of the exported subsystems (from the export table).
     ana: RefCell<HashMap<u32, AnaState>>,
+    /// The datapath reported this node fenced: nothing is accessible here any more.
+    fenced: Cell<bool>,
     /// Generation of the export table applied last (0: none).
     exports_generation: Cell<u64>,
 }
@@ -98,6 +100,7 @@ impl Target {
             stats: Cell::new(HealthCounters::default()),
             ana_changes: Cell::new(1),
             ana: RefCell::new(HashMap::new()),
+            fenced: Cell::new(false),
             exports_generation: Cell::new(0),
         }
     }
@@ -307,6 +310,9 @@ impl Target {
     /// group is what the export table says, and inaccessible if it says nothing (it always
     /// does: a table is refused otherwise).
     pub fn ana_state(&self, s: &Subsystem, group: u32) -> AnaState {
+        if self.fenced.get() {
+            return AnaState::Inaccessible;
+        }
         if !s.exported {
             return AnaState::Optimized;
         }
@@ -315,6 +321,29 @@ impl Target {
             .get(&group)
             .copied()
             .unwrap_or(AnaState::Inaccessible)
+    }
+
+    /// The datapath completed a request as fenced (the peer preempted this node's reservation
+    /// key): every group of every subsystem is inaccessible on this node's ports from now on
+    /// (until the process restarts), and every host hears of it (ANA change notice).
+    pub fn set_fenced(&self) {
+        if self.fenced.replace(true) {
+            return;
+        }
+        tracing::error!("the datapath is fenced: every ANA group is inaccessible on this node");
+        self.ana_changes.set(self.ana_changes.get().wrapping_add(1));
+        for s in self.subsystems() {
+            for c in self.controllers_of(&s) {
+                if c.alive() {
+                    c.raise_notice(aen::NOTICE_ANA_CHANGE, lid::ANA, aen::CFG_ANA_CHANGE);
+                }
+            }
+        }
+    }
+
+    /// Whether the datapath reported this node fenced.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.get()
     }
 
     /// The subsystem called `nqn` reachable through a port of `kind`.
