@@ -238,6 +238,7 @@ impl Duplexd {
             listeners: vec![],
             drives: drive_specs,
             meta: layout.meta.then(|| channel("meta")),
+            cluster: None,
         };
         let pool = Pool::create(
             "pool:io",

@@ -76,6 +76,29 @@ pub struct Topology {
     /// drives above by raw drive id (their datapath device index), on the same pool as `io`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<ChannelSpec>,
+    /// Cluster membership (`[cluster]`), for the cluster service; absent on a standalone node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSpec>,
+}
+
+/// This node as a member of a two-controller array.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// The array's name (both nodes say the same; the interconnect refuses another).
+    pub name: String,
+    /// This node's id (1..=65535).
+    pub node_id: u16,
+    /// This boot's number (duplexd's start time in ms, 48 bits).
+    pub boot: u64,
+    /// The peer's interconnect address.
+    pub peer: std::net::SocketAddr,
+    /// The resource of the interconnect listener (`listener:NAME`), if the node has one.
+    pub listener: Option<String>,
+    /// Interval of the interconnect heartbeat (ms).
+    pub beat_ms: u64,
+    /// Silence after which a heartbeat counts as stopped (ms).
+    pub dead_ms: u64,
 }
 
 /// One volume: a backing file or block device the datapath serves blocks from.
@@ -386,6 +409,7 @@ mod tests {
             listeners: vec![],
             drives: vec![],
             meta: None,
+            cluster: None,
         }
     }
 

@@ -36,6 +36,7 @@ pub(crate) const SERVICES: &[(&str, &str)] = &[
     ("datapath", include_str!("../policies/datapath.policy")),
     ("fabric", include_str!("../policies/fabric.policy")),
     ("metadata", include_str!("../policies/metadata.policy")),
+    ("cluster", include_str!("../policies/cluster.policy")),
 ];
 
 /// Policies that may only be included (`@include NAME`), as `(name, text)`.

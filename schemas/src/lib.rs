@@ -15,6 +15,8 @@
 //! * `maps.capnp` → [`maps_capnp`]: the maps channel between the metadata service and the
 //!   datapath (pools over raw drives, volume maps, recorded failures; member-failure events).
 //!   Only the metadata service holds its requesting end.
+//! * `interconnect.capnp` → [`interconnect_capnp`]: the interconnect between the two nodes'
+//!   cluster services (heartbeats), over TCP.
 //!
 //! The generated code is committed under `src/generated/` so that a machine without the `capnp`
 //! compiler can build the workspace. `tests/fresh.rs` regenerates it and fails if the committed
@@ -73,6 +75,14 @@ pub mod mgmt_capnp {
     include!("generated/mgmt_capnp.rs");
 }
 
+/// Generated code for `interconnect.capnp`, the link between the two nodes' cluster services.
+///
+/// Produced by `capnpc`; do not edit.
+#[allow(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
+pub mod interconnect_capnp {
+    include!("generated/interconnect_capnp.rs");
+}
+
 /// File names of the schemas in this crate's directory and the generated files (under
 /// `src/generated/`) they compile to. Used by `tests/fresh.rs`.
 pub const SCHEMAS: &[(&str, &str)] = &[
@@ -81,4 +91,5 @@ pub const SCHEMAS: &[(&str, &str)] = &[
     ("mgmt.capnp", "mgmt_capnp.rs"),
     ("config.capnp", "config_capnp.rs"),
     ("maps.capnp", "maps_capnp.rs"),
+    ("interconnect.capnp", "interconnect_capnp.rs"),
 ];

@@ -133,7 +133,23 @@ pub struct ClusterSettings {
     /// This node's id in the cluster, 1..=65535 (the two controllers differ). It names the
     /// node in the reservation key it registers on every drive.
     pub node_id: Spanned<u16>,
+    /// The array's name, the same on both nodes (default `duplex`).
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    /// The peer's interconnect address (`ip:port`), for the `cluster` service.
+    #[serde(default)]
+    pub peer: Option<Spanned<std::net::SocketAddr>>,
+    /// Interval of the interconnect heartbeat (ms, default 100).
+    #[serde(default)]
+    pub beat_ms: Option<Spanned<u64>>,
+    /// Silence after which a heartbeat counts as stopped (ms, default 3000; more than twice
+    /// `beat_ms`).
+    #[serde(default)]
+    pub dead_ms: Option<Spanned<u64>>,
 }
+
+/// The cluster service's name.
+pub const CLUSTER: &str = "cluster";
 
 /// This process's boot number: the wall clock at its start, in milliseconds (48 bits last
 /// ~8900 years). Every start of duplexd is a new boot with a new, larger number, so a key
@@ -157,6 +173,29 @@ impl NodeConfig {
             Some(c) => u64::from(*c.node_id.get_ref()) << 48 | boot_number().max(1),
             None => 0,
         }
+    }
+
+    /// What the cluster service is handed (in the topology): `None` without `[cluster]` or
+    /// without its `peer`.
+    pub fn cluster_spec(&self) -> Option<duplex_ipc::topology::ClusterSpec> {
+        let c = self.cluster.as_ref()?;
+        let peer = *c.peer.as_ref()?.get_ref();
+        Some(duplex_ipc::topology::ClusterSpec {
+            name: c
+                .name
+                .as_ref()
+                .map_or_else(|| "duplex".to_owned(), |n| n.get_ref().clone()),
+            node_id: *c.node_id.get_ref(),
+            boot: boot_number().max(1),
+            peer,
+            listener: self
+                .listeners
+                .iter()
+                .find(|l| l.service.get_ref() == CLUSTER)
+                .map(|l| format!("listener:{}", l.name.get_ref())),
+            beat_ms: c.beat_ms.as_ref().map_or(100, |v| *v.get_ref()),
+            dead_ms: c.dead_ms.as_ref().map_or(3000, |v| *v.get_ref()),
+        })
     }
 }
 
@@ -618,6 +657,38 @@ impl NodeConfig {
                     "cluster.node_id must be 1..=65535".into(),
                 ));
             }
+            if let Some(n) = &c.name {
+                if !valid_name(n.get_ref()) {
+                    return Err(err(
+                        n.span(),
+                        format!("cluster.name {:?}: {NAME_RULE}", n.get_ref()),
+                    ));
+                }
+            }
+            let beat = c.beat_ms.as_ref().map_or(100, |v| *v.get_ref());
+            if beat == 0 {
+                let span = c.beat_ms.as_ref().map_or(0..0, Spanned::span);
+                return Err(err(span, "cluster.beat_ms must be at least 1".into()));
+            }
+            if let Some(d) = &c.dead_ms {
+                if *d.get_ref() <= 2 * beat {
+                    return Err(err(
+                        d.span(),
+                        format!(
+                            "cluster.dead_ms {} must be more than twice cluster.beat_ms ({beat})",
+                            d.get_ref()
+                        ),
+                    ));
+                }
+            }
+            let has_service = self.services.iter().any(|s| s.name.get_ref() == CLUSTER);
+            if has_service && c.peer.is_none() {
+                return Err(err(
+                    c.node_id.span(),
+                    "the cluster service needs cluster.peer (the peer's interconnect address)"
+                        .into(),
+                ));
+            }
         }
         let state_dir = &self.node.state_dir;
         if !state_dir.get_ref().is_absolute() {
@@ -894,6 +965,43 @@ service = "fabric"
         let pos = |n: &str| order.iter().position(|o| o == n).expect("present");
         assert!(pos("datapath") < pos("fabric"));
         assert_eq!(order.len(), 3);
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_give_the_key_and_spec() {
+        let c = NodeConfig::parse("node.toml", GOOD).expect("parse");
+        assert_eq!(c.fence_key(), 0, "standalone");
+        assert!(c.cluster_spec().is_none());
+        let with = |extra: &str| format!("{GOOD}\n[cluster]\n{extra}\n");
+        let c = NodeConfig::parse("node.toml", &with("node_id = 2")).expect("parse");
+        assert_eq!(c.fence_key() >> 48, 2);
+        assert!(c.fence_key() & ((1 << 48) - 1) > 0, "a boot number");
+        assert!(
+            c.cluster_spec().is_none(),
+            "no peer, no cluster service spec"
+        );
+        let c = NodeConfig::parse(
+            "node.toml",
+            &with("node_id = 2\npeer = \"10.0.0.1:7000\"\nname = \"tank\""),
+        )
+        .expect("parse");
+        let spec = c.cluster_spec().expect("spec");
+        assert_eq!(
+            (spec.node_id, spec.name.as_str(), spec.beat_ms, spec.dead_ms),
+            (2, "tank", 100, 3000)
+        );
+        assert_eq!(spec.boot, c.fence_key() & ((1 << 48) - 1));
+        let e = error(&with("node_id = 0"));
+        assert!(e.contains("cluster.node_id must be 1..=65535"), "{e}");
+        let e = error(&with("node_id = 1\nbeat_ms = 100\ndead_ms = 200"));
+        assert!(e.contains("more than twice"), "{e}");
+        let e = error(&with("node_id = 1\nbeat_ms = 0"));
+        assert!(e.contains("beat_ms must be at least 1"), "{e}");
+        let e = error(&with("node_id = 1\npeer = \"nowhere\""));
+        assert!(e.contains("peer"), "{e}");
+        let svc = GOOD.replace("[[ring]]", "[[service]]\nname = \"cluster\"\n\n[[ring]]");
+        let e = error(&format!("{svc}\n[cluster]\nnode_id = 1\n"));
+        assert!(e.contains("needs cluster.peer"), "{e}");
     }
 
     #[test]

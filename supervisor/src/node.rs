@@ -349,7 +349,7 @@ impl Node {
                     kind: l.kind.as_ref().map_or(ListenerKind::Nvme, |k| *k.get_ref()),
                 })
                 .collect();
-            let topology = storage::topology_with_drives(
+            let mut topology = storage::topology_with_drives(
                 config.node.name.get_ref(),
                 &config.fabric,
                 &config.subsystems,
@@ -359,6 +359,7 @@ impl Node {
                 &drives,
                 metadata,
             );
+            topology.cluster = config.cluster_spec();
             let datapath = config
                 .datapath()
                 .map(|d| d.name.get_ref().clone())
@@ -371,7 +372,12 @@ impl Node {
                 TOPOLOGY_RESOURCE.to_owned(),
                 ResourceKind::File,
                 fd,
-                &[storage::FABRIC, datapath.as_str(), METADATA_SERVICE],
+                &[
+                    storage::FABRIC,
+                    datapath.as_str(),
+                    METADATA_SERVICE,
+                    crate::config::CLUSTER,
+                ],
             );
             for d in drives {
                 tracing::info!(

@@ -600,6 +600,7 @@ pub fn topology_with_drives(
             submit: META_SUBMIT_RING.to_owned(),
             complete: META_COMPLETE_RING.to_owned(),
         }),
+        cluster: None,
     }
 }
 

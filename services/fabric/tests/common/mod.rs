@@ -72,6 +72,7 @@ pub fn topology() -> Topology {
         listeners: vec![],
         drives: vec![],
         meta: None,
+        cluster: None,
     }
 }
 

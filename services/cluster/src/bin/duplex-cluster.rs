@@ -1,0 +1,26 @@
+//! `duplex-cluster`: the cluster service. Spawned by duplexd with its lifecycle channel; not
+//! run by hand. See `duplex_cluster::service`.
+
+use std::process::ExitCode;
+
+use duplex_cluster::service;
+use duplex_ipc::lifecycle;
+
+fn main() -> ExitCode {
+    lifecycle::init_logging();
+    lifecycle::abort_on_panic();
+    if std::env::args().len() > 1 {
+        eprintln!("duplex-cluster: takes no arguments (spawned by duplexd)");
+        return ExitCode::from(2);
+    }
+    match service::run(|| {
+        duplex_sandbox::enter(service::SERVICE)
+            .map_err(|e| anyhow::anyhow!("cannot enter the sandbox: {e}"))
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("duplex-cluster: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
