@@ -703,3 +703,47 @@ fn ana_state_changes_raise_the_notice_and_a_non_serving_path_returns_only_path_e
     a.sync();
     assert!(a.events.is_empty(), "an ANA notice without an ANA change");
 }
+
+#[test]
+fn a_fenced_datapath_makes_every_group_inaccessible_with_a_notice_and_serves_nothing_more() {
+    let w = Writer::new();
+    w.publish(&table_in(
+        1,
+        vec![ns(1, 11, 64), ns(2, 12, 64)],
+        AnaState::Optimized,
+    ));
+    let h = w.fabric();
+    let mut a = Admin::connect(h.addr, EXPNQN, HOSTNQN);
+    a.set_aec(aen::CFG_ANA_CHANGE);
+    let mut q = a.io_queue(h.addr, EXPNQN, HOSTNQN);
+    let block = vec![0x3Cu8; BS as usize];
+    assert!(write(&mut q, 1, 0, &block).is_success());
+    let (c0, groups) = ana_log(&mut a, false);
+    assert_eq!(groups, vec![(1, 1, vec![1, 2])]);
+
+    // The datapath is fenced (the peer preempted this node's key): the first command that
+    // reaches it comes back fenced, and the host sees the path error.
+    h.fence_datapath();
+    a.request_event();
+    assert_eq!(write(&mut q, 1, 1, &block), path::ANA_INACCESSIBLE);
+    assert_eq!(a.next_event(), ANA_CHANGED);
+    let (c1, groups) = ana_log(&mut a, false);
+    assert!(c1 > c0);
+    assert_eq!(groups, vec![(1, 3, vec![1, 2])], "every group inaccessible");
+    // From now on nothing is served, namespace 2 (never touched) included, reads too.
+    let (s, data) = read(&mut q, 2, 0, 1);
+    assert_eq!(s, path::ANA_INACCESSIBLE);
+    assert!(data.is_empty());
+    assert_eq!(write(&mut q, 1, 0, &block), path::ANA_INACCESSIBLE);
+    // A later export table saying optimized does not undo it: only a new process serves again.
+    w.publish(&table_in(
+        2,
+        vec![ns(1, 11, 64), ns(2, 12, 64), ns(3, 13, 64)],
+        AnaState::Optimized,
+    ));
+    while !a.active_namespaces().contains(&3) {
+        // The table is applied when namespace 3 appears (each round trip waits for the fabric).
+    }
+    assert_eq!(ana_log(&mut a, false).1, vec![(1, 3, vec![1, 2, 3])]);
+    assert_eq!(read(&mut q, 1, 0, 1).0, path::ANA_INACCESSIBLE);
+}

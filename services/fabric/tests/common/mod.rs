@@ -86,6 +86,8 @@ pub struct Harness {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     fabric: Option<JoinHandle<()>>,
     dp_stop: Arc<AtomicBool>,
+    /// Once set, the memory datapath answers every request as a fenced datapath does.
+    dp_fenced: Arc<AtomicBool>,
     datapath: Option<JoinHandle<()>>,
 }
 
@@ -139,7 +141,10 @@ impl Harness {
         dp_cq.set_policy(WaitPolicy::Doorbell);
         let dp_stop = Arc::new(AtomicBool::new(false));
         let stop2 = dp_stop.clone();
-        let datapath = std::thread::spawn(move || memory_datapath(dp_pool, dp_sq, dp_cq, stop2));
+        let dp_fenced = Arc::new(AtomicBool::new(false));
+        let fenced2 = dp_fenced.clone();
+        let datapath =
+            std::thread::spawn(move || memory_datapath(dp_pool, dp_sq, dp_cq, stop2, fenced2));
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nb");
@@ -187,12 +192,19 @@ impl Harness {
             stop: Some(stop_tx),
             fabric: Some(fabric),
             dp_stop,
+            dp_fenced,
             datapath: Some(datapath),
         }
     }
 }
 
 impl Harness {
+    /// From now on the datapath answers every request with `STATUS_FENCED`, as the real one
+    /// does once a drive told it the peer preempted this node's key.
+    pub fn fence_datapath(&self) {
+        self.dp_fenced.store(true, Ordering::SeqCst);
+    }
+
     /// Pool chunks not free right now.
     pub fn pool_in_use(&self) -> usize {
         self.pool.capacity() as usize - self.pool.free_count()
@@ -219,6 +231,7 @@ fn memory_datapath(
     mut sq: Consumer<IoDesc>,
     mut cq: Producer<IoDesc>,
     stop: Arc<AtomicBool>,
+    fenced: Arc<AtomicBool>,
 ) {
     let mut disks: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut batch = Vec::new();
@@ -249,7 +262,9 @@ fn memory_datapath(
                     }
                 ]
             });
-            d.status = if off + len > disk.len() && !flush {
+            d.status = if fenced.load(Ordering::SeqCst) {
+                desc::STATUS_FENCED
+            } else if off + len > disk.len() && !flush {
                 desc::STATUS_LBA_OUT_OF_RANGE
             } else {
                 match d.opcode {
