@@ -30,6 +30,9 @@ struct AdminRequest {
 
     nodeStatus @4 :Void;
     # The node summary.
+
+    serviceReport @5 :Text;
+    # The last status report the named service sent (lifecycle `report`): answered by `report`.
   }
 }
 
@@ -70,7 +73,18 @@ struct AdminReply {
 
     status @4 :NodeStatus;
     # Answer to nodeStatus.
+
+    report @5 :ServiceReport;
+    # Answer to serviceReport.
   }
+}
+
+struct ServiceReport {
+  generation @0 :UInt64;
+  # The generation of the process that sent it; 0 if the service never sent one.
+
+  text @1 :Text;
+  # The report (JSON, at most 4096 bytes); empty if none.
 }
 
 struct ServiceInfo {

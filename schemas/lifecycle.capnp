@@ -62,6 +62,11 @@ struct Envelope {
     inject @9 :Inject;
     # Supervisor -> service: crash injection. The service fails in the named way at once; it
     # does not answer. (A SIGKILL needs no message: the supervisor sends the signal itself.)
+
+    report @10 :Text;
+    # Service -> supervisor: the service's status report (a JSON document of at most 4096
+    # bytes), replacing its last one; the supervisor keeps it for `duplexctl` (admin
+    # `serviceReport`). Not answered.
   }
 }
 

@@ -32,4 +32,8 @@ interface Management {
   # included. Fails (an RPC exception) when the node has no metadata service, when it is not
   # running, or when it does not answer within 30 s; a changing request may then have been
   # carried out or not.
+
+  serviceReport @5 (name :Text) -> (generation :UInt64, report :Text);
+  # The last status report of the named service (JSON; empty, generation 0, if it never sent
+  # one). `duplexctl cluster status` shows the cluster service's.
 }

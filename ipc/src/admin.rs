@@ -37,6 +37,8 @@ pub enum AdminRequest {
     },
     /// The node summary.
     NodeStatus,
+    /// The named service's last status report.
+    ServiceReport(String),
 }
 
 /// How `duplexctl service crash` makes a service fail.
@@ -88,6 +90,14 @@ pub enum AdminReply {
     },
     /// Node summary.
     Status(NodeStatus),
+    /// A service's last status report: the generation that sent it (0: none yet) and the
+    /// report (JSON; empty: none).
+    Report {
+        /// Generation of the sender.
+        generation: u64,
+        /// The report.
+        text: String,
+    },
 }
 
 /// Classes of admin failures.
@@ -235,7 +245,9 @@ impl AdminRequest {
     /// Checks the bounds of the schema.
     pub fn validate(&self) -> Result<(), ControlError> {
         match self {
-            Self::RestartService(name) | Self::CrashService { name, .. } => {
+            Self::RestartService(name)
+            | Self::CrashService { name, .. }
+            | Self::ServiceReport(name) => {
                 if name.is_empty() {
                     return Err(ControlError::MissingField("admin.name"));
                 }
@@ -255,6 +267,7 @@ impl AdminRequest {
             Self::ListServices => body.set_list_services(()),
             Self::NodeStatus => body.set_node_status(()),
             Self::RestartService(name) => body.set_restart_service(name.as_str()),
+            Self::ServiceReport(name) => body.set_service_report(name.as_str()),
             Self::CrashService { name, mode } => {
                 let mut c = body.init_crash_service();
                 c.set_name(name.as_str());
@@ -279,6 +292,9 @@ impl AdminRequest {
             Which::NodeStatus(()) => Self::NodeStatus,
             Which::RestartService(name) => {
                 Self::RestartService(text(name, "admin.name", MAX_NAME_BYTES)?)
+            }
+            Which::ServiceReport(name) => {
+                Self::ServiceReport(text(name, "admin.name", MAX_NAME_BYTES)?)
             }
             Which::CrashService(c) => {
                 let c = c.map_err(ControlError::Decode)?;
@@ -314,6 +330,7 @@ impl AdminReply {
             Self::Done(t) => check(t, "admin.done", MAX_TEXT_BYTES),
             Self::Error { message, .. } => check(message, "admin.error.message", MAX_TEXT_BYTES),
             Self::Status(s) => check(&s.node, "admin.status.node", MAX_NAME_BYTES),
+            Self::Report { text, .. } => check(text, "admin.report.text", MAX_TEXT_BYTES),
         }
     }
 
@@ -338,6 +355,11 @@ impl AdminReply {
                 e.set_message(message.as_str());
             }
             Self::Status(s) => write_status(body.init_status(), s),
+            Self::Report { generation, text } => {
+                let mut r = body.init_report();
+                r.set_generation(*generation);
+                r.set_text(text.as_str());
+            }
         }
         capnp::serialize::write_message_to_words(&message)
     }
@@ -378,6 +400,13 @@ impl AdminReply {
                 }
             }
             Which::Status(s) => Self::Status(read_status(s.map_err(ControlError::Decode)?)?),
+            Which::Report(r) => {
+                let r = r.map_err(ControlError::Decode)?;
+                Self::Report {
+                    generation: r.get_generation(),
+                    text: text(r.get_text(), "admin.report.text", MAX_TEXT_BYTES)?,
+                }
+            }
         };
         reply.validate()?;
         Ok((root.get_request_id(), reply))
@@ -563,6 +592,7 @@ mod tests {
         for r in [
             AdminRequest::ListServices,
             AdminRequest::NodeStatus,
+            AdminRequest::ServiceReport("cluster".into()),
             AdminRequest::RestartService("relay".into()),
             AdminRequest::CrashService {
                 name: "mgmt".into(),
@@ -594,6 +624,14 @@ mod tests {
             AdminReply::Error {
                 code: AdminErrorCode::UnknownService,
                 message: "no service x".into(),
+            },
+            AdminReply::Report {
+                generation: 7,
+                text: r#"{"peer":{}}"#.into(),
+            },
+            AdminReply::Report {
+                generation: 0,
+                text: String::new(),
             },
             AdminReply::Status(NodeStatus {
                 node: "a".into(),

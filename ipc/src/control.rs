@@ -306,6 +306,12 @@ pub enum Body {
         /// How to fail.
         fault: Fault,
     },
+    /// Service → supervisor: its status report (JSON, at most [`MAX_TEXT_BYTES`] bytes),
+    /// replacing the last one (no answer).
+    Report {
+        /// The report.
+        text: String,
+    },
 }
 
 /// How an injected failure shows ([`Body::Inject`]).
@@ -351,6 +357,7 @@ impl Body {
             Self::Ack { .. } => "ack",
             Self::Error { .. } => "error",
             Self::Inject { .. } => "inject",
+            Self::Report { .. } => "report",
         }
     }
 }
@@ -541,7 +548,7 @@ impl Envelope {
         let mut root = message.init_root::<wire::envelope::Builder<'_>>();
         root.set_request_id(self.request_id);
         root.set_epoch(self.epoch);
-        let body = root.init_body();
+        let mut body = root.init_body();
         match &self.body {
             Body::Hello {
                 service,
@@ -592,6 +599,7 @@ impl Envelope {
                 error.set_message(text.as_str());
             }
             Body::Inject { fault } => body.init_inject().set_fault((*fault).into()),
+            Body::Report { text } => body.set_report(text.as_str()),
         }
         capnp::serialize::write_message_to_words(&message)
     }
@@ -664,6 +672,7 @@ impl Envelope {
             Body::Error { message, .. } => {
                 check_text(message, "error.message", MAX_TEXT_BYTES, false)
             }
+            Body::Report { text } => check_text(text, "report", MAX_TEXT_BYTES, false),
             Body::Ready { .. }
             | Body::Heartbeat { .. }
             | Body::Ack { .. }
@@ -769,6 +778,9 @@ fn decode_body(body: wire::envelope::body::Reader<'_>) -> Result<Body, ControlEr
                 .get_fault()
                 .map_err(unknown("Fault"))?
                 .into(),
+        },
+        Which::Report(text) => Body::Report {
+            text: read_text(text, "report", MAX_TEXT_BYTES)?,
         },
     })
 }

@@ -243,6 +243,20 @@ impl Started {
         };
         self.channel.send(&env, &[])
     }
+
+    /// Sends the service's status report (JSON, at most
+    /// [`crate::control::MAX_TEXT_BYTES`] bytes) to the supervisor, replacing its last one.
+    pub fn report(&self, text: &str) -> Result<(), ControlError> {
+        let env = Envelope {
+            request_id: self.channel.next_request_id(),
+            epoch: self.generation,
+            body: Body::Report {
+                text: text.to_owned(),
+            },
+        };
+        env.validate()?;
+        self.channel.send(&env, &[])
+    }
 }
 
 /// What a service's control thread saw on the lifecycle channel.

@@ -91,6 +91,18 @@ fn every_kind() -> Vec<Envelope> {
                 deadline_ms: u32::MAX,
             },
         },
+        envelope(
+            10,
+            Body::Report {
+                text: r#"{"peer":{"state":"alive"}}"#.into(),
+            },
+        ),
+        envelope(
+            11,
+            Body::Report {
+                text: "r".repeat(MAX_TEXT_BYTES),
+            },
+        ),
     ]
 }
 
@@ -539,6 +551,12 @@ fn out_of_bounds_fields_are_rejected_on_receive_and_refused_on_send() {
                 request_id: 1,
                 code: ErrorCode::Internal,
                 message: "m".repeat(MAX_TEXT_BYTES + 1),
+            },
+        ),
+        envelope(
+            4,
+            Body::Report {
+                text: "r".repeat(MAX_TEXT_BYTES + 1),
             },
         ),
         envelope(

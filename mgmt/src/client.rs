@@ -71,13 +71,15 @@ pub enum Request {
     },
     /// A storage configuration request, for the metadata service.
     Config(ConfigRequest),
+    /// The last status report of a service.
+    Report(String),
 }
 
 impl Request {
     /// Whether repeating the request is harmless (it only reads).
     pub fn idempotent(&self) -> bool {
         match self {
-            Self::Status | Self::ListServices => true,
+            Self::Status | Self::ListServices | Self::Report(_) => true,
             Self::Config(request) => request.is_read_only(),
             Self::Restart(_) | Self::Crash { .. } => false,
         }
@@ -87,7 +89,7 @@ impl Request {
     pub fn target(&self) -> Option<&str> {
         match self {
             Self::Restart(name) | Self::Crash { name, .. } => Some(name),
-            Self::Status | Self::ListServices | Self::Config(_) => None,
+            Self::Status | Self::ListServices | Self::Config(_) | Self::Report(_) => None,
         }
     }
 
@@ -117,6 +119,13 @@ pub enum Answer {
     /// To [`Request::Config`]: the metadata service's reply, never an error (that is
     /// [`ClientError::Config`]), and one that fits the request.
     Config(ConfigReply),
+    /// To [`Request::Report`]: the generation that sent it (0: none yet) and the report.
+    Report {
+        /// Generation of the sender.
+        generation: u64,
+        /// The report (JSON; empty: none).
+        text: String,
+    },
 }
 
 /// How a call ended well.
@@ -420,6 +429,16 @@ async fn send(client: &management::Client, request: &Request) -> Result<Answer, 
             call.get().set_mode((*mode).into());
             let reply = call.send().promise.await?;
             Ok(Answer::Done(text(reply.get()?.get_message())?))
+        }
+        Request::Report(name) => {
+            let mut call = client.service_report_request();
+            call.get().set_name(name.as_str());
+            let reply = call.send().promise.await?;
+            let reply = reply.get()?;
+            Ok(Answer::Report {
+                generation: reply.get_generation(),
+                text: text(reply.get_report())?,
+            })
         }
         Request::Config(request) => {
             let mut call = client.config_request();

@@ -498,6 +498,49 @@ pub fn done_json(request: &ConfigRequest, done: &Done) -> DoneJson {
     }
 }
 
+/// `duplexctl cluster status`: the cluster service's report (its JSON, with the generation of
+/// the process that wrote it), as JSON or as lines for people. `Err` if the report is not the
+/// JSON object the service writes.
+pub fn cluster_status(generation: u64, report: &str, json: bool) -> Result<String, String> {
+    let mut v: serde_json::Value = serde_json::from_str(report)
+        .map_err(|e| format!("the cluster service's report is not JSON: {e}"))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err("the cluster service's report is not a JSON object".into());
+    };
+    obj.insert("generation".into(), generation.into());
+    if json {
+        let mut text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
+        text.push('\n');
+        return Ok(text);
+    }
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => printable(s),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let peer = &v["peer"];
+    let ago = |v: &serde_json::Value| match v.as_u64() {
+        Some(ms) => format!("{ms} ms ago"),
+        None => "never".into(),
+    };
+    Ok(format!(
+        "array {}: node {} boot {} (cluster service generation {generation})\n\
+         peer: node {} boot {} at {}: {}\n\
+         interconnect: last beat heard {}, link to the peer {}\n\
+         disk heartbeat: {}\n",
+        s(&v["cluster"]),
+        s(&v["node"]),
+        s(&v["boot"]),
+        s(&peer["node"]),
+        s(&peer["boot"]),
+        s(&peer["address"]),
+        s(&peer["state"]),
+        ago(&peer["link_heard_ms_ago"]),
+        s(&v["link_out"]),
+        s(&v["disk_heartbeat"]),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -756,5 +799,33 @@ mod tests {
         .expect("json");
         assert_eq!(v["subsystems"][0]["allow_any_host"], false);
         assert_eq!(v["subsystems"][0]["namespaces"][0]["ana_group"], 1);
+    }
+
+    #[test]
+    fn cluster_status_reads_the_report_and_refuses_what_is_not_one() {
+        let report = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"node":2,"boot":5,"address":"127.0.0.1:7400","state":"alive","link_heard_ms_ago":40},"link_out":"up","disk_heartbeat":"not written yet"}"#;
+        let text = cluster_status(3, report, false).expect("text");
+        assert!(
+            text.starts_with("array duplex: node 1 boot 17 (cluster service generation 3)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("peer: node 2 boot 5 at 127.0.0.1:7400: alive"),
+            "{text}"
+        );
+        assert!(
+            text.contains("last beat heard 40 ms ago, link to the peer up"),
+            "{text}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&cluster_status(3, report, true).expect("json")).expect("JSON");
+        assert_eq!(v["generation"], 3);
+        assert_eq!(v["peer"]["state"], "alive");
+        let never = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"state":"unknown","link_heard_ms_ago":null}}"#;
+        assert!(cluster_status(1, never, false)
+            .expect("text")
+            .contains("last beat heard never"));
+        assert!(cluster_status(1, "not json", false).is_err());
+        assert!(cluster_status(1, "[1, 2]", false).is_err());
     }
 }

@@ -597,6 +597,7 @@ fn unexpected(reply: &AdminReply) -> capnp::Error {
         AdminReply::Done(_) => "a done message",
         AdminReply::Error { .. } => "an error",
         AdminReply::Status(_) => "a node status",
+        AdminReply::Report { .. } => "a service report",
     };
     capnp::Error::failed(format!(
         "supervisor answered with {what}, which does not fit"
@@ -686,6 +687,23 @@ impl management::Server for Management {
         let message = self.done(AdminRequest::CrashService { name, mode }).await?;
         results.get().set_message(message.as_str());
         Ok(())
+    }
+
+    async fn service_report(
+        self: Rc<Self>,
+        params: management::ServiceReportParams,
+        mut results: management::ServiceReportResults,
+    ) -> Result<(), capnp::Error> {
+        let name = service_name(params.get()?.get_name())?;
+        match self.admin.call(AdminRequest::ServiceReport(name)).await? {
+            AdminReply::Report { generation, text } => {
+                let mut r = results.get();
+                r.set_generation(generation);
+                r.set_report(text.as_str());
+                Ok(())
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn config(

@@ -155,6 +155,33 @@ fn restart_and_crash_reach_the_admin_channel() {
 }
 
 #[test]
+fn cluster_status_shows_the_cluster_service_report() {
+    let mut node = Node::new();
+    let _mgmt = node.start_mgmt();
+    let out = node.ctl(&["cluster", "status"]);
+    let text = out.ok();
+    assert!(
+        text.contains("array duplex: node 1 boot 17 (cluster service generation 4)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("peer: node 2 boot 5 at 127.0.0.1:7400: alive"),
+        "{text}"
+    );
+    let out = node.ctl(&["--json", "cluster", "status"]);
+    let doc: serde_json::Value = serde_json::from_str(out.ok()).expect("one JSON document");
+    assert_eq!(doc["peer"]["state"], "alive");
+    assert_eq!(doc["generation"], 4);
+    assert_eq!(
+        node.admin.taken(),
+        [
+            AdminRequest::ServiceReport("cluster".into()),
+            AdminRequest::ServiceReport("cluster".into())
+        ]
+    );
+}
+
+#[test]
 fn an_unknown_service_is_one_line_and_exit_1() {
     let mut node = Node::new();
     let _mgmt = node.start_mgmt();

@@ -157,6 +157,9 @@ struct Service {
     /// When the previous process died (or was killed on purpose), until the next Ready.
     down_since: Option<Instant>,
     last_restart: Option<Duration>,
+    /// The last status report the service sent (lifecycle `report`) and the generation that
+    /// sent it (kept across restarts: the newest one known).
+    report: Option<(u64, String)>,
     last_exit: String,
     expected: Expected,
     /// Heartbeat sampling: last counter value and when it last moved.
@@ -572,6 +575,7 @@ impl Node {
                 started: now,
                 down_since: None,
                 last_restart: None,
+                report: None,
                 last_exit: String::new(),
                 expected: Expected::Nothing,
                 last_beat: 0,
@@ -915,6 +919,9 @@ impl Node {
                     let down_us = down.map_or(0, |d| d.as_micros());
                     tracing::info!(service = %s.name, pid, generation, down_us, "service ready");
                 }
+                Body::Report { text } => {
+                    s.report = Some((s.generation, text));
+                }
                 other => {
                     tracing::debug!(service = %s.name, pid, kind = other.kind_name(), "control message");
                 }
@@ -1160,6 +1167,16 @@ impl Node {
                 services_total: self.services.len() as u32,
                 sandbox: self.config.supervisor.sandbox,
             }),
+            AdminRequest::ServiceReport(name) => {
+                let Some(i) = self.index_of(&name) else {
+                    return error(
+                        AdminErrorCode::UnknownService,
+                        format!("no service named {name:?}"),
+                    );
+                };
+                let (generation, text) = self.services[i].report.clone().unwrap_or_default();
+                AdminReply::Report { generation, text }
+            }
             AdminRequest::RestartService(name) => {
                 let Some(i) = self.index_of(&name) else {
                     return error(

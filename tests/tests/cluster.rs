@@ -62,6 +62,27 @@ dead_ms = 600
     c
 }
 
+/// `duplexctl --json cluster status` on `node`, once it satisfies `want`.
+fn wait_status(node: &Node, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (code, out, err) = node.ctl(&["--json", "cluster", "status"]);
+        if code == 0 {
+            let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+            if want(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster status never matched: {v}"
+            );
+        } else {
+            assert!(Instant::now() < deadline, "cluster status: {out}{err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Waits until at least `n` lines of `log` contain every one of `parts`.
 fn wait_count(log: &mut Log, parts: &[&str], n: usize) {
     let deadline = Instant::now() + PATIENCE;
@@ -87,6 +108,20 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     let mut b = Node::start(&config("b", dir.path(), 2, ic_b, ic_a));
     a.log.wait_for(&["peer alive", "peer=2"]);
     b.log.wait_for(&["peer alive", "peer=1"]);
+    // What the operator sees on A: itself, and B alive.
+    let st = wait_status(&a, |v| {
+        v["peer"]["state"] == "alive" && v["link_out"] == "up"
+    });
+    assert_eq!(
+        (st["node"].as_u64(), st["peer"]["node"].as_u64()),
+        (Some(1), Some(2)),
+        "{st}"
+    );
+    assert_eq!(st["link_out"], "up", "{st}");
+    let (code, text, err) = a.ctl(&["cluster", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("peer: node 2 boot"), "{text}");
+    assert!(text.contains(": alive"), "{text}");
     let boot_b = b
         .log
         .matching(&["cluster service ready"])
@@ -96,6 +131,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
         .map(str::to_owned)
         .expect("b's boot in its log");
 
+    let boot_b_n: u64 = boot_b.parse().expect("a boot number");
     // B's cluster service killed again and again: each incarnation links up to A again, with
     // the node's boot (a restarted service is the same node and boot, never a new one).
     wait_count(&mut b.log, &["interconnect link to the peer up"], 1);
@@ -152,6 +188,8 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     let alive = a.log.matching(&["peer alive", "peer=2"]).len();
     b.kill_all();
     a.log.wait_for(&["peer interconnect down", "peer=2"]);
+    let st = wait_status(&a, |v| v["peer"]["state"] == "interconnect-down");
+    assert_eq!(st["peer"]["boot"].as_u64(), Some(boot_b_n), "{st}");
     // B again, a new boot: A hears it alive again, rebooted, naming the old boot.
     b.relaunch();
     let rebooted = a.log.wait_for(&["peer rebooted"]);
@@ -160,4 +198,8 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
         "the old boot named: {rebooted}"
     );
     wait_count(&mut a.log, &["peer alive", "peer=2"], alive + 1);
+    let st = wait_status(&a, |p| {
+        p["peer"]["state"] == "alive" && p["peer"]["boot"].as_u64() != Some(boot_b_n)
+    });
+    assert_eq!(st["peer"]["node"], 2, "{st}");
 }

@@ -67,6 +67,16 @@ enum Command {
     /// Which hosts may connect to a subsystem.
     #[command(subcommand)]
     Host(HostCommand),
+    /// The two-controller array: membership with the peer.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// This node and its peer as the cluster service sees them: node ids and boots, the
+    /// peer's state, how long ago each heartbeat was heard.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -374,7 +384,9 @@ fn usage(message: &str) -> ExitCode {
 /// see.
 fn config_request(command: &Command) -> Result<ConfigRequest, String> {
     Ok(match command {
-        Command::Status | Command::Service(_) => return Err("not a storage command".into()),
+        Command::Status | Command::Service(_) | Command::Cluster(_) => {
+            return Err("not a storage command".into())
+        }
         Command::Drive(DriveCommand::List) => ConfigRequest::ListDrives,
         Command::Pool(PoolCommand::Create {
             name,
@@ -484,6 +496,7 @@ fn main() -> ExitCode {
             name: name.clone(),
             mode: (*mode).into(),
         },
+        Command::Cluster(ClusterCommand::Status) => Request::Report("cluster".into()),
         storage => match config_request(storage) {
             Ok(request) => Request::Config(request),
             Err(message) => return usage(&message),
@@ -503,6 +516,11 @@ fn main() -> ExitCode {
         client::call(&target, &request)
     };
     match answer {
+        Ok(Outcome::Answer(Answer::Report { generation, text })) if text.is_empty() => fail(
+            &format!(
+                "the cluster service has not reported yet (generation {generation}; is it running? `duplexctl service list`)"
+            ),
+        ),
         Ok(outcome) => match print(&cli, &request, &outcome) {
             Ok(()) => ExitCode::SUCCESS,
             // A reader that stopped reading (`| head`) has what it wanted.
@@ -551,6 +569,9 @@ fn print(cli: &Cli, request: &Request, outcome: &Outcome) -> std::io::Result<()>
             message,
             mgmt_went_down: false,
         })?,
+        (Outcome::Answer(Answer::Report { generation, text }), json_wanted) => {
+            render::cluster_status(*generation, text, json_wanted).map_err(std::io::Error::other)?
+        }
         (Outcome::Answer(Answer::Config(reply)), json_wanted) => {
             let Request::Config(config) = request else {
                 return Err(std::io::Error::other("a storage answer to another command"));

@@ -97,6 +97,9 @@ pub const VANISHING: &str = "vanishing";
 pub const SILENT: &str = "silent";
 
 /// The canned supervisor's answer, and whether it kills mgmt instead.
+/// The cluster service's report the fake supervisor answers with.
+pub const CANNED_REPORT: &str = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"node":2,"boot":5,"address":"127.0.0.1:7400","state":"alive","link_heard_ms_ago":40},"link_out":"up","disk_heartbeat":"not written yet"}"#;
+
 fn answer(request: &AdminRequest) -> Option<AdminReply> {
     let known = |name: &str| canned_services().iter().any(|s| s.name == name);
     let unknown = |name: &str| AdminReply::Error {
@@ -106,6 +109,15 @@ fn answer(request: &AdminRequest) -> Option<AdminReply> {
     Some(match request {
         AdminRequest::ListServices => AdminReply::Services(canned_services()),
         AdminRequest::NodeStatus => AdminReply::Status(canned_status()),
+        AdminRequest::ServiceReport(name) if name == "cluster" => AdminReply::Report {
+            generation: 4,
+            text: CANNED_REPORT.into(),
+        },
+        AdminRequest::ServiceReport(name) if known(name) => AdminReply::Report {
+            generation: 0,
+            text: String::new(),
+        },
+        AdminRequest::ServiceReport(name) => unknown(name),
         AdminRequest::RestartService(name) if known(name) => {
             AdminReply::Done(format!("restarting {name}"))
         }
@@ -166,7 +178,7 @@ impl AdminResponder {
                             n == "mgmt" || n == VANISHING
                         }
                         AdminRequest::NodeStatus => kill_on_status.swap(false, Ordering::Relaxed),
-                        AdminRequest::ListServices => false,
+                        AdminRequest::ListServices | AdminRequest::ServiceReport(_) => false,
                     };
                     if kills_mgmt {
                         // What duplexd does for restart/crash of mgmt: the process goes away

@@ -256,7 +256,7 @@ pub mod envelope {
     }
 
     pub mod body {
-        pub use self::Which::{Hello,Start,Ready,Heartbeat,Shutdown,Ack,Error,Inject};
+        pub use self::Which::{Hello,Start,Ready,Heartbeat,Shutdown,Ack,Error,Inject,Report};
 
         #[derive(Copy, Clone)]
         pub struct Owned(());
@@ -359,6 +359,11 @@ pub mod envelope {
                 !self.reader.get_pointer_field(0).is_null()
             }
             #[inline]
+            pub fn has_report(&self) -> bool {
+                if self.reader.get_data_field::<u16>(8) != 8 { return false; }
+                !self.reader.get_pointer_field(0).is_null()
+            }
+            #[inline]
             pub fn which(self) -> ::core::result::Result<WhichReader<'a,>, ::capnp::NotInSchema> {
                 match self.reader.get_data_field::<u16>(8) {
                     0 => {
@@ -398,6 +403,11 @@ pub mod envelope {
                     }
                     7 => {
                         ::core::result::Result::Ok(Inject(
+                            ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
+                        ))
+                    }
+                    8 => {
+                        ::core::result::Result::Ok(Report(
                             ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
                         ))
                     }
@@ -579,6 +589,21 @@ pub mod envelope {
                 !self.builder.is_pointer_field_null(0)
             }
             #[inline]
+            pub fn set_report(&mut self, value: impl ::capnp::traits::SetterInput<::capnp::text::Owned>)  {
+                self.builder.set_data_field::<u16>(8, 8);
+                ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false).unwrap()
+            }
+            #[inline]
+            pub fn init_report(self, size: u32) -> ::capnp::text::Builder<'a> {
+                self.builder.set_data_field::<u16>(8, 8);
+                self.builder.get_pointer_field(0).init_text(size)
+            }
+            #[inline]
+            pub fn has_report(&self) -> bool {
+                if self.builder.get_data_field::<u16>(8) != 8 { return false; }
+                !self.builder.is_pointer_field_null(0)
+            }
+            #[inline]
             pub fn which(self) -> ::core::result::Result<WhichBuilder<'a,>, ::capnp::NotInSchema> {
                 match self.builder.get_data_field::<u16>(8) {
                     0 => {
@@ -621,6 +646,11 @@ pub mod envelope {
                             ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
                         ))
                     }
+                    8 => {
+                        ::core::result::Result::Ok(Report(
+                            ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
+                        ))
+                    }
                     x => ::core::result::Result::Err(::capnp::NotInSchema(x))
                 }
             }
@@ -635,80 +665,87 @@ pub mod envelope {
         impl Pipeline  {
         }
         mod _private {
-            pub(crate) static ENCODED_NODE: [::capnp::Word; 139] = [
+            pub(crate) static ENCODED_NODE: [::capnp::Word; 154] = [
                 ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                 ::capnp::word(144, 192, 255, 60, 195, 183, 64, 239),
                 ::capnp::word(25, 0, 0, 0, 1, 0, 3, 0),
                 ::capnp::word(117, 5, 225, 90, 10, 86, 96, 172),
-                ::capnp::word(1, 0, 7, 0, 1, 0, 8, 0),
+                ::capnp::word(1, 0, 7, 0, 1, 0, 9, 0),
                 ::capnp::word(8, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(21, 0, 0, 0, 242, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(25, 0, 0, 0, 199, 1, 0, 0),
+                ::capnp::word(25, 0, 0, 0, 255, 1, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(108, 105, 102, 101, 99, 121, 99, 108),
                 ::capnp::word(101, 46, 99, 97, 112, 110, 112, 58),
                 ::capnp::word(69, 110, 118, 101, 108, 111, 112, 101),
                 ::capnp::word(46, 98, 111, 100, 121, 0, 0, 0),
-                ::capnp::word(32, 0, 0, 0, 3, 0, 4, 0),
+                ::capnp::word(36, 0, 0, 0, 3, 0, 4, 0),
                 ::capnp::word(0, 0, 255, 255, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 1, 0, 2, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(209, 0, 0, 0, 50, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(204, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(216, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(1, 0, 254, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 3, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(213, 0, 0, 0, 50, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(208, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(220, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(2, 0, 253, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 4, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(217, 0, 0, 0, 50, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(212, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(224, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(3, 0, 252, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 5, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(221, 0, 0, 0, 82, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(220, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(232, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(4, 0, 251, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 6, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(229, 0, 0, 0, 74, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(228, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(240, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(5, 0, 250, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 7, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(237, 0, 0, 0, 34, 0, 0, 0),
+                ::capnp::word(237, 0, 0, 0, 50, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(232, 0, 0, 0, 3, 0, 1, 0),
                 ::capnp::word(244, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(6, 0, 249, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 8, 0, 0, 0),
+                ::capnp::word(1, 0, 254, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 3, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(241, 0, 0, 0, 50, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(236, 0, 0, 0, 3, 0, 1, 0),
                 ::capnp::word(248, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(7, 0, 248, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 9, 0, 0, 0),
+                ::capnp::word(2, 0, 253, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 4, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(245, 0, 0, 0, 58, 0, 0, 0),
+                ::capnp::word(245, 0, 0, 0, 50, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(240, 0, 0, 0, 3, 0, 1, 0),
                 ::capnp::word(252, 0, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(3, 0, 252, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 5, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(249, 0, 0, 0, 82, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(248, 0, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(4, 1, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(4, 0, 251, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 6, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(1, 1, 0, 0, 74, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 1, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(12, 1, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(5, 0, 250, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 7, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(9, 1, 0, 0, 34, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(4, 1, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(16, 1, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(6, 0, 249, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 8, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(13, 1, 0, 0, 50, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(8, 1, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(20, 1, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(7, 0, 248, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 9, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(17, 1, 0, 0, 58, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(12, 1, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(24, 1, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(8, 0, 247, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 10, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(21, 1, 0, 0, 58, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(16, 1, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(28, 1, 0, 0, 2, 0, 1, 0),
                 ::capnp::word(104, 101, 108, 108, 111, 0, 0, 0),
                 ::capnp::word(16, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(87, 179, 174, 87, 185, 161, 60, 155),
@@ -775,6 +812,14 @@ pub mod envelope {
                 ::capnp::word(16, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(114, 101, 112, 111, 114, 116, 0, 0),
+                ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
@@ -786,6 +831,7 @@ pub mod envelope {
                     5 => <crate::lifecycle_capnp::ack::Owned as ::capnp::introspect::Introspect>::introspect(),
                     6 => <crate::lifecycle_capnp::error::Owned as ::capnp::introspect::Introspect>::introspect(),
                     7 => <crate::lifecycle_capnp::inject::Owned as ::capnp::introspect::Introspect>::introspect(),
+                    8 => <::capnp::text::Owned as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -800,11 +846,11 @@ pub mod envelope {
                 MEMBERS_BY_NAME
             );
             pub(crate) static NONUNION_MEMBERS : &[u16] = &[];
-            pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[0,1,2,3,4,5,6,7];
-            pub(crate) static MEMBERS_BY_NAME : &[u16] = &[5,6,3,0,7,2,4,1];
+            pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[0,1,2,3,4,5,6,7,8];
+            pub(crate) static MEMBERS_BY_NAME : &[u16] = &[5,6,3,0,7,2,8,4,1];
             pub(crate) const TYPE_ID: u64 = 0xef40_b7c3_3cff_c090;
         }
-        pub enum Which<A0,A1,A2,A3,A4,A5,A6,A7> {
+        pub enum Which<A0,A1,A2,A3,A4,A5,A6,A7,A8> {
             Hello(A0),
             Start(A1),
             Ready(A2),
@@ -813,9 +859,10 @@ pub mod envelope {
             Ack(A5),
             Error(A6),
             Inject(A7),
+            Report(A8),
         }
-        pub type WhichReader<'a,> = Which<::capnp::Result<crate::lifecycle_capnp::hello::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::start::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::ready::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::heartbeat::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::shutdown::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::ack::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::error::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::inject::Reader<'a>>>;
-        pub type WhichBuilder<'a,> = Which<::capnp::Result<crate::lifecycle_capnp::hello::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::start::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::ready::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::heartbeat::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::shutdown::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::ack::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::error::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::inject::Builder<'a>>>;
+        pub type WhichReader<'a,> = Which<::capnp::Result<crate::lifecycle_capnp::hello::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::start::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::ready::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::heartbeat::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::shutdown::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::ack::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::error::Reader<'a>>,::capnp::Result<crate::lifecycle_capnp::inject::Reader<'a>>,::capnp::Result<::capnp::text::Reader<'a>>>;
+        pub type WhichBuilder<'a,> = Which<::capnp::Result<crate::lifecycle_capnp::hello::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::start::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::ready::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::heartbeat::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::shutdown::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::ack::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::error::Builder<'a>>,::capnp::Result<crate::lifecycle_capnp::inject::Builder<'a>>,::capnp::Result<::capnp::text::Builder<'a>>>;
     }
 }
 

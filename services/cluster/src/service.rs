@@ -93,7 +93,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
         "cluster service ready"
     );
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, serve(spec, listener, health, stop))
+    local.block_on(&rt, serve(spec, listener, health, started, stop))
 }
 
 /// What the tasks share.
@@ -103,6 +103,10 @@ struct Node {
     membership: RefCell<Membership>,
     /// The peer's node id, once heard.
     peer_id: RefCell<Option<u16>>,
+    /// Whether the connection this node dialled to the peer is up.
+    link_out: std::cell::Cell<bool>,
+    /// Something worth reporting at once changed (a transition, the link).
+    changed: std::cell::Cell<bool>,
     warn: RefCell<RateLimiter>,
 }
 
@@ -117,10 +121,37 @@ impl Node {
         }
     }
 
+    /// The status report `duplexctl cluster status` shows (JSON).
+    fn status(&self) -> String {
+        let m = self.membership.borrow();
+        let now = self.now();
+        let ago = |at: Option<u64>| at.map(|at| now.saturating_sub(at));
+        let peer_boot = m.peer_boot();
+        serde_json::json!({
+            "cluster": self.spec.name,
+            "node": self.spec.node_id,
+            "boot": self.spec.boot,
+            "beat_ms": self.spec.beat_ms,
+            "dead_ms": self.spec.dead_ms,
+            "peer": {
+                "node": *self.peer_id.borrow(),
+                "boot": (peer_boot != 0).then_some(peer_boot),
+                "address": self.spec.peer.to_string(),
+                "state": m.state().name(),
+                "link_heard_ms_ago": ago(m.link().at),
+                "disk_heard_ms_ago": ago(m.disk().at),
+            },
+            "link_out": if self.link_out.get() { "up" } else { "down" },
+            "disk_heartbeat": "not written yet (a silent interconnect is never taken for a death)",
+        })
+        .to_string()
+    }
+
     fn report(&self, t: Option<Transition>) {
         let Some(t) = t else {
             return;
         };
+        self.changed.set(true);
         let peer = self.peer_id.borrow().unwrap_or(0);
         match t.to {
             PeerState::Alive => {
@@ -202,6 +233,7 @@ async fn serve(
     spec: ClusterSpec,
     listener: Option<std::net::TcpListener>,
     health: Health,
+    started: Arc<Started>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let beat = Duration::from_millis(spec.beat_ms.max(1));
@@ -210,6 +242,8 @@ async fn serve(
         spec,
         clock: Instant::now(),
         peer_id: RefCell::new(None),
+        link_out: std::cell::Cell::new(false),
+        changed: std::cell::Cell::new(true),
         warn: RefCell::new(RateLimiter::new(10, Duration::from_secs(1))),
     });
     if let Some(l) = listener {
@@ -221,11 +255,19 @@ async fn serve(
     tokio::task::spawn_local(dial(Rc::clone(&node), beat, Arc::clone(&stop)));
     let mut tick = tokio::time::interval(beat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported = Instant::now();
     while !stop.load(Ordering::Acquire) {
         tick.tick().await;
         health.beat();
         let t = node.membership.borrow_mut().tick(node.now());
         node.report(t);
+        // The status report: at once after a change, else twice a second.
+        if node.changed.replace(false) || reported.elapsed() >= Duration::from_millis(500) {
+            if let Err(e) = started.report(&node.status()) {
+                tracing::warn!(error = %e, "cannot send the status report");
+            }
+            reported = Instant::now();
+        }
     }
     // A planned stop: the peer hears it (best effort) so the silence that follows is explained.
     if let Ok(Ok(mut s)) = tokio::time::timeout(beat, TcpStream::connect(node.spec.peer)).await {
@@ -303,6 +345,8 @@ async fn dial(node: Rc<Node>, beat: Duration, stop: Arc<AtomicBool>) {
         };
         let _ = s.set_nodelay(true);
         tracing::info!(peer = %node.spec.peer, "interconnect link to the peer up");
+        node.link_out.set(true);
+        node.changed.set(true);
         let mut tick = tokio::time::interval(beat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -328,6 +372,8 @@ async fn dial(node: Rc<Node>, beat: Duration, stop: Arc<AtomicBool>) {
             }
         }
         tracing::info!(peer = %node.spec.peer, "interconnect link to the peer lost");
+        node.link_out.set(false);
+        node.changed.set(true);
         tokio::time::sleep(beat).await;
     }
 }
