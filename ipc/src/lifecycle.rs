@@ -294,6 +294,31 @@ pub fn spawn_control_thread(
         })
 }
 
+/// Spawns the control thread ([`spawn_control_thread`]) for a service that only needs to know
+/// when to stop: the returned flag is set once the supervisor asks it to shut down (answered
+/// by [`Started::handle`]) or the channel closes or fails.
+pub fn spawn_stop_flag(
+    started: std::sync::Arc<Started>,
+) -> std::io::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    spawn_control_thread(started, move |started, event| match event {
+        Control::Message(envelope) => {
+            if started.handle(&envelope) == Next::Shutdown {
+                flag.store(true, Ordering::Release);
+                return false;
+            }
+            true
+        }
+        Control::Closed | Control::Failed(_) => {
+            flag.store(true, Ordering::Release);
+            false
+        }
+    })?;
+    Ok(stop)
+}
+
 /// Logging for a service process: plain lines on stderr, level from `RUST_LOG` (default
 /// `info`), no timestamps (duplexd prefixes every line with its own, and with service, pid and
 /// generation).

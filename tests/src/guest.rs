@@ -1047,3 +1047,18 @@ fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Waits for a running guest to create `name` in its share (`share`, [`RunningGuest::share`]):
+/// its script's way of asking the host test for a step. `false` if the guest finished first
+/// (its result says why).
+pub fn wait_guest_file(share: &Path, name: &str) -> bool {
+    loop {
+        if share.join(name).exists() {
+            return true;
+        }
+        if share.join("status").exists() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

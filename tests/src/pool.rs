@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use duplex_datapath::fence::{Fence, FenceKey, NvmeReservations, Step};
+use duplex_datapath::nvme::vfio_user::VfioUser;
+use duplex_datapath::nvme::{Controller, DmaMem, Options};
+
 use crate::{bin, free_port, KillOnDrop, Node, PATIENCE};
 
 /// A simulated drive of `size` (drive-sim's syntax: `256M`) with 4 KiB blocks under `dir`;
@@ -230,5 +234,55 @@ impl Rig {
             assert!(Instant::now() < deadline, "no writes reached drive {i}");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+}
+
+impl Rig {
+    /// Controllers on every drive's port B, as the peer node reaches the drives, under host
+    /// identifier `[host; 16]`.
+    pub fn peer_controllers(&self, drives: usize, host: u8) -> Vec<Controller<VfioUser>> {
+        (0..drives)
+            .map(|i| {
+                let t = VfioUser::connect(
+                    &self.dir.path().join(format!("d{i}-b.sock")),
+                    std::time::Duration::from_secs(5),
+                )
+                .expect("port B");
+                let opts = Options {
+                    io_queues: 1,
+                    host_id: Some([host; 16]),
+                    ..Options::default()
+                };
+                let mem = DmaMem::create("peer", opts.dma_len(), 0).expect("DMA memory");
+                Controller::new(t, mem, opts).expect("port B controller")
+            })
+            .collect()
+    }
+
+    /// Plays the peer node `peer`: joins through the controllers `ctrls` (one per drive, in
+    /// drive order) and fences node `victim`'s key (found in the drives' reports). Returns the
+    /// key fenced and the steps.
+    pub fn fence_node(
+        &self,
+        ctrls: &mut [Controller<VfioUser>],
+        peer: FenceKey,
+        victim: u16,
+    ) -> (FenceKey, Vec<Step>) {
+        let drives = ctrls
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| NvmeReservations::new(format!("d{i}"), c, 1, 1))
+            .collect();
+        let mut fence = Fence::new(drives, peer);
+        fence.join().expect("the peer joins");
+        let key = fence
+            .keys()
+            .into_iter()
+            .flat_map(|(_, k)| k.expect("report").keys)
+            .map(|(k, _)| k)
+            .find(|k| k.node() == victim)
+            .expect("the victim's key on the drives");
+        let steps = fence.fence(key).expect("the peer fences the node");
+        (key, steps)
     }
 }

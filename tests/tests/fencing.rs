@@ -7,30 +7,12 @@
 //! Inaccessible, which a multipath host retries on its other path), never with data, and the
 //! drives count no write through the node's port after the preempt.
 
-use std::path::Path;
-use std::time::Duration;
-
-use duplex_datapath::fence::{Fence, FenceKey, NvmeReservations, Step};
-use duplex_datapath::nvme::vfio_user::VfioUser;
-use duplex_datapath::nvme::{Controller, DmaMem, Options};
+use duplex_datapath::fence::{FenceKey, Step};
 use duplex_tests::duplex_bench;
 use duplex_tests::pool::{Rig, RigSpec};
 
 const SUBNQN: &str = "nqn.2026-12.io.duplex:fence";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:fe4ce000-0000-4000-8000-000000000001";
-
-/// The peer's controller on drive `i`'s port B.
-fn peer_controller(dir: &Path, i: usize) -> Controller<VfioUser> {
-    let t = VfioUser::connect(&dir.join(format!("d{i}-b.sock")), Duration::from_secs(5))
-        .expect("port B");
-    let opts = Options {
-        io_queues: 1,
-        host_id: Some([0xB2; 16]),
-        ..Options::default()
-    };
-    let mem = DmaMem::create("peer", opts.dma_len(), 0).expect("DMA memory");
-    Controller::new(t, mem, opts).expect("port B controller")
-}
 
 /// Drive `i`'s registered keys, and its reservation type, as the simulator reports them.
 fn drive_keys(rig: &Rig, i: usize) -> (Vec<u64>, String) {
@@ -103,19 +85,10 @@ fn a_node_whose_key_its_peer_preempts_stops_serving_and_writes_nothing_more() {
     assert_eq!(code, 0, "{out}{err}");
 
     // The peer joins and fences the node, in fencing order.
-    let mut peer: Vec<Controller<VfioUser>> =
-        (0..2).map(|i| peer_controller(rig.dir.path(), i)).collect();
+    let mut peer = rig.peer_controllers(2, 0xB2);
     let peer_key = FenceKey::new(2, 1);
-    let steps = {
-        let drives = peer
-            .iter_mut()
-            .enumerate()
-            .map(|(i, c)| NvmeReservations::new(format!("d{i}"), c, 1, 1))
-            .collect();
-        let mut fence = Fence::new(drives, peer_key);
-        fence.join().expect("the peer joins");
-        fence.fence(node_key).expect("the peer fences the node")
-    };
+    let (fenced, steps) = rig.fence_node(&mut peer, peer_key, 1);
+    assert_eq!(fenced, node_key);
     assert_eq!(steps, vec![Step::Preempted; 2]);
     for i in 0..2 {
         assert_eq!(drive_keys(&rig, i).0, vec![peer_key.0], "drive {i}");

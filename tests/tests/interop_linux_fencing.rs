@@ -15,14 +15,11 @@
 //!
 //! Runs in `.ci/run`. `DUPLEX_INTEROP=off` skips it on a developer machine without QEMU.
 
-use std::path::Path;
 use std::time::Duration;
 
-use duplex_datapath::fence::{Fence, FenceKey, NvmeReservations};
-use duplex_datapath::nvme::vfio_user::VfioUser;
-use duplex_datapath::nvme::{Controller, DmaMem, Options};
+use duplex_datapath::fence::FenceKey;
 use duplex_tests::duplex_bench;
-use duplex_tests::guest::{Guest, Kernel, RunSpec};
+use duplex_tests::guest::{wait_guest_file, Guest, Kernel, RunSpec};
 use duplex_tests::pool::{Rig, RigSpec};
 
 const SUBNQN: &str = "nqn.2026-12.io.duplex:interop-fencing";
@@ -79,56 +76,6 @@ echo ALL-OK
     )
 }
 
-/// Waits for the guest to create `name` in `share`; false if the guest finished first.
-fn wait_guest_file(share: &Path, name: &str) -> bool {
-    loop {
-        if share.join(name).exists() {
-            return true;
-        }
-        if share.join("status").exists() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Fences the node as its peer would: node 2 joins through the drives' ports B and preempts
-/// every other key, in fencing order.
-fn fence_the_node(rig: &Rig) {
-    let mut ctrls: Vec<Controller<VfioUser>> = (0..2)
-        .map(|i| {
-            let t = VfioUser::connect(
-                &rig.dir.path().join(format!("d{i}-b.sock")),
-                Duration::from_secs(5),
-            )
-            .expect("port B");
-            let opts = Options {
-                io_queues: 1,
-                host_id: Some([0xC2; 16]),
-                ..Options::default()
-            };
-            let mem = DmaMem::create("peer", opts.dma_len(), 0).expect("DMA memory");
-            Controller::new(t, mem, opts).expect("port B controller")
-        })
-        .collect();
-    let peer = FenceKey::new(2, 1);
-    let drives = ctrls
-        .iter_mut()
-        .enumerate()
-        .map(|(i, c)| NvmeReservations::new(format!("d{i}"), c, 1, 1))
-        .collect();
-    let mut fence = Fence::new(drives, peer);
-    fence.join().expect("the peer joins");
-    let node = fence
-        .keys()
-        .into_iter()
-        .flat_map(|(_, k)| k.expect("report").keys)
-        .map(|(k, _)| k)
-        .find(|k| k.node() == 1)
-        .expect("the node's key");
-    fence.fence(node).expect("the peer fences the node");
-}
-
 fn run(kernel: Kernel) {
     if std::env::var("DUPLEX_INTEROP").is_ok_and(|v| v == "off") {
         eprintln!("SKIPPED: DUPLEX_INTEROP=off (a developer switch; CI never sets it)");
@@ -155,7 +102,9 @@ fn run(kernel: Kernel) {
     let share = guest.share().to_path_buf();
     let mut fenced = false;
     if wait_guest_file(&share, "fenceme") {
-        fence_the_node(&rig);
+        // As the peer would: node 2 joins through the drives' ports B and preempts node 1.
+        let mut peer = rig.peer_controllers(2, 0xC2);
+        rig.fence_node(&mut peer, FenceKey::new(2, 1), 1);
         // The node learns it is fenced from its first drive command after the preempt.
         let (code, out, err) = duplex_bench(
             rig.port,

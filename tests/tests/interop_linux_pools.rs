@@ -18,10 +18,9 @@
 //!
 //! Runs in `.ci/run`. `DUPLEX_INTEROP=off` skips it on a developer machine without QEMU.
 
-use std::path::Path;
 use std::time::Duration;
 
-use duplex_tests::guest::{Guest, Kernel, RunSpec};
+use duplex_tests::guest::{wait_guest_file, Guest, Kernel, RunSpec};
 use duplex_tests::pool::{ctl_json, ctl_ok, member_states, Rig, RigSpec};
 
 const SUBNQN: &str = "nqn.2026-12.io.duplex:interop-pools";
@@ -95,20 +94,6 @@ dmesg > dmesg.txt
 echo ALL-OK
 "#
     )
-}
-
-/// Waits for the guest to create `name` in `share`; false if the guest finished first (its
-/// result says why).
-fn wait_guest_file(share: &Path, name: &str) -> bool {
-    loop {
-        if share.join(name).exists() {
-            return true;
-        }
-        if share.join("status").exists() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn run(kernel: Kernel) {

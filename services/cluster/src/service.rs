@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use duplex_ipc::control::RateLimiter;
-use duplex_ipc::lifecycle::{self, Control, Health, Next, Started};
+use duplex_ipc::lifecycle::{self, Health, Started};
 use duplex_ipc::topology::{ClusterSpec, Topology, TOPOLOGY_RESOURCE};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -69,21 +69,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
     enter()?;
     let started = Arc::new(started);
     started.ready()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    lifecycle::spawn_control_thread(Arc::clone(&started), move |started, event| match event {
-        Control::Message(envelope) => {
-            if started.handle(&envelope) == Next::Shutdown {
-                flag.store(true, Ordering::Release);
-                return false;
-            }
-            true
-        }
-        Control::Closed | Control::Failed(_) => {
-            flag.store(true, Ordering::Release);
-            false
-        }
-    })?;
+    let stop = lifecycle::spawn_stop_flag(Arc::clone(&started))?;
     tracing::info!(
         node = spec.node_id,
         boot = spec.boot,

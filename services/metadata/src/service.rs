@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use duplex_ipc::exports::{
     AnaGroupState, ExportSubsystem, ExportTable, ExportsRegion, EXPORTS_BELL_RESOURCE,
     EXPORTS_RESOURCE,
 };
-use duplex_ipc::lifecycle::{self, Control, Health, Next, Started};
+use duplex_ipc::lifecycle::{self, Health, Started};
 use duplex_ipc::maps::{self, MapsChannel, MAPS_RESOURCE};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, WaitPolicy};
@@ -202,21 +202,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
     }
     let started = Arc::new(started);
     started.ready()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    lifecycle::spawn_control_thread(Arc::clone(&started), move |started, event| match event {
-        Control::Message(envelope) => {
-            if started.handle(&envelope) == Next::Shutdown {
-                flag.store(true, Ordering::Release);
-                return false;
-            }
-            true
-        }
-        Control::Closed | Control::Failed(_) => {
-            flag.store(true, Ordering::Release);
-            false
-        }
-    })?;
+    let stop = lifecycle::spawn_stop_flag(Arc::clone(&started))?;
     let client = Rc::new(RefCell::new(RingClient::new(
         Arc::new(pool),
         submit,
