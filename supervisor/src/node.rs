@@ -217,6 +217,9 @@ pub struct Node {
     mgmt_socket_path: Option<PathBuf>,
     signals: SignalFd,
     failed: bool,
+    /// A cluster member whose datapath died: the whole node stops at once (every process
+    /// killed, duplexd exits), so that its peer sees it silent and takes over.
+    halt: bool,
     born: Instant,
     private_mounts: bool,
 }
@@ -610,6 +613,7 @@ impl Node {
             mgmt_socket_path,
             signals,
             failed: false,
+            halt: false,
             born: Instant::now(),
             private_mounts,
         })
@@ -662,6 +666,14 @@ impl Node {
                     }
                 }
                 self.reap();
+                if self.halt {
+                    self.halt_all();
+                    self.drain_logs();
+                    if let Some(path) = &self.mgmt_socket_path {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Ok(true);
+                }
                 if stop {
                     self.stop_all();
                     self.drain_logs();
@@ -1048,9 +1060,17 @@ impl Node {
                 Expected::OperatorRestart => "operator restart",
             };
             if s.kind == ServiceKind::Datapath {
-                tracing::error!(service = %s.name, pid, %status, "datapath died: node stops serving");
+                tracing::error!(service = %s.name, pid, %status, cause, "datapath died: node stops serving");
                 s.state = ServiceState::Failed;
                 self.failed = true;
+                if self.config.cluster.is_some() {
+                    // A cluster member: nothing of this node may go on (a fabric answering
+                    // hosts, a cluster service beating the peer); the peer takes over.
+                    tracing::error!(
+                        "cluster member: stopping the whole node so that its peer takes over"
+                    );
+                    self.halt = true;
+                }
                 // Close the listeners so hosts fail over to the peer at once.
                 self.shared.retain(|r| !r.name.starts_with("listener:"));
                 continue;
@@ -1281,6 +1301,23 @@ impl Node {
                 tracing::info!(service = %name, pid, mode = mode.name(), event = "crash-injected", "crash injected");
                 AdminReply::Done(format!("injected {} into {name} (pid {pid})", mode.name()))
             }
+        }
+    }
+
+    /// Kills every service at once (no shutdown request, no grace time) and reaps them: a
+    /// cluster member whose datapath died must go silent now.
+    fn halt_all(&mut self) {
+        for s in &mut self.services {
+            s.state = ServiceState::Stopped;
+            s.next_start = None;
+            if let Some(child) = s.child.as_mut() {
+                let pid = child.id();
+                let _ = child.kill();
+                let status = child.wait();
+                tracing::info!(service = %s.name, pid, ?status, "service killed: node halting");
+            }
+            s.child = None;
+            s.channel = None;
         }
     }
 

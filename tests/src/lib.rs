@@ -293,6 +293,11 @@ impl Node {
         self.log.drain();
     }
 
+    /// Waits for duplexd to end by itself; its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        self.duplexd.0.wait().ok().and_then(|s| s.code())
+    }
+
     /// SIGTERM, then the exit code; drains the log.
     pub fn stop(&mut self) -> Option<i32> {
         nix::sys::signal::kill(

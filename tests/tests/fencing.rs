@@ -130,3 +130,55 @@ fn a_node_whose_key_its_peer_preempts_stops_serving_and_writes_nothing_more() {
         "writes of the fenced node reached the drives"
     );
 }
+
+#[test]
+fn a_cluster_member_whose_datapath_hangs_is_stopped_whole_by_its_watchdog() {
+    let mut rig = Rig::new(&RigSpec {
+        drives: 2,
+        raid: "1",
+        drive_mib: 256,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+        cluster_node: Some(1),
+    });
+    let pids: Vec<i32> = rig
+        .node
+        .services()
+        .iter()
+        .filter_map(|s| s["pid"].as_i64())
+        .filter(|&p| p > 0)
+        .map(|p| p as i32)
+        .collect();
+    let datapath = rig.node.service("datapath")["pid"]
+        .as_i64()
+        .expect("datapath pid") as i32;
+    // The datapath stops making progress (frozen): its heartbeat stands still.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(datapath),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    rig.node
+        .log
+        .wait_for(&["stopping the whole node so that its peer takes over"]);
+    // duplexd ends, failed, and takes every service with it: nothing of the node goes on.
+    let status = rig.node.wait_exit();
+    assert_ne!(status, Some(0), "duplexd exited as if all were well");
+    rig.node.log.drain();
+    let died = rig
+        .node
+        .log
+        .matching(&["datapath died: node stops serving"]);
+    assert_eq!(died.len(), 1, "{died:?}");
+    assert!(
+        died[0].contains("cause=\"hung\""),
+        "the watchdog found it: {}",
+        died[0]
+    );
+    for p in pids {
+        let gone =
+            std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |s| s.contains(") Z "));
+        assert!(gone, "process {p} of the halted node still runs");
+    }
+}
