@@ -181,6 +181,16 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     a.log
         .wait_for(&["closing an interconnect connection", "another-array"]);
     drop(s);
+    // Connections that say nothing hold a slot only for a while, and only so many are read.
+    let idle: Vec<TcpStream> = (0..duplex_cluster::service::MAX_ACCEPTED)
+        .map(|_| TcpStream::connect(("127.0.0.1", ic_a)).expect("connect"))
+        .collect();
+    a.log
+        .wait_for(&["interconnect connections open: refusing another"]);
+    a.log.wait_for(&["silent for twice the dead time"]);
+    drop(idle);
+    // B, linked before, is heard throughout.
+    wait_status(&a, |v| v["peer"]["state"] == "alive");
 
     // B killed whole: A sees the interconnect down (without the disk heartbeat, the second
     // witness, that is all it can say).

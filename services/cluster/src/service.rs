@@ -36,6 +36,9 @@ use crate::wire::{read_frame, Body, Message, NodeState};
 
 /// The service's name (its `[[service]]` and sandbox policy).
 pub const SERVICE: &str = "cluster";
+/// Accepted interconnect connections read at once; more are closed at once (only the peer
+/// has a reason to connect, and it keeps one).
+pub const MAX_ACCEPTED: usize = 8;
 
 fn take(started: &mut Started, name: &str) -> anyhow::Result<OwnedFd> {
     started
@@ -276,11 +279,24 @@ fn message(node: &Node, body: Body) -> Message {
 
 /// Accepts the peer's connections (one at a time matters not: each is read on its own).
 async fn accept(node: Rc<Node>, l: TcpListener) {
+    let open = Rc::new(std::cell::Cell::new(0usize));
     loop {
         match l.accept().await {
             Ok((s, from)) => {
+                if open.get() >= MAX_ACCEPTED {
+                    node.warn(
+                        from,
+                        &format!("{MAX_ACCEPTED} interconnect connections open: refusing another"),
+                    );
+                    continue;
+                }
                 let _ = s.set_nodelay(true);
-                tokio::task::spawn_local(receive(Rc::clone(&node), s, from));
+                open.set(open.get() + 1);
+                let (node, open) = (Rc::clone(&node), Rc::clone(&open));
+                tokio::task::spawn_local(async move {
+                    receive(node, s, from).await;
+                    open.set(open.get() - 1);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "interconnect accept failed");
@@ -290,14 +306,23 @@ async fn accept(node: Rc<Node>, l: TcpListener) {
     }
 }
 
-/// Reads one accepted connection to its end.
+/// Reads one accepted connection to its end. A connection that sends nothing for twice the
+/// dead time is closed (the peer beats far more often; a silent one only holds a slot).
 async fn receive(node: Rc<Node>, mut s: TcpStream, from: SocketAddr) {
+    let idle = Duration::from_millis(node.spec.dead_ms.saturating_mul(2).max(1));
     loop {
-        let frame = match read_frame(&mut s).await {
-            Ok(Some(f)) => f,
-            Ok(None) => return,
-            Err(e) => {
+        let frame = match tokio::time::timeout(idle, read_frame(&mut s)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
                 node.warn(from, &format!("interconnect connection closed: {e}"));
+                return;
+            }
+            Err(_) => {
+                node.warn(
+                    from,
+                    "closing an interconnect connection silent for twice the dead time",
+                );
                 return;
             }
         };
