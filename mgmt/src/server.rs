@@ -616,6 +616,9 @@ fn service_name(name: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, 
     Ok(name.to_owned())
 }
 
+/// The cluster service's name (its report says whether the interconnect is down).
+pub const CLUSTER_SERVICE: &str = "cluster";
+
 /// Why a config request cannot be forwarded at all: the node has no metadata service.
 pub const NO_METADATA: &str =
     "the metadata service is not running: this node has none (no service named `metadata` in its config)";
@@ -721,6 +724,17 @@ impl management::Server for Management {
             return Err(capnp::Error::failed(NO_METADATA.into()));
         };
         self.check_metadata_runs().await?;
+        if !request.is_read_only() {
+            if let Some(why) = self.cluster_refuses_changes().await {
+                tracing::warn!(request = request.kind_name(), "{why}");
+                let reply = ConfigReply::Error {
+                    kind: duplex_ipc::config::ConfigErrorKind::Refused,
+                    message: why,
+                };
+                reply.write_body(results.get().init_reply());
+                return Ok(());
+            }
+        }
         tracing::debug!(request = request.kind_name(), "config request");
         let reply = config.call(request.clone()).await?;
         if !reply.answers(&request) {
@@ -760,6 +774,28 @@ impl Management {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Why configuration changes are refused now, if they are: the node is a cluster member
+    /// whose cluster service reports the interconnect to its peer down while the peer is
+    /// alive (a change made here would not reach it; the two nodes' configurations would part).
+    /// A node without a cluster service, or whose report says nothing yet, accepts changes.
+    async fn cluster_refuses_changes(&self) -> Option<String> {
+        let report = match self
+            .admin
+            .call(AdminRequest::ServiceReport(CLUSTER_SERVICE.into()))
+            .await
+        {
+            Ok(AdminReply::Report { text, .. }) => text,
+            _ => return None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&report).ok()?;
+        (v["peer"]["state"] == "interconnect-down").then(|| {
+            format!(
+                "configuration changes are refused while the interconnect to the peer (node {}) is down: the peer may be alive and would not learn of them (`duplexctl cluster status`)",
+                v["peer"]["node"]
+            )
+        })
     }
 
     /// A restart or crash request: the supervisor's "done" message.

@@ -2,7 +2,8 @@
 //! runs `cluster` with an interconnect listener and the other's address as its peer. Both see
 //! the peer alive; the cluster service killed again and again on one node comes back each time
 //! with the same boot and links up again; a node killed whole is seen with the interconnect
-//! down and, started again, heard with its new boot; a stranger on the interconnect port
+//! down (configuration changes then refused, accepted again once the peer is back) and,
+//! started again, heard with its new boot; a stranger on the interconnect port
 //! (garbage, another array's name) is refused without harm. (When silence means death — both
 //! heartbeats silent — is the membership model's, proven by its unit tests; the disk heartbeat
 //! is not written yet, so here a silent link is only ever "interconnect down".)
@@ -42,6 +43,10 @@ crash_loop_window_s = 1
 [[service]]
 name = "mgmt"
 binary = "{{mgmt}}"
+
+[[service]]
+name = "metadata"
+after = ["datapath"]
 
 [[service]]
 name = "cluster"
@@ -120,6 +125,11 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     assert_eq!(st["link_out"], "up", "{st}");
     let (code, text, err) = a.ctl(&["cluster", "status"]);
     assert_eq!(code, 0, "{err}");
+    // With the peer heard, a configuration change reaches the metadata service (which has no
+    // pool here to keep it in, and says so).
+    let (code, out, err) = a.ctl(&["subsystem", "create", "nqn.2026-12.io.duplex:x"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(!err.contains("interconnect"), "{err}");
     assert!(text.contains("peer: node 2 boot"), "{text}");
     assert!(text.contains(": alive"), "{text}");
     let boot_b = b
@@ -200,6 +210,15 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     a.log.wait_for(&["peer interconnect down", "peer=2"]);
     let st = wait_status(&a, |v| v["peer"]["state"] == "interconnect-down");
     assert_eq!(st["peer"]["boot"].as_u64(), Some(boot_b_n), "{st}");
+    // Configuration changes are refused while the interconnect is down; reads are not.
+    let (code, out, err) = a.ctl(&["subsystem", "create", "nqn.2026-12.io.duplex:x"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("refused while the interconnect to the peer (node 2) is down"),
+        "{err}"
+    );
+    let (code, out, err) = a.ctl(&["subsystem", "list"]);
+    assert_eq!(code, 0, "{out}{err}");
     // B again, a new boot: A hears it alive again, rebooted, naming the old boot.
     b.relaunch();
     let rebooted = a.log.wait_for(&["peer rebooted"]);
@@ -212,4 +231,8 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
         p["peer"]["state"] == "alive" && p["peer"]["boot"].as_u64() != Some(boot_b_n)
     });
     assert_eq!(st["peer"]["node"], 2, "{st}");
+    // The interconnect back: changes reach the metadata service again.
+    let (code, out, err) = a.ctl(&["subsystem", "create", "nqn.2026-12.io.duplex:x"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(!err.contains("interconnect"), "{err}");
 }
