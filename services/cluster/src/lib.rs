@@ -6,9 +6,9 @@
 //! * [`service`]: the process: the interconnect listener and dialler, heartbeats, the model,
 //!   the lifecycle.
 //!
-//! Design: `docs/HA.md` and the architecture's section 7. What grows here next: the disk
-//! heartbeat, ownership with epochs, fencing and takeover, giveback, and `duplexctl cluster
-//! status`.
+//! Design: `docs/HA.md` and the architecture's section 7. The service's status report is what
+//! `duplexctl cluster status` shows (and what mgmt checks before a configuration change). What
+//! grows here next: the disk heartbeat, ownership with epochs, fencing and takeover, giveback.
 
 #![forbid(unsafe_code)]
 
