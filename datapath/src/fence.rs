@@ -188,11 +188,6 @@ impl<D: Reservations> Fence<D> {
         self.key
     }
 
-    /// The drives, in fencing order.
-    pub fn drives_mut(&mut self) -> &mut [D] {
-        &mut self.drives
-    }
-
     /// Joins: registers this node's key on every drive (replacing a key of an earlier boot)
     /// and creates the reservation where there is none. Every drive or none: the first that
     /// fails stops the join.

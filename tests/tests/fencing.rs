@@ -37,9 +37,9 @@ fn node_writes(rig: &Rig, i: usize) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_node_whose_key_its_peer_preempts_stops_serving_and_writes_nothing_more() {
-    let mut rig = Rig::new(&RigSpec {
+/// Node 1 of a cluster over two drives in a RAID-1 pool, volume `vol0` exported to the host.
+fn member_rig() -> Rig {
+    Rig::new(&RigSpec {
         drives: 2,
         raid: "1",
         drive_mib: 256,
@@ -47,7 +47,12 @@ fn a_node_whose_key_its_peer_preempts_stops_serving_and_writes_nothing_more() {
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
         cluster_node: Some(1),
-    });
+    })
+}
+
+#[test]
+fn a_node_whose_key_its_peer_preempts_stops_serving_and_writes_nothing_more() {
+    let mut rig = member_rig();
 
     // The node's key (node 1, this boot) is on both drives, under the cluster's reservation.
     let mut node_key = None;
@@ -133,15 +138,7 @@ fn a_node_whose_key_its_peer_preempts_stops_serving_and_writes_nothing_more() {
 
 #[test]
 fn a_cluster_member_whose_datapath_hangs_is_stopped_whole_by_its_watchdog() {
-    let mut rig = Rig::new(&RigSpec {
-        drives: 2,
-        raid: "1",
-        drive_mib: 256,
-        volume_size: "16m",
-        subnqn: SUBNQN,
-        hostnqn: HOSTNQN,
-        cluster_node: Some(1),
-    });
+    let mut rig = member_rig();
     let pids: Vec<i32> = rig
         .node
         .services()

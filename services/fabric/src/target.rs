@@ -341,11 +341,6 @@ impl Target {
         }
     }
 
-    /// Whether the datapath reported this node fenced.
-    pub fn is_fenced(&self) -> bool {
-        self.fenced.get()
-    }
-
     /// The subsystem called `nqn` reachable through a port of `kind`.
     pub fn subsystem(&self, nqn: &str, kind: ListenerKind) -> Option<Rc<Subsystem>> {
         if nqn == DISCOVERY_NQN {

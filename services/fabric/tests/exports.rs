@@ -597,11 +597,9 @@ fn ana_log(a: &mut Admin, rae: bool) -> (u64, Vec<(u32, u8, Vec<u32>)>) {
     (change, groups)
 }
 
-/// The completion dword 0 of an ANA change notice.
-const ANA_CHANGED: u32 = aen::dword0(aen::TYPE_NOTICE, aen::NOTICE_ANA_CHANGE, lid::ANA);
-
-#[test]
-fn ana_state_changes_raise_the_notice_and_a_non_serving_path_returns_only_path_errors() {
+/// A fabric serving namespaces 1 and 2 in ANA group 1, optimized; an admin queue with the
+/// events `aec` enabled and an I/O queue of its controller.
+fn ana_fixture(aec: u32) -> (Writer, Harness, Admin, Host) {
     let w = Writer::new();
     w.publish(&table_in(
         1,
@@ -610,8 +608,17 @@ fn ana_state_changes_raise_the_notice_and_a_non_serving_path_returns_only_path_e
     ));
     let h = w.fabric();
     let mut a = Admin::connect(h.addr, EXPNQN, HOSTNQN);
-    a.set_aec(aen::CFG_ANA_CHANGE | aen::CFG_NS_ATTR);
-    let mut q = a.io_queue(h.addr, EXPNQN, HOSTNQN);
+    a.set_aec(aec);
+    let q = a.io_queue(h.addr, EXPNQN, HOSTNQN);
+    (w, h, a, q)
+}
+
+/// The completion dword 0 of an ANA change notice.
+const ANA_CHANGED: u32 = aen::dword0(aen::TYPE_NOTICE, aen::NOTICE_ANA_CHANGE, lid::ANA);
+
+#[test]
+fn ana_state_changes_raise_the_notice_and_a_non_serving_path_returns_only_path_errors() {
+    let (w, _h, mut a, mut q) = ana_fixture(aen::CFG_ANA_CHANGE | aen::CFG_NS_ATTR);
     let (c0, groups) = ana_log(&mut a, false);
     assert_eq!(
         groups,
@@ -706,16 +713,7 @@ fn ana_state_changes_raise_the_notice_and_a_non_serving_path_returns_only_path_e
 
 #[test]
 fn a_fenced_datapath_makes_every_group_inaccessible_with_a_notice_and_serves_nothing_more() {
-    let w = Writer::new();
-    w.publish(&table_in(
-        1,
-        vec![ns(1, 11, 64), ns(2, 12, 64)],
-        AnaState::Optimized,
-    ));
-    let h = w.fabric();
-    let mut a = Admin::connect(h.addr, EXPNQN, HOSTNQN);
-    a.set_aec(aen::CFG_ANA_CHANGE);
-    let mut q = a.io_queue(h.addr, EXPNQN, HOSTNQN);
+    let (w, h, mut a, mut q) = ana_fixture(aen::CFG_ANA_CHANGE);
     let block = vec![0x3Cu8; BS as usize];
     assert!(write(&mut q, 1, 0, &block).is_success());
     let (c0, groups) = ana_log(&mut a, false);
