@@ -288,6 +288,73 @@ impl Drive {
         !self.backlog.is_empty() || self.free_tags.len() < self.inflight.len()
     }
 
+    /// Whether the drive belongs to a cluster member (its key is registered on it).
+    pub fn is_cluster_drive(&self) -> bool {
+        self.fence_key != 0
+    }
+
+    /// Whether the drive is dead (its controller did not come back).
+    pub fn is_dead(&self) -> bool {
+        self.dead.is_some()
+    }
+
+    /// Writes `data` (whole blocks, at most 64 KiB) at byte `offset` with FUA, waiting for it
+    /// on the I/O queue (other commands' completions are kept for the engine's poll). For the
+    /// disk heartbeat: a conflict there fences the node as any other would.
+    pub fn write_sync(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let (lba, blocks) = self.sync_range(offset, data.len())?;
+        let cmd = IoCmd::write(self.nsid, lba, blocks, self.block_size, true);
+        let timeout = self.ctrl.timeout();
+        let r = self.ctrl.exec_scratch(1, cmd, Some(data), None, timeout);
+        self.sync_result(r)
+    }
+
+    /// Reads `out.len()` bytes (whole blocks, at most 64 KiB) at byte `offset`, waiting.
+    pub fn read_sync(&mut self, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        let (lba, blocks) = self.sync_range(offset, out.len())?;
+        let cmd = IoCmd::read(self.nsid, lba, blocks, self.block_size);
+        let timeout = self.ctrl.timeout();
+        let r = self.ctrl.exec_scratch(1, cmd, None, Some(out), timeout);
+        self.sync_result(r)
+    }
+
+    fn sync_range(&self, offset: u64, len: usize) -> Result<(u64, u32), String> {
+        if let Some(why) = &self.dead {
+            return Err(format!("drive dead: {why}"));
+        }
+        let bs = u64::from(self.block_size);
+        let len = len as u64;
+        if offset % bs != 0 || len % bs != 0 || len == 0 {
+            return Err(format!(
+                "{len} bytes at {offset} are not whole {bs}-byte blocks"
+            ));
+        }
+        if (offset + len) / bs > self.blocks {
+            return Err(format!("{len} bytes at {offset} are past the end"));
+        }
+        Ok((offset / bs, (len / bs) as u32))
+    }
+
+    fn sync_result(&mut self, r: Result<Result<u32, CmdError>, NvmeError>) -> Result<(), String> {
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                let conflict =
+                    matches!(e, CmdError::ReservationConflict | CmdError::PreemptAborted);
+                if conflict && self.fence_key != 0 {
+                    mark_fenced(&self.name, &e);
+                }
+                Err(e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The drive's reservations, for fencing the peer ([`crate::fence::Fence`]).
+    pub fn reservations(&mut self) -> NvmeReservations<'_, AnyTransport> {
+        NvmeReservations::new(self.name.clone(), &mut self.ctrl, 1, self.nsid)
+    }
+
     /// Pieces retried so far.
     pub fn retries(&self) -> u64 {
         self.retries

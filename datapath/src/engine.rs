@@ -218,6 +218,8 @@ pub struct Engine {
     cqes: Vec<(u64, i32)>,
     done: Vec<Done>,
     batch: Vec<IoDesc>,
+    /// A cluster member's disk heartbeat and fencing (between turns).
+    disk_beat: Option<crate::diskbeat::DiskBeat>,
 }
 
 impl Engine {
@@ -381,6 +383,7 @@ impl Engine {
             cqes: Vec::with_capacity(256),
             done: Vec::with_capacity(256),
             batch: Vec::with_capacity(BATCH),
+            disk_beat: None,
             config,
         })
     }
@@ -389,6 +392,27 @@ impl Engine {
     /// receives its events.
     pub fn control(&self) -> EngineControl {
         self.control.clone()
+    }
+
+    /// Runs a cluster member's disk heartbeat and fence requests between turns.
+    pub fn set_disk_beat(&mut self, beat: crate::diskbeat::DiskBeat) {
+        self.disk_beat = Some(beat);
+    }
+
+    /// The disk heartbeat's work, when due: on the engine's thread, between two turns.
+    fn cluster_work(&mut self) {
+        let now = Instant::now();
+        let Some(beat) = self.disk_beat.as_mut() else {
+            return;
+        };
+        if !beat.wants(now) {
+            return;
+        }
+        let mut drives = Vec::new();
+        for d in self.devices.iter_mut().flatten() {
+            d.drives_mut(&mut drives);
+        }
+        beat.run(now, drives);
     }
 
     /// A handle that stops [`Engine::run`].
@@ -423,6 +447,7 @@ impl Engine {
         let mut stop_at: Option<Instant> = None;
         loop {
             beat();
+            self.cluster_work();
             let mut progress = self.apply_commands();
             progress |= self.reap()?;
             progress |= self.poll_devices();
@@ -467,11 +492,14 @@ impl Engine {
                 continue;
             }
             self.stats.sleeps += 1;
-            let timeout = if stopping {
+            let mut timeout = if stopping {
                 self.config.max_sleep.min(Duration::from_millis(10))
             } else {
                 self.config.max_sleep
             };
+            if let Some(b) = &self.disk_beat {
+                timeout = timeout.min(b.due_in(Instant::now()).max(Duration::from_millis(1)));
+            }
             let slept = self.uring.wait(timeout);
             self.disarm();
             slept?;

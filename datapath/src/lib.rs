@@ -112,6 +112,7 @@
 pub mod bdev;
 mod channel;
 pub mod control;
+pub mod diskbeat;
 pub mod drives;
 mod engine;
 pub mod fence;

@@ -138,6 +138,9 @@ pub enum ServiceError {
     /// The control thread could not be started.
     #[error("Cannot start the control thread")]
     Thread(#[source] std::io::Error),
+    /// The handed-over cluster state region is unusable.
+    #[error("Handed-over `{}` is unusable", duplex_ipc::cluster::CLUSTER_RESOURCE)]
+    ClusterRegion(#[source] duplex_ipc::region::RegionError),
     /// The handed-over maps channel is not a `SOCK_SEQPACKET` socket.
     #[error("Handed-over `{}` is unusable", wire::MAPS_RESOURCE)]
     Maps(#[source] ControlError),
@@ -276,6 +279,13 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         Some(r) => Some(MapsChannel::from_fd(r.fd).map_err(ServiceError::Maps)?),
         None => None,
     };
+    let cluster_region = match started.take(duplex_ipc::cluster::CLUSTER_RESOURCE) {
+        Some(r) => Some(
+            duplex_ipc::cluster::ClusterRegion::attach(r.fd)
+                .map_err(ServiceError::ClusterRegion)?,
+        ),
+        None => None,
+    };
     for r in &started.resources {
         tracing::debug!(
             resource = r.name,
@@ -287,7 +297,23 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         grace: STOP_GRACE,
         ..EngineConfig::default()
     };
-    let engine = Engine::with_devices(devices, maps, Arc::new(pool), channels, config)?;
+    let mut engine = Engine::with_devices(devices, maps, Arc::new(pool), channels, config)?;
+    // A cluster member: the disk heartbeat and the peer's fencing, on the node's key.
+    let key = topology
+        .volumes
+        .iter()
+        .chain(&topology.drives)
+        .filter_map(|v| v.drive.as_ref().map(|d| d.fence_key))
+        .find(|k| *k != 0);
+    match (cluster_region, &topology.cluster, key) {
+        (Some(region), Some(spec), Some(key)) => {
+            engine.set_disk_beat(crate::diskbeat::DiskBeat::new(region, spec, key));
+        }
+        (Some(_), _, _) => {
+            tracing::warn!("a cluster state region but no cluster drives: no disk heartbeat");
+        }
+        _ => {}
+    }
     let stopper = engine.stopper();
     let engine_control = engine.control();
     enter().map_err(ServiceError::Sandbox)?;

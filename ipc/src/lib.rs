@@ -20,6 +20,7 @@
 //! specified in `docs/IPC.md`.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod desc;

@@ -87,8 +87,10 @@ pub struct Topology {
 pub struct ClusterSpec {
     /// The array's name (both nodes say the same; the interconnect refuses another).
     pub name: String,
-    /// This node's id (1..=65535).
+    /// This node's id (1..=4; its heartbeat slot and on-disk owner number is `node_id - 1`).
     pub node_id: u16,
+    /// The peer's node id (1..=4).
+    pub peer_id: u16,
     /// This boot's number (duplexd's start time in ms, 48 bits).
     pub boot: u64,
     /// The peer's interconnect address.
@@ -99,6 +101,18 @@ pub struct ClusterSpec {
     pub beat_ms: u64,
     /// Silence after which a heartbeat counts as stopped (ms).
     pub dead_ms: u64,
+}
+
+impl ClusterSpec {
+    /// This node's heartbeat slot and on-disk owner number.
+    pub fn slot(&self) -> usize {
+        usize::from(self.node_id.saturating_sub(1))
+    }
+
+    /// The peer's.
+    pub fn peer_slot(&self) -> usize {
+        usize::from(self.peer_id.saturating_sub(1))
+    }
 }
 
 /// One volume: a backing file or block device the datapath serves blocks from.

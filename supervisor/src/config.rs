@@ -130,9 +130,13 @@ pub struct NodeConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
-    /// This node's id in the cluster, 1..=65535 (the two controllers differ). It names the
-    /// node in the reservation key it registers on every drive.
+    /// This node's id in the cluster, 1..=4 (the two controllers differ). It names the node
+    /// in the reservation key it registers on every drive, and its heartbeat slot and
+    /// ownership records on the drives (slot `node_id - 1`).
     pub node_id: Spanned<u16>,
+    /// The peer's node id (default: 2 for node 1, 1 for node 2).
+    #[serde(default)]
+    pub peer_id: Option<Spanned<u16>>,
     /// The array's name, the same on both nodes (default `duplex`).
     #[serde(default)]
     pub name: Option<Spanned<String>>,
@@ -150,6 +154,8 @@ pub struct ClusterSettings {
 
 /// The cluster service's name.
 pub const CLUSTER: &str = "cluster";
+/// The largest node id (the drives hold four heartbeat slots).
+pub const MAX_NODE_ID: u16 = 4;
 
 /// This process's boot number: the wall clock at its start, in milliseconds (48 bits last
 /// ~8900 years). Every start of duplexd is a new boot with a new, larger number, so a key
@@ -175,6 +181,17 @@ impl NodeConfig {
         }
     }
 
+    /// The peer's node id: `[cluster] peer_id`, else the other of 1 and 2.
+    pub fn peer_id(&self) -> Option<u16> {
+        let c = self.cluster.as_ref()?;
+        match (&c.peer_id, *c.node_id.get_ref()) {
+            (Some(p), _) => Some(*p.get_ref()),
+            (None, 1) => Some(2),
+            (None, 2) => Some(1),
+            (None, _) => None,
+        }
+    }
+
     /// What the cluster service is handed (in the topology): `None` without `[cluster]` or
     /// without its `peer`.
     pub fn cluster_spec(&self) -> Option<duplex_ipc::topology::ClusterSpec> {
@@ -186,6 +203,7 @@ impl NodeConfig {
                 .as_ref()
                 .map_or_else(|| "duplex".to_owned(), |n| n.get_ref().clone()),
             node_id: *c.node_id.get_ref(),
+            peer_id: self.peer_id().unwrap_or(0),
             boot: boot_number().max(1),
             peer,
             listener: self
@@ -651,11 +669,27 @@ impl NodeConfig {
             ));
         }
         if let Some(c) = &self.cluster {
-            if *c.node_id.get_ref() == 0 {
+            let id = *c.node_id.get_ref();
+            if !(1..=MAX_NODE_ID).contains(&id) {
                 return Err(err(
                     c.node_id.span(),
-                    "cluster.node_id must be 1..=65535".into(),
+                    format!("cluster.node_id {id} must be 1..={MAX_NODE_ID} (one heartbeat slot per node on the drives)"),
                 ));
+            }
+            match (&c.peer_id, self.peer_id()) {
+                (Some(p), Some(peer)) if peer == id || !(1..=MAX_NODE_ID).contains(&peer) => {
+                    return Err(err(
+                        p.span(),
+                        format!("cluster.peer_id {peer} must be 1..={MAX_NODE_ID} and not this node's id"),
+                    ));
+                }
+                (None, None) => {
+                    return Err(err(
+                        c.node_id.span(),
+                        format!("cluster.node_id {id}: give cluster.peer_id (the peer's node id; the default pairs 1 with 2)"),
+                    ));
+                }
+                _ => {}
             }
             if let Some(n) = &c.name {
                 if !valid_name(n.get_ref()) {
@@ -992,7 +1026,15 @@ service = "fabric"
         );
         assert_eq!(spec.boot, c.fence_key() & ((1 << 48) - 1));
         let e = error(&with("node_id = 0"));
-        assert!(e.contains("cluster.node_id must be 1..=65535"), "{e}");
+        assert!(e.contains("cluster.node_id 0 must be 1..=4"), "{e}");
+        let e = error(&with("node_id = 5"));
+        assert!(e.contains("must be 1..=4"), "{e}");
+        let e = error(&with("node_id = 3"));
+        assert!(e.contains("give cluster.peer_id"), "{e}");
+        let e = error(&with("node_id = 3\npeer_id = 3"));
+        assert!(e.contains("not this node's id"), "{e}");
+        let c = NodeConfig::parse("node.toml", &with("node_id = 3\npeer_id = 4")).expect("parse");
+        assert_eq!(c.peer_id(), Some(4));
         let e = error(&with("node_id = 1\nbeat_ms = 100\ndead_ms = 200"));
         assert!(e.contains("more than twice"), "{e}");
         let e = error(&with("node_id = 1\nbeat_ms = 0"));

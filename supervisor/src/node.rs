@@ -385,6 +385,25 @@ impl Node {
                     crate::config::CLUSTER,
                 ],
             );
+            let has_drives =
+                !topology.drives.is_empty() || topology.volumes.iter().any(|v| v.drive.is_some());
+            if topology.cluster.is_some() && has_drives {
+                // The node's cluster state (disk heartbeats seen, fence requests and answers,
+                // pools taken over), held here across restarts of the services.
+                let region = duplex_ipc::cluster::ClusterRegion::create()
+                    .map_err(|e| res_err("cluster state region")(e.to_string()))?;
+                let fd = region
+                    .region()
+                    .try_clone_fd()
+                    .map_err(|e| res_err("cluster state region")(e.to_string()))?;
+                add(
+                    &mut shared,
+                    duplex_ipc::cluster::CLUSTER_RESOURCE.into(),
+                    ResourceKind::Region,
+                    fd,
+                    &[datapath.as_str(), METADATA_SERVICE, crate::config::CLUSTER],
+                );
+            }
             for d in drives {
                 tracing::info!(
                     drive = %d.spec.name,

@@ -213,6 +213,9 @@ pub trait Bdev: Debug + Send {
     fn into_members(self: Box<Self>) -> Vec<BdevBox> {
         Vec::new()
     }
+    /// Appends the NVMe drives under this device (itself, or its members'), for the work the
+    /// engine does on drives outside the I/O path: the disk heartbeat and fencing.
+    fn drives_mut<'a>(&'a mut self, _out: &mut Vec<&'a mut crate::drives::Drive>) {}
 }
 
 /// A boxed block device.

@@ -47,6 +47,10 @@ impl NvmeBdev {
 }
 
 impl Bdev for NvmeBdev {
+    fn drives_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Drive>) {
+        out.push(&mut self.drive);
+    }
+
     fn name(&self) -> &str {
         self.drive.name()
     }

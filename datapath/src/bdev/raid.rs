@@ -655,4 +655,10 @@ impl Bdev for RaidBdev {
     fn into_members(self: Box<Self>) -> Vec<BdevBox> {
         self.members.into_iter().map(|m| m.dev).collect()
     }
+
+    fn drives_mut<'a>(&'a mut self, out: &mut Vec<&'a mut crate::drives::Drive>) {
+        for m in &mut self.members {
+            m.dev.drives_mut(out);
+        }
+    }
 }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use duplex_ipc::cluster::{ClusterRegion, FenceOutcome, CLUSTER_RESOURCE};
 use duplex_ipc::control::RateLimiter;
 use duplex_ipc::lifecycle::{self, Health, Started};
 use duplex_ipc::topology::{ClusterSpec, Topology, TOPOLOGY_RESOURCE};
@@ -56,6 +57,13 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
         .cluster
         .clone()
         .ok_or_else(|| anyhow!("the node config has no [cluster] with a peer"))?;
+    let region = match started.take(CLUSTER_RESOURCE) {
+        Some(h) => Some(ClusterRegion::attach(h.fd).context("the cluster state region")?),
+        None => {
+            tracing::warn!("no cluster state region: no disk heartbeat, so no takeover");
+            None
+        }
+    };
     let listener = match &spec.listener {
         Some(r) => {
             let l = std::net::TcpListener::from(take(&mut started, r)?);
@@ -82,7 +90,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
         "cluster service ready"
     );
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, serve(spec, listener, health, started, stop))
+    local.block_on(&rt, serve(spec, listener, region, health, started, stop))
 }
 
 /// What the tasks share.
@@ -97,6 +105,42 @@ struct Node {
     /// Something worth reporting at once changed (a transition, the link).
     changed: std::cell::Cell<bool>,
     warn: RefCell<RateLimiter>,
+    /// The node's cluster state region: the datapath's disk heartbeat and fencing.
+    region: Option<ClusterRegion>,
+    /// Where the takeover of the peer's pools stands.
+    takeover: RefCell<Takeover>,
+    /// This node's disk heartbeat: the datapath's round count, and when it last moved.
+    own_rounds: std::cell::Cell<(u64, u64)>,
+}
+
+/// Where the takeover of the peer's pools stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Takeover {
+    /// Nothing to do.
+    Idle,
+    /// The datapath was asked to fence `victim` (request `seq`).
+    Fencing { seq: u64, victim: u64, since: u64 },
+    /// The peer (`victim`) is fenced off every drive; its pools are this node's.
+    Done { victim: u64 },
+    /// The takeover could not be done: why (no takeover; pools of the peer stay offline).
+    Failed { victim: u64, why: String, at: u64 },
+}
+
+impl Takeover {
+    fn describe(&self) -> String {
+        match self {
+            Self::Idle => "none".into(),
+            Self::Fencing { victim, .. } => format!("fencing key {victim:#018x}"),
+            Self::Done { victim } => {
+                format!("peer's pools taken over (key {victim:#018x} fenced off every drive)")
+            }
+            Self::Failed { victim, why, .. } => {
+                format!(
+                    "refused: key {victim:#018x} not fenced ({why}); the peer's pools stay offline"
+                )
+            }
+        }
+    }
 }
 
 impl Node {
@@ -131,9 +175,187 @@ impl Node {
                 "disk_heard_ms_ago": ago(m.disk().at),
             },
             "link_out": if self.link_out.get() { "up" } else { "down" },
-            "disk_heartbeat": "not written yet (a silent interconnect is never taken for a death)",
+            "disk_heartbeat": self.disk_summary(now),
+            "disk": self.region.as_ref().map(|r| {
+                let (written, drives) = r.written();
+                let peer = r.slot(self.spec.peer_slot());
+                serde_json::json!({
+                    "rounds": r.rounds(),
+                    "written": written,
+                    "drives": drives,
+                    "fenced": r.fenced(),
+                    "peer_counter": peer.map(|p| p.counter),
+                    "peer_boot": peer.map(|p| p.boot),
+                    "peer_drives": peer.map(|p| p.drives),
+                    "claims": r.claims().0,
+                })
+            }),
+            "takeover": self.takeover.borrow().describe(),
         })
         .to_string()
+    }
+
+    /// One line on the disk heartbeat, for `duplexctl cluster status`.
+    fn disk_summary(&self, now: u64) -> String {
+        let Some(r) = &self.region else {
+            return "not run (no cluster state region): a silent interconnect is never taken for a death".into();
+        };
+        if r.fenced() {
+            return "stopped: this node is fenced".into();
+        }
+        let (written, drives) = r.written();
+        let m = self.membership.borrow();
+        let heard = match m.disk().at {
+            Some(at) => format!("{} ms ago", now.saturating_sub(at)),
+            None => "never".into(),
+        };
+        format!(
+            "this node's slot written on {written} of {drives} drives (round {}); the peer's last changed {heard}",
+            r.rounds()
+        )
+    }
+
+    /// Whether this node's own disk heartbeat is going (rounds done within the dead time):
+    /// only then does a silent peer slot mean anything.
+    fn own_disk_ok(&self, now: u64) -> bool {
+        let Some(r) = &self.region else {
+            return false;
+        };
+        let rounds = r.rounds();
+        let (seen, at) = self.own_rounds.get();
+        if rounds != seen {
+            self.own_rounds.set((rounds, now));
+            return true;
+        }
+        rounds > 0 && now.saturating_sub(at) < self.spec.dead_ms
+    }
+
+    /// Reads the disk heartbeat the datapath saw; moves the takeover along.
+    fn disk_tick(&self) {
+        let Some(r) = &self.region else {
+            return;
+        };
+        let now = self.now();
+        let ok = self.own_disk_ok(now);
+        if ok {
+            if let Some(v) = r.slot(self.spec.peer_slot()) {
+                if v.drives > 0 && v.counter > 0 {
+                    let t = self
+                        .membership
+                        .borrow_mut()
+                        .disk_read(now, v.boot, v.counter);
+                    self.report(t);
+                }
+            }
+        }
+        let state = self.takeover.borrow().clone();
+        let dead = self.membership.borrow().state() == PeerState::Dead;
+        match state {
+            // Still dead and not fenced: try again (the drives, or this node's view of them,
+            // may have come back), once per dead time.
+            Takeover::Idle if dead && ok => {
+                self.start_takeover(self.membership.borrow().peer_boot())
+            }
+            Takeover::Failed { at, .. }
+                if dead && ok && now.saturating_sub(at) >= self.spec.dead_ms =>
+            {
+                self.start_takeover(self.membership.borrow().peer_boot())
+            }
+            Takeover::Idle | Takeover::Failed { .. } => {}
+            Takeover::Fencing { seq, victim, since } => {
+                let Some(a) = r.fence_answer().filter(|a| a.seq == seq) else {
+                    if now.saturating_sub(since) > 10 * self.spec.dead_ms {
+                        tracing::error!(
+                            victim = format!("{victim:#018x}"),
+                            "the datapath did not answer the fence request"
+                        );
+                    }
+                    return;
+                };
+                self.changed.set(true);
+                let next = match a.outcome {
+                    Some(FenceOutcome::Fenced) => {
+                        r.claim(self.spec.peer_slot(), victim);
+                        tracing::warn!(
+                            peer = self.spec.peer_id,
+                            victim = format!("{victim:#018x}"),
+                            preempted = a.preempted,
+                            fence_ms = now.saturating_sub(since),
+                            "TAKEOVER: the peer is fenced off every drive; its pools are this node's"
+                        );
+                        Takeover::Done { victim }
+                    }
+                    other => {
+                        let why = other.map_or("an unknown answer", FenceOutcome::name);
+                        tracing::error!(
+                            peer = self.spec.peer_id,
+                            victim = format!("{victim:#018x}"),
+                            why,
+                            "NO TAKEOVER: the peer could not be fenced; its pools stay offline"
+                        );
+                        Takeover::Failed {
+                            victim,
+                            why: why.into(),
+                            at: now,
+                        }
+                    }
+                };
+                *self.takeover.borrow_mut() = next;
+            }
+            Takeover::Done { .. } => {}
+        }
+    }
+
+    /// The peer is heard again: a new boot of a fenced peer has rejoined, so the claim on its
+    /// pools (already this node's on the drives) is withdrawn.
+    fn peer_back(&self, boot: u64) {
+        let done = match &*self.takeover.borrow() {
+            Takeover::Done { victim } | Takeover::Failed { victim, .. } => Some(*victim),
+            _ => None,
+        };
+        if let (Some(victim), Some(r)) = (done, &self.region) {
+            if victim & ((1 << 48) - 1) != boot & ((1 << 48) - 1) {
+                r.release_claims(1 << self.spec.peer_slot());
+                tracing::info!(
+                    peer = self.spec.peer_id,
+                    boot,
+                    "the fenced peer rejoined with a new boot"
+                );
+                *self.takeover.borrow_mut() = Takeover::Idle;
+            }
+        }
+    }
+
+    /// The peer is dead: fence it (then take over), if this node can judge.
+    fn start_takeover(&self, boot: u64) {
+        let Some(r) = &self.region else {
+            tracing::error!("peer dead, but this node runs no disk heartbeat: no takeover");
+            return;
+        };
+        let now = self.now();
+        if !self.own_disk_ok(now) {
+            tracing::error!("peer looks dead, but this node's own disk heartbeat is not going: it cannot judge; no takeover");
+            return;
+        }
+        let victim = (u64::from(self.spec.peer_id) << 48) | (boot & ((1 << 48) - 1)).max(1);
+        match &*self.takeover.borrow() {
+            Takeover::Done { victim: v } | Takeover::Fencing { victim: v, .. } if *v == victim => {
+                return;
+            }
+            _ => {}
+        }
+        let seq = r.request_fence(victim);
+        tracing::warn!(
+            peer = self.spec.peer_id,
+            victim = format!("{victim:#018x}"),
+            "peer dead: fencing it off every drive"
+        );
+        *self.takeover.borrow_mut() = Takeover::Fencing {
+            seq,
+            victim,
+            since: now,
+        };
+        self.changed.set(true);
     }
 
     fn report(&self, t: Option<Transition>) {
@@ -144,7 +366,8 @@ impl Node {
         let peer = self.peer_id.borrow().unwrap_or(0);
         match t.to {
             PeerState::Alive => {
-                tracing::info!(peer, boot = t.boot, from = t.from.name(), "peer alive")
+                tracing::info!(peer, boot = t.boot, from = t.from.name(), "peer alive");
+                self.peer_back(t.boot);
             }
             PeerState::LinkDown => tracing::warn!(
                 peer,
@@ -152,12 +375,15 @@ impl Node {
                 from = t.from.name(),
                 "peer interconnect down: no takeover, configuration changes are refused"
             ),
-            PeerState::Dead => tracing::error!(
-                peer,
-                boot = t.boot,
-                from = t.from.name(),
-                "peer dead: both heartbeats silent for the dead time"
-            ),
+            PeerState::Dead => {
+                tracing::error!(
+                    peer,
+                    boot = t.boot,
+                    from = t.from.name(),
+                    "peer dead: both heartbeats silent for the dead time"
+                );
+                self.start_takeover(t.boot);
+            }
             PeerState::Unknown => {}
         }
     }
@@ -221,13 +447,29 @@ impl Node {
 async fn serve(
     spec: ClusterSpec,
     listener: Option<std::net::TcpListener>,
+    region: Option<ClusterRegion>,
     health: Health,
     started: Arc<Started>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let beat = Duration::from_millis(spec.beat_ms.max(1));
+    let membership = if region.is_some() {
+        Membership::new(spec.dead_ms)
+    } else {
+        Membership::new(spec.dead_ms).without_disk_heartbeat()
+    };
+    // A takeover a predecessor finished is still in force.
+    let takeover = match &region {
+        Some(r) if r.claims().0 & (1 << spec.peer_slot()) != 0 => Takeover::Done {
+            victim: r.claims().1,
+        },
+        _ => Takeover::Idle,
+    };
     let node = Rc::new(Node {
-        membership: RefCell::new(Membership::new(spec.dead_ms).without_disk_heartbeat()),
+        membership: RefCell::new(membership),
+        region,
+        takeover: RefCell::new(takeover),
+        own_rounds: std::cell::Cell::new((0, 0)),
         spec,
         clock: Instant::now(),
         peer_id: RefCell::new(None),
@@ -248,6 +490,7 @@ async fn serve(
     while !stop.load(Ordering::Acquire) {
         tick.tick().await;
         health.beat();
+        node.disk_tick();
         let t = node.membership.borrow_mut().tick(node.now());
         node.report(t);
         // The status report: at once after a change, else twice a second.

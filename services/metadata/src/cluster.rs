@@ -132,10 +132,25 @@ struct PoolEntry<D: MetaDisk> {
     drives: Vec<u32>,
 }
 
+/// A pool the peer controller owns, as read (never written) from its drives: this node
+/// exports its namespaces as inaccessible, and imports it only when the cluster service says
+/// the peer is fenced ([`Cluster::claims`]).
+#[derive(Debug, Clone)]
+struct PeerPool {
+    uuid: Uuid,
+    config: PoolConfig,
+}
+
 /// The node's storage. See the module docs.
 #[derive(Debug)]
 pub struct Cluster<D: MetaDisk + Clone, P: Publisher> {
     node: u32,
+    /// A member of a two-controller cluster: pools another node owns are the peer's.
+    clustered: bool,
+    /// Pools the peer owns.
+    peer_pools: Vec<PeerPool>,
+    /// The node slots whose pools the cluster service said are this node's (the peer fenced).
+    claims: u64,
     ana_group: u32,
     cluster_uuid: Uuid,
     drives: Vec<Drive<D>>,
@@ -205,8 +220,26 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     /// imported stays offline, its drives reported, nothing written to them), and publishes
     /// the pools, volumes and exports.
     pub fn start(drives: Vec<Drive<D>>, node: u32, ana_group: u32, publisher: P) -> Self {
+        Self::start_member(drives, node, None, ana_group, publisher)
+    }
+
+    /// [`Cluster::start`] for a member of a two-controller cluster (`claims`: `Some`, the node
+    /// slots whose pools are this node's to take over): a pool whose ownership record names
+    /// another node is the peer's. It is read, never written: its namespaces are exported with
+    /// their ANA group inaccessible here, and it is imported (and its ownership moved to this
+    /// node, epoch + 1) only once its owner's slot is claimed.
+    pub fn start_member(
+        drives: Vec<Drive<D>>,
+        node: u32,
+        claims: Option<u64>,
+        ana_group: u32,
+        publisher: P,
+    ) -> Self {
         let mut c = Self {
             node,
+            clustered: claims.is_some(),
+            peer_pools: Vec::new(),
+            claims: claims.unwrap_or(0),
             ana_group,
             cluster_uuid: Uuid::NIL,
             drives,
@@ -230,6 +263,19 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             }
         }
         for pool in groups {
+            if c.clustered {
+                match c.owner_of(pool) {
+                    Some((owner, config)) if owner != c.node => {
+                        if c.claims & (1 << owner) == 0 {
+                            c.add_peer_pool(pool, config);
+                        } else {
+                            c.take_over(pool);
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             if let Err(e) = c.import(pool, false) {
                 tracing::error!(pool = %pool, error = %e, "pool not imported: nothing was written to its drives (`duplexctl pool import {pool}` retries, `--force` accepts what the error names)");
             }
@@ -238,6 +284,115 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             tracing::error!(error = %e, "publishing the imported configuration failed");
         }
         c
+    }
+
+    /// The owner node and configuration of `pool` as its drives say (read only).
+    fn owner_of(&mut self, pool: Uuid) -> Option<(u32, PoolConfig)> {
+        let text = pool.to_string();
+        let mut disks: Vec<D> = self
+            .drives
+            .iter()
+            .filter(|d| d.pool == text)
+            .map(|d| d.disk.clone())
+            .collect();
+        match crate::store::plan(&mut disks, Some(pool), false) {
+            Ok(plan) => Some((plan.winner.config.ownership.owner_node, plan.winner.config)),
+            Err(e) => {
+                tracing::warn!(pool = %pool, error = %e, "cannot read the pool's ownership");
+                None
+            }
+        }
+    }
+
+    /// Records a pool the peer owns (read only) and its drives.
+    fn add_peer_pool(&mut self, pool: Uuid, config: PoolConfig) {
+        let text = pool.to_string();
+        tracing::info!(pool = %config.pool.name, owner = config.ownership.owner_node, epoch = config.ownership.epoch, "pool owned by the peer: exported inaccessible here");
+        for d in &mut self.drives {
+            if d.pool == text {
+                d.pool = config.pool.name.clone();
+                d.state = DriveState::Active;
+            }
+        }
+        self.peer_pools.retain(|p| p.uuid != pool);
+        self.peer_pools.push(PeerPool { uuid: pool, config });
+    }
+
+    /// Takes over the peer's pool `pool` (the peer is fenced): imports it and commits its
+    /// ownership to this node with the next epoch. Returns whether it is this node's now.
+    fn take_over(&mut self, pool: Uuid) -> bool {
+        let started = std::time::Instant::now();
+        let text = pool.to_string();
+        // The peer pool's drives carry its name now; the import looks them up by UUID.
+        let name = self
+            .peer_pools
+            .iter()
+            .find(|p| p.uuid == pool)
+            .map(|p| p.config.pool.name.clone());
+        if let Some(name) = &name {
+            for d in &mut self.drives {
+                if &d.pool == name {
+                    d.pool = text.clone();
+                }
+            }
+        }
+        let i = match self.import(pool, false) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(pool = %text, error = %e, "TAKEOVER of a pool failed: not imported; it stays offline here");
+                if let Some(name) = &name {
+                    for d in &mut self.drives {
+                        if d.pool == text {
+                            d.pool = name.clone();
+                        }
+                    }
+                }
+                return false;
+            }
+        };
+        let mut cfg = self.pools[i].store.config().clone();
+        let from = cfg.ownership;
+        cfg.ownership.owner_node = self.node;
+        cfg.ownership.epoch = from.epoch + 1;
+        let name = cfg.pool.name.clone();
+        if let Err(e) = self.commit_pool(i, cfg) {
+            tracing::error!(pool = %name, error = %e, "TAKEOVER of a pool failed: its ownership could not be committed; not served");
+            self.pools.remove(i);
+            return false;
+        }
+        self.peer_pools.retain(|p| p.uuid != pool);
+        tracing::warn!(pool = %name, from_node = from.owner_node, epoch = from.epoch + 1, elapsed_ms = started.elapsed().as_millis() as u64, "pool taken over: this node owns it now");
+        true
+    }
+
+    /// The cluster service's claims (node slots whose pools are this node's to take over):
+    /// takes over the peer pools of newly claimed slots and publishes. Returns whether
+    /// anything changed.
+    pub fn claims(&mut self, claims: u64) -> bool {
+        if !self.clustered || claims == self.claims {
+            return false;
+        }
+        let new = claims & !self.claims;
+        self.claims = claims;
+        let taken: Vec<Uuid> = self
+            .peer_pools
+            .iter()
+            .filter(|p| {
+                p.config.ownership.owner_node < 64
+                    && new & (1 << p.config.ownership.owner_node) != 0
+            })
+            .map(|p| p.uuid)
+            .collect();
+        let mut changed = false;
+        for pool in taken {
+            changed |= self.take_over(pool);
+        }
+        if changed {
+            if let Err(e) = self.publish_all() {
+                tracing::error!(error = %e, "publishing after the takeover failed");
+            }
+        }
+        changed
     }
 
     /// Imports one pool from the drives that name it; returns its index in `pools`. On an
@@ -457,9 +612,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
 
     /// The cluster's subsystems: the copy with the highest cluster generation.
     fn subsystems(&self) -> (u64, Vec<duplex_ondisk::Subsystem>) {
-        self.pools
-            .iter()
-            .map(|p| p.store.config())
+        self.configs()
             .max_by_key(|c| c.cluster_generation)
             .map(|c| (c.cluster_generation, c.subsystems.clone()))
             .unwrap_or((0, Vec::new()))
@@ -471,9 +624,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .into_iter()
             .map(|s| {
                 let mut namespaces: Vec<ExportNamespace> = self
-                    .pools
-                    .iter()
-                    .map(|p| p.store.config())
+                    .configs()
                     .flat_map(|c| {
                         c.namespaces
                             .iter()
@@ -505,16 +656,28 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .collect()
     }
 
+    /// Every pool's configuration: this node's, then the peer's.
+    fn configs(&self) -> impl Iterator<Item = &PoolConfig> {
+        self.pools
+            .iter()
+            .map(|p| p.store.config())
+            .chain(self.peer_pools.iter().map(|p| &p.config))
+    }
+
     fn publish_exports(&mut self) -> Result<(), String> {
         let table = self.export_table();
         let ana = self.ana_states(&table);
         self.publisher.publish_exports(table, ana)
     }
 
-    /// The ANA state of every group the table's namespaces name: optimized, as this node
-    /// serves every pool it imported. (The cluster service will say which pools the peer owns:
-    /// theirs are inaccessible here.)
+    /// The ANA state of every group the table's namespaces name: optimized for the pools this
+    /// node owns, inaccessible for the peer's.
     fn ana_states(&self, table: &[ExportSubsystem]) -> Vec<AnaGroupState> {
+        let peer_groups: Vec<u32> = self
+            .peer_pools
+            .iter()
+            .flat_map(|p| p.config.namespaces.iter().map(|n| n.ana_group))
+            .collect();
         let mut groups: Vec<u32> = table
             .iter()
             .flat_map(|s| s.namespaces.iter().map(|n| n.ana_group))
@@ -525,7 +688,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .into_iter()
             .map(|group| AnaGroupState {
                 group,
-                state: AnaState::Optimized,
+                state: if peer_groups.contains(&group) {
+                    AnaState::Inaccessible
+                } else {
+                    AnaState::Optimized
+                },
             })
             .collect()
     }
@@ -543,6 +710,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .enumerate()
             .filter(|&(j, _)| j != i)
             .flat_map(|(_, p)| p.store.config().namespaces.iter().map(|n| n.ana_group))
+            .chain(
+                self.peer_pools
+                    .iter()
+                    .flat_map(|p| p.config.namespaces.iter().map(|n| n.ana_group)),
+            )
             .collect();
         (1..=MAX_ANA_GROUP)
             .find(|g| !used.contains(g))

@@ -184,6 +184,12 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         .with_first_request_id(started.generation << 32);
     let exports = ExportsRegion::attach(take(&mut started, EXPORTS_RESOURCE)?)?;
     let bell = Doorbell::from_fd(take(&mut started, EXPORTS_BELL_RESOURCE)?)?;
+    let cluster_region = match started.take(duplex_ipc::cluster::CLUSTER_RESOURCE) {
+        Some(h) => Some(
+            duplex_ipc::cluster::ClusterRegion::attach(h.fd).context("the cluster state region")?,
+        ),
+        None => None,
+    };
     enter()?;
     // Whatever a predecessor left queued on the config channel is not acted on now: its
     // caller is told at once (the restart notice) that it may or may not have been carried
@@ -261,7 +267,11 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         exports,
         bell,
     };
-    let mut cluster = Cluster::start(drives, 0, topology.ana_group, publisher);
+    // A cluster member owns the pools whose ownership record names its slot; the others are
+    // the peer's until the cluster service claims them (the peer fenced).
+    let node = topology.cluster.as_ref().map_or(0, |c| c.slot() as u32);
+    let claims = cluster_region.as_ref().map(|r| r.claims().0);
+    let mut cluster = Cluster::start_member(drives, node, claims, topology.ana_group, publisher);
     tracing::info!(
         generation = started.generation,
         restart,
@@ -296,6 +306,12 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
                 tracing::warn!(error = %e, "malformed config request dropped");
             }
             Err(e) => return Err(anyhow!("config channel failed: {e}")),
+        }
+        if let Some(r) = &cluster_region {
+            let (claims, _) = r.claims();
+            if cluster.claims(claims) {
+                health.beat();
+            }
         }
         // Member failures the datapath reported: record them, then release its writes.
         loop {

@@ -1,0 +1,366 @@
+//! The cluster state region: what the datapath, the cluster service and the metadata service of
+//! one node tell each other about the peer (issue 15).
+//!
+//! A plain region duplexd creates for a cluster member (resource [`CLUSTER_RESOURCE`]) and keeps,
+//! handed to the datapath, the cluster service and the metadata service, so any of the two
+//! services can restart and find it as it was. Every field is a 64-bit atomic word with one
+//! writer:
+//!
+//! | offset | writer | field |
+//! |---|---|---|
+//! | 64 | datapath | disk heartbeat rounds done (+1 per round that wrote this node's slot on at least one drive) |
+//! | 72 | datapath | drives written in the last round |
+//! | 80 | datapath | cluster drives (the drives the node heartbeats on) |
+//! | 88 | datapath | 1 once this node is fenced (a drive said its key is gone) |
+//! | 128 + 64 s | datapath | slot `s` (0..4) as read in the last rounds: `seq` (odd while written), counter, boot, drives that showed it, round |
+//! | 448 | cluster | fence request: sequence number (published last, release) |
+//! | 456 | cluster | fence request: the victim's reservation key |
+//! | 512 | datapath | fence answer: the request's sequence number (published last, release) |
+//! | 520 | datapath | fence answer: outcome ([`FenceOutcome`]) |
+//! | 528 | datapath | fence answer: drives on which the victim's key was preempted |
+//! | 576 | cluster | pools taken over: bit `s` set = the pools owned by node slot `s` are this node's to import (the peer is fenced) |
+//! | 584 | cluster | the fenced peer's key of that takeover |
+//!
+//! The datapath answers a fence request once, in order; the cluster service waits for the
+//! answer whose sequence number is its request's. Values read from the region are validated by
+//! their readers (a slot index, an outcome code): a confused writer can make a reader wait or
+//! refuse, never panic.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::region::{Region, RegionError, RegionKind, HEADER_SIZE};
+
+/// Resource name of the region.
+pub const CLUSTER_RESOURCE: &str = "cluster-state";
+/// `params[0]` of the region says it is one.
+const TAG: u64 = u64::from_le_bytes(*b"CLUSTER\x01");
+/// Node slots (the on-disk heartbeat slots).
+pub const SLOTS: usize = 4;
+const LEN: usize = 1024;
+
+const ROUNDS: usize = HEADER_SIZE;
+const WRITTEN: usize = HEADER_SIZE + 8;
+const DRIVES: usize = HEADER_SIZE + 16;
+const FENCED: usize = HEADER_SIZE + 24;
+const SLOT_BASE: usize = 128;
+const FENCE_REQ_SEQ: usize = 448;
+const FENCE_REQ_KEY: usize = 456;
+const FENCE_ANS_SEQ: usize = 512;
+const FENCE_ANS_OUTCOME: usize = 520;
+const FENCE_ANS_DRIVES: usize = 528;
+const TAKEOVER: usize = 576;
+const TAKEOVER_KEY: usize = 584;
+
+/// The result of fencing the peer on this node's drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceOutcome {
+    /// The victim's key is gone from every drive (preempted here or already gone).
+    Fenced,
+    /// This node's own key turned out gone: the peer fenced this node first.
+    SelfFenced,
+    /// A drive could not be reached: fencing stopped there; no takeover.
+    Unreachable,
+    /// A drive refused otherwise: no takeover.
+    Failed,
+    /// The node has no cluster drives to fence on.
+    NoDrives,
+}
+
+impl FenceOutcome {
+    fn code(self) -> u64 {
+        match self {
+            Self::Fenced => 1,
+            Self::SelfFenced => 2,
+            Self::Unreachable => 3,
+            Self::Failed => 4,
+            Self::NoDrives => 5,
+        }
+    }
+
+    fn from_code(c: u64) -> Option<Self> {
+        Some(match c {
+            1 => Self::Fenced,
+            2 => Self::SelfFenced,
+            3 => Self::Unreachable,
+            4 => Self::Failed,
+            5 => Self::NoDrives,
+            _ => return None,
+        })
+    }
+
+    /// A name for logs and status reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fenced => "fenced",
+            Self::SelfFenced => "this node was fenced",
+            Self::Unreachable => "a drive is unreachable",
+            Self::Failed => "a drive refused",
+            Self::NoDrives => "no cluster drives",
+        }
+    }
+}
+
+/// One node slot's heartbeat as the datapath last read it from the drives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotView {
+    /// The writer's counter (the highest read on any drive).
+    pub counter: u64,
+    /// The writer's boot number.
+    pub boot: u64,
+    /// Drives on which the slot held a valid heartbeat in the round that read it.
+    pub drives: u64,
+    /// The datapath's round in which this was read.
+    pub round: u64,
+}
+
+/// A fence answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FenceAnswer {
+    /// The request it answers.
+    pub seq: u64,
+    /// What happened (`None`: an outcome code this build does not know).
+    pub outcome: Option<FenceOutcome>,
+    /// Drives on which the key was preempted now.
+    pub preempted: u64,
+}
+
+/// The region (any side).
+#[derive(Debug)]
+pub struct ClusterRegion {
+    region: Region,
+}
+
+impl ClusterRegion {
+    /// duplexd's side: a new, zeroed region.
+    pub fn create() -> Result<Self, RegionError> {
+        let region = Region::create("cluster-state", RegionKind::Plain, LEN, [TAG, 0, 0, 0, 0])?;
+        Ok(Self { region })
+    }
+
+    /// A service's side: attaches the handed-over region, checking it is one.
+    pub fn attach(fd: OwnedFd) -> Result<Self, RegionError> {
+        let region = Region::attach(fd, RegionKind::Plain)?;
+        if region.params()[0] != TAG || region.len() < LEN {
+            return Err(RegionError::BadLayout(
+                "not a cluster state region (tag or size)".into(),
+            ));
+        }
+        Ok(Self { region })
+    }
+
+    /// The region (duplexd keeps its fd).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        self.region.atomic_u64(offset)
+    }
+
+    // ---- the datapath's side ----
+
+    /// Records the number of cluster drives.
+    pub fn set_drives(&self, n: u64) {
+        self.word(DRIVES).store(n, Ordering::Release);
+    }
+
+    /// Records a round: `written` drives took this node's slot; `slots` what was read.
+    pub fn record_round(&self, written: u64, slots: &[Option<SlotView>; SLOTS]) {
+        let round = if written > 0 {
+            self.word(ROUNDS).fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.word(ROUNDS).load(Ordering::Acquire)
+        };
+        self.word(WRITTEN).store(written, Ordering::Release);
+        for (s, v) in slots.iter().enumerate() {
+            let Some(v) = v else { continue };
+            let base = SLOT_BASE + 64 * s;
+            let seq = self.word(base);
+            let odd = seq.load(Ordering::Relaxed) | 1;
+            seq.store(odd, Ordering::Release);
+            std::sync::atomic::fence(Ordering::Release);
+            self.word(base + 8).store(v.counter, Ordering::Relaxed);
+            self.word(base + 16).store(v.boot, Ordering::Relaxed);
+            self.word(base + 24).store(v.drives, Ordering::Relaxed);
+            self.word(base + 32).store(round, Ordering::Relaxed);
+            seq.store(odd + 1, Ordering::Release);
+        }
+    }
+
+    /// Marks this node fenced.
+    pub fn set_fenced(&self) {
+        self.word(FENCED).store(1, Ordering::Release);
+    }
+
+    /// The newest fence request not answered yet: `(seq, victim key)`.
+    pub fn fence_request(&self) -> Option<(u64, u64)> {
+        let seq = self.word(FENCE_REQ_SEQ).load(Ordering::Acquire);
+        let key = self.word(FENCE_REQ_KEY).load(Ordering::Acquire);
+        let answered = self.word(FENCE_ANS_SEQ).load(Ordering::Acquire);
+        (seq != 0 && seq != answered).then_some((seq, key))
+    }
+
+    /// Answers fence request `seq`.
+    pub fn answer_fence(&self, seq: u64, outcome: FenceOutcome, preempted: u64) {
+        self.word(FENCE_ANS_OUTCOME)
+            .store(outcome.code(), Ordering::Release);
+        self.word(FENCE_ANS_DRIVES)
+            .store(preempted, Ordering::Release);
+        self.word(FENCE_ANS_SEQ).store(seq, Ordering::Release);
+    }
+
+    // ---- the readers' side ----
+
+    /// Disk heartbeat rounds the datapath has done.
+    pub fn rounds(&self) -> u64 {
+        self.word(ROUNDS).load(Ordering::Acquire)
+    }
+
+    /// Drives written in the last round, of how many.
+    pub fn written(&self) -> (u64, u64) {
+        (
+            self.word(WRITTEN).load(Ordering::Acquire),
+            self.word(DRIVES).load(Ordering::Acquire),
+        )
+    }
+
+    /// Whether the datapath found this node fenced.
+    pub fn fenced(&self) -> bool {
+        self.word(FENCED).load(Ordering::Acquire) != 0
+    }
+
+    /// Slot `s` as last read (`None`: never read, out of range, or being written now for
+    /// longer than a few tries).
+    pub fn slot(&self, s: usize) -> Option<SlotView> {
+        if s >= SLOTS {
+            return None;
+        }
+        let base = SLOT_BASE + 64 * s;
+        for _ in 0..64 {
+            let before = self.word(base).load(Ordering::Acquire);
+            if before & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let v = SlotView {
+                counter: self.word(base + 8).load(Ordering::Relaxed),
+                boot: self.word(base + 16).load(Ordering::Relaxed),
+                drives: self.word(base + 24).load(Ordering::Relaxed),
+                round: self.word(base + 32).load(Ordering::Relaxed),
+            };
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.word(base).load(Ordering::Acquire) == before {
+                return (before != 0).then_some(v);
+            }
+        }
+        None
+    }
+
+    /// Asks the datapath to fence `victim` (a reservation key); returns the request's number.
+    pub fn request_fence(&self, victim: u64) -> u64 {
+        let seq = self
+            .word(FENCE_REQ_SEQ)
+            .load(Ordering::Acquire)
+            .wrapping_add(1)
+            .max(1);
+        self.word(FENCE_REQ_KEY).store(victim, Ordering::Release);
+        self.word(FENCE_REQ_SEQ).store(seq, Ordering::Release);
+        seq
+    }
+
+    /// The newest fence answer, if any.
+    pub fn fence_answer(&self) -> Option<FenceAnswer> {
+        let seq = self.word(FENCE_ANS_SEQ).load(Ordering::Acquire);
+        (seq != 0).then(|| FenceAnswer {
+            seq,
+            outcome: FenceOutcome::from_code(self.word(FENCE_ANS_OUTCOME).load(Ordering::Acquire)),
+            preempted: self.word(FENCE_ANS_DRIVES).load(Ordering::Acquire),
+        })
+    }
+
+    /// The cluster service records that the pools of node slot `slot` are this node's now (the
+    /// peer, key `key`, is fenced off every drive).
+    pub fn claim(&self, slot: usize, key: u64) {
+        if slot < SLOTS {
+            self.word(TAKEOVER_KEY).store(key, Ordering::Release);
+            self.word(TAKEOVER).fetch_or(1 << slot, Ordering::AcqRel);
+        }
+    }
+
+    /// Withdraws the claims (a giveback, or the peer rejoined).
+    pub fn release_claims(&self, slots: u64) {
+        self.word(TAKEOVER).fetch_and(!slots, Ordering::AcqRel);
+    }
+
+    /// The node slots whose pools this node has taken over (bit `s`), and the fenced key.
+    pub fn claims(&self) -> (u64, u64) {
+        (
+            self.word(TAKEOVER).load(Ordering::Acquire) & ((1 << SLOTS) - 1),
+            self.word(TAKEOVER_KEY).load(Ordering::Acquire),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sides_agree_through_one_region() {
+        let dp = ClusterRegion::create().expect("test");
+        let other = ClusterRegion::attach(dp.region().try_clone_fd().expect("test")).expect("test");
+        assert_eq!(other.rounds(), 0);
+        assert_eq!(other.slot(1), None, "never read");
+        let mut slots = [None; SLOTS];
+        slots[1] = Some(SlotView {
+            counter: 9,
+            boot: 77,
+            drives: 2,
+            round: 0,
+        });
+        dp.set_drives(2);
+        dp.record_round(2, &slots);
+        assert_eq!(other.rounds(), 1);
+        assert_eq!(other.written(), (2, 2));
+        let v = other.slot(1).expect("test");
+        assert_eq!((v.counter, v.boot, v.drives, v.round), (9, 77, 2, 1));
+        assert_eq!(other.slot(0), None);
+        assert_eq!(other.slot(9), None, "out of range");
+        // A round that wrote nothing does not count.
+        dp.record_round(0, &[None; SLOTS]);
+        assert_eq!(other.rounds(), 1);
+        assert_eq!(other.written(), (0, 2));
+
+        assert_eq!(dp.fence_request(), None);
+        let seq = other.request_fence(0xabc);
+        assert_eq!(dp.fence_request(), Some((seq, 0xabc)));
+        assert_eq!(other.fence_answer(), None);
+        dp.answer_fence(seq, FenceOutcome::Unreachable, 1);
+        assert_eq!(dp.fence_request(), None, "answered once");
+        let a = other.fence_answer().expect("test");
+        assert_eq!(
+            (a.seq, a.outcome, a.preempted),
+            (seq, Some(FenceOutcome::Unreachable), 1)
+        );
+        let seq2 = other.request_fence(0xdef);
+        assert!(seq2 > seq);
+        assert_eq!(dp.fence_request(), Some((seq2, 0xdef)));
+
+        other.claim(1, 0xdef);
+        other.claim(7, 1);
+        assert_eq!(dp.claims(), (0b10, 0xdef));
+        other.release_claims(0b10);
+        assert_eq!(dp.claims().0, 0);
+        assert!(!other.fenced());
+        dp.set_fenced();
+        assert!(other.fenced());
+    }
+
+    #[test]
+    fn another_region_is_refused() {
+        let r = Region::create("x", RegionKind::Plain, LEN, [1, 0, 0, 0, 0]).expect("test");
+        let e = ClusterRegion::attach(r.try_clone_fd().expect("test")).expect_err("refused");
+        assert!(e.to_string().contains("cluster state"), "{e}");
+    }
+}
