@@ -4,9 +4,12 @@
 //!   and a generation number in a header, and bytes derived from them; a read checks all three.
 //! * [`worker`]: one worker = one thread (optionally pinned) = one I/O queue, keeping
 //!   `queue_depth` commands in flight over its own slice of the namespace.
+//! * [`multipath`]: `--paths`: a host following ANA over several controllers, retrying path
+//!   errors on another path, measuring the pause of a failover.
 //! * `main.rs`: arguments, the controller (admin queue, keep alive), workers, progress on a TTY,
 //!   the report (text or JSON).
 
+pub mod multipath;
 pub mod pattern;
 pub mod worker;
 

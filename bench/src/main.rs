@@ -31,8 +31,25 @@ enum Workload {
 #[command(name = "duplex-bench", version)]
 struct Args {
     /// Target address, HOST:PORT (the I/O port, e.g. 127.0.0.1:4420).
+    #[arg(long, required_unless_present = "paths", conflicts_with = "paths")]
+    target: Option<String>,
+    /// Multipath: every controller's address (HOST:PORT,HOST:PORT,...). The run follows ANA
+    /// (the log page and its change notices), sends on the optimized path, and retries a
+    /// command failed with a path error, or lost with its connection, on another path.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Multipath: a command not answered within this many milliseconds is taken as lost with
+    /// its connection (and retried on another path).
+    #[arg(long, default_value_t = 10_000)]
+    io_timeout_ms: u64,
+    /// Multipath: a command not done within this many milliseconds of its first try fails
+    /// the run.
+    #[arg(long, default_value_t = 60_000)]
+    failover_timeout_ms: u64,
+    /// Multipath: stop the load once this file exists (then read back, with --verify): a
+    /// test or script ends the run on an event rather than a clock.
     #[arg(long)]
-    target: String,
+    stop_file: Option<std::path::PathBuf>,
     /// Subsystem NQN.
     #[arg(long)]
     nqn: String,
@@ -170,24 +187,31 @@ fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
-fn run(args: &Args) -> anyhow::Result<bool> {
-    let addr: SocketAddr = args
-        .target
-        .to_socket_addrs()
-        .with_context(|| format!("--target {:?}: not HOST:PORT", args.target))?
+fn address(flag: &str, text: &str) -> anyhow::Result<SocketAddr> {
+    text.to_socket_addrs()
+        .with_context(|| format!("{flag} {text:?}: not HOST:PORT"))?
         .next()
-        .with_context(|| format!("--target {:?}: no address", args.target))?;
+        .with_context(|| format!("{flag} {text:?}: no address"))
+}
+
+fn hostid_of(hostnqn: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    for (i, b) in hostnqn.bytes().enumerate() {
+        id[i % 16] ^= b.rotate_left(i as u32 % 8);
+    }
+    id
+}
+
+fn run(args: &Args) -> anyhow::Result<bool> {
+    if !args.paths.is_empty() {
+        return run_multipath(args);
+    }
+    let addr = address("--target", args.target.as_deref().unwrap_or_default())?;
     let digests = Digests {
         header: args.digests,
         data: args.digests,
     };
-    let hostid = {
-        let mut id = [0u8; 16];
-        for (i, b) in args.hostnqn.bytes().enumerate() {
-            id[i % 16] ^= b.rotate_left(i as u32 % 8);
-        }
-        id
-    };
+    let hostid = hostid_of(&args.hostnqn);
     let mut admin = Queue::dial(
         addr,
         QueueOptions {
@@ -411,4 +435,94 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         }
     }
     Ok(errors == 0)
+}
+
+fn run_multipath(args: &Args) -> anyhow::Result<bool> {
+    let paths = args
+        .paths
+        .iter()
+        .map(|p| address("--paths", p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.queues != 1 {
+        bail!("--paths runs one queue per path (leave --queues at 1)");
+    }
+    let (read_pct, random) = match args.workload {
+        Workload::Randread => (100, true),
+        Workload::Randwrite => (0, true),
+        Workload::Read => (100, false),
+        Workload::Write => (0, false),
+        Workload::Mixed => (args.read_pct, true),
+    };
+    let time = match (args.time, args.ios) {
+        (Some(t), _) if !(t > 0.0 && t < 1e7) => {
+            bail!("--time {t}: must be a positive number of seconds")
+        }
+        (Some(t), _) => Some(Duration::from_secs_f64(t)),
+        (None, Some(_)) => None,
+        (None, None) if args.stop_file.is_some() => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    };
+    if args.io_timeout_ms == 0 || args.failover_timeout_ms == 0 {
+        bail!("--io-timeout-ms and --failover-timeout-ms must be positive");
+    }
+    let spec = duplex_bench::multipath::Spec {
+        paths,
+        digests: Digests {
+            header: args.digests,
+            data: args.digests,
+        },
+        subnqn: args.nqn.clone(),
+        hostnqn: args.hostnqn.clone(),
+        hostid: hostid_of(&args.hostnqn),
+        nsid: args.nsid,
+        span_blocks: args.span_blocks,
+        io_size: args.bs,
+        queue_depth: args.qd as usize,
+        read_pct,
+        random,
+        ios: args.ios,
+        time,
+        verify: args.verify,
+        verify_only: args.verify_only.then_some(args.generation),
+        seed: args.seed,
+        io_timeout: Duration::from_millis(args.io_timeout_ms),
+        failover_timeout: Duration::from_millis(args.failover_timeout_ms),
+        connect_timeout: Duration::from_secs(30),
+        stop_file: args.stop_file.clone(),
+    };
+    let r = duplex_bench::multipath::run(&spec)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        let ios = r.reads + r.writes;
+        println!(
+            "multipath {} paths {:?} {} QD{}: {} I/Os in {:.2} s ({:.0} IOPS), latency us p50 {:.1} p99 {:.1} max {:.1}",
+            spec.paths.len(),
+            args.workload,
+            args.bs,
+            args.qd,
+            ios,
+            r.seconds,
+            ios as f64 / r.seconds.max(1e-9),
+            r.p50_us,
+            r.p99_us,
+            r.max_latency_us
+        );
+        println!(
+            "paths: {} path errors, {} transport failures, {} retries, {} path switches, {} ANA change notices; I/O errors {}",
+            r.path_errors, r.transport_failures, r.retries, r.path_switches, r.ana_notices, r.io_errors
+        );
+        if args.verify || args.verify_only {
+            println!(
+                "verify: {} blocks checked, {} errors{}",
+                r.blocks_checked,
+                r.verify_errors,
+                r.first_error
+                    .as_ref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(r.io_errors == 0 && r.verify_errors == 0)
 }

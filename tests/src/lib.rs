@@ -105,6 +105,32 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);
 
+impl KillOnDrop {
+    /// Waits for the child to end by itself; its status and what it wrote to the pipes it was
+    /// given (stderr read on a thread, so neither pipe can fill up and stall it).
+    pub fn wait_output(&mut self) -> std::process::Output {
+        use std::io::Read;
+        let mut err_pipe = self.0.stderr.take();
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(e) = err_pipe.as_mut() {
+                let _ = e.read_to_end(&mut v);
+            }
+            v
+        });
+        let mut stdout = Vec::new();
+        if let Some(o) = self.0.stdout.as_mut() {
+            let _ = o.read_to_end(&mut stdout);
+        }
+        let status = self.0.wait().expect("the child ends");
+        std::process::Output {
+            status,
+            stdout,
+            stderr: err.join().unwrap_or_default(),
+        }
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -196,7 +196,33 @@ fn the_peer_fences_a_killed_owner_takes_its_pool_over_and_serves_its_data() {
         );
     }
 
-    // The owner dies whole.
+    // A multipath host writes through both paths (following ANA: node 1's) and keeps on.
+    let before_a = port_writes(dir.path(), 0, 1);
+    let stop = dir.path().join("stop");
+    let bench = std::process::Command::new(duplex_tests::bin("duplex-bench"))
+        .args(["--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .arg("--paths")
+        .arg(format!("127.0.0.1:{port_a},127.0.0.1:{port_b}"))
+        .args(["--workload", "write", "--verify", "--qd", "8"])
+        .args([
+            "--span-blocks",
+            "4096",
+            "--seed",
+            "12",
+            "--io-timeout-ms",
+            "5000",
+        ])
+        .arg("--stop-file")
+        .arg(&stop)
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    let mut bench = duplex_tests::KillOnDrop(bench);
+    wait_port_writes(dir.path(), 0, 1, before_a + 1000);
+
+    // The owner dies whole, under the host's writes.
     a.kill_all();
     b.log.wait_for(&["peer dead"]);
     b.log
@@ -220,34 +246,57 @@ fn the_peer_fences_a_killed_owner_takes_its_pool_over_and_serves_its_data() {
     });
     assert_eq!(st["peer"]["state"], "dead", "{st}");
 
-    // What the host wrote through node 1 reads back through node 2, and node 2 takes writes.
-    let (code, out, err) = duplex_bench(
-        port_b,
-        SUBNQN,
-        HOSTNQN,
-        &[&["--verify-only"][..], &span].concat(),
+    // The host goes on through node 2; then it stops and reads every block it wrote back
+    // (through node 2): what node 1 acknowledged is there.
+    let before_b = port_writes(dir.path(), 0, 2);
+    wait_port_writes(dir.path(), 0, 2, before_b + 1000);
+    std::fs::write(&stop, b"").expect("stop file");
+    let out = bench.wait_output();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        code, 0,
-        "the data written through the dead owner: {out}{err}"
+    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+    assert!(r["path_switches"].as_u64() >= Some(1), "{r}");
+    assert_eq!(r["final_path"], 1, "{r}");
+    assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
+    eprintln!(
+        "failover under a multipath host: pause (largest I/O latency) {} us, {} path errors, {} transport failures, {} retries",
+        r["max_latency_us"], r["path_errors"], r["transport_failures"], r["retries"]
     );
-    let (code, out, err) = duplex_bench(
-        port_b,
-        SUBNQN,
-        HOSTNQN,
-        &[
-            &[
-                "--workload",
-                "write",
-                "--verify",
-                "--ios",
-                "2048",
-                "--qd",
-                "8",
-            ][..],
-            &["--span-blocks", "2048", "--seed", "12"][..],
-        ]
-        .concat(),
-    );
-    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// Writes drive `i` executed through the port of controller `cntlid` (port A: 1, port B: 2).
+fn port_writes(dir: &Path, i: usize, cntlid: u64) -> u64 {
+    let out = std::process::Command::new(duplex_tests::bin("duplex-drive-sim"))
+        .arg("ctl")
+        .arg("--control")
+        .arg(dir.join(format!("d{i}.ctl")))
+        .arg("status")
+        .output()
+        .expect("ctl runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v["port_writes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["cntlid"] == cntlid)
+        .and_then(|p| p["writes"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until drive `i` counts at least `n` writes through controller `cntlid`.
+fn wait_port_writes(dir: &Path, i: usize, cntlid: u64, n: u64) {
+    let deadline = Instant::now() + PATIENCE;
+    while port_writes(dir, i, cntlid) < n {
+        assert!(
+            Instant::now() < deadline,
+            "writes through controller {cntlid} stalled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
