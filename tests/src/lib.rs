@@ -14,7 +14,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod guest;
+pub mod netns;
 pub mod nvme_host;
+pub mod pair;
 pub mod pool;
 
 /// How long any single wait in a system test may take before it fails with the log so far.
@@ -147,13 +149,34 @@ pub struct Node {
     pub log: Log,
     /// The state directory.
     pub state_dir: PathBuf,
+    /// The network namespace duplexd runs in (`None`: the test's own).
+    pub netns: Option<String>,
     _dir: tempfile::TempDir,
+}
+
+/// `duplexd --config PATH`, inside `netns` when given.
+fn duplexd_command(netns: Option<&str>, config: &Path) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin("duplexd"));
+            c
+        }
+        None => Command::new(bin("duplexd")),
+    };
+    c.arg("--config").arg(config);
+    c
 }
 
 impl Node {
     /// Writes `config` (with `{state}` replaced by the state directory and `{svc}`, `{mgmt}` by
     /// the test-service and mgmt binaries) and starts duplexd on it.
     pub fn start(config: &str) -> Self {
+        Self::start_in(None, config)
+    }
+
+    /// [`Node::start`] inside network namespace `netns` (its listeners bind there).
+    pub fn start_in(netns: Option<&str>, config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
         let text = config
@@ -162,9 +185,7 @@ impl Node {
             .replace("{mgmt}", &bin("duplex-mgmt").display().to_string());
         let path = dir.path().join("node.toml");
         std::fs::write(&path, text).unwrap();
-        let mut child = Command::new(bin("duplexd"))
-            .arg("--config")
-            .arg(&path)
+        let mut child = duplexd_command(netns, &path)
             .env("RUST_LOG", "info")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
@@ -176,6 +197,7 @@ impl Node {
             duplexd: KillOnDrop(child),
             log,
             state_dir,
+            netns: netns.map(str::to_owned),
             _dir: dir,
         };
         // Resources (the management socket included) exist before the first spawn.
@@ -273,9 +295,7 @@ impl Node {
             let text = std::fs::read_to_string(&path).unwrap();
             std::fs::write(&path, text.replace(from, to)).unwrap();
         }
-        let mut child = Command::new(bin("duplexd"))
-            .arg("--config")
-            .arg(&path)
+        let mut child = duplexd_command(self.netns.as_deref(), &path)
             .env("RUST_LOG", "info")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())

@@ -1,0 +1,314 @@
+//! Two controllers over the same dual-ported drives, in network namespaces: the rig of the
+//! failure matrix (`tests/failover.rs`) and of the failover figures (`tests/figures_failover.rs`).
+//!
+//! Two `duplex-drive-sim` drives; node 1 (`a`) reaches them through their ports A (controller
+//! id 1 on each drive), node 2 (`b`) through their ports B (controller id 2). Each duplexd runs
+//! in its own namespace ([`Net`]): its fabric listens on the host network (10.0.1.2 / 10.0.2.2,
+//! port 4420), its cluster service on the interconnect (10.0.3.1 / 10.0.3.2, port 7000); the
+//! host's workload runs in the host namespace. Node 1 builds the mirrored pool `tank` with
+//! volume `vol0` exported as namespace 1 of [`SUBNQN`] to [`HOSTNQN`]; node 2 starts after and
+//! finds the pool its peer's.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::netns::{addr, Net};
+use crate::pool::{ctl_ok, drive_sim};
+use crate::{bin, KillOnDrop, Log, Node, PATIENCE};
+
+/// The subsystem.
+pub const SUBNQN: &str = "nqn.2026-12.io.duplex:pair";
+/// The host.
+pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:9a1e0000-0000-4000-8000-000000000001";
+/// The fabric port on both controllers.
+pub const NVME_PORT: u16 = 4420;
+/// The interconnect port on both controllers.
+pub const IC_PORT: u16 = 7000;
+
+/// Node `id`'s config (1: a, 2: b), with the cluster's timers.
+pub fn config(id: u16, dir: &Path, beat_ms: u64, dead_ms: u64) -> String {
+    let (host, me, peer, letter) = if id == 1 {
+        (addr::A_HOST, addr::A_PEER, addr::B_PEER, "a")
+    } else {
+        (addr::B_HOST, addr::B_PEER, addr::A_PEER, "b")
+    };
+    let mut c = format!(
+        r#"
+[node]
+name = "node{id}"
+state_dir = "{{state}}"
+
+[supervisor]
+backoff_initial_ms = 1
+backoff_max_ms = 20
+crash_loop_exits = 1000
+crash_loop_window_s = 1
+
+[fabric]
+cntlid_base = {base}
+
+[[service]]
+name = "datapath"
+kind = "datapath"
+
+[[service]]
+name = "fabric"
+after = ["datapath"]
+
+[[service]]
+name = "metadata"
+after = ["datapath"]
+
+[[service]]
+name = "mgmt"
+binary = "{{mgmt}}"
+
+[[service]]
+name = "cluster"
+after = ["datapath"]
+
+[[listener]]
+name = "nvme"
+address = "{host}:{NVME_PORT}"
+service = "fabric"
+
+[[listener]]
+name = "interconnect"
+address = "{me}:{IC_PORT}"
+service = "cluster"
+
+[cluster]
+node_id = {id}
+peer = "{peer}:{IC_PORT}"
+beat_ms = {beat_ms}
+dead_ms = {dead_ms}
+"#,
+        base = u32::from(id) * 0x1000,
+    );
+    for i in 0..2 {
+        c.push_str(&format!(
+            "\n[[drive]]\nname = \"d{i}\"\ndrive = \"vfio-user:{}\"\nsize = \"256MiB\"\n",
+            dir.join(format!("d{i}-{letter}.sock")).display()
+        ));
+    }
+    c
+}
+
+/// The rig. See the module docs.
+#[derive(Debug)]
+pub struct Pair {
+    /// Node 1 and node 2.
+    pub nodes: [Node; 2],
+    /// The drives.
+    pub sims: Vec<KillOnDrop>,
+    /// Backing files, sockets, control sockets.
+    pub dir: tempfile::TempDir,
+    /// The namespaces (dropped last: the processes in them end first).
+    pub net: Net,
+}
+
+impl Pair {
+    /// Builds the rig with the cluster's timers; returns once each node reads the other's
+    /// disk heartbeat and hears it over the interconnect.
+    pub fn new(beat_ms: u64, dead_ms: u64) -> Self {
+        let net = Net::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sims = (0..2)
+            .map(|i| drive_sim(dir.path(), &format!("d{i}"), "256M").0)
+            .collect();
+        let a = Node::start_in(Some(&net.a), &config(1, dir.path(), beat_ms, dead_ms));
+        let mut a = a;
+        a.log.wait_for(&["metadata service ready"]);
+        ctl_ok(
+            &a,
+            &["pool", "create", "tank", "--raid", "1", "--drives", "d0,d1"],
+        );
+        ctl_ok(
+            &a,
+            &[
+                "volume", "create", "vol0", "--pool", "tank", "--size", "16m",
+            ],
+        );
+        ctl_ok(&a, &["subsystem", "create", SUBNQN]);
+        ctl_ok(&a, &["host", "allow", SUBNQN, HOSTNQN]);
+        ctl_ok(&a, &["namespace", "add", SUBNQN, "--volume", "vol0"]);
+        let mut b = Node::start_in(Some(&net.b), &config(2, dir.path(), beat_ms, dead_ms));
+        b.log
+            .wait_for(&["pool owned by the peer: exported inaccessible here", "tank"]);
+        let pair = Self {
+            nodes: [a, b],
+            sims,
+            dir,
+            net,
+        };
+        for i in 0..2 {
+            pair.wait_status(i, |v| {
+                v["peer"]["state"] == "alive" && v["disk"]["peer_counter"].as_u64().unwrap_or(0) > 0
+            });
+        }
+        pair
+    }
+
+    /// Node `i` (0: node 1).
+    pub fn node(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i]
+    }
+
+    /// `duplexctl --json cluster status` on node `i`, once it satisfies `want`.
+    pub fn wait_status(
+        &self,
+        i: usize,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (code, out, _) = self.nodes[i].ctl(&["--json", "cluster", "status"]);
+            if code == 0 {
+                let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+                if want(&v) {
+                    return v;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {}: cluster status never matched: {v}",
+                    i + 1
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: no cluster status",
+                i + 1
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Drive `i`'s status as its simulator reports it.
+    pub fn sim_status(&self, i: usize) -> serde_json::Value {
+        let out = Command::new(bin("duplex-drive-sim"))
+            .arg("ctl")
+            .arg("--control")
+            .arg(self.dir.path().join(format!("d{i}.ctl")))
+            .arg("status")
+            .output()
+            .expect("ctl runs");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    }
+
+    /// The keys registered on drive `i`.
+    pub fn drive_keys(&self, i: usize) -> Vec<u64> {
+        self.sim_status(i)["reservation"]["registrants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| k["key"].as_u64())
+            .collect()
+    }
+
+    /// Writes drive `i` executed through node `node`'s port (1: A, 2: B).
+    pub fn port_writes(&self, i: usize, node: u64) -> u64 {
+        self.sim_status(i)["port_writes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["cntlid"] == node)
+            .and_then(|p| p["writes"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until drive 0 counts `more` writes through node `node`'s port beyond now.
+    pub fn wait_more_writes(&self, node: u64, more: u64) {
+        let want = self.port_writes(0, node) + more;
+        let deadline = Instant::now() + PATIENCE;
+        while self.port_writes(0, node) < want {
+            assert!(
+                Instant::now() < deadline,
+                "writes through node {node} stalled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the host's multipath workload in the host namespace: `duplex-bench --paths`
+    /// over both controllers with `args`, `--json`; it stops its load once `stop` exists.
+    pub fn multipath(&self, args: &[&str], stop: &Path) -> KillOnDrop {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.net.h])
+            .arg(bin("duplex-bench"))
+            .args(["--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+            .arg("--paths")
+            .arg(format!(
+                "{}:{NVME_PORT},{}:{NVME_PORT}",
+                addr::A_HOST,
+                addr::B_HOST
+            ))
+            .args(args)
+            .arg("--stop-file")
+            .arg(stop)
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("duplex-bench runs");
+        KillOnDrop(child)
+    }
+
+    /// `duplex-bench` on one path (node `node`'s) from the host namespace: (code, out, err).
+    pub fn bench_one(&self, node: usize, args: &[&str]) -> (i32, String, String) {
+        let host = if node == 1 {
+            addr::A_HOST
+        } else {
+            addr::B_HOST
+        };
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.net.h])
+            .arg(bin("duplex-bench"))
+            .args(["--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+            .arg("--target")
+            .arg(format!("{host}:{NVME_PORT}"))
+            .args(args)
+            .output()
+            .expect("duplex-bench runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Ends a multipath workload (creates its stop file) and returns its JSON report, which must
+/// say 0 I/O errors and 0 verify errors.
+pub fn finish_multipath(bench: &mut KillOnDrop, stop: &Path) -> serde_json::Value {
+    std::fs::write(stop, b"").expect("stop file");
+    let out = bench.wait_output();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the host's workload failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+    assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
+    r
+}
+
+/// Waits until at least `n` lines of `log` contain every one of `parts`.
+pub fn wait_count(log: &mut Log, parts: &[&str], n: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        log.pump();
+        if log.matching(parts).len() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} log lines with {parts:?}:\n{}",
+            log.tail(60)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

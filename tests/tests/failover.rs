@@ -1,0 +1,318 @@
+//! The failure matrix of issue 15, as whole processes in network namespaces
+//! (`duplex_tests::pair`): two controllers over two dual-ported `duplex-drive-sim` drives, the
+//! host's verifying multipath workload (`duplex-bench --paths`, following ANA) running through
+//! every row. Each row checks: host I/O errors 0, verify errors 0 (the final read-back of every
+//! block written, acknowledged ones included, through the path in use at the end), and prints
+//! the host-visible pause (the largest latency of an I/O from its first try).
+//!
+//! Needs root (namespaces). Long counts: `DUPLEX_FAILOVER_KILLS` (row 1, default 4 here; the
+//! full run is 50: see docs/HA.md) and `DUPLEX_FAILOVER_CRASHES` (row 9, default 10; 50 full).
+
+use duplex_datapath::fence::FenceKey;
+use duplex_tests::netns::{addr, in_netns, Cable};
+use duplex_tests::pair::{finish_multipath, wait_count, Pair, HOSTNQN, NVME_PORT, SUBNQN};
+
+const BEAT_MS: u64 = 50;
+const DEAD_MS: u64 = 600;
+
+fn count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn workload(seed: &str) -> Vec<String> {
+    [
+        "--workload",
+        "write",
+        "--verify",
+        "--qd",
+        "8",
+        "--span-blocks",
+        "4096",
+        "--seed",
+        seed,
+        "--io-timeout-ms",
+        "3000",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn report(row: &str, r: &serde_json::Value) {
+    eprintln!(
+        "row {row}: pause {} us (largest I/O latency), {} path errors, {} transport failures, {} retries, {} path switches; I/O errors {}, verify errors {} over {} blocks",
+        r["max_latency_us"],
+        r["path_errors"],
+        r["transport_failures"],
+        r["retries"],
+        r["path_switches"],
+        r["io_errors"],
+        r["verify_errors"],
+        r["blocks_checked"]
+    );
+}
+
+/// Row 1: the owner killed (every process), the peer fences it and takes over; the dead node
+/// comes back as the standby, and the next kill is of the new owner: alternating nodes.
+#[test]
+fn row1_owner_killed_alternating_with_rejoin() {
+    let kills = count("DUPLEX_FAILOVER_KILLS", 4);
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("21");
+    let mut bench = p.multipath(&args(&w), &stop);
+    let mut owner = 0usize;
+    // Takeovers and rejoins in each node's log since its last launch.
+    let mut takeovers = [0usize; 2];
+    for k in 0..kills {
+        let survivor = 1 - owner;
+        p.wait_more_writes(owner as u64 + 1, 200);
+        p.node(owner).kill_all();
+        takeovers[survivor] += 1;
+        wait_count(
+            &mut p.node(survivor).log,
+            &["pool taken over", "tank"],
+            takeovers[survivor],
+        );
+        // Only the survivor's key is left on the drives.
+        for d in 0..2 {
+            let keys = p.drive_keys(d);
+            assert!(
+                keys.len() == 1 && FenceKey(keys[0]).node() == survivor as u16 + 1,
+                "kill {k}, drive {d}: {keys:x?}"
+            );
+        }
+        p.wait_more_writes(survivor as u64 + 1, 200);
+        // The dead node comes back: the pool is its peer's now.
+        p.node(owner).relaunch();
+        takeovers[owner] = 0;
+        p.node(owner)
+            .log
+            .wait_for(&["pool owned by the peer: exported inaccessible here", "tank"]);
+        wait_count(
+            &mut p.node(survivor).log,
+            &["the fenced peer rejoined with a new boot"],
+            takeovers[survivor],
+        );
+        p.wait_status(owner, |v| {
+            v["peer"]["state"] == "alive" && v["disk"]["peer_counter"].as_u64().unwrap_or(0) > 0
+        });
+        p.wait_status(survivor, |v| v["peer"]["state"] == "alive");
+        owner = survivor;
+    }
+    p.wait_more_writes(owner as u64 + 1, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    assert!(r["path_switches"].as_u64() >= Some(kills as u64), "{r}");
+    report(&format!("1 ({kills} kills)"), &r);
+}
+
+/// Row 3: the interconnect cut, both alive: no takeover, each keeps serving its pools,
+/// configuration changes refused, an event logged; the cable back: normal.
+#[test]
+fn row3_interconnect_down_both_alive_no_takeover() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("23");
+    let mut bench = p.multipath(&args(&w), &stop);
+    p.wait_more_writes(1, 200);
+    p.net.pull(Cable::Interconnect);
+    for i in 0..2 {
+        p.node(i).log.wait_for(&["peer interconnect down"]);
+    }
+    let (code, out, err) = p
+        .node(0)
+        .ctl(&["volume", "create", "x", "--pool", "tank", "--size", "1m"]);
+    assert_ne!(
+        code, 0,
+        "a change was accepted with the interconnect down: {out}"
+    );
+    assert!(err.contains("interconnect"), "{err}");
+    // Past the dead time, the owner still serves the host.
+    for _ in 0..3 {
+        p.wait_more_writes(1, 200);
+    }
+    p.net.plug(Cable::Interconnect);
+    for i in 0..2 {
+        wait_count(&mut p.node(i).log, &["peer alive"], 2);
+    }
+    p.wait_more_writes(1, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    assert_eq!(r["path_switches"], 0, "{r}");
+    for i in 0..2 {
+        p.node(i).log.pump();
+        assert!(
+            p.node(i).log.matching(&["peer dead"]).is_empty(),
+            "node {}",
+            i + 1
+        );
+        assert!(
+            p.node(i).log.matching(&["TAKEOVER"]).is_empty(),
+            "node {}",
+            i + 1
+        );
+    }
+    report("3", &r);
+}
+
+/// Row 4: the interconnect cut, then the owner killed: the peer sees the disk heartbeat stop
+/// too, fences and takes over.
+#[test]
+fn row4_interconnect_down_then_owner_killed() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("24");
+    let mut bench = p.multipath(&args(&w), &stop);
+    p.wait_more_writes(1, 200);
+    p.net.pull(Cable::Interconnect);
+    p.node(1).log.wait_for(&["peer interconnect down"]);
+    p.wait_more_writes(1, 200);
+    p.node(0).kill_all();
+    p.node(1)
+        .log
+        .wait_for(&["peer dead", "from=\"interconnect-down\""]);
+    p.node(1).log.wait_for(&["pool taken over", "tank"]);
+    p.wait_more_writes(2, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    assert!(r["path_switches"].as_u64() >= Some(1), "{r}");
+    report("4", &r);
+}
+
+/// Row 8: stale data, proven impossible. The owner is frozen (SIGSTOP of every process) past
+/// the dead time; the peer fences it, takes over, and the host writes new data through it.
+/// The old owner resumed (SIGCONT): none of its writes reaches a drive, and a read of every
+/// block through its path returns only a path status, never data.
+#[test]
+fn row8_a_frozen_owner_resumed_serves_no_stale_data() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("28");
+    let mut bench = p.multipath(&args(&w), &stop);
+    p.wait_more_writes(1, 200);
+    let pids: Vec<i32> = p
+        .node(0)
+        .services()
+        .iter()
+        .filter_map(|s| s["pid"].as_i64())
+        .filter(|&x| x > 0)
+        .map(|x| x as i32)
+        .chain(std::iter::once(p.node(0).pid() as i32))
+        .collect();
+    let signal = |s| {
+        for &x in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(x), s);
+        }
+    };
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    p.node(1).log.wait_for(&["pool taken over", "tank"]);
+    p.wait_more_writes(2, 500);
+    let frozen: Vec<u64> = (0..2).map(|d| p.port_writes(d, 1)).collect();
+    let r = finish_multipath(&mut bench, &stop);
+    report("8", &r);
+    signal(nix::sys::signal::Signal::SIGCONT);
+    // The old owner finds itself fenced at its first drive command.
+    p.node(0).log.wait_for(&["FENCED"]);
+    // Every block through its path: a path status, no data.
+    let blocks = 4096u32;
+    let (path_errors, with_data, other) = in_netns(&p.net.h, || {
+        let target: std::net::SocketAddr = format!("{}:{NVME_PORT}", addr::A_HOST)
+            .parse()
+            .expect("address");
+        let digests = duplex_nvme::tcp::Digests::default();
+        let (mut admin, cntlid) =
+            duplex_tests::nvme_host::Host::admin_as(target, digests, SUBNQN, HOSTNQN);
+        let queues = duplex_nvme::cmd::Sqe {
+            opcode: duplex_nvme::spec::admin::SET_FEATURES,
+            cdw10: u32::from(duplex_nvme::spec::feat::NUM_QUEUES),
+            ..Default::default()
+        };
+        assert!(admin.admin_cmd(queues, 0).0.is_success());
+        let mut io = duplex_tests::nvme_host::Host::dial(target, digests);
+        assert!(io.connect(1, cntlid, SUBNQN, HOSTNQN).status().is_success());
+        let (mut path, mut data, mut other) = (0u32, 0u32, Vec::new());
+        for lba in 0..blocks {
+            let sqe = duplex_nvme::cmd::Sqe {
+                opcode: duplex_nvme::spec::io::READ,
+                nsid: 1,
+                cdw10: lba,
+                ..Default::default()
+            };
+            let (cqe, d) = io.command(sqe, None, false, 4096);
+            let st = cqe.status();
+            if st.sct() == 3 {
+                path += 1;
+            } else {
+                other.push(format!("block {lba}: {st}"));
+            }
+            if !d.is_empty() {
+                data += 1;
+            }
+        }
+        (path, data, other)
+    });
+    assert_eq!(with_data, 0, "the old owner returned data");
+    assert!(other.is_empty(), "{other:?}");
+    assert_eq!(path_errors, blocks);
+    // Nor does a write through it reach a drive.
+    let (code, out, err) = p.bench_one(1, &["--workload", "write", "--ios", "64", "--qd", "4"]);
+    assert_ne!(code, 0, "the old owner acknowledged a write: {out}{err}");
+    let after: Vec<u64> = (0..2).map(|d| p.port_writes(d, 1)).collect();
+    assert_eq!(
+        frozen, after,
+        "writes of the fenced owner reached the drives"
+    );
+}
+
+/// Row 9: the owner's cluster service killed again and again under load: a restarting cluster
+/// service is not a dead node (its datapath goes on writing the disk heartbeat): no takeover,
+/// no error. Then the watchdog: the owner's datapath hangs, its node halts whole, and the peer
+/// takes over.
+#[test]
+fn row9_cluster_service_crashes_are_no_death_and_a_hung_datapath_is() {
+    let crashes = count("DUPLEX_FAILOVER_CRASHES", 10);
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("29");
+    let mut bench = p.multipath(&args(&w), &stop);
+    p.wait_more_writes(1, 200);
+    for i in 0..crashes {
+        let gen = p.node(0).service("cluster")["generation"]
+            .as_u64()
+            .unwrap_or(0);
+        let (code, out, err) = p
+            .node(0)
+            .ctl(&["service", "crash", "cluster", "--mode", "kill"]);
+        assert_eq!(code, 0, "crash {i}: {out}{err}");
+        p.node(0).wait_running("cluster", gen);
+        p.wait_more_writes(1, 50);
+    }
+    p.wait_more_writes(1, 200);
+    p.node(1).log.pump();
+    assert!(p.node(1).log.matching(&["peer dead"]).is_empty());
+    assert!(p.node(1).log.matching(&["TAKEOVER"]).is_empty());
+
+    // The watchdog: node 1's datapath frozen; node 1 stops whole; node 2 takes over.
+    let datapath = p.node(0).service("datapath")["pid"].as_i64().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(datapath),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    p.node(0)
+        .log
+        .wait_for(&["stopping the whole node so that its peer takes over"]);
+    p.node(1).log.wait_for(&["pool taken over", "tank"]);
+    p.wait_more_writes(2, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    assert_eq!(r["path_switches"], 1, "{r}");
+    report(
+        &format!("9 ({crashes} cluster service crashes, then a hung datapath)"),
+        &r,
+    );
+}
