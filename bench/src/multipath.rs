@@ -116,6 +116,19 @@ pub struct Report {
     pub p99_us: f64,
     /// The path in use at the end (index in `--paths`).
     pub final_path: Option<usize>,
+    /// Each failover the host went through: from the first failure (path error, lost or
+    /// timed-out connection) to the next command done, and the largest latency of a command
+    /// retried in it (from its first try): the pause the host saw.
+    pub failovers: Vec<Failover>,
+}
+
+/// One failover as the host saw it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failover {
+    /// From the first failure to the next command done (µs).
+    pub gap_us: f64,
+    /// The largest latency of a command retried in it, from its first try (µs).
+    pub pause_us: f64,
 }
 
 /// One path as its admin thread sees it.
@@ -301,6 +314,7 @@ struct Cmd {
     slot: u64,
     write: bool,
     generation: u64,
+    retried: bool,
 }
 
 struct IoPath {
@@ -401,7 +415,10 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
         p50_us: 0.0,
         p99_us: 0.0,
         final_path: None,
+        failovers: Vec::new(),
     };
+    // The failover under way: when its first failure came, when the next command was done.
+    let mut event: Option<(Instant, Option<Duration>, Duration)> = None;
     let begin = Instant::now();
     let until = spec.time.map(|t| begin + t);
     let mut sent = 0u64;
@@ -493,6 +510,7 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                         slot,
                         write,
                         generation,
+                        retried: false,
                     }
                 } else if checking && check_next < slots {
                     let slot = check_next;
@@ -505,6 +523,7 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                         slot,
                         write: false,
                         generation: gens[slot as usize],
+                        retried: false,
                     }
                 } else {
                     break;
@@ -544,7 +563,11 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                     }
                     Err(e) => {
                         tracing_line(&format!("path {p}: submit: {e}"));
-                        retry.push_back(cmd);
+                        open_event(&mut event, &mut r);
+                        retry.push_back(Cmd {
+                            retried: true,
+                            ..cmd
+                        });
                         fail_path(&mut paths[p], &mut retry, &views[p], &mut r);
                         break;
                     }
@@ -596,6 +619,14 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                 };
                 let status: Status = c.status();
                 if status.is_success() {
+                    if let Some((opened, gap, worst)) = event.as_mut() {
+                        if gap.is_none() {
+                            *gap = Some(opened.elapsed());
+                        }
+                        if cmd.retried {
+                            *worst = (*worst).max(cmd.first.elapsed());
+                        }
+                    }
                     busy[cmd.slot as usize] = false;
                     latency.record(cmd.first.elapsed().as_nanos().max(1) as u64)?;
                     if cmd.write {
@@ -614,7 +645,11 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                     r.path_errors += 1;
                     tracing_line(&format!("path {p}: {status} at block {}", cmd.slot * nlb));
                     paths[p].failed_at = Some(views[p].generation);
-                    retry.push_back(cmd);
+                    open_event(&mut event, &mut r);
+                    retry.push_back(Cmd {
+                        retried: true,
+                        ..cmd
+                    });
                 } else {
                     r.io_errors += 1;
                     bail!(
@@ -626,10 +661,12 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
             }
             Err(e) => {
                 tracing_line(&format!("path {p}: {e}"));
+                open_event(&mut event, &mut r);
                 fail_path(&mut paths[p], &mut retry, &views[p], &mut r);
             }
         }
     }
+    close_event(&mut event, &mut r);
     r.seconds = begin.elapsed().as_secs_f64();
     r.ana_notices = shared.notices.load(Ordering::Relaxed);
     r.max_latency_us = latency.max() as f64 / 1000.0;
@@ -639,12 +676,35 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
     Ok(r)
 }
 
+/// A failure: opens a failover unless one is open that no command has ended yet (a failover
+/// that a command ended is recorded first).
+fn open_event(event: &mut Option<(Instant, Option<Duration>, Duration)>, r: &mut Report) {
+    if matches!(event, Some((_, None, _))) {
+        return;
+    }
+    close_event(event, r);
+    *event = Some((Instant::now(), None, Duration::ZERO));
+}
+
+fn close_event(event: &mut Option<(Instant, Option<Duration>, Duration)>, r: &mut Report) {
+    if let Some((opened, gap, worst)) = event.take() {
+        r.failovers.push(Failover {
+            gap_us: gap.unwrap_or_else(|| opened.elapsed()).as_secs_f64() * 1e6,
+            pause_us: worst.as_secs_f64() * 1e6,
+        });
+    }
+}
+
 /// A path's connection failed under commands: every one goes to the retry queue.
 fn fail_path(p: &mut IoPath, retry: &mut VecDeque<Cmd>, view: &PathView, r: &mut Report) {
     r.transport_failures += 1;
     p.queue = None;
     p.failed_at = Some(view.generation);
-    let mut cmds: Vec<Cmd> = p.inflight.drain().map(|(_, c)| c).collect();
+    let mut cmds: Vec<Cmd> = p
+        .inflight
+        .drain()
+        .map(|(_, c)| Cmd { retried: true, ..c })
+        .collect();
     cmds.sort_by_key(|c| c.first);
     retry.extend(cmds);
 }

@@ -71,9 +71,12 @@ fn row1_owner_killed_alternating_with_rejoin() {
     let mut owner = 0usize;
     // Takeovers and rejoins in each node's log since its last launch.
     let mut takeovers = [0usize; 2];
+    // Per kill: kill → peer dead → fenced → pool imported (ms, from the survivor's log).
+    let mut steps: Vec<[f64; 3]> = Vec::new();
     for k in 0..kills {
         let survivor = 1 - owner;
         p.wait_more_writes(owner as u64 + 1, 200);
+        let killed_at = day_seconds_now();
         p.node(owner).kill_all();
         takeovers[survivor] += 1;
         wait_count(
@@ -81,6 +84,18 @@ fn row1_owner_killed_alternating_with_rejoin() {
             &["pool taken over", "tank"],
             takeovers[survivor],
         );
+        let log = &p.node(survivor).log;
+        let at = |what: &str| {
+            log.matching(&[what])
+                .last()
+                .and_then(|l| day_seconds(l))
+                .map_or(f64::NAN, |t| (t - killed_at) * 1e3)
+        };
+        steps.push([
+            at("peer dead: both heartbeats"),
+            at("TAKEOVER: the peer is fenced"),
+            at("pool taken over"),
+        ]);
         // Only the survivor's key is left on the drives.
         for d in 0..2 {
             let keys = p.drive_keys(d);
@@ -111,6 +126,66 @@ fn row1_owner_killed_alternating_with_rejoin() {
     let r = finish_multipath(&mut bench, &stop);
     assert!(r["path_switches"].as_u64() >= Some(kills as u64), "{r}");
     report(&format!("1 ({kills} kills)"), &r);
+    let mut pauses: Vec<f64> = r["failovers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["pause_us"].as_f64())
+        .collect();
+    let mut gaps: Vec<f64> = r["failovers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["gap_us"].as_f64())
+        .collect();
+    eprintln!(
+        "row 1 figures over {} failovers (beat {BEAT_MS} ms, dead time {DEAD_MS} ms): host pause ms median {:.0} p99 {:.0} max {:.0}; I/O gap ms median {:.0} p99 {:.0}",
+        pauses.len(),
+        quantile(&mut pauses, 0.5) / 1e3,
+        quantile(&mut pauses, 0.99) / 1e3,
+        quantile(&mut pauses, 1.0) / 1e3,
+        quantile(&mut gaps, 0.5) / 1e3,
+        quantile(&mut gaps, 0.99) / 1e3,
+    );
+    for (i, name) in ["peer declared dead", "peer fenced", "pool imported"].iter().enumerate() {
+        let mut v: Vec<f64> = steps.iter().map(|s| s[i]).filter(|x| x.is_finite()).collect();
+        eprintln!(
+            "row 1 figures: kill → {name}: ms median {:.0} p99 {:.0} (over {})",
+            quantile(&mut v, 0.5),
+            quantile(&mut v, 0.99),
+            v.len()
+        );
+    }
+}
+
+/// The `q` quantile (nearest rank) of `v`.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+/// Seconds since midnight UTC, now.
+fn day_seconds_now() -> f64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    t % 86_400.0
+}
+
+/// Seconds since midnight UTC of a log line's timestamp (`2026-12-02T19:45:10.419723Z ...`).
+fn day_seconds(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?;
+    let time = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 /// Row 3: the interconnect cut, both alive: no takeover, each keeps serving its pools,
