@@ -527,7 +527,8 @@ pub fn cluster_status(generation: u64, report: &str, json: bool) -> Result<Strin
         "array {}: node {} boot {} (cluster service generation {generation})\n\
          peer: node {} boot {} at {}: {}\n\
          interconnect: last beat heard {}, link to the peer {}\n\
-         disk heartbeat: {}\n",
+         disk heartbeat: {}\n\
+         takeover: {}\n",
         s(&v["cluster"]),
         s(&v["node"]),
         s(&v["boot"]),
@@ -538,6 +539,7 @@ pub fn cluster_status(generation: u64, report: &str, json: bool) -> Result<Strin
         ago(&peer["link_heard_ms_ago"]),
         s(&v["link_out"]),
         s(&v["disk_heartbeat"]),
+        s(&v["takeover"]),
     ))
 }
 
