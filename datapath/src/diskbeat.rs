@@ -89,7 +89,10 @@ impl DiskBeat {
     }
 
     /// Does what is due on `drives` (every drive of the node; the cluster's are picked).
-    pub fn run(&mut self, now: Instant, drives: Vec<&mut Drive>) {
+    /// Returns why, when every cluster drive is lost (dead: its controller did not come back):
+    /// the node can serve nothing and must stop, so that its peer sees it silent and takes
+    /// its pools over.
+    pub fn run(&mut self, now: Instant, drives: Vec<&mut Drive>) -> Option<String> {
         let mut drives: Vec<&mut Drive> = drives
             .into_iter()
             .filter(|d| d.is_cluster_drive())
@@ -116,6 +119,12 @@ impl DiskBeat {
         if is_fenced() {
             self.region.set_fenced();
         }
+        if !drives.is_empty() && drives.iter().all(|d| d.is_dead()) {
+            let names: Vec<&str> = drives.iter().map(|d| d.name()).collect();
+            tracing::error!(drives = %names.join(","), "every drive of this cluster member is lost: stopping so that the peer takes over");
+            return Some(names.join(", "));
+        }
+        None
     }
 
     /// One heartbeat round.

@@ -123,6 +123,12 @@ pub enum EngineError {
     /// The wake eventfd could not be created.
     #[error(transparent)]
     Doorbell(#[from] DoorbellError),
+    /// A cluster member lost every drive: it can serve nothing, and must stop so that its
+    /// peer takes its pools over.
+    #[error(
+        "every drive of this cluster member is lost ({0}): stopping so that the peer takes over"
+    )]
+    DrivesLost(String),
 }
 
 /// Ends a running engine from another thread (or a signal-free control loop).
@@ -400,19 +406,22 @@ impl Engine {
     }
 
     /// The disk heartbeat's work, when due: on the engine's thread, between two turns.
-    fn cluster_work(&mut self) {
+    fn cluster_work(&mut self) -> Result<(), EngineError> {
         let now = Instant::now();
         let Some(beat) = self.disk_beat.as_mut() else {
-            return;
+            return Ok(());
         };
         if !beat.wants(now) {
-            return;
+            return Ok(());
         }
         let mut drives = Vec::new();
         for d in self.devices.iter_mut().flatten() {
             d.drives_mut(&mut drives);
         }
-        beat.run(now, drives);
+        match beat.run(now, drives) {
+            Some(lost) => Err(EngineError::DrivesLost(lost)),
+            None => Ok(()),
+        }
     }
 
     /// A handle that stops [`Engine::run`].
@@ -447,7 +456,7 @@ impl Engine {
         let mut stop_at: Option<Instant> = None;
         loop {
             beat();
-            self.cluster_work();
+            self.cluster_work()?;
             let mut progress = self.apply_commands();
             progress |= self.reap()?;
             progress |= self.poll_devices();

@@ -196,6 +196,22 @@ impl Pair {
         serde_json::from_slice(&out.stdout).expect("JSON")
     }
 
+    /// `duplex-drive-sim ctl ARGS` on drive `i`, which must succeed.
+    pub fn sim_ctl(&self, i: usize, args: &[&str]) {
+        let out = Command::new(bin("duplex-drive-sim"))
+            .arg("ctl")
+            .arg("--control")
+            .arg(self.dir.path().join(format!("d{i}.ctl")))
+            .args(args)
+            .output()
+            .expect("ctl runs");
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The keys registered on drive `i`.
     pub fn drive_keys(&self, i: usize) -> Vec<u64> {
         self.sim_status(i)["reservation"]["registrants"]

@@ -147,8 +147,15 @@ fn row1_owner_killed_alternating_with_rejoin() {
         quantile(&mut gaps, 0.5) / 1e3,
         quantile(&mut gaps, 0.99) / 1e3,
     );
-    for (i, name) in ["peer declared dead", "peer fenced", "pool imported"].iter().enumerate() {
-        let mut v: Vec<f64> = steps.iter().map(|s| s[i]).filter(|x| x.is_finite()).collect();
+    for (i, name) in ["peer declared dead", "peer fenced", "pool imported"]
+        .iter()
+        .enumerate()
+    {
+        let mut v: Vec<f64> = steps
+            .iter()
+            .map(|s| s[i])
+            .filter(|x| x.is_finite())
+            .collect();
         eprintln!(
             "row 1 figures: kill → {name}: ms median {:.0} p99 {:.0} (over {})",
             quantile(&mut v, 0.5),
@@ -389,5 +396,65 @@ fn row9_cluster_service_crashes_are_no_death_and_a_hung_datapath_is() {
     report(
         &format!("9 ({crashes} cluster service crashes, then a hung datapath)"),
         &r,
+    );
+}
+
+/// Row 5: the owner loses its drives (its ports pulled): it stops serving (every drive lost,
+/// the node halts whole) and the peer takes over.
+#[test]
+fn row5_owner_loses_its_drives_the_peer_takes_over() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("25");
+    let mut bench = p.multipath(&args(&w), &stop);
+    p.wait_more_writes(1, 200);
+    for d in 0..2 {
+        p.sim_ctl(d, &["pull", "--port", "0"]);
+    }
+    p.node(0)
+        .log
+        .wait_for(&["every drive of this cluster member is lost"]);
+    let status = p.node(0).wait_exit();
+    assert_ne!(status, Some(0), "node 1 went on as if all were well");
+    p.node(1).log.wait_for(&["pool taken over", "tank"]);
+    p.wait_more_writes(2, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    assert!(r["path_switches"].as_u64() >= Some(1), "{r}");
+    report("5", &r);
+}
+
+/// Row 7: fencing impossible (the survivor cannot reach a drive): no takeover, the pool stays
+/// offline, the refusal is logged and shown, and the fence is tried again while the peer
+/// stays dead. Nothing of the dead owner's is touched: its key stays on the drive fencing did
+/// not reach.
+#[test]
+fn row7_fencing_impossible_no_takeover() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    // Node 2 loses its port to d0 (the first drive in fencing order).
+    p.sim_ctl(0, &["pull", "--port", "1"]);
+    p.node(0).kill_all();
+    p.node(1).log.wait_for(&["peer dead"]);
+    wait_count(
+        &mut p.node(1).log,
+        &["NO TAKEOVER", "a drive is unreachable"],
+        2,
+    );
+    let st = p.wait_status(1, |v| {
+        v["takeover"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("refused"))
+    });
+    assert_eq!(st["peer"]["state"], "dead", "{st}");
+    p.node(1).log.pump();
+    assert!(p.node(1).log.matching(&["pool taken over"]).is_empty());
+    // d1 was never reached by the fence: node 1's key is still there.
+    let keys = p.drive_keys(1);
+    assert!(keys.iter().any(|k| FenceKey(*k).node() == 1), "{keys:x?}");
+    // The host finds no path serving the pool: node 2's says inaccessible.
+    let (code, out, err) = p.bench_one(2, &["--verify-only", "--span-blocks", "16"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("asymmetric access inaccessible"),
+        "{out}{err}"
     );
 }
