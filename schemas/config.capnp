@@ -108,7 +108,21 @@ struct ConfigRequestBody {
     # The volumes whose names sort after this one (empty: from the first), in name order, as
     # many as one reply holds (at most 128, with at most 96 exports in all): a caller pages with
     # the last name it got until a reply lists none. (listVolumes is the first page.)
+
+    movePool @19 :MovePool;
+    # A planned move of a pool this node owns to the peer controller (giveback): its ANA group
+    # goes to change here, its I/O drains, its ownership record is committed to the peer with
+    # the next epoch, the group goes inaccessible here; the peer imports it when it hears of
+    # the change. Refused on a node that does not own the pool or has no live peer.
   }
+}
+
+struct MovePool {
+  name @0 :Text;
+  # The pool, 1..=64 bytes.
+
+  node @1 :UInt16;
+  # The node id (1..=4) to move it to: the peer's.
 }
 
 struct ImportPool {

@@ -41,6 +41,10 @@ struct Beat {
 
   state @1 :NodeState;
   # How the sender is.
+
+  configGeneration @2 :UInt64;
+  # Grows whenever the sender's metadata service changed a pool on the drives (a commit, a
+  # move): the receiver's metadata service re-reads the pools it does not own when it moves.
 }
 
 enum NodeState {

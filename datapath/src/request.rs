@@ -6,7 +6,8 @@
 
 use duplex_ipc::desc::{
     IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES, STATUS_INTERNAL,
-    STATUS_INVALID_FIELD, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR, STATUS_WRITE_FAULT,
+    STATUS_INVALID_FIELD, STATUS_LBA_OUT_OF_RANGE, STATUS_NOT_MAPPED, STATUS_READ_ERROR,
+    STATUS_WRITE_FAULT,
 };
 
 use crate::map::VolumeMap;
@@ -101,7 +102,7 @@ pub(crate) fn decode(desc: &IoDesc, volumes: &[VolumeMap]) -> Result<Command, Re
     let index = volumes
         .iter()
         .position(|v| v.id == desc.volume)
-        .ok_or(reject(STATUS_INVALID_FIELD, "unknown volume"))?;
+        .ok_or(reject(STATUS_NOT_MAPPED, "volume not mapped here"))?;
     if kind == Kind::Flush {
         return Ok(Command {
             kind,
@@ -208,8 +209,8 @@ mod tests {
         let (_d, v) = volumes();
         let status = |d: IoDesc| decode(&d, &v).map(|_| 0).unwrap_or_else(|r| r.status);
         assert_eq!(status(desc(0x7f, 1, 0, 1)), STATUS_INVALID_FIELD);
-        assert_eq!(status(desc(OP_READ, 2, 0, 1)), STATUS_INVALID_FIELD);
-        assert_eq!(status(desc(OP_FLUSH, 2, 0, 0)), STATUS_INVALID_FIELD);
+        assert_eq!(status(desc(OP_READ, 2, 0, 1)), STATUS_NOT_MAPPED);
+        assert_eq!(status(desc(OP_FLUSH, 2, 0, 0)), STATUS_NOT_MAPPED);
         assert_eq!(status(desc(OP_READ, 1, 0, 0)), STATUS_INVALID_FIELD);
         assert_eq!(status(desc(OP_WRITE_ZEROES, 1, 0, 0)), STATUS_INVALID_FIELD);
         assert_eq!(status(desc(OP_READ, 1, 100, 1)), STATUS_LBA_OUT_OF_RANGE);

@@ -30,7 +30,7 @@ use common::*;
 use duplex_datapath::FLUSH_ALL;
 use duplex_ipc::desc::{
     IoDesc, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES, STATUS_INVALID_FIELD,
-    STATUS_LBA_OUT_OF_RANGE, STATUS_SUCCESS,
+    STATUS_LBA_OUT_OF_RANGE, STATUS_NOT_MAPPED, STATUS_SUCCESS,
 };
 use duplex_ipc::pool::NIL;
 
@@ -134,7 +134,7 @@ fn model(desc: &IoDesc, buf: Buf, chunk: u64) -> (u16, bool) {
         return (STATUS_SUCCESS, lent);
     }
     let Some(&(_, bs, blocks)) = VOLUMES.iter().find(|v| v.0 == desc.volume) else {
-        return (STATUS_INVALID_FIELD, lent);
+        return (STATUS_NOT_MAPPED, lent);
     };
     if desc.opcode == OP_FLUSH {
         return (STATUS_SUCCESS, lent);

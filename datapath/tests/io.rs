@@ -13,8 +13,8 @@ use common::*;
 use duplex_datapath::{Channel, Engine, EngineConfig, EngineError, FLUSH_ALL};
 use duplex_ipc::desc::{
     IoDesc, FLAG_FUA, OP_DEALLOCATE, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES,
-    STATUS_INVALID_FIELD, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR, STATUS_SUCCESS,
-    STATUS_WRITE_FAULT,
+    STATUS_INVALID_FIELD, STATUS_LBA_OUT_OF_RANGE, STATUS_NOT_MAPPED, STATUS_READ_ERROR,
+    STATUS_SUCCESS, STATUS_WRITE_FAULT,
 };
 use duplex_ipc::pool::{BufHandle, ChunkState, NIL};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, StartMode};
@@ -157,7 +157,7 @@ fn fua_write_and_flushes() {
         0,
         &[],
     );
-    assert_eq!(d.desc.status, STATUS_INVALID_FIELD);
+    assert_eq!(d.desc.status, STATUS_NOT_MAPPED);
     node.stop();
 }
 
@@ -339,7 +339,7 @@ fn invalid_descriptors_get_error_completions_and_their_buffers_back() {
                 ..IoDesc::default()
             },
             512,
-            STATUS_INVALID_FIELD,
+            STATUS_NOT_MAPPED,
             true,
         ),
         (

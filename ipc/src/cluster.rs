@@ -20,6 +20,8 @@
 //! | 528 | datapath | fence answer: drives on which the victim's key was preempted |
 //! | 576 | cluster | pools taken over: bit `s` set = the pools owned by node slot `s` are this node's to import (the peer is fenced) |
 //! | 584 | cluster | the fenced peer's key of that takeover |
+//! | 640 | metadata | this node's configuration generation (+1 whenever its metadata service changed a pool on the drives) |
+//! | 648 | cluster | the peer's configuration generation, as its last beat said |
 //!
 //! The datapath answers a fence request once, in order; the cluster service waits for the
 //! answer whose sequence number is its request's. Values read from the region are validated by
@@ -51,6 +53,8 @@ const FENCE_ANS_OUTCOME: usize = 520;
 const FENCE_ANS_DRIVES: usize = 528;
 const TAKEOVER: usize = 576;
 const TAKEOVER_KEY: usize = 584;
+const CONFIG_GEN: usize = 640;
+const PEER_CONFIG_GEN: usize = 648;
 
 /// The result of fencing the peer on this node's drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,6 +297,27 @@ impl ClusterRegion {
         self.word(TAKEOVER).fetch_and(!slots, Ordering::AcqRel);
     }
 
+    /// The metadata service changed a pool on the drives (a commit, a move): the peer is told
+    /// with the next beat.
+    pub fn bump_config_generation(&self) {
+        self.word(CONFIG_GEN).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// This node's configuration generation.
+    pub fn config_generation(&self) -> u64 {
+        self.word(CONFIG_GEN).load(Ordering::Acquire)
+    }
+
+    /// The cluster service records the peer's configuration generation.
+    pub fn set_peer_config_generation(&self, g: u64) {
+        self.word(PEER_CONFIG_GEN).store(g, Ordering::Release);
+    }
+
+    /// The peer's configuration generation as last heard.
+    pub fn peer_config_generation(&self) -> u64 {
+        self.word(PEER_CONFIG_GEN).load(Ordering::Acquire)
+    }
+
     /// The node slots whose pools this node has taken over (bit `s`), and the fenced key.
     pub fn claims(&self) -> (u64, u64) {
         (
@@ -352,6 +377,11 @@ mod tests {
         assert_eq!(dp.claims(), (0b10, 0xdef));
         other.release_claims(0b10);
         assert_eq!(dp.claims().0, 0);
+        assert_eq!(dp.config_generation(), 0);
+        other.bump_config_generation();
+        assert_eq!(dp.config_generation(), 1);
+        dp.set_peer_config_generation(7);
+        assert_eq!(other.peer_config_generation(), 7);
         assert!(!other.fenced());
         dp.set_fenced();
         assert!(other.fenced());

@@ -174,6 +174,13 @@ pub enum ConfigRequest {
         /// superblock newer than every image.
         force: bool,
     },
+    /// A planned move of a pool to the peer controller.
+    MovePool {
+        /// The pool.
+        name: String,
+        /// The node id to move it to (1..=4).
+        node: u16,
+    },
 }
 
 /// A pool's RAID level.
@@ -610,6 +617,7 @@ impl ConfigRequest {
             Self::DenyHost { .. } => "denyHost",
             Self::AllowAnyHost { .. } => "allowAnyHost",
             Self::ImportPool { .. } => "importPool",
+            Self::MovePool { .. } => "movePool",
             Self::ListVolumesAfter(_) => "listVolumesAfter",
         }
     }
@@ -656,6 +664,8 @@ impl ConfigRequest {
             Self::ImportPool { pool, .. } => {
                 required(pool, "config.importPool.pool", UUID_TEXT_BYTES)
             }
+            // The node is checked by the metadata service (it must be the peer's id).
+            Self::MovePool { name, .. } => required(name, "config.movePool.name", MAX_NAME_BYTES),
             Self::ListVolumesAfter(name) => {
                 optional(name, "config.listVolumesAfter", MAX_NAME_BYTES)
             }
@@ -743,6 +753,11 @@ impl ConfigRequest {
                 let mut p = body.init_import_pool();
                 p.set_pool(pool.as_str());
                 p.set_force(*force);
+            }
+            Self::MovePool { name, node } => {
+                let mut p = body.init_move_pool();
+                p.set_name(name.as_str());
+                p.set_node(*node);
             }
         }
     }
@@ -852,6 +867,13 @@ impl ConfigRequest {
                 Self::ImportPool {
                     pool: text(p.get_pool(), "config.importPool.pool", UUID_TEXT_BYTES)?,
                     force: p.get_force(),
+                }
+            }
+            Which::MovePool(p) => {
+                let p = p.map_err(d)?;
+                Self::MovePool {
+                    name: text(p.get_name(), "config.movePool.name", MAX_NAME_BYTES)?,
+                    node: p.get_node(),
                 }
             }
         };
@@ -1575,6 +1597,10 @@ pub mod examples {
                 force: true,
             },
             ConfigRequest::ListVolumesAfter("vol7".into()),
+            ConfigRequest::MovePool {
+                name: "tank".into(),
+                node: 2,
+            },
         ]
     }
 
@@ -1792,7 +1818,7 @@ mod tests {
     #[test]
     fn every_request_round_trips() {
         let requests = requests();
-        assert_eq!(requests.len(), 19, "one of every schema member");
+        assert_eq!(requests.len(), 20, "one of every schema member");
         for (i, r) in requests.into_iter().enumerate() {
             let id = u64::try_from(i).unwrap_or(0) + (7 << 32);
             let bytes = r.encode(id);
@@ -1866,12 +1892,12 @@ mod tests {
     fn unknown_union_members_and_enumerants_are_rejected() {
         // Layout: root pointer (word 0), root data (1: requestId), root's body pointer (2), the
         // body's data (3: its union discriminant) and pointer (4).
-        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 19);
+        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 20);
         assert!(matches!(
             ConfigRequest::decode(&bytes),
             Err(ControlError::UnknownVariant {
                 what: "ConfigRequestBody",
-                value: 19
+                value: 20
             })
         ));
         let bytes = patched(ConfigReply::Volumes(Vec::new()).encode(1), word(3), 3, 6);

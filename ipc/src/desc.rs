@@ -69,6 +69,11 @@ pub const STATUS_RESERVATION_CONFLICT: u16 = 0x0083;
 /// that registered a cluster key): nothing more is served. As the fabric reports it: path
 /// status Asymmetric Access Inaccessible (SCT 3, SC 02h), so a host retries on its other path.
 pub const STATUS_FENCED: u16 = 0x0302;
+/// Completion status: the volume is not mapped here (the control plane took it away: a pool
+/// moved to the peer controller, or a map change under way). As the fabric reports it: path
+/// status Asymmetric Access Transition (SCT 3, SC 03h), so a host retries (on its other path,
+/// or once the ANA log says where to).
+pub const STATUS_NOT_MAPPED: u16 = 0x0303;
 /// Completion status: media error, write fault.
 pub const STATUS_WRITE_FAULT: u16 = 0x0280;
 /// Completion status: media error, unrecovered read error.

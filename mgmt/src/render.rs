@@ -447,6 +447,7 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
         ConfigRequest::CreatePool { name, .. } => format!("created pool {name}"),
         ConfigRequest::DestroyPool { name, .. } => format!("destroyed pool {name}"),
         ConfigRequest::ImportPool { pool, .. } => format!("imported pool {pool}"),
+        ConfigRequest::MovePool { name, node } => format!("moved pool {name} to node {node}"),
         ConfigRequest::CreateVolume { name, pool, .. } => {
             format!("created volume {name} in pool {pool}")
         }

@@ -184,6 +184,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
         body: duplex_cluster::wire::Body::Beat {
             seq: 1,
             state: duplex_cluster::wire::NodeState::Serving,
+            config_generation: 0,
         },
     };
     let mut s = TcpStream::connect(("127.0.0.1", ic_a)).expect("connect");

@@ -458,3 +458,39 @@ fn row7_fencing_impossible_no_takeover() {
         "{out}{err}"
     );
 }
+
+/// A planned move (giveback) under I/O, there and back: the pool's group goes to change, its
+/// I/O drains, its ownership goes to the peer with the next epoch, and the peer serves it
+/// once it has heard of the change; 0 host errors.
+#[test]
+fn planned_move_there_and_back_under_io() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("26");
+    let mut bench = p.multipath(&args(&w), &stop);
+    p.wait_more_writes(1, 200);
+    let out = duplex_tests::pool::ctl_ok(p.node(0), &["pool", "move", "tank", "--to", "2"]);
+    assert!(out.contains("moved pool tank to node 2 (epoch 2)"), "{out}");
+    p.node(1)
+        .log
+        .wait_for(&["pool moved here by the peer", "tank", "epoch=2"]);
+    p.wait_more_writes(2, 200);
+    // Moving it again from node 1 is refused with the owner named.
+    let (code, _, err) = p.node(0).ctl(&["pool", "move", "tank", "--to", "2"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("owned by node 2"), "{err}");
+    let out = duplex_tests::pool::ctl_ok(p.node(1), &["pool", "move", "tank", "--to", "1"]);
+    assert!(out.contains("(epoch 3)"), "{out}");
+    p.node(0)
+        .log
+        .wait_for(&["pool moved here by the peer", "tank", "epoch=3"]);
+    p.wait_more_writes(1, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    assert!(r["path_switches"].as_u64() >= Some(2), "{r}");
+    assert_eq!(r["transport_failures"], 0, "{r}");
+    report("giveback (there and back)", &r);
+    for n in 0..2 {
+        p.node(n).log.pump();
+        assert!(p.node(n).log.matching(&["TAKEOVER"]).is_empty());
+    }
+}

@@ -119,6 +119,17 @@ enum PoolCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Move a pool this node owns to the peer controller (a planned giveback, under I/O): its
+    /// ANA group goes to change, its I/O drains, its ownership goes to NODE with the next
+    /// epoch; NODE serves it once it has read the change.
+    Move {
+        /// The pool.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// The node id to move it to (the peer's, 1..=4).
+        #[arg(long = "to", value_name = "NODE", value_parser = clap::value_parser!(u16).range(1..=4))]
+        node: u16,
+    },
     /// Import a pool found on the drives but not imported at start (`drive list` shows its
     /// drives `stale`, with the pool's UUID).
     Import {
@@ -410,6 +421,10 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
         Command::Pool(PoolCommand::Destroy { name, force }) => ConfigRequest::DestroyPool {
             name: name.clone(),
             force: *force,
+        },
+        Command::Pool(PoolCommand::Move { name, node }) => ConfigRequest::MovePool {
+            name: name.clone(),
+            node: *node,
         },
         Command::Pool(PoolCommand::Import { uuid, force }) => ConfigRequest::ImportPool {
             pool: uuid.clone(),

@@ -422,7 +422,14 @@ impl Node {
             );
         }
         match m.body {
-            Body::Beat { seq, state } => {
+            Body::Beat {
+                seq,
+                state,
+                config_generation,
+            } => {
+                if let Some(r) = &self.region {
+                    r.set_peer_config_generation(config_generation);
+                }
                 if state == NodeState::Fenced {
                     tracing::warn!(peer = m.node, boot = m.boot, "peer reports itself fenced");
                 }
@@ -613,7 +620,15 @@ async fn dial(node: Rc<Node>, beat: Duration, stop: Arc<AtomicBool>) {
                 &node,
                 Body::Beat {
                     seq,
-                    state: NodeState::Serving,
+                    state: if node.region.as_ref().is_some_and(ClusterRegion::fenced) {
+                        NodeState::Fenced
+                    } else {
+                        NodeState::Serving
+                    },
+                    config_generation: node
+                        .region
+                        .as_ref()
+                        .map_or(0, ClusterRegion::config_generation),
                 },
             );
             let Ok(f) = m.frame() else {

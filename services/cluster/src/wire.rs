@@ -31,6 +31,8 @@ pub enum Body {
         seq: u64,
         /// The sender's state.
         state: NodeState,
+        /// The sender's metadata change counter (its pools changed on the drives).
+        config_generation: u64,
     },
     /// The sender's cluster service stops on purpose.
     Leaving,
@@ -93,9 +95,14 @@ impl Message {
         root.set_node(self.node);
         root.set_boot(self.boot);
         match &self.body {
-            Body::Beat { seq, state } => {
+            Body::Beat {
+                seq,
+                state,
+                config_generation,
+            } => {
                 let mut b = root.init_body().init_beat();
                 b.set_seq(*seq);
+                b.set_config_generation(*config_generation);
                 b.set_state(match state {
                     NodeState::Serving => wire::NodeState::Serving,
                     NodeState::Fenced => wire::NodeState::Fenced,
@@ -145,6 +152,7 @@ impl Message {
                 Body::Beat {
                     seq: b.get_seq(),
                     state,
+                    config_generation: b.get_config_generation(),
                 }
             }
             Ok(wire::interconnect::body::Leaving(())) => Body::Leaving,
@@ -193,6 +201,7 @@ mod tests {
             body: Body::Beat {
                 seq: 9,
                 state: NodeState::Serving,
+                config_generation: 4,
             },
         }
     }
@@ -209,6 +218,7 @@ mod tests {
                 body: Body::Beat {
                     seq: 1,
                     state: NodeState::Fenced,
+                    config_generation: 0,
                 },
                 ..beat()
             },
@@ -237,6 +247,7 @@ mod tests {
                 body: Body::Beat {
                     seq: 0,
                     state: NodeState::Serving,
+                    config_generation: 0,
                 },
                 ..beat()
             },

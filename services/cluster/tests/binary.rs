@@ -36,6 +36,7 @@ fn random_bytes_never_panic_the_decoder() {
         body: Body::Beat {
             seq: 3,
             state: NodeState::Serving,
+            config_generation: 0,
         },
     }
     .frame()

@@ -91,6 +91,10 @@ pub trait Publisher {
     fn publish_volumes(&mut self, epoch: u64, volumes: &[VolumePublish]) -> Result<(), String>;
     /// Member failures are recorded on disk.
     fn failures_recorded(&mut self, device: u32, members: &[u32]) -> Result<(), String>;
+    /// I/Os in flight (and completions held) at a device of the datapath.
+    fn inflight(&mut self, _device: u32) -> Result<u32, String> {
+        Ok(0)
+    }
     /// Replaces the fabric's export table: the subsystems, and the ANA state of every group
     /// their namespaces name.
     fn publish_exports(
@@ -151,6 +155,12 @@ pub struct Cluster<D: MetaDisk + Clone, P: Publisher> {
     peer_pools: Vec<PeerPool>,
     /// The node slots whose pools the cluster service said are this node's (the peer fenced).
     claims: u64,
+    /// Whether the peer's disk heartbeat is seen (a move to it may go ahead).
+    peer_visible: bool,
+    /// A pool being moved away: its group in ANA change, its volumes unmapped.
+    moving: Option<Uuid>,
+    /// Changes of pools on the drives (commits, moves), for the peer.
+    changes: u64,
     ana_group: u32,
     cluster_uuid: Uuid,
     drives: Vec<Drive<D>>,
@@ -240,6 +250,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             clustered: claims.is_some(),
             peer_pools: Vec::new(),
             claims: claims.unwrap_or(0),
+            peer_visible: false,
+            moving: None,
+            changes: 0,
             ana_group,
             cluster_uuid: Uuid::NIL,
             drives,
@@ -395,6 +408,200 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         changed
     }
 
+    /// Changes of pools on the drives so far (the service tells the peer when it moves).
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Whether the peer's disk heartbeat is seen now.
+    pub fn set_peer_visible(&mut self, visible: bool) {
+        self.peer_visible = visible;
+    }
+
+    /// `duplexctl pool move NAME --to NODE`: a planned move of a pool this node owns to the
+    /// peer. The pool's ANA group goes to change and its volumes are unmapped (the fabric
+    /// answers its I/O with ANA Transition, which hosts retry), the I/O already in the
+    /// datapath drains, its ownership record is committed to the peer with the next epoch, and
+    /// the pool becomes the peer's here (inaccessible). The peer imports it when it hears of
+    /// the change (the next interconnect beat).
+    fn move_pool(&mut self, name: &str, node: u16) -> ConfigReply {
+        if !self.clustered {
+            return err(
+                ConfigErrorKind::Refused,
+                "this node is not a member of a two-controller cluster: there is no peer to move a pool to",
+            );
+        }
+        if !(1..=4).contains(&node) {
+            return err(
+                ConfigErrorKind::InvalidArgument,
+                format!("node {node}: node ids are 1..=4"),
+            );
+        }
+        let slot = u32::from(node - 1);
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == name)
+        else {
+            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == name) {
+                return err(
+                    ConfigErrorKind::Refused,
+                    format!(
+                        "pool {name} is owned by node {}: move it from there",
+                        p.config.ownership.owner_node + 1
+                    ),
+                );
+            }
+            return err(ConfigErrorKind::NotFound, format!("no pool named {name}"));
+        };
+        if slot == self.node {
+            return err(
+                ConfigErrorKind::AlreadyExists,
+                format!("pool {name} is owned by node {node} already"),
+            );
+        }
+        if !self.peer_visible {
+            return err(
+                ConfigErrorKind::Refused,
+                format!("node {node}'s disk heartbeat is not seen on the drives: it could not take pool {name}; not moved"),
+            );
+        }
+        let started = std::time::Instant::now();
+        let uuid = self.pools[i].store.config().pool.uuid;
+        // 1. Hosts are told the group is in transition (the fabric answers its I/O with ANA
+        // Transition), then its volumes are unmapped (what still reaches the datapath gets the
+        // same path status): no new I/O reaches the pool.
+        self.moving = Some(uuid);
+        if let Err(e) = self.publish_exports().and_then(|()| self.publish_volumes()) {
+            self.moving = None;
+            let _ = self.publish_all();
+            return err(
+                ConfigErrorKind::IoError,
+                format!("pool {name} not moved: stopping its I/O failed: {e}"),
+            );
+        }
+        // 2. What is in flight drains.
+        if let Some(device) = self.pools[i].device {
+            let deadline = started + std::time::Duration::from_secs(30);
+            loop {
+                match self.publisher.inflight(device) {
+                    Ok(0) => break,
+                    Ok(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Ok(n) => {
+                        self.moving = None;
+                        let _ = self.publish_all();
+                        return err(
+                            ConfigErrorKind::IoError,
+                            format!("pool {name} not moved: {n} I/Os did not drain in 30 s"),
+                        );
+                    }
+                    Err(e) => {
+                        self.moving = None;
+                        let _ = self.publish_all();
+                        return err(
+                            ConfigErrorKind::IoError,
+                            format!("pool {name} not moved: {e}"),
+                        );
+                    }
+                }
+            }
+        }
+        let drained_ms = started.elapsed().as_millis() as u64;
+        // 3. The ownership record names the peer, with the next epoch.
+        let mut cfg = self.pools[i].store.config().clone();
+        let epoch = cfg.ownership.epoch + 1;
+        cfg.ownership.owner_node = slot;
+        cfg.ownership.epoch = epoch;
+        if let Err(e) = self.commit_pool(i, cfg) {
+            self.moving = None;
+            let _ = self.publish_all();
+            return store_err(e);
+        }
+        // 4. The pool is the peer's here.
+        let entry = self.pools.remove(i);
+        let config = entry.store.config().clone();
+        self.moving = None;
+        self.add_peer_pool(uuid, config);
+        if let Err(e) = self.publish_all() {
+            tracing::error!(pool = %name, error = %e, "publishing after the move failed");
+        }
+        tracing::warn!(pool = %name, to_node = node, epoch, drained_ms, elapsed_ms = started.elapsed().as_millis() as u64, "pool moved to the peer");
+        done(format!(
+            "moved pool {name} to node {node} (epoch {epoch}); node {node} serves it once it has read the change"
+        ))
+    }
+
+    /// Reads the pools this node does not own again (the peer changed them): pools now
+    /// owned by this node (moved here) are imported and served, the others' configurations
+    /// (and new pools of the peer) are taken as they are on the drives. Nothing is written.
+    pub fn rescan(&mut self) {
+        if !self.clustered {
+            return;
+        }
+        let own: Vec<String> = self
+            .pools
+            .iter()
+            .map(|p| p.store.config().pool.name.clone())
+            .collect();
+        let mut groups: Vec<Uuid> = Vec::new();
+        for d in &mut self.drives {
+            if own.contains(&d.pool) {
+                continue;
+            }
+            if let Some(sb) = probe(&mut d.disk) {
+                if !groups.contains(&sb.pool_uuid) {
+                    groups.push(sb.pool_uuid);
+                }
+                d.pool = sb.pool_uuid.to_string();
+                d.state = DriveState::Stale;
+            }
+        }
+        let mut changed = false;
+        for pool in groups {
+            match self.owner_of(pool) {
+                Some((owner, _)) if owner == self.node => {
+                    self.peer_pools.retain(|p| p.uuid != pool);
+                    match self.import(pool, false) {
+                        Ok(i) => {
+                            let c = self.pools[i].store.config();
+                            tracing::warn!(pool = %c.pool.name, epoch = c.ownership.epoch, "pool moved here by the peer: imported, served by this node");
+                            changed = true;
+                        }
+                        Err(e) => {
+                            tracing::error!(pool = %pool, error = %e, "a pool moved here could not be imported")
+                        }
+                    }
+                }
+                Some((_, config)) => {
+                    let known = self
+                        .peer_pools
+                        .iter()
+                        .any(|p| p.uuid == pool && p.config == config);
+                    if !known {
+                        changed = true;
+                    }
+                    let name = config.pool.name.clone();
+                    for d in &mut self.drives {
+                        if d.pool == pool.to_string() {
+                            d.pool = name.clone();
+                            d.state = DriveState::Active;
+                        }
+                    }
+                    self.peer_pools.retain(|p| p.uuid != pool);
+                    self.peer_pools.push(PeerPool { uuid: pool, config });
+                }
+                None => {}
+            }
+        }
+        if changed {
+            if let Err(e) = self.publish_all() {
+                tracing::error!(error = %e, "publishing after re-reading the peer's pools failed");
+            }
+        }
+    }
+
     /// Imports one pool from the drives that name it; returns its index in `pools`. On an
     /// error nothing was written and the pool's drives are reported stale.
     fn import(&mut self, pool: Uuid, force: bool) -> Result<usize, StoreError> {
@@ -547,12 +754,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         self.publish_exports()
     }
 
+    /// The epoch of the maps published: the newest ownership epoch of any pool this node knows
+    /// (its own and the peer's, so that moving a pool away never lowers it).
     fn epoch(&self) -> u64 {
-        self.pools
-            .iter()
-            .map(|p| p.store.config().ownership.epoch)
-            .max()
-            .unwrap_or(0)
+        self.configs().map(|c| c.ownership.epoch).max().unwrap_or(0)
     }
 
     fn publish_pool(&mut self, i: usize) -> Result<(), String> {
@@ -586,6 +791,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         let mut out = Vec::new();
         for p in &self.pools {
             let Some(device) = p.device else { continue };
+            if self.moving == Some(p.store.config().pool.uuid) {
+                continue;
+            }
             for v in &p.store.config().volumes {
                 let bs = u64::from(v.block_size);
                 out.push(VolumePublish {
@@ -678,6 +886,13 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .iter()
             .flat_map(|p| p.config.namespaces.iter().map(|n| n.ana_group))
             .collect();
+        let moving_groups: Vec<u32> = self
+            .pools
+            .iter()
+            .map(|p| p.store.config())
+            .filter(|c| Some(c.pool.uuid) == self.moving)
+            .flat_map(|c| c.namespaces.iter().map(|n| n.ana_group))
+            .collect();
         let mut groups: Vec<u32> = table
             .iter()
             .flat_map(|s| s.namespaces.iter().map(|n| n.ana_group))
@@ -688,7 +903,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .into_iter()
             .map(|group| AnaGroupState {
                 group,
-                state: if peer_groups.contains(&group) {
+                state: if moving_groups.contains(&group) {
+                    AnaState::Change
+                } else if peer_groups.contains(&group) {
                     AnaState::Inaccessible
                 } else {
                     AnaState::Optimized
@@ -781,6 +998,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 chunk_bytes,
             } => self.create_pool(&name, raid_from(raid), &drives, chunk_bytes),
             ConfigRequest::DestroyPool { name, force } => self.destroy_pool(&name, force),
+            ConfigRequest::MovePool { name, node } => self.move_pool(&name, node),
             ConfigRequest::ImportPool { pool, force } => self.import_request(&pool, force),
             ConfigRequest::CreateVolume {
                 name,
@@ -854,6 +1072,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     /// member the drives now record as failed.
     fn commit_pool(&mut self, i: usize, cfg: PoolConfig) -> Result<(), StoreError> {
         let before: Vec<MemberState> = cfg.pool.members.iter().map(|m| m.state).collect();
+        self.changes += 1;
         self.pools[i].store.commit(cfg)?;
         let after = &self.pools[i].store.config().pool.members;
         if after.iter().map(|m| m.state).ne(before.iter().copied()) {

@@ -136,6 +136,18 @@ impl Publisher for ServicePublisher {
             .map_err(|e| e.to_string())
     }
 
+    fn inflight(&mut self, device: u32) -> Result<u32, String> {
+        let devices = self
+            .maps
+            .list_devices(MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        devices
+            .iter()
+            .find(|d| d.index == device)
+            .map(|d| d.inflight + d.held)
+            .ok_or_else(|| format!("the datapath has no device {device}"))
+    }
+
     fn publish_exports(
         &mut self,
         subsystems: Vec<ExportSubsystem>,
@@ -278,6 +290,8 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         drives = topology.drives.len(),
         "metadata service ready"
     );
+    let mut seen_peer_gen = 0u64;
+    let mut told_changes = cluster.changes();
     while !stop.load(Ordering::Acquire) {
         health.beat();
         match config.recv_request(Duration::from_millis(50)) {
@@ -311,6 +325,27 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
             let (claims, _) = r.claims();
             if cluster.claims(claims) {
                 health.beat();
+            }
+            // The peer is visible on the drives when its slot was read in the last rounds.
+            if let Some(spec) = &topology.cluster {
+                let rounds = r.rounds();
+                let visible = r
+                    .slot(spec.peer_slot())
+                    .is_some_and(|v| v.drives > 0 && v.round + 2 >= rounds);
+                cluster.set_peer_visible(visible);
+            }
+            // The peer changed its pools on the drives: read them again.
+            let peer_gen = r.peer_config_generation();
+            if peer_gen != seen_peer_gen {
+                seen_peer_gen = peer_gen;
+                cluster.rescan();
+                health.beat();
+            }
+            // This node changed its pools: the peer hears it with the next beat.
+            let changes = cluster.changes();
+            if changes != told_changes {
+                told_changes = changes;
+                r.bump_config_generation();
             }
         }
         // Member failures the datapath reported: record them, then release its writes.
