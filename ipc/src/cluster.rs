@@ -22,6 +22,7 @@
 //! | 584 | cluster | the fenced peer's key of that takeover |
 //! | 640 | metadata | this node's configuration generation (+1 whenever its metadata service changed a pool on the drives) |
 //! | 648 | cluster | the peer's configuration generation, as its last beat said |
+//! | 656 | duplexd | 1 while the host link (the fabric listener's interface) has been down for the dead time |
 //!
 //! The datapath answers a fence request once, in order; the cluster service waits for the
 //! answer whose sequence number is its request's. Values read from the region are validated by
@@ -55,6 +56,7 @@ const TAKEOVER: usize = 576;
 const TAKEOVER_KEY: usize = 584;
 const CONFIG_GEN: usize = 640;
 const PEER_CONFIG_GEN: usize = 648;
+const HOST_LINK_DOWN: usize = 656;
 
 /// The result of fencing the peer on this node's drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -318,6 +320,17 @@ impl ClusterRegion {
         self.word(PEER_CONFIG_GEN).load(Ordering::Acquire)
     }
 
+    /// duplexd records whether the host link is down.
+    pub fn set_host_link_down(&self, down: bool) {
+        self.word(HOST_LINK_DOWN)
+            .store(u64::from(down), Ordering::Release);
+    }
+
+    /// Whether the host link is down (for the dead time).
+    pub fn host_link_down(&self) -> bool {
+        self.word(HOST_LINK_DOWN).load(Ordering::Acquire) != 0
+    }
+
     /// The node slots whose pools this node has taken over (bit `s`), and the fenced key.
     pub fn claims(&self) -> (u64, u64) {
         (
@@ -382,6 +395,9 @@ mod tests {
         assert_eq!(dp.config_generation(), 1);
         dp.set_peer_config_generation(7);
         assert_eq!(other.peer_config_generation(), 7);
+        assert!(!other.host_link_down());
+        dp.set_host_link_down(true);
+        assert!(other.host_link_down());
         assert!(!other.fenced());
         dp.set_fenced();
         assert!(other.fenced());

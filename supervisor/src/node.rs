@@ -403,6 +403,28 @@ impl Node {
                     fd,
                     &[datapath.as_str(), METADATA_SERVICE, crate::config::CLUSTER],
                 );
+                // The host link watch: the interface of the fabric's (first) listener.
+                let spec = topology.cluster.as_ref();
+                match listeners.first().map(|l| l.address.ip()) {
+                    Some(ip) if !ip.is_unspecified() => {
+                        let dead =
+                            std::time::Duration::from_millis(spec.map_or(3000, |c| c.dead_ms));
+                        let watcher = region
+                            .region()
+                            .try_clone_fd()
+                            .map_err(|e| res_err("cluster state region")(e.to_string()))
+                            .and_then(|fd| {
+                                duplex_ipc::cluster::ClusterRegion::attach(fd)
+                                    .map_err(|e| res_err("cluster state region")(e.to_string()))
+                            })?;
+                        crate::hostlink::spawn(ip, dead, watcher)
+                            .map_err(|e| res_err("host link watch")(e.to_string()))?;
+                    }
+                    Some(_) => tracing::warn!(
+                        "the fabric listens on every address: the host link is not watched"
+                    ),
+                    None => {}
+                }
             }
             for d in drives {
                 tracing::info!(

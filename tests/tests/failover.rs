@@ -494,3 +494,31 @@ fn planned_move_there_and_back_under_io() {
         assert!(p.node(n).log.matching(&["TAKEOVER"]).is_empty());
     }
 }
+
+/// Row 2: the owner's host-facing link down, the node alive: duplexd sees the interface of
+/// its fabric listener down for the dead time, the metadata service moves its pools to the
+/// peer (a planned move), and the host goes on through the peer.
+#[test]
+fn row2_owner_host_link_down_pools_move_to_the_peer() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("22");
+    let mut bench = p.multipath(&args(&w), &stop);
+    p.wait_more_writes(1, 200);
+    p.net.pull(Cable::HostA);
+    p.node(0).log.wait_for(&["HOST LINK DOWN"]);
+    p.node(0).log.wait_for(&["pool moved to the peer", "tank"]);
+    p.node(1)
+        .log
+        .wait_for(&["pool moved here by the peer", "tank", "epoch=2"]);
+    p.wait_more_writes(2, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    assert!(r["path_switches"].as_u64() >= Some(1), "{r}");
+    report("2", &r);
+    p.net.plug(Cable::HostA);
+    p.node(0).log.wait_for(&["host link up again"]);
+    for n in 0..2 {
+        p.node(n).log.pump();
+        assert!(p.node(n).log.matching(&["TAKEOVER"]).is_empty());
+    }
+}

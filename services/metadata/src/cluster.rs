@@ -533,6 +533,23 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         ))
     }
 
+    /// The host link is down: every pool this node owns is moved to the peer (`node`), one by
+    /// one, as `pool move` does. Returns how many are still here (a move refused or failed).
+    pub fn evacuate(&mut self, node: u16) -> usize {
+        let names: Vec<String> = self
+            .pools
+            .iter()
+            .map(|p| p.store.config().pool.name.clone())
+            .collect();
+        for name in names {
+            tracing::warn!(pool = %name, to_node = node, "host link down: moving the pool to the peer");
+            if let ConfigReply::Error { message, .. } = self.move_pool(&name, node) {
+                tracing::error!(pool = %name, error = %message, "host link down, but the pool could not be moved");
+            }
+        }
+        self.pools.len()
+    }
+
     /// Reads the pools this node does not own again (the peer changed them): pools now
     /// owned by this node (moved here) are imported and served, the others' configurations
     /// (and new pools of the peer) are taken as they are on the drives. Nothing is written.

@@ -291,6 +291,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         "metadata service ready"
     );
     let mut seen_peer_gen = 0u64;
+    let mut evacuate_at: Option<std::time::Instant> = None;
     let mut told_changes = cluster.changes();
     while !stop.load(Ordering::Acquire) {
         health.beat();
@@ -340,6 +341,25 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
                 seen_peer_gen = peer_gen;
                 cluster.rescan();
                 health.beat();
+            }
+            // The host link down: hosts cannot reach this node; its pools go to the peer
+            // (tried again every second while some stay).
+            if let Some(spec) = &topology.cluster {
+                if r.host_link_down() {
+                    if evacuate_at
+                        .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(1))
+                    {
+                        evacuate_at = Some(std::time::Instant::now());
+                        if cluster.evacuate(spec.peer_id) == 0 {
+                            // Everything moved: nothing more to do while the link stays down.
+                            evacuate_at =
+                                Some(std::time::Instant::now() + Duration::from_secs(3600));
+                        }
+                        health.beat();
+                    }
+                } else {
+                    evacuate_at = None;
+                }
             }
             // This node changed its pools: the peer hears it with the next beat.
             let changes = cluster.changes();
