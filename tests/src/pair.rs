@@ -9,13 +9,14 @@
 //! volume `vol0` exported as namespace 1 of [`SUBNQN`] to [`HOSTNQN`]; node 2 starts after and
 //! finds the pool its peer's.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::netns::{addr, Net};
 use crate::pool::{ctl_ok, drive_sim};
-use crate::{bin, KillOnDrop, Log, Node, PATIENCE};
+use crate::{bin, free_port, KillOnDrop, Log, Node, PATIENCE};
 
 /// The subsystem.
 pub const SUBNQN: &str = "nqn.2026-12.io.duplex:pair";
@@ -26,13 +27,40 @@ pub const NVME_PORT: u16 = 4420;
 /// The interconnect port on both controllers.
 pub const IC_PORT: u16 = 7000;
 
+/// Where the nodes listen.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    /// Each node's fabric listener.
+    pub nvme: [SocketAddr; 2],
+    /// Each node's interconnect listener.
+    pub ic: [SocketAddr; 2],
+}
+
+impl Addresses {
+    /// In the namespaces of [`Net`]: fixed addresses.
+    pub fn namespaces() -> Self {
+        let sa = |ip: &str, port: u16| SocketAddr::new(ip.parse().expect("ip"), port);
+        Self {
+            nvme: [sa(addr::A_HOST, NVME_PORT), sa(addr::B_HOST, NVME_PORT)],
+            ic: [sa(addr::A_PEER, IC_PORT), sa(addr::B_PEER, IC_PORT)],
+        }
+    }
+
+    /// On the machine's loopback: ports free a moment ago.
+    pub fn loopback() -> Self {
+        let sa = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            nvme: [sa(free_port()), sa(free_port())],
+            ic: [sa(free_port()), sa(free_port())],
+        }
+    }
+}
+
 /// Node `id`'s config (1: a, 2: b), with the cluster's timers.
-pub fn config(id: u16, dir: &Path, beat_ms: u64, dead_ms: u64) -> String {
-    let (host, me, peer, letter) = if id == 1 {
-        (addr::A_HOST, addr::A_PEER, addr::B_PEER, "a")
-    } else {
-        (addr::B_HOST, addr::B_PEER, addr::A_PEER, "b")
-    };
+pub fn config(id: u16, dir: &Path, at: &Addresses, beat_ms: u64, dead_ms: u64) -> String {
+    let i = usize::from(id - 1);
+    let (host, me, peer) = (at.nvme[i], at.ic[i], at.ic[1 - i]);
+    let letter = if id == 1 { "a" } else { "b" };
     let mut c = format!(
         r#"
 [node]
@@ -70,17 +98,17 @@ after = ["datapath"]
 
 [[listener]]
 name = "nvme"
-address = "{host}:{NVME_PORT}"
+address = "{host}"
 service = "fabric"
 
 [[listener]]
 name = "interconnect"
-address = "{me}:{IC_PORT}"
+address = "{me}"
 service = "cluster"
 
 [cluster]
 node_id = {id}
-peer = "{peer}:{IC_PORT}"
+peer = "{peer}"
 beat_ms = {beat_ms}
 dead_ms = {dead_ms}
 "#,
@@ -104,20 +132,34 @@ pub struct Pair {
     pub sims: Vec<KillOnDrop>,
     /// Backing files, sockets, control sockets.
     pub dir: tempfile::TempDir,
-    /// The namespaces (dropped last: the processes in them end first).
-    pub net: Net,
+    /// Where the nodes listen.
+    pub at: Addresses,
+    /// The namespaces (dropped last: the processes in them end first); `None` on loopback.
+    pub net: Option<Net>,
 }
 
 impl Pair {
     /// Builds the rig with the cluster's timers; returns once each node reads the other's
     /// disk heartbeat and hears it over the interconnect.
     pub fn new(beat_ms: u64, dead_ms: u64) -> Self {
-        let net = Net::new();
+        Self::build(Some(Net::new()), Addresses::namespaces(), beat_ms, dead_ms)
+    }
+
+    /// [`Pair::new`] with both nodes on the machine's loopback (for a host in a QEMU guest,
+    /// which reaches the machine's loopback through its user-mode network).
+    pub fn on_loopback(beat_ms: u64, dead_ms: u64) -> Self {
+        Self::build(None, Addresses::loopback(), beat_ms, dead_ms)
+    }
+
+    fn build(net: Option<Net>, at: Addresses, beat_ms: u64, dead_ms: u64) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sims = (0..2)
             .map(|i| drive_sim(dir.path(), &format!("d{i}"), "256M").0)
             .collect();
-        let a = Node::start_in(Some(&net.a), &config(1, dir.path(), beat_ms, dead_ms));
+        let a = Node::start_in(
+            net.as_ref().map(|n| n.a.as_str()),
+            &config(1, dir.path(), &at, beat_ms, dead_ms),
+        );
         let mut a = a;
         a.log.wait_for(&["metadata service ready"]);
         ctl_ok(
@@ -133,13 +175,17 @@ impl Pair {
         ctl_ok(&a, &["subsystem", "create", SUBNQN]);
         ctl_ok(&a, &["host", "allow", SUBNQN, HOSTNQN]);
         ctl_ok(&a, &["namespace", "add", SUBNQN, "--volume", "vol0"]);
-        let mut b = Node::start_in(Some(&net.b), &config(2, dir.path(), beat_ms, dead_ms));
+        let mut b = Node::start_in(
+            net.as_ref().map(|n| n.b.as_str()),
+            &config(2, dir.path(), &at, beat_ms, dead_ms),
+        );
         b.log
             .wait_for(&["pool owned by the peer: exported inaccessible here", "tank"]);
         let pair = Self {
             nodes: [a, b],
             sims,
             dir,
+            at,
             net,
         };
         for i in 0..2 {
@@ -148,6 +194,23 @@ impl Pair {
             });
         }
         pair
+    }
+
+    /// The namespaces (the rig must have them).
+    pub fn net(&self) -> &Net {
+        self.net.as_ref().expect("a rig in network namespaces")
+    }
+
+    /// A command run in the host namespace (or here, on loopback).
+    fn host_command(&self, program: &Path) -> Command {
+        match &self.net {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.h]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     /// Node `i` (0: node 1).
@@ -249,16 +312,11 @@ impl Pair {
     /// Starts the host's multipath workload in the host namespace: `duplex-bench --paths`
     /// over both controllers with `args`, `--json`; it stops its load once `stop` exists.
     pub fn multipath(&self, args: &[&str], stop: &Path) -> KillOnDrop {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.net.h])
-            .arg(bin("duplex-bench"))
+        let child = self
+            .host_command(&bin("duplex-bench"))
             .args(["--nqn", SUBNQN, "--hostnqn", HOSTNQN])
             .arg("--paths")
-            .arg(format!(
-                "{}:{NVME_PORT},{}:{NVME_PORT}",
-                addr::A_HOST,
-                addr::B_HOST
-            ))
+            .arg(format!("{},{}", self.at.nvme[0], self.at.nvme[1]))
             .args(args)
             .arg("--stop-file")
             .arg(stop)
@@ -272,17 +330,11 @@ impl Pair {
 
     /// `duplex-bench` on one path (node `node`'s) from the host namespace: (code, out, err).
     pub fn bench_one(&self, node: usize, args: &[&str]) -> (i32, String, String) {
-        let host = if node == 1 {
-            addr::A_HOST
-        } else {
-            addr::B_HOST
-        };
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.net.h])
-            .arg(bin("duplex-bench"))
+        let out = self
+            .host_command(&bin("duplex-bench"))
             .args(["--nqn", SUBNQN, "--hostnqn", HOSTNQN])
             .arg("--target")
-            .arg(format!("{host}:{NVME_PORT}"))
+            .arg(self.at.nvme[node - 1].to_string())
             .args(args)
             .output()
             .expect("duplex-bench runs");

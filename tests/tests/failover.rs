@@ -204,7 +204,7 @@ fn row3_interconnect_down_both_alive_no_takeover() {
     let w = workload("23");
     let mut bench = p.multipath(&args(&w), &stop);
     p.wait_more_writes(1, 200);
-    p.net.pull(Cable::Interconnect);
+    p.net().pull(Cable::Interconnect);
     for i in 0..2 {
         p.node(i).log.wait_for(&["peer interconnect down"]);
     }
@@ -220,7 +220,7 @@ fn row3_interconnect_down_both_alive_no_takeover() {
     for _ in 0..3 {
         p.wait_more_writes(1, 200);
     }
-    p.net.plug(Cable::Interconnect);
+    p.net().plug(Cable::Interconnect);
     for i in 0..2 {
         wait_count(&mut p.node(i).log, &["peer alive"], 2);
     }
@@ -252,7 +252,7 @@ fn row4_interconnect_down_then_owner_killed() {
     let w = workload("24");
     let mut bench = p.multipath(&args(&w), &stop);
     p.wait_more_writes(1, 200);
-    p.net.pull(Cable::Interconnect);
+    p.net().pull(Cable::Interconnect);
     p.node(1).log.wait_for(&["peer interconnect down"]);
     p.wait_more_writes(1, 200);
     p.node(0).kill_all();
@@ -302,7 +302,7 @@ fn row8_a_frozen_owner_resumed_serves_no_stale_data() {
     p.node(0).log.wait_for(&["FENCED"]);
     // Every block through its path: a path status, no data.
     let blocks = 4096u32;
-    let (path_errors, with_data, other) = in_netns(&p.net.h, || {
+    let (path_errors, with_data, other) = in_netns(&p.net().h, || {
         let target: std::net::SocketAddr = format!("{}:{NVME_PORT}", addr::A_HOST)
             .parse()
             .expect("address");
@@ -505,7 +505,7 @@ fn row2_owner_host_link_down_pools_move_to_the_peer() {
     let w = workload("22");
     let mut bench = p.multipath(&args(&w), &stop);
     p.wait_more_writes(1, 200);
-    p.net.pull(Cable::HostA);
+    p.net().pull(Cable::HostA);
     p.node(0).log.wait_for(&["HOST LINK DOWN"]);
     p.node(0).log.wait_for(&["pool moved to the peer", "tank"]);
     p.node(1)
@@ -515,7 +515,7 @@ fn row2_owner_host_link_down_pools_move_to_the_peer() {
     let r = finish_multipath(&mut bench, &stop);
     assert!(r["path_switches"].as_u64() >= Some(1), "{r}");
     report("2", &r);
-    p.net.plug(Cable::HostA);
+    p.net().plug(Cable::HostA);
     p.node(0).log.wait_for(&["host link up again"]);
     for n in 0..2 {
         p.node(n).log.pump();

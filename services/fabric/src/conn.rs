@@ -259,18 +259,29 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
     let shutdown = target.shutdown.notified();
     tokio::pin!(shutdown);
     let term: Option<Vec<u8>> = loop {
+        // The queue ends when its controller is torn down, or, before it is connected, at
+        // the handshake deadline (returns true then). A Connect is carried out by a task of its
+        // own, so the controller may appear while this waits for the next PDU (an idle I/O
+        // queue may send none for a long time): it is looked for until the deadline.
         let torn = async {
             match teardown.as_mut() {
                 Some(w) => {
                     let _ = w.wait_for(|t| *t != Teardown::Alive).await;
+                    false
                 }
-                None => {
-                    if matches!(*queue.role.borrow(), Role::Unconnected) {
-                        tokio::time::sleep_until(connect_deadline).await;
-                    } else {
-                        std::future::pending::<()>().await;
+                None => loop {
+                    if let Some(c) = queue.controller() {
+                        let mut w = c.watch();
+                        let _ = w.wait_for(|t| *t != Teardown::Alive).await;
+                        break false;
                     }
-                }
+                    let now = tokio::time::Instant::now();
+                    if now >= connect_deadline {
+                        break true;
+                    }
+                    let step = (connect_deadline - now).min(std::time::Duration::from_millis(50));
+                    tokio::time::sleep(step).await;
+                },
             }
         };
         let next = async {
@@ -280,8 +291,8 @@ async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer)
         };
         let pdu = tokio::select! {
             r = next => r,
-            _ = torn => {
-                if teardown.is_none() {
+            expired = torn => {
+                if expired {
                     queue.shared.warn(queue.peer, "no Connect within the handshake timeout: closing");
                 }
                 break None;
