@@ -23,6 +23,7 @@
 //! | 640 | metadata | this node's configuration generation (+1 whenever its metadata service changed a pool on the drives) |
 //! | 648 | cluster | the peer's configuration generation, as its last beat said |
 //! | 656 | duplexd | 1 while the host link (the fabric listener's interface) has been down for the dead time |
+//! | 664 | cluster | 1 while the peer is alive on the interconnect |
 //!
 //! The datapath answers a fence request once, in order; the cluster service waits for the
 //! answer whose sequence number is its request's. Values read from the region are validated by
@@ -57,6 +58,7 @@ const TAKEOVER_KEY: usize = 584;
 const CONFIG_GEN: usize = 640;
 const PEER_CONFIG_GEN: usize = 648;
 const HOST_LINK_DOWN: usize = 656;
+const PEER_LINKED: usize = 664;
 
 /// The result of fencing the peer on this node's drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -324,6 +326,18 @@ impl ClusterRegion {
     pub fn set_host_link_down(&self, down: bool) {
         self.word(HOST_LINK_DOWN)
             .store(u64::from(down), Ordering::Release);
+    }
+
+    /// The cluster service records whether the peer is alive on the interconnect.
+    pub fn set_peer_linked(&self, alive: bool) {
+        self.word(PEER_LINKED)
+            .store(u64::from(alive), Ordering::Release);
+    }
+
+    /// Whether the peer is alive on the interconnect (a planned move needs it: the peer
+    /// learns of the move by it).
+    pub fn peer_linked(&self) -> bool {
+        self.word(PEER_LINKED).load(Ordering::Acquire) != 0
     }
 
     /// Whether the host link is down (for the dead time).

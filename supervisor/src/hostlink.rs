@@ -10,15 +10,23 @@ use std::time::{Duration, Instant};
 
 use duplex_ipc::cluster::ClusterRegion;
 use nix::ifaddrs::getifaddrs;
-use nix::net::if_::InterfaceFlags;
 
 /// How often the interfaces are looked at.
 const EVERY: Duration = Duration::from_millis(100);
 
-/// Whether an interface holding `addr` is up with its carrier (`None`: no interface holds it).
+/// Whether the interface holding `addr` is up (`None`: no interface holds it, or it cannot
+/// be read). The interface is found by its address; it is up when sysfs (the namespace's own
+/// under `ip netns exec`) says it is administratively up and has its carrier.
 pub fn link_up(addr: IpAddr) -> Option<bool> {
-    let mut found = None;
-    for ifa in getifaddrs().ok()? {
+    let all = match getifaddrs() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(error = %e, "getifaddrs failed");
+            return None;
+        }
+    };
+    let mut name = None;
+    for ifa in all {
         let Some(a) = ifa.address else { continue };
         let ip = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
             (Some(v4), _) => IpAddr::V4(v4.ip()),
@@ -26,12 +34,27 @@ pub fn link_up(addr: IpAddr) -> Option<bool> {
             _ => continue,
         };
         if ip == addr {
-            let up = ifa.flags.contains(InterfaceFlags::IFF_UP)
-                && ifa.flags.contains(InterfaceFlags::IFF_RUNNING);
-            found = Some(found.unwrap_or(false) || up);
+            name = Some(ifa.interface_name);
+            break;
         }
     }
-    found
+    let name = name?;
+    if name.contains('/') || name.starts_with('.') {
+        return None;
+    }
+    // Administratively up (IFF_UP, bit 0 of `flags`) with its carrier. Not `operstate`: the
+    // kernel derives it from the lower device found by index in the interface's own
+    // namespace, which for a veth whose peer lives in another namespace can be an unrelated
+    // interface (seen: the host veth reported down while the interconnect veth was down).
+    let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).ok()?;
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()?;
+    if flags & 1 == 0 {
+        return Some(false);
+    }
+    // Reading `carrier` of an interface that is down fails (EINVAL): down.
+    let carrier = std::fs::read_to_string(format!("/sys/class/net/{name}/carrier"))
+        .map_or(false, |c| c.trim() == "1");
+    Some(carrier)
 }
 
 /// Watches the interface of `addr` for the life of the process, writing to `region`.
@@ -43,7 +66,12 @@ pub fn spawn(addr: IpAddr, dead: Duration, region: ClusterRegion) -> std::io::Re
             let mut down_since: Option<Instant> = None;
             let mut reported_down = false;
             loop {
-                let up = link_up(addr).unwrap_or(false);
+                // An address not found (or a failed lookup) says nothing: only an interface
+                // seen without its carrier or administratively down counts as down.
+                let Some(up) = link_up(addr) else {
+                    std::thread::sleep(EVERY);
+                    continue;
+                };
                 if up {
                     down_since = None;
                     if reported_down {

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | host–a | `h:toa` – `a:host` | 10.0.1.1 – 10.0.1.2 |
 //! | host–b | `h:tob` – `b:host` | 10.0.2.1 – 10.0.2.2 |
-//! | interconnect | `a:peer` – `b:peer` | 10.0.3.1 – 10.0.3.2 |
+//! | interconnect | `a:ic` – `b:ic` | 10.0.3.1 – 10.0.3.2 |
 //!
 //! A cable is pulled with `ip link set down` on both ends ([`Net::pull`]) and plugged back
 //! ([`Net::plug`]). Dropping the [`Net`] deletes the namespaces (and with them the cables);
@@ -93,7 +93,7 @@ impl Net {
         };
         cable(&net.h, "toa", "10.0.1.1", &net.a, "host", addr::A_HOST);
         cable(&net.h, "tob", "10.0.2.1", &net.b, "host", addr::B_HOST);
-        cable(&net.a, "peer", addr::A_PEER, &net.b, "peer", addr::B_PEER);
+        cable(&net.a, "ic", addr::A_PEER, &net.b, "ic", addr::B_PEER);
         net
     }
 
@@ -101,7 +101,7 @@ impl Net {
         match c {
             Cable::HostA => [(&self.h, "toa"), (&self.a, "host")],
             Cable::HostB => [(&self.h, "tob"), (&self.b, "host")],
-            Cable::Interconnect => [(&self.a, "peer"), (&self.b, "peer")],
+            Cable::Interconnect => [(&self.a, "ic"), (&self.b, "ic")],
         }
     }
 

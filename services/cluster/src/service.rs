@@ -500,6 +500,9 @@ async fn serve(
         node.disk_tick();
         let t = node.membership.borrow_mut().tick(node.now());
         node.report(t);
+        if let Some(r) = &node.region {
+            r.set_peer_linked(node.membership.borrow().state() == PeerState::Alive);
+        }
         // The status report: at once after a change, else twice a second.
         if node.changed.replace(false) || reported.elapsed() >= Duration::from_millis(500) {
             if let Err(e) = started.report(&node.status()) {

@@ -413,7 +413,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         self.changes
     }
 
-    /// Whether the peer's disk heartbeat is seen now.
+    /// Whether the peer is alive on the interconnect and its disk heartbeat seen now.
     pub fn set_peer_visible(&mut self, visible: bool) {
         self.peer_visible = visible;
     }
@@ -463,7 +463,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         if !self.peer_visible {
             return err(
                 ConfigErrorKind::Refused,
-                format!("node {node}'s disk heartbeat is not seen on the drives: it could not take pool {name}; not moved"),
+                format!("node {node} is not alive on the interconnect with its disk heartbeat seen on the drives: it could not take pool {name}; not moved"),
             );
         }
         let started = std::time::Instant::now();

@@ -330,9 +330,10 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
             // The peer is visible on the drives when its slot was read in the last rounds.
             if let Some(spec) = &topology.cluster {
                 let rounds = r.rounds();
-                let visible = r
-                    .slot(spec.peer_slot())
-                    .is_some_and(|v| v.drives > 0 && v.round + 2 >= rounds);
+                // A move also needs the interconnect: the peer learns of it by the next beat.
+                let visible = r.peer_linked()
+                    && r.slot(spec.peer_slot())
+                        .is_some_and(|v| v.drives > 0 && v.round + 2 >= rounds);
                 cluster.set_peer_visible(visible);
             }
             // The peer changed its pools on the drives: read them again.
