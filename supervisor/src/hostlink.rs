@@ -53,7 +53,7 @@ pub fn link_up(addr: IpAddr) -> Option<bool> {
     }
     // Reading `carrier` of an interface that is down fails (EINVAL): down.
     let carrier = std::fs::read_to_string(format!("/sys/class/net/{name}/carrier"))
-        .map_or(false, |c| c.trim() == "1");
+        .is_ok_and(|c| c.trim() == "1");
     Some(carrier)
 }
 
