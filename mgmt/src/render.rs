@@ -325,7 +325,7 @@ pub fn pools_table(pools: &[PoolInfo]) -> String {
                 human_bytes(u64::from(p.chunk_bytes)),
                 p.members.len().to_string(),
                 p.state.name().into(),
-                format!("node {}", p.owner_node),
+                format!("node {}", u64::from(p.owner_node) + 1),
             ]
         })
         .collect();
@@ -357,7 +357,7 @@ pub fn pool_text(p: &PoolInfo) -> String {
         human_bytes(p.capacity_bytes),
         human_bytes(used),
         human_bytes(p.free_bytes),
-        p.owner_node,
+        u64::from(p.owner_node) + 1,
         p.epoch,
         p.generation,
     ));
@@ -647,8 +647,8 @@ mod tests {
             lines(&table),
             [
                 "NAME     RAID   SIZE  ALLOC  FREE  CAP  CHUNK  MEMBERS  STATE     OWNER",
-                "tank     raid1  1G    256M   768M  25%  64K    2        degraded  node 0",
-                "scratch  raid1  0B    0B     0B    -    64K    1        offline   node 0",
+                "tank     raid1  1G    256M   768M  25%  64K    2        degraded  node 1",
+                "scratch  raid1  0B    0B     0B    -    64K    1        offline   node 1",
             ]
         );
     }
@@ -665,7 +665,7 @@ mod tests {
                 "status: a member is failed, missing or rebuilding: the pool serves with less redundancy than configured",
                 "  raid: raid1, chunk 64K",
                 "  size: 1G (256M allocated, 768M free, 25% used)",
-                " owner: node 0 (epoch 3, generation 42)",
+                " owner: node 1 (epoch 3, generation 42)",
                 "",
                 "  SLOT  DRIVE  STATE   DRIVE-UUID",
                 "  0     d0     active  6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e00",
