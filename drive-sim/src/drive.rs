@@ -227,6 +227,16 @@ pub enum Fault {
     /// outstanding when the hang started are lost with the reset, as on a real drive. What a
     /// driver's timeout → Abort → reset escalation is for.
     Hang,
+    /// A Write whose range intersects `first_lba..=last_lba` completes successfully and is
+    /// counted as executed, but changes nothing: the data never reaches the medium (a drive
+    /// that lies). Until cleared. What makes a node's disk heartbeat stop for its peer while
+    /// the node believes it goes on: the lost heartbeat of issue 15's row 6.
+    LostWrite {
+        /// First LBA of the range.
+        first_lba: u64,
+        /// Last LBA of the range (inclusive).
+        last_lba: u64,
+    },
     /// Reads and Compares see blocks in `first_lba..=last_lba` with bit `bit` of each block
     /// (bit `bit % 8` of byte `bit / 8`, taken modulo the block size in bits) inverted; the
     /// medium is unchanged.
@@ -327,6 +337,22 @@ pub struct PortWrites {
     /// The drive-wide sequence number of the last of them (0: none yet).
     pub last_seq: u64,
 }
+
+/// A Reservation Acquire that removed registrations (Preempt, Preempt and Abort): who did it,
+/// whose registrations went, and the drive-wide write sequence then. No write of a preempted
+/// controller may carry a later sequence number (until it registers again).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PreemptRecord {
+    /// The controller that issued the Acquire.
+    pub by_cntlid: u16,
+    /// The controllers whose registrations it removed.
+    pub victims: Vec<u16>,
+    /// The drive's `write_seq` when it completed.
+    pub write_seq: u64,
+}
+
+/// How many [`PreemptRecord`]s a drive keeps (the newest).
+pub const PREEMPT_RECORDS: usize = 64;
 
 /// The volatile write cache: block contents by LBA, destaged oldest first when full.
 #[derive(Debug, Default)]
@@ -438,6 +464,8 @@ pub(crate) struct DriveState {
     pub write_seq: u64,
     /// Writes per port's controller, by controller id.
     pub port_writes: BTreeMap<u16, PortWrites>,
+    /// The newest preempts (at most [`PREEMPT_RECORDS`]), oldest first.
+    pub preempts: std::collections::VecDeque<PreemptRecord>,
     next_seq: u64,
     powered_since: Instant,
     /// Controllers to wake once the lock is released.
@@ -455,6 +483,25 @@ impl DriveState {
         });
         w.writes += 1;
         w.last_seq = seq;
+    }
+
+    /// Records that controller `by` removed the registrations of `victims`.
+    pub(crate) fn record_preempt(&mut self, by: u16, victims: Vec<u16>) {
+        if self.preempts.len() == PREEMPT_RECORDS {
+            self.preempts.pop_front();
+        }
+        self.preempts.push_back(PreemptRecord {
+            by_cntlid: by,
+            victims,
+            write_seq: self.write_seq,
+        });
+    }
+
+    /// Whether a lost-write fault covers any block of `first..=last`.
+    pub(crate) fn lost_write(&self, first: u64, last: u64) -> bool {
+        self.faults.values().any(|f| {
+            matches!(f, Fault::LostWrite { first_lba, last_lba } if *first_lba <= last && first <= *last_lba)
+        })
     }
 
     /// The shared record of controller `cntlid` (created if missing).
@@ -905,6 +952,7 @@ impl Drive {
             stats: Stats::default(),
             write_seq: 0,
             port_writes: BTreeMap::new(),
+            preempts: std::collections::VecDeque::new(),
             next_seq: 0,
             powered_since: Instant::now(),
             wake: Vec::new(),
@@ -1059,6 +1107,11 @@ impl Drive {
     pub fn port_writes(&self) -> (u64, Vec<PortWrites>) {
         let st = self.lock();
         (st.write_seq, st.port_writes.values().copied().collect())
+    }
+
+    /// The newest preempts, oldest first ([`PreemptRecord`]).
+    pub fn preempts(&self) -> Vec<PreemptRecord> {
+        self.lock().preempts.iter().cloned().collect()
     }
 
     /// Writes the cache to the file, as a Flush would (ignoring a lying-flush fault).

@@ -76,7 +76,8 @@ pub mod prp;
 pub use ctrl::{Controller, Progress, RegError, BAR0_SIZE};
 pub use dma::{Dma, DmaFault, VecDma};
 pub use drive::{
-    Drive, DriveConfig, DriveError, Fault, FaultOp, PortWrites, PowerCutReport, Waker,
+    Drive, DriveConfig, DriveError, Fault, FaultOp, PortWrites, PowerCutReport, PreemptRecord,
+    Waker,
 };
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it (the state is plain

@@ -500,3 +500,26 @@ fn writes_are_counted_per_port_in_one_sequence() {
     assert_eq!(b.read(1, 0, 1, BS).0.status(), Status::SUCCESS);
     assert_eq!(d.port_writes().1[1].writes, 1);
 }
+
+/// A lost write is acknowledged and counted, and stores nothing; writes outside its range and
+/// writes after it is cleared land.
+#[test]
+fn lost_writes_are_acknowledged_and_store_nothing() {
+    let d = drive(small_cfg());
+    let mut h = Host::ready(&d, 1, 1, 32);
+    let old = blocks(1, 2);
+    assert_eq!(h.write(1, 10, &old, BS, true).status(), Status::SUCCESS);
+    let id = d.inject(Fault::LostWrite {
+        first_lba: 11,
+        last_lba: 11,
+    });
+    let new = blocks(2, 2);
+    assert_eq!(h.write(1, 10, &new, BS, true).status(), Status::SUCCESS);
+    assert_eq!(d.port_writes().0, 2, "counted as executed");
+    assert_eq!(h.read(1, 10, 2, BS).1, old, "nothing stored");
+    assert_eq!(h.write(1, 12, &new, BS, true).status(), Status::SUCCESS);
+    assert_eq!(h.read(1, 12, 2, BS).1, new, "outside the range");
+    assert!(d.clear_fault(id));
+    assert_eq!(h.write(1, 10, &new, BS, true).status(), Status::SUCCESS);
+    assert_eq!(h.read(1, 10, 2, BS).1, new);
+}

@@ -125,12 +125,27 @@ fn reservation_matrix_across_two_ports() {
     // B preempts A: B holds Write Exclusive, A is no longer registered.
     let b_aer = aer(&mut b);
     let a_aer = aer(&mut a);
+    let seq = d.port_writes().0;
+    assert!(
+        d.preempts().is_empty(),
+        "a preempt of itself removes no one"
+    );
     let c = b.acquire(1, AcquireAction::Preempt, ResvType::WriteExclusive, KB, KA);
     assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(
+        d.preempts(),
+        vec![duplex_drive_sim::PreemptRecord {
+            by_cntlid: 2,
+            victims: vec![1],
+            write_seq: seq,
+        }],
+        "the preempt is recorded with the write sequence then"
+    );
     assert_eq!(
         a.write(1, 0, &data, BS, false).status(),
         generic::RESERVATION_CONFLICT
     );
+    assert_eq!(d.port_writes().0, seq, "a refused write is not counted");
     assert_eq!(a.read(1, 0, 1, BS).0.status(), Status::SUCCESS);
     // A was told: an AER (I/O command specific, reservation log) and the log page.
     a.process();

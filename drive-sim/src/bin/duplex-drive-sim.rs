@@ -169,6 +169,11 @@ enum FaultArg {
     LyingFlush,
     /// The firmware hangs (no command completes) until a controller reset.
     Hang,
+    /// Writes to the range succeed but store nothing (until cleared).
+    LostWrite {
+        #[arg(long, value_parser = parse_range)]
+        lba: (u64, u64),
+    },
     /// Reads of the range return one bit flipped per block.
     BitFlip {
         #[arg(long, value_parser = parse_range)]
@@ -358,6 +363,10 @@ fn ctl(control: &std::path::Path, cmd: Ctl) -> Result<()> {
                     first_lba: lba.0,
                     last_lba: lba.1,
                     keep_bytes,
+                },
+                FaultArg::LostWrite { lba } => Fault::LostWrite {
+                    first_lba: lba.0,
+                    last_lba: lba.1,
                 },
                 FaultArg::LyingFlush => Fault::LyingFlush,
                 FaultArg::Hang => Fault::Hang,

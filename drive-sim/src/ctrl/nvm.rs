@@ -188,6 +188,11 @@ impl Controller {
             torn(st, slba, &data, keep);
             return Ok(0);
         }
+        if st.lost_write(slba, last) {
+            // Acknowledged, counted, never stored.
+            st.record_write(self.cntlid);
+            return Ok(0);
+        }
         let through = sqe.fua() && !st.lying_flush();
         st.write_blocks(slba, &data, through).map_err(internal)?;
         st.record_write(self.cntlid);
@@ -285,7 +290,12 @@ impl Controller {
             resv::opc::ACQUIRE => {
                 let data = self.resv_data(dma, sqe, 16)?;
                 let cmd = Acquire::decode(sqe.cdw10, &data)?;
-                st.resv.acquire(host, &cmd)?
+                let out = st.resv.acquire(host, &cmd)?;
+                if !out.unregistered.is_empty() {
+                    let victims = out.unregistered.iter().map(|h| h.cntlid).collect();
+                    st.record_preempt(self.cntlid, victims);
+                }
+                out
             }
             _ => {
                 let data = self.resv_data(dma, sqe, 8)?;
