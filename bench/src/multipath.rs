@@ -140,6 +140,9 @@ struct PathView {
     state: u8,
     /// Bumped on every ANA log read (and reconnect).
     generation: u64,
+    /// Bumped on every admin connect: a new session may be a new controller instance, with
+    /// which the I/O queues opened before have nothing to do.
+    session: u64,
     /// Namespace geometry (from this controller).
     blocks: u64,
     block_size: usize,
@@ -275,6 +278,7 @@ fn admin_session(spec: &Spec, path: usize, shared: &Shared) -> anyhow::Result<()
             cntlid: Some(cntlid),
             state,
             generation: v[path].generation + 1,
+            session: v[path].session + 1,
             blocks: nsze,
             block_size,
             in_capsule,
@@ -319,6 +323,8 @@ struct Cmd {
 
 struct IoPath {
     queue: Option<Queue>,
+    /// The admin session the queue was opened in.
+    session: u64,
     /// The admin generation when this path last failed a command (not used until it moves).
     failed_at: Option<u64>,
     inflight: HashMap<u16, Cmd>,
@@ -379,6 +385,7 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
     let mut paths: Vec<IoPath> = (0..spec.paths.len())
         .map(|_| IoPath {
             queue: None,
+            session: 0,
             failed_at: None,
             inflight: HashMap::new(),
         })
@@ -468,9 +475,21 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                 tracing_line(&format!("using path {p}"));
                 current = Some(p);
             }
+            if paths[p].queue.is_some()
+                && paths[p].session != views[p].session
+                && paths[p].inflight.is_empty()
+            {
+                // Opened for an earlier session (the controller may have restarted since):
+                // a fresh one, for the controller the admin queue now knows.
+                tracing_line(&format!("path {p}: I/O queue of an earlier session closed"));
+                paths[p].queue = None;
+            }
             if paths[p].queue.is_none() {
                 match open_io(spec, p, &views[p]) {
-                    Ok(q) => paths[p].queue = Some(q),
+                    Ok(q) => {
+                        paths[p].queue = Some(q);
+                        paths[p].session = views[p].session;
+                    }
                     Err(e) => {
                         tracing_line(&format!("path {p}: I/O queue: {e:#}"));
                         paths[p].failed_at = Some(views[p].generation);
@@ -695,11 +714,15 @@ fn close_event(event: &mut Option<(Instant, Option<Duration>, Duration)>, r: &mu
     }
 }
 
-/// A path's connection failed under commands: every one goes to the retry queue.
+/// A path's connection failed under commands: every one goes to the retry queue. The path is
+/// not used again until its admin queue has news, unless the queue that failed was of an
+/// earlier admin session (a controller since restarted): then a new queue is tried at once.
 fn fail_path(p: &mut IoPath, retry: &mut VecDeque<Cmd>, view: &PathView, r: &mut Report) {
     r.transport_failures += 1;
     p.queue = None;
-    p.failed_at = Some(view.generation);
+    if p.session == view.session {
+        p.failed_at = Some(view.generation);
+    }
     let mut cmds: Vec<Cmd> = p
         .inflight
         .drain()

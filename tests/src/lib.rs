@@ -310,14 +310,24 @@ impl Node {
     /// SIGKILLs duplexd and every service it runs (the whole node, as a power loss of the
     /// controller would stop it), and waits until every one of them is gone.
     pub fn kill_all(&mut self) {
-        let pids: Vec<i32> = self
+        let me = self.pid() as i32;
+        let mut pids: Vec<i32> = self
             .services()
             .iter()
             .filter_map(|s| s["pid"].as_i64())
             .filter(|&p| p > 0)
             .map(|p| p as i32)
-            .chain(std::iter::once(self.pid() as i32))
             .collect();
+        // duplexd stopped before any service dies, so that it cannot restart one (with the
+        // listeners' sockets) behind our back; every child it has then goes too.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(me),
+            nix::sys::signal::Signal::SIGSTOP,
+        );
+        pids.extend(children_of(me));
+        pids.sort_unstable();
+        pids.dedup();
+        pids.push(me);
         for &p in &pids {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(p),
@@ -327,9 +337,7 @@ impl Node {
         let _ = self.duplexd.0.wait();
         let deadline = Instant::now() + PATIENCE;
         // A killed child of duplexd is reaped by init once duplexd is gone; wait for that.
-        while pids.iter().any(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
-        }) {
+        while pids.iter().any(|&p| alive(p)) {
             assert!(
                 Instant::now() < deadline,
                 "killed processes linger: {pids:?}"
@@ -459,4 +467,36 @@ pub fn median_p99(values: &mut [u64]) -> (u64, u64) {
     }
     let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.99))
+}
+
+/// The processes whose parent is `pid` (from /proc).
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                // pid (comm) state ppid ...: the comm may hold spaces and parentheses.
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// Whether process `pid` still runs a thread: a process whose leader is already a zombie may
+/// still have threads exiting, holding its files (its listeners' sockets among them).
+fn alive(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
+    })
 }

@@ -6,7 +6,9 @@
 //! the host-visible pause (the largest latency of an I/O from its first try).
 //!
 //! Needs root (namespaces). Long counts: `DUPLEX_FAILOVER_KILLS` (row 1, default 4 here; the
-//! full run is 50: see docs/HA.md) and `DUPLEX_FAILOVER_CRASHES` (row 9, default 10; 50 full).
+//! full run is 50: see docs/HA.md), `DUPLEX_FAILOVER_RACES` (row 6, default 20, the full count)
+//! and `DUPLEX_FAILOVER_CRASHES` (row 9, default 10; 50 full). `DUPLEX_TEST_DUMP=DIR` keeps
+//! row 6's node logs (every launch) in DIR.
 
 use duplex_datapath::fence::FenceKey;
 use duplex_tests::netns::{addr, in_netns, Cable};
@@ -520,5 +522,166 @@ fn row2_owner_host_link_down_pools_move_to_the_peer() {
     for n in 0..2 {
         p.node(n).log.pump();
         assert!(p.node(n).log.matching(&["TAKEOVER"]).is_empty());
+    }
+}
+
+/// Row 6: both nodes believe the other dead. The interconnect is cut, then every heartbeat
+/// write is lost on both drives (`lost-write` on the heartbeat area: each node's own rounds
+/// go on, the peer's slot stops changing — a disk heartbeat delayed past the dead time), so
+/// each node judges its peer dead and fences it; they race on the drives in name order. In
+/// each race: exactly one node wins (fenced its peer off every drive), the other is fenced
+/// (`FENCED`, its status `fenced`); on every drive one preempt, by the winner's port, of the
+/// loser's; no write through the loser's port after that preempt (the drive's write
+/// sequence); the host's verifying workload goes on through the winner with 0 errors. The
+/// loser then comes back with a new boot and key, and the next race starts.
+/// `DUPLEX_FAILOVER_RACES` races (default 20).
+#[test]
+fn row6_both_believe_the_other_dead_exactly_one_wins_the_race() {
+    use duplex_ondisk::heartbeat::HEARTBEAT_SIZE;
+    use duplex_ondisk::layout::{HEARTBEAT_OFFSET, HEARTBEAT_SLOTS};
+    let races = count("DUPLEX_FAILOVER_RACES", 20);
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    let stop = p.dir.path().join("stop");
+    let w = workload("26");
+    let mut bench = p.multipath(&args(&w), &stop);
+    // The simulated drives' 4 KiB blocks of the heartbeat area.
+    let first = HEARTBEAT_OFFSET / 4096;
+    let last = first + (HEARTBEAT_SLOTS as u64 * HEARTBEAT_SIZE as u64) / 4096 - 1;
+    let lba = format!("{first}-{last}");
+    let mut owner = 0usize;
+    let mut wins = [0usize; 2];
+    let mut both_judged = 0usize;
+    for race in 0..races {
+        p.wait_more_writes(owner as u64 + 1, 100);
+        let preempts_before: Vec<usize> = (0..2)
+            .map(|d| p.sim_status(d)["preempts"].as_array().map_or(0, Vec::len))
+            .collect();
+        p.net().pull(Cable::Interconnect);
+        for i in 0..2 {
+            p.wait_status(i, |v| v["peer"]["state"] == "interconnect-down");
+        }
+        for d in 0..2 {
+            p.sim_ctl(d, &["inject", "lost-write", "--lba", &lba]);
+        }
+        // One wins, one is fenced.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let (winner, loser) = loop {
+            let s: Vec<serde_json::Value> = (0..2).map(|i| p.wait_status(i, |_| true)).collect();
+            let won = |v: &serde_json::Value| {
+                v["takeover"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("taken over"))
+            };
+            let fenced = |v: &serde_json::Value| v["disk"]["fenced"] == true;
+            assert!(
+                !(won(&s[0]) && won(&s[1])),
+                "race {race}: both nodes won: {s:?}"
+            );
+            assert!(
+                !(fenced(&s[0]) && fenced(&s[1])),
+                "race {race}: both nodes fenced: {s:?}"
+            );
+            if won(&s[0]) && fenced(&s[1]) {
+                break (0, 1);
+            }
+            if won(&s[1]) && fenced(&s[0]) {
+                break (1, 0);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "race {race}: no winner: {s:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        wins[winner] += 1;
+        p.node(loser).log.wait_for(&["FENCED"]);
+        for i in 0..2 {
+            p.node(i).log.pump();
+        }
+        if !p
+            .node(loser)
+            .log
+            .matching(&["peer dead: fencing it off"])
+            .is_empty()
+        {
+            both_judged += 1;
+        }
+        if winner != owner {
+            p.node(winner).log.wait_for(&["pool taken over", "tank"]);
+        }
+        // The host goes on through the winner.
+        p.wait_more_writes(winner as u64 + 1, 100);
+        // The drives' record: one preempt each, the winner's of the loser, and nothing the
+        // loser wrote after it.
+        for d in 0..2 {
+            let st = p.sim_status(d);
+            let preempts = st["preempts"].as_array().cloned().unwrap_or_default();
+            let new = &preempts[preempts_before[d].min(preempts.len())..];
+            assert_eq!(new.len(), 1, "race {race}, drive {d}: {new:?}");
+            let pre = &new[0];
+            assert_eq!(pre["by_cntlid"], winner as u64 + 1, "race {race}: {pre}");
+            assert_eq!(
+                pre["victims"],
+                serde_json::json!([loser as u64 + 1]),
+                "race {race}: {pre}"
+            );
+            let loser_last = st["port_writes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|w| w["cntlid"] == loser as u64 + 1)
+                .and_then(|w| w["last_seq"].as_u64())
+                .unwrap_or(0);
+            assert!(
+                loser_last <= pre["write_seq"].as_u64().unwrap_or(0),
+                "race {race}, drive {d}: node {}'s write (sequence {loser_last}) reached the drive after the preempt ({pre})",
+                loser + 1
+            );
+            let keys = p.drive_keys(d);
+            assert!(
+                keys.len() == 1 && FenceKey(keys[0]).node() == winner as u16 + 1,
+                "race {race}, drive {d}: {keys:x?}"
+            );
+        }
+        // Heal, and the loser comes back with a new boot and key.
+        for d in 0..2 {
+            p.sim_ctl(d, &["clear"]);
+        }
+        p.net().plug(Cable::Interconnect);
+        p.node(loser).kill_all();
+        dump(&mut p, loser);
+        p.node(loser).relaunch();
+        p.node(loser)
+            .log
+            .wait_for(&["pool owned by the peer: exported inaccessible here", "tank"]);
+        p.wait_status(loser, |v| {
+            v["peer"]["state"] == "alive" && v["disk"]["peer_counter"].as_u64().unwrap_or(0) > 0
+        });
+        p.wait_status(winner, |v| {
+            v["peer"]["state"] == "alive" && v["takeover"] == "none"
+        });
+        owner = winner;
+    }
+    p.wait_more_writes(owner as u64 + 1, 100);
+    dump(&mut p, 0);
+    dump(&mut p, 1);
+    let r = finish_multipath(&mut bench, &stop);
+    report(&format!("6 ({races} races)"), &r);
+    eprintln!(
+        "row 6: {races} races: node 1 won {}, node 2 won {}; both nodes judged the other dead (and asked to fence) in {both_judged}",
+        wins[0], wins[1]
+    );
+}
+
+fn dump(p: &mut Pair, i: usize) {
+    use std::io::Write;
+    if let Ok(dir) = std::env::var("DUPLEX_TEST_DUMP") {
+        p.node(i).log.pump();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{dir}/node{}.log", i + 1))
+            .expect("dump");
+        let _ = f.write_all(p.node(i).log.tail(100000).as_bytes());
     }
 }

@@ -285,6 +285,18 @@ impl Node {
                         );
                         Takeover::Done { victim }
                     }
+                    Some(FenceOutcome::SelfFenced) => {
+                        tracing::error!(
+                            peer = self.spec.peer_id,
+                            victim = format!("{victim:#018x}"),
+                            "NO TAKEOVER: this node lost the fencing race (its own key is gone from a drive): it serves nothing more"
+                        );
+                        Takeover::Failed {
+                            victim,
+                            why: FenceOutcome::SelfFenced.name().into(),
+                            at: now,
+                        }
+                    }
                     other => {
                         let why = other.map_or("an unknown answer", FenceOutcome::name);
                         tracing::error!(
