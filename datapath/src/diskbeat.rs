@@ -22,14 +22,18 @@
 
 use std::time::{Duration, Instant};
 
-use duplex_ipc::cluster::{ClusterRegion, FenceOutcome, SlotView, SLOTS};
+use duplex_ipc::cluster::{ClusterRegion, DriveReservation, FenceOutcome, SlotView, SLOTS};
 use duplex_ipc::topology::ClusterSpec;
 use duplex_ondisk::heartbeat::{Heartbeat, HEARTBEAT_SIZE};
 use duplex_ondisk::layout::HEARTBEAT_OFFSET;
 use duplex_ondisk::Uuid;
 
 use crate::drives::Drive;
-use crate::fence::{is_fenced, mark_fenced, Fence, FenceError, FenceKey, Step};
+use crate::fence::{is_fenced, mark_fenced, Fence, FenceError, FenceKey, Reservations, Step};
+
+/// Every this many rounds (and after a fence) the drives' reservations are read for
+/// `duplexctl cluster status`: one Reservation Report per drive.
+const REPORT_EVERY: u64 = 20;
 
 /// A boot number as the 16-byte boot id of the heartbeat slot (little-endian, zero padded).
 pub fn boot_id(boot: u64) -> Uuid {
@@ -108,13 +112,19 @@ impl DiskBeat {
                 "disk heartbeat on the cluster's drives"
             );
         }
+        let mut report = false;
         if let Some((seq, victim)) = self.region.fence_request() {
             let (outcome, preempted) = self.fence(&mut drives, FenceKey(victim));
             self.region.answer_fence(seq, outcome, preempted);
+            report = true;
         }
         if now >= self.next {
             self.next = now + self.interval;
             self.round(&mut drives);
+            report |= self.counter % REPORT_EVERY == 1;
+        }
+        if report {
+            self.report(&mut drives);
         }
         if is_fenced() {
             self.region.set_fenced();
@@ -206,6 +216,43 @@ impl DiskBeat {
         } else {
             self.region.record_round(written, &seen);
         }
+    }
+
+    /// Reads every drive's reservation (Reservation Report) into the region.
+    fn report(&mut self, drives: &mut [&mut Drive]) {
+        let list: Vec<DriveReservation> = drives
+            .iter_mut()
+            .map(|d| {
+                let name = d.name().to_owned();
+                if d.is_dead() {
+                    return DriveReservation {
+                        name,
+                        error: "dead".into(),
+                        ..DriveReservation::default()
+                    };
+                }
+                match d.reservations().report() {
+                    Ok(k) => DriveReservation {
+                        name,
+                        rtype: k.rtype.map_or(0, |t| t.code()),
+                        keys: k.keys.iter().map(|(key, h)| (key.0, *h)).collect(),
+                        error: String::new(),
+                    },
+                    Err(e) => DriveReservation {
+                        name,
+                        error: match e {
+                            crate::fence::DriveError::Conflict => "reservation conflict".into(),
+                            crate::fence::DriveError::Unreachable(why) => {
+                                format!("unreachable: {why}")
+                            }
+                            crate::fence::DriveError::Failed(why) => why,
+                        },
+                        ..DriveReservation::default()
+                    },
+                }
+            })
+            .collect();
+        self.region.record_reservations(self.counter, &list);
     }
 
     /// Fences `victim` off every drive (in name order); the outcome and the drives on which

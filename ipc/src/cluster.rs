@@ -24,6 +24,10 @@
 //! | 648 | cluster | the peer's configuration generation, as its last beat said |
 //! | 656 | duplexd | 1 while the host link (the fabric listener's interface) has been down for the dead time |
 //! | 664 | cluster | 1 while the peer is alive on the interconnect |
+//! | 1024 | datapath | drive reservations: `seq` (odd while written) |
+//! | 1032 | datapath | drive reservations: how many drives (at most [`MAX_REPORTED_DRIVES`]) |
+//! | 1040 | datapath | drive reservations: the heartbeat round they were read in |
+//! | 1088 + 128 d | datapath | drive `d` (name order): name (32 bytes, NUL padded), reservation type (NVMe RTYPE; 0: none), key count (at most [`KEYS_PER_DRIVE`]), holder mask (bit `k`: key `k` holds), 0, keys |
 //!
 //! The datapath answers a fence request once, in order; the cluster service waits for the
 //! answer whose sequence number is its request's. Values read from the region are validated by
@@ -41,7 +45,7 @@ pub const CLUSTER_RESOURCE: &str = "cluster-state";
 const TAG: u64 = u64::from_le_bytes(*b"CLUSTER\x01");
 /// Node slots (the on-disk heartbeat slots).
 pub const SLOTS: usize = 4;
-const LEN: usize = 1024;
+const LEN: usize = 4096;
 
 const ROUNDS: usize = HEADER_SIZE;
 const WRITTEN: usize = HEADER_SIZE + 8;
@@ -59,6 +63,32 @@ const CONFIG_GEN: usize = 640;
 const PEER_CONFIG_GEN: usize = 648;
 const HOST_LINK_DOWN: usize = 656;
 const PEER_LINKED: usize = 664;
+const RESV_SEQ: usize = 1024;
+const RESV_COUNT: usize = 1032;
+const RESV_ROUND: usize = 1040;
+const RESV_BASE: usize = 1088;
+const RESV_ENTRY: usize = 128;
+/// Drives whose reservations the region reports (the first, in name order).
+pub const MAX_REPORTED_DRIVES: usize = 8;
+/// Keys reported per drive.
+pub const KEYS_PER_DRIVE: usize = 4;
+/// Bytes of a drive name the region keeps.
+const NAME_BYTES: usize = 32;
+
+/// One drive's reservation as the datapath last read it (Reservation Report).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriveReservation {
+    /// The drive's name (at most 32 bytes kept).
+    pub name: String,
+    /// The reservation type (NVMe RTYPE: 1 Write Exclusive ... 6 Exclusive Access – All
+    /// Registrants); 0: no reservation, or the report failed (`keys` empty then too).
+    pub rtype: u8,
+    /// The registered keys (at most [`KEYS_PER_DRIVE`]) and whether each holds the
+    /// reservation.
+    pub keys: Vec<(u64, bool)>,
+    /// Why the drive could not be read (empty: it was).
+    pub error: String,
+}
 
 /// The result of fencing the peer on this node's drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,6 +375,112 @@ impl ClusterRegion {
         self.word(HOST_LINK_DOWN).load(Ordering::Acquire) != 0
     }
 
+    /// The datapath records the drives' reservations (read in heartbeat round `round`).
+    pub fn record_reservations(&self, round: u64, drives: &[DriveReservation]) {
+        let seq = self.word(RESV_SEQ);
+        let odd = seq.load(Ordering::Relaxed) | 1;
+        seq.store(odd, Ordering::Release);
+        std::sync::atomic::fence(Ordering::Release);
+        let n = drives.len().min(MAX_REPORTED_DRIVES);
+        self.word(RESV_COUNT).store(n as u64, Ordering::Relaxed);
+        self.word(RESV_ROUND).store(round, Ordering::Relaxed);
+        for (d, r) in drives.iter().take(n).enumerate() {
+            let base = RESV_BASE + RESV_ENTRY * d;
+            let mut name = [0u8; NAME_BYTES];
+            // An unreadable drive is reported by name with no keys; its error is not kept
+            // (the datapath's log has it): a type of 0xFF says so.
+            let len = r.name.len().min(NAME_BYTES);
+            name[..len].copy_from_slice(&r.name.as_bytes()[..len]);
+            for (i, w) in name.chunks(8).enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                self.word(base + 8 * i)
+                    .store(u64::from_le_bytes(b), Ordering::Relaxed);
+            }
+            let rtype = if r.error.is_empty() { r.rtype } else { 0xFF };
+            let keys = r.keys.len().min(KEYS_PER_DRIVE);
+            let holders = r
+                .keys
+                .iter()
+                .take(keys)
+                .enumerate()
+                .fold(0u64, |m, (k, (_, h))| if *h { m | 1 << k } else { m });
+            self.word(base + 32)
+                .store(u64::from(rtype), Ordering::Relaxed);
+            self.word(base + 40).store(keys as u64, Ordering::Relaxed);
+            self.word(base + 48).store(holders, Ordering::Relaxed);
+            for (k, (key, _)) in r.keys.iter().take(keys).enumerate() {
+                self.word(base + 64 + 8 * k).store(*key, Ordering::Relaxed);
+            }
+        }
+        seq.store(odd + 1, Ordering::Release);
+    }
+
+    /// The drives' reservations as last recorded, and the round they were read in (`None`:
+    /// never recorded, or being written for longer than a few tries). Names are cut at 32
+    /// bytes and made printable; a drive that could not be read says so in `error`.
+    pub fn reservations(&self) -> Option<(u64, Vec<DriveReservation>)> {
+        for _ in 0..64 {
+            let before = self.word(RESV_SEQ).load(Ordering::Acquire);
+            if before & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let n =
+                (self.word(RESV_COUNT).load(Ordering::Relaxed) as usize).min(MAX_REPORTED_DRIVES);
+            let round = self.word(RESV_ROUND).load(Ordering::Relaxed);
+            let mut out = Vec::with_capacity(n);
+            for d in 0..n {
+                let base = RESV_BASE + RESV_ENTRY * d;
+                let mut name = Vec::with_capacity(NAME_BYTES);
+                for i in 0..NAME_BYTES / 8 {
+                    name.extend_from_slice(
+                        &self
+                            .word(base + 8 * i)
+                            .load(Ordering::Relaxed)
+                            .to_le_bytes(),
+                    );
+                }
+                let end = name.iter().position(|&b| b == 0).unwrap_or(NAME_BYTES);
+                let name: String = String::from_utf8_lossy(&name[..end])
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect();
+                let rtype = self.word(base + 32).load(Ordering::Relaxed);
+                let keys =
+                    (self.word(base + 40).load(Ordering::Relaxed) as usize).min(KEYS_PER_DRIVE);
+                let holders = self.word(base + 48).load(Ordering::Relaxed);
+                let keys = (0..keys)
+                    .map(|k| {
+                        (
+                            self.word(base + 64 + 8 * k).load(Ordering::Relaxed),
+                            holders & (1 << k) != 0,
+                        )
+                    })
+                    .collect();
+                out.push(if rtype == 0xFF {
+                    DriveReservation {
+                        name,
+                        error: "unreadable".into(),
+                        ..DriveReservation::default()
+                    }
+                } else {
+                    DriveReservation {
+                        name,
+                        rtype: u8::try_from(rtype).unwrap_or(0),
+                        keys,
+                        error: String::new(),
+                    }
+                });
+            }
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.word(RESV_SEQ).load(Ordering::Acquire) == before {
+                return (before != 0).then_some((round, out));
+            }
+        }
+        None
+    }
+
     /// The node slots whose pools this node has taken over (bit `s`), and the fenced key.
     pub fn claims(&self) -> (u64, u64) {
         (
@@ -415,6 +551,45 @@ mod tests {
         assert!(!other.fenced());
         dp.set_fenced();
         assert!(other.fenced());
+
+        assert_eq!(other.reservations(), None, "never recorded");
+        let long = "a-drive-name-longer-than-thirty-two-bytes";
+        let drives = vec![
+            DriveReservation {
+                name: "d0".into(),
+                rtype: 3,
+                keys: vec![
+                    (0x0001_0000_0000_0007, true),
+                    (0x0002_0000_0000_0009, false),
+                ],
+                error: String::new(),
+            },
+            DriveReservation {
+                name: long.into(),
+                rtype: 3,
+                keys: (1..=6).map(|k| (k, false)).collect(),
+                error: String::new(),
+            },
+            DriveReservation {
+                name: "d\n2".into(),
+                rtype: 0,
+                keys: vec![],
+                error: "pulled".into(),
+            },
+        ];
+        dp.record_reservations(5, &drives);
+        let (round, got) = other.reservations().expect("recorded");
+        assert_eq!(round, 5);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], drives[0]);
+        assert_eq!(got[1].name, &long[..32], "names cut at 32 bytes");
+        assert_eq!(got[1].keys.len(), KEYS_PER_DRIVE, "at most four keys");
+        assert_eq!(got[2].error, "unreadable");
+        assert_eq!(got[2].name, "d?2", "control characters do not pass");
+        assert!(got[2].keys.is_empty());
+        // Fewer drives the next time: only those.
+        dp.record_reservations(6, &drives[..1]);
+        assert_eq!(other.reservations().expect("recorded").1.len(), 1);
     }
 
     #[test]

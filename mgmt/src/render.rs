@@ -502,13 +502,42 @@ pub fn done_json(request: &ConfigRequest, done: &Done) -> DoneJson {
 /// `duplexctl cluster status`: the cluster service's report (its JSON, with the generation of
 /// the process that wrote it), as JSON or as lines for people. `Err` if the report is not the
 /// JSON object the service writes.
-pub fn cluster_status(generation: u64, report: &str, json: bool) -> Result<String, String> {
+///
+/// `pools` is what the metadata service lists (`Err`: why not): each pool's owner and epoch,
+/// added to the report as `pools` (`owner` is the node id).
+pub fn cluster_status(
+    generation: u64,
+    report: &str,
+    pools: Result<&[PoolInfo], String>,
+    json: bool,
+) -> Result<String, String> {
     let mut v: serde_json::Value = serde_json::from_str(report)
         .map_err(|e| format!("the cluster service's report is not JSON: {e}"))?;
     let Some(obj) = v.as_object_mut() else {
         return Err("the cluster service's report is not a JSON object".into());
     };
     obj.insert("generation".into(), generation.into());
+    let node = obj.get("node").and_then(serde_json::Value::as_u64);
+    obj.insert(
+        "pools".into(),
+        match &pools {
+            Ok(list) => serde_json::Value::Array(
+                list.iter()
+                    .map(|p| {
+                        let owner = u64::from(p.owner_node) + 1;
+                        serde_json::json!({
+                            "name": p.name,
+                            "owner": owner,
+                            "epoch": p.epoch,
+                            "state": p.state.name(),
+                            "here": if Some(owner) == node { "owner" } else { "standby" },
+                        })
+                    })
+                    .collect(),
+            ),
+            Err(why) => serde_json::json!({ "error": why }),
+        },
+    );
     if json {
         let mut text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
         text.push('\n');
@@ -524,7 +553,7 @@ pub fn cluster_status(generation: u64, report: &str, json: bool) -> Result<Strin
         Some(ms) => format!("{ms} ms ago"),
         None => "never".into(),
     };
-    Ok(format!(
+    let mut out = format!(
         "array {}: node {} boot {} (cluster service generation {generation})\n\
          peer: node {} boot {} at {}: {}\n\
          interconnect: last beat heard {}, link to the peer {}\n\
@@ -541,7 +570,62 @@ pub fn cluster_status(generation: u64, report: &str, json: bool) -> Result<Strin
         s(&v["link_out"]),
         s(&v["disk_heartbeat"]),
         s(&v["takeover"]),
-    ))
+    );
+    match v["drives"]["list"].as_array() {
+        Some(list) => {
+            for d in list {
+                let keys: Vec<String> = d["keys"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|k| {
+                        format!(
+                            "node {} boot {}{}",
+                            s(&k["node"]),
+                            s(&k["boot"]),
+                            if k["holder"] == true { " (holder)" } else { "" }
+                        )
+                    })
+                    .collect();
+                out.push_str(&match d["error"].as_str() {
+                    Some(e) => format!("drive {}: not read: {}\n", s(&d["name"]), printable(e)),
+                    None => format!(
+                        "drive {}: {}; keys: {}\n",
+                        s(&d["name"]),
+                        s(&d["reservation"]),
+                        if keys.is_empty() {
+                            "none".into()
+                        } else {
+                            keys.join(", ")
+                        }
+                    ),
+                });
+            }
+        }
+        None => out.push_str("drives: reservations not read yet\n"),
+    }
+    match &pools {
+        Ok([]) => out.push_str("pools: none\n"),
+        Ok(list) => {
+            for p in *list {
+                let owner = u64::from(p.owner_node) + 1;
+                out.push_str(&format!(
+                    "pool {}: owner node {} (epoch {}), {}{}\n",
+                    printable(&p.name),
+                    owner,
+                    p.epoch,
+                    p.state.name(),
+                    if Some(owner) == node {
+                        ", served here"
+                    } else {
+                        ", standby here"
+                    }
+                ));
+            }
+        }
+        Err(why) => out.push_str(&format!("pools: {}\n", printable(why))),
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -806,8 +890,14 @@ mod tests {
 
     #[test]
     fn cluster_status_reads_the_report_and_refuses_what_is_not_one() {
-        let report = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"node":2,"boot":5,"address":"127.0.0.1:7400","state":"alive","link_heard_ms_ago":40},"link_out":"up","disk_heartbeat":"not written yet"}"#;
-        let text = cluster_status(3, report, false).expect("text");
+        let report = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"node":2,"boot":5,"address":"127.0.0.1:7400","state":"alive","link_heard_ms_ago":40},"link_out":"up","disk_heartbeat":"not written yet","drives":{"round":41,"list":[{"name":"d0","reservation":"Exclusive Access - Registrants Only","error":null,"keys":[{"key":"0x0001000000000011","node":1,"boot":17,"holder":true},{"key":"0x0002000000000005","node":2,"boot":5,"holder":false}]},{"name":"d1","reservation":"none","error":"unreachable: pulled","keys":[]}]}}"#;
+        let mut tank = examples::pool("tank", 2);
+        tank.owner_node = 0;
+        tank.epoch = 3;
+        let mut other = examples::pool("other", 2);
+        other.owner_node = 1;
+        let pools = [tank, other];
+        let text = cluster_status(3, report, Ok(&pools), false).expect("text");
         assert!(
             text.starts_with("array duplex: node 1 boot 17 (cluster service generation 3)"),
             "{text}"
@@ -820,15 +910,37 @@ mod tests {
             text.contains("last beat heard 40 ms ago, link to the peer up"),
             "{text}"
         );
+        assert!(
+            text.contains("drive d0: Exclusive Access - Registrants Only; keys: node 1 boot 17 (holder), node 2 boot 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drive d1: not read: unreachable: pulled"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pool tank: owner node 1 (epoch 3), degraded, served here\n"),
+            "{text}"
+        );
+        assert!(text.contains("pool other: owner node 2"), "{text}");
+        assert!(text.contains("standby here"), "{text}");
         let v: serde_json::Value =
-            serde_json::from_str(&cluster_status(3, report, true).expect("json")).expect("JSON");
+            serde_json::from_str(&cluster_status(3, report, Ok(&pools), true).expect("json"))
+                .expect("JSON");
         assert_eq!(v["generation"], 3);
         assert_eq!(v["peer"]["state"], "alive");
+        assert_eq!(v["pools"][0]["owner"], 1);
+        assert_eq!(v["pools"][0]["epoch"], 3);
+        assert_eq!(v["pools"][0]["here"], "owner");
+        assert_eq!(v["pools"][1]["here"], "standby");
+        assert_eq!(v["drives"]["list"][0]["keys"][0]["holder"], true);
         let never = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"state":"unknown","link_heard_ms_ago":null}}"#;
-        assert!(cluster_status(1, never, false)
-            .expect("text")
-            .contains("last beat heard never"));
-        assert!(cluster_status(1, "not json", false).is_err());
-        assert!(cluster_status(1, "[1, 2]", false).is_err());
+        let text =
+            cluster_status(1, never, Err("no metadata service".into()), false).expect("text");
+        assert!(text.contains("last beat heard never"), "{text}");
+        assert!(text.contains("drives: reservations not read yet"), "{text}");
+        assert!(text.contains("pools: no metadata service"), "{text}");
+        assert!(cluster_status(1, "not json", Ok(&[]), false).is_err());
+        assert!(cluster_status(1, "[1, 2]", Ok(&[]), false).is_err());
     }
 }

@@ -172,11 +172,21 @@ fn cluster_status_shows_the_cluster_service_report() {
     let doc: serde_json::Value = serde_json::from_str(out.ok()).expect("one JSON document");
     assert_eq!(doc["peer"]["state"], "alive");
     assert_eq!(doc["generation"], 4);
+    // The pools' owners and epochs, from the metadata service.
+    assert!(
+        text.contains("pool tank: owner node 1 (epoch 3), degraded, served here"),
+        "{text}"
+    );
+    assert_eq!(doc["pools"][0]["name"], "tank", "{doc}");
+    assert_eq!(doc["pools"][0]["owner"], 1, "{doc}");
+    // Each status: the report, then the metadata service looked for (for the pools).
     assert_eq!(
         node.admin.taken(),
         [
             AdminRequest::ServiceReport("cluster".into()),
-            AdminRequest::ServiceReport("cluster".into())
+            AdminRequest::ListServices,
+            AdminRequest::ServiceReport("cluster".into()),
+            AdminRequest::ListServices,
         ]
     );
 }

@@ -106,6 +106,21 @@ fn row1_owner_killed_alternating_with_rejoin() {
                 "kill {k}, drive {d}: {keys:x?}"
             );
         }
+        // And `duplexctl cluster status` says so (the drives' reservations as its datapath
+        // reads them; the pool's owner and epoch).
+        let st = p.wait_status(survivor, |v| {
+            v["drives"]["list"].as_array().is_some_and(|l| {
+                l.len() == 2
+                    && l.iter().all(|d| {
+                        d["keys"].as_array().is_some_and(|k| {
+                            k.len() == 1
+                                && k[0]["node"] == survivor as u64 + 1
+                                && k[0]["holder"] == true
+                        })
+                    })
+            }) && v["pools"][0]["owner"] == survivor as u64 + 1
+        });
+        assert_eq!(st["pools"][0]["here"], "owner", "{st}");
         p.wait_more_writes(survivor as u64 + 1, 200);
         // The dead node comes back: the pool is its peer's now.
         p.node(owner).relaunch();

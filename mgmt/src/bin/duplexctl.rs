@@ -536,7 +536,7 @@ fn main() -> ExitCode {
                 "the cluster service has not reported yet (generation {generation}; is it running? `duplexctl service list`)"
             ),
         ),
-        Ok(outcome) => match print(&cli, &request, &outcome) {
+        Ok(outcome) => match print(&cli, &request, &outcome, &cluster_pools(&target, &outcome)) {
             Ok(()) => ExitCode::SUCCESS,
             // A reader that stopped reading (`| head`) has what it wanted.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -571,7 +571,29 @@ fn list_volumes(target: &Target) -> Result<Outcome, client::ClientError> {
     Ok(Outcome::Answer(Answer::Config(ConfigReply::Volumes(all))))
 }
 
-fn print(cli: &Cli, request: &Request, outcome: &Outcome) -> std::io::Result<()> {
+/// For `cluster status`: the pools (owner, epoch) as the metadata service lists them, or why
+/// not. Nothing for other commands.
+fn cluster_pools(
+    target: &Target,
+    outcome: &Outcome,
+) -> Result<Vec<duplex_ipc::config::PoolInfo>, String> {
+    if !matches!(outcome, Outcome::Answer(Answer::Report { .. })) {
+        return Ok(Vec::new());
+    }
+    match client::call(target, &Request::Config(ConfigRequest::ListPools)) {
+        Ok(Outcome::Answer(Answer::Config(ConfigReply::Pools(list)))) => Ok(list),
+        Ok(Outcome::Answer(Answer::Config(ConfigReply::Error { message, .. }))) => Err(message),
+        Ok(_) => Err("the metadata service answered something else".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn print(
+    cli: &Cli,
+    request: &Request,
+    outcome: &Outcome,
+    pools: &Result<Vec<duplex_ipc::config::PoolInfo>, String>,
+) -> std::io::Result<()> {
     let text = match (outcome, cli.json) {
         (Outcome::Answer(Answer::Status(s)), false) => render::status_text(s),
         (Outcome::Answer(Answer::Status(s)), true) => json(&render::status_json(s))?,
@@ -585,7 +607,9 @@ fn print(cli: &Cli, request: &Request, outcome: &Outcome) -> std::io::Result<()>
             mgmt_went_down: false,
         })?,
         (Outcome::Answer(Answer::Report { generation, text }), json_wanted) => {
-            render::cluster_status(*generation, text, json_wanted).map_err(std::io::Error::other)?
+            let pools = pools.as_ref().map(Vec::as_slice).map_err(Clone::clone);
+            render::cluster_status(*generation, text, pools, json_wanted)
+                .map_err(std::io::Error::other)?
         }
         (Outcome::Answer(Answer::Config(reply)), json_wanted) => {
             let Request::Config(config) = request else {

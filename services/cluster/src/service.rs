@@ -191,6 +191,12 @@ impl Node {
                 })
             }),
             "takeover": self.takeover.borrow().describe(),
+            "drives": self.region.as_ref().and_then(|r| r.reservations()).map(|(round, list)| {
+                serde_json::json!({
+                    "round": round,
+                    "list": list.iter().map(drive_json).collect::<Vec<_>>(),
+                })
+            }),
         })
         .to_string()
     }
@@ -461,6 +467,36 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// The name of a reservation type (NVMe RTYPE).
+fn rtype_name(t: u8) -> &'static str {
+    match t {
+        0 => "none",
+        1 => "Write Exclusive",
+        2 => "Exclusive Access",
+        3 => "Write Exclusive - Registrants Only",
+        4 => "Exclusive Access - Registrants Only",
+        5 => "Write Exclusive - All Registrants",
+        6 => "Exclusive Access - All Registrants",
+        _ => "reserved type",
+    }
+}
+
+/// One drive's reservation for the status report: the type and every registered key with the
+/// node and boot it names (the fencing key's layout: node in the top 16 bits).
+fn drive_json(d: &duplex_ipc::cluster::DriveReservation) -> serde_json::Value {
+    serde_json::json!({
+        "name": d.name,
+        "reservation": rtype_name(d.rtype),
+        "error": (!d.error.is_empty()).then_some(&d.error),
+        "keys": d.keys.iter().map(|(k, holder)| serde_json::json!({
+            "key": format!("{k:#018x}"),
+            "node": k >> 48,
+            "boot": k & ((1 << 48) - 1),
+            "holder": holder,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 async fn serve(
