@@ -15,7 +15,7 @@ use nix::sys::socket::MsgFlags;
 
 use crate::control::{
     check_text, read_text as text, reader_options, unknown, ControlChannel, ControlError,
-    MAX_NAME_BYTES, MAX_TEXT_BYTES,
+    MAX_NAME_BYTES, MAX_REPORT_BYTES, MAX_TEXT_BYTES,
 };
 
 /// The most services a [`AdminReply::Services`] may list.
@@ -330,7 +330,7 @@ impl AdminReply {
             Self::Done(t) => check(t, "admin.done", MAX_TEXT_BYTES),
             Self::Error { message, .. } => check(message, "admin.error.message", MAX_TEXT_BYTES),
             Self::Status(s) => check(&s.node, "admin.status.node", MAX_NAME_BYTES),
-            Self::Report { text, .. } => check(text, "admin.report.text", MAX_TEXT_BYTES),
+            Self::Report { text, .. } => check(text, "admin.report.text", MAX_REPORT_BYTES),
         }
     }
 
@@ -404,7 +404,7 @@ impl AdminReply {
                 let r = r.map_err(ControlError::Decode)?;
                 Self::Report {
                     generation: r.get_generation(),
-                    text: text(r.get_text(), "admin.report.text", MAX_TEXT_BYTES)?,
+                    text: text(r.get_text(), "admin.report.text", MAX_REPORT_BYTES)?,
                 }
             }
         };

@@ -41,6 +41,9 @@ pub const MAX_FDS: usize = 64;
 pub const MAX_NAME_BYTES: usize = 256;
 /// Longest free-text field (shutdown reason, error message), in bytes of UTF-8.
 pub const MAX_TEXT_BYTES: usize = 4096;
+/// Longest status report a service sends (JSON): the cluster service's carries its drives'
+/// reservation keys and its recent events.
+pub const MAX_REPORT_BYTES: usize = 32 * 1024;
 /// Most resources one `Start` may hand over: each names its own descriptor, so no more than the
 /// descriptors one message can carry.
 pub const MAX_RESOURCES: usize = MAX_FDS;
@@ -306,7 +309,7 @@ pub enum Body {
         /// How to fail.
         fault: Fault,
     },
-    /// Service → supervisor: its status report (JSON, at most [`MAX_TEXT_BYTES`] bytes),
+    /// Service → supervisor: its status report (JSON, at most [`MAX_REPORT_BYTES`] bytes),
     /// replacing the last one (no answer).
     Report {
         /// The report.
@@ -672,7 +675,7 @@ impl Envelope {
             Body::Error { message, .. } => {
                 check_text(message, "error.message", MAX_TEXT_BYTES, false)
             }
-            Body::Report { text } => check_text(text, "report", MAX_TEXT_BYTES, false),
+            Body::Report { text } => check_text(text, "report", MAX_REPORT_BYTES, false),
             Body::Ready { .. }
             | Body::Heartbeat { .. }
             | Body::Ack { .. }
@@ -780,7 +783,7 @@ fn decode_body(body: wire::envelope::body::Reader<'_>) -> Result<Body, ControlEr
                 .into(),
         },
         Which::Report(text) => Body::Report {
-            text: read_text(text, "report", MAX_TEXT_BYTES)?,
+            text: read_text(text, "report", MAX_REPORT_BYTES)?,
         },
     })
 }

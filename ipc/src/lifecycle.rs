@@ -245,7 +245,7 @@ impl Started {
     }
 
     /// Sends the service's status report (JSON, at most
-    /// [`crate::control::MAX_TEXT_BYTES`] bytes) to the supervisor, replacing its last one.
+    /// [`crate::control::MAX_REPORT_BYTES`] bytes) to the supervisor, replacing its last one.
     pub fn report(&self, text: &str) -> Result<(), ControlError> {
         let env = Envelope {
             request_id: self.channel.next_request_id(),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use duplex_ipc::control::{
     Body, ControlChannel, ControlError, Envelope, ErrorCode, RateLimiter, RequestIds, Resource,
-    ResourceKind, StartMode, MAX_FDS, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_RESOURCES,
-    MAX_TEXT_BYTES, PROTOCOL_VERSION,
+    ResourceKind, StartMode, MAX_FDS, MAX_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_REPORT_BYTES,
+    MAX_RESOURCES, MAX_TEXT_BYTES, PROTOCOL_VERSION,
 };
 use nix::fcntl::OFlag;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
@@ -100,7 +100,7 @@ fn every_kind() -> Vec<Envelope> {
         envelope(
             11,
             Body::Report {
-                text: "r".repeat(MAX_TEXT_BYTES),
+                text: "r".repeat(MAX_REPORT_BYTES),
             },
         ),
     ]
@@ -556,7 +556,7 @@ fn out_of_bounds_fields_are_rejected_on_receive_and_refused_on_send() {
         envelope(
             4,
             Body::Report {
-                text: "r".repeat(MAX_TEXT_BYTES + 1),
+                text: "r".repeat(MAX_REPORT_BYTES + 1),
             },
         ),
         envelope(

@@ -628,6 +628,38 @@ pub fn cluster_status(
     Ok(out)
 }
 
+/// `duplexctl cluster events`: the events of the cluster service's report, oldest first, one
+/// line each (`SEQ TIME LEVEL KIND: MESSAGE`), or as JSON (`{"events": [...]}`).
+pub fn cluster_events(report: &str, json: bool) -> Result<String, String> {
+    let v: serde_json::Value = serde_json::from_str(report)
+        .map_err(|e| format!("the cluster service's report is not JSON: {e}"))?;
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    if json {
+        let mut text = serde_json::to_string_pretty(&serde_json::json!({ "events": events }))
+            .map_err(|e| e.to_string())?;
+        text.push('\n');
+        return Ok(text);
+    }
+    if events.is_empty() {
+        return Ok("no events\n".into());
+    }
+    let mut out = String::new();
+    for e in &events {
+        let ms = e["at_unix_ms"].as_u64().unwrap_or(0);
+        let secs = ms / 1000;
+        let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+        out.push_str(&format!(
+            "{:>4} {h:02}:{m:02}:{s:02}.{:03} {:<7} {}: {}\n",
+            e["seq"].as_u64().unwrap_or(0),
+            ms % 1000,
+            printable(e["level"].as_str().unwrap_or("?")),
+            printable(e["kind"].as_str().unwrap_or("?")),
+            printable(e["message"].as_str().unwrap_or("")),
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -941,6 +973,16 @@ mod tests {
         assert!(text.contains("drives: reservations not read yet"), "{text}");
         assert!(text.contains("pools: no metadata service"), "{text}");
         assert!(cluster_status(1, "not json", Ok(&[]), false).is_err());
+        let with = r#"{"events":[{"seq":1,"at_unix_ms":3723004,"level":"info","kind":"started","message":"cluster service started"},{"seq":2,"at_unix_ms":3724500,"level":"warning","kind":"peer-interconnect-down","message":"the interconnect\u0007 is down"}]}"#;
+        assert_eq!(
+            cluster_events(with, false).expect("text"),
+            "   1 01:02:03.004 info    started: cluster service started\n   2 01:02:04.500 warning peer-interconnect-down: the interconnect? is down\n"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&cluster_events(with, true).expect("json")).expect("JSON");
+        assert_eq!(v["events"][1]["kind"], "peer-interconnect-down");
+        assert_eq!(cluster_events(never, false).expect("text"), "no events\n");
+        assert!(cluster_events("not json", false).is_err());
         assert!(cluster_status(1, "[1, 2]", Ok(&[]), false).is_err());
     }
 }

@@ -224,6 +224,11 @@ fn row3_interconnect_down_both_alive_no_takeover() {
     p.net().pull(Cable::Interconnect);
     for i in 0..2 {
         p.node(i).log.wait_for(&["peer interconnect down"]);
+        // The event, as `duplexctl cluster events` shows it.
+        p.wait_status(i, |v| has_event(v, "peer-interconnect-down"));
+        let (code, out, _) = p.node(i).ctl(&["cluster", "events"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("warning peer-interconnect-down: "), "{out}");
     }
     let (code, out, err) = p
         .node(0)
@@ -240,6 +245,14 @@ fn row3_interconnect_down_both_alive_no_takeover() {
     p.net().plug(Cable::Interconnect);
     for i in 0..2 {
         wait_count(&mut p.node(i).log, &["peer alive"], 2);
+        let v = p.wait_status(i, |v| {
+            v["events"]
+                .as_array()
+                .and_then(|e| e.last())
+                .is_some_and(|e| e["kind"] == "peer-alive")
+        });
+        assert!(!has_event(&v, "peer-dead"), "{v}");
+        assert!(!has_event(&v, "fencing"), "{v}");
     }
     p.wait_more_writes(1, 200);
     let r = finish_multipath(&mut bench, &stop);
@@ -462,6 +475,9 @@ fn row7_fencing_impossible_no_takeover() {
             .is_some_and(|t| t.starts_with("refused"))
     });
     assert_eq!(st["peer"]["state"], "dead", "{st}");
+    assert!(has_event(&st, "peer-dead"), "{st}");
+    let st = p.wait_status(1, |v| has_event(v, "takeover-refused"));
+    assert!(!has_event(&st, "takeover"), "{st}");
     p.node(1).log.pump();
     assert!(p.node(1).log.matching(&["pool taken over"]).is_empty());
     // d1 was never reached by the fence: node 1's key is still there.
@@ -602,14 +618,21 @@ fn row6_both_believe_the_other_dead_exactly_one_wins_the_race() {
             if won(&s[1]) && fenced(&s[0]) {
                 break (1, 0);
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "race {race}: no winner: {s:?}"
-            );
+            if std::time::Instant::now() >= deadline {
+                dump(&mut p, 0);
+                dump(&mut p, 1);
+                panic!(
+                    "race {race}: no winner: {s:?}; drives: {} / {}",
+                    p.sim_status(0),
+                    p.sim_status(1)
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
         wins[winner] += 1;
         p.node(loser).log.wait_for(&["FENCED"]);
+        p.wait_status(loser, |v| has_event(v, "fenced"));
+        p.wait_status(winner, |v| has_event(v, "takeover"));
         for i in 0..2 {
             p.node(i).log.pump();
         }
@@ -686,6 +709,13 @@ fn row6_both_believe_the_other_dead_exactly_one_wins_the_race() {
         "row 6: {races} races: node 1 won {}, node 2 won {}; both nodes judged the other dead (and asked to fence) in {both_judged}",
         wins[0], wins[1]
     );
+}
+
+/// Whether a cluster status report holds an event of `kind`.
+fn has_event(v: &serde_json::Value, kind: &str) -> bool {
+    v["events"]
+        .as_array()
+        .is_some_and(|e| e.iter().any(|e| e["kind"] == kind))
 }
 
 fn dump(p: &mut Pair, i: usize) {

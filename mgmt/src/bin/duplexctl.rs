@@ -75,8 +75,12 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
     /// This node and its peer as the cluster service sees them: node ids and boots, the
-    /// peer's state, how long ago each heartbeat was heard.
+    /// peer's state, how long ago each heartbeat was heard, the drives' reservation keys,
+    /// each pool's owner and epoch.
     Status,
+    /// The cluster service's events, oldest first: the peer's state changing, fencing,
+    /// takeovers and their refusals, this node fenced, the host link.
+    Events,
 }
 
 #[derive(Debug, Subcommand)]
@@ -511,7 +515,9 @@ fn main() -> ExitCode {
             name: name.clone(),
             mode: (*mode).into(),
         },
-        Command::Cluster(ClusterCommand::Status) => Request::Report("cluster".into()),
+        Command::Cluster(ClusterCommand::Status | ClusterCommand::Events) => {
+            Request::Report("cluster".into())
+        }
         storage => match config_request(storage) {
             Ok(request) => Request::Config(request),
             Err(message) => return usage(&message),
@@ -536,7 +542,13 @@ fn main() -> ExitCode {
                 "the cluster service has not reported yet (generation {generation}; is it running? `duplexctl service list`)"
             ),
         ),
-        Ok(outcome) => match print(&cli, &request, &outcome, &cluster_pools(&target, &outcome)) {
+        Ok(outcome) => match print(&cli, &request, &outcome, &{
+            if matches!(cli.command, Command::Cluster(ClusterCommand::Status)) {
+                cluster_pools(&target, &outcome)
+            } else {
+                Ok(Vec::new())
+            }
+        }) {
             Ok(()) => ExitCode::SUCCESS,
             // A reader that stopped reading (`| head`) has what it wanted.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
@@ -606,6 +618,11 @@ fn print(
             message,
             mgmt_went_down: false,
         })?,
+        (Outcome::Answer(Answer::Report { text, .. }), json_wanted)
+            if matches!(cli.command, Command::Cluster(ClusterCommand::Events)) =>
+        {
+            render::cluster_events(text, json_wanted).map_err(std::io::Error::other)?
+        }
         (Outcome::Answer(Answer::Report { generation, text }), json_wanted) => {
             let pools = pools.as_ref().map(Vec::as_slice).map_err(Clone::clone);
             render::cluster_status(*generation, text, pools, json_wanted)

@@ -111,6 +111,34 @@ struct Node {
     takeover: RefCell<Takeover>,
     /// This node's disk heartbeat: the datapath's round count, and when it last moved.
     own_rounds: std::cell::Cell<(u64, u64)>,
+    /// The newest events (at most [`EVENTS_KEPT`]), oldest first.
+    events: RefCell<std::collections::VecDeque<Event>>,
+    /// The last sequence number given to an event.
+    event_seq: std::cell::Cell<u64>,
+    /// What the region said last, to raise an event when it changes: fenced, host link down.
+    seen: std::cell::Cell<(bool, bool)>,
+}
+
+/// How many events the service keeps (and reports).
+pub const EVENTS_KEPT: usize = 64;
+
+/// Something an operator must hear of: a peer's state changing, a fence, a takeover or its
+/// refusal, this node fenced, the host link. In the status report (`duplexctl cluster
+/// events`), newest last, and in the log.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Event {
+    /// Numbered from 1 in this service instance.
+    pub seq: u64,
+    /// When (Unix time, ms).
+    pub at_unix_ms: u64,
+    /// `info`, `warning` or `error`.
+    pub level: &'static str,
+    /// A fixed name to match on (`peer-alive`, `peer-interconnect-down`, `peer-dead`,
+    /// `fencing`, `takeover`, `takeover-refused`, `lost-fencing-race`, `fenced`,
+    /// `peer-rejoined`, `peer-rebooted`, `host-link-down`, `host-link-up`, `started`).
+    pub kind: &'static str,
+    /// For people.
+    pub message: String,
 }
 
 /// Where the takeover of the peer's pools stands.
@@ -148,14 +176,75 @@ impl Node {
         self.clock.elapsed().as_millis() as u64
     }
 
+    /// Raises an event (the log line is the caller's).
+    fn event(&self, level: &'static str, kind: &'static str, message: String) {
+        let seq = self.event_seq.get() + 1;
+        self.event_seq.set(seq);
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut events = self.events.borrow_mut();
+        if events.len() == EVENTS_KEPT {
+            events.pop_front();
+        }
+        events.push_back(Event {
+            seq,
+            at_unix_ms,
+            level,
+            kind,
+            message,
+        });
+        self.changed.set(true);
+    }
+
+    /// Events from what the region says: this node fenced, the host link down or up.
+    fn region_events(&self) {
+        let Some(r) = &self.region else {
+            return;
+        };
+        let now = (r.fenced(), r.host_link_down());
+        let before = self.seen.replace(now);
+        if now.0 && !before.0 {
+            self.event(
+                "error",
+                "fenced",
+                "this node is fenced: its reservation key is gone from a drive; it serves nothing more until it restarts with a new key".into(),
+            );
+        }
+        if now.1 != before.1 {
+            if now.1 {
+                self.event(
+                    "warning",
+                    "host-link-down",
+                    "the host link (the fabric listener's interface) is down: this node's pools move to the peer".into(),
+                );
+            } else {
+                self.event("info", "host-link-up", "the host link is up again".into());
+            }
+        }
+    }
+
     fn warn(&self, peer: SocketAddr, what: &str) {
         if let Some(suppressed) = self.warn.borrow_mut().check(Instant::now()) {
             tracing::warn!(%peer, suppressed, "{what}");
         }
     }
 
-    /// The status report `duplexctl cluster status` shows (JSON).
+    /// The status report `duplexctl cluster status` shows (JSON), within the report's limit:
+    /// the oldest events left out when it would not fit.
     fn status(&self) -> String {
+        let mut skip = 0;
+        loop {
+            let text = self.status_skipping(skip);
+            let n = self.events.borrow().len();
+            if text.len() <= duplex_ipc::control::MAX_REPORT_BYTES || skip >= n {
+                return text;
+            }
+            skip = (skip + 8).min(n);
+        }
+    }
+
+    fn status_skipping(&self, skip: usize) -> String {
         let m = self.membership.borrow();
         let now = self.now();
         let ago = |at: Option<u64>| at.map(|at| now.saturating_sub(at));
@@ -191,6 +280,7 @@ impl Node {
                 })
             }),
             "takeover": self.takeover.borrow().describe(),
+            "events": self.events.borrow().iter().skip(skip).collect::<Vec<_>>(),
             "drives": self.region.as_ref().and_then(|r| r.reservations()).map(|(round, list)| {
                 serde_json::json!({
                     "round": round,
@@ -289,6 +379,11 @@ impl Node {
                             fence_ms = now.saturating_sub(since),
                             "TAKEOVER: the peer is fenced off every drive; its pools are this node's"
                         );
+                        self.event(
+                            "warning",
+                            "takeover",
+                            format!("peer node {} fenced off every drive (key {victim:#018x}, preempted on {} drives in {} ms): its pools are this node's", self.spec.peer_id, a.preempted, now.saturating_sub(since)),
+                        );
                         Takeover::Done { victim }
                     }
                     Some(FenceOutcome::SelfFenced) => {
@@ -296,6 +391,11 @@ impl Node {
                             peer = self.spec.peer_id,
                             victim = format!("{victim:#018x}"),
                             "NO TAKEOVER: this node lost the fencing race (its own key is gone from a drive): it serves nothing more"
+                        );
+                        self.event(
+                            "error",
+                            "lost-fencing-race",
+                            format!("no takeover: peer node {} fenced this node first (this node's key is gone from a drive); it serves nothing more", self.spec.peer_id),
                         );
                         Takeover::Failed {
                             victim,
@@ -310,6 +410,11 @@ impl Node {
                             victim = format!("{victim:#018x}"),
                             why,
                             "NO TAKEOVER: the peer could not be fenced; its pools stay offline"
+                        );
+                        self.event(
+                            "error",
+                            "takeover-refused",
+                            format!("no takeover: peer node {} could not be fenced ({why}); its pools stay offline; tried again every {} ms while it stays dead", self.spec.peer_id, self.spec.dead_ms),
                         );
                         Takeover::Failed {
                             victim,
@@ -338,6 +443,14 @@ impl Node {
                     peer = self.spec.peer_id,
                     boot,
                     "the fenced peer rejoined with a new boot"
+                );
+                self.event(
+                    "info",
+                    "peer-rejoined",
+                    format!(
+                        "the fenced peer node {} rejoined with a new boot ({boot})",
+                        self.spec.peer_id
+                    ),
                 );
                 *self.takeover.borrow_mut() = Takeover::Idle;
             }
@@ -368,6 +481,14 @@ impl Node {
             victim = format!("{victim:#018x}"),
             "peer dead: fencing it off every drive"
         );
+        self.event(
+            "warning",
+            "fencing",
+            format!(
+                "fencing peer node {} (key {victim:#018x}) off every drive",
+                self.spec.peer_id
+            ),
+        );
         *self.takeover.borrow_mut() = Takeover::Fencing {
             seq,
             victim,
@@ -385,20 +506,41 @@ impl Node {
         match t.to {
             PeerState::Alive => {
                 tracing::info!(peer, boot = t.boot, from = t.from.name(), "peer alive");
+                self.event(
+                    "info",
+                    "peer-alive",
+                    format!(
+                        "peer node {peer} (boot {}) is alive (was {})",
+                        t.boot,
+                        t.from.name()
+                    ),
+                );
                 self.peer_back(t.boot);
             }
-            PeerState::LinkDown => tracing::warn!(
-                peer,
-                boot = t.boot,
-                from = t.from.name(),
-                "peer interconnect down: no takeover, configuration changes are refused"
-            ),
+            PeerState::LinkDown => {
+                tracing::warn!(
+                    peer,
+                    boot = t.boot,
+                    from = t.from.name(),
+                    "peer interconnect down: no takeover, configuration changes are refused"
+                );
+                self.event(
+                    "warning",
+                    "peer-interconnect-down",
+                    format!("the interconnect to peer node {peer} is down while its disk heartbeat goes on: no takeover; configuration changes are refused until it is back"),
+                );
+            }
             PeerState::Dead => {
                 tracing::error!(
                     peer,
                     boot = t.boot,
                     from = t.from.name(),
                     "peer dead: both heartbeats silent for the dead time"
+                );
+                self.event(
+                    "error",
+                    "peer-dead",
+                    format!("peer node {peer} (boot {}) is dead: the interconnect and the disk heartbeat silent for {} ms", t.boot, self.spec.dead_ms),
                 );
                 self.start_takeover(t.boot);
             }
@@ -437,6 +579,11 @@ impl Node {
                 old_boot = known,
                 boot = m.boot,
                 "peer rebooted"
+            );
+            self.event(
+                "warning",
+                "peer-rebooted",
+                format!("peer node {} rebooted (boot {known} → {})", m.node, m.boot),
             );
         }
         match m.body {
@@ -525,6 +672,9 @@ async fn serve(
         region,
         takeover: RefCell::new(takeover),
         own_rounds: std::cell::Cell::new((0, 0)),
+        events: RefCell::new(std::collections::VecDeque::new()),
+        event_seq: std::cell::Cell::new(0),
+        seen: std::cell::Cell::new((false, false)),
         spec,
         clock: Instant::now(),
         peer_id: RefCell::new(None),
@@ -532,6 +682,22 @@ async fn serve(
         changed: std::cell::Cell::new(true),
         warn: RefCell::new(RateLimiter::new(10, Duration::from_secs(1))),
     });
+    node.event(
+        "info",
+        "started",
+        format!(
+            "cluster service started: node {} boot {}, peer node {} at {}{}",
+            node.spec.node_id,
+            node.spec.boot,
+            node.spec.peer_id,
+            node.spec.peer,
+            if matches!(*node.takeover.borrow(), Takeover::Done { .. }) {
+                "; the peer's pools are this node's (a takeover before this start)"
+            } else {
+                ""
+            }
+        ),
+    );
     if let Some(l) = listener {
         let l = TcpListener::from_std(l).context("interconnect listener")?;
         tokio::task::spawn_local(accept(Rc::clone(&node), l));
@@ -545,6 +711,7 @@ async fn serve(
     while !stop.load(Ordering::Acquire) {
         tick.tick().await;
         health.beat();
+        node.region_events();
         node.disk_tick();
         let t = node.membership.borrow_mut().tick(node.now());
         node.report(t);
