@@ -502,7 +502,7 @@ impl Node {
             return;
         };
         self.changed.set(true);
-        let peer = self.peer_id.borrow().unwrap_or(0);
+        let peer = self.peer_id.borrow().unwrap_or(self.spec.peer_id);
         match t.to {
             PeerState::Alive => {
                 tracing::info!(peer, boot = t.boot, from = t.from.name(), "peer alive");

@@ -143,6 +143,8 @@ struct PoolEntry<D: MetaDisk> {
 struct PeerPool {
     uuid: Uuid,
     config: PoolConfig,
+    /// The metadata generation of the image read (the owner's last commit seen).
+    generation: u64,
 }
 
 /// The node's storage. See the module docs.
@@ -278,9 +280,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         for pool in groups {
             if c.clustered {
                 match c.owner_of(pool) {
-                    Some((owner, config)) if owner != c.node => {
+                    Some((owner, config, generation)) if owner != c.node => {
                         if c.claims & (1 << owner) == 0 {
-                            c.add_peer_pool(pool, config);
+                            c.add_peer_pool(pool, config, generation);
                         } else {
                             c.take_over(pool);
                         }
@@ -300,7 +302,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     }
 
     /// The owner node and configuration of `pool` as its drives say (read only).
-    fn owner_of(&mut self, pool: Uuid) -> Option<(u32, PoolConfig)> {
+    fn owner_of(&mut self, pool: Uuid) -> Option<(u32, PoolConfig, u64)> {
         let text = pool.to_string();
         let mut disks: Vec<D> = self
             .drives
@@ -309,7 +311,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .map(|d| d.disk.clone())
             .collect();
         match crate::store::plan(&mut disks, Some(pool), false) {
-            Ok(plan) => Some((plan.winner.config.ownership.owner_node, plan.winner.config)),
+            Ok(plan) => Some((
+                plan.winner.config.ownership.owner_node,
+                plan.winner.config,
+                plan.winner.generation,
+            )),
             Err(e) => {
                 tracing::warn!(pool = %pool, error = %e, "cannot read the pool's ownership");
                 None
@@ -318,17 +324,38 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     }
 
     /// Records a pool the peer owns (read only) and its drives.
-    fn add_peer_pool(&mut self, pool: Uuid, config: PoolConfig) {
-        let text = pool.to_string();
+    fn add_peer_pool(&mut self, pool: Uuid, config: PoolConfig, generation: u64) {
         tracing::info!(pool = %config.pool.name, owner = config.ownership.owner_node, epoch = config.ownership.epoch, "pool owned by the peer: exported inaccessible here");
+        self.label_peer_drives(pool, &config);
+        self.peer_pools.retain(|p| p.uuid != pool);
+        self.peer_pools.push(PeerPool {
+            uuid: pool,
+            config,
+            generation,
+        });
+    }
+
+    /// Names the drives of the peer's pool `pool` (found by the pool's UUID) after it, each in
+    /// its slot (its superblock's drive UUID in the pool record).
+    fn label_peer_drives(&mut self, pool: Uuid, config: &PoolConfig) {
+        let text = pool.to_string();
         for d in &mut self.drives {
-            if d.pool == text {
-                d.pool = config.pool.name.clone();
-                d.state = DriveState::Active;
+            if d.pool != text {
+                continue;
+            }
+            d.pool = config.pool.name.clone();
+            d.state = DriveState::Active;
+            if let Some(sb) = probe(&mut d.disk) {
+                if let Some(slot) = config
+                    .pool
+                    .members
+                    .iter()
+                    .position(|m| m.drive_uuid == sb.drive_uuid)
+                {
+                    d.slot = slot as u32;
+                }
             }
         }
-        self.peer_pools.retain(|p| p.uuid != pool);
-        self.peer_pools.push(PeerPool { uuid: pool, config });
     }
 
     /// Takes over the peer's pool `pool` (the peer is fenced): imports it and commits its
@@ -522,8 +549,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         // 4. The pool is the peer's here.
         let entry = self.pools.remove(i);
         let config = entry.store.config().clone();
+        let generation = entry.store.stamp().generation;
         self.moving = None;
-        self.add_peer_pool(uuid, config);
+        self.add_peer_pool(uuid, config, generation);
         if let Err(e) = self.publish_all() {
             tracing::error!(pool = %name, error = %e, "publishing after the move failed");
         }
@@ -578,7 +606,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         let mut changed = false;
         for pool in groups {
             match self.owner_of(pool) {
-                Some((owner, _)) if owner == self.node => {
+                Some((owner, _, _)) if owner == self.node => {
                     self.peer_pools.retain(|p| p.uuid != pool);
                     match self.import(pool, false) {
                         Ok(i) => {
@@ -591,7 +619,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                         }
                     }
                 }
-                Some((_, config)) => {
+                Some((_, config, generation)) => {
                     let known = self
                         .peer_pools
                         .iter()
@@ -599,15 +627,13 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     if !known {
                         changed = true;
                     }
-                    let name = config.pool.name.clone();
-                    for d in &mut self.drives {
-                        if d.pool == pool.to_string() {
-                            d.pool = name.clone();
-                            d.state = DriveState::Active;
-                        }
-                    }
+                    self.label_peer_drives(pool, &config);
                     self.peer_pools.retain(|p| p.uuid != pool);
-                    self.peer_pools.push(PeerPool { uuid: pool, config });
+                    self.peer_pools.push(PeerPool {
+                        uuid: pool,
+                        config,
+                        generation,
+                    });
                 }
                 None => {}
             }
@@ -1084,6 +1110,38 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
     }
 
+    /// The refusal for a change to `pool`, a pool the peer owns (`None`: not one).
+    fn peer_owned_pool(&self, pool: &str) -> Option<ConfigReply> {
+        let p = self
+            .peer_pools
+            .iter()
+            .find(|p| p.config.pool.name == pool)?;
+        let owner = p.config.ownership.owner_node + 1;
+        Some(err(
+            ConfigErrorKind::Refused,
+            format!(
+                "pool {pool} is owned by node {owner}: make this change there (`duplexctl` on node {owner}); this node serves it only if node {owner} fails or moves it here"
+            ),
+        ))
+    }
+
+    /// The refusal for a change to `volume`, a volume of a pool the peer owns (`None`: not
+    /// one).
+    fn peer_owned_volume(&self, volume: &str) -> Option<ConfigReply> {
+        let p = self
+            .peer_pools
+            .iter()
+            .find(|p| p.config.volumes.iter().any(|v| v.name == volume))?;
+        let owner = p.config.ownership.owner_node + 1;
+        Some(err(
+            ConfigErrorKind::Refused,
+            format!(
+                "volume {volume} is in pool {}, owned by node {owner}: make this change there (`duplexctl` on node {owner})",
+                p.config.pool.name
+            ),
+        ))
+    }
+
     /// Commits `cfg` to pool `i`. A member that failed during the commit is failed in it (see
     /// `PoolStore::commit`); the datapath's RAID device is told at once, so it stops using a
     /// member the drives now record as failed.
@@ -1125,6 +1183,15 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         change: impl Fn(&PoolConfig) -> Result<PoolConfig, OpError>,
     ) -> ConfigReply {
         if self.pools.is_empty() {
+            if let Some(p) = self.peer_pools.first() {
+                let owner = p.config.ownership.owner_node + 1;
+                return err(
+                    ConfigErrorKind::Refused,
+                    format!(
+                        "subsystems and hosts are stored on the pools' drives, and every pool is owned by node {owner}: make this change there (`duplexctl` on node {owner})"
+                    ),
+                );
+            }
             return err(
                 ConfigErrorKind::NotReady,
                 "no pool: subsystems and hosts are stored on the pools' drives; create a pool first",
@@ -1190,7 +1257,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .pools
             .iter()
             .position(|p| p.store.config().volumes.iter().any(|v| v.name == name))
-            .ok_or_else(|| err(ConfigErrorKind::NotFound, format!("no volume {name}")))?;
+            .ok_or_else(|| {
+                self.peer_owned_volume(name)
+                    .unwrap_or_else(|| err(ConfigErrorKind::NotFound, format!("no volume {name}")))
+            })?;
         let cfg = change(self.pools[i].store.config()).map_err(op_err)?;
         let size = cfg
             .volumes
@@ -1332,7 +1402,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .iter()
             .position(|p| p.store.config().pool.name == name)
         else {
-            return err(ConfigErrorKind::NotFound, format!("no pool {name}"));
+            return self
+                .peer_owned_pool(name)
+                .unwrap_or_else(|| err(ConfigErrorKind::NotFound, format!("no pool {name}")));
         };
         let cfg = self.pools[i].store.config();
         if !cfg.volumes.is_empty() && !force {
@@ -1373,7 +1445,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .iter()
             .position(|p| p.store.config().pool.name == pool)
         else {
-            return err(ConfigErrorKind::NotFound, format!("no pool {pool}"));
+            return self
+                .peer_owned_pool(pool)
+                .unwrap_or_else(|| err(ConfigErrorKind::NotFound, format!("no pool {pool}")));
         };
         let taken: Vec<String> = self
             .pools
@@ -1427,7 +1501,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             .iter()
             .position(|p| p.store.config().volumes.iter().any(|v| v.name == volume))
         else {
-            return err(ConfigErrorKind::NotFound, format!("no volume {volume}"));
+            return self
+                .peer_owned_volume(volume)
+                .unwrap_or_else(|| err(ConfigErrorKind::NotFound, format!("no volume {volume}")));
         };
         let taken: Vec<u32> = self
             .pools
@@ -1588,7 +1664,53 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     members,
                 }
             })
+            .chain(self.peer_pools.iter().map(|p| self.peer_pool_info(p)))
             .collect()
+    }
+
+    /// A pool the peer owns, as its drives last said (read only here): its members' states
+    /// are the owner's record.
+    fn peer_pool_info(&self, p: &PeerPool) -> PoolInfo {
+        let cfg = &p.config;
+        let members: Vec<PoolMemberInfo> = cfg
+            .pool
+            .members
+            .iter()
+            .enumerate()
+            .map(|(slot, m)| PoolMemberInfo {
+                drive: self
+                    .drives
+                    .iter()
+                    .find(|d| d.pool == cfg.pool.name && d.slot == slot as u32)
+                    .map(|d| d.name.clone())
+                    .unwrap_or_default(),
+                drive_uuid: m.drive_uuid.to_string(),
+                slot: slot as u32,
+                state: match m.state {
+                    MemberState::Failed => DriveState::Failed,
+                    MemberState::Rebuilding { .. } => DriveState::Rebuilding,
+                    MemberState::Active => DriveState::Active,
+                },
+            })
+            .collect();
+        let degraded = members.iter().any(|m| m.state != DriveState::Active);
+        PoolInfo {
+            name: cfg.pool.name.clone(),
+            uuid: cfg.pool.uuid.to_string(),
+            raid: raid_to(cfg.pool.raid_level),
+            chunk_bytes: cfg.pool.chunk_size,
+            capacity_bytes: ops::capacity(cfg),
+            free_bytes: ops::free_bytes(cfg),
+            state: if degraded {
+                PoolState::Degraded
+            } else {
+                PoolState::Online
+            },
+            generation: p.generation,
+            epoch: cfg.ownership.epoch,
+            owner_node: cfg.ownership.owner_node,
+            members,
+        }
     }
 
     /// The volumes named after `after`, in name order, as many as one reply holds.
@@ -1615,8 +1737,12 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
 
     fn volume_infos(&self) -> Vec<VolumeInfo> {
         let mut out = Vec::new();
-        for p in &self.pools {
-            let cfg = p.store.config();
+        let configs = self
+            .pools
+            .iter()
+            .map(|p| p.store.config())
+            .chain(self.peer_pools.iter().map(|p| &p.config));
+        for cfg in configs {
             for v in &cfg.volumes {
                 out.push(VolumeInfo {
                     name: v.name.clone(),
@@ -1656,6 +1782,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                             .pools
                             .iter()
                             .flat_map(|p| &p.store.config().volumes)
+                            .chain(self.peer_pools.iter().flat_map(|p| &p.config.volumes))
                             .find(|v| v.uuid.0 == n.uuid)
                             .map(|v| v.name.clone())
                             .unwrap_or_default(),

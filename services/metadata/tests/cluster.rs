@@ -534,3 +534,97 @@ fn each_pool_is_one_ana_group_with_its_state_published() {
     assert_eq!(groups(&c), vec![(1, 1), (2, 2), (3, 1), (4, 2)]);
     assert_eq!(ana(&c), vec![optimized(1), optimized(2)]);
 }
+
+/// The standby of a two-controller pair lists the peer's pools and volumes as the drives say
+/// (owner, epoch, generation), and refuses every change to them with one line naming the
+/// owner, writing nothing.
+#[test]
+fn the_standby_lists_the_peers_pools_and_refuses_changes_to_them_naming_the_owner() {
+    let d = disks(2);
+    let mut owner = Cluster::start_member(drives(&d), 0, Some(0), 1, Recorder::default());
+    ok(owner.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    ok(owner.handle(ConfigRequest::CreateVolume {
+        name: "vol0".into(),
+        pool: "tank".into(),
+        size_bytes: 16 << 20,
+    }));
+    ok(owner.handle(ConfigRequest::CreateSubsystem(NQN.into())));
+    ok(owner.handle(ConfigRequest::AddNamespace {
+        nqn: NQN.into(),
+        volume: "vol0".into(),
+        nsid: 1,
+    }));
+    let ConfigReply::Pools(mine) = owner.handle(ConfigRequest::ListPools) else {
+        panic!("pools");
+    };
+    let writes: Vec<u64> = d.iter().map(MemDisk::writes).collect();
+
+    let mut standby = Cluster::start_member(drives(&d), 1, Some(0), 1, Recorder::default());
+    let ConfigReply::Pools(seen) = standby.handle(ConfigRequest::ListPools) else {
+        panic!("pools");
+    };
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].name, "tank");
+    assert_eq!(seen[0].owner_node, 0, "node 1's");
+    assert_eq!(seen[0].epoch, mine[0].epoch);
+    assert_eq!(seen[0].generation, mine[0].generation);
+    assert_eq!(seen[0].state, PoolState::Online);
+    assert_eq!(seen[0].members.len(), 2);
+    assert_eq!(seen[0].members[1].drive, "d1");
+    let vols = c_volumes(&mut standby);
+    assert_eq!(vols.len(), 1);
+    assert_eq!(vols[0].name, "vol0");
+    assert_eq!(vols[0].exports.len(), 1);
+    let subs = c_subsystems(&mut standby);
+    assert_eq!(subs[0].namespaces[0].volume, "vol0");
+
+    let refusals = [
+        ConfigRequest::CreateVolume {
+            name: "x".into(),
+            pool: "tank".into(),
+            size_bytes: 1 << 20,
+        },
+        ConfigRequest::ResizeVolume {
+            name: "vol0".into(),
+            size_bytes: 32 << 20,
+        },
+        ConfigRequest::DeleteVolume("vol0".into()),
+        ConfigRequest::DestroyPool {
+            name: "tank".into(),
+            force: true,
+        },
+        ConfigRequest::AddNamespace {
+            nqn: NQN.into(),
+            volume: "vol0".into(),
+            nsid: 2,
+        },
+        ConfigRequest::AllowHost {
+            nqn: NQN.into(),
+            host_nqn: HOST.into(),
+        },
+        ConfigRequest::MovePool {
+            name: "tank".into(),
+            node: 2,
+        },
+    ];
+    for req in refusals {
+        match standby.handle(req.clone()) {
+            ConfigReply::Error { kind, message } => {
+                assert_eq!(kind, ConfigErrorKind::Refused, "{req:?}: {message}");
+                assert!(message.contains("node 1"), "{req:?}: {message}");
+                assert!(!message.contains('\n'));
+            }
+            other => panic!("{req:?}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        d.iter().map(MemDisk::writes).collect::<Vec<_>>(),
+        writes,
+        "the standby wrote nothing"
+    );
+}
