@@ -45,6 +45,12 @@ struct Beat {
   configGeneration @2 :UInt64;
   # Grows whenever the sender's metadata service changed a pool on the drives (a commit, a
   # move): the receiver's metadata service re-reads the pools it does not own when it moves.
+
+  takeoverPending @3 :Bool;
+  # The sender is fencing the receiver's node, or has fenced it and its metadata service has
+  # not yet imported every pool it took: the join handshake. A receiver that just started
+  # (a new boot) serves none of its own pools until a beat says false, so that it never
+  # imports a pool the sender is taking over.
 }
 
 enum NodeState {

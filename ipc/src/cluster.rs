@@ -24,6 +24,8 @@
 //! | 648 | cluster | the peer's configuration generation, as its last beat said |
 //! | 656 | duplexd | 1 while the host link (the fabric listener's interface) has been down for the dead time |
 //! | 664 | cluster | 1 while the peer is alive on the interconnect |
+//! | 672 | cluster | 1 once this boot of the node has joined the cluster (the join handshake; stays 1 across the services' restarts) |
+//! | 680 | metadata | the claimed node slots whose pools it has all imported (bit `s`) |
 //! | 1024 | datapath | drive reservations: `seq` (odd while written) |
 //! | 1032 | datapath | drive reservations: how many drives (at most [`MAX_REPORTED_DRIVES`]) |
 //! | 1040 | datapath | drive reservations: the heartbeat round they were read in |
@@ -63,6 +65,8 @@ const CONFIG_GEN: usize = 640;
 const PEER_CONFIG_GEN: usize = 648;
 const HOST_LINK_DOWN: usize = 656;
 const PEER_LINKED: usize = 664;
+const JOINED: usize = 672;
+const SETTLED: usize = 680;
 const RESV_SEQ: usize = 1024;
 const RESV_COUNT: usize = 1032;
 const RESV_ROUND: usize = 1040;
@@ -481,6 +485,28 @@ impl ClusterRegion {
         None
     }
 
+    /// The cluster service: this boot has joined the cluster (the peer acknowledged it, or is
+    /// dead, or was never heard for the dead time).
+    pub fn set_joined(&self) {
+        self.word(JOINED).store(1, Ordering::Release);
+    }
+
+    /// Whether this boot has joined the cluster: until then the metadata service serves none
+    /// of this node's pools.
+    pub fn joined(&self) -> bool {
+        self.word(JOINED).load(Ordering::Acquire) != 0
+    }
+
+    /// The metadata service: the claimed node slots whose pools it has all imported.
+    pub fn set_settled(&self, slots: u64) {
+        self.word(SETTLED).store(slots, Ordering::Release);
+    }
+
+    /// The claimed node slots whose pools the metadata service has all imported.
+    pub fn settled(&self) -> u64 {
+        self.word(SETTLED).load(Ordering::Acquire)
+    }
+
     /// The node slots whose pools this node has taken over (bit `s`), and the fenced key.
     pub fn claims(&self) -> (u64, u64) {
         (
@@ -551,6 +577,12 @@ mod tests {
         assert!(!other.fenced());
         dp.set_fenced();
         assert!(other.fenced());
+
+        assert!(!dp.joined());
+        other.set_joined();
+        assert!(dp.joined());
+        other.set_settled(0b10);
+        assert_eq!(dp.settled(), 0b10);
 
         assert_eq!(other.reservations(), None, "never recorded");
         let long = "a-drive-name-longer-than-thirty-two-bytes";

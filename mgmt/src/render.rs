@@ -571,6 +571,13 @@ pub fn cluster_status(
         s(&v["disk_heartbeat"]),
         s(&v["takeover"]),
     );
+    match v["joined"].as_bool() {
+        Some(true) => out.push_str("join: joined (this node serves its pools)\n"),
+        Some(false) => out.push_str(
+            "join: waiting (this node serves none of its pools until the peer acknowledges it or is found dead)\n",
+        ),
+        None => {}
+    }
     match v["drives"]["list"].as_array() {
         Some(list) => {
             for d in list {

@@ -185,6 +185,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
             seq: 1,
             state: duplex_cluster::wire::NodeState::Serving,
             config_generation: 0,
+            takeover_pending: false,
         },
     };
     let mut s = TcpStream::connect(("127.0.0.1", ic_a)).expect("connect");

@@ -730,3 +730,77 @@ fn dump(p: &mut Pair, i: usize) {
         let _ = f.write_all(p.node(i).log.tail(100000).as_bytes());
     }
 }
+
+/// The join handshake: a node that comes back while its peer is still taking its pools over
+/// serves none of them until the peer says it is done. The survivor's metadata service is
+/// frozen (SIGSTOP; its watchdog set not to mind) before the owner is killed, so the survivor
+/// fences the owner and claims its pool but cannot import it yet; the owner restarted then
+/// hears the survivor's beats saying a takeover of it is pending, and waits: not joined,
+/// storage requests answered "joining the cluster", the pool not imported. The survivor's
+/// metadata service resumed imports the pool with the next epoch; then the owner joins and
+/// finds the pool its peer's. Without the handshake the restarted owner would read its own
+/// name in the pool's ownership record (not yet rewritten) and import it too.
+#[test]
+fn a_node_back_during_its_peers_takeover_waits_to_join() {
+    let mut p = Pair::new(BEAT_MS, DEAD_MS);
+    // Node 2 again, with a watchdog that lets a frozen service be.
+    p.node(1).kill_all();
+    p.node(1).edit_config(
+        "crash_loop_window_s = 1",
+        "crash_loop_window_s = 1\nmissed_beats = 1000000",
+    );
+    p.node(1).relaunch();
+    p.wait_status(1, |v| v["joined"] == true && v["peer"]["state"] == "alive");
+    p.wait_status(0, |v| {
+        v["peer"]["state"] == "alive" && v["takeover"] == "none"
+    });
+    let metadata = p
+        .node(1)
+        .services()
+        .iter()
+        .find(|s| s["name"] == "metadata")
+        .and_then(|s| s["pid"].as_i64())
+        .expect("node 2's metadata service") as i32;
+    let signal = |s| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(metadata), s).expect("signal");
+    };
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    p.node(0).kill_all();
+    // Node 2 fences node 1 and claims its pool; its frozen metadata service cannot import it.
+    p.wait_status(1, |v| {
+        v["takeover"]
+            .as_str()
+            .is_some_and(|t| t.contains("taken over"))
+            && v["takeover_pending"] == true
+    });
+    p.node(0).relaunch();
+    p.node(0)
+        .log
+        .wait_for(&["waiting for the cluster join before importing this node's pools"]);
+    // Node 1 hears node 2 (whose beats say the takeover is pending) and does not join.
+    let st = p.wait_status(0, |v| v["peer"]["state"] == "alive");
+    assert_eq!(st["joined"], false, "{st}");
+    let (code, _, err) = p.node(0).ctl(&["pool", "list"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("joining the cluster"), "{err}");
+    let st = p.wait_status(0, |v| v["peer"]["state"] == "alive");
+    assert_eq!(st["joined"], false, "{st}");
+    // Node 2's metadata service resumed: it takes the pool over; then node 1 joins.
+    signal(nix::sys::signal::Signal::SIGCONT);
+    p.node(1).log.wait_for(&["pool taken over", "tank"]);
+    p.wait_status(0, |v| v["joined"] == true);
+    p.node(0)
+        .log
+        .wait_for(&["pool owned by the peer: exported inaccessible here", "tank"]);
+    p.node(1)
+        .log
+        .wait_for(&["the fenced peer rejoined with a new boot"]);
+    p.node(0).log.pump();
+    assert!(
+        p.node(0).log.matching(&["pool imported"]).is_empty(),
+        "node 1 imported a pool its peer was taking over"
+    );
+    let st = p.wait_status(0, |v| v["pools"][0]["owner"] == 2);
+    assert_eq!(st["pools"][0]["here"], "standby", "{st}");
+    assert!(has_event(&st, "joined"), "{st}");
+}

@@ -583,6 +583,9 @@ fn list_volumes(target: &Target) -> Result<Outcome, client::ClientError> {
     Ok(Outcome::Answer(Answer::Config(ConfigReply::Volumes(all))))
 }
 
+/// How long `cluster status` waits for the pools' owners.
+const POOLS_WAIT: Duration = Duration::from_secs(2);
+
 /// For `cluster status`: the pools (owner, epoch) as the metadata service lists them, or why
 /// not. Nothing for other commands.
 fn cluster_pools(
@@ -592,7 +595,23 @@ fn cluster_pools(
     if !matches!(outcome, Outcome::Answer(Answer::Report { .. })) {
         return Ok(Vec::new());
     }
-    match client::call(target, &Request::Config(ConfigRequest::ListPools)) {
+    // The cluster's state must show even when the metadata service is stuck: its answer is
+    // waited for a short while only (the call goes on in a thread that exits with us).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = target.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(client::call(
+            &target,
+            &Request::Config(ConfigRequest::ListPools),
+        ));
+    });
+    let Ok(answer) = rx.recv_timeout(POOLS_WAIT) else {
+        return Err(format!(
+            "the metadata service did not answer within {} s",
+            POOLS_WAIT.as_secs()
+        ));
+    };
+    match answer {
         Ok(Outcome::Answer(Answer::Config(ConfigReply::Pools(list)))) => Ok(list),
         Ok(Outcome::Answer(Answer::Config(ConfigReply::Error { message, .. }))) => Err(message),
         Ok(_) => Err("the metadata service answered something else".into()),

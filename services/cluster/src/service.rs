@@ -117,6 +117,10 @@ struct Node {
     event_seq: std::cell::Cell<u64>,
     /// What the region said last, to raise an event when it changes: fenced, host link down.
     seen: std::cell::Cell<(bool, bool)>,
+    /// What the peer's last beat said of a takeover of this node (`None`: no beat yet).
+    peer_pending: std::cell::Cell<Option<bool>>,
+    /// Whether this node waits to join, and said so.
+    join_told: std::cell::Cell<bool>,
 }
 
 /// How many events the service keeps (and reports).
@@ -195,6 +199,75 @@ impl Node {
             message,
         });
         self.changed.set(true);
+    }
+
+    /// Whether this node is fencing its peer, or took its pools and the metadata service has
+    /// not imported them all yet: what the beats tell the peer (the join handshake).
+    fn takeover_pending(&self) -> bool {
+        match &*self.takeover.borrow() {
+            Takeover::Fencing { .. } => true,
+            Takeover::Done { .. } => self.region.as_ref().is_some_and(|r| {
+                let slot = 1u64 << self.spec.peer_slot();
+                r.claims().0 & slot != 0 && r.settled() & slot == 0
+            }),
+            Takeover::Idle | Takeover::Failed { .. } => false,
+        }
+    }
+
+    /// The join handshake: this boot joins the cluster (and its metadata service may serve
+    /// its pools) once the peer, heard on the interconnect, says it is taking nothing of this
+    /// node over; or once the peer is dead; or when no peer was heard at all for the dead
+    /// time while this node's disk heartbeat goes on (a node starting alone).
+    fn join_tick(&self) {
+        let Some(r) = &self.region else {
+            return;
+        };
+        if r.joined() {
+            return;
+        }
+        let now = self.now();
+        let state = self.membership.borrow().state();
+        let peer = self.spec.peer_id;
+        let how = match (state, self.peer_pending.get()) {
+            (PeerState::Alive, Some(false)) => Some(format!(
+                "peer node {peer} acknowledged: it is taking nothing of this node over"
+            )),
+            (PeerState::Dead, _) => Some(format!("peer node {peer} is dead: joining alone")),
+            (PeerState::Unknown, _) if now >= self.spec.dead_ms && self.own_disk_ok(now) => {
+                Some(format!(
+                    "no peer heard for the dead time ({} ms): this node starts alone",
+                    self.spec.dead_ms
+                ))
+            }
+            _ => None,
+        };
+        match how {
+            Some(how) => {
+                r.set_joined();
+                tracing::info!(%how, "joined the cluster: this node serves its pools");
+                self.event("info", "joined", format!("joined the cluster: {how}"));
+            }
+            None if !self.join_told.replace(true) => {
+                tracing::info!(
+                    peer,
+                    "joining the cluster: this node serves none of its pools until the peer acknowledges (or is found dead)"
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// A rejoin of the fenced peer that waited for this node's metadata service to import
+    /// what it claimed: done once that is so.
+    fn rejoin_tick(&self) {
+        let done = matches!(*self.takeover.borrow(), Takeover::Done { .. });
+        let (alive, boot) = {
+            let m = self.membership.borrow();
+            (m.state() == PeerState::Alive, m.peer_boot())
+        };
+        if done && alive && !self.takeover_pending() {
+            self.peer_back(boot);
+        }
     }
 
     /// Events from what the region says: this node fenced, the host link down or up.
@@ -280,6 +353,8 @@ impl Node {
                 })
             }),
             "takeover": self.takeover.borrow().describe(),
+            "takeover_pending": self.takeover_pending(),
+            "joined": self.region.as_ref().map(ClusterRegion::joined),
             "events": self.events.borrow().iter().skip(skip).collect::<Vec<_>>(),
             "drives": self.region.as_ref().and_then(|r| r.reservations()).map(|(round, list)| {
                 serde_json::json!({
@@ -437,6 +512,11 @@ impl Node {
             _ => None,
         };
         if let (Some(victim), Some(r)) = (done, &self.region) {
+            // Not before this node's metadata service has imported what it claimed: the
+            // rejoining peer waits for that too (its beats say so), then this runs again.
+            if self.takeover_pending() {
+                return;
+            }
             if victim & ((1 << 48) - 1) != boot & ((1 << 48) - 1) {
                 r.release_claims(1 << self.spec.peer_slot());
                 tracing::info!(
@@ -591,10 +671,12 @@ impl Node {
                 seq,
                 state,
                 config_generation,
+                takeover_pending,
             } => {
                 if let Some(r) = &self.region {
                     r.set_peer_config_generation(config_generation);
                 }
+                self.peer_pending.set(Some(takeover_pending));
                 if state == NodeState::Fenced {
                     tracing::warn!(peer = m.node, boot = m.boot, "peer reports itself fenced");
                 }
@@ -675,6 +757,8 @@ async fn serve(
         events: RefCell::new(std::collections::VecDeque::new()),
         event_seq: std::cell::Cell::new(0),
         seen: std::cell::Cell::new((false, false)),
+        peer_pending: std::cell::Cell::new(None),
+        join_told: std::cell::Cell::new(false),
         spec,
         clock: Instant::now(),
         peer_id: RefCell::new(None),
@@ -713,6 +797,8 @@ async fn serve(
         health.beat();
         node.region_events();
         node.disk_tick();
+        node.join_tick();
+        node.rejoin_tick();
         let t = node.membership.borrow_mut().tick(node.now());
         node.report(t);
         if let Some(r) = &node.region {
@@ -847,6 +933,7 @@ async fn dial(node: Rc<Node>, beat: Duration, stop: Arc<AtomicBool>) {
                         .region
                         .as_ref()
                         .map_or(0, ClusterRegion::config_generation),
+                    takeover_pending: node.takeover_pending(),
                 },
             );
             let Ok(f) = m.frame() else {

@@ -33,6 +33,9 @@ pub enum Body {
         state: NodeState,
         /// The sender's metadata change counter (its pools changed on the drives).
         config_generation: u64,
+        /// The sender is fencing the receiver, or took its pools and has not imported them
+        /// all yet (the join handshake: a starting receiver waits while it is true).
+        takeover_pending: bool,
     },
     /// The sender's cluster service stops on purpose.
     Leaving,
@@ -99,10 +102,12 @@ impl Message {
                 seq,
                 state,
                 config_generation,
+                takeover_pending,
             } => {
                 let mut b = root.init_body().init_beat();
                 b.set_seq(*seq);
                 b.set_config_generation(*config_generation);
+                b.set_takeover_pending(*takeover_pending);
                 b.set_state(match state {
                     NodeState::Serving => wire::NodeState::Serving,
                     NodeState::Fenced => wire::NodeState::Fenced,
@@ -153,6 +158,7 @@ impl Message {
                     seq: b.get_seq(),
                     state,
                     config_generation: b.get_config_generation(),
+                    takeover_pending: b.get_takeover_pending(),
                 }
             }
             Ok(wire::interconnect::body::Leaving(())) => Body::Leaving,
@@ -202,6 +208,7 @@ mod tests {
                 seq: 9,
                 state: NodeState::Serving,
                 config_generation: 4,
+                takeover_pending: true,
             },
         }
     }
@@ -219,6 +226,7 @@ mod tests {
                     seq: 1,
                     state: NodeState::Fenced,
                     config_generation: 0,
+                    takeover_pending: false,
                 },
                 ..beat()
             },
@@ -248,6 +256,7 @@ mod tests {
                     seq: 0,
                     state: NodeState::Serving,
                     config_generation: 0,
+                    takeover_pending: false,
                 },
                 ..beat()
             },

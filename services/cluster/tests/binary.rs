@@ -37,6 +37,7 @@ fn random_bytes_never_panic_the_decoder() {
             seq: 3,
             state: NodeState::Serving,
             config_generation: 0,
+            takeover_pending: false,
         },
     }
     .frame()

@@ -435,6 +435,17 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         changed
     }
 
+    /// The claimed node slots whose pools are all imported here (none of theirs left as the
+    /// peer's): what the cluster service waits for before the fenced peer may rejoin.
+    pub fn settled(&self) -> u64 {
+        let left = self
+            .peer_pools
+            .iter()
+            .filter(|p| p.config.ownership.owner_node < 64)
+            .fold(0u64, |m, p| m | 1 << p.config.ownership.owner_node);
+        self.claims & !left
+    }
+
     /// Changes of pools on the drives so far (the service tells the peer when it moves).
     pub fn changes(&self) -> u64 {
         self.changes

@@ -282,6 +282,43 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
     // A cluster member owns the pools whose ownership record names its slot; the others are
     // the peer's until the cluster service claims them (the peer fenced).
     let node = topology.cluster.as_ref().map_or(0, |c| c.slot() as u32);
+    // The join handshake: a cluster member's new boot serves none of its pools until the
+    // cluster service has joined it (the peer acknowledged that it takes nothing of this node
+    // over, or is dead, or was never heard); meanwhile requests are answered "not ready". A
+    // restart of this service within the boot finds the node joined.
+    if let Some(r) = &cluster_region {
+        let mut told = false;
+        while !r.joined() {
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if !told {
+                told = true;
+                tracing::info!("waiting for the cluster join before importing this node's pools");
+            }
+            health.beat();
+            match config.recv_request(Duration::from_millis(20)) {
+                Ok(Some((id, request))) => {
+                    tracing::info!(
+                        request = request.kind_name(),
+                        "config request while joining"
+                    );
+                    let reply = duplex_ipc::config::ConfigReply::Error {
+                        kind: duplex_ipc::config::ConfigErrorKind::NotReady,
+                        message: "this node is joining the cluster (waiting for the peer to acknowledge it, or to be found dead): try again shortly; `duplexctl cluster status` says more".into(),
+                    };
+                    if let Err(e) = config.send_reply(id, &reply) {
+                        tracing::warn!(error = %e, "cannot answer mgmt");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) if e.is_malformed() => {
+                    tracing::warn!(error = %e, "malformed config request dropped");
+                }
+                Err(e) => return Err(anyhow!("config channel failed: {e}")),
+            }
+        }
+    }
     let claims = cluster_region.as_ref().map(|r| r.claims().0);
     let mut cluster = Cluster::start_member(drives, node, claims, topology.ana_group, publisher);
     tracing::info!(
@@ -327,6 +364,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
             if cluster.claims(claims) {
                 health.beat();
             }
+            r.set_settled(cluster.settled());
             // The peer is visible on the drives when its slot was read in the last rounds.
             if let Some(spec) = &topology.cluster {
                 let rounds = r.rounds();
