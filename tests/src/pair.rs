@@ -142,23 +142,49 @@ impl Pair {
     /// Builds the rig with the cluster's timers; returns once each node reads the other's
     /// disk heartbeat and hears it over the interconnect.
     pub fn new(beat_ms: u64, dead_ms: u64) -> Self {
-        Self::build(Some(Net::new()), Addresses::namespaces(), beat_ms, dead_ms)
+        Self::build(
+            Some(Net::new()),
+            Addresses::namespaces(),
+            beat_ms,
+            dead_ms,
+            "",
+        )
+    }
+
+    /// [`Pair::new`] with `supervisor` (lines of TOML) added to both nodes' `[supervisor]`.
+    pub fn with_supervisor(beat_ms: u64, dead_ms: u64, supervisor: &str) -> Self {
+        Self::build(
+            Some(Net::new()),
+            Addresses::namespaces(),
+            beat_ms,
+            dead_ms,
+            supervisor,
+        )
     }
 
     /// [`Pair::new`] with both nodes on the machine's loopback (for a host in a QEMU guest,
     /// which reaches the machine's loopback through its user-mode network).
     pub fn on_loopback(beat_ms: u64, dead_ms: u64) -> Self {
-        Self::build(None, Addresses::loopback(), beat_ms, dead_ms)
+        Self::build(None, Addresses::loopback(), beat_ms, dead_ms, "")
     }
 
-    fn build(net: Option<Net>, at: Addresses, beat_ms: u64, dead_ms: u64) -> Self {
+    fn build(
+        net: Option<Net>,
+        at: Addresses,
+        beat_ms: u64,
+        dead_ms: u64,
+        supervisor: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sims = (0..2)
             .map(|i| drive_sim(dir.path(), &format!("d{i}"), "256M").0)
             .collect();
         let a = Node::start_in(
             net.as_ref().map(|n| n.a.as_str()),
-            &config(1, dir.path(), &at, beat_ms, dead_ms),
+            &config(1, dir.path(), &at, beat_ms, dead_ms).replace(
+                "crash_loop_window_s = 1\n",
+                &format!("crash_loop_window_s = 1\n{supervisor}\n"),
+            ),
         );
         let mut a = a;
         a.log.wait_for(&["metadata service ready"]);
@@ -177,7 +203,10 @@ impl Pair {
         ctl_ok(&a, &["namespace", "add", SUBNQN, "--volume", "vol0"]);
         let mut b = Node::start_in(
             net.as_ref().map(|n| n.b.as_str()),
-            &config(2, dir.path(), &at, beat_ms, dead_ms),
+            &config(2, dir.path(), &at, beat_ms, dead_ms).replace(
+                "crash_loop_window_s = 1\n",
+                &format!("crash_loop_window_s = 1\n{supervisor}\n"),
+            ),
         );
         b.log
             .wait_for(&["pool owned by the peer: exported inaccessible here", "tank"]);
