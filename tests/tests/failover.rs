@@ -396,21 +396,34 @@ fn row9_cluster_service_crashes_are_no_death_and_a_hung_datapath_is() {
     let w = workload("29");
     let mut bench = p.multipath(&args(&w), &stop);
     p.wait_more_writes(1, 200);
+    // Each node's cluster service killed `crashes` times, alternately.
     for i in 0..crashes {
-        let gen = p.node(0).service("cluster")["generation"]
-            .as_u64()
-            .unwrap_or(0);
-        let (code, out, err) = p
-            .node(0)
-            .ctl(&["service", "crash", "cluster", "--mode", "kill"]);
-        assert_eq!(code, 0, "crash {i}: {out}{err}");
-        p.node(0).wait_running("cluster", gen);
-        p.wait_more_writes(1, 50);
+        for n in 0..2 {
+            let gen = p.node(n).service("cluster")["generation"]
+                .as_u64()
+                .unwrap_or(0);
+            let (code, out, err) = p
+                .node(n)
+                .ctl(&["service", "crash", "cluster", "--mode", "kill"]);
+            assert_eq!(code, 0, "node {}, crash {i}: {out}{err}", n + 1);
+            p.node(n).wait_running("cluster", gen);
+            p.wait_more_writes(1, 50);
+        }
     }
     p.wait_more_writes(1, 200);
-    p.node(1).log.pump();
-    assert!(p.node(1).log.matching(&["peer dead"]).is_empty());
-    assert!(p.node(1).log.matching(&["TAKEOVER"]).is_empty());
+    for n in 0..2 {
+        p.node(n).log.pump();
+        assert!(
+            p.node(n).log.matching(&["peer dead"]).is_empty(),
+            "node {}",
+            n + 1
+        );
+        assert!(
+            p.node(n).log.matching(&["TAKEOVER"]).is_empty(),
+            "node {}",
+            n + 1
+        );
+    }
 
     // The watchdog: node 1's datapath frozen; node 1 stops whole; node 2 takes over.
     let datapath = p.node(0).service("datapath")["pid"].as_i64().expect("pid") as i32;
@@ -427,7 +440,7 @@ fn row9_cluster_service_crashes_are_no_death_and_a_hung_datapath_is() {
     let r = finish_multipath(&mut bench, &stop);
     assert_eq!(r["path_switches"], 1, "{r}");
     report(
-        &format!("9 ({crashes} cluster service crashes, then a hung datapath)"),
+        &format!("9 ({crashes} cluster service crashes on each node, then a hung datapath)"),
         &r,
     );
 }
