@@ -253,27 +253,7 @@ impl Pair {
         i: usize,
         want: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let (code, out, _) = self.nodes[i].ctl(&["--json", "cluster", "status"]);
-            if code == 0 {
-                let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-                if want(&v) {
-                    return v;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "node {}: cluster status never matched: {v}",
-                    i + 1
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {}: no cluster status",
-                i + 1
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_cluster_status(&self.nodes[i], want)
     }
 
     /// Drive `i`'s status as its simulator reports it.
@@ -391,6 +371,30 @@ pub fn finish_multipath(bench: &mut KillOnDrop, stop: &Path) -> serde_json::Valu
     assert_eq!(r["verify_errors"], 0, "{r}");
     assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
     r
+}
+
+/// `duplexctl --json cluster status` on `node`, once it satisfies `want`.
+pub fn wait_cluster_status(
+    node: &Node,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (code, out, err) = node.ctl(&["--json", "cluster", "status"]);
+        if code == 0 {
+            let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+            if want(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster status never matched: {v}"
+            );
+        } else {
+            assert!(Instant::now() < deadline, "no cluster status: {out}{err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Waits until at least `n` lines of `log` contain every one of `parts`.

@@ -11,9 +11,8 @@
 use std::io::Write;
 use std::net::TcpStream;
 
-use std::time::Instant;
-
-use duplex_tests::{free_port, storage_config, Log, Node, PATIENCE};
+use duplex_tests::pair::{wait_cluster_status, wait_count};
+use duplex_tests::{free_port, storage_config, Node};
 
 const SUBNQN: &str = "nqn.2026-12.io.duplex:cluster";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:c1c1c1c1-0000-4000-8000-000000000001";
@@ -67,44 +66,6 @@ dead_ms = 600
     c
 }
 
-/// `duplexctl --json cluster status` on `node`, once it satisfies `want`.
-fn wait_status(node: &Node, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (code, out, err) = node.ctl(&["--json", "cluster", "status"]);
-        if code == 0 {
-            let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-            if want(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cluster status never matched: {v}"
-            );
-        } else {
-            assert!(Instant::now() < deadline, "cluster status: {out}{err}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-/// Waits until at least `n` lines of `log` contain every one of `parts`.
-fn wait_count(log: &mut Log, parts: &[&str], n: usize) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        log.pump();
-        if log.matching(parts).len() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} log lines with {parts:?}:\n{}",
-            log.tail(60)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_boot() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -114,7 +75,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     a.log.wait_for(&["peer alive", "peer=2"]);
     b.log.wait_for(&["peer alive", "peer=1"]);
     // What the operator sees on A: itself, and B alive.
-    let st = wait_status(&a, |v| {
+    let st = wait_cluster_status(&a, |v| {
         v["peer"]["state"] == "alive" && v["link_out"] == "up"
     });
     assert_eq!(
@@ -202,7 +163,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     a.log.wait_for(&["silent for twice the dead time"]);
     drop(idle);
     // B, linked before, is heard throughout.
-    wait_status(&a, |v| v["peer"]["state"] == "alive");
+    wait_cluster_status(&a, |v| v["peer"]["state"] == "alive");
 
     // B killed whole: A sees the interconnect down (without the disk heartbeat, the second
     // witness, that is all it can say).
@@ -210,7 +171,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     let alive = a.log.matching(&["peer alive", "peer=2"]).len();
     b.kill_all();
     a.log.wait_for(&["peer interconnect down", "peer=2"]);
-    let st = wait_status(&a, |v| v["peer"]["state"] == "interconnect-down");
+    let st = wait_cluster_status(&a, |v| v["peer"]["state"] == "interconnect-down");
     assert_eq!(st["peer"]["boot"].as_u64(), Some(boot_b_n), "{st}");
     // Configuration changes are refused while the interconnect is down; reads are not.
     let (code, out, err) = a.ctl(&["subsystem", "create", "nqn.2026-12.io.duplex:x"]);
@@ -229,7 +190,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
         "the old boot named: {rebooted}"
     );
     wait_count(&mut a.log, &["peer alive", "peer=2"], alive + 1);
-    let st = wait_status(&a, |p| {
+    let st = wait_cluster_status(&a, |p| {
         p["peer"]["state"] == "alive" && p["peer"]["boot"].as_u64() != Some(boot_b_n)
     });
     assert_eq!(st["peer"]["node"], 2, "{st}");
