@@ -119,6 +119,7 @@ pub mod fence;
 pub mod map;
 mod mapped;
 pub mod nvme;
+pub mod parity;
 mod request;
 pub mod service;
 mod uring;

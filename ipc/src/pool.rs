@@ -514,6 +514,91 @@ impl Pool {
         Ok(())
     }
 
+    /// Copies bytes `[offset, offset + out.len())` of the packed contents of `chunks` (chunk
+    /// `i` holds bytes `[i * chunk_size, (i + 1) * chunk_size)`) into `out`: the CPU's view of
+    /// data a device moved into the pool (parity, checks). The caller holds the chunks.
+    pub fn copy_out(&self, chunks: &[u32], offset: usize, out: &mut [u8]) -> Result<(), PoolError> {
+        self.check_span(chunks, offset, out.len())?;
+        let mut at = offset;
+        let mut done = 0;
+        while done < out.len() {
+            let h = chunks[at / self.chunk_size];
+            let intra = at % self.chunk_size;
+            let n = (out.len() - done).min(self.chunk_size - intra);
+            // SAFETY: h < count (check_span), so chunk h spans chunk_size bytes inside the
+            // mapping, and intra + n <= chunk_size; the destination holds n bytes from `done`.
+            // The chunks are held by the caller; raw-pointer copy, no reference to shared
+            // memory is formed.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.chunk_ptr(h).wrapping_add(intra),
+                    out[done..].as_mut_ptr(),
+                    n,
+                )
+            };
+            at += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into bytes `[offset, offset + data.len())` of the packed contents of
+    /// `chunks` (as [`Pool::copy_out`] reads them), leaving the used lengths alone.
+    pub fn copy_in(&self, chunks: &[u32], offset: usize, data: &[u8]) -> Result<(), PoolError> {
+        self.check_span(chunks, offset, data.len())?;
+        let mut at = offset;
+        let mut done = 0;
+        while done < data.len() {
+            let h = chunks[at / self.chunk_size];
+            let intra = at % self.chunk_size;
+            let n = (data.len() - done).min(self.chunk_size - intra);
+            // SAFETY: h < count (check_span), so chunk h spans chunk_size bytes inside the
+            // mapping, and intra + n <= chunk_size; the source holds n bytes from `done`. The
+            // chunks are held by the caller, so no correct peer touches them; raw-pointer copy.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data[done..].as_ptr(),
+                    self.chunk_ptr(h).wrapping_add(intra),
+                    n,
+                )
+            };
+            at += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Checks that `len` bytes from `offset` lie inside `chunks`, every one of them a chunk of
+    /// this pool.
+    fn check_span(&self, chunks: &[u32], offset: usize, len: usize) -> Result<(), PoolError> {
+        let capacity = chunks.len().saturating_mul(self.chunk_size);
+        if offset.checked_add(len).is_none_or(|end| end > capacity) {
+            return Err(PoolError::TooLong {
+                handle: chunks.first().copied().unwrap_or(NIL),
+                capacity,
+                wanted: offset.saturating_add(len),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / self.chunk_size;
+        let last = (offset + len - 1) / self.chunk_size;
+        for &h in &chunks[first..=last] {
+            self.check(h)?;
+        }
+        Ok(())
+    }
+
+    /// Frees one chunk we hold (allocated by [`Pool::alloc`]).
+    pub fn free_chunk(&self, h: u32) -> Result<(), PoolError> {
+        self.check(h)?;
+        self.expect_state(h, held(self.me), "held by us")?;
+        self.next_word(h).store(NIL, Ordering::Relaxed);
+        self.state_word(h).store(0, Ordering::Release);
+        Ok(())
+    }
+
     /// Sets the used lengths of a chain we hold to describe `bytes` bytes packed from its head:
     /// full chunks, then the remainder, then zero for any chunks left over. For a chain filled
     /// in place (zero-copy I/O into [`Pool::chunk_ptr`]), where [`Pool::write_chain`] did not set
