@@ -307,7 +307,7 @@ mod tests {
             .collect();
         let refs: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
         let (mut p, mut q) = (vec![0u8; 64], vec![0u8; 64]);
-        generate(&refs, &mut p, Some(&mut q)).unwrap();
+        generate(&refs, &mut p, Some(&mut q)).expect("parity");
         for i in 0..64 {
             let mut want_q = 0u8;
             let mut g = 1u8;
@@ -344,7 +344,7 @@ mod tests {
             let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
             let mut p = vec![0u8; len];
             let mut q = vec![0u8; len];
-            generate(&refs, &mut p, raid6.then_some(&mut q[..])).unwrap();
+            generate(&refs, &mut p, raid6.then_some(&mut q[..])).expect("parity");
             let mut lost = vec![a % (k + np)];
             if raid6 {
                 lost.push(b % (k + np));
@@ -356,7 +356,7 @@ mod tests {
                 col.iter_mut().for_each(|x| *x = scribble);
             }
             let mut refs: Vec<&mut [u8]> = cols.iter_mut().map(Vec::as_mut_slice).collect();
-            reconstruct(&mut refs, &mut p2, raid6.then_some(&mut q2[..]), &lost).unwrap();
+            reconstruct(&mut refs, &mut p2, raid6.then_some(&mut q2[..]), &lost).expect("parity");
             prop_assert_eq!(&cols, &data);
             prop_assert_eq!(&p2, &p);
             if raid6 {
@@ -372,13 +372,13 @@ mod tests {
             let len = data[0].len();
             let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
             let (mut p, mut q) = (vec![0u8; len], vec![0u8; len]);
-            generate(&refs, &mut p, raid6.then_some(&mut q[..])).unwrap();
+            generate(&refs, &mut p, raid6.then_some(&mut q[..])).expect("parity");
             let mut next = data.clone();
             next[col] = (0..len).map(|i| new_byte ^ i as u8).collect();
-            update(col, &data[col], &next[col], &mut p, raid6.then_some(&mut q[..])).unwrap();
+            update(col, &data[col], &next[col], &mut p, raid6.then_some(&mut q[..])).expect("parity");
             let refs: Vec<&[u8]> = next.iter().map(Vec::as_slice).collect();
             let (mut p2, mut q2) = (vec![0u8; len], vec![0u8; len]);
-            generate(&refs, &mut p2, raid6.then_some(&mut q2[..])).unwrap();
+            generate(&refs, &mut p2, raid6.then_some(&mut q2[..])).expect("parity");
             prop_assert_eq!(p, p2);
             if raid6 {
                 prop_assert_eq!(q, q2);
