@@ -36,7 +36,7 @@ use duplex_ipc::ring::{Consumer, Producer, RingError};
 
 use crate::bdev::{
     Attach, BdevBox, BdevStats, ChainRef, Ctx, Done, Event, FileBdev, Io, MemberState, MissingBdev,
-    RaidBdev,
+    ParityBdev, RaidBdev,
 };
 use crate::channel::Channel;
 use crate::control::MISSING_DRIVE;
@@ -207,6 +207,8 @@ pub struct Engine {
     slots: Vec<Option<Request>>,
     /// Each request's chain of pool chunks, by request slot (the bdev layer's chain ids).
     chains: Vec<Vec<u32>>,
+    /// The devices' own buffers (parity RAID).
+    scratch: crate::bdev::Scratch,
     free: Vec<usize>,
     /// A poll is queued on this fixed file.
     polling: Vec<bool>,
@@ -375,6 +377,7 @@ impl Engine {
             wake,
             slots: (0..config.queue_depth).map(|_| None).collect(),
             chains: (0..config.queue_depth).map(|_| Vec::new()).collect(),
+            scratch: crate::bdev::Scratch::default(),
             free: (0..config.queue_depth).rev().collect(),
             polling,
             uring_free: (0..uring_slots).rev().collect(),
@@ -526,6 +529,7 @@ impl Engine {
             uring_owner: &mut self.uring_owner,
             inbox: &mut self.inbox,
             chains: &self.chains,
+            scratch: &mut self.scratch,
             now: Instant::now(),
             stats: &mut self.bstats,
             events: &mut self.events,
@@ -780,6 +784,16 @@ impl Engine {
             &spec.states,
         )
         .map_err(|e| e.to_string())?;
+        // Everything that can refuse comes before the members leave the device table.
+        let np = spec.level.parity();
+        if np > 0 {
+            let want = ParityBdev::scratch_wanted(geometry.len(), spec.chunk);
+            let chunks = usize::try_from(want.div_ceil(self.pool.chunk_size() as u64))
+                .unwrap_or(usize::MAX)
+                .max(self.scratch.reserved());
+            self.scratch.reserve(&self.pool, chunks)?;
+        }
+        self.check_epoch(epoch)?;
         let members: Vec<BdevBox> = roots
             .iter()
             .zip(&geometry)
@@ -790,21 +804,45 @@ impl Engine {
                 },
             )
             .collect();
-        let raid = RaidBdev::new(
-            &spec.name,
-            spec.level,
-            spec.chunk,
-            spec.data_offset,
-            spec.data_len,
-            members,
-            &spec.states,
-        )
-        .map_err(|e| e.to_string())?;
-        self.check_epoch(epoch)?;
+        let device: BdevBox = if np > 0 {
+            let (_, block_size, member_len) = RaidBdev::check(
+                &spec.name,
+                spec.level,
+                spec.chunk,
+                spec.data_offset,
+                spec.data_len,
+                &geometry,
+                &spec.states,
+            )
+            .map_err(|e| e.to_string())?;
+            Box::new(
+                ParityBdev::new(
+                    &spec.name,
+                    np,
+                    spec.chunk,
+                    spec.data_offset,
+                    member_len,
+                    block_size,
+                    members,
+                    &spec.states,
+                )
+                .hold_until_recorded(spec.hold_until_recorded),
+            )
+        } else {
+            let raid = RaidBdev::new(
+                &spec.name,
+                spec.level,
+                spec.chunk,
+                spec.data_offset,
+                spec.data_len,
+                members,
+                &spec.states,
+            )
+            .map_err(|e| e.to_string())?;
+            Box::new(raid.hold_until_recorded(spec.hold_until_recorded))
+        };
         let index = self.devices.len();
-        self.devices.push(Some(Box::new(
-            raid.hold_until_recorded(spec.hold_until_recorded),
-        )));
+        self.devices.push(Some(device));
         for (m, &d) in spec.drives.iter().enumerate() {
             if d == MISSING_DRIVE {
                 continue;
@@ -1139,6 +1177,7 @@ impl Engine {
             uring_owner: &mut self.uring_owner,
             inbox: &mut self.inbox,
             chains: &self.chains,
+            scratch: &mut self.scratch,
             now: Instant::now(),
             stats: &mut self.bstats,
             events: &mut self.events,

@@ -8,23 +8,19 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
 
+use common::sim::{lose, nvme_bdev, raw_node, restore, sim_drive, Loss, SimDrive, BS};
 use common::{pattern, Node, Setup};
-use duplex_datapath::bdev::{BdevBox, Event, FileBdev, MemberState, NvmeBdev, RaidBdev, RaidLevel};
+use duplex_datapath::bdev::{BdevBox, Event, FileBdev, MemberState, RaidBdev, RaidLevel};
 use duplex_datapath::control::{PoolSpec, MISSING_DRIVE};
-use duplex_datapath::drives::{Drive as NvmeDrive, DriveFds};
 use duplex_datapath::map::VolumeMap;
 use duplex_datapath::Volume;
-use duplex_drive_sim::port::Ports;
-use duplex_drive_sim::{Drive, DriveConfig, Fault, FaultOp};
+use duplex_drive_sim::{Fault, FaultOp};
 use duplex_ipc::desc::{IoDesc, OP_FLUSH, STATUS_SUCCESS};
 use duplex_ipc::pool::Pool;
-use duplex_ipc::topology::{DriveSpec, DriveTransport, VolumeSpec};
+use duplex_ipc::topology::VolumeSpec;
 
-const BS: u32 = 4096;
 /// Where the data area starts on every member (as the on-disk layout would put it).
 const DATA_OFFSET: u64 = 1 << 20;
 /// Bytes of each member's data area the tests use.
@@ -32,59 +28,6 @@ const DATA_LEN: u64 = 8 << 20;
 const CHUNK: u64 = 64 << 10;
 /// Blocks per write of the workload (16 KiB: some writes cross chunk ends).
 const IO_BLOCKS: u32 = 4;
-
-/// One simulated drive with its ports.
-struct SimDrive {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    ports: Ports,
-    drive: Arc<Drive>,
-}
-
-fn sim_drive() -> SimDrive {
-    let dir = tempfile::tempdir().unwrap();
-    let file = tempfile::tempfile_in(dir.path()).unwrap();
-    let drive = Drive::open(
-        file,
-        DriveConfig {
-            block_size: BS,
-            blocks: (16 << 20) / u64::from(BS),
-            cache_blocks: 1 << 12,
-            ..DriveConfig::default()
-        },
-    )
-    .unwrap();
-    let sockets = vec![dir.path().join("a.sock"), dir.path().join("b.sock")];
-    let ports = Ports::start(drive.clone(), &sockets).unwrap();
-    SimDrive {
-        _dir: dir,
-        socket: sockets[0].clone(),
-        ports,
-        drive,
-    }
-}
-
-/// The datapath's NVMe block device on port A of `d`, as duplexd would hand it over.
-fn nvme_bdev(d: &SimDrive, name: &str, pool: &Pool) -> BdevBox {
-    let spec = VolumeSpec {
-        id: 0,
-        name: name.into(),
-        resource: format!("volume:{name}"),
-        path: d.socket.display().to_string(),
-        block_size: BS,
-        blocks: d.drive.config().blocks,
-        direct: false,
-        drive: Some(DriveSpec {
-            transport: DriveTransport::VfioUser,
-            nsid: 1,
-            host_id: [7; 16],
-            fence_key: 0,
-        }),
-    };
-    let stream = UnixStream::connect(&d.socket).unwrap();
-    let drive = NvmeDrive::open(&spec, DriveFds::User(stream.into()), pool).unwrap();
-    Box::new(NvmeBdev::new(drive))
-}
 
 /// An engine serving volume 1, the whole of a RAID device over `members`.
 fn raid_node(level: RaidLevel, members: impl FnOnce(&Pool) -> Vec<BdevBox>) -> (Node, u64) {
@@ -221,41 +164,6 @@ fn raid0_stripes_chunks_over_the_members_as_the_geometry_says() {
     }
 }
 
-/// How a member is taken away.
-#[derive(Clone, Copy, Debug)]
-enum Loss {
-    Pull,
-    Error,
-    PowerCut,
-}
-
-fn lose(d: &mut SimDrive, how: Loss) {
-    match how {
-        Loss::Pull => d.ports.pull(),
-        Loss::Error => {
-            d.drive.inject(Fault::Error {
-                op: FaultOp::Any,
-                first_lba: 0,
-                last_lba: u64::MAX,
-                status: 0x0280, // Media: Write Fault
-                dnr: true,
-                remaining: None,
-            });
-        }
-        Loss::PowerCut => {
-            d.drive.power_cut();
-        }
-    }
-}
-
-fn restore(d: &mut SimDrive, how: Loss) {
-    match how {
-        Loss::Pull => d.ports.insert().unwrap(),
-        Loss::Error => d.drive.clear_faults(),
-        Loss::PowerCut => d.drive.power_on(),
-    }
-}
-
 /// A mirror (RAID 1 over 2 drives, or RAID 10 over 4) loses member `victim` in the middle of
 /// a verifying workload: no error reaches the host; the member is failed once; after it comes
 /// back with stale data, reads never go to it.
@@ -365,29 +273,6 @@ fn the_last_copy_is_never_failed_its_errors_reach_the_host() {
     assert_eq!(stats.member_failures, 1, "{stats:?}");
     assert_eq!(stats.errors, 1, "{stats:?}");
     drop(drives);
-}
-
-/// An engine with `n` simulated drives as raw devices 0..n, no volumes, channel 0 for hosts
-/// and channel 1 privileged (raw drive ids).
-fn raw_node(drives: &[SimDrive]) -> Node {
-    let setup = Setup {
-        volumes: vec![],
-        channels: 2,
-        raw_channels: 1,
-        ..Setup::default()
-    };
-    let mut node = Node::start_devices(setup, |pool| {
-        let devs = drives
-            .iter()
-            .enumerate()
-            .map(|(i, d)| nvme_bdev(d, &format!("d{i}"), pool))
-            .collect();
-        (devs, vec![])
-    });
-    for i in 0..drives.len() as u32 {
-        node.fabric[1].block_sizes.insert(i, BS);
-    }
-    node
 }
 
 /// Volume 1 over the whole data area of pool device `pool`.

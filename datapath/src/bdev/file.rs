@@ -114,10 +114,7 @@ impl FileBdev {
         let slot = op
             .slot
             .ok_or(UringError::Refused("operation without a slot"))? as usize;
-        let chains = ctx.chains;
-        let chain = chains
-            .get(op.io.chain.id as usize)
-            .map_or(&[][..], Vec::as_slice);
+        let chain = super::chain_of(ctx.chains, ctx.scratch, op.io.chain.id);
         match op.phase {
             Phase::Transfer | Phase::Zeroes => {
                 let (dir, memory) = match (op.phase, op.io.op) {

@@ -36,11 +36,13 @@ use crate::uring::Uring;
 mod file;
 mod missing;
 mod nvme;
+mod parity;
 mod raid;
 
 pub use file::FileBdev;
 pub use missing::MissingBdev;
 pub use nvme::NvmeBdev;
+pub use parity::{ParityBdev, WINDOW as PARITY_WINDOW};
 pub use raid::{MemberState, RaidBdev, RaidError, RaidLevel};
 
 pub use crate::request::Kind as Op;
@@ -122,6 +124,8 @@ pub struct Ctx<'a> {
     pub(crate) inbox: &'a mut [Vec<(u32, i32)>],
     /// The chains of the requests in flight, by chain id.
     pub(crate) chains: &'a [Vec<u32>],
+    /// The devices' own buffers (parity RAID), chain ids with [`SCRATCH_CHAIN`] set.
+    pub(crate) scratch: &'a mut Scratch,
     pub(crate) now: Instant,
     pub(crate) stats: &'a mut BdevStats,
     pub(crate) events: &'a mut Vec<Event>,
@@ -132,7 +136,106 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     /// The chunks of chain `id` (empty if there is none: a bug the callers turn into an error).
     pub(crate) fn chain(&self, id: u32) -> &[u32] {
-        self.chains.get(id as usize).map_or(&[], Vec::as_slice)
+        chain_of(self.chains, self.scratch, id)
+    }
+}
+
+/// The chunks of chain `id`: a request's, or (with [`SCRATCH_CHAIN`] set) a device's own.
+pub(crate) fn chain_of<'b>(chains: &'b [Vec<u32>], scratch: &'b Scratch, id: u32) -> &'b [u32] {
+    if id & SCRATCH_CHAIN != 0 {
+        scratch
+            .chains
+            .get((id & !SCRATCH_CHAIN) as usize)
+            .map_or(&[], Vec::as_slice)
+    } else {
+        chains.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Chain ids with this bit name a device's own buffers in [`Scratch`].
+pub const SCRATCH_CHAIN: u32 = 1 << 31;
+
+/// Pool chunks the engine keeps for the devices' own buffers (the old data and parity of a
+/// parity RAID's read-modify-write), taken from the shared pool once, when the first device
+/// that needs them is built, so that host I/O holding the pool can never starve them. A
+/// device takes a chain of them for one operation and gives it back when the operation ends.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    chains: Vec<Vec<u32>>,
+    free_ids: Vec<u32>,
+    free_chunks: Vec<u32>,
+    reserved: usize,
+    chunk_size: usize,
+}
+
+impl Scratch {
+    /// Tops the reserve up to `chunks` chunks from `pool`.
+    pub fn reserve(&mut self, pool: &Pool, chunks: usize) -> Result<(), String> {
+        self.chunk_size = pool.chunk_size();
+        while self.reserved < chunks {
+            let Some(h) = pool.alloc() else {
+                return Err(format!(
+                    "the buffer pool has no room for {chunks} chunks of parity buffers ({} taken): raise pool_chunks",
+                    self.reserved
+                ));
+            };
+            self.free_chunks.push(h.0);
+            self.reserved += 1;
+        }
+        Ok(())
+    }
+
+    /// Chunks in the reserve.
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    /// A chain of at least `bytes` bytes, as a chain id; `None` while the reserve has too few
+    /// free chunks (the caller waits for other operations to give theirs back).
+    pub fn take(&mut self, bytes: u64) -> Option<u32> {
+        let cs = self.chunk_size.max(1) as u64;
+        let want = usize::try_from(bytes.div_ceil(cs).max(1)).ok()?;
+        if want > self.free_chunks.len() {
+            return None;
+        }
+        let chunks = self.free_chunks.split_off(self.free_chunks.len() - want);
+        let i = match self.free_ids.pop() {
+            Some(i) => {
+                self.chains[i as usize] = chunks;
+                i
+            }
+            None => {
+                self.chains.push(chunks);
+                u32::try_from(self.chains.len() - 1).ok()?
+            }
+        };
+        Some(i | SCRATCH_CHAIN)
+    }
+
+    /// Whether a chain of `bytes` could ever be taken.
+    pub fn fits(&self, bytes: u64) -> bool {
+        bytes.div_ceil(self.chunk_size.max(1) as u64) <= self.reserved as u64
+    }
+
+    /// Gives chain `id` back.
+    pub fn give(&mut self, id: u32) {
+        let i = id & !SCRATCH_CHAIN;
+        if let Some(c) = self.chains.get_mut(i as usize) {
+            if !c.is_empty() {
+                self.free_chunks.append(c);
+                self.free_ids.push(i);
+            }
+        }
+    }
+
+    /// The chunks of chain `id`.
+    pub fn chain(&self, id: u32) -> &[u32] {
+        chain_of(&[], self, id)
     }
 }
 

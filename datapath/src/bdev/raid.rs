@@ -41,6 +41,21 @@ pub enum RaidLevel {
     Raid1,
     /// Striping over mirrored pairs.
     Raid10,
+    /// Rotating single parity (P): [`super::ParityBdev`].
+    Raid5,
+    /// Rotating double parity (P and Q): [`super::ParityBdev`].
+    Raid6,
+}
+
+impl RaidLevel {
+    /// Parity columns per stripe (0 for the mirror and stripe levels).
+    pub fn parity(self) -> usize {
+        match self {
+            Self::Raid5 => 1,
+            Self::Raid6 => 2,
+            _ => 0,
+        }
+    }
 }
 
 /// A member's state.
@@ -202,6 +217,10 @@ impl RaidBdev {
             RaidLevel::Raid10 if n >= 4 && n % 2 == 0 => {
                 (0..n / 2).map(|p| vec![2 * p, 2 * p + 1]).collect()
             }
+            // Parity levels: every member is its own set; losing more than the parity columns
+            // loses data.
+            RaidLevel::Raid5 if n >= 3 => (0..n).map(|i| vec![i]).collect(),
+            RaidLevel::Raid6 if n >= 4 => (0..n).map(|i| vec![i]).collect(),
             _ => return bad(format!("{n} members do not make {level:?}")),
         };
         if n > 64 {
@@ -240,7 +259,15 @@ impl RaidBdev {
                 data_offset.saturating_add(member_len)
             ));
         }
-        if sets
+        let np = level.parity();
+        if np > 0 {
+            let failed = states.iter().filter(|&&s| s == MemberState::Failed).count();
+            if failed > np {
+                return bad(format!(
+                    "{failed} members failed, {level:?} survives at most {np}"
+                ));
+            }
+        } else if sets
             .iter()
             .any(|s| !states.is_empty() && s.iter().all(|&m| states[m] == MemberState::Failed))
         {

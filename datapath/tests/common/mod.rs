@@ -3,6 +3,8 @@
 //! completions (taking back, reading and freeing their chains).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod sim;
+
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
