@@ -153,6 +153,10 @@ enum RaidLevel {
   # Mirroring across all members.
   raid10 @2;
   # Striping over mirror pairs; an even number of members, at least 4.
+  raid5 @3;
+  # Rotating single parity; at least 3 members, survives one lost.
+  raid6 @4;
+  # Rotating double parity (P and Q); at least 4 members, survives two lost.
 }
 
 struct DestroyPool {

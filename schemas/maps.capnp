@@ -95,6 +95,8 @@ enum RaidLevel {
   raid0 @0;
   raid1 @1;
   raid10 @2;
+  raid5 @3;
+  raid6 @4;
 }
 
 enum MemberState {

@@ -563,6 +563,8 @@ impl MapsServer {
                 wire::RaidLevel::Raid0 => RaidLevel::Raid0,
                 wire::RaidLevel::Raid1 => RaidLevel::Raid1,
                 wire::RaidLevel::Raid10 => RaidLevel::Raid10,
+                wire::RaidLevel::Raid5 => RaidLevel::Raid5,
+                wire::RaidLevel::Raid6 => RaidLevel::Raid6,
             },
             chunk: spec.chunk,
             data_offset: spec.data_offset,

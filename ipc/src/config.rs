@@ -193,15 +193,21 @@ pub enum RaidLevel {
     Raid1,
     /// Striping over mirror pairs.
     Raid10,
+    /// Rotating single parity.
+    Raid5,
+    /// Rotating double parity.
+    Raid6,
 }
 
 impl RaidLevel {
-    /// Lower-case name for tables and JSON (`raid0`, `raid1`, `raid10`).
+    /// Lower-case name for tables and JSON (`raid0`, `raid1`, `raid10`, `raid5`, `raid6`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Raid0 => "raid0",
             Self::Raid1 => "raid1",
             Self::Raid10 => "raid10",
+            Self::Raid5 => "raid5",
+            Self::Raid6 => "raid6",
         }
     }
 }
@@ -463,7 +469,15 @@ macro_rules! enum_map {
         }
     };
 }
-enum_map!(RaidLevel, wire::RaidLevel, Raid0, Raid1, Raid10);
+enum_map!(
+    RaidLevel,
+    wire::RaidLevel,
+    Raid0,
+    Raid1,
+    Raid10,
+    Raid5,
+    Raid6
+);
 enum_map!(
     DriveState,
     wire::DriveState,

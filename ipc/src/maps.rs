@@ -62,6 +62,10 @@ pub enum RaidLevel {
     Raid1,
     /// Striping over mirrored pairs.
     Raid10,
+    /// Rotating single parity.
+    Raid5,
+    /// Rotating double parity.
+    Raid6,
 }
 
 /// A pool member's state.
@@ -299,7 +303,15 @@ macro_rules! enum_map {
         }
     };
 }
-enum_map!(RaidLevel, wire::RaidLevel, Raid0, Raid1, Raid10);
+enum_map!(
+    RaidLevel,
+    wire::RaidLevel,
+    Raid0,
+    Raid1,
+    Raid10,
+    Raid5,
+    Raid6
+);
 enum_map!(MemberState, wire::MemberState, Active, Failed);
 
 fn name(t: &str, field: &'static str) -> Result<(), ControlError> {

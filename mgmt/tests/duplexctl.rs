@@ -61,8 +61,8 @@ fn storage_argument_errors_exit_2_without_contacting_the_node() {
             "must be more than 0",
         ),
         (
-            &["pool", "create", "tank", "--raid", "5", "--drives", "a,b"],
-            "invalid value '5' for '--raid <RAID>' [possible values: 0, 1, 10]",
+            &["pool", "create", "tank", "--raid", "7", "--drives", "a,b"],
+            "invalid value '7' for '--raid <RAID>' [possible values: 0, 1, 10, 5, 6]",
         ),
         (
             &[

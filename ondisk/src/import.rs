@@ -718,6 +718,14 @@ pub fn plan_import(req: &ImportRequest) -> Result<ImportPlan, ImportError> {
             (0..n / 2).all(|p| current.contains(&(2 * p)) || current.contains(&(2 * p + 1))),
             "RAID 10 needs a current member in every mirror pair (slots 0+1, 2+3, ...)",
         ),
+        RaidLevel::Raid5 => (
+            current.len() + 1 >= n as usize,
+            "RAID 5 needs every member but one current",
+        ),
+        RaidLevel::Raid6 => (
+            current.len() + 2 >= n as usize,
+            "RAID 6 needs every member but two current",
+        ),
     };
     if !enough {
         return Err(ImportError::TooFewMembers {

@@ -67,8 +67,7 @@ const MEMBER_SIZE: u64 = 16 + 4 + 1 + 8 + 8;
 /// Encoded size of one extent.
 const EXTENT_SIZE: u64 = 24;
 
-/// A pool's RAID level. Codes 5 and 6 are reserved for RAID 5 and 6 and refused by this
-/// version.
+/// A pool's RAID level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RaidLevel {
     /// Striping, no redundancy (scratch pools): every member is needed.
@@ -78,15 +77,31 @@ pub enum RaidLevel {
     /// Striping over mirror pairs (member slots 0+1, 2+3, ...): one current member of each
     /// pair is needed.
     Raid10,
+    /// Rotating single parity: all members but one are needed.
+    Raid5,
+    /// Rotating double parity (P and Q): all members but two are needed.
+    Raid6,
 }
 
 impl RaidLevel {
-    /// The level's on-disk code (0, 1 or 10).
+    /// The level's on-disk code (0, 1, 10, 5 or 6).
     pub fn code(self) -> u8 {
         match self {
             RaidLevel::Raid0 => 0,
             RaidLevel::Raid1 => 1,
             RaidLevel::Raid10 => 10,
+            RaidLevel::Raid5 => 5,
+            RaidLevel::Raid6 => 6,
+        }
+    }
+
+    /// Members whose loss the level survives in every case (the parity columns of RAID 5 and
+    /// 6; one for RAID 10, whose pairs each survive one; members - 1 for RAID 1).
+    pub fn parity(self) -> usize {
+        match self {
+            RaidLevel::Raid5 => 1,
+            RaidLevel::Raid6 => 2,
+            _ => 0,
         }
     }
 }
@@ -326,6 +341,8 @@ pub fn pool_capacity_bytes(
         RaidLevel::Raid0 => per_member.saturating_mul(n),
         RaidLevel::Raid1 => per_member,
         RaidLevel::Raid10 => per_member.saturating_mul(n / 2),
+        RaidLevel::Raid5 => per_member.saturating_mul(n - 1),
+        RaidLevel::Raid6 => per_member.saturating_mul(n - 2),
     })
 }
 
@@ -345,6 +362,8 @@ fn check_member_count(level: RaidLevel, count: usize) -> Result<(), ConfigError>
             count >= 4 && count % 2 == 0,
             "RAID 10 needs an even number of members, 4 to 64",
         ),
+        RaidLevel::Raid5 => (count >= 3, "RAID 5 needs 3 to 64 members"),
+        RaidLevel::Raid6 => (count >= 4, "RAID 6 needs 4 to 64 members"),
     };
     if ok && count <= MAX_MEMBERS {
         Ok(())
@@ -926,16 +945,8 @@ fn decode_pool(p: &mut Reader<'_>) -> Result<Pool, FormatError> {
         0 => RaidLevel::Raid0,
         1 => RaidLevel::Raid1,
         10 => RaidLevel::Raid10,
-        code @ (5 | 6) => {
-            return Err(p.error_at(
-                level_at,
-                Problem::BadValue {
-                    field: "RAID level",
-                    value: u64::from(code),
-                    why: "reserved for parity RAID, which this version does not support",
-                },
-            ))
-        }
+        5 => RaidLevel::Raid5,
+        6 => RaidLevel::Raid6,
         code => {
             return Err(p.error_at(
                 level_at,

@@ -612,6 +612,33 @@ fn raid10_needs_one_member_of_each_pair() {
 }
 
 #[test]
+fn parity_pools_need_all_members_but_their_parity_count() {
+    // RAID 5 over 4: any 3 import (forced, the fourth missing); 2 are refused.
+    let sim = Sim::new(RaidLevel::Raid5, 4);
+    let mut req = sim.request(true);
+    req.drives.retain(|d| d.label != "d2");
+    let plan = plan_import(&req).unwrap();
+    assert_eq!(*status(&plan, 2), MemberStatus::Missing);
+    let mut req = sim.request(true);
+    req.drives.retain(|d| d.label == "d0" || d.label == "d3");
+    let e = plan_import(&req).unwrap_err();
+    assert!(
+        matches!(&e, ImportError::TooFewMembers { level: RaidLevel::Raid5, current, .. } if current == &[0, 3]),
+        "{e}"
+    );
+    assert!(e.to_string().contains("every member but one"), "{e}");
+    // RAID 6 over 5: any 3 import; 2 are refused.
+    let sim = Sim::new(RaidLevel::Raid6, 5);
+    let mut req = sim.request(true);
+    req.drives.retain(|d| d.label != "d0" && d.label != "d4");
+    plan_import(&req).unwrap();
+    let mut req = sim.request(true);
+    req.drives.retain(|d| d.label == "d1" || d.label == "d2");
+    let e = plan_import(&req).unwrap_err();
+    assert!(e.to_string().contains("every member but two"), "{e}");
+}
+
+#[test]
 fn slots_of_another_pool_or_position_are_not_valid() {
     let mut sim = mirror();
     // A slot copied to another position (misdirected write).

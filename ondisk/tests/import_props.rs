@@ -60,6 +60,13 @@ fn may_fail(sim: &Sim, i: usize) -> bool {
         RaidLevel::Raid0 => false,
         RaidLevel::Raid1 => sim.live().len() > 1,
         RaidLevel::Raid10 => members[i ^ 1].state == MemberState::Active,
+        RaidLevel::Raid5 | RaidLevel::Raid6 => {
+            members
+                .iter()
+                .filter(|m| m.state == MemberState::Failed)
+                .count()
+                < sim.config.pool.raid_level.parity()
+        }
     }
 }
 
@@ -90,7 +97,7 @@ proptest! {
     #[test]
     fn import_picks_the_newest_valid_image(
         n in 2usize..=4,
-        level_sel in 0u8..3,
+        level_sel in 0u8..5,
         ops in proptest::collection::vec(arb_op(), 0..14),
         partial_mask in any::<u8>(),
         damages in proptest::collection::vec(arb_damage(), 0..24),
@@ -99,7 +106,9 @@ proptest! {
         let level = match level_sel {
             0 => RaidLevel::Raid0,
             1 => RaidLevel::Raid1,
-            _ if n == 4 => RaidLevel::Raid10,
+            2 if n == 4 => RaidLevel::Raid10,
+            3 if n >= 3 => RaidLevel::Raid5,
+            4 if n >= 4 => RaidLevel::Raid6,
             _ => RaidLevel::Raid1,
         };
         let mut sim = Sim::new(level, n);

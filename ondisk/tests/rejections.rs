@@ -836,8 +836,8 @@ fn pool_record_rules() {
     let p = |level, chunk, members: &[(u8, u32, u8, u64)]| {
         decode_records(&rec(1, 1, &pool_payload(b"p", level, chunk, members)))
     };
-    // RAID 5 and 6 codes are reserved; others unknown.
-    for level in [5u8, 6, 2, 11, 255] {
+    // Codes other than 0, 1, 10, 5 and 6 are unknown.
+    for level in [2u8, 3, 4, 7, 11, 255] {
         let e = p(level, 65536, &[(0, 0, 1, 0)]).unwrap_err();
         assert_eq!(e.offset, 8 + 3 + 16, "{e}");
         assert!(matches!(
@@ -848,10 +848,17 @@ fn pool_record_rules() {
             }
         ));
     }
-    assert!(p(5, 65536, &[(0, 0, 1, 0)])
+    assert!(p(7, 65536, &[(0, 0, 1, 0)])
         .unwrap_err()
         .to_string()
-        .contains("reserved"));
+        .contains("unknown code"));
+    // RAID 5 needs 3 members, RAID 6 four.
+    let members =
+        |n: u32| -> Vec<(u8, u32, u8, u64)> { (0..n).map(|i| (i as u8, i, 1, 0)).collect() };
+    assert!(p(5, 65536, &members(2)).is_err());
+    p(5, 65536, &members(3)).unwrap();
+    assert!(p(6, 65536, &members(3)).is_err());
+    p(6, 65536, &members(4)).unwrap();
     // Chunk sizes.
     for chunk in [0, 2048, 3 << 12, 2 << 20] {
         assert!(matches!(

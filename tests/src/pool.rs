@@ -124,7 +124,7 @@ pub fn member_states(node: &Node, pool: &str) -> Vec<String> {
 pub struct RigSpec<'a> {
     /// How many drives (all in the pool).
     pub drives: usize,
-    /// `--raid` of the pool: `0`, `1` or `10`.
+    /// `--raid` of the pool: `0`, `1`, `10`, `5` or `6`.
     pub raid: &'a str,
     /// Each drive's size (drive-sim's syntax, `256M`; the node's `[[drive]]` size follows).
     pub drive_mib: u64,

@@ -194,10 +194,11 @@ fn member_states(node: &Node) -> Vec<String> {
     pool::member_states(node, "tank")
 }
 
-/// A mirror loses member `victim` (`how`: pull, error, power-cut) in the middle of a verified
-/// workload: the host sees no error and reads back everything; the member is failed on disk
-/// (still after a restart, where it is stale and never read although it is back).
-fn mirror_loses_a_member(n: usize, raid: &str, victim: usize, how: &str) {
+/// A redundant pool (mirror or parity) loses member `victim` (`how`: pull, error, power-cut) in
+/// the middle of a verified workload: the host sees no error and reads back everything; the
+/// member is failed on disk (still after a restart, where it is stale and never read although
+/// it is back).
+fn pool_loses_a_member(n: usize, raid: &str, victim: usize, how: &str) {
     let mut rig = rig(n, raid);
     let args = [
         "--workload",
@@ -289,32 +290,47 @@ fn mirror_loses_a_member(n: usize, raid: &str, victim: usize, how: &str) {
 
 #[test]
 fn raid1_loses_a_pulled_member_under_verified_io() {
-    mirror_loses_a_member(2, "1", 1, "pull");
+    pool_loses_a_member(2, "1", 1, "pull");
 }
 
 #[test]
 fn raid1_loses_a_member_failing_every_command_under_verified_io() {
-    mirror_loses_a_member(2, "1", 0, "error");
+    pool_loses_a_member(2, "1", 0, "error");
 }
 
 #[test]
 fn raid10_loses_a_member_to_a_power_cut_under_verified_io() {
-    mirror_loses_a_member(4, "10", 2, "power-cut");
+    pool_loses_a_member(4, "10", 2, "power-cut");
 }
 
 #[test]
 fn raid1_loses_a_member_to_a_power_cut_under_verified_io() {
-    mirror_loses_a_member(2, "1", 1, "power-cut");
+    pool_loses_a_member(2, "1", 1, "power-cut");
 }
 
 #[test]
 fn raid10_loses_a_pulled_member_under_verified_io() {
-    mirror_loses_a_member(4, "10", 1, "pull");
+    pool_loses_a_member(4, "10", 1, "pull");
+}
+
+#[test]
+fn raid5_loses_a_pulled_member_under_verified_io() {
+    pool_loses_a_member(3, "5", 1, "pull");
+}
+
+#[test]
+fn raid5_loses_a_member_to_a_power_cut_under_verified_io() {
+    pool_loses_a_member(4, "5", 3, "power-cut");
+}
+
+#[test]
+fn raid6_loses_a_member_failing_every_command_under_verified_io() {
+    pool_loses_a_member(4, "6", 0, "error");
 }
 
 #[test]
 fn raid10_loses_a_member_failing_every_command_under_verified_io() {
-    mirror_loses_a_member(4, "10", 3, "error");
+    pool_loses_a_member(4, "10", 3, "error");
 }
 
 /// The metadata service is killed or made to panic 50 times while a loop of configuration

@@ -159,6 +159,12 @@ enum Raid {
     /// Striping over mirror pairs.
     #[value(name = "10")]
     Raid10,
+    /// Rotating single parity: survives one lost drive.
+    #[value(name = "5")]
+    Raid5,
+    /// Rotating double parity: survives two lost drives.
+    #[value(name = "6")]
+    Raid6,
 }
 
 impl From<Raid> for RaidLevel {
@@ -167,6 +173,8 @@ impl From<Raid> for RaidLevel {
             Raid::Raid0 => Self::Raid0,
             Raid::Raid1 => Self::Raid1,
             Raid::Raid10 => Self::Raid10,
+            Raid::Raid5 => Self::Raid5,
+            Raid::Raid6 => Self::Raid6,
         }
     }
 }

@@ -2112,6 +2112,8 @@ pub enum RaidLevel {
     Raid0 = 0,
     Raid1 = 1,
     Raid10 = 2,
+    Raid5 = 3,
+    Raid6 = 4,
 }
 
 impl ::capnp::introspect::Introspect for RaidLevel {
@@ -2127,6 +2129,8 @@ impl ::core::convert::TryFrom<u16> for RaidLevel {
             0 => ::core::result::Result::Ok(Self::Raid0),
             1 => ::core::result::Result::Ok(Self::Raid1),
             2 => ::core::result::Result::Ok(Self::Raid10),
+            3 => ::core::result::Result::Ok(Self::Raid5),
+            4 => ::core::result::Result::Ok(Self::Raid6),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -2139,7 +2143,7 @@ impl ::capnp::traits::HasTypeId for RaidLevel {
     const TYPE_ID: u64 = 0x81de_c54f_3f36_07d7u64;
 }
 mod raid_level {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 29] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 37] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(215, 7, 54, 63, 79, 197, 222, 129),
     ::capnp::word(13, 0, 0, 0, 2, 0, 0, 0),
@@ -2149,26 +2153,34 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 29] = [
     ::capnp::word(21, 0, 0, 0, 186, 0, 0, 0),
     ::capnp::word(29, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(25, 0, 0, 0, 79, 0, 0, 0),
+    ::capnp::word(25, 0, 0, 0, 127, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(99, 111, 110, 102, 105, 103, 46, 99),
     ::capnp::word(97, 112, 110, 112, 58, 82, 97, 105),
     ::capnp::word(100, 76, 101, 118, 101, 108, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(12, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(20, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(29, 0, 0, 0, 50, 0, 0, 0),
+    ::capnp::word(53, 0, 0, 0, 50, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(21, 0, 0, 0, 50, 0, 0, 0),
+    ::capnp::word(45, 0, 0, 0, 50, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(13, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(37, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(29, 0, 0, 0, 50, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(21, 0, 0, 0, 50, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(114, 97, 105, 100, 48, 0, 0, 0),
     ::capnp::word(114, 97, 105, 100, 49, 0, 0, 0),
     ::capnp::word(114, 97, 105, 100, 49, 48, 0, 0),
+    ::capnp::word(114, 97, 105, 100, 53, 0, 0, 0),
+    ::capnp::word(114, 97, 105, 100, 54, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
     ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)

@@ -1061,6 +1061,8 @@ pub enum RaidLevel {
     Raid0 = 0,
     Raid1 = 1,
     Raid10 = 2,
+    Raid5 = 3,
+    Raid6 = 4,
 }
 
 impl ::capnp::introspect::Introspect for RaidLevel {
@@ -1076,6 +1078,8 @@ impl ::core::convert::TryFrom<u16> for RaidLevel {
             0 => ::core::result::Result::Ok(Self::Raid0),
             1 => ::core::result::Result::Ok(Self::Raid1),
             2 => ::core::result::Result::Ok(Self::Raid10),
+            3 => ::core::result::Result::Ok(Self::Raid5),
+            4 => ::core::result::Result::Ok(Self::Raid6),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -1088,7 +1092,7 @@ impl ::capnp::traits::HasTypeId for RaidLevel {
     const TYPE_ID: u64 = 0xee5b_50c4_167d_66fdu64;
 }
 mod raid_level {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 29] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 37] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(253, 102, 125, 22, 196, 80, 91, 238),
     ::capnp::word(11, 0, 0, 0, 2, 0, 0, 0),
@@ -1098,26 +1102,34 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 29] = [
     ::capnp::word(21, 0, 0, 0, 170, 0, 0, 0),
     ::capnp::word(29, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(25, 0, 0, 0, 79, 0, 0, 0),
+    ::capnp::word(25, 0, 0, 0, 127, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(109, 97, 112, 115, 46, 99, 97, 112),
     ::capnp::word(110, 112, 58, 82, 97, 105, 100, 76),
     ::capnp::word(101, 118, 101, 108, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(12, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(20, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(29, 0, 0, 0, 50, 0, 0, 0),
+    ::capnp::word(53, 0, 0, 0, 50, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(21, 0, 0, 0, 50, 0, 0, 0),
+    ::capnp::word(45, 0, 0, 0, 50, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(13, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(37, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(29, 0, 0, 0, 50, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(21, 0, 0, 0, 50, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(114, 97, 105, 100, 48, 0, 0, 0),
     ::capnp::word(114, 97, 105, 100, 49, 0, 0, 0),
     ::capnp::word(114, 97, 105, 100, 49, 48, 0, 0),
+    ::capnp::word(114, 97, 105, 100, 53, 0, 0, 0),
+    ::capnp::word(114, 97, 105, 100, 54, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
     ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)

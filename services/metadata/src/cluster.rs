@@ -216,6 +216,8 @@ fn raid_from(r: duplex_ipc::config::RaidLevel) -> RaidLevel {
         duplex_ipc::config::RaidLevel::Raid0 => RaidLevel::Raid0,
         duplex_ipc::config::RaidLevel::Raid1 => RaidLevel::Raid1,
         duplex_ipc::config::RaidLevel::Raid10 => RaidLevel::Raid10,
+        duplex_ipc::config::RaidLevel::Raid5 => RaidLevel::Raid5,
+        duplex_ipc::config::RaidLevel::Raid6 => RaidLevel::Raid6,
     }
 }
 
@@ -224,6 +226,8 @@ fn raid_to(r: RaidLevel) -> duplex_ipc::config::RaidLevel {
         RaidLevel::Raid0 => duplex_ipc::config::RaidLevel::Raid0,
         RaidLevel::Raid1 => duplex_ipc::config::RaidLevel::Raid1,
         RaidLevel::Raid10 => duplex_ipc::config::RaidLevel::Raid10,
+        RaidLevel::Raid5 => duplex_ipc::config::RaidLevel::Raid5,
+        RaidLevel::Raid6 => duplex_ipc::config::RaidLevel::Raid6,
     }
 }
 
@@ -1310,6 +1314,8 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             RaidLevel::Raid0 => !drives.is_empty(),
             RaidLevel::Raid1 => drives.len() >= 2,
             RaidLevel::Raid10 => drives.len() >= 4 && drives.len() % 2 == 0,
+            RaidLevel::Raid5 => drives.len() >= 3,
+            RaidLevel::Raid6 => drives.len() >= 4,
         };
         if !need {
             return err(
@@ -1320,6 +1326,8 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                         RaidLevel::Raid0 => "at least 1 drive",
                         RaidLevel::Raid1 => "at least 2 drives",
                         RaidLevel::Raid10 => "an even number of drives, at least 4",
+                        RaidLevel::Raid5 => "at least 3 drives",
+                        RaidLevel::Raid6 => "at least 4 drives",
                     },
                     drives.len()
                 ),

@@ -74,6 +74,8 @@ fn level(l: RaidLevel) -> maps::RaidLevel {
         RaidLevel::Raid0 => maps::RaidLevel::Raid0,
         RaidLevel::Raid1 => maps::RaidLevel::Raid1,
         RaidLevel::Raid10 => maps::RaidLevel::Raid10,
+        RaidLevel::Raid5 => maps::RaidLevel::Raid5,
+        RaidLevel::Raid6 => maps::RaidLevel::Raid6,
     }
 }
 

@@ -635,6 +635,9 @@ fn enough(pool: &Pool) -> bool {
         RaidLevel::Raid0 => pool.members.iter().all(ok),
         RaidLevel::Raid1 => pool.members.iter().any(ok),
         RaidLevel::Raid10 => pool.members.chunks(2).all(|pair| pair.iter().any(ok)),
+        RaidLevel::Raid5 | RaidLevel::Raid6 => {
+            pool.members.iter().filter(|m| !ok(m)).count() <= pool.raid_level.parity()
+        }
     }
 }
 
