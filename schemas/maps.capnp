@@ -89,6 +89,13 @@ struct PoolSpec {
 
   holdUntilRecorded @8 :Bool;
   # Hold write and flush completions after a member fails until failuresRecorded names it.
+
+  journalOffset @9 :UInt64;
+  journalLen @10 :UInt64;
+  # Parity levels: the stripe journal ring on every member (bytes; length 0: no journal).
+
+  journalTag @11 :UInt64;
+  # The tag the pool's journal records carry (from the pool UUID).
 }
 
 enum RaidLevel {

@@ -42,6 +42,8 @@ pub struct PoolSpec {
     /// failure is recorded on disk ([`Command::FailuresRecorded`]): a write is acknowledged
     /// only once the on-disk metadata can no longer present the failed member as current.
     pub hold_until_recorded: bool,
+    /// Parity levels: where the stripe journal is (`None`: no journal, the write hole open).
+    pub journal: Option<crate::bdev::JournalSpec>,
 }
 
 /// What a device looks like now.

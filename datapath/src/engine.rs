@@ -826,7 +826,8 @@ impl Engine {
                     members,
                     &spec.states,
                 )
-                .hold_until_recorded(spec.hold_until_recorded),
+                .hold_until_recorded(spec.hold_until_recorded)
+                .with_optional_journal(spec.journal),
             )
         } else {
             let raid = RaidBdev::new(

@@ -66,7 +66,7 @@ use duplex_ipc::topology::{
 };
 use duplex_sandbox::SandboxError;
 
-use crate::bdev::{BdevBox, Event, FileBdev, MemberState, NvmeBdev, RaidLevel};
+use crate::bdev::{BdevBox, Event, FileBdev, JournalSpec, MemberState, NvmeBdev, RaidLevel};
 use crate::channel::Channel;
 use crate::control::{DeviceStatus, EngineControl, PoolSpec};
 use crate::drives::{Drive, DriveError, DriveFds};
@@ -572,6 +572,9 @@ impl MapsServer {
             drives: spec.drives,
             states: spec.states.into_iter().map(member_state).collect(),
             hold_until_recorded: spec.hold_until_recorded,
+            journal: spec
+                .journal
+                .map(|(offset, len, tag)| JournalSpec { offset, len, tag }),
         };
         let index = self.control.publish_pool(epoch, spec)?;
         u32::try_from(index)

@@ -302,6 +302,7 @@ fn mirror_spec(hold: bool) -> PoolSpec {
         drives: vec![0, 1],
         states: vec![],
         hold_until_recorded: hold,
+        journal: None,
     }
 }
 

@@ -727,6 +727,7 @@ fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
         drives,
         states: vec![],
         hold_until_recorded: true,
+        journal: None,
     }
 }
 

@@ -99,6 +99,8 @@ pub struct PoolSpec {
     pub states: Vec<MemberState>,
     /// Hold write and flush completions after a member fails until the failure is recorded.
     pub hold_until_recorded: bool,
+    /// Parity levels: `(offset, length, tag)` of the stripe journal ring on every member.
+    pub journal: Option<(u64, u64, u64)>,
 }
 
 /// `blocks` blocks of a volume from volume block `start` live on device `device` from byte
@@ -445,6 +447,11 @@ impl MapsRequest {
                 p.set_data_offset(s.data_offset);
                 p.set_data_len(s.data_len);
                 p.set_hold_until_recorded(s.hold_until_recorded);
+                if let Some((offset, len, tag)) = s.journal {
+                    p.set_journal_offset(offset);
+                    p.set_journal_len(len);
+                    p.set_journal_tag(tag);
+                }
                 let len = len_u32(s.drives.len());
                 let mut drives = p.reborrow().init_drives(len);
                 for (i, &d) in (0..len).zip(&s.drives) {
@@ -620,6 +627,13 @@ fn read_pool(p: wire::pool_spec::Reader<'_>) -> Result<PoolSpec, ControlError> {
         drives: drives.iter().collect(),
         states: read_states(p.get_states(), "maps.publishPool.states")?,
         hold_until_recorded: p.get_hold_until_recorded(),
+        journal: (p.get_journal_len() > 0).then(|| {
+            (
+                p.get_journal_offset(),
+                p.get_journal_len(),
+                p.get_journal_tag(),
+            )
+        }),
     })
 }
 
@@ -1193,6 +1207,7 @@ pub mod examples {
                     MemberState::Active,
                 ],
                 hold_until_recorded: true,
+                journal: Some((17 << 20, 16 << 20, 0x1234)),
             }),
             MapsRequest::PublishPool(PoolSpec {
                 epoch: 1,
@@ -1204,6 +1219,7 @@ pub mod examples {
                 drives: vec![7],
                 states: vec![],
                 hold_until_recorded: false,
+                journal: None,
             }),
             MapsRequest::PublishVolumes(PublishVolumes {
                 epoch: 3,

@@ -37,6 +37,10 @@ pub const METADATA_SLOT_SIZE: u32 = 2 * 1024 * 1024;
 pub const METADATA_SLOTS: u32 = 8;
 /// Size of the journal area in a new layout.
 pub const JOURNAL_SIZE: u64 = 64 * MIB;
+/// The part of the journal area kept for the write-intent bitmap (first in the area).
+pub const BITMAP_AREA: u64 = 16 * MIB;
+/// Bytes of a parity pool's stripe journal ring (after the bitmap's part).
+pub const STRIPE_JOURNAL: u64 = 16 * MIB;
 /// The data area starts and ends on multiples of this in a new layout.
 pub const DATA_ALIGN: u64 = MIB;
 /// The smallest data area [`Layout::for_drive`] accepts.
@@ -338,6 +342,15 @@ impl Layout {
             self.heartbeat_offset
                 .saturating_add(u64::from(node) * u64::from(self.heartbeat_slot_size))
         })
+    }
+
+    /// Where a parity pool's stripe journal ring is: the journal area's bytes after the
+    /// write-intent bitmap's part ([`BITMAP_AREA`]), at most [`STRIPE_JOURNAL`] of them;
+    /// `None` when the area is too small to hold 1 MiB of it.
+    pub fn stripe_journal(&self) -> Option<(u64, u64)> {
+        let start = self.journal_offset.checked_add(BITMAP_AREA)?;
+        let len = STRIPE_JOURNAL.min(self.journal_size.checked_sub(BITMAP_AREA)?);
+        (len >= 1024 * 1024).then_some((start, len))
     }
 
     /// Byte offset just past the data area.

@@ -34,6 +34,7 @@ use duplex_ipc::pool::Pool;
 use crate::uring::Uring;
 
 mod file;
+mod journal;
 mod missing;
 mod nvme;
 mod parity;
@@ -42,7 +43,7 @@ mod raid;
 pub use file::FileBdev;
 pub use missing::MissingBdev;
 pub use nvme::NvmeBdev;
-pub use parity::{ParityBdev, WINDOW as PARITY_WINDOW};
+pub use parity::{JournalSpec, ParityBdev, WINDOW as PARITY_WINDOW};
 pub use raid::{MemberState, RaidBdev, RaidError, RaidLevel};
 
 pub use crate::request::Kind as Op;

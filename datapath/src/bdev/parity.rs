@@ -37,6 +37,7 @@ use duplex_ipc::desc::{
     STATUS_RESERVATION_CONFLICT, STATUS_SUCCESS,
 };
 
+use super::journal::{self, Header, Kind, HEADER};
 use super::raid::MemberState;
 use super::{in_range, Attach, Bdev, BdevBox, ChainRef, Ctx, Done, Event, Io, Op};
 use crate::parity::{self, Geometry};
@@ -81,6 +82,8 @@ enum Owner {
     Stripe(usize),
     /// A flush, or raw member access: no redundancy.
     Plain { parent: usize, raw: bool },
+    /// The journal's own work (replay, reset).
+    Task,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +109,8 @@ enum Plan {
 enum Phase {
     Queued,
     Reading,
+    /// Parity computed; the journal entry is being written (or waits for ring space).
+    Journaling,
     Writing,
 }
 
@@ -132,7 +137,97 @@ struct StripeOp {
     /// A read failed and its member was failed: plan again when the reads are back.
     replan: bool,
     status: u16,
+    /// Where the journal entry is built in the scratch chain, and its payload.
+    entry_off: u64,
+    entry: Option<EntryInfo>,
+    /// The data and parity writes, once computed.
+    writes: Vec<(usize, Io)>,
+    /// Holds ring space in the journal (until its writes are done).
+    counted: bool,
 }
+
+/// A computed journal entry's payload (in the op's scratch chain after its header).
+#[derive(Debug, Clone)]
+struct EntryInfo {
+    pieces: Vec<(u16, u64, u64)>,
+    payload_len: u64,
+    payload_crc: u32,
+}
+
+/// Where a parity device keeps its stripe journal: a ring of `len` bytes from byte `offset`
+/// of every member (in the journal area), and the pool's tag that its records carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalSpec {
+    /// First byte of the ring on every member.
+    pub offset: u64,
+    /// Bytes of the ring (a multiple of 4 KiB).
+    pub len: u64,
+    /// The pool's tag.
+    pub tag: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JState {
+    /// Nothing done yet: the replay starts at the first poll.
+    Starting,
+    /// Replaying the newest generation's entries; host I/O waits.
+    Replaying,
+    /// Serving.
+    Ready,
+    /// Flushing and starting a new generation (the ring was full); journaling waits.
+    Resetting,
+    /// The replay could not finish: every I/O fails.
+    Broken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Reading every member's marker.
+    Markers,
+    /// Reading the next window of member `member`'s ring (from byte `at`).
+    Scan { member: usize, at: u64 },
+    /// Writing one replayed entry; then back to scanning member `member` from `at`.
+    Apply { member: usize, at: u64 },
+    /// Flushing every member.
+    Flush,
+    /// Writing the new generation's marker on every member.
+    Mark,
+}
+
+#[derive(Debug)]
+struct Task {
+    stage: Stage,
+    pending: u32,
+    /// A scratch chain for reads and replayed entries.
+    chain: Option<u32>,
+    /// Ring bytes read and not parsed yet (of the member being scanned).
+    buf: Vec<u8>,
+    /// The newest generation found.
+    found: u64,
+    replayed: u64,
+}
+
+#[derive(Debug)]
+struct Journal {
+    spec: JournalSpec,
+    gen: u64,
+    seq: u64,
+    /// Next free byte of each member's ring.
+    heads: Vec<u64>,
+    state: JState,
+    /// Operations waiting for ring space.
+    waiting: VecDeque<usize>,
+    /// Operations holding ring space.
+    active: usize,
+    /// Host I/O that arrived during the replay.
+    held: Vec<Io>,
+    /// 4 KiB chain for markers, kept.
+    marker: Option<u32>,
+    task: Option<Task>,
+}
+
+/// Bytes read per replay read.
+const SCAN: u64 = 256 * 1024;
 
 /// RAID 5 or RAID 6 over block devices. See the module docs.
 #[derive(Debug)]
@@ -159,6 +254,7 @@ pub struct ParityBdev {
     hold_until_recorded: bool,
     unrecorded: u64,
     held: Vec<Done>,
+    journal: Option<Journal>,
 }
 
 impl ParityBdev {
@@ -206,7 +302,37 @@ impl ParityBdev {
             hold_until_recorded: false,
             unrecorded: 0,
             held: Vec::new(),
+            journal: None,
         }
+    }
+
+    /// Keeps a stripe journal in `spec`'s ring (if any): every write is logged there before it is
+    /// applied, and the device replays the newest generation's entries before it serves (the
+    /// write hole closed). Without it, a crash during a write may leave a stripe's parity
+    /// disagreeing with its data.
+    pub fn with_optional_journal(self, spec: Option<JournalSpec>) -> Self {
+        match spec {
+            Some(spec) => self.with_journal(spec),
+            None => self,
+        }
+    }
+
+    /// See [`ParityBdev::with_optional_journal`].
+    pub fn with_journal(mut self, spec: JournalSpec) -> Self {
+        let n = self.geo.n;
+        self.journal = Some(Journal {
+            spec,
+            gen: 0,
+            seq: 0,
+            heads: vec![HEADER as u64; n],
+            state: JState::Starting,
+            waiting: VecDeque::new(),
+            active: 0,
+            held: Vec::new(),
+            marker: None,
+            task: None,
+        });
+        self
     }
 
     /// As [`super::RaidBdev::hold_until_recorded`].
@@ -218,7 +344,16 @@ impl ParityBdev {
     /// Parity buffer bytes the engine should keep for this device: room for a few of its
     /// largest operations at once.
     pub fn scratch_wanted(n: usize, chunk: u64) -> u64 {
-        4 * n as u64 * chunk.min(WINDOW)
+        let window = chunk.min(WINDOW);
+        // Operations (each at most a window of every member plus its journal entry), and the
+        // journal's replay reads and marker.
+        4 * n as u64 * window + Self::task_bytes(n, window) + HEADER as u64
+    }
+
+    /// The journal task's buffer: a scan window, every member's marker, or the largest entry.
+    fn task_bytes(n: usize, window: u64) -> u64 {
+        SCAN.max(HEADER as u64 + n as u64 * window)
+            .max(n as u64 * HEADER as u64)
     }
 
     fn failed_count(&self) -> usize {
@@ -388,6 +523,10 @@ impl ParityBdev {
             slots: vec![None; self.geo.n],
             replan: false,
             status: STATUS_SUCCESS,
+            entry_off: 0,
+            entry: None,
+            writes: Vec::new(),
+            counted: false,
         };
         self.hold_parent(parent);
         match self.free_ops.pop() {
@@ -496,11 +635,21 @@ impl ParityBdev {
             }
         }
         let nslots = slotted.iter().filter(|s| **s).count() as u64;
-        // Buffers: one slot of `len` bytes per slotted column.
-        if nslots > 0 {
-            let Some(id) = ctx.scratch.take(nslots * len) else {
-                if !ctx.scratch.fits(nslots * len) {
-                    tracing::error!(raid = %self.name, bytes = nslots * len, "a stripe operation needs more parity buffers than the reserve holds");
+        // Buffers: one slot of `len` bytes per slotted column, then (a logged write) the
+        // journal entry.
+        let entry_off = journal::padded(nslots * len);
+        let entry_bytes = if op.op != Op::Read && self.journal.is_some() {
+            let pieces: Vec<(u16, u64, u64)> =
+                op.pieces.iter().map(|p| (p.col as u16, p.a, p.b)).collect();
+            HEADER as u64 + journal::padded(Header::payload_for(&pieces, np as u8, lo, hi))
+        } else {
+            0
+        };
+        let need = entry_off + entry_bytes;
+        if need > 0 {
+            let Some(id) = ctx.scratch.take(need) else {
+                if !ctx.scratch.fits(need) {
+                    tracing::error!(raid = %self.name, bytes = need, "a stripe operation needs more parity buffers than the reserve holds");
                     self.finish(o, STATUS_INTERNAL, ctx);
                 } else if !self.starved.contains(&o) {
                     self.starved.push_back(o);
@@ -518,6 +667,7 @@ impl ParityBdev {
             if let Some(op) = self.ops[o].as_mut() {
                 op.scratch = Some(id);
                 op.slots = slots;
+                op.entry_off = entry_off;
             }
         }
         let parent = match self.ops[o].as_mut() {
@@ -697,6 +847,34 @@ impl ParityBdev {
                     .map_err(|_| STATUS_INTERNAL)?;
             }
         }
+        // The journal entry's payload: the pieces' new data, then P and Q.
+        if self.journal.is_some() {
+            if let Some(id) = id {
+                let mut payload = Vec::new();
+                for piece in &op.pieces {
+                    payload.extend_from_slice(&self.new_bytes(op, piece, ctx)?);
+                }
+                payload.extend_from_slice(&p);
+                if let Some(q) = &q {
+                    payload.extend_from_slice(q);
+                }
+                let at = usize::try_from(op.entry_off).unwrap_or(usize::MAX) + HEADER;
+                ctx.pool
+                    .copy_in(ctx.scratch.chain(id), at, &payload)
+                    .map_err(|_| STATUS_INTERNAL)?;
+                let info = EntryInfo {
+                    pieces: op.pieces.iter().map(|p| (p.col as u16, p.a, p.b)).collect(),
+                    payload_len: payload.len() as u64,
+                    payload_crc: crc32c::crc32c(&payload),
+                };
+                if let Some(op) = self.ops[o].as_mut() {
+                    op.entry = Some(info);
+                }
+            }
+        }
+        let Some(op) = self.ops[o].as_ref() else {
+            return Ok(());
+        };
         // The writes: new data from the parent's buffers, parity from the slots.
         let mut writes: Vec<(usize, Io)> = Vec::new();
         for piece in &op.pieces {
@@ -736,14 +914,31 @@ impl ParityBdev {
                 ));
             }
         }
-        let parent = op.parent;
+        let logged = op.entry.is_some();
         if let Some(op) = self.ops[o].as_mut() {
-            op.phase = Phase::Writing;
-            op.pending = writes.len() as u32;
+            op.writes = writes;
+            op.phase = Phase::Journaling;
         }
+        if logged {
+            self.log(o, ctx);
+        } else {
+            self.apply(o, ctx);
+        }
+        Ok(())
+    }
+
+    /// Sends operation `o`'s data and parity writes.
+    fn apply(&mut self, o: usize, ctx: &mut Ctx<'_>) {
+        let Some(op) = self.ops[o].as_mut() else {
+            return;
+        };
+        let writes = std::mem::take(&mut op.writes);
+        let parent = op.parent;
+        op.phase = Phase::Writing;
+        op.pending = writes.len() as u32;
         if writes.is_empty() {
             self.finish(o, STATUS_SUCCESS, ctx);
-            return Ok(());
+            return;
         }
         for (member, io) in writes {
             self.send(
@@ -757,7 +952,113 @@ impl ParityBdev {
                 ctx,
             );
         }
-        Ok(())
+    }
+
+    /// Writes operation `o`'s journal entry (FUA) to the ring of every active parity member
+    /// of its stripe, or queues it until the ring has room.
+    fn log(&mut self, o: usize, ctx: &mut Ctx<'_>) {
+        let geo = self.geo;
+        let k = geo.k();
+        let Some(op) = self.ops[o].as_ref() else {
+            return;
+        };
+        let Some(info) = op.entry.clone() else {
+            self.apply(o, ctx);
+            return;
+        };
+        let (stripe, lo, hi, entry_off, parent) =
+            (op.stripe, op.lo, op.hi, op.entry_off, op.parent);
+        let Some(id) = op.scratch else {
+            self.finish(o, STATUS_INTERNAL, ctx);
+            return;
+        };
+        let targets: Vec<usize> = (k..geo.n)
+            .map(|c| geo.member(stripe, c))
+            .filter(|&m| self.active(m))
+            .collect();
+        let Some(j) = self.journal.as_mut() else {
+            self.apply(o, ctx);
+            return;
+        };
+        let record = HEADER as u64 + journal::padded(info.payload_len);
+        if record + HEADER as u64 > j.spec.len {
+            tracing::error!(raid = %self.name, bytes = record, ring = j.spec.len, "a journal entry larger than the ring");
+            self.finish(o, STATUS_INTERNAL, ctx);
+            return;
+        }
+        let fits = targets.iter().all(|&m| j.heads[m] + record <= j.spec.len);
+        if j.state != JState::Ready || !fits {
+            if !j.waiting.contains(&o) {
+                j.waiting.push_back(o);
+            }
+            self.maybe_reset(ctx);
+            return;
+        }
+        j.seq += 1;
+        let header = Header {
+            kind: Kind::Entry,
+            tag: j.spec.tag,
+            gen: j.gen,
+            seq: j.seq,
+            np: geo.np as u8,
+            stripe,
+            lo,
+            hi,
+            pieces: info.pieces,
+            payload_len: info.payload_len,
+            payload_crc: info.payload_crc,
+        };
+        let mut at = Vec::new();
+        for &m in &targets {
+            at.push((m, j.spec.offset + j.heads[m]));
+            j.heads[m] += record;
+        }
+        j.active += 1;
+        if ctx
+            .pool
+            .copy_in(
+                ctx.scratch.chain(id),
+                usize::try_from(entry_off).unwrap_or(usize::MAX),
+                &header.encode(),
+            )
+            .is_err()
+        {
+            j.active -= 1;
+            self.finish(o, STATUS_INTERNAL, ctx);
+            return;
+        }
+        let Some(op) = self.ops[o].as_mut() else {
+            return;
+        };
+        op.counted = true;
+        op.pending = at.len() as u32;
+        if at.is_empty() {
+            self.apply(o, ctx);
+            return;
+        }
+        for (member, offset) in at {
+            let io = Io {
+                token: 0,
+                op: Op::Write,
+                offset,
+                len: record,
+                fua: true,
+                chain: ChainRef {
+                    id,
+                    skip: entry_off,
+                },
+            };
+            self.send(
+                Child {
+                    owner: Owner::Stripe(o),
+                    member,
+                    parent,
+                    piece: None,
+                },
+                io,
+                ctx,
+            );
+        }
     }
 
     /// Ends operation `o` with `status`: buffers back, parent settled, the next operation on
@@ -771,6 +1072,12 @@ impl ParityBdev {
             ctx.scratch.give(id);
         }
         self.starved.retain(|&s| s != o);
+        if let Some(j) = self.journal.as_mut() {
+            j.waiting.retain(|&w| w != o);
+            if op.counted {
+                j.active = j.active.saturating_sub(1);
+            }
+        }
         let status = if op.status != STATUS_SUCCESS {
             op.status
         } else {
@@ -807,6 +1114,464 @@ impl ParityBdev {
                 }
             }
         }
+        if op.counted {
+            self.maybe_reset(ctx);
+        }
+    }
+
+    /// Starts a new journal generation when operations wait for ring space and none holds
+    /// any: flush every member (what the old entries describe is then on the media), then
+    /// write the new generation's marker, which makes every older entry void.
+    fn maybe_reset(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        if j.state != JState::Ready || j.waiting.is_empty() || j.active > 0 {
+            return;
+        }
+        j.state = JState::Resetting;
+        tracing::debug!(raid = %self.name, generation = j.gen, "journal ring full: flushing and starting a new generation");
+        j.task = Some(Task {
+            stage: Stage::Flush,
+            pending: 0,
+            chain: None,
+            buf: Vec::new(),
+            found: j.gen,
+            replayed: 0,
+        });
+        self.task_flush(ctx);
+    }
+
+    /// Sends one I/O of the journal's task to member `m`.
+    fn task_io(&mut self, m: usize, io: Io, ctx: &mut Ctx<'_>) {
+        if let Some(t) = self.journal.as_mut().and_then(|j| j.task.as_mut()) {
+            t.pending += 1;
+        }
+        self.send(
+            Child {
+                owner: Owner::Task,
+                member: m,
+                parent: usize::MAX,
+                piece: None,
+            },
+            io,
+            ctx,
+        );
+    }
+
+    fn task_flush(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(t) = self.journal.as_mut().and_then(|j| j.task.as_mut()) {
+            t.stage = Stage::Flush;
+        }
+        let mut sent = false;
+        for m in 0..self.members.len() {
+            if self.active(m) {
+                sent = true;
+                self.task_io(
+                    m,
+                    Io {
+                        token: 0,
+                        op: Op::Flush,
+                        offset: 0,
+                        len: 0,
+                        fua: false,
+                        chain: ChainRef { id: 0, skip: 0 },
+                    },
+                    ctx,
+                );
+            }
+        }
+        if !sent {
+            self.task_advance(ctx);
+        }
+    }
+
+    /// The replay starts (at the first poll): every member's marker is read.
+    fn journal_start(&mut self, ctx: &mut Ctx<'_>) {
+        let geo = self.geo;
+        let task_bytes = Self::task_bytes(geo.n, self.window);
+        if !ctx.scratch.fits(task_bytes + HEADER as u64) {
+            tracing::error!(raid = %self.name, bytes = task_bytes, "the parity buffer reserve cannot hold the journal's replay");
+            self.journal_broken(STATUS_INTERNAL, ctx);
+            return;
+        }
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let Some(marker) = ctx.scratch.take(HEADER as u64) else {
+            return;
+        };
+        let Some(chain) = ctx.scratch.take(task_bytes) else {
+            ctx.scratch.give(marker);
+            return;
+        };
+        j.marker = Some(marker);
+        j.state = JState::Replaying;
+        j.task = Some(Task {
+            stage: Stage::Markers,
+            pending: 0,
+            chain: Some(chain),
+            buf: Vec::new(),
+            found: 0,
+            replayed: 0,
+        });
+        let offset = j.spec.offset;
+        let mut sent = false;
+        for m in 0..geo.n {
+            if self.active(m) {
+                sent = true;
+                self.task_io(
+                    m,
+                    Io {
+                        token: 0,
+                        op: Op::Read,
+                        offset,
+                        len: HEADER as u64,
+                        fua: false,
+                        chain: ChainRef {
+                            id: chain,
+                            skip: (m * HEADER) as u64,
+                        },
+                    },
+                    ctx,
+                );
+            }
+        }
+        if !sent {
+            self.task_advance(ctx);
+        }
+    }
+
+    /// The journal's task finished a step: take the next.
+    fn task_advance(&mut self, ctx: &mut Ctx<'_>) {
+        let active: Vec<bool> = (0..self.geo.n).map(|m| self.active(m)).collect();
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let spec = j.spec;
+        let Some(t) = j.task.as_mut() else {
+            return;
+        };
+        match t.stage {
+            Stage::Markers => {
+                let Some(chain) = t.chain else {
+                    return;
+                };
+                let mut found = 0;
+                for m in 0..self.geo.n {
+                    if self.members[m].state != MemberState::Active {
+                        continue;
+                    }
+                    let mut b = vec![0u8; HEADER];
+                    if ctx
+                        .pool
+                        .copy_out(ctx.scratch.chain(chain), m * HEADER, &mut b)
+                        .is_ok()
+                    {
+                        if let Some(h) = Header::decode(&b) {
+                            if h.kind == Kind::Marker && h.tag == spec.tag {
+                                found = found.max(h.gen);
+                            }
+                        }
+                    }
+                }
+                if let Some(t) = self.journal.as_mut().and_then(|j| j.task.as_mut()) {
+                    t.found = found;
+                }
+                if found == 0 {
+                    self.task_flush(ctx);
+                } else {
+                    self.scan_member(0, ctx);
+                }
+            }
+            Stage::Scan { member, at } => {
+                if !active[member] {
+                    self.scan_member(member + 1, ctx);
+                    return;
+                }
+                let Some(chain) = t.chain else {
+                    return;
+                };
+                let len = SCAN.min(spec.len - at) as usize;
+                let from = t.buf.len();
+                t.buf.resize(from + len, 0);
+                if ctx
+                    .pool
+                    .copy_out(ctx.scratch.chain(chain), 0, &mut t.buf[from..])
+                    .is_err()
+                {
+                    self.journal_broken(STATUS_INTERNAL, ctx);
+                    return;
+                }
+                self.parse(member, at + len as u64, ctx);
+            }
+            Stage::Apply { member, at } => {
+                if !active[member] {
+                    self.scan_member(member + 1, ctx);
+                    return;
+                }
+                self.parse(member, at, ctx);
+            }
+            Stage::Flush => {
+                let gen = t.found + 1;
+                t.stage = Stage::Mark;
+                let Some(marker) = j.marker else {
+                    self.journal_broken(STATUS_INTERNAL, ctx);
+                    return;
+                };
+                let h = Header {
+                    kind: Kind::Marker,
+                    tag: spec.tag,
+                    gen,
+                    seq: 0,
+                    np: self.geo.np as u8,
+                    stripe: 0,
+                    lo: 0,
+                    hi: 0,
+                    pieces: Vec::new(),
+                    payload_len: 0,
+                    payload_crc: 0,
+                };
+                if ctx
+                    .pool
+                    .copy_in(ctx.scratch.chain(marker), 0, &h.encode())
+                    .is_err()
+                {
+                    self.journal_broken(STATUS_INTERNAL, ctx);
+                    return;
+                }
+                let mut sent = false;
+                for m in 0..self.geo.n {
+                    if self.active(m) {
+                        sent = true;
+                        self.task_io(
+                            m,
+                            Io {
+                                token: 0,
+                                op: Op::Write,
+                                offset: spec.offset,
+                                len: HEADER as u64,
+                                fua: true,
+                                chain: ChainRef {
+                                    id: marker,
+                                    skip: 0,
+                                },
+                            },
+                            ctx,
+                        );
+                    }
+                }
+                if !sent {
+                    self.task_advance(ctx);
+                }
+            }
+            Stage::Mark => self.journal_ready(ctx),
+        }
+    }
+
+    /// Starts scanning the ring of the first active member from `from` on (or, past the last,
+    /// flushes).
+    fn scan_member(&mut self, from: usize, ctx: &mut Ctx<'_>) {
+        let next = (from..self.geo.n).find(|&m| self.active(m));
+        if let Some(t) = self.journal.as_mut().and_then(|j| j.task.as_mut()) {
+            t.buf.clear();
+        }
+        match next {
+            Some(m) => self.scan_read(m, HEADER as u64, ctx),
+            None => self.task_flush(ctx),
+        }
+    }
+
+    /// Reads the window of member `m`'s ring from `at`.
+    fn scan_read(&mut self, m: usize, at: u64, ctx: &mut Ctx<'_>) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let spec = j.spec;
+        let Some(t) = j.task.as_mut() else {
+            return;
+        };
+        let Some(chain) = t.chain else {
+            return;
+        };
+        t.stage = Stage::Scan { member: m, at };
+        let len = SCAN.min(spec.len - at);
+        self.task_io(
+            m,
+            Io {
+                token: 0,
+                op: Op::Read,
+                offset: spec.offset + at,
+                len,
+                fua: false,
+                chain: ChainRef { id: chain, skip: 0 },
+            },
+            ctx,
+        );
+    }
+
+    /// Parses what was read of member `m`'s ring (read up to ring byte `next`): replays the
+    /// next valid entry of the newest generation, or reads on, or moves to the next member.
+    fn parse(&mut self, m: usize, next: u64, ctx: &mut Ctx<'_>) {
+        let geo = self.geo;
+        let (k, np) = (geo.k(), geo.np);
+        let stripes = self.member_len / geo.chunk;
+        let window = self.window;
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let spec = j.spec;
+        let Some(t) = j.task.as_mut() else {
+            return;
+        };
+        let Some(chain) = t.chain else {
+            return;
+        };
+        let mut entry: Option<(Header, Vec<u8>)> = None;
+        while t.buf.len() >= HEADER {
+            let h = Header::decode(&t.buf[..HEADER]).filter(|h| {
+                h.kind == Kind::Entry
+                    && h.tag == spec.tag
+                    && h.gen == t.found
+                    && usize::from(h.np) == np
+                    && h.stripe < stripes
+                    && h.hi <= geo.chunk
+                    && h.hi - h.lo <= window
+                    && h.pieces.iter().all(|p| usize::from(p.0) < k)
+            });
+            let Some(h) = h else {
+                t.buf.drain(..HEADER);
+                continue;
+            };
+            let total = usize::try_from(h.record_len()).unwrap_or(usize::MAX);
+            if t.buf.len() < total {
+                if next < spec.len {
+                    break;
+                }
+                t.buf.drain(..HEADER);
+                continue;
+            }
+            let payload = &t.buf[HEADER..HEADER + h.payload_len as usize];
+            if crc32c::crc32c(payload) != h.payload_crc {
+                // Torn: its writes never started.
+                t.buf.drain(..HEADER);
+                continue;
+            }
+            let payload = payload.to_vec();
+            t.buf.drain(..total);
+            entry = Some((h, payload));
+            break;
+        }
+        let Some((h, payload)) = entry else {
+            if next < spec.len {
+                self.scan_read(m, next, ctx);
+            } else {
+                self.scan_member(m + 1, ctx);
+            }
+            return;
+        };
+        t.stage = Stage::Apply {
+            member: m,
+            at: next,
+        };
+        t.replayed += 1;
+        if ctx
+            .pool
+            .copy_in(ctx.scratch.chain(chain), 0, &payload)
+            .is_err()
+        {
+            self.journal_broken(STATUS_INTERNAL, ctx);
+            return;
+        }
+        tracing::debug!(raid = %self.name, seq = h.seq, stripe = h.stripe, "journal entry replayed");
+        let mut writes = Vec::new();
+        let mut cursor = 0;
+        for &(col, a, b) in &h.pieces {
+            writes.push((geo.member(h.stripe, usize::from(col)), a, b - a, cursor));
+            cursor += b - a;
+        }
+        for c in k..k + np {
+            writes.push((geo.member(h.stripe, c), h.lo, h.hi - h.lo, cursor));
+            cursor += h.hi - h.lo;
+        }
+        let mut sent = false;
+        for (member, row, len, skip) in writes {
+            if !self.active(member) {
+                continue;
+            }
+            sent = true;
+            let offset = self.member_offset(h.stripe, row);
+            self.task_io(
+                member,
+                Io {
+                    token: 0,
+                    op: Op::Write,
+                    offset,
+                    len,
+                    fua: false,
+                    chain: ChainRef { id: chain, skip },
+                },
+                ctx,
+            );
+        }
+        if !sent {
+            self.task_advance(ctx);
+        }
+    }
+
+    /// The replay or the reset is done: serve (the held I/O first), journal what waited.
+    fn journal_ready(&mut self, ctx: &mut Ctx<'_>) {
+        let n = self.geo.n;
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let Some(t) = j.task.take() else {
+            return;
+        };
+        if let Some(chain) = t.chain {
+            ctx.scratch.give(chain);
+        }
+        let was = j.state;
+        j.gen = t.found + 1;
+        j.seq = 0;
+        j.heads = vec![HEADER as u64; n];
+        j.state = JState::Ready;
+        if was == JState::Replaying {
+            tracing::info!(raid = %self.name, replayed = t.replayed, generation = j.gen, "stripe journal replayed");
+        }
+        let held = std::mem::take(&mut j.held);
+        let waiting: Vec<usize> = j.waiting.drain(..).collect();
+        for io in held {
+            self.submit(io, ctx);
+        }
+        for o in waiting {
+            self.log(o, ctx);
+        }
+    }
+
+    /// The journal's task failed past the pool's redundancy: nothing can be served safely.
+    fn journal_broken(&mut self, status: u16, ctx: &mut Ctx<'_>) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        tracing::error!(raid = %self.name, status, "the stripe journal cannot be replayed or reset: the pool fails every I/O");
+        j.state = JState::Broken;
+        if let Some(t) = j.task.take() {
+            if let Some(chain) = t.chain {
+                ctx.scratch.give(chain);
+            }
+        }
+        let held = std::mem::take(&mut j.held);
+        let waiting: Vec<usize> = j.waiting.drain(..).collect();
+        for io in held {
+            self.ready.push(Done {
+                token: io.token,
+                status,
+            });
+        }
+        for o in waiting {
+            self.finish(o, status, ctx);
+        }
     }
 
     /// A member I/O ended.
@@ -822,6 +1587,19 @@ impl ParityBdev {
         self.free_children.push(d.token as usize);
         let ok = d.status == STATUS_SUCCESS;
         match c.owner {
+            Owner::Task => {
+                if !ok && !self.fail_member(c.member, d.status, ctx) {
+                    self.journal_broken(d.status, ctx);
+                    return;
+                }
+                let Some(task) = self.journal.as_mut().and_then(|j| j.task.as_mut()) else {
+                    return;
+                };
+                task.pending = task.pending.saturating_sub(1);
+                if task.pending == 0 {
+                    self.task_advance(ctx);
+                }
+            }
             Owner::Plain { parent, raw } => {
                 if !ok && (raw || !self.fail_member(c.member, d.status, ctx)) {
                     self.fail_parent(parent, d.status);
@@ -873,6 +1651,8 @@ impl ParityBdev {
                 }
                 if op.status != STATUS_SUCCESS || phase == Phase::Writing {
                     self.finish(o, STATUS_SUCCESS, ctx);
+                } else if phase == Phase::Journaling {
+                    self.apply(o, ctx);
                 } else if op.replan {
                     if let Some(id) = op.scratch.take() {
                         ctx.scratch.give(id);
@@ -931,6 +1711,22 @@ impl Bdev for ParityBdev {
     }
 
     fn submit(&mut self, io: Io, ctx: &mut Ctx<'_>) {
+        if let Some(j) = self.journal.as_mut() {
+            match j.state {
+                JState::Starting | JState::Replaying => {
+                    j.held.push(io);
+                    return;
+                }
+                JState::Broken => {
+                    self.ready.push(Done {
+                        token: io.token,
+                        status: STATUS_INTERNAL,
+                    });
+                    return;
+                }
+                JState::Ready | JState::Resetting => {}
+            }
+        }
         if !in_range(&io, self.block_size, self.size()) {
             self.ready.push(Done {
                 token: io.token,
@@ -1014,6 +1810,14 @@ impl Bdev for ParityBdev {
 
     fn poll(&mut self, ctx: &mut Ctx<'_>, out: &mut Vec<Done>) -> bool {
         let mut progress = false;
+        if self
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.state == JState::Starting)
+        {
+            self.journal_start(ctx);
+            progress = true;
+        }
         let mut scratch = std::mem::take(&mut self.scratch_done);
         for _ in 0..4 {
             scratch.clear();
@@ -1036,11 +1840,21 @@ impl Bdev for ParityBdev {
     }
 
     fn busy(&self) -> bool {
-        !self.ready.is_empty() || self.members.iter().any(|m| m.dev.busy())
+        !self.ready.is_empty()
+            || self.members.iter().any(|m| m.dev.busy())
+            || self.journal.as_ref().is_some_and(|j| {
+                matches!(
+                    j.state,
+                    JState::Starting | JState::Replaying | JState::Resetting
+                )
+            })
     }
 
     fn inflight(&self) -> usize {
-        self.parents.iter().filter(|p| p.is_some()).count() + self.ready.len() + self.held.len()
+        self.parents.iter().filter(|p| p.is_some()).count()
+            + self.ready.len()
+            + self.held.len()
+            + self.journal.as_ref().map_or(0, |j| j.held.len())
     }
 
     fn retries(&self) -> u64 {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use duplex_datapath::bdev::{BdevBox, NvmeBdev};
 use duplex_datapath::drives::{Drive as NvmeDrive, DriveFds};
+use duplex_datapath::EngineConfig;
 use duplex_drive_sim::port::Ports;
 use duplex_drive_sim::{Drive, DriveConfig, Fault, FaultOp};
 use duplex_ipc::pool::Pool;
@@ -74,10 +75,16 @@ pub fn nvme_bdev(d: &SimDrive, name: &str, pool: &Pool) -> BdevBox {
 /// An engine with the simulated drives as raw devices 0..n, no volumes, channel 0 for hosts
 /// and channel 1 privileged (raw drive ids).
 pub fn raw_node(drives: &[SimDrive]) -> Node {
+    raw_node_with(drives, EngineConfig::default())
+}
+
+/// [`raw_node`] with an engine configuration of the test's own.
+pub fn raw_node_with(drives: &[SimDrive], config: EngineConfig) -> Node {
     let setup = Setup {
         volumes: vec![],
         channels: 2,
         raw_channels: 1,
+        config,
         ..Setup::default()
     };
     let mut node = Node::start_devices(setup, |pool| {

@@ -66,6 +66,8 @@ pub struct PoolPublish {
     pub drives: Vec<u32>,
     /// Whether each member is failed (kept out).
     pub failed: Vec<bool>,
+    /// Parity levels: `(offset, length, tag)` of the stripe journal ring on every member.
+    pub journal: Option<(u64, u64, u64)>,
 }
 
 /// A volume map for the datapath.
@@ -839,6 +841,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .zip(&p.drives)
                 .map(|(m, &d)| d == MISSING || matches!(m.state, MemberState::Failed))
                 .collect(),
+            journal: (cfg.pool.raid_level.parity() > 0)
+                .then(|| layout.stripe_journal())
+                .flatten()
+                .map(|(offset, len)| (offset, len, journal_tag(&cfg.pool.uuid))),
         };
         let device = self.publisher.publish_pool(epoch, &spec)?;
         self.pools[i].device = Some(device);
@@ -1835,4 +1841,12 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// The tag a pool's stripe journal records carry: the first 8 bytes of its UUID (so records
+/// a destroyed pool left on a drive never count for a new one).
+fn journal_tag(uuid: &duplex_ondisk::Uuid) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&uuid.0[..8]);
+    u64::from_le_bytes(b)
 }

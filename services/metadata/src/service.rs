@@ -101,6 +101,7 @@ impl Publisher for ServicePublisher {
                 })
                 .collect(),
             hold_until_recorded: true,
+            journal: pool.journal,
         };
         self.maps
             .publish_pool(spec, MAPS_TIMEOUT)
