@@ -58,6 +58,18 @@ impl Addresses {
 
 /// Node `id`'s config (1: a, 2: b), with the cluster's timers.
 pub fn config(id: u16, dir: &Path, at: &Addresses, beat_ms: u64, dead_ms: u64) -> String {
+    config_with_drives(id, dir, at, beat_ms, dead_ms, 2)
+}
+
+/// [`config`] over `drives` drives `d0`, `d1`, ....
+pub fn config_with_drives(
+    id: u16,
+    dir: &Path,
+    at: &Addresses,
+    beat_ms: u64,
+    dead_ms: u64,
+    drives: usize,
+) -> String {
     let i = usize::from(id - 1);
     let (host, me, peer) = (at.nvme[i], at.ic[i], at.ic[1 - i]);
     let letter = if id == 1 { "a" } else { "b" };
@@ -114,7 +126,7 @@ dead_ms = {dead_ms}
 "#,
         base = u32::from(id) * 0x1000,
     );
-    for i in 0..2 {
+    for i in 0..drives {
         c.push_str(&format!(
             "\n[[drive]]\nname = \"d{i}\"\ndrive = \"vfio-user:{}\"\nsize = \"256MiB\"\n",
             dir.join(format!("d{i}-{letter}.sock")).display()
@@ -168,6 +180,19 @@ impl Pair {
         Self::build(None, Addresses::loopback(), beat_ms, dead_ms, "")
     }
 
+    /// [`Pair::new`] with pool `tank` of level `raid` (`duplexctl pool create --raid`) over
+    /// `drives` drives.
+    pub fn with_pool(beat_ms: u64, dead_ms: u64, drives: usize, raid: &str) -> Self {
+        Self::build_pool(
+            Some(Net::new()),
+            Addresses::namespaces(),
+            (beat_ms, dead_ms),
+            "",
+            drives,
+            raid,
+        )
+    }
+
     fn build(
         net: Option<Net>,
         at: Addresses,
@@ -175,13 +200,26 @@ impl Pair {
         dead_ms: u64,
         supervisor: &str,
     ) -> Self {
+        Self::build_pool(net, at, (beat_ms, dead_ms), supervisor, 2, "1")
+    }
+
+    fn build_pool(
+        net: Option<Net>,
+        at: Addresses,
+        (beat_ms, dead_ms): (u64, u64),
+        supervisor: &str,
+        drives: usize,
+        raid: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let sims = (0..2)
+        let names: Vec<String> = (0..drives).map(|i| format!("d{i}")).collect();
+        let names = names.join(",");
+        let sims = (0..drives)
             .map(|i| drive_sim(dir.path(), &format!("d{i}"), "256M").0)
             .collect();
         let a = Node::start_in(
             net.as_ref().map(|n| n.a.as_str()),
-            &config(1, dir.path(), &at, beat_ms, dead_ms).replace(
+            &config_with_drives(1, dir.path(), &at, beat_ms, dead_ms, drives).replace(
                 "crash_loop_window_s = 1\n",
                 &format!("crash_loop_window_s = 1\n{supervisor}\n"),
             ),
@@ -190,7 +228,7 @@ impl Pair {
         a.log.wait_for(&["metadata service ready"]);
         ctl_ok(
             &a,
-            &["pool", "create", "tank", "--raid", "1", "--drives", "d0,d1"],
+            &["pool", "create", "tank", "--raid", raid, "--drives", &names],
         );
         ctl_ok(
             &a,
@@ -203,7 +241,7 @@ impl Pair {
         ctl_ok(&a, &["namespace", "add", SUBNQN, "--volume", "vol0"]);
         let mut b = Node::start_in(
             net.as_ref().map(|n| n.b.as_str()),
-            &config(2, dir.path(), &at, beat_ms, dead_ms).replace(
+            &config_with_drives(2, dir.path(), &at, beat_ms, dead_ms, drives).replace(
                 "crash_loop_window_s = 1\n",
                 &format!("crash_loop_window_s = 1\n{supervisor}\n"),
             ),
