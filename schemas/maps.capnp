@@ -109,6 +109,7 @@ enum RaidLevel {
 enum MemberState {
   active @0;
   failed @1;
+  rebuilding @2;
 }
 
 struct PublishVolumes {

@@ -102,6 +102,21 @@ pub enum Command {
         /// Answered when applied.
         reply: Reply<()>,
     },
+    /// Puts free raw drive `drive` into slot `slot` of RAID device `device` in place of a
+    /// failed member, to be rebuilt from byte `done` of its data area on; the old member goes
+    /// back to the free drives (a missing one is dropped).
+    ReplaceMember {
+        /// Engine device index of the RAID device.
+        device: usize,
+        /// The member slot.
+        slot: usize,
+        /// The raw drive id of the new member.
+        drive: u32,
+        /// Bytes of its data area already rebuilt (a checkpoint), 0 for a fresh drive.
+        done: u64,
+        /// Answered when swapped.
+        reply: Reply<()>,
+    },
     /// The devices as they are now.
     Status {
         /// Answered at once.
@@ -176,6 +191,23 @@ impl EngineControl {
         self.call(|reply| Command::FailuresRecorded {
             device,
             members,
+            reply,
+        })
+    }
+
+    /// Replaces a failed member (see [`Command::ReplaceMember`]).
+    pub fn replace_member(
+        &self,
+        device: usize,
+        slot: usize,
+        drive: u32,
+        done: u64,
+    ) -> Result<(), String> {
+        self.call(|reply| Command::ReplaceMember {
+            device,
+            slot,
+            drive,
+            done,
             reply,
         })
     }

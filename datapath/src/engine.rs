@@ -590,6 +590,16 @@ impl Engine {
                     };
                     let _ = reply.send(r);
                 }
+                Control::ReplaceMember {
+                    device,
+                    slot,
+                    drive,
+                    done,
+                    reply,
+                } => {
+                    let r = self.replace_member(device, slot, drive, done);
+                    let _ = reply.send(r);
+                }
                 Control::Status { reply } => {
                     let _ = reply.send(Ok(self.device_status(false)));
                 }
@@ -854,6 +864,63 @@ impl Engine {
         }
         tracing::info!(epoch, pool = %spec.name, device = index, level = ?spec.level, "pool device built");
         Ok(index)
+    }
+
+    /// Swaps free raw drive `drive` into slot `slot` of RAID device `device` (a failed member's
+    /// place); the old member's drive becomes free again.
+    fn replace_member(
+        &mut self,
+        device: usize,
+        slot: usize,
+        drive: u32,
+        done: u64,
+    ) -> Result<(), String> {
+        let d = drive as usize;
+        let Some(&(root, None)) = self.drive_loc.get(d) else {
+            return Err(format!("drive {drive} is not a free drive"));
+        };
+        if root == device || self.devices.get(device).and_then(Option::as_ref).is_none() {
+            return Err(format!("no RAID device {device}"));
+        }
+        let idle = self
+            .devices
+            .get(root)
+            .and_then(Option::as_ref)
+            .is_some_and(|dev| dev.inflight() == 0)
+            && !self
+                .maps
+                .iter()
+                .any(|m| m.extents.iter().any(|e| e.device == root));
+        if !idle {
+            return Err(format!("drive {drive} is in use"));
+        }
+        let Some(new) = self.devices.get_mut(root).and_then(Option::take) else {
+            return Err(format!("drive {drive} is not there"));
+        };
+        let Some(raid) = self.devices.get_mut(device).and_then(Option::as_mut) else {
+            self.devices[root] = Some(new);
+            return Err(format!("no RAID device {device}"));
+        };
+        match raid.replace_member(slot, new, done) {
+            Err((new, why)) => {
+                self.devices[root] = Some(new);
+                Err(why)
+            }
+            Ok(old) => {
+                // The old member's drive (if it was one) is free again.
+                if let Some(old_d) = self
+                    .drive_loc
+                    .iter()
+                    .position(|&l| l == (device, Some(slot)))
+                {
+                    self.devices[old_d] = Some(old);
+                    self.drive_loc[old_d] = (old_d, None);
+                }
+                self.drive_loc[d] = (device, Some(slot));
+                tracing::info!(device, slot, drive, done, "member replaced");
+                Ok(())
+            }
+        }
     }
 
     /// One device I/O of request `slot` ended with `status`.

@@ -704,6 +704,9 @@ fn member_state(s: wire::MemberState) -> MemberState {
     match s {
         wire::MemberState::Active => MemberState::Active,
         wire::MemberState::Failed => MemberState::Failed,
+        // A member published rebuilding is rebuilt from its start (the maps channel carries
+        // no rebuild position yet).
+        wire::MemberState::Rebuilding => MemberState::Rebuilding { done: 0 },
     }
 }
 
@@ -711,6 +714,7 @@ fn wire_member_state(s: MemberState) -> wire::MemberState {
     match s {
         MemberState::Active => wire::MemberState::Active,
         MemberState::Failed => wire::MemberState::Failed,
+        MemberState::Rebuilding { .. } => wire::MemberState::Rebuilding,
     }
 }
 

@@ -13,7 +13,7 @@ mod common;
 
 use common::sim::{lose, raw_node_with, sim_drive, Loss, SimDrive, BS};
 use common::{pattern, Node};
-use duplex_datapath::bdev::{JournalSpec, RaidLevel};
+use duplex_datapath::bdev::{JournalSpec, MemberState, RaidLevel};
 use duplex_datapath::control::PoolSpec;
 use duplex_datapath::map::{Extent, VolumeMap};
 use duplex_datapath::EngineConfig;
@@ -65,6 +65,17 @@ fn parity_array_with(
     seed: u64,
     config: EngineConfig,
 ) -> Array {
+    parity_array_over(level, drives, drives.len(), seed, config)
+}
+
+/// The pool over the first `members` of `drives` (the rest stay free raw drives: spares).
+fn parity_array_over(
+    level: RaidLevel,
+    drives: &[SimDrive],
+    members: usize,
+    seed: u64,
+    config: EngineConfig,
+) -> Array {
     let mut node = raw_node_with(drives, config);
     let ctl = node.control.clone();
     let spec = PoolSpec {
@@ -73,7 +84,7 @@ fn parity_array_with(
         chunk: CHUNK,
         data_offset: DATA_OFFSET,
         data_len: DATA_LEN,
-        drives: (0..drives.len() as u32).collect(),
+        drives: (0..members as u32).collect(),
         states: vec![],
         hold_until_recorded: false,
         journal: Some(JournalSpec {
@@ -83,7 +94,7 @@ fn parity_array_with(
         }),
     };
     let pool = ctl.publish_pool(1, spec).unwrap();
-    let k = drives.len() as u64 - level.parity() as u64;
+    let k = members as u64 - level.parity() as u64;
     let blocks = DATA_LEN * k / u64::from(BS);
     ctl.publish_volumes(
         1,
@@ -212,7 +223,7 @@ fn gf_mul(mut a: u8, mut b: u8) -> u8 {
 /// Checks the media of the members not in `gone` against the model: in stripe `s`, P on
 /// member `n - 1 - s mod n`, Q on the next, data column `d` on the `d`-th after them; each
 /// column bytes `[s·CHUNK, (s+1)·CHUNK)` of its member's data area.
-fn check_media(level: RaidLevel, drives: &[SimDrive], model: &[u8], gone: &[usize]) {
+fn check_media(level: RaidLevel, drives: &[&SimDrive], model: &[u8], gone: &[usize]) {
     let n = drives.len();
     let np = level.parity();
     let k = n - np;
@@ -273,7 +284,7 @@ fn healthy(level: RaidLevel, n: usize, seed: u64) {
     let stats = a.node.stop();
     assert_eq!(stats.errors, 0, "{stats:?}");
     assert_eq!(stats.member_failures, 0, "{stats:?}");
-    check_media(level, &drives, &model, &[]);
+    check_media(level, &drives.iter().collect::<Vec<_>>(), &model, &[]);
 }
 
 #[test]
@@ -311,7 +322,7 @@ fn degraded(level: RaidLevel, n: usize, victims: &[(usize, Loss)], seed: u64) {
     assert_eq!(stats.errors, 0, "{stats:?}");
     assert_eq!(stats.member_failures, victims.len() as u64, "{stats:?}");
     let gone: Vec<usize> = victims.iter().map(|v| v.0).collect();
-    check_media(level, &drives, &model, &gone);
+    check_media(level, &drives.iter().collect::<Vec<_>>(), &model, &gone);
 }
 
 #[test]
@@ -583,4 +594,84 @@ fn raid5_power_cuts_during_partial_stripe_writes_lose_nothing_flushed() {
 #[test]
 fn raid6_power_cuts_during_partial_stripe_writes_lose_nothing_flushed() {
     power_cuts(RaidLevel::Raid6, 5, 12);
+}
+
+/// Members `victims` pulled under load, each replaced by a fresh drive (a spare, free in the
+/// engine) and rebuilt while the workload goes on: no host error, the rebuilt members hold the
+/// data and parity of the model on their media, and another member lost afterwards is
+/// reconstructed through them.
+fn replaced_and_rebuilt(level: RaidLevel, n: usize, victims: &[usize], seed: u64) {
+    let mut drives: Vec<SimDrive> = (0..n + victims.len()).map(|_| sim_drive()).collect();
+    let mut a = parity_array_over(level, &drives, n, seed, EngineConfig::default());
+    a.write_batches(40, |_| {});
+    a.flush();
+    a.write_batches(20, |batch| {
+        if batch == 5 {
+            for &v in victims {
+                lose(&mut drives[v], Loss::Pull);
+            }
+        }
+    });
+    let ctl = a.node.control.clone();
+    let pool = ctl
+        .status()
+        .unwrap()
+        .iter()
+        .find(|d| d.name == "pool0")
+        .map(|d| d.index)
+        .unwrap();
+    for (i, &v) in victims.iter().enumerate() {
+        let spare = (n + i) as u32;
+        // The pulled member's last commands may still be failing: replaced once idle.
+        common::wait_until("the failed member to be replaceable", || {
+            ctl.replace_member(pool, v, spare, 0).is_ok()
+        });
+    }
+    // The workload goes on while the rebuild runs, until every member is active again.
+    let mut rounds = 0;
+    loop {
+        a.write_batches(4, |_| {});
+        rounds += 1;
+        let st = ctl.status().unwrap();
+        let members = &st.iter().find(|d| d.index == pool).unwrap().members;
+        if members.iter().all(|m| *m == MemberState::Active) {
+            break;
+        }
+        assert!(
+            members
+                .iter()
+                .all(|m| matches!(m, MemberState::Active | MemberState::Rebuilding { .. })),
+            "{members:?}"
+        );
+    }
+    eprintln!(
+        "{level:?}: rebuilt {} member(s) during {rounds} rounds of 4 write batches",
+        victims.len()
+    );
+    a.verify();
+    a.flush();
+    let model = a.model.clone();
+    // Slot order: the spares in the victims' slots.
+    let mut slots: Vec<&SimDrive> = drives[..n].iter().collect();
+    for (i, &v) in victims.iter().enumerate() {
+        slots[v] = &drives[n + i];
+    }
+    check_media(level, &slots, &model, &[]);
+    // Another member lost: its columns come back through the rebuilt ones.
+    let other = (0..n).find(|m| !victims.contains(m)).unwrap();
+    lose(&mut drives[other], Loss::Pull);
+    a.verify();
+    let stats = a.node.stop();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.member_failures, victims.len() as u64 + 1, "{stats:?}");
+}
+
+#[test]
+fn raid5_member_replaced_and_rebuilt_under_load() {
+    replaced_and_rebuilt(RaidLevel::Raid5, 4, &[1], 21);
+}
+
+#[test]
+fn raid6_two_members_replaced_and_rebuilt_under_load() {
+    replaced_and_rebuilt(RaidLevel::Raid6, 5, &[0, 3], 22);
 }

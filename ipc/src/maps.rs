@@ -75,6 +75,8 @@ pub enum MemberState {
     Active,
     /// Failed: takes no I/O.
     Failed,
+    /// Being rebuilt: takes writes, read only where rebuilt.
+    Rebuilding,
 }
 
 /// A RAID pool to build over raw drives (`PoolSpec` of the schema).
@@ -314,7 +316,7 @@ enum_map!(
     Raid5,
     Raid6
 );
-enum_map!(MemberState, wire::MemberState, Active, Failed);
+enum_map!(MemberState, wire::MemberState, Active, Failed, Rebuilding);
 
 fn name(t: &str, field: &'static str) -> Result<(), ControlError> {
     check_text(t, field, MAX_NAME_BYTES, true)

@@ -305,6 +305,17 @@ pub trait Bdev: Debug + Send {
     fn fail_recorded(&mut self, _members: &[usize]) -> Vec<usize> {
         Vec::new()
     }
+    /// Puts `dev` in slot `i` in place of a failed member, rebuilt by the device from byte
+    /// `done` of the member's data area on (parity devices). Gives back the old member's
+    /// device, or `dev` with the reason it was refused.
+    fn replace_member(
+        &mut self,
+        i: usize,
+        dev: BdevBox,
+        _done: u64,
+    ) -> Result<BdevBox, (BdevBox, String)> {
+        Err((dev, format!("{} cannot replace member {i}", self.name())))
+    }
     /// Completions held back until a member failure is recorded (RAID devices).
     fn held(&self) -> usize {
         0

@@ -144,6 +144,8 @@ struct StripeOp {
     writes: Vec<(usize, Io)>,
     /// Holds ring space in the journal (until its writes are done).
     counted: bool,
+    /// A rebuild operation: the member whose column of this window it rebuilds.
+    rebuild: Option<usize>,
 }
 
 /// A computed journal entry's payload (in the op's scratch chain after its header).
@@ -255,6 +257,10 @@ pub struct ParityBdev {
     unrecorded: u64,
     held: Vec<Done>,
     journal: Option<Journal>,
+    /// The rebuild operation in flight (one window at a time).
+    rebuilding: Option<usize>,
+    /// A rebuild window failed: no more until a member is replaced again.
+    rebuild_stuck: bool,
 }
 
 impl ParityBdev {
@@ -303,6 +309,8 @@ impl ParityBdev {
             unrecorded: 0,
             held: Vec::new(),
             journal: None,
+            rebuilding: None,
+            rebuild_stuck: false,
         }
     }
 
@@ -356,19 +364,28 @@ impl ParityBdev {
             .max(n as u64 * HEADER as u64)
     }
 
-    fn failed_count(&self) -> usize {
+    /// Members that cannot serve every read (failed or being rebuilt): the device survives
+    /// at most its parity count of them.
+    fn degraded_count(&self) -> usize {
         self.members
             .iter()
-            .filter(|m| m.state == MemberState::Failed)
+            .filter(|m| m.state != MemberState::Active)
             .count()
     }
 
-    fn active(&self, m: usize) -> bool {
-        self.members[m].state == MemberState::Active
+    /// Whether member `m` takes writes (it is not failed).
+    fn writable(&self, m: usize) -> bool {
+        self.members[m].state != MemberState::Failed
     }
 
-    fn col_active(&self, stripe: u64, col: usize) -> bool {
-        self.active(self.geo.member(stripe, col))
+    /// Whether column `col` of `stripe` can be read up to row `hi` (its member is active, or
+    /// rebuilt that far).
+    fn readable(&self, stripe: u64, col: usize, hi: u64) -> bool {
+        match self.members[self.geo.member(stripe, col)].state {
+            MemberState::Active => true,
+            MemberState::Failed => false,
+            MemberState::Rebuilding { done } => stripe * self.geo.chunk + hi <= done,
+        }
     }
 
     fn member_offset(&self, stripe: u64, row: u64) -> u64 {
@@ -455,7 +472,8 @@ impl ParityBdev {
         }
         if status == STATUS_RESERVATION_CONFLICT
             || status == STATUS_FENCED
-            || self.failed_count() >= self.geo.np
+            || (self.members[m].state == MemberState::Active
+                && self.degraded_count() >= self.geo.np)
         {
             return false;
         }
@@ -527,6 +545,7 @@ impl ParityBdev {
             entry: None,
             writes: Vec::new(),
             counted: false,
+            rebuild: None,
         };
         self.hold_parent(parent);
         match self.free_ops.pop() {
@@ -564,7 +583,7 @@ impl ParityBdev {
         let (stripe, lo, hi) = (op.stripe, op.lo, op.hi);
         let len = hi - lo;
         let lost: Vec<usize> = (0..geo.n)
-            .filter(|&c| !self.col_active(stripe, c))
+            .filter(|&c| !self.readable(stripe, c, hi))
             .collect();
         if lost.len() > np {
             let status = if op.op == Op::Read {
@@ -580,7 +599,16 @@ impl ParityBdev {
         let mut reads: Vec<Option<(u64, u64)>> = vec![None; geo.n];
         let mut slotted = vec![false; geo.n];
         let plan;
-        if op.op == Op::Read {
+        if let Some(target) = op.rebuild {
+            plan = Plan::Reconstruct;
+            for c in 0..geo.n {
+                if !lost.contains(&c) {
+                    reads[c] = Some((lo, hi));
+                    slotted[c] = true;
+                }
+            }
+            slotted[geo.column_of(stripe, target)] = true;
+        } else if op.op == Op::Read {
             plan = Plan::Reconstruct;
             for c in 0..geo.n {
                 if !lost.contains(&c) {
@@ -599,6 +627,10 @@ impl ParityBdev {
                         reads[c] = Some((lo, hi));
                         slotted[c] = true;
                     }
+                }
+                // New parity also goes to a parity member being rebuilt.
+                for (c, s) in slotted.iter_mut().enumerate().skip(k) {
+                    *s |= self.writable(geo.member(stripe, c));
                 }
             } else {
                 let written: u64 = op.pieces.iter().map(|p| p.b - p.a).sum();
@@ -628,7 +660,7 @@ impl ParityBdev {
                             }
                         }
                         for (c, s) in slotted.iter_mut().enumerate().skip(k) {
-                            *s = !lost.contains(&c);
+                            *s = self.writable(geo.member(stripe, c));
                         }
                     }
                 }
@@ -763,7 +795,7 @@ impl ParityBdev {
         let (stripe, lo, hi) = (op.stripe, op.lo, op.hi);
         let len = (hi - lo) as usize;
         let lost: Vec<usize> = (0..geo.n)
-            .filter(|&c| !self.col_active(stripe, c))
+            .filter(|&c| !self.readable(stripe, c, hi))
             .collect();
         let mut cols: Vec<Vec<u8>> = Vec::with_capacity(k);
         let mut par: Vec<Vec<u8>> = Vec::with_capacity(np);
@@ -784,6 +816,41 @@ impl ParityBdev {
                 tracing::error!(raid = %self.name, stripe, error = %e, "reconstruction refused");
                 STATUS_INTERNAL
             })?;
+        }
+        if let Some(target) = op.rebuild {
+            let c = geo.column_of(stripe, target);
+            let bytes: &[u8] = if c < k {
+                &cols[c]
+            } else if c == k {
+                &p
+            } else {
+                q.as_deref().ok_or(STATUS_INTERNAL)?
+            };
+            let (Some(id), Some(slot)) = (op.scratch, op.slots[c]) else {
+                return Err(STATUS_INTERNAL);
+            };
+            let at = usize::try_from(slot)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(len);
+            ctx.pool
+                .copy_in(ctx.scratch.chain(id), at, bytes)
+                .map_err(|_| STATUS_INTERNAL)?;
+            let io = Io {
+                token: 0,
+                op: Op::Write,
+                offset: self.member_offset(stripe, lo),
+                len: hi - lo,
+                fua: false,
+                chain: ChainRef {
+                    id,
+                    skip: slot * (hi - lo),
+                },
+            };
+            if let Some(op) = self.ops[o].as_mut() {
+                op.writes = vec![(target, io)];
+            }
+            self.apply(o, ctx);
+            return Ok(());
         }
         if op.op == Op::Read {
             let Some(piece) = op.pieces.first().copied() else {
@@ -878,7 +945,7 @@ impl ParityBdev {
         // The writes: new data from the parent's buffers, parity from the slots.
         let mut writes: Vec<(usize, Io)> = Vec::new();
         for piece in &op.pieces {
-            if !self.col_active(stripe, piece.col) {
+            if !self.writable(geo.member(stripe, piece.col)) {
                 continue;
             }
             writes.push((
@@ -974,7 +1041,7 @@ impl ParityBdev {
         };
         let targets: Vec<usize> = (k..geo.n)
             .map(|c| geo.member(stripe, c))
-            .filter(|&m| self.active(m))
+            .filter(|&m| self.writable(m))
             .collect();
         let Some(j) = self.journal.as_mut() else {
             self.apply(o, ctx);
@@ -1087,6 +1154,9 @@ impl ParityBdev {
             self.fail_parent(op.parent, status);
         }
         self.settle(op.parent);
+        if let Some(target) = op.rebuild {
+            self.rebuilt(target, op.stripe * self.geo.chunk + op.hi, status);
+        }
         let next = match self.locks.get_mut(&op.key) {
             Some(q) => {
                 q.retain(|&x| x != o);
@@ -1165,7 +1235,7 @@ impl ParityBdev {
         }
         let mut sent = false;
         for m in 0..self.members.len() {
-            if self.active(m) {
+            if self.writable(m) {
                 sent = true;
                 self.task_io(
                     m,
@@ -1218,7 +1288,7 @@ impl ParityBdev {
         let offset = j.spec.offset;
         let mut sent = false;
         for m in 0..geo.n {
-            if self.active(m) {
+            if self.writable(m) {
                 sent = true;
                 self.task_io(
                     m,
@@ -1244,7 +1314,7 @@ impl ParityBdev {
 
     /// The journal's task finished a step: take the next.
     fn task_advance(&mut self, ctx: &mut Ctx<'_>) {
-        let active: Vec<bool> = (0..self.geo.n).map(|m| self.active(m)).collect();
+        let active: Vec<bool> = (0..self.geo.n).map(|m| self.writable(m)).collect();
         let Some(j) = self.journal.as_mut() else {
             return;
         };
@@ -1342,7 +1412,7 @@ impl ParityBdev {
                 }
                 let mut sent = false;
                 for m in 0..self.geo.n {
-                    if self.active(m) {
+                    if self.writable(m) {
                         sent = true;
                         self.task_io(
                             m,
@@ -1372,7 +1442,7 @@ impl ParityBdev {
     /// Starts scanning the ring of the first active member from `from` on (or, past the last,
     /// flushes).
     fn scan_member(&mut self, from: usize, ctx: &mut Ctx<'_>) {
-        let next = (from..self.geo.n).find(|&m| self.active(m));
+        let next = (from..self.geo.n).find(|&m| self.writable(m));
         if let Some(t) = self.journal.as_mut().and_then(|j| j.task.as_mut()) {
             t.buf.clear();
         }
@@ -1496,7 +1566,7 @@ impl ParityBdev {
         }
         let mut sent = false;
         for (member, row, len, skip) in writes {
-            if !self.active(member) {
+            if !self.writable(member) {
                 continue;
             }
             sent = true;
@@ -1666,6 +1736,95 @@ impl ParityBdev {
         }
     }
 
+    /// Starts the next rebuild window when none is in flight: the first member being rebuilt,
+    /// from where it stands. One window at a time, under the window's lock, so host I/O keeps
+    /// the larger share of the members.
+    fn rebuild_kick(&mut self, ctx: &mut Ctx<'_>) {
+        if self.rebuilding.is_some()
+            || self.rebuild_stuck
+            || self
+                .journal
+                .as_ref()
+                .is_some_and(|j| !matches!(j.state, JState::Ready | JState::Resetting))
+        {
+            return;
+        }
+        let Some((target, done)) =
+            self.members
+                .iter()
+                .enumerate()
+                .find_map(|(i, m)| match m.state {
+                    MemberState::Rebuilding { done } if done < self.member_len => Some((i, done)),
+                    _ => None,
+                })
+        else {
+            return;
+        };
+        let chunk = self.geo.chunk;
+        let stripe = done / chunk;
+        let lo = done % chunk / self.window * self.window;
+        let hi = (lo + self.window).min(chunk);
+        let op = StripeOp {
+            parent: usize::MAX,
+            op: Op::Read,
+            fua: false,
+            chain: 0,
+            stripe,
+            key: (stripe, lo / self.window),
+            pieces: Vec::new(),
+            lo,
+            hi,
+            phase: Phase::Queued,
+            plan: Plan::Reconstruct,
+            pending: 0,
+            scratch: None,
+            slots: vec![None; self.geo.n],
+            replan: false,
+            status: STATUS_SUCCESS,
+            entry_off: 0,
+            entry: None,
+            writes: Vec::new(),
+            counted: false,
+            rebuild: Some(target),
+        };
+        let o = match self.free_ops.pop() {
+            Some(i) => {
+                self.ops[i] = Some(op);
+                i
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        };
+        self.rebuilding = Some(o);
+        self.enqueue(o, ctx);
+    }
+
+    /// A rebuild window of member `target` ending at member byte `end` finished.
+    fn rebuilt(&mut self, target: usize, end: u64, status: u16) {
+        self.rebuilding = None;
+        let len = self.member_len;
+        let Some(m) = self.members.get_mut(target) else {
+            return;
+        };
+        let MemberState::Rebuilding { done } = m.state else {
+            return;
+        };
+        if status != STATUS_SUCCESS {
+            tracing::error!(raid = %self.name, member = target, done, status, "rebuild window failed: the rebuild stops here");
+            self.rebuild_stuck = true;
+            return;
+        }
+        let done = done.max(end);
+        if done >= len {
+            m.state = MemberState::Active;
+            tracing::info!(raid = %self.name, member = target, device = m.dev.name(), "rebuild complete: the member is active");
+        } else {
+            m.state = MemberState::Rebuilding { done };
+        }
+    }
+
     /// A stripe operation reconstructing one read piece.
     fn read_op(&mut self, parent: usize, piece: Piece) -> usize {
         let chain = self
@@ -1738,7 +1897,7 @@ impl Bdev for ParityBdev {
         match io.op {
             Op::Flush => {
                 for m in 0..self.members.len() {
-                    if self.active(m) {
+                    if self.writable(m) {
                         self.hold_parent(p);
                         self.send(
                             Child {
@@ -1759,7 +1918,7 @@ impl Bdev for ParityBdev {
             Op::Read => {
                 for piece in self.pieces(&io) {
                     let member = self.geo.member(piece.stripe, piece.col);
-                    if self.active(member) {
+                    if self.readable(piece.stripe, piece.col, piece.b) {
                         self.hold_parent(p);
                         let child_io = Io {
                             offset: self.member_offset(piece.stripe, piece.a),
@@ -1834,6 +1993,7 @@ impl Bdev for ParityBdev {
             }
         }
         self.scratch_done = scratch;
+        self.rebuild_kick(ctx);
         progress |= !self.ready.is_empty();
         out.append(&mut self.ready);
         progress
@@ -1842,6 +2002,11 @@ impl Bdev for ParityBdev {
     fn busy(&self) -> bool {
         !self.ready.is_empty()
             || self.members.iter().any(|m| m.dev.busy())
+            || (!self.rebuild_stuck
+                && self
+                    .members
+                    .iter()
+                    .any(|m| matches!(m.state, MemberState::Rebuilding { .. })))
             || self.journal.as_ref().is_some_and(|j| {
                 matches!(
                     j.state,
@@ -1905,7 +2070,12 @@ impl Bdev for ParityBdev {
     fn fail_recorded(&mut self, members: &[usize]) -> Vec<usize> {
         let mut out = Vec::new();
         for &m in members {
-            if m < self.members.len() && self.active(m) && self.failed_count() < self.geo.np {
+            let can = match self.members.get(m).map(|x| x.state) {
+                Some(MemberState::Active) => self.degraded_count() < self.geo.np,
+                Some(MemberState::Rebuilding { .. }) => true,
+                _ => false,
+            };
+            if can {
                 self.members[m].state = MemberState::Failed;
                 tracing::warn!(
                     raid = %self.name,
@@ -1921,6 +2091,46 @@ impl Bdev for ParityBdev {
 
     fn member_states(&self) -> Vec<MemberState> {
         self.members.iter().map(|m| m.state).collect()
+    }
+
+    fn replace_member(
+        &mut self,
+        i: usize,
+        dev: BdevBox,
+        done: u64,
+    ) -> Result<BdevBox, (BdevBox, String)> {
+        let Some(old) = self.members.get(i) else {
+            return Err((dev, format!("no member {i}")));
+        };
+        if old.state != MemberState::Failed {
+            return Err((
+                dev,
+                format!(
+                    "member {i} is {:?}: only a failed member is replaced",
+                    old.state
+                ),
+            ));
+        }
+        if self.children.iter().flatten().any(|c| c.member == i) || old.dev.inflight() > 0 {
+            return Err((dev, format!("member {i} still has I/O in flight")));
+        }
+        if dev.block_size() != self.block_size || dev.size() < self.data_offset + self.member_len {
+            let why = format!(
+                "{} has {}-byte blocks and {} bytes; the pool needs {}-byte blocks and {} bytes",
+                dev.name(),
+                dev.block_size(),
+                dev.size(),
+                self.block_size,
+                self.data_offset + self.member_len
+            );
+            return Err((dev, why));
+        }
+        let done = done.min(self.member_len) / self.window * self.window;
+        let old = std::mem::replace(&mut self.members[i].dev, dev);
+        self.members[i].state = MemberState::Rebuilding { done };
+        self.rebuild_stuck = false;
+        tracing::info!(raid = %self.name, member = i, device = self.members[i].dev.name(), from = done, "member replaced: rebuilding");
+        Ok(old)
     }
 
     fn held(&self) -> usize {

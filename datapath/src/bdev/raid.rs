@@ -65,6 +65,12 @@ pub enum MemberState {
     Active,
     /// Failed: takes no I/O; its data is stale.
     Failed,
+    /// Being rebuilt (parity levels): takes every write, is read only below `done` (bytes of
+    /// its data area rebuilt), rebuilt by the device from there on.
+    Rebuilding {
+        /// Bytes of the member's data area rebuilt.
+        done: u64,
+    },
 }
 
 /// Why a RAID device cannot be built.
@@ -260,8 +266,15 @@ impl RaidBdev {
             ));
         }
         let np = level.parity();
+        if np == 0
+            && states
+                .iter()
+                .any(|s| matches!(s, MemberState::Rebuilding { .. }))
+        {
+            return bad("rebuilding a member is supported for RAID 5 and 6 only".into());
+        }
         if np > 0 {
-            let failed = states.iter().filter(|&&s| s == MemberState::Failed).count();
+            let failed = states.iter().filter(|&&s| s != MemberState::Active).count();
             if failed > np {
                 return bad(format!(
                     "{failed} members failed, {level:?} survives at most {np}"

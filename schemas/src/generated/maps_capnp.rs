@@ -1229,6 +1229,7 @@ pub(crate) static ARENA: ::capnp::private::arena::GeneratedCodeArena = ::capnp::
 pub enum MemberState {
     Active = 0,
     Failed = 1,
+    Rebuilding = 2,
 }
 
 impl ::capnp::introspect::Introspect for MemberState {
@@ -1243,6 +1244,7 @@ impl ::core::convert::TryFrom<u16> for MemberState {
         match value {
             0 => ::core::result::Result::Ok(Self::Active),
             1 => ::core::result::Result::Ok(Self::Failed),
+            2 => ::core::result::Result::Ok(Self::Rebuilding),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -1255,7 +1257,7 @@ impl ::capnp::traits::HasTypeId for MemberState {
     const TYPE_ID: u64 = 0x8d7b_8a0a_69bc_df2bu64;
 }
 mod member_state {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 25] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 30] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(43, 223, 188, 105, 10, 138, 123, 141),
     ::capnp::word(11, 0, 0, 0, 2, 0, 0, 0),
@@ -1265,22 +1267,27 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 25] = [
     ::capnp::word(21, 0, 0, 0, 186, 0, 0, 0),
     ::capnp::word(29, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(25, 0, 0, 0, 55, 0, 0, 0),
+    ::capnp::word(25, 0, 0, 0, 79, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(109, 97, 112, 115, 46, 99, 97, 112),
     ::capnp::word(110, 112, 58, 77, 101, 109, 98, 101),
     ::capnp::word(114, 83, 116, 97, 116, 101, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(8, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(12, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(17, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(29, 0, 0, 0, 58, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(9, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(21, 0, 0, 0, 58, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(13, 0, 0, 0, 90, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(97, 99, 116, 105, 118, 101, 0, 0),
     ::capnp::word(102, 97, 105, 108, 101, 100, 0, 0),
+    ::capnp::word(114, 101, 98, 117, 105, 108, 100, 105),
+    ::capnp::word(110, 103, 0, 0, 0, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
     ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)
