@@ -40,6 +40,8 @@ fn layout_of_a_one_gib_drive() {
     assert_eq!(l.metadata_slots, 8);
     assert_eq!(l.journal_offset, 17 * MIB);
     assert_eq!(l.journal_size, 64 * MIB);
+    // A parity pool's stripe journal ring: after the bitmap's 16 MiB of the journal area.
+    assert_eq!(l.stripe_journal(), Some((33 * MIB, 16 * MIB)));
     assert_eq!(l.data_offset, 81 * MIB);
     // The secondary superblock is the last 4 KiB; the data area ends at the 1 MiB boundary
     // below it.
