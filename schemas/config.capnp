@@ -114,7 +114,23 @@ struct ConfigRequestBody {
     # goes to change here, its I/O drains, its ownership record is committed to the peer with
     # the next epoch, the group goes inaccessible here; the peer imports it when it hears of
     # the change. Refused on a node that does not own the pool or has no live peer.
+
+    replaceMember @20 :ReplaceMember;
+    # Put a free drive in place of a failed member of a RAID 5 or 6 pool this node owns: the
+    # member is committed rebuilding on the new drive and the datapath rebuilds it under I/O;
+    # the metadata service commits it active when the datapath reports it rebuilt.
   }
+}
+
+struct ReplaceMember {
+  pool @0 :Text;
+  # The pool, 1..=64 bytes.
+
+  old @1 :Text;
+  # The drive name of the failed member (as listDrives names it), 1..=64 bytes.
+
+  new @2 :Text;
+  # A free drive's name, 1..=64 bytes.
 }
 
 struct MovePool {

@@ -14,7 +14,7 @@
 #   datapath -> metadata  MapsMessage: a reply (same requestId), or an event at any time
 #
 # Which reply answers which request: listDevices -> devices; publishPool -> device (the new
-# pool's device index); publishVolumes, failuresRecorded -> done. Any request may be answered by
+# pool's device index); publishVolumes, failuresRecorded, replaceMember -> done. Any request may be answered by
 # error instead; nothing is changed when the answer is error. A request the datapath cannot
 # decode is answered by error if its requestId could be read, and dropped otherwise.
 #
@@ -57,7 +57,26 @@ struct MapsRequest {
 
     failuresRecorded @4 :FailuresRecorded;
     # These members' failure is recorded on disk: release the writes held since.
+
+    replaceMember @5 :ReplaceMember;
+    # Put a free raw drive in a failed member's slot of a parity pool, to be rebuilt from
+    # `done` on (answered done once swapped; the rebuild runs in the datapath, and
+    # listDevices shows the member rebuilding, then active).
   }
+}
+
+struct ReplaceMember {
+  device @0 :UInt32;
+  # The pool's device index.
+
+  slot @1 :UInt32;
+  # The failed member's slot.
+
+  drive @2 :UInt32;
+  # The free raw drive id that takes it.
+
+  done @3 :UInt64;
+  # Bytes of the member's data area already rebuilt (0 for a fresh drive).
 }
 
 struct PoolSpec {

@@ -535,6 +535,15 @@ impl MapsServer {
                     members.into_iter().map(|m| m as usize).collect(),
                 )
                 .map(|()| MapsReply::Done),
+            MapsRequest::ReplaceMember {
+                device,
+                slot,
+                drive,
+                done,
+            } => self
+                .control
+                .replace_member(device as usize, slot as usize, drive, done)
+                .map(|()| MapsReply::Done),
         };
         result.unwrap_or_else(|why| MapsReply::Error(bounded_error(why)))
     }

@@ -181,6 +181,15 @@ pub enum ConfigRequest {
         /// The node id to move it to (1..=4).
         node: u16,
     },
+    /// Replace a failed member of a parity pool by a free drive (rebuilt under I/O).
+    ReplaceMember {
+        /// The pool.
+        pool: String,
+        /// The failed member's drive name.
+        old: String,
+        /// The free drive.
+        new: String,
+    },
 }
 
 /// A pool's RAID level.
@@ -632,6 +641,7 @@ impl ConfigRequest {
             Self::AllowAnyHost { .. } => "allowAnyHost",
             Self::ImportPool { .. } => "importPool",
             Self::MovePool { .. } => "movePool",
+            Self::ReplaceMember { .. } => "replaceMember",
             Self::ListVolumesAfter(_) => "listVolumesAfter",
         }
     }
@@ -680,6 +690,11 @@ impl ConfigRequest {
             }
             // The node is checked by the metadata service (it must be the peer's id).
             Self::MovePool { name, .. } => required(name, "config.movePool.name", MAX_NAME_BYTES),
+            Self::ReplaceMember { pool, old, new } => {
+                required(pool, "config.replaceMember.pool", MAX_NAME_BYTES)?;
+                required(old, "config.replaceMember.old", MAX_NAME_BYTES)?;
+                required(new, "config.replaceMember.new", MAX_NAME_BYTES)
+            }
             Self::ListVolumesAfter(name) => {
                 optional(name, "config.listVolumesAfter", MAX_NAME_BYTES)
             }
@@ -772,6 +787,12 @@ impl ConfigRequest {
                 let mut p = body.init_move_pool();
                 p.set_name(name.as_str());
                 p.set_node(*node);
+            }
+            Self::ReplaceMember { pool, old, new } => {
+                let mut r = body.init_replace_member();
+                r.set_pool(pool.as_str());
+                r.set_old(old.as_str());
+                r.set_new(new.as_str());
             }
         }
     }
@@ -888,6 +909,14 @@ impl ConfigRequest {
                 Self::MovePool {
                     name: text(p.get_name(), "config.movePool.name", MAX_NAME_BYTES)?,
                     node: p.get_node(),
+                }
+            }
+            Which::ReplaceMember(r) => {
+                let r = r.map_err(d)?;
+                Self::ReplaceMember {
+                    pool: text(r.get_pool(), "config.replaceMember.pool", MAX_NAME_BYTES)?,
+                    old: text(r.get_old(), "config.replaceMember.old", MAX_NAME_BYTES)?,
+                    new: text(r.get_new(), "config.replaceMember.new", MAX_NAME_BYTES)?,
                 }
             }
         };
@@ -1906,12 +1935,12 @@ mod tests {
     fn unknown_union_members_and_enumerants_are_rejected() {
         // Layout: root pointer (word 0), root data (1: requestId), root's body pointer (2), the
         // body's data (3: its union discriminant) and pointer (4).
-        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 20);
+        let bytes = patched(ConfigRequest::ListSubsystems.encode(1), word(3), 10, 99);
         assert!(matches!(
             ConfigRequest::decode(&bytes),
             Err(ControlError::UnknownVariant {
                 what: "ConfigRequestBody",
-                value: 20
+                value: 99
             })
         ));
         let bytes = patched(ConfigReply::Volumes(Vec::new()).encode(1), word(3), 3, 6);

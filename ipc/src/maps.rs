@@ -163,6 +163,18 @@ pub enum MapsRequest {
         /// Member slots, 1..=[`MAX_MEMBERS`].
         members: Vec<u32>,
     },
+    /// Put free raw drive `drive` in failed member slot `slot` of pool device `device`, to be
+    /// rebuilt from byte `done` of its data area on.
+    ReplaceMember {
+        /// The pool's device index.
+        device: u32,
+        /// The member slot.
+        slot: u32,
+        /// The raw drive id.
+        drive: u32,
+        /// Bytes already rebuilt.
+        done: u64,
+    },
 }
 
 /// Which pool slot a raw drive fills.
@@ -399,6 +411,7 @@ impl MapsRequest {
             Self::PublishPool(_) => "publishPool",
             Self::PublishVolumes(_) => "publishVolumes",
             Self::FailuresRecorded { .. } => "failuresRecorded",
+            Self::ReplaceMember { .. } => "replaceMember",
         }
     }
 
@@ -429,6 +442,16 @@ impl MapsRequest {
                 1,
                 MAX_MEMBERS,
             ),
+            Self::ReplaceMember { slot, .. } => {
+                if *slot as usize >= MAX_MEMBERS {
+                    return Err(ControlError::TooManyEntries {
+                        field: "maps.replaceMember.slot",
+                        len: *slot as usize,
+                        max: MAX_MEMBERS - 1,
+                    });
+                }
+                Ok(())
+            }
         }
     }
 
@@ -485,6 +508,18 @@ impl MapsRequest {
                     list.set(i, m);
                 }
             }
+            Self::ReplaceMember {
+                device,
+                slot,
+                drive,
+                done,
+            } => {
+                let mut r = body.init_replace_member();
+                r.set_device(*device);
+                r.set_slot(*slot);
+                r.set_drive(*drive);
+                r.set_done(*done);
+            }
         }
         capnp::serialize::write_message_to_words(&message)
     }
@@ -536,6 +571,15 @@ impl MapsRequest {
                 Self::FailuresRecorded {
                     device: f.get_device(),
                     members: list.iter().collect(),
+                }
+            }
+            Which::ReplaceMember(r) => {
+                let r = r.map_err(ControlError::Decode)?;
+                Self::ReplaceMember {
+                    device: r.get_device(),
+                    slot: r.get_slot(),
+                    drive: r.get_drive(),
+                    done: r.get_done(),
                 }
             }
         };
@@ -1090,6 +1134,27 @@ impl MapsChannel {
         timeout: Duration,
     ) -> Result<(), MapsError> {
         let request = MapsRequest::FailuresRecorded { device, members };
+        match self.expect(&request, timeout)? {
+            MapsReply::Done => Ok(()),
+            other => Err(Self::unexpected(&request, &other)),
+        }
+    }
+
+    /// `replaceMember`.
+    pub fn replace_member(
+        &mut self,
+        device: u32,
+        slot: u32,
+        drive: u32,
+        done: u64,
+        timeout: Duration,
+    ) -> Result<(), MapsError> {
+        let request = MapsRequest::ReplaceMember {
+            device,
+            slot,
+            drive,
+            done,
+        };
         match self.expect(&request, timeout)? {
             MapsReply::Done => Ok(()),
             other => Err(Self::unexpected(&request, &other)),

@@ -448,6 +448,9 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
         ConfigRequest::DestroyPool { name, .. } => format!("destroyed pool {name}"),
         ConfigRequest::ImportPool { pool, .. } => format!("imported pool {pool}"),
         ConfigRequest::MovePool { name, node } => format!("moved pool {name} to node {node}"),
+        ConfigRequest::ReplaceMember { pool, old, new } => {
+            format!("pool {pool}: {old} replaced by {new}, rebuilding")
+        }
         ConfigRequest::CreateVolume { name, pool, .. } => {
             format!("created volume {name} in pool {pool}")
         }

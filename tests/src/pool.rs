@@ -136,6 +136,8 @@ pub struct RigSpec<'a> {
     pub hostnqn: &'a str,
     /// `[cluster] node_id` of the node (`None`: a standalone node).
     pub cluster_node: Option<u16>,
+    /// Drives beyond the pool's, left free (`d{drives}`, ...): spares.
+    pub spares: usize,
 }
 
 /// A node over simulated drives with pool `tank` over all of them and volume `vol0` exported as
@@ -158,7 +160,7 @@ impl Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut sims = Vec::new();
         let mut socks = Vec::new();
-        for i in 0..spec.drives {
+        for i in 0..spec.drives + spec.spares {
             let (sim, a) = drive_sim(
                 dir.path(),
                 &format!("d{i}"),

@@ -47,6 +47,7 @@ fn member_rig() -> Rig {
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
         cluster_node: Some(1),
+        spares: 0,
     })
 }
 

@@ -110,6 +110,7 @@ fn run(kernel: Kernel) {
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
         cluster_node: None,
+        spares: 0,
     });
     rig.node.log.wait_for(&["fabric ready"]);
     let spec = RunSpec::new(script(rig.port))

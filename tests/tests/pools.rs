@@ -168,6 +168,7 @@ fn rig(n: usize, raid: &str) -> Rig {
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
         cluster_node: None,
+        spares: 0,
     })
 }
 
@@ -326,6 +327,79 @@ fn raid5_loses_a_member_to_a_power_cut_under_verified_io() {
 #[test]
 fn raid6_loses_a_member_failing_every_command_under_verified_io() {
     pool_loses_a_member(4, "6", 0, "error");
+}
+
+/// A RAID-5 member pulled under a verifying workload, replaced by a spare with `duplexctl pool
+/// replace` and rebuilt while the workload goes on: the member is committed rebuilding, then
+/// active once the datapath has rebuilt it, and the pool is online again; then another member
+/// is pulled, and the workload's final read-back of every block it wrote goes through the
+/// rebuilt member's columns and the parity. No host error, no verify error.
+#[test]
+fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
+    let mut rig = Rig::new(&RigSpec {
+        drives: 3,
+        raid: "5",
+        drive_mib: 256,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+        cluster_node: None,
+        spares: 1,
+    });
+    let stop = rig.dir.path().join("stop");
+    let target = format!("127.0.0.1:{}", rig.port);
+    let stop_arg = stop.display().to_string();
+    let child = Command::new(bin("duplex-bench"))
+        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .args(["--workload", "write", "--verify", "--qd", "8"])
+        .args(["--span-blocks", "4096", "--seed", "41", "--json"])
+        .args(["--stop-file", &stop_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    rig.wait_writes(1, 64);
+    rig.sim(1, &["pull"]);
+    rig.node.log.wait_for(&["member failure recorded on disk"]);
+    // Only a failed member is replaced, only by a free drive, only in a parity pool.
+    let (code, _, e) = rig.node.ctl(&["pool", "replace", "tank", "d0", "d3"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("only a failed member is replaced"), "{e}");
+    let (code, _, e) = rig.node.ctl(&["pool", "replace", "tank", "d1", "d2"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("not free"), "{e}");
+    let out = ok(&rig.node, &["pool", "replace", "tank", "d1", "d3"]);
+    assert!(out.contains("rebuilding"), "{out}");
+    rig.node
+        .log
+        .wait_for(&["rebuild complete: member active on disk"]);
+    let show = json(&rig.node, &["pool", "show", "tank"]);
+    assert_eq!(show["pool"]["state"], "online", "{show}");
+    let drives = json(&rig.node, &["drive", "list"])["drives"].clone();
+    let d3 = drives
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"] == "d3")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(d3["state"], "active", "{drives}");
+    assert_eq!(d3["slot"], 1, "{drives}");
+    // Another member lost: the rebuilt one now carries the pool.
+    rig.sim(0, &["pull"]);
+    rig.wait_writes(2, 64);
+    std::fs::write(&stop, b"").expect("stop file");
+    let out = child.wait_with_output().expect("duplex-bench ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the host saw an error: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+    assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
 }
 
 #[test]
@@ -1002,6 +1076,7 @@ fn volume_list_pages_past_one_reply() {
         subnqn: SUBNQN,
         hostnqn: HOSTNQN,
         cluster_node: None,
+        spares: 0,
     });
     const MORE: usize = 300;
     for i in 0..MORE {

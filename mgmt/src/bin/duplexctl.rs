@@ -134,6 +134,19 @@ enum PoolCommand {
         #[arg(long = "to", value_name = "NODE", value_parser = clap::value_parser!(u16).range(1..=4))]
         node: u16,
     },
+    /// Replace a failed member of a RAID 5 or 6 pool by a free drive: the new drive is
+    /// rebuilt from the other members while hosts keep working (`pool show` says how far).
+    Replace {
+        /// The pool.
+        #[arg(value_parser = parse_name)]
+        pool: String,
+        /// The failed member's drive.
+        #[arg(value_parser = parse_name)]
+        old: String,
+        /// A free drive.
+        #[arg(value_parser = parse_name)]
+        new: String,
+    },
     /// Import a pool found on the drives but not imported at start (`drive list` shows its
     /// drives `stale`, with the pool's UUID).
     Import {
@@ -437,6 +450,11 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
         Command::Pool(PoolCommand::Move { name, node }) => ConfigRequest::MovePool {
             name: name.clone(),
             node: *node,
+        },
+        Command::Pool(PoolCommand::Replace { pool, old, new }) => ConfigRequest::ReplaceMember {
+            pool: pool.clone(),
+            old: old.clone(),
+            new: new.clone(),
         },
         Command::Pool(PoolCommand::Import { uuid, force }) => ConfigRequest::ImportPool {
             pool: uuid.clone(),

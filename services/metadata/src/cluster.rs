@@ -66,6 +66,8 @@ pub struct PoolPublish {
     pub drives: Vec<u32>,
     /// Whether each member is failed (kept out).
     pub failed: Vec<bool>,
+    /// Whether each member is being rebuilt (written, not read; rebuilt by the datapath).
+    pub rebuilding: Vec<bool>,
     /// Parity levels: `(offset, length, tag)` of the stripe journal ring on every member.
     pub journal: Option<(u64, u64, u64)>,
 }
@@ -93,6 +95,17 @@ pub trait Publisher {
     fn publish_volumes(&mut self, epoch: u64, volumes: &[VolumePublish]) -> Result<(), String>;
     /// Member failures are recorded on disk.
     fn failures_recorded(&mut self, device: u32, members: &[u32]) -> Result<(), String>;
+    /// Puts raw drive `drive` in failed member slot `slot` of pool device `device`, to be
+    /// rebuilt by the datapath.
+    fn replace_member(&mut self, device: u32, slot: u32, drive: u32) -> Result<(), String> {
+        let _ = (device, slot, drive);
+        Err("this publisher cannot replace members".into())
+    }
+    /// Whether each member of pool device `device` is active at the datapath (a rebuilt
+    /// member turns active there first).
+    fn active_members(&mut self, _device: u32) -> Result<Vec<bool>, String> {
+        Ok(Vec::new())
+    }
     /// I/Os in flight (and completions held) at a device of the datapath.
     fn inflight(&mut self, _device: u32) -> Result<u32, String> {
         Ok(0)
@@ -841,6 +854,13 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .zip(&p.drives)
                 .map(|(m, &d)| d == MISSING || matches!(m.state, MemberState::Failed))
                 .collect(),
+            rebuilding: cfg
+                .pool
+                .members
+                .iter()
+                .zip(&p.drives)
+                .map(|(m, &d)| d != MISSING && matches!(m.state, MemberState::Rebuilding { .. }))
+                .collect(),
             journal: (cfg.pool.raid_level.parity() > 0)
                 .then(|| layout.stripe_journal())
                 .flatten()
@@ -1063,6 +1083,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             } => self.create_pool(&name, raid_from(raid), &drives, chunk_bytes),
             ConfigRequest::DestroyPool { name, force } => self.destroy_pool(&name, force),
             ConfigRequest::MovePool { name, node } => self.move_pool(&name, node),
+            ConfigRequest::ReplaceMember { pool, old, new } => {
+                self.replace_member(&pool, &old, &new)
+            }
             ConfigRequest::ImportPool { pool, force } => self.import_request(&pool, force),
             ConfigRequest::CreateVolume {
                 name,
@@ -1565,6 +1588,168 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 other => other,
             },
             Err(e) => op_err(e),
+        }
+    }
+
+    /// `duplexctl pool replace POOL OLD NEW`: a free drive takes a failed member's slot of a
+    /// parity pool this node owns. Committed first (the slot names the new drive, rebuilding),
+    /// then the datapath swaps it in and rebuilds it under I/O; [`Cluster::check_rebuilds`]
+    /// commits it active once the datapath reports it rebuilt.
+    fn replace_member(&mut self, pool: &str, old: &str, new: &str) -> ConfigReply {
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == pool)
+        else {
+            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == pool) {
+                return err(
+                    ConfigErrorKind::Refused,
+                    format!(
+                        "pool {pool} is owned by node {}: replace its member there",
+                        p.config.ownership.owner_node + 1
+                    ),
+                );
+            }
+            return err(ConfigErrorKind::NotFound, format!("no pool named {pool}"));
+        };
+        let cfg = self.pools[i].store.config().clone();
+        if cfg.pool.raid_level.parity() == 0 {
+            return err(
+                ConfigErrorKind::Refused,
+                format!(
+                    "pool {pool} is {}: rebuilding a replaced member is supported for RAID 5 and 6 only",
+                    cfg.pool.raid_level
+                ),
+            );
+        }
+        // The old member: a drive of the pool by name, or a missing one by its drive UUID.
+        let slot = match self.drives.iter().find(|d| d.name == old && d.pool == pool) {
+            Some(d) => d.slot as usize,
+            None => match cfg
+                .pool
+                .members
+                .iter()
+                .position(|m| m.drive_uuid.to_string() == old)
+            {
+                Some(s) => s,
+                None => {
+                    return err(
+                        ConfigErrorKind::NotFound,
+                        format!("drive {old} is not a member of pool {pool}"),
+                    )
+                }
+            },
+        };
+        let Some(member) = cfg.pool.members.get(slot) else {
+            return err(
+                ConfigErrorKind::NotFound,
+                format!("pool {pool} has no slot {slot}"),
+            );
+        };
+        if member.state != MemberState::Failed {
+            return err(
+                ConfigErrorKind::Refused,
+                format!(
+                    "member {old} (slot {slot}) of pool {pool} is {}: only a failed member is replaced",
+                    member.state
+                ),
+            );
+        }
+        let Some(n) = self.drives.iter().position(|d| d.name == new) else {
+            return err(ConfigErrorKind::NotFound, format!("no drive {new}"));
+        };
+        if self.drives[n].state != DriveState::Free {
+            return err(
+                ConfigErrorKind::InUse,
+                format!("drive {new} is not free ({})", self.drives[n].state.name()),
+            );
+        }
+        let Some(device) = self.pools[i].device else {
+            return err(
+                ConfigErrorKind::IoError,
+                format!("pool {pool} is not served by the datapath: not replaced"),
+            );
+        };
+        let uuid = self.new_uuid();
+        let disk = self.drives[n].disk.clone();
+        self.changes += 1;
+        if let Err(e) = self.pools[i].store.replace_member(slot, disk, uuid) {
+            return store_err(e);
+        }
+        let id = self.drives[n].id;
+        if let Some(d) = self
+            .drives
+            .iter_mut()
+            .find(|d| d.pool == pool && d.slot == slot as u32)
+        {
+            d.state = DriveState::Stale;
+        }
+        let d = &mut self.drives[n];
+        d.state = DriveState::Rebuilding;
+        d.pool = pool.to_owned();
+        d.slot = slot as u32;
+        self.pools[i].drives[slot] = id;
+        tracing::info!(pool, old, new, slot, "member replaced on disk: rebuilding");
+        if let Err(e) = self.publisher.replace_member(device, slot as u32, id) {
+            return err(
+                ConfigErrorKind::IoError,
+                format!("{new} is pool {pool}'s member on disk, but the datapath did not take it: {e}; it is rebuilt when the pool is imported again"),
+            );
+        }
+        done(format!(
+            "pool {pool}: {old} (slot {slot}) replaced by {new}; rebuilding under I/O"
+        ))
+    }
+
+    /// Members the datapath reports rebuilt are committed active (called on the service's
+    /// loop; cheap when no pool rebuilds).
+    pub fn check_rebuilds(&mut self) {
+        for i in 0..self.pools.len() {
+            let cfg = self.pools[i].store.config();
+            if !cfg
+                .pool
+                .members
+                .iter()
+                .any(|m| matches!(m.state, MemberState::Rebuilding { .. }))
+            {
+                continue;
+            }
+            let Some(device) = self.pools[i].device else {
+                continue;
+            };
+            let active = match self.publisher.active_members(device) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the datapath's member states");
+                    continue;
+                }
+            };
+            let mut cfg = cfg.clone();
+            let next = self.pools[i].store.stamp().generation + 1;
+            let mut rebuilt = Vec::new();
+            for (slot, m) in cfg.pool.members.iter_mut().enumerate() {
+                if matches!(m.state, MemberState::Rebuilding { .. })
+                    && active.get(slot) == Some(&true)
+                {
+                    m.state = MemberState::Active;
+                    m.changed_generation = next;
+                    rebuilt.push(slot as u32);
+                }
+            }
+            if rebuilt.is_empty() {
+                continue;
+            }
+            let name = cfg.pool.name.clone();
+            if let Err(e) = self.commit_pool(i, cfg) {
+                tracing::error!(pool = %name, error = %e, "recording a finished rebuild failed");
+                continue;
+            }
+            for d in self.drives.iter_mut() {
+                if d.pool == name && rebuilt.contains(&d.slot) {
+                    d.state = DriveState::Active;
+                }
+            }
+            tracing::info!(pool = %name, members = ?rebuilt, "rebuild complete: member active on disk");
         }
     }
 

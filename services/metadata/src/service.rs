@@ -92,9 +92,12 @@ impl Publisher for ServicePublisher {
             states: pool
                 .failed
                 .iter()
-                .map(|&f| {
+                .zip(pool.rebuilding.iter().chain(std::iter::repeat(&false)))
+                .map(|(&f, &r)| {
                     if f {
                         maps::MemberState::Failed
+                    } else if r {
+                        maps::MemberState::Rebuilding
                     } else {
                         maps::MemberState::Active
                     }
@@ -106,6 +109,29 @@ impl Publisher for ServicePublisher {
         self.maps
             .publish_pool(spec, MAPS_TIMEOUT)
             .map_err(|e| e.to_string())
+    }
+
+    fn replace_member(&mut self, device: u32, slot: u32, drive: u32) -> Result<(), String> {
+        self.maps
+            .replace_member(device, slot, drive, 0, MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
+    fn active_members(&mut self, device: u32) -> Result<Vec<bool>, String> {
+        let list = self
+            .maps
+            .list_devices(MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        Ok(list
+            .iter()
+            .find(|d| d.index == device)
+            .map(|d| {
+                d.members
+                    .iter()
+                    .map(|&m| m == maps::MemberState::Active)
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     fn publish_volumes(&mut self, epoch: u64, volumes: &[VolumePublish]) -> Result<(), String> {
@@ -333,8 +359,14 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
     let mut seen_peer_gen = 0u64;
     let mut evacuate_at: Option<std::time::Instant> = None;
     let mut told_changes = cluster.changes();
+    let mut rebuilds_at = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
         health.beat();
+        // A rebuild the datapath finished is recorded on disk (checked twice a second).
+        if rebuilds_at.elapsed() >= Duration::from_millis(500) {
+            rebuilds_at = std::time::Instant::now();
+            cluster.check_rebuilds();
+        }
         match config.recv_request(Duration::from_millis(50)) {
             Ok(Some((id, request))) => {
                 tracing::info!(request = request.kind_name(), "config request");

@@ -474,6 +474,81 @@ impl<D: MetaDisk> PoolStore<D> {
         Ok(bytes)
     }
 
+    /// Puts `disk` in failed member slot `slot` as drive `drive_uuid`, rebuilding from its
+    /// start: the next generation names it rebuilding, is written to it with every other open
+    /// member, then its superblocks (as every member's: the states changed). Returns the old
+    /// member's disk, if it was open. Refused, with nothing written, for a slot that is not
+    /// failed, a drive of another pool, or one too small for the pool's layout.
+    pub fn replace_member(
+        &mut self,
+        slot: usize,
+        mut disk: D,
+        drive_uuid: Uuid,
+    ) -> Result<Option<D>, StoreError> {
+        let mut config = self.image.config.clone();
+        let Some(m) = config.pool.members.get(slot) else {
+            return Err(StoreError::Config(format!("pool has no slot {slot}")));
+        };
+        if m.state != MemberState::Failed {
+            return Err(StoreError::Config(format!(
+                "member slot {slot} is {}: only a failed member is replaced",
+                m.state
+            )));
+        }
+        let label = disk.label().to_owned();
+        let unsuitable = |why: String| StoreError::Unsuitable {
+            drive: label.clone(),
+            why,
+        };
+        if let Some(sb) = probe(&mut disk) {
+            if sb.pool_uuid != config.pool.uuid {
+                return Err(unsuitable(format!("it belongs to pool {}", sb.pool_uuid)));
+            }
+        }
+        let layout = Layout::for_drive(disk.capacity(), disk.block_size())
+            .map_err(|e| unsuitable(e.to_string()))?;
+        let Some(model) = self.members.iter().flatten().next().map(|m| m.sb) else {
+            return Err(StoreError::Config("no member of the pool is open".into()));
+        };
+        if layout.data_offset != model.layout.data_offset
+            || layout.journal_offset != model.layout.journal_offset
+            || layout.data_size < config.pool.member_data_bytes
+        {
+            return Err(unsuitable(format!(
+                "its data area ({} bytes from {}) cannot hold the pool's ({} bytes from {})",
+                layout.data_size,
+                layout.data_offset,
+                config.pool.member_data_bytes,
+                model.layout.data_offset
+            )));
+        }
+        let generation = self.written + 1;
+        let state = MemberState::Rebuilding { position: 0 };
+        config.pool.members[slot] = PoolMember {
+            drive_uuid,
+            slot: slot as u32,
+            state,
+            changed_generation: generation,
+        };
+        let sb = Superblock {
+            drive_uuid,
+            member_slot: slot as u32,
+            role: Role::Data,
+            state,
+            copy: SuperblockCopy::Primary,
+            layout,
+            ..model
+        };
+        let old = self.members[slot].replace(Member { disk, sb });
+        match self.commit(config) {
+            Ok(_) => Ok(old.map(|m| m.disk)),
+            Err(e) => {
+                self.members[slot] = old;
+                Err(e)
+            }
+        }
+    }
+
     /// Commits `config` as the next generation (see the module docs). Returns its stamp.
     pub fn commit(&mut self, config: PoolConfig) -> Result<Stamp, StoreError> {
         config
