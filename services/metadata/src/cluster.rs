@@ -27,7 +27,7 @@ use duplex_ipc::config::{
 use duplex_ipc::exports::{
     AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, MAX_ANA_GROUP,
 };
-use duplex_ondisk::import::MemberStatus;
+use duplex_ondisk::import::{MemberStatus, StaleReason};
 use duplex_ondisk::{MemberState, PoolConfig, RaidLevel, Uuid};
 
 use crate::disk::MetaDisk;
@@ -723,6 +723,13 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                                     *s = d.id;
                                 }
                                 DriveState::Active
+                            }
+                            // Being rebuilt: in the pool (it takes writes), rebuilt again.
+                            MemberStatus::Stale(StaleReason::Rebuilding { .. }) => {
+                                if let Some(s) = slots.get_mut(m.slot as usize) {
+                                    *s = d.id;
+                                }
+                                DriveState::Rebuilding
                             }
                             MemberStatus::Stale(_) => DriveState::Stale,
                             MemberStatus::Missing => DriveState::Missing,

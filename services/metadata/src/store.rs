@@ -330,9 +330,17 @@ impl<D: MetaDisk> PoolStore<D> {
         let mut members: Vec<Option<Member<D>>> = (0..slots).map(|_| None).collect();
         let mut rest = Vec::new();
         for (disk, report) in disks.into_iter().zip(&plan.drives) {
+            // Current members, and members being rebuilt: those are opened too (they take
+            // the metadata and every write) but never read; the datapath rebuilds them again.
             let current = plan.members.iter().find(|m| {
                 m.drive.as_deref() == Some(report.label.as_str())
-                    && matches!(m.status, MemberStatus::Current { .. })
+                    && matches!(
+                        m.status,
+                        MemberStatus::Current { .. }
+                            | MemberStatus::Stale(
+                                duplex_ondisk::import::StaleReason::Rebuilding { .. }
+                            )
+                    )
             });
             match (current, report.superblock) {
                 (Some(m), Some(mut sb)) if (m.slot as usize) < slots => {

@@ -18,6 +18,9 @@ struct Recorder {
     exports: Vec<ExportSubsystem>,
     ana: Vec<AnaGroupState>,
     recorded: Vec<(u32, Vec<u32>)>,
+    replaced: Vec<(u32, u32, u32)>,
+    /// What `active_members` answers (the datapath's view).
+    active: Vec<bool>,
 }
 
 impl Publisher for Recorder {
@@ -41,6 +44,13 @@ impl Publisher for Recorder {
     fn failures_recorded(&mut self, device: u32, members: &[u32]) -> Result<(), String> {
         self.recorded.push((device, members.to_vec()));
         Ok(())
+    }
+    fn replace_member(&mut self, device: u32, slot: u32, drive: u32) -> Result<(), String> {
+        self.replaced.push((device, slot, drive));
+        Ok(())
+    }
+    fn active_members(&mut self, _device: u32) -> Result<Vec<bool>, String> {
+        Ok(self.active.clone())
     }
     fn publish_exports(
         &mut self,
@@ -627,4 +637,72 @@ fn the_standby_lists_the_peers_pools_and_refuses_changes_to_them_naming_the_owne
         writes,
         "the standby wrote nothing"
     );
+}
+
+/// `pool replace`: a failed RAID-5 member's slot taken by a free drive, committed rebuilding
+/// and handed to the datapath; a restart imports the pool with the member still rebuilding
+/// (published so, on the new drive); once the datapath reports it active, it is committed
+/// active and stays so after another restart. Wrong replacements write nothing.
+#[test]
+fn a_failed_parity_member_is_replaced_rebuilt_and_committed_active() {
+    let d = disks(4);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid5,
+        drives: vec!["d0".into(), "d1".into(), "d2".into()],
+        chunk_bytes: 0,
+    }));
+    let replace = |old: &str, new: &str| ConfigRequest::ReplaceMember {
+        pool: "tank".into(),
+        old: old.into(),
+        new: new.into(),
+    };
+    // An active member is not replaced.
+    assert_eq!(
+        kind(c.handle(replace("d1", "d3"))),
+        ConfigErrorKind::Refused
+    );
+    c.member_failed(100, 1).unwrap();
+    assert_eq!(kind(c.handle(replace("d1", "d2"))), ConfigErrorKind::InUse);
+    assert_eq!(
+        kind(c.handle(replace("d1", "nope"))),
+        ConfigErrorKind::NotFound
+    );
+    assert_eq!(
+        kind(c.handle(replace("d3", "d3"))),
+        ConfigErrorKind::NotFound
+    );
+    ok(c.handle(replace("d1", "d3")));
+    assert_eq!(c.publisher_mut().replaced, vec![(100, 1, 13)]);
+    let state = |c: &mut Cluster<MemDisk, Recorder>, name: &str| match c
+        .handle(ConfigRequest::ListDrives)
+    {
+        ConfigReply::Drives(list) => list.into_iter().find(|x| x.name == name).map(|x| x.state),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(state(&mut c, "d3"), Some(DriveState::Rebuilding));
+    // Not rebuilt yet at the datapath: nothing committed.
+    c.check_rebuilds();
+    drop(c);
+    // A restart: the member is imported rebuilding, on d3, published so.
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let p = c.publisher_mut().pools[0].clone();
+    assert_eq!(p.drives[1], 13, "{p:?}");
+    assert_eq!(p.rebuilding, vec![false, true, false], "{p:?}");
+    assert_eq!(p.failed, vec![false, false, false], "{p:?}");
+    assert_eq!(state(&mut c, "d3"), Some(DriveState::Rebuilding));
+    // The datapath reports it rebuilt: committed active.
+    c.publisher_mut().active = vec![true; 3];
+    c.check_rebuilds();
+    assert_eq!(state(&mut c, "d3"), Some(DriveState::Active));
+    drop(c);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let p = c.publisher_mut().pools[0].clone();
+    assert_eq!(p.rebuilding, vec![false; 3], "{p:?}");
+    assert_eq!(state(&mut c, "d3"), Some(DriveState::Active));
+    match c.handle(ConfigRequest::ShowPool("tank".into())) {
+        ConfigReply::Pools(p) => assert_eq!(p[0].state, PoolState::Online, "{p:?}"),
+        other => panic!("{other:?}"),
+    }
 }
