@@ -66,6 +66,8 @@ pub struct DeviceStatus {
     /// For a raw drive taken into a RAID device: that device's index and the drive's member
     /// slot ([`EngineControl::devices`] only; such drives are not roots).
     pub member_of: Option<(usize, usize)>,
+    /// A parity device's scrub in progress or last finished.
+    pub scrub: Option<crate::bdev::ScrubStatus>,
 }
 
 /// Replies to commands: `Err` carries a one-line reason.
@@ -115,6 +117,14 @@ pub enum Command {
         /// Bytes of its data area already rebuilt (a checkpoint), 0 for a fresh drive.
         done: u64,
         /// Answered when swapped.
+        reply: Reply<()>,
+    },
+    /// Starts a scrub of parity device `device` (its parity checked against its data
+    /// everywhere, rewritten where it disagrees); progress in [`DeviceStatus::scrub`].
+    Scrub {
+        /// Engine device index.
+        device: usize,
+        /// Answered when started.
         reply: Reply<()>,
     },
     /// The devices as they are now.
@@ -210,6 +220,11 @@ impl EngineControl {
             done,
             reply,
         })
+    }
+
+    /// Starts a scrub (see [`Command::Scrub`]).
+    pub fn scrub(&self, device: usize) -> Result<(), String> {
+        self.call(|reply| Command::Scrub { device, reply })
     }
 
     /// The devices now: the roots of the block-device trees (volumes' devices, free drives,

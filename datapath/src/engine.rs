@@ -600,6 +600,13 @@ impl Engine {
                     let r = self.replace_member(device, slot, drive, done);
                     let _ = reply.send(r);
                 }
+                Control::Scrub { device, reply } => {
+                    let r = match self.devices.get_mut(device).and_then(Option::as_mut) {
+                        Some(d) => d.start_scrub(),
+                        None => Err(format!("no device {device}")),
+                    };
+                    let _ = reply.send(r);
+                }
                 Control::Status { reply } => {
                     let _ = reply.send(Ok(self.device_status(false)));
                 }
@@ -625,6 +632,7 @@ impl Engine {
                     inflight: d.inflight(),
                     held: d.held(),
                     member_of: None,
+                    scrub: d.scrub_status(),
                 }),
                 None if taken => {
                     let Some(&(root, Some(m))) = self.drive_loc.get(index) else {
@@ -649,6 +657,7 @@ impl Engine {
                         inflight: 0,
                         held: 0,
                         member_of: Some((root, m)),
+                        scrub: None,
                     });
                 }
                 None => {}

@@ -43,7 +43,7 @@ mod raid;
 pub use file::FileBdev;
 pub use missing::MissingBdev;
 pub use nvme::NvmeBdev;
-pub use parity::{JournalSpec, ParityBdev, WINDOW as PARITY_WINDOW};
+pub use parity::{JournalSpec, ParityBdev, ScrubStatus, WINDOW as PARITY_WINDOW};
 pub use raid::{MemberState, RaidBdev, RaidError, RaidLevel};
 
 pub use crate::request::Kind as Op;
@@ -315,6 +315,15 @@ pub trait Bdev: Debug + Send {
         _done: u64,
     ) -> Result<BdevBox, (BdevBox, String)> {
         Err((dev, format!("{} cannot replace member {i}", self.name())))
+    }
+    /// Starts checking every stripe's parity against its data, rewriting what disagrees
+    /// (parity devices).
+    fn start_scrub(&mut self) -> Result<(), String> {
+        Err(format!("{} has no parity to scrub", self.name()))
+    }
+    /// The scrub in progress or last finished.
+    fn scrub_status(&self) -> Option<ScrubStatus> {
+        None
     }
     /// Completions held back until a member failure is recorded (RAID devices).
     fn held(&self) -> usize {

@@ -146,6 +146,8 @@ struct StripeOp {
     counted: bool,
     /// A rebuild operation: the member whose column of this window it rebuilds.
     rebuild: Option<usize>,
+    /// A scrub operation: check this window's parity against its data, rewrite it if wrong.
+    scrub: bool,
 }
 
 /// A computed journal entry's payload (in the op's scratch chain after its header).
@@ -261,6 +263,24 @@ pub struct ParityBdev {
     rebuilding: Option<usize>,
     /// A rebuild window failed: no more until a member is replaced again.
     rebuild_stuck: bool,
+    /// The scrub in progress or last finished, and its operation in flight.
+    scrub: Option<ScrubStatus>,
+    scrubbing: Option<usize>,
+}
+
+/// How far a scrub got and what it found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubStatus {
+    /// Bytes of each member's data area checked (the scrub is done when it reaches `total`).
+    pub done: u64,
+    /// Bytes of each member's data area.
+    pub total: u64,
+    /// Windows (at most 64 KiB of rows of a stripe) whose parity disagreed with their data.
+    pub mismatches: u64,
+    /// Of those, windows whose parity was rewritten from the data.
+    pub repaired: u64,
+    /// Windows that could not be checked (a column lost, or a read failed).
+    pub skipped: u64,
 }
 
 impl ParityBdev {
@@ -311,6 +331,8 @@ impl ParityBdev {
             journal: None,
             rebuilding: None,
             rebuild_stuck: false,
+            scrub: None,
+            scrubbing: None,
         }
     }
 
@@ -546,6 +568,7 @@ impl ParityBdev {
             writes: Vec::new(),
             counted: false,
             rebuild: None,
+            scrub: false,
         };
         self.hold_parent(parent);
         match self.free_ops.pop() {
@@ -599,7 +622,17 @@ impl ParityBdev {
         let mut reads: Vec<Option<(u64, u64)>> = vec![None; geo.n];
         let mut slotted = vec![false; geo.n];
         let plan;
-        if let Some(target) = op.rebuild {
+        if op.scrub {
+            if !lost.is_empty() {
+                self.finish(o, STATUS_READ_ERROR, ctx);
+                return;
+            }
+            plan = Plan::Rcw;
+            for c in 0..geo.n {
+                reads[c] = Some((lo, hi));
+                slotted[c] = true;
+            }
+        } else if let Some(target) = op.rebuild {
             plan = Plan::Reconstruct;
             for c in 0..geo.n {
                 if !lost.contains(&c) {
@@ -816,6 +849,52 @@ impl ParityBdev {
                 tracing::error!(raid = %self.name, stripe, error = %e, "reconstruction refused");
                 STATUS_INTERNAL
             })?;
+        }
+        if op.scrub {
+            let refs: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
+            let mut p2 = vec![0u8; len];
+            let mut q2 = q.as_ref().map(|_| vec![0u8; len]);
+            parity::generate(&refs, &mut p2, q2.as_deref_mut()).map_err(|_| STATUS_INTERNAL)?;
+            if p2 == p && q2 == q {
+                self.finish(o, STATUS_SUCCESS, ctx);
+                return Ok(());
+            }
+            tracing::warn!(raid = %self.name, stripe, lo, hi, "scrub: parity disagrees with the data: rewriting it");
+            if let Some(s) = self.scrub.as_mut() {
+                s.mismatches += 1;
+            }
+            let Some(id) = op.scratch else {
+                return Err(STATUS_INTERNAL);
+            };
+            let mut writes = Vec::new();
+            for (c, bytes) in std::iter::once((k, &p2)).chain(q2.as_ref().map(|q| (k + 1, q))) {
+                let Some(slot) = op.slots[c] else { continue };
+                let at = usize::try_from(slot)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(len);
+                ctx.pool
+                    .copy_in(ctx.scratch.chain(id), at, bytes)
+                    .map_err(|_| STATUS_INTERNAL)?;
+                writes.push((
+                    geo.member(stripe, c),
+                    Io {
+                        token: 0,
+                        op: Op::Write,
+                        offset: self.member_offset(stripe, lo),
+                        len: hi - lo,
+                        fua: false,
+                        chain: ChainRef {
+                            id,
+                            skip: slot * (hi - lo),
+                        },
+                    },
+                ));
+            }
+            if let Some(op) = self.ops[o].as_mut() {
+                op.writes = writes;
+            }
+            self.apply(o, ctx);
+            return Ok(());
         }
         if let Some(target) = op.rebuild {
             let c = geo.column_of(stripe, target);
@@ -1156,6 +1235,21 @@ impl ParityBdev {
         self.settle(op.parent);
         if let Some(target) = op.rebuild {
             self.rebuilt(target, op.stripe * self.geo.chunk + op.hi, status);
+        }
+        if op.scrub {
+            self.scrubbing = None;
+            let repaired = op.phase == Phase::Writing && status == STATUS_SUCCESS;
+            if let Some(s) = self.scrub.as_mut() {
+                s.done = s.done.max(op.stripe * self.geo.chunk + op.hi);
+                if status != STATUS_SUCCESS {
+                    s.skipped += 1;
+                } else if repaired {
+                    s.repaired += 1;
+                }
+                if s.done >= s.total {
+                    tracing::info!(raid = %self.name, mismatches = s.mismatches, repaired = s.repaired, skipped = s.skipped, "scrub finished");
+                }
+            }
         }
         let next = match self.locks.get_mut(&op.key) {
             Some(q) => {
@@ -1736,6 +1830,60 @@ impl ParityBdev {
         }
     }
 
+    /// Starts the next scrub window when a scrub runs and none is in flight.
+    fn scrub_kick(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.scrub else { return };
+        if self.scrubbing.is_some()
+            || s.done >= s.total
+            || self
+                .journal
+                .as_ref()
+                .is_some_and(|j| !matches!(j.state, JState::Ready | JState::Resetting))
+        {
+            return;
+        }
+        let chunk = self.geo.chunk;
+        let stripe = s.done / chunk;
+        let lo = s.done % chunk / self.window * self.window;
+        let hi = (lo + self.window).min(chunk);
+        let op = StripeOp {
+            parent: usize::MAX,
+            op: Op::Read,
+            fua: false,
+            chain: 0,
+            stripe,
+            key: (stripe, lo / self.window),
+            pieces: Vec::new(),
+            lo,
+            hi,
+            phase: Phase::Queued,
+            plan: Plan::Rcw,
+            pending: 0,
+            scratch: None,
+            slots: vec![None; self.geo.n],
+            replan: false,
+            status: STATUS_SUCCESS,
+            entry_off: 0,
+            entry: None,
+            writes: Vec::new(),
+            counted: false,
+            rebuild: None,
+            scrub: true,
+        };
+        let o = match self.free_ops.pop() {
+            Some(i) => {
+                self.ops[i] = Some(op);
+                i
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        };
+        self.scrubbing = Some(o);
+        self.enqueue(o, ctx);
+    }
+
     /// Starts the next rebuild window when none is in flight: the first member being rebuilt,
     /// from where it stands. One window at a time, under the window's lock, so host I/O keeps
     /// the larger share of the members.
@@ -1786,6 +1934,7 @@ impl ParityBdev {
             writes: Vec::new(),
             counted: false,
             rebuild: Some(target),
+            scrub: false,
         };
         let o = match self.free_ops.pop() {
             Some(i) => {
@@ -1994,6 +2143,7 @@ impl Bdev for ParityBdev {
         }
         self.scratch_done = scratch;
         self.rebuild_kick(ctx);
+        self.scrub_kick(ctx);
         progress |= !self.ready.is_empty();
         out.append(&mut self.ready);
         progress
@@ -2007,6 +2157,7 @@ impl Bdev for ParityBdev {
                     .members
                     .iter()
                     .any(|m| matches!(m.state, MemberState::Rebuilding { .. })))
+            || self.scrub.is_some_and(|s| s.done < s.total)
             || self.journal.as_ref().is_some_and(|j| {
                 matches!(
                     j.state,
@@ -2091,6 +2242,22 @@ impl Bdev for ParityBdev {
 
     fn member_states(&self) -> Vec<MemberState> {
         self.members.iter().map(|m| m.state).collect()
+    }
+
+    fn start_scrub(&mut self) -> Result<(), String> {
+        if self.scrub.is_some_and(|s| s.done < s.total) {
+            return Err(format!("{}: a scrub is running", self.name));
+        }
+        self.scrub = Some(ScrubStatus {
+            total: self.member_len,
+            ..ScrubStatus::default()
+        });
+        tracing::info!(raid = %self.name, "scrub started");
+        Ok(())
+    }
+
+    fn scrub_status(&self) -> Option<ScrubStatus> {
+        self.scrub
     }
 
     fn replace_member(
