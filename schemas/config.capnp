@@ -115,6 +115,11 @@ struct ConfigRequestBody {
     # the next epoch, the group goes inaccessible here; the peer imports it when it hears of
     # the change. Refused on a node that does not own the pool or has no live peer.
 
+    scrubPool @21 :Text;
+    # Start a scrub of a RAID 5 or 6 pool this node owns: every stripe's parity checked against
+    # its data and rewritten where it disagrees. Answered once started; listPools / showPool say
+    # how far it got and what it found.
+
     replaceMember @20 :ReplaceMember;
     # Put a free drive in place of a failed member of a RAID 5 or 6 pool this node owns: the
     # member is committed rebuilding on the new drive and the datapath rebuilds it under I/O;
@@ -355,6 +360,18 @@ struct PoolInfo {
   # The owning node's id (0..=3).
   members @10 :List(PoolMember);
   # In slot order; at most 64.
+  memberBytes @11 :UInt64;
+  # Bytes of each member's data area (what a rebuild or a scrub goes through).
+  rebuildSlot @12 :UInt32;
+  rebuildDone @13 :UInt64;
+  # The member being rebuilt and the bytes of it rebuilt (0xffffffff: none).
+  scrubbed @14 :Bool;
+  # A scrub ran or runs (this controller's datapath since it started); then:
+  scrubDone @15 :UInt64;
+  # Bytes of each member checked (done at memberBytes).
+  scrubMismatches @16 :UInt64;
+  scrubRepaired @17 :UInt64;
+  scrubSkipped @18 :UInt64;
 }
 
 enum PoolState {

@@ -30,7 +30,7 @@
 #
 # Bounds (both ends enforce them, `duplex_ipc::maps`): names 1..=64 bytes (docs/ONDISK.md),
 # error texts at most 4096 bytes, at most 64 members per pool, 256 extents per volume, 4096
-# volumes in a volume table, 224 devices in a listing. They are chosen so that the largest
+# volumes in a volume table, 192 devices in a listing. They are chosen so that the largest
 # listing fits one datagram; a volume table that does not is sent in parts (publishVolumes).
 #
 # Compatibility: as lifecycle.capnp (append only; unknown members and enumerants are rejected).
@@ -57,6 +57,10 @@ struct MapsRequest {
 
     failuresRecorded @4 :FailuresRecorded;
     # These members' failure is recorded on disk: release the writes held since.
+
+    startScrub @6 :UInt32;
+    # Start scrubbing the parity pool at this device index (answered done once started;
+    # listDevices shows the progress and findings).
 
     replaceMember @5 :ReplaceMember;
     # Put a free raw drive in a failed member's slot of a parity pool, to be rebuilt from
@@ -208,7 +212,7 @@ struct MapsReply {
     # publishPool: the new pool's device index.
 
     devices @3 :List(DeviceInfo);
-    # listDevices: every device, by index. At most 224.
+    # listDevices: every device, by index. At most 192.
 
     error @4 :Text;
     # The request was refused or failed; nothing changed. At most 4096 bytes.
@@ -247,6 +251,21 @@ struct DeviceInfo {
       slot @9 :UInt32;
     }
   }
+
+  rebuildSlot @10 :UInt32;
+  rebuildDone @11 :UInt64;
+  # A parity pool rebuilding a member: its slot and the bytes of its data area rebuilt
+  # (0xffffffff: none).
+
+  scrubbed @12 :Bool;
+  # A parity pool scrubbed (now or before); then:
+  scrubDone @13 :UInt64;
+  scrubTotal @14 :UInt64;
+  # Bytes of each member's data area checked, of so many (done when equal).
+  scrubMismatches @15 :UInt64;
+  scrubRepaired @16 :UInt64;
+  scrubSkipped @17 :UInt64;
+  # Windows whose parity disagreed with the data, rewritten, and not checkable.
 }
 
 struct MemberFailed {

@@ -535,6 +535,10 @@ impl MapsServer {
                     members.into_iter().map(|m| m as usize).collect(),
                 )
                 .map(|()| MapsReply::Done),
+            MapsRequest::StartScrub(device) => self
+                .control
+                .scrub(device as usize)
+                .map(|()| MapsReply::Done),
             MapsRequest::ReplaceMember {
                 device,
                 slot,
@@ -743,6 +747,18 @@ fn device_info(d: &DeviceStatus) -> wire::DeviceInfo {
         member_of: d.member_of.map(|(device, slot)| wire::PoolSlot {
             device: saturating_u32(device),
             slot: saturating_u32(slot),
+        }),
+        // The member being rebuilt (the first one: they are rebuilt one after the other).
+        rebuild: d.members.iter().enumerate().find_map(|(i, m)| match m {
+            MemberState::Rebuilding { done } => Some((saturating_u32(i), *done)),
+            _ => None,
+        }),
+        scrub: d.scrub.map(|s| wire::ScrubInfo {
+            done: s.done,
+            total: s.total,
+            mismatches: s.mismatches,
+            repaired: s.repaired,
+            skipped: s.skipped,
         }),
     }
 }

@@ -181,6 +181,8 @@ pub enum ConfigRequest {
         /// The node id to move it to (1..=4).
         node: u16,
     },
+    /// Start a scrub of a parity pool.
+    ScrubPool(String),
     /// Replace a failed member of a parity pool by a free drive (rebuilt under I/O).
     ReplaceMember {
         /// The pool.
@@ -395,6 +397,25 @@ pub struct PoolInfo {
     pub owner_node: u32,
     /// Members in slot order.
     pub members: Vec<PoolMember>,
+    /// Bytes of each member's data area.
+    pub member_bytes: u64,
+    /// The member being rebuilt: `(slot, bytes of it rebuilt)`.
+    pub rebuild: Option<(u32, u64)>,
+    /// The scrub now or last.
+    pub scrub: Option<PoolScrub>,
+}
+
+/// A pool's scrub (its datapath's, since that started).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolScrub {
+    /// Bytes of each member checked (done at [`PoolInfo::member_bytes`]).
+    pub done_bytes: u64,
+    /// Windows whose parity disagreed with their data.
+    pub mismatches: u64,
+    /// Of those, rewritten from the data.
+    pub repaired: u64,
+    /// Windows that could not be checked (a member lost).
+    pub skipped: u64,
 }
 
 /// One member of a pool.
@@ -642,6 +663,7 @@ impl ConfigRequest {
             Self::ImportPool { .. } => "importPool",
             Self::MovePool { .. } => "movePool",
             Self::ReplaceMember { .. } => "replaceMember",
+            Self::ScrubPool(_) => "scrubPool",
             Self::ListVolumesAfter(_) => "listVolumesAfter",
         }
     }
@@ -690,6 +712,7 @@ impl ConfigRequest {
             }
             // The node is checked by the metadata service (it must be the peer's id).
             Self::MovePool { name, .. } => required(name, "config.movePool.name", MAX_NAME_BYTES),
+            Self::ScrubPool(name) => required(name, "config.scrubPool", MAX_NAME_BYTES),
             Self::ReplaceMember { pool, old, new } => {
                 required(pool, "config.replaceMember.pool", MAX_NAME_BYTES)?;
                 required(old, "config.replaceMember.old", MAX_NAME_BYTES)?;
@@ -788,6 +811,7 @@ impl ConfigRequest {
                 p.set_name(name.as_str());
                 p.set_node(*node);
             }
+            Self::ScrubPool(name) => body.set_scrub_pool(name.as_str()),
             Self::ReplaceMember { pool, old, new } => {
                 let mut r = body.init_replace_member();
                 r.set_pool(pool.as_str());
@@ -911,6 +935,7 @@ impl ConfigRequest {
                     node: p.get_node(),
                 }
             }
+            Which::ScrubPool(t) => Self::ScrubPool(text(t, "config.scrubPool", MAX_NAME_BYTES)?),
             Which::ReplaceMember(r) => {
                 let r = r.map_err(d)?;
                 Self::ReplaceMember {
@@ -1246,6 +1271,17 @@ fn write_pool(mut out: wire::pool_info::Builder<'_>, p: &PoolInfo) {
     out.set_generation(p.generation);
     out.set_epoch(p.epoch);
     out.set_owner_node(p.owner_node);
+    out.set_member_bytes(p.member_bytes);
+    let (slot, done) = p.rebuild.unwrap_or((u32::MAX, 0));
+    out.set_rebuild_slot(slot);
+    out.set_rebuild_done(done);
+    if let Some(s) = p.scrub {
+        out.set_scrubbed(true);
+        out.set_scrub_done(s.done_bytes);
+        out.set_scrub_mismatches(s.mismatches);
+        out.set_scrub_repaired(s.repaired);
+        out.set_scrub_skipped(s.skipped);
+    }
     let len = len_u32(p.members.len());
     let mut members = out.init_members(len);
     for (i, m) in (0..len).zip(&p.members) {
@@ -1289,6 +1325,15 @@ fn read_pool(p: wire::pool_info::Reader<'_>) -> Result<PoolInfo, ControlError> {
         epoch: p.get_epoch(),
         owner_node: p.get_owner_node(),
         members,
+        member_bytes: p.get_member_bytes(),
+        rebuild: (p.get_rebuild_slot() != u32::MAX)
+            .then(|| (p.get_rebuild_slot(), p.get_rebuild_done())),
+        scrub: p.get_scrubbed().then(|| PoolScrub {
+            done_bytes: p.get_scrub_done(),
+            mismatches: p.get_scrub_mismatches(),
+            repaired: p.get_scrub_repaired(),
+            skipped: p.get_scrub_skipped(),
+        }),
     })
 }
 
@@ -1687,6 +1732,14 @@ pub mod examples {
                     },
                 })
                 .collect(),
+            member_bytes: 512 << 20,
+            rebuild: (members > 2).then_some((2, 128 << 20)),
+            scrub: (members > 2).then_some(PoolScrub {
+                done_bytes: 256 << 20,
+                mismatches: 1,
+                repaired: 1,
+                skipped: 0,
+            }),
         }
     }
 
@@ -1793,6 +1846,14 @@ pub mod examples {
                             state: DriveState::Missing,
                         })
                         .collect(),
+                    member_bytes: u64::MAX,
+                    rebuild: Some((u32::MAX - 1, u64::MAX)),
+                    scrub: Some(PoolScrub {
+                        done_bytes: u64::MAX,
+                        mismatches: u64::MAX,
+                        repaired: u64::MAX,
+                        skipped: u64::MAX,
+                    }),
                 }
             })
             .collect();

@@ -51,7 +51,7 @@ pub const MAX_EXTENTS: usize = 256;
 pub const MAX_VOLUMES: usize = 4096;
 /// Most devices in a `listDevices` answer: the largest answer within the bounds fits one
 /// datagram (checked by a test).
-pub const MAX_DEVICES: usize = 224;
+pub const MAX_DEVICES: usize = 192;
 
 /// RAID levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -163,6 +163,8 @@ pub enum MapsRequest {
         /// Member slots, 1..=[`MAX_MEMBERS`].
         members: Vec<u32>,
     },
+    /// Start scrubbing the parity pool at this device index.
+    StartScrub(u32),
     /// Put free raw drive `drive` in failed member slot `slot` of pool device `device`, to be
     /// rebuilt from byte `done` of its data area on.
     ReplaceMember {
@@ -205,6 +207,25 @@ pub struct DeviceInfo {
     pub held: u32,
     /// For a drive taken into a pool: where.
     pub member_of: Option<PoolSlot>,
+    /// A parity pool rebuilding a member: `(slot, bytes of its data area rebuilt)`.
+    pub rebuild: Option<(u32, u64)>,
+    /// A parity pool's scrub, now or last.
+    pub scrub: Option<ScrubInfo>,
+}
+
+/// A parity pool's scrub as the datapath reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubInfo {
+    /// Bytes of each member's data area checked.
+    pub done: u64,
+    /// Of so many.
+    pub total: u64,
+    /// Windows whose parity disagreed with the data.
+    pub mismatches: u64,
+    /// Of those, rewritten from the data.
+    pub repaired: u64,
+    /// Windows that could not be checked.
+    pub skipped: u64,
 }
 
 /// A reply from the datapath.
@@ -412,6 +433,7 @@ impl MapsRequest {
             Self::PublishVolumes(_) => "publishVolumes",
             Self::FailuresRecorded { .. } => "failuresRecorded",
             Self::ReplaceMember { .. } => "replaceMember",
+            Self::StartScrub(_) => "startScrub",
         }
     }
 
@@ -442,6 +464,7 @@ impl MapsRequest {
                 1,
                 MAX_MEMBERS,
             ),
+            Self::StartScrub(_) => Ok(()),
             Self::ReplaceMember { slot, .. } => {
                 if *slot as usize >= MAX_MEMBERS {
                     return Err(ControlError::TooManyEntries {
@@ -508,6 +531,7 @@ impl MapsRequest {
                     list.set(i, m);
                 }
             }
+            Self::StartScrub(device) => body.set_start_scrub(*device),
             Self::ReplaceMember {
                 device,
                 slot,
@@ -573,6 +597,7 @@ impl MapsRequest {
                     members: list.iter().collect(),
                 }
             }
+            Which::StartScrub(d) => Self::StartScrub(d),
             Which::ReplaceMember(r) => {
                 let r = r.map_err(ControlError::Decode)?;
                 Self::ReplaceMember {
@@ -820,6 +845,17 @@ fn write_device(mut out: wire::device_info::Builder<'_>, d: &DeviceInfo) {
     for (i, &m) in (0..len).zip(&d.members) {
         members.set(i, m.into());
     }
+    let (slot, done) = d.rebuild.unwrap_or((u32::MAX, 0));
+    out.set_rebuild_slot(slot);
+    out.set_rebuild_done(done);
+    if let Some(s) = d.scrub {
+        out.set_scrubbed(true);
+        out.set_scrub_done(s.done);
+        out.set_scrub_total(s.total);
+        out.set_scrub_mismatches(s.mismatches);
+        out.set_scrub_repaired(s.repaired);
+        out.set_scrub_skipped(s.skipped);
+    }
     let mut of = out.init_member_of();
     match d.member_of {
         None => of.set_none(()),
@@ -853,6 +889,15 @@ fn read_device(d: wire::device_info::Reader<'_>) -> Result<DeviceInfo, ControlEr
         inflight: d.get_inflight(),
         held: d.get_held(),
         member_of,
+        rebuild: (d.get_rebuild_slot() != u32::MAX)
+            .then(|| (d.get_rebuild_slot(), d.get_rebuild_done())),
+        scrub: d.get_scrubbed().then(|| ScrubInfo {
+            done: d.get_scrub_done(),
+            total: d.get_scrub_total(),
+            mismatches: d.get_scrub_mismatches(),
+            repaired: d.get_scrub_repaired(),
+            skipped: d.get_scrub_skipped(),
+        }),
     })
 }
 
@@ -1140,6 +1185,15 @@ impl MapsChannel {
         }
     }
 
+    /// `startScrub`.
+    pub fn start_scrub(&mut self, device: u32, timeout: Duration) -> Result<(), MapsError> {
+        let request = MapsRequest::StartScrub(device);
+        match self.expect(&request, timeout)? {
+            MapsReply::Done => Ok(()),
+            other => Err(Self::unexpected(&request, &other)),
+        }
+    }
+
     /// `replaceMember`.
     pub fn replace_member(
         &mut self,
@@ -1328,6 +1382,14 @@ pub mod examples {
             member_of: (members == 0).then_some(PoolSlot {
                 device: 9,
                 slot: index,
+            }),
+            rebuild: (members > 0).then_some((1, 123 << 20)),
+            scrub: (members > 0).then_some(ScrubInfo {
+                done: 5 << 20,
+                total: 96 << 20,
+                mismatches: 2,
+                repaired: 2,
+                skipped: 1,
             }),
         }
     }

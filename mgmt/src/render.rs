@@ -361,6 +361,48 @@ pub fn pool_text(p: &PoolInfo) -> String {
         p.epoch,
         p.generation,
     ));
+    let percent_of = |done: u64| {
+        (u128::from(done.min(p.member_bytes)) * 100)
+            .checked_div(u128::from(p.member_bytes))
+            .unwrap_or(0)
+    };
+    // Long work under way (or last done) goes above the members, as `zpool status` has it.
+    let mut work = String::new();
+    if let Some((slot, done)) = p.rebuild {
+        let drive = p
+            .members
+            .iter()
+            .find(|m| m.slot == slot)
+            .map_or_else(|| "-".to_owned(), |m| printable(&m.drive));
+        work.push_str(&format!(
+            "rebuild: slot {slot} ({drive}): {} of {} rebuilt ({}%)\n",
+            human_bytes(done),
+            human_bytes(p.member_bytes),
+            percent_of(done)
+        ));
+    }
+    if let Some(s) = p.scrub {
+        let head = if s.done_bytes >= p.member_bytes {
+            "finished".to_owned()
+        } else {
+            format!(
+                "{} of {} checked ({}%)",
+                human_bytes(s.done_bytes),
+                human_bytes(p.member_bytes),
+                percent_of(s.done_bytes)
+            )
+        };
+        work.push_str(&format!(
+            "  scrub: {head}: {} mismatches, {} repaired, {} not checkable\n",
+            s.mismatches, s.repaired, s.skipped
+        ));
+    }
+    if !work.is_empty() {
+        // Before the blank line that precedes the member table.
+        out.pop();
+        out.push_str(&work);
+        out.push('\n');
+    }
     const HEADER: [&str; 4] = ["SLOT", "DRIVE", "STATE", "DRIVE-UUID"];
     let rows: Vec<[String; 4]> = p
         .members
@@ -448,6 +490,11 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
         ConfigRequest::DestroyPool { name, .. } => format!("destroyed pool {name}"),
         ConfigRequest::ImportPool { pool, .. } => format!("imported pool {pool}"),
         ConfigRequest::MovePool { name, node } => format!("moved pool {name} to node {node}"),
+        ConfigRequest::ScrubPool(name) => {
+            format!(
+                "scrub of pool {name} started (`duplexctl pool show {name}`: progress, findings)"
+            )
+        }
         ConfigRequest::ReplaceMember { pool, old, new } => {
             format!("pool {pool}: {old} replaced by {new}, rebuilding")
         }
@@ -801,6 +848,18 @@ mod tests {
         let mut online = examples::pool("tank", 1);
         online.state = PoolState::Online;
         assert!(!pool_text(&online).contains("status:"));
+        // A rebuild and a scrub under way.
+        let text = pool_text(&examples::pool("tank", 3));
+        let l = lines(&text);
+        assert_eq!(
+            l[7], "rebuild: slot 2 (d2): 128M of 512M rebuilt (25%)",
+            "{text}"
+        );
+        assert_eq!(
+            l[8], "  scrub: 256M of 512M checked (50%): 1 mismatches, 1 repaired, 0 not checkable",
+            "{text}"
+        );
+        assert_eq!(l[9], "", "{text}");
     }
 
     #[test]

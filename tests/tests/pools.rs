@@ -385,6 +385,28 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
         .unwrap_or_default();
     assert_eq!(d3["state"], "active", "{drives}");
     assert_eq!(d3["slot"], 1, "{drives}");
+    // A scrub under the same workload finds the parity consistent everywhere.
+    let out = ok(&rig.node, &["pool", "scrub", "tank"]);
+    assert!(out.contains("scrub of pool tank started"), "{out}");
+    let (code, _, e) = rig.node.ctl(&["pool", "scrub", "tank"]);
+    assert!(code == 0 || e.contains("a scrub is running"), "{e}");
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+    let scrub = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang: the scrub never finished"
+        );
+        let p = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
+        let s = p["scrub"].clone();
+        if s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() && s.is_object() {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(scrub["mismatches"], 0, "{scrub}");
+    assert_eq!(scrub["skipped"], 0, "{scrub}");
+    let text = ok(&rig.node, &["pool", "show", "tank"]);
+    assert!(text.contains("scrub: finished: 0 mismatches"), "{text}");
     // Another member lost: the rebuilt one now carries the pool.
     rig.sim(0, &["pull"]);
     rig.wait_writes(2, 64);

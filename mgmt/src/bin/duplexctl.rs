@@ -134,6 +134,13 @@ enum PoolCommand {
         #[arg(long = "to", value_name = "NODE", value_parser = clap::value_parser!(u16).range(1..=4))]
         node: u16,
     },
+    /// Check a RAID 5 or 6 pool's parity against its data everywhere, rewriting what
+    /// disagrees, while hosts keep working; `pool show` says how far it got and what it found.
+    Scrub {
+        /// The pool.
+        #[arg(value_parser = parse_name)]
+        name: String,
+    },
     /// Replace a failed member of a RAID 5 or 6 pool by a free drive: the new drive is
     /// rebuilt from the other members while hosts keep working (`pool show` says how far).
     Replace {
@@ -451,6 +458,7 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
             name: name.clone(),
             node: *node,
         },
+        Command::Pool(PoolCommand::Scrub { name }) => ConfigRequest::ScrubPool(name.clone()),
         Command::Pool(PoolCommand::Replace { pool, old, new }) => ConfigRequest::ReplaceMember {
             pool: pool.clone(),
             old: old.clone(),

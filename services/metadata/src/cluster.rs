@@ -22,7 +22,7 @@ use std::hash::{BuildHasher, Hasher};
 
 use duplex_ipc::config::{
     ConfigErrorKind, ConfigReply, ConfigRequest, DriveInfo, DriveState, Export, NamespaceInfo,
-    PoolInfo, PoolMember as PoolMemberInfo, PoolState, SubsystemInfo, VolumeInfo,
+    PoolInfo, PoolMember as PoolMemberInfo, PoolScrub, PoolState, SubsystemInfo, VolumeInfo,
 };
 use duplex_ipc::exports::{
     AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, MAX_ANA_GROUP,
@@ -87,6 +87,10 @@ pub struct VolumePublish {
     pub extents: Vec<(u64, u64, u32, u64)>,
 }
 
+/// Long work on one pool device at the datapath: its index, the member being rebuilt
+/// `(slot, bytes done)`, the scrub now or last.
+pub type Progress = (u32, Option<(u32, u64)>, Option<PoolScrub>);
+
 /// Where the metadata service's decisions go: the datapath (maps) and the fabric (exports).
 pub trait Publisher {
     /// Builds (or finds again) a pool's RAID device; returns its device index.
@@ -100,6 +104,16 @@ pub trait Publisher {
     fn replace_member(&mut self, device: u32, slot: u32, drive: u32) -> Result<(), String> {
         let _ = (device, slot, drive);
         Err("this publisher cannot replace members".into())
+    }
+    /// Starts a scrub of pool device `device`.
+    fn start_scrub(&mut self, device: u32) -> Result<(), String> {
+        let _ = device;
+        Err("this publisher cannot scrub".into())
+    }
+    /// Long work at the datapath: per pool device, the member being rebuilt `(slot, bytes
+    /// done)` and the scrub now or last.
+    fn progress(&mut self) -> Vec<Progress> {
+        Vec::new()
     }
     /// Whether each member of pool device `device` is active at the datapath (a rebuilt
     /// member turns active there first).
@@ -1064,10 +1078,15 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     pub fn handle(&mut self, req: ConfigRequest) -> ConfigReply {
         match req {
             ConfigRequest::ListDrives => ConfigReply::Drives(self.drive_infos()),
-            ConfigRequest::ListPools => ConfigReply::Pools(self.pool_infos()),
+            ConfigRequest::ListPools => {
+                let progress = self.progress();
+                ConfigReply::Pools(self.pool_infos(&progress))
+            }
+            ConfigRequest::ScrubPool(name) => self.scrub_pool(&name),
             ConfigRequest::ShowPool(name) => {
+                let progress = self.progress();
                 let pools: Vec<PoolInfo> = self
-                    .pool_infos()
+                    .pool_infos(&progress)
                     .into_iter()
                     .filter(|p| p.name == name)
                     .collect();
@@ -1828,7 +1847,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         out
     }
 
-    fn pool_infos(&self) -> Vec<PoolInfo> {
+    fn pool_infos(&self, progress: &[Progress]) -> Vec<PoolInfo> {
         self.pools
             .iter()
             .map(|p| {
@@ -1861,6 +1880,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     .collect();
                 let degraded = members.iter().any(|m| m.state != DriveState::Active);
                 let stamp = p.store.stamp();
+                let at = p
+                    .device
+                    .and_then(|d| progress.iter().find(|x| x.0 == d))
+                    .copied();
                 PoolInfo {
                     name: cfg.pool.name.clone(),
                     uuid: cfg.pool.uuid.to_string(),
@@ -1879,6 +1902,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     epoch: stamp.epoch,
                     owner_node: cfg.ownership.owner_node,
                     members,
+                    member_bytes: cfg.pool.member_data_bytes,
+                    rebuild: at.and_then(|a| a.1),
+                    scrub: at.and_then(|a| a.2),
                 }
             })
             .chain(self.peer_pools.iter().map(|p| self.peer_pool_info(p)))
@@ -1927,6 +1953,62 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             epoch: cfg.ownership.epoch,
             owner_node: cfg.ownership.owner_node,
             members,
+            member_bytes: cfg.pool.member_data_bytes,
+            rebuild: None,
+            scrub: None,
+        }
+    }
+
+    /// The datapath's long work on this node's parity pools (nothing asked when none is).
+    fn progress(&mut self) -> Vec<Progress> {
+        if self
+            .pools
+            .iter()
+            .any(|p| p.store.config().pool.raid_level.parity() > 0)
+        {
+            self.publisher.progress()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `duplexctl pool scrub POOL`: starts the datapath's scrub of a parity pool this node
+    /// owns (progress and findings in `pool show`).
+    fn scrub_pool(&mut self, name: &str) -> ConfigReply {
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == name)
+        else {
+            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == name) {
+                return err(
+                    ConfigErrorKind::Refused,
+                    format!(
+                        "pool {name} is owned by node {}: scrub it there",
+                        p.config.ownership.owner_node + 1
+                    ),
+                );
+            }
+            return err(ConfigErrorKind::NotFound, format!("no pool named {name}"));
+        };
+        let level = self.pools[i].store.config().pool.raid_level;
+        if level.parity() == 0 {
+            return err(
+                ConfigErrorKind::Refused,
+                format!("pool {name} is {level}: scrub checks RAID 5 and 6 parity only"),
+            );
+        }
+        let Some(device) = self.pools[i].device else {
+            return err(
+                ConfigErrorKind::IoError,
+                format!("pool {name} is not served by the datapath"),
+            );
+        };
+        match self.publisher.start_scrub(device) {
+            Ok(()) => done(format!(
+                "scrub of pool {name} started (`duplexctl pool show {name}`: progress, findings)"
+            )),
+            Err(e) => err(ConfigErrorKind::Refused, format!("pool {name}: {e}")),
         }
     }
 

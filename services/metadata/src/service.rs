@@ -111,6 +111,43 @@ impl Publisher for ServicePublisher {
             .map_err(|e| e.to_string())
     }
 
+    fn start_scrub(&mut self, device: u32) -> Result<(), String> {
+        self.maps
+            .start_scrub(device, MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
+    fn progress(
+        &mut self,
+    ) -> Vec<(
+        u32,
+        Option<(u32, u64)>,
+        Option<duplex_ipc::config::PoolScrub>,
+    )> {
+        match self.maps.list_devices(MAPS_TIMEOUT) {
+            Ok(list) => list
+                .iter()
+                .filter(|d| d.rebuild.is_some() || d.scrub.is_some())
+                .map(|d| {
+                    (
+                        d.index,
+                        d.rebuild,
+                        d.scrub.map(|s| duplex_ipc::config::PoolScrub {
+                            done_bytes: s.done,
+                            mismatches: s.mismatches,
+                            repaired: s.repaired,
+                            skipped: s.skipped,
+                        }),
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the datapath's progress");
+                Vec::new()
+            }
+        }
+    }
+
     fn replace_member(&mut self, device: u32, slot: u32, drive: u32) -> Result<(), String> {
         self.maps
             .replace_member(device, slot, drive, 0, MAPS_TIMEOUT)
