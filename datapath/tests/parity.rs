@@ -662,7 +662,13 @@ fn replaced_and_rebuilt(level: RaidLevel, n: usize, victims: &[usize], seed: u64
     }
     // The workload goes on while the rebuild runs, until every member is active again.
     let mut rounds = 0;
+    // A hang guard only (generous: the rebuild shares two cores with the workload).
+    let deadline = std::time::Instant::now() + 5 * common::DEADLINE;
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang: the rebuild did not finish"
+        );
         a.write_batches(4, |_| {});
         rounds += 1;
         let st = ctl.status().unwrap();

@@ -149,9 +149,24 @@ impl Publisher for ServicePublisher {
     }
 
     fn replace_member(&mut self, device: u32, slot: u32, drive: u32) -> Result<(), String> {
-        self.maps
-            .replace_member(device, slot, drive, 0, MAPS_TIMEOUT)
-            .map_err(|e| e.to_string())
+        // The failed member's last commands may still be ending (a pulled drive's time out):
+        // the datapath swaps it only once idle, so ask again while it says so.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self
+                .maps
+                .replace_member(device, slot, drive, 0, MAPS_TIMEOUT)
+            {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.to_string().contains("in flight")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 
     fn active_members(&mut self, device: u32) -> Result<Vec<bool>, String> {
