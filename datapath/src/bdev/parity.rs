@@ -1830,21 +1830,12 @@ impl ParityBdev {
         }
     }
 
-    /// Starts the next scrub window when a scrub runs and none is in flight.
-    fn scrub_kick(&mut self, ctx: &mut Ctx<'_>) {
-        let Some(s) = self.scrub else { return };
-        if self.scrubbing.is_some()
-            || s.done >= s.total
-            || self
-                .journal
-                .as_ref()
-                .is_some_and(|j| !matches!(j.state, JState::Ready | JState::Resetting))
-        {
-            return;
-        }
+    /// A stripe operation of the device's own (a rebuild or scrub window), for the window of
+    /// member byte `at`; returns its index, not yet queued.
+    fn own_op(&mut self, at: u64, rebuild: Option<usize>, scrub: bool) -> usize {
         let chunk = self.geo.chunk;
-        let stripe = s.done / chunk;
-        let lo = s.done % chunk / self.window * self.window;
+        let stripe = at / chunk;
+        let lo = at % chunk / self.window * self.window;
         let hi = (lo + self.window).min(chunk);
         let op = StripeOp {
             parent: usize::MAX,
@@ -1857,7 +1848,7 @@ impl ParityBdev {
             lo,
             hi,
             phase: Phase::Queued,
-            plan: Plan::Rcw,
+            plan: if scrub { Plan::Rcw } else { Plan::Reconstruct },
             pending: 0,
             scratch: None,
             slots: vec![None; self.geo.n],
@@ -1867,10 +1858,10 @@ impl ParityBdev {
             entry: None,
             writes: Vec::new(),
             counted: false,
-            rebuild: None,
-            scrub: true,
+            rebuild,
+            scrub,
         };
-        let o = match self.free_ops.pop() {
+        match self.free_ops.pop() {
             Some(i) => {
                 self.ops[i] = Some(op);
                 i
@@ -1879,7 +1870,22 @@ impl ParityBdev {
                 self.ops.push(Some(op));
                 self.ops.len() - 1
             }
-        };
+        }
+    }
+
+    /// Starts the next scrub window when a scrub runs and none is in flight.
+    fn scrub_kick(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(s) = self.scrub else { return };
+        if self.scrubbing.is_some()
+            || s.done >= s.total
+            || self
+                .journal
+                .as_ref()
+                .is_some_and(|j| !matches!(j.state, JState::Ready | JState::Resetting))
+        {
+            return;
+        }
+        let o = self.own_op(s.done, None, true);
         self.scrubbing = Some(o);
         self.enqueue(o, ctx);
     }
@@ -1908,44 +1914,7 @@ impl ParityBdev {
         else {
             return;
         };
-        let chunk = self.geo.chunk;
-        let stripe = done / chunk;
-        let lo = done % chunk / self.window * self.window;
-        let hi = (lo + self.window).min(chunk);
-        let op = StripeOp {
-            parent: usize::MAX,
-            op: Op::Read,
-            fua: false,
-            chain: 0,
-            stripe,
-            key: (stripe, lo / self.window),
-            pieces: Vec::new(),
-            lo,
-            hi,
-            phase: Phase::Queued,
-            plan: Plan::Reconstruct,
-            pending: 0,
-            scratch: None,
-            slots: vec![None; self.geo.n],
-            replan: false,
-            status: STATUS_SUCCESS,
-            entry_off: 0,
-            entry: None,
-            writes: Vec::new(),
-            counted: false,
-            rebuild: Some(target),
-            scrub: false,
-        };
-        let o = match self.free_ops.pop() {
-            Some(i) => {
-                self.ops[i] = Some(op);
-                i
-            }
-            None => {
-                self.ops.push(Some(op));
-                self.ops.len() - 1
-            }
-        };
+        let o = self.own_op(done, Some(target), false);
         self.rebuilding = Some(o);
         self.enqueue(o, ctx);
     }
