@@ -120,11 +120,23 @@ struct ConfigRequestBody {
     # its data and rewritten where it disagrees. Answered once started; listPools / showPool say
     # how far it got and what it found.
 
+    setPoolRate @22 :SetPoolRate;
+    # Set the rate of a pool's rebuilds and scrubs (bytes/s; 0: yield to host I/O, the
+    # default), for the raid service; applies at once to a running one.
+
     replaceMember @20 :ReplaceMember;
     # Put a free drive in place of a failed member of a RAID 5 or 6 pool this node owns: the
     # member is committed rebuilding on the new drive and the datapath rebuilds it under I/O;
     # the metadata service commits it active when the datapath reports it rebuilt.
   }
+}
+
+struct SetPoolRate {
+  pool @0 :Text;
+  # 1..=64 bytes.
+
+  rate @1 :UInt64;
+  # Bytes per second of each member; 0: yield to host I/O.
 }
 
 struct ReplaceMember {
@@ -372,6 +384,20 @@ struct PoolInfo {
   scrubMismatches @16 :UInt64;
   scrubRepaired @17 :UInt64;
   scrubSkipped @18 :UInt64;
+  rateLimit @19 :UInt64;
+  # The operator's rate for the pool's rebuilds and scrubs, bytes/s (0: the raid service's
+  # default, yielding to host I/O).
+  rebuildRate @20 :UInt64;
+  rebuildEtaMs @21 :UInt64;
+  # The rebuild's measured rate (bytes/s) and the time left (ms; 0xffffffffffffffff unknown),
+  # as the raid service measures them (0 and unknown without one).
+  rebuildFrom @22 :UInt64;
+  # Where this run of the rebuild started (a resumed rebuild: the checkpoint it resumed from).
+  rebuildCheckpoint @23 :UInt64;
+  # The rebuild position committed on the pool's drives (bytes of the member).
+  scrubRate @24 :UInt64;
+  scrubEtaMs @25 :UInt64;
+  # The scrub's, as the rebuild's.
 }
 
 enum PoolState {

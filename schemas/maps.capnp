@@ -119,6 +119,10 @@ struct PoolSpec {
 
   journalTag @11 :UInt64;
   # The tag the pool's journal records carry (from the pool UUID).
+
+  rebuildFrom @12 :List(UInt64);
+  # Where each rebuilding member resumes its rebuild (member bytes of the data area: the
+  # checkpoint on its drives); empty (every rebuild from 0) or one per drive.
 }
 
 enum RaidLevel {

@@ -62,6 +62,9 @@ pub struct DiskBeat {
     counter: u64,
     peer: SlotView,
     announced: bool,
+    /// The node's pool drives in the topology's order (bit `i` of the metadata service's
+    /// must-fence mask is `names[i]`).
+    names: Vec<String>,
 }
 
 impl DiskBeat {
@@ -79,7 +82,15 @@ impl DiskBeat {
             counter: 0,
             peer: SlotView::default(),
             announced: false,
+            names: Vec::new(),
         }
+    }
+
+    /// Names the node's pool drives in the topology's order, for the metadata service's
+    /// must-fence mask (without it, every drive must be fenced).
+    pub fn with_drive_names(mut self, names: Vec<String>) -> Self {
+        self.names = names;
+        self
     }
 
     /// How long until the next round is due (zero: now).
@@ -268,7 +279,18 @@ impl DiskBeat {
         let started = Instant::now();
         let resv = drives.iter_mut().map(|d| d.reservations()).collect();
         let mut fence = Fence::new(resv, self.key);
-        let r = fence.fence(victim);
+        // An unreachable drive may be passed over only when the metadata service said which
+        // drives hold current pool data, and this is not one of them.
+        let must = self.region.must_fence();
+        let names = &self.names;
+        let r = fence.fence_skipping(victim, |name| {
+            must.is_some_and(|mask| {
+                names
+                    .iter()
+                    .position(|n| n == name)
+                    .is_some_and(|i| i < 64 && mask & (1 << i) == 0)
+            })
+        });
         drop(fence);
         let ms = started.elapsed().as_secs_f64() * 1e3;
         match r {

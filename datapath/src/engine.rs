@@ -228,7 +228,13 @@ pub struct Engine {
     batch: Vec<IoDesc>,
     /// A cluster member's disk heartbeat and fencing (between turns).
     disk_beat: Option<crate::diskbeat::DiskBeat>,
+    /// The node's RAID jobs region: rebuilds and scrubs reported, the raid service's grants
+    /// applied (between turns, every [`RAID_SYNC`]); without it, jobs run unlimited.
+    raid: Option<(duplex_ipc::raid::RaidRegion, Instant, bool)>,
 }
+
+/// How often the engine reports its RAID jobs and takes the raid service's grants.
+const RAID_SYNC: Duration = Duration::from_millis(10);
 
 impl Engine {
     /// Builds an engine serving `volumes` (each from its own backing file) to `channels` with
@@ -393,6 +399,7 @@ impl Engine {
             done: Vec::with_capacity(256),
             batch: Vec::with_capacity(BATCH),
             disk_beat: None,
+            raid: None,
             config,
         })
     }
@@ -406,6 +413,67 @@ impl Engine {
     /// Runs a cluster member's disk heartbeat and fence requests between turns.
     pub fn set_disk_beat(&mut self, beat: crate::diskbeat::DiskBeat) {
         self.disk_beat = Some(beat);
+    }
+
+    /// Lets the raid service schedule this engine's rebuilds and scrubs through `region`.
+    pub fn set_raid_region(&mut self, region: duplex_ipc::raid::RaidRegion) {
+        self.raid = Some((region, Instant::now(), false));
+    }
+
+    /// Reports the devices' jobs to the raid region and applies the grants (when due).
+    fn raid_work(&mut self) {
+        let Some((region, at, _)) = self.raid.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(*at) < RAID_SYNC {
+            return;
+        }
+        *at = now;
+        let mut reports = Vec::new();
+        let mut jobs = Vec::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            let Some(d) = d else { continue };
+            jobs.clear();
+            d.jobs(&mut jobs);
+            let Ok(device) = u32::try_from(i) else {
+                continue;
+            };
+            for j in &jobs {
+                reports.push(duplex_ipc::raid::JobReport {
+                    key: duplex_ipc::raid::JobKey {
+                        device,
+                        kind: j.kind,
+                        slot: j.slot,
+                    },
+                    done: j.done,
+                    total: j.total,
+                    host_ios: d.host_ios(),
+                    started_at: j.started_at,
+                });
+            }
+        }
+        let dropped = region.publish_jobs(&reports);
+        if dropped > 0 && self.error_log.check(now).is_some() {
+            tracing::warn!(
+                dropped,
+                "RAID jobs do not fit the jobs region: they wait unscheduled"
+            );
+        }
+        let views = region.jobs();
+        if let Some(r) = self.raid.as_mut() {
+            r.2 = !reports.is_empty();
+        }
+        for r in &reports {
+            let limit = views
+                .iter()
+                .find(|v| v.report.key == r.key)
+                .and_then(|v| v.limit)
+                .unwrap_or(0);
+            if let Some(Some(d)) = self.devices.get_mut(r.key.device as usize) {
+                d.set_job_limit(r.key.kind, limit);
+            }
+        }
     }
 
     /// The disk heartbeat's work, when due: on the engine's thread, between two turns.
@@ -460,6 +528,7 @@ impl Engine {
         loop {
             beat();
             self.cluster_work()?;
+            self.raid_work();
             let mut progress = self.apply_commands();
             progress |= self.reap()?;
             progress |= self.poll_devices();
@@ -511,6 +580,10 @@ impl Engine {
             };
             if let Some(b) = &self.disk_beat {
                 timeout = timeout.min(b.due_in(Instant::now()).max(Duration::from_millis(1)));
+            }
+            if self.raid.as_ref().is_some_and(|r| r.2) {
+                // Jobs wait on the raid service's grants: look again soon.
+                timeout = timeout.min(RAID_SYNC);
             }
             let slept = self.uring.wait(timeout);
             self.disarm();

@@ -167,6 +167,9 @@ pub enum Step {
     Preempted,
     /// The victim was not registered here any more (fenced before).
     AlreadyGone,
+    /// Unreachable, and holding no current data of any pool (a failed or replaced member, a
+    /// free drive): nothing read later comes from it, so it needs no fence.
+    Skipped,
 }
 
 /// The drives of one node, in fencing order, and its key.
@@ -219,10 +222,37 @@ impl<D: Reservations> Fence<D> {
     /// Fences `victim` off every drive, in order. Stops at the first drive where this node
     /// turns out fenced itself, or that cannot be reached.
     pub fn fence(&mut self, victim: FenceKey) -> Result<Vec<Step>, FenceError> {
+        self.fence_skipping(victim, |_| false)
+    }
+
+    /// [`Fence::fence`], except that a drive that cannot be reached and for which `skip(name)`
+    /// says it holds no current pool data is passed over ([`Step::Skipped`]) instead of
+    /// stopping the fence.
+    pub fn fence_skipping(
+        &mut self,
+        victim: FenceKey,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Step>, FenceError> {
         let mine = self.key;
         let mut steps = Vec::with_capacity(self.drives.len());
         for d in &mut self.drives {
-            let step = match d.preempt_abort(mine, victim) {
+            let step = match Self::fence_one(d, mine, victim) {
+                Err(FenceError::Unreachable { drive, why }) if skip(&drive) => {
+                    tracing::warn!(drive, why, %victim, "not fenced: unreachable, and it holds no current pool data");
+                    Step::Skipped
+                }
+                Err(e) => return Err(e),
+                Ok(step) => step,
+            };
+            tracing::info!(drive = d.name(), %victim, ?step, "fenced");
+            steps.push(step);
+        }
+        Ok(steps)
+    }
+
+    fn fence_one(d: &mut D, mine: FenceKey, victim: FenceKey) -> Result<Step, FenceError> {
+        Ok({
+            match d.preempt_abort(mine, victim) {
                 Ok(()) => Step::Preempted,
                 Err(DriveError::Conflict) => {
                     // Either our key is gone (we lost) or the victim's is (fenced before).
@@ -245,11 +275,8 @@ impl<D: Reservations> Fence<D> {
                     Step::AlreadyGone
                 }
                 Err(e) => return Err(unreachable(d.name(), "preempt", e)),
-            };
-            tracing::info!(drive = d.name(), %victim, ?step, "fenced");
-            steps.push(step);
-        }
-        Ok(steps)
+            }
+        })
     }
 
     /// Every drive's keys (a drive that does not answer: its error).

@@ -141,6 +141,9 @@ pub enum ServiceError {
     /// The handed-over cluster state region is unusable.
     #[error("Handed-over `{}` is unusable", duplex_ipc::cluster::CLUSTER_RESOURCE)]
     ClusterRegion(#[source] duplex_ipc::region::RegionError),
+    /// The handed-over RAID jobs region is unusable.
+    #[error("Handed-over `{}` is unusable", duplex_ipc::raid::RAID_RESOURCE)]
+    RaidRegion(#[source] duplex_ipc::region::RegionError),
     /// The handed-over maps channel is not a `SOCK_SEQPACKET` socket.
     #[error("Handed-over `{}` is unusable", wire::MAPS_RESOURCE)]
     Maps(#[source] ControlError),
@@ -286,6 +289,12 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         ),
         None => None,
     };
+    let raid_region = match started.take(duplex_ipc::raid::RAID_RESOURCE) {
+        Some(r) => {
+            Some(duplex_ipc::raid::RaidRegion::attach(r.fd).map_err(ServiceError::RaidRegion)?)
+        }
+        None => None,
+    };
     for r in &started.resources {
         tracing::debug!(
             resource = r.name,
@@ -307,12 +316,19 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         .find(|k| *k != 0);
     match (cluster_region, &topology.cluster, key) {
         (Some(region), Some(spec), Some(key)) => {
-            engine.set_disk_beat(crate::diskbeat::DiskBeat::new(region, spec, key));
+            let names = topology.drives.iter().map(|d| d.name.clone()).collect();
+            engine.set_disk_beat(
+                crate::diskbeat::DiskBeat::new(region, spec, key).with_drive_names(names),
+            );
         }
         (Some(_), _, _) => {
             tracing::warn!("a cluster state region but no cluster drives: no disk heartbeat");
         }
         _ => {}
+    }
+    if let Some(region) = raid_region {
+        // Rebuilds and scrubs go as far as the raid service grants.
+        engine.set_raid_region(region);
     }
     let stopper = engine.stopper();
     let engine_control = engine.control();
@@ -583,7 +599,17 @@ impl MapsServer {
             data_offset: spec.data_offset,
             data_len: spec.data_len,
             drives: spec.drives,
-            states: spec.states.into_iter().map(member_state).collect(),
+            states: spec
+                .states
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| match member_state(s) {
+                    MemberState::Rebuilding { .. } => MemberState::Rebuilding {
+                        done: spec.rebuild_from.get(i).copied().unwrap_or(0),
+                    },
+                    s => s,
+                })
+                .collect(),
             hold_until_recorded: spec.hold_until_recorded,
             journal: spec
                 .journal
@@ -717,8 +743,7 @@ fn member_state(s: wire::MemberState) -> MemberState {
     match s {
         wire::MemberState::Active => MemberState::Active,
         wire::MemberState::Failed => MemberState::Failed,
-        // A member published rebuilding is rebuilt from its start (the maps channel carries
-        // no rebuild position yet).
+        // The position comes with the spec (`rebuild_from`), set by the caller.
         wire::MemberState::Rebuilding => MemberState::Rebuilding { done: 0 },
     }
 }

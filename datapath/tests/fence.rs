@@ -227,6 +227,22 @@ fn a_drive_the_survivor_cannot_reach_stops_fencing_and_a_rejoin_needs_a_new_key(
         Err(FenceError::Unreachable { drive, .. }) => assert_eq!(drive, ds[second].name),
         other => panic!("fencing over a pulled port: {other:?}"),
     }
+    // Unless that drive holds no current pool data (the metadata service's say): then it is
+    // passed over, and only there; a drive that must be fenced still stops the fence.
+    let unneeded = ds[second].name.clone();
+    let steps = fence(&ds, &mut b, kb)
+        .fence_skipping(ka, |name| name == unneeded)
+        .expect("fenced where it matters");
+    assert_eq!(steps.last(), Some(&Step::Skipped), "{steps:?}");
+    assert!(
+        steps[..steps.len() - 1].iter().all(|s| *s != Step::Skipped),
+        "{steps:?}"
+    );
+    let r = fence(&ds, &mut b, kb).fence_skipping(ka, |name| name != unneeded);
+    assert!(
+        matches!(r, Err(FenceError::Unreachable { .. })),
+        "a drive that must be fenced was passed over: {r:?}"
+    );
     ds[second].ports.insert_port(1).expect("insert");
 
     // A, fenced off the first drive, rejoins with the next boot's key; its old key cannot be

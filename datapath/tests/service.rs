@@ -728,6 +728,7 @@ fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
         states: vec![],
         hold_until_recorded: true,
         journal: None,
+        rebuild_from: vec![],
     }
 }
 

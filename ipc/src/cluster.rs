@@ -26,6 +26,8 @@
 //! | 664 | cluster | 1 while the peer is alive on the interconnect |
 //! | 672 | cluster | 1 once this boot of the node has joined the cluster (the join handshake; stays 1 across the services' restarts) |
 //! | 680 | metadata | the claimed node slots whose pools it has all imported (bit `s`) |
+//! | 688 | metadata | the drives holding current data of some pool (bit `i`: the topology's pool drive `i`): only those must be fenced; an unreachable other one is passed over |
+//! | 696 | metadata | 1 once the mask at 688 was written (before: every drive must be fenced) |
 //! | 1024 | datapath | drive reservations: `seq` (odd while written) |
 //! | 1032 | datapath | drive reservations: how many drives (at most [`MAX_REPORTED_DRIVES`]) |
 //! | 1040 | datapath | drive reservations: the heartbeat round they were read in |
@@ -67,6 +69,8 @@ const HOST_LINK_DOWN: usize = 656;
 const PEER_LINKED: usize = 664;
 const JOINED: usize = 672;
 const SETTLED: usize = 680;
+const MUST_FENCE: usize = 688;
+const MUST_FENCE_SET: usize = 696;
 const RESV_SEQ: usize = 1024;
 const RESV_COUNT: usize = 1032;
 const RESV_ROUND: usize = 1040;
@@ -377,6 +381,19 @@ impl ClusterRegion {
     /// Whether the host link is down (for the dead time).
     pub fn host_link_down(&self) -> bool {
         self.word(HOST_LINK_DOWN).load(Ordering::Acquire) != 0
+    }
+
+    /// The metadata service says which pool drives hold current data of some pool (bit `i`:
+    /// the topology's pool drive `i`).
+    pub fn set_must_fence(&self, mask: u64) {
+        self.word(MUST_FENCE).store(mask, Ordering::Release);
+        self.word(MUST_FENCE_SET).store(1, Ordering::Release);
+    }
+
+    /// The must-fence mask, once the metadata service wrote one.
+    pub fn must_fence(&self) -> Option<u64> {
+        (self.word(MUST_FENCE_SET).load(Ordering::Acquire) == 1)
+            .then(|| self.word(MUST_FENCE).load(Ordering::Acquire))
     }
 
     /// The datapath records the drives' reservations (read in heartbeat round `round`).

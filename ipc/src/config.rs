@@ -183,6 +183,14 @@ pub enum ConfigRequest {
     },
     /// Start a scrub of a parity pool.
     ScrubPool(String),
+    /// Set the rate of a pool's rebuilds and scrubs (bytes/s of each member; 0: yield to host
+    /// I/O).
+    SetPoolRate {
+        /// The pool.
+        pool: String,
+        /// Bytes per second; 0 for the default.
+        rate: u64,
+    },
     /// Replace a failed member of a parity pool by a free drive (rebuilt under I/O).
     ReplaceMember {
         /// The pool.
@@ -403,6 +411,41 @@ pub struct PoolInfo {
     pub rebuild: Option<(u32, u64)>,
     /// The scrub now or last.
     pub scrub: Option<PoolScrub>,
+    /// The raid service's view of the pool's rebuild and scrub.
+    pub jobs: PoolJobs,
+}
+
+/// How a pool's rebuild and scrub go, as the raid service schedules and measures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PoolJobs {
+    /// The operator's rate, bytes/s of each member (0: yield to host I/O).
+    pub rate_limit: u64,
+    /// The rebuild's measured rate, bytes/s.
+    pub rebuild_rate: u64,
+    /// The rebuild's time left, ms ([`u64::MAX`]: unknown).
+    pub rebuild_eta_ms: u64,
+    /// Where this run of the rebuild started (a resumed one: its checkpoint), bytes.
+    pub rebuild_from: u64,
+    /// The rebuild position committed on the drives, bytes.
+    pub rebuild_checkpoint: u64,
+    /// The scrub's measured rate, bytes/s.
+    pub scrub_rate: u64,
+    /// The scrub's time left, ms ([`u64::MAX`]: unknown).
+    pub scrub_eta_ms: u64,
+}
+
+impl Default for PoolJobs {
+    fn default() -> Self {
+        Self {
+            rate_limit: 0,
+            rebuild_rate: 0,
+            rebuild_eta_ms: u64::MAX,
+            rebuild_from: 0,
+            rebuild_checkpoint: 0,
+            scrub_rate: 0,
+            scrub_eta_ms: u64::MAX,
+        }
+    }
 }
 
 /// A pool's scrub (its datapath's, since that started).
@@ -663,6 +706,7 @@ impl ConfigRequest {
             Self::ImportPool { .. } => "importPool",
             Self::MovePool { .. } => "movePool",
             Self::ReplaceMember { .. } => "replaceMember",
+            Self::SetPoolRate { .. } => "setPoolRate",
             Self::ScrubPool(_) => "scrubPool",
             Self::ListVolumesAfter(_) => "listVolumesAfter",
         }
@@ -713,6 +757,9 @@ impl ConfigRequest {
             // The node is checked by the metadata service (it must be the peer's id).
             Self::MovePool { name, .. } => required(name, "config.movePool.name", MAX_NAME_BYTES),
             Self::ScrubPool(name) => required(name, "config.scrubPool", MAX_NAME_BYTES),
+            Self::SetPoolRate { pool, .. } => {
+                required(pool, "config.setPoolRate.pool", MAX_NAME_BYTES)
+            }
             Self::ReplaceMember { pool, old, new } => {
                 required(pool, "config.replaceMember.pool", MAX_NAME_BYTES)?;
                 required(old, "config.replaceMember.old", MAX_NAME_BYTES)?;
@@ -812,6 +859,11 @@ impl ConfigRequest {
                 p.set_node(*node);
             }
             Self::ScrubPool(name) => body.set_scrub_pool(name.as_str()),
+            Self::SetPoolRate { pool, rate } => {
+                let mut r = body.init_set_pool_rate();
+                r.set_pool(pool.as_str());
+                r.set_rate(*rate);
+            }
             Self::ReplaceMember { pool, old, new } => {
                 let mut r = body.init_replace_member();
                 r.set_pool(pool.as_str());
@@ -936,6 +988,13 @@ impl ConfigRequest {
                 }
             }
             Which::ScrubPool(t) => Self::ScrubPool(text(t, "config.scrubPool", MAX_NAME_BYTES)?),
+            Which::SetPoolRate(r) => {
+                let r = r.map_err(d)?;
+                Self::SetPoolRate {
+                    pool: text(r.get_pool(), "config.setPoolRate.pool", MAX_NAME_BYTES)?,
+                    rate: r.get_rate(),
+                }
+            }
             Which::ReplaceMember(r) => {
                 let r = r.map_err(d)?;
                 Self::ReplaceMember {
@@ -1282,6 +1341,13 @@ fn write_pool(mut out: wire::pool_info::Builder<'_>, p: &PoolInfo) {
         out.set_scrub_repaired(s.repaired);
         out.set_scrub_skipped(s.skipped);
     }
+    out.set_rate_limit(p.jobs.rate_limit);
+    out.set_rebuild_rate(p.jobs.rebuild_rate);
+    out.set_rebuild_eta_ms(p.jobs.rebuild_eta_ms);
+    out.set_rebuild_from(p.jobs.rebuild_from);
+    out.set_rebuild_checkpoint(p.jobs.rebuild_checkpoint);
+    out.set_scrub_rate(p.jobs.scrub_rate);
+    out.set_scrub_eta_ms(p.jobs.scrub_eta_ms);
     let len = len_u32(p.members.len());
     let mut members = out.init_members(len);
     for (i, m) in (0..len).zip(&p.members) {
@@ -1334,6 +1400,15 @@ fn read_pool(p: wire::pool_info::Reader<'_>) -> Result<PoolInfo, ControlError> {
             repaired: p.get_scrub_repaired(),
             skipped: p.get_scrub_skipped(),
         }),
+        jobs: PoolJobs {
+            rate_limit: p.get_rate_limit(),
+            rebuild_rate: p.get_rebuild_rate(),
+            rebuild_eta_ms: p.get_rebuild_eta_ms(),
+            rebuild_from: p.get_rebuild_from(),
+            rebuild_checkpoint: p.get_rebuild_checkpoint(),
+            scrub_rate: p.get_scrub_rate(),
+            scrub_eta_ms: p.get_scrub_eta_ms(),
+        },
     })
 }
 
@@ -1740,6 +1815,19 @@ pub mod examples {
                 repaired: 1,
                 skipped: 0,
             }),
+            jobs: if members > 2 {
+                PoolJobs {
+                    rate_limit: 0,
+                    rebuild_rate: 64 << 20,
+                    rebuild_eta_ms: 6_000,
+                    rebuild_from: 0,
+                    rebuild_checkpoint: 96 << 20,
+                    scrub_rate: 0,
+                    scrub_eta_ms: u64::MAX,
+                }
+            } else {
+                PoolJobs::default()
+            },
         }
     }
 
@@ -1854,6 +1942,15 @@ pub mod examples {
                         repaired: u64::MAX,
                         skipped: u64::MAX,
                     }),
+                    jobs: PoolJobs {
+                        rate_limit: u64::MAX,
+                        rebuild_rate: u64::MAX,
+                        rebuild_eta_ms: u64::MAX,
+                        rebuild_from: u64::MAX,
+                        rebuild_checkpoint: u64::MAX,
+                        scrub_rate: u64::MAX,
+                        scrub_eta_ms: u64::MAX,
+                    },
                 }
             })
             .collect();

@@ -29,6 +29,7 @@ pub mod exports;
 pub mod lifecycle;
 pub mod maps;
 pub mod pool;
+pub mod raid;
 pub mod region;
 pub mod ring;
 #[doc(hidden)]

@@ -103,6 +103,8 @@ pub struct PoolSpec {
     pub hold_until_recorded: bool,
     /// Parity levels: `(offset, length, tag)` of the stripe journal ring on every member.
     pub journal: Option<(u64, u64, u64)>,
+    /// Where each rebuilding member resumes (member bytes): empty (from 0) or one per drive.
+    pub rebuild_from: Vec<u64>,
 }
 
 /// `blocks` blocks of a volume from volume block `start` live on device `device` from byte
@@ -401,6 +403,13 @@ impl PoolSpec {
         if !self.states.is_empty() && self.states.len() < self.drives.len() {
             return Err(ControlError::MissingField("maps.publishPool.states"));
         }
+        if !self.rebuild_from.is_empty() && self.rebuild_from.len() != self.drives.len() {
+            return Err(ControlError::TooManyEntries {
+                field: "maps.publishPool.rebuildFrom",
+                len: self.rebuild_from.len(),
+                max: self.drives.len(),
+            });
+        }
         Ok(())
     }
 }
@@ -506,9 +515,14 @@ impl MapsRequest {
                     drives.set(i, d);
                 }
                 let len = len_u32(s.states.len());
-                let mut states = p.init_states(len);
+                let mut states = p.reborrow().init_states(len);
                 for (i, &m) in (0..len).zip(&s.states) {
                     states.set(i, m.into());
+                }
+                let len = len_u32(s.rebuild_from.len());
+                let mut from = p.init_rebuild_from(len);
+                for (i, &at) in (0..len).zip(&s.rebuild_from) {
+                    from.set(i, at);
                 }
             }
             Self::PublishVolumes(v) => {
@@ -697,6 +711,16 @@ fn read_pool(p: wire::pool_spec::Reader<'_>) -> Result<PoolSpec, ControlError> {
         data_len: p.get_data_len(),
         drives: drives.iter().collect(),
         states: read_states(p.get_states(), "maps.publishPool.states")?,
+        rebuild_from: {
+            let l = p.get_rebuild_from().map_err(ControlError::Decode)?;
+            bounded(
+                list_len(l.len()),
+                "maps.publishPool.rebuildFrom",
+                0,
+                MAX_MEMBERS,
+            )?;
+            l.iter().collect()
+        },
         hold_until_recorded: p.get_hold_until_recorded(),
         journal: (p.get_journal_len() > 0).then(|| {
             (
@@ -1329,6 +1353,7 @@ pub mod examples {
                 ],
                 hold_until_recorded: true,
                 journal: Some((17 << 20, 16 << 20, 0x1234)),
+                rebuild_from: vec![0, 1 << 20, 0, 0],
             }),
             MapsRequest::PublishPool(PoolSpec {
                 epoch: 1,
@@ -1341,6 +1366,7 @@ pub mod examples {
                 states: vec![],
                 hold_until_recorded: false,
                 journal: None,
+                rebuild_from: vec![],
             }),
             MapsRequest::PublishVolumes(PublishVolumes {
                 epoch: 3,

@@ -380,6 +380,19 @@ pub fn pool_text(p: &PoolInfo) -> String {
             human_bytes(p.member_bytes),
             percent_of(done)
         ));
+        work.push_str(&job_line(
+            p.jobs.rebuild_rate,
+            p.jobs.rebuild_eta_ms,
+            p.jobs.rate_limit,
+            percent_of(done),
+        ));
+        if p.jobs.rebuild_from > 0 || p.jobs.rebuild_checkpoint > 0 {
+            work.push_str(&format!(
+                "         resumed from {}, checkpoint on the drives at {}\n",
+                human_bytes(p.jobs.rebuild_from),
+                human_bytes(p.jobs.rebuild_checkpoint)
+            ));
+        }
     }
     if let Some(s) = p.scrub {
         let head = if s.done_bytes >= p.member_bytes {
@@ -396,6 +409,14 @@ pub fn pool_text(p: &PoolInfo) -> String {
             "  scrub: {head}: {} mismatches, {} repaired, {} not checkable\n",
             s.mismatches, s.repaired, s.skipped
         ));
+        if s.done_bytes < p.member_bytes {
+            work.push_str(&job_line(
+                p.jobs.scrub_rate,
+                p.jobs.scrub_eta_ms,
+                p.jobs.rate_limit,
+                percent_of(s.done_bytes),
+            ));
+        }
     }
     if !work.is_empty() {
         // Before the blank line that precedes the member table.
@@ -497,6 +518,15 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
         }
         ConfigRequest::ReplaceMember { pool, old, new } => {
             format!("pool {pool}: {old} replaced by {new}, rebuilding")
+        }
+        ConfigRequest::SetPoolRate { pool, rate: 0 } => {
+            format!("pool {pool}: rebuilds and scrubs yield to host I/O")
+        }
+        ConfigRequest::SetPoolRate { pool, rate } => {
+            format!(
+                "pool {pool}: rebuilds and scrubs at most {}/s",
+                human_bytes(*rate)
+            )
         }
         ConfigRequest::CreateVolume { name, pool, .. } => {
             format!("created volume {name} in pool {pool}")
@@ -717,6 +747,53 @@ pub fn cluster_events(report: &str, json: bool) -> Result<String, String> {
     Ok(out)
 }
 
+/// Whether `pool show` draws progress bars (duplexctl sets it when stdout is a terminal).
+static PROGRESS_BARS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Draw progress bars in `pool show` (for a terminal).
+pub fn set_progress_bars(on: bool) {
+    PROGRESS_BARS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A running job's rate, time left and limit (and a bar on a terminal).
+fn job_line(rate: u64, eta_ms: u64, limit: u64, percent: u128) -> String {
+    let mut line = String::from("         ");
+    if PROGRESS_BARS.load(std::sync::atomic::Ordering::Relaxed) {
+        let filled = usize::try_from(percent.min(100) * 30 / 100).unwrap_or(30);
+        line.push_str(&format!(
+            "[{}{}] ",
+            "#".repeat(filled),
+            ".".repeat(30 - filled)
+        ));
+    }
+    if rate == 0 {
+        line.push_str("rate not measured yet");
+    } else {
+        line.push_str(&format!("{}/s", human_bytes(rate)));
+    }
+    if eta_ms != u64::MAX {
+        line.push_str(&format!(", {} left", eta_text(eta_ms)));
+    }
+    if limit == 0 {
+        line.push_str(" (rate: auto, yields to host I/O)\n");
+    } else {
+        line.push_str(&format!(" (rate limit {}/s)\n", human_bytes(limit)));
+    }
+    line
+}
+
+/// `1h02m`, `3m05s`, `12s`.
+fn eta_text(ms: u64) -> String {
+    let s = ms.div_ceil(1000);
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -856,10 +933,34 @@ mod tests {
             "{text}"
         );
         assert_eq!(
-            l[8], "  scrub: 256M of 512M checked (50%): 1 mismatches, 1 repaired, 0 not checkable",
+            l[8], "         64M/s, 6s left (rate: auto, yields to host I/O)",
             "{text}"
         );
-        assert_eq!(l[9], "", "{text}");
+        assert_eq!(
+            l[9], "         resumed from 0B, checkpoint on the drives at 96M",
+            "{text}"
+        );
+        assert_eq!(
+            l[10], "  scrub: 256M of 512M checked (50%): 1 mismatches, 1 repaired, 0 not checkable",
+            "{text}"
+        );
+        assert_eq!(
+            l[11], "         rate not measured yet (rate: auto, yields to host I/O)",
+            "{text}"
+        );
+        assert_eq!(l[12], "", "{text}");
+        // On a terminal, a bar; an operator's rate is said.
+        set_progress_bars(true);
+        let mut p = examples::pool("tank", 3);
+        p.jobs.rate_limit = 50 << 20;
+        p.jobs.rebuild_eta_ms = 3_723_000;
+        let text = pool_text(&p);
+        set_progress_bars(false);
+        assert_eq!(
+            lines(&text)[8],
+            "         [#######.......................] 64M/s, 1h02m left (rate limit 50M/s)",
+            "{text}"
+        );
     }
 
     #[test]

@@ -85,6 +85,18 @@ fn storage_argument_errors_exit_2_without_contacting_the_node() {
             "drive a is named twice in --drives",
         ),
         (
+            &["pool", "rate", "tank", "0"],
+            "a rate of 0 would stop the work: say `auto` for the default",
+        ),
+        (
+            &["pool", "rate", "tank", "fast"],
+            "(a rate is bytes per second, `50M`, or `auto`)",
+        ),
+        (
+            &["pool", "replace", "tank", "d1", "d3", "--rate", "1x"],
+            "a rate is bytes per second",
+        ),
+        (
             &["pool", "show", &"x".repeat(65)],
             "a name must be 1 to 64 bytes long",
         ),

@@ -37,6 +37,7 @@ pub(crate) const SERVICES: &[(&str, &str)] = &[
     ("fabric", include_str!("../policies/fabric.policy")),
     ("metadata", include_str!("../policies/metadata.policy")),
     ("cluster", include_str!("../policies/cluster.policy")),
+    ("raid", include_str!("../policies/raid.policy")),
 ];
 
 /// Policies that may only be included (`@include NAME`), as `(name, text)`.

@@ -154,6 +154,8 @@ pub struct ClusterSettings {
 
 /// The cluster service's name.
 pub const CLUSTER: &str = "cluster";
+/// The raid service's name (rebuild and scrub scheduling; needs the metadata service).
+pub const RAID: &str = "raid";
 /// The largest node id (the drives hold four heartbeat slots).
 pub const MAX_NODE_ID: u16 = 4;
 
@@ -720,6 +722,15 @@ impl NodeConfig {
                 return Err(err(
                     c.node_id.span(),
                     "the cluster service needs cluster.peer (the peer's interconnect address)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(raid) = self.services.iter().find(|s| s.name.get_ref() == RAID) {
+            if !self.has_metadata() {
+                return Err(err(
+                    raid.name.span(),
+                    "the raid service needs the metadata service (a [[service]] named metadata)"
                         .into(),
                 ));
             }

@@ -483,6 +483,29 @@ impl Node {
                     fd,
                     &[storage::FABRIC, METADATA_SERVICE],
                 );
+                if config
+                    .services
+                    .iter()
+                    .any(|s| s.name.get_ref() == crate::config::RAID)
+                {
+                    // The RAID jobs region (rebuilds and scrubs: the datapath reports them,
+                    // the raid service grants their progress, the metadata service commits
+                    // their checkpoints), held here across restarts of the three. Without a
+                    // raid service it is not made, and the datapath runs its jobs unlimited.
+                    let region = duplex_ipc::raid::RaidRegion::create()
+                        .map_err(|e| res_err("RAID jobs region")(e.to_string()))?;
+                    let fd = region
+                        .region()
+                        .try_clone_fd()
+                        .map_err(|e| res_err("RAID jobs region")(e.to_string()))?;
+                    add(
+                        &mut shared,
+                        duplex_ipc::raid::RAID_RESOURCE.into(),
+                        ResourceKind::Region,
+                        fd,
+                        &[datapath.as_str(), METADATA_SERVICE, crate::config::RAID],
+                    );
+                }
             }
             for v in volumes {
                 tracing::info!(

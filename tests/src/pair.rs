@@ -101,6 +101,10 @@ name = "metadata"
 after = ["datapath"]
 
 [[service]]
+name = "raid"
+after = ["metadata"]
+
+[[service]]
 name = "mgmt"
 binary = "{{mgmt}}"
 
@@ -188,7 +192,26 @@ impl Pair {
             Addresses::namespaces(),
             (beat_ms, dead_ms),
             "",
-            drives,
+            (drives, 0),
+            raid,
+        )
+    }
+
+    /// [`Pair::with_pool`] with `spares` more drives on both nodes, left free
+    /// (`d{drives}`, ...).
+    pub fn with_pool_and_spares(
+        beat_ms: u64,
+        dead_ms: u64,
+        drives: usize,
+        raid: &str,
+        spares: usize,
+    ) -> Self {
+        Self::build_pool(
+            Some(Net::new()),
+            Addresses::namespaces(),
+            (beat_ms, dead_ms),
+            "",
+            (drives, spares),
             raid,
         )
     }
@@ -200,7 +223,7 @@ impl Pair {
         dead_ms: u64,
         supervisor: &str,
     ) -> Self {
-        Self::build_pool(net, at, (beat_ms, dead_ms), supervisor, 2, "1")
+        Self::build_pool(net, at, (beat_ms, dead_ms), supervisor, (2, 0), "1")
     }
 
     fn build_pool(
@@ -208,12 +231,13 @@ impl Pair {
         at: Addresses,
         (beat_ms, dead_ms): (u64, u64),
         supervisor: &str,
-        drives: usize,
+        (pooled, spares): (usize, usize),
         raid: &str,
     ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let names: Vec<String> = (0..drives).map(|i| format!("d{i}")).collect();
+        let names: Vec<String> = (0..pooled).map(|i| format!("d{i}")).collect();
         let names = names.join(",");
+        let drives = pooled + spares;
         let sims = (0..drives)
             .map(|i| drive_sim(dir.path(), &format!("d{i}"), "256M").0)
             .collect();

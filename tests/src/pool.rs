@@ -74,6 +74,10 @@ name = "metadata"
 after = ["datapath"]
 
 [[service]]
+name = "raid"
+after = ["metadata"]
+
+[[service]]
 name = "mgmt"
 binary = "{{mgmt}}"
 

@@ -424,6 +424,145 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
     assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
 }
 
+/// Where pool `tank`'s rebuild stands, as `pool show --json` says: (bytes of the member
+/// rebuilt, bytes committed as its checkpoint on the drives), `None` when none runs.
+fn rebuild_at(node: &Node) -> Option<(u64, u64)> {
+    let p = json(node, &["pool", "show", "tank"])["pool"].clone();
+    let done = p["rebuild"][1].as_u64()?;
+    Some((done, p["jobs"]["rebuild_checkpoint"].as_u64().unwrap_or(0)))
+}
+
+/// The raid service schedules rebuilds: it is crashed 20 times (killed or panicked, alternately;
+/// `DUPLEX_RAID_CRASHES` for more) during one rate-limited rebuild under a verifying workload.
+/// Each successor takes the job back where it stood — the datapath keeps its place, so the
+/// position only grows across crashes and nothing is redone — and the job moves on under it
+/// before the next crash. The position is checkpointed on the drives as it goes. The rebuild
+/// finishes, a scrub finds nothing, the host sees no error.
+#[test]
+fn a_rebuild_goes_on_across_20_raid_service_crashes() {
+    let crashes: usize = std::env::var("DUPLEX_RAID_CRASHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut rig = Rig::new(&RigSpec {
+        drives: 3,
+        raid: "5",
+        drive_mib: 256,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+        cluster_node: None,
+        spares: 1,
+    });
+    let stop = rig.dir.path().join("stop");
+    let target = format!("127.0.0.1:{}", rig.port);
+    let stop_arg = stop.display().to_string();
+    let child = Command::new(bin("duplex-bench"))
+        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .args(["--workload", "write", "--verify", "--qd", "8"])
+        .args(["--span-blocks", "4096", "--seed", "43", "--json"])
+        .args(["--stop-file", &stop_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    rig.wait_writes(1, 64);
+    rig.sim(1, &["pull"]);
+    rig.node.log.wait_for(&["member failure recorded on disk"]);
+    // Slow enough that the crashes all land inside the rebuild.
+    let out = ok(
+        &rig.node,
+        &["pool", "replace", "tank", "d1", "d3", "--rate", "2M"],
+    );
+    assert!(out.contains("rebuilding"), "{out}");
+    let text = ok(&rig.node, &["pool", "show", "tank"]);
+    assert!(text.contains("(rate limit 2M/s)"), "{text}");
+    let member = json(&rig.node, &["pool", "show", "tank"])["pool"]["member_bytes"]
+        .as_u64()
+        .expect("member bytes");
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE * 4;
+    // Waits until the rebuild stands past `past`; returns where it stands.
+    let wait_past = |node: &Node, past: u64| loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang: the rebuild does not move past {past}"
+        );
+        match rebuild_at(node) {
+            Some((done, _)) if done > past => return done,
+            Some(_) => {}
+            None => panic!("the rebuild ended before the crashes did (past {past} of {member})"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut generation = rig.node.service("raid")["generation"].as_u64().unwrap_or(0);
+    let mut at_crash = Vec::new();
+    let mut after = wait_past(&rig.node, 0);
+    for i in 0..crashes {
+        let mode = if i % 2 == 0 { "kill" } else { "panic" };
+        let before = rebuild_at(&rig.node).expect("rebuilding").0;
+        let (code, out, err) = rig.node.ctl(&["service", "crash", "raid", "--mode", mode]);
+        assert_eq!(code, 0, "crash {mode}: {out}{err}");
+        generation = rig.node.wait_running("raid", generation)["generation"]
+            .as_u64()
+            .unwrap_or(0);
+        // Never back: the successor goes on from where the job stood.
+        let now = rebuild_at(&rig.node).expect("rebuilding").0;
+        assert!(
+            now >= before,
+            "crash {i}: the rebuild went back from {before} to {now}"
+        );
+        // And the job moves under the successor before the next crash.
+        after = wait_past(&rig.node, now.max(after));
+        at_crash.push(before);
+    }
+    assert!(at_crash.windows(2).all(|w| w[0] <= w[1]), "{at_crash:?}");
+    let checkpoint = rebuild_at(&rig.node).expect("rebuilding").1;
+    assert!(
+        checkpoint > 0,
+        "no checkpoint committed in {crashes} crashes"
+    );
+    let log = rig
+        .node
+        .log
+        .matching(&["rebuild checkpoint committed"])
+        .len();
+    eprintln!(
+        "raid service crashed {crashes} times during one rebuild of {member} bytes: position at each crash {at_crash:?}; redone 0 bytes (never back); {log} checkpoints committed, the last at {checkpoint}"
+    );
+    // Full speed for the rest.
+    let out = ok(&rig.node, &["pool", "rate", "tank", "auto"]);
+    assert!(out.contains("yield to host I/O"), "{out}");
+    rig.node
+        .log
+        .wait_for(&["rebuild complete: member active on disk"]);
+    let out = ok(&rig.node, &["pool", "scrub", "tank"]);
+    assert!(out.contains("scrub of pool tank started"), "{out}");
+    let scrub = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang: the scrub never finished"
+        );
+        let p = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
+        let s = p["scrub"].clone();
+        if s.is_object() && s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(scrub["mismatches"], 0, "{scrub}");
+    std::fs::write(&stop, b"").expect("stop file");
+    let out = child.wait_with_output().expect("duplex-bench ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the host saw an error: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+}
+
 #[test]
 fn raid10_loses_a_member_failing_every_command_under_verified_io() {
     pool_loses_a_member(4, "10", 3, "error");

@@ -111,3 +111,94 @@ fn raid5_owner_killed_during_partial_stripe_writes_the_peer_replays_the_journal(
         r["path_switches"], r["io_errors"], r["verify_errors"], r["blocks_checked"]
     );
 }
+
+/// A rebuild resumes from its checkpoint after a takeover: a RAID-5 member is pulled under the
+/// multipath host's verifying workload and replaced by a spare on the owner, whose raid
+/// service rebuilds it slowly (`--rate`) while its metadata service commits checkpoints; the
+/// owner is killed mid-rebuild. The peer fences it, imports the pool with the member still
+/// rebuilding, and its datapath resumes the rebuild from the checkpoint on the drives, not
+/// from zero; it finishes there, a scrub finds the parity consistent, the host sees no error.
+#[test]
+fn raid5_rebuild_resumes_from_its_checkpoint_after_a_takeover() {
+    use duplex_tests::pool::{ctl_json, ctl_ok};
+    let mut p = Pair::with_pool_and_spares(BEAT_MS, DEAD_MS, 3, "5", 1);
+    let stop = p.dir.path().join("stop");
+    let workload = [
+        "--workload",
+        "write",
+        "--verify",
+        "--qd",
+        "8",
+        "--span-blocks",
+        "4096",
+        "--seed",
+        "37",
+        "--io-timeout-ms",
+        "3000",
+    ];
+    let mut bench = p.multipath(&workload, &stop);
+    p.wait_more_writes(1, 200);
+    p.sim_ctl(1, &["pull"]);
+    p.node(0).log.wait_for(&["member failure recorded on disk"]);
+    let out = ctl_ok(
+        p.node(0),
+        &["pool", "replace", "tank", "d1", "d3", "--rate", "4M"],
+    );
+    assert!(out.contains("rebuilding"), "{out}");
+    // Wait for checkpoints on the drives, with the rebuild still far from done.
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+    let (done, checkpoint, member) = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang: no rebuild checkpoint committed"
+        );
+        let pool = ctl_json(p.node(0), &["pool", "show", "tank"])["pool"].clone();
+        let member = pool["member_bytes"].as_u64().unwrap();
+        let done = pool["rebuild"][1].as_u64().expect("rebuilding");
+        let checkpoint = pool["jobs"]["rebuild_checkpoint"].as_u64().unwrap_or(0);
+        if checkpoint >= 8 << 20 {
+            assert!(done < member, "the rebuild outran the test: {pool}");
+            break (done, checkpoint, member);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    p.node(0).kill_all();
+    wait_count(&mut p.node(1).log, &["pool taken over", "tank"], 1);
+    let line = p
+        .node(1)
+        .log
+        .wait_for(&["the rebuild resumes from its checkpoint"]);
+    let from = field(&line, "from").expect("from=");
+    assert!(
+        from >= checkpoint && from <= done + (1 << 20),
+        "resumed at {from}: checkpoint {checkpoint}, position at the kill at least {done}"
+    );
+    p.node(1)
+        .log
+        .wait_for(&["rebuild complete: member active on disk"]);
+    let out = ctl_ok(p.node(1), &["pool", "scrub", "tank"]);
+    assert!(out.contains("scrub of pool tank started"), "{out}");
+    let scrub = loop {
+        assert!(
+            std::time::Instant::now() < deadline + duplex_tests::PATIENCE,
+            "hang: the scrub never finished"
+        );
+        let pool = ctl_json(p.node(1), &["pool", "show", "tank"])["pool"].clone();
+        let s = pool["scrub"].clone();
+        if s.is_object() && s["done_bytes"].as_u64() >= pool["member_bytes"].as_u64() {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(scrub["mismatches"], 0, "{scrub}");
+    p.wait_more_writes(2, 200);
+    let r = finish_multipath(&mut bench, &stop);
+    eprintln!(
+        "rebuild of {member} bytes: owner killed at {done}+ with checkpoint {checkpoint}; the peer resumed at {from} (redone at most {} bytes, {} saved); host: {} path switches, {} I/O errors, {} verify errors",
+        done.saturating_sub(from),
+        from,
+        r["path_switches"],
+        r["io_errors"],
+        r["verify_errors"]
+    );
+}

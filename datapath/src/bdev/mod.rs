@@ -30,6 +30,7 @@ use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 use duplex_ipc::pool::Pool;
+pub use duplex_ipc::raid::JobKind;
 
 use crate::uring::Uring;
 
@@ -47,6 +48,21 @@ pub use parity::{JournalSpec, ParityBdev, ScrubStatus, WINDOW as PARITY_WINDOW};
 pub use raid::{MemberState, RaidBdev, RaidError, RaidLevel};
 
 pub use crate::request::Kind as Op;
+
+/// A device's long job as it stands (see [`Bdev::jobs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceJob {
+    /// Rebuild or scrub.
+    pub kind: JobKind,
+    /// The member rebuilt (0 for a scrub).
+    pub slot: u16,
+    /// Member bytes done.
+    pub done: u64,
+    /// Member bytes in all.
+    pub total: u64,
+    /// Where the job started in this device (a rebuild resumed from a checkpoint).
+    pub started_at: u64,
+}
 
 /// Which request chain an I/O's data is in, and where in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,6 +342,18 @@ pub trait Bdev: Debug + Send {
         None
     }
     /// Completions held back until a member failure is recorded (RAID devices).
+    /// The device's long jobs (a rebuild, a scrub) as they stand, for the raid service.
+    fn jobs(&self, _out: &mut Vec<DeviceJob>) {}
+
+    /// Host I/Os submitted to the device so far (a count that only grows; 0 if not counted).
+    fn host_ios(&self) -> u64 {
+        0
+    }
+
+    /// Lets the device's job of `kind` start work only below member byte `limit` (the raid
+    /// service's grant; unlimited until one is set).
+    fn set_job_limit(&mut self, _kind: JobKind, _limit: u64) {}
+
     fn held(&self) -> usize {
         0
     }

@@ -39,7 +39,9 @@ use duplex_ipc::desc::{
 
 use super::journal::{self, Header, Kind, HEADER};
 use super::raid::MemberState;
-use super::{in_range, Attach, Bdev, BdevBox, ChainRef, Ctx, Done, Event, Io, Op};
+use super::{
+    in_range, Attach, Bdev, BdevBox, ChainRef, Ctx, DeviceJob, Done, Event, Io, JobKind, Op,
+};
 use crate::parity::{self, Geometry};
 
 /// The largest row range one stripe operation covers (its lock and its buffers).
@@ -266,6 +268,14 @@ pub struct ParityBdev {
     /// The scrub in progress or last finished, and its operation in flight.
     scrub: Option<ScrubStatus>,
     scrubbing: Option<usize>,
+    /// How far the raid service lets the rebuild and the scrub go (member bytes; windows
+    /// start only below it). Without a raid service: unlimited.
+    rebuild_limit: u64,
+    scrub_limit: u64,
+    /// Where the current rebuild started in this device (a resumed one: its checkpoint).
+    rebuild_from: u64,
+    /// Host I/Os submitted to the device (the raid service yields to them).
+    host_ios: u64,
 }
 
 /// How far a scrub got and what it found.
@@ -300,13 +310,37 @@ impl ParityBdev {
         states: &[MemberState],
     ) -> Self {
         let n = members.len();
+        let window = chunk.min(WINDOW);
+        // A rebuild resumed from a checkpoint starts at the window it falls in.
+        let states: Vec<MemberState> = (0..n)
+            .map(
+                |i| match states.get(i).copied().unwrap_or(MemberState::Active) {
+                    MemberState::Rebuilding { done } => MemberState::Rebuilding {
+                        done: done.min(member_len) / window * window,
+                    },
+                    s => s,
+                },
+            )
+            .collect();
+        let rebuild_from = states
+            .iter()
+            .find_map(|s| match s {
+                MemberState::Rebuilding { done } => Some(*done),
+                _ => None,
+            })
+            .unwrap_or(0);
+        for (member, s) in states.iter().enumerate() {
+            if let MemberState::Rebuilding { done } = s {
+                tracing::info!(raid = %name, member, from = *done, total = member_len, "member rebuilding: the rebuild resumes from its checkpoint");
+            }
+        }
         Self {
             name: name.to_owned(),
             geo: Geometry { n, np, chunk },
             block_size,
             data_offset,
             member_len,
-            window: chunk.min(WINDOW),
+            window,
             members: members
                 .into_iter()
                 .enumerate()
@@ -333,6 +367,10 @@ impl ParityBdev {
             rebuild_stuck: false,
             scrub: None,
             scrubbing: None,
+            rebuild_limit: u64::MAX,
+            scrub_limit: u64::MAX,
+            rebuild_from,
+            host_ios: 0,
         }
     }
 
@@ -1878,6 +1916,7 @@ impl ParityBdev {
         let Some(s) = self.scrub else { return };
         if self.scrubbing.is_some()
             || s.done >= s.total
+            || s.done >= self.scrub_limit
             || self
                 .journal
                 .as_ref()
@@ -1914,6 +1953,9 @@ impl ParityBdev {
         else {
             return;
         };
+        if done >= self.rebuild_limit {
+            return;
+        }
         let o = self.own_op(done, Some(target), false);
         self.rebuilding = Some(o);
         self.enqueue(o, ctx);
@@ -1988,6 +2030,7 @@ impl Bdev for ParityBdev {
     }
 
     fn submit(&mut self, io: Io, ctx: &mut Ctx<'_>) {
+        self.host_ios += 1;
         if let Some(j) = self.journal.as_mut() {
             match j.state {
                 JState::Starting | JState::Replaying => {
@@ -2121,12 +2164,15 @@ impl Bdev for ParityBdev {
     fn busy(&self) -> bool {
         !self.ready.is_empty()
             || self.members.iter().any(|m| m.dev.busy())
+            || self.rebuilding.is_some()
+            || self.scrubbing.is_some()
             || (!self.rebuild_stuck
-                && self
-                    .members
-                    .iter()
-                    .any(|m| matches!(m.state, MemberState::Rebuilding { .. })))
-            || self.scrub.is_some_and(|s| s.done < s.total)
+                && self.members.iter().any(|m| {
+                    matches!(m.state, MemberState::Rebuilding { done } if done < self.rebuild_limit)
+                }))
+            || self
+                .scrub
+                .is_some_and(|s| s.done < s.total && s.done < self.scrub_limit)
             || self.journal.as_ref().is_some_and(|j| {
                 matches!(
                     j.state,
@@ -2229,6 +2275,46 @@ impl Bdev for ParityBdev {
         self.scrub
     }
 
+    fn jobs(&self, out: &mut Vec<DeviceJob>) {
+        if let Some((slot, done)) =
+            self.members
+                .iter()
+                .enumerate()
+                .find_map(|(i, m)| match m.state {
+                    MemberState::Rebuilding { done } if !self.rebuild_stuck => Some((i, done)),
+                    _ => None,
+                })
+        {
+            out.push(DeviceJob {
+                kind: JobKind::Rebuild,
+                slot: u16::try_from(slot).unwrap_or(u16::MAX),
+                done,
+                total: self.member_len,
+                started_at: self.rebuild_from.min(done),
+            });
+        }
+        if let Some(s) = self.scrub.filter(|s| s.done < s.total) {
+            out.push(DeviceJob {
+                kind: JobKind::Scrub,
+                slot: 0,
+                done: s.done,
+                total: s.total,
+                started_at: 0,
+            });
+        }
+    }
+
+    fn host_ios(&self) -> u64 {
+        self.host_ios
+    }
+
+    fn set_job_limit(&mut self, kind: JobKind, limit: u64) {
+        match kind {
+            JobKind::Rebuild => self.rebuild_limit = limit,
+            JobKind::Scrub => self.scrub_limit = limit,
+        }
+    }
+
     fn replace_member(
         &mut self,
         i: usize,
@@ -2262,6 +2348,7 @@ impl Bdev for ParityBdev {
             return Err((dev, why));
         }
         let done = done.min(self.member_len) / self.window * self.window;
+        self.rebuild_from = done;
         let old = std::mem::replace(&mut self.members[i].dev, dev);
         self.members[i].state = MemberState::Rebuilding { done };
         self.rebuild_stuck = false;

@@ -140,6 +140,21 @@ enum PoolCommand {
         /// The pool.
         #[arg(value_parser = parse_name)]
         name: String,
+        /// Scrub at most this many bytes per second of each member (`50M`; `auto`: yield to
+        /// host I/O, the default); the same as `pool rate` first.
+        #[arg(long, value_parser = parse_rate_arg)]
+        rate: Option<u64>,
+    },
+    /// Set how fast a RAID 5 or 6 pool's rebuilds and scrubs go: RATE bytes per second of
+    /// each member (`50M`, `1G`), or `auto` (the default: full speed while hosts are idle,
+    /// a trickle while they work). Applies at once to a running rebuild or scrub.
+    Rate {
+        /// The pool.
+        #[arg(value_parser = parse_name)]
+        pool: String,
+        /// Bytes per second (`50M`), or `auto`.
+        #[arg(value_parser = parse_rate_arg)]
+        rate: u64,
     },
     /// Replace a failed member of a RAID 5 or 6 pool by a free drive: the new drive is
     /// rebuilt from the other members while hosts keep working (`pool show` says how far).
@@ -153,6 +168,10 @@ enum PoolCommand {
         /// A free drive.
         #[arg(value_parser = parse_name)]
         new: String,
+        /// Rebuild at most this many bytes per second of the member (`50M`; `auto`: yield
+        /// to host I/O, the default); the same as `pool rate` first.
+        #[arg(long, value_parser = parse_rate_arg)]
+        rate: Option<u64>,
     },
     /// Import a pool found on the drives but not imported at start (`drive list` shows its
     /// drives `stale`, with the pool's UUID).
@@ -379,6 +398,28 @@ fn parse_size_arg(text: &str) -> Result<u64, String> {
     parse_size(text).map_err(|e| e.to_string())
 }
 
+/// A rate: `auto` (0), or a size per second (`50M`, `50M/s`).
+fn parse_rate_arg(text: &str) -> Result<u64, String> {
+    if text == "auto" {
+        return Ok(0);
+    }
+    let size = text.strip_suffix("/s").unwrap_or(text);
+    if size
+        .trim_start_matches('0')
+        .chars()
+        .all(|c| !c.is_ascii_digit())
+        && size.starts_with('0')
+    {
+        return Err("a rate of 0 would stop the work: say `auto` for the default".into());
+    }
+    match parse_size(size) {
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!(
+            "{e} (a rate is bytes per second, `50M`, or `auto`)"
+        )),
+    }
+}
+
 fn parse_chunk_arg(text: &str) -> Result<u32, String> {
     parse_chunk(text).map_err(|e| e.to_string())
 }
@@ -458,12 +499,18 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
             name: name.clone(),
             node: *node,
         },
-        Command::Pool(PoolCommand::Scrub { name }) => ConfigRequest::ScrubPool(name.clone()),
-        Command::Pool(PoolCommand::Replace { pool, old, new }) => ConfigRequest::ReplaceMember {
+        Command::Pool(PoolCommand::Scrub { name, .. }) => ConfigRequest::ScrubPool(name.clone()),
+        Command::Pool(PoolCommand::Rate { pool, rate }) => ConfigRequest::SetPoolRate {
             pool: pool.clone(),
-            old: old.clone(),
-            new: new.clone(),
+            rate: *rate,
         },
+        Command::Pool(PoolCommand::Replace { pool, old, new, .. }) => {
+            ConfigRequest::ReplaceMember {
+                pool: pool.clone(),
+                old: old.clone(),
+                new: new.clone(),
+            }
+        }
         Command::Pool(PoolCommand::Import { uuid, force }) => ConfigRequest::ImportPool {
             pool: uuid.clone(),
             force: *force,
@@ -541,6 +588,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    {
+        use std::io::IsTerminal;
+        render::set_progress_bars(std::io::stdout().is_terminal());
+    }
     let request = match &cli.command {
         Command::Status => Request::Status,
         Command::Service(ServiceCommand::List) => Request::ListServices,
@@ -565,6 +616,32 @@ fn main() -> ExitCode {
         state_dir: cli.state_dir.clone(),
         timeout: cli.timeout,
     };
+    // `--rate` of `pool replace` and `pool scrub`: the pool's rate is set first.
+    let rate = match &cli.command {
+        Command::Pool(PoolCommand::Replace {
+            pool,
+            rate: Some(rate),
+            ..
+        })
+        | Command::Pool(PoolCommand::Scrub {
+            name: pool,
+            rate: Some(rate),
+        }) => Some(ConfigRequest::SetPoolRate {
+            pool: pool.clone(),
+            rate: *rate,
+        }),
+        _ => None,
+    };
+    if let Some(rate) = rate {
+        match client::call(&target, &Request::Config(rate)) {
+            Ok(Outcome::Answer(Answer::Config(ConfigReply::Done(_)))) => {}
+            Ok(Outcome::Answer(Answer::Config(ConfigReply::Error { message, .. }))) => {
+                return fail(&format!("--rate: {message}"))
+            }
+            Ok(other) => return fail(&format!("--rate: unexpected answer {other:?}")),
+            Err(e) => return fail(&format!("--rate: {e}")),
+        }
+    }
     let answer = if matches!(request, Request::Config(ConfigRequest::ListVolumes)) {
         list_volumes(&target)
     } else {

@@ -22,11 +22,13 @@ use std::hash::{BuildHasher, Hasher};
 
 use duplex_ipc::config::{
     ConfigErrorKind, ConfigReply, ConfigRequest, DriveInfo, DriveState, Export, NamespaceInfo,
-    PoolInfo, PoolMember as PoolMemberInfo, PoolScrub, PoolState, SubsystemInfo, VolumeInfo,
+    PoolInfo, PoolJobs, PoolMember as PoolMemberInfo, PoolScrub, PoolState, SubsystemInfo,
+    VolumeInfo,
 };
 use duplex_ipc::exports::{
     AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, MAX_ANA_GROUP,
 };
+use duplex_ipc::raid::{JobKey, JobKind, JobView};
 use duplex_ondisk::import::{MemberStatus, StaleReason};
 use duplex_ondisk::{MemberState, PoolConfig, RaidLevel, Uuid};
 
@@ -66,8 +68,9 @@ pub struct PoolPublish {
     pub drives: Vec<u32>,
     /// Whether each member is failed (kept out).
     pub failed: Vec<bool>,
-    /// Whether each member is being rebuilt (written, not read; rebuilt by the datapath).
-    pub rebuilding: Vec<bool>,
+    /// Each member being rebuilt (written, not read; rebuilt by the datapath): the position
+    /// (member bytes) its rebuild resumes from, the checkpoint on the drives.
+    pub rebuilding: Vec<Option<u64>>,
     /// Parity levels: `(offset, length, tag)` of the stripe journal ring on every member.
     pub journal: Option<(u64, u64, u64)>,
 }
@@ -90,6 +93,32 @@ pub struct VolumePublish {
 /// Long work on one pool device at the datapath: its index, the member being rebuilt
 /// `(slot, bytes done)`, the scrub now or last.
 pub type Progress = (u32, Option<(u32, u64)>, Option<PoolScrub>);
+
+/// A pool's jobs as the raid service sees them (`device`: the pool's datapath device).
+fn pool_jobs(device: Option<u32>, jobs: &[JobView], rate_limit: u64) -> PoolJobs {
+    let mut out = PoolJobs {
+        rate_limit,
+        ..PoolJobs::default()
+    };
+    let Some(device) = device else {
+        return out;
+    };
+    for j in jobs.iter().filter(|j| j.report.key.device == device) {
+        match j.report.key.kind {
+            JobKind::Rebuild => {
+                out.rebuild_rate = j.figures.rate;
+                out.rebuild_eta_ms = j.figures.eta_ms;
+                out.rebuild_from = j.report.started_at;
+                out.rebuild_checkpoint = j.committed;
+            }
+            JobKind::Scrub => {
+                out.scrub_rate = j.figures.rate;
+                out.scrub_eta_ms = j.figures.eta_ms;
+            }
+        }
+    }
+    out
+}
 
 /// Where the metadata service's decisions go: the datapath (maps) and the fabric (exports).
 pub trait Publisher {
@@ -123,6 +152,22 @@ pub trait Publisher {
     /// I/Os in flight (and completions held) at a device of the datapath.
     fn inflight(&mut self, _device: u32) -> Result<u32, String> {
         Ok(0)
+    }
+    /// The rebuilds and scrubs the datapath runs, as the raid service schedules them (none
+    /// without a raid service).
+    fn jobs(&mut self) -> Vec<JobView> {
+        Vec::new()
+    }
+    /// Says that job `key`'s checkpoint `at` (member bytes) is on the drives.
+    fn job_committed(&mut self, _entry: usize, _key: JobKey, _at: u64) {}
+    /// Sets the rate of the rebuilds and scrubs of pool device `device` (bytes/s; 0: yield
+    /// to host I/O).
+    fn set_rate(&mut self, _device: u32, _rate: u64) -> Result<(), String> {
+        Err("this node runs no raid service: rebuilds and scrubs run unscheduled".into())
+    }
+    /// The rate set for pool device `device` (0: none).
+    fn rate(&mut self, _device: u32) -> u64 {
+        0
     }
     /// Replaces the fabric's export table: the subsystems, and the ANA state of every group
     /// their namespaces name.
@@ -880,7 +925,13 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .members
                 .iter()
                 .zip(&p.drives)
-                .map(|(m, &d)| d != MISSING && matches!(m.state, MemberState::Rebuilding { .. }))
+                .enumerate()
+                .map(|(slot, (m, &d))| match m.state {
+                    MemberState::Rebuilding { position } if d != MISSING => Some(
+                        position.saturating_mul(u64::from(p.store.block_size(slot).unwrap_or(0))),
+                    ),
+                    _ => None,
+                })
                 .collect(),
             journal: (cfg.pool.raid_level.parity() > 0)
                 .then(|| layout.stripe_journal())
@@ -1112,6 +1163,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             ConfigRequest::ReplaceMember { pool, old, new } => {
                 self.replace_member(&pool, &old, &new)
             }
+            ConfigRequest::SetPoolRate { pool, rate } => self.set_pool_rate(&pool, rate),
             ConfigRequest::ImportPool { pool, force } => self.import_request(&pool, force),
             ConfigRequest::CreateVolume {
                 name,
@@ -1730,6 +1782,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     /// Members the datapath reports rebuilt are committed active (called on the service's
     /// loop; cheap when no pool rebuilds).
     pub fn check_rebuilds(&mut self) {
+        self.checkpoint_rebuilds();
         for i in 0..self.pools.len() {
             let cfg = self.pools[i].store.config();
             if !cfg
@@ -1776,6 +1829,100 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 }
             }
             tracing::info!(pool = %name, members = ?rebuilt, "rebuild complete: member active on disk");
+        }
+    }
+
+    /// The drives holding current data of some pool this node knows (its own and the
+    /// peer's, by their newest records): a member in service or being rebuilt. Only these
+    /// must be fenced in a takeover; a drive that is unreachable and not among them (a failed
+    /// or replaced member, a free drive) is passed over. A drive this node cannot read counts
+    /// when its last known place (pool, slot) is a current member that no readable drive
+    /// carries.
+    pub fn current_member_drives(&mut self) -> Vec<String> {
+        let configs: Vec<PoolConfig> = self
+            .pools
+            .iter()
+            .map(|p| p.store.config().clone())
+            .chain(self.peer_pools.iter().map(|p| p.config.clone()))
+            .collect();
+        let current = |s: MemberState| !matches!(s, MemberState::Failed);
+        let mut out = Vec::new();
+        let mut carried = Vec::new();
+        let mut unread = Vec::new();
+        for (i, d) in self.drives.iter_mut().enumerate() {
+            match probe(&mut d.disk) {
+                Some(sb) => {
+                    carried.push(sb.drive_uuid);
+                    if configs.iter().any(|c| {
+                        c.pool.uuid == sb.pool_uuid
+                            && c.pool
+                                .members
+                                .iter()
+                                .any(|m| m.drive_uuid == sb.drive_uuid && current(m.state))
+                    }) {
+                        out.push(d.name.clone());
+                    }
+                }
+                None => unread.push(i),
+            }
+        }
+        for i in unread {
+            let d = &self.drives[i];
+            let member = configs
+                .iter()
+                .find(|c| c.pool.name == d.pool || c.pool.uuid.to_string() == d.pool)
+                .and_then(|c| c.pool.members.get(d.slot as usize));
+            if member.is_some_and(|m| current(m.state) && !carried.contains(&m.drive_uuid)) {
+                out.push(d.name.clone());
+            }
+        }
+        out
+    }
+
+    /// Commits the rebuild positions the raid service asks for (each at most what the
+    /// datapath reports rebuilt), so a rebuild resumes there after a restart or a takeover.
+    fn checkpoint_rebuilds(&mut self) {
+        let jobs = self.publisher.jobs();
+        for job in jobs {
+            let key = job.report.key;
+            if key.kind != JobKind::Rebuild {
+                continue;
+            }
+            let Some(i) = self.pools.iter().position(|p| p.device == Some(key.device)) else {
+                continue;
+            };
+            let slot = usize::from(key.slot);
+            let cfg = self.pools[i].store.config();
+            let Some(MemberState::Rebuilding { position }) =
+                cfg.pool.members.get(slot).map(|m| m.state)
+            else {
+                continue;
+            };
+            let Some(bs) = self.pools[i].store.block_size(slot).map(u64::from) else {
+                continue;
+            };
+            let on_disk = position.saturating_mul(bs);
+            if job.committed != on_disk {
+                self.publisher.job_committed(job.entry, key, on_disk);
+            }
+            // Never past what the datapath says it rebuilt; whole blocks only.
+            let want = job.figures.checkpoint.min(job.report.done) / bs;
+            if want <= position || want.saturating_mul(bs) >= cfg.pool.member_data_bytes {
+                // Nothing new; the end is committed as the member turning active.
+                continue;
+            }
+            let mut cfg = cfg.clone();
+            let name = cfg.pool.name.clone();
+            cfg.pool.members[slot].state = MemberState::Rebuilding { position: want };
+            match self.commit_pool(i, cfg) {
+                Ok(()) => {
+                    tracing::info!(pool = %name, slot, at = want * bs, "rebuild checkpoint committed");
+                    self.publisher.job_committed(job.entry, key, want * bs);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %name, error = %e, "committing a rebuild checkpoint failed");
+                }
+            }
         }
     }
 
@@ -1847,10 +1994,17 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         out
     }
 
-    fn pool_infos(&self, progress: &[Progress]) -> Vec<PoolInfo> {
+    fn pool_infos(&mut self, progress: &[Progress]) -> Vec<PoolInfo> {
+        let jobs = self.publisher.jobs();
+        let rates: Vec<u64> = self
+            .pools
+            .iter()
+            .map(|p| p.device.map_or(0, |d| self.publisher.rate(d)))
+            .collect();
         self.pools
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(idx, p)| {
                 let cfg = p.store.config();
                 let members: Vec<PoolMemberInfo> = cfg
                     .pool
@@ -1905,6 +2059,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     member_bytes: cfg.pool.member_data_bytes,
                     rebuild: at.and_then(|a| a.1),
                     scrub: at.and_then(|a| a.2),
+                    jobs: pool_jobs(p.device, &jobs, rates[idx]),
                 }
             })
             .chain(self.peer_pools.iter().map(|p| self.peer_pool_info(p)))
@@ -1956,6 +2111,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             member_bytes: cfg.pool.member_data_bytes,
             rebuild: None,
             scrub: None,
+            jobs: PoolJobs::default(),
         }
     }
 
@@ -1969,6 +2125,50 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             self.publisher.progress()
         } else {
             Vec::new()
+        }
+    }
+
+    /// `duplexctl pool rate POOL RATE`: the rate of a parity pool's rebuilds and scrubs, for
+    /// the raid service (kept while this node's services run; a takeover or a restart of
+    /// duplexd goes back to the default, yielding to host I/O).
+    fn set_pool_rate(&mut self, name: &str, rate: u64) -> ConfigReply {
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == name)
+        else {
+            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == name) {
+                return err(
+                    ConfigErrorKind::Refused,
+                    format!(
+                        "pool {name} is owned by node {}: set its rate there",
+                        p.config.ownership.owner_node + 1
+                    ),
+                );
+            }
+            return err(ConfigErrorKind::NotFound, format!("no pool named {name}"));
+        };
+        let level = self.pools[i].store.config().pool.raid_level;
+        if level.parity() == 0 {
+            return err(
+                ConfigErrorKind::Refused,
+                format!("pool {name} is {level}: rebuild and scrub rates apply to RAID 5 and 6"),
+            );
+        }
+        let Some(device) = self.pools[i].device else {
+            return err(
+                ConfigErrorKind::IoError,
+                format!("pool {name} is not served by the datapath"),
+            );
+        };
+        match self.publisher.set_rate(device, rate) {
+            Ok(()) if rate == 0 => done(format!(
+                "pool {name}: rebuilds and scrubs yield to host I/O (the default)"
+            )),
+            Ok(()) => done(format!(
+                "pool {name}: rebuilds and scrubs at most {rate} bytes/s of each member"
+            )),
+            Err(e) => err(ConfigErrorKind::Refused, format!("pool {name}: {e}")),
         }
     }
 

@@ -29,6 +29,7 @@ use duplex_ipc::exports::{
 use duplex_ipc::lifecycle::{self, Health, Started};
 use duplex_ipc::maps::{self, MapsChannel, MAPS_RESOURCE};
 use duplex_ipc::pool::{Holder, Pool};
+use duplex_ipc::raid::{JobKey, JobView, RaidRegion, RAID_RESOURCE};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, WaitPolicy};
 use duplex_ipc::topology::{Topology, ROLE_METADATA, TOPOLOGY_RESOURCE};
 use duplex_ondisk::RaidLevel;
@@ -67,6 +68,8 @@ struct ServicePublisher {
     maps: MapsChannel,
     exports: ExportsRegion,
     bell: Doorbell,
+    /// The RAID jobs region, when the node runs a raid service.
+    raid: Option<RaidRegion>,
 }
 
 fn level(l: RaidLevel) -> maps::RaidLevel {
@@ -92,11 +95,11 @@ impl Publisher for ServicePublisher {
             states: pool
                 .failed
                 .iter()
-                .zip(pool.rebuilding.iter().chain(std::iter::repeat(&false)))
-                .map(|(&f, &r)| {
+                .zip(pool.rebuilding.iter().chain(std::iter::repeat(&None)))
+                .map(|(&f, r)| {
                     if f {
                         maps::MemberState::Failed
-                    } else if r {
+                    } else if r.is_some() {
                         maps::MemberState::Rebuilding
                     } else {
                         maps::MemberState::Active
@@ -105,10 +108,41 @@ impl Publisher for ServicePublisher {
                 .collect(),
             hold_until_recorded: true,
             journal: pool.journal,
+            rebuild_from: if pool.rebuilding.iter().any(Option::is_some) {
+                (0..pool.drives.len())
+                    .map(|i| pool.rebuilding.get(i).copied().flatten().unwrap_or(0))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         self.maps
             .publish_pool(spec, MAPS_TIMEOUT)
             .map_err(|e| e.to_string())
+    }
+
+    fn jobs(&mut self) -> Vec<JobView> {
+        self.raid.as_ref().map(RaidRegion::jobs).unwrap_or_default()
+    }
+
+    fn job_committed(&mut self, entry: usize, key: JobKey, at: u64) {
+        if let Some(r) = &self.raid {
+            r.set_committed(entry, key, at);
+        }
+    }
+
+    fn set_rate(&mut self, device: u32, rate: u64) -> Result<(), String> {
+        match &self.raid {
+            Some(r) if r.set_rate(device, rate) => Ok(()),
+            Some(_) => Err("every rate entry of the RAID jobs region is taken".into()),
+            None => {
+                Err("this node runs no raid service: rebuilds and scrubs run unscheduled".into())
+            }
+        }
+    }
+
+    fn rate(&mut self, device: u32) -> u64 {
+        self.raid.as_ref().map_or(0, |r| r.rate(device))
     }
 
     fn start_scrub(&mut self, device: u32) -> Result<(), String> {
@@ -283,6 +317,10 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         ),
         None => None,
     };
+    let raid_region = match started.take(RAID_RESOURCE) {
+        Some(h) => Some(RaidRegion::attach(h.fd).context("the RAID jobs region")?),
+        None => None,
+    };
     enter()?;
     // Whatever a predecessor left queued on the config channel is not acted on now: its
     // caller is told at once (the restart notice) that it may or may not have been carried
@@ -359,6 +397,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         maps: maps_channel,
         exports,
         bell,
+        raid: raid_region,
     };
     // A cluster member owns the pools whose ownership record names its slot; the others are
     // the peer's until the cluster service claims them (the peer fenced).
@@ -418,6 +457,18 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         if rebuilds_at.elapsed() >= Duration::from_millis(500) {
             rebuilds_at = std::time::Instant::now();
             cluster.check_rebuilds();
+            // Which drives a takeover must fence (those holding current pool data).
+            if let Some(r) = &cluster_region {
+                let names = cluster.current_member_drives();
+                let mask = topology
+                    .drives
+                    .iter()
+                    .enumerate()
+                    .take(64)
+                    .filter(|(_, d)| names.contains(&d.name))
+                    .fold(0u64, |m, (i, _)| m | 1 << i);
+                r.set_must_fence(mask);
+            }
         }
         match config.recv_request(Duration::from_millis(50)) {
             Ok(Some((id, request))) => {

@@ -482,6 +482,14 @@ impl<D: MetaDisk> PoolStore<D> {
         Ok(bytes)
     }
 
+    /// The block size of the drive open in member slot `slot`.
+    pub fn block_size(&self, slot: usize) -> Option<u32> {
+        self.members
+            .get(slot)?
+            .as_ref()
+            .map(|m| m.disk.block_size())
+    }
+
     /// Puts `disk` in failed member slot `slot` as drive `drive_uuid`, rebuilding from its
     /// start: the next generation names it rebuilding, is written to it with every other open
     /// member, then its superblocks (as every member's: the states changed). Returns the old

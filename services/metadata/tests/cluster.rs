@@ -689,7 +689,7 @@ fn a_failed_parity_member_is_replaced_rebuilt_and_committed_active() {
     let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
     let p = c.publisher_mut().pools[0].clone();
     assert_eq!(p.drives[1], 13, "{p:?}");
-    assert_eq!(p.rebuilding, vec![false, true, false], "{p:?}");
+    assert_eq!(p.rebuilding, vec![None, Some(0), None], "{p:?}");
     assert_eq!(p.failed, vec![false, false, false], "{p:?}");
     assert_eq!(state(&mut c, "d3"), Some(DriveState::Rebuilding));
     // The datapath reports it rebuilt: committed active.
@@ -699,7 +699,7 @@ fn a_failed_parity_member_is_replaced_rebuilt_and_committed_active() {
     drop(c);
     let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
     let p = c.publisher_mut().pools[0].clone();
-    assert_eq!(p.rebuilding, vec![false; 3], "{p:?}");
+    assert_eq!(p.rebuilding, vec![None; 3], "{p:?}");
     assert_eq!(state(&mut c, "d3"), Some(DriveState::Active));
     match c.handle(ConfigRequest::ShowPool("tank".into())) {
         ConfigReply::Pools(p) => assert_eq!(p[0].state, PoolState::Online, "{p:?}"),
