@@ -424,6 +424,105 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
     assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
 }
 
+/// RAID 6 loses two members under a verifying workload (pulled one after the other), both are
+/// replaced by spares and rebuilt while the workload goes on (one after the other, at the
+/// operator's rate), a scrub afterwards finds the parity consistent, and two other members
+/// are then lost: the rebuilt ones carry the pool. No host error, no verify error.
+#[test]
+fn raid6_two_members_replaced_and_rebuilt_under_verified_io() {
+    let mut rig = Rig::new(&RigSpec {
+        drives: 4,
+        raid: "6",
+        drive_mib: 192,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+        cluster_node: None,
+        spares: 2,
+    });
+    let stop = rig.dir.path().join("stop");
+    let target = format!("127.0.0.1:{}", rig.port);
+    let stop_arg = stop.display().to_string();
+    let child = Command::new(bin("duplex-bench"))
+        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .args(["--workload", "write", "--verify", "--qd", "8"])
+        .args(["--span-blocks", "4096", "--seed", "47", "--json"])
+        .args(["--stop-file", &stop_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    rig.wait_writes(0, 64);
+    rig.sim(1, &["pull"]);
+    rig.node.log.wait_for(&["member failure recorded on disk"]);
+    rig.wait_writes(0, 64);
+    rig.sim(2, &["pull"]);
+    wait_lines(&mut rig.node, &["member failure recorded on disk"], 2);
+    assert_eq!(
+        member_states(&rig.node),
+        ["active", "failed", "failed", "active"]
+    );
+    ok(
+        &rig.node,
+        &["pool", "replace", "tank", "d1", "d4", "--rate", "256M"],
+    );
+    ok(&rig.node, &["pool", "replace", "tank", "d2", "d5"]);
+    wait_lines(
+        &mut rig.node,
+        &["rebuild complete: member active on disk"],
+        2,
+    );
+    assert_eq!(member_states(&rig.node), ["active"; 4]);
+    ok(&rig.node, &["pool", "scrub", "tank"]);
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+    let scrub = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang: the scrub never finished"
+        );
+        let p = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
+        let s = p["scrub"].clone();
+        if s.is_object() && s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(scrub["mismatches"], 0, "{scrub}");
+    assert_eq!(scrub["skipped"], 0, "{scrub}");
+    // Two of the original members lost: the rebuilt ones carry the pool.
+    rig.sim(0, &["pull"]);
+    rig.sim(3, &["pull"]);
+    rig.wait_writes(4, 64);
+    std::fs::write(&stop, b"").expect("stop file");
+    let out = child.wait_with_output().expect("duplex-bench ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the host saw an error: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+    assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
+}
+
+/// Waits until `node`'s log has `n` lines with every one of `parts`.
+fn wait_lines(node: &mut Node, parts: &[&str], n: usize) {
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+    loop {
+        node.log.pump();
+        if node.log.matching(parts).len() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {n} log lines with {parts:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Where pool `tank`'s rebuild stands, as `pool show --json` says: (bytes of the member
 /// rebuilt, bytes committed as its checkpoint on the drives), `None` when none runs.
 fn rebuild_at(node: &Node) -> Option<(u64, u64)> {
