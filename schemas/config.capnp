@@ -120,6 +120,10 @@ struct ConfigRequestBody {
     # its data and rewritten where it disagrees. Answered once started; listPools / showPool say
     # how far it got and what it found.
 
+    addSpare @23 :AddSpare;
+    # Reserve a free drive as a hot spare of a RAID 5 or 6 pool this node owns: when a member
+    # fails, the spare takes its slot and is rebuilt.
+
     setPoolRate @22 :SetPoolRate;
     # Set the rate of a pool's rebuilds and scrubs (bytes/s; 0: yield to host I/O, the
     # default), for the raid service; applies at once to a running one.
@@ -129,6 +133,14 @@ struct ConfigRequestBody {
     # member is committed rebuilding on the new drive and the datapath rebuilds it under I/O;
     # the metadata service commits it active when the datapath reports it rebuilt.
   }
+}
+
+struct AddSpare {
+  pool @0 :Text;
+  # 1..=64 bytes.
+
+  drive @1 :Text;
+  # A free drive's name, 1..=64 bytes.
 }
 
 struct SetPoolRate {
@@ -350,6 +362,8 @@ enum DriveState {
   # A member being brought up to date.
   missing @5;
   # A member the pool expects that the node does not see.
+  spare @6;
+  # A hot spare of its pool: taken into a failed member's slot when one fails.
 }
 
 struct PoolInfo {
@@ -398,6 +412,8 @@ struct PoolInfo {
   scrubRate @24 :UInt64;
   scrubEtaMs @25 :UInt64;
   # The scrub's, as the rebuild's.
+  spares @26 :List(Text);
+  # The pool's hot spares, by drive name (the UUID for one this node does not see); at most 8.
 }
 
 enum PoolState {

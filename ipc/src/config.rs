@@ -183,6 +183,13 @@ pub enum ConfigRequest {
     },
     /// Start a scrub of a parity pool.
     ScrubPool(String),
+    /// Reserve a free drive as a hot spare of a parity pool.
+    AddSpare {
+        /// The pool.
+        pool: String,
+        /// The free drive.
+        drive: String,
+    },
     /// Set the rate of a pool's rebuilds and scrubs (bytes/s of each member; 0: yield to host
     /// I/O).
     SetPoolRate {
@@ -247,6 +254,8 @@ pub enum DriveState {
     Rebuilding,
     /// A member the pool expects that the node does not see.
     Missing,
+    /// A hot spare of its pool.
+    Spare,
 }
 
 impl DriveState {
@@ -259,6 +268,7 @@ impl DriveState {
             Self::Stale => "stale",
             Self::Rebuilding => "rebuilding",
             Self::Missing => "missing",
+            Self::Spare => "spare",
         }
     }
 }
@@ -413,7 +423,12 @@ pub struct PoolInfo {
     pub scrub: Option<PoolScrub>,
     /// The raid service's view of the pool's rebuild and scrub.
     pub jobs: PoolJobs,
+    /// Hot spares, by drive name (or UUID), at most [`MAX_SPARES`].
+    pub spares: Vec<String>,
 }
+
+/// Most hot spares a pool lists.
+pub const MAX_SPARES: usize = 8;
 
 /// How a pool's rebuild and scrub go, as the raid service schedules and measures them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -559,7 +574,8 @@ enum_map!(
     Failed,
     Stale,
     Rebuilding,
-    Missing
+    Missing,
+    Spare
 );
 enum_map!(PoolState, wire::PoolState, Online, Degraded, Offline);
 enum_map!(
@@ -707,6 +723,7 @@ impl ConfigRequest {
             Self::MovePool { .. } => "movePool",
             Self::ReplaceMember { .. } => "replaceMember",
             Self::SetPoolRate { .. } => "setPoolRate",
+            Self::AddSpare { .. } => "addSpare",
             Self::ScrubPool(_) => "scrubPool",
             Self::ListVolumesAfter(_) => "listVolumesAfter",
         }
@@ -759,6 +776,10 @@ impl ConfigRequest {
             Self::ScrubPool(name) => required(name, "config.scrubPool", MAX_NAME_BYTES),
             Self::SetPoolRate { pool, .. } => {
                 required(pool, "config.setPoolRate.pool", MAX_NAME_BYTES)
+            }
+            Self::AddSpare { pool, drive } => {
+                required(pool, "config.addSpare.pool", MAX_NAME_BYTES)?;
+                required(drive, "config.addSpare.drive", MAX_NAME_BYTES)
             }
             Self::ReplaceMember { pool, old, new } => {
                 required(pool, "config.replaceMember.pool", MAX_NAME_BYTES)?;
@@ -859,6 +880,11 @@ impl ConfigRequest {
                 p.set_node(*node);
             }
             Self::ScrubPool(name) => body.set_scrub_pool(name.as_str()),
+            Self::AddSpare { pool, drive } => {
+                let mut r = body.init_add_spare();
+                r.set_pool(pool.as_str());
+                r.set_drive(drive.as_str());
+            }
             Self::SetPoolRate { pool, rate } => {
                 let mut r = body.init_set_pool_rate();
                 r.set_pool(pool.as_str());
@@ -988,6 +1014,13 @@ impl ConfigRequest {
                 }
             }
             Which::ScrubPool(t) => Self::ScrubPool(text(t, "config.scrubPool", MAX_NAME_BYTES)?),
+            Which::AddSpare(r) => {
+                let r = r.map_err(d)?;
+                Self::AddSpare {
+                    pool: text(r.get_pool(), "config.addSpare.pool", MAX_NAME_BYTES)?,
+                    drive: text(r.get_drive(), "config.addSpare.drive", MAX_NAME_BYTES)?,
+                }
+            }
             Which::SetPoolRate(r) => {
                 let r = r.map_err(d)?;
                 Self::SetPoolRate {
@@ -1348,6 +1381,11 @@ fn write_pool(mut out: wire::pool_info::Builder<'_>, p: &PoolInfo) {
     out.set_rebuild_checkpoint(p.jobs.rebuild_checkpoint);
     out.set_scrub_rate(p.jobs.scrub_rate);
     out.set_scrub_eta_ms(p.jobs.scrub_eta_ms);
+    let len = len_u32(p.spares.len());
+    let mut spares = out.reborrow().init_spares(len);
+    for (i, d) in (0..len).zip(&p.spares) {
+        spares.set(i, d.as_str());
+    }
     let len = len_u32(p.members.len());
     let mut members = out.init_members(len);
     for (i, m) in (0..len).zip(&p.members) {
@@ -1400,6 +1438,15 @@ fn read_pool(p: wire::pool_info::Reader<'_>) -> Result<PoolInfo, ControlError> {
             repaired: p.get_scrub_repaired(),
             skipped: p.get_scrub_skipped(),
         }),
+        spares: {
+            let list = p.get_spares().map_err(ControlError::Decode)?;
+            bounded(list.len() as usize, "config.pools.spares", MAX_SPARES)?;
+            let mut out = Vec::with_capacity(list.len() as usize);
+            for t in list.iter() {
+                out.push(text(t, "config.pools.spares", MAX_NAME_BYTES)?);
+            }
+            out
+        },
         jobs: PoolJobs {
             rate_limit: p.get_rate_limit(),
             rebuild_rate: p.get_rebuild_rate(),
@@ -1815,6 +1862,11 @@ pub mod examples {
                 repaired: 1,
                 skipped: 0,
             }),
+            spares: if members > 2 {
+                vec!["d9".into()]
+            } else {
+                Vec::new()
+            },
             jobs: if members > 2 {
                 PoolJobs {
                     rate_limit: 0,
@@ -1942,6 +1994,9 @@ pub mod examples {
                         repaired: u64::MAX,
                         skipped: u64::MAX,
                     }),
+                    spares: (0..MAX_SPARES)
+                        .map(|_| "d".repeat(MAX_NAME_BYTES))
+                        .collect(),
                     jobs: PoolJobs {
                         rate_limit: u64::MAX,
                         rebuild_rate: u64::MAX,

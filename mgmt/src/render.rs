@@ -418,6 +418,10 @@ pub fn pool_text(p: &PoolInfo) -> String {
             ));
         }
     }
+    if !p.spares.is_empty() {
+        let names: Vec<String> = p.spares.iter().map(|d| printable(d)).collect();
+        work.push_str(&format!(" spares: {}\n", names.join(", ")));
+    }
     if !work.is_empty() {
         // Before the blank line that precedes the member table.
         out.pop();
@@ -518,6 +522,9 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
         }
         ConfigRequest::ReplaceMember { pool, old, new } => {
             format!("pool {pool}: {old} replaced by {new}, rebuilding")
+        }
+        ConfigRequest::AddSpare { pool, drive } => {
+            format!("pool {pool}: {drive} is a hot spare")
         }
         ConfigRequest::SetPoolRate { pool, rate: 0 } => {
             format!("pool {pool}: rebuilds and scrubs yield to host I/O")
@@ -948,7 +955,8 @@ mod tests {
             l[11], "         rate not measured yet (rate: auto, yields to host I/O)",
             "{text}"
         );
-        assert_eq!(l[12], "", "{text}");
+        assert_eq!(l[12], " spares: d9", "{text}");
+        assert_eq!(l[13], "", "{text}");
         // On a terminal, a bar; an operator's rate is said.
         set_progress_bars(true);
         let mut p = examples::pool("tank", 3);

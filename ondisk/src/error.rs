@@ -34,6 +34,8 @@ pub enum Structure {
     OwnershipRecord,
     /// A cluster configuration record.
     ClusterConfigRecord,
+    /// A spare record.
+    SpareRecord,
 }
 
 impl fmt::Display for Structure {
@@ -50,6 +52,7 @@ impl fmt::Display for Structure {
             Structure::NamespaceRecord => "Namespace record",
             Structure::OwnershipRecord => "Ownership record",
             Structure::ClusterConfigRecord => "Cluster config record",
+            Structure::SpareRecord => "Spare record",
         })
     }
 }

@@ -42,6 +42,10 @@ pub const TYPE_SUBSYSTEM: u16 = 4;
 pub const TYPE_VOLUME: u16 = 5;
 /// Record type: [`Namespace`].
 pub const TYPE_NAMESPACE: u16 = 6;
+/// Record type: a hot spare of the pool (its drive UUID).
+pub const TYPE_SPARE: u16 = 7;
+/// Most hot spares a pool keeps.
+pub const MAX_SPARES: usize = 8;
 
 /// Longest pool or volume name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -286,6 +290,8 @@ pub enum Record {
     Volume(Volume),
     /// A namespace record.
     Namespace(Namespace),
+    /// A hot spare of the pool: its drive UUID.
+    Spare(Uuid),
     /// A record of a type this code does not know, without the must-understand flag.
     Skipped {
         /// Its type.
@@ -316,6 +322,9 @@ pub struct PoolConfig {
     pub volumes: Vec<Volume>,
     /// The namespaces that export this pool's volumes.
     pub namespaces: Vec<Namespace>,
+    /// The pool's hot spares (drive UUIDs, at most [`MAX_SPARES`]): free drives reserved for
+    /// it, put in a failed member's slot when one fails.
+    pub spares: Vec<Uuid>,
 }
 
 /// Bytes a pool offers for volumes: each member's data area rounded down to whole chunks, times
@@ -698,6 +707,22 @@ impl PoolConfig {
                 });
             }
         }
+        if self.spares.len() > MAX_SPARES {
+            return Err(ConfigError::TooMany {
+                what: "spares",
+                count: self.spares.len(),
+                max: MAX_SPARES,
+            });
+        }
+        let mut spares = BTreeSet::new();
+        for d in &self.spares {
+            if !spares.insert(*d) || self.pool.members.iter().any(|m| m.drive_uuid == *d) {
+                return Err(ConfigError::Duplicate {
+                    what: "drive UUID (a spare is no member and listed once)",
+                    value: d.to_string(),
+                });
+            }
+        }
         let mut nsids = BTreeSet::new();
         for n in &self.namespaces {
             n.check()?;
@@ -797,6 +822,9 @@ impl PoolConfig {
                 w.u32(n.ana_group);
             });
         }
+        for d in &self.spares {
+            record(&mut out, TYPE_SPARE, |w| w.uuid(d));
+        }
         Ok(out)
     }
 
@@ -887,6 +915,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_SUBSYSTEM => Structure::SubsystemRecord,
             TYPE_VOLUME => Structure::VolumeRecord,
             TYPE_NAMESPACE => Structure::NamespaceRecord,
+            TYPE_SPARE => Structure::SpareRecord,
             _ if flags & FLAG_MUST_UNDERSTAND != 0 => {
                 return Err(r.error_at(at, Problem::UnknownRequiredRecord { record_type }));
             }
@@ -915,6 +944,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             },
             TYPE_SUBSYSTEM => Record::Subsystem(decode_subsystem(&mut p)?),
             TYPE_VOLUME => Record::Volume(decode_volume(&mut p)?),
+            TYPE_SPARE => Record::Spare(p.uuid()?),
             _ => Record::Namespace(Namespace {
                 subsystem_nqn: p.string("subsystem NQN")?,
                 nsid: p.u32()?,
@@ -929,7 +959,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             Record::Subsystem(x) => x.check(),
             Record::Volume(x) => x.check(),
             Record::Namespace(x) => x.check(),
-            Record::ClusterConfig { .. } | Record::Skipped { .. } => Ok(()),
+            Record::ClusterConfig { .. } | Record::Spare(_) | Record::Skipped { .. } => Ok(()),
         };
         checked.map_err(|e| FormatError::new(structure, at, Problem::Config(e)))?;
         out.push((at, rec));
@@ -1069,6 +1099,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
     let mut subsystems = Vec::new();
     let mut volumes = Vec::new();
     let mut namespaces = Vec::new();
+    let mut spares = Vec::new();
     fn once<T>(
         slot: &mut Option<T>,
         v: T,
@@ -1106,6 +1137,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
             Record::Subsystem(s) => subsystems.push(s),
             Record::Volume(v) => volumes.push(v),
             Record::Namespace(n) => namespaces.push(n),
+            Record::Spare(d) => spares.push(d),
             Record::Skipped { .. } => {}
         }
     }
@@ -1123,6 +1155,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
         subsystems,
         volumes,
         namespaces,
+        spares,
     };
     config
         .validate()

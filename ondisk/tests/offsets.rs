@@ -230,6 +230,7 @@ fn image_header_fields_are_where_the_document_says() {
             Record::Subsystem(_) => "subsystem",
             Record::Volume(_) => "volume",
             Record::Namespace(_) => "namespace",
+            Record::Spare(_) => "spare",
             Record::Skipped { .. } => "skipped",
         })
         .collect();
@@ -305,4 +306,28 @@ fn volume_subsystem_and_namespace_payloads() {
     assert_eq!(&n[6 + l..22 + l], &uuid(0xa0, 0).0);
     assert_eq!(u32_at(n, 22 + l), 1);
     assert_eq!(n.len(), 26 + l);
+}
+
+/// A spare record: type 7, must-understand, the drive UUID (16 bytes), after the namespaces.
+#[test]
+fn a_spare_record_is_its_drive_uuid_last() {
+    let mut cfg = config(RaidLevel::Raid5, 3);
+    cfg.spares = vec![drive_uuid(7)];
+    let body = cfg.encode_body().expect("encodes");
+    let tail = &body[body.len() - 24..];
+    assert_eq!(
+        (u16_at(tail, 0), u16_at(tail, 2), u32_at(tail, 4)),
+        (7, 1, 16)
+    );
+    assert_eq!(&tail[8..24], &drive_uuid(7).0);
+    assert!(matches!(
+        decode_records(&body).expect("decodes").last(),
+        Some(Record::Spare(d)) if *d == drive_uuid(7)
+    ));
+    // A member listed as a spare too, or a spare twice, is refused.
+    let mut bad = config(RaidLevel::Raid5, 3);
+    bad.spares = vec![drive_uuid(1)];
+    assert!(bad.encode_body().is_err());
+    bad.spares = vec![drive_uuid(7), drive_uuid(7)];
+    assert!(bad.encode_body().is_err());
 }

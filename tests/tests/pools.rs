@@ -523,6 +523,103 @@ fn wait_lines(node: &mut Node, parts: &[&str], n: usize) {
     }
 }
 
+/// A hot spare: a free drive reserved for a RAID-5 pool (`pool add-spare`) shows as its spare,
+/// is known again by a restarted metadata service (from its superblock and the pool's record),
+/// and when a member is pulled under a verifying workload it takes the member's slot with no
+/// operator, is rebuilt, and the pool is online again with no spare left. No host error.
+#[test]
+fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
+    let mut rig = Rig::new(&RigSpec {
+        drives: 3,
+        raid: "5",
+        drive_mib: 192,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+        cluster_node: None,
+        spares: 1,
+    });
+    // Refusals first: a member is no spare, nor is a drive of no known name.
+    let (code, _, e) = rig.node.ctl(&["pool", "add-spare", "tank", "d0"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("not free"), "{e}");
+    let (code, _, e) = rig.node.ctl(&["pool", "add-spare", "tank", "d9"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("no drive d9"), "{e}");
+    let out = ok(&rig.node, &["pool", "add-spare", "tank", "d3"]);
+    assert!(out.contains("d3 is a hot spare"), "{out}");
+    let drive_state = |node: &Node, name: &str| {
+        json(node, &["drive", "list"])["drives"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["name"] == name)
+            .map(|d| (d["state"].clone(), d["pool"].clone()))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        drive_state(&rig.node, "d3"),
+        ("spare".into(), "tank".into())
+    );
+    let show = json(&rig.node, &["pool", "show", "tank"]);
+    assert_eq!(show["pool"]["spares"], serde_json::json!(["d3"]), "{show}");
+    // A restarted metadata service knows it again.
+    let g = rig.node.service("metadata")["generation"]
+        .as_u64()
+        .unwrap_or(0);
+    ok(
+        &rig.node,
+        &["service", "crash", "metadata", "--mode", "kill"],
+    );
+    rig.node.wait_running("metadata", g);
+    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+    loop {
+        let (code, out, _) = rig.node.ctl(&["--json", "drive", "list"]);
+        if code == 0 && drive_state(&rig.node, "d3").0 == "spare" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spare is not known after a restart: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let stop = rig.dir.path().join("stop");
+    let target = format!("127.0.0.1:{}", rig.port);
+    let stop_arg = stop.display().to_string();
+    let child = Command::new(bin("duplex-bench"))
+        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .args(["--workload", "write", "--verify", "--qd", "8"])
+        .args(["--span-blocks", "4096", "--seed", "53", "--json"])
+        .args(["--stop-file", &stop_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    rig.wait_writes(1, 64);
+    rig.sim(1, &["pull"]);
+    rig.node.log.wait_for(&["hot spare taken: rebuilding"]);
+    rig.node
+        .log
+        .wait_for(&["rebuild complete: member active on disk"]);
+    let show = json(&rig.node, &["pool", "show", "tank"]);
+    assert_eq!(show["pool"]["state"], "online", "{show}");
+    assert_eq!(show["pool"]["spares"], serde_json::json!([]), "{show}");
+    assert_eq!(drive_state(&rig.node, "d3").0, "active");
+    rig.wait_writes(3, 64);
+    std::fs::write(&stop, b"").expect("stop file");
+    let out = child.wait_with_output().expect("duplex-bench ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the host saw an error: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+}
+
 /// Where pool `tank`'s rebuild stands, as `pool show --json` says: (bytes of the member
 /// rebuilt, bytes committed as its checkpoint on the drives), `None` when none runs.
 fn rebuild_at(node: &Node) -> Option<(u64, u64)> {

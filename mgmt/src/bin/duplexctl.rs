@@ -145,6 +145,16 @@ enum PoolCommand {
         #[arg(long, value_parser = parse_rate_arg)]
         rate: Option<u64>,
     },
+    /// Reserve a free drive as a hot spare of a RAID 5 or 6 pool: when a member fails, the
+    /// spare takes its slot and is rebuilt at once, with no operator.
+    AddSpare {
+        /// The pool.
+        #[arg(value_parser = parse_name)]
+        pool: String,
+        /// A free drive.
+        #[arg(value_parser = parse_name)]
+        drive: String,
+    },
     /// Set how fast a RAID 5 or 6 pool's rebuilds and scrubs go: RATE bytes per second of
     /// each member (`50M`, `1G`), or `auto` (the default: full speed while hosts are idle,
     /// a trickle while they work). Applies at once to a running rebuild or scrub.
@@ -500,6 +510,10 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
             node: *node,
         },
         Command::Pool(PoolCommand::Scrub { name, .. }) => ConfigRequest::ScrubPool(name.clone()),
+        Command::Pool(PoolCommand::AddSpare { pool, drive }) => ConfigRequest::AddSpare {
+            pool: pool.clone(),
+            drive: drive.clone(),
+        },
         Command::Pool(PoolCommand::Rate { pool, rate }) => ConfigRequest::SetPoolRate {
             pool: pool.clone(),
             rate: *rate,

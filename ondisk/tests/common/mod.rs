@@ -104,6 +104,7 @@ pub fn config(level: RaidLevel, n: usize) -> PoolConfig {
                 ana_group: 1,
             },
         ],
+        spares: vec![],
     }
 }
 

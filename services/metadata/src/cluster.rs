@@ -199,6 +199,8 @@ pub struct Drive<D> {
     pub pool: String,
     /// Its slot when a member.
     pub slot: u32,
+    /// Its drive UUID when it is a hot spare of `pool`.
+    pub spare: Option<Uuid>,
 }
 
 #[derive(Debug)]
@@ -373,10 +375,44 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 tracing::error!(pool = %pool, error = %e, "pool not imported: nothing was written to its drives (`duplexctl pool import {pool}` retries, `--force` accepts what the error names)");
             }
         }
+        c.label_spares();
         if let Err(e) = c.publish_all() {
             tracing::error!(error = %e, "publishing the imported configuration failed");
         }
         c
+    }
+
+    /// Names the hot spares among the drives: a spare superblock whose pool (this node's or
+    /// the peer's) lists its drive UUID among its spares. A spare superblock its pool no longer
+    /// lists (taken, or the pool's record lost it) leaves the drive as it was classified.
+    pub fn label_spares(&mut self) {
+        let pools: Vec<(Uuid, String, Vec<Uuid>)> = self
+            .pools
+            .iter()
+            .map(|p| p.store.config())
+            .chain(self.peer_pools.iter().map(|p| &p.config))
+            .map(|c| (c.pool.uuid, c.pool.name.clone(), c.spares.clone()))
+            .collect();
+        for d in &mut self.drives {
+            if matches!(d.state, DriveState::Active | DriveState::Rebuilding) {
+                continue;
+            }
+            let Some(sb) = probe(&mut d.disk) else {
+                continue;
+            };
+            if sb.role != duplex_ondisk::superblock::Role::Spare {
+                continue;
+            }
+            if let Some((_, name, _)) = pools
+                .iter()
+                .find(|(u, _, spares)| *u == sb.pool_uuid && spares.contains(&sb.drive_uuid))
+            {
+                d.state = DriveState::Spare;
+                d.pool.clone_from(name);
+                d.slot = u32::MAX;
+                d.spare = Some(sb.drive_uuid);
+            }
+        }
     }
 
     /// The owner node and configuration of `pool` as its drives say (read only).
@@ -431,6 +467,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     .position(|m| m.drive_uuid == sb.drive_uuid)
                 {
                     d.slot = slot as u32;
+                } else if config.spares.contains(&sb.drive_uuid) {
+                    d.state = DriveState::Spare;
+                    d.slot = u32::MAX;
+                    d.spare = Some(sb.drive_uuid);
                 }
             }
         }
@@ -1164,6 +1204,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 self.replace_member(&pool, &old, &new)
             }
             ConfigRequest::SetPoolRate { pool, rate } => self.set_pool_rate(&pool, rate),
+            ConfigRequest::AddSpare { pool, drive } => self.add_spare(&pool, &drive),
             ConfigRequest::ImportPool { pool, force } => self.import_request(&pool, force),
             ConfigRequest::CreateVolume {
                 name,
@@ -1742,41 +1783,59 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 format!("drive {new} is not free ({})", self.drives[n].state.name()),
             );
         }
+        let uuid = self.new_uuid();
+        if let Err(e) = self.replace_slot(i, slot, n, uuid) {
+            return e;
+        }
+        done(format!(
+            "pool {pool}: {old} (slot {slot}) replaced by {new}; rebuilding under I/O"
+        ))
+    }
+
+    /// Puts drive `n` (free, or a spare of the pool) in failed slot `slot` of pool `i` as drive
+    /// `uuid`: committed rebuilding, then handed to the datapath to rebuild.
+    fn replace_slot(
+        &mut self,
+        i: usize,
+        slot: usize,
+        n: usize,
+        uuid: Uuid,
+    ) -> Result<(), ConfigReply> {
+        let pool = self.pools[i].store.config().pool.name.clone();
+        let new = self.drives[n].name.clone();
         let Some(device) = self.pools[i].device else {
-            return err(
+            return Err(err(
                 ConfigErrorKind::IoError,
                 format!("pool {pool} is not served by the datapath: not replaced"),
-            );
+            ));
         };
-        let uuid = self.new_uuid();
         let disk = self.drives[n].disk.clone();
         self.changes += 1;
         if let Err(e) = self.pools[i].store.replace_member(slot, disk, uuid) {
-            return store_err(e);
+            return Err(store_err(e));
         }
         let id = self.drives[n].id;
         if let Some(d) = self
             .drives
             .iter_mut()
-            .find(|d| d.pool == pool && d.slot == slot as u32)
+            .find(|d| d.pool == pool && d.slot == slot as u32 && d.state != DriveState::Spare)
         {
             d.state = DriveState::Stale;
         }
         let d = &mut self.drives[n];
         d.state = DriveState::Rebuilding;
-        d.pool = pool.to_owned();
+        d.pool.clone_from(&pool);
         d.slot = slot as u32;
+        d.spare = None;
         self.pools[i].drives[slot] = id;
-        tracing::info!(pool, old, new, slot, "member replaced on disk: rebuilding");
+        tracing::info!(pool, new, slot, "member replaced on disk: rebuilding");
         if let Err(e) = self.publisher.replace_member(device, slot as u32, id) {
-            return err(
+            return Err(err(
                 ConfigErrorKind::IoError,
                 format!("{new} is pool {pool}'s member on disk, but the datapath did not take it: {e}; it is rebuilt when the pool is imported again"),
-            );
+            ));
         }
-        done(format!(
-            "pool {pool}: {old} (slot {slot}) replaced by {new}; rebuilding under I/O"
-        ))
+        Ok(())
     }
 
     /// Members the datapath reports rebuilt are committed active (called on the service's
@@ -2060,6 +2119,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     rebuild: at.and_then(|a| a.1),
                     scrub: at.and_then(|a| a.2),
                     jobs: pool_jobs(p.device, &jobs, rates[idx]),
+                    spares: cfg.spares.iter().map(|u| self.spare_name(u)).collect(),
                 }
             })
             .chain(self.peer_pools.iter().map(|p| self.peer_pool_info(p)))
@@ -2112,6 +2172,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             rebuild: None,
             scrub: None,
             jobs: PoolJobs::default(),
+            spares: cfg.spares.iter().map(|u| self.spare_name(u)).collect(),
         }
     }
 
@@ -2125,6 +2186,124 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             self.publisher.progress()
         } else {
             Vec::new()
+        }
+    }
+
+    /// A spare's drive name, as this node sees it (its UUID when no drive carries it).
+    fn spare_name(&self, uuid: &Uuid) -> String {
+        self.drives
+            .iter()
+            .find(|d| d.state == DriveState::Spare && d.spare == Some(*uuid))
+            .map_or_else(|| uuid.to_string(), |d| d.name.clone())
+    }
+
+    /// `duplexctl pool add-spare POOL DRIVE`: a free drive reserved for a parity pool this
+    /// node owns, taken into a failed member's slot when one fails ([`Cluster::take_spares`]).
+    fn add_spare(&mut self, pool: &str, drive: &str) -> ConfigReply {
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == pool)
+        else {
+            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == pool) {
+                return err(
+                    ConfigErrorKind::Refused,
+                    format!(
+                        "pool {pool} is owned by node {}: add its spares there",
+                        p.config.ownership.owner_node + 1
+                    ),
+                );
+            }
+            return err(ConfigErrorKind::NotFound, format!("no pool named {pool}"));
+        };
+        let level = self.pools[i].store.config().pool.raid_level;
+        if level.parity() == 0 {
+            return err(
+                ConfigErrorKind::Refused,
+                format!("pool {pool} is {level}: hot spares serve RAID 5 and 6 pools only"),
+            );
+        }
+        let Some(n) = self.drives.iter().position(|d| d.name == drive) else {
+            return err(ConfigErrorKind::NotFound, format!("no drive {drive}"));
+        };
+        if self.drives[n].state != DriveState::Free {
+            return err(
+                ConfigErrorKind::InUse,
+                format!(
+                    "drive {drive} is not free ({})",
+                    self.drives[n].state.name()
+                ),
+            );
+        }
+        let uuid = self.new_uuid();
+        let disk = self.drives[n].disk.clone();
+        self.changes += 1;
+        if let Err(e) = self.pools[i].store.add_spare(disk, uuid) {
+            return store_err(e);
+        }
+        let d = &mut self.drives[n];
+        d.state = DriveState::Spare;
+        d.pool = pool.to_owned();
+        d.slot = u32::MAX;
+        d.spare = Some(uuid);
+        tracing::info!(pool, drive, "hot spare added");
+        // A member may have failed already.
+        self.take_spares();
+        done(format!("pool {pool}: {drive} is a hot spare"))
+    }
+
+    /// Puts a hot spare in the slot of each failed member of the parity pools this node owns
+    /// and serves, while spares last (called after a member failure is recorded, and on the
+    /// service's loop).
+    pub fn take_spares(&mut self) {
+        for i in 0..self.pools.len() {
+            loop {
+                let cfg = self.pools[i].store.config();
+                if cfg.pool.raid_level.parity() == 0
+                    || cfg.spares.is_empty()
+                    || self.pools[i].device.is_none()
+                {
+                    break;
+                }
+                let Some(slot) = cfg
+                    .pool
+                    .members
+                    .iter()
+                    .position(|m| m.state == MemberState::Failed)
+                else {
+                    break;
+                };
+                let name = cfg.pool.name.clone();
+                let spares = cfg.spares.clone();
+                let Some(n) = self.drives.iter().position(|d| {
+                    d.state == DriveState::Spare
+                        && d.pool == name
+                        && d.spare.is_some_and(|u| spares.contains(&u))
+                }) else {
+                    break;
+                };
+                let spare = self.drives[n].name.clone();
+                let old = self
+                    .drives
+                    .iter()
+                    .find(|d| d.pool == name && d.slot == slot as u32)
+                    .map_or_else(
+                        || cfg.pool.members[slot].drive_uuid.to_string(),
+                        |d| d.name.clone(),
+                    );
+                tracing::warn!(pool = %name, slot, failed = %old, spare = %spare, "a member failed: taking a hot spare");
+                let uuid = self.drives[n].spare.unwrap_or_else(|| self.new_uuid());
+                match self.replace_slot(i, slot, n, uuid) {
+                    Ok(()) => {
+                        self.drives[n].spare = None;
+                        tracing::info!(pool = %name, slot, spare = %spare, "hot spare taken: rebuilding");
+                    }
+                    Err(e) => {
+                        tracing::error!(pool = %name, slot, spare = %spare, error = ?e, "taking a hot spare failed");
+                        break;
+                    }
+                }
+            }
         }
     }
 

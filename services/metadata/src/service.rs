@@ -390,6 +390,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
             state: duplex_ipc::config::DriveState::Free,
             pool: String::new(),
             slot: 0,
+            spare: None,
         });
     }
     health.beat();
@@ -457,6 +458,9 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         if rebuilds_at.elapsed() >= Duration::from_millis(500) {
             rebuilds_at = std::time::Instant::now();
             cluster.check_rebuilds();
+            // Hot spares: found on the drives, taken for failed members.
+            cluster.label_spares();
+            cluster.take_spares();
             // Which drives a takeover must fence (those holding current pool data).
             if let Some(r) = &cluster_region {
                 let names = cluster.current_member_drives();

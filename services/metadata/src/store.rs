@@ -258,6 +258,7 @@ impl<D: MetaDisk> PoolStore<D> {
             subsystems: spec.subsystems.clone(),
             volumes: Vec::new(),
             namespaces: Vec::new(),
+            spares: Vec::new(),
         };
         config
             .validate()
@@ -540,6 +541,8 @@ impl<D: MetaDisk> PoolStore<D> {
         }
         let generation = self.written + 1;
         let state = MemberState::Rebuilding { position: 0 };
+        // A hot spare taken: no longer a spare in the same generation.
+        config.spares.retain(|d| *d != drive_uuid);
         config.pool.members[slot] = PoolMember {
             drive_uuid,
             slot: slot as u32,
@@ -563,6 +566,63 @@ impl<D: MetaDisk> PoolStore<D> {
                 Err(e)
             }
         }
+    }
+
+    /// Reserves `disk` as a hot spare of the pool, as drive `drive_uuid`: the next generation
+    /// lists it among the spares, then the drive gets a spare superblock naming the pool (so
+    /// every node sees it taken). Refused, with nothing written, for a drive of another pool,
+    /// one too small for the pool's layout, or a pool with all its spares.
+    pub fn add_spare(&mut self, mut disk: D, drive_uuid: Uuid) -> Result<(), StoreError> {
+        let mut config = self.image.config.clone();
+        if config.spares.len() >= duplex_ondisk::records::MAX_SPARES {
+            return Err(StoreError::Config(format!(
+                "the pool has {} spares, the most it keeps",
+                config.spares.len()
+            )));
+        }
+        let label = disk.label().to_owned();
+        let unsuitable = |why: String| StoreError::Unsuitable {
+            drive: label.clone(),
+            why,
+        };
+        if let Some(sb) = probe(&mut disk) {
+            return Err(unsuitable(format!("it belongs to pool {}", sb.pool_uuid)));
+        }
+        let layout = Layout::for_drive(disk.capacity(), disk.block_size())
+            .map_err(|e| unsuitable(e.to_string()))?;
+        let Some(model) = self.members.iter().flatten().next().map(|m| m.sb) else {
+            return Err(StoreError::Config("no member of the pool is open".into()));
+        };
+        if layout.data_offset != model.layout.data_offset
+            || layout.journal_offset != model.layout.journal_offset
+            || layout.data_size < config.pool.member_data_bytes
+        {
+            return Err(unsuitable(format!(
+                "its data area ({} bytes from {}) cannot hold the pool's ({} bytes from {})",
+                layout.data_size,
+                layout.data_offset,
+                config.pool.member_data_bytes,
+                model.layout.data_offset
+            )));
+        }
+        config.spares.push(drive_uuid);
+        self.commit(config)?;
+        let sb = Superblock {
+            drive_uuid,
+            member_slot: u32::MAX,
+            role: Role::Spare,
+            state: MemberState::Active,
+            generation: self.image.generation,
+            layout,
+            ..model
+        };
+        for copy in [SuperblockCopy::Primary, SuperblockCopy::Secondary] {
+            let sb = Superblock { copy, ..sb };
+            let at = sb_offset(&sb, copy)?;
+            disk.write(at, &sb.encode_vec()).map_err(disk_err(&disk))?;
+        }
+        disk.flush().map_err(disk_err(&disk))?;
+        Ok(())
     }
 
     /// Commits `config` as the next generation (see the module docs). Returns its stamp.

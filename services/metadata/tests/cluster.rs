@@ -77,6 +77,7 @@ fn drives(disks: &[MemDisk]) -> Vec<Drive<MemDisk>> {
             state: DriveState::Free,
             pool: String::new(),
             slot: 0,
+            spare: None,
         })
         .collect()
 }

@@ -36,6 +36,7 @@ fn pool(mib: u64) -> PoolConfig {
         subsystems: vec![],
         volumes: vec![],
         namespaces: vec![],
+        spares: vec![],
     }
 }
 
