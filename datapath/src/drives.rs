@@ -220,6 +220,15 @@ impl Drive {
                 d.nsid, ns.block_size, spec.block_size
             )));
         }
+        if ns.metadata_size != 0 {
+            // Commands would need a metadata buffer this driver does not give yet.
+            return Err(geometry(format!(
+                "namespace {} is formatted with {} bytes of metadata per block ({}): only formats without metadata are supported yet",
+                d.nsid,
+                ns.metadata_size,
+                if ns.metadata_extended { "interleaved" } else { "separate buffer" }
+            )));
+        }
         if ns.blocks < spec.blocks {
             return Err(geometry(format!(
                 "namespace {} holds {} blocks, the volume needs {}",

@@ -168,6 +168,7 @@ fn identify_and_several_queue_pairs() {
     let ns = a.namespace(1).expect("identify namespace");
     assert_eq!((ns.blocks, ns.block_size), ((64 << 20) / 4096, 4096));
     assert_ne!(ns.rescap, 0, "reservations are reported");
+    assert_eq!((ns.metadata_size, ns.metadata_extended), (0, false));
     match a.namespace(7) {
         Err(NvmeError::Admin { error, .. }) => assert!(!error.retriable(), "{error}"),
         other => panic!("namespace 7 exists? {other:?}"),
@@ -800,4 +801,18 @@ fn a_pulled_port_cable_leaves_the_other_port_serving() {
         .map(|p| (p.cntlid, p.writes, p.last_seq))
         .collect();
     assert_eq!(by, vec![(1, 1, 1), (2, 1, 2)]);
+}
+
+/// A namespace formatted with metadata (8 bytes a block, separate buffer) is read as such from
+/// Identify Namespace (the current LBA format's MS, FLBAS bit 4).
+#[test]
+fn a_format_with_metadata_is_identified() {
+    let r = rig(DriveConfig {
+        metadata_size: 8,
+        ..cfg(4096)
+    });
+    let mut a = connect(&r, 0, opts(1, 1));
+    let ns = a.namespace(1).expect("identify namespace");
+    assert_eq!(ns.block_size, 4096);
+    assert_eq!((ns.metadata_size, ns.metadata_extended), (8, false));
 }

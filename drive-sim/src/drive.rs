@@ -48,7 +48,15 @@ pub struct DriveConfig {
     /// Maximum data transfer size as a power of two of 4 KiB pages (0: no limit beyond the
     /// commands' own, at most [`MAX_MDTS`]).
     pub mdts: u8,
+    /// Metadata bytes per logical block of the namespace's LBA format: 0, 8 or 64 (one of
+    /// [`METADATA_SIZES`]). Transferred through a separate buffer (the command's MPTR); kept
+    /// with its block, through the write cache and its losses.
+    pub metadata_size: u16,
 }
+
+/// The metadata sizes of the LBA formats the drive offers (LBAF 0, 1, 2), each with the
+/// configured block size.
+pub const METADATA_SIZES: [u16; 3] = [0, 8, 64];
 
 impl Default for DriveConfig {
     fn default() -> Self {
@@ -63,6 +71,7 @@ impl Default for DriveConfig {
             max_queues: 16,
             mqes: 1024,
             mdts: 5,
+            metadata_size: 0,
         }
     }
 }
@@ -86,12 +95,23 @@ impl DriveConfig {
         if self.mdts > MAX_MDTS {
             return bad("mdts must be at most MAX_MDTS");
         }
+        if !METADATA_SIZES.contains(&self.metadata_size) {
+            return bad("metadata_size must be 0, 8 or 64");
+        }
         Ok(())
     }
 
     /// Capacity in bytes.
     pub fn capacity(&self) -> u64 {
         self.blocks.saturating_mul(u64::from(self.block_size))
+    }
+
+    /// The index of the current LBA format (FLBAS).
+    pub fn lba_format(&self) -> u8 {
+        METADATA_SIZES
+            .iter()
+            .position(|&m| m == self.metadata_size)
+            .map_or(0, |i| i as u8)
     }
 }
 
@@ -447,6 +467,9 @@ pub(crate) struct DriveState {
     /// Block size and count (copies of the configuration).
     pub bs: u64,
     pub blocks: u64,
+    /// Metadata bytes per block; the metadata of block `l` lives at `capacity + l × ms` in
+    /// the file, and a cached block holds its data and then its metadata.
+    pub ms: u64,
     cache_blocks: usize,
     pub cache: Cache,
     /// Volatile Write Cache feature: enabled.
@@ -686,6 +709,12 @@ impl DriveState {
             .ok_or_else(|| std::io::Error::other("LBA beyond any file offset"))
     }
 
+    fn md_offset(&self, lba: u64) -> std::io::Result<u64> {
+        lba.checked_mul(self.ms)
+            .and_then(|o| o.checked_add(self.blocks.checked_mul(self.bs)?))
+            .ok_or_else(|| std::io::Error::other("LBA beyond any file offset"))
+    }
+
     /// Reads `n` blocks from `lba` as a host would see them (cache first). The caller checked
     /// the range.
     pub fn read_blocks(&mut self, lba: u64, n: u64) -> std::io::Result<Vec<u8>> {
@@ -699,13 +728,51 @@ impl DriveState {
             let bs = usize::try_from(self.bs).unwrap_or(4096);
             for (i, block) in buf.chunks_mut(bs).enumerate() {
                 if let Some(c) = self.cache.get(lba.saturating_add(i as u64)) {
-                    if c.len() == block.len() {
-                        block.copy_from_slice(c);
+                    if let Some(d) = c.get(..bs) {
+                        block.copy_from_slice(d);
                     }
                 }
             }
         }
         Ok(buf)
+    }
+
+    /// Reads the metadata of `n` blocks from `lba` as a host would see it (cache first).
+    pub fn read_metadata(&mut self, lba: u64, n: u64) -> std::io::Result<Vec<u8>> {
+        let len = n
+            .checked_mul(self.ms)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| std::io::Error::other("read too large"))?;
+        let mut buf = vec![0u8; len];
+        if len == 0 {
+            return Ok(buf);
+        }
+        self.file.read_exact_at(&mut buf, self.md_offset(lba)?)?;
+        if self.cache.len() > 0 {
+            let (bs, ms) = (
+                usize::try_from(self.bs).unwrap_or(4096),
+                usize::try_from(self.ms).unwrap_or(0),
+            );
+            for (i, m) in buf.chunks_mut(ms).enumerate() {
+                if let Some(c) = self.cache.get(lba.saturating_add(i as u64)) {
+                    if let Some(d) = c.get(bs..bs + ms) {
+                        m.copy_from_slice(d);
+                    }
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Writes one cached block (its data, then its metadata) to the file.
+    fn store(&self, lba: u64, b: &[u8]) -> std::io::Result<()> {
+        let bs = usize::try_from(self.bs).unwrap_or(4096);
+        self.file
+            .write_all_at(b.get(..bs).unwrap_or(b), self.offset(lba)?)?;
+        if let Some(md) = b.get(bs..).filter(|m| !m.is_empty()) {
+            self.file.write_all_at(md, self.md_offset(lba)?)?;
+        }
+        Ok(())
     }
 
     /// Reads `n` blocks at `lba` from the file only.
@@ -722,18 +789,38 @@ impl DriveState {
     /// Writes whole blocks from `lba`: into the cache, or straight to the file (dropping any
     /// stale cached copies) when `through` or the cache is off.
     pub fn write_blocks(&mut self, lba: u64, data: &[u8], through: bool) -> std::io::Result<()> {
+        let zero =
+            vec![0u8; usize::try_from(self.ms).unwrap_or(0) * data.len() / self.bs.max(1) as usize];
+        self.write_blocks_md(lba, data, &zero, through)
+    }
+
+    /// [`DriveState::write_blocks`] with each block's metadata (`md`: `ms` bytes a block).
+    pub fn write_blocks_md(
+        &mut self,
+        lba: u64,
+        data: &[u8],
+        md: &[u8],
+        through: bool,
+    ) -> std::io::Result<()> {
         let bs = usize::try_from(self.bs).unwrap_or(4096);
+        let ms = usize::try_from(self.ms).unwrap_or(0);
         let n = (data.len() / bs) as u64;
         if through || !self.caching() {
             self.cache.remove_range(lba, n);
-            return self.file.write_all_at(data, self.offset(lba)?);
+            self.file.write_all_at(data, self.offset(lba)?)?;
+            if ms > 0 {
+                self.file.write_all_at(md, self.md_offset(lba)?)?;
+            }
+            return Ok(());
         }
         for (i, block) in data.chunks_exact(bs).enumerate() {
-            let evicted = self
-                .cache
-                .insert(lba.saturating_add(i as u64), block.to_vec());
+            let mut b = Vec::with_capacity(bs + ms);
+            b.extend_from_slice(block);
+            b.extend_from_slice(md.get(i * ms..(i + 1) * ms).unwrap_or(&[]));
+            b.resize(bs + ms, 0);
+            let evicted = self.cache.insert(lba.saturating_add(i as u64), b);
             for (l, b) in evicted {
-                self.file.write_all_at(&b, self.offset(l)?)?;
+                self.store(l, &b)?;
             }
         }
         Ok(())
@@ -763,9 +850,7 @@ impl DriveState {
     pub fn destage(&mut self) -> std::io::Result<()> {
         let mut result = Ok(());
         for (lba, b) in self.cache.drain() {
-            let r = self
-                .offset(lba)
-                .and_then(|off| self.file.write_all_at(&b, off));
+            let r = self.store(lba, &b);
             if result.is_ok() {
                 result = r;
             }
@@ -931,7 +1016,9 @@ impl Drive {
     /// one.
     pub fn open(file: File, cfg: DriveConfig) -> Result<Arc<Drive>, DriveError> {
         cfg.validate()?;
-        let cap = cfg.capacity();
+        let cap = cfg
+            .capacity()
+            .saturating_add(cfg.blocks.saturating_mul(u64::from(cfg.metadata_size)));
         if file.metadata()?.len() < cap {
             file.set_len(cap)?;
         }
@@ -939,6 +1026,7 @@ impl Drive {
             file,
             bs: u64::from(cfg.block_size),
             blocks: cfg.blocks,
+            ms: u64::from(cfg.metadata_size),
             cache_blocks: cfg.cache_blocks,
             cache: Cache::new(cfg.cache_blocks),
             vwc: cfg.cache_blocks > 0,

@@ -229,6 +229,11 @@ pub struct NamespaceId {
     pub block_size: u32,
     /// Reservation capabilities (RESCAP).
     pub rescap: u8,
+    /// Metadata bytes per block of the current LBA format (MS; 0: none).
+    pub metadata_size: u16,
+    /// Whether that metadata is interleaved with the data (FLBAS bit 4) rather than in a
+    /// separate buffer.
+    pub metadata_extended: bool,
 }
 
 /// A command for an I/O queue: the entry (without command id and data pointer) and the
@@ -678,6 +683,8 @@ impl<T: Transport> Controller<T> {
             blocks: u64_at(0),
             block_size: 1 << lbads,
             rescap: b[31],
+            metadata_size: u16::from_le_bytes([lbaf[0], lbaf[1]]),
+            metadata_extended: b[26] & 0x10 != 0,
         })
     }
 

@@ -55,6 +55,10 @@ struct Serve {
     /// Logical block size (512 or 4096).
     #[arg(long, default_value_t = 4096, value_parser = parse_block_size)]
     block_size: u32,
+    /// Metadata bytes per block of the namespace's LBA format (0, 8 or 64; the drive offers
+    /// all three, transferred in a separate buffer): for end-to-end protection information.
+    #[arg(long, default_value_t = 0, value_parser = parse_metadata)]
+    metadata: u16,
     /// A port's vfio-user socket (give it twice for a dual-ported drive).
     #[arg(long = "socket", required = true)]
     sockets: Vec<PathBuf>,
@@ -208,6 +212,15 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_metadata(s: &str) -> Result<u16, String> {
+    match s {
+        "0" => Ok(0),
+        "8" => Ok(8),
+        "64" => Ok(64),
+        _ => Err(format!("{s:?}: the metadata size is 0, 8 or 64")),
+    }
+}
+
 fn parse_u16(s: &str) -> Result<u16, String> {
     let r = if let Some(h) = s.strip_prefix("0x") {
         u16::from_str_radix(h, 16)
@@ -285,6 +298,7 @@ fn serve(a: Serve) -> Result<()> {
             .unwrap_or(usize::MAX),
         serial: a.serial.clone(),
         max_queues: a.max_queues,
+        metadata_size: a.metadata,
         ..DriveConfig::default()
     };
     let drive = Drive::open(file, cfg).context("opening the drive")?;

@@ -331,6 +331,16 @@ impl Controller {
         });
         put(&mut b, 31, &[resv::RESCAP]);
         put(&mut b, 120, &cfg.eui64);
+        // LBA formats: the block size with 0, 8 or 64 bytes of metadata, transferred in a
+        // separate buffer (MC bit 1); FLBAS says which one the namespace is in.
+        let n = crate::drive::METADATA_SIZES.len();
+        put(&mut b, 25, &[(n - 1) as u8]); // NLBAF, 0's based
+        put(&mut b, 26, &[cfg.lba_format() & 0xF]); // FLBAS: format, metadata separate
+        put(&mut b, 27, &[0b10]); // MC: metadata in a separate buffer
+        for (i, ms) in crate::drive::METADATA_SIZES.iter().enumerate() {
+            let lbaf = u32::from(*ms) | cfg.block_size.trailing_zeros() << 16;
+            put(&mut b, 128 + 4 * i, &lbaf.to_le_bytes());
+        }
         b
     }
 

@@ -96,6 +96,11 @@ impl Controller {
         match op {
             io::READ | io::WRITE | io::COMPARE => {
                 check_range(st, sqe.slba(), u64::from(sqe.nlb()))?;
+                // The metadata goes through a separate buffer, which must be named and
+                // dword aligned.
+                if st.ms > 0 && (sqe.mptr == 0 || sqe.mptr % 4 != 0) {
+                    return Err(generic::INVALID_FIELD);
+                }
                 if u64::from(sqe.nlb()) * st.bs > self.max_transfer() {
                     return Err(generic::INVALID_FIELD);
                 }
@@ -162,12 +167,18 @@ impl Controller {
         let segs = self.prps(dma, sqe, len)?;
         let mut data = st.read_blocks(slba, nlb).map_err(internal)?;
         st.flip_bits(slba, &mut data);
+        let md = st.read_metadata(slba, nlb).map_err(internal)?;
         if compare {
-            if from_host(dma, &segs, len)? != data {
+            if from_host(dma, &segs, len)? != data || metadata_from_host(dma, sqe, md.len())? != md
+            {
                 return Err(media::COMPARE_FAILURE);
             }
         } else {
             to_host(dma, &segs, &data)?;
+            if !md.is_empty() {
+                dma.write(sqe.mptr, &md)
+                    .map_err(|_| generic::DATA_TRANSFER)?;
+            }
             st.stats.reads += 1;
             st.stats.bytes_read += len;
         }
@@ -183,6 +194,7 @@ impl Controller {
         let len = nlb * st.bs;
         let segs = self.prps(dma, sqe, len)?;
         let data = from_host(dma, &segs, len)?;
+        let md = metadata_from_host(dma, sqe, usize::try_from(nlb * st.ms).unwrap_or(0))?;
         if let Some(keep) = st.take_torn(slba, last) {
             st.record_write(self.cntlid);
             torn(st, slba, &data, keep);
@@ -194,7 +206,8 @@ impl Controller {
             return Ok(0);
         }
         let through = sqe.fua() && !st.lying_flush();
-        st.write_blocks(slba, &data, through).map_err(internal)?;
+        st.write_blocks_md(slba, &data, &md, through)
+            .map_err(internal)?;
         st.record_write(self.cntlid);
         st.stats.writes += 1;
         st.stats.bytes_written += len;
@@ -374,6 +387,17 @@ fn check_range(st: &DriveState, slba: u64, nlb: u64) -> Result<(), Status> {
         Some(end) if end <= st.blocks => Ok(()),
         _ => Err(generic::LBA_RANGE),
     }
+}
+
+/// The metadata of a command on a namespace formatted with metadata: `len` bytes from the
+/// separate buffer at MPTR (none when the format has none).
+fn metadata_from_host(dma: &dyn Dma, sqe: &Sqe, len: usize) -> Result<Vec<u8>, Status> {
+    let mut md = vec![0u8; len];
+    if len > 0 {
+        dma.read(sqe.mptr, &mut md)
+            .map_err(|_| generic::DATA_TRANSFER)?;
+    }
+    Ok(md)
 }
 
 fn internal(e: std::io::Error) -> Status {
