@@ -113,6 +113,24 @@ pub fn ctl_ok(node: &Node, args: &[&str]) -> String {
     out
 }
 
+/// Waits until the scrub of pool `pool` on `node` has checked every member byte (a hang guard
+/// of [`crate::PATIENCE`]); its findings as `pool show --json` gives them.
+pub fn wait_scrub(node: &Node, pool: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + crate::PATIENCE;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hang: the scrub never finished"
+        );
+        let p = ctl_json(node, &["pool", "show", pool])["pool"].clone();
+        let s = p["scrub"].clone();
+        if s.is_object() && s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The states of pool `pool`'s members, in member order, as `duplexctl pool show` gives them.
 pub fn member_states(node: &Node, pool: &str) -> Vec<String> {
     ctl_json(node, &["pool", "show", pool])["pool"]["members"]

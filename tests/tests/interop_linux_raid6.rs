@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use duplex_tests::guest::{wait_guest_file, Guest, Kernel, RunSpec};
-use duplex_tests::pool::{ctl_json, ctl_ok, member_states, Rig, RigSpec};
+use duplex_tests::pool::{ctl_json, ctl_ok, member_states, wait_scrub, Rig, RigSpec};
 
 const SUBNQN: &str = "nqn.2026-12.io.duplex:interop-raid6";
 const HOSTID: &str = "2e8d6b41-4f5a-4b7c-9d1e-3a4b5c6d7e8f";
@@ -130,19 +130,7 @@ fn linux_6_12_host_verifies_a_raid6_volume_while_a_member_is_pulled_and_rebuilt(
     assert_eq!(pool["pool"]["state"], "online", "{pool}");
     // The parity the rebuild and the host's writes left is consistent everywhere.
     ctl_ok(&rig.node, &["pool", "scrub", "tank"]);
-    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
-    let scrub = loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hang: the scrub never finished"
-        );
-        let p = ctl_json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
-        let s = p["scrub"].clone();
-        if s.is_object() && s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let scrub = wait_scrub(&rig.node, "tank");
     assert_eq!(scrub["mismatches"], 0, "{scrub}");
     assert_eq!(rig.node.stop(), Some(0));
 }

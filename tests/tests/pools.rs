@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use duplex_tests::pool::{
-    self, ctl_json as json, ctl_ok as ok, drive_sim, pool_node_config, Rig, RigSpec,
+    self, ctl_json as json, ctl_ok as ok, drive_sim, pool_node_config, wait_scrub, Rig, RigSpec,
 };
 use duplex_tests::{bin, duplex_bench, free_port, Node};
 
@@ -346,18 +346,7 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
         cluster_node: None,
         spares: 1,
     });
-    let stop = rig.dir.path().join("stop");
-    let target = format!("127.0.0.1:{}", rig.port);
-    let stop_arg = stop.display().to_string();
-    let child = Command::new(bin("duplex-bench"))
-        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
-        .args(["--workload", "write", "--verify", "--qd", "8"])
-        .args(["--span-blocks", "4096", "--seed", "41", "--json"])
-        .args(["--stop-file", &stop_arg])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("duplex-bench runs");
+    let (child, stop) = verifying_load(&rig, "41");
     rig.wait_writes(1, 64);
     rig.sim(1, &["pull"]);
     rig.node.log.wait_for(&["member failure recorded on disk"]);
@@ -390,19 +379,7 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
     assert!(out.contains("scrub of pool tank started"), "{out}");
     let (code, _, e) = rig.node.ctl(&["pool", "scrub", "tank"]);
     assert!(code == 0 || e.contains("a scrub is running"), "{e}");
-    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
-    let scrub = loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hang: the scrub never finished"
-        );
-        let p = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
-        let s = p["scrub"].clone();
-        if s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() && s.is_object() {
-            break s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let scrub = wait_scrub(&rig.node, "tank");
     assert_eq!(scrub["mismatches"], 0, "{scrub}");
     assert_eq!(scrub["skipped"], 0, "{scrub}");
     let text = ok(&rig.node, &["pool", "show", "tank"]);
@@ -410,17 +387,7 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
     // Another member lost: the rebuilt one now carries the pool.
     rig.sim(0, &["pull"]);
     rig.wait_writes(2, 64);
-    std::fs::write(&stop, b"").expect("stop file");
-    let out = child.wait_with_output().expect("duplex-bench ends");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the host saw an error: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
-    assert_eq!(r["io_errors"], 0, "{r}");
-    assert_eq!(r["verify_errors"], 0, "{r}");
+    let r = finish_load(child, &stop);
     assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
 }
 
@@ -440,18 +407,7 @@ fn raid6_two_members_replaced_and_rebuilt_under_verified_io() {
         cluster_node: None,
         spares: 2,
     });
-    let stop = rig.dir.path().join("stop");
-    let target = format!("127.0.0.1:{}", rig.port);
-    let stop_arg = stop.display().to_string();
-    let child = Command::new(bin("duplex-bench"))
-        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
-        .args(["--workload", "write", "--verify", "--qd", "8"])
-        .args(["--span-blocks", "4096", "--seed", "47", "--json"])
-        .args(["--stop-file", &stop_arg])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("duplex-bench runs");
+    let (child, stop) = verifying_load(&rig, "47");
     rig.wait_writes(0, 64);
     rig.sim(1, &["pull"]);
     rig.node.log.wait_for(&["member failure recorded on disk"]);
@@ -474,36 +430,14 @@ fn raid6_two_members_replaced_and_rebuilt_under_verified_io() {
     );
     assert_eq!(member_states(&rig.node), ["active"; 4]);
     ok(&rig.node, &["pool", "scrub", "tank"]);
-    let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
-    let scrub = loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hang: the scrub never finished"
-        );
-        let p = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
-        let s = p["scrub"].clone();
-        if s.is_object() && s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() {
-            break s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let scrub = wait_scrub(&rig.node, "tank");
     assert_eq!(scrub["mismatches"], 0, "{scrub}");
     assert_eq!(scrub["skipped"], 0, "{scrub}");
     // Two of the original members lost: the rebuilt ones carry the pool.
     rig.sim(0, &["pull"]);
     rig.sim(3, &["pull"]);
     rig.wait_writes(4, 64);
-    std::fs::write(&stop, b"").expect("stop file");
-    let out = child.wait_with_output().expect("duplex-bench ends");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the host saw an error: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
-    assert_eq!(r["io_errors"], 0, "{r}");
-    assert_eq!(r["verify_errors"], 0, "{r}");
+    let r = finish_load(child, &stop);
     assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
 }
 
@@ -584,18 +518,7 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let stop = rig.dir.path().join("stop");
-    let target = format!("127.0.0.1:{}", rig.port);
-    let stop_arg = stop.display().to_string();
-    let child = Command::new(bin("duplex-bench"))
-        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
-        .args(["--workload", "write", "--verify", "--qd", "8"])
-        .args(["--span-blocks", "4096", "--seed", "53", "--json"])
-        .args(["--stop-file", &stop_arg])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("duplex-bench runs");
+    let (child, stop) = verifying_load(&rig, "53");
     rig.wait_writes(1, 64);
     rig.sim(1, &["pull"]);
     rig.node.log.wait_for(&["hot spare taken: rebuilding"]);
@@ -607,7 +530,30 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
     assert_eq!(show["pool"]["spares"], serde_json::json!([]), "{show}");
     assert_eq!(drive_state(&rig.node, "d3").0, "active");
     rig.wait_writes(3, 64);
-    std::fs::write(&stop, b"").expect("stop file");
+    finish_load(child, &stop);
+}
+
+/// The verifying write load of these tests on namespace 1 of `rig` (the multipath host on one
+/// path, seed `seed`), until its stop file exists: the child and that file.
+fn verifying_load(rig: &Rig, seed: &str) -> (std::process::Child, std::path::PathBuf) {
+    let stop = rig.dir.path().join("stop");
+    let target = format!("127.0.0.1:{}", rig.port);
+    let stop_arg = stop.display().to_string();
+    let child = Command::new(bin("duplex-bench"))
+        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .args(["--workload", "write", "--verify", "--qd", "8"])
+        .args(["--span-blocks", "4096", "--seed", seed, "--json"])
+        .args(["--stop-file", &stop_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    (child, stop)
+}
+
+/// Stops a [`verifying_load`] and checks the host saw no I/O and no verify error; its report.
+fn finish_load(child: std::process::Child, stop: &Path) -> serde_json::Value {
+    std::fs::write(stop, b"").expect("stop file");
     let out = child.wait_with_output().expect("duplex-bench ends");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -618,6 +564,7 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
     let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
     assert_eq!(r["io_errors"], 0, "{r}");
     assert_eq!(r["verify_errors"], 0, "{r}");
+    r
 }
 
 /// Where pool `tank`'s rebuild stands, as `pool show --json` says: (bytes of the member
@@ -650,18 +597,7 @@ fn a_rebuild_goes_on_across_20_raid_service_crashes() {
         cluster_node: None,
         spares: 1,
     });
-    let stop = rig.dir.path().join("stop");
-    let target = format!("127.0.0.1:{}", rig.port);
-    let stop_arg = stop.display().to_string();
-    let child = Command::new(bin("duplex-bench"))
-        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
-        .args(["--workload", "write", "--verify", "--qd", "8"])
-        .args(["--span-blocks", "4096", "--seed", "43", "--json"])
-        .args(["--stop-file", &stop_arg])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("duplex-bench runs");
+    let (child, stop) = verifying_load(&rig, "43");
     rig.wait_writes(1, 64);
     rig.sim(1, &["pull"]);
     rig.node.log.wait_for(&["member failure recorded on disk"]);
@@ -733,30 +669,9 @@ fn a_rebuild_goes_on_across_20_raid_service_crashes() {
         .wait_for(&["rebuild complete: member active on disk"]);
     let out = ok(&rig.node, &["pool", "scrub", "tank"]);
     assert!(out.contains("scrub of pool tank started"), "{out}");
-    let scrub = loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hang: the scrub never finished"
-        );
-        let p = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
-        let s = p["scrub"].clone();
-        if s.is_object() && s["done_bytes"].as_u64() >= p["member_bytes"].as_u64() {
-            break s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let scrub = wait_scrub(&rig.node, "tank");
     assert_eq!(scrub["mismatches"], 0, "{scrub}");
-    std::fs::write(&stop, b"").expect("stop file");
-    let out = child.wait_with_output().expect("duplex-bench ends");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the host saw an error: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
-    assert_eq!(r["io_errors"], 0, "{r}");
-    assert_eq!(r["verify_errors"], 0, "{r}");
+    finish_load(child, &stop);
 }
 
 #[test]

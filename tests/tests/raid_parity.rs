@@ -120,7 +120,7 @@ fn raid5_owner_killed_during_partial_stripe_writes_the_peer_replays_the_journal(
 /// from zero; it finishes there, a scrub finds the parity consistent, the host sees no error.
 #[test]
 fn raid5_rebuild_resumes_from_its_checkpoint_after_a_takeover() {
-    use duplex_tests::pool::{ctl_json, ctl_ok};
+    use duplex_tests::pool::{ctl_json, ctl_ok, wait_scrub};
     let mut p = Pair::with_pool_and_spares(BEAT_MS, DEAD_MS, 3, "5", 1);
     let stop = p.dir.path().join("stop");
     let workload = [
@@ -178,18 +178,7 @@ fn raid5_rebuild_resumes_from_its_checkpoint_after_a_takeover() {
         .wait_for(&["rebuild complete: member active on disk"]);
     let out = ctl_ok(p.node(1), &["pool", "scrub", "tank"]);
     assert!(out.contains("scrub of pool tank started"), "{out}");
-    let scrub = loop {
-        assert!(
-            std::time::Instant::now() < deadline + duplex_tests::PATIENCE,
-            "hang: the scrub never finished"
-        );
-        let pool = ctl_json(p.node(1), &["pool", "show", "tank"])["pool"].clone();
-        let s = pool["scrub"].clone();
-        if s.is_object() && s["done_bytes"].as_u64() >= pool["member_bytes"].as_u64() {
-            break s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let scrub = wait_scrub(p.node(1), "tank");
     assert_eq!(scrub["mismatches"], 0, "{scrub}");
     p.wait_more_writes(2, 200);
     let r = finish_multipath(&mut bench, &stop);

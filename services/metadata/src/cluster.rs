@@ -594,21 +594,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             );
         }
         let slot = u32::from(node - 1);
-        let Some(i) = self
-            .pools
-            .iter()
-            .position(|p| p.store.config().pool.name == name)
-        else {
-            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == name) {
-                return err(
-                    ConfigErrorKind::Refused,
-                    format!(
-                        "pool {name} is owned by node {}: move it from there",
-                        p.config.ownership.owner_node + 1
-                    ),
-                );
-            }
-            return err(ConfigErrorKind::NotFound, format!("no pool named {name}"));
+        let i = match self.own_pool(name, "move it from there") {
+            Ok(i) => i,
+            Err(refused) => return refused,
         };
         if slot == self.node {
             return err(
@@ -1715,21 +1703,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     /// then the datapath swaps it in and rebuilds it under I/O; [`Cluster::check_rebuilds`]
     /// commits it active once the datapath reports it rebuilt.
     fn replace_member(&mut self, pool: &str, old: &str, new: &str) -> ConfigReply {
-        let Some(i) = self
-            .pools
-            .iter()
-            .position(|p| p.store.config().pool.name == pool)
-        else {
-            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == pool) {
-                return err(
-                    ConfigErrorKind::Refused,
-                    format!(
-                        "pool {pool} is owned by node {}: replace its member there",
-                        p.config.ownership.owner_node + 1
-                    ),
-                );
-            }
-            return err(ConfigErrorKind::NotFound, format!("no pool named {pool}"));
+        let i = match self.own_pool(pool, "replace its member there") {
+            Ok(i) => i,
+            Err(refused) => return refused,
         };
         let cfg = self.pools[i].store.config().clone();
         if cfg.pool.raid_level.parity() == 0 {
@@ -2200,21 +2176,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     /// `duplexctl pool add-spare POOL DRIVE`: a free drive reserved for a parity pool this
     /// node owns, taken into a failed member's slot when one fails ([`Cluster::take_spares`]).
     fn add_spare(&mut self, pool: &str, drive: &str) -> ConfigReply {
-        let Some(i) = self
-            .pools
-            .iter()
-            .position(|p| p.store.config().pool.name == pool)
-        else {
-            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == pool) {
-                return err(
-                    ConfigErrorKind::Refused,
-                    format!(
-                        "pool {pool} is owned by node {}: add its spares there",
-                        p.config.ownership.owner_node + 1
-                    ),
-                );
-            }
-            return err(ConfigErrorKind::NotFound, format!("no pool named {pool}"));
+        let i = match self.own_pool(pool, "add its spares there") {
+            Ok(i) => i,
+            Err(refused) => return refused,
         };
         let level = self.pools[i].store.config().pool.raid_level;
         if level.parity() == 0 {
@@ -2307,25 +2271,38 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
     }
 
+    /// The index of pool `name` among this node's own pools; otherwise the answer: refused
+    /// for a pool the peer owns (`there` says what to do on the owner), not found for none.
+    fn own_pool(&self, name: &str, there: &str) -> Result<usize, ConfigReply> {
+        if let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| p.store.config().pool.name == name)
+        {
+            return Ok(i);
+        }
+        if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == name) {
+            return Err(err(
+                ConfigErrorKind::Refused,
+                format!(
+                    "pool {name} is owned by node {}: {there}",
+                    p.config.ownership.owner_node + 1
+                ),
+            ));
+        }
+        Err(err(
+            ConfigErrorKind::NotFound,
+            format!("no pool named {name}"),
+        ))
+    }
+
     /// `duplexctl pool rate POOL RATE`: the rate of a parity pool's rebuilds and scrubs, for
     /// the raid service (kept while this node's services run; a takeover or a restart of
     /// duplexd goes back to the default, yielding to host I/O).
     fn set_pool_rate(&mut self, name: &str, rate: u64) -> ConfigReply {
-        let Some(i) = self
-            .pools
-            .iter()
-            .position(|p| p.store.config().pool.name == name)
-        else {
-            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == name) {
-                return err(
-                    ConfigErrorKind::Refused,
-                    format!(
-                        "pool {name} is owned by node {}: set its rate there",
-                        p.config.ownership.owner_node + 1
-                    ),
-                );
-            }
-            return err(ConfigErrorKind::NotFound, format!("no pool named {name}"));
+        let i = match self.own_pool(name, "set its rate there") {
+            Ok(i) => i,
+            Err(refused) => return refused,
         };
         let level = self.pools[i].store.config().pool.raid_level;
         if level.parity() == 0 {
@@ -2354,21 +2331,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     /// `duplexctl pool scrub POOL`: starts the datapath's scrub of a parity pool this node
     /// owns (progress and findings in `pool show`).
     fn scrub_pool(&mut self, name: &str) -> ConfigReply {
-        let Some(i) = self
-            .pools
-            .iter()
-            .position(|p| p.store.config().pool.name == name)
-        else {
-            if let Some(p) = self.peer_pools.iter().find(|p| p.config.pool.name == name) {
-                return err(
-                    ConfigErrorKind::Refused,
-                    format!(
-                        "pool {name} is owned by node {}: scrub it there",
-                        p.config.ownership.owner_node + 1
-                    ),
-                );
-            }
-            return err(ConfigErrorKind::NotFound, format!("no pool named {name}"));
+        let i = match self.own_pool(name, "scrub it there") {
+            Ok(i) => i,
+            Err(refused) => return refused,
         };
         let level = self.pools[i].store.config().pool.raid_level;
         if level.parity() == 0 {
