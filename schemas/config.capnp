@@ -345,6 +345,9 @@ struct DriveInfo {
   slot @7 :UInt32;
   # Its slot in that pool; 0 when free.
   state @8 :DriveState;
+  integrityErrors @9 :UInt64;
+  # Blocks the drive returned that failed their integrity check (drives formatted with
+  # metadata), since the datapath started.
 }
 
 enum DriveState {
@@ -414,6 +417,14 @@ struct PoolInfo {
   # The scrub's, as the rebuild's.
   spares @26 :List(Text);
   # The pool's hot spares, by drive name (the UUID for one this node does not see); at most 8.
+
+  integrityRecovered @27 :UInt64;
+  # Reads that met a copy failing its integrity check and were served from a good copy, since
+  # the datapath started.
+  integrityHealed @28 :UInt64;
+  # Bad copies rewritten from a good one.
+  integrityUnrecoverable @29 :UInt64;
+  # Reads with no good copy left (a media error to the host, never wrong data).
 }
 
 enum PoolState {

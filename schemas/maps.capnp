@@ -270,6 +270,17 @@ struct DeviceInfo {
   scrubRepaired @16 :UInt64;
   scrubSkipped @17 :UInt64;
   # Windows whose parity disagreed with the data, rewritten, and not checkable.
+
+  integrityErrors @18 :UInt32;
+  # A drive with integrity records (an LBA format with metadata): blocks it returned that
+  # failed their check, since the datapath started. 0 otherwise.
+  integrityRecovered @19 :UInt32;
+  # A pool: reads that found a bad copy and were served from a good one.
+  integrityHealed @20 :UInt32;
+  # A pool: bad copies rewritten from a good one.
+  integrityUnrecoverable @21 :UInt32;
+  # A pool: reads with no good copy left (failed to the host with a media error).
+  # (32-bit counts, saturating, so that the largest listing stays one datagram.)
 }
 
 struct MemberFailed {

@@ -68,6 +68,10 @@ pub struct DeviceStatus {
     pub member_of: Option<(usize, usize)>,
     /// A parity device's scrub in progress or last finished.
     pub scrub: Option<crate::bdev::ScrubStatus>,
+    /// A drive's blocks read bad (integrity records).
+    pub integrity_errors: u64,
+    /// A RAID device's integrity handling.
+    pub integrity: crate::bdev::IntegrityCounts,
 }
 
 /// Replies to commands: `Err` carries a one-line reason.

@@ -14,14 +14,24 @@
 //! controller is an internal error (retriable: the host may try another path). A controller
 //! that fails (bad completion, transport gone) is reset; if it does not come back, the drive
 //! is dead and every request on it fails.
+//!
+//! Integrity: a namespace formatted with metadata (8 bytes or more a block, in a separate
+//! buffer) gets an integrity record ([`crate::integrity`]) in every block it is written: the
+//! drive keeps a metadata slot of its own DMA memory per command tag (at an IOVA above the
+//! pool's, never 0) that MPTR names; a write's records are computed from its data when it is
+//! cut into pieces, a read's are checked against the data when it completes. A block whose
+//! record disagrees fails the read with `STATUS_INTEGRITY` (a RAID device above then serves it
+//! from redundancy) and is counted ([`Drive::integrity_errors`]). Pieces are cut so that a
+//! command's metadata fits one slot.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use duplex_ipc::control::RateLimiter;
 use duplex_ipc::desc::{
-    STATUS_FENCED, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR,
+    STATUS_FENCED, STATUS_INTEGRITY, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR,
     STATUS_RESERVATION_CONFLICT, STATUS_WRITE_FAULT,
 };
 use duplex_ipc::pool::Pool;
@@ -29,6 +39,7 @@ use duplex_ipc::topology::{DriveTransport, VolumeSpec};
 
 use crate::bdev::{Io, Op as Kind};
 use crate::fence::{mark_fenced, Fence, FenceKey, NvmeReservations};
+use crate::integrity::{self, Verdict, RECORD_LEN};
 use crate::nvme::vfio_kernel::KernelVfio;
 use crate::nvme::vfio_user::VfioUser;
 use crate::nvme::{
@@ -47,6 +58,13 @@ const TIMEOUT_CHECK: Duration = Duration::from_millis(10);
 const MAX_PIECE: u64 = 1 << 20;
 /// Timeout of the vfio-user request/reply exchanges.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of one command's metadata slot.
+const MD_SLOT: usize = 4096;
+/// Metadata slots: one per command tag the I/O queue can hold, and the last for the
+/// synchronous commands.
+const MD_SLOTS: usize = 257;
+/// The synchronous commands' metadata slot.
+const MD_SYNC: usize = MD_SLOTS - 1;
 
 /// Errors bringing a drive up.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +122,32 @@ struct Piece {
     cmd: IoCmd,
     segs: Vec<Seg>,
     tries: u8,
+    /// Drives with metadata: a write's records, a read's data to check (the pool chunks and
+    /// the piece's first byte in them) and first LBA.
+    md: Option<Box<PieceMd>>,
+}
+
+/// A piece's integrity work.
+#[derive(Debug, Clone)]
+struct PieceMd {
+    lba: u64,
+    /// A write's metadata (`ms` bytes a block); empty for a read.
+    records: Vec<u8>,
+    /// A read's chunks and where the piece starts in them.
+    chunks: Vec<u32>,
+    from: u64,
+}
+
+/// A drive's metadata format and slots.
+#[derive(Debug)]
+struct MdArea {
+    /// Metadata bytes per block.
+    ms: usize,
+    /// The slots' memory ([`Controller::added_memory`] index).
+    mem: usize,
+    /// Blocks found bad so far.
+    errors: u64,
+    log: RateLimiter,
 }
 
 /// One drive.
@@ -130,6 +174,8 @@ pub struct Drive {
     /// This node's cluster reservation key (0: standalone): a Reservation Conflict then means
     /// the node was fenced ([`crate::fence::mark_fenced`]).
     fence_key: u64,
+    /// Namespaces with metadata: integrity records.
+    md: Option<MdArea>,
 }
 
 /// A piece (or a request's share of it) that finished.
@@ -220,10 +266,11 @@ impl Drive {
                 d.nsid, ns.block_size, spec.block_size
             )));
         }
-        if ns.metadata_size != 0 {
-            // Commands would need a metadata buffer this driver does not give yet.
+        if ns.metadata_size != 0
+            && (ns.metadata_extended || usize::from(ns.metadata_size) < RECORD_LEN)
+        {
             return Err(geometry(format!(
-                "namespace {} is formatted with {} bytes of metadata per block ({}): only formats without metadata are supported yet",
+                "namespace {} is formatted with {} bytes of metadata per block ({}): duplex needs a format without metadata or with at least {RECORD_LEN} bytes in a separate buffer",
                 d.nsid,
                 ns.metadata_size,
                 if ns.metadata_extended { "interleaved" } else { "separate buffer" }
@@ -245,10 +292,31 @@ impl Drive {
                 .map_err(|e| bad(format!("cannot join the cluster's reservation: {e}")))?;
         }
         let mdts = ctrl.identity().mdts_bytes;
-        let max_piece = if mdts == 0 {
+        let mut max_piece = if mdts == 0 {
             MAX_PIECE
         } else {
             mdts.min(MAX_PIECE)
+        };
+        let md = if ns.metadata_size == 0 {
+            None
+        } else {
+            // The slots sit above the pool in the drive's address space, 2 MiB aligned.
+            let ms = usize::from(ns.metadata_size);
+            let iova = (POOL_IOVA + pool.region().len() as u64).next_multiple_of(1 << 21);
+            let mem = DmaMem::create(
+                &format!("duplex-drive-md-{}", spec.name),
+                MD_SLOT * MD_SLOTS,
+                iova,
+            )
+            .map_err(|e| ctl(e.into()))?;
+            let mem = ctrl.add_memory(mem).map_err(ctl)?;
+            max_piece = max_piece.min((MD_SLOT / ms) as u64 * u64::from(ns.block_size));
+            Some(MdArea {
+                ms,
+                mem,
+                errors: 0,
+                log: RateLimiter::new(10, Duration::from_secs(10)),
+            })
         };
         tracing::info!(
             volume = %spec.name,
@@ -257,6 +325,7 @@ impl Drive {
             serial = %ctrl.identity().serial,
             blocks = ns.blocks,
             block_size = ns.block_size,
+            metadata = ns.metadata_size,
             "drive volume ready"
         );
         Ok(Self {
@@ -274,6 +343,7 @@ impl Drive {
             retries: 0,
             done: Vec::new(),
             fence_key: d.fence_key,
+            md,
         })
     }
 
@@ -312,7 +382,11 @@ impl Drive {
     /// disk heartbeat: a conflict there fences the node as any other would.
     pub fn write_sync(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
         let (lba, blocks) = self.sync_range(offset, data.len())?;
-        let cmd = IoCmd::write(self.nsid, lba, blocks, self.block_size, true);
+        let mut cmd = IoCmd::write(self.nsid, lba, blocks, self.block_size, true);
+        if self.md.is_some() {
+            let records = self.seal_slice(lba, data);
+            cmd.sqe.mptr = self.put_md(MD_SYNC, &records)?;
+        }
         let timeout = self.ctrl.timeout();
         let r = self.ctrl.exec_scratch(1, cmd, Some(data), None, timeout);
         self.sync_result(r)
@@ -321,10 +395,102 @@ impl Drive {
     /// Reads `out.len()` bytes (whole blocks, at most 64 KiB) at byte `offset`, waiting.
     pub fn read_sync(&mut self, offset: u64, out: &mut [u8]) -> Result<(), String> {
         let (lba, blocks) = self.sync_range(offset, out.len())?;
-        let cmd = IoCmd::read(self.nsid, lba, blocks, self.block_size);
+        let mut cmd = IoCmd::read(self.nsid, lba, blocks, self.block_size);
+        if self.md.is_some() {
+            cmd.sqe.mptr = self.md_iova(MD_SYNC)?;
+        }
         let timeout = self.ctrl.timeout();
-        let r = self.ctrl.exec_scratch(1, cmd, None, Some(out), timeout);
-        self.sync_result(r)
+        let r = self
+            .ctrl
+            .exec_scratch(1, cmd, None, Some(&mut *out), timeout);
+        self.sync_result(r)?;
+        if let Some(ms) = self.md.as_ref().map(|m| m.ms) {
+            let mut md = vec![0u8; ms * blocks as usize];
+            self.get_md(MD_SYNC, &mut md)?;
+            let bs = self.block_size as usize;
+            for (i, block) in out.chunks(bs).enumerate() {
+                let at = lba + i as u64;
+                if integrity::verify(at, block, md.get(i * ms..).unwrap_or(&[])) == Verdict::Bad {
+                    self.bad_block(at);
+                    return Err(format!("block {at} fails its integrity check"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The metadata of `data` (whole blocks) written from `lba`: a record a block.
+    fn seal_slice(&self, lba: u64, data: &[u8]) -> Vec<u8> {
+        let ms = self.md.as_ref().map_or(0, |m| m.ms);
+        let bs = self.block_size as usize;
+        let mut out = vec![0u8; ms * (data.len() / bs.max(1))];
+        for (i, block) in data.chunks(bs).enumerate() {
+            let r = integrity::seal(lba + i as u64, 0, block);
+            if let Some(dst) = out.get_mut(i * ms..i * ms + RECORD_LEN) {
+                dst.copy_from_slice(&r);
+            }
+        }
+        out
+    }
+
+    /// The device address of metadata slot `slot`.
+    fn md_iova(&self, slot: usize) -> Result<u64, String> {
+        let m = self.md.as_ref().ok_or("no metadata format")?;
+        let mem = self
+            .ctrl
+            .added_memory(m.mem)
+            .ok_or("the metadata slots are not mapped")?;
+        Ok(mem.iova_of(slot * MD_SLOT))
+    }
+
+    /// Puts `md` in slot `slot`; returns the slot's device address.
+    fn put_md(&self, slot: usize, md: &[u8]) -> Result<u64, String> {
+        let m = self.md.as_ref().ok_or("no metadata format")?;
+        let mem = self
+            .ctrl
+            .added_memory(m.mem)
+            .ok_or("the metadata slots are not mapped")?;
+        if md.len() > MD_SLOT {
+            return Err(format!("{} bytes of metadata do not fit a slot", md.len()));
+        }
+        mem.write(slot * MD_SLOT, md).map_err(|e| e.to_string())?;
+        Ok(mem.iova_of(slot * MD_SLOT))
+    }
+
+    /// Reads slot `slot` into `out`.
+    fn get_md(&self, slot: usize, out: &mut [u8]) -> Result<(), String> {
+        let m = self.md.as_ref().ok_or("no metadata format")?;
+        let mem = self
+            .ctrl
+            .added_memory(m.mem)
+            .ok_or("the metadata slots are not mapped")?;
+        mem.read(slot * MD_SLOT, out).map_err(|e| e.to_string())
+    }
+
+    /// Counts and logs a block that failed its check.
+    fn bad_block(&mut self, lba: u64) {
+        if let Some(m) = &mut self.md {
+            m.errors += 1;
+            if let Some(suppressed) = m.log.check(Instant::now()) {
+                tracing::warn!(
+                    drive = %self.name,
+                    lba,
+                    suppressed,
+                    errors = m.errors,
+                    "a block read from the drive fails its integrity check"
+                );
+            }
+        }
+    }
+
+    /// Blocks whose integrity check failed so far (0 without a metadata format).
+    pub fn integrity_errors(&self) -> u64 {
+        self.md.as_ref().map_or(0, |m| m.errors)
+    }
+
+    /// Metadata bytes per block (0: none, no integrity records).
+    pub fn metadata_size(&self) -> usize {
+        self.md.as_ref().map_or(0, |m| m.ms)
     }
 
     fn sync_range(&self, offset: u64, len: usize) -> Result<(u64, u32), String> {
@@ -392,17 +558,22 @@ impl Drive {
         let bs = u64::from(self.block_size);
         let lba = io.offset / bs;
         let mut count = 0u32;
-        let mut queue = |cmd: IoCmd, segs: Vec<Seg>, backlog: &mut VecDeque<Piece>| {
+        let ms = self.md.as_ref().map(|m| m.ms);
+        let mut queue = |cmd: IoCmd,
+                         segs: Vec<Seg>,
+                         md: Option<Box<PieceMd>>,
+                         backlog: &mut VecDeque<Piece>| {
             count += 1;
             backlog.push_back(Piece {
                 token,
                 cmd,
                 segs,
                 tries: 0,
+                md,
             });
         };
         match kind {
-            Kind::Flush => queue(IoCmd::flush(self.nsid), Vec::new(), &mut self.backlog),
+            Kind::Flush => queue(IoCmd::flush(self.nsid), Vec::new(), None, &mut self.backlog),
             Kind::Read | Kind::Write => {
                 let mut at = 0;
                 while at < len {
@@ -415,7 +586,19 @@ impl Drive {
                     };
                     let segs =
                         chain_segs(pool, chain, io.chain.skip + at, n).ok_or(STATUS_INTERNAL)?;
-                    queue(cmd, segs, &mut self.backlog);
+                    let md = match ms {
+                        None => None,
+                        Some(ms) => Some(Box::new(piece_md(
+                            pool,
+                            chain,
+                            io.chain.skip + at,
+                            lba + at / bs,
+                            blocks,
+                            self.block_size as usize,
+                            (kind == Kind::Write).then_some((ms, io.seq)),
+                        )?)),
+                    };
+                    queue(cmd, segs, md, &mut self.backlog);
                     at += n;
                 }
             }
@@ -431,7 +614,7 @@ impl Drive {
                     if fua {
                         cmd.sqe.cdw12 |= 1 << 30;
                     }
-                    queue(cmd, Vec::new(), &mut self.backlog);
+                    queue(cmd, Vec::new(), None, &mut self.backlog);
                     left -= n;
                     at += n;
                 }
@@ -442,7 +625,7 @@ impl Drive {
 
     /// Submits what waits, rings, polls completions, checks timeouts. Pieces that are done
     /// (for good: retries exhausted or success) go to `out`. Returns whether anything moved.
-    pub fn poll(&mut self, now: Instant, out: &mut Vec<Finished>) -> bool {
+    pub fn poll(&mut self, now: Instant, pool: &Pool, out: &mut Vec<Finished>) -> bool {
         let mut progress = false;
         if let Some(why) = &self.dead {
             // Fail whatever still waits.
@@ -466,7 +649,36 @@ impl Drive {
                     self.inflight.len() - 1
                 }
             };
-            match self.ctrl.submit(1, p.cmd, &p.segs, tag as u64) {
+            let mut cmd = p.cmd;
+            if let Some(md) = &p.md {
+                // `Err(None)`: more tags out than slots (the queue is full): wait.
+                let put = if tag >= MD_SYNC {
+                    Err(None)
+                } else if md.records.is_empty() {
+                    self.md_iova(tag).map_err(Some)
+                } else {
+                    self.put_md(tag, &md.records).map_err(Some)
+                };
+                match put {
+                    Ok(iova) => cmd.sqe.mptr = iova,
+                    Err(None) => {
+                        self.free_tags.push(tag);
+                        self.backlog.push_front(p);
+                        break;
+                    }
+                    Err(Some(e)) => {
+                        self.free_tags.push(tag);
+                        tracing::error!(drive = %self.name, error = %e, "cannot place a command's metadata");
+                        out.push(Finished {
+                            token: p.token,
+                            status: STATUS_INTERNAL,
+                        });
+                        progress = true;
+                        continue;
+                    }
+                }
+            }
+            match self.ctrl.submit(1, cmd, &p.segs, tag as u64) {
                 Ok(()) => {
                     self.inflight[tag] = Some(p);
                     submitted = true;
@@ -479,7 +691,7 @@ impl Drive {
                 Err(e) => {
                     self.free_tags.push(tag);
                     self.backlog.push_front(p);
-                    self.recover(&e.to_string(), out);
+                    self.recover(&e.to_string(), pool, out);
                     return true;
                 }
             }
@@ -487,34 +699,34 @@ impl Drive {
         if submitted {
             progress = true;
             if let Err(e) = self.ctrl.ring(1) {
-                self.recover(&e.to_string(), out);
+                self.recover(&e.to_string(), pool, out);
                 return true;
             }
         }
         let mut done = std::mem::take(&mut self.done);
         done.clear();
         if let Err(e) = self.ctrl.poll(1, &mut done) {
-            self.settle(&mut done, out);
-            self.recover(&e.to_string(), out);
+            self.settle(&mut done, pool, out);
+            self.recover(&e.to_string(), pool, out);
             return true;
         }
         if now.duration_since(self.last_check) >= TIMEOUT_CHECK {
             self.last_check = now;
             if let Err(e) = self.ctrl.check_timeouts(now, &mut done) {
-                self.settle(&mut done, out);
-                self.recover(&e.to_string(), out);
+                self.settle(&mut done, pool, out);
+                self.recover(&e.to_string(), pool, out);
                 return true;
             }
         }
         progress |= !done.is_empty();
-        self.settle(&mut done, out);
+        self.settle(&mut done, pool, out);
         self.done = done;
         progress
     }
 
     /// Accounts finished commands: success or a final error goes out, a retriable error goes
     /// back to the backlog.
-    fn settle(&mut self, done: &mut Vec<Done>, out: &mut Vec<Finished>) {
+    fn settle(&mut self, done: &mut Vec<Done>, pool: &Pool, out: &mut Vec<Finished>) {
         for d in done.drain(..) {
             let Some(p) = usize::try_from(d.tag)
                 .ok()
@@ -526,10 +738,18 @@ impl Drive {
             };
             self.free_tags.push(d.tag as usize);
             match d.result {
-                Ok(_) => out.push(Finished {
-                    token: p.token,
-                    status: 0,
-                }),
+                Ok(_) => {
+                    let status = match &p.md {
+                        Some(md) if !md.chunks.is_empty() => {
+                            self.check_read(d.tag as usize, &p, md, pool)
+                        }
+                        _ => 0,
+                    };
+                    out.push(Finished {
+                        token: p.token,
+                        status,
+                    });
+                }
                 Err(e) if e.retriable() && p.tries < RETRIES => {
                     tracing::warn!(drive = %self.name, error = %e, tries = p.tries + 1, "retrying a command");
                     self.retries += 1;
@@ -560,12 +780,44 @@ impl Drive {
         }
     }
 
+    /// Checks the blocks a read piece brought into the pool against the records in the
+    /// metadata slot of its tag: 0, or `STATUS_INTEGRITY` when any block is bad.
+    fn check_read(&mut self, tag: usize, p: &Piece, md: &PieceMd, pool: &Pool) -> u16 {
+        let Some(ms) = self.md.as_ref().map(|m| m.ms) else {
+            return 0;
+        };
+        let bs = self.block_size as usize;
+        let blocks = usize::try_from(p.cmd.len).unwrap_or(0) / bs.max(1);
+        let mut records = vec![0u8; ms * blocks];
+        if let Err(e) = self.get_md(tag, &mut records) {
+            tracing::error!(drive = %self.name, error = %e, "cannot read a command's metadata");
+            return STATUS_INTERNAL;
+        }
+        let mut block = vec![0u8; bs];
+        let mut status = 0;
+        for i in 0..blocks {
+            let at = usize::try_from(md.from)
+                .unwrap_or(usize::MAX)
+                .saturating_add(i * bs);
+            if pool.copy_out(&md.chunks, at, &mut block).is_err() {
+                return STATUS_INTERNAL;
+            }
+            let lba = md.lba + i as u64;
+            let record = records.get(i * ms..).unwrap_or(&[]);
+            if integrity::verify(lba, &block, record) == Verdict::Bad {
+                self.bad_block(lba);
+                status = STATUS_INTEGRITY;
+            }
+        }
+        status
+    }
+
     /// The controller failed: reset it; what was outstanding comes back (to retry or fail).
-    fn recover(&mut self, why: &str, out: &mut Vec<Finished>) {
+    fn recover(&mut self, why: &str, pool: &Pool, out: &mut Vec<Finished>) {
         tracing::error!(drive = %self.name, %why, "drive controller failed; resetting it");
         let mut done = Vec::new();
         let r = self.ctrl.reset(&mut done);
-        self.settle(&mut done, out);
+        self.settle(&mut done, pool, out);
         if let Err(e) = r {
             tracing::error!(drive = %self.name, error = %e, "drive lost: it did not come back from a reset");
             self.dead = Some(e.to_string());
@@ -585,6 +837,45 @@ impl Drive {
             }
         }
     }
+}
+
+/// A read or write piece's integrity work: a write's records (`seal`: the metadata size and
+/// the sequence number), sealed from its data now; a read's chunks to check later.
+fn piece_md(
+    pool: &Pool,
+    chain: &[u32],
+    from: u64,
+    lba: u64,
+    blocks: u32,
+    bs: usize,
+    seal: Option<(usize, u64)>,
+) -> Result<PieceMd, u16> {
+    let Some((ms, seq)) = seal else {
+        return Ok(PieceMd {
+            lba,
+            records: Vec::new(),
+            chunks: chain.to_vec(),
+            from,
+        });
+    };
+    let mut records = vec![0u8; ms * blocks as usize];
+    let mut block = vec![0u8; bs];
+    for i in 0..blocks as usize {
+        let at = usize::try_from(from).map_err(|_| STATUS_INTERNAL)? + i * bs;
+        pool.copy_out(chain, at, &mut block)
+            .map_err(|_| STATUS_INTERNAL)?;
+        let r = integrity::seal(lba + i as u64, seq, &block);
+        records
+            .get_mut(i * ms..i * ms + RECORD_LEN)
+            .ok_or(STATUS_INTERNAL)?
+            .copy_from_slice(&r);
+    }
+    Ok(PieceMd {
+        lba,
+        records,
+        chunks: Vec::new(),
+        from,
+    })
 }
 
 /// The descriptor status of a final command error.

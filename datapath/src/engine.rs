@@ -706,6 +706,8 @@ impl Engine {
                     held: d.held(),
                     member_of: None,
                     scrub: d.scrub_status(),
+                    integrity_errors: d.integrity_errors(),
+                    integrity: d.integrity_counts(),
                 }),
                 None if taken => {
                     let Some(&(root, Some(m))) = self.drive_loc.get(index) else {
@@ -716,6 +718,11 @@ impl Engine {
                         .get(root)
                         .and_then(Option::as_ref)
                         .and_then(|r| r.member_geometry(m));
+                    let integrity_errors = self
+                        .devices
+                        .get(root)
+                        .and_then(Option::as_ref)
+                        .map_or(0, |r| r.member_integrity_errors(m));
                     let (Some((block_size, size)), Some(raw)) =
                         (geometry, self.raw_maps.get(index))
                     else {
@@ -731,6 +738,8 @@ impl Engine {
                         held: 0,
                         member_of: Some((root, m)),
                         scrub: None,
+                        integrity_errors,
+                        integrity: Default::default(),
                     });
                 }
                 None => {}
@@ -1340,6 +1349,7 @@ impl Engine {
         let drive_loc = &self.drive_loc;
         let mut io = |device: usize, offset: u64, len: u64, skip: u64| {
             let io = Io {
+                seq: 0,
                 token,
                 op: cmd.kind,
                 offset,

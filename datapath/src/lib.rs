@@ -116,6 +116,7 @@ pub mod diskbeat;
 pub mod drives;
 mod engine;
 pub mod fence;
+pub mod integrity;
 pub mod map;
 mod mapped;
 pub mod nvme;

@@ -785,6 +785,12 @@ fn device_info(d: &DeviceStatus) -> wire::DeviceInfo {
             repaired: s.repaired,
             skipped: s.skipped,
         }),
+        integrity: wire::IntegrityInfo {
+            errors: d.integrity_errors,
+            recovered: d.integrity.recovered,
+            healed: d.integrity.healed,
+            unrecoverable: d.integrity.unrecoverable,
+        },
     }
 }
 

@@ -12,6 +12,7 @@
 //! | `{"op":"pull"}` / `{"op":"insert"}` | ports vanish / come back (data kept) | |
 //! | `{"op":"pull","port":N}` / `{"op":"insert","port":N}` | port N's cable pulled / plugged back (the drive and its other port go on) | |
 //! | `{"op":"flush"}` | destages the write cache | |
+//! | `{"op":"rot","lba":N,"bit":B}` | the medium rots: bit B of block N inverted, its metadata kept | |
 //!
 //! Every answer has `"ok": true`, or `"ok": false` and `"error"`. A line longer than
 //! [`MAX_LINE`] or that is not a request is answered with an error; the connection goes on.
@@ -65,6 +66,15 @@ pub enum Request {
     },
     /// Destage the write cache.
     Flush,
+    /// The medium rots: one bit of block `lba` inverted, its metadata unchanged
+    /// ([`crate::Drive::rot`]).
+    Rot {
+        /// The block.
+        lba: u64,
+        /// The bit within it.
+        #[serde(default)]
+        bit: u32,
+    },
 }
 
 /// Carries out one request.
@@ -128,6 +138,10 @@ pub fn handle(ports: &Mutex<Ports>, req: Request) -> Value {
         Request::Insert { port: Some(i) } => p.insert_port(i).map(|()| json!({})),
         Request::Flush => drive
             .destage()
+            .map(|()| json!({}))
+            .map_err(|e| e.to_string()),
+        Request::Rot { lba, bit } => drive
+            .rot(lba, bit)
             .map(|()| json!({}))
             .map_err(|e| e.to_string()),
     };

@@ -1202,6 +1202,27 @@ impl Drive {
         self.lock().preempts.iter().cloned().collect()
     }
 
+    /// The medium rots: bit `bit` (taken modulo the block size in bits) of block `lba` is
+    /// inverted where the block lives (its cached copy, or the file), its metadata left as it
+    /// was — what a drive returning silently corrupted data looks like to a host checking
+    /// records. A later write of the block replaces the rotten data.
+    pub fn rot(&self, lba: u64, bit: u32) -> Result<(), DriveError> {
+        if lba >= self.cfg.blocks {
+            return Err(DriveError::Config("LBA beyond the namespace".into()));
+        }
+        let mut st = self.lock();
+        let mut data = st.read_blocks(lba, 1)?;
+        let md = st.read_metadata(lba, 1)?;
+        let bits = data.len() as u64 * 8;
+        let b = u64::from(bit) % bits.max(1);
+        if let Some(byte) = data.get_mut(usize::try_from(b / 8).unwrap_or(0)) {
+            *byte ^= 1 << (b % 8);
+        }
+        let cached = st.cache.get(lba).is_some();
+        st.write_blocks_md(lba, &data, &md, !cached)?;
+        Ok(())
+    }
+
     /// Writes the cache to the file, as a Flush would (ignoring a lying-flush fault).
     pub fn destage(&self) -> Result<(), DriveError> {
         Ok(self.lock().destage()?)

@@ -388,6 +388,8 @@ pub struct DriveInfo {
     pub slot: u32,
     /// State.
     pub state: DriveState,
+    /// Blocks it returned that failed their integrity check.
+    pub integrity_errors: u64,
 }
 
 /// One pool.
@@ -425,6 +427,19 @@ pub struct PoolInfo {
     pub jobs: PoolJobs,
     /// Hot spares, by drive name (or UUID), at most [`MAX_SPARES`].
     pub spares: Vec<String>,
+    /// What integrity checking found and did.
+    pub integrity: PoolIntegrity,
+}
+
+/// A pool's integrity findings since the datapath started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolIntegrity {
+    /// Reads served from a good copy after a bad one.
+    pub recovered: u64,
+    /// Bad copies rewritten.
+    pub healed: u64,
+    /// Reads with no good copy.
+    pub unrecoverable: u64,
 }
 
 /// Most hot spares a pool lists.
@@ -1336,6 +1351,7 @@ fn write_drive(mut out: wire::drive_info::Builder<'_>, d: &DriveInfo) {
     out.set_pool(d.pool.as_str());
     out.set_slot(d.slot);
     out.set_state(d.state.into());
+    out.set_integrity_errors(d.integrity_errors);
 }
 
 fn read_drive(d: wire::drive_info::Reader<'_>) -> Result<DriveInfo, ControlError> {
@@ -1349,6 +1365,7 @@ fn read_drive(d: wire::drive_info::Reader<'_>) -> Result<DriveInfo, ControlError
         pool: text(d.get_pool(), "config.drives.pool", MAX_NAME_BYTES)?,
         slot: d.get_slot(),
         state: d.get_state().map_err(unknown("DriveState"))?.into(),
+        integrity_errors: d.get_integrity_errors(),
     })
 }
 
@@ -1381,6 +1398,9 @@ fn write_pool(mut out: wire::pool_info::Builder<'_>, p: &PoolInfo) {
     out.set_rebuild_checkpoint(p.jobs.rebuild_checkpoint);
     out.set_scrub_rate(p.jobs.scrub_rate);
     out.set_scrub_eta_ms(p.jobs.scrub_eta_ms);
+    out.set_integrity_recovered(p.integrity.recovered);
+    out.set_integrity_healed(p.integrity.healed);
+    out.set_integrity_unrecoverable(p.integrity.unrecoverable);
     let len = len_u32(p.spares.len());
     let mut spares = out.reborrow().init_spares(len);
     for (i, d) in (0..len).zip(&p.spares) {
@@ -1438,6 +1458,11 @@ fn read_pool(p: wire::pool_info::Reader<'_>) -> Result<PoolInfo, ControlError> {
             repaired: p.get_scrub_repaired(),
             skipped: p.get_scrub_skipped(),
         }),
+        integrity: PoolIntegrity {
+            recovered: p.get_integrity_recovered(),
+            healed: p.get_integrity_healed(),
+            unrecoverable: p.get_integrity_unrecoverable(),
+        },
         spares: {
             let list = p.get_spares().map_err(ControlError::Decode)?;
             bounded(list.len() as usize, "config.pools.spares", MAX_SPARES)?;
@@ -1826,12 +1851,18 @@ pub mod examples {
             pool: pool.into(),
             slot,
             state,
+            integrity_errors: u64::from(slot) * 3,
         }
     }
 
     /// A pool with `members` members.
     pub fn pool(name: &str, members: u32) -> PoolInfo {
         PoolInfo {
+            integrity: PoolIntegrity {
+                recovered: 5,
+                healed: 4,
+                unrecoverable: 1,
+            },
             name: name.into(),
             uuid: "0b1e5c7a-2f4d-4e8a-9c3b-5d6e7f809a1b".into(),
             raid: RaidLevel::Raid1,
@@ -1959,6 +1990,7 @@ pub mod examples {
                 pool: name('p'),
                 slot: u32::MAX,
                 state: DriveState::Rebuilding,
+                integrity_errors: u64::MAX,
             })
             .collect();
         let members_each = MAX_MEMBERS_PER_REPLY.div_ceil(MAX_POOLS);
@@ -1968,6 +2000,11 @@ pub mod examples {
                 let n = members_each.min(members_left);
                 members_left -= n;
                 PoolInfo {
+                    integrity: PoolIntegrity {
+                        recovered: u64::MAX,
+                        healed: u64::MAX,
+                        unrecoverable: u64::MAX,
+                    },
                     name: name('p'),
                     uuid: uuid.clone(),
                     raid: RaidLevel::Raid10,

@@ -78,5 +78,10 @@ pub const STATUS_NOT_MAPPED: u16 = 0x0303;
 pub const STATUS_WRITE_FAULT: u16 = 0x0280;
 /// Completion status: media error, unrecovered read error.
 pub const STATUS_READ_ERROR: u16 = 0x0281;
+/// Completion status: media error, end-to-end guard check error: a block's protection record
+/// (duplex's checksum of its data, LBA and write sequence) does not match what the drive
+/// returned. Inside the datapath a RAID device serves such a read from redundancy; a host sees
+/// it only where no good copy exists.
+pub const STATUS_INTEGRITY: u16 = 0x0282;
 /// Completion status: the request was consumed by an incarnation that died before completing it.
 pub const STATUS_ABORTED_BY_RESTART: u16 = 0x0107;

@@ -213,6 +213,22 @@ pub struct DeviceInfo {
     pub rebuild: Option<(u32, u64)>,
     /// A parity pool's scrub, now or last.
     pub scrub: Option<ScrubInfo>,
+    /// Integrity findings (see [`IntegrityInfo`]).
+    pub integrity: IntegrityInfo,
+}
+
+/// What integrity checking found on a device since the datapath started (counts above 2^32 - 1
+/// travel as 2^32 - 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntegrityInfo {
+    /// A drive: blocks it returned that failed their integrity check.
+    pub errors: u64,
+    /// A pool: reads served from a good copy after a bad one.
+    pub recovered: u64,
+    /// A pool: bad copies rewritten.
+    pub healed: u64,
+    /// A pool: reads with no good copy.
+    pub unrecoverable: u64,
 }
 
 /// A parity pool's scrub as the datapath reports it.
@@ -880,6 +896,11 @@ fn write_device(mut out: wire::device_info::Builder<'_>, d: &DeviceInfo) {
         out.set_scrub_repaired(s.repaired);
         out.set_scrub_skipped(s.skipped);
     }
+    let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    out.set_integrity_errors(sat(d.integrity.errors));
+    out.set_integrity_recovered(sat(d.integrity.recovered));
+    out.set_integrity_healed(sat(d.integrity.healed));
+    out.set_integrity_unrecoverable(sat(d.integrity.unrecoverable));
     let mut of = out.init_member_of();
     match d.member_of {
         None => of.set_none(()),
@@ -922,6 +943,12 @@ fn read_device(d: wire::device_info::Reader<'_>) -> Result<DeviceInfo, ControlEr
             repaired: d.get_scrub_repaired(),
             skipped: d.get_scrub_skipped(),
         }),
+        integrity: IntegrityInfo {
+            errors: d.get_integrity_errors().into(),
+            recovered: d.get_integrity_recovered().into(),
+            healed: d.get_integrity_healed().into(),
+            unrecoverable: d.get_integrity_unrecoverable().into(),
+        },
     })
 }
 
@@ -1417,6 +1444,12 @@ pub mod examples {
                 repaired: 2,
                 skipped: 1,
             }),
+            integrity: IntegrityInfo {
+                errors: u64::from(index / 2),
+                recovered: 4,
+                healed: 3,
+                unrecoverable: 1,
+            },
         }
     }
 

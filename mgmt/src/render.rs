@@ -7,7 +7,8 @@
 
 use duplex_ipc::admin::{NodeStatus, ServiceInfo};
 use duplex_ipc::config::{
-    ConfigRequest, Done, DriveInfo, DriveState, PoolInfo, PoolState, SubsystemInfo, VolumeInfo,
+    ConfigRequest, Done, DriveInfo, DriveState, PoolInfo, PoolIntegrity, PoolState, SubsystemInfo,
+    VolumeInfo,
 };
 use serde::Serialize;
 
@@ -272,10 +273,10 @@ fn or_dash(present: bool, text: impl FnOnce() -> String) -> String {
 
 /// The drive table for people.
 pub fn drives_table(drives: &[DriveInfo]) -> String {
-    const HEADER: [&str; 9] = [
-        "NAME", "STATE", "POOL", "SLOT", "SIZE", "BLOCK", "MODEL", "SERIAL", "ADDRESS",
+    const HEADER: [&str; 10] = [
+        "NAME", "STATE", "POOL", "SLOT", "CKSUM", "SIZE", "BLOCK", "MODEL", "SERIAL", "ADDRESS",
     ];
-    let rows: Vec<[String; 9]> = drives
+    let rows: Vec<[String; 10]> = drives
         .iter()
         .map(|d| {
             let seen = d.state != DriveState::Missing;
@@ -284,6 +285,7 @@ pub fn drives_table(drives: &[DriveInfo]) -> String {
                 d.state.name().into(),
                 or_dash(!d.pool.is_empty(), || printable(&d.pool)),
                 or_dash(!d.pool.is_empty(), || d.slot.to_string()),
+                or_dash(seen, || d.integrity_errors.to_string()),
                 or_dash(seen, || human_bytes(d.capacity_bytes)),
                 or_dash(seen && d.block_size != 0, || d.block_size.to_string()),
                 or_dash(!d.model.is_empty(), || printable(&d.model)),
@@ -417,6 +419,13 @@ pub fn pool_text(p: &PoolInfo) -> String {
                 percent_of(s.done_bytes),
             ));
         }
+    }
+    let i = p.integrity;
+    if i != PoolIntegrity::default() {
+        work.push_str(&format!(
+            " integrity: {} reads served from a good copy, {} bad copies rewritten, {} blocks with no good copy\n",
+            i.recovered, i.healed, i.unrecoverable
+        ));
     }
     if !p.spares.is_empty() {
         let names: Vec<String> = p.spares.iter().map(|d| printable(d)).collect();
@@ -877,18 +886,20 @@ mod tests {
         missing.model.clear();
         missing.serial.clear();
         missing.block_size = 0;
+        let mut bad = examples::drive("d0", "tank", 0, DriveState::Active);
+        bad.integrity_errors = 17;
         let table = drives_table(&[
-            examples::drive("d0", "tank", 0, DriveState::Active),
+            bad,
             examples::drive("d1\u{1b}", "", 0, DriveState::Free),
             missing,
         ]);
         assert_eq!(
             lines(&table),
             [
-                "NAME  STATE    POOL  SLOT  SIZE  BLOCK  MODEL             SERIAL   ADDRESS",
-                "d0    active   tank  0     1G    4096   duplex-drive-sim  SIM-d0   vfio-user:drives/d0-a.sock",
-                "d1?   free     -     -     1G    4096   duplex-drive-sim  SIM-d1?  vfio-user:drives/d1?-a.sock",
-                "d9    missing  tank  3     -     -      -                 -        -",
+                "NAME  STATE    POOL  SLOT  CKSUM  SIZE  BLOCK  MODEL             SERIAL   ADDRESS",
+                "d0    active   tank  0     17     1G    4096   duplex-drive-sim  SIM-d0   vfio-user:drives/d0-a.sock",
+                "d1?   free     -     -     0      1G    4096   duplex-drive-sim  SIM-d1?  vfio-user:drives/d1?-a.sock",
+                "d9    missing  tank  3     -      -     -      -                 -        -",
             ]
         );
     }
@@ -923,6 +934,7 @@ mod tests {
                 "  raid: raid1, chunk 64K",
                 "  size: 1G (256M allocated, 768M free, 25% used)",
                 " owner: node 1 (epoch 3, generation 42)",
+                " integrity: 5 reads served from a good copy, 4 bad copies rewritten, 1 blocks with no good copy",
                 "",
                 "  SLOT  DRIVE  STATE   DRIVE-UUID",
                 "  0     d0     active  6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e00",
@@ -955,8 +967,9 @@ mod tests {
             l[11], "         rate not measured yet (rate: auto, yields to host I/O)",
             "{text}"
         );
-        assert_eq!(l[12], " spares: d9", "{text}");
-        assert_eq!(l[13], "", "{text}");
+        assert!(l[12].starts_with(" integrity: 5 reads"), "{text}");
+        assert_eq!(l[13], " spares: d9", "{text}");
+        assert_eq!(l[14], "", "{text}");
         // On a terminal, a bar; an operator's rate is said.
         set_progress_bars(true);
         let mut p = examples::pool("tank", 3);

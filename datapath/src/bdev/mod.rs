@@ -45,7 +45,7 @@ pub use file::FileBdev;
 pub use missing::MissingBdev;
 pub use nvme::NvmeBdev;
 pub use parity::{JournalSpec, ParityBdev, ScrubStatus, WINDOW as PARITY_WINDOW};
-pub use raid::{MemberState, RaidBdev, RaidError, RaidLevel};
+pub use raid::{IntegrityCounts, MemberState, RaidBdev, RaidError, RaidLevel};
 
 pub use crate::request::Kind as Op;
 
@@ -88,6 +88,10 @@ pub struct Io {
     pub fua: bool,
     /// The data of a read or write.
     pub chain: ChainRef,
+    /// A write's sequence number, stamped into the blocks' integrity records by drives with
+    /// metadata (`crate::integrity`); RAID devices give both copies of a block the same one.
+    /// 0: none given (the record then carries 1).
+    pub seq: u64,
 }
 
 /// The end of one I/O.
@@ -302,6 +306,19 @@ pub trait Bdev: Debug + Send {
     /// Retried commands (NVMe leaves; composite devices sum their members).
     fn retries(&self) -> u64 {
         0
+    }
+    /// Blocks this device returned that failed their integrity check (NVMe drives formatted
+    /// with metadata; 0 for the rest).
+    fn integrity_errors(&self) -> u64 {
+        0
+    }
+    /// Member `i`'s [`Bdev::integrity_errors`] (composite devices).
+    fn member_integrity_errors(&self, _i: usize) -> u64 {
+        0
+    }
+    /// What a RAID device's integrity handling did (zeroes for the rest).
+    fn integrity_counts(&self) -> IntegrityCounts {
+        IntegrityCounts::default()
     }
     /// Block size and size of member `i` (composite devices).
     fn member_geometry(&self, _i: usize) -> Option<(u32, u64)> {

@@ -113,7 +113,7 @@ impl Bdev for NvmeBdev {
         out.append(&mut self.ready);
         let mut finished = std::mem::take(&mut self.finished);
         finished.clear();
-        progress |= self.drive.poll(ctx.now, &mut finished);
+        progress |= self.drive.poll(ctx.now, ctx.pool, &mut finished);
         for f in &finished {
             let Some(i) = usize::try_from(f.token).ok() else {
                 continue;
@@ -153,5 +153,9 @@ impl Bdev for NvmeBdev {
 
     fn retries(&self) -> u64 {
         self.drive.retries()
+    }
+
+    fn integrity_errors(&self) -> u64 {
+        self.drive.integrity_errors()
     }
 }

@@ -792,6 +792,7 @@ impl ParityBdev {
                 continue;
             };
             let io = Io {
+                seq: 0,
                 token: 0,
                 op: Op::Read,
                 offset: self.member_offset(stripe, a),
@@ -916,6 +917,7 @@ impl ParityBdev {
                 writes.push((
                     geo.member(stripe, c),
                     Io {
+                        seq: 0,
                         token: 0,
                         op: Op::Write,
                         offset: self.member_offset(stripe, lo),
@@ -953,6 +955,7 @@ impl ParityBdev {
                 .copy_in(ctx.scratch.chain(id), at, bytes)
                 .map_err(|_| STATUS_INTERNAL)?;
             let io = Io {
+                seq: 0,
                 token: 0,
                 op: Op::Write,
                 offset: self.member_offset(stripe, lo),
@@ -1068,6 +1071,7 @@ impl ParityBdev {
             writes.push((
                 geo.member(stripe, piece.col),
                 Io {
+                    seq: 0,
                     token: 0,
                     op: op.op,
                     offset: self.member_offset(stripe, piece.a),
@@ -1085,6 +1089,7 @@ impl ParityBdev {
                 writes.push((
                     geo.member(stripe, c),
                     Io {
+                        seq: 0,
                         token: 0,
                         op: Op::Write,
                         offset: self.member_offset(stripe, lo),
@@ -1222,6 +1227,7 @@ impl ParityBdev {
         }
         for (member, offset) in at {
             let io = Io {
+                seq: 0,
                 token: 0,
                 op: Op::Write,
                 offset,
@@ -1372,6 +1378,7 @@ impl ParityBdev {
                 self.task_io(
                     m,
                     Io {
+                        seq: 0,
                         token: 0,
                         op: Op::Flush,
                         offset: 0,
@@ -1425,6 +1432,7 @@ impl ParityBdev {
                 self.task_io(
                     m,
                     Io {
+                        seq: 0,
                         token: 0,
                         op: Op::Read,
                         offset,
@@ -1549,6 +1557,7 @@ impl ParityBdev {
                         self.task_io(
                             m,
                             Io {
+                                seq: 0,
                                 token: 0,
                                 op: Op::Write,
                                 offset: spec.offset,
@@ -1601,6 +1610,7 @@ impl ParityBdev {
         self.task_io(
             m,
             Io {
+                seq: 0,
                 token: 0,
                 op: Op::Read,
                 offset: spec.offset + at,
@@ -1706,6 +1716,7 @@ impl ParityBdev {
             self.task_io(
                 member,
                 Io {
+                    seq: 0,
                     token: 0,
                     op: Op::Write,
                     offset,
@@ -1993,6 +2004,7 @@ impl ParityBdev {
             .and_then(Option::as_ref)
             .map_or(0, |p| p.chain);
         let io = Io {
+            seq: 0,
             token: 0,
             op: Op::Read,
             offset: 0,

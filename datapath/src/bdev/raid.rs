@@ -22,12 +22,23 @@
 //! errors fail the I/O instead, and so do a RAID 0 member's. Reservation Conflict is not a
 //! drive failure but this node being fenced off the drives: it fails the I/O and fails no
 //! member.
+//!
+//! Integrity (members on drives with integrity records, `crate::integrity`): every write gets
+//! the device's next sequence number, the same on every copy. A read that a member fails with
+//! `STATUS_INTEGRITY` (its data does not match its record) does not fail the member: it is
+//! retried on another copy, and when one answers good, that data is written back to the copies
+//! that were bad (a *heal*; the parent completes after it) — unless a host write of the range is
+//! in flight, which rewrites every copy anyway. A host write that overlaps a heal in flight
+//! waits for it, so a heal never lands over newer data. With no good copy left the read fails
+//! with `STATUS_INTEGRITY` (a media error to the host, never wrong data).
 
 use std::os::fd::BorrowedFd;
 
+use std::collections::VecDeque;
+
 use duplex_ipc::desc::{
-    STATUS_FENCED, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_RESERVATION_CONFLICT,
-    STATUS_SUCCESS,
+    STATUS_FENCED, STATUS_INTEGRITY, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE,
+    STATUS_RESERVATION_CONFLICT, STATUS_SUCCESS,
 };
 
 use super::{in_range, Attach, Bdev, BdevBox, Ctx, Done, Event, Io, Op};
@@ -99,6 +110,9 @@ struct Parent {
     op: Op,
     outstanding: u32,
     status: u16,
+    /// The device range (for heals and the writes that must not cross them).
+    offset: u64,
+    len: u64,
 }
 
 /// One member I/O.
@@ -112,6 +126,10 @@ struct Child {
     tried: u64,
     /// Raw access to the member (no redundancy, no failure handling).
     raw: bool,
+    /// Members of the set this read found bad (integrity), to heal once a copy reads good.
+    bad: u64,
+    /// A heal: the write of good data over a bad copy (its failure fails no parent).
+    heal: bool,
 }
 
 /// RAID 0, 1 or 10 over block devices. See the module docs.
@@ -139,6 +157,38 @@ pub struct RaidBdev {
     unrecorded: u64,
     /// Completions held until then.
     held: Vec<Done>,
+    /// The sequence number the next write gets.
+    next_seq: u64,
+    /// Heals in flight: (parent, device offset, length).
+    healing: Vec<(usize, u64, u64)>,
+    /// Host writes waiting for a heal of their range to end.
+    deferred: VecDeque<Io>,
+    /// Blocks read bad and served from another copy, heals written, heals skipped because a
+    /// host write of the range was in flight.
+    integrity: IntegrityCounts,
+}
+
+/// What a RAID device's integrity handling did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntegrityCounts {
+    /// Member reads that failed their integrity check.
+    pub bad_reads: u64,
+    /// Of those, served from another copy.
+    pub recovered: u64,
+    /// Heal writes that completed.
+    pub healed: u64,
+    /// Heals not written because a host write of the range was in flight.
+    pub heal_skipped: u64,
+    /// Reads with no good copy (failed to the caller).
+    pub unrecoverable: u64,
+}
+
+fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
+    a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
+fn writes_data(op: Op) -> bool {
+    matches!(op, Op::Write | Op::WriteZeroes | Op::Deallocate)
 }
 
 impl RaidBdev {
@@ -187,7 +237,23 @@ impl RaidBdev {
             hold_until_recorded: false,
             unrecorded: 0,
             held: Vec::new(),
+            next_seq: 1,
+            healing: Vec::new(),
+            deferred: VecDeque::new(),
+            integrity: IntegrityCounts::default(),
         })
+    }
+
+    /// Starts the write sequence numbers at `seq` (the pool's committed high-water mark, so
+    /// that they never repeat across restarts and owners).
+    pub fn with_seq(mut self, seq: u64) -> Self {
+        self.next_seq = seq.max(1);
+        self
+    }
+
+    /// What the integrity handling did so far.
+    pub fn integrity_counts(&self) -> IntegrityCounts {
+        self.integrity
     }
 
     /// Holds write and flush completions after a member fails until
@@ -311,12 +377,14 @@ impl RaidBdev {
             .any(|&m| m != except && self.members[m].state == MemberState::Active)
     }
 
-    fn new_parent(&mut self, token: u64, op: Op) -> usize {
+    fn new_parent(&mut self, token: u64, op: Op, offset: u64, len: u64) -> usize {
         let p = Parent {
             token,
             op,
             outstanding: 0,
             status: STATUS_SUCCESS,
+            offset,
+            len,
         };
         match self.free_parents.pop() {
             Some(i) => {
@@ -421,6 +489,53 @@ impl RaidBdev {
             return;
         };
         self.free_children.push(d.token as usize);
+        if c.heal {
+            if let Some(i) = self.healing.iter().position(|h| h.0 == c.parent) {
+                self.healing.swap_remove(i);
+            }
+            if d.status == STATUS_SUCCESS {
+                self.integrity.healed += 1;
+                tracing::info!(raid = %self.name, member = c.member, device = self.members[c.member].dev.name(), offset = c.io.offset, len = c.io.len, "bad copy rewritten from a good one");
+            } else {
+                // The copy stays bad; a member that cannot take a write has failed.
+                self.fail_member(c.member, c.set, d.status, ctx);
+            }
+            self.settle(c.parent);
+            return;
+        }
+        if d.status == STATUS_SUCCESS && c.bad != 0 && !c.raw {
+            self.integrity.recovered += 1;
+            self.heal(&c, ctx);
+        }
+        if d.status == STATUS_INTEGRITY && c.io.op == Op::Read && !c.raw {
+            // The member answered with data its record disowns: not a failed member; another
+            // copy may hold the good data.
+            self.integrity.bad_reads += 1;
+            let tried = c.tried | 1 << c.member;
+            let next = self.sets[c.set]
+                .iter()
+                .copied()
+                .find(|&m| tried & 1 << m == 0 && self.members[m].state == MemberState::Active);
+            if let Some(m) = next {
+                ctx.stats.read_retries += 1;
+                tracing::warn!(raid = %self.name, from = c.member, to = m, offset = c.io.offset, "bad data: read retried on another copy");
+                self.send(
+                    Child {
+                        member: m,
+                        tried,
+                        bad: c.bad | 1 << c.member,
+                        ..c
+                    },
+                    ctx,
+                );
+            } else {
+                self.integrity.unrecoverable += 1;
+                tracing::error!(raid = %self.name, offset = c.io.offset, len = c.io.len, "no copy of the data reads good: the read fails");
+                self.fail_parent(c.parent, STATUS_INTEGRITY);
+            }
+            self.settle(c.parent);
+            return;
+        }
         if d.status == STATUS_SUCCESS || c.raw {
             if d.status != STATUS_SUCCESS {
                 self.fail_parent(c.parent, d.status);
@@ -463,6 +578,64 @@ impl RaidBdev {
     }
 }
 
+impl RaidBdev {
+    /// A read `c` answered good after copies in `c.bad` answered bad: writes its data (in the
+    /// parent's chain) over those copies, unless a host write of the range is in flight.
+    fn heal(&mut self, c: &Child, ctx: &mut Ctx<'_>) {
+        let Some(parent) = self.parents.get(c.parent).and_then(|p| *p) else {
+            return;
+        };
+        let overwritten = self
+            .parents
+            .iter()
+            .flatten()
+            .any(|p| writes_data(p.op) && overlaps(p.offset, p.len, parent.offset, parent.len));
+        if overwritten {
+            self.integrity.heal_skipped += 1;
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        for k in 0..self.sets[c.set].len() {
+            let m = self.sets[c.set][k];
+            if c.bad & 1 << m == 0 || self.members[m].state != MemberState::Active {
+                continue;
+            }
+            self.healing.push((c.parent, parent.offset, parent.len));
+            self.send(
+                Child {
+                    member: m,
+                    io: Io {
+                        op: Op::Write,
+                        fua: true,
+                        seq,
+                        ..c.io
+                    },
+                    tried: 0,
+                    bad: 0,
+                    heal: true,
+                    ..*c
+                },
+                ctx,
+            );
+        }
+    }
+
+    /// Submits the deferred host writes whose ranges no heal holds any more.
+    fn release_deferred(&mut self, ctx: &mut Ctx<'_>) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        for _ in 0..self.deferred.len() {
+            let Some(io) = self.deferred.pop_front() else {
+                break;
+            };
+            // `submit` defers it again if a heal still holds its range.
+            self.submit(io, ctx);
+        }
+    }
+}
+
 impl Bdev for RaidBdev {
     fn name(&self) -> &str {
         &self.name
@@ -496,7 +669,21 @@ impl Bdev for RaidBdev {
             });
             return;
         }
-        let p = self.new_parent(io.token, io.op);
+        if writes_data(io.op)
+            && self
+                .healing
+                .iter()
+                .any(|&(_, o, l)| overlaps(o, l, io.offset, io.len))
+        {
+            self.deferred.push_back(io);
+            return;
+        }
+        let mut io = io;
+        if writes_data(io.op) {
+            io.seq = self.next_seq;
+            self.next_seq += 1;
+        }
+        let p = self.new_parent(io.token, io.op, io.offset, io.len);
         // The parent holds one count of its own while its pieces go out, so that a member
         // completing at once cannot end it early.
         if let Some(parent) = self.parents[p].as_mut() {
@@ -514,6 +701,8 @@ impl Bdev for RaidBdev {
                             io,
                             tried: 0,
                             raw: false,
+                            bad: 0,
+                            heal: false,
                         },
                         ctx,
                     );
@@ -573,6 +762,8 @@ impl Bdev for RaidBdev {
                         io: piece,
                         tried: 0,
                         raw: false,
+                        bad: 0,
+                        heal: false,
                     },
                     ctx,
                 );
@@ -605,6 +796,7 @@ impl Bdev for RaidBdev {
             }
         }
         self.scratch = scratch;
+        self.release_deferred(ctx);
         progress |= !self.ready.is_empty();
         out.append(&mut self.ready);
         progress
@@ -615,11 +807,22 @@ impl Bdev for RaidBdev {
     }
 
     fn inflight(&self) -> usize {
-        self.parents.iter().filter(|p| p.is_some()).count() + self.ready.len() + self.held.len()
+        self.parents.iter().filter(|p| p.is_some()).count()
+            + self.ready.len()
+            + self.held.len()
+            + self.deferred.len()
     }
 
     fn retries(&self) -> u64 {
         self.members.iter().map(|m| m.dev.retries()).sum()
+    }
+
+    fn member_integrity_errors(&self, i: usize) -> u64 {
+        self.members.get(i).map_or(0, |m| m.dev.integrity_errors())
+    }
+
+    fn integrity_counts(&self) -> IntegrityCounts {
+        self.integrity
     }
 
     fn member_geometry(&self, i: usize) -> Option<(u32, u64)> {
@@ -632,7 +835,7 @@ impl Bdev for RaidBdev {
         if i >= self.members.len() {
             return Err(io);
         }
-        let p = self.new_parent(io.token, Op::Read);
+        let p = self.new_parent(io.token, Op::Read, 0, 0);
         if let Some(parent) = self.parents[p].as_mut() {
             parent.outstanding = 1;
         }
@@ -645,6 +848,8 @@ impl Bdev for RaidBdev {
                 io,
                 tried: 0,
                 raw: true,
+                bad: 0,
+                heal: false,
             },
             ctx,
         );

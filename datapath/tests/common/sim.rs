@@ -28,6 +28,11 @@ pub struct SimDrive {
 
 /// A 16 MiB simulated drive with a volatile write cache.
 pub fn sim_drive() -> SimDrive {
+    sim_drive_with_metadata(0)
+}
+
+/// [`sim_drive`] formatted with `metadata` bytes of metadata a block (separate buffer).
+pub fn sim_drive_with_metadata(metadata: u16) -> SimDrive {
     let dir = tempfile::tempdir().unwrap();
     let file = tempfile::tempfile_in(dir.path()).unwrap();
     let drive = Drive::open(
@@ -36,6 +41,7 @@ pub fn sim_drive() -> SimDrive {
             block_size: BS,
             blocks: (16 << 20) / u64::from(BS),
             cache_blocks: 1 << 12,
+            metadata_size: metadata,
             ..DriveConfig::default()
         },
     )

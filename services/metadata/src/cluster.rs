@@ -22,8 +22,8 @@ use std::hash::{BuildHasher, Hasher};
 
 use duplex_ipc::config::{
     ConfigErrorKind, ConfigReply, ConfigRequest, DriveInfo, DriveState, Export, NamespaceInfo,
-    PoolInfo, PoolJobs, PoolMember as PoolMemberInfo, PoolScrub, PoolState, SubsystemInfo,
-    VolumeInfo,
+    PoolInfo, PoolIntegrity, PoolJobs, PoolMember as PoolMemberInfo, PoolScrub, PoolState,
+    SubsystemInfo, VolumeInfo,
 };
 use duplex_ipc::exports::{
     AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, MAX_ANA_GROUP,
@@ -142,6 +142,11 @@ pub trait Publisher {
     /// Long work at the datapath: per pool device, the member being rebuilt `(slot, bytes
     /// done)` and the scrub now or last.
     fn progress(&mut self) -> Vec<Progress> {
+        Vec::new()
+    }
+    /// Integrity findings at the datapath, per device index (drives: blocks read bad; pools:
+    /// recovered, healed, unrecoverable); devices with nothing to say may be left out.
+    fn integrity(&mut self) -> Vec<(u32, duplex_ipc::maps::IntegrityInfo)> {
         Vec::new()
     }
     /// Whether each member of pool device `device` is active at the datapath (a rebuilt
@@ -1156,7 +1161,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     /// Answers one request. See the module docs.
     pub fn handle(&mut self, req: ConfigRequest) -> ConfigReply {
         match req {
-            ConfigRequest::ListDrives => ConfigReply::Drives(self.drive_infos()),
+            ConfigRequest::ListDrives => {
+                let integrity = self.publisher.integrity();
+                ConfigReply::Drives(self.drive_infos(&integrity))
+            }
             ConfigRequest::ListPools => {
                 let progress = self.progress();
                 ConfigReply::Pools(self.pool_infos(&progress))
@@ -1988,7 +1996,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         self.publisher.failures_recorded(device, &[member])
     }
 
-    fn drive_infos(&self) -> Vec<DriveInfo> {
+    fn drive_infos(&self, integrity: &[(u32, duplex_ipc::maps::IntegrityInfo)]) -> Vec<DriveInfo> {
         let mut out: Vec<DriveInfo> = self
             .drives
             .iter()
@@ -2002,6 +2010,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 pool: d.pool.clone(),
                 slot: d.slot,
                 state: d.state,
+                integrity_errors: integrity
+                    .iter()
+                    .find(|x| x.0 == d.id)
+                    .map_or(0, |x| x.1.errors),
             })
             .collect();
         for p in &self.pools {
@@ -2022,6 +2034,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                         pool: cfg.pool.name.clone(),
                         slot: slot as u32,
                         state: DriveState::Missing,
+                        integrity_errors: 0,
                     });
                 }
             }
@@ -2031,6 +2044,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
 
     fn pool_infos(&mut self, progress: &[Progress]) -> Vec<PoolInfo> {
         let jobs = self.publisher.jobs();
+        let integrity = self.publisher.integrity();
         let rates: Vec<u64> = self
             .pools
             .iter()
@@ -2096,6 +2110,15 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     scrub: at.and_then(|a| a.2),
                     jobs: pool_jobs(p.device, &jobs, rates[idx]),
                     spares: cfg.spares.iter().map(|u| self.spare_name(u)).collect(),
+                    integrity: p
+                        .device
+                        .and_then(|d| integrity.iter().find(|x| x.0 == d))
+                        .map(|x| PoolIntegrity {
+                            recovered: x.1.recovered,
+                            healed: x.1.healed,
+                            unrecoverable: x.1.unrecoverable,
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .chain(self.peer_pools.iter().map(|p| self.peer_pool_info(p)))
@@ -2149,6 +2172,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             scrub: None,
             jobs: PoolJobs::default(),
             spares: cfg.spares.iter().map(|u| self.spare_name(u)).collect(),
+            integrity: PoolIntegrity::default(),
         }
     }
 

@@ -203,6 +203,20 @@ impl Publisher for ServicePublisher {
         }
     }
 
+    fn integrity(&mut self) -> Vec<(u32, maps::IntegrityInfo)> {
+        match self.maps.list_devices(MAPS_TIMEOUT) {
+            Ok(list) => list
+                .iter()
+                .filter(|d| d.integrity != maps::IntegrityInfo::default())
+                .map(|d| (d.index, d.integrity))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the datapath's integrity counts");
+                Vec::new()
+            }
+        }
+    }
+
     fn active_members(&mut self, device: u32) -> Result<Vec<bool>, String> {
         let list = self
             .maps

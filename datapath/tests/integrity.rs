@@ -1,0 +1,235 @@
+//! End-to-end integrity on drives formatted with metadata (`duplex-drive-sim --metadata`):
+//! every block written through the datapath carries a record the drive stores beside it; a
+//! block whose data the drive returns changed fails its check. On a raw drive that is a media
+//! error; under a mirror the read is served from the good copy and the bad copy rewritten; when
+//! every copy is bad the read fails, never returning wrong data.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::sim::{raw_node, sim_drive_with_metadata, SimDrive, BS};
+use common::{pattern, Node};
+use duplex_datapath::bdev::{MemberState, RaidLevel};
+use duplex_datapath::control::PoolSpec;
+use duplex_datapath::map::{Extent, VolumeMap};
+use duplex_drive_sim::Fault;
+use duplex_ipc::desc::{STATUS_INTEGRITY, STATUS_SUCCESS};
+
+const DATA_OFFSET: u64 = 1 << 20;
+const DATA_LEN: u64 = 8 << 20;
+/// Blocks per I/O.
+const IO_BLOCKS: u32 = 4;
+
+fn payload(i: u64) -> Vec<u8> {
+    pattern(i.wrapping_mul(0x9E37) + 11, (IO_BLOCKS * BS) as usize)
+}
+
+fn mirror(node: &mut Node) -> usize {
+    let ctl = node.control.clone();
+    let pool = ctl
+        .publish_pool(
+            1,
+            PoolSpec {
+                name: "pool0".into(),
+                level: RaidLevel::Raid1,
+                chunk: 64 << 10,
+                data_offset: DATA_OFFSET,
+                data_len: DATA_LEN,
+                drives: vec![0, 1],
+                states: vec![],
+                hold_until_recorded: false,
+                journal: None,
+            },
+        )
+        .unwrap();
+    let blocks = DATA_LEN / u64::from(BS);
+    ctl.publish_volumes(
+        1,
+        vec![VolumeMap {
+            id: 1,
+            name: "vol1".into(),
+            block_size: BS,
+            blocks,
+            extents: vec![Extent {
+                start: 0,
+                blocks,
+                device: pool,
+                device_offset: 0,
+            }],
+        }],
+    )
+    .unwrap();
+    node.fabric[0].block_sizes.insert(1, BS);
+    pool
+}
+
+/// The member LBA of volume block `b` (a one-set mirror: the data area from DATA_OFFSET).
+fn member_lba(b: u64) -> u64 {
+    DATA_OFFSET / u64::from(BS) + b
+}
+
+fn write_all(node: &mut Node, n: u64) {
+    for i in 0..n {
+        let d = node.fabric[0].write_sync(1, i * u64::from(IO_BLOCKS), &payload(i), 0);
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "write {i}");
+    }
+}
+
+/// Reads every write back: each must be right (or, where `bad` says, fail with an integrity
+/// error); returns how many failed.
+fn read_all(node: &mut Node, n: u64, bad: impl Fn(u64) -> bool) -> u64 {
+    let mut failed = 0;
+    for i in 0..n {
+        let d = node.fabric[0].read_sync(1, i * u64::from(IO_BLOCKS), IO_BLOCKS);
+        if bad(i) {
+            assert_eq!(d.desc.status, STATUS_INTEGRITY, "read {i} should fail");
+            failed += 1;
+        } else {
+            assert_eq!(d.desc.status, STATUS_SUCCESS, "read {i}");
+            assert!(
+                d.data.as_deref() == Some(&payload(i)[..]),
+                "read {i} returned wrong data"
+            );
+        }
+    }
+    failed
+}
+
+fn drive_errors(node: &Node, id: usize) -> u64 {
+    let devices = node.control.devices().unwrap();
+    devices
+        .iter()
+        .find(|d| d.index == id)
+        .map(|d| d.integrity_errors)
+        .unwrap()
+}
+
+#[test]
+fn a_raw_drive_with_metadata_returns_a_media_error_for_a_rotten_block_never_its_data() {
+    let drives: Vec<SimDrive> = (0..1).map(|_| sim_drive_with_metadata(8)).collect();
+    let mut node = raw_node(&drives);
+    let data = pattern(5, 8 * BS as usize);
+    let d = node.fabric[1].write_sync(0, 100, &data, 0);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    let d = node.fabric[1].read_sync(0, 100, 8);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    assert!(d.data.as_deref() == Some(&data[..]));
+    assert_eq!(drive_errors(&node, 0), 0);
+    drives[0].drive.rot(103, 77).unwrap();
+    let d = node.fabric[1].read_sync(0, 100, 8);
+    assert_eq!(d.desc.status, STATUS_INTEGRITY);
+    assert_eq!(drive_errors(&node, 0), 1);
+    // The blocks around it are fine; a rewrite cures it.
+    let d = node.fabric[1].read_sync(0, 100, 3);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    let d = node.fabric[1].write_sync(0, 103, &data[3 * BS as usize..4 * BS as usize], 0);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    let d = node.fabric[1].read_sync(0, 100, 8);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    assert!(d.data.as_deref() == Some(&data[..]));
+    // Blocks never written through duplex (no record) read as they are.
+    let d = node.fabric[1].read_sync(0, 3000, 2);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    let stats = node.stop();
+    assert_eq!(stats.errors, 1, "{stats:?}");
+}
+
+#[test]
+fn a_mirror_serves_rotten_blocks_from_the_good_copy_and_rewrites_the_bad_one() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(8)).collect();
+    let mut node = raw_node(&drives);
+    let pool = mirror(&mut node);
+    let n = 64;
+    write_all(&mut node, n);
+    // Rot one block of every fourth write, on alternate members, with different bits.
+    let rotten: Vec<(usize, u64)> = (0..n)
+        .step_by(4)
+        .map(|i| ((i / 4 % 2) as usize, i * u64::from(IO_BLOCKS) + i % 4))
+        .collect();
+    for &(m, b) in &rotten {
+        drives[m]
+            .drive
+            .rot(member_lba(b), (b * 131) as u32)
+            .unwrap();
+    }
+    // Every read returns the right data, twice over: reads alternate between the copies, and
+    // the extra read in between makes the second pass read each write from the other copy.
+    assert_eq!(read_all(&mut node, n, |_| false), 0);
+    assert_eq!(read_all(&mut node, 1, |_| false), 0);
+    assert_eq!(read_all(&mut node, n, |_| false), 0);
+    let status = node.control.status().unwrap();
+    let me = status.iter().find(|d| d.index == pool).unwrap();
+    assert_eq!(
+        me.members,
+        vec![MemberState::Active, MemberState::Active],
+        "no member failed"
+    );
+    let found = drive_errors(&node, 0) + drive_errors(&node, 1);
+    // Each rotten block was met once: it was rewritten when first met.
+    assert_eq!(found, rotten.len() as u64);
+    assert_eq!(me.integrity.recovered, found, "{:?}", me.integrity);
+    assert_eq!(me.integrity.healed, found, "{:?}", me.integrity);
+    assert_eq!(me.integrity.unrecoverable, 0);
+    // The bad copies were rewritten: read straight from the member, each holds the data.
+    for &(m, b) in &rotten {
+        let d = node.fabric[1].read_sync(m as u32, member_lba(b), 1);
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "member {m} block {b}");
+        let i = b / u64::from(IO_BLOCKS);
+        let within = (b % u64::from(IO_BLOCKS)) as usize * BS as usize;
+        assert!(
+            d.data.as_deref() == Some(&payload(i)[within..within + BS as usize]),
+            "member {m} block {b} was not rewritten"
+        );
+    }
+    assert_eq!(drive_errors(&node, 0) + drive_errors(&node, 1), found);
+    let stats = node.stop();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+}
+
+#[test]
+fn a_block_bad_on_every_copy_fails_the_read_and_the_rest_reads_right() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(64)).collect();
+    let mut node = raw_node(&drives);
+    let pool = mirror(&mut node);
+    let n = 16;
+    write_all(&mut node, n);
+    // Write 5's first block rots on both members.
+    let b = 5 * u64::from(IO_BLOCKS);
+    drives[0].drive.rot(member_lba(b), 1).unwrap();
+    drives[1].drive.rot(member_lba(b), 2).unwrap();
+    assert_eq!(read_all(&mut node, n, |i| i == 5), 1);
+    let status = node.control.status().unwrap();
+    let me = status.iter().find(|d| d.index == pool).unwrap();
+    assert_eq!(me.integrity.unrecoverable, 1, "{:?}", me.integrity);
+    assert_eq!(me.members, vec![MemberState::Active, MemberState::Active]);
+    // The host rewrites it: both copies take the new data and it reads again.
+    write_all(&mut node, n);
+    assert_eq!(read_all(&mut node, n, |_| false), 0);
+    let _ = drives;
+    node.stop();
+}
+
+#[test]
+fn bit_flips_on_every_read_of_one_member_never_reach_the_host() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(8)).collect();
+    let mut node = raw_node(&drives);
+    let pool = mirror(&mut node);
+    let n = 32;
+    write_all(&mut node, n);
+    drives[1].drive.inject(Fault::BitFlip {
+        first_lba: 0,
+        last_lba: u64::MAX,
+        bit: 4242,
+    });
+    for _ in 0..3 {
+        assert_eq!(read_all(&mut node, n, |_| false), 0);
+    }
+    assert!(drive_errors(&node, 1) > 0);
+    assert_eq!(drive_errors(&node, 0), 0);
+    let status = node.control.status().unwrap();
+    let me = status.iter().find(|d| d.index == pool).unwrap();
+    assert!(me.integrity.recovered > 0, "{:?}", me.integrity);
+    assert_eq!(me.integrity.unrecoverable, 0);
+    assert_eq!(me.members, vec![MemberState::Active, MemberState::Active]);
+    node.stop();
+}
