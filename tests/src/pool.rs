@@ -20,12 +20,24 @@ use crate::{bin, free_port, KillOnDrop, Node, PATIENCE};
 /// A simulated drive of `size` (drive-sim's syntax: `256M`) with 4 KiB blocks under `dir`;
 /// returns the process and its port A socket. Its control socket is `dir/NAME.ctl`.
 pub fn drive_sim(dir: &Path, name: &str, size: &str) -> (KillOnDrop, PathBuf) {
+    drive_sim_with_metadata(dir, name, size, 0)
+}
+
+/// [`drive_sim`] formatted with `metadata` bytes of metadata a block (`--metadata`: 0, 8 or
+/// 64): the node then keeps an integrity record in every block's metadata.
+pub fn drive_sim_with_metadata(
+    dir: &Path,
+    name: &str,
+    size: &str,
+    metadata: u16,
+) -> (KillOnDrop, PathBuf) {
     let a = dir.join(format!("{name}-a.sock"));
     let mut sim = Command::new(bin("duplex-drive-sim"))
         .arg("serve")
         .arg("--backing")
         .arg(dir.join(format!("{name}.img")))
         .args(["--size", size, "--block-size", "4096"])
+        .args(["--metadata", &metadata.to_string()])
         .arg("--socket")
         .arg(&a)
         .arg("--socket")
@@ -160,6 +172,8 @@ pub struct RigSpec<'a> {
     pub cluster_node: Option<u16>,
     /// Drives beyond the pool's, left free (`d{drives}`, ...): spares.
     pub spares: usize,
+    /// Metadata bytes a block of every drive's format (0: none, no integrity records).
+    pub metadata: u16,
 }
 
 /// A node over simulated drives with pool `tank` over all of them and volume `vol0` exported as
@@ -183,10 +197,11 @@ impl Rig {
         let mut sims = Vec::new();
         let mut socks = Vec::new();
         for i in 0..spec.drives + spec.spares {
-            let (sim, a) = drive_sim(
+            let (sim, a) = drive_sim_with_metadata(
                 dir.path(),
                 &format!("d{i}"),
                 &format!("{}M", spec.drive_mib),
+                spec.metadata,
             );
             sims.push(sim);
             socks.push(a);

@@ -48,6 +48,7 @@ fn member_rig() -> Rig {
         hostnqn: HOSTNQN,
         cluster_node: Some(1),
         spares: 0,
+        metadata: 0,
     })
 }
 

@@ -91,6 +91,7 @@ fn run(kernel: Kernel) {
         hostnqn: HOSTNQN,
         cluster_node: Some(1),
         spares: 0,
+        metadata: 0,
     });
     rig.node.log.wait_for(&["fabric ready"]);
     let spec = RunSpec::new(script(rig.port))

@@ -111,6 +111,7 @@ fn run(kernel: Kernel) {
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 0,
+        metadata: 0,
     });
     rig.node.log.wait_for(&["fabric ready"]);
     let spec = RunSpec::new(script(rig.port))

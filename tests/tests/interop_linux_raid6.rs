@@ -86,6 +86,7 @@ fn linux_6_12_host_verifies_a_raid6_volume_while_a_member_is_pulled_and_rebuilt(
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 1,
+        metadata: 0,
     });
     rig.node.log.wait_for(&["fabric ready"]);
     let spec = RunSpec::new(script(rig.port))

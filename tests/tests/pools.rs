@@ -169,6 +169,7 @@ fn rig(n: usize, raid: &str) -> Rig {
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 0,
+        metadata: 0,
     })
 }
 
@@ -345,6 +346,7 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 1,
+        metadata: 0,
     });
     let (child, stop) = verifying_load(&rig, "41");
     rig.wait_writes(1, 64);
@@ -406,6 +408,7 @@ fn raid6_two_members_replaced_and_rebuilt_under_verified_io() {
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 2,
+        metadata: 0,
     });
     let (child, stop) = verifying_load(&rig, "47");
     rig.wait_writes(0, 64);
@@ -472,6 +475,7 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 1,
+        metadata: 0,
     });
     // Refusals first: a member is no spare, nor is a drive of no known name.
     let (code, _, e) = rig.node.ctl(&["pool", "add-spare", "tank", "d0"]);
@@ -596,6 +600,7 @@ fn a_rebuild_goes_on_across_20_raid_service_crashes() {
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 1,
+        metadata: 0,
     });
     let (child, stop) = verifying_load(&rig, "43");
     rig.wait_writes(1, 64);
@@ -1349,6 +1354,7 @@ fn volume_list_pages_past_one_reply() {
         hostnqn: HOSTNQN,
         cluster_node: None,
         spares: 0,
+        metadata: 0,
     });
     const MORE: usize = 300;
     for i in 0..MORE {

@@ -108,6 +108,16 @@ enum Ctl {
     },
     /// Destage the write cache.
     Flush,
+    /// The medium rots: bit BIT of block LBA inverted, its metadata kept (what a drive that
+    /// returns silently corrupted data looks like).
+    Rot {
+        /// The block.
+        #[arg(long)]
+        lba: u64,
+        /// The bit within it (modulo the block size in bits).
+        #[arg(long, default_value_t = 0)]
+        bit: u32,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -397,6 +407,7 @@ fn ctl(control: &std::path::Path, cmd: Ctl) -> Result<()> {
         Ctl::Pull { port } => Request::Pull { port },
         Ctl::Insert { port } => Request::Insert { port },
         Ctl::Flush => Request::Flush,
+        Ctl::Rot { lba, bit } => Request::Rot { lba, bit },
     };
     let answer = control::request(control, &req)
         .with_context(|| format!("control socket {}", control.display()))?;

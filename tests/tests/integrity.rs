@@ -1,0 +1,139 @@
+//! End-to-end integrity through a whole node: a RAID-1 pool on two `duplex-drive-sim` drives
+//! formatted with 8 bytes of metadata a block (`--metadata 8`), so that the datapath keeps an
+//! integrity record beside every block. Blocks of the volume rot on the drives' media (one bit
+//! each, the record left as it was: `duplex-drive-sim ctl rot`); the host reads everything
+//! back verified through the fabric and sees only the data it wrote; `duplexctl drive list`
+//! counts the bad blocks per drive, `pool show` the reads served from the good copy and the
+//! copies rewritten, and every bad copy is counted once (it was rewritten when first met). A
+//! block rotten on both copies fails the host's read with a media error — never wrong data —
+//! and is counted as unrecoverable.
+
+use duplex_ondisk::layout::Layout;
+use duplex_tests::duplex_bench;
+use duplex_tests::pool::{ctl_json as json, Rig, RigSpec};
+
+const SUBNQN: &str = "nqn.2026-12.io.duplex:integrity";
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:d0b1e5c4-0000-4000-8000-000000000016";
+const DRIVE_MIB: u64 = 128;
+/// Blocks of the volume the host writes and reads (4 KiB each; the volume is 16 MiB).
+const SPAN: u64 = 4096;
+
+fn bench(port: u16, args: &str) -> (i32, serde_json::Value, String) {
+    let args: Vec<&str> = args.split(' ').collect();
+    let (code, out, err) = duplex_bench(port, SUBNQN, HOSTNQN, &[&args[..], &["--json"]].concat());
+    let report = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    (code, report, format!("{out}{err}"))
+}
+
+/// Each drive's CKSUM count, by name.
+fn cksum(rig: &Rig) -> Vec<(String, u64)> {
+    json(&rig.node, &["drive", "list"])["drives"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap_or("").to_owned(),
+                d["integrity_errors"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect()
+}
+
+fn integrity(rig: &Rig) -> serde_json::Value {
+    json(&rig.node, &["pool", "show", "tank"])["pool"]["integrity"].clone()
+}
+
+#[test]
+fn rotten_blocks_on_a_mirror_never_reach_the_host_and_are_rewritten() {
+    let rig = Rig::new(&RigSpec {
+        drives: 2,
+        raid: "1",
+        drive_mib: DRIVE_MIB,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+        cluster_node: None,
+        spares: 0,
+        metadata: 8,
+    });
+    assert_eq!(cksum(&rig), vec![("d0".into(), 0), ("d1".into(), 0)]);
+    // Every block of the span written once, verified.
+    let write =
+        format!("--workload write --verify --ios {SPAN} --span-blocks {SPAN} --seed 61 --qd 16");
+    let (code, r, text) = bench(rig.port, &write);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(r["verify"]["errors"], 0, "{text}");
+    // The volume is the first extent of the pool: block b of it is block data + b of each
+    // member.
+    let data = Layout::for_drive(DRIVE_MIB << 20, 4096)
+        .expect("layout")
+        .data_offset
+        / 4096;
+    // 24 blocks rot on d0, 24 others on d1, spread over the span (odd and even blocks on
+    // each: which copy a read goes to is the datapath's business).
+    let mut rotten = Vec::new();
+    for k in 0..48u64 {
+        let drive = (k / 2 % 2) as usize;
+        let b = (k * 83 + 7) % SPAN;
+        let lba = (data + b).to_string();
+        let bit = (k * 977).to_string();
+        rig.sim(drive, &["rot", "--lba", &lba, "--bit", &bit]);
+        rotten.push((drive, b));
+    }
+    // The host reads everything back, four times over (reads alternate between the copies):
+    // all of it right.
+    let verify = format!("--verify-only --span-blocks {SPAN} --seed 61 --qd 16");
+    for pass in 0..4 {
+        let (code, r, text) = bench(rig.port, &verify);
+        assert_eq!(code, 0, "pass {pass}: {text}");
+        assert_eq!(r["verify"]["blocks_checked"], SPAN, "pass {pass}: {text}");
+        assert_eq!(r["verify"]["errors"], 0, "pass {pass}: {text}");
+    }
+    let counts = cksum(&rig);
+    let found: u64 = counts.iter().map(|c| c.1).sum();
+    let i = integrity(&rig);
+    // Bad copies were met on both drives, each at most once (rewritten when met, so a later
+    // read of it is good), and every one met was served from the good copy and rewritten.
+    assert!(counts.iter().all(|c| c.1 > 0), "{counts:?}");
+    assert!(
+        found <= rotten.len() as u64,
+        "{counts:?}: a bad copy was met twice"
+    );
+    assert_eq!(i["recovered"], found, "{i}");
+    assert_eq!(i["healed"], found, "{i}");
+    assert_eq!(i["unrecoverable"], 0, "{i}");
+    let show = json(&rig.node, &["pool", "show", "tank"]);
+    assert_eq!(show["pool"]["state"], "online", "no member failed: {show}");
+    let (code, text, _) = rig.node.ctl(&["drive", "list"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("CKSUM"), "{text}");
+    let (_, text, _) = rig.node.ctl(&["pool", "show", "tank"]);
+    assert!(
+        text.contains(&format!(
+            "integrity: {found} reads served from a good copy, {found} bad copies rewritten"
+        )),
+        "{text}"
+    );
+
+    // One block rots on both copies: the host's read of it fails (a media error), and no
+    // wrong data is ever returned; the rest still verifies.
+    let b = 1234;
+    let lba = (data + b).to_string();
+    rig.sim(0, &["rot", "--lba", &lba, "--bit", "5"]);
+    rig.sim(1, &["rot", "--lba", &lba, "--bit", "6"]);
+    let (code, _, text) = bench(rig.port, &verify);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("block 1234 failed: end-to-end guard check error"),
+        "the read must fail with a media error, never return data: {text}"
+    );
+    let i = integrity(&rig);
+    assert!(i["unrecoverable"].as_u64().unwrap_or(0) >= 1, "{i}");
+    // The host writes it again: both copies take it, and everything verifies.
+    let (code, _, text) = bench(rig.port, &write);
+    assert_eq!(code, 0, "{text}");
+    let (code, r, text) = bench(rig.port, &verify);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(r["verify"]["errors"], 0, "{text}");
+}
