@@ -887,8 +887,14 @@ impl Engine {
         .map_err(|e| e.to_string())?;
         // Everything that can refuse comes before the members leave the device table.
         let np = spec.level.parity();
-        if np > 0 {
-            let want = ParityBdev::scratch_wanted(geometry.len(), spec.chunk);
+        let want = if np > 0 {
+            ParityBdev::scratch_wanted(geometry.len(), spec.chunk)
+        } else if spec.level != crate::bdev::RaidLevel::Raid0 {
+            RaidBdev::scratch_wanted(geometry.len())
+        } else {
+            0
+        };
+        if want > 0 {
             let chunks = usize::try_from(want.div_ceil(self.pool.chunk_size() as u64))
                 .unwrap_or(usize::MAX)
                 .max(self.scratch.reserved());

@@ -8,9 +8,12 @@
 //! block rotten on both copies fails the host's read with a media error — never wrong data —
 //! and is counted as unrecoverable.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
 use duplex_ondisk::layout::Layout;
-use duplex_tests::duplex_bench;
-use duplex_tests::pool::{ctl_json as json, Rig, RigSpec};
+use duplex_tests::pool::{ctl_json as json, ctl_ok as ok, wait_scrub, Rig, RigSpec};
+use duplex_tests::{bin, duplex_bench};
 
 const SUBNQN: &str = "nqn.2026-12.io.duplex:integrity";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:d0b1e5c4-0000-4000-8000-000000000016";
@@ -116,6 +119,32 @@ fn rotten_blocks_on_a_mirror_never_reach_the_host_and_are_rewritten() {
         "{text}"
     );
 
+    // More rot, in the half of the volume the next load does not write; a scrub under the
+    // host's verified load finds every bad copy no read met, and rewrites it: a second scrub
+    // finds nothing.
+    let mut more = 0;
+    for k in 0..8u64 {
+        let b = SPAN / 2 + (k * 211 + 50) % (SPAN / 2);
+        let lba = (data + b).to_string();
+        rig.sim((k % 2) as usize, &["rot", "--lba", &lba, "--bit", "3"]);
+        more += 1;
+    }
+    let (child, stop) = verifying_load(&rig);
+    let out = ok(&rig.node, &["pool", "scrub", "tank"]);
+    assert!(out.contains("scrub of pool tank started"), "{out}");
+    let found = wait_scrub(&rig.node, "tank");
+    finish_load(child, &stop);
+    assert!(found["repaired"].as_u64().unwrap_or(0) >= more, "{found}");
+    assert_eq!(found["mismatches"], found["repaired"], "{found}");
+    assert_eq!(found["skipped"], 0, "{found}");
+    ok(&rig.node, &["pool", "scrub", "tank"]);
+    let found = wait_scrub(&rig.node, "tank");
+    assert_eq!(
+        (&found["mismatches"], &found["repaired"], &found["skipped"]),
+        (&0.into(), &0.into(), &0.into()),
+        "{found}"
+    );
+
     // One block rots on both copies: the host's read of it fails (a media error), and no
     // wrong data is ever returned; the rest still verifies.
     let b = 1234;
@@ -130,10 +159,48 @@ fn rotten_blocks_on_a_mirror_never_reach_the_host_and_are_rewritten() {
     );
     let i = integrity(&rig);
     assert!(i["unrecoverable"].as_u64().unwrap_or(0) >= 1, "{i}");
+    // A scrub reports it (no good copy: not repaired).
+    ok(&rig.node, &["pool", "scrub", "tank"]);
+    let found = wait_scrub(&rig.node, "tank");
+    assert_eq!(found["skipped"], 1, "{found}");
+    assert_eq!(found["repaired"], 0, "{found}");
     // The host writes it again: both copies take it, and everything verifies.
     let (code, _, text) = bench(rig.port, &write);
     assert_eq!(code, 0, "{text}");
     let (code, r, text) = bench(rig.port, &verify);
     assert_eq!(code, 0, "{text}");
     assert_eq!(r["verify"]["errors"], 0, "{text}");
+}
+
+/// A verifying write load on the first half of the volume until its stop file exists.
+fn verifying_load(rig: &Rig) -> (Child, PathBuf) {
+    let stop = rig.dir.path().join("stop");
+    let target = format!("127.0.0.1:{}", rig.port);
+    let half = (SPAN / 2).to_string();
+    let child = Command::new(bin("duplex-bench"))
+        .args(["--paths", &target, "--nqn", SUBNQN, "--hostnqn", HOSTNQN])
+        .args(["--workload", "write", "--verify", "--qd", "8"])
+        .args(["--span-blocks", &half, "--seed", "62", "--json"])
+        .arg("--stop-file")
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex-bench runs");
+    (child, stop)
+}
+
+/// Stops a [`verifying_load`]: the host saw no I/O error and no wrong data.
+fn finish_load(child: Child, stop: &Path) {
+    std::fs::write(stop, b"").expect("stop file");
+    let out = child.wait_with_output().expect("duplex-bench ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the host saw an error: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
 }

@@ -31,17 +31,31 @@
 //! in flight, which rewrites every copy anyway. A host write that overlaps a heal in flight
 //! waits for it, so a heal never lands over newer data. With no good copy left the read fails
 //! with `STATUS_INTEGRITY` (a media error to the host, never wrong data).
+//!
+//! Scrub (RAID 1 and 10, [`Bdev::start_scrub`]): the members' data areas are read window by
+//! window ([`SCRUB_WINDOW`] of each set, every active copy into the device's own buffers, host
+//! writes of the window held meanwhile). Where a copy fails its integrity check, the window is
+//! read again block by block: a bad block with a good copy is rewritten from it (*repaired*);
+//! a block with no good copy is reported (*skipped*, and counted unrecoverable). Good copies
+//! whose data differ are reported as mismatches (no record says which is right: none is
+//! changed). The raid service paces it through [`Bdev::set_job_limit`].
 
 use std::os::fd::BorrowedFd;
 
 use std::collections::VecDeque;
 
 use duplex_ipc::desc::{
-    STATUS_FENCED, STATUS_INTEGRITY, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE,
+    STATUS_FENCED, STATUS_INTEGRITY, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR,
     STATUS_RESERVATION_CONFLICT, STATUS_SUCCESS,
 };
 
-use super::{in_range, Attach, Bdev, BdevBox, Ctx, Done, Event, Io, Op};
+use super::{
+    in_range, Attach, Bdev, BdevBox, ChainRef, Ctx, DeviceJob, Done, Event, Io, JobKind, Op,
+    ScrubStatus,
+};
+
+/// Bytes of each set a scrub checks at a time (at most a chunk).
+pub const SCRUB_WINDOW: u64 = 64 << 10;
 
 /// RAID levels of the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +144,8 @@ struct Child {
     bad: u64,
     /// A heal: the write of good data over a bad copy (its failure fails no parent).
     heal: bool,
+    /// A scrub's read or repair (no parent: the scrub's window accounts it).
+    scrub: bool,
 }
 
 /// RAID 0, 1 or 10 over block devices. See the module docs.
@@ -166,6 +182,45 @@ pub struct RaidBdev {
     /// Blocks read bad and served from another copy, heals written, heals skipped because a
     /// host write of the range was in flight.
     integrity: IntegrityCounts,
+    /// The scrub now or last.
+    scrub: Option<ScrubStatus>,
+    /// Its window in flight.
+    window: Option<Window>,
+    /// The raid service's grant: scrub windows start only below this set offset.
+    scrub_limit: u64,
+    /// Host I/Os submitted.
+    host_ios: u64,
+}
+
+/// A scrub window in flight.
+#[derive(Debug)]
+struct Window {
+    /// Set offset and bytes.
+    at: u64,
+    len: u64,
+    /// The device range whose host writes wait for it.
+    lock: (u64, u64),
+    phase: WPhase,
+    pending: u32,
+    /// One read per (set, active member): its buffer and how it ended.
+    reads: Vec<WRead>,
+    /// Block re-reads: (index into `reads`, block, status).
+    blocks: Vec<(usize, u64, u16)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WPhase {
+    Reading,
+    Blocks,
+    Writing,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WRead {
+    set: usize,
+    member: usize,
+    chain: u32,
+    status: u16,
 }
 
 /// What a RAID device's integrity handling did.
@@ -241,7 +296,16 @@ impl RaidBdev {
             healing: Vec::new(),
             deferred: VecDeque::new(),
             integrity: IntegrityCounts::default(),
+            scrub: None,
+            window: None,
+            scrub_limit: u64::MAX,
+            host_ios: 0,
         })
+    }
+
+    /// Buffer bytes a scrub of a device over `members` members takes at once.
+    pub fn scratch_wanted(members: usize) -> u64 {
+        SCRUB_WINDOW * members as u64
     }
 
     /// Starts the write sequence numbers at `seq` (the pool's committed high-water mark, so
@@ -489,6 +553,10 @@ impl RaidBdev {
             return;
         };
         self.free_children.push(d.token as usize);
+        if c.scrub {
+            self.scrub_child_done(&c, d.status, ctx);
+            return;
+        }
         if c.heal {
             if let Some(i) = self.healing.iter().position(|h| h.0 == c.parent) {
                 self.healing.swap_remove(i);
@@ -621,6 +689,350 @@ impl RaidBdev {
         }
     }
 
+    /// The device range whose host writes a scrub window at set offset `at` must hold: the
+    /// window itself on one set, the whole row of chunks over several.
+    fn window_lock(&self, at: u64, len: u64) -> (u64, u64) {
+        let nsets = self.sets.len() as u64;
+        if nsets == 1 {
+            (at, len)
+        } else {
+            let row = at / self.chunk;
+            (row * nsets * self.chunk, nsets * self.chunk)
+        }
+    }
+
+    /// Starts the scrub's next window when it may: the grant allows, no host write of its
+    /// range is in flight, and the buffers are there.
+    fn scrub_step(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(st) = self.scrub else {
+            return;
+        };
+        if self.window.is_some() || st.done >= st.total || st.done >= self.scrub_limit {
+            return;
+        }
+        let at = st.done;
+        let len = SCRUB_WINDOW
+            .min(self.chunk - at % self.chunk)
+            .min(st.total - at);
+        let lock = self.window_lock(at, len);
+        if self
+            .parents
+            .iter()
+            .flatten()
+            .any(|p| writes_data(p.op) && overlaps(p.offset, p.len, lock.0, lock.1))
+        {
+            return;
+        }
+        let mut reads = Vec::new();
+        for (set, members) in self.sets.iter().enumerate() {
+            for &member in members {
+                if self.members[member].state != MemberState::Active {
+                    continue;
+                }
+                match ctx.scratch.take(len) {
+                    Some(chain) => reads.push(WRead {
+                        set,
+                        member,
+                        chain,
+                        status: STATUS_SUCCESS,
+                    }),
+                    None => {
+                        for r in &reads {
+                            ctx.scratch.give(r.chain);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        self.healing.push((usize::MAX, lock.0, lock.1));
+        let n = reads.len();
+        self.window = Some(Window {
+            at,
+            len,
+            lock,
+            phase: WPhase::Reading,
+            pending: 0,
+            reads,
+            blocks: Vec::new(),
+        });
+        for k in 0..n {
+            let Some(r) = self.window.as_ref().map(|w| w.reads[k]) else {
+                return;
+            };
+            let io = Io {
+                token: 0,
+                op: Op::Read,
+                offset: self.data_offset + at,
+                len,
+                fua: false,
+                chain: ChainRef {
+                    id: r.chain,
+                    skip: 0,
+                },
+                seq: 0,
+            };
+            self.scrub_io(r.set, r.member, io, k as u64, ctx);
+        }
+    }
+
+    /// Sends one of a scrub window's member I/Os (`index`: which read or block it is).
+    fn scrub_io(&mut self, set: usize, member: usize, io: Io, index: u64, ctx: &mut Ctx<'_>) {
+        let i = match self.free_children.pop() {
+            Some(i) => i,
+            None => {
+                self.children.push(None);
+                self.children.len() - 1
+            }
+        };
+        let io = Io {
+            token: i as u64,
+            ..io
+        };
+        self.children[i] = Some(Child {
+            parent: usize::MAX,
+            set,
+            member,
+            io,
+            tried: index,
+            raw: false,
+            bad: 0,
+            heal: false,
+            scrub: true,
+        });
+        if let Some(w) = self.window.as_mut() {
+            w.pending += 1;
+        }
+        self.members[member].dev.submit(io, ctx);
+    }
+
+    /// A scrub I/O ended (`c.tried` is its index in the window's reads or blocks).
+    fn scrub_child_done(&mut self, c: &Child, status: u16, ctx: &mut Ctx<'_>) {
+        let Some(w) = self.window.as_mut() else {
+            return;
+        };
+        w.pending = w.pending.saturating_sub(1);
+        let k = usize::try_from(c.tried).unwrap_or(usize::MAX);
+        match w.phase {
+            WPhase::Reading => {
+                if let Some(r) = w.reads.get_mut(k) {
+                    r.status = status;
+                }
+            }
+            WPhase::Blocks => {
+                if let Some(b) = w.blocks.get_mut(k) {
+                    b.2 = status;
+                }
+            }
+            WPhase::Writing => {
+                if status == STATUS_SUCCESS {
+                    if let Some(st) = self.scrub.as_mut() {
+                        st.repaired += 1;
+                    }
+                    self.integrity.healed += 1;
+                } else {
+                    tracing::error!(raid = %self.name, member = c.member, offset = c.io.offset, status, "scrub: the rewrite of a bad copy failed");
+                }
+            }
+        }
+        if self.window.as_ref().is_some_and(|w| w.pending == 0) {
+            self.window_step(ctx);
+        }
+    }
+
+    /// Whether a status says the copy's data is bad (rewriting it may cure it).
+    fn bad_copy(status: u16) -> bool {
+        status == STATUS_INTEGRITY || status == STATUS_READ_ERROR
+    }
+
+    /// The window's reads (or block re-reads, or repairs) all ended: what next.
+    fn window_step(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(mut w) = self.window.take() else {
+            return;
+        };
+        let bs = u64::from(self.block_size);
+        let blocks = w.len / bs;
+        match w.phase {
+            WPhase::Reading => {
+                let mut again = Vec::new();
+                for set in 0..self.sets.len() {
+                    let copies: Vec<usize> = (0..w.reads.len())
+                        .filter(|&k| w.reads[k].set == set)
+                        .collect();
+                    if copies.iter().all(|&k| w.reads[k].status == STATUS_SUCCESS) {
+                        for b in 0..blocks {
+                            let good: Vec<usize> = copies.clone();
+                            self.compare_copies(&w, &good, b, ctx);
+                        }
+                    } else {
+                        for &k in &copies {
+                            for b in 0..blocks {
+                                again.push((k, b, STATUS_SUCCESS));
+                            }
+                        }
+                    }
+                }
+                if again.is_empty() {
+                    self.finish_window(w, ctx);
+                    return;
+                }
+                w.phase = WPhase::Blocks;
+                w.blocks = again;
+                let list: Vec<(usize, u64)> = w.blocks.iter().map(|b| (b.0, b.1)).collect();
+                let reads = w.reads.clone();
+                let at = w.at;
+                self.window = Some(w);
+                for (i, (k, b)) in list.into_iter().enumerate() {
+                    let r = reads[k];
+                    let io = Io {
+                        token: 0,
+                        op: Op::Read,
+                        offset: self.data_offset + at + b * bs,
+                        len: bs,
+                        fua: false,
+                        chain: ChainRef {
+                            id: r.chain,
+                            skip: b * bs,
+                        },
+                        seq: 0,
+                    };
+                    self.scrub_io(r.set, r.member, io, i as u64, ctx);
+                }
+            }
+            WPhase::Blocks => {
+                let mut repairs = Vec::new();
+                let mut keys: Vec<(usize, u64)> = w
+                    .blocks
+                    .iter()
+                    .map(|&(k, b, _)| (w.reads[k].set, b))
+                    .collect();
+                keys.sort_unstable();
+                keys.dedup();
+                for (set, b) in keys {
+                    let of_block: Vec<(usize, u16)> = w
+                        .blocks
+                        .iter()
+                        .filter(|&&(k, bb, _)| bb == b && w.reads[k].set == set)
+                        .map(|&(k, _, st)| (k, st))
+                        .collect();
+                    let good: Vec<usize> = of_block
+                        .iter()
+                        .filter(|x| x.1 == STATUS_SUCCESS)
+                        .map(|x| x.0)
+                        .collect();
+                    let bad: Vec<usize> = of_block
+                        .iter()
+                        .filter(|x| Self::bad_copy(x.1))
+                        .map(|x| x.0)
+                        .collect();
+                    self.compare_copies(&w, &good, b, ctx);
+                    if bad.is_empty() {
+                        continue;
+                    }
+                    let offset = self.data_offset + w.at + b * bs;
+                    if let Some(&from) = good.first() {
+                        if let Some(st) = self.scrub.as_mut() {
+                            st.mismatches += bad.len() as u64;
+                        }
+                        for k in bad {
+                            repairs.push((
+                                w.reads[k].set,
+                                w.reads[k].member,
+                                w.reads[from].chain,
+                                b,
+                            ));
+                        }
+                    } else {
+                        if let Some(st) = self.scrub.as_mut() {
+                            st.skipped += 1;
+                        }
+                        self.integrity.unrecoverable += 1;
+                        tracing::error!(raid = %self.name, set, member_offset = offset, "scrub: no copy of a block reads good: reported, not repaired");
+                    }
+                }
+                if repairs.is_empty() {
+                    self.finish_window(w, ctx);
+                    return;
+                }
+                w.phase = WPhase::Writing;
+                let at = w.at;
+                self.window = Some(w);
+                for (set, member, chain, b) in repairs {
+                    let seq = self.next_seq;
+                    self.next_seq += 1;
+                    tracing::warn!(raid = %self.name, member, device = self.members[member].dev.name(), member_offset = self.data_offset + at + b * bs, "scrub: a bad copy is rewritten from a good one");
+                    let io = Io {
+                        token: 0,
+                        op: Op::Write,
+                        offset: self.data_offset + at + b * bs,
+                        len: bs,
+                        fua: true,
+                        chain: ChainRef {
+                            id: chain,
+                            skip: b * bs,
+                        },
+                        seq,
+                    };
+                    self.scrub_io(set, member, io, u64::MAX, ctx);
+                }
+            }
+            WPhase::Writing => self.finish_window(w, ctx),
+        }
+    }
+
+    /// Counts block `b` of the window as a mismatch if the copies `good` (reads that
+    /// succeeded) do not all hold the same data.
+    fn compare_copies(&mut self, w: &Window, good: &[usize], b: u64, ctx: &mut Ctx<'_>) {
+        if good.len() < 2 {
+            return;
+        }
+        let bs = self.block_size as usize;
+        let at = usize::try_from(b).unwrap_or(usize::MAX).saturating_mul(bs);
+        let mut first = vec![0u8; bs];
+        let mut other = vec![0u8; bs];
+        if ctx
+            .pool
+            .copy_out(ctx.scratch.chain(w.reads[good[0]].chain), at, &mut first)
+            .is_err()
+        {
+            return;
+        }
+        for &k in &good[1..] {
+            if ctx
+                .pool
+                .copy_out(ctx.scratch.chain(w.reads[k].chain), at, &mut other)
+                .is_ok()
+                && other != first
+            {
+                if let Some(st) = self.scrub.as_mut() {
+                    st.mismatches += 1;
+                }
+                tracing::error!(raid = %self.name, member_offset = self.data_offset + w.at + b * self.block_size as u64, "scrub: the copies of a block differ and no record says which is right: reported, not changed");
+                return;
+            }
+        }
+    }
+
+    /// Ends a scrub window: buffers back, its host writes released, progress.
+    fn finish_window(&mut self, w: Window, ctx: &mut Ctx<'_>) {
+        for r in &w.reads {
+            ctx.scratch.give(r.chain);
+        }
+        if let Some(i) = self
+            .healing
+            .iter()
+            .position(|h| h.0 == usize::MAX && (h.1, h.2) == w.lock)
+        {
+            self.healing.swap_remove(i);
+        }
+        if let Some(st) = self.scrub.as_mut() {
+            st.done = (w.at + w.len).min(st.total);
+            if st.done >= st.total {
+                tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, "scrub complete");
+            }
+        }
+    }
+
     /// Submits the deferred host writes whose ranges no heal holds any more.
     fn release_deferred(&mut self, ctx: &mut Ctx<'_>) {
         if self.deferred.is_empty() {
@@ -669,12 +1081,14 @@ impl Bdev for RaidBdev {
             });
             return;
         }
+        self.host_ios += 1;
         if writes_data(io.op)
             && self
                 .healing
                 .iter()
                 .any(|&(_, o, l)| overlaps(o, l, io.offset, io.len))
         {
+            self.host_ios -= 1;
             self.deferred.push_back(io);
             return;
         }
@@ -703,6 +1117,7 @@ impl Bdev for RaidBdev {
                             raw: false,
                             bad: 0,
                             heal: false,
+                            scrub: false,
                         },
                         ctx,
                     );
@@ -764,6 +1179,7 @@ impl Bdev for RaidBdev {
                         raw: false,
                         bad: 0,
                         heal: false,
+                        scrub: false,
                     },
                     ctx,
                 );
@@ -796,6 +1212,7 @@ impl Bdev for RaidBdev {
             }
         }
         self.scratch = scratch;
+        self.scrub_step(ctx);
         self.release_deferred(ctx);
         progress |= !self.ready.is_empty();
         out.append(&mut self.ready);
@@ -803,7 +1220,11 @@ impl Bdev for RaidBdev {
     }
 
     fn busy(&self) -> bool {
-        !self.ready.is_empty() || self.members.iter().any(|m| m.dev.busy())
+        !self.ready.is_empty()
+            || self.members.iter().any(|m| m.dev.busy())
+            || self
+                .scrub
+                .is_some_and(|s| s.done < s.total && s.done < self.scrub_limit)
     }
 
     fn inflight(&self) -> usize {
@@ -815,6 +1236,47 @@ impl Bdev for RaidBdev {
 
     fn retries(&self) -> u64 {
         self.members.iter().map(|m| m.dev.retries()).sum()
+    }
+
+    fn start_scrub(&mut self) -> Result<(), String> {
+        if self.level == RaidLevel::Raid0 {
+            return Err(format!("{} is RAID 0: no copy to check against", self.name));
+        }
+        if self.scrub.is_some_and(|s| s.done < s.total) {
+            return Err(format!("{}: a scrub is running", self.name));
+        }
+        self.scrub = Some(ScrubStatus {
+            total: self.member_len,
+            ..ScrubStatus::default()
+        });
+        tracing::info!(raid = %self.name, "scrub started");
+        Ok(())
+    }
+
+    fn scrub_status(&self) -> Option<ScrubStatus> {
+        self.scrub
+    }
+
+    fn jobs(&self, out: &mut Vec<DeviceJob>) {
+        if let Some(s) = self.scrub.filter(|s| s.done < s.total) {
+            out.push(DeviceJob {
+                kind: JobKind::Scrub,
+                slot: 0,
+                done: s.done,
+                total: s.total,
+                started_at: 0,
+            });
+        }
+    }
+
+    fn host_ios(&self) -> u64 {
+        self.host_ios
+    }
+
+    fn set_job_limit(&mut self, kind: JobKind, limit: u64) {
+        if kind == JobKind::Scrub {
+            self.scrub_limit = limit;
+        }
     }
 
     fn member_integrity_errors(&self, i: usize) -> u64 {
@@ -850,6 +1312,7 @@ impl Bdev for RaidBdev {
                 raw: true,
                 bad: 0,
                 heal: false,
+                scrub: false,
             },
             ctx,
         );

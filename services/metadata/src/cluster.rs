@@ -2176,12 +2176,12 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
     }
 
-    /// The datapath's long work on this node's parity pools (nothing asked when none is).
+    /// The datapath's long work on this node's redundant pools (nothing asked when none is).
     fn progress(&mut self) -> Vec<Progress> {
         if self
             .pools
             .iter()
-            .any(|p| p.store.config().pool.raid_level.parity() > 0)
+            .any(|p| p.store.config().pool.raid_level != RaidLevel::Raid0)
         {
             self.publisher.progress()
         } else {
@@ -2360,10 +2360,12 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             Err(refused) => return refused,
         };
         let level = self.pools[i].store.config().pool.raid_level;
-        if level.parity() == 0 {
+        if level == RaidLevel::Raid0 {
             return err(
                 ConfigErrorKind::Refused,
-                format!("pool {name} is {level}: scrub checks RAID 5 and 6 parity only"),
+                format!(
+                    "pool {name} is {level}: no copy or parity to check against (scrub checks RAID 1, 10, 5 and 6)"
+                ),
             );
         }
         let Some(device) = self.pools[i].device else {
