@@ -192,8 +192,10 @@ enum Stage {
     Markers,
     /// Reading the next window of member `member`'s ring (from byte `at`).
     Scan { member: usize, at: u64 },
-    /// Writing one replayed entry; then back to scanning member `member` from `at`.
-    Apply { member: usize, at: u64 },
+    /// Reading the record of the next entry to replay (the lowest sequence left).
+    Fetch,
+    /// Writing one replayed entry; then the next.
+    Apply,
     /// Flushing every member.
     Flush,
     /// Writing the new generation's marker on every member.
@@ -211,6 +213,11 @@ struct Task {
     /// The newest generation found.
     found: u64,
     replayed: u64,
+    /// The newest generation's valid entries found on the rings, by sequence (an entry is on
+    /// every parity member of its stripe; one copy is enough): where its record is (member,
+    /// ring byte) and its header. Replayed in sequence order once every ring is scanned, so
+    /// that an older entry never lands over a newer one of the same rows.
+    entries: std::collections::BTreeMap<u64, (usize, u64, Header)>,
 }
 
 #[derive(Debug)]
@@ -1346,6 +1353,7 @@ impl ParityBdev {
             buf: Vec::new(),
             found: j.gen,
             replayed: 0,
+            entries: std::collections::BTreeMap::new(),
         });
         self.task_flush(ctx);
     }
@@ -1423,6 +1431,7 @@ impl ParityBdev {
             buf: Vec::new(),
             found: 0,
             replayed: 0,
+            entries: std::collections::BTreeMap::new(),
         });
         let offset = j.spec.offset;
         let mut sent = false;
@@ -1515,13 +1524,8 @@ impl ParityBdev {
                 }
                 self.parse(member, at + len as u64, ctx);
             }
-            Stage::Apply { member, at } => {
-                if !active[member] {
-                    self.scan_member(member + 1, ctx);
-                    return;
-                }
-                self.parse(member, at, ctx);
-            }
+            Stage::Fetch => self.apply_fetched(ctx),
+            Stage::Apply => self.replay_next(ctx),
             Stage::Flush => {
                 let gen = t.found + 1;
                 t.stage = Stage::Mark;
@@ -1589,7 +1593,7 @@ impl ParityBdev {
         }
         match next {
             Some(m) => self.scan_read(m, HEADER as u64, ctx),
-            None => self.task_flush(ctx),
+            None => self.replay_next(ctx),
         }
     }
 
@@ -1622,8 +1626,8 @@ impl ParityBdev {
         );
     }
 
-    /// Parses what was read of member `m`'s ring (read up to ring byte `next`): replays the
-    /// next valid entry of the newest generation, or reads on, or moves to the next member.
+    /// Parses what was read of member `m`'s ring (read up to ring byte `next`): notes every
+    /// valid entry of the newest generation, then reads on, or moves to the next member.
     fn parse(&mut self, m: usize, next: u64, ctx: &mut Ctx<'_>) {
         let geo = self.geo;
         let (k, np) = (geo.k(), geo.np);
@@ -1636,10 +1640,6 @@ impl ParityBdev {
         let Some(t) = j.task.as_mut() else {
             return;
         };
-        let Some(chain) = t.chain else {
-            return;
-        };
-        let mut entry: Option<(Header, Vec<u8>)> = None;
         while t.buf.len() >= HEADER {
             let h = Header::decode(&t.buf[..HEADER]).filter(|h| {
                 h.kind == Kind::Entry
@@ -1669,27 +1669,99 @@ impl ParityBdev {
                 t.buf.drain(..HEADER);
                 continue;
             }
-            let payload = payload.to_vec();
+            let at = next - t.buf.len() as u64;
+            t.entries.entry(h.seq).or_insert((m, at, h));
             t.buf.drain(..total);
-            entry = Some((h, payload));
-            break;
         }
-        let Some((h, payload)) = entry else {
-            if next < spec.len {
-                self.scan_read(m, next, ctx);
-            } else {
-                self.scan_member(m + 1, ctx);
-            }
+        if next < spec.len {
+            self.scan_read(m, next, ctx);
+        } else {
+            self.scan_member(m + 1, ctx);
+        }
+    }
+
+    /// Replays the entry with the lowest sequence left (reads its record first), or, with
+    /// none left, flushes every member.
+    fn replay_next(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(j) = self.journal.as_mut() else {
             return;
         };
-        t.stage = Stage::Apply {
-            member: m,
-            at: next,
+        let spec = j.spec;
+        let Some(t) = j.task.as_mut() else {
+            return;
         };
+        let Some(chain) = t.chain else {
+            return;
+        };
+        let Some((&seq, &(m, at, ref h))) = t.entries.iter().next() else {
+            self.task_flush(ctx);
+            return;
+        };
+        let len = h.record_len();
+        if !self.writable(m) {
+            // Its member left since the scan: the entry is read from another ring that holds
+            // it, or (none) skipped: its stripe is then degraded, its parity rebuilt later.
+            if let Some(t) = self.journal.as_mut().and_then(|j| j.task.as_mut()) {
+                t.entries.remove(&seq);
+            }
+            self.replay_next(ctx);
+            return;
+        }
+        if let Some(t) = self.journal.as_mut().and_then(|j| j.task.as_mut()) {
+            t.stage = Stage::Fetch;
+        }
+        self.task_io(
+            m,
+            Io {
+                seq: 0,
+                token: 0,
+                op: Op::Read,
+                offset: spec.offset + at,
+                len,
+                fua: false,
+                chain: ChainRef { id: chain, skip: 0 },
+            },
+            ctx,
+        );
+    }
+
+    /// The record of the next entry is in the task's chain: check it, write its pieces and
+    /// parity.
+    fn apply_fetched(&mut self, ctx: &mut Ctx<'_>) {
+        let geo = self.geo;
+        let (k, np) = (geo.k(), geo.np);
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let Some(t) = j.task.as_mut() else {
+            return;
+        };
+        let Some(chain) = t.chain else {
+            return;
+        };
+        let Some((_, (_, _, h))) = t.entries.pop_first() else {
+            self.task_flush(ctx);
+            return;
+        };
+        let mut record = vec![0u8; HEADER + h.payload_len as usize];
+        let intact = ctx
+            .pool
+            .copy_out(ctx.scratch.chain(chain), 0, &mut record)
+            .is_ok()
+            && Header::decode(&record[..HEADER]).is_some_and(|r| r.seq == h.seq)
+            && crc32c::crc32c(&record[HEADER..]) == h.payload_crc;
+        if !intact {
+            // What the scan found is not there any more (the ring changed under it: a bug, or
+            // a drive that lies); skipped, loudly.
+            tracing::error!(raid = %self.name, seq = h.seq, stripe = h.stripe, "a journal entry reads back changed: not replayed");
+            self.replay_next(ctx);
+            return;
+        }
+        t.stage = Stage::Apply;
         t.replayed += 1;
         if ctx
             .pool
-            .copy_in(ctx.scratch.chain(chain), 0, &payload)
+            .copy_in(ctx.scratch.chain(chain), 0, &record[HEADER..])
             .is_err()
         {
             self.journal_broken(STATUS_INTERNAL, ctx);
