@@ -123,6 +123,14 @@ struct PoolSpec {
   rebuildFrom @12 :List(UInt64);
   # Where each rebuilding member resumes its rebuild (member bytes of the data area: the
   # checkpoint on its drives); empty (every rebuild from 0) or one per drive.
+
+  seqBase @13 :UInt64;
+  # Mirror levels: the first write sequence number the pool's integrity records get (above
+  # every one its drives may hold: the metadata service's committed mark). 0: from 1.
+
+  resync @14 :Bool;
+  # Mirror levels: compare the copies of every block before serving its reads, the newest
+  # (by sequence) copied over the others (an import after a crash or a power cut).
 }
 
 enum RaidLevel {

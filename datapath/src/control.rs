@@ -44,6 +44,12 @@ pub struct PoolSpec {
     pub hold_until_recorded: bool,
     /// Parity levels: where the stripe journal is (`None`: no journal, the write hole open).
     pub journal: Option<crate::bdev::JournalSpec>,
+    /// Mirror levels: the first write sequence number to use (above every one the pool's
+    /// drives may hold: the control plane's committed mark).
+    pub seq_base: u64,
+    /// Mirror levels: resync before serving reads of a region (an import after a crash or a
+    /// power cut: copies may disagree, the newest by sequence wins).
+    pub resync: bool,
 }
 
 /// What a device looks like now.

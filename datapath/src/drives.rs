@@ -37,7 +37,7 @@ use duplex_ipc::desc::{
 use duplex_ipc::pool::Pool;
 use duplex_ipc::topology::{DriveTransport, VolumeSpec};
 
-use crate::bdev::{Io, Op as Kind};
+use crate::bdev::{Io, Op as Kind, REPORT_VERDICTS};
 use crate::fence::{mark_fenced, Fence, FenceKey, NvmeReservations};
 use crate::integrity::{self, Verdict, RECORD_LEN};
 use crate::nvme::vfio_kernel::KernelVfio;
@@ -136,6 +136,8 @@ struct PieceMd {
     /// A read's chunks and where the piece starts in them.
     chunks: Vec<u32>,
     from: u64,
+    /// A read whose blocks' verdicts are kept ([`Drive::take_verdicts`]).
+    report: bool,
 }
 
 /// A drive's metadata format and slots.
@@ -176,6 +178,8 @@ pub struct Drive {
     fence_key: u64,
     /// Namespaces with metadata: integrity records.
     md: Option<MdArea>,
+    /// Verdicts of reads that asked for them: (token, first LBA of the piece, per block).
+    verdicts: Vec<(u64, u64, Vec<Verdict>)>,
 }
 
 /// A piece (or a request's share of it) that finished.
@@ -344,6 +348,7 @@ impl Drive {
             done: Vec::new(),
             fence_key: d.fence_key,
             md,
+            verdicts: Vec::new(),
         })
     }
 
@@ -483,6 +488,22 @@ impl Drive {
         }
     }
 
+    /// The verdicts kept for the pieces of I/O `token` (asked for with
+    /// [`crate::bdev::REPORT_VERDICTS`]), in LBA order; empty when none were kept.
+    pub fn take_verdicts(&mut self, token: u64) -> Vec<Verdict> {
+        let mut mine: Vec<(u64, Vec<Verdict>)> = Vec::new();
+        self.verdicts.retain_mut(|(t, lba, v)| {
+            if *t == token {
+                mine.push((*lba, std::mem::take(v)));
+                false
+            } else {
+                true
+            }
+        });
+        mine.sort_unstable_by_key(|m| m.0);
+        mine.into_iter().flat_map(|m| m.1).collect()
+    }
+
     /// Blocks whose integrity check failed so far (0 without a metadata format).
     pub fn integrity_errors(&self) -> u64 {
         self.md.as_ref().map_or(0, |m| m.errors)
@@ -588,15 +609,19 @@ impl Drive {
                         chain_segs(pool, chain, io.chain.skip + at, n).ok_or(STATUS_INTERNAL)?;
                     let md = match ms {
                         None => None,
-                        Some(ms) => Some(Box::new(piece_md(
-                            pool,
-                            chain,
-                            io.chain.skip + at,
-                            lba + at / bs,
-                            blocks,
-                            self.block_size as usize,
-                            (kind == Kind::Write).then_some((ms, io.seq)),
-                        )?)),
+                        Some(ms) => {
+                            let mut md = piece_md(
+                                pool,
+                                chain,
+                                io.chain.skip + at,
+                                lba + at / bs,
+                                blocks,
+                                self.block_size as usize,
+                                (kind == Kind::Write).then_some((ms, io.seq)),
+                            )?;
+                            md.report = kind == Kind::Read && io.seq == REPORT_VERDICTS;
+                            Some(Box::new(md))
+                        }
                     };
                     queue(cmd, segs, md, &mut self.backlog);
                     at += n;
@@ -795,6 +820,7 @@ impl Drive {
         }
         let mut block = vec![0u8; bs];
         let mut status = 0;
+        let mut verdicts = Vec::new();
         for i in 0..blocks {
             let at = usize::try_from(md.from)
                 .unwrap_or(usize::MAX)
@@ -804,10 +830,17 @@ impl Drive {
             }
             let lba = md.lba + i as u64;
             let record = records.get(i * ms..).unwrap_or(&[]);
-            if integrity::verify(lba, &block, record) == Verdict::Bad {
+            let v = integrity::verify(lba, &block, record);
+            if v == Verdict::Bad {
                 self.bad_block(lba);
                 status = STATUS_INTEGRITY;
             }
+            if md.report {
+                verdicts.push(v);
+            }
+        }
+        if md.report {
+            self.verdicts.push((p.token, md.lba, verdicts));
         }
         status
     }
@@ -856,6 +889,7 @@ fn piece_md(
             records: Vec::new(),
             chunks: chain.to_vec(),
             from,
+            report: false,
         });
     };
     let mut records = vec![0u8; ms * blocks as usize];
@@ -875,6 +909,7 @@ fn piece_md(
         records,
         chunks: Vec::new(),
         from,
+        report: false,
     })
 }
 

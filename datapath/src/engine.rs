@@ -947,7 +947,11 @@ impl Engine {
                 &spec.states,
             )
             .map_err(|e| e.to_string())?;
-            Box::new(raid.hold_until_recorded(spec.hold_until_recorded))
+            Box::new(
+                raid.hold_until_recorded(spec.hold_until_recorded)
+                    .with_seq(spec.seq_base)
+                    .with_resync(spec.resync),
+            )
         };
         let index = self.devices.len();
         self.devices.push(Some(device));

@@ -614,6 +614,8 @@ impl MapsServer {
             journal: spec
                 .journal
                 .map(|(offset, len, tag)| JournalSpec { offset, len, tag }),
+            seq_base: spec.seq_base,
+            resync: spec.resync,
         };
         let index = self.control.publish_pool(epoch, spec)?;
         u32::try_from(index)

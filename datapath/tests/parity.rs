@@ -94,6 +94,8 @@ fn parity_array_over(
             len: JOURNAL_LEN,
             tag: 0x7a6b,
         }),
+        seq_base: 1,
+        resync: false,
     };
     let pool = ctl.publish_pool(1, spec).unwrap();
     let k = members as u64 - level.parity() as u64;

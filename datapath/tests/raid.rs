@@ -303,6 +303,8 @@ fn mirror_spec(hold: bool) -> PoolSpec {
         states: vec![],
         hold_until_recorded: hold,
         journal: None,
+        seq_base: 1,
+        resync: false,
     }
 }
 

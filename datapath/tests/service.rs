@@ -728,6 +728,8 @@ fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
         states: vec![],
         hold_until_recorded: true,
         journal: None,
+        seq_base: 1,
+        resync: false,
         rebuild_from: vec![],
     }
 }

@@ -105,6 +105,10 @@ pub struct PoolSpec {
     pub journal: Option<(u64, u64, u64)>,
     /// Where each rebuilding member resumes (member bytes): empty (from 0) or one per drive.
     pub rebuild_from: Vec<u64>,
+    /// Mirror levels: the first write sequence number (0: from 1).
+    pub seq_base: u64,
+    /// Mirror levels: resync before serving (an import after a crash).
+    pub resync: bool,
 }
 
 /// `blocks` blocks of a volume from volume block `start` live on device `device` from byte
@@ -535,6 +539,8 @@ impl MapsRequest {
                 for (i, &m) in (0..len).zip(&s.states) {
                     states.set(i, m.into());
                 }
+                p.set_seq_base(s.seq_base);
+                p.set_resync(s.resync);
                 let len = len_u32(s.rebuild_from.len());
                 let mut from = p.init_rebuild_from(len);
                 for (i, &at) in (0..len).zip(&s.rebuild_from) {
@@ -738,6 +744,8 @@ fn read_pool(p: wire::pool_spec::Reader<'_>) -> Result<PoolSpec, ControlError> {
             l.iter().collect()
         },
         hold_until_recorded: p.get_hold_until_recorded(),
+        seq_base: p.get_seq_base(),
+        resync: p.get_resync(),
         journal: (p.get_journal_len() > 0).then(|| {
             (
                 p.get_journal_offset(),
@@ -1381,6 +1389,8 @@ pub mod examples {
                 hold_until_recorded: true,
                 journal: Some((17 << 20, 16 << 20, 0x1234)),
                 rebuild_from: vec![0, 1 << 20, 0, 0],
+                seq_base: 1 << 40,
+                resync: true,
             }),
             MapsRequest::PublishPool(PoolSpec {
                 epoch: 1,
@@ -1394,6 +1404,8 @@ pub mod examples {
                 hold_until_recorded: false,
                 journal: None,
                 rebuild_from: vec![],
+                seq_base: 0,
+                resync: false,
             }),
             MapsRequest::PublishVolumes(PublishVolumes {
                 epoch: 3,

@@ -90,9 +90,13 @@ pub struct Io {
     pub chain: ChainRef,
     /// A write's sequence number, stamped into the blocks' integrity records by drives with
     /// metadata (`crate::integrity`); RAID devices give both copies of a block the same one.
-    /// 0: none given (the record then carries 1).
+    /// 0: none given (the record then carries 1). On a read, [`REPORT_VERDICTS`] asks the
+    /// device to keep each block's integrity verdict for [`Bdev::take_verdicts`].
     pub seq: u64,
 }
+
+/// In [`Io::seq`] of a read: keep the blocks' integrity verdicts (drives with metadata).
+pub const REPORT_VERDICTS: u64 = u64::MAX;
 
 /// The end of one I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -315,6 +319,11 @@ pub trait Bdev: Debug + Send {
     /// Member `i`'s [`Bdev::integrity_errors`] (composite devices).
     fn member_integrity_errors(&self, _i: usize) -> u64 {
         0
+    }
+    /// The per-block integrity verdicts of the read that ended with `token`, asked for with
+    /// [`REPORT_VERDICTS`] (drives with metadata; `None` for the rest or when not asked).
+    fn take_verdicts(&mut self, _token: u64) -> Option<Vec<crate::integrity::Verdict>> {
+        None
     }
     /// What a RAID device's integrity handling did (zeroes for the rest).
     fn integrity_counts(&self) -> IntegrityCounts {

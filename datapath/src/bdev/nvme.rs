@@ -8,6 +8,7 @@ use duplex_ipc::desc::STATUS_LBA_OUT_OF_RANGE;
 
 use super::{in_range, Attach, Bdev, Ctx, Done, Io};
 use crate::drives::{Drive, Finished};
+use crate::integrity::Verdict;
 
 /// One I/O in flight: its pieces outstanding and the first error.
 #[derive(Debug, Clone, Copy)]
@@ -15,6 +16,8 @@ struct Pending {
     token: u64,
     outstanding: u32,
     status: u16,
+    /// Keep the blocks' verdicts ([`super::REPORT_VERDICTS`]).
+    report: bool,
 }
 
 /// A namespace of an NVMe drive. See the module docs.
@@ -26,6 +29,8 @@ pub struct NvmeBdev {
     free: Vec<usize>,
     ready: Vec<Done>,
     finished: Vec<Finished>,
+    /// Verdicts of ended reads that asked for them, by the caller's token.
+    verdicts: Vec<(u64, Vec<Verdict>)>,
 }
 
 impl NvmeBdev {
@@ -37,6 +42,7 @@ impl NvmeBdev {
             free: Vec::new(),
             ready: Vec::new(),
             finished: Vec::new(),
+            verdicts: Vec::new(),
         }
     }
 
@@ -96,6 +102,7 @@ impl Bdev for NvmeBdev {
                     token: io.token,
                     outstanding: n,
                     status: 0,
+                    report: io.op == super::Op::Read && io.seq == super::REPORT_VERDICTS,
                 });
             }
             Err(status) => {
@@ -131,6 +138,14 @@ impl Bdev for NvmeBdev {
                 p.status = f.status;
             }
             if p.outstanding == 0 {
+                if p.report {
+                    let v = self.drive.take_verdicts(i as u64);
+                    if !v.is_empty() {
+                        // At most what is in flight: the caller takes each when its read ends.
+                        self.verdicts.retain(|x| x.0 != p.token);
+                        self.verdicts.push((p.token, v));
+                    }
+                }
                 out.push(Done {
                     token: p.token,
                     status: p.status,
@@ -157,5 +172,10 @@ impl Bdev for NvmeBdev {
 
     fn integrity_errors(&self) -> u64 {
         self.drive.integrity_errors()
+    }
+
+    fn take_verdicts(&mut self, token: u64) -> Option<Vec<Verdict>> {
+        let i = self.verdicts.iter().position(|x| x.0 == token)?;
+        Some(self.verdicts.swap_remove(i).1)
     }
 }

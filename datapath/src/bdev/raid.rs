@@ -51,8 +51,9 @@ use duplex_ipc::desc::{
 
 use super::{
     in_range, Attach, Bdev, BdevBox, ChainRef, Ctx, DeviceJob, Done, Event, Io, JobKind, Op,
-    ScrubStatus,
+    ScrubStatus, REPORT_VERDICTS,
 };
+use crate::integrity::Verdict;
 
 /// Bytes of each set a scrub checks at a time (at most a chunk).
 pub const SCRUB_WINDOW: u64 = 64 << 10;
@@ -188,6 +189,15 @@ pub struct RaidBdev {
     window: Option<Window>,
     /// The raid service's grant: scrub windows start only below this set offset.
     scrub_limit: u64,
+    /// The scrub is a resync (after an import): until it ends, a host read of a window not
+    /// yet synced waits for that window, synced out of turn.
+    resyncing: bool,
+    /// Windows synced out of turn (set offsets), ahead of the scrub's progress.
+    ahead: std::collections::BTreeSet<u64>,
+    /// Windows host reads wait for, synced first.
+    urgent: VecDeque<u64>,
+    /// Host reads waiting for their windows.
+    waiting_reads: VecDeque<Io>,
     /// Host I/Os submitted.
     host_ios: u64,
 }
@@ -206,6 +216,8 @@ struct Window {
     reads: Vec<WRead>,
     /// Block re-reads: (index into `reads`, block, status).
     blocks: Vec<(usize, u64, u16)>,
+    /// Repairs decided from the records while other sets of the window are re-read.
+    repairs: Vec<(usize, usize, u32, u64, Option<u32>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,12 +227,20 @@ enum WPhase {
     Writing,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct WRead {
     set: usize,
     member: usize,
     chain: u32,
     status: u16,
+    /// Each block's integrity verdict (members on drives with metadata).
+    verdicts: Option<Vec<Verdict>>,
+}
+
+/// Whether `a` is a newer write sequence than `b` (serial arithmetic on 32 bits: sound while
+/// they are less than 2^31 writes apart).
+fn newer(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
 }
 
 /// What a RAID device's integrity handling did.
@@ -299,8 +319,74 @@ impl RaidBdev {
             scrub: None,
             window: None,
             scrub_limit: u64::MAX,
+            resyncing: false,
+            ahead: std::collections::BTreeSet::new(),
+            urgent: VecDeque::new(),
+            waiting_reads: VecDeque::new(),
             host_ios: 0,
         })
+    }
+
+    /// Starts with a resync: every block of every set compared across its copies, the newest
+    /// (by write sequence) written over the others, host reads of a window waiting until it is
+    /// synced. What an import after a crash or a power cut needs: a copy that lied about a
+    /// flush holds older blocks that read back valid.
+    pub fn with_resync(mut self, on: bool) -> Self {
+        if on && self.level != RaidLevel::Raid0 {
+            self.scrub = Some(ScrubStatus {
+                total: self.member_len,
+                ..ScrubStatus::default()
+            });
+            self.resyncing = true;
+            tracing::info!(raid = %self.name, "resync started: the copies are compared block by block");
+        }
+        self
+    }
+
+    /// Whether a resync runs.
+    pub fn resyncing(&self) -> bool {
+        self.resyncing
+    }
+
+    /// The scrub's window size: windows start at its multiples.
+    fn unit(&self) -> u64 {
+        SCRUB_WINDOW.min(self.chunk)
+    }
+
+    /// Whether set offsets `[at, at + len)` are synced (no resync, or its windows done).
+    fn synced(&self, at: u64, len: u64) -> bool {
+        if !self.resyncing {
+            return true;
+        }
+        let done = self.scrub.map_or(u64::MAX, |s| s.done);
+        let unit = self.unit();
+        let mut w = at / unit * unit;
+        while w < at + len {
+            if w >= done && !self.ahead.contains(&w) {
+                return false;
+            }
+            w += unit;
+        }
+        true
+    }
+
+    /// The set offsets of a host I/O's pieces: (set offset, bytes) each.
+    fn set_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let nsets = self.sets.len() as u64;
+        if nsets == 1 {
+            return vec![(offset, len)];
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let off = offset + at;
+            let c = off / self.chunk;
+            let within = off % self.chunk;
+            let n = (self.chunk - within).min(len - at);
+            out.push((c / nsets * self.chunk + within, n));
+            at += n;
+        }
+        out
     }
 
     /// Buffer bytes a scrub of a device over `members` members takes at once.
@@ -707,13 +793,24 @@ impl RaidBdev {
         let Some(st) = self.scrub else {
             return;
         };
-        if self.window.is_some() || st.done >= st.total || st.done >= self.scrub_limit {
+        if self.window.is_some() || st.done >= st.total {
             return;
         }
-        let at = st.done;
-        let len = SCRUB_WINDOW
-            .min(self.chunk - at % self.chunk)
-            .min(st.total - at);
+        let unit = self.unit();
+        // Windows host reads wait for come first (whatever the grant: a host waits).
+        while let Some(&u) = self.urgent.front() {
+            if u < st.done || self.ahead.contains(&u) || u >= st.total {
+                self.urgent.pop_front();
+            } else {
+                break;
+            }
+        }
+        let at = match self.urgent.front() {
+            Some(&u) => u,
+            None if st.done < self.scrub_limit => st.done,
+            None => return,
+        };
+        let len = unit.min(st.total - at);
         let lock = self.window_lock(at, len);
         if self
             .parents
@@ -735,6 +832,7 @@ impl RaidBdev {
                         member,
                         chain,
                         status: STATUS_SUCCESS,
+                        verdicts: None,
                     }),
                     None => {
                         for r in &reads {
@@ -755,9 +853,10 @@ impl RaidBdev {
             pending: 0,
             reads,
             blocks: Vec::new(),
+            repairs: Vec::new(),
         });
         for k in 0..n {
-            let Some(r) = self.window.as_ref().map(|w| w.reads[k]) else {
+            let Some(r) = self.window.as_ref().map(|w| w.reads[k].clone()) else {
                 return;
             };
             let io = Io {
@@ -770,7 +869,7 @@ impl RaidBdev {
                     id: r.chain,
                     skip: 0,
                 },
-                seq: 0,
+                seq: REPORT_VERDICTS,
             };
             self.scrub_io(r.set, r.member, io, k as u64, ctx);
         }
@@ -808,6 +907,11 @@ impl RaidBdev {
 
     /// A scrub I/O ended (`c.tried` is its index in the window's reads or blocks).
     fn scrub_child_done(&mut self, c: &Child, status: u16, ctx: &mut Ctx<'_>) {
+        let verdicts = if c.io.op == Op::Read && c.io.seq == REPORT_VERDICTS {
+            self.members[c.member].dev.take_verdicts(c.io.token)
+        } else {
+            None
+        };
         let Some(w) = self.window.as_mut() else {
             return;
         };
@@ -817,6 +921,7 @@ impl RaidBdev {
             WPhase::Reading => {
                 if let Some(r) = w.reads.get_mut(k) {
                     r.status = status;
+                    r.verdicts = verdicts;
                 }
             }
             WPhase::Blocks => {
@@ -855,11 +960,23 @@ impl RaidBdev {
         match w.phase {
             WPhase::Reading => {
                 let mut again = Vec::new();
+                let mut repairs = Vec::new();
                 for set in 0..self.sets.len() {
                     let copies: Vec<usize> = (0..w.reads.len())
                         .filter(|&k| w.reads[k].set == set)
                         .collect();
-                    if copies.iter().all(|&k| w.reads[k].status == STATUS_SUCCESS) {
+                    let judged = copies.iter().all(|&k| {
+                        let r = &w.reads[k];
+                        (r.status == STATUS_SUCCESS || r.status == STATUS_INTEGRITY)
+                            && r.verdicts
+                                .as_ref()
+                                .is_some_and(|v| v.len() as u64 == blocks)
+                    });
+                    if judged {
+                        for b in 0..blocks {
+                            self.judge_block(&w, &copies, b, &mut repairs, ctx);
+                        }
+                    } else if copies.iter().all(|&k| w.reads[k].status == STATUS_SUCCESS) {
                         for b in 0..blocks {
                             let good: Vec<usize> = copies.clone();
                             self.compare_copies(&w, &good, b, ctx);
@@ -873,9 +990,18 @@ impl RaidBdev {
                     }
                 }
                 if again.is_empty() {
-                    self.finish_window(w, ctx);
+                    if repairs.is_empty() {
+                        self.finish_window(w, ctx);
+                    } else {
+                        w.phase = WPhase::Writing;
+                        let at = w.at;
+                        self.window = Some(w);
+                        self.send_repairs(at, repairs, ctx);
+                    }
                     return;
                 }
+                // Sets judged by their records are repaired with the re-read ones.
+                w.repairs = repairs;
                 w.phase = WPhase::Blocks;
                 w.blocks = again;
                 let list: Vec<(usize, u64)> = w.blocks.iter().map(|b| (b.0, b.1)).collect();
@@ -883,7 +1009,7 @@ impl RaidBdev {
                 let at = w.at;
                 self.window = Some(w);
                 for (i, (k, b)) in list.into_iter().enumerate() {
-                    let r = reads[k];
+                    let r = &reads[k];
                     let io = Io {
                         token: 0,
                         op: Op::Read,
@@ -900,7 +1026,7 @@ impl RaidBdev {
                 }
             }
             WPhase::Blocks => {
-                let mut repairs = Vec::new();
+                let mut repairs = std::mem::take(&mut w.repairs);
                 let mut keys: Vec<(usize, u64)> = w
                     .blocks
                     .iter()
@@ -940,6 +1066,7 @@ impl RaidBdev {
                                 w.reads[k].member,
                                 w.reads[from].chain,
                                 b,
+                                None,
                             ));
                         }
                     } else {
@@ -957,26 +1084,104 @@ impl RaidBdev {
                 w.phase = WPhase::Writing;
                 let at = w.at;
                 self.window = Some(w);
-                for (set, member, chain, b) in repairs {
-                    let seq = self.next_seq;
-                    self.next_seq += 1;
-                    tracing::warn!(raid = %self.name, member, device = self.members[member].dev.name(), member_offset = self.data_offset + at + b * bs, "scrub: a bad copy is rewritten from a good one");
-                    let io = Io {
-                        token: 0,
-                        op: Op::Write,
-                        offset: self.data_offset + at + b * bs,
-                        len: bs,
-                        fua: true,
-                        chain: ChainRef {
-                            id: chain,
-                            skip: b * bs,
-                        },
-                        seq,
-                    };
-                    self.scrub_io(set, member, io, u64::MAX, ctx);
-                }
+                self.send_repairs(at, repairs, ctx);
             }
             WPhase::Writing => self.finish_window(w, ctx),
+        }
+    }
+
+    /// Writes the repairs of a window: `(set, member, good copy's buffer, block, sequence)`
+    /// (a copy judged stale keeps the newest copy's sequence; a bad one gets a new one).
+    fn send_repairs(
+        &mut self,
+        at: u64,
+        repairs: Vec<(usize, usize, u32, u64, Option<u32>)>,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let bs = u64::from(self.block_size);
+        for (set, member, chain, b, keep) in repairs {
+            let seq = match keep {
+                Some(s) => u64::from(s),
+                None => {
+                    self.next_seq += 1;
+                    self.next_seq - 1
+                }
+            };
+            tracing::warn!(raid = %self.name, member, device = self.members[member].dev.name(), member_offset = self.data_offset + at + b * bs, "scrub: a bad or stale copy is rewritten from the newest good one");
+            let io = Io {
+                token: 0,
+                op: Op::Write,
+                offset: self.data_offset + at + b * bs,
+                len: bs,
+                fua: true,
+                chain: ChainRef {
+                    id: chain,
+                    skip: b * bs,
+                },
+                seq,
+            };
+            self.scrub_io(set, member, io, u64::MAX, ctx);
+        }
+    }
+
+    /// Judges block `b` of a window by its copies' records: the newest good copy wins and is
+    /// written over every other (bad, unwritten, or older); with no good copy a bad block is
+    /// reported; copies none of which has a record are compared.
+    fn judge_block(
+        &mut self,
+        w: &Window,
+        copies: &[usize],
+        b: u64,
+        repairs: &mut Vec<(usize, usize, u32, u64, Option<u32>)>,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let i = usize::try_from(b).unwrap_or(usize::MAX);
+        let verdict = |k: usize| {
+            w.reads[k]
+                .verdicts
+                .as_ref()
+                .and_then(|v| v.get(i).copied())
+                .unwrap_or(Verdict::Bad)
+        };
+        let mut winner: Option<(usize, u32)> = None;
+        for &k in copies {
+            if let Verdict::Good { seq } = verdict(k) {
+                if winner.is_none_or(|(_, s)| newer(seq, s)) {
+                    winner = Some((k, seq));
+                }
+            }
+        }
+        match winner {
+            Some((from, seq)) => {
+                let stale: Vec<usize> = copies
+                    .iter()
+                    .copied()
+                    .filter(|&k| verdict(k) != Verdict::Good { seq })
+                    .collect();
+                if stale.is_empty() {
+                    return;
+                }
+                if let Some(st) = self.scrub.as_mut() {
+                    st.mismatches += stale.len() as u64;
+                }
+                for k in stale {
+                    repairs.push((
+                        w.reads[k].set,
+                        w.reads[k].member,
+                        w.reads[from].chain,
+                        b,
+                        Some(seq),
+                    ));
+                }
+            }
+            None if copies.iter().any(|&k| verdict(k) == Verdict::Bad) => {
+                if let Some(st) = self.scrub.as_mut() {
+                    st.skipped += 1;
+                }
+                self.integrity.unrecoverable += 1;
+                tracing::error!(raid = %self.name, member_offset = self.data_offset + w.at + b * u64::from(self.block_size), "scrub: no copy of a block reads good: reported, not repaired");
+            }
+            None => self.compare_copies(w, copies, b, ctx),
         }
     }
 
@@ -1025,16 +1230,37 @@ impl RaidBdev {
         {
             self.healing.swap_remove(i);
         }
+        let unit = self.unit();
         if let Some(st) = self.scrub.as_mut() {
-            st.done = (w.at + w.len).min(st.total);
+            if w.at == st.done {
+                st.done = (w.at + w.len).min(st.total);
+                while self.ahead.remove(&st.done) {
+                    st.done = (st.done + unit).min(st.total);
+                }
+            } else {
+                self.ahead.insert(w.at);
+            }
             if st.done >= st.total {
-                tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, "scrub complete");
+                self.ahead.clear();
+                if self.resyncing {
+                    self.resyncing = false;
+                    tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, "resync complete");
+                } else {
+                    tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, "scrub complete");
+                }
             }
         }
     }
 
     /// Submits the deferred host writes whose ranges no heal holds any more.
     fn release_deferred(&mut self, ctx: &mut Ctx<'_>) {
+        for _ in 0..self.waiting_reads.len() {
+            let Some(io) = self.waiting_reads.pop_front() else {
+                break;
+            };
+            // `submit` makes it wait again if its windows are still not synced.
+            self.submit(io, ctx);
+        }
         if self.deferred.is_empty() {
             return;
         }
@@ -1091,6 +1317,27 @@ impl Bdev for RaidBdev {
             self.host_ios -= 1;
             self.deferred.push_back(io);
             return;
+        }
+        if io.op == Op::Read && self.resyncing {
+            let unit = self.unit();
+            let mut wait = false;
+            for (at, len) in self.set_ranges(io.offset, io.len) {
+                if !self.synced(at, len) {
+                    wait = true;
+                    let mut u = at / unit * unit;
+                    while u < at + len {
+                        if !self.synced(u, 1) && !self.urgent.contains(&u) {
+                            self.urgent.push_back(u);
+                        }
+                        u += unit;
+                    }
+                }
+            }
+            if wait {
+                self.host_ios -= 1;
+                self.waiting_reads.push_back(io);
+                return;
+            }
         }
         let mut io = io;
         if writes_data(io.op) {
@@ -1232,6 +1479,7 @@ impl Bdev for RaidBdev {
             + self.ready.len()
             + self.held.len()
             + self.deferred.len()
+            + self.waiting_reads.len()
     }
 
     fn retries(&self) -> u64 {

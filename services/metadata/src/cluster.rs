@@ -73,6 +73,10 @@ pub struct PoolPublish {
     pub rebuilding: Vec<Option<u64>>,
     /// Parity levels: `(offset, length, tag)` of the stripe journal ring on every member.
     pub journal: Option<(u64, u64, u64)>,
+    /// Mirror levels: the first write sequence number (0: from 1).
+    pub seq_base: u64,
+    /// Mirror levels: resync the copies before serving (an import).
+    pub resync: bool,
 }
 
 /// A volume map for the datapath.
@@ -970,6 +974,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .then(|| layout.stripe_journal())
                 .flatten()
                 .map(|(offset, len)| (offset, len, journal_tag(&cfg.pool.uuid))),
+            // Not yet: a resync after import needs write sequence numbers that never repeat
+            // across imports (a mark committed with the pool's metadata), which the metadata
+            // does not keep yet; until then the datapath numbers from 1 and does not resync.
+            seq_base: 0,
+            resync: false,
         };
         let device = self.publisher.publish_pool(epoch, &spec)?;
         self.pools[i].device = Some(device);

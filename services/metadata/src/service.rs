@@ -108,6 +108,8 @@ impl Publisher for ServicePublisher {
                 .collect(),
             hold_until_recorded: true,
             journal: pool.journal,
+            seq_base: pool.seq_base,
+            resync: pool.resync,
             rebuild_from: if pool.rebuilding.iter().any(Option::is_some) {
                 (0..pool.drives.len())
                     .map(|i| pool.rebuilding.get(i).copied().flatten().unwrap_or(0))
