@@ -25,44 +25,7 @@ fn payload(i: u64) -> Vec<u8> {
 }
 
 fn mirror(node: &mut Node) -> usize {
-    let ctl = node.control.clone();
-    let pool = ctl
-        .publish_pool(
-            1,
-            PoolSpec {
-                name: "pool0".into(),
-                level: RaidLevel::Raid1,
-                chunk: 64 << 10,
-                data_offset: DATA_OFFSET,
-                data_len: DATA_LEN,
-                drives: vec![0, 1],
-                states: vec![],
-                hold_until_recorded: false,
-                journal: None,
-                seq_base: 1,
-                resync: false,
-            },
-        )
-        .unwrap();
-    let blocks = DATA_LEN / u64::from(BS);
-    ctl.publish_volumes(
-        1,
-        vec![VolumeMap {
-            id: 1,
-            name: "vol1".into(),
-            block_size: BS,
-            blocks,
-            extents: vec![Extent {
-                start: 0,
-                blocks,
-                device: pool,
-                device_offset: 0,
-            }],
-        }],
-    )
-    .unwrap();
-    node.fabric[0].block_sizes.insert(1, BS);
-    pool
+    mirror_again(node, false, 1)
 }
 
 /// The member LBA of volume block `b` (a one-set mirror: the data area from DATA_OFFSET).
@@ -318,8 +281,9 @@ fn a_mirror_scrub_rewrites_bad_copies_and_reports_blocks_with_no_good_copy() {
     node.stop();
 }
 
-/// A mirror publishing the same pool again on a fresh engine (an import): `resync` and the
-/// first write sequence number as the control plane would give them.
+/// Pool 0, a mirror over raw drives 0 and 1, and volume 1 over all of it, published (again, on
+/// a fresh engine: an import) with `resync` and the first write sequence number as the
+/// control plane would give them.
 fn mirror_again(node: &mut Node, resync: bool, seq_base: u64) -> usize {
     let ctl = node.control.clone();
     let pool = ctl
