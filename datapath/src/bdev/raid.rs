@@ -1472,6 +1472,8 @@ impl Bdev for RaidBdev {
             || self
                 .scrub
                 .is_some_and(|s| s.done < s.total && s.done < self.scrub_limit)
+            || !self.urgent.is_empty()
+            || !self.waiting_reads.is_empty()
     }
 
     fn inflight(&self) -> usize {
