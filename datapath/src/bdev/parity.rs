@@ -300,6 +300,35 @@ pub struct ScrubStatus {
     pub skipped: u64,
 }
 
+impl ScrubStatus {
+    /// A new scrub of `total` member bytes on device `name`, refused while `current` runs.
+    pub(crate) fn begin(
+        current: Option<ScrubStatus>,
+        name: &str,
+        total: u64,
+    ) -> Result<ScrubStatus, String> {
+        if current.is_some_and(|s| s.done < s.total) {
+            return Err(format!("{name}: a scrub is running"));
+        }
+        tracing::info!(raid = %name, "scrub started");
+        Ok(ScrubStatus {
+            total,
+            ..ScrubStatus::default()
+        })
+    }
+
+    /// The scrub as a long job, while it runs.
+    pub(crate) fn job(current: Option<ScrubStatus>) -> Option<DeviceJob> {
+        current.filter(|s| s.done < s.total).map(|s| DeviceJob {
+            kind: JobKind::Scrub,
+            slot: 0,
+            done: s.done,
+            total: s.total,
+            started_at: 0,
+        })
+    }
+}
+
 impl ParityBdev {
     /// Builds a RAID 5 (`np` 1) or RAID 6 (`np` 2) device named `name` over `members` (in slot
     /// order) with `chunk`-byte columns, using bytes `[data_offset, data_offset + data_len)`
@@ -2344,14 +2373,7 @@ impl Bdev for ParityBdev {
     }
 
     fn start_scrub(&mut self) -> Result<(), String> {
-        if self.scrub.is_some_and(|s| s.done < s.total) {
-            return Err(format!("{}: a scrub is running", self.name));
-        }
-        self.scrub = Some(ScrubStatus {
-            total: self.member_len,
-            ..ScrubStatus::default()
-        });
-        tracing::info!(raid = %self.name, "scrub started");
+        self.scrub = Some(ScrubStatus::begin(self.scrub, &self.name, self.member_len)?);
         Ok(())
     }
 
@@ -2377,15 +2399,7 @@ impl Bdev for ParityBdev {
                 started_at: self.rebuild_from.min(done),
             });
         }
-        if let Some(s) = self.scrub.filter(|s| s.done < s.total) {
-            out.push(DeviceJob {
-                kind: JobKind::Scrub,
-                slot: 0,
-                done: s.done,
-                total: s.total,
-                started_at: 0,
-            });
-        }
+        out.extend(ScrubStatus::job(self.scrub));
     }
 
     fn host_ios(&self) -> u64 {

@@ -1492,14 +1492,7 @@ impl Bdev for RaidBdev {
         if self.level == RaidLevel::Raid0 {
             return Err(format!("{} is RAID 0: no copy to check against", self.name));
         }
-        if self.scrub.is_some_and(|s| s.done < s.total) {
-            return Err(format!("{}: a scrub is running", self.name));
-        }
-        self.scrub = Some(ScrubStatus {
-            total: self.member_len,
-            ..ScrubStatus::default()
-        });
-        tracing::info!(raid = %self.name, "scrub started");
+        self.scrub = Some(ScrubStatus::begin(self.scrub, &self.name, self.member_len)?);
         Ok(())
     }
 
@@ -1508,15 +1501,7 @@ impl Bdev for RaidBdev {
     }
 
     fn jobs(&self, out: &mut Vec<DeviceJob>) {
-        if let Some(s) = self.scrub.filter(|s| s.done < s.total) {
-            out.push(DeviceJob {
-                kind: JobKind::Scrub,
-                slot: 0,
-                done: s.done,
-                total: s.total,
-                started_at: 0,
-            });
-        }
+        out.extend(ScrubStatus::job(self.scrub));
     }
 
     fn host_ios(&self) -> u64 {
