@@ -275,6 +275,14 @@ impl Node {
         self.relaunch_replacing("", "");
     }
 
+    /// Waits until this launch's fabric has applied an export table adding `subnqn` (a pool's
+    /// subsystem is served once that line is logged; an import alone does not say the fabric
+    /// has it yet, and a host connecting in between is refused).
+    pub fn wait_exported(&mut self, subnqn: &str) -> String {
+        self.log
+            .wait_for(&["export table applied", &format!("\"{subnqn}\"")])
+    }
+
     /// Replaces `from` (which must be there) with `to` in the node's config file, for the next
     /// launch.
     pub fn edit_config(&self, from: &str, to: &str) {

@@ -138,6 +138,7 @@ fn a_pool_built_with_duplexctl_survives_restarts_and_a_sigkill_of_the_node() {
     let port = relaunch_elsewhere(&mut node, port);
     node.log.wait_for(&["pool imported", "tank"]);
     node.log.wait_for(&["metadata service ready"]);
+    node.wait_exported(SUBNQN);
     assert_eq!(snapshot(&node), before, "after a restart");
     bench(
         port,
@@ -149,6 +150,7 @@ fn a_pool_built_with_duplexctl_survives_restarts_and_a_sigkill_of_the_node() {
     let port = relaunch_elsewhere(&mut node, port);
     node.log.wait_for(&["pool imported", "tank"]);
     node.log.wait_for(&["metadata service ready"]);
+    node.wait_exported(SUBNQN);
     assert_eq!(snapshot(&node), before, "after a SIGKILL of the node");
     bench(
         port,
@@ -281,6 +283,7 @@ fn pool_loses_a_member(n: usize, raid: &str, victim: usize, how: &str) {
     assert_eq!(rig.node.stop(), Some(0));
     rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
     rig.node.log.wait_for(&["metadata service ready"]);
+    rig.node.wait_exported(SUBNQN);
     let states = member_states(&rig.node);
     assert_eq!(states[victim], "failed", "recorded on disk: {states:?}");
     let drives = json(&rig.node, &["drive", "list"])["drives"].clone();
@@ -930,6 +933,7 @@ fn the_metadata_service_crashes_at_chosen_points_inside_commits_under_io() {
         rig.node.edit_config(&from, &hooked);
         rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
         rig.node.log.wait_for(&["metadata service ready"]);
+        rig.node.wait_exported(SUBNQN);
         seed += 1;
         let s = seed.to_string();
         let args = [
@@ -1061,7 +1065,11 @@ fn restart_after(rig: &mut Rig, damage: impl FnOnce(&Rig)) -> String {
     assert_eq!(rig.node.stop(), Some(0));
     damage(rig);
     rig.port = relaunch_elsewhere(&mut rig.node, rig.port);
-    rig.node.log.wait_for(&["pool", "tank", "import"])
+    let line = rig.node.log.wait_for(&["pool", "tank", "import"]);
+    if line.contains("pool imported") {
+        rig.node.wait_exported(SUBNQN);
+    }
+    line
 }
 
 /// Through duplexd: a corrupt primary superblock, a corrupt secondary superblock and a corrupt
@@ -1186,6 +1194,7 @@ fn damaged_metadata_is_repaired_or_refused_at_import_under_duplexd() {
     }
     let out = ok(&rig.node, &["pool", "import", &uuid, "--force"]);
     assert!(out.contains("degraded"), "{out}");
+    rig.node.wait_exported(SUBNQN);
     let pool = json(&rig.node, &["pool", "show", "tank"])["pool"].clone();
     assert_ne!(pool["state"], healthy, "{pool}");
     assert_eq!(member_states(&rig.node)[0], "failed", "{pool}");
