@@ -36,6 +36,8 @@ pub enum Structure {
     ClusterConfigRecord,
     /// A spare record.
     SpareRecord,
+    /// A write sequence record.
+    WriteSeqRecord,
 }
 
 impl fmt::Display for Structure {
@@ -53,6 +55,7 @@ impl fmt::Display for Structure {
             Structure::OwnershipRecord => "Ownership record",
             Structure::ClusterConfigRecord => "Cluster config record",
             Structure::SpareRecord => "Spare record",
+            Structure::WriteSeqRecord => "Write sequence record",
         })
     }
 }

@@ -44,6 +44,8 @@ pub const TYPE_VOLUME: u16 = 5;
 pub const TYPE_NAMESPACE: u16 = 6;
 /// Record type: a hot spare of the pool (its drive UUID).
 pub const TYPE_SPARE: u16 = 7;
+/// Record type: the pool's write sequence mark ([`PoolConfig::write_seq_mark`]).
+pub const TYPE_WRITE_SEQ: u16 = 8;
 /// Most hot spares a pool keeps.
 pub const MAX_SPARES: usize = 8;
 
@@ -292,6 +294,11 @@ pub enum Record {
     Namespace(Namespace),
     /// A hot spare of the pool: its drive UUID.
     Spare(Uuid),
+    /// The pool's write sequence mark.
+    WriteSeq {
+        /// Above every write sequence number the pool's blocks may carry.
+        mark: u64,
+    },
     /// A record of a type this code does not know, without the must-understand flag.
     Skipped {
         /// Its type.
@@ -325,6 +332,12 @@ pub struct PoolConfig {
     /// The pool's hot spares (drive UUIDs, at most [`MAX_SPARES`]): free drives reserved for
     /// it, put in a failed member's slot when one fails.
     pub spares: Vec<Uuid>,
+    /// Mirror levels: every write sequence number a block of the pool carries (in its
+    /// integrity record) is below this mark. The owner commits a higher mark before it numbers
+    /// writes past it, so that numbers never repeat across restarts and owners and the newer
+    /// of two copies is the one with the higher number. 0: none committed (encoded only when
+    /// not 0).
+    pub write_seq_mark: u64,
 }
 
 /// Bytes a pool offers for volumes: each member's data area rounded down to whole chunks, times
@@ -825,6 +838,9 @@ impl PoolConfig {
         for d in &self.spares {
             record(&mut out, TYPE_SPARE, |w| w.uuid(d));
         }
+        if self.write_seq_mark != 0 {
+            record(&mut out, TYPE_WRITE_SEQ, |w| w.u64(self.write_seq_mark));
+        }
         Ok(out)
     }
 
@@ -916,6 +932,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_VOLUME => Structure::VolumeRecord,
             TYPE_NAMESPACE => Structure::NamespaceRecord,
             TYPE_SPARE => Structure::SpareRecord,
+            TYPE_WRITE_SEQ => Structure::WriteSeqRecord,
             _ if flags & FLAG_MUST_UNDERSTAND != 0 => {
                 return Err(r.error_at(at, Problem::UnknownRequiredRecord { record_type }));
             }
@@ -945,6 +962,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_SUBSYSTEM => Record::Subsystem(decode_subsystem(&mut p)?),
             TYPE_VOLUME => Record::Volume(decode_volume(&mut p)?),
             TYPE_SPARE => Record::Spare(p.uuid()?),
+            TYPE_WRITE_SEQ => Record::WriteSeq { mark: p.u64()? },
             _ => Record::Namespace(Namespace {
                 subsystem_nqn: p.string("subsystem NQN")?,
                 nsid: p.u32()?,
@@ -959,7 +977,10 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             Record::Subsystem(x) => x.check(),
             Record::Volume(x) => x.check(),
             Record::Namespace(x) => x.check(),
-            Record::ClusterConfig { .. } | Record::Spare(_) | Record::Skipped { .. } => Ok(()),
+            Record::ClusterConfig { .. }
+            | Record::Spare(_)
+            | Record::WriteSeq { .. }
+            | Record::Skipped { .. } => Ok(()),
         };
         checked.map_err(|e| FormatError::new(structure, at, Problem::Config(e)))?;
         out.push((at, rec));
@@ -1100,6 +1121,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
     let mut volumes = Vec::new();
     let mut namespaces = Vec::new();
     let mut spares = Vec::new();
+    let mut write_seq_mark = None;
     fn once<T>(
         slot: &mut Option<T>,
         v: T,
@@ -1138,6 +1160,13 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
             Record::Volume(v) => volumes.push(v),
             Record::Namespace(n) => namespaces.push(n),
             Record::Spare(d) => spares.push(d),
+            Record::WriteSeq { mark } => once(
+                &mut write_seq_mark,
+                mark,
+                at,
+                Structure::WriteSeqRecord,
+                "write sequence",
+            )?,
             Record::Skipped { .. } => {}
         }
     }
@@ -1156,6 +1185,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
         volumes,
         namespaces,
         spares,
+        write_seq_mark: write_seq_mark.unwrap_or(0),
     };
     config
         .validate()

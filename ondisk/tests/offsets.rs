@@ -231,6 +231,7 @@ fn image_header_fields_are_where_the_document_says() {
             Record::Volume(_) => "volume",
             Record::Namespace(_) => "namespace",
             Record::Spare(_) => "spare",
+            Record::WriteSeq { .. } => "write seq",
             Record::Skipped { .. } => "skipped",
         })
         .collect();
@@ -330,4 +331,34 @@ fn a_spare_record_is_its_drive_uuid_last() {
     assert!(bad.encode_body().is_err());
     bad.spares = vec![drive_uuid(7), drive_uuid(7)];
     assert!(bad.encode_body().is_err());
+}
+
+/// A write sequence record: type 8, must-understand, the mark (u64), last; absent when the mark
+/// is 0; twice in one body is refused; a body without one decodes with mark 0.
+#[test]
+fn a_write_sequence_record_is_the_mark_last() {
+    let mut cfg = config(RaidLevel::Raid1, 2);
+    let without = cfg.encode_body().expect("encodes");
+    assert_eq!(
+        duplex_ondisk::PoolConfig::decode_body(&without)
+            .expect("decodes")
+            .write_seq_mark,
+        0
+    );
+    cfg.spares = vec![drive_uuid(7)];
+    cfg.write_seq_mark = 0x0102_0304_0506_0708;
+    let body = cfg.encode_body().expect("encodes");
+    let tail = &body[body.len() - 16..];
+    assert_eq!((u16_at(tail, 0), u16_at(tail, 2), u32_at(tail, 4)), (8, 1, 8));
+    assert_eq!(u64_at(tail, 8), 0x0102_0304_0506_0708);
+    let back = duplex_ondisk::PoolConfig::decode_body(&body).expect("decodes");
+    assert_eq!(back.write_seq_mark, 0x0102_0304_0506_0708);
+    assert_eq!(back, cfg);
+    let mut twice = body.clone();
+    twice.extend_from_slice(tail);
+    let e = duplex_ondisk::PoolConfig::decode_body(&twice).expect_err("refused");
+    assert!(e.to_string().contains("Write sequence record"), "{e}");
+    // A reader that did not know type 8 would refuse the image (must-understand), never number
+    // writes from 1 over a pool numbered higher.
+    assert_eq!(u16_at(tail, 2) & 1, 1);
 }

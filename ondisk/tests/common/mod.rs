@@ -105,6 +105,7 @@ pub fn config(level: RaidLevel, n: usize) -> PoolConfig {
             },
         ],
         spares: vec![],
+        write_seq_mark: 0,
     }
 }
 

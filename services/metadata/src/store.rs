@@ -259,6 +259,7 @@ impl<D: MetaDisk> PoolStore<D> {
             volumes: Vec::new(),
             namespaces: Vec::new(),
             spares: Vec::new(),
+            write_seq_mark: 0,
         };
         config
             .validate()

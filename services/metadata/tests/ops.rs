@@ -37,6 +37,7 @@ fn pool(mib: u64) -> PoolConfig {
         volumes: vec![],
         namespaces: vec![],
         spares: vec![],
+        write_seq_mark: 0,
     }
 }
 
