@@ -131,6 +131,11 @@ struct PoolSpec {
   resync @14 :Bool;
   # Mirror levels: compare the copies of every block before serving its reads, the newest
   # (by sequence) copied over the others (an import after a crash or a power cut).
+
+  seqLimit @15 :UInt64;
+  # Mirror levels: the pool's committed write sequence mark; no write is numbered at or past
+  # it (writes wait until a higher one is published). 0: no limit. A republish of a built
+  # device raises it.
 }
 
 enum RaidLevel {
@@ -289,6 +294,10 @@ struct DeviceInfo {
   integrityUnrecoverable @21 :UInt32;
   # A pool: reads with no good copy left (failed to the host with a media error).
   # (32-bit counts, saturating, so that the largest listing stays one datagram.)
+
+  seqHeadroom @22 :UInt32;
+  # A mirror pool: write sequence numbers left below its committed mark (writes wait at 0);
+  # saturating; 2^32 - 1 for a device without a mark.
 }
 
 struct MemberFailed {

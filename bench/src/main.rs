@@ -94,6 +94,10 @@ struct Args {
     /// `--generation` (what a `write --verify` run over the same span left).
     #[arg(long)]
     verify_only: bool,
+    /// After the load (before the read-back of `--verify`), send a Flush and wait for it: the
+    /// writes acknowledged are durable once it succeeds (a failed Flush fails the run).
+    #[arg(long)]
+    flush: bool,
     /// Generation `--verify-only` expects.
     #[arg(long, default_value_t = 1)]
     generation: u64,
@@ -302,6 +306,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             until,
             verify: args.verify,
             verify_only: args.verify_only.then_some(args.generation),
+            flush: args.flush,
             seed: args.seed,
             cpu: args.cpus.get(usize::from(i)).copied(),
         })
@@ -445,6 +450,9 @@ fn run_multipath(args: &Args) -> anyhow::Result<bool> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     if args.queues != 1 {
         bail!("--paths runs one queue per path (leave --queues at 1)");
+    }
+    if args.flush {
+        bail!("--flush is for one path (with --paths, a path may fail over mid-flush)");
     }
     let (read_pct, random) = match args.workload {
         Workload::Randread => (100, true),

@@ -59,6 +59,8 @@ pub struct WorkerSpec {
     /// Only read back and check the slice, expecting every block at this generation (what a
     /// previous run that wrote each block once left).
     pub verify_only: Option<u64>,
+    /// Send a Flush after the load and wait for it.
+    pub flush: bool,
     /// Seed of the run (in every block tag).
     pub seed: u64,
     /// Pin the worker's thread to this CPU.
@@ -267,6 +269,17 @@ pub fn run(
             } else if f.generation > 0 {
                 check(spec, nlb, f.slot, f.generation, &c.data, &mut result);
             }
+        }
+    }
+    if spec.flush {
+        let sqe = Sqe {
+            opcode: io::FLUSH,
+            nsid: spec.nsid,
+            ..Sqe::default()
+        };
+        let c = q.execute(sqe, Data::None)?;
+        if !c.status().is_success() {
+            bail!("flush failed: {}", c.status());
         }
     }
     result.elapsed = begin.elapsed();

@@ -50,6 +50,10 @@ pub struct PoolSpec {
     /// Mirror levels: resync before serving reads of a region (an import after a crash or a
     /// power cut: copies may disagree, the newest by sequence wins).
     pub resync: bool,
+    /// Mirror levels: the control plane's committed write sequence mark: no write is
+    /// numbered at or past it (writes wait for a higher one). 0: no limit. Publishing the
+    /// same pool again raises it on the built device.
+    pub seq_limit: u64,
 }
 
 /// What a device looks like now.
@@ -78,6 +82,9 @@ pub struct DeviceStatus {
     pub integrity_errors: u64,
     /// A RAID device's integrity handling.
     pub integrity: crate::bdev::IntegrityCounts,
+    /// A mirror device: write sequence numbers left below its committed mark (`None`:
+    /// no mark, or not a mirror).
+    pub seq_headroom: Option<u64>,
 }
 
 /// Replies to commands: `Err` carries a one-line reason.

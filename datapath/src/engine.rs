@@ -708,6 +708,7 @@ impl Engine {
                     scrub: d.scrub_status(),
                     integrity_errors: d.integrity_errors(),
                     integrity: d.integrity_counts(),
+                    seq_headroom: d.seq_headroom(),
                 }),
                 None if taken => {
                     let Some(&(root, Some(m))) = self.drive_loc.get(index) else {
@@ -740,6 +741,7 @@ impl Engine {
                         scrub: None,
                         integrity_errors,
                         integrity: Default::default(),
+                        seq_headroom: None,
                     });
                 }
                 None => {}
@@ -823,6 +825,8 @@ impl Engine {
                     if !newly.is_empty() {
                         tracing::warn!(pool = %spec.name, members = ?newly, "members failed as published");
                     }
+                    // A higher committed write sequence mark (never lowered).
+                    dev.set_seq_limit(spec.seq_limit);
                 }
                 return Ok(root);
             }
@@ -950,6 +954,7 @@ impl Engine {
             Box::new(
                 raid.hold_until_recorded(spec.hold_until_recorded)
                     .with_seq(spec.seq_base)
+                    .with_seq_limit(spec.seq_limit)
                     .with_resync(spec.resync),
             )
         };

@@ -616,6 +616,7 @@ impl MapsServer {
                 .map(|(offset, len, tag)| JournalSpec { offset, len, tag }),
             seq_base: spec.seq_base,
             resync: spec.resync,
+            seq_limit: spec.seq_limit,
         };
         let index = self.control.publish_pool(epoch, spec)?;
         u32::try_from(index)
@@ -793,6 +794,9 @@ fn device_info(d: &DeviceStatus) -> wire::DeviceInfo {
             healed: d.integrity.healed,
             unrecoverable: d.integrity.unrecoverable,
         },
+        seq_headroom: d
+            .seq_headroom
+            .map_or(u32::MAX, |h| u32::try_from(h).unwrap_or(u32::MAX)),
     }
 }
 

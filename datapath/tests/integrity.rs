@@ -28,6 +28,10 @@ fn mirror(node: &mut Node) -> usize {
     mirror_again(node, false, 1)
 }
 
+fn mirror_again(node: &mut Node, resync: bool, seq_base: u64) -> usize {
+    mirror_limited(node, resync, seq_base, 0)
+}
+
 /// The member LBA of volume block `b` (a one-set mirror: the data area from DATA_OFFSET).
 fn member_lba(b: u64) -> u64 {
     DATA_OFFSET / u64::from(BS) + b
@@ -282,9 +286,9 @@ fn a_mirror_scrub_rewrites_bad_copies_and_reports_blocks_with_no_good_copy() {
 }
 
 /// Pool 0, a mirror over raw drives 0 and 1, and volume 1 over all of it, published (again, on
-/// a fresh engine: an import) with `resync` and the first write sequence number as the
-/// control plane would give them.
-fn mirror_again(node: &mut Node, resync: bool, seq_base: u64) -> usize {
+/// a fresh engine: an import) with `resync`, the first write sequence number and the committed
+/// mark as the control plane would give them.
+fn mirror_limited(node: &mut Node, resync: bool, seq_base: u64, seq_limit: u64) -> usize {
     let ctl = node.control.clone();
     let pool = ctl
         .publish_pool(
@@ -301,6 +305,7 @@ fn mirror_again(node: &mut Node, resync: bool, seq_base: u64) -> usize {
                 journal: None,
                 seq_base,
                 resync,
+                seq_limit,
             },
         )
         .unwrap();
@@ -436,4 +441,75 @@ fn flush(node: &mut Node) -> u16 {
         &[],
     );
     d.desc.status
+}
+
+/// The write sequence number (low 32 bits) in the integrity record of member LBA `lba`.
+fn record_seq(drive: &SimDrive, lba: u64) -> u32 {
+    let md = drive.drive.metadata(lba, 1).unwrap();
+    u32::from_be_bytes(md[0..4].try_into().unwrap())
+}
+
+/// Writes on both drives so far (their drive-wide write sequence).
+fn drive_writes(drives: &[SimDrive]) -> u64 {
+    drives.iter().map(|d| d.drive.port_writes().0).sum()
+}
+
+#[test]
+fn writes_wait_at_the_committed_write_sequence_mark_until_a_higher_one_is_published() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(8)).collect();
+    let mut node = raw_node(&drives);
+    let (base, mark) = (1000, 1008);
+    let pool = mirror_limited(&mut node, false, base, mark);
+    let headroom = |node: &Node| {
+        node.control
+            .devices()
+            .unwrap()
+            .iter()
+            .find(|d| d.index == pool)
+            .and_then(|d| d.seq_headroom)
+    };
+    assert_eq!(headroom(&node), Some(mark - base));
+    write_all(&mut node, mark - base);
+    assert_eq!(headroom(&node), Some(0));
+    for i in 0..mark - base {
+        for d in &drives {
+            let seq = record_seq(d, member_lba(i * u64::from(IO_BLOCKS)));
+            assert_eq!(
+                u64::from(seq),
+                base + i,
+                "write {i}: numbered from the base"
+            );
+        }
+    }
+    // The next write waits: a read submitted after it completes first, and neither drive
+    // sees the write.
+    let before = drive_writes(&drives);
+    let i = mark - base;
+    let w = node.fabric[0].write(1, i * u64::from(IO_BLOCKS), &payload(i), 0);
+    let r = node.fabric[0].read(1, 0, IO_BLOCKS);
+    let done = node.fabric[0].collect(1);
+    assert!(done.contains_key(&r), "the write past the mark completed");
+    assert_eq!(done[&r].desc.status, STATUS_SUCCESS);
+    assert_eq!(
+        drive_writes(&drives),
+        before,
+        "a write past the mark reached a drive"
+    );
+    // A higher mark published for the same pool: the same device, and the write goes on with
+    // the mark's number.
+    assert_eq!(mirror_limited(&mut node, false, base, mark + 100), pool);
+    let done = node.fabric[0].collect(1);
+    assert_eq!(done[&w].desc.status, STATUS_SUCCESS);
+    for d in &drives {
+        assert_eq!(
+            u64::from(record_seq(d, member_lba(i * u64::from(IO_BLOCKS)))),
+            mark
+        );
+    }
+    assert_eq!(headroom(&node), Some(99));
+    // A lower mark published later does not lower it.
+    mirror_limited(&mut node, false, base, mark + 10);
+    assert_eq!(headroom(&node), Some(99));
+    assert_eq!(read_all(&mut node, i + 1, |_| false), 0);
+    node.stop();
 }

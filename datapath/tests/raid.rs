@@ -305,6 +305,7 @@ fn mirror_spec(hold: bool) -> PoolSpec {
         journal: None,
         seq_base: 1,
         resync: false,
+        seq_limit: 0,
     }
 }
 

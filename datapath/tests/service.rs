@@ -730,6 +730,7 @@ fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
         journal: None,
         seq_base: 1,
         resync: false,
+        seq_limit: 0,
         rebuild_from: vec![],
     }
 }

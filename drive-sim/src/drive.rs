@@ -1237,6 +1237,16 @@ impl Drive {
         Ok(self.lock().read_file(lba, n)?)
     }
 
+    /// The metadata of `n` blocks from `lba` as a read returns it now (cached or on the file;
+    /// empty for a format without metadata): what a test checks a host's records against.
+    pub fn metadata(&self, lba: u64, n: u64) -> Result<Vec<u8>, DriveError> {
+        let end = lba.checked_add(n);
+        if end.is_none_or(|e| e > self.cfg.blocks) {
+            return Err(DriveError::Config("range beyond the namespace".into()));
+        }
+        Ok(self.lock().read_metadata(lba, n)?)
+    }
+
     /// A copy of the namespace's reservation state.
     pub fn reservations(&self) -> Reservations {
         self.lock().resv.clone()

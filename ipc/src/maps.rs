@@ -51,7 +51,7 @@ pub const MAX_EXTENTS: usize = 256;
 pub const MAX_VOLUMES: usize = 4096;
 /// Most devices in a `listDevices` answer: the largest answer within the bounds fits one
 /// datagram (checked by a test).
-pub const MAX_DEVICES: usize = 192;
+pub const MAX_DEVICES: usize = 184;
 
 /// RAID levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,6 +109,9 @@ pub struct PoolSpec {
     pub seq_base: u64,
     /// Mirror levels: resync before serving (an import after a crash).
     pub resync: bool,
+    /// Mirror levels: the committed write sequence mark, which no write is numbered at or
+    /// past (0: no limit).
+    pub seq_limit: u64,
 }
 
 /// `blocks` blocks of a volume from volume block `start` live on device `device` from byte
@@ -219,6 +222,9 @@ pub struct DeviceInfo {
     pub scrub: Option<ScrubInfo>,
     /// Integrity findings (see [`IntegrityInfo`]).
     pub integrity: IntegrityInfo,
+    /// A mirror pool: write sequence numbers left below its committed mark (writes wait at
+    /// 0); saturating, `u32::MAX` for a device without a mark.
+    pub seq_headroom: u32,
 }
 
 /// What integrity checking found on a device since the datapath started (counts above 2^32 - 1
@@ -541,6 +547,7 @@ impl MapsRequest {
                 }
                 p.set_seq_base(s.seq_base);
                 p.set_resync(s.resync);
+                p.set_seq_limit(s.seq_limit);
                 let len = len_u32(s.rebuild_from.len());
                 let mut from = p.init_rebuild_from(len);
                 for (i, &at) in (0..len).zip(&s.rebuild_from) {
@@ -746,6 +753,7 @@ fn read_pool(p: wire::pool_spec::Reader<'_>) -> Result<PoolSpec, ControlError> {
         hold_until_recorded: p.get_hold_until_recorded(),
         seq_base: p.get_seq_base(),
         resync: p.get_resync(),
+        seq_limit: p.get_seq_limit(),
         journal: (p.get_journal_len() > 0).then(|| {
             (
                 p.get_journal_offset(),
@@ -909,6 +917,7 @@ fn write_device(mut out: wire::device_info::Builder<'_>, d: &DeviceInfo) {
     out.set_integrity_recovered(sat(d.integrity.recovered));
     out.set_integrity_healed(sat(d.integrity.healed));
     out.set_integrity_unrecoverable(sat(d.integrity.unrecoverable));
+    out.set_seq_headroom(d.seq_headroom);
     let mut of = out.init_member_of();
     match d.member_of {
         None => of.set_none(()),
@@ -957,6 +966,7 @@ fn read_device(d: wire::device_info::Reader<'_>) -> Result<DeviceInfo, ControlEr
             healed: d.get_integrity_healed().into(),
             unrecoverable: d.get_integrity_unrecoverable().into(),
         },
+        seq_headroom: d.get_seq_headroom(),
     })
 }
 
@@ -1391,6 +1401,7 @@ pub mod examples {
                 rebuild_from: vec![0, 1 << 20, 0, 0],
                 seq_base: 1 << 40,
                 resync: true,
+                seq_limit: (1 << 40) + (1 << 24),
             }),
             MapsRequest::PublishPool(PoolSpec {
                 epoch: 1,
@@ -1406,6 +1417,7 @@ pub mod examples {
                 rebuild_from: vec![],
                 seq_base: 0,
                 resync: false,
+                seq_limit: 0,
             }),
             MapsRequest::PublishVolumes(PublishVolumes {
                 epoch: 3,
@@ -1462,6 +1474,7 @@ pub mod examples {
                 healed: 3,
                 unrecoverable: 1,
             },
+            seq_headroom: if members > 0 { 12345 } else { u32::MAX },
         }
     }
 

@@ -349,7 +349,10 @@ fn a_write_sequence_record_is_the_mark_last() {
     cfg.write_seq_mark = 0x0102_0304_0506_0708;
     let body = cfg.encode_body().expect("encodes");
     let tail = &body[body.len() - 16..];
-    assert_eq!((u16_at(tail, 0), u16_at(tail, 2), u32_at(tail, 4)), (8, 1, 8));
+    assert_eq!(
+        (u16_at(tail, 0), u16_at(tail, 2), u32_at(tail, 4)),
+        (8, 1, 8)
+    );
     assert_eq!(u64_at(tail, 8), 0x0102_0304_0506_0708);
     let back = duplex_ondisk::PoolConfig::decode_body(&body).expect("decodes");
     assert_eq!(back.write_seq_mark, 0x0102_0304_0506_0708);

@@ -28,9 +28,18 @@ fn relaunch_elsewhere(node: &mut Node, port: u16) -> u16 {
     new
 }
 
-/// What the operator sees of the configuration (and what must come back after restarts).
+/// What the operator sees of the configuration (and what must come back after restarts),
+/// the pools' metadata generation aside: an import of a mirror pool commits the next write
+/// sequence mark.
 fn snapshot(node: &Node) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
-    let pools = json(node, &["pool", "list"])["pools"].clone();
+    let mut pools = json(node, &["pool", "list"])["pools"].clone();
+    if let Some(list) = pools.as_array_mut() {
+        for p in list {
+            if let Some(p) = p.as_object_mut() {
+                p.remove("generation");
+            }
+        }
+    }
     let volumes = json(node, &["volume", "list"])["volumes"].clone();
     let subsystems = json(node, &["subsystem", "list"])["subsystems"].clone();
     (pools, volumes, subsystems)

@@ -320,6 +320,19 @@ pub trait Bdev: Debug + Send {
     fn member_integrity_errors(&self, _i: usize) -> u64 {
         0
     }
+    /// Whether the blocks written through this device carry integrity records (a drive
+    /// formatted with metadata; a RAID device, when all its present members do).
+    fn carries_records(&self) -> bool {
+        false
+    }
+    /// A mirror device with a committed write sequence mark: the numbers left below it
+    /// (`None` for the rest).
+    fn seq_headroom(&self) -> Option<u64> {
+        None
+    }
+    /// A mirror device: raises the committed write sequence mark, which no write is numbered
+    /// at or past (0: no limit; never lowered).
+    fn set_seq_limit(&mut self, _limit: u64) {}
     /// The per-block integrity verdicts of the read that ended with `token`, asked for with
     /// [`REPORT_VERDICTS`] (drives with metadata; `None` for the rest or when not asked).
     fn take_verdicts(&mut self, _token: u64) -> Option<Vec<crate::integrity::Verdict>> {

@@ -174,6 +174,10 @@ impl Bdev for NvmeBdev {
         self.drive.integrity_errors()
     }
 
+    fn carries_records(&self) -> bool {
+        self.drive.metadata_size() != 0
+    }
+
     fn take_verdicts(&mut self, token: u64) -> Option<Vec<Verdict>> {
         let i = self.verdicts.iter().position(|x| x.0 == token)?;
         Some(self.verdicts.swap_remove(i).1)

@@ -176,6 +176,10 @@ pub struct RaidBdev {
     held: Vec<Done>,
     /// The sequence number the next write gets.
     next_seq: u64,
+    /// The committed write sequence mark: no write is numbered at or past it (0: no limit).
+    seq_limit: u64,
+    /// Host writes wait for a higher mark (said once per wait).
+    seq_waiting: bool,
     /// Heals in flight: (parent, device offset, length).
     healing: Vec<(usize, u64, u64)>,
     /// Host writes waiting for a heal of their range to end.
@@ -313,6 +317,8 @@ impl RaidBdev {
             unrecorded: 0,
             held: Vec::new(),
             next_seq: 1,
+            seq_limit: 0,
+            seq_waiting: false,
             healing: Vec::new(),
             deferred: VecDeque::new(),
             integrity: IntegrityCounts::default(),
@@ -331,8 +337,31 @@ impl RaidBdev {
     /// (by write sequence) written over the others, host reads of a window waiting until it is
     /// synced. What an import after a crash or a power cut needs: a copy that lied about a
     /// flush holds older blocks that read back valid.
+    /// Only over members that all carry integrity records (without them the copies cannot
+    /// say which is newer) and with a set that has two active copies to compare.
     pub fn with_resync(mut self, on: bool) -> Self {
-        if on && self.level != RaidLevel::Raid0 {
+        if !on || self.level == RaidLevel::Raid0 {
+            return self;
+        }
+        let present = |m: &Member| m.state == MemberState::Active;
+        if !self
+            .members
+            .iter()
+            .filter(|m| present(m))
+            .all(|m| m.dev.carries_records())
+        {
+            tracing::info!(raid = %self.name, "no resync: the members carry no integrity records (nothing says which copy is newer)");
+            return self;
+        }
+        if !self
+            .sets
+            .iter()
+            .any(|set| set.iter().filter(|&&m| present(&self.members[m])).count() > 1)
+        {
+            tracing::info!(raid = %self.name, "no resync: no set has two active copies");
+            return self;
+        }
+        {
             self.scrub = Some(ScrubStatus {
                 total: self.member_len,
                 ..ScrubStatus::default()
@@ -399,6 +428,22 @@ impl RaidBdev {
     pub fn with_seq(mut self, seq: u64) -> Self {
         self.next_seq = seq.max(1);
         self
+    }
+
+    /// Never numbers a write at or past `limit` (the pool's committed mark; 0: no limit):
+    /// host writes wait for [`Bdev::set_seq_limit`] to raise it.
+    pub fn with_seq_limit(mut self, limit: u64) -> Self {
+        self.seq_limit = limit;
+        self
+    }
+
+    /// The next write sequence number, if the committed mark allows one.
+    fn take_seq(&mut self) -> Option<u64> {
+        if self.seq_limit != 0 && self.next_seq >= self.seq_limit {
+            return None;
+        }
+        self.next_seq += 1;
+        Some(self.next_seq - 1)
     }
 
     /// What the integrity handling did so far.
@@ -748,8 +793,11 @@ impl RaidBdev {
             self.integrity.heal_skipped += 1;
             return;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let Some(seq) = self.take_seq() else {
+            // The committed mark is reached: the bad copy stays (a scrub finds it again).
+            self.integrity.heal_skipped += 1;
+            return;
+        };
         for k in 0..self.sets[c.set].len() {
             let m = self.sets[c.set][k];
             if c.bad & 1 << m == 0 || self.members[m].state != MemberState::Active {
@@ -1100,11 +1148,14 @@ impl RaidBdev {
     ) {
         let bs = u64::from(self.block_size);
         for (set, member, chain, b, keep) in repairs {
-            let seq = match keep {
-                Some(s) => u64::from(s),
+            let seq = match keep.map(u64::from).or_else(|| self.take_seq()) {
+                Some(s) => s,
                 None => {
-                    self.next_seq += 1;
-                    self.next_seq - 1
+                    // The committed mark is reached: not repaired now (reported skipped).
+                    if let Some(st) = self.scrub.as_mut() {
+                        st.skipped += 1;
+                    }
+                    continue;
                 }
             };
             tracing::warn!(raid = %self.name, member, device = self.members[member].dev.name(), member_offset = self.data_offset + at + b * bs, "scrub: a bad or stale copy is rewritten from the newest good one");
@@ -1341,8 +1392,16 @@ impl Bdev for RaidBdev {
         }
         let mut io = io;
         if writes_data(io.op) {
-            io.seq = self.next_seq;
-            self.next_seq += 1;
+            let Some(seq) = self.take_seq() else {
+                if !self.seq_waiting {
+                    self.seq_waiting = true;
+                    tracing::warn!(raid = %self.name, mark = self.seq_limit, "host writes wait: the pool's committed write sequence mark is reached (the metadata service commits the next one)");
+                }
+                self.host_ios -= 1;
+                self.deferred.push_back(io);
+                return;
+            };
+            io.seq = seq;
         }
         let p = self.new_parent(io.token, io.op, io.offset, io.len);
         // The parent holds one count of its own while its pieces go out, so that a member
@@ -1520,6 +1579,28 @@ impl Bdev for RaidBdev {
 
     fn integrity_counts(&self) -> IntegrityCounts {
         self.integrity
+    }
+
+    fn carries_records(&self) -> bool {
+        self.members
+            .iter()
+            .filter(|m| m.state != MemberState::Failed)
+            .all(|m| m.dev.carries_records())
+    }
+
+    fn seq_headroom(&self) -> Option<u64> {
+        (self.level != RaidLevel::Raid0 && self.seq_limit != 0)
+            .then(|| self.seq_limit.saturating_sub(self.next_seq))
+    }
+
+    fn set_seq_limit(&mut self, limit: u64) {
+        if self.seq_limit != 0 && (limit == 0 || limit > self.seq_limit) {
+            if self.seq_waiting {
+                tracing::info!(raid = %self.name, mark = limit, "host writes go on: a higher write sequence mark is committed");
+            }
+            self.seq_limit = limit;
+            self.seq_waiting = false;
+        }
     }
 
     fn member_geometry(&self, i: usize) -> Option<(u32, u64)> {

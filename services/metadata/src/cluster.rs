@@ -77,6 +77,9 @@ pub struct PoolPublish {
     pub seq_base: u64,
     /// Mirror levels: resync the copies before serving (an import).
     pub resync: bool,
+    /// Mirror levels: the committed write sequence mark (no write is numbered at or past
+    /// it); 0: no limit.
+    pub seq_limit: u64,
 }
 
 /// A volume map for the datapath.
@@ -153,6 +156,11 @@ pub trait Publisher {
     fn integrity(&mut self) -> Vec<(u32, duplex_ipc::maps::IntegrityInfo)> {
         Vec::new()
     }
+    /// Mirror pool devices at the datapath with a committed mark: `(device, write sequence
+    /// numbers left below it)` (saturating at `u32::MAX`).
+    fn seq_headroom(&mut self) -> Vec<(u32, u64)> {
+        Vec::new()
+    }
     /// Whether each member of pool device `device` is active at the datapath (a rebuilt
     /// member turns active there first).
     fn active_members(&mut self, _device: u32) -> Result<Vec<bool>, String> {
@@ -219,6 +227,27 @@ struct PoolEntry<D: MetaDisk> {
     device: Option<u32>,
     /// Raw drive ids by slot (`MISSING` where no current member).
     drives: Vec<u32>,
+    /// Mirror levels: the write sequence numbers this process leased, `(first, mark)`: the
+    /// mark is committed; the datapath numbers from `first` and never reaches the mark.
+    seq: Option<(u64, u64)>,
+    /// Imported from the drives (not created here): its mirror copies are resynced when the
+    /// datapath builds its device (a crash or power cut may have left them apart).
+    imported: bool,
+}
+
+/// Write sequence numbers a pool's owner leases at once (committed as the pool's mark).
+pub const SEQ_LEASE: u64 = 1 << 24;
+
+/// Mirror levels: takes the next lease of write sequence numbers into `cfg` (its mark moves
+/// one lease up, at least past `used`); returns `(first, mark)`. `None` for other levels.
+fn lease_seq(cfg: &mut PoolConfig, used: u64) -> Option<(u64, u64)> {
+    if !matches!(cfg.pool.raid_level, RaidLevel::Raid1 | RaidLevel::Raid10) {
+        return None;
+    }
+    let first = cfg.write_seq_mark.max(used).max(1);
+    let mark = first.saturating_add(SEQ_LEASE);
+    cfg.write_seq_mark = mark;
+    Some((first, mark))
 }
 
 /// A pool the peer controller owns, as read (never written) from its drives: this node
@@ -391,6 +420,46 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         c
     }
 
+    /// Commits the next lease of write sequence numbers for every mirror pool whose datapath
+    /// device numbers within half a lease of its committed mark, and publishes the new mark
+    /// (the datapath holds writes at the mark, never past it). Checked twice a second: a
+    /// lease is far more writes than a device does in that time.
+    pub fn renew_write_seqs(&mut self) {
+        let room = self.publisher.seq_headroom();
+        for i in 0..self.pools.len() {
+            let (Some(device), Some((first, mark))) = (self.pools[i].device, self.pools[i].seq)
+            else {
+                continue;
+            };
+            let Some(&(_, left)) = room.iter().find(|(d, _)| *d == device) else {
+                continue;
+            };
+            if left > SEQ_LEASE / 2 {
+                continue;
+            }
+            let next = mark.saturating_sub(left);
+            let mut cfg = self.pools[i].store.config().clone();
+            let Some((_, new_mark)) = lease_seq(&mut cfg, next) else {
+                continue;
+            };
+            let name = cfg.pool.name.clone();
+            self.changes += 1;
+            if let Err(e) = self.pools[i].store.commit(cfg) {
+                tracing::error!(pool = %name, error = %e, mark, next, "cannot commit the next write sequence mark: the pool's writes wait at the mark");
+                continue;
+            }
+            self.pools[i].seq = Some((first, new_mark));
+            match self.publish_pool(i) {
+                Ok(()) => {
+                    tracing::info!(pool = %name, next, mark = new_mark, "write sequence mark moved up")
+                }
+                Err(e) => {
+                    tracing::error!(pool = %name, error = %e, "the next write sequence mark is committed but not published")
+                }
+            }
+        }
+    }
+
     /// Names the hot spares among the drives: a spare superblock whose pool (this node's or
     /// the peer's) lists its drive UUID among its spares. A spare superblock its pool no longer
     /// lists (taken, or the pool's record lost it) leaves the drive as it was classified.
@@ -521,6 +590,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         let from = cfg.ownership;
         cfg.ownership.owner_node = self.node;
         cfg.ownership.epoch = from.epoch + 1;
+        // The write sequence lease rides on the ownership commit (no second commit in the
+        // takeover's pause); taken before the commit, which may publish.
+        self.pools[i].seq = lease_seq(&mut cfg, 0);
         let name = cfg.pool.name.clone();
         if let Err(e) = self.commit_pool(i, cfg) {
             tracing::error!(pool = %name, error = %e, "TAKEOVER of a pool failed: its ownership could not be committed; not served");
@@ -838,6 +910,8 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     store,
                     device: None,
                     drives: slots,
+                    seq: None,
+                    imported: true,
                 });
                 Ok(self.pools.len() - 1)
             }
@@ -937,6 +1011,20 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     }
 
     fn publish_pool(&mut self, i: usize) -> Result<(), String> {
+        // A mirror pool's first publish in this process leases write sequence numbers: the
+        // mark is committed before the datapath may number a write with them.
+        if self.pools[i].seq.is_none() {
+            let mut cfg = self.pools[i].store.config().clone();
+            if let Some(lease) = lease_seq(&mut cfg, 0) {
+                self.changes += 1;
+                self.pools[i]
+                    .store
+                    .commit(cfg)
+                    .map_err(|e| format!("committing its write sequence mark failed: {e}"))?;
+                self.pools[i].seq = Some(lease);
+                tracing::info!(pool = %self.pools[i].store.config().pool.name, first = lease.0, mark = lease.1, "write sequence numbers leased");
+            }
+        }
         let epoch = self.epoch();
         let p = &self.pools[i];
         let cfg = p.store.config();
@@ -974,11 +1062,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .then(|| layout.stripe_journal())
                 .flatten()
                 .map(|(offset, len)| (offset, len, journal_tag(&cfg.pool.uuid))),
-            // Not yet: a resync after import needs write sequence numbers that never repeat
-            // across imports (a mark committed with the pool's metadata), which the metadata
-            // does not keep yet; until then the datapath numbers from 1 and does not resync.
-            seq_base: 0,
-            resync: false,
+            seq_base: p.seq.map_or(0, |s| s.0),
+            seq_limit: p.seq.map_or(0, |s| s.1),
+            // Only a device built now resyncs (the datapath ignores it for one it has).
+            resync: p.imported,
         };
         let device = self.publisher.publish_pool(epoch, &spec)?;
         self.pools[i].device = Some(device);
@@ -1545,6 +1632,8 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     store,
                     device: None,
                     drives: ids,
+                    seq: None,
+                    imported: false,
                 });
                 let i = self.pools.len() - 1;
                 if let Err(e) = self.publish_pool(i) {

@@ -110,6 +110,7 @@ impl Publisher for ServicePublisher {
             journal: pool.journal,
             seq_base: pool.seq_base,
             resync: pool.resync,
+            seq_limit: pool.seq_limit,
             rebuild_from: if pool.rebuilding.iter().any(Option::is_some) {
                 (0..pool.drives.len())
                     .map(|i| pool.rebuilding.get(i).copied().flatten().unwrap_or(0))
@@ -201,6 +202,20 @@ impl Publisher for ServicePublisher {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn seq_headroom(&mut self) -> Vec<(u32, u64)> {
+        match self.maps.list_devices(MAPS_TIMEOUT) {
+            Ok(list) => list
+                .iter()
+                .filter(|d| d.seq_headroom != u32::MAX)
+                .map(|d| (d.index, u64::from(d.seq_headroom)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the datapath's write sequence numbers");
+                Vec::new()
             }
         }
     }
@@ -474,6 +489,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         if rebuilds_at.elapsed() >= Duration::from_millis(500) {
             rebuilds_at = std::time::Instant::now();
             cluster.check_rebuilds();
+            cluster.renew_write_seqs();
             // Hot spares: found on the drives, taken for failed members.
             cluster.label_spares();
             cluster.take_spares();

@@ -8,7 +8,9 @@ use duplex_ipc::config::{
     ConfigErrorKind, ConfigReply, ConfigRequest, DriveState, PoolState, RaidLevel,
 };
 use duplex_ipc::exports::{AnaGroupState, AnaState, ExportSubsystem};
-use duplex_metadata::cluster::{Cluster, Drive, PoolPublish, Publisher, VolumePublish, MISSING};
+use duplex_metadata::cluster::{
+    Cluster, Drive, PoolPublish, Publisher, VolumePublish, MISSING, SEQ_LEASE,
+};
 use duplex_metadata::disk::MemDisk;
 
 #[derive(Debug, Default)]
@@ -21,6 +23,8 @@ struct Recorder {
     replaced: Vec<(u32, u32, u32)>,
     /// What `active_members` answers (the datapath's view).
     active: Vec<bool>,
+    /// What `seq_headroom` answers.
+    room: Vec<(u32, u64)>,
 }
 
 impl Publisher for Recorder {
@@ -51,6 +55,9 @@ impl Publisher for Recorder {
     }
     fn active_members(&mut self, _device: u32) -> Result<Vec<bool>, String> {
         Ok(self.active.clone())
+    }
+    fn seq_headroom(&mut self) -> Vec<(u32, u64)> {
+        self.room.clone()
     }
     fn publish_exports(
         &mut self,
@@ -706,4 +713,62 @@ fn a_failed_parity_member_is_replaced_rebuilt_and_committed_active() {
         ConfigReply::Pools(p) => assert_eq!(p[0].state, PoolState::Online, "{p:?}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// A mirror pool's write sequence numbers: leased (the mark committed) before the datapath
+/// gets them, numbered from the last committed mark after every start, never twice; the
+/// mark moves up when the datapath comes within half a lease of it; a resync is asked for
+/// when the pool is imported, not when it is created.
+#[test]
+fn a_mirror_pools_write_sequence_mark_is_committed_before_use_and_moves_up() {
+    let d = disks(2);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    let p = c.publisher().pools[0].clone();
+    assert_eq!(
+        (p.seq_base, p.seq_limit, p.resync),
+        (1, 1 + SEQ_LEASE, false)
+    );
+    drop(c);
+    // A restart numbers from the mark committed, with a resync.
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let p = c.publisher().pools[0].clone();
+    let mark = 1 + 2 * SEQ_LEASE;
+    assert_eq!(
+        (p.seq_base, p.seq_limit, p.resync),
+        (1 + SEQ_LEASE, mark, true)
+    );
+    // More than half a lease left: nothing committed.
+    c.publisher_mut().room = vec![(100, SEQ_LEASE / 2 + 1)];
+    let changes = c.changes();
+    c.renew_write_seqs();
+    assert_eq!(c.changes(), changes);
+    assert_eq!(c.publisher().pools[0].seq_limit, mark);
+    // Within half a lease: the next mark is committed and published.
+    c.publisher_mut().room = vec![(100, 10)];
+    c.renew_write_seqs();
+    assert_eq!(c.changes(), changes + 1);
+    let p = c.publisher().pools[0].clone();
+    assert_eq!((p.seq_base, p.seq_limit), (1 + SEQ_LEASE, mark + SEQ_LEASE));
+    drop(c);
+    let c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    assert_eq!(c.publisher().pools[0].seq_base, mark + SEQ_LEASE);
+    // RAID 0 has no copies to order: no lease, no resync.
+    let d = disks(2);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "fast".into(),
+        raid: RaidLevel::Raid0,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    drop(c);
+    let c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let p = c.publisher().pools[0].clone();
+    assert_eq!((p.seq_base, p.seq_limit), (0, 0));
 }
