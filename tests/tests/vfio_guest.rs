@@ -6,7 +6,11 @@
 //! its DMA memory, brings the controller up, identifies it, creates two I/O queue pairs, writes a
 //! pattern over the first 64 MiB, flushes, reads it back and compares; the test then finds the
 //! pattern in the disk image behind the emulated drive. A request larger than the namespace must
-//! fail cleanly (exit 1, no panic).
+//! fail cleanly (exit 1, no panic). A second namespace is formatted with 8 bytes of metadata a
+//! block in a separate buffer (`nvme-ns,ms=8,mset=0`): the tool writes duplex's integrity record
+//! with every block (at MPTR) and checks every record read back, and the test finds each record
+//! where QEMU keeps a namespace's metadata (after its data in the image), checked by the
+//! record's definition written out here, not by the datapath's code.
 //!
 //! The tool and the shared libraries it needs (with their dynamic loader) travel in the 9p share,
 //! so the guest's initramfs libraries never have to match this machine's build.
@@ -30,6 +34,9 @@ const SERIAL: &str = "DPLXVFIO1";
 const DISK_MIB: u64 = 128;
 /// What the driver writes and verifies.
 const VERIFY_MIB: u64 = 64;
+/// The namespace with metadata: its image, and what the driver writes and checks on it.
+const MD_DISK_MIB: u64 = 32;
+const MD_VERIFY_MIB: u64 = 16;
 
 /// The guest script. Every section starts with a `== name` line; `set -e` stops at the first
 /// failing command (each tool run is bounded by `timeout`).
@@ -79,6 +86,14 @@ t=$(now)
 check 600 --vfio "$bdf" --json verify --mib {VERIFY_MIB} --queues 2 > verify.json
 cat verify.json
 echo "verify took $(echo "$(now) $t" | awk '{{printf "%.1f", $1 - $2}}') s"
+
+section records
+check 120 --vfio "$bdf" --nsid 2 --json identify > identify2.json
+cat identify2.json
+t=$(now)
+check 600 --vfio "$bdf" --nsid 2 --json verify --mib {MD_VERIFY_MIB} --queues 2 > records.json
+cat records.json
+echo "records took $(echo "$(now) $t" | awk '{{printf "%.1f", $1 - $2}}') s"
 
 section too-big
 rc=0
@@ -201,6 +216,11 @@ fn driver_through_kernel_vfio(kernel: Kernel) {
         .iter()
         .map(|l| l.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
+    let md_disk = dir.path().join("nvme-md.img");
+    std::fs::File::create(&md_disk)
+        .unwrap()
+        .set_len(MD_DISK_MIB << 20)
+        .unwrap();
     let list = dir.path().join("libs.txt");
     std::fs::write(&list, names.join("\n") + "\n").unwrap();
 
@@ -216,8 +236,14 @@ fn driver_through_kernel_vfio(kernel: Kernel) {
         "intel-iommu,intremap=on,caching-mode=on,aw-bits=39".into(),
         "-drive".into(),
         format!("file={},if=none,id=d0,format=raw", disk.display()),
+        "-drive".into(),
+        format!("file={},if=none,id=d1,format=raw", md_disk.display()),
         "-device".into(),
-        format!("nvme,serial={SERIAL},drive=d0"),
+        format!("nvme,id=nvme0,serial={SERIAL}"),
+        "-device".into(),
+        "nvme-ns,drive=d0,bus=nvme0,nsid=1".into(),
+        "-device".into(),
+        "nvme-ns,drive=d1,bus=nvme0,nsid=2,ms=8,mset=0,logical_block_size=4096,physical_block_size=4096".into(),
     ]);
     let mut spec = RunSpec::new(script())
         .cmdline("intel_iommu=on")
@@ -305,6 +331,61 @@ fn driver_through_kernel_vfio(kernel: Kernel) {
     assert!(
         rest.iter().all(|&b| b == 0),
         "the disk image was written beyond the first {VERIFY_MIB} MiB"
+    );
+
+    // The namespace with metadata: 8 bytes a block in a separate buffer, as QEMU identifies
+    // it; every block the tool wrote carries its record, checked on the way back.
+    let id2 = json(&run, "identify2.json");
+    let report = || format!("identify nsid 2: {id2}\n{}", run.report());
+    assert_eq!(id2["metadata_size"], 8, "{}", report());
+    assert_eq!(id2["metadata_extended"], false, "{}", report());
+    assert_eq!(id2["block_size"], 4096, "{}", report());
+    let md_blocks = id2["blocks"].as_u64().unwrap_or(0);
+    // QEMU sizes such a namespace as the image over (block + metadata) bytes.
+    assert_eq!(md_blocks, (MD_DISK_MIB << 20) / (4096 + 8), "{}", report());
+    let r = json(&run, "records.json");
+    let report = || format!("records: {r}\n{}", run.report());
+    let written = (MD_VERIFY_MIB << 20) / 4096;
+    assert_eq!(r["verified_bytes"], MD_VERIFY_MIB << 20, "{}", report());
+    assert_eq!(r["metadata_size"], 8, "{}", report());
+    assert_eq!(r["records_checked"], written, "{}", report());
+    assert_eq!(r["resets"], 0, "{}", report());
+    // On the medium: block i's data at i × 4096, its metadata at (blocks × 4096) + i × 8 (QEMU
+    // keeps a namespace's metadata after its data). The record: the sequence number's low 32
+    // bits big endian (the tool numbers block i with seed 1 + i), then CRC-32C big endian over
+    // "DPX1", the LBA (u64 little endian), the sequence (u32 little endian) and the data.
+    let md_image = std::fs::read(&md_disk).unwrap();
+    let moff = (md_blocks * 4096) as usize;
+    let mut want = vec![0u8; 4096];
+    for lba in 0..written {
+        let data = &md_image[(lba * 4096) as usize..((lba + 1) * 4096) as usize];
+        pattern(1, lba, &mut want);
+        assert!(
+            data == want,
+            "block {lba} of the namespace with metadata: not the pattern"
+        );
+        let rec = &md_image[moff + lba as usize * 8..moff + lba as usize * 8 + 8];
+        let seq = (1 + lba) as u32;
+        let mut h = Vec::with_capacity(16 + 4096);
+        h.extend_from_slice(b"DPX1");
+        h.extend_from_slice(&lba.to_le_bytes());
+        h.extend_from_slice(&seq.to_le_bytes());
+        h.extend_from_slice(data);
+        assert_eq!(
+            rec,
+            [
+                &seq.to_be_bytes()[..],
+                &crc32c::crc32c(&h).to_be_bytes()[..]
+            ]
+            .concat(),
+            "block {lba}'s metadata on QEMU's medium is not its record"
+        );
+    }
+    assert!(
+        md_image[moff + written as usize * 8..]
+            .iter()
+            .all(|&b| b == 0),
+        "metadata written beyond the blocks the tool wrote"
     );
 
     // No DMA fault (the IOMMU would have refused an address the driver did not map) and no

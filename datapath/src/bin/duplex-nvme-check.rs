@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use duplex_datapath::integrity::{self, Verdict, RECORD_LEN};
 use duplex_datapath::nvme::{
     vfio_kernel::KernelVfio, vfio_user::VfioUser, CmdError, Controller, DmaMem, Done, IoCmd,
-    Options, Seg, Transport,
+    NamespaceId, Options, Seg, Transport,
 };
 
 #[derive(Parser, Debug)]
@@ -96,6 +97,8 @@ enum Rw {
 /// window and well inside a 39-bit IOMMU address width (QEMU's `intel-iommu,aw-bits=39`, and
 /// many real Intel IOMMUs, end at 2^39; 1 << 40 is refused there).
 const DATA_IOVA: u64 = 1 << 32;
+/// IOVA of the metadata buffers (a namespace formatted with metadata): 2 GiB above the data.
+const MD_IOVA: u64 = DATA_IOVA + (1 << 31);
 
 fn main() {
     let args = match Args::try_parse() {
@@ -155,6 +158,8 @@ fn drive<T: Transport>(t: T, opts: Options, args: &Args) -> Result<()> {
                         "mdts_bytes": id.mdts_bytes, "nn": id.nn, "oncs": id.oncs, "vwc": id.vwc,
                         "io_queues": c.io_queues(), "queue_entries": c.queue_entries(),
                         "nsid": ns.nsid, "blocks": ns.blocks, "block_size": ns.block_size,
+                        "metadata_size": ns.metadata_size,
+                        "metadata_extended": ns.metadata_extended,
                         "rescap": ns.rescap,
                     })
                 );
@@ -187,33 +192,14 @@ fn drive<T: Transport>(t: T, opts: Options, args: &Args) -> Result<()> {
             qd,
             seed,
             ..
-        } => verify(
-            &mut c,
-            ns.block_size,
-            ns.blocks,
-            *mib,
-            *io_size,
-            *qd,
-            *seed,
-            args.json,
-        ),
+        } => verify(&mut c, &ns, *mib, *io_size, *qd, *seed, args.json),
         What::Bench {
             rw,
             qd,
             bs,
             time,
             span_mib,
-        } => bench(
-            &mut c,
-            ns.block_size,
-            ns.blocks,
-            *rw,
-            *qd,
-            *bs,
-            *time,
-            *span_mib,
-            args.json,
-        ),
+        } => bench(&mut c, &ns, *rw, *qd, *bs, *time, *span_mib, args.json),
     }
 }
 
@@ -232,14 +218,23 @@ fn pattern(seed: u64, lba: u64, out: &mut [u8]) {
 #[allow(clippy::too_many_arguments)]
 fn verify<T: Transport>(
     c: &mut Controller<T>,
-    block_size: u32,
-    blocks: u64,
+    ns: &NamespaceId,
     mib: u64,
     io_size: u32,
     qd: u16,
     seed: u64,
     json: bool,
 ) -> Result<()> {
+    let (block_size, blocks, nsid) = (ns.block_size, ns.blocks, ns.nsid);
+    // A format with metadata in a separate buffer: every block written carries duplex's
+    // integrity record (sequence number: the seed plus the LBA), every block read is checked.
+    let ms = usize::from(ns.metadata_size);
+    if ms != 0 && (ns.metadata_extended || ms < RECORD_LEN) {
+        bail!(
+            "namespace {nsid}: {ms} bytes of metadata per block{}: duplex needs at least {RECORD_LEN} in a separate buffer",
+            if ns.metadata_extended { " interleaved with the data (extended LBA)" } else { "" }
+        );
+    }
     let bytes = mib << 20;
     if io_size == 0 || io_size % block_size != 0 || io_size as usize % 4096 != 0 {
         bail!("--io-size must be a multiple of 4096 and of the block size {block_size}");
@@ -260,6 +255,15 @@ fn verify<T: Transport>(
     )?;
     let mem = c.add_memory(data)?;
     let per_cmd = u64::from(io_size / block_size);
+    let md_per_cmd = per_cmd as usize * ms;
+    let md_mem = if ms == 0 {
+        None
+    } else {
+        let len = (slots * md_per_cmd).div_ceil(4096) * 4096;
+        Some(c.add_memory(DmaMem::create("duplex-nvme-check-md", len, MD_IOVA)?)?)
+    };
+    let mut md = vec![0u8; md_per_cmd];
+    let mut records = 0u64;
     let commands = bytes.div_ceil(u64::from(io_size));
     let start = Instant::now();
     let mut buf = vec![0u8; io_size as usize];
@@ -284,16 +288,34 @@ fn verify<T: Transport>(
                     iova: m.iova_of(off),
                     len,
                 };
-                let cmd = if phase {
+                let mut cmd = if phase {
                     for b in 0..u64::from(nlb) {
                         let at = (b * u64::from(block_size)) as usize;
-                        pattern(seed, lba + b, &mut buf[at..at + block_size as usize]);
+                        let block = &mut buf[at..at + block_size as usize];
+                        pattern(seed, lba + b, block);
+                        if ms != 0 {
+                            let r = &mut md[b as usize * ms..(b as usize + 1) * ms];
+                            r.fill(0);
+                            r[..RECORD_LEN].copy_from_slice(&integrity::seal(
+                                lba + b,
+                                seed + lba + b,
+                                block,
+                            ));
+                        }
                     }
                     m.write(off, &buf[..len as usize])?;
-                    IoCmd::write(1, lba, nlb, block_size, false)
+                    IoCmd::write(nsid, lba, nlb, block_size, false)
                 } else {
-                    IoCmd::read(1, lba, nlb, block_size)
+                    IoCmd::read(nsid, lba, nlb, block_size)
                 };
+                if let Some(h) = md_mem {
+                    let mm = c.added_memory(h).context("metadata memory")?;
+                    let at = slot * md_per_cmd;
+                    if phase {
+                        mm.write(at, &md[..nlb as usize * ms])?;
+                    }
+                    cmd.sqe.mptr = mm.iova_of(at);
+                }
                 c.submit(qid, cmd, &[seg], slot as u64)?;
                 *f = Some(next);
                 next += 1;
@@ -324,11 +346,29 @@ fn verify<T: Transport>(
                     let m = c.added_memory(mem).context("data memory")?;
                     m.read(slot * io_size as usize, &mut buf[..len])?;
                     let mut want = vec![0u8; block_size as usize];
+                    if let Some(h) = md_mem {
+                        let mm = c.added_memory(h).context("metadata memory")?;
+                        mm.read(slot * md_per_cmd, &mut md[..nlb as usize * ms])?;
+                    }
                     for b in 0..nlb {
                         pattern(seed, lba + b, &mut want);
                         let at = (b * u64::from(block_size)) as usize;
-                        if buf[at..at + block_size as usize] != want[..] {
+                        let block = &buf[at..at + block_size as usize];
+                        if block != &want[..] {
                             bail!("block {} read back differs from what was written", lba + b);
+                        }
+                        if ms != 0 {
+                            let r = &md[b as usize * ms..(b as usize + 1) * ms];
+                            let seq = integrity::seq32(seed + lba + b);
+                            let got = integrity::verify(lba + b, block, r);
+                            if got != (Verdict::Good { seq }) {
+                                bail!(
+                                    "block {}: its integrity record read back {got:?} (metadata {:02x?}), not the one written (sequence {seq})",
+                                    lba + b,
+                                    &r[..RECORD_LEN]
+                                );
+                            }
+                            records += 1;
                         }
                     }
                 }
@@ -336,7 +376,7 @@ fn verify<T: Transport>(
             }
         }
         if phase {
-            match c.exec(1, IoCmd::flush(1), &[], Duration::from_secs(30))? {
+            match c.exec(1, IoCmd::flush(nsid), &[], Duration::from_secs(30))? {
                 Ok(_) => {}
                 Err(e) => bail!("flush failed: {e}"),
             }
@@ -347,12 +387,18 @@ fn verify<T: Transport>(
         println!(
             "{}",
             serde_json::json!({"verified_bytes": bytes, "queues": queues, "qd": qd,
-                "io_size": io_size, "seconds": secs, "resets": c.resets()})
+                "io_size": io_size, "seconds": secs, "resets": c.resets(),
+                "nsid": nsid, "metadata_size": ms, "records_checked": records})
         );
     } else {
         println!(
             "verified {mib} MiB ({commands} commands of {io_size} bytes each way) over {queues} queues in {secs:.1} s"
         );
+        if ms != 0 {
+            println!(
+                "{records} integrity records written and checked ({ms} bytes of metadata a block)"
+            );
+        }
     }
     Ok(())
 }
@@ -360,8 +406,7 @@ fn verify<T: Transport>(
 #[allow(clippy::too_many_arguments)]
 fn bench<T: Transport>(
     c: &mut Controller<T>,
-    block_size: u32,
-    blocks: u64,
+    ns: &NamespaceId,
     rw: Rw,
     qd: u16,
     bs: u32,
@@ -369,6 +414,13 @@ fn bench<T: Transport>(
     span_mib: u64,
     json: bool,
 ) -> Result<()> {
+    let (block_size, blocks, nsid) = (ns.block_size, ns.blocks, ns.nsid);
+    if ns.metadata_size != 0 {
+        bail!(
+            "namespace {nsid} is formatted with {} bytes of metadata a block: bench moves data only (verify carries records)",
+            ns.metadata_size
+        );
+    }
     if bs == 0 || bs % block_size != 0 || bs as usize % 4096 != 0 {
         bail!("--bs must be a multiple of 4096 and of the block size {block_size}");
     }
@@ -410,8 +462,8 @@ fn bench<T: Transport>(
             len: bs,
         };
         let cmd = match rw {
-            Rw::Randread => IoCmd::read(1, lba, nlb, block_size),
-            Rw::Randwrite => IoCmd::write(1, lba, nlb, block_size, false),
+            Rw::Randread => IoCmd::read(nsid, lba, nlb, block_size),
+            Rw::Randwrite => IoCmd::write(nsid, lba, nlb, block_size, false),
         };
         c.submit(1, cmd, &[seg], slot as u64)?;
         Ok(())
