@@ -8,7 +8,9 @@
 //! between data and metadata. `seq32` is the low 32 bits of the writer's sequence number (the
 //! pool's write counter, so that the two copies of a mirror can be told apart by age after a
 //! crash); 0 and all-ones are never stored, so a record of all zeroes — a fresh drive, Write
-//! Zeroes, Deallocate — means "not written by duplex" and is not checked.
+//! Zeroes, Deallocate — means "not written by duplex": such a block must read as zeroes (what
+//! the drive gives a block never written, zeroed or deallocated), and one that does not has
+//! rotted.
 //!
 //! Formats with more than 8 bytes of metadata keep the record in the first 8 and zeroes after.
 
@@ -63,7 +65,12 @@ pub fn verify(lba: u64, data: &[u8], md: &[u8]) -> Verdict {
         return Verdict::Bad;
     };
     if r.iter().all(|&b| b == 0) {
-        return Verdict::Unwritten;
+        // No record: the block must hold the zeroes it was left with.
+        return if data.iter().all(|&b| b == 0) {
+            Verdict::Unwritten
+        } else {
+            Verdict::Bad
+        };
     }
     let seq = u32::from_be_bytes([r[0], r[1], r[2], r[3]]);
     let want = u32::from_be_bytes([r[4], r[5], r[6], r[7]]);
@@ -107,6 +114,10 @@ mod tests {
         assert_eq!(verify(3, &data, &[0; 8]), Verdict::Unwritten);
         assert_eq!(verify(3, &data, &[0; 64]), Verdict::Unwritten);
         assert_eq!(verify(3, &data, &[1; 4]), Verdict::Bad);
+        // A block without a record that does not read as zeroes has rotted.
+        let mut rotten = data.clone();
+        rotten[100] = 4;
+        assert_eq!(verify(3, &rotten, &[0; 8]), Verdict::Bad);
         for s in [0u64, u64::from(u32::MAX), 1 << 32] {
             let r = seal(3, s, &data);
             assert_ne!(r, [0; 8]);

@@ -26,19 +26,24 @@
 //! * A member whose I/O fails is failed (an [`Event::MemberFailed`]) while fewer members than
 //!   the parity columns have failed: the I/O goes on degraded (a stripe operation whose read
 //!   failed plans again). Past that, the I/O fails; Reservation Conflict fails no member.
+//! * A member read that fails its integrity check (members formatted with records) fails no
+//!   member: that column is lost to the one operation (its `bad` mask), rebuilt from the
+//!   others and written back (a read, a scrub), or replaced by what a write puts there.
+//! * The stripe journal ([`JournalSpec`]) logs every partial-stripe write before it is
+//!   applied and is replayed at import: the write hole closed.
 //!
-//! Not yet: the stripe journal that closes the write hole, and the write-intent bitmap.
+//! Not yet: the write-intent bitmap.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 
 use duplex_ipc::desc::{
-    STATUS_FENCED, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR,
+    STATUS_FENCED, STATUS_INTEGRITY, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR,
     STATUS_RESERVATION_CONFLICT, STATUS_SUCCESS,
 };
 
 use super::journal::{self, Header, Kind, HEADER};
-use super::raid::MemberState;
+use super::raid::{IntegrityCounts, MemberState};
 use super::{
     in_range, Attach, Bdev, BdevBox, ChainRef, Ctx, DeviceJob, Done, Event, Io, JobKind, Op,
 };
@@ -150,6 +155,12 @@ struct StripeOp {
     rebuild: Option<usize>,
     /// A scrub operation: check this window's parity against its data, rewrite it if wrong.
     scrub: bool,
+    /// Members whose reads of this window failed their integrity check: their columns are
+    /// treated as lost here (reconstructed from the others) and, by a read or a scrub,
+    /// written back (the member is not failed for a bad block).
+    bad: u64,
+    /// Heal writes among `writes` (counted healed when they complete).
+    heals: u32,
 }
 
 /// A computed journal entry's payload (in the op's scratch chain after its header).
@@ -283,6 +294,8 @@ pub struct ParityBdev {
     rebuild_from: u64,
     /// Host I/Os submitted to the device (the raid service yields to them).
     host_ios: u64,
+    /// What the integrity handling did (members formatted with records).
+    integrity: IntegrityCounts,
 }
 
 /// How far a scrub got and what it found.
@@ -407,6 +420,7 @@ impl ParityBdev {
             scrub_limit: u64::MAX,
             rebuild_from,
             host_ios: 0,
+            integrity: IntegrityCounts::default(),
         }
     }
 
@@ -482,6 +496,17 @@ impl ParityBdev {
             MemberState::Failed => false,
             MemberState::Rebuilding { done } => stripe * self.geo.chunk + hi <= done,
         }
+    }
+
+    /// Columns of `stripe` that operation reads cannot use up to row `hi`: members not
+    /// readable there, and members in `bad` (their reads failed the integrity check).
+    fn lost_cols(&self, stripe: u64, hi: u64, bad: u64) -> Vec<usize> {
+        (0..self.geo.n)
+            .filter(|&c| {
+                let m = self.geo.member(stripe, c);
+                !self.readable(stripe, c, hi) || (m < 64 && bad & 1 << m != 0)
+            })
+            .collect()
     }
 
     fn member_offset(&self, stripe: u64, row: u64) -> u64 {
@@ -643,6 +668,8 @@ impl ParityBdev {
             counted: false,
             rebuild: None,
             scrub: false,
+            bad: 0,
+            heals: 0,
         };
         self.hold_parent(parent);
         match self.free_ops.pop() {
@@ -679,16 +706,23 @@ impl ParityBdev {
         };
         let (stripe, lo, hi) = (op.stripe, op.lo, op.hi);
         let len = hi - lo;
-        let lost: Vec<usize> = (0..geo.n)
-            .filter(|&c| !self.readable(stripe, c, hi))
-            .collect();
+        let bad = op.bad;
+        let lost = self.lost_cols(stripe, hi, bad);
+        // Lost only for this operation: read bad, still active (written back afterwards).
+        let bad_col = |c: usize| {
+            let m = geo.member(stripe, c);
+            m < 64 && bad & 1 << m != 0 && self.readable(stripe, c, hi)
+        };
         if lost.len() > np {
-            let status = if op.op == Op::Read {
+            let status = if bad != 0 && (op.op == Op::Read || op.scrub) {
+                self.integrity.unrecoverable += u64::from(op.op == Op::Read && !op.scrub);
+                STATUS_INTEGRITY
+            } else if op.op == Op::Read {
                 STATUS_READ_ERROR
             } else {
                 STATUS_INTERNAL
             };
-            tracing::error!(raid = %self.name, stripe, lost = ?lost, "more columns lost than parity can rebuild");
+            tracing::error!(raid = %self.name, stripe, lost = ?lost, bad, "more columns lost than parity can rebuild");
             self.finish(o, status, ctx);
             return;
         }
@@ -697,13 +731,21 @@ impl ParityBdev {
         let mut slotted = vec![false; geo.n];
         let plan;
         if op.scrub {
-            if !lost.is_empty() {
+            // A column lost to a failed member cannot be checked; one read bad is rebuilt
+            // from the others and written back.
+            if lost.iter().any(|&c| !bad_col(c)) {
                 self.finish(o, STATUS_READ_ERROR, ctx);
                 return;
             }
-            plan = Plan::Rcw;
+            plan = if lost.is_empty() {
+                Plan::Rcw
+            } else {
+                Plan::Reconstruct
+            };
             for c in 0..geo.n {
-                reads[c] = Some((lo, hi));
+                if !lost.contains(&c) {
+                    reads[c] = Some((lo, hi));
+                }
                 slotted[c] = true;
             }
         } else if let Some(target) = op.rebuild {
@@ -722,6 +764,8 @@ impl ParityBdev {
                     reads[c] = Some((lo, hi));
                     slotted[c] = true;
                 }
+                // A column read bad gets a slot for its heal write.
+                slotted[c] |= bad_col(c);
             }
         } else {
             let piece = |d: usize| op.pieces.iter().find(|p| p.col == d);
@@ -902,9 +946,7 @@ impl ParityBdev {
         };
         let (stripe, lo, hi) = (op.stripe, op.lo, op.hi);
         let len = (hi - lo) as usize;
-        let lost: Vec<usize> = (0..geo.n)
-            .filter(|&c| !self.readable(stripe, c, hi))
-            .collect();
+        let lost = self.lost_cols(stripe, hi, op.bad);
         let mut cols: Vec<Vec<u8>> = Vec::with_capacity(k);
         let mut par: Vec<Vec<u8>> = Vec::with_capacity(np);
         for c in 0..k {
@@ -924,6 +966,20 @@ impl ParityBdev {
                 tracing::error!(raid = %self.name, stripe, error = %e, "reconstruction refused");
                 STATUS_INTERNAL
             })?;
+        }
+        if op.scrub && op.bad != 0 {
+            // Columns read bad, rebuilt from the others: written back.
+            tracing::warn!(raid = %self.name, stripe, lo, hi, bad = op.bad, "scrub: blocks failed their integrity check: rewriting them from the other columns");
+            if let Some(s) = self.scrub.as_mut() {
+                s.mismatches += 1;
+            }
+            let writes = self.heal_writes(op, &lost, &cols, &p, q.as_deref(), ctx)?;
+            if let Some(op) = self.ops[o].as_mut() {
+                op.heals = writes.len() as u32;
+                op.writes = writes;
+            }
+            self.apply(o, ctx);
+            return Ok(());
         }
         if op.scrub {
             let refs: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
@@ -1022,6 +1078,18 @@ impl ParityBdev {
                 .copy_in(ctx.chain(op.chain), piece.skip as usize, data)
                 .map_err(|_| STATUS_INTERNAL)?;
             tracing::debug!(raid = %self.name, stripe, col = piece.col, bytes = to - from, "read reconstructed");
+            if op.bad != 0 {
+                // Served from the other columns; the bad blocks are written back before the
+                // read completes (the window's lock keeps host writes out meanwhile).
+                self.integrity.recovered += 1;
+                let writes = self.heal_writes(op, &lost, &cols, &p, q.as_deref(), ctx)?;
+                if let Some(op) = self.ops[o].as_mut() {
+                    op.heals = writes.len() as u32;
+                    op.writes = writes;
+                }
+                self.apply(o, ctx);
+                return Ok(());
+            }
             self.finish(o, STATUS_SUCCESS, ctx);
             return Ok(());
         }
@@ -1150,6 +1218,67 @@ impl ParityBdev {
             self.apply(o, ctx);
         }
         Ok(())
+    }
+
+    /// The writes putting back, over the operation's rows, the columns of its members that
+    /// read bad and are still active: the rebuilt data (`cols`) or parity (`p`, `q`), through
+    /// the columns' slots.
+    fn heal_writes(
+        &self,
+        op: &StripeOp,
+        lost: &[usize],
+        cols: &[Vec<u8>],
+        p: &[u8],
+        q: Option<&[u8]>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<Vec<(usize, Io)>, u16> {
+        let geo = self.geo;
+        let k = geo.k();
+        let (stripe, lo, hi) = (op.stripe, op.lo, op.hi);
+        let len = (hi - lo) as usize;
+        let Some(id) = op.scratch else {
+            return Err(STATUS_INTERNAL);
+        };
+        let mut writes = Vec::new();
+        for &c in lost {
+            let m = geo.member(stripe, c);
+            if m >= 64 || op.bad & 1 << m == 0 || self.members[m].state != MemberState::Active {
+                continue;
+            }
+            let bytes: &[u8] = if c < k {
+                cols.get(c).ok_or(STATUS_INTERNAL)?
+            } else if c == k {
+                p
+            } else {
+                q.ok_or(STATUS_INTERNAL)?
+            };
+            let Some(slot) = op.slots.get(c).copied().flatten() else {
+                return Err(STATUS_INTERNAL);
+            };
+            let at = usize::try_from(slot)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(len);
+            ctx.pool
+                .copy_in(ctx.scratch.chain(id), at, bytes)
+                .map_err(|_| STATUS_INTERNAL)?;
+            tracing::warn!(raid = %self.name, member = m, device = self.members[m].dev.name(), member_offset = self.member_offset(stripe, lo), bytes = len, "a block read bad is rewritten from the other columns");
+            writes.push((
+                m,
+                Io {
+                    seq: 0,
+                    token: 0,
+                    op: Op::Write,
+                    offset: self.member_offset(stripe, lo),
+                    len: hi - lo,
+                    fua: true,
+                    chain: ChainRef {
+                        id,
+                        skip: slot * (hi - lo),
+                    },
+                },
+            ));
+        }
+        Ok(writes)
     }
 
     /// Sends operation `o`'s data and parity writes.
@@ -1311,6 +1440,8 @@ impl ParityBdev {
         };
         if status != STATUS_SUCCESS {
             self.fail_parent(op.parent, status);
+        } else {
+            self.integrity.healed += u64::from(op.heals);
         }
         self.settle(op.parent);
         if let Some(target) = op.rebuild {
@@ -1927,7 +2058,18 @@ impl ParityBdev {
                         self.settle(c.parent);
                         return;
                     };
-                    if self.fail_member(c.member, d.status, ctx) {
+                    if d.status == STATUS_INTEGRITY && c.member < 64 {
+                        // A bad block, not a bad drive: the column is rebuilt from the others
+                        // (under the window's lock) and written back; the member stays.
+                        self.integrity.bad_reads += 1;
+                        ctx.stats.read_retries += 1;
+                        tracing::warn!(raid = %self.name, member = c.member, stripe = piece.stripe, "read failed its integrity check: reconstructing from the other members");
+                        let o = self.read_op(c.parent, piece);
+                        if let Some(op) = self.ops[o].as_mut() {
+                            op.bad = 1 << c.member;
+                        }
+                        self.enqueue(o, ctx);
+                    } else if self.fail_member(c.member, d.status, ctx) {
                         ctx.stats.read_retries += 1;
                         tracing::warn!(raid = %self.name, member = c.member, stripe = piece.stripe, "read failed: reconstructing from the other members");
                         let o = self.read_op(c.parent, piece);
@@ -1944,7 +2086,12 @@ impl ParityBdev {
                 };
                 op.pending = op.pending.saturating_sub(1);
                 let phase = op.phase;
-                if !ok {
+                if !ok && d.status == STATUS_INTEGRITY && phase == Phase::Reading && c.member < 64 {
+                    // Read bad: lost for this operation only; planned again without it.
+                    self.integrity.bad_reads += 1;
+                    op.bad |= 1 << c.member;
+                    op.replan = true;
+                } else if !ok {
                     if self.fail_member(c.member, d.status, ctx) {
                         if phase == Phase::Reading {
                             if let Some(op) = self.ops[o].as_mut() {
@@ -2010,6 +2157,8 @@ impl ParityBdev {
             counted: false,
             rebuild,
             scrub,
+            bad: 0,
+            heals: 0,
         };
         match self.free_ops.pop() {
             Some(i) => {
@@ -2303,6 +2452,14 @@ impl Bdev for ParityBdev {
 
     fn retries(&self) -> u64 {
         self.members.iter().map(|m| m.dev.retries()).sum()
+    }
+
+    fn integrity_counts(&self) -> IntegrityCounts {
+        self.integrity
+    }
+
+    fn member_integrity_errors(&self, i: usize) -> u64 {
+        self.members.get(i).map_or(0, |m| m.dev.integrity_errors())
     }
 
     fn member_geometry(&self, i: usize) -> Option<(u32, u64)> {
