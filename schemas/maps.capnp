@@ -132,6 +132,12 @@ struct PoolSpec {
   # Mirror levels: compare the copies of every block before serving its reads, the newest
   # (by sequence) copied over the others (an import after a crash or a power cut).
 
+  bitmapOffset @16 :UInt64;
+  bitmapLen @17 :UInt64;
+  bitmapTag @18 :UInt64;
+  # Mirror levels: the write-intent bitmap area on every member (bytes; length 0: none) and
+  # the tag its block carries.
+
   seqLimit @15 :UInt64;
   # Mirror levels: the pool's committed write sequence mark; no write is numbered at or past
   # it (writes wait until a higher one is published). 0: no limit. A republish of a built

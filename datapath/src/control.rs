@@ -54,6 +54,9 @@ pub struct PoolSpec {
     /// numbered at or past it (writes wait for a higher one). 0: no limit. Publishing the
     /// same pool again raises it on the built device.
     pub seq_limit: u64,
+    /// Mirror levels: the write-intent bitmap's area (`None`: no bitmap; a resync compares
+    /// everything).
+    pub bitmap: Option<crate::bdev::IntentSpec>,
 }
 
 /// What a device looks like now.

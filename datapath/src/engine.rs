@@ -955,6 +955,7 @@ impl Engine {
                 raid.hold_until_recorded(spec.hold_until_recorded)
                     .with_seq(spec.seq_base)
                     .with_seq_limit(spec.seq_limit)
+                    .with_intent(spec.bitmap)
                     .with_resync(spec.resync),
             )
         };

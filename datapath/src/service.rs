@@ -617,6 +617,9 @@ impl MapsServer {
             seq_base: spec.seq_base,
             resync: spec.resync,
             seq_limit: spec.seq_limit,
+            bitmap: spec
+                .bitmap
+                .map(|(offset, len, tag)| crate::bdev::IntentSpec { offset, len, tag }),
         };
         let index = self.control.publish_pool(epoch, spec)?;
         u32::try_from(index)

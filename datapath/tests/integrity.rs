@@ -9,7 +9,7 @@ mod common;
 
 use common::sim::{raw_node, sim_drive_with_metadata, SimDrive, BS};
 use common::{pattern, Node};
-use duplex_datapath::bdev::{MemberState, RaidLevel};
+use duplex_datapath::bdev::{IntentSpec, MemberState, RaidLevel};
 use duplex_datapath::control::PoolSpec;
 use duplex_datapath::map::{Extent, VolumeMap};
 use duplex_drive_sim::Fault;
@@ -30,6 +30,10 @@ fn mirror(node: &mut Node) -> usize {
 
 fn mirror_again(node: &mut Node, resync: bool, seq_base: u64) -> usize {
     mirror_limited(node, resync, seq_base, 0)
+}
+
+fn mirror_limited(node: &mut Node, resync: bool, seq_base: u64, seq_limit: u64) -> usize {
+    mirror_with(node, resync, seq_base, seq_limit, None)
 }
 
 /// The member LBA of volume block `b` (a one-set mirror: the data area from DATA_OFFSET).
@@ -288,7 +292,13 @@ fn a_mirror_scrub_rewrites_bad_copies_and_reports_blocks_with_no_good_copy() {
 /// Pool 0, a mirror over raw drives 0 and 1, and volume 1 over all of it, published (again, on
 /// a fresh engine: an import) with `resync`, the first write sequence number and the committed
 /// mark as the control plane would give them.
-fn mirror_limited(node: &mut Node, resync: bool, seq_base: u64, seq_limit: u64) -> usize {
+fn mirror_with(
+    node: &mut Node,
+    resync: bool,
+    seq_base: u64,
+    seq_limit: u64,
+    bitmap: Option<IntentSpec>,
+) -> usize {
     let ctl = node.control.clone();
     let pool = ctl
         .publish_pool(
@@ -306,6 +316,7 @@ fn mirror_limited(node: &mut Node, resync: bool, seq_base: u64, seq_limit: u64) 
                 seq_base,
                 resync,
                 seq_limit,
+                bitmap,
             },
         )
         .unwrap();
@@ -511,5 +522,88 @@ fn writes_wait_at_the_committed_write_sequence_mark_until_a_higher_one_is_publis
     mirror_limited(&mut node, false, base, mark + 10);
     assert_eq!(headroom(&node), Some(99));
     assert_eq!(read_all(&mut node, i + 1, |_| false), 0);
+    node.stop();
+}
+
+/// The write-intent bitmap's area in these tests: after the data area, 1 MiB.
+const BITMAP: IntentSpec = IntentSpec {
+    offset: DATA_OFFSET + DATA_LEN + (1 << 20),
+    len: 1 << 20,
+    tag: 0x77,
+};
+
+/// The write-intent bitmap bounds a resync. Writes mark their 1 MiB regions on both members
+/// before they go (the block on the media says which); a member lies about flushes and the
+/// power is cut; the resync after it compares only the marked regions — every stale copy is
+/// in one of them and is repaired, the host never reads stale data — and skips the rest.
+#[test]
+fn a_resync_compares_only_the_regions_the_write_intent_bitmap_marks() {
+    use duplex_datapath::bdev::intent;
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(8)).collect();
+    let n = 96;
+    let newer = |i: u64| i % 3 == 1;
+    // Region 5 (5 MiB into the data area) is written too, once.
+    let far = (5 << 20) / u64::from(BS);
+    let region = intent::region_size(DATA_LEN);
+    assert_eq!(region, 1 << 20);
+    {
+        let mut node = raw_node(&drives);
+        mirror_with(&mut node, false, 1, 0, Some(BITMAP));
+        write_all(&mut node, n);
+        let d = node.fabric[0].write_sync(1, far, &payload(1000), 0);
+        assert_eq!(d.desc.status, STATUS_SUCCESS);
+        assert_eq!(flush(&mut node), STATUS_SUCCESS);
+        drives[1].drive.inject(Fault::LyingFlush);
+        for i in (0..n).filter(|&i| newer(i)) {
+            let d = node.fabric[0].write_sync(1, i * u64::from(IO_BLOCKS), &payload2(i), 0);
+            assert_eq!(d.desc.status, STATUS_SUCCESS);
+        }
+        assert_eq!(flush(&mut node), STATUS_SUCCESS);
+        node.stop();
+    }
+    // On the honest member's medium: the block marks regions 0 and 1 (the writes' 1.5 MiB)
+    // and 5, nothing else.
+    let block = drives[0]
+        .drive
+        .read_medium(BITMAP.offset / u64::from(BS), 1)
+        .unwrap();
+    let regions = (DATA_LEN / region) as usize;
+    let bits = intent::decode(&block, BITMAP.tag, region, regions).expect("a valid block");
+    let marked: Vec<usize> = (0..regions).filter(|&r| bits[r]).collect();
+    assert_eq!(marked, vec![0, 1, 5]);
+    for d in &drives {
+        d.drive.power_cut();
+        d.drive.clear_faults();
+        d.drive.power_on();
+    }
+    let mut node = raw_node(&drives);
+    let pool = mirror_with(&mut node, true, 1 << 21, 0, Some(BITMAP));
+    assert_eq!(
+        count_stale(&mut node, n, newer),
+        0,
+        "stale data reached the host"
+    );
+    let mut last = Default::default();
+    common::wait_until("the resync to finish", || {
+        last = node
+            .control
+            .status()
+            .unwrap()
+            .iter()
+            .find(|d| d.index == pool)
+            .and_then(|d| d.scrub)
+            .unwrap_or_default();
+        last.total > 0 && last.done >= last.total
+    });
+    let overwritten = (0..n).filter(|&i| newer(i)).count() as u64 * u64::from(IO_BLOCKS);
+    assert_eq!(last.mismatches, overwritten, "{last:?}");
+    assert_eq!(last.repaired, overwritten, "{last:?}");
+    assert_eq!(
+        last.clean,
+        5 * region,
+        "five clean regions skipped: {last:?}"
+    );
+    let d = node.fabric[0].read_sync(1, far, IO_BLOCKS);
+    assert!(d.data.as_deref() == Some(&payload(1000)[..]));
     node.stop();
 }

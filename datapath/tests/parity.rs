@@ -97,6 +97,7 @@ fn parity_array_over(
         seq_base: 1,
         resync: false,
         seq_limit: 0,
+        bitmap: None,
     };
     let pool = ctl.publish_pool(1, spec).unwrap();
     let k = members as u64 - level.parity() as u64;

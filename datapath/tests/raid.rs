@@ -306,6 +306,7 @@ fn mirror_spec(hold: bool) -> PoolSpec {
         seq_base: 1,
         resync: false,
         seq_limit: 0,
+        bitmap: None,
     }
 }
 

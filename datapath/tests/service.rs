@@ -731,6 +731,7 @@ fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
         seq_base: 1,
         resync: false,
         seq_limit: 0,
+        bitmap: None,
         rebuild_from: vec![],
     }
 }

@@ -112,6 +112,8 @@ pub struct PoolSpec {
     /// Mirror levels: the committed write sequence mark, which no write is numbered at or
     /// past (0: no limit).
     pub seq_limit: u64,
+    /// Mirror levels: `(offset, length, tag)` of the write-intent bitmap area on every member.
+    pub bitmap: Option<(u64, u64, u64)>,
 }
 
 /// `blocks` blocks of a volume from volume block `start` live on device `device` from byte
@@ -535,6 +537,11 @@ impl MapsRequest {
                     p.set_journal_len(len);
                     p.set_journal_tag(tag);
                 }
+                if let Some((offset, len, tag)) = s.bitmap {
+                    p.set_bitmap_offset(offset);
+                    p.set_bitmap_len(len);
+                    p.set_bitmap_tag(tag);
+                }
                 let len = len_u32(s.drives.len());
                 let mut drives = p.reborrow().init_drives(len);
                 for (i, &d) in (0..len).zip(&s.drives) {
@@ -754,6 +761,13 @@ fn read_pool(p: wire::pool_spec::Reader<'_>) -> Result<PoolSpec, ControlError> {
         seq_base: p.get_seq_base(),
         resync: p.get_resync(),
         seq_limit: p.get_seq_limit(),
+        bitmap: (p.get_bitmap_len() > 0).then(|| {
+            (
+                p.get_bitmap_offset(),
+                p.get_bitmap_len(),
+                p.get_bitmap_tag(),
+            )
+        }),
         journal: (p.get_journal_len() > 0).then(|| {
             (
                 p.get_journal_offset(),
@@ -1402,6 +1416,7 @@ pub mod examples {
                 seq_base: 1 << 40,
                 resync: true,
                 seq_limit: (1 << 40) + (1 << 24),
+                bitmap: Some((17 << 20, 16 << 20, 0x5678)),
             }),
             MapsRequest::PublishPool(PoolSpec {
                 epoch: 1,
@@ -1418,6 +1433,7 @@ pub mod examples {
                 seq_base: 0,
                 resync: false,
                 seq_limit: 0,
+                bitmap: None,
             }),
             MapsRequest::PublishVolumes(PublishVolumes {
                 epoch: 3,

@@ -353,6 +353,12 @@ impl Layout {
         (len >= 1024 * 1024).then_some((start, len))
     }
 
+    /// Where a mirror's write-intent bitmap is: the journal area's first [`BITMAP_AREA`]
+    /// bytes; `None` when the area is smaller.
+    pub fn write_intent(&self) -> Option<(u64, u64)> {
+        (self.journal_size >= BITMAP_AREA).then_some((self.journal_offset, BITMAP_AREA))
+    }
+
     /// Byte offset just past the data area.
     pub fn data_end(&self) -> u64 {
         self.data_offset.saturating_add(self.data_size)

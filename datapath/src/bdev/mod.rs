@@ -35,6 +35,7 @@ pub use duplex_ipc::raid::JobKind;
 use crate::uring::Uring;
 
 mod file;
+pub mod intent;
 mod journal;
 mod missing;
 mod nvme;
@@ -42,6 +43,7 @@ mod parity;
 mod raid;
 
 pub use file::FileBdev;
+pub use intent::IntentSpec;
 pub use missing::MissingBdev;
 pub use nvme::NvmeBdev;
 pub use parity::{JournalSpec, ParityBdev, ScrubStatus, WINDOW as PARITY_WINDOW};

@@ -311,6 +311,9 @@ pub struct ScrubStatus {
     pub repaired: u64,
     /// Windows that could not be checked (a column lost, or a read failed).
     pub skipped: u64,
+    /// A mirror's resync: bytes of each member's data area skipped as clean (the write-intent
+    /// bitmap marked no write there).
+    pub clean: u64,
 }
 
 impl ScrubStatus {

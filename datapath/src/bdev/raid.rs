@@ -147,6 +147,8 @@ struct Child {
     heal: bool,
     /// A scrub's read or repair (no parent: the scrub's window accounts it).
     scrub: bool,
+    /// The write-intent bitmap's block write, flush or load (no parent).
+    intent: bool,
 }
 
 /// RAID 0, 1 or 10 over block devices. See the module docs.
@@ -202,6 +204,15 @@ pub struct RaidBdev {
     urgent: VecDeque<u64>,
     /// Host reads waiting for their windows.
     waiting_reads: VecDeque<Io>,
+    /// The write-intent bitmap (mirrors with a bitmap area).
+    intent: Option<super::intent::Intent>,
+    /// Host writes waiting for their regions' bits to be on the members.
+    intent_waiting: VecDeque<Io>,
+    /// The bitmap's scratch chains in flight (block write: one; load: one per member).
+    intent_chains: Vec<(usize, u32)>,
+    /// A resync bounded by the bitmap: the regions it need not compare (`true`: clean).
+    clean: Option<Vec<bool>>,
+
     /// Host I/Os submitted.
     host_ios: u64,
 }
@@ -329,6 +340,10 @@ impl RaidBdev {
             ahead: std::collections::BTreeSet::new(),
             urgent: VecDeque::new(),
             waiting_reads: VecDeque::new(),
+            intent: None,
+            intent_waiting: VecDeque::new(),
+            intent_chains: Vec::new(),
+            clean: None,
             host_ios: 0,
         })
     }
@@ -367,8 +382,24 @@ impl RaidBdev {
                 ..ScrubStatus::default()
             });
             self.resyncing = true;
-            tracing::info!(raid = %self.name, "resync started: the copies are compared block by block");
+            if let Some(i) = self.intent.as_mut() {
+                // The members' bitmaps say which regions to compare; until they are read,
+                // nothing is compared and nothing written.
+                i.want_load();
+            }
+            tracing::info!(raid = %self.name, bitmap = self.intent.is_some(), "resync started: the copies are compared block by block");
         }
+        self
+    }
+
+    /// Keeps a write-intent bitmap in `spec`'s area (mirror levels): every write waits until
+    /// its regions' bits are on the members; a resync ([`RaidBdev::with_resync`], called after
+    /// this) compares only the regions the members' bitmaps mark.
+    pub fn with_intent(mut self, spec: Option<super::intent::IntentSpec>) -> Self {
+        if self.level == RaidLevel::Raid0 {
+            return self;
+        }
+        self.intent = spec.and_then(|s| super::intent::Intent::new(s, self.member_len));
         self
     }
 
@@ -391,12 +422,23 @@ impl RaidBdev {
         let unit = self.unit();
         let mut w = at / unit * unit;
         while w < at + len {
-            if w >= done && !self.ahead.contains(&w) {
+            if w >= done && !self.ahead.contains(&w) && !self.is_clean(w) {
                 return false;
             }
             w += unit;
         }
         true
+    }
+
+    /// Whether set offset `at` lies in a region the resync's bitmap says is clean.
+    fn is_clean(&self, at: u64) -> bool {
+        match (&self.clean, &self.intent) {
+            (Some(clean), Some(i)) => clean
+                .get(usize::try_from(at / i.region).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(false),
+            _ => false,
+        }
     }
 
     /// The set offsets of a host I/O's pieces: (set offset, bytes) each.
@@ -420,7 +462,7 @@ impl RaidBdev {
 
     /// Buffer bytes a scrub of a device over `members` members takes at once.
     pub fn scratch_wanted(members: usize) -> u64 {
-        SCRUB_WINDOW * members as u64
+        SCRUB_WINDOW * members as u64 + super::intent::BLOCK as u64 * (members as u64 + 1)
     }
 
     /// Starts the write sequence numbers at `seq` (the pool's committed high-water mark, so
@@ -633,7 +675,17 @@ impl RaidBdev {
                 token: parent.token,
                 status: parent.status,
             };
-            if self.unrecorded != 0 && parent.op != Op::Read {
+            let (op, offset, len) = (parent.op, parent.offset, parent.len);
+            if writes_data(op) && self.intent.is_some() {
+                let ranges = self.set_ranges(offset, len);
+                let now = std::time::Instant::now();
+                if let Some(i) = self.intent.as_mut() {
+                    for (at, n) in ranges {
+                        i.end(i.regions_of(at, n), now);
+                    }
+                }
+            }
+            if self.unrecorded != 0 && op != Op::Read {
                 self.held.push(done);
             } else {
                 self.ready.push(done);
@@ -684,6 +736,10 @@ impl RaidBdev {
             return;
         };
         self.free_children.push(d.token as usize);
+        if c.intent {
+            self.intent_child_done(&c, d.status, ctx);
+            return;
+        }
         if c.scrub {
             self.scrub_child_done(&c, d.status, ctx);
             return;
@@ -838,6 +894,33 @@ impl RaidBdev {
     /// Starts the scrub's next window when it may: the grant allows, no host write of its
     /// range is in flight, and the buffers are there.
     fn scrub_step(&mut self, ctx: &mut Ctx<'_>) {
+        if self.resyncing
+            && self
+                .intent
+                .as_ref()
+                .is_some_and(|i| i.loading.is_some() || i.load_wanted)
+        {
+            return;
+        }
+        // A resync skips the regions the bitmap says are clean.
+        if self.resyncing && self.window.is_none() {
+            if let (Some(st), Some(i)) = (self.scrub.as_mut(), self.intent.as_ref()) {
+                let before = st.done;
+                while st.done < st.total {
+                    let r = usize::try_from(st.done / i.region).unwrap_or(usize::MAX);
+                    if self.clean.as_ref().is_none_or(|c| c.get(r) != Some(&true)) {
+                        break;
+                    }
+                    st.done = ((r as u64 + 1) * i.region).min(st.total);
+                }
+                st.clean += st.done - before;
+                if st.done >= st.total && before < st.total {
+                    self.ahead.clear();
+                    self.resyncing = false;
+                    tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, skipped_clean = st.clean, "resync complete");
+                }
+            }
+        }
         let Some(st) = self.scrub else {
             return;
         };
@@ -847,7 +930,7 @@ impl RaidBdev {
         let unit = self.unit();
         // Windows host reads wait for come first (whatever the grant: a host waits).
         while let Some(&u) = self.urgent.front() {
-            if u < st.done || self.ahead.contains(&u) || u >= st.total {
+            if u < st.done || self.ahead.contains(&u) || u >= st.total || self.is_clean(u) {
                 self.urgent.pop_front();
             } else {
                 break;
@@ -946,6 +1029,7 @@ impl RaidBdev {
             bad: 0,
             heal: false,
             scrub: true,
+            intent: false,
         });
         if let Some(w) = self.window.as_mut() {
             w.pending += 1;
@@ -1295,12 +1379,218 @@ impl RaidBdev {
                 self.ahead.clear();
                 if self.resyncing {
                     self.resyncing = false;
-                    tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, "resync complete");
+                    tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, skipped_clean = st.clean, "resync complete");
                 } else {
                     tracing::info!(raid = %self.name, mismatches = st.mismatches, repaired = st.repaired, unrecoverable = st.skipped, "scrub complete");
                 }
             }
         }
+    }
+
+    /// Sends a bitmap I/O to member `member`.
+    fn intent_io(&mut self, member: usize, io: Io, ctx: &mut Ctx<'_>) {
+        let i = match self.free_children.pop() {
+            Some(i) => i,
+            None => {
+                self.children.push(None);
+                self.children.len() - 1
+            }
+        };
+        let io = Io {
+            token: i as u64,
+            ..io
+        };
+        let set = self
+            .sets
+            .iter()
+            .position(|s| s.contains(&member))
+            .unwrap_or(0);
+        self.children[i] = Some(Child {
+            parent: usize::MAX,
+            set,
+            member,
+            io,
+            tried: 0,
+            raw: false,
+            bad: 0,
+            heal: false,
+            scrub: false,
+            intent: true,
+        });
+        if let Some(it) = self.intent.as_mut() {
+            it.outstanding += 1;
+        }
+        self.members[member].dev.submit(io, ctx);
+    }
+
+    /// Moves the bitmap on: the load at import, then block writes setting the bits writes
+    /// wait for, then (idle regions, no resync running) a flush of every member and the
+    /// block write clearing them.
+    fn intent_kick(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(i) = self.intent.as_mut() else {
+            return;
+        };
+        if i.outstanding > 0 {
+            return;
+        }
+        let spec = i.spec;
+        let block = super::intent::BLOCK as u64;
+        if i.load_wanted {
+            let targets: Vec<usize> = (0..self.members.len())
+                .filter(|&m| self.members[m].state == MemberState::Active)
+                .collect();
+            let mut chains = Vec::new();
+            for &m in &targets {
+                match ctx.scratch.take(block) {
+                    Some(c) => chains.push((m, c)),
+                    None => {
+                        for (_, c) in chains {
+                            ctx.scratch.give(c);
+                        }
+                        return;
+                    }
+                }
+            }
+            let Some(i) = self.intent.as_mut() else {
+                return;
+            };
+            i.load_wanted = false;
+            i.loading = Some((vec![false; i.regions()], false));
+            if chains.is_empty() {
+                self.intent_settled(ctx);
+                return;
+            }
+            self.intent_chains = chains.clone();
+            for (m, c) in chains {
+                let io = Io {
+                    token: 0,
+                    op: Op::Read,
+                    offset: spec.offset,
+                    len: block,
+                    fua: false,
+                    chain: ChainRef { id: c, skip: 0 },
+                    seq: 0,
+                };
+                self.intent_io(m, io, ctx);
+            }
+            return;
+        }
+        let targets: Vec<usize> = (0..self.members.len())
+            .filter(|&m| self.members[m].state != MemberState::Failed)
+            .collect();
+        if let Some(bytes) = i.next_block() {
+            let Some(c) = ctx.scratch.take(block) else {
+                i.writing = None;
+                return;
+            };
+            if ctx.pool.copy_in(ctx.scratch.chain(c), 0, &bytes).is_err() {
+                ctx.scratch.give(c);
+                i.writing = None;
+                tracing::error!(raid = %self.name, "cannot place the write-intent block in a buffer");
+                return;
+            }
+            self.intent_chains = vec![(usize::MAX, c)];
+            if targets.is_empty() {
+                self.intent_settled(ctx);
+                return;
+            }
+            for m in targets {
+                let io = Io {
+                    token: 0,
+                    op: Op::Write,
+                    offset: spec.offset,
+                    len: block,
+                    fua: true,
+                    chain: ChainRef { id: c, skip: 0 },
+                    seq: 0,
+                };
+                self.intent_io(m, io, ctx);
+            }
+            return;
+        }
+        if self.resyncing {
+            return;
+        }
+        let clear = i.clearable(ctx.now);
+        if clear.is_empty() || targets.is_empty() {
+            return;
+        }
+        i.flushing = Some(clear);
+        for m in targets {
+            let io = Io {
+                token: 0,
+                op: Op::Flush,
+                offset: 0,
+                len: 0,
+                fua: false,
+                chain: ChainRef { id: 0, skip: 0 },
+                seq: 0,
+            };
+            self.intent_io(m, io, ctx);
+        }
+    }
+
+    /// A bitmap I/O ended.
+    fn intent_child_done(&mut self, c: &Child, status: u16, ctx: &mut Ctx<'_>) {
+        let loading = self.intent.as_ref().is_some_and(|i| i.loading.is_some());
+        if loading {
+            let mut block = None;
+            if status == STATUS_SUCCESS {
+                if let Some(&(_, chain)) = self.intent_chains.iter().find(|x| x.0 == c.member) {
+                    let mut buf = vec![0u8; super::intent::BLOCK];
+                    if ctx
+                        .pool
+                        .copy_out(ctx.scratch.chain(chain), 0, &mut buf)
+                        .is_ok()
+                    {
+                        block = Some(buf);
+                    }
+                }
+            }
+            if let Some(i) = self.intent.as_mut() {
+                i.loaded(block.as_deref());
+            }
+        } else if status != STATUS_SUCCESS {
+            // A member that cannot take the bitmap's write or flush has failed (the last
+            // copy stays: its data writes fail on their own).
+            tracing::warn!(raid = %self.name, member = c.member, status, "write-intent bitmap I/O failed");
+            self.fail_member(c.member, c.set, status, ctx);
+        }
+        let Some(i) = self.intent.as_mut() else {
+            return;
+        };
+        i.outstanding = i.outstanding.saturating_sub(1);
+        if i.outstanding == 0 {
+            self.intent_settled(ctx);
+        }
+    }
+
+    /// The bitmap's I/O in flight all ended: apply it, let the writes waiting for it go.
+    fn intent_settled(&mut self, ctx: &mut Ctx<'_>) {
+        for (_, c) in std::mem::take(&mut self.intent_chains) {
+            ctx.scratch.give(c);
+        }
+        let Some(i) = self.intent.as_mut() else {
+            return;
+        };
+        if i.loading.is_some() {
+            let dirty = i.load_done();
+            let marked = dirty.iter().filter(|&&d| d).count();
+            tracing::info!(raid = %self.name, regions = dirty.len(), marked, region_bytes = i.region, "write-intent bitmap read: the resync compares the marked regions only");
+            self.clean = Some(dirty.iter().map(|&d| !d).collect());
+        } else if i.writing.is_some() {
+            i.written();
+        } else if let Some(c) = i.flushing.take() {
+            i.flushed(&c);
+        }
+        for _ in 0..self.intent_waiting.len() {
+            let Some(io) = self.intent_waiting.pop_front() else {
+                break;
+            };
+            // `submit` makes it wait again if its bits are still not on the members.
+            self.submit(io, ctx);
+        }
+        self.intent_kick(ctx);
     }
 
     /// Submits the deferred host writes whose ranges no heal holds any more.
@@ -1391,6 +1681,26 @@ impl Bdev for RaidBdev {
             }
         }
         let mut io = io;
+        // The write-intent bitmap: the regions' bits go to the members before the write.
+        let regions: Vec<std::ops::Range<usize>> = match (&self.intent, writes_data(io.op)) {
+            (Some(i), true) => self
+                .set_ranges(io.offset, io.len)
+                .into_iter()
+                .map(|(at, len)| i.regions_of(at, len))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if let Some(i) = self.intent.as_mut() {
+            if !regions.iter().all(|r| i.ready(r.clone())) {
+                for r in &regions {
+                    i.mark(r.clone());
+                }
+                self.host_ios -= 1;
+                self.intent_waiting.push_back(io);
+                self.intent_kick(ctx);
+                return;
+            }
+        }
         if writes_data(io.op) {
             let Some(seq) = self.take_seq() else {
                 if !self.seq_waiting {
@@ -1402,6 +1712,11 @@ impl Bdev for RaidBdev {
                 return;
             };
             io.seq = seq;
+        }
+        if let Some(i) = self.intent.as_mut() {
+            for r in regions {
+                i.start(r);
+            }
         }
         let p = self.new_parent(io.token, io.op, io.offset, io.len);
         // The parent holds one count of its own while its pieces go out, so that a member
@@ -1424,6 +1739,7 @@ impl Bdev for RaidBdev {
                             bad: 0,
                             heal: false,
                             scrub: false,
+                            intent: false,
                         },
                         ctx,
                     );
@@ -1486,6 +1802,7 @@ impl Bdev for RaidBdev {
                         bad: 0,
                         heal: false,
                         scrub: false,
+                        intent: false,
                     },
                     ctx,
                 );
@@ -1518,6 +1835,7 @@ impl Bdev for RaidBdev {
             }
         }
         self.scratch = scratch;
+        self.intent_kick(ctx);
         self.scrub_step(ctx);
         self.release_deferred(ctx);
         progress |= !self.ready.is_empty();
@@ -1533,6 +1851,11 @@ impl Bdev for RaidBdev {
                 .is_some_and(|s| s.done < s.total && s.done < self.scrub_limit)
             || !self.urgent.is_empty()
             || !self.waiting_reads.is_empty()
+            || !self.intent_waiting.is_empty()
+            || self
+                .intent
+                .as_ref()
+                .is_some_and(|i| i.outstanding > 0 || i.load_wanted)
     }
 
     fn inflight(&self) -> usize {
@@ -1541,6 +1864,7 @@ impl Bdev for RaidBdev {
             + self.held.len()
             + self.deferred.len()
             + self.waiting_reads.len()
+            + self.intent_waiting.len()
     }
 
     fn retries(&self) -> u64 {
@@ -1629,6 +1953,7 @@ impl Bdev for RaidBdev {
                 bad: 0,
                 heal: false,
                 scrub: false,
+                intent: false,
             },
             ctx,
         );

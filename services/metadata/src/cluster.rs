@@ -80,6 +80,8 @@ pub struct PoolPublish {
     /// Mirror levels: the committed write sequence mark (no write is numbered at or past
     /// it); 0: no limit.
     pub seq_limit: u64,
+    /// Mirror levels: `(offset, length, tag)` of the write-intent bitmap on every member.
+    pub bitmap: Option<(u64, u64, u64)>,
 }
 
 /// A volume map for the datapath.
@@ -1060,6 +1062,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .collect(),
             journal: (cfg.pool.raid_level.parity() > 0)
                 .then(|| layout.stripe_journal())
+                .flatten()
+                .map(|(offset, len)| (offset, len, journal_tag(&cfg.pool.uuid))),
+            bitmap: matches!(cfg.pool.raid_level, RaidLevel::Raid1 | RaidLevel::Raid10)
+                .then(|| layout.write_intent())
                 .flatten()
                 .map(|(offset, len)| (offset, len, journal_tag(&cfg.pool.uuid))),
             seq_base: p.seq.map_or(0, |s| s.0),

@@ -111,6 +111,7 @@ impl Publisher for ServicePublisher {
             seq_base: pool.seq_base,
             resync: pool.resync,
             seq_limit: pool.seq_limit,
+            bitmap: pool.bitmap,
             rebuild_from: if pool.rebuilding.iter().any(Option::is_some) {
                 (0..pool.drives.len())
                     .map(|i| pool.rebuilding.get(i).copied().flatten().unwrap_or(0))
