@@ -475,3 +475,64 @@ fn a_member_recorded_failed_by_the_control_plane_is_no_longer_written() {
     let stats = node.stop();
     assert_eq!(stats.errors, 0, "{stats:?}");
 }
+
+/// A mirror member pulled under load is replaced by a free drive and rebuilt while the host
+/// keeps writing: the member turns active again when the rebuild reaches the end, every write
+/// (old and new) reads back, and with the other copy pulled afterwards every block comes from
+/// the rebuilt member.
+#[test]
+fn a_mirror_member_is_replaced_and_rebuilt_under_writes() {
+    let mut drives: Vec<SimDrive> = (0..3).map(|_| sim_drive()).collect();
+    let mut node = raw_node(&drives);
+    let ctl = node.control.clone();
+    let pool = ctl.publish_pool(1, mirror_spec(false)).unwrap();
+    ctl.publish_volumes(1, vec![whole_pool_volume(pool)])
+        .unwrap();
+    node.fabric[0].block_sizes.insert(1, BS);
+    let n = DATA_LEN / u64::from(BS) / u64::from(IO_BLOCKS);
+    write_run(&mut node, 0, n, 1, |_| {});
+    write_run(&mut node, 0, 64, 2, |i| {
+        if i == 8 {
+            lose(&mut drives[1], Loss::Pull);
+        }
+    });
+    common::wait_until("the failed member to be replaceable", || {
+        ctl.replace_member(pool, 1, 2, 0).is_ok()
+    });
+    // Generation 3 over the first half while the rebuild runs, until it is done.
+    let mut rounds = 0u64;
+    let half = n / 2;
+    loop {
+        write_run(&mut node, (rounds * 16) % half, 16, 3, |_| {});
+        rounds += 1;
+        let st = ctl.status().unwrap();
+        let members = &st.iter().find(|d| d.index == pool).unwrap().members;
+        if members.iter().all(|m| *m == MemberState::Active) {
+            break;
+        }
+        assert!(
+            matches!(members[1], MemberState::Rebuilding { .. }),
+            "{members:?}"
+        );
+        assert!(rounds < 100_000, "the rebuild never finished");
+    }
+    let written3 = (rounds * 16).min(half);
+    let g = |i: u64| {
+        if i < written3 {
+            3
+        } else if i < 64 {
+            2
+        } else {
+            1
+        }
+    };
+    for i in 0..n {
+        verify_run(&mut node, i, 1, g(i));
+    }
+    lose(&mut drives[0], Loss::Pull);
+    for i in 0..n {
+        verify_run(&mut node, i, 1, g(i));
+    }
+    let stats = node.stop();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+}

@@ -405,6 +405,43 @@ fn raid5_member_replaced_by_a_spare_and_rebuilt_under_verified_io() {
     assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
 }
 
+/// A RAID-1 member pulled under a verifying workload is replaced by a free drive and rebuilt
+/// from the other copy while the workload goes on; a scrub then finds the copies equal, and
+/// with the other member pulled the rebuilt one carries the pool. No host error, no verify
+/// error.
+#[test]
+fn raid1_member_replaced_and_rebuilt_under_verified_io() {
+    let mut rig = Rig::new(&RigSpec {
+        drives: 2,
+        raid: "1",
+        drive_mib: 192,
+        volume_size: "16m",
+        subnqn: SUBNQN,
+        hostnqn: HOSTNQN,
+        cluster_node: None,
+        spares: 1,
+        metadata: 0,
+    });
+    let (child, stop) = verifying_load(&rig, "43");
+    rig.wait_writes(1, 64);
+    rig.sim(1, &["pull"]);
+    rig.node.log.wait_for(&["member failure recorded on disk"]);
+    let out = ok(&rig.node, &["pool", "replace", "tank", "d1", "d2"]);
+    assert!(out.contains("rebuilding"), "{out}");
+    rig.node
+        .log
+        .wait_for(&["rebuild complete: member active on disk"]);
+    let show = json(&rig.node, &["pool", "show", "tank"]);
+    assert_eq!(show["pool"]["state"], "online", "{show}");
+    ok(&rig.node, &["pool", "scrub", "tank"]);
+    let scrub = wait_scrub(&rig.node, "tank");
+    assert_eq!(scrub["mismatches"], 0, "{scrub}");
+    rig.sim(0, &["pull"]);
+    rig.wait_writes(2, 64);
+    let r = finish_load(child, &stop);
+    assert!(r["blocks_checked"].as_u64() > Some(0), "{r}");
+}
+
 /// RAID 6 loses two members under a verifying workload (pulled one after the other), both are
 /// replaced by spares and rebuilt while the workload goes on (one after the other, at the
 /// operator's rate), a scrub afterwards finds the parity consistent, and two other members

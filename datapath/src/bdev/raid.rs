@@ -149,6 +149,8 @@ struct Child {
     scrub: bool,
     /// The write-intent bitmap's block write, flush or load (no parent).
     intent: bool,
+    /// A rebuild window's read of a good copy or write of the rebuilt member (no parent).
+    rebuild: bool,
 }
 
 /// RAID 0, 1 or 10 over block devices. See the module docs.
@@ -212,6 +214,14 @@ pub struct RaidBdev {
     intent_chains: Vec<(usize, u32)>,
     /// A resync bounded by the bitmap: the regions it need not compare (`true`: clean).
     clean: Option<Vec<bool>>,
+    /// The rebuild window in flight: `(member, at, len, chain, tried copies, writing)`.
+    rebuilding: Option<(usize, u64, u64, u32, u64, bool)>,
+    /// How far the raid service lets the rebuild go (member bytes).
+    rebuild_limit: u64,
+    /// Where the current rebuild started (a resumed one: its checkpoint).
+    rebuild_from: u64,
+    /// A rebuild window failed on every copy: no more until a member is replaced again.
+    rebuild_stuck: bool,
 
     /// Host I/Os submitted.
     host_ios: u64,
@@ -344,6 +354,16 @@ impl RaidBdev {
             intent_waiting: VecDeque::new(),
             intent_chains: Vec::new(),
             clean: None,
+            rebuilding: None,
+            rebuild_limit: u64::MAX,
+            rebuild_from: states
+                .iter()
+                .find_map(|s| match s {
+                    MemberState::Rebuilding { done } => Some(*done),
+                    _ => None,
+                })
+                .unwrap_or(0),
+            rebuild_stuck: false,
             host_ios: 0,
         })
     }
@@ -569,12 +589,12 @@ impl RaidBdev {
             ));
         }
         let np = level.parity();
-        if np == 0
+        if level == RaidLevel::Raid0
             && states
                 .iter()
                 .any(|s| matches!(s, MemberState::Rebuilding { .. }))
         {
-            return bad("rebuilding a member is supported for RAID 5 and 6 only".into());
+            return bad("RAID 0 has no copy to rebuild a member from".into());
         }
         if np > 0 {
             let failed = states.iter().filter(|&&s| s != MemberState::Active).count();
@@ -585,9 +605,9 @@ impl RaidBdev {
             }
         } else if sets
             .iter()
-            .any(|s| !states.is_empty() && s.iter().all(|&m| states[m] == MemberState::Failed))
+            .any(|s| !states.is_empty() && s.iter().all(|&m| states[m] != MemberState::Active))
         {
-            return bad("every copy of some data is failed".into());
+            return bad("no active copy of some data (failed or being rebuilt)".into());
         }
         Ok((sets, block_size, member_len))
     }
@@ -703,7 +723,7 @@ impl RaidBdev {
         {
             return false;
         }
-        if self.members[m].state == MemberState::Active {
+        if self.members[m].state != MemberState::Failed {
             self.members[m].state = MemberState::Failed;
             if self.hold_until_recorded {
                 self.unrecorded |= 1 << m;
@@ -738,6 +758,10 @@ impl RaidBdev {
         self.free_children.push(d.token as usize);
         if c.intent {
             self.intent_child_done(&c, d.status, ctx);
+            return;
+        }
+        if c.rebuild {
+            self.rebuild_child_done(&c, d.status, ctx);
             return;
         }
         if c.scrub {
@@ -1030,6 +1054,7 @@ impl RaidBdev {
             heal: false,
             scrub: true,
             intent: false,
+            rebuild: false,
         });
         if let Some(w) = self.window.as_mut() {
             w.pending += 1;
@@ -1416,6 +1441,7 @@ impl RaidBdev {
             heal: false,
             scrub: false,
             intent: true,
+            rebuild: false,
         });
         if let Some(it) = self.intent.as_mut() {
             it.outstanding += 1;
@@ -1593,6 +1619,164 @@ impl RaidBdev {
         self.intent_kick(ctx);
     }
 
+    /// Starts the rebuild's next window when it may: a member is being rebuilt, the grant
+    /// allows, no host write of the window's range is in flight, and a buffer is there. The
+    /// window is read from an active copy of the member's set and written to the member.
+    fn rebuild_step(&mut self, ctx: &mut Ctx<'_>) {
+        if self.rebuilding.is_some() || self.rebuild_stuck || self.resyncing {
+            return;
+        }
+        let Some((m, done)) = self
+            .members
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| match x.state {
+                MemberState::Rebuilding { done } => Some((i, done)),
+                _ => None,
+            })
+        else {
+            return;
+        };
+        if done >= self.member_len {
+            self.members[m].state = MemberState::Active;
+            tracing::info!(raid = %self.name, member = m, device = self.members[m].dev.name(), "rebuild complete: member active");
+            return;
+        }
+        if done >= self.rebuild_limit {
+            return;
+        }
+        let len = self.unit().min(self.member_len - done);
+        let lock = self.window_lock(done, len);
+        if self
+            .parents
+            .iter()
+            .flatten()
+            .any(|p| writes_data(p.op) && overlaps(p.offset, p.len, lock.0, lock.1))
+            || self
+                .healing
+                .iter()
+                .any(|h| overlaps(h.1, h.2, lock.0, lock.1))
+        {
+            return;
+        }
+        let Some(chain) = ctx.scratch.take(len) else {
+            return;
+        };
+        self.healing.push((usize::MAX - 1, lock.0, lock.1));
+        self.rebuilding = Some((m, done, len, chain, 0, false));
+        self.rebuild_read(ctx);
+    }
+
+    /// Reads the rebuild window from an active copy not tried yet; none left: the rebuild
+    /// stops (said), the window released.
+    fn rebuild_read(&mut self, ctx: &mut Ctx<'_>) {
+        let Some((m, at, len, chain, tried, _)) = self.rebuilding else {
+            return;
+        };
+        let set = self.sets.iter().position(|s| s.contains(&m)).unwrap_or(0);
+        let Some(src) = self.sets[set].iter().copied().find(|&x| {
+            x != m && tried & 1 << x == 0 && self.members[x].state == MemberState::Active
+        }) else {
+            tracing::error!(raid = %self.name, member = m, at, "rebuild: no copy of a window reads good: the rebuild stops here");
+            self.rebuild_stuck = true;
+            self.rebuild_release(ctx);
+            return;
+        };
+        if let Some(r) = self.rebuilding.as_mut() {
+            r.4 |= 1 << src;
+        }
+        let io = Io {
+            token: 0,
+            op: Op::Read,
+            offset: self.data_offset + at,
+            len,
+            fua: false,
+            chain: ChainRef { id: chain, skip: 0 },
+            seq: 0,
+        };
+        self.rebuild_io(src, set, io, ctx);
+    }
+
+    fn rebuild_io(&mut self, member: usize, set: usize, io: Io, ctx: &mut Ctx<'_>) {
+        let i = match self.free_children.pop() {
+            Some(i) => i,
+            None => {
+                self.children.push(None);
+                self.children.len() - 1
+            }
+        };
+        let io = Io {
+            token: i as u64,
+            ..io
+        };
+        self.children[i] = Some(Child {
+            parent: usize::MAX,
+            set,
+            member,
+            io,
+            tried: 0,
+            raw: false,
+            bad: 0,
+            heal: false,
+            scrub: false,
+            intent: false,
+            rebuild: true,
+        });
+        self.members[member].dev.submit(io, ctx);
+    }
+
+    /// A rebuild window's read or write ended.
+    fn rebuild_child_done(&mut self, c: &Child, status: u16, ctx: &mut Ctx<'_>) {
+        let Some((m, at, len, chain, _, writing)) = self.rebuilding else {
+            return;
+        };
+        if !writing {
+            if status != STATUS_SUCCESS {
+                tracing::warn!(raid = %self.name, member = c.member, at, status, "rebuild: a copy's read failed: trying another");
+                self.rebuild_read(ctx);
+                return;
+            }
+            // The window's data goes to the member with a new sequence number (the same
+            // data as every copy: the window's lock kept host writes out).
+            let Some(seq) = self.take_seq() else {
+                // The committed mark is reached: read it again later.
+                self.rebuild_release(ctx);
+                return;
+            };
+            if let Some(r) = self.rebuilding.as_mut() {
+                r.5 = true;
+            }
+            let io = Io {
+                token: 0,
+                op: Op::Write,
+                offset: self.data_offset + at,
+                len,
+                fua: false,
+                chain: ChainRef { id: chain, skip: 0 },
+                seq,
+            };
+            self.rebuild_io(m, c.set, io, ctx);
+            return;
+        }
+        if status != STATUS_SUCCESS {
+            // The new member cannot take writes: it has failed.
+            self.fail_member(m, c.set, status, ctx);
+        } else if let MemberState::Rebuilding { done } = &mut self.members[m].state {
+            *done = (at + len).min(self.member_len);
+        }
+        self.rebuild_release(ctx);
+        self.rebuild_step(ctx);
+    }
+
+    fn rebuild_release(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some((_, _, _, chain, _, _)) = self.rebuilding.take() {
+            ctx.scratch.give(chain);
+        }
+        if let Some(i) = self.healing.iter().position(|h| h.0 == usize::MAX - 1) {
+            self.healing.swap_remove(i);
+        }
+    }
+
     /// Submits the deferred host writes whose ranges no heal holds any more.
     fn release_deferred(&mut self, ctx: &mut Ctx<'_>) {
         for _ in 0..self.waiting_reads.len() {
@@ -1740,6 +1924,7 @@ impl Bdev for RaidBdev {
                             heal: false,
                             scrub: false,
                             intent: false,
+                            rebuild: false,
                         },
                         ctx,
                     );
@@ -1784,7 +1969,33 @@ impl Bdev for RaidBdev {
             let mut nth = 0;
             for k in 0..self.sets[set].len() {
                 let m = self.sets[set][k];
+                // Reads from active copies; writes to every copy not failed (a member being
+                // rebuilt takes every write, behind the rebuild or ahead of it).
+                let takes = match self.members[m].state {
+                    MemberState::Active => true,
+                    MemberState::Rebuilding { .. } => io.op != Op::Read,
+                    MemberState::Failed => false,
+                };
+                if !takes {
+                    continue;
+                }
                 if self.members[m].state != MemberState::Active {
+                    self.send(
+                        Child {
+                            parent: p,
+                            set,
+                            member: m,
+                            io: piece,
+                            tried: 0,
+                            raw: false,
+                            bad: 0,
+                            heal: false,
+                            scrub: false,
+                            intent: false,
+                            rebuild: false,
+                        },
+                        ctx,
+                    );
                     continue;
                 }
                 nth += 1;
@@ -1803,6 +2014,7 @@ impl Bdev for RaidBdev {
                         heal: false,
                         scrub: false,
                         intent: false,
+                        rebuild: false,
                     },
                     ctx,
                 );
@@ -1837,6 +2049,7 @@ impl Bdev for RaidBdev {
         self.scratch = scratch;
         self.intent_kick(ctx);
         self.scrub_step(ctx);
+        self.rebuild_step(ctx);
         self.release_deferred(ctx);
         progress |= !self.ready.is_empty();
         out.append(&mut self.ready);
@@ -1852,6 +2065,11 @@ impl Bdev for RaidBdev {
             || !self.urgent.is_empty()
             || !self.waiting_reads.is_empty()
             || !self.intent_waiting.is_empty()
+            || self.rebuilding.is_some()
+            || (!self.rebuild_stuck
+                && self.members.iter().any(|m| {
+                    matches!(m.state, MemberState::Rebuilding { done } if done < self.rebuild_limit)
+                }))
             || self
                 .intent
                 .as_ref()
@@ -1884,6 +2102,23 @@ impl Bdev for RaidBdev {
     }
 
     fn jobs(&self, out: &mut Vec<DeviceJob>) {
+        if let Some((slot, done)) =
+            self.members
+                .iter()
+                .enumerate()
+                .find_map(|(i, m)| match m.state {
+                    MemberState::Rebuilding { done } if !self.rebuild_stuck => Some((i, done)),
+                    _ => None,
+                })
+        {
+            out.push(DeviceJob {
+                kind: JobKind::Rebuild,
+                slot: u16::try_from(slot).unwrap_or(u16::MAX),
+                done,
+                total: self.member_len,
+                started_at: self.rebuild_from.min(done),
+            });
+        }
         out.extend(ScrubStatus::job(self.scrub));
     }
 
@@ -1892,9 +2127,52 @@ impl Bdev for RaidBdev {
     }
 
     fn set_job_limit(&mut self, kind: JobKind, limit: u64) {
-        if kind == JobKind::Scrub {
-            self.scrub_limit = limit;
+        match kind {
+            JobKind::Rebuild => self.rebuild_limit = limit,
+            JobKind::Scrub => self.scrub_limit = limit,
         }
+    }
+
+    fn replace_member(
+        &mut self,
+        i: usize,
+        dev: BdevBox,
+        done: u64,
+    ) -> Result<BdevBox, (BdevBox, String)> {
+        let Some(old) = self.members.get(i) else {
+            return Err((dev, format!("no member {i}")));
+        };
+        if self.level == RaidLevel::Raid0 || old.state != MemberState::Failed {
+            return Err((
+                dev,
+                format!(
+                    "member {i} is {:?}: only a failed member of a mirror is replaced",
+                    old.state
+                ),
+            ));
+        }
+        if self.children.iter().flatten().any(|c| c.member == i) || old.dev.inflight() > 0 {
+            return Err((dev, format!("member {i} still has I/O in flight")));
+        }
+        if dev.block_size() != self.block_size || dev.size() < self.data_offset + self.member_len {
+            let why = format!(
+                "{} has {}-byte blocks and {} bytes; the pool needs {}-byte blocks and {} bytes",
+                dev.name(),
+                dev.block_size(),
+                dev.size(),
+                self.block_size,
+                self.data_offset + self.member_len
+            );
+            return Err((dev, why));
+        }
+        let unit = self.unit();
+        let done = done.min(self.member_len) / unit * unit;
+        self.rebuild_from = done;
+        self.rebuild_stuck = false;
+        let old = std::mem::replace(&mut self.members[i].dev, dev);
+        self.members[i].state = MemberState::Rebuilding { done };
+        tracing::info!(raid = %self.name, member = i, device = self.members[i].dev.name(), from = done, "member replaced: rebuilding");
+        Ok(old)
     }
 
     fn member_integrity_errors(&self, i: usize) -> u64 {
@@ -1954,6 +2232,7 @@ impl Bdev for RaidBdev {
                 heal: false,
                 scrub: false,
                 intent: false,
+                rebuild: false,
             },
             ctx,
         );

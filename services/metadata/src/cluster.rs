@@ -1820,11 +1820,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             Err(refused) => return refused,
         };
         let cfg = self.pools[i].store.config().clone();
-        if cfg.pool.raid_level.parity() == 0 {
+        if cfg.pool.raid_level == RaidLevel::Raid0 {
             return err(
                 ConfigErrorKind::Refused,
                 format!(
-                    "pool {pool} is {}: rebuilding a replaced member is supported for RAID 5 and 6 only",
+                    "pool {pool} is {}: it keeps no copy to rebuild a member from",
                     cfg.pool.raid_level
                 ),
             );
@@ -2309,10 +2309,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             Err(refused) => return refused,
         };
         let level = self.pools[i].store.config().pool.raid_level;
-        if level.parity() == 0 {
+        if level == RaidLevel::Raid0 {
             return err(
                 ConfigErrorKind::Refused,
-                format!("pool {pool} is {level}: hot spares serve RAID 5 and 6 pools only"),
+                format!("pool {pool} is {level}: a hot spare needs a pool that can rebuild"),
             );
         }
         let Some(n) = self.drives.iter().position(|d| d.name == drive) else {
@@ -2351,7 +2351,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         for i in 0..self.pools.len() {
             loop {
                 let cfg = self.pools[i].store.config();
-                if cfg.pool.raid_level.parity() == 0
+                if cfg.pool.raid_level == RaidLevel::Raid0
                     || cfg.spares.is_empty()
                     || self.pools[i].device.is_none()
                 {
@@ -2433,10 +2433,10 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             Err(refused) => return refused,
         };
         let level = self.pools[i].store.config().pool.raid_level;
-        if level.parity() == 0 {
+        if level == RaidLevel::Raid0 {
             return err(
                 ConfigErrorKind::Refused,
-                format!("pool {name} is {level}: rebuild and scrub rates apply to RAID 5 and 6"),
+                format!("pool {name} is {level}: it has no rebuild or scrub to pace"),
             );
         }
         let Some(device) = self.pools[i].device else {
