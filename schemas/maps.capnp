@@ -142,6 +142,11 @@ struct PoolSpec {
   # Mirror levels: the pool's committed write sequence mark; no write is numbered at or past
   # it (writes wait until a higher one is published). 0: no limit. A republish of a built
   # device raises it.
+
+  resyncMembers @19 :UInt64;
+  # Mirror levels with a bitmap: the rebuilding members (bit = slot) that are members come
+  # back stale (kept out since they failed): only the regions the members' write-intent
+  # bitmap marks are copied to them; the others are rebuilt whole.
 }
 
 enum RaidLevel {

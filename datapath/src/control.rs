@@ -57,6 +57,9 @@ pub struct PoolSpec {
     /// Mirror levels: the write-intent bitmap's area (`None`: no bitmap; a resync compares
     /// everything).
     pub bitmap: Option<crate::bdev::IntentSpec>,
+    /// Mirror levels with a bitmap: rebuilding members (bit = slot) that came back stale
+    /// (kept out since they failed): only the regions the bitmap marks are copied to them.
+    pub resync_members: u64,
 }
 
 /// What a device looks like now.

@@ -956,7 +956,8 @@ impl Engine {
                     .with_seq(spec.seq_base)
                     .with_seq_limit(spec.seq_limit)
                     .with_intent(spec.bitmap)
-                    .with_resync(spec.resync),
+                    .with_resync(spec.resync)
+                    .with_marked_rebuild(spec.resync_members),
             )
         };
         let index = self.devices.len();

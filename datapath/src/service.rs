@@ -617,6 +617,7 @@ impl MapsServer {
             seq_base: spec.seq_base,
             resync: spec.resync,
             seq_limit: spec.seq_limit,
+            resync_members: spec.resync_members,
             bitmap: spec
                 .bitmap
                 .map(|(offset, len, tag)| crate::bdev::IntentSpec { offset, len, tag }),

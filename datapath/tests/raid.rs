@@ -307,6 +307,7 @@ fn mirror_spec(hold: bool) -> PoolSpec {
         resync: false,
         seq_limit: 0,
         bitmap: None,
+        resync_members: 0,
     }
 }
 

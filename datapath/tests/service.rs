@@ -732,6 +732,7 @@ fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
         resync: false,
         seq_limit: 0,
         bitmap: None,
+        resync_members: 0,
         rebuild_from: vec![],
     }
 }

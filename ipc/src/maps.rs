@@ -114,6 +114,9 @@ pub struct PoolSpec {
     pub seq_limit: u64,
     /// Mirror levels: `(offset, length, tag)` of the write-intent bitmap area on every member.
     pub bitmap: Option<(u64, u64, u64)>,
+    /// Mirror levels with a bitmap: rebuilding members (bit = slot) that came back stale;
+    /// only the regions the bitmap marks are copied to them.
+    pub resync_members: u64,
 }
 
 /// `blocks` blocks of a volume from volume block `start` live on device `device` from byte
@@ -555,6 +558,7 @@ impl MapsRequest {
                 p.set_seq_base(s.seq_base);
                 p.set_resync(s.resync);
                 p.set_seq_limit(s.seq_limit);
+                p.set_resync_members(s.resync_members);
                 let len = len_u32(s.rebuild_from.len());
                 let mut from = p.init_rebuild_from(len);
                 for (i, &at) in (0..len).zip(&s.rebuild_from) {
@@ -761,6 +765,7 @@ fn read_pool(p: wire::pool_spec::Reader<'_>) -> Result<PoolSpec, ControlError> {
         seq_base: p.get_seq_base(),
         resync: p.get_resync(),
         seq_limit: p.get_seq_limit(),
+        resync_members: p.get_resync_members(),
         bitmap: (p.get_bitmap_len() > 0).then(|| {
             (
                 p.get_bitmap_offset(),
@@ -1417,6 +1422,7 @@ pub mod examples {
                 resync: true,
                 seq_limit: (1 << 40) + (1 << 24),
                 bitmap: Some((17 << 20, 16 << 20, 0x5678)),
+                resync_members: 0b10,
             }),
             MapsRequest::PublishPool(PoolSpec {
                 epoch: 1,
@@ -1434,6 +1440,7 @@ pub mod examples {
                 resync: false,
                 seq_limit: 0,
                 bitmap: None,
+                resync_members: 0,
             }),
             MapsRequest::PublishVolumes(PublishVolumes {
                 epoch: 3,

@@ -283,9 +283,15 @@ impl Intent {
         }
     }
 
+    /// Whether region `r` is marked (on the members or wanted).
+    pub fn is_marked(&self, r: usize) -> bool {
+        self.on_disk.get(r).copied().unwrap_or(false) || self.want.get(r).copied().unwrap_or(false)
+    }
+
     /// The load ended: the dirty regions (every one when no member had a valid block), now
-    /// the members' and the wanted bits.
-    pub fn load_done(&mut self) -> Vec<bool> {
+    /// the members' and the wanted bits. Their idle clocks start `now` (no write is in flight
+    /// in them), so they are cleared like any other once the members agree.
+    pub fn load_done(&mut self, now: Instant) -> Vec<bool> {
         let (dirty, any) = self
             .loading
             .take()
@@ -293,6 +299,11 @@ impl Intent {
         let dirty = if any { dirty } else { vec![true; self.regions] };
         self.on_disk = dirty.clone();
         self.want = dirty.clone();
+        for (r, &d) in dirty.iter().enumerate() {
+            if d && self.pending[r] == 0 {
+                self.idle_since[r] = Some(now);
+            }
+        }
         dirty
     }
 
@@ -387,15 +398,23 @@ mod tests {
         i.loaded(Some(&encode(7, 1 << 20, &a)));
         i.loaded(Some(&encode(7, 1 << 20, &b)));
         i.loaded(None);
-        let dirty = i.load_done();
+        let t0 = Instant::now();
+        let dirty = i.load_done(t0);
         assert_eq!(
             dirty.iter().filter(|&&d| d).count(),
             2,
             "{dirty:?}: regions 1 and 5"
         );
+        // The loaded marks are cleared like any other once idle (after a flush).
+        assert!(i.is_marked(1) && i.is_marked(5) && !i.is_marked(0));
+        let clear = i.clearable(t0 + CLEAR_AFTER);
+        assert_eq!(clear, vec![(1, 0), (5, 0)]);
+        i.flushed(&clear);
+        let block = i.next_block().expect("a block clearing them");
+        assert_eq!(decode(&block, 7, 1 << 20, 8), Some(vec![false; 8]));
         let mut j = Intent::new(spec, 8 << 20).unwrap();
         j.loading = Some((vec![false; 8], false));
         j.loaded(Some(&[0u8; BLOCK]));
-        assert!(j.load_done().iter().all(|&d| d));
+        assert!(j.load_done(t0).iter().all(|&d| d));
     }
 }

@@ -222,6 +222,12 @@ pub struct RaidBdev {
     rebuild_from: u64,
     /// A rebuild window failed on every copy: no more until a member is replaced again.
     rebuild_stuck: bool,
+    /// Rebuilding members (bit = member) that came back stale: only the regions the
+    /// write-intent bitmap marks are copied to them.
+    marked_rebuild: u64,
+    /// This rebuild's bytes copied and skipped (clean regions of a member come back).
+    rebuild_copied: u64,
+    rebuild_skipped: u64,
 
     /// Host I/Os submitted.
     host_ios: u64,
@@ -364,6 +370,9 @@ impl RaidBdev {
                 })
                 .unwrap_or(0),
             rebuild_stuck: false,
+            marked_rebuild: 0,
+            rebuild_copied: 0,
+            rebuild_skipped: 0,
             host_ios: 0,
         })
     }
@@ -377,6 +386,11 @@ impl RaidBdev {
     pub fn with_resync(mut self, on: bool) -> Self {
         if !on || self.level == RaidLevel::Raid0 {
             return self;
+        }
+        if let Some(i) = self.intent.as_mut() {
+            // An import: the members' bitmaps are read before any write goes, resync or not
+            // (a degraded pool's marks are what a member coming back needs copied).
+            i.want_load();
         }
         let present = |m: &Member| m.state == MemberState::Active;
         if !self
@@ -420,6 +434,36 @@ impl RaidBdev {
             return self;
         }
         self.intent = spec.and_then(|s| super::intent::Intent::new(s, self.member_len));
+        self
+    }
+
+    /// Rebuilds the rebuilding members in `mask` (bit = slot) from the regions the members'
+    /// write-intent bitmap marks only: members that came back stale after they failed, whose
+    /// every write missed since is marked (bits are not cleared while a member is out). Needs
+    /// the bitmap ([`RaidBdev::with_intent`]) and an import ([`RaidBdev::with_resync`], which
+    /// reads it); otherwise the members are rebuilt whole.
+    pub fn with_marked_rebuild(mut self, mask: u64) -> Self {
+        let rebuilding = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| matches!(m.state, MemberState::Rebuilding { .. }))
+            .fold(0u64, |acc, (i, _)| {
+                acc | 1u64.checked_shl(i as u32).unwrap_or(0)
+            });
+        let mask = mask & rebuilding;
+        if mask == 0 {
+            return self;
+        }
+        match self.intent.as_ref() {
+            Some(i) if i.load_wanted || i.loading.is_some() => {
+                self.marked_rebuild = mask;
+                tracing::info!(raid = %self.name, members = mask, "members came back stale: only the regions the write-intent bitmap marks are copied to them");
+            }
+            _ => {
+                tracing::info!(raid = %self.name, members = mask, "members came back stale, but no bitmap is read: they are rebuilt whole");
+            }
+        }
         self
     }
 
@@ -1534,7 +1578,9 @@ impl RaidBdev {
             }
             return;
         }
-        if self.resyncing {
+        // Marks stay while a member is out or being rebuilt (they are what it misses) and
+        // while a resync runs.
+        if self.resyncing || self.members.iter().any(|m| m.state != MemberState::Active) {
             return;
         }
         let clear = i.clearable(ctx.now);
@@ -1600,14 +1646,21 @@ impl RaidBdev {
             return;
         };
         if i.loading.is_some() {
-            let dirty = i.load_done();
+            let dirty = i.load_done(ctx.now);
             let marked = dirty.iter().filter(|&&d| d).count();
-            tracing::info!(raid = %self.name, regions = dirty.len(), marked, region_bytes = i.region, "write-intent bitmap read: the resync compares the marked regions only");
+            if self.resyncing {
+                tracing::info!(raid = %self.name, regions = dirty.len(), marked, region_bytes = i.region, "write-intent bitmap read: the resync compares the marked regions only");
+            } else {
+                tracing::info!(raid = %self.name, regions = dirty.len(), marked, region_bytes = i.region, "write-intent bitmap read");
+            }
             self.clean = Some(dirty.iter().map(|&d| !d).collect());
         } else if i.writing.is_some() {
             i.written();
         } else if let Some(c) = i.flushing.take() {
-            i.flushed(&c);
+            // A member whose flush failed has failed: its marks stay.
+            if self.members.iter().all(|m| m.state == MemberState::Active) {
+                i.flushed(&c);
+            }
         }
         for _ in 0..self.intent_waiting.len() {
             let Some(io) = self.intent_waiting.pop_front() else {
@@ -1637,9 +1690,37 @@ impl RaidBdev {
         else {
             return;
         };
+        let marked_only = self.marked_rebuild & 1u64.checked_shl(m as u32).unwrap_or(0) != 0;
+        let mut done = done;
+        if marked_only {
+            let Some(i) = self.intent.as_ref() else {
+                return;
+            };
+            if i.load_wanted || i.loading.is_some() {
+                // The members' bitmaps are not read yet.
+                self.intent_kick(ctx);
+                return;
+            }
+            // Clean regions hold the same data on every copy: passed over (not rate-limited,
+            // nothing is read or written).
+            let region = i.region;
+            let start = done;
+            while done < self.member_len && !i.is_marked(i.regions_of(done, 1).start) {
+                done = ((done / region + 1) * region).min(self.member_len);
+            }
+            if done > start {
+                self.rebuild_skipped += done - start;
+                if let MemberState::Rebuilding { done: d } = &mut self.members[m].state {
+                    *d = done;
+                }
+            }
+        }
         if done >= self.member_len {
             self.members[m].state = MemberState::Active;
-            tracing::info!(raid = %self.name, member = m, device = self.members[m].dev.name(), "rebuild complete: member active");
+            self.marked_rebuild &= !1u64.checked_shl(m as u32).unwrap_or(0);
+            tracing::info!(raid = %self.name, member = m, device = self.members[m].dev.name(), copied = self.rebuild_copied, skipped = self.rebuild_skipped, "rebuild complete: member active");
+            self.rebuild_copied = 0;
+            self.rebuild_skipped = 0;
             return;
         }
         if done >= self.rebuild_limit {
@@ -1763,6 +1844,7 @@ impl RaidBdev {
             self.fail_member(m, c.set, status, ctx);
         } else if let MemberState::Rebuilding { done } = &mut self.members[m].state {
             *done = (at + len).min(self.member_len);
+            self.rebuild_copied += len;
         }
         self.rebuild_release(ctx);
         self.rebuild_step(ctx);
@@ -2169,6 +2251,10 @@ impl Bdev for RaidBdev {
         let done = done.min(self.member_len) / unit * unit;
         self.rebuild_from = done;
         self.rebuild_stuck = false;
+        // A new drive: rebuilt whole.
+        self.marked_rebuild &= !1u64.checked_shl(i as u32).unwrap_or(0);
+        self.rebuild_copied = 0;
+        self.rebuild_skipped = 0;
         let old = std::mem::replace(&mut self.members[i].dev, dev);
         self.members[i].state = MemberState::Rebuilding { done };
         tracing::info!(raid = %self.name, member = i, device = self.members[i].dev.name(), from = done, "member replaced: rebuilding");

@@ -82,6 +82,9 @@ pub struct PoolPublish {
     pub seq_limit: u64,
     /// Mirror levels: `(offset, length, tag)` of the write-intent bitmap on every member.
     pub bitmap: Option<(u64, u64, u64)>,
+    /// Mirror levels with a bitmap: rebuilding members (bit = slot) that came back stale:
+    /// only the regions the bitmap marks are copied to them.
+    pub resync_members: u64,
 }
 
 /// A volume map for the datapath.
@@ -235,6 +238,11 @@ struct PoolEntry<D: MetaDisk> {
     /// Imported from the drives (not created here): its mirror copies are resynced when the
     /// datapath builds its device (a crash or power cut may have left them apart).
     imported: bool,
+    /// Members (bit = slot) that came back after they failed and are rebuilt on their own
+    /// drive ([`Cluster::readd_returned`]): for mirrors the datapath copies only the regions
+    /// the write-intent bitmap marks. Known to this process only (a restart rebuilds them
+    /// whole from their checkpoint).
+    readded: u64,
 }
 
 /// Write sequence numbers a pool's owner leases at once (committed as the pool's mark).
@@ -914,8 +922,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     drives: slots,
                     seq: None,
                     imported: true,
+                    readded: 0,
                 });
-                Ok(self.pools.len() - 1)
+                let i = self.pools.len() - 1;
+                self.readd_returned(i);
+                Ok(i)
             }
             Err(e) => {
                 for d in &mut self.drives {
@@ -924,6 +935,66 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     }
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Members of pool `i` (just imported) that failed and came back: the drive is here,
+    /// readable, and its superblock still names its slot of this pool. Each is committed
+    /// rebuilding on its own drive (generation + 1, before the pool is published), so the
+    /// datapath resyncs it under I/O: a mirror with a write-intent bitmap copies only the
+    /// regions marked since it failed (marks are kept while a member is out), parity levels
+    /// rebuild it whole. A drive that fails again is failed again.
+    fn readd_returned(&mut self, i: usize) {
+        let cfg = self.pools[i].store.config().clone();
+        if cfg.pool.raid_level == RaidLevel::Raid0 {
+            return;
+        }
+        let name = cfg.pool.name.clone();
+        for (slot, m) in cfg.pool.members.iter().enumerate() {
+            if m.state != MemberState::Failed {
+                continue;
+            }
+            let Some(n) = self.drives.iter().position(|d| {
+                d.pool == name && d.slot == slot as u32 && d.state == DriveState::Stale
+            }) else {
+                continue;
+            };
+            let same = probe(&mut self.drives[n].disk).is_some_and(|sb| {
+                sb.pool_uuid == cfg.pool.uuid
+                    && sb.drive_uuid == m.drive_uuid
+                    && sb.member_slot == slot as u32
+                    && sb.role == duplex_ondisk::superblock::Role::Data
+            });
+            if !same {
+                continue;
+            }
+            let drive = self.drives[n].name.clone();
+            // A parity member's stripe journal ring still holds the entries it took before it
+            // failed, in a generation the others may still be in: replayed, they would put old
+            // data back. The ring is zeroed (flushed) before the member is taken back.
+            if let Some((offset, len)) = (cfg.pool.raid_level.parity() > 0)
+                .then(|| (0..cfg.pool.members.len()).find_map(|s| self.pools[i].store.layout(s)))
+                .flatten()
+                .and_then(|l| l.stripe_journal())
+            {
+                if let Err(e) = zero_area(&mut self.drives[n].disk, offset, len) {
+                    tracing::error!(pool = %name, slot, drive, error = %e, "a failed member came back but its stripe journal cannot be cleared: it stays out (`duplexctl pool replace` rebuilds onto another drive)");
+                    continue;
+                }
+            }
+            let disk = self.drives[n].disk.clone();
+            self.changes += 1;
+            match self.pools[i].store.replace_member(slot, disk, m.drive_uuid) {
+                Ok(_) => {
+                    self.drives[n].state = DriveState::Rebuilding;
+                    self.pools[i].drives[slot] = self.drives[n].id;
+                    self.pools[i].readded |= 1u64.checked_shl(slot as u32).unwrap_or(0);
+                    tracing::warn!(pool = %name, slot, drive, "a failed member came back: committed rebuilding on its own drive (a mirror copies only the regions its write-intent bitmap marks)");
+                }
+                Err(e) => {
+                    tracing::error!(pool = %name, slot, drive, error = %e, "a failed member came back but could not be taken back: it stays out (`duplexctl pool replace` rebuilds onto another drive)");
+                }
             }
         }
     }
@@ -1070,6 +1141,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .map(|(offset, len)| (offset, len, journal_tag(&cfg.pool.uuid))),
             seq_base: p.seq.map_or(0, |s| s.0),
             seq_limit: p.seq.map_or(0, |s| s.1),
+            resync_members: p.readded,
             // Only a device built now resyncs (the datapath ignores it for one it has).
             resync: p.imported,
         };
@@ -1640,6 +1712,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     drives: ids,
                     seq: None,
                     imported: false,
+                    readded: 0,
                 });
                 let i = self.pools.len() - 1;
                 if let Err(e) = self.publish_pool(i) {
@@ -1916,6 +1989,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         d.slot = slot as u32;
         d.spare = None;
         self.pools[i].drives[slot] = id;
+        self.pools[i].readded &= !1u64.checked_shl(slot as u32).unwrap_or(0);
         tracing::info!(pool, new, slot, "member replaced on disk: rebuilding");
         if let Err(e) = self.publisher.replace_member(device, slot as u32, id) {
             return Err(err(
@@ -1974,6 +2048,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 if d.pool == name && rebuilt.contains(&d.slot) {
                     d.state = DriveState::Active;
                 }
+            }
+            for &s in &rebuilt {
+                self.pools[i].readded &= !1u64.checked_shl(s).unwrap_or(0);
             }
             tracing::info!(pool = %name, members = ?rebuilt, "rebuild complete: member active on disk");
         }
@@ -2082,6 +2159,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         let mut cfg = self.pools[i].store.config().clone();
         let next = self.pools[i].store.stamp().generation + 1;
         let name = cfg.pool.name.clone();
+        self.pools[i].readded &= !1u64.checked_shl(member).unwrap_or(0);
         if let Some(m) = cfg.pool.members.get_mut(member as usize) {
             if m.state != MemberState::Failed {
                 m.state = MemberState::Failed;
@@ -2576,6 +2654,23 @@ fn serial_of(nqn: &str) -> String {
 }
 
 /// CRC-32 (IEEE), enough to derive serials.
+/// Writes zeroes over `len` bytes of `disk` from `offset` (1 MiB at a time), then flushes.
+fn zero_area<D: MetaDisk>(
+    disk: &mut D,
+    offset: u64,
+    len: u64,
+) -> Result<(), crate::disk::DiskError> {
+    const CHUNK: u64 = 1 << 20;
+    let zero = vec![0u8; CHUNK as usize];
+    let mut at = 0;
+    while at < len {
+        let n = CHUNK.min(len - at) as usize;
+        disk.write(offset + at, &zero[..n])?;
+        at += n as u64;
+    }
+    disk.flush()
+}
+
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &b in bytes {

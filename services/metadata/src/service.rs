@@ -112,6 +112,7 @@ impl Publisher for ServicePublisher {
             resync: pool.resync,
             seq_limit: pool.seq_limit,
             bitmap: pool.bitmap,
+            resync_members: pool.resync_members,
             rebuild_from: if pool.rebuilding.iter().any(Option::is_some) {
                 (0..pool.drives.len())
                     .map(|i| pool.rebuilding.get(i).copied().flatten().unwrap_or(0))

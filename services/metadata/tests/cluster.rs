@@ -333,7 +333,7 @@ fn wrong_requests_get_their_kind_and_write_nothing() {
 }
 
 #[test]
-fn a_failed_member_is_recorded_then_released_and_stays_failed() {
+fn a_failed_member_is_recorded_then_released_and_rebuilt_when_it_comes_back() {
     let d = disks(2);
     let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
     ok(c.handle(ConfigRequest::CreatePool {
@@ -350,8 +350,64 @@ fn a_failed_member_is_recorded_then_released_and_stays_failed() {
     assert_eq!(p[0].state, PoolState::Degraded);
     assert_eq!(p[0].members[1].state, DriveState::Failed);
     drop(c);
+    // The failed member's drive is still here and names its slot: at the next import it is
+    // committed rebuilding on its own drive and given to the datapath to resync (only the
+    // regions the write-intent bitmap marks: `resync_members`).
     let c2 = Cluster::start(drives(&d), 0, 1, Recorder::default());
     let mut c2 = c2;
+    let ConfigReply::Pools(p) = c2.handle(ConfigRequest::ShowPool("tank".into())) else {
+        panic!()
+    };
+    assert_eq!(
+        p[0].members[1].state,
+        DriveState::Rebuilding,
+        "taken back, rebuilding"
+    );
+    let ConfigReply::Drives(ds) = c2.handle(ConfigRequest::ListDrives) else {
+        panic!()
+    };
+    assert_eq!(ds[1].state, DriveState::Rebuilding);
+    let pool = &c2.publisher().pools[0];
+    assert_eq!(
+        pool.drives,
+        vec![10, 11],
+        "the member is given to the datapath"
+    );
+    assert_eq!(pool.failed, vec![false, false]);
+    assert_eq!(pool.rebuilding, vec![None, Some(0)]);
+    assert_eq!(pool.resync_members, 0b10);
+    drop(c2);
+    // Recorded on disk: a third start sees it rebuilding (whole from its checkpoint: the
+    // bitmap-bounded resync is this process's knowledge only).
+    let mut c3 = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let ConfigReply::Pools(p) = c3.handle(ConfigRequest::ShowPool("tank".into())) else {
+        panic!()
+    };
+    assert_eq!(
+        p[0].members[1].state,
+        DriveState::Rebuilding,
+        "recorded on disk"
+    );
+    let pool = &c3.publisher().pools[0];
+    assert_eq!(pool.rebuilding, vec![None, Some(0)]);
+    assert_eq!(pool.resync_members, 0);
+}
+
+/// A failed member whose drive does not come back stays failed: nothing is given to the
+/// datapath for its slot.
+#[test]
+fn a_failed_member_that_does_not_come_back_stays_failed() {
+    let d = disks(2);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    c.member_failed(100, 1).unwrap();
+    drop(c);
+    let mut c2 = Cluster::start(drives(&d[..1]), 0, 1, Recorder::default());
     let ConfigReply::Pools(p) = c2.handle(ConfigRequest::ShowPool("tank".into())) else {
         panic!()
     };
@@ -360,21 +416,10 @@ fn a_failed_member_is_recorded_then_released_and_stays_failed() {
         DriveState::Failed,
         "recorded on disk"
     );
-    let ConfigReply::Drives(ds) = c2.handle(ConfigRequest::ListDrives) else {
-        panic!()
-    };
-    assert_eq!(
-        ds[1].state,
-        DriveState::Stale,
-        "the failed member is stale, never read"
-    );
     let pool = &c2.publisher().pools[0];
-    assert_eq!(
-        pool.drives,
-        vec![10, MISSING],
-        "the stale member is not given to the datapath"
-    );
+    assert_eq!(pool.drives, vec![10, MISSING]);
     assert_eq!(pool.failed, vec![false, true]);
+    assert_eq!(pool.resync_members, 0);
 }
 
 /// A RAID-1 pool whose member 0 is gone at start is not imported (it may hold newer
