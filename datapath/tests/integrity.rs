@@ -351,6 +351,23 @@ fn mirror_as(
     pool
 }
 
+/// Waits for the resync of `pool` to reach its end; its figures then.
+fn resync_finished(node: &Node, pool: usize) -> duplex_datapath::bdev::ScrubStatus {
+    let mut last = Default::default();
+    common::wait_until("the resync to finish", || {
+        last = node
+            .control
+            .status()
+            .unwrap()
+            .iter()
+            .find(|d| d.index == pool)
+            .and_then(|d| d.scrub)
+            .unwrap_or_default();
+        last.total > 0 && last.done >= last.total
+    });
+    last
+}
+
 fn payload2(i: u64) -> Vec<u8> {
     pattern(i.wrapping_mul(0x51ED) + 99, (IO_BLOCKS * BS) as usize)
 }
@@ -420,18 +437,7 @@ fn after_a_lying_flush_and_a_power_cut_a_resync_picks_the_newer_copy_by_sequence
         0,
         "stale data reached the host"
     );
-    let mut last = Default::default();
-    common::wait_until("the resync to finish", || {
-        last = node
-            .control
-            .status()
-            .unwrap()
-            .iter()
-            .find(|d| d.index == pool)
-            .and_then(|d| d.scrub)
-            .unwrap_or_default();
-        last.total > 0 && last.done >= last.total
-    });
+    let last = resync_finished(&node, pool);
     let overwritten = (0..n).filter(|&i| newer(i)).count() as u64 * u64::from(IO_BLOCKS);
     assert_eq!(last.mismatches, overwritten, "{last:?}");
     assert_eq!(last.repaired, overwritten, "{last:?}");
@@ -593,18 +599,7 @@ fn a_resync_compares_only_the_regions_the_write_intent_bitmap_marks() {
         0,
         "stale data reached the host"
     );
-    let mut last = Default::default();
-    common::wait_until("the resync to finish", || {
-        last = node
-            .control
-            .status()
-            .unwrap()
-            .iter()
-            .find(|d| d.index == pool)
-            .and_then(|d| d.scrub)
-            .unwrap_or_default();
-        last.total > 0 && last.done >= last.total
-    });
+    let last = resync_finished(&node, pool);
     let overwritten = (0..n).filter(|&i| newer(i)).count() as u64 * u64::from(IO_BLOCKS);
     assert_eq!(last.mismatches, overwritten, "{last:?}");
     assert_eq!(last.repaired, overwritten, "{last:?}");
@@ -662,6 +657,29 @@ fn a_member_that_came_back_gets_only_the_regions_the_bitmap_marked_while_it_was_
         (0..regions).filter(|&r| bits[r]).collect::<Vec<_>>(),
         vec![0, 1, 5]
     );
+    // The same block read at the byte offsets docs/ONDISK.md gives ("Write-intent bitmap"),
+    // not through the decoder.
+    assert_eq!(&block[0..8], b"DPXWIB01");
+    assert_eq!(
+        u64::from_le_bytes(block[8..16].try_into().unwrap()),
+        BITMAP.tag
+    );
+    assert_eq!(
+        u64::from_le_bytes(block[16..24].try_into().unwrap()),
+        1 << 20
+    );
+    assert_eq!(u32::from_le_bytes(block[24..28].try_into().unwrap()), 8);
+    let mut zeroed = block[..4096].to_vec();
+    zeroed[28..32].fill(0);
+    assert_eq!(
+        u32::from_le_bytes(block[28..32].try_into().unwrap()),
+        crc32c::crc32c(&zeroed)
+    );
+    assert_eq!(
+        block[32], 0b0010_0011,
+        "regions 0, 1 and 5, least significant bit first"
+    );
+    assert!(block[33..4096].iter().all(|&b| b == 0));
     restore(&mut drives[1], Loss::Pull);
     let mut node = raw_node(&drives);
     // A marker in clean region 3 of member 1 only (written on the raw drive): a region the

@@ -422,3 +422,39 @@ pub(crate) fn in_range(io: &Io, block_size: u32, size: u64) -> bool {
             && io.len % bs == 0
             && io.offset.checked_add(io.len).is_some_and(|end| end <= size)
 }
+
+/// Why device `dev` cannot take the place of member `i` of a RAID device (`None`: it can):
+/// the member must be failed (`state`) with nothing in flight to it (`busy`), and `dev` must
+/// have the members' `block_size` and at least `need` bytes (the data area's end).
+pub(crate) fn replacement_refused(
+    i: usize,
+    state: Option<MemberState>,
+    busy: bool,
+    dev: &dyn Bdev,
+    block_size: u32,
+    need: u64,
+) -> Option<String> {
+    match state {
+        None => return Some(format!("no member {i}")),
+        Some(MemberState::Failed) => {}
+        Some(s) => {
+            return Some(format!(
+                "member {i} is {s:?}: only a failed member is replaced"
+            ))
+        }
+    }
+    if busy {
+        return Some(format!("member {i} still has I/O in flight"));
+    }
+    if dev.block_size() != block_size || dev.size() < need {
+        return Some(format!(
+            "{} has {}-byte blocks and {} bytes; the pool needs {}-byte blocks and {} bytes",
+            dev.name(),
+            dev.block_size(),
+            dev.size(),
+            block_size,
+            need
+        ));
+    }
+    None
+}

@@ -2579,30 +2579,16 @@ impl Bdev for ParityBdev {
         dev: BdevBox,
         done: u64,
     ) -> Result<BdevBox, (BdevBox, String)> {
-        let Some(old) = self.members.get(i) else {
-            return Err((dev, format!("no member {i}")));
-        };
-        if old.state != MemberState::Failed {
-            return Err((
-                dev,
-                format!(
-                    "member {i} is {:?}: only a failed member is replaced",
-                    old.state
-                ),
-            ));
-        }
-        if self.children.iter().flatten().any(|c| c.member == i) || old.dev.inflight() > 0 {
-            return Err((dev, format!("member {i} still has I/O in flight")));
-        }
-        if dev.block_size() != self.block_size || dev.size() < self.data_offset + self.member_len {
-            let why = format!(
-                "{} has {}-byte blocks and {} bytes; the pool needs {}-byte blocks and {} bytes",
-                dev.name(),
-                dev.block_size(),
-                dev.size(),
-                self.block_size,
-                self.data_offset + self.member_len
-            );
+        let busy = self.children.iter().flatten().any(|c| c.member == i)
+            || self.members.get(i).is_some_and(|m| m.dev.inflight() > 0);
+        if let Some(why) = super::replacement_refused(
+            i,
+            self.members.get(i).map(|m| m.state),
+            busy,
+            dev.as_ref(),
+            self.block_size,
+            self.data_offset + self.member_len,
+        ) {
             return Err((dev, why));
         }
         let done = done.min(self.member_len) / self.window * self.window;

@@ -233,6 +233,14 @@ pub struct RaidBdev {
     host_ios: u64,
 }
 
+/// Whose I/O a child without a parent is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Own {
+    Scrub,
+    Intent,
+    Rebuild,
+}
+
 /// A scrub window in flight.
 #[derive(Debug)]
 struct Window {
@@ -505,6 +513,28 @@ impl RaidBdev {
         }
     }
 
+    /// The set offset of device offset `off`.
+    fn set_offset(&self, off: u64) -> u64 {
+        let nsets = self.sets.len() as u64;
+        if nsets <= 1 {
+            return off;
+        }
+        let c = off / self.chunk;
+        c / nsets * self.chunk + off % self.chunk
+    }
+
+    /// The bitmap regions a host write of `[offset, offset + len)` touches, on whichever sets
+    /// (a range covering every piece: set offsets grow with the device offset), without
+    /// allocating; empty without a bitmap.
+    fn write_regions(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let Some(i) = self.intent.as_ref() else {
+            return 0..0;
+        };
+        let first = self.set_offset(offset);
+        let last = self.set_offset(offset + len.max(1) - 1);
+        i.regions_of(first, last + 1 - first)
+    }
+
     /// The set offsets of a host I/O's pieces: (set offset, bytes) each.
     fn set_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
         let nsets = self.sets.len() as u64;
@@ -741,12 +771,10 @@ impl RaidBdev {
             };
             let (op, offset, len) = (parent.op, parent.offset, parent.len);
             if writes_data(op) && self.intent.is_some() {
-                let ranges = self.set_ranges(offset, len);
+                let regions = self.write_regions(offset, len);
                 let now = std::time::Instant::now();
                 if let Some(i) = self.intent.as_mut() {
-                    for (at, n) in ranges {
-                        i.end(i.regions_of(at, n), now);
-                    }
+                    i.end(regions, now);
                 }
             }
             if self.unrecorded != 0 && op != Op::Read {
@@ -1076,6 +1104,23 @@ impl RaidBdev {
 
     /// Sends one of a scrub window's member I/Os (`index`: which read or block it is).
     fn scrub_io(&mut self, set: usize, member: usize, io: Io, index: u64, ctx: &mut Ctx<'_>) {
+        if let Some(w) = self.window.as_mut() {
+            w.pending += 1;
+        }
+        self.own_io(Own::Scrub, set, member, io, index, ctx);
+    }
+
+    /// Sends the device's own I/O `io` (no parent: a scrub's, the bitmap's or a rebuild's)
+    /// to `member` of `set`; `tried` is the child's note for its completion.
+    fn own_io(
+        &mut self,
+        kind: Own,
+        set: usize,
+        member: usize,
+        io: Io,
+        tried: u64,
+        ctx: &mut Ctx<'_>,
+    ) {
         let i = match self.free_children.pop() {
             Some(i) => i,
             None => {
@@ -1092,17 +1137,14 @@ impl RaidBdev {
             set,
             member,
             io,
-            tried: index,
+            tried,
             raw: false,
             bad: 0,
             heal: false,
-            scrub: true,
-            intent: false,
-            rebuild: false,
+            scrub: kind == Own::Scrub,
+            intent: kind == Own::Intent,
+            rebuild: kind == Own::Rebuild,
         });
-        if let Some(w) = self.window.as_mut() {
-            w.pending += 1;
-        }
         self.members[member].dev.submit(io, ctx);
     }
 
@@ -1458,39 +1500,15 @@ impl RaidBdev {
 
     /// Sends a bitmap I/O to member `member`.
     fn intent_io(&mut self, member: usize, io: Io, ctx: &mut Ctx<'_>) {
-        let i = match self.free_children.pop() {
-            Some(i) => i,
-            None => {
-                self.children.push(None);
-                self.children.len() - 1
-            }
-        };
-        let io = Io {
-            token: i as u64,
-            ..io
-        };
         let set = self
             .sets
             .iter()
             .position(|s| s.contains(&member))
             .unwrap_or(0);
-        self.children[i] = Some(Child {
-            parent: usize::MAX,
-            set,
-            member,
-            io,
-            tried: 0,
-            raw: false,
-            bad: 0,
-            heal: false,
-            scrub: false,
-            intent: true,
-            rebuild: false,
-        });
         if let Some(it) = self.intent.as_mut() {
             it.outstanding += 1;
         }
-        self.members[member].dev.submit(io, ctx);
+        self.own_io(Own::Intent, set, member, io, 0, ctx);
     }
 
     /// Moves the bitmap on: the load at import, then block writes setting the bits writes
@@ -1779,31 +1797,7 @@ impl RaidBdev {
     }
 
     fn rebuild_io(&mut self, member: usize, set: usize, io: Io, ctx: &mut Ctx<'_>) {
-        let i = match self.free_children.pop() {
-            Some(i) => i,
-            None => {
-                self.children.push(None);
-                self.children.len() - 1
-            }
-        };
-        let io = Io {
-            token: i as u64,
-            ..io
-        };
-        self.children[i] = Some(Child {
-            parent: usize::MAX,
-            set,
-            member,
-            io,
-            tried: 0,
-            raw: false,
-            bad: 0,
-            heal: false,
-            scrub: false,
-            intent: false,
-            rebuild: true,
-        });
-        self.members[member].dev.submit(io, ctx);
+        self.own_io(Own::Rebuild, set, member, io, 0, ctx);
     }
 
     /// A rebuild window's read or write ended.
@@ -1948,19 +1942,14 @@ impl Bdev for RaidBdev {
         }
         let mut io = io;
         // The write-intent bitmap: the regions' bits go to the members before the write.
-        let regions: Vec<std::ops::Range<usize>> = match (&self.intent, writes_data(io.op)) {
-            (Some(i), true) => self
-                .set_ranges(io.offset, io.len)
-                .into_iter()
-                .map(|(at, len)| i.regions_of(at, len))
-                .collect(),
-            _ => Vec::new(),
+        let regions = if writes_data(io.op) {
+            self.write_regions(io.offset, io.len)
+        } else {
+            0..0
         };
         if let Some(i) = self.intent.as_mut() {
-            if !regions.iter().all(|r| i.ready(r.clone())) {
-                for r in &regions {
-                    i.mark(r.clone());
-                }
+            if !regions.is_empty() && !i.ready(regions.clone()) {
+                i.mark(regions.clone());
                 self.host_ios -= 1;
                 self.intent_waiting.push_back(io);
                 self.intent_kick(ctx);
@@ -1980,9 +1969,7 @@ impl Bdev for RaidBdev {
             io.seq = seq;
         }
         if let Some(i) = self.intent.as_mut() {
-            for r in regions {
-                i.start(r);
-            }
+            i.start(regions);
         }
         let p = self.new_parent(io.token, io.op, io.offset, io.len);
         // The parent holds one count of its own while its pieces go out, so that a member
@@ -2221,30 +2208,22 @@ impl Bdev for RaidBdev {
         dev: BdevBox,
         done: u64,
     ) -> Result<BdevBox, (BdevBox, String)> {
-        let Some(old) = self.members.get(i) else {
-            return Err((dev, format!("no member {i}")));
-        };
-        if self.level == RaidLevel::Raid0 || old.state != MemberState::Failed {
+        if self.level == RaidLevel::Raid0 {
             return Err((
                 dev,
-                format!(
-                    "member {i} is {:?}: only a failed member of a mirror is replaced",
-                    old.state
-                ),
+                format!("{} is RAID 0: no member is replaced", self.name),
             ));
         }
-        if self.children.iter().flatten().any(|c| c.member == i) || old.dev.inflight() > 0 {
-            return Err((dev, format!("member {i} still has I/O in flight")));
-        }
-        if dev.block_size() != self.block_size || dev.size() < self.data_offset + self.member_len {
-            let why = format!(
-                "{} has {}-byte blocks and {} bytes; the pool needs {}-byte blocks and {} bytes",
-                dev.name(),
-                dev.block_size(),
-                dev.size(),
-                self.block_size,
-                self.data_offset + self.member_len
-            );
+        let busy = self.children.iter().flatten().any(|c| c.member == i)
+            || self.members.get(i).is_some_and(|m| m.dev.inflight() > 0);
+        if let Some(why) = super::replacement_refused(
+            i,
+            self.members.get(i).map(|m| m.state),
+            busy,
+            dev.as_ref(),
+            self.block_size,
+            self.data_offset + self.member_len,
+        ) {
             return Err((dev, why));
         }
         let unit = self.unit();
