@@ -207,6 +207,57 @@ fn bit_flips_on_every_read_of_one_member_never_reach_the_host() {
     node.stop();
 }
 
+/// A member whose every read fails its check is failed once it passes
+/// `MAX_BAD_READS` in an hour (the ordinary member failure: an event, the pool degraded);
+/// every read before and after returns the right data, and no more reads go to it.
+#[test]
+fn a_member_failing_every_reads_check_is_failed_past_the_limit() {
+    use duplex_datapath::bdev::MAX_BAD_READS;
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(8)).collect();
+    let mut node = raw_node(&drives);
+    let pool = mirror(&mut node);
+    let n = 32;
+    write_all(&mut node, n);
+    drives[1].drive.inject(Fault::BitFlip {
+        first_lba: 0,
+        last_lba: u64::MAX,
+        bit: 99,
+    });
+    let state = |node: &Node| {
+        let st = node.control.status().unwrap();
+        let me = st.iter().find(|d| d.index == pool).unwrap().clone();
+        (me.members.clone(), me.integrity)
+    };
+    let mut rounds = 0;
+    loop {
+        assert_eq!(read_all(&mut node, n, |_| false), 0);
+        rounds += 1;
+        let (members, counts) = state(&node);
+        if members[1] == MemberState::Failed {
+            assert_eq!(
+                counts.bad_reads,
+                u64::from(MAX_BAD_READS) + 1,
+                "failed at the read past the limit: {counts:?}"
+            );
+            break;
+        }
+        assert!(
+            counts.bad_reads <= u64::from(MAX_BAD_READS),
+            "past the limit and not failed: {counts:?}"
+        );
+        assert!(rounds < 100, "never failed: {counts:?}");
+    }
+    assert_eq!(state(&node).0[0], MemberState::Active);
+    // No read goes to it any more: the count stays.
+    let before = state(&node).1.bad_reads;
+    for _ in 0..3 {
+        assert_eq!(read_all(&mut node, n, |_| false), 0);
+    }
+    assert_eq!(state(&node).1.bad_reads, before);
+    assert_eq!(state(&node).1.unrecoverable, 0);
+    node.stop();
+}
+
 /// Scrubs pool `pool` to the end; returns what it found.
 fn scrub(node: &Node, pool: usize) -> duplex_datapath::bdev::ScrubStatus {
     let ctl = node.control.clone();

@@ -892,3 +892,54 @@ fn raid5_a_window_rotten_on_two_members_fails_its_reads_never_returns_wrong_data
     let stats = a.node.stop();
     assert_eq!(stats.member_failures, 0, "{stats:?}");
 }
+
+/// RAID 5 with a member whose every read fails its check: each read is rebuilt from the other
+/// columns (right data) until the member passes `MAX_BAD_READS` in an hour; then it is failed
+/// like any failing member (one failure, the array degraded) and reads go on, right, without
+/// it.
+#[test]
+fn raid5_a_member_failing_every_reads_check_is_failed_past_the_limit() {
+    use duplex_datapath::bdev::MAX_BAD_READS;
+    use duplex_drive_sim::Fault;
+    let drives: Vec<SimDrive> = (0..4).map(|_| sim_drive_with_metadata(8)).collect();
+    let mut a = parity_array(RaidLevel::Raid5, &drives, 53);
+    a.fill();
+    a.write_batches(20, |_| {});
+    a.flush();
+    drives[2].drive.inject(Fault::BitFlip {
+        first_lba: 0,
+        last_lba: u64::MAX,
+        bit: 7,
+    });
+    let state = |a: &Array| {
+        let st = a.node.control.status().unwrap();
+        let me = st.iter().find(|d| d.index == a.pool).unwrap().clone();
+        (me.members.clone(), me.integrity)
+    };
+    let mut rounds = 0;
+    loop {
+        a.verify();
+        rounds += 1;
+        let (members, counts) = state(&a);
+        if members[2] == MemberState::Failed {
+            assert!(counts.bad_reads > u64::from(MAX_BAD_READS), "{counts:?}");
+            break;
+        }
+        assert!(
+            counts.bad_reads <= u64::from(MAX_BAD_READS),
+            "past the limit and not failed: {counts:?}"
+        );
+        assert!(rounds < 100, "never failed: {counts:?}");
+    }
+    let before = state(&a).1.bad_reads;
+    a.verify();
+    a.write_batches(10, |_| {});
+    a.verify();
+    assert_eq!(
+        state(&a).1.bad_reads,
+        before,
+        "reads still went to the failed member"
+    );
+    let stats = a.node.stop();
+    assert_eq!(stats.member_failures, 1, "{stats:?}");
+}

@@ -458,3 +458,40 @@ pub(crate) fn replacement_refused(
     }
     None
 }
+
+/// Integrity errors a member may return in an hour before its RAID device fails it: a drive
+/// that keeps returning data its records disown is failing (ZFS degrades a vdev at 10 checksum
+/// errors in 10 minutes, md a member at 20 corrected read errors, halved hourly; this is more
+/// lenient: every bad block is healed anyway, and a scrub of a drive with scattered rot must
+/// not fail it).
+pub const MAX_BAD_READS: u32 = 100;
+
+/// One member's integrity errors, md-style: the count halves every hour.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BadReads {
+    count: u32,
+    since: Option<std::time::Instant>,
+}
+
+impl BadReads {
+    /// One more at `now`; whether the member is now past [`MAX_BAD_READS`].
+    pub(crate) fn note(&mut self, now: std::time::Instant) -> bool {
+        const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+        let since = *self.since.get_or_insert(now);
+        let hours = now.saturating_duration_since(since).as_secs() / HOUR.as_secs();
+        if hours > 0 {
+            self.count = self
+                .count
+                .checked_shr(u32::try_from(hours).unwrap_or(u32::MAX))
+                .unwrap_or(0);
+            self.since = Some(now);
+        }
+        self.count = self.count.saturating_add(1);
+        self.count > MAX_BAD_READS
+    }
+
+    /// The count now.
+    pub(crate) fn count(&self) -> u32 {
+        self.count
+    }
+}

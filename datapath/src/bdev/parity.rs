@@ -56,6 +56,8 @@ pub const WINDOW: u64 = 64 * 1024;
 struct Member {
     dev: BdevBox,
     state: MemberState,
+    /// Its reads that failed their integrity check, lately.
+    bad: super::BadReads,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -399,6 +401,7 @@ impl ParityBdev {
                 .map(|(i, dev)| Member {
                     dev,
                     state: states.get(i).copied().unwrap_or(MemberState::Active),
+                    bad: super::BadReads::default(),
                 })
                 .collect(),
             parents: Vec::new(),
@@ -590,6 +593,15 @@ impl ParityBdev {
     /// Fails member `m` if the device can lose it (fewer members failed than parity columns,
     /// and the error is the drive's, not this node's fencing). Returns whether the device
     /// goes on without it (it was failed now or before).
+    /// Member `m` returned a block its record disowns: past [`super::MAX_BAD_READS`] in an
+    /// hour it is failed (while the parity allows).
+    fn note_bad_read(&mut self, m: usize, ctx: &mut Ctx<'_>) {
+        if self.members[m].bad.note(ctx.now) && self.members[m].state == MemberState::Active {
+            tracing::error!(raid = %self.name, member = m, device = self.members[m].dev.name(), bad_reads = self.members[m].bad.count(), "too many reads failed their integrity check: failing the member");
+            self.fail_member(m, STATUS_INTEGRITY, ctx);
+        }
+    }
+
     fn fail_member(&mut self, m: usize, status: u16, ctx: &mut Ctx<'_>) -> bool {
         if self.members[m].state == MemberState::Failed {
             return true;
@@ -2065,6 +2077,7 @@ impl ParityBdev {
                         // A bad block, not a bad drive: the column is rebuilt from the others
                         // (under the window's lock) and written back; the member stays.
                         self.integrity.bad_reads += 1;
+                        self.note_bad_read(c.member, ctx);
                         ctx.stats.read_retries += 1;
                         tracing::warn!(raid = %self.name, member = c.member, stripe = piece.stripe, "read failed its integrity check: reconstructing from the other members");
                         let o = self.read_op(c.parent, piece);
@@ -2094,6 +2107,7 @@ impl ParityBdev {
                     self.integrity.bad_reads += 1;
                     op.bad |= 1 << c.member;
                     op.replan = true;
+                    self.note_bad_read(c.member, ctx);
                 } else if !ok {
                     if self.fail_member(c.member, d.status, ctx) {
                         if phase == Phase::Reading {

@@ -116,6 +116,8 @@ pub enum RaidError {
 struct Member {
     dev: BdevBox,
     state: MemberState,
+    /// Its reads that failed their integrity check, lately.
+    bad: super::BadReads,
 }
 
 /// One I/O of the RAID device's caller.
@@ -330,6 +332,7 @@ impl RaidBdev {
             .map(|(i, dev)| Member {
                 dev,
                 state: states.get(i).copied().unwrap_or(MemberState::Active),
+                bad: super::BadReads::default(),
             })
             .collect();
         Ok(Self {
@@ -787,6 +790,15 @@ impl RaidBdev {
         }
     }
 
+    /// Member `m` of set `s` returned a block its record disowns: past [`super::MAX_BAD_READS`]
+    /// in an hour it is failed (if its set keeps another active copy).
+    fn note_bad_read(&mut self, m: usize, s: usize, ctx: &mut Ctx<'_>) {
+        if self.members[m].bad.note(ctx.now) && self.members[m].state == MemberState::Active {
+            tracing::error!(raid = %self.name, member = m, device = self.members[m].dev.name(), bad_reads = self.members[m].bad.count(), "too many reads failed their integrity check: failing the member");
+            self.fail_member(m, s, STATUS_INTEGRITY, ctx);
+        }
+    }
+
     /// Marks member `m` failed (if its set keeps another active copy; returns whether it did).
     fn fail_member(&mut self, m: usize, s: usize, status: u16, ctx: &mut Ctx<'_>) -> bool {
         if status == STATUS_RESERVATION_CONFLICT
@@ -859,9 +871,10 @@ impl RaidBdev {
             self.heal(&c, ctx);
         }
         if d.status == STATUS_INTEGRITY && c.io.op == Op::Read && !c.raw {
-            // The member answered with data its record disowns: not a failed member; another
-            // copy may hold the good data.
+            // The member answered with data its record disowns: not a failed member (unless
+            // it keeps doing so); another copy may hold the good data.
             self.integrity.bad_reads += 1;
+            self.note_bad_read(c.member, c.set, ctx);
             let tried = c.tried | 1 << c.member;
             let next = self.sets[c.set]
                 .iter()
