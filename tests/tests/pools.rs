@@ -540,9 +540,23 @@ fn wait_lines(node: &mut Node, parts: &[&str], n: usize) {
 /// operator, is rebuilt, and the pool is online again with no spare left. No host error.
 #[test]
 fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
+    hot_spare_takes_a_failed_members_place(3, "5");
+}
+
+/// The same for a RAID-1 pool (the mirror rebuild copies the pulled member's data from the
+/// other copy); afterwards the other copy is pulled too and the load still verifies, from the
+/// spare alone.
+#[test]
+fn a_hot_spare_takes_a_failed_mirror_members_place_and_is_rebuilt() {
+    hot_spare_takes_a_failed_members_place(2, "1");
+}
+
+fn hot_spare_takes_a_failed_members_place(n: usize, raid: &str) {
+    let spare = format!("d{n}");
+    let spare = spare.as_str();
     let mut rig = Rig::new(&RigSpec {
-        drives: 3,
-        raid: "5",
+        drives: n,
+        raid,
         drive_mib: 192,
         volume_size: "16m",
         subnqn: SUBNQN,
@@ -558,8 +572,8 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
     let (code, _, e) = rig.node.ctl(&["pool", "add-spare", "tank", "d9"]);
     assert_eq!(code, 1, "{e}");
     assert!(e.contains("no drive d9"), "{e}");
-    let out = ok(&rig.node, &["pool", "add-spare", "tank", "d3"]);
-    assert!(out.contains("d3 is a hot spare"), "{out}");
+    let out = ok(&rig.node, &["pool", "add-spare", "tank", spare]);
+    assert!(out.contains(&format!("{spare} is a hot spare")), "{out}");
     let drive_state = |node: &Node, name: &str| {
         json(node, &["drive", "list"])["drives"]
             .as_array()
@@ -570,11 +584,11 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
             .unwrap_or_default()
     };
     assert_eq!(
-        drive_state(&rig.node, "d3"),
+        drive_state(&rig.node, spare),
         ("spare".into(), "tank".into())
     );
     let show = json(&rig.node, &["pool", "show", "tank"]);
-    assert_eq!(show["pool"]["spares"], serde_json::json!(["d3"]), "{show}");
+    assert_eq!(show["pool"]["spares"], serde_json::json!([spare]), "{show}");
     // A restarted metadata service knows it again.
     let g = rig.node.service("metadata")["generation"]
         .as_u64()
@@ -587,7 +601,7 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
     let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
     loop {
         let (code, out, _) = rig.node.ctl(&["--json", "drive", "list"]);
-        if code == 0 && drive_state(&rig.node, "d3").0 == "spare" {
+        if code == 0 && drive_state(&rig.node, spare).0 == "spare" {
             break;
         }
         assert!(
@@ -606,8 +620,15 @@ fn a_hot_spare_takes_a_failed_members_place_and_is_rebuilt() {
     let show = json(&rig.node, &["pool", "show", "tank"]);
     assert_eq!(show["pool"]["state"], "online", "{show}");
     assert_eq!(show["pool"]["spares"], serde_json::json!([]), "{show}");
-    assert_eq!(drive_state(&rig.node, "d3").0, "active");
-    rig.wait_writes(3, 64);
+    assert_eq!(drive_state(&rig.node, spare).0, "active");
+    rig.wait_writes(n, 64);
+    if raid == "1" {
+        // The other copy gone: every read from the rebuilt spare, verified.
+        rig.sim(0, &["pull"]);
+        rig.node
+            .log
+            .wait_for(&["member failure recorded on disk", "member=0"]);
+    }
     finish_load(child, &stop);
 }
 
