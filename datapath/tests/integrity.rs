@@ -772,3 +772,79 @@ fn a_member_that_came_back_gets_only_the_regions_the_bitmap_marked_while_it_was_
     );
     node.stop();
 }
+
+/// The bitmap's block write failing on a member fails that member (it cannot record what it
+/// is about to miss); the write that waited for the block goes on the other copy, and the
+/// block on that copy marks the write's region.
+#[test]
+fn a_member_failing_the_bitmap_block_write_is_failed_and_the_write_goes_on() {
+    use common::sim::sim_drive;
+    use duplex_datapath::bdev::intent;
+    use duplex_drive_sim::FaultOp;
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let mut node = raw_node(&drives);
+    let pool = mirror_with(&mut node, false, 1, 0, Some(BITMAP));
+    let bitmap_lba = BITMAP.offset / u64::from(BS);
+    drives[1].drive.inject(Fault::Error {
+        op: FaultOp::Write,
+        first_lba: bitmap_lba,
+        last_lba: bitmap_lba,
+        status: 0x0280,
+        dnr: true,
+        remaining: None,
+    });
+    let d = node.fabric[0].write_sync(1, 0, &payload(7), 0);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    let st = node.control.status().unwrap();
+    let me = st.iter().find(|d| d.index == pool).unwrap();
+    assert_eq!(me.members, vec![MemberState::Active, MemberState::Failed]);
+    let d = node.fabric[0].read_sync(1, 0, IO_BLOCKS);
+    assert!(d.data.as_deref() == Some(&payload(7)[..]));
+    let block = drives[0].drive.read_medium(bitmap_lba, 1).unwrap();
+    let region = intent::region_size(DATA_LEN);
+    let bits = intent::decode(&block, BITMAP.tag, region, (DATA_LEN / region) as usize)
+        .expect("the surviving copy's block");
+    assert!(bits[0], "region 0 marked on the surviving copy");
+    // The write never reached the failed member.
+    let first = member_lba(0);
+    let raw = drives[1].drive.read_medium(first, 1).unwrap();
+    assert!(raw.iter().all(|&b| b == 0), "the failed member was written");
+    node.stop();
+}
+
+/// A three-way mirror rebuilds a replaced member while one of the two sources has a rotten
+/// block: the rebuild's read of that window fails its check and is taken from the other
+/// source; the rebuilt member then serves everything alone, right.
+#[test]
+fn a_rebuild_reads_a_rotten_window_from_another_copy() {
+    use common::sim::{lose, Loss};
+    let mut drives: Vec<SimDrive> = (0..4).map(|_| sim_drive_with_metadata(8)).collect();
+    let mut node = raw_node(&drives);
+    let pool = mirror_as(&mut node, false, 1, 0, None, |s| {
+        s.drives = vec![0, 1, 2];
+    });
+    let n = 64;
+    write_all(&mut node, n);
+    lose(&mut drives[1], Loss::Pull);
+    // The next write fails member 1.
+    let d = node.fabric[0].write_sync(1, 0, &payload(0), 0);
+    assert_eq!(d.desc.status, STATUS_SUCCESS);
+    let st = node.control.status().unwrap();
+    assert_eq!(
+        st.iter().find(|d| d.index == pool).unwrap().members[1],
+        MemberState::Failed
+    );
+    // Rot in the first window of source member 0.
+    drives[0].drive.rot(member_lba(3), 17).unwrap();
+    node.control.replace_member(pool, 1, 3, 0).unwrap();
+    common::wait_until("the member to be rebuilt", || {
+        let st = node.control.status().unwrap();
+        st.iter()
+            .find(|d| d.index == pool)
+            .is_some_and(|d| d.members.iter().all(|m| *m == MemberState::Active))
+    });
+    lose(&mut drives[0], Loss::Pull);
+    lose(&mut drives[2], Loss::Pull);
+    assert_eq!(read_all(&mut node, n, |_| false), 0);
+    node.stop();
+}

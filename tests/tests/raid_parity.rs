@@ -120,8 +120,20 @@ fn raid5_owner_killed_during_partial_stripe_writes_the_peer_replays_the_journal(
 /// from zero; it finishes there, a scrub finds the parity consistent, the host sees no error.
 #[test]
 fn raid5_rebuild_resumes_from_its_checkpoint_after_a_takeover() {
+    rebuild_resumes_after_a_takeover(3, "5");
+}
+
+/// The same for a RAID-1 pool: the mirror rebuild (copied from the other member) resumes on
+/// the peer from the checkpoint; the scrub finds the copies equal.
+#[test]
+fn raid1_rebuild_resumes_from_its_checkpoint_after_a_takeover() {
+    rebuild_resumes_after_a_takeover(2, "1");
+}
+
+fn rebuild_resumes_after_a_takeover(n: usize, raid: &str) {
     use duplex_tests::pool::{ctl_json, ctl_ok, wait_scrub};
-    let mut p = Pair::with_pool_and_spares(BEAT_MS, DEAD_MS, 3, "5", 1);
+    let spare = format!("d{n}");
+    let mut p = Pair::with_pool_and_spares(BEAT_MS, DEAD_MS, n, raid, 1);
     let stop = p.dir.path().join("stop");
     let workload = [
         "--workload",
@@ -142,7 +154,7 @@ fn raid5_rebuild_resumes_from_its_checkpoint_after_a_takeover() {
     p.node(0).log.wait_for(&["member failure recorded on disk"]);
     let out = ctl_ok(
         p.node(0),
-        &["pool", "replace", "tank", "d1", "d3", "--rate", "4M"],
+        &["pool", "replace", "tank", "d1", &spare, "--rate", "4M"],
     );
     assert!(out.contains("rebuilding"), "{out}");
     // Wait for checkpoints on the drives, with the rebuild still far from done.
@@ -183,7 +195,7 @@ fn raid5_rebuild_resumes_from_its_checkpoint_after_a_takeover() {
     p.wait_more_writes(2, 200);
     let r = finish_multipath(&mut bench, &stop);
     eprintln!(
-        "rebuild of {member} bytes: owner killed at {done}+ with checkpoint {checkpoint}; the peer resumed at {from} (redone at most {} bytes, {} saved); host: {} path switches, {} I/O errors, {} verify errors",
+        "raid {raid}: rebuild of {member} bytes: owner killed at {done}+ with checkpoint {checkpoint}; the peer resumed at {from} (redone at most {} bytes, {} saved); host: {} path switches, {} I/O errors, {} verify errors",
         done.saturating_sub(from),
         from,
         r["path_switches"],

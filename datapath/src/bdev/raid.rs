@@ -335,6 +335,11 @@ impl RaidBdev {
                 bad: super::BadReads::default(),
             })
             .collect();
+        for (member, m) in members.iter().enumerate() {
+            if let MemberState::Rebuilding { done } = m.state {
+                tracing::info!(raid = %name, member, from = done, total = member_len, "member rebuilding: the rebuild resumes from its checkpoint");
+            }
+        }
         Ok(Self {
             name: name.to_owned(),
             level,
