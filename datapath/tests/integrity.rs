@@ -704,13 +704,16 @@ fn a_member_that_came_back_gets_only_the_regions_the_bitmap_marked_while_it_was_
         .read_medium(BITMAP.offset / u64::from(BS), 1)
         .unwrap();
     let bits = intent::decode(&block, BITMAP.tag, region, regions).expect("a valid block");
-    assert_eq!(
-        (0..regions).filter(|&r| bits[r]).collect::<Vec<_>>(),
-        vec![0, 1, 5]
+    // Region 1 may have been cleared before the pull (idle 5 s on a slow machine: both copies
+    // then held it); 0 and 5 were written while member 1 was out and stay marked.
+    let marked: Vec<usize> = (0..regions).filter(|&r| bits[r]).collect();
+    assert!(
+        marked == vec![0, 1, 5] || marked == vec![0, 5],
+        "{marked:?}"
     );
     // The same block read at the byte offsets docs/ONDISK.md gives ("Write-intent bitmap"),
     // not through the decoder.
-    assert_eq!(&block[0..8], b"DPXWIB01");
+    assert_eq!(&block[0..8], b"DPXWIB02");
     assert_eq!(
         u64::from_le_bytes(block[8..16].try_into().unwrap()),
         BITMAP.tag
@@ -727,8 +730,9 @@ fn a_member_that_came_back_gets_only_the_regions_the_bitmap_marked_while_it_was_
         crc32c::crc32c(&zeroed)
     );
     assert_eq!(
-        block[32], 0b0010_0011,
-        "regions 0, 1 and 5, least significant bit first"
+        block[32] | 0b10,
+        0b0010_0011,
+        "regions 0, (1) and 5, least significant bit first"
     );
     assert!(block[33..4096].iter().all(|&b| b == 0));
     restore(&mut drives[1], Loss::Pull);
@@ -846,5 +850,47 @@ fn a_rebuild_reads_a_rotten_window_from_another_copy() {
     lose(&mut drives[0], Loss::Pull);
     lose(&mut drives[2], Loss::Pull);
     assert_eq!(read_all(&mut node, n, |_| false), 0);
+    node.stop();
+}
+
+/// RAID 10 with a bitmap: writes that cross chunk boundaries inside a row and across rows
+/// (the pieces' set offsets go back to the row's start at each chunk) mark their regions and
+/// read back; the block on every member marks the regions written and no others.
+#[test]
+fn raid10_writes_across_chunks_mark_their_regions() {
+    use common::sim::sim_drive;
+    use duplex_datapath::bdev::intent;
+    let drives: Vec<SimDrive> = (0..4).map(|_| sim_drive()).collect();
+    let mut node = raw_node(&drives);
+    mirror_as(&mut node, false, 1, 0, Some(BITMAP), |s| {
+        s.level = RaidLevel::Raid10;
+        s.drives = vec![0, 1, 2, 3];
+    });
+    let bs = u64::from(BS);
+    let chunk_blocks = (64 << 10) / bs;
+    // 8 KiB over the first chunk boundary (set 0 then set 1, same row); 1 MiB + 8 KiB from
+    // just before the end of row 7 (set offsets 448 KiB .. about 1 MiB: regions 0 and 1 of
+    // both sets); one block in set 1's region 3 (row 48: set offset 3 MiB).
+    let writes: Vec<(u64, usize)> = vec![
+        (chunk_blocks - 1, 2),
+        (16 * chunk_blocks - 1, 258),
+        (97 * chunk_blocks, 1),
+    ];
+    for (k, &(lba, n)) in writes.iter().enumerate() {
+        let data = pattern(500 + k as u64, n * BS as usize);
+        let d = node.fabric[0].write_sync(1, lba, &data, 0);
+        assert_eq!(d.desc.status, STATUS_SUCCESS, "write {k}");
+        let d = node.fabric[0].read_sync(1, lba, n as u32);
+        assert!(d.data.as_deref() == Some(&data[..]), "write {k} read back");
+    }
+    // Every member's data area is DATA_LEN bytes (the device twice that).
+    let region = intent::region_size(DATA_LEN);
+    let regions = DATA_LEN.div_ceil(region) as usize;
+    for (m, d) in drives.iter().enumerate() {
+        let block = d.drive.read_medium(BITMAP.offset / bs, 1).unwrap();
+        let bits = intent::decode(&block, BITMAP.tag, region, regions).expect("a valid block");
+        let marked: Vec<usize> = (0..regions).filter(|&r| bits[r]).collect();
+        assert_eq!(marked, vec![0, 1, 3], "member {m}");
+    }
     node.stop();
 }

@@ -8,7 +8,8 @@
 //! A crash therefore leaves every region a write was in flight in (or written to within the
 //! last [`CLEAR_AFTER`]) marked.
 //!
-//! The block (`docs/ONDISK.md`, "Write-intent bitmap"): magic `DPXWIB01`, the pool's tag (u64),
+//! The block (`docs/ONDISK.md`, "Write-intent bitmap"): magic `DPXWIB02` (`DPXWIB01` blocks,
+//! from builds that cleared marks while a member was out, are not valid), the pool's tag (u64),
 //! the region size (u64), the region count (u32), CRC-32C of the block with this field zero
 //! (u32), then one bit per region (least significant first). At import the valid blocks of all
 //! members are OR-ed (one may be older than another, never newer than the writes it allowed);
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 /// Bytes of the bitmap block.
 pub const BLOCK: usize = 4096;
 const HEADER: usize = 32;
-const MAGIC: &[u8; 8] = b"DPXWIB01";
+const MAGIC: &[u8; 8] = b"DPXWIB02";
 /// Most regions one block holds.
 pub const MAX_REGIONS: u64 = ((BLOCK - HEADER) * 8) as u64;
 /// The smallest region.
@@ -322,7 +323,7 @@ mod tests {
     fn a_block_round_trips_and_anything_else_is_refused() {
         let bits: Vec<bool> = (0..1000).map(|r| r % 7 == 3).collect();
         let b = encode(0xabc, 1 << 20, &bits);
-        assert_eq!(&b[..8], b"DPXWIB01");
+        assert_eq!(&b[..8], b"DPXWIB02");
         assert_eq!(decode(&b, 0xabc, 1 << 20, 1000), Some(bits.clone()));
         assert_eq!(decode(&b, 0xabd, 1 << 20, 1000), None, "another pool's");
         assert_eq!(decode(&b, 0xabc, 2 << 20, 1000), None, "another geometry");

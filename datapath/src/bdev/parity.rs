@@ -590,9 +590,6 @@ impl ParityBdev {
         self.members[child.member].dev.submit(io, ctx);
     }
 
-    /// Fails member `m` if the device can lose it (fewer members failed than parity columns,
-    /// and the error is the drive's, not this node's fencing). Returns whether the device
-    /// goes on without it (it was failed now or before).
     /// Member `m` returned a block its record disowns: past [`super::MAX_BAD_READS`] in an
     /// hour it is failed (while the parity allows).
     fn note_bad_read(&mut self, m: usize, ctx: &mut Ctx<'_>) {
@@ -602,6 +599,9 @@ impl ParityBdev {
         }
     }
 
+    /// Fails member `m` if the device can lose it (fewer members failed than parity columns,
+    /// and the error is the drive's, not this node's fencing). Returns whether the device
+    /// goes on without it (it was failed now or before).
     fn fail_member(&mut self, m: usize, status: u16, ctx: &mut Ctx<'_>) -> bool {
         if self.members[m].state == MemberState::Failed {
             return true;

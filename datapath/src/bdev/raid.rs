@@ -521,26 +521,25 @@ impl RaidBdev {
         }
     }
 
-    /// The set offset of device offset `off`.
-    fn set_offset(&self, off: u64) -> u64 {
-        let nsets = self.sets.len() as u64;
-        if nsets <= 1 {
-            return off;
-        }
-        let c = off / self.chunk;
-        c / nsets * self.chunk + off % self.chunk
-    }
-
-    /// The bitmap regions a host write of `[offset, offset + len)` touches, on whichever sets
-    /// (a range covering every piece: set offsets grow with the device offset), without
-    /// allocating; empty without a bitmap.
+    /// The bitmap regions a host write of `[offset, offset + len)` touches, on whichever sets,
+    /// without allocating; empty without a bitmap. With several sets the range covers the
+    /// whole rows (`chunk` bytes of set offsets each) the write's first and last bytes lie in:
+    /// every piece is inside them (a piece's set offset is its row's start plus its offset in
+    /// the chunk), at the cost of marking a little more than the pieces when a chunk spans
+    /// several regions.
     fn write_regions(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
         let Some(i) = self.intent.as_ref() else {
             return 0..0;
         };
-        let first = self.set_offset(offset);
-        let last = self.set_offset(offset + len.max(1) - 1);
-        i.regions_of(first, last + 1 - first)
+        let nsets = self.sets.len() as u64;
+        let end = offset.saturating_add(len.max(1));
+        if nsets <= 1 {
+            return i.regions_of(offset, end - offset);
+        }
+        let row = self.chunk.saturating_mul(nsets).max(1);
+        let first = offset / row * self.chunk;
+        let last = ((end - 1) / row + 1) * self.chunk;
+        i.regions_of(first, last - first)
     }
 
     /// The set offsets of a host I/O's pieces: (set offset, bytes) each.

@@ -191,6 +191,12 @@ pub trait Publisher {
     fn rate(&mut self, _device: u32) -> u64 {
         0
     }
+    /// Whether the datapath already has a RAID device for pool `name` (a restarted metadata
+    /// service finds it built; a device it has keeps its members' states). When the datapath
+    /// cannot be asked, `true` (the cautious answer).
+    fn serves_pool(&mut self, _name: &str) -> bool {
+        false
+    }
     /// Replaces the fabric's export table: the subsystems, and the ANA state of every group
     /// their namespaces name.
     fn publish_exports(
@@ -951,6 +957,21 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             return;
         }
         let name = cfg.pool.name.clone();
+        let returned = cfg.pool.members.iter().enumerate().any(|(slot, m)| {
+            m.state == MemberState::Failed
+                && self.drives.iter().any(|d| {
+                    d.pool == name && d.slot == slot as u32 && d.state == DriveState::Stale
+                })
+        });
+        if !returned {
+            return;
+        }
+        // A device the datapath already has (this service restarted, the datapath did not)
+        // keeps its failed members failed: taking one back is for the import that builds it.
+        if self.publisher.serves_pool(&name) {
+            tracing::info!(pool = %name, "a failed member's drive is here, but the datapath serves the pool already: it is taken back when the pool is next imported by a starting node (or replaced)");
+            return;
+        }
         for (slot, m) in cfg.pool.members.iter().enumerate() {
             if m.state != MemberState::Failed {
                 continue;
@@ -2653,7 +2674,6 @@ fn serial_of(nqn: &str) -> String {
     format!("{crc:08x}{crc2:08x}dplx")
 }
 
-/// CRC-32 (IEEE), enough to derive serials.
 /// Writes zeroes over `len` bytes of `disk` from `offset` (1 MiB at a time), then flushes.
 fn zero_area<D: MetaDisk>(
     disk: &mut D,
@@ -2671,6 +2691,7 @@ fn zero_area<D: MetaDisk>(
     disk.flush()
 }
 
+/// CRC-32 (IEEE), enough to derive serials.
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &b in bytes {

@@ -236,6 +236,16 @@ impl Publisher for ServicePublisher {
         }
     }
 
+    fn serves_pool(&mut self, name: &str) -> bool {
+        match self.maps.list_devices(MAPS_TIMEOUT) {
+            Ok(list) => list.iter().any(|d| d.name == name && !d.members.is_empty()),
+            Err(e) => {
+                tracing::warn!(pool = name, error = %e, "cannot list the datapath's devices: taken as serving the pool");
+                true
+            }
+        }
+    }
+
     fn active_members(&mut self, device: u32) -> Result<Vec<bool>, String> {
         let list = self
             .maps

@@ -25,9 +25,15 @@ struct Recorder {
     active: Vec<bool>,
     /// What `seq_headroom` answers.
     room: Vec<(u32, u64)>,
+    /// Pools whose device the datapath has already (a restarted metadata service).
+    serving: Vec<String>,
 }
 
 impl Publisher for Recorder {
+    fn serves_pool(&mut self, name: &str) -> bool {
+        self.serving.iter().any(|n| n == name)
+    }
+
     fn publish_pool(&mut self, _epoch: u64, pool: &PoolPublish) -> Result<u32, String> {
         let i = match self.pools.iter().position(|p| p.name == pool.name) {
             Some(i) => {
@@ -391,6 +397,41 @@ fn a_failed_member_is_recorded_then_released_and_rebuilt_when_it_comes_back() {
     let pool = &c3.publisher().pools[0];
     assert_eq!(pool.rebuilding, vec![None, Some(0)]);
     assert_eq!(pool.resync_members, 0);
+}
+
+/// A restarted metadata service (the datapath kept the pool's device, with the member failed)
+/// does not take a returning member back: the device it would publish to keeps its members'
+/// states; the next import by a starting node does.
+#[test]
+fn a_restarted_metadata_service_leaves_a_failed_member_to_the_next_import() {
+    let d = disks(2);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    c.member_failed(100, 1).unwrap();
+    drop(c);
+    let serving = Recorder {
+        serving: vec!["tank".into()],
+        ..Recorder::default()
+    };
+    let mut c2 = Cluster::start(drives(&d), 0, 1, serving);
+    let ConfigReply::Pools(p) = c2.handle(ConfigRequest::ShowPool("tank".into())) else {
+        panic!()
+    };
+    assert_eq!(p[0].members[1].state, DriveState::Failed);
+    let pool = &c2.publisher().pools[0];
+    assert_eq!(pool.failed, vec![false, true]);
+    assert_eq!(pool.resync_members, 0);
+    drop(c2);
+    let mut c3 = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let ConfigReply::Pools(p) = c3.handle(ConfigRequest::ShowPool("tank".into())) else {
+        panic!()
+    };
+    assert_eq!(p[0].members[1].state, DriveState::Rebuilding);
 }
 
 /// A failed member whose drive does not come back stays failed: nothing is given to the
