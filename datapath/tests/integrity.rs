@@ -182,18 +182,25 @@ fn a_block_bad_on_every_copy_fails_the_read_and_the_rest_reads_right() {
     node.stop();
 }
 
-#[test]
-fn bit_flips_on_every_read_of_one_member_never_reach_the_host() {
+/// A mirror over two drives with metadata, `n` writes on it, and member 1 flipping bit `bit`
+/// of every block it reads: the drives (kept alive), the node and the pool's device.
+fn mirror_with_a_flipping_member(n: u64, bit: u32) -> (Vec<SimDrive>, Node, usize) {
     let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(8)).collect();
     let mut node = raw_node(&drives);
     let pool = mirror(&mut node);
-    let n = 32;
     write_all(&mut node, n);
     drives[1].drive.inject(Fault::BitFlip {
         first_lba: 0,
         last_lba: u64::MAX,
-        bit: 4242,
+        bit,
     });
+    (drives, node, pool)
+}
+
+#[test]
+fn bit_flips_on_every_read_of_one_member_never_reach_the_host() {
+    let n = 32;
+    let (_drives, mut node, pool) = mirror_with_a_flipping_member(n, 4242);
     for _ in 0..3 {
         assert_eq!(read_all(&mut node, n, |_| false), 0);
     }
@@ -213,16 +220,8 @@ fn bit_flips_on_every_read_of_one_member_never_reach_the_host() {
 #[test]
 fn a_member_failing_every_reads_check_is_failed_past_the_limit() {
     use duplex_datapath::bdev::MAX_BAD_READS;
-    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive_with_metadata(8)).collect();
-    let mut node = raw_node(&drives);
-    let pool = mirror(&mut node);
     let n = 32;
-    write_all(&mut node, n);
-    drives[1].drive.inject(Fault::BitFlip {
-        first_lba: 0,
-        last_lba: u64::MAX,
-        bit: 99,
-    });
+    let (_drives, mut node, pool) = mirror_with_a_flipping_member(n, 99);
     let state = |node: &Node| {
         let st = node.control.status().unwrap();
         let me = st.iter().find(|d| d.index == pool).unwrap().clone();

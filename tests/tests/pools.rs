@@ -332,6 +332,74 @@ fn raid1_loses_a_pulled_member_under_verified_io() {
     pool_loses_a_member(2, "1", 1, "pull");
 }
 
+/// A member fails under a verifying workload (every command fails), its drive answers again,
+/// and only the metadata service is killed: the restarted service finds the datapath serving
+/// the pool (the member failed there) and leaves the member failed — taking it back on that
+/// device would leave it rebuilding with nothing running — and the host sees no error.
+#[test]
+fn a_restarted_metadata_service_does_not_take_a_failed_member_back() {
+    let mut rig = rig(2, "1");
+    let args = [
+        "--workload",
+        "mixed",
+        "--verify",
+        "--ios",
+        "4000",
+        "--qd",
+        "16",
+        "--span-blocks",
+        "2048",
+        "--seed",
+        "61",
+    ];
+    let (code, out, err) = bench_during(&rig, &args, || {
+        rig.wait_writes(1, 64);
+        rig.sim(
+            1,
+            &[
+                "inject",
+                "error",
+                "--op",
+                "any",
+                "--lba",
+                "0-999999999",
+                "--status",
+                "0x0280",
+                "--dnr",
+            ],
+        );
+    });
+    assert_eq!(code, 0, "the host saw an error: {out}{err}");
+    rig.node.log.wait_for(&["member failure recorded on disk"]);
+    rig.sim(1, &["clear"]);
+    let g = rig.node.service("metadata")["generation"]
+        .as_u64()
+        .unwrap_or(0);
+    ok(
+        &rig.node,
+        &["service", "crash", "metadata", "--mode", "kill"],
+    );
+    rig.node.wait_running("metadata", g);
+    rig.node
+        .log
+        .wait_for(&["the datapath serves the pool already", "tank"]);
+    assert_eq!(member_states(&rig.node)[1], "failed");
+    // The pool goes on degraded: every block written and read back.
+    let seq = "--workload write --verify --ios 2048 --span-blocks 2048 --seed 62 --qd 16";
+    bench(rig.port, &seq.split(' ').collect::<Vec<_>>());
+    let verify = [
+        "--verify-only",
+        "--span-blocks",
+        "2048",
+        "--seed",
+        "62",
+        "--qd",
+        "16",
+    ];
+    bench(rig.port, &verify);
+    assert_eq!(rig.node.stop(), Some(0));
+}
+
 #[test]
 fn raid1_loses_a_member_failing_every_command_under_verified_io() {
     pool_loses_a_member(2, "1", 0, "error");
@@ -1434,41 +1502,28 @@ fn a_torn_metadata_write_during_a_commit_fails_the_member_and_import_follows_the
         drives[0]["state"] == "rebuilding" || drives[0]["state"] == "active",
         "{drives}"
     );
+    let verify = [
+        "--verify-only",
+        "--span-blocks",
+        "2048",
+        "--seed",
+        "42",
+        "--qd",
+        "16",
+    ];
     let list = volumes_when_answering(&rig.node);
     assert!(
         whole_or_absent(&list, "torn"),
         "the change is there: {list}"
     );
-    bench(
-        rig.port,
-        &[
-            "--verify-only",
-            "--span-blocks",
-            "2048",
-            "--seed",
-            "42",
-            "--qd",
-            "16",
-        ],
-    );
+    bench(rig.port, &verify);
     rig.node
         .log
         .wait_for(&["rebuild complete: member active on disk"]);
     assert_eq!(member_states(&rig.node)[0], "active");
     // d1 pulled: every block from d0.
     rig.sim(1, &["pull"]);
-    bench(
-        rig.port,
-        &[
-            "--verify-only",
-            "--span-blocks",
-            "2048",
-            "--seed",
-            "42",
-            "--qd",
-            "16",
-        ],
-    );
+    bench(rig.port, &verify);
     assert_eq!(rig.node.stop(), Some(0));
 }
 

@@ -399,13 +399,9 @@ fn a_failed_member_is_recorded_then_released_and_rebuilt_when_it_comes_back() {
     assert_eq!(pool.resync_members, 0);
 }
 
-/// A restarted metadata service (the datapath kept the pool's device, with the member failed)
-/// does not take a returning member back: the device it would publish to keeps its members'
-/// states; the next import by a starting node does.
-#[test]
-fn a_restarted_metadata_service_leaves_a_failed_member_to_the_next_import() {
-    let d = disks(2);
-    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+/// A RAID-1 pool `tank` on `d` whose member 1 failed (recorded on disk); the service stopped.
+fn raid1_tank_with_member_1_failed(d: &[MemDisk]) {
+    let mut c = Cluster::start(drives(d), 0, 1, Recorder::default());
     ok(c.handle(ConfigRequest::CreatePool {
         name: "tank".into(),
         raid: RaidLevel::Raid1,
@@ -413,7 +409,15 @@ fn a_restarted_metadata_service_leaves_a_failed_member_to_the_next_import() {
         chunk_bytes: 0,
     }));
     c.member_failed(100, 1).unwrap();
-    drop(c);
+}
+
+/// A restarted metadata service (the datapath kept the pool's device, with the member failed)
+/// does not take a returning member back: the device it would publish to keeps its members'
+/// states; the next import by a starting node does.
+#[test]
+fn a_restarted_metadata_service_leaves_a_failed_member_to_the_next_import() {
+    let d = disks(2);
+    raid1_tank_with_member_1_failed(&d);
     let serving = Recorder {
         serving: vec!["tank".into()],
         ..Recorder::default()
@@ -439,15 +443,7 @@ fn a_restarted_metadata_service_leaves_a_failed_member_to_the_next_import() {
 #[test]
 fn a_failed_member_that_does_not_come_back_stays_failed() {
     let d = disks(2);
-    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
-    ok(c.handle(ConfigRequest::CreatePool {
-        name: "tank".into(),
-        raid: RaidLevel::Raid1,
-        drives: vec!["d0".into(), "d1".into()],
-        chunk_bytes: 0,
-    }));
-    c.member_failed(100, 1).unwrap();
-    drop(c);
+    raid1_tank_with_member_1_failed(&d);
     let mut c2 = Cluster::start(drives(&d[..1]), 0, 1, Recorder::default());
     let ConfigReply::Pools(p) = c2.handle(ConfigRequest::ShowPool("tank".into())) else {
         panic!()
