@@ -60,6 +60,20 @@ pub struct PoolSpec {
     /// Mirror levels with a bitmap: rebuilding members (bit = slot) that came back stale
     /// (kept out since they failed): only the regions the bitmap marks are copied to them.
     pub resync_members: u64,
+    /// Members without integrity records in their LBA format's metadata keep them in a
+    /// checksum area (`None`: no area; the pool's blocks are checked only by drives that
+    /// carry records themselves).
+    pub checksum: Option<ChecksumSpec>,
+}
+
+/// A pool's checksum area on every member (ONDISK "Checksum area"): one 16-byte entry per
+/// logical block of the member's data area, in `len` bytes from byte `offset` of the drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChecksumSpec {
+    /// First byte of the area on each member (4 KiB aligned, after the data area's used part).
+    pub offset: u64,
+    /// Bytes of the area (a multiple of 4 KiB, at least 16 per block of the data area).
+    pub len: u64,
 }
 
 /// What a device looks like now.

@@ -618,6 +618,7 @@ impl MapsServer {
             resync: spec.resync,
             seq_limit: spec.seq_limit,
             resync_members: spec.resync_members,
+            checksum: None,
             bitmap: spec
                 .bitmap
                 .map(|(offset, len, tag)| crate::bdev::IntentSpec { offset, len, tag }),

@@ -377,6 +377,7 @@ fn mirror_as(
         seq_limit,
         bitmap,
         resync_members: 0,
+        checksum: None,
     };
     tweak(&mut spec);
     let pool = ctl.publish_pool(1, spec).unwrap();

@@ -99,6 +99,7 @@ fn parity_array_over(
         seq_limit: 0,
         bitmap: None,
         resync_members: 0,
+        checksum: None,
     };
     let pool = ctl.publish_pool(1, spec).unwrap();
     let k = members as u64 - level.parity() as u64;

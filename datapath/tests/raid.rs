@@ -308,6 +308,7 @@ fn mirror_spec(hold: bool) -> PoolSpec {
         seq_limit: 0,
         bitmap: None,
         resync_members: 0,
+        checksum: None,
     }
 }
 
