@@ -147,6 +147,11 @@ struct PoolSpec {
   # Mirror levels with a bitmap: the rebuilding members (bit = slot) that are members come
   # back stale (kept out since they failed): only the regions the members' write-intent
   # bitmap marks are copied to them; the others are rebuilt whole.
+  checksumOffset @20 :UInt64;
+  checksumLen @21 :UInt64;
+  # The pool's checksum area on every member (bytes from the drive's start; length 0: none):
+  # members whose LBA format has no metadata keep their blocks' integrity records there, one
+  # 16-byte entry per logical block of the member data area (docs/ONDISK.md, "Checksum area").
 }
 
 enum RaidLevel {
@@ -309,6 +314,9 @@ struct DeviceInfo {
   seqHeadroom @22 :UInt32;
   # A mirror pool: write sequence numbers left below its committed mark (writes wait at 0);
   # saturating; 2^32 - 1 for a device without a mark.
+  records @23 :Bool;
+  # A drive: it keeps integrity records in its LBA format's metadata (8 or more bytes per
+  # block). A pool over drives that do not keeps them in a checksum area instead.
 }
 
 struct MemberFailed {

@@ -194,6 +194,9 @@ pub struct Engine {
     raw_maps: Vec<VolumeMap>,
     /// Where each raw drive is: a root, or member `m` of a root.
     drive_loc: Vec<DriveLoc>,
+    /// RAID devices whose members keep their records in a checksum area: device index →
+    /// (data offset, data length, the area), to wrap a replacement member the same way.
+    checksummed: std::collections::HashMap<usize, (u64, u64, control::ChecksumSpec)>,
     /// Epoch of the maps now served.
     epoch: u64,
     inlet: Inlet,
@@ -373,6 +376,7 @@ impl Engine {
             maps,
             raw_maps,
             drive_loc,
+            checksummed: std::collections::HashMap::new(),
             epoch: 0,
             inlet,
             control,
@@ -904,17 +908,66 @@ impl Engine {
                 .max(self.scratch.reserved());
             self.scratch.reserve(&self.pool, chunks)?;
         }
+        // Records in a checksum area: every member's area must lie on it, apart from the data.
+        let checksum = spec
+            .checksum
+            .filter(|_| spec.level != crate::bdev::RaidLevel::Raid0);
+        if let Some(c) = checksum {
+            let need = crate::bdev::checksum_area_len(spec.data_len, model.0);
+            let data_end = spec.data_offset.saturating_add(spec.data_len);
+            let area_end = c.offset.saturating_add(c.len);
+            if c.len < need
+                || c.offset % 4096 != 0
+                || c.len % 4096 != 0
+                || (c.offset < data_end && area_end > spec.data_offset)
+                || geometry.iter().any(|g| area_end > g.2)
+            {
+                return Err(format!(
+                    "checksum area {}+{} does not fit the members beside data {}+{} (needs {need} bytes)",
+                    c.offset, c.len, spec.data_offset, spec.data_len
+                ));
+            }
+        }
         self.check_epoch(epoch)?;
-        let members: Vec<BdevBox> = roots
-            .iter()
-            .zip(&geometry)
-            .map(
-                |(&r, g)| match self.devices.get_mut(r).and_then(Option::take) {
-                    Some(d) => d,
-                    None => Box::new(MissingBdev::new(&g.0, g.1, g.2)) as BdevBox,
-                },
-            )
-            .collect();
+        let mut members: Vec<BdevBox> = Vec::with_capacity(roots.len());
+        let mut wrap_err = None;
+        for (&r, g) in roots.iter().zip(&geometry) {
+            let Some(d) = self.devices.get_mut(r).and_then(Option::take) else {
+                members.push(Box::new(MissingBdev::new(&g.0, g.1, g.2)));
+                continue;
+            };
+            let Some(c) = checksum.filter(|_| wrap_err.is_none()) else {
+                members.push(d);
+                continue;
+            };
+            match crate::bdev::ChecksumBdev::new(
+                d,
+                spec.data_offset,
+                spec.data_len,
+                c.offset,
+                c.len,
+                &self.pool,
+                &mut self.scratch,
+            ) {
+                Ok(w) => members.push(Box::new(w)),
+                Err((d, why)) => {
+                    members.push(d);
+                    wrap_err = Some(why);
+                }
+            }
+        }
+        if let Some(why) = wrap_err {
+            // Every member back where it was, unwrapped.
+            for (&r, mut m) in roots.iter().zip(members) {
+                if let Some(slot) = self.devices.get_mut(r) {
+                    *slot = Some(
+                        m.take_checksum_inner(&self.pool, &mut self.scratch)
+                            .unwrap_or(m),
+                    );
+                }
+            }
+            return Err(why);
+        }
         let device: BdevBox = if np > 0 {
             let (_, block_size, member_len) = RaidBdev::check(
                 &spec.name,
@@ -962,6 +1015,10 @@ impl Engine {
         };
         let index = self.devices.len();
         self.devices.push(Some(device));
+        if let Some(c) = checksum {
+            self.checksummed
+                .insert(index, (spec.data_offset, spec.data_len, c));
+        }
         for (m, &d) in spec.drives.iter().enumerate() {
             if d == MISSING_DRIVE {
                 continue;
@@ -1002,19 +1059,45 @@ impl Engine {
         if !idle {
             return Err(format!("drive {drive} is in use"));
         }
-        let Some(new) = self.devices.get_mut(root).and_then(Option::take) else {
+        let Some(mut new) = self.devices.get_mut(root).and_then(Option::take) else {
             return Err(format!("drive {drive} is not there"));
         };
-        let Some(raid) = self.devices.get_mut(device).and_then(Option::as_mut) else {
+        if self.devices.get(device).and_then(Option::as_ref).is_none() {
             self.devices[root] = Some(new);
+            return Err(format!("no RAID device {device}"));
+        }
+        if let Some(&(offset, len, c)) = self.checksummed.get(&device) {
+            match crate::bdev::ChecksumBdev::new(
+                new,
+                offset,
+                len,
+                c.offset,
+                c.len,
+                &self.pool,
+                &mut self.scratch,
+            ) {
+                Ok(w) => new = Box::new(w),
+                Err((d, why)) => {
+                    self.devices[root] = Some(d);
+                    return Err(why);
+                }
+            }
+        }
+        let Some(raid) = self.devices.get_mut(device).and_then(Option::as_mut) else {
             return Err(format!("no RAID device {device}"));
         };
         match raid.replace_member(slot, new, done) {
-            Err((new, why)) => {
-                self.devices[root] = Some(new);
+            Err((mut new, why)) => {
+                self.devices[root] = Some(
+                    new.take_checksum_inner(&self.pool, &mut self.scratch)
+                        .unwrap_or(new),
+                );
                 Err(why)
             }
-            Ok(old) => {
+            Ok(mut old) => {
+                let old = old
+                    .take_checksum_inner(&self.pool, &mut self.scratch)
+                    .unwrap_or(old);
                 // The old member's drive (if it was one) is free again.
                 if let Some(old_d) = self
                     .drive_loc

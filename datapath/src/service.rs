@@ -68,7 +68,7 @@ use duplex_sandbox::SandboxError;
 
 use crate::bdev::{BdevBox, Event, FileBdev, JournalSpec, MemberState, NvmeBdev, RaidLevel};
 use crate::channel::Channel;
-use crate::control::{DeviceStatus, EngineControl, PoolSpec};
+use crate::control::{ChecksumSpec, DeviceStatus, EngineControl, PoolSpec};
 use crate::drives::{Drive, DriveError, DriveFds};
 use crate::engine::{Engine, EngineConfig, EngineError, EngineStats, Stopper};
 use crate::map::{Extent, VolumeMap};
@@ -306,6 +306,10 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
         grace: STOP_GRACE,
         ..EngineConfig::default()
     };
+    // Which devices keep integrity records in their LBA format's metadata (by device index),
+    // for the listing: the metadata service gives a pool over drives that do not a checksum
+    // area.
+    let records: Arc<[bool]> = devices.iter().map(|d| d.carries_records()).collect();
     let mut engine = Engine::with_devices(devices, maps, Arc::new(pool), channels, config)?;
     // A cluster member: the disk heartbeat and the peer's fencing, on the node's key.
     let key = topology
@@ -349,7 +353,8 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
     })
     .map_err(ServiceError::Thread)?;
     if let Some(channel) = maps_channel {
-        spawn_maps_threads(Arc::new(channel), engine_control).map_err(ServiceError::Thread)?;
+        spawn_maps_threads(Arc::new(channel), engine_control, records)
+            .map_err(ServiceError::Thread)?;
     }
     // The heartbeat goes on while a drive's controller is waited for synchronously (a reset
     // after a power cut takes up to CAP.TO): slow is not hung.
@@ -432,11 +437,16 @@ const MAPS_LOG_BURST: u32 = 10;
 const MAPS_LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// Starts the maps channel's two threads (see the module docs).
-fn spawn_maps_threads(channel: Arc<MapsChannel>, control: EngineControl) -> std::io::Result<()> {
+fn spawn_maps_threads(
+    channel: Arc<MapsChannel>,
+    control: EngineControl,
+    records: Arc<[bool]>,
+) -> std::io::Result<()> {
     let events = (Arc::clone(&channel), control.clone());
     let server = MapsServer {
         channel,
         control,
+        records,
         staged: None,
         log: RateLimiter::new(MAPS_LOG_BURST, MAPS_LOG_WINDOW),
     };
@@ -462,6 +472,9 @@ struct Staged {
 struct MapsServer {
     channel: Arc<MapsChannel>,
     control: EngineControl,
+    /// Whether each device opened at start (volumes, then pool drives) keeps integrity
+    /// records in its LBA format's metadata, by device index.
+    records: Arc<[bool]>,
     staged: Option<Staged>,
     log: RateLimiter,
 }
@@ -578,7 +591,10 @@ impl MapsServer {
             ));
         }
         Ok(MapsReply::Devices(
-            devices.iter().map(device_info).collect(),
+            devices
+                .iter()
+                .map(|d| device_info(d, &self.records))
+                .collect(),
         ))
     }
 
@@ -618,7 +634,9 @@ impl MapsServer {
             resync: spec.resync,
             seq_limit: spec.seq_limit,
             resync_members: spec.resync_members,
-            checksum: None,
+            checksum: spec
+                .checksum
+                .map(|(offset, len)| ChecksumSpec { offset, len }),
             bitmap: spec
                 .bitmap
                 .map(|(offset, len, tag)| crate::bdev::IntentSpec { offset, len, tag }),
@@ -768,7 +786,9 @@ fn saturating_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn device_info(d: &DeviceStatus) -> wire::DeviceInfo {
+/// `records`: whether each device opened at start keeps integrity records (by index; a RAID
+/// device, which has members, never says so).
+fn device_info(d: &DeviceStatus, records: &[bool]) -> wire::DeviceInfo {
     wire::DeviceInfo {
         index: saturating_u32(d.index),
         name: wire_name(&d.name, || format!("device{}", d.index)),
@@ -802,6 +822,7 @@ fn device_info(d: &DeviceStatus) -> wire::DeviceInfo {
         seq_headroom: d
             .seq_headroom
             .map_or(u32::MAX, |h| u32::try_from(h).unwrap_or(u32::MAX)),
+        records: d.members.is_empty() && records.get(d.index).copied().unwrap_or(false),
     }
 }
 

@@ -734,6 +734,7 @@ fn mirror(name: &str, epoch: u64, drives: Vec<u32>) -> PoolSpec {
         bitmap: None,
         resync_members: 0,
         rebuild_from: vec![],
+        checksum: None,
     }
 }
 
@@ -824,6 +825,8 @@ fn pools_and_volumes_published_on_the_maps_channel_are_served_to_the_fabric() {
         assert_eq!(d.name, format!("d{i}"));
         assert_eq!((d.size_bytes, d.block_size), (DRIVE_BYTES, DRIVE_BS));
         assert!(d.members.is_empty() && d.member_of.is_none(), "{d:?}");
+        // Plain files keep no integrity records: a pool over them gets a checksum area.
+        assert!(!d.records, "{d:?}");
     }
 
     // Garbage is dropped; a request whose id can be read but whose body is broken (an unknown

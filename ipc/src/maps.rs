@@ -117,6 +117,10 @@ pub struct PoolSpec {
     /// Mirror levels with a bitmap: rebuilding members (bit = slot) that came back stale;
     /// only the regions the bitmap marks are copied to them.
     pub resync_members: u64,
+    /// `(offset, length)` of the pool's checksum area on every member (bytes from the
+    /// drive's start): members without integrity records in their LBA format's metadata keep
+    /// them there. `None`: no area (a length of 0 on the wire).
+    pub checksum: Option<(u64, u64)>,
 }
 
 /// `blocks` blocks of a volume from volume block `start` live on device `device` from byte
@@ -162,6 +166,9 @@ pub struct PublishVolumes {
 }
 
 /// A request from the metadata service.
+// A pool's spec is the large variant: requests are built and sent one at a time (never stored
+// in numbers), so boxing it would only cost an allocation and every caller's match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapsRequest {
     /// Every device of the datapath.
@@ -230,6 +237,8 @@ pub struct DeviceInfo {
     /// A mirror pool: write sequence numbers left below its committed mark (writes wait at
     /// 0); saturating, `u32::MAX` for a device without a mark.
     pub seq_headroom: u32,
+    /// A drive: it keeps integrity records in its LBA format's metadata.
+    pub records: bool,
 }
 
 /// What integrity checking found on a device since the datapath started (counts above 2^32 - 1
@@ -545,6 +554,10 @@ impl MapsRequest {
                     p.set_bitmap_len(len);
                     p.set_bitmap_tag(tag);
                 }
+                if let Some((offset, len)) = s.checksum {
+                    p.set_checksum_offset(offset);
+                    p.set_checksum_len(len);
+                }
                 let len = len_u32(s.drives.len());
                 let mut drives = p.reborrow().init_drives(len);
                 for (i, &d) in (0..len).zip(&s.drives) {
@@ -766,6 +779,8 @@ fn read_pool(p: wire::pool_spec::Reader<'_>) -> Result<PoolSpec, ControlError> {
         resync: p.get_resync(),
         seq_limit: p.get_seq_limit(),
         resync_members: p.get_resync_members(),
+        checksum: (p.get_checksum_len() > 0)
+            .then(|| (p.get_checksum_offset(), p.get_checksum_len())),
         bitmap: (p.get_bitmap_len() > 0).then(|| {
             (
                 p.get_bitmap_offset(),
@@ -937,6 +952,7 @@ fn write_device(mut out: wire::device_info::Builder<'_>, d: &DeviceInfo) {
     out.set_integrity_healed(sat(d.integrity.healed));
     out.set_integrity_unrecoverable(sat(d.integrity.unrecoverable));
     out.set_seq_headroom(d.seq_headroom);
+    out.set_records(d.records);
     let mut of = out.init_member_of();
     match d.member_of {
         None => of.set_none(()),
@@ -986,6 +1002,7 @@ fn read_device(d: wire::device_info::Reader<'_>) -> Result<DeviceInfo, ControlEr
             unrecoverable: d.get_integrity_unrecoverable().into(),
         },
         seq_headroom: d.get_seq_headroom(),
+        records: d.get_records(),
     })
 }
 
@@ -1423,6 +1440,7 @@ pub mod examples {
                 seq_limit: (1 << 40) + (1 << 24),
                 bitmap: Some((17 << 20, 16 << 20, 0x5678)),
                 resync_members: 0b10,
+                checksum: Some(((81 << 20) + (8 << 20), 256 << 10)),
             }),
             MapsRequest::PublishPool(PoolSpec {
                 epoch: 1,
@@ -1441,6 +1459,7 @@ pub mod examples {
                 seq_limit: 0,
                 bitmap: None,
                 resync_members: 0,
+                checksum: None,
             }),
             MapsRequest::PublishVolumes(PublishVolumes {
                 epoch: 3,
@@ -1498,6 +1517,7 @@ pub mod examples {
                 unrecoverable: 1,
             },
             seq_headroom: if members > 0 { 12345 } else { u32::MAX },
+            records: members == 0 && index % 2 == 0,
         }
     }
 
@@ -1532,6 +1552,7 @@ pub mod examples {
                     .map(|i| {
                         let mut d = device(u32::MAX - len_u32(i), MAX_MEMBERS);
                         d.name = "n".repeat(MAX_NAME_BYTES);
+                        d.records = true;
                         d.member_of = Some(PoolSlot {
                             device: u32::MAX,
                             slot: u32::MAX,

@@ -38,6 +38,8 @@ pub enum Structure {
     SpareRecord,
     /// A write sequence record.
     WriteSeqRecord,
+    /// A checksum area record.
+    ChecksumAreaRecord,
 }
 
 impl fmt::Display for Structure {
@@ -56,6 +58,7 @@ impl fmt::Display for Structure {
             Structure::ClusterConfigRecord => "Cluster config record",
             Structure::SpareRecord => "Spare record",
             Structure::WriteSeqRecord => "Write sequence record",
+            Structure::ChecksumAreaRecord => "Checksum area record",
         })
     }
 }
@@ -279,6 +282,16 @@ pub enum ConfigError {
         bytes: u64,
         /// The chunk size.
         chunk: u32,
+    },
+    /// The pool's checksum area breaks a rule.
+    #[error("Pool checksum area of {len} bytes at byte {offset}: {why}")]
+    ChecksumArea {
+        /// Its offset on each member.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The rule it breaks.
+        why: String,
     },
     /// The number of members does not suit the RAID level.
     #[error("Pool at {level} cannot have {count} members: {rule}")]

@@ -38,8 +38,8 @@ pub use import::{
 };
 pub use layout::{Layout, LayoutError};
 pub use records::{
-    pool_capacity_bytes, Extent, MemberState, Namespace, Ownership, Pool, PoolConfig, PoolMember,
-    RaidLevel, Subsystem, Volume,
+    checksum_area_bytes, checksum_split, pool_capacity_bytes, ChecksumArea, Extent, MemberState,
+    Namespace, Ownership, Pool, PoolConfig, PoolMember, RaidLevel, Subsystem, Volume,
 };
 pub use superblock::{Role, Superblock, SuperblockCopy};
 

@@ -46,8 +46,18 @@ pub const TYPE_NAMESPACE: u16 = 6;
 pub const TYPE_SPARE: u16 = 7;
 /// Record type: the pool's write sequence mark ([`PoolConfig::write_seq_mark`]).
 pub const TYPE_WRITE_SEQ: u16 = 8;
+/// Record type: the pool's checksum area ([`PoolConfig::checksum_area`]).
+pub const TYPE_CHECKSUM_AREA: u16 = 9;
 /// Most hot spares a pool keeps.
 pub const MAX_SPARES: usize = 8;
+/// Bytes of one entry of a checksum area (one per logical block of the member data area).
+pub const CHECKSUM_ENTRY_BYTES: u16 = 16;
+/// The block size a checksum area is sized for: the smallest logical block size (512), so
+/// that the area is big enough whatever the members' block size (16 bytes per 512 bytes of
+/// data; a member with 4096-byte blocks uses an eighth of it).
+pub const CHECKSUM_SIZING_BLOCK: u32 = 512;
+/// Checksum areas start and end on multiples of this.
+pub const CHECKSUM_ALIGN: u64 = 4096;
 
 /// Longest pool or volume name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -201,6 +211,142 @@ pub struct Pool {
     pub members: Vec<PoolMember>,
 }
 
+/// Where a pool whose members keep no integrity records in their LBA format's metadata keeps
+/// them instead: `len` bytes from byte `offset` of every member drive, after the part of the
+/// data area the pool uses, holding one [`CHECKSUM_ENTRY_BYTES`]-byte entry per logical block
+/// of the member data area (`docs/ONDISK.md`, "Checksum area").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChecksumArea {
+    /// First byte of the area, from the start of each member drive (4 KiB aligned).
+    pub offset: u64,
+    /// Bytes of the area (a multiple of 4 KiB, at least [`checksum_area_bytes`] of the member
+    /// data bytes in 512-byte blocks).
+    pub len: u64,
+}
+
+/// Bytes of the checksum area for `member_data_bytes` of data in blocks of `block_size` bytes:
+/// one 16-byte entry per block (a partial block counts whole), rounded up to 4 KiB.
+/// (`block_size` 0 is taken as 512.)
+pub fn checksum_area_bytes(member_data_bytes: u64, block_size: u32) -> u64 {
+    let bs = u64::from(if block_size == 0 {
+        CHECKSUM_SIZING_BLOCK
+    } else {
+        block_size
+    });
+    let entries = member_data_bytes.div_ceil(bs);
+    // At most 2^64 / 512 entries of 16 bytes: no overflow.
+    let bytes = entries.saturating_mul(u64::from(CHECKSUM_ENTRY_BYTES));
+    bytes
+        .div_ceil(CHECKSUM_ALIGN)
+        .saturating_mul(CHECKSUM_ALIGN)
+}
+
+/// How a member data area of `data_area_bytes` is shared between a pool's data and its
+/// checksum area: the largest whole number of chunks `d` such that `d` and the checksum area
+/// for `d` (sized for 512-byte blocks, [`checksum_area_bytes`]) fit. Returns `(d, area
+/// bytes)`; `None` when not even one chunk fits (or the chunk size is 0).
+pub fn checksum_split(data_area_bytes: u64, chunk_size: u32) -> Option<(u64, u64)> {
+    let chunk = u64::from(chunk_size);
+    if chunk == 0 {
+        return None;
+    }
+    let fits = |chunks: u64| {
+        chunks
+            .checked_mul(chunk)
+            .map(|d| (d, checksum_area_bytes(d, CHECKSUM_SIZING_BLOCK)))
+            .filter(|&(d, area)| d.checked_add(area).is_some_and(|t| t <= data_area_bytes))
+    };
+    // The area is 1/32 of the data, plus less than 4 KiB of rounding: start from the data's
+    // 32/33 of the space and correct by whole chunks.
+    let estimate = u128::from(data_area_bytes) * 32 / 33 / u128::from(chunk);
+    let mut chunks = u64::try_from(estimate).unwrap_or(u64::MAX);
+    while chunks > 0 && fits(chunks).is_none() {
+        chunks -= 1;
+    }
+    while chunks < u64::MAX && fits(chunks + 1).is_some() {
+        chunks += 1;
+    }
+    if chunks == 0 {
+        return None;
+    }
+    fits(chunks)
+}
+
+impl ChecksumArea {
+    /// Checks the record's own rules: offset and length 4 KiB aligned, length not 0, the end
+    /// within `u64`.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |why: String| ConfigError::ChecksumArea {
+            offset: self.offset,
+            len: self.len,
+            why,
+        };
+        if self.offset % CHECKSUM_ALIGN != 0 || self.len % CHECKSUM_ALIGN != 0 {
+            return Err(bad("offset and length must be multiples of 4096".into()));
+        }
+        if self.len == 0 {
+            return Err(bad("it is empty".into()));
+        }
+        if self.offset.checked_add(self.len).is_none() {
+            return Err(bad("it ends past 2^64".into()));
+        }
+        Ok(())
+    }
+
+    /// Checks the area against the pool's member data bytes: its own rules, at least one
+    /// entry per 512 bytes of member data, and it starts at or after byte `member_data_bytes`
+    /// (every data area starts at or after byte 0: [`ChecksumArea::check_layout`] checks it
+    /// against a member's real data area).
+    pub fn check_pool(&self, member_data_bytes: u64) -> Result<(), ConfigError> {
+        self.check()?;
+        let need = checksum_area_bytes(member_data_bytes, CHECKSUM_SIZING_BLOCK);
+        if self.len < need {
+            return Err(ConfigError::ChecksumArea {
+                offset: self.offset,
+                len: self.len,
+                why: format!(
+                    "{member_data_bytes} member data bytes need at least {need} bytes \
+                     (16 per 512 bytes, rounded up to 4096)"
+                ),
+            });
+        }
+        if self.offset < member_data_bytes {
+            return Err(ConfigError::ChecksumArea {
+                offset: self.offset,
+                len: self.len,
+                why: format!(
+                    "it starts inside the {member_data_bytes} member data bytes the pool uses"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the area against a member drive's layout: inside its data area, after the
+    /// `member_data_bytes` the pool uses of it (`[data offset + member data bytes, data
+    /// offset + data size)`).
+    pub fn check_layout(
+        &self,
+        layout: &crate::layout::Layout,
+        member_data_bytes: u64,
+    ) -> Result<(), ConfigError> {
+        self.check_pool(member_data_bytes)?;
+        let start = layout.data_offset.saturating_add(member_data_bytes);
+        let end = layout.data_offset.saturating_add(layout.data_size);
+        if self.offset < start || self.offset.saturating_add(self.len) > end {
+            return Err(ConfigError::ChecksumArea {
+                offset: self.offset,
+                len: self.len,
+                why: format!(
+                    "it is not within bytes {start}..{end} of the drive (its data area after \
+                     the pool's {member_data_bytes} member data bytes)"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A run of volume blocks mapped to pool blocks. Both are counted in the volume's blocks:
 /// the extent maps volume bytes `volume_block × block_size ..` to pool bytes
 /// `pool_block × block_size ..`.
@@ -299,6 +445,8 @@ pub enum Record {
         /// Above every write sequence number the pool's blocks may carry.
         mark: u64,
     },
+    /// The pool's checksum area.
+    ChecksumArea(ChecksumArea),
     /// A record of a type this code does not know, without the must-understand flag.
     Skipped {
         /// Its type.
@@ -338,6 +486,10 @@ pub struct PoolConfig {
     /// of two copies is the one with the higher number. 0: none committed (encoded only when
     /// not 0).
     pub write_seq_mark: u64,
+    /// Where members keep the integrity records their LBA format has no metadata for
+    /// (`None`: no checksum area; the pool's blocks carry records only on drives formatted
+    /// with metadata). Fixed for the pool's life; encoded only when set.
+    pub checksum_area: Option<ChecksumArea>,
 }
 
 /// Bytes a pool offers for volumes: each member's data area rounded down to whole chunks, times
@@ -736,6 +888,9 @@ impl PoolConfig {
                 });
             }
         }
+        if let Some(area) = &self.checksum_area {
+            area.check_pool(self.pool.member_data_bytes)?;
+        }
         let mut nsids = BTreeSet::new();
         for n in &self.namespaces {
             n.check()?;
@@ -802,7 +957,8 @@ impl PoolConfig {
     }
 
     /// The body of a metadata image: the records in canonical order (pool, ownership, cluster
-    /// config, subsystems, volumes, namespaces), each flagged must-understand. Refuses a
+    /// config, subsystems, volumes, namespaces, spares, write sequence, checksum area), each
+    /// flagged must-understand. Refuses a
     /// configuration that does not [`validate`](Self::validate).
     pub fn encode_body(&self) -> Result<Vec<u8>, EncodeError> {
         self.validate()?;
@@ -840,6 +996,13 @@ impl PoolConfig {
         }
         if self.write_seq_mark != 0 {
             record(&mut out, TYPE_WRITE_SEQ, |w| w.u64(self.write_seq_mark));
+        }
+        if let Some(area) = &self.checksum_area {
+            record(&mut out, TYPE_CHECKSUM_AREA, |w| {
+                w.u64(area.offset);
+                w.u64(area.len);
+                w.u16(CHECKSUM_ENTRY_BYTES);
+            });
         }
         Ok(out)
     }
@@ -933,6 +1096,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_NAMESPACE => Structure::NamespaceRecord,
             TYPE_SPARE => Structure::SpareRecord,
             TYPE_WRITE_SEQ => Structure::WriteSeqRecord,
+            TYPE_CHECKSUM_AREA => Structure::ChecksumAreaRecord,
             _ if flags & FLAG_MUST_UNDERSTAND != 0 => {
                 return Err(r.error_at(at, Problem::UnknownRequiredRecord { record_type }));
             }
@@ -963,6 +1127,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_VOLUME => Record::Volume(decode_volume(&mut p)?),
             TYPE_SPARE => Record::Spare(p.uuid()?),
             TYPE_WRITE_SEQ => Record::WriteSeq { mark: p.u64()? },
+            TYPE_CHECKSUM_AREA => Record::ChecksumArea(decode_checksum_area(&mut p)?),
             _ => Record::Namespace(Namespace {
                 subsystem_nqn: p.string("subsystem NQN")?,
                 nsid: p.u32()?,
@@ -977,6 +1142,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             Record::Subsystem(x) => x.check(),
             Record::Volume(x) => x.check(),
             Record::Namespace(x) => x.check(),
+            Record::ChecksumArea(x) => x.check(),
             Record::ClusterConfig { .. }
             | Record::Spare(_)
             | Record::WriteSeq { .. }
@@ -1058,6 +1224,24 @@ fn decode_pool(p: &mut Reader<'_>) -> Result<Pool, FormatError> {
     })
 }
 
+fn decode_checksum_area(p: &mut Reader<'_>) -> Result<ChecksumArea, FormatError> {
+    let offset = p.u64()?;
+    let len = p.u64()?;
+    let entry_at = p.offset();
+    let entry = p.u16()?;
+    if entry != CHECKSUM_ENTRY_BYTES {
+        return Err(p.error_at(
+            entry_at,
+            Problem::BadValue {
+                field: "checksum entry bytes",
+                value: u64::from(entry),
+                why: "must be 16",
+            },
+        ));
+    }
+    Ok(ChecksumArea { offset, len })
+}
+
 fn decode_subsystem(p: &mut Reader<'_>) -> Result<Subsystem, FormatError> {
     let nqn = p.string("subsystem NQN")?;
     let allow_any_host = p.bool("allow any host")?;
@@ -1122,6 +1306,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
     let mut namespaces = Vec::new();
     let mut spares = Vec::new();
     let mut write_seq_mark = None;
+    let mut checksum_area = None;
     fn once<T>(
         slot: &mut Option<T>,
         v: T,
@@ -1167,6 +1352,13 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
                 Structure::WriteSeqRecord,
                 "write sequence",
             )?,
+            Record::ChecksumArea(a) => once(
+                &mut checksum_area,
+                a,
+                at,
+                Structure::ChecksumAreaRecord,
+                "checksum area",
+            )?,
             Record::Skipped { .. } => {}
         }
     }
@@ -1186,6 +1378,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
         namespaces,
         spares,
         write_seq_mark: write_seq_mark.unwrap_or(0),
+        checksum_area,
     };
     config
         .validate()

@@ -146,6 +146,17 @@ fn valid_heartbeat() -> Vec<u8> {
 fn valid_image() -> Vec<u8> {
     let mut sim = Sim::new(RaidLevel::Raid10, 4);
     sim.add_volume();
+    // Every record type: a write sequence mark and a checksum area too.
+    sim.commit(|c| {
+        let l = layout();
+        let (data, len) = duplex_ondisk::checksum_split(l.data_size, c.pool.chunk_size).unwrap();
+        c.pool.member_data_bytes = data;
+        c.write_seq_mark = 1 << 24;
+        c.checksum_area = Some(duplex_ondisk::ChecksumArea {
+            offset: l.data_offset + data,
+            len,
+        });
+    });
     sim.image_bytes()
 }
 

@@ -232,6 +232,7 @@ fn image_header_fields_are_where_the_document_says() {
             Record::Namespace(_) => "namespace",
             Record::Spare(_) => "spare",
             Record::WriteSeq { .. } => "write seq",
+            Record::ChecksumArea(_) => "checksum area",
             Record::Skipped { .. } => "skipped",
         })
         .collect();
@@ -364,4 +365,39 @@ fn a_write_sequence_record_is_the_mark_last() {
     // A reader that did not know type 8 would refuse the image (must-understand), never number
     // writes from 1 over a pool numbered higher.
     assert_eq!(u16_at(tail, 2) & 1, 1);
+}
+
+/// A checksum area record: type 9, must-understand, payload 18 bytes — area offset (u64) at 0,
+/// area length (u64) at 8, entry bytes (u16, 16) at 16 — last, after the write sequence.
+#[test]
+fn a_checksum_area_record_is_offset_length_entry_bytes_last() {
+    let mut cfg = config(RaidLevel::Raid1, 2);
+    // A 1 GiB drive's 942 MiB data area with 64 KiB chunks: 14615 chunks of data, then
+    // 16 bytes per 512 of them (7307.5 × 4 KiB, rounded up to 7308 × 4 KiB) from 81 MiB +
+    // 14615 × 64 KiB.
+    cfg.pool.member_data_bytes = 14615 * 64 * 1024;
+    cfg.write_seq_mark = 77;
+    cfg.checksum_area = Some(duplex_ondisk::ChecksumArea {
+        offset: 81 * MIB + 14615 * 64 * 1024,
+        len: 7308 * 4096,
+    });
+    let body = cfg.encode_body().expect("encodes");
+    let tail = &body[body.len() - 26..];
+    assert_eq!(
+        (u16_at(tail, 0), u16_at(tail, 2), u32_at(tail, 4)),
+        (9, 1, 18)
+    );
+    assert_eq!(u64_at(tail, 8), 1_042_743_296);
+    assert_eq!(u64_at(tail, 16), 29_933_568);
+    assert_eq!(u16_at(tail, 24), 16);
+    // The write sequence record just before it.
+    let seq = &body[body.len() - 26 - 16..body.len() - 26];
+    assert_eq!((u16_at(seq, 0), u64_at(seq, 8)), (8, 77));
+    let back = duplex_ondisk::PoolConfig::decode_body(&body).expect("decodes");
+    assert_eq!(back, cfg);
+    // The same split as pool creation makes.
+    assert_eq!(
+        duplex_ondisk::checksum_split(layout().data_size, 64 * 1024),
+        Some((14615 * 64 * 1024, 7308 * 4096))
+    );
 }

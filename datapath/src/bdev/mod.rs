@@ -34,6 +34,7 @@ pub use duplex_ipc::raid::JobKind;
 
 use crate::uring::Uring;
 
+mod checksum;
 mod file;
 pub mod intent;
 mod journal;
@@ -42,6 +43,7 @@ mod nvme;
 mod parity;
 mod raid;
 
+pub use checksum::{area_len as checksum_area_len, ChecksumBdev};
 pub use file::FileBdev;
 pub use intent::IntentSpec;
 pub use missing::MissingBdev;
@@ -260,6 +262,53 @@ impl Scratch {
         }
     }
 
+    /// A chain of at least `bytes` bytes of fresh chunks from `pool`, outside the reserve,
+    /// for a device to keep (give it back with [`Self::give_own`]); `None` if the pool has
+    /// too few free chunks.
+    pub fn take_own(&mut self, pool: &Pool, bytes: u64) -> Option<u32> {
+        if self.chunk_size == 0 {
+            self.chunk_size = pool.chunk_size();
+        }
+        let cs = self.chunk_size.max(1) as u64;
+        let want = usize::try_from(bytes.div_ceil(cs).max(1)).ok()?;
+        let mut chunks = Vec::with_capacity(want);
+        for _ in 0..want {
+            match pool.alloc() {
+                Some(h) => chunks.push(h.0),
+                None => {
+                    for c in chunks {
+                        let _ = pool.free_chunk(c);
+                    }
+                    return None;
+                }
+            }
+        }
+        let i = match self.free_ids.pop() {
+            Some(i) => {
+                self.chains[i as usize] = chunks;
+                i
+            }
+            None => {
+                self.chains.push(chunks);
+                u32::try_from(self.chains.len() - 1).ok()?
+            }
+        };
+        Some(i | SCRATCH_CHAIN)
+    }
+
+    /// Gives a chain from [`Self::take_own`] back to `pool`.
+    pub fn give_own(&mut self, pool: &Pool, id: u32) {
+        let i = id & !SCRATCH_CHAIN;
+        if let Some(c) = self.chains.get_mut(i as usize) {
+            if !c.is_empty() {
+                for h in c.drain(..) {
+                    let _ = pool.free_chunk(h);
+                }
+                self.free_ids.push(i);
+            }
+        }
+    }
+
     /// The chunks of chain `id`.
     pub fn chain(&self, id: u32) -> &[u32] {
         chain_of(&[], self, id)
@@ -409,6 +458,13 @@ pub trait Bdev: Debug + Send {
     /// Appends the NVMe drives under this device (itself, or its members'), for the work the
     /// engine does on drives outside the I/O path: the disk heartbeat and fencing.
     fn drives_mut<'a>(&'a mut self, _out: &mut Vec<&'a mut crate::drives::Drive>) {}
+
+    /// A member wrapped for a pool ([`ChecksumBdev`]): the drive it wraps, taken out (the
+    /// wrapper is left with nothing and dropped), its buffers given back; the device must be
+    /// idle. `None` for any other device.
+    fn take_checksum_inner(&mut self, _pool: &Pool, _scratch: &mut Scratch) -> Option<BdevBox> {
+        None
+    }
 }
 
 /// A boxed block device.

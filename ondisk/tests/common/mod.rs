@@ -106,6 +106,7 @@ pub fn config(level: RaidLevel, n: usize) -> PoolConfig {
         ],
         spares: vec![],
         write_seq_mark: 0,
+        checksum_area: None,
     }
 }
 

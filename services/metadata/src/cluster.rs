@@ -85,6 +85,9 @@ pub struct PoolPublish {
     /// Mirror levels with a bitmap: rebuilding members (bit = slot) that came back stale:
     /// only the regions the bitmap marks are copied to them.
     pub resync_members: u64,
+    /// `(offset, length)` of the pool's checksum area on every member (ONDISK "Checksum
+    /// area"): its drives keep no integrity records in their LBA format's metadata.
+    pub checksum: Option<(u64, u64)>,
 }
 
 /// A volume map for the datapath.
@@ -229,6 +232,9 @@ pub struct Drive<D> {
     pub slot: u32,
     /// Its drive UUID when it is a hot spare of `pool`.
     pub spare: Option<Uuid>,
+    /// It keeps integrity records in its LBA format's metadata (the datapath's listing says
+    /// so): a pool over drives that do not all keep them gets a checksum area.
+    pub records: bool,
 }
 
 #[derive(Debug)]
@@ -1163,6 +1169,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             seq_base: p.seq.map_or(0, |s| s.0),
             seq_limit: p.seq.map_or(0, |s| s.1),
             resync_members: p.readded,
+            checksum: cfg.checksum_area.map(|a| (a.offset, a.len)),
             // Only a device built now resyncs (the datapath ignores it for one it has).
             resync: p.imported,
         };
@@ -1706,6 +1713,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         let (generation, subsystems) = self.subsystems();
         let uuid = self.new_uuid();
         let drive_uuids: Vec<Uuid> = idx.iter().map(|_| self.new_uuid()).collect();
+        let records = idx.iter().all(|&i| self.drives[i].records);
         let spec = FormatSpec {
             name: name.to_owned(),
             uuid,
@@ -1716,6 +1724,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             drive_uuids,
             subsystems,
             cluster_generation: generation,
+            checksum_area: crate::store::needs_checksum_area(level, records),
         };
         let disks: Vec<D> = idx.iter().map(|&i| self.drives[i].disk.clone()).collect();
         match PoolStore::format(&spec, disks) {

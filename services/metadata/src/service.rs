@@ -113,6 +113,7 @@ impl Publisher for ServicePublisher {
             seq_limit: pool.seq_limit,
             bitmap: pool.bitmap,
             resync_members: pool.resync_members,
+            checksum: pool.checksum,
             rebuild_from: if pool.rebuilding.iter().any(Option::is_some) {
                 (0..pool.drives.len())
                     .map(|i| pool.rebuilding.get(i).copied().flatten().unwrap_or(0))
@@ -403,7 +404,8 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         );
     }
     let mut maps_channel = maps_channel;
-    // The datapath's view of the drives: their ids, sizes and block sizes.
+    // The datapath's view of the drives: their ids, sizes, block sizes, and whether they keep
+    // integrity records in their LBA format's metadata.
     let devices = maps_channel
         .list_devices(MAPS_TIMEOUT)
         .map_err(|e| anyhow!("the datapath did not list its devices: {e}"))?;
@@ -434,6 +436,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
             pool: String::new(),
             slot: 0,
             spare: None,
+            records: dev.records,
         });
     }
     health.beat();

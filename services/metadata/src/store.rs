@@ -2,7 +2,10 @@
 //!
 //! * **Format** ([`PoolStore::format`]): every member gets the first image (generation 1) in
 //!   slot 0, all flushed, then its two superblocks, all flushed. A drive that already carries a
-//!   valid superblock is refused (it belongs to a pool).
+//!   valid superblock is refused (it belongs to a pool). A pool whose drives keep no integrity
+//!   records in their LBA format's metadata ([`needs_checksum_area`]) gets a checksum area on
+//!   every member, after the part of the data area its data uses
+//!   ([`duplex_ondisk::checksum_split`]); replacements and spares must have room for it too.
 //! * **Commit** ([`PoolStore::commit`]): the next image (generation + 1, the owner's epoch) is
 //!   written to the next ring slot of every live member, every member is flushed, and only
 //!   then does the change count (the caller answers the operator after `commit` returns). When
@@ -21,9 +24,9 @@ use duplex_ondisk::import::{MemberStatus, Repair};
 use duplex_ondisk::layout::secondary_superblock_offset;
 use duplex_ondisk::superblock::SUPERBLOCK_SIZE;
 use duplex_ondisk::{
-    plan_import, DriveInput, ImageHeader, ImportError, ImportPlan, ImportRequest, Layout,
-    MemberState, MetadataImage, Ownership, Pool, PoolConfig, PoolMember, RaidLevel, Role, Stamp,
-    Subsystem, Superblock, SuperblockCopy, Uuid,
+    checksum_split, plan_import, ChecksumArea, DriveInput, ImageHeader, ImportError, ImportPlan,
+    ImportRequest, Layout, MemberState, MetadataImage, Ownership, Pool, PoolConfig, PoolMember,
+    RaidLevel, Role, Stamp, Subsystem, Superblock, SuperblockCopy, Uuid,
 };
 
 use crate::disk::{DiskError, MetaDisk};
@@ -97,6 +100,42 @@ pub struct FormatSpec {
     pub subsystems: Vec<Subsystem>,
     /// Their generation.
     pub cluster_generation: u64,
+    /// Give the pool a checksum area ([`needs_checksum_area`]): the member data bytes are
+    /// what is left of the smallest data area once the area for them fits after them.
+    pub checksum_area: bool,
+}
+
+/// Whether a new pool at `level` gets a checksum area: when not every drive keeps integrity
+/// records in its LBA format's metadata (`all_drives_keep_records` false), except RAID 0,
+/// which has no other copy to repair a bad block from and keeps no records at all.
+pub fn needs_checksum_area(level: RaidLevel, all_drives_keep_records: bool) -> bool {
+    !all_drives_keep_records && level != RaidLevel::Raid0
+}
+
+/// Whether a drive of `layout` can hold a member of the pool `config` whose members have the
+/// layout `model`: its data area starts where theirs does, holds the pool's member data
+/// bytes, and (with a checksum area) the area after them. `Err` says why not.
+fn room_for(layout: &Layout, model: &Layout, config: &PoolConfig) -> Result<(), String> {
+    let mdb = config.pool.member_data_bytes;
+    if layout.data_offset != model.data_offset
+        || layout.journal_offset != model.journal_offset
+        || layout.data_size < mdb
+    {
+        return Err(format!(
+            "its data area ({} bytes from {}) cannot hold the pool's ({} bytes from {})",
+            layout.data_size, layout.data_offset, mdb, model.data_offset
+        ));
+    }
+    if let Some(area) = &config.checksum_area {
+        area.check_layout(layout, mdb).map_err(|e| {
+            format!(
+                "its data area ({} bytes from {}) cannot hold the pool's {} data bytes and \
+                 its checksum area ({} bytes at byte {}): {e}",
+                layout.data_size, layout.data_offset, mdb, area.len, area.offset
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// One member drive of an open pool.
@@ -228,9 +267,27 @@ impl<D: MetaDisk> PoolStore<D> {
                 .map_err(|e| unsuitable(e.to_string()))?;
             layouts.push(layout);
         }
-        let member_data_bytes = layouts.iter().map(|l| l.data_size).min().unwrap_or(0)
-            / u64::from(spec.chunk_size.max(1))
-            * u64::from(spec.chunk_size.max(1));
+        let smallest = layouts.iter().map(|l| l.data_size).min().unwrap_or(0);
+        let chunk = u64::from(spec.chunk_size.max(1));
+        let (member_data_bytes, checksum_area) = if spec.checksum_area {
+            let (Some((data, len)), Some(first)) =
+                (checksum_split(smallest, spec.chunk_size), layouts.first())
+            else {
+                return Err(StoreError::Config(format!(
+                    "the smallest data area ({smallest} bytes) holds no {chunk}-byte chunk \
+                     with its checksum area"
+                )));
+            };
+            // `data` is whole chunks (multiples of 4 KiB) and the data area starts 4 KiB
+            // aligned: the area is aligned too.
+            let area = ChecksumArea {
+                offset: first.data_offset.saturating_add(data),
+                len,
+            };
+            (data, Some(area))
+        } else {
+            (smallest / chunk * chunk, None)
+        };
         let config = PoolConfig {
             pool: Pool {
                 name: spec.name.clone(),
@@ -260,10 +317,19 @@ impl<D: MetaDisk> PoolStore<D> {
             namespaces: Vec::new(),
             spares: Vec::new(),
             write_seq_mark: 0,
+            checksum_area,
         };
         config
             .validate()
             .map_err(|e| StoreError::Config(e.to_string()))?;
+        if let Some(first) = layouts.first() {
+            for (d, layout) in disks.iter().zip(&layouts) {
+                room_for(layout, first, &config).map_err(|why| StoreError::Unsuitable {
+                    drive: d.label().to_owned(),
+                    why,
+                })?;
+            }
+        }
         let image = MetadataImage {
             slot_index: 0,
             generation: 1,
@@ -295,9 +361,24 @@ impl<D: MetaDisk> PoolStore<D> {
             next_slot: 0,
             written: 1,
         };
-        // The image first, on every member, flushed; then the superblocks that make the
-        // drives recognisable as members: a crash in between leaves drives that no import
-        // takes for a pool.
+        // The checksum area zeroed first (a zero entry means "a block of zeroes"; what a
+        // drive held before must not read as entries), then the image on every member,
+        // flushed; then the superblocks that make the drives recognisable as members: a
+        // crash in between leaves drives that no import takes for a pool.
+        if let Some(area) = store.image.config.checksum_area {
+            const CHUNK: u64 = 1 << 20;
+            let zero = vec![0u8; CHUNK as usize];
+            for m in store.members.iter_mut().flatten() {
+                let mut at = 0;
+                while at < area.len {
+                    let n = CHUNK.min(area.len - at);
+                    m.disk
+                        .write(area.offset + at, &zero[..n as usize])
+                        .map_err(disk_err(&m.disk))?;
+                    at += n;
+                }
+            }
+        }
         let bytes = store.encode_image(&store.image)?;
         for m in store.members.iter_mut().flatten() {
             let at = slot_offset(&m.sb, 0)?;
@@ -365,6 +446,21 @@ impl<D: MetaDisk> PoolStore<D> {
             .max()
             .unwrap_or(0)
             .max(winner.generation);
+        // The checksum area must lie in every member's data area, after the pool's data (a
+        // datapath keeping records past it would write over whatever follows).
+        if let Some(area) = &winner.config.checksum_area {
+            for m in members.iter().flatten() {
+                area.check_layout(&m.sb.layout, winner.config.pool.member_data_bytes)
+                    .map_err(|e| StoreError::Unsuitable {
+                        drive: m.disk.label().to_owned(),
+                        why: format!(
+                            "pool {} is not imported (nothing was written): its layout \
+                             cannot hold the pool: {e}",
+                            winner.config.pool.name
+                        ),
+                    })?;
+            }
+        }
         let mut store = Self {
             node,
             members,
@@ -496,7 +592,8 @@ impl<D: MetaDisk> PoolStore<D> {
     /// start: the next generation names it rebuilding, is written to it with every other open
     /// member, then its superblocks (as every member's: the states changed). Returns the old
     /// member's disk, if it was open. Refused, with nothing written, for a slot that is not
-    /// failed, a drive of another pool, or one too small for the pool's layout.
+    /// failed, a drive of another pool, or one too small for the pool's layout (its data and
+    /// its checksum area, if it has one).
     pub fn replace_member(
         &mut self,
         slot: usize,
@@ -528,18 +625,7 @@ impl<D: MetaDisk> PoolStore<D> {
         let Some(model) = self.members.iter().flatten().next().map(|m| m.sb) else {
             return Err(StoreError::Config("no member of the pool is open".into()));
         };
-        if layout.data_offset != model.layout.data_offset
-            || layout.journal_offset != model.layout.journal_offset
-            || layout.data_size < config.pool.member_data_bytes
-        {
-            return Err(unsuitable(format!(
-                "its data area ({} bytes from {}) cannot hold the pool's ({} bytes from {})",
-                layout.data_size,
-                layout.data_offset,
-                config.pool.member_data_bytes,
-                model.layout.data_offset
-            )));
-        }
+        room_for(&layout, &model.layout, &config).map_err(unsuitable)?;
         let generation = self.written + 1;
         let state = MemberState::Rebuilding { position: 0 };
         // A hot spare taken: no longer a spare in the same generation.
@@ -572,7 +658,8 @@ impl<D: MetaDisk> PoolStore<D> {
     /// Reserves `disk` as a hot spare of the pool, as drive `drive_uuid`: the next generation
     /// lists it among the spares, then the drive gets a spare superblock naming the pool (so
     /// every node sees it taken). Refused, with nothing written, for a drive of another pool,
-    /// one too small for the pool's layout, or a pool with all its spares.
+    /// one too small for the pool's layout (its data and its checksum area, if it has one), or
+    /// a pool with all its spares.
     pub fn add_spare(&mut self, mut disk: D, drive_uuid: Uuid) -> Result<(), StoreError> {
         let mut config = self.image.config.clone();
         if config.spares.len() >= duplex_ondisk::records::MAX_SPARES {
@@ -594,18 +681,7 @@ impl<D: MetaDisk> PoolStore<D> {
         let Some(model) = self.members.iter().flatten().next().map(|m| m.sb) else {
             return Err(StoreError::Config("no member of the pool is open".into()));
         };
-        if layout.data_offset != model.layout.data_offset
-            || layout.journal_offset != model.layout.journal_offset
-            || layout.data_size < config.pool.member_data_bytes
-        {
-            return Err(unsuitable(format!(
-                "its data area ({} bytes from {}) cannot hold the pool's ({} bytes from {})",
-                layout.data_size,
-                layout.data_offset,
-                config.pool.member_data_bytes,
-                model.layout.data_offset
-            )));
-        }
+        room_for(&layout, &model.layout, &config).map_err(unsuitable)?;
         config.spares.push(drive_uuid);
         self.commit(config)?;
         let sb = Superblock {
@@ -636,6 +712,11 @@ impl<D: MetaDisk> PoolStore<D> {
         {
             return Err(StoreError::Config(
                 "a commit cannot change the pool's identity or members".into(),
+            ));
+        }
+        if config.checksum_area != self.image.config.checksum_area {
+            return Err(StoreError::Config(
+                "a commit cannot change the pool's checksum area (fixed when it is made)".into(),
             ));
         }
         let mut config = config;

@@ -91,6 +91,9 @@ fn drives(disks: &[MemDisk]) -> Vec<Drive<MemDisk>> {
             pool: String::new(),
             slot: 0,
             spare: None,
+            // In-memory drives, like plain files, keep no integrity records: pools over them
+            // get a checksum area.
+            records: false,
         })
         .collect()
 }
@@ -853,4 +856,142 @@ fn a_mirror_pools_write_sequence_mark_is_committed_before_use_and_moves_up() {
     let c = Cluster::start(drives(&d), 0, 1, Recorder::default());
     let p = c.publisher().pools[0].clone();
     assert_eq!((p.seq_base, p.seq_limit), (0, 0));
+}
+
+/// `disks` as the datapath lists them, each keeping integrity records in its LBA format's
+/// metadata or not (`records`).
+fn drives_keeping(disks: &[MemDisk], records: &[bool]) -> Vec<Drive<MemDisk>> {
+    let mut list = drives(disks);
+    for (d, &r) in list.iter_mut().zip(records) {
+        d.records = r;
+    }
+    list
+}
+
+fn create(c: &mut Cluster<MemDisk, Recorder>, raid: RaidLevel, names: &[&str]) {
+    ok(c.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid,
+        drives: names.iter().map(|n| (*n).to_owned()).collect(),
+        chunk_bytes: 0,
+    }));
+}
+
+/// The layout of the tests' 256 MiB drives.
+fn layout_256() -> duplex_ondisk::Layout {
+    duplex_ondisk::Layout::for_drive(256 << 20, 4096).unwrap()
+}
+
+/// A pool over drives without integrity records in their LBA format (any of them) gets a
+/// checksum area: published with the pool, after the member data bytes (reduced to make room
+/// for it, whole chunks), inside every member's data area, 16 bytes per 512 bytes of data
+/// rounded up to 4 KiB; a restart publishes the same area (it is on the drives).
+#[test]
+fn a_pool_over_drives_without_records_gets_a_checksum_area() {
+    let l = layout_256();
+    for (level, n, records) in [
+        (RaidLevel::Raid1, 2, vec![false, false]),
+        (RaidLevel::Raid1, 2, vec![true, false]),
+        (RaidLevel::Raid10, 4, vec![false; 4]),
+        (RaidLevel::Raid5, 3, vec![false; 3]),
+        (RaidLevel::Raid6, 4, vec![false; 4]),
+    ] {
+        let d = disks(n);
+        let mut c = Cluster::start(drives_keeping(&d, &records), 0, 1, Recorder::default());
+        let names: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        create(&mut c, level, &names);
+        let p = c.publisher_mut().pools[0].clone();
+        let (offset, len) = p
+            .checksum
+            .unwrap_or_else(|| panic!("{level:?}: no area: {p:?}"));
+        assert_eq!(p.data_offset, l.data_offset);
+        assert!(p.data_len < l.data_size, "{p:?}");
+        assert_eq!(p.data_len % p.chunk, 0, "{p:?}");
+        assert_eq!(offset, p.data_offset + p.data_len, "right after the data");
+        assert_eq!(offset % 4096, 0);
+        assert_eq!(len, (p.data_len / 512 * 16).div_ceil(4096) * 4096);
+        assert!(
+            offset + len <= l.data_offset + l.data_size,
+            "inside the data area"
+        );
+        // As large as the data area allows: one more chunk and its area would not fit.
+        let more = p.data_len + p.chunk;
+        assert!(more + (more / 512 * 16).div_ceil(4096) * 4096 > l.data_size);
+        drop(c);
+        let mut c = Cluster::start(drives_keeping(&d, &records), 0, 1, Recorder::default());
+        let again = c.publisher_mut().pools[0].clone();
+        assert_eq!(again.checksum, Some((offset, len)));
+        assert_eq!(again.data_len, p.data_len);
+    }
+}
+
+/// A pool over drives that all keep integrity records in their LBA format's metadata gets no
+/// checksum area and uses its whole data area (whole chunks); neither does a RAID 0 pool over
+/// drives without records (no copy to repair from: it keeps no records at all).
+#[test]
+fn pools_over_drives_with_records_and_raid0_pools_get_no_checksum_area() {
+    let l = layout_256();
+    for (level, records) in [
+        (RaidLevel::Raid1, true),
+        (RaidLevel::Raid5, true),
+        (RaidLevel::Raid0, false),
+        (RaidLevel::Raid0, true),
+    ] {
+        let d = disks(3);
+        let keep = [records; 3];
+        let mut c = Cluster::start(drives_keeping(&d, &keep), 0, 1, Recorder::default());
+        create(&mut c, level, &["d0", "d1", "d2"]);
+        let p = c.publisher_mut().pools[0].clone();
+        assert_eq!(p.checksum, None, "{level:?} {records}: {p:?}");
+        assert_eq!(p.data_len, l.data_size / p.chunk * p.chunk);
+        drop(c);
+        let mut c = Cluster::start(drives_keeping(&d, &keep), 0, 1, Recorder::default());
+        assert_eq!(c.publisher_mut().pools[0].checksum, None);
+    }
+}
+
+/// A hot spare or a replacement must hold the pool's checksum area too: a drive whose data
+/// area holds the pool's data bytes but not the area after them is refused (nothing
+/// written); a drive as large as the members is taken.
+#[test]
+fn spares_and_replacements_need_room_for_the_checksum_area() {
+    let mut d = disks(4);
+    // 251 MiB: a 169 MiB data area, more than the pool's data (about 168.7 MiB of the
+    // members' 174 MiB) but not enough for its checksum area (5.3 MiB) after it.
+    d.push(MemDisk::new("sim:4", 251 << 20, 4096));
+    let mut list = drives(&d);
+    list[4].capacity = 251 << 20;
+    let mut c = Cluster::start(list, 0, 1, Recorder::default());
+    create(&mut c, RaidLevel::Raid5, &["d0", "d1", "d2"]);
+    let p = c.publisher_mut().pools[0].clone();
+    let (offset, len) = p.checksum.unwrap();
+    let small = duplex_ondisk::Layout::for_drive(251 << 20, 4096).unwrap();
+    assert!(small.data_size >= p.data_len, "the data alone would fit");
+    assert!(small.data_offset + small.data_size < offset + len);
+    let before = d[4].writes();
+    let spare = |drive: &str| ConfigRequest::AddSpare {
+        pool: "tank".into(),
+        drive: drive.into(),
+    };
+    let r = c.handle(spare("d4"));
+    assert!(
+        matches!(&r, ConfigReply::Error { message, .. } if message.contains("checksum area")),
+        "{r:?}"
+    );
+    c.member_failed(100, 1).unwrap();
+    let replace = |new: &str| ConfigRequest::ReplaceMember {
+        pool: "tank".into(),
+        old: "d1".into(),
+        new: new.into(),
+    };
+    assert_eq!(kind(c.handle(replace("d4"))), ConfigErrorKind::Refused);
+    assert_eq!(
+        d[4].writes(),
+        before,
+        "nothing written to the refused drive"
+    );
+    ok(c.handle(replace("d3")));
+    assert_eq!(c.publisher_mut().replaced, vec![(100, 1, 13)]);
+    assert_eq!(c.publisher_mut().pools[0].checksum, Some((offset, len)));
 }

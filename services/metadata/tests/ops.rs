@@ -38,6 +38,7 @@ fn pool(mib: u64) -> PoolConfig {
         namespaces: vec![],
         spares: vec![],
         write_seq_mark: 0,
+        checksum_area: None,
     }
 }
 

@@ -32,6 +32,8 @@ fn spec(level: RaidLevel, n: usize) -> FormatSpec {
         drive_uuids: (0..n).map(|i| uuid(10 + i as u8)).collect(),
         subsystems: vec![],
         cluster_generation: 1,
+        // Drives without integrity records in their LBA format (in-memory drives).
+        checksum_area: duplex_metadata::store::needs_checksum_area(level, false),
     }
 }
 
@@ -274,4 +276,79 @@ fn a_refused_import_writes_nothing_and_a_corrupt_copy_is_repaired() {
     assert!(matches!(e, StoreError::Import(_)), "{e}");
     let after: Vec<u64> = d.iter().map(MemDisk::writes).collect();
     assert_eq!(before, after, "a refused import wrote");
+}
+
+/// Format with a checksum area: the area is in the image (imported back as it was), right
+/// after the member data bytes and inside every member's data area; without one (drives that
+/// keep records, or RAID 0) the pool uses its whole data area. An image whose area does not lie
+/// in a member's data area (here: committed past it) is not imported, and nothing is written.
+#[test]
+fn a_checksum_area_is_formatted_imported_and_checked_against_the_layout() {
+    let layout = duplex_ondisk::Layout::for_drive(CAP, 4096).unwrap();
+    let d = disks(2);
+    let store = PoolStore::format(&spec(RaidLevel::Raid1, 2), d.clone()).unwrap();
+    let cfg = store.config().clone();
+    let area = cfg.checksum_area.expect("a checksum area");
+    let (data, len) = duplex_ondisk::checksum_split(layout.data_size, 64 << 10).unwrap();
+    assert_eq!(cfg.pool.member_data_bytes, data);
+    assert_eq!(area.offset, layout.data_offset + data);
+    assert_eq!(area.len, len);
+    assert!(area.offset + area.len <= layout.data_end());
+    drop(store);
+    let (mut store, _, _) = PoolStore::import(d.clone(), None, false, 0).unwrap();
+    assert_eq!(store.config(), &cfg);
+
+    // A commit cannot change the area.
+    let mut bad = cfg.clone();
+    bad.checksum_area = Some(duplex_ondisk::ChecksumArea {
+        offset: layout.data_end(),
+        len: area.len,
+    });
+    let e = store.commit(bad.clone()).unwrap_err();
+    assert!(e.to_string().contains("checksum area"), "{e}");
+    drop(store);
+    // An image (generation 2, slot 1, on both members) whose area lies past the data area:
+    // valid on its own (aligned, large enough, after the data), not on these drives.
+    let image = duplex_ondisk::MetadataImage {
+        slot_index: 1,
+        generation: 2,
+        epoch: 1,
+        writer_node: 0,
+        config: bad,
+    }
+    .encode(layout.metadata_slot_size as usize)
+    .unwrap();
+    for disk in &d {
+        disk.poke(layout.metadata_slot_offset(1).unwrap(), &image);
+    }
+    let before: Vec<u64> = d.iter().map(MemDisk::writes).collect();
+    let e = PoolStore::import(d.clone(), None, false, 0).unwrap_err();
+    assert!(e.to_string().contains("checksum area"), "{e}");
+    assert!(e.to_string().contains("not imported"), "{e}");
+    assert_eq!(d.iter().map(MemDisk::writes).collect::<Vec<_>>(), before);
+
+    // Without an area (drives that keep records; RAID 0): the whole data area, in chunks.
+    for level in [RaidLevel::Raid1, RaidLevel::Raid0] {
+        let d = disks(2);
+        let mut s = spec(level, 2);
+        s.checksum_area = false;
+        let store = PoolStore::format(&s, d).unwrap();
+        assert_eq!(store.config().checksum_area, None);
+        assert_eq!(
+            store.config().pool.member_data_bytes,
+            layout.data_size / (64 << 10) * (64 << 10)
+        );
+    }
+    assert!(!duplex_metadata::store::needs_checksum_area(
+        RaidLevel::Raid0,
+        false
+    ));
+    assert!(!duplex_metadata::store::needs_checksum_area(
+        RaidLevel::Raid5,
+        true
+    ));
+    assert!(duplex_metadata::store::needs_checksum_area(
+        RaidLevel::Raid5,
+        false
+    ));
 }
