@@ -1416,10 +1416,16 @@ impl RaidBdev {
         }
         match winner {
             Some((from, seq)) => {
+                // A good or unwritten copy holding the same data is not stale, whatever its
+                // sequence (a rebuild writes its copy with a new one).
                 let stale: Vec<usize> = copies
                     .iter()
                     .copied()
                     .filter(|&k| verdict(k) != Verdict::Good { seq })
+                    .filter(|&k| {
+                        verdict(k) == Verdict::Bad
+                            || !same_block(w, k, from, b, self.block_size, ctx)
+                    })
                     .collect();
                 if stale.is_empty() {
                     return;
@@ -2371,4 +2377,22 @@ impl Bdev for RaidBdev {
             m.dev.drives_mut(out);
         }
     }
+}
+
+/// Whether reads `a` and `b` of scrub window `w` hold the same data in block `block`.
+fn same_block(w: &Window, a: usize, b: usize, block: u64, block_size: u32, ctx: &Ctx<'_>) -> bool {
+    let bs = block_size as usize;
+    let at = usize::try_from(block)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(bs);
+    let mut x = vec![0u8; bs];
+    let mut y = vec![0u8; bs];
+    ctx.pool
+        .copy_out(ctx.scratch.chain(w.reads[a].chain), at, &mut x)
+        .is_ok()
+        && ctx
+            .pool
+            .copy_out(ctx.scratch.chain(w.reads[b].chain), at, &mut y)
+            .is_ok()
+        && x == y
 }
