@@ -261,15 +261,19 @@ impl Rig {
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     }
 
-    /// Waits until drive `i` has taken at least `blocks` writes into its cache: a workload is
-    /// under way.
-    pub fn wait_writes(&self, i: usize, blocks: u64) {
+    /// Waits until drive `i` has executed at least `writes` more writes than when called, or
+    /// holds that many blocks unflushed in its cache: a workload is under way. (Pools whose
+    /// members keep records in a checksum area flush often — a block rewritten before a flush
+    /// costs one — so the cache alone may never fill.)
+    pub fn wait_writes(&self, i: usize, writes: u64) {
         let deadline = Instant::now() + PATIENCE;
-        while self.sim(i, &["status"])["cached_blocks"]
-            .as_u64()
-            .unwrap_or(0)
-            < blocks
-        {
+        let seq = |st: &serde_json::Value| st["write_seq"].as_u64().unwrap_or(0);
+        let start = seq(&self.sim(i, &["status"]));
+        loop {
+            let st = self.sim(i, &["status"]);
+            if st["cached_blocks"].as_u64().unwrap_or(0) >= writes || seq(&st) >= start + writes {
+                break;
+            }
             assert!(Instant::now() < deadline, "no writes reached drive {i}");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

@@ -15,6 +15,11 @@
 //! * before an entry's slot 0 moves to slot 1, the data it describes is durable: a block
 //!   written since the last completed flush makes its next write wait for a flush (one flush
 //!   serves every write waiting for one). So slot 1 always names data that is on the medium.
+//! * an entry read from the medium may name in slot 0 a write the drive lost (acknowledged,
+//!   never flushed, then a power cut), so before its first rewrite the block's data is read
+//!   and the slot it matches is the one kept; and its durability is not known, so that first
+//!   rewrite waits for a flush as well. A write or entry write that failed leaves its blocks
+//!   unknown the same way.
 //!
 //! One entry-block write is in flight per entry block; updates arriving meanwhile ride the next
 //! one together. Block ranges are locked in this layer (a write excludes every other I/O of its
@@ -52,6 +57,14 @@ const TAG_SHIFT: u32 = 62;
 const TAG_DATA: u64 = 1;
 const TAG_ENTRY: u64 = 2;
 const TAG_FLUSH: u64 = 3;
+/// Verify reads share the entry tag: their slots are above this.
+const VERIFY_BASE: u64 = 1 << 40;
+/// Zeroing and deallocation are done this many bytes at a time (bounded state per piece).
+const PIECE: u64 = 4 << 20;
+
+const UNKNOWN: u8 = 0;
+const KNOWN_0: u8 = 1;
+const KNOWN_1: u8 = 2;
 const INDEX_MASK: u64 = (1 << TAG_SHIFT) - 1;
 
 /// The bytes a checksum area needs for `data_len` bytes of blocks of `block_size` bytes.
@@ -74,6 +87,8 @@ struct OpState {
     old: Vec<[u8; 16]>,
     /// Things outstanding in this stage (entry blocks loading or written, a read's data).
     wait: u32,
+    /// A piece of a long zeroing ([`Split`]), completed into it rather than to the caller.
+    piece_of: Option<usize>,
     status: u16,
 }
 
@@ -91,8 +106,11 @@ impl OpState {
 struct EntryBlock {
     /// The entries as on the medium plus the updates not yet written.
     bytes: Vec<u8>,
-    /// Per entry: the flush number that makes slot 0's data durable (0: durable).
+    /// Per entry: the flush number that makes the data it names durable (0: durable).
     stamps: Vec<u64>,
+    /// Per entry: which slot names the data on the drive ([`KNOWN_0`], [`KNOWN_1`], or
+    /// [`UNKNOWN`]: read from the medium and not checked against the data since).
+    known: Vec<u8>,
     loaded: bool,
     /// Ops waiting for the load.
     loading: Vec<usize>,
@@ -109,6 +127,7 @@ impl EntryBlock {
         Self {
             bytes: vec![0; ENTRY_BLOCK as usize],
             stamps: vec![0; PER_BLOCK as usize],
+            known: vec![UNKNOWN; PER_BLOCK as usize],
             loaded: false,
             loading: Vec::new(),
             writing: None,
@@ -128,6 +147,25 @@ impl EntryBlock {
         let at = (i % PER_BLOCK * ENTRY_LEN) as usize;
         self.bytes[at..at + 16].copy_from_slice(e);
     }
+}
+
+/// A long Write Zeroes or Deallocate done in pieces of [`PIECE`] bytes, one after another.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    io: Io,
+    /// The next piece's first byte.
+    next: u64,
+    status: u16,
+}
+
+/// A read of blocks whose entries are unknown, before their first rewrite.
+#[derive(Debug, Clone, Copy)]
+struct VerifyIo {
+    op: usize,
+    /// First block (entry index) and blocks.
+    first: u64,
+    n: u64,
+    chain: u32,
 }
 
 /// An entry-block I/O in flight or waiting for a buffer.
@@ -157,6 +195,10 @@ pub struct ChecksumBdev {
     active: Vec<usize>,
     cache: HashMap<u64, EntryBlock>,
     entry_ios: Vec<Option<EntryIo>>,
+    verify_ios: Vec<Option<VerifyIo>>,
+    /// Verify reads waiting for a buffer: (op, first block, blocks).
+    verify_wait: VecDeque<(usize, u64, u64)>,
+    splits: Vec<Option<Split>>,
     /// Entry-block I/Os waiting for a buffer.
     entry_wait: VecDeque<(u64, bool)>,
     buffers: Vec<u32>,
@@ -194,7 +236,7 @@ impl ChecksumBdev {
         let name = inner.name().to_owned();
         let size = inner.size();
         let bad = |inner, why: String| Err((inner, format!("{name}: checksum area: {why}")));
-        if bs == 0 || data_offset % bs != 0 || data_len % bs != 0 {
+        if bs == 0 || bs > ENTRY_BLOCK || data_offset % bs != 0 || data_len % bs != 0 {
             return bad(
                 inner,
                 format!("data area {data_offset}+{data_len} is not on {bs}-byte blocks"),
@@ -257,6 +299,9 @@ impl ChecksumBdev {
             active: Vec::new(),
             cache: HashMap::new(),
             entry_ios: Vec::new(),
+            verify_ios: Vec::new(),
+            verify_wait: VecDeque::new(),
+            splits: Vec::new(),
             entry_wait: VecDeque::new(),
             all_buffers: buffers.clone(),
             buffers,
@@ -428,7 +473,120 @@ impl ChecksumBdev {
             self.finish(i, ctx);
             return;
         }
-        self.durable(i, ctx);
+        self.verify(i, ctx);
+    }
+
+    /// A write: reads the blocks whose entries are unknown (runs of them, a buffer each) to
+    /// learn which slot names their data; then on to [`Self::durable`].
+    fn verify(&mut self, i: usize, ctx: &mut Ctx<'_>) {
+        let Some(op) = self.ops[i].as_ref() else {
+            return;
+        };
+        let (first, n) = (op.first, op.n);
+        let max =
+            (ctx.scratch.chunk_size().max(ENTRY_BLOCK as usize) as u64 / self.block_size).max(1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in first..first + n {
+            let unknown = self.cache.get(&(b / PER_BLOCK)).is_some_and(|e| {
+                let j = (b % PER_BLOCK) as usize;
+                e.known[j] == UNKNOWN && e.entry(b) != [0u8; 16]
+            });
+            if !unknown {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((f, c)) if *f + *c == b && *c < max => *c += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        if runs.is_empty() {
+            self.durable(i, ctx);
+            return;
+        }
+        if let Some(op) = self.ops[i].as_mut() {
+            op.wait = u32::try_from(runs.len()).unwrap_or(u32::MAX);
+        }
+        for (f, c) in runs {
+            self.verify_io(i, f, c, ctx);
+        }
+    }
+
+    fn verify_io(&mut self, i: usize, first: u64, n: u64, ctx: &mut Ctx<'_>) {
+        let Some(chain) = self.buffers.pop() else {
+            self.verify_wait.push_back((i, first, n));
+            return;
+        };
+        let slot = match self.verify_ios.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                self.verify_ios.push(None);
+                self.verify_ios.len() - 1
+            }
+        };
+        self.verify_ios[slot] = Some(VerifyIo {
+            op: i,
+            first,
+            n,
+            chain,
+        });
+        self.inner.submit(
+            Io {
+                token: (TAG_ENTRY << TAG_SHIFT) | (VERIFY_BASE + slot as u64),
+                op: Op::Read,
+                offset: self.lo + first * self.block_size,
+                len: n * self.block_size,
+                fua: false,
+                chain: ChainRef { id: chain, skip: 0 },
+                seq: 0,
+            },
+            ctx,
+        );
+    }
+
+    fn verify_done(&mut self, slot: usize, status: u16, ctx: &mut Ctx<'_>) {
+        let Some(v) = self.verify_ios.get_mut(slot).and_then(Option::take) else {
+            tracing::error!(drive = %self.name, slot, "verify completion of no I/O");
+            return;
+        };
+        if status == 0 {
+            let bs = self.block_size as usize;
+            let mut data = vec![0u8; bs];
+            for j in 0..v.n {
+                let b = v.first + j;
+                let ok = ctx
+                    .pool
+                    .copy_out(ctx.scratch.chain(v.chain), j as usize * bs, &mut data)
+                    .is_ok();
+                let lba = self.lo / self.block_size + b;
+                if let Some(e) = self.cache.get_mut(&(b / PER_BLOCK)) {
+                    let entry = e.entry(b);
+                    let which = if ok {
+                        which_slot(lba, &data, &entry).1
+                    } else {
+                        None
+                    };
+                    // A block matching neither slot is bad anyway: its slot 0 is kept.
+                    e.known[(b % PER_BLOCK) as usize] =
+                        if which == Some(1) { KNOWN_1 } else { KNOWN_0 };
+                }
+            }
+        }
+        self.buffers.push(v.chain);
+        let i = v.op;
+        if let Some(op) = self.ops.get_mut(i).and_then(Option::as_mut) {
+            if status != 0 && op.status == 0 {
+                op.status = status;
+            }
+            op.wait = op.wait.saturating_sub(1);
+            if op.wait == 0 {
+                if op.status != 0 {
+                    self.finish(i, ctx);
+                } else {
+                    self.durable(i, ctx);
+                }
+            }
+        }
+        self.more_entry_ios(ctx);
     }
 
     /// A write: wait until the data its entries' slot 0 describe is durable, then record.
@@ -448,22 +606,7 @@ impl ChecksumBdev {
         }
         self.durable_wait.push(i);
         if !self.flushing.iter().any(|&f| f >= need) {
-            self.flushes_issued += 1;
-            self.own_flushes += 1;
-            let n = self.flushes_issued;
-            self.flushing.push(n);
-            self.inner.submit(
-                Io {
-                    token: (TAG_FLUSH << TAG_SHIFT) | n,
-                    op: Op::Flush,
-                    offset: 0,
-                    len: 0,
-                    fua: false,
-                    chain: ChainRef { id: 0, skip: 0 },
-                    seq: 0,
-                },
-                ctx,
-            );
+            self.own_flush(ctx);
         }
     }
 
@@ -480,10 +623,18 @@ impl ChecksumBdev {
                 continue;
             };
             let old = e.entry(b);
+            let within = (b % PER_BLOCK) as usize;
+            let prev = if e.known[within] == KNOWN_1 {
+                &old[RECORD_LEN..]
+            } else {
+                &old[..RECORD_LEN]
+            };
             let mut new = [0u8; 16];
             new[..RECORD_LEN].copy_from_slice(&op.slots[j]);
-            new[RECORD_LEN..].copy_from_slice(&old[..RECORD_LEN]);
+            new[RECORD_LEN..].copy_from_slice(prev);
             e.set_entry(b, &new);
+            // Until its data write ends well, the block holds either.
+            e.known[within] = UNKNOWN;
             op.old.push(old);
             if blocks.last() != Some(&k) {
                 blocks.push(k);
@@ -528,6 +679,7 @@ impl ChecksumBdev {
         let bs = self.block_size as usize;
         let mut data = vec![0u8; bs];
         let mut verdicts = Vec::with_capacity(op.n as usize);
+        let mut learned = Vec::new();
         let mut bad = 0u64;
         for (j, b) in (op.first..op.first + op.n).enumerate() {
             let at = op.io.chain.skip as usize + j * bs;
@@ -538,10 +690,9 @@ impl ChecksumBdev {
                 (Ok(()), Some(e)) if e.loaded => {
                     let entry = e.entry(b);
                     let lba = (self.lo / self.block_size) + b;
-                    match integrity::verify(lba, &data, &entry[..RECORD_LEN]) {
-                        Verdict::Bad => integrity::verify(lba, &data, &entry[RECORD_LEN..]),
-                        v => v,
-                    }
+                    let (v, which) = which_slot(lba, &data, &entry);
+                    learned.push((b, which));
+                    v
                 }
                 _ => Verdict::Bad,
             };
@@ -549,6 +700,19 @@ impl ChecksumBdev {
                 bad += 1;
             }
             verdicts.push(v);
+        }
+        // What a read saw tells which slot names the data (its durability still unknown).
+        for (b, which) in learned {
+            if let Some(e) = self.cache.get_mut(&(b / PER_BLOCK)) {
+                let k = &mut e.known[(b % PER_BLOCK) as usize];
+                if *k == UNKNOWN {
+                    match which {
+                        Some(0) => *k = KNOWN_0,
+                        Some(1) => *k = KNOWN_1,
+                        _ => {}
+                    }
+                }
+            }
         }
         if bad > 0 {
             op.status = STATUS_INTEGRITY;
@@ -574,10 +738,13 @@ impl ChecksumBdev {
             return;
         };
         self.free.push(i);
-        self.ready.push(Done {
-            token: op.io.token,
-            status: op.status,
-        });
+        match op.piece_of {
+            Some(s) => self.piece_done(s, op.status),
+            None => self.ready.push(Done {
+                token: op.io.token,
+                status: op.status,
+            }),
+        }
         if !op.covered {
             return;
         }
@@ -587,11 +754,51 @@ impl ChecksumBdev {
                 e.users = e.users.saturating_sub(1);
             }
         }
-        self.evict();
+        self.evict(ctx);
         self.run_queue(ctx);
+        self.next_pieces(ctx);
     }
 
-    fn evict(&mut self) {
+    /// A piece of split `s` ended.
+    fn piece_done(&mut self, s: usize, status: u16) {
+        if let Some(sp) = self.splits.get_mut(s).and_then(Option::as_mut) {
+            if status != 0 && sp.status == 0 {
+                sp.status = status;
+            }
+            sp.next = sp.next.saturating_add(PIECE);
+        }
+    }
+
+    /// Splits whose piece ended: the next piece, or the end.
+    fn next_pieces(&mut self, ctx: &mut Ctx<'_>) {
+        for s in 0..self.splits.len() {
+            let Some(sp) = self.splits[s] else {
+                continue;
+            };
+            let busy = self.ops.iter().flatten().any(|o| o.piece_of == Some(s));
+            if busy {
+                continue;
+            }
+            let end = sp.io.offset + sp.io.len;
+            let at = sp.io.offset + sp.next.min(sp.io.len);
+            if sp.status != 0 || at >= end {
+                self.splits[s] = None;
+                self.ready.push(Done {
+                    token: sp.io.token,
+                    status: sp.status,
+                });
+                continue;
+            }
+            let piece = Io {
+                offset: at,
+                len: PIECE.min(end - at),
+                ..sp.io
+            };
+            self.submit_covered(piece, Some(s), ctx);
+        }
+    }
+
+    fn evict(&mut self, ctx: &mut Ctx<'_>) {
         if self.cache.len() <= CACHE_MAX {
             return;
         }
@@ -603,6 +810,30 @@ impl ChecksumBdev {
                 && e.dirty.is_empty()
                 && e.stamps.iter().all(|&s| s <= flushed))
         });
+        if self.cache.len() > CACHE_MAX && self.flushing.is_empty() {
+            // Blocks written since the last flush keep their entry blocks: flush to let
+            // them go (a host that never flushes would otherwise grow the cache).
+            self.own_flush(ctx);
+        }
+    }
+
+    fn own_flush(&mut self, ctx: &mut Ctx<'_>) {
+        self.flushes_issued += 1;
+        self.own_flushes += 1;
+        let n = self.flushes_issued;
+        self.flushing.push(n);
+        self.inner.submit(
+            Io {
+                token: (TAG_FLUSH << TAG_SHIFT) | n,
+                op: Op::Flush,
+                offset: 0,
+                len: 0,
+                fua: false,
+                chain: ChainRef { id: 0, skip: 0 },
+                seq: 0,
+            },
+            ctx,
+        );
     }
 
     /// An inner completion.
@@ -611,6 +842,9 @@ impl ChecksumBdev {
         let index = d.token & INDEX_MASK;
         match tag {
             TAG_DATA => self.data_done(index as usize, d.status, ctx),
+            TAG_ENTRY if index >= VERIFY_BASE => {
+                self.verify_done((index - VERIFY_BASE) as usize, d.status, ctx)
+            }
             TAG_ENTRY => self.entry_done(index as usize, d.status, ctx),
             TAG_FLUSH => self.flush_done(index, d.status, ctx),
             _ => tracing::error!(drive = %self.name, token = d.token, "completion of no I/O"),
@@ -663,7 +897,10 @@ impl ChecksumBdev {
         let (first, n) = (op.first, op.n);
         for b in first..first + n {
             if let Some(e) = self.cache.get_mut(&(b / PER_BLOCK)) {
-                e.stamps[(b % PER_BLOCK) as usize] = stamp;
+                let j = (b % PER_BLOCK) as usize;
+                e.stamps[j] = stamp;
+                // A failed write may have landed or not: the next rewrite reads the block.
+                e.known[j] = if status == 0 { KNOWN_0 } else { UNKNOWN };
             }
         }
         self.finish(i, ctx);
@@ -688,6 +925,14 @@ impl ChecksumBdev {
                     if ok {
                         e.bytes = bytes;
                         e.loaded = true;
+                        // Whatever the entries name may sit in the drive's cache only.
+                        // (An all-zero entry names zeroes in both slots: nothing to learn.)
+                        let unsure = self.flushes_issued + 1;
+                        for j in 0..PER_BLOCK {
+                            let zero = e.entry(j) == [0u8; 16];
+                            e.known[j as usize] = if zero { KNOWN_0 } else { UNKNOWN };
+                            e.stamps[j as usize] = if zero { 0 } else { unsure };
+                        }
                     }
                     std::mem::take(&mut e.loading)
                 }
@@ -738,10 +983,13 @@ impl ChecksumBdev {
     /// Entry-block I/Os that waited for a buffer.
     fn more_entry_ios(&mut self, ctx: &mut Ctx<'_>) {
         while !self.buffers.is_empty() {
-            let Some((k, write)) = self.entry_wait.pop_front() else {
+            if let Some((k, write)) = self.entry_wait.pop_front() {
+                self.entry_io(k, write, ctx);
+            } else if let Some((i, first, n)) = self.verify_wait.pop_front() {
+                self.verify_io(i, first, n, ctx);
+            } else {
                 break;
-            };
-            self.entry_io(k, write, ctx);
+            }
         }
     }
 
@@ -755,7 +1003,10 @@ impl ChecksumBdev {
             for (j, b) in (op.first..op.first + op.n).enumerate() {
                 if let (Some(e), Some(old)) = (self.cache.get_mut(&(b / PER_BLOCK)), op.old.get(j))
                 {
+                    // The medium holds the old entry or the new one: the data (not written)
+                    // is checked against the old one before the next rewrite.
                     e.set_entry(b, old);
+                    e.known[(b % PER_BLOCK) as usize] = UNKNOWN;
                 }
             }
             self.finish(i, ctx);
@@ -794,6 +1045,64 @@ impl ChecksumBdev {
             self.durable(i, ctx);
         }
     }
+    /// A covered I/O (or a piece of a split one) enters: sealed (a write), then queued for
+    /// its block range or started.
+    fn submit_covered(&mut self, io: Io, piece_of: Option<usize>, ctx: &mut Ctx<'_>) {
+        let bs = self.block_size;
+        let first = (io.offset - self.lo) / bs;
+        let n = io.len / bs;
+        let mut slots = Vec::new();
+        if io.op == Op::Write {
+            let chain = ctx.chain(io.chain.id);
+            let mut data = vec![0u8; bs as usize];
+            slots.reserve(n as usize);
+            for j in 0..n {
+                let at = io.chain.skip + j * bs;
+                if ctx.pool.copy_out(chain, at as usize, &mut data).is_err() {
+                    match piece_of {
+                        Some(s) => self.piece_done(s, STATUS_INTERNAL),
+                        None => self.ready.push(Done {
+                            token: io.token,
+                            status: STATUS_INTERNAL,
+                        }),
+                    }
+                    return;
+                }
+                slots.push(integrity::seal(io.offset / bs + j, io.seq, &data));
+            }
+        } else if matches!(io.op, Op::WriteZeroes | Op::Deallocate) {
+            slots = vec![[0u8; RECORD_LEN]; n as usize];
+        }
+        let i = self.new_op(OpState {
+            io,
+            covered: true,
+            first,
+            n,
+            slots,
+            old: Vec::new(),
+            wait: 0,
+            piece_of,
+            status: 0,
+        });
+        let earlier: Vec<usize> = self.queued.iter().copied().collect();
+        if self.may_start(i, &earlier) {
+            self.start(i, ctx);
+        } else {
+            self.queued.push_back(i);
+        }
+    }
+}
+
+/// Checks `data` (one block at drive LBA `lba`) against both slots of `entry`: the verdict and
+/// which slot it matched (`None`: neither; an unwritten block matching a zero slot counts).
+fn which_slot(lba: u64, data: &[u8], entry: &[u8; 16]) -> (Verdict, Option<u8>) {
+    match integrity::verify(lba, data, &entry[..RECORD_LEN]) {
+        Verdict::Bad => match integrity::verify(lba, data, &entry[RECORD_LEN..]) {
+            Verdict::Bad => (Verdict::Bad, None),
+            v => (v, Some(1)),
+        },
+        v => (v, Some(0)),
+    }
 }
 
 fn area_len_for(data_len: u64, bs: u64) -> u64 {
@@ -822,7 +1131,6 @@ impl Bdev for ChecksumBdev {
     }
 
     fn submit(&mut self, io: Io, ctx: &mut Ctx<'_>) {
-        let bs = self.block_size;
         if io.op != Op::Flush && !in_range(&io, self.inner.block_size(), self.inner.size()) {
             self.ready.push(Done {
                 token: io.token,
@@ -857,6 +1165,7 @@ impl Bdev for ChecksumBdev {
                 slots: Vec::new(),
                 old: Vec::new(),
                 wait: 0,
+                piece_of: None,
                 status: 0,
             });
             self.inner.submit(
@@ -868,43 +1177,23 @@ impl Bdev for ChecksumBdev {
             );
             return;
         }
-        let first = (io.offset - self.lo) / bs;
-        let n = io.len / bs;
-        let mut slots = Vec::new();
-        if io.op == Op::Write {
-            let chain = ctx.chain(io.chain.id);
-            let mut data = vec![0u8; bs as usize];
-            slots.reserve(n as usize);
-            for j in 0..n {
-                let at = io.chain.skip + j * bs;
-                if ctx.pool.copy_out(chain, at as usize, &mut data).is_err() {
-                    self.ready.push(Done {
-                        token: io.token,
-                        status: STATUS_INTERNAL,
-                    });
-                    return;
+        if matches!(io.op, Op::WriteZeroes | Op::Deallocate) && io.len > PIECE {
+            let s = match self.splits.iter().position(Option::is_none) {
+                Some(s) => s,
+                None => {
+                    self.splits.push(None);
+                    self.splits.len() - 1
                 }
-                slots.push(integrity::seal(io.offset / bs + j, io.seq, &data));
-            }
-        } else if matches!(io.op, Op::WriteZeroes | Op::Deallocate) {
-            slots = vec![[0u8; RECORD_LEN]; n as usize];
+            };
+            self.splits[s] = Some(Split {
+                io,
+                next: 0,
+                status: 0,
+            });
+            self.submit_covered(Io { len: PIECE, ..io }, Some(s), ctx);
+            return;
         }
-        let i = self.new_op(OpState {
-            io,
-            covered: true,
-            first,
-            n,
-            slots,
-            old: Vec::new(),
-            wait: 0,
-            status: 0,
-        });
-        let earlier: Vec<usize> = self.queued.iter().copied().collect();
-        if self.may_start(i, &earlier) {
-            self.start(i, ctx);
-        } else {
-            self.queued.push_back(i);
-        }
+        self.submit_covered(io, None, ctx);
     }
 
     fn poll(&mut self, ctx: &mut Ctx<'_>, out: &mut Vec<Done>) -> bool {
