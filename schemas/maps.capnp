@@ -62,6 +62,11 @@ struct MapsRequest {
     # Start scrubbing the parity pool at this device index (answered done once started;
     # listDevices shows the progress and findings).
 
+    retirePool @7 :UInt32;
+    # Take the pool device at this index apart (the pool moved to the peer): its rebuilds and
+    # scrubs stop, what they have in flight ends, and its members become free raw drives
+    # again, answered done then. Refused while a volume maps it or host I/O is in flight.
+
     replaceMember @5 :ReplaceMember;
     # Put a free raw drive in a failed member's slot of a parity pool, to be rebuilt from
     # `done` on (answered done once swapped; the rebuild runs in the datapath, and

@@ -164,6 +164,16 @@ pub enum Command {
         /// Answered when started.
         reply: Reply<()>,
     },
+    /// Takes RAID device `device` apart (its pool moved to the peer): its rebuilds and scrubs
+    /// stop starting work, what they have out ends, then its members (unwrapped from their
+    /// checksum layer) become free raw drives again and the device is gone. Refused while a
+    /// volume maps it or host I/O is in flight.
+    RetirePool {
+        /// Engine device index.
+        device: usize,
+        /// Answered once the members are free.
+        reply: Reply<()>,
+    },
     /// The devices as they are now.
     Status {
         /// Answered at once.
@@ -262,6 +272,11 @@ impl EngineControl {
     /// Starts a scrub (see [`Command::Scrub`]).
     pub fn scrub(&self, device: usize) -> Result<(), String> {
         self.call(|reply| Command::Scrub { device, reply })
+    }
+
+    /// Takes a pool device apart (see [`Command::RetirePool`]).
+    pub fn retire_pool(&self, device: usize) -> Result<(), String> {
+        self.call(|reply| Command::RetirePool { device, reply })
     }
 
     /// The devices now: the roots of the block-device trees (volumes' devices, free drives,

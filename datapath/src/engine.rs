@@ -197,6 +197,10 @@ pub struct Engine {
     /// RAID devices whose members keep their records in a checksum area: device index →
     /// (data offset, data length, the area), to wrap a replacement member the same way.
     checksummed: std::collections::HashMap<usize, (u64, u64, control::ChecksumSpec)>,
+    /// RAID devices being taken apart ([`Command::RetirePool`]), each with the replies waiting
+    /// for it: their jobs start nothing more, and once nothing of theirs is out their members
+    /// go back to being free drives.
+    retiring: Vec<(usize, control::Reply<()>)>,
     /// Epoch of the maps now served.
     epoch: u64,
     inlet: Inlet,
@@ -376,6 +380,7 @@ impl Engine {
             maps,
             raw_maps,
             drive_loc,
+            retiring: Vec::new(),
             checksummed: std::collections::HashMap::new(),
             epoch: 0,
             inlet,
@@ -474,6 +479,16 @@ impl Engine {
                 .find(|v| v.report.key == r.key)
                 .and_then(|v| v.limit)
                 .unwrap_or(0);
+            // A device being taken apart starts nothing more.
+            let limit = if self
+                .retiring
+                .iter()
+                .any(|(d, _)| *d == r.key.device as usize)
+            {
+                0
+            } else {
+                limit
+            };
             if let Some(Some(d)) = self.devices.get_mut(r.key.device as usize) {
                 d.set_job_limit(r.key.kind, limit);
             }
@@ -536,6 +551,7 @@ impl Engine {
             let mut progress = self.apply_commands();
             progress |= self.reap()?;
             progress |= self.poll_devices();
+            progress |= self.finish_retiring();
             progress |= self.publish();
             let stopping = self.stop.load(Ordering::Acquire);
             if stopping {
@@ -554,7 +570,7 @@ impl Engine {
                 idle_since = None;
                 continue;
             }
-            if self.devices.iter().flatten().any(|d| d.busy()) {
+            if !self.retiring.is_empty() || self.devices.iter().flatten().any(|d| d.busy()) {
                 // Drive completions are polled: with commands in flight, keep polling (and
                 // let whatever shares the core run between turns).
                 std::thread::yield_now();
@@ -683,6 +699,13 @@ impl Engine {
                         None => Err(format!("no device {device}")),
                     };
                     let _ = reply.send(r);
+                }
+                Control::RetirePool { device, reply } => {
+                    if let Err(why) = self.start_retire(device) {
+                        let _ = reply.send(Err(why));
+                    } else {
+                        self.retiring.push((device, reply));
+                    }
                 }
                 Control::Status { reply } => {
                     let _ = reply.send(Ok(self.device_status(false)));
@@ -1029,6 +1052,108 @@ impl Engine {
         }
         tracing::info!(epoch, pool = %spec.name, device = index, level = ?spec.level, "pool device built");
         Ok(index)
+    }
+
+    /// Starts taking RAID device `device` apart (see [`Command::RetirePool`]): refused while
+    /// a volume maps it or host I/O is in flight; its jobs are stopped.
+    fn start_retire(&mut self, device: usize) -> Result<(), String> {
+        let is_pool = self
+            .drive_loc
+            .iter()
+            .any(|&(r, m)| r == device && m.is_some())
+            || self.checksummed.contains_key(&device)
+            || self.retiring.iter().any(|(d, _)| *d == device);
+        let Some(dev) = self.devices.get_mut(device).and_then(Option::as_mut) else {
+            return Err(format!("no device {device}"));
+        };
+        if !is_pool || device < self.drive_loc.len() {
+            return Err(format!("device {device} ({}) is not a pool", dev.name()));
+        }
+        if self
+            .maps
+            .iter()
+            .any(|m| m.extents.iter().any(|e| e.device == device))
+        {
+            return Err(format!(
+                "pool {} is mapped by a volume: unmap its volumes first",
+                dev.name()
+            ));
+        }
+        if dev.inflight() > 0 {
+            return Err(format!(
+                "pool {} has {} host I/Os in flight",
+                dev.name(),
+                dev.inflight()
+            ));
+        }
+        dev.set_job_limit(crate::bdev::JobKind::Rebuild, 0);
+        dev.set_job_limit(crate::bdev::JobKind::Scrub, 0);
+        tracing::info!(pool = %dev.name(), device, "taking the pool device apart: its jobs stop");
+        Ok(())
+    }
+
+    /// Takes apart the retiring devices with nothing left out: members unwrapped and back in
+    /// their drives' places as free drives, the device gone. Returns whether any was.
+    fn finish_retiring(&mut self) -> bool {
+        if self.retiring.is_empty() {
+            return false;
+        }
+        let mut any = false;
+        let mut i = 0;
+        while i < self.retiring.len() {
+            let device = self.retiring[i].0;
+            let state = self
+                .devices
+                .get(device)
+                .map(|d| d.as_ref().map(|d| d.idle()));
+            match state {
+                Some(Some(false)) => {
+                    // Its jobs may have been granted work since: nothing more starts.
+                    if let Some(Some(d)) = self.devices.get_mut(device) {
+                        d.set_job_limit(crate::bdev::JobKind::Rebuild, 0);
+                        d.set_job_limit(crate::bdev::JobKind::Scrub, 0);
+                    }
+                    i += 1;
+                    continue;
+                }
+                Some(Some(true)) => self.retire(device),
+                // Taken apart already (asked twice).
+                _ => {}
+            }
+            let (_, reply) = self.retiring.swap_remove(i);
+            let _ = reply.send(Ok(()));
+            any = true;
+        }
+        any
+    }
+
+    /// Takes idle RAID device `device` apart.
+    fn retire(&mut self, device: usize) {
+        let Some(dev) = self.devices.get_mut(device).and_then(Option::take) else {
+            return;
+        };
+        let name = dev.name().to_owned();
+        self.checksummed.remove(&device);
+        let mut freed = Vec::new();
+        for (slot, mut m) in dev.into_members().into_iter().enumerate() {
+            let m = m
+                .take_checksum_inner(&self.pool, &mut self.scratch)
+                .unwrap_or(m);
+            // The drive in this slot (a missing member has none: it is dropped).
+            let Some(d) = self
+                .drive_loc
+                .iter()
+                .position(|&loc| loc == (device, Some(slot)))
+            else {
+                continue;
+            };
+            self.drive_loc[d] = (d, None);
+            if let Some(place) = self.devices.get_mut(d) {
+                *place = Some(m);
+                freed.push(d);
+            }
+        }
+        tracing::info!(pool = %name, device, drives = ?freed, "pool device taken apart: its drives are free");
     }
 
     /// Swaps free raw drive `drive` into slot `slot` of RAID device `device` (a failed member's

@@ -568,6 +568,10 @@ impl MapsServer {
                 .control
                 .scrub(device as usize)
                 .map(|()| MapsReply::Done),
+            MapsRequest::RetirePool(device) => self
+                .control
+                .retire_pool(device as usize)
+                .map(|()| MapsReply::Done),
             MapsRequest::ReplaceMember {
                 device,
                 slot,

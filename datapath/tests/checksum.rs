@@ -464,6 +464,49 @@ fn a_replaced_member_is_rebuilt_with_its_entries_and_a_scrub_finds_nothing() {
     node.stop();
 }
 
+/// A pool device taken apart (its pool moved to the peer) frees its drives and forgets what it
+/// held (cached entries, sequence numbers): when the pool comes back after the peer rewrote it
+/// through the drives' other ports, the device built again serves the peer's data. Taking it
+/// apart is refused while a volume maps it.
+#[test]
+fn a_pool_taken_apart_frees_its_drives_and_built_again_serves_the_peers_writes() {
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let mut a = raw_node(&drives);
+    let n = 32;
+    let first = mirror(&mut a, 1);
+    write_all(&mut a, 1, n);
+    assert_eq!(read_all(&mut a, 1, n, |_| false), 0);
+    assert_eq!(flush(&mut a), STATUS_SUCCESS);
+    let err = a.control.retire_pool(first).unwrap_err();
+    assert!(err.contains("mapped by a volume"), "{err}");
+    a.control.publish_volumes(1, vec![]).unwrap();
+    a.control.retire_pool(first).unwrap();
+    let status = a.control.status().unwrap();
+    assert!(status.iter().all(|d| d.index != first), "{status:?}");
+    for drive in [0, 1] {
+        assert!(
+            status.iter().any(|d| d.index == drive),
+            "drive {drive} is not free"
+        );
+    }
+    // The peer, on the B ports, rewrites every block (its sequence numbers above ours).
+    let mut b = common::sim::raw_node_on_port_b(&drives);
+    let theirs = mirror(&mut b, 1 << 20);
+    write_all(&mut b, 2, n);
+    assert_eq!(flush(&mut b), STATUS_SUCCESS);
+    b.control.publish_volumes(1, vec![]).unwrap();
+    b.control.retire_pool(theirs).unwrap();
+    b.stop();
+    // Back here: a new device, reading the peer's data with the peer's entries.
+    let second = mirror(&mut a, 1 << 21);
+    assert_ne!(second, first);
+    assert_eq!(read_all(&mut a, 2, n, |_| false), 0);
+    write_all(&mut a, 3, n);
+    assert_eq!(read_all(&mut a, 3, n, |_| false), 0);
+    assert_eq!(drive_errors(&a, 0) + drive_errors(&a, 1), 0);
+    a.stop();
+}
+
 /// Write Zeroes and Deallocate over more than a piece (4 MiB) are done in pieces: afterwards
 /// every block reads as zeroes on every copy (the entries say "zeroes"), rewrites read back,
 /// and a rotten zeroed block is still caught.

@@ -186,6 +186,9 @@ pub enum MapsRequest {
     },
     /// Start scrubbing the parity pool at this device index.
     StartScrub(u32),
+    /// Take the pool device at this index apart: its jobs stop, their I/O ends, its members
+    /// become free raw drives again (the pool moved to the peer).
+    RetirePool(u32),
     /// Put free raw drive `drive` in failed member slot `slot` of pool device `device`, to be
     /// rebuilt from byte `done` of its data area on.
     ReplaceMember {
@@ -483,6 +486,7 @@ impl MapsRequest {
             Self::FailuresRecorded { .. } => "failuresRecorded",
             Self::ReplaceMember { .. } => "replaceMember",
             Self::StartScrub(_) => "startScrub",
+            Self::RetirePool(_) => "retirePool",
         }
     }
 
@@ -513,7 +517,7 @@ impl MapsRequest {
                 1,
                 MAX_MEMBERS,
             ),
-            Self::StartScrub(_) => Ok(()),
+            Self::StartScrub(_) | Self::RetirePool(_) => Ok(()),
             Self::ReplaceMember { slot, .. } => {
                 if *slot as usize >= MAX_MEMBERS {
                     return Err(ControlError::TooManyEntries {
@@ -599,6 +603,7 @@ impl MapsRequest {
                 }
             }
             Self::StartScrub(device) => body.set_start_scrub(*device),
+            Self::RetirePool(device) => body.set_retire_pool(*device),
             Self::ReplaceMember {
                 device,
                 slot,
@@ -665,6 +670,7 @@ impl MapsRequest {
                 }
             }
             Which::StartScrub(d) => Self::StartScrub(d),
+            Which::RetirePool(d) => Self::RetirePool(d),
             Which::ReplaceMember(r) => {
                 let r = r.map_err(ControlError::Decode)?;
                 Self::ReplaceMember {
@@ -1299,6 +1305,15 @@ impl MapsChannel {
         }
     }
 
+    /// `retirePool`.
+    pub fn retire_pool(&mut self, device: u32, timeout: Duration) -> Result<(), MapsError> {
+        let request = MapsRequest::RetirePool(device);
+        match self.expect(&request, timeout)? {
+            MapsReply::Done => Ok(()),
+            other => Err(Self::unexpected(&request, &other)),
+        }
+    }
+
     /// `replaceMember`.
     pub fn replace_member(
         &mut self,
@@ -1476,6 +1491,14 @@ pub mod examples {
             MapsRequest::FailuresRecorded {
                 device: 4,
                 members: vec![1, 3],
+            },
+            MapsRequest::StartScrub(5),
+            MapsRequest::RetirePool(6),
+            MapsRequest::ReplaceMember {
+                device: 4,
+                slot: 2,
+                drive: 9,
+                done: 1 << 30,
             },
         ]
     }

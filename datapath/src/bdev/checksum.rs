@@ -1216,6 +1216,10 @@ impl Bdev for ChecksumBdev {
         self.ops.iter().filter(|o| o.is_some()).count() + self.ready.len()
     }
 
+    fn idle(&self) -> bool {
+        self.inflight() == 0 && self.flushing.is_empty() && self.inner.idle()
+    }
+
     fn retries(&self) -> u64 {
         self.inner.retries()
     }

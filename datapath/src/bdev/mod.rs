@@ -451,6 +451,12 @@ pub trait Bdev: Debug + Send {
     fn member_states(&self) -> Vec<MemberState> {
         Vec::new()
     }
+    /// Whether nothing of this device is out, its own work on the devices under it included
+    /// (a RAID device's rebuild and scrub I/O, a checksum layer's entry writes and flushes):
+    /// it may be taken apart.
+    fn idle(&self) -> bool {
+        self.inflight() == 0
+    }
     /// Gives up the members (RAID devices, when idle), in slot order.
     fn into_members(self: Box<Self>) -> Vec<BdevBox> {
         Vec::new()

@@ -2368,6 +2368,12 @@ impl Bdev for RaidBdev {
         self.held.len()
     }
 
+    fn idle(&self) -> bool {
+        self.inflight() == 0
+            && self.children.iter().all(Option::is_none)
+            && self.members.iter().all(|m| m.dev.idle())
+    }
+
     fn into_members(self: Box<Self>) -> Vec<BdevBox> {
         self.members.into_iter().map(|m| m.dev).collect()
     }

@@ -58,11 +58,16 @@ pub fn sim_drive_with_metadata(metadata: u16) -> SimDrive {
 
 /// The datapath's NVMe block device on port A of `d`, as duplexd would hand it over.
 pub fn nvme_bdev(d: &SimDrive, name: &str, pool: &Pool) -> BdevBox {
+    nvme_bdev_at(d, &d.socket, name, pool)
+}
+
+/// [`nvme_bdev`] on the port at `socket`.
+fn nvme_bdev_at(d: &SimDrive, socket: &std::path::Path, name: &str, pool: &Pool) -> BdevBox {
     let spec = VolumeSpec {
         id: 0,
         name: name.into(),
         resource: format!("volume:{name}"),
-        path: d.socket.display().to_string(),
+        path: socket.display().to_string(),
         block_size: BS,
         blocks: d.drive.config().blocks,
         direct: false,
@@ -73,7 +78,7 @@ pub fn nvme_bdev(d: &SimDrive, name: &str, pool: &Pool) -> BdevBox {
             fence_key: 0,
         }),
     };
-    let stream = UnixStream::connect(&d.socket).unwrap();
+    let stream = UnixStream::connect(socket).unwrap();
     let drive = NvmeDrive::open(&spec, DriveFds::User(stream.into()), pool).unwrap();
     Box::new(NvmeBdev::new(drive))
 }
@@ -84,8 +89,17 @@ pub fn raw_node(drives: &[SimDrive]) -> Node {
     raw_node_with(drives, EngineConfig::default())
 }
 
+/// [`raw_node`] on the drives' B ports (the peer controller's).
+pub fn raw_node_on_port_b(drives: &[SimDrive]) -> Node {
+    raw_node_at(drives, EngineConfig::default(), true)
+}
+
 /// [`raw_node`] with an engine configuration of the test's own.
 pub fn raw_node_with(drives: &[SimDrive], config: EngineConfig) -> Node {
+    raw_node_at(drives, config, false)
+}
+
+fn raw_node_at(drives: &[SimDrive], config: EngineConfig, port_b: bool) -> Node {
     let setup = Setup {
         volumes: vec![],
         channels: 2,
@@ -97,7 +111,14 @@ pub fn raw_node_with(drives: &[SimDrive], config: EngineConfig) -> Node {
         let devs = drives
             .iter()
             .enumerate()
-            .map(|(i, d)| nvme_bdev(d, &format!("d{i}"), pool))
+            .map(|(i, d)| {
+                let socket = if port_b {
+                    d.socket.with_file_name("b.sock")
+                } else {
+                    d.socket.clone()
+                };
+                nvme_bdev_at(d, &socket, &format!("d{i}"), pool)
+            })
             .collect();
         (devs, vec![])
     });

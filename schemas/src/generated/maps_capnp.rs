@@ -228,7 +228,7 @@ pub mod maps_request {
     }
 
     pub mod body {
-        pub use self::Which::{ListDevices,PublishPool,PublishVolumes,FailuresRecorded,ReplaceMember,StartScrub};
+        pub use self::Which::{ListDevices,PublishPool,PublishVolumes,FailuresRecorded,ReplaceMember,StartScrub,RetirePool};
 
         #[derive(Copy, Clone)]
         pub struct Owned(());
@@ -340,6 +340,11 @@ pub mod maps_request {
                     }
                     5 => {
                         ::core::result::Result::Ok(StartScrub(
+                            self.reader.get_data_field::<u32>(3)
+                        ))
+                    }
+                    6 => {
+                        ::core::result::Result::Ok(RetirePool(
                             self.reader.get_data_field::<u32>(3)
                         ))
                     }
@@ -470,6 +475,11 @@ pub mod maps_request {
                 self.builder.set_data_field::<u32>(3, value);
             }
             #[inline]
+            pub fn set_retire_pool(&mut self, value: u32)  {
+                self.builder.set_data_field::<u16>(4, 6);
+                self.builder.set_data_field::<u32>(3, value);
+            }
+            #[inline]
             pub fn which(self) -> ::core::result::Result<WhichBuilder<'a,>, ::capnp::NotInSchema> {
                 match self.builder.get_data_field::<u16>(4) {
                     0 => {
@@ -502,6 +512,11 @@ pub mod maps_request {
                             self.builder.get_data_field::<u32>(3)
                         ))
                     }
+                    6 => {
+                        ::core::result::Result::Ok(RetirePool(
+                            self.builder.get_data_field::<u32>(3)
+                        ))
+                    }
                     x => ::core::result::Result::Err(::capnp::NotInSchema(x))
                 }
             }
@@ -516,66 +531,73 @@ pub mod maps_request {
         impl Pipeline  {
         }
         mod _private {
-            pub(crate) static ENCODED_NODE: [::capnp::Word; 114] = [
+            pub(crate) static ENCODED_NODE: [::capnp::Word; 130] = [
                 ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
                 ::capnp::word(57, 5, 240, 48, 15, 192, 126, 245),
                 ::capnp::word(23, 0, 0, 0, 1, 0, 2, 0),
                 ::capnp::word(211, 159, 81, 167, 114, 61, 171, 169),
-                ::capnp::word(1, 0, 7, 0, 1, 0, 6, 0),
+                ::capnp::word(1, 0, 7, 0, 1, 0, 7, 0),
                 ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(21, 0, 0, 0, 226, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(25, 0, 0, 0, 87, 1, 0, 0),
+                ::capnp::word(25, 0, 0, 0, 143, 1, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(109, 97, 112, 115, 46, 99, 97, 112),
                 ::capnp::word(110, 112, 58, 77, 97, 112, 115, 82),
                 ::capnp::word(101, 113, 117, 101, 115, 116, 46, 98),
                 ::capnp::word(111, 100, 121, 0, 0, 0, 0, 0),
-                ::capnp::word(24, 0, 0, 0, 3, 0, 4, 0),
+                ::capnp::word(28, 0, 0, 0, 3, 0, 4, 0),
                 ::capnp::word(0, 0, 255, 255, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 1, 0, 1, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(153, 0, 0, 0, 98, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(152, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(164, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(1, 0, 254, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 2, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(161, 0, 0, 0, 98, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(160, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(172, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(2, 0, 253, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 3, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(169, 0, 0, 0, 122, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(168, 0, 0, 0, 3, 0, 1, 0),
-                ::capnp::word(180, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(3, 0, 252, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 4, 0, 0, 0),
-                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(177, 0, 0, 0, 138, 0, 0, 0),
+                ::capnp::word(181, 0, 0, 0, 98, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(180, 0, 0, 0, 3, 0, 1, 0),
                 ::capnp::word(192, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(5, 0, 251, 255, 0, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 5, 0, 0, 0),
+                ::capnp::word(1, 0, 254, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 2, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(189, 0, 0, 0, 114, 0, 0, 0),
+                ::capnp::word(189, 0, 0, 0, 98, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(188, 0, 0, 0, 3, 0, 1, 0),
                 ::capnp::word(200, 0, 0, 0, 2, 0, 1, 0),
-                ::capnp::word(4, 0, 250, 255, 3, 0, 0, 0),
-                ::capnp::word(0, 0, 1, 0, 6, 0, 0, 0),
+                ::capnp::word(2, 0, 253, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 3, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-                ::capnp::word(197, 0, 0, 0, 90, 0, 0, 0),
+                ::capnp::word(197, 0, 0, 0, 122, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(196, 0, 0, 0, 3, 0, 1, 0),
                 ::capnp::word(208, 0, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(3, 0, 252, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 4, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(205, 0, 0, 0, 138, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(208, 0, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(220, 0, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(6, 0, 251, 255, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 5, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(217, 0, 0, 0, 114, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(216, 0, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(228, 0, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(4, 0, 250, 255, 3, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 6, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(225, 0, 0, 0, 90, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(224, 0, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(236, 0, 0, 0, 2, 0, 1, 0),
+                ::capnp::word(5, 0, 249, 255, 3, 0, 0, 0),
+                ::capnp::word(0, 0, 1, 0, 7, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(233, 0, 0, 0, 90, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(232, 0, 0, 0, 3, 0, 1, 0),
+                ::capnp::word(244, 0, 0, 0, 2, 0, 1, 0),
                 ::capnp::word(108, 105, 115, 116, 68, 101, 118, 105),
                 ::capnp::word(99, 101, 115, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -631,6 +653,15 @@ pub mod maps_request {
                 ::capnp::word(8, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
                 ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(114, 101, 116, 105, 114, 101, 80, 111),
+                ::capnp::word(111, 108, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(8, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(8, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+                ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
             ];
             pub(crate) fn get_field_types(index: u16) -> ::capnp::introspect::Type {
                 match index {
@@ -640,6 +671,7 @@ pub mod maps_request {
                     3 => <crate::maps_capnp::failures_recorded::Owned as ::capnp::introspect::Introspect>::introspect(),
                     4 => <crate::maps_capnp::replace_member::Owned as ::capnp::introspect::Introspect>::introspect(),
                     5 => <u32 as ::capnp::introspect::Introspect>::introspect(),
+                    6 => <u32 as ::capnp::introspect::Introspect>::introspect(),
                     _ => ::capnp::introspect::panic_invalid_field_index(index),
                 }
             }
@@ -654,8 +686,8 @@ pub mod maps_request {
                 MEMBERS_BY_NAME
             );
             pub(crate) static NONUNION_MEMBERS : &[u16] = &[];
-            pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[0,1,2,3,4,5];
-            pub(crate) static MEMBERS_BY_NAME : &[u16] = &[3,0,1,2,4,5];
+            pub(crate) static MEMBERS_BY_DISCRIMINANT : &[u16] = &[0,1,2,3,4,5,6];
+            pub(crate) static MEMBERS_BY_NAME : &[u16] = &[3,0,1,2,4,6,5];
             pub(crate) const TYPE_ID: u64 = 0xf57e_c00f_30f0_0539;
         }
         pub enum Which<A0,A1,A2,A3> {
@@ -665,6 +697,7 @@ pub mod maps_request {
             FailuresRecorded(A2),
             ReplaceMember(A3),
             StartScrub(u32),
+            RetirePool(u32),
         }
         pub type WhichReader<'a,> = Which<::capnp::Result<crate::maps_capnp::pool_spec::Reader<'a>>,::capnp::Result<crate::maps_capnp::publish_volumes::Reader<'a>>,::capnp::Result<crate::maps_capnp::failures_recorded::Reader<'a>>,::capnp::Result<crate::maps_capnp::replace_member::Reader<'a>>>;
         pub type WhichBuilder<'a,> = Which<::capnp::Result<crate::maps_capnp::pool_spec::Builder<'a>>,::capnp::Result<crate::maps_capnp::publish_volumes::Builder<'a>>,::capnp::Result<crate::maps_capnp::failures_recorded::Builder<'a>>,::capnp::Result<crate::maps_capnp::replace_member::Builder<'a>>>;

@@ -149,6 +149,12 @@ pub trait Publisher {
         let _ = (device, slot, drive);
         Err("this publisher cannot replace members".into())
     }
+    /// Takes pool device `device` apart at the datapath (the pool moves to the peer): its jobs
+    /// stop and its members become free raw drives; answered once they are.
+    fn retire_pool(&mut self, device: u32) -> Result<(), String> {
+        let _ = device;
+        Err("this publisher cannot take pool devices apart".into())
+    }
     /// Starts a scrub of pool device `device`.
     fn start_scrub(&mut self, device: u32) -> Result<(), String> {
         let _ = device;
@@ -756,7 +762,21 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             }
         }
         let drained_ms = started.elapsed().as_millis() as u64;
-        // 3. The ownership record names the peer, with the next epoch.
+        // 3. The datapath takes the pool's device apart: its rebuilds and scrubs stop, and
+        // nothing of this node's (a cached checksum entry, a write sequence counter, a bitmap)
+        // outlives the move to be served stale if the pool comes back. The metadata goes to
+        // the drives directly from here on.
+        if let Some(device) = self.pools[i].device.take() {
+            if let Err(e) = self.publisher.retire_pool(device) {
+                self.moving = None;
+                let _ = self.publish_all();
+                return err(
+                    ConfigErrorKind::IoError,
+                    format!("pool {name} not moved: stopping its device failed: {e}"),
+                );
+            }
+        }
+        // 4. The ownership record names the peer, with the next epoch.
         let mut cfg = self.pools[i].store.config().clone();
         let epoch = cfg.ownership.epoch + 1;
         cfg.ownership.owner_node = slot;
@@ -766,7 +786,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             let _ = self.publish_all();
             return store_err(e);
         }
-        // 4. The pool is the peer's here.
+        // 5. The pool is the peer's here.
         let entry = self.pools.remove(i);
         let config = entry.store.config().clone();
         let generation = entry.store.stamp().generation;

@@ -151,6 +151,12 @@ impl Publisher for ServicePublisher {
         self.raid.as_ref().map_or(0, |r| r.rate(device))
     }
 
+    fn retire_pool(&mut self, device: u32) -> Result<(), String> {
+        self.maps
+            .retire_pool(device, MAPS_TIMEOUT)
+            .map_err(|e| e.to_string())
+    }
+
     fn start_scrub(&mut self, device: u32) -> Result<(), String> {
         self.maps
             .start_scrub(device, MAPS_TIMEOUT)

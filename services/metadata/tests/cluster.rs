@@ -21,6 +21,7 @@ struct Recorder {
     ana: Vec<AnaGroupState>,
     recorded: Vec<(u32, Vec<u32>)>,
     replaced: Vec<(u32, u32, u32)>,
+    retired: Vec<u32>,
     /// What `active_members` answers (the datapath's view).
     active: Vec<bool>,
     /// What `seq_headroom` answers.
@@ -57,6 +58,10 @@ impl Publisher for Recorder {
     }
     fn replace_member(&mut self, device: u32, slot: u32, drive: u32) -> Result<(), String> {
         self.replaced.push((device, slot, drive));
+        Ok(())
+    }
+    fn retire_pool(&mut self, device: u32) -> Result<(), String> {
+        self.retired.push(device);
         Ok(())
     }
     fn active_members(&mut self, _device: u32) -> Result<Vec<bool>, String> {
