@@ -321,12 +321,19 @@ struct Cmd {
     retried: bool,
 }
 
+/// How long a path whose connection failed waits before a new one is tried without ANA news
+/// (as the Linux host's `reconnect_delay`, shorter: a test run is short).
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
 struct IoPath {
     queue: Option<Queue>,
     /// The admin session the queue was opened in.
     session: u64,
-    /// The admin generation when this path last failed a command (not used until it moves).
-    failed_at: Option<u64>,
+    /// The admin generation when this path last failed a command (not used until it moves),
+    /// and for a failed connection, when a new one is tried anyway (the host's reconnect
+    /// delay: a controller that stalled a command past the I/O timeout may be well, with no
+    /// ANA news to give).
+    failed_at: Option<(u64, Option<Instant>)>,
     inflight: HashMap<u16, Cmd>,
 }
 
@@ -441,15 +448,27 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         // The path to use: optimized first, then non-optimized; never one that failed a
-        // command since its last ANA news.
-        let usable = |i: usize, want: u8| {
+        // command since its last ANA news, unless no other can be used and its connection
+        // failed a reconnect delay ago (a new one is tried).
+        let now = Instant::now();
+        let usable = |i: usize, want: u8, retrying: bool| {
             views[i].cntlid.is_some()
                 && views[i].state == want
-                && paths[i].failed_at.is_none_or(|g| g != views[i].generation)
+                && match paths[i].failed_at {
+                    Some((g, retry_at)) if g == views[i].generation => {
+                        retrying && retry_at.is_some_and(|t| now >= t)
+                    }
+                    _ => !retrying,
+                }
         };
-        let pick = (0..paths.len())
-            .find(|&i| usable(i, ana::OPTIMIZED))
-            .or_else(|| (0..paths.len()).find(|&i| usable(i, ana::NON_OPTIMIZED)));
+        let pick = [
+            (ana::OPTIMIZED, false),
+            (ana::NON_OPTIMIZED, false),
+            (ana::OPTIMIZED, true),
+            (ana::NON_OPTIMIZED, true),
+        ]
+        .into_iter()
+        .find_map(|(want, retrying)| (0..paths.len()).find(|&i| usable(i, want, retrying)));
         let loading = !checking
             && spec.ios.is_none_or(|n| sent < n)
             && until.is_none_or(|t| Instant::now() < t)
@@ -492,7 +511,8 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                     }
                     Err(e) => {
                         tracing_line(&format!("path {p}: I/O queue: {e:#}"));
-                        paths[p].failed_at = Some(views[p].generation);
+                        paths[p].failed_at =
+                            Some((views[p].generation, Some(Instant::now() + RECONNECT_DELAY)));
                         continue;
                     }
                 }
@@ -663,7 +683,7 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                     // A path error: this path is not to be used until ANA says more.
                     r.path_errors += 1;
                     tracing_line(&format!("path {p}: {status} at block {}", cmd.slot * nlb));
-                    paths[p].failed_at = Some(views[p].generation);
+                    paths[p].failed_at = Some((views[p].generation, None));
                     open_event(&mut event, &mut r);
                     retry.push_back(Cmd {
                         retried: true,
@@ -721,7 +741,7 @@ fn fail_path(p: &mut IoPath, retry: &mut VecDeque<Cmd>, view: &PathView, r: &mut
     r.transport_failures += 1;
     p.queue = None;
     if p.session == view.session {
-        p.failed_at = Some(view.generation);
+        p.failed_at = Some((view.generation, Some(Instant::now() + RECONNECT_DELAY)));
     }
     let mut cmds: Vec<Cmd> = p
         .inflight
