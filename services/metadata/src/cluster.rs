@@ -1994,6 +1994,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 format!("drive {new} is not free ({})", self.drives[n].state.name()),
             );
         }
+        if let Some(refused) = self.unchecked_member(i, n) {
+            return refused;
+        }
         let uuid = self.new_uuid();
         if let Err(e) = self.replace_slot(i, slot, n, uuid) {
             return e;
@@ -2001,6 +2004,26 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         done(format!(
             "pool {pool}: {old} (slot {slot}) replaced by {new}; rebuilding under I/O"
         ))
+    }
+
+    /// A refusal if drive `n` would join pool `i` as a member whose blocks nothing checks: it
+    /// keeps no integrity records in its LBA format's metadata and the pool has no checksum
+    /// area to keep them in (its members all had metadata when it was created).
+    fn unchecked_member(&self, i: usize, n: usize) -> Option<ConfigReply> {
+        let cfg = self.pools[i].store.config();
+        let d = &self.drives[n];
+        (!d.records
+            && cfg.checksum_area.is_none()
+            && crate::store::needs_checksum_area(cfg.pool.raid_level, false))
+        .then(|| {
+            err(
+                ConfigErrorKind::Refused,
+                format!(
+                    "drive {} keeps no integrity records (its LBA format has no metadata) and pool {} has no checksum area to keep them in: use a drive formatted with metadata",
+                    d.name, cfg.pool.name
+                ),
+            )
+        })
     }
 
     /// Puts drive `n` (free, or a spare of the pool) in failed slot `slot` of pool `i` as drive
@@ -2454,6 +2477,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     self.drives[n].state.name()
                 ),
             );
+        }
+        if let Some(refused) = self.unchecked_member(i, n) {
+            return refused;
         }
         let uuid = self.new_uuid();
         let disk = self.drives[n].disk.clone();

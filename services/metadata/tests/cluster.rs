@@ -1000,3 +1000,42 @@ fn spares_and_replacements_need_room_for_the_checksum_area() {
     assert_eq!(c.publisher_mut().replaced, vec![(100, 1, 13)]);
     assert_eq!(c.publisher_mut().pools[0].checksum, Some((offset, len)));
 }
+
+/// A pool without a checksum area (its members all keep records in their LBA format's
+/// metadata) takes no spare or replacement that keeps none: nothing would check that member's
+/// blocks. Refused, nothing written; a drive with metadata is taken.
+#[test]
+fn a_pool_without_a_checksum_area_refuses_a_drive_without_records() {
+    let d = disks(5);
+    let mut c = Cluster::start(
+        drives_keeping(&d, &[true, true, true, false, true]),
+        0,
+        1,
+        Recorder::default(),
+    );
+    create(&mut c, RaidLevel::Raid5, &["d0", "d1", "d2"]);
+    assert_eq!(c.publisher_mut().pools[0].checksum, None);
+    let before = d[3].writes();
+    let r = c.handle(ConfigRequest::AddSpare {
+        pool: "tank".into(),
+        drive: "d3".into(),
+    });
+    assert!(
+        matches!(&r, ConfigReply::Error { kind: ConfigErrorKind::Refused, message } if message.contains("keeps no integrity records")),
+        "{r:?}"
+    );
+    c.member_failed(100, 1).unwrap();
+    let replace = |new: &str| ConfigRequest::ReplaceMember {
+        pool: "tank".into(),
+        old: "d1".into(),
+        new: new.into(),
+    };
+    assert_eq!(kind(c.handle(replace("d3"))), ConfigErrorKind::Refused);
+    assert_eq!(
+        d[3].writes(),
+        before,
+        "nothing written to the refused drive"
+    );
+    ok(c.handle(replace("d4")));
+    assert_eq!(c.publisher_mut().replaced, vec![(100, 1, 14)]);
+}
