@@ -73,6 +73,8 @@ pub const ONCS_COMPARE: u16 = 1 << 0;
 pub const ONCS_DSM: u16 = 1 << 2;
 /// ONCS: Write Zeroes.
 pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
+/// ONCS: Reservations (Reservation Register, Report, Acquire and Release).
+pub const ONCS_RESERVATIONS: u16 = 1 << 5;
 /// OAES: namespace attribute notices.
 pub const OAES_NS_ATTR: u32 = 1 << 8;
 /// OAES: ANA change notices.
@@ -154,6 +156,8 @@ pub struct NamespaceInfo {
     pub nguid: [u8; 16],
     /// Shared namespace (may be reached through several controllers: NMIC bit 0).
     pub shared: bool,
+    /// Reservation Capabilities (RESCAP; 0: none).
+    pub rescap: u8,
 }
 
 /// Builds Identify Namespace (CNS 00h).
@@ -167,8 +171,9 @@ pub fn namespace(n: &NamespaceInfo) -> Vec<u8> {
     b[25] = 0; // NLBAF: one format
     b[26] = 0; // FLBAS: format 0, no metadata
     b[30] = u8::from(n.shared); // NMIC
-                                // DLFEAT: deallocated blocks read as zeroes (bits 2:0 = 001b), Write Zeroes may
-                                // deallocate (bit 3).
+    b[31] = n.rescap; // RESCAP
+                      // DLFEAT: deallocated blocks read as zeroes (bits 2:0 = 001b), Write Zeroes may
+                      // deallocate (bit 3).
     b[33] = 0b1001;
     put_u32(&mut b, 92, n.ana_group); // ANAGRPID
     b[104..120].copy_from_slice(&n.nguid); // NGUID
@@ -282,8 +287,13 @@ mod tests {
             ana_group: 1,
             nguid: [5; 16],
             shared: true,
+            rescap: 0xFF,
         });
         assert_eq!(u64_at(&n, 0), 100);
+        // Byte offsets from the specification (Identify Namespace: NMIC 30, RESCAP 31).
+        assert_eq!((n[30], n[31]), (1, 0xFF));
+        // ONCS bit 5 (Identify Controller byte 520): Reservations.
+        assert_eq!(ONCS_RESERVATIONS, 0x20);
         assert_eq!(u32_at(&n, 128) >> 16, 12);
         assert_eq!(u32_at(&n, 92), 1);
         let l = active_ns_list([3, 1, 2], 1);

@@ -68,6 +68,16 @@ pub const AEN_INFO_RESERVATION_LOG: u32 = 0x00;
 /// with the semantics of revision 1.3 and later (bit 7).
 pub const RESCAP: u8 = 0xFF;
 
+/// At most this many registrants per namespace: the state is kept whole on the drives and in
+/// every controller's copy, so it is bounded. A host registering beyond it gets
+/// [`REGISTRANTS_FULL`].
+pub const MAX_REGISTRANTS: usize = 64;
+
+/// What a Register beyond [`MAX_REGISTRANTS`] gets: the specification names no status for a
+/// full registrant table, so Invalid Field in Command (with Do Not Retry), as for any request
+/// the controller cannot take.
+pub const REGISTRANTS_FULL: Status = generic::INVALID_FIELD;
+
 /// Size of the Reservation Status data structure's header (EDS = 0).
 pub const STATUS_HEADER_LEN: usize = 24;
 /// Size of a Registered Controller data structure (EDS = 0).
@@ -689,11 +699,16 @@ impl Reservations {
                     return Err(RESERVATION_CONFLICT);
                 }
             }
-            (RegisterAction::Register, None) => self.registrants.push(Registrant {
-                host: who.host,
-                cntlid: who.cntlid,
-                key: cmd.nrkey,
-            }),
+            (RegisterAction::Register, None) => {
+                if self.registrants.len() >= MAX_REGISTRANTS {
+                    return Err(REGISTRANTS_FULL);
+                }
+                self.registrants.push(Registrant {
+                    host: who.host,
+                    cntlid: who.cntlid,
+                    key: cmd.nrkey,
+                });
+            }
             (RegisterAction::Unregister, Some(i)) => {
                 if !key_ok(self.registrants[i].key) {
                     return Err(RESERVATION_CONFLICT);
@@ -980,6 +995,101 @@ pub fn notification_log_page(
     b[9] = available;
     put_u32(&mut b, 12, nsid);
     b
+}
+
+/// The whole reservation state of a namespace, to keep elsewhere (on the drives, in another
+/// controller) and build again ([`Reservations::state`], [`Reservations::from_state`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResvState {
+    /// The registrants, in registration order.
+    pub registrants: Vec<Registrant>,
+    /// The reservation's type, if one is held.
+    pub rtype: Option<ResvType>,
+    /// The holder of a single-holder reservation (types 1 to 4); `None` without a reservation
+    /// and for types 5 and 6, where every registrant holds it.
+    pub holder: Option<HostId>,
+    /// The generation (PRGEN).
+    pub generation: u32,
+    /// Persist Through Power Loss.
+    pub ptpl: bool,
+}
+
+/// Why a [`ResvState`] is not one [`Reservations`] can be in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// More than [`MAX_REGISTRANTS`] registrants.
+    #[error("more than {MAX_REGISTRANTS} registrants")]
+    TooManyRegistrants,
+    /// A host registered twice.
+    #[error("a host is registered twice")]
+    DuplicateHost,
+    /// A single-holder type without a holder, or the holder not a registrant.
+    #[error("the reservation's holder is not a registrant")]
+    HolderNotRegistered,
+    /// A holder named for no reservation or for an all-registrants type.
+    #[error("a holder is named where the reservation has none")]
+    UnexpectedHolder,
+    /// An all-registrants reservation with nobody registered.
+    #[error("an all-registrants reservation without registrants")]
+    NoRegistrants,
+}
+
+impl Reservations {
+    /// The whole state, to keep.
+    pub fn state(&self) -> ResvState {
+        ResvState {
+            registrants: self.registrants.clone(),
+            rtype: self.rtype(),
+            holder: self.holder(),
+            generation: self.generation,
+            ptpl: self.ptpl,
+        }
+    }
+
+    /// Builds the state kept with [`Self::state`] again, refusing one no sequence of commands
+    /// could have left (read from a drive, it may be anything).
+    pub fn from_state(state: &ResvState) -> Result<Self, StateError> {
+        if state.registrants.len() > MAX_REGISTRANTS {
+            return Err(StateError::TooManyRegistrants);
+        }
+        for (i, r) in state.registrants.iter().enumerate() {
+            if state.registrants[..i].iter().any(|o| o.host == r.host) {
+                return Err(StateError::DuplicateHost);
+            }
+        }
+        let held = match (state.rtype, state.holder) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(StateError::UnexpectedHolder),
+            (Some(t), h) if t.all_registrants() => {
+                if h.is_some() {
+                    return Err(StateError::UnexpectedHolder);
+                }
+                if state.registrants.is_empty() {
+                    return Err(StateError::NoRegistrants);
+                }
+                Some(Held {
+                    rtype: t,
+                    holder: Holder::All,
+                })
+            }
+            (Some(t), Some(h)) if state.registrants.iter().any(|r| r.host == h) => Some(Held {
+                rtype: t,
+                holder: Holder::One(h),
+            }),
+            (Some(_), _) => return Err(StateError::HolderNotRegistered),
+        };
+        Ok(Self {
+            registrants: state.registrants.clone(),
+            held,
+            generation: state.generation,
+            ptpl: state.ptpl,
+        })
+    }
+
+    /// Sets Persist Through Power Loss (Set Features Reservation Persistence, 83h).
+    pub fn set_ptpl(&mut self, ptpl: bool) {
+        self.ptpl = ptpl;
+    }
 }
 
 #[cfg(test)]
@@ -1806,6 +1916,67 @@ mod tests {
         assert_eq!(notification_log_page(0, None, 0, 0), [0u8; 64]);
     }
 
+    /// A state no sequence of commands leaves is refused; the registrant table is bounded.
+    #[test]
+    fn states_that_cannot_be_are_refused_and_registrants_are_bounded() {
+        let mut r = three();
+        acquire(&mut r, A, Acq, ResvType::WriteExclusive, KA, 0).expect("acquire");
+        let good = r.state();
+        assert_eq!(good.holder, Some(A.host));
+        assert_eq!(good.rtype, Some(ResvType::WriteExclusive));
+        let bad = |f: &dyn Fn(&mut ResvState)| {
+            let mut s = good.clone();
+            f(&mut s);
+            Reservations::from_state(&s).expect_err("refused")
+        };
+        assert_eq!(
+            bad(&|s| s.registrants.push(s.registrants[1])),
+            StateError::DuplicateHost
+        );
+        assert_eq!(
+            bad(&|s| s.holder = Some(HostId([9; 16]))),
+            StateError::HolderNotRegistered
+        );
+        assert_eq!(bad(&|s| s.holder = None), StateError::HolderNotRegistered);
+        assert_eq!(bad(&|s| s.rtype = None), StateError::UnexpectedHolder);
+        assert_eq!(
+            bad(&|s| s.rtype = Some(ResvType::ExclusiveAccessAllRegistrants)),
+            StateError::UnexpectedHolder
+        );
+        assert_eq!(
+            bad(&|s| {
+                s.rtype = Some(ResvType::WriteExclusiveAllRegistrants);
+                s.holder = None;
+                s.registrants.clear();
+            }),
+            StateError::NoRegistrants
+        );
+        let mut full = Reservations::new();
+        let ctrl = |i: u64| HostCtrl {
+            host: HostId::from_u64(i),
+            cntlid: 0xFFFF,
+        };
+        for i in 0..MAX_REGISTRANTS as u64 {
+            register(&mut full, ctrl(i + 100), i + 1).expect("register");
+        }
+        let before = full.clone();
+        assert_eq!(
+            register(&mut full, ctrl(999), 7).expect_err("full"),
+            REGISTRANTS_FULL
+        );
+        assert_eq!(full, before);
+        let mut s = full.state();
+        s.registrants.push(Registrant {
+            host: ctrl(999).host,
+            cntlid: 1,
+            key: 7,
+        });
+        assert_eq!(
+            Reservations::from_state(&s).expect_err("refused"),
+            StateError::TooManyRegistrants
+        );
+    }
+
     /// Deterministic pseudo-random sequences of commands from three hosts, checking after each
     /// that the invariants hold, that failures change nothing, that the generation moves exactly
     /// when the specification says, and that notices and aborts are addressed sensibly.
@@ -1898,6 +2069,8 @@ mod tests {
                     }
                 };
                 check_invariants(&r);
+                // Kept and built again, the state is the same.
+                assert_eq!(Reservations::from_state(&r.state()).as_ref(), Ok(&r));
                 assert!(r.generation() >= before.generation());
                 match res {
                     Err(s) => {

@@ -328,8 +328,8 @@ impl Controller {
             ana_group: 0,
             nguid: cfg.nguid,
             shared: true,
+            rescap: resv::RESCAP,
         });
-        put(&mut b, 31, &[resv::RESCAP]);
         put(&mut b, 120, &cfg.eui64);
         // LBA formats: the block size with 0, 8 or 64 bytes of metadata, transferred in a
         // separate buffer (MC bit 1); FLBAS says which one the namespace is in.

@@ -110,6 +110,8 @@ fn identify(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
                 ana_group: n.ana_group,
                 nguid: n.nguid,
                 shared: true,
+                // Reservations are not served through the fabric yet.
+                rescap: 0,
             })),
             None => Reply::status(generic::INVALID_NS),
         },
