@@ -40,6 +40,8 @@ pub enum Structure {
     WriteSeqRecord,
     /// A checksum area record.
     ChecksumAreaRecord,
+    /// A reservation record.
+    ReservationRecord,
 }
 
 impl fmt::Display for Structure {
@@ -59,6 +61,7 @@ impl fmt::Display for Structure {
             Structure::SpareRecord => "Spare record",
             Structure::WriteSeqRecord => "Write sequence record",
             Structure::ChecksumAreaRecord => "Checksum area record",
+            Structure::ReservationRecord => "Reservation record",
         })
     }
 }
@@ -444,6 +447,17 @@ pub enum ConfigError {
         nsid: u32,
         /// The volume UUID it names.
         volume: Uuid,
+    },
+    /// A namespace's reservation state breaks a rule (of the record itself, or it names a
+    /// namespace the image does not have, or a second record names the same namespace).
+    #[error("Reservation of namespace {nsid} of {subsystem}: {why}")]
+    Reservation {
+        /// The subsystem's NQN.
+        subsystem: String,
+        /// The namespace id.
+        nsid: u32,
+        /// The rule it breaks.
+        why: String,
     },
     /// ANA group id 0, which NVMe reserves.
     #[error("Namespace {nsid} of {subsystem}: ANA group id 0 is reserved")]

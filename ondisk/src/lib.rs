@@ -39,7 +39,8 @@ pub use import::{
 pub use layout::{Layout, LayoutError};
 pub use records::{
     checksum_area_bytes, checksum_split, pool_capacity_bytes, ChecksumArea, Extent, MemberState,
-    Namespace, Ownership, Pool, PoolConfig, PoolMember, RaidLevel, Subsystem, Volume,
+    Namespace, Ownership, Pool, PoolConfig, PoolMember, RaidLevel, Reservation,
+    ReservationRegistrant, Subsystem, Volume, MAX_RESERVATION_REGISTRANTS,
 };
 pub use superblock::{Role, Superblock, SuperblockCopy};
 

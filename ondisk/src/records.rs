@@ -48,6 +48,8 @@ pub const TYPE_SPARE: u16 = 7;
 pub const TYPE_WRITE_SEQ: u16 = 8;
 /// Record type: the pool's checksum area ([`PoolConfig::checksum_area`]).
 pub const TYPE_CHECKSUM_AREA: u16 = 9;
+/// Record type: [`Reservation`], the persistent NVMe reservation state of one namespace.
+pub const TYPE_RESERVATION: u16 = 10;
 /// Most hot spares a pool keeps.
 pub const MAX_SPARES: usize = 8;
 /// Bytes of one entry of a checksum area (one per logical block of the member data area).
@@ -58,6 +60,14 @@ pub const CHECKSUM_ENTRY_BYTES: u16 = 16;
 pub const CHECKSUM_SIZING_BLOCK: u32 = 512;
 /// Checksum areas start and end on multiples of this.
 pub const CHECKSUM_ALIGN: u64 = 4096;
+/// Most registrants of one namespace's reservation state (the NVMe reservations model's
+/// limit: a Register beyond it is refused).
+pub const MAX_RESERVATION_REGISTRANTS: usize = 64;
+/// Reservation record flag: Persist Through Power Loss ([`Reservation::ptpl`]). The other
+/// bits are reserved and refused when set.
+pub const RESERVATION_FLAG_PTPL: u8 = 1;
+/// Highest NVMe reservation type (RTYPE): 1..=6 are the types, 0 means no reservation.
+pub const MAX_RESERVATION_TYPE: u8 = 6;
 
 /// Longest pool or volume name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -82,6 +92,8 @@ pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
 const MEMBER_SIZE: u64 = 16 + 4 + 1 + 8 + 8;
 /// Encoded size of one extent.
 const EXTENT_SIZE: u64 = 24;
+/// Encoded size of one reservation registrant: host identifier, key, controller id.
+const REGISTRANT_SIZE: u64 = 16 + 8 + 2;
 
 /// A pool's RAID level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -411,6 +423,48 @@ pub struct Namespace {
     pub ana_group: u32,
 }
 
+/// One host registered with a namespace's reservation (NVMe Reservation Register).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReservationRegistrant {
+    /// The host identifier (HOSTID) the host connected with (not all zero; unique in its
+    /// reservation).
+    pub host_id: [u8; 16],
+    /// The reservation key it registered.
+    pub key: u64,
+    /// The controller it registered through (shown by Reservation Report).
+    pub cntlid: u16,
+}
+
+/// The persistent NVMe reservation state of one namespace (NVMe Base Specification 8.19),
+/// kept in the image of the pool whose volume the namespace exports, so that both controllers
+/// serve the same registrations and reservation and they survive restarts, takeovers and
+/// power loss.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Reservation {
+    /// The subsystem's NQN (the namespace's, a [`Namespace`] record of this image).
+    pub subnqn: String,
+    /// The namespace id.
+    pub nsid: u32,
+    /// Bumped by one with every committed change of this namespace's reservation state: a
+    /// controller takes only a newer copy than the one it has.
+    pub version: u64,
+    /// The reservation generation (PRGEN), as Reservation Report shows it.
+    pub generation: u32,
+    /// The reservation type (RTYPE): 0 no reservation, 1..=6 the NVMe types (1 Write
+    /// Exclusive, 2 Exclusive Access, 3 and 4 their Registrants Only forms, 5 and 6 their All
+    /// Registrants forms).
+    pub rtype: u8,
+    /// Persist Through Power Loss: whether the state survives a power loss of the
+    /// subsystem (the metadata service clears the state of a namespace without it when it
+    /// imports the pool after a power loss; the format keeps whatever it is given).
+    pub ptpl: bool,
+    /// The holder's host identifier for types 1..=4 (a registrant's); all zero with no
+    /// reservation and for types 5 and 6, where every registrant holds it.
+    pub holder: [u8; 16],
+    /// The registrants, in registration order (at most [`MAX_RESERVATION_REGISTRANTS`]).
+    pub registrants: Vec<ReservationRegistrant>,
+}
+
 /// Who owns the pool: the only node that may write its metadata, under this epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ownership {
@@ -447,6 +501,8 @@ pub enum Record {
     },
     /// The pool's checksum area.
     ChecksumArea(ChecksumArea),
+    /// A namespace's reservation state.
+    Reservation(Reservation),
     /// A record of a type this code does not know, without the must-understand flag.
     Skipped {
         /// Its type.
@@ -490,6 +546,11 @@ pub struct PoolConfig {
     /// (`None`: no checksum area; the pool's blocks carry records only on drives formatted
     /// with metadata). Fixed for the pool's life; encoded only when set.
     pub checksum_area: Option<ChecksumArea>,
+    /// The persistent reservation state of namespaces of this image (at most one per
+    /// namespace; none for a namespace nobody registered with). Removing a namespace must
+    /// remove its reservation state in the same commit: a reservation of a namespace the image
+    /// does not have is refused. Empty: no record is written.
+    pub reservations: Vec<Reservation>,
 }
 
 /// Bytes a pool offers for volumes: each member's data area rounded down to whole chunks, times
@@ -818,6 +879,86 @@ impl Namespace {
     }
 }
 
+/// The NVMe name of reservation type `rtype`, for messages.
+fn reservation_type_name(rtype: u8) -> &'static str {
+    match rtype {
+        0 => "no reservation",
+        1 => "Write Exclusive",
+        2 => "Exclusive Access",
+        3 => "Write Exclusive - Registrants Only",
+        4 => "Exclusive Access - Registrants Only",
+        5 => "Write Exclusive - All Registrants",
+        6 => "Exclusive Access - All Registrants",
+        _ => "unknown",
+    }
+}
+
+impl Reservation {
+    /// Checks the record's own rules: subsystem NQN, nsid range, reservation type 0..=6, at
+    /// most [`MAX_RESERVATION_REGISTRANTS`] registrants with distinct host identifiers that
+    /// are not all zero; types 1..=4 have a holder that is a registrant, no reservation and
+    /// types 5 and 6 have none (all zero), and types 5 and 6 have at least one registrant.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_nqn("Reservation subsystem NQN", &self.subnqn)?;
+        let bad = |why: String| ConfigError::Reservation {
+            subsystem: self.subnqn.clone(),
+            nsid: self.nsid,
+            why,
+        };
+        if !(1..=MAX_NSID).contains(&self.nsid) {
+            return Err(bad(format!("nsid is outside 1..={MAX_NSID}")));
+        }
+        if self.rtype > MAX_RESERVATION_TYPE {
+            return Err(bad(format!(
+                "reservation type {} is not an NVMe type (0 for none, 1 to 6)",
+                self.rtype
+            )));
+        }
+        if self.registrants.len() > MAX_RESERVATION_REGISTRANTS {
+            return Err(bad(format!(
+                "{} registrants, at most {MAX_RESERVATION_REGISTRANTS}",
+                self.registrants.len()
+            )));
+        }
+        let mut hosts = BTreeSet::new();
+        for (i, r) in self.registrants.iter().enumerate() {
+            if r.host_id == [0; 16] {
+                return Err(bad(format!(
+                    "registrant {i} has the all-zero host identifier"
+                )));
+            }
+            if !hosts.insert(r.host_id) {
+                return Err(bad(format!("host {} is registered twice", Uuid(r.host_id))));
+            }
+        }
+        let name = reservation_type_name(self.rtype);
+        let holder = Uuid(self.holder);
+        match self.rtype {
+            1..=4 if self.holder == [0; 16] => Err(bad(format!(
+                "a type {} ({name}) reservation has no holder",
+                self.rtype
+            ))),
+            1..=4 if !hosts.contains(&self.holder) => Err(bad(format!(
+                "the holder {holder} of the type {} ({name}) reservation is not a registrant",
+                self.rtype
+            ))),
+            0 if self.holder != [0; 16] => Err(bad(format!(
+                "no reservation is held, but holder {holder} is named"
+            ))),
+            5 | 6 if self.holder != [0; 16] => Err(bad(format!(
+                "a type {} ({name}) reservation is held by every registrant, but holder \
+                 {holder} is named",
+                self.rtype
+            ))),
+            5 | 6 if self.registrants.is_empty() => Err(bad(format!(
+                "a type {} ({name}) reservation has no registrants",
+                self.rtype
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Ownership {
     /// Checks the owner's node id.
     pub fn check(&self) -> Result<(), ConfigError> {
@@ -833,7 +974,8 @@ impl PoolConfig {
 
     /// Checks every record's own rules, then the rules across records: unique subsystem NQNs,
     /// volume names, UUIDs and NGUIDs, and (subsystem, nsid) pairs; every namespace names a
-    /// subsystem of the image and a volume of this pool; every extent lies within the pool's
+    /// subsystem of the image and a volume of this pool; at most one reservation per
+    /// namespace, of a namespace of this image; every extent lies within the pool's
     /// capacity and no two extents (of one volume or of two) map the same pool byte.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.pool.check()?;
@@ -914,6 +1056,24 @@ impl PoolConfig {
                 });
             }
         }
+        let mut reserved = BTreeSet::new();
+        for r in &self.reservations {
+            r.check()?;
+            let bad = |why: &str| ConfigError::Reservation {
+                subsystem: r.subnqn.clone(),
+                nsid: r.nsid,
+                why: why.to_string(),
+            };
+            if !reserved.insert((r.subnqn.as_str(), r.nsid)) {
+                return Err(bad("a second reservation record for this namespace"));
+            }
+            if !nsids.contains(&(r.subnqn.as_str(), r.nsid)) {
+                return Err(bad(
+                    "this image has no such namespace (removing a namespace removes its \
+                     reservation state)",
+                ));
+            }
+        }
         self.check_pool_space()
     }
 
@@ -957,8 +1117,8 @@ impl PoolConfig {
     }
 
     /// The body of a metadata image: the records in canonical order (pool, ownership, cluster
-    /// config, subsystems, volumes, namespaces, spares, write sequence, checksum area), each
-    /// flagged must-understand. Refuses a
+    /// config, subsystems, volumes, namespaces, spares, write sequence, checksum area,
+    /// reservations), each flagged must-understand. Refuses a
     /// configuration that does not [`validate`](Self::validate).
     pub fn encode_body(&self) -> Result<Vec<u8>, EncodeError> {
         self.validate()?;
@@ -1003,6 +1163,9 @@ impl PoolConfig {
                 w.u64(area.len);
                 w.u16(CHECKSUM_ENTRY_BYTES);
             });
+        }
+        for r in &self.reservations {
+            record(&mut out, TYPE_RESERVATION, |w| encode_reservation(w, r));
         }
         Ok(out)
     }
@@ -1053,6 +1216,23 @@ fn encode_subsystem(w: &mut Writer, s: &Subsystem) {
     }
 }
 
+fn encode_reservation(w: &mut Writer, r: &Reservation) {
+    w.string(&r.subnqn);
+    w.u32(r.nsid);
+    w.u64(r.version);
+    w.u32(r.generation);
+    w.u8(r.rtype);
+    w.u8(if r.ptpl { RESERVATION_FLAG_PTPL } else { 0 });
+    w.buf.extend_from_slice(&r.holder);
+    // At most MAX_RESERVATION_REGISTRANTS after validation.
+    w.u16(u16::try_from(r.registrants.len()).unwrap_or(u16::MAX));
+    for g in &r.registrants {
+        w.buf.extend_from_slice(&g.host_id);
+        w.u64(g.key);
+        w.u16(g.cntlid);
+    }
+}
+
 fn encode_volume(w: &mut Writer, v: &Volume) {
     w.string(&v.name);
     w.uuid(&v.uuid);
@@ -1097,6 +1277,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_SPARE => Structure::SpareRecord,
             TYPE_WRITE_SEQ => Structure::WriteSeqRecord,
             TYPE_CHECKSUM_AREA => Structure::ChecksumAreaRecord,
+            TYPE_RESERVATION => Structure::ReservationRecord,
             _ if flags & FLAG_MUST_UNDERSTAND != 0 => {
                 return Err(r.error_at(at, Problem::UnknownRequiredRecord { record_type }));
             }
@@ -1128,6 +1309,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_SPARE => Record::Spare(p.uuid()?),
             TYPE_WRITE_SEQ => Record::WriteSeq { mark: p.u64()? },
             TYPE_CHECKSUM_AREA => Record::ChecksumArea(decode_checksum_area(&mut p)?),
+            TYPE_RESERVATION => Record::Reservation(decode_reservation(&mut p)?),
             _ => Record::Namespace(Namespace {
                 subsystem_nqn: p.string("subsystem NQN")?,
                 nsid: p.u32()?,
@@ -1143,6 +1325,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             Record::Volume(x) => x.check(),
             Record::Namespace(x) => x.check(),
             Record::ChecksumArea(x) => x.check(),
+            Record::Reservation(x) => x.check(),
             Record::ClusterConfig { .. }
             | Record::Spare(_)
             | Record::WriteSeq { .. }
@@ -1242,6 +1425,69 @@ fn decode_checksum_area(p: &mut Reader<'_>) -> Result<ChecksumArea, FormatError>
     Ok(ChecksumArea { offset, len })
 }
 
+fn decode_reservation(p: &mut Reader<'_>) -> Result<Reservation, FormatError> {
+    let subnqn = p.string("subsystem NQN")?;
+    let nsid = p.u32()?;
+    let version = p.u64()?;
+    let generation = p.u32()?;
+    let rtype_at = p.offset();
+    let rtype = p.u8()?;
+    if rtype > MAX_RESERVATION_TYPE {
+        return Err(p.error_at(
+            rtype_at,
+            Problem::BadValue {
+                field: "reservation type",
+                value: u64::from(rtype),
+                why: "unknown code (0 for none, 1 to 6 the NVMe types)",
+            },
+        ));
+    }
+    let flags_at = p.offset();
+    let flags = p.u8()?;
+    if flags & !RESERVATION_FLAG_PTPL != 0 {
+        return Err(p.error_at(
+            flags_at,
+            Problem::BadValue {
+                field: "reservation flags",
+                value: u64::from(flags),
+                why: "only bit 0 (Persist Through Power Loss) is defined",
+            },
+        ));
+    }
+    let holder = p.array::<16>()?;
+    let count_at = p.offset();
+    let count = p.u16()?;
+    if usize::from(count) > MAX_RESERVATION_REGISTRANTS {
+        return Err(p.error_at(
+            count_at,
+            Problem::BadValue {
+                field: "registrant count",
+                value: u64::from(count),
+                why: "a namespace has at most 64 registrants",
+            },
+        ));
+    }
+    let count = p.count_fits(count_at, u64::from(count), REGISTRANT_SIZE)?;
+    let mut registrants = Vec::with_capacity(count);
+    for _ in 0..count {
+        registrants.push(ReservationRegistrant {
+            host_id: p.array::<16>()?,
+            key: p.u64()?,
+            cntlid: p.u16()?,
+        });
+    }
+    Ok(Reservation {
+        subnqn,
+        nsid,
+        version,
+        generation,
+        rtype,
+        ptpl: flags & RESERVATION_FLAG_PTPL != 0,
+        holder,
+        registrants,
+    })
+}
+
 fn decode_subsystem(p: &mut Reader<'_>) -> Result<Subsystem, FormatError> {
     let nqn = p.string("subsystem NQN")?;
     let allow_any_host = p.bool("allow any host")?;
@@ -1307,6 +1553,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
     let mut spares = Vec::new();
     let mut write_seq_mark = None;
     let mut checksum_area = None;
+    let mut reservations = Vec::new();
     fn once<T>(
         slot: &mut Option<T>,
         v: T,
@@ -1359,6 +1606,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
                 Structure::ChecksumAreaRecord,
                 "checksum area",
             )?,
+            Record::Reservation(r) => reservations.push(r),
             Record::Skipped { .. } => {}
         }
     }
@@ -1379,6 +1627,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
         spares,
         write_seq_mark: write_seq_mark.unwrap_or(0),
         checksum_area,
+        reservations,
     };
     config
         .validate()

@@ -146,7 +146,8 @@ fn valid_heartbeat() -> Vec<u8> {
 fn valid_image() -> Vec<u8> {
     let mut sim = Sim::new(RaidLevel::Raid10, 4);
     sim.add_volume();
-    // Every record type: a write sequence mark and a checksum area too.
+    // Every record type: a write sequence mark, a checksum area and reservation states too
+    // (one held by a single host, one by all registrants).
     sim.commit(|c| {
         let l = layout();
         let (data, len) = duplex_ondisk::checksum_split(l.data_size, c.pool.chunk_size).unwrap();
@@ -156,6 +157,7 @@ fn valid_image() -> Vec<u8> {
             offset: l.data_offset + data,
             len,
         });
+        c.reservations = vec![reservation(1, 2, true), reservation(2, 5, false)];
     });
     sim.image_bytes()
 }
@@ -266,6 +268,24 @@ fn image_mutated() {
         });
 }
 
+/// A valid body (namespaces 1 and 2 of `SUBSYS`, no reservation state) then a must-understand
+/// reservation record of `SUBSYS` whose fields after the NQN are `raw`, so that arbitrary
+/// nsids, types, flags, holders, counts and registrants reach the record's decoding and rules.
+fn with_reservation_payload(raw: &[u8]) -> Vec<u8> {
+    static BODY: OnceLock<Vec<u8>> = OnceLock::new();
+    let mut b = BODY
+        .get_or_init(|| config(RaidLevel::Raid1, 2).encode_body().unwrap())
+        .clone();
+    let len = 2 + SUBSYS.len() + raw.len();
+    b.extend_from_slice(&10u16.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&(len as u32).to_le_bytes());
+    b.extend_from_slice(&(SUBSYS.len() as u16).to_le_bytes());
+    b.extend_from_slice(SUBSYS.as_bytes());
+    b.extend_from_slice(raw);
+    b
+}
+
 #[test]
 fn records_arbitrary_and_mutated() {
     let valid = {
@@ -275,12 +295,19 @@ fn records_arbitrary_and_mutated() {
     };
     check_body(&valid);
     assert!(PoolConfig::decode_body(&valid).is_ok());
+    // The framing reaches a valid reservation: namespace 1, type 0, flags 0, no holder, no
+    // registrants.
+    let mut none = 1u32.to_le_bytes().to_vec();
+    none.extend_from_slice(&[0; 8 + 4 + 1 + 1 + 16 + 2]);
+    let framed = PoolConfig::decode_body(&with_reservation_payload(&none)).unwrap();
+    assert_eq!(framed.reservations.len(), 1);
     bolero::check!()
         .with_iterations(PARSE_ITERATIONS)
         .with_test_time(TIME_CAP)
         .with_type::<(Vec<Edit>, Vec<u8>)>()
         .for_each(|(edits, raw)| {
             check_body(raw);
+            check_body(&with_reservation_payload(raw));
             let mut b = valid.clone();
             apply(&mut b, edits);
             check_body(&b);

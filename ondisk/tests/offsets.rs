@@ -233,6 +233,7 @@ fn image_header_fields_are_where_the_document_says() {
             Record::Spare(_) => "spare",
             Record::WriteSeq { .. } => "write seq",
             Record::ChecksumArea(_) => "checksum area",
+            Record::Reservation(_) => "reservation",
             Record::Skipped { .. } => "skipped",
         })
         .collect();
@@ -400,4 +401,89 @@ fn a_checksum_area_record_is_offset_length_entry_bytes_last() {
         duplex_ondisk::checksum_split(layout().data_size, 64 * 1024),
         Some((14615 * 64 * 1024, 7308 * 4096))
     );
+}
+
+/// A reservation record: type 10, must-understand, last (after the checksum area). Payload:
+/// subsystem NQN (u16 length + UTF-8) to `s`, then nsid (u32) at s, version (u64) at s+4,
+/// generation (u32) at s+12, type (u8) at s+16, flags (u8, bit 0 PTPL) at s+17, holder (16) at
+/// s+18, registrant count (u16) at s+34, and from s+36 registrants of 26 bytes: host
+/// identifier (16) at +0, key (u64) at +16, controller id (u16) at +24.
+#[test]
+fn a_reservation_record_is_its_fields_at_the_documented_offsets() {
+    let mut cfg = config(RaidLevel::Raid1, 2);
+    cfg.write_seq_mark = 77;
+    let r = duplex_ondisk::Reservation {
+        subnqn: SUBSYS.to_string(),
+        nsid: 2,
+        version: 0x0102_0304_0506_0708,
+        generation: 0x1112_1314,
+        rtype: 3,
+        ptpl: true,
+        holder: [0x22; 16],
+        registrants: vec![
+            duplex_ondisk::ReservationRegistrant {
+                host_id: [0x11; 16],
+                key: 0x2122_2324_2526_2728,
+                cntlid: 0x3132,
+            },
+            duplex_ondisk::ReservationRegistrant {
+                host_id: [0x22; 16],
+                key: 0x4142_4344_4546_4748,
+                cntlid: 0x5152,
+            },
+        ],
+    };
+    cfg.reservations = vec![r];
+    let body = cfg.encode_body().expect("encodes");
+    // Walk the records by their headers: the reservation is the last, after the write sequence.
+    let mut at = 0;
+    let mut records = Vec::new();
+    while at < body.len() {
+        let len = u32_at(&body, at + 4) as usize;
+        records.push((
+            u16_at(&body, at),
+            u16_at(&body, at + 2),
+            body[at + 8..at + 8 + len].to_vec(),
+        ));
+        at += 8 + len;
+    }
+    assert_eq!(at, body.len());
+    let types: Vec<u16> = records.iter().map(|r| r.0).collect();
+    assert_eq!(types, [1, 2, 3, 4, 5, 5, 6, 6, 8, 10]);
+    let (t, flags, p) = records.last().unwrap();
+    assert_eq!((*t, *flags), (10, 1), "type 10, must-understand");
+    let l = SUBSYS.len();
+    let s = 2 + l;
+    assert_eq!(p.len(), s + 36 + 2 * 26);
+    assert_eq!(u16_at(p, 0) as usize, l);
+    assert_eq!(&p[2..s], SUBSYS.as_bytes());
+    assert_eq!(u32_at(p, s), 2);
+    assert_eq!(u64_at(p, s + 4), 0x0102_0304_0506_0708);
+    assert_eq!(u32_at(p, s + 12), 0x1112_1314);
+    assert_eq!(p[s + 16], 3, "Write Exclusive - Registrants Only");
+    assert_eq!(p[s + 17], 1, "PTPL");
+    assert_eq!(&p[s + 18..s + 34], &[0x22; 16]);
+    assert_eq!(u16_at(p, s + 34), 2);
+    let e0 = &p[s + 36..s + 62];
+    assert_eq!(&e0[0..16], &[0x11; 16]);
+    assert_eq!(u64_at(e0, 16), 0x2122_2324_2526_2728);
+    assert_eq!(u16_at(e0, 24), 0x3132);
+    let e1 = &p[s + 62..s + 88];
+    assert_eq!(&e1[0..16], &[0x22; 16]);
+    assert_eq!(u64_at(e1, 16), 0x4142_4344_4546_4748);
+    assert_eq!(u16_at(e1, 24), 0x5152);
+    // The same, read back.
+    assert_eq!(
+        duplex_ondisk::PoolConfig::decode_body(&body).expect("decodes"),
+        cfg
+    );
+
+    // PTPL off is flags 0; no reservation is type 0 with an all-zero holder.
+    cfg.reservations[0].ptpl = false;
+    cfg.reservations[0].rtype = 0;
+    cfg.reservations[0].holder = [0; 16];
+    let body = cfg.encode_body().expect("encodes");
+    let p = &body[body.len() - (s + 88)..];
+    assert_eq!((p[s + 16], p[s + 17]), (0, 0));
+    assert!(p[s + 18..s + 34].iter().all(|&x| x == 0));
 }

@@ -1049,3 +1049,346 @@ fn booleans_are_0_or_1() {
     ));
     assert_eq!(e.offset, 8 + 2 + SUBSYS.len() as u64);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reservation records (type 10).
+
+/// A reservation payload by hand: NQN, nsid, version, generation, type, flags, holder, the
+/// count as given, then `entries` of (host identifier, key, controller id).
+fn resv_payload(
+    nsid: u32,
+    rtype: u8,
+    flags: u8,
+    holder: [u8; 16],
+    count: u16,
+    entries: &[([u8; 16], u64, u16)],
+) -> Vec<u8> {
+    let mut p = Vec::new();
+    string(&mut p, SUBSYS.as_bytes());
+    p.extend_from_slice(&nsid.to_le_bytes());
+    p.extend_from_slice(&5u64.to_le_bytes());
+    p.extend_from_slice(&9u32.to_le_bytes());
+    p.push(rtype);
+    p.push(flags);
+    p.extend_from_slice(&holder);
+    p.extend_from_slice(&count.to_le_bytes());
+    for (host, key, cntlid) in entries {
+        p.extend_from_slice(host);
+        p.extend_from_slice(&key.to_le_bytes());
+        p.extend_from_slice(&cntlid.to_le_bytes());
+    }
+    p
+}
+
+/// `n` registrants by hand: hosts 1..=n.
+fn entries(n: usize) -> Vec<([u8; 16], u64, u16)> {
+    (1..=n)
+        .map(|i| (host_id(i as u8), i as u64, i as u16))
+        .collect()
+}
+
+/// The valid body of the common configuration (namespaces 1 and 2 of `SUBSYS`), then
+/// `extra`; returns the body and the offset of `extra`.
+fn resv_body(extra: &[u8]) -> (Vec<u8>, u64) {
+    let mut body = config(RaidLevel::Raid1, 2).encode_body().unwrap();
+    let at = body.len() as u64;
+    body.extend_from_slice(extra);
+    (body, at)
+}
+
+/// Offset of the nsid in a reservation payload of `SUBSYS` (after the record header): `s`.
+fn resv_s() -> u64 {
+    8 + 2 + SUBSYS.len() as u64
+}
+
+fn resv_err(c: &PoolConfig) -> String {
+    match c.validate() {
+        Err(e @ ConfigError::Reservation { .. }) => {
+            assert!(
+                matches!(
+                    c.encode_body(),
+                    Err(EncodeError::Config(ConfigError::Reservation { .. }))
+                ),
+                "an invalid reservation is never written"
+            );
+            e.to_string()
+        }
+        other => panic!("expected a reservation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn reservation_rules_are_checked_when_built() {
+    let with = |f: &dyn Fn(&mut duplex_ondisk::Reservation)| {
+        let mut c = config(RaidLevel::Raid1, 2);
+        let mut r = reservation(1, 1, true);
+        f(&mut r);
+        c.reservations = vec![r];
+        c
+    };
+    with(&|_| {}).validate().unwrap();
+    // The type: 0..=6.
+    for rtype in [7u8, 255] {
+        let msg = resv_err(&with(&|r| r.rtype = rtype));
+        assert!(msg.contains("is not an NVMe type"), "{msg}");
+    }
+    // At most 64 registrants.
+    let msg = resv_err(&with(&|r| {
+        r.registrants = (1..=65).map(registrant).collect()
+    }));
+    assert!(msg.contains("65 registrants, at most 64"), "{msg}");
+    let ok = with(&|r| r.registrants = (1..=64).map(registrant).collect());
+    ok.validate().unwrap();
+    // Host identifiers: not all zero, each once.
+    let msg = resv_err(&with(&|r| r.registrants[0].host_id = [0; 16]));
+    assert!(
+        msg.contains("registrant 0 has the all-zero host identifier"),
+        "{msg}"
+    );
+    let msg = resv_err(&with(&|r| r.registrants[2].host_id = host_id(1)));
+    assert!(msg.contains("is registered twice"), "{msg}");
+    // Types 1 to 4: a holder, and a registrant.
+    for rtype in 1..=4u8 {
+        let msg = resv_err(&with(&|r| {
+            r.rtype = rtype;
+            r.holder = [0; 16];
+        }));
+        assert!(msg.contains("reservation has no holder"), "{msg}");
+        let msg = resv_err(&with(&|r| {
+            r.rtype = rtype;
+            r.holder = host_id(9);
+        }));
+        assert!(msg.contains("is not a registrant"), "{msg}");
+    }
+    // No reservation, and types 5 and 6: no single holder.
+    for rtype in [0u8, 5, 6] {
+        let msg = resv_err(&with(&|r| r.rtype = rtype));
+        assert!(msg.contains("holder"), "{msg}");
+        with(&|r| {
+            r.rtype = rtype;
+            r.holder = [0; 16];
+        })
+        .validate()
+        .unwrap();
+    }
+    // Types 5 and 6: at least one registrant.
+    for rtype in [5u8, 6] {
+        let msg = resv_err(&with(&|r| {
+            r.rtype = rtype;
+            r.holder = [0; 16];
+            r.registrants.clear();
+        }));
+        assert!(msg.contains("has no registrants"), "{msg}");
+    }
+    // The namespace: in range, of this image, one record each.
+    for nsid in [0, 1025] {
+        let msg = resv_err(&with(&|r| r.nsid = nsid));
+        assert!(msg.contains("nsid is outside 1..=1024"), "{msg}");
+    }
+    let msg = resv_err(&with(&|r| r.nsid = 3));
+    assert!(
+        msg.starts_with(&format!(
+            "Reservation of namespace 3 of {SUBSYS}: this image has no such namespace"
+        )),
+        "{msg}"
+    );
+    let msg = resv_err(&with(&|r| r.subnqn = "nqn.2024-01.io.duplex:other".into()));
+    assert!(msg.contains("no such namespace"), "{msg}");
+    let mut twice = with(&|_| {});
+    twice.reservations.push(reservation(1, 0, false));
+    let msg = resv_err(&twice);
+    assert!(msg.contains("a second reservation record"), "{msg}");
+    twice.reservations[1].nsid = 2;
+    twice.validate().unwrap();
+    // Removing a namespace without its reservation state is refused.
+    let mut gone = with(&|_| {});
+    gone.namespaces.remove(0);
+    let msg = resv_err(&gone);
+    assert!(msg.contains("no such namespace"), "{msg}");
+    gone.reservations.clear();
+    gone.validate().unwrap();
+    // A bad subsystem NQN.
+    assert!(matches!(
+        with(&|r| r.subnqn = "iqn.x".into()).validate(),
+        Err(ConfigError::BadString {
+            field: "Reservation subsystem NQN",
+            problem: StringProblem::NotNqn,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn reservation_records_are_refused_when_parsed() {
+    let s = resv_s();
+    let good = resv_payload(1, 2, 1, host_id(2), 3, &entries(3));
+    let (body, base) = resv_body(&rec(10, 1, &good));
+    assert_eq!(
+        PoolConfig::decode_body(&body).unwrap().reservations[0].holder,
+        host_id(2)
+    );
+
+    // Truncated anywhere inside the payload (the record length says so): refused, never read
+    // past.
+    for cut in 0..good.len() {
+        let (body, _) = resv_body(&rec(10, 1, &good[..cut]));
+        let e = PoolConfig::decode_body(&body).unwrap_err();
+        assert_eq!(e.structure, Structure::ReservationRecord, "cut at {cut}");
+        assert!(matches!(e.problem, Problem::Truncated { .. }), "{e}");
+    }
+    // A record length past the body's end.
+    let (mut body, _) = resv_body(&rec(10, 1, &good));
+    body.truncate(body.len() - 1);
+    let e = PoolConfig::decode_body(&body).unwrap_err();
+    assert_eq!(e.structure, Structure::RecordHeader);
+    // A count larger than the bytes: refused at the count before anything is allocated.
+    let (body, _) = resv_body(&rec(
+        10,
+        1,
+        &resv_payload(1, 2, 1, host_id(2), 4, &entries(3)),
+    ));
+    let e = PoolConfig::decode_body(&body).unwrap_err();
+    assert_eq!(
+        (e.structure, e.offset),
+        (Structure::ReservationRecord, base + s + 34)
+    );
+    assert_eq!(
+        e.problem,
+        Problem::Truncated {
+            needed: 4 * 26,
+            available: 3 * 26
+        }
+    );
+    // Fewer than the bytes: the record length must be exactly the count's.
+    let (body, _) = resv_body(&rec(
+        10,
+        1,
+        &resv_payload(1, 2, 1, host_id(2), 2, &entries(3)),
+    ));
+    let e = PoolConfig::decode_body(&body).unwrap_err();
+    assert_eq!(e.problem, Problem::TrailingBytes { count: 26 });
+    // More than 64, with or without the bytes for them.
+    for (count, n) in [(65u16, 65), (u16::MAX, 0)] {
+        let (body, _) = resv_body(&rec(
+            10,
+            1,
+            &resv_payload(1, 6, 0, [0; 16], count, &entries(n)),
+        ));
+        let e = PoolConfig::decode_body(&body).unwrap_err();
+        assert_eq!(
+            (e.structure, e.offset),
+            (Structure::ReservationRecord, base + s + 34)
+        );
+        assert!(
+            matches!(e.problem, Problem::BadValue { field: "registrant count", value, .. } if value == u64::from(count)),
+            "{e}"
+        );
+    }
+    let (body, _) = resv_body(&rec(
+        10,
+        1,
+        &resv_payload(1, 6, 0, [0; 16], 64, &entries(64)),
+    ));
+    assert_eq!(
+        PoolConfig::decode_body(&body).unwrap().reservations[0]
+            .registrants
+            .len(),
+        64
+    );
+    // Flag bits other than PTPL.
+    for flags in [2u8, 0x80, 3, 0xff] {
+        let (body, _) = resv_body(&rec(
+            10,
+            1,
+            &resv_payload(1, 2, flags, host_id(2), 3, &entries(3)),
+        ));
+        let e = PoolConfig::decode_body(&body).unwrap_err();
+        assert_eq!(
+            (e.structure, e.offset),
+            (Structure::ReservationRecord, base + s + 17)
+        );
+        assert!(
+            matches!(e.problem, Problem::BadValue { field: "reservation flags", value, .. } if value == u64::from(flags)),
+            "{e}"
+        );
+    }
+    // An unknown type, at its field.
+    let (body, _) = resv_body(&rec(10, 1, &resv_payload(1, 7, 0, [0; 16], 3, &entries(3))));
+    let e = PoolConfig::decode_body(&body).unwrap_err();
+    assert_eq!(
+        (e.structure, e.offset),
+        (Structure::ReservationRecord, base + s + 16)
+    );
+    assert!(
+        e.to_string().contains("reservation type 7 is invalid"),
+        "{e}"
+    );
+    // The record's own rules: at the record, naming it.
+    for payload in [
+        resv_payload(1, 1, 0, host_id(9), 3, &entries(3)),
+        resv_payload(1, 1, 0, [0; 16], 3, &entries(3)),
+        resv_payload(1, 0, 0, host_id(1), 3, &entries(3)),
+        resv_payload(1, 5, 0, host_id(1), 3, &entries(3)),
+        resv_payload(1, 6, 0, [0; 16], 0, &[]),
+        resv_payload(1, 0, 0, [0; 16], 2, &[entries(1)[0], entries(1)[0]]),
+        resv_payload(1, 0, 0, [0; 16], 1, &[([0; 16], 1, 1)]),
+    ] {
+        let (body, _) = resv_body(&rec(10, 1, &payload));
+        let e = PoolConfig::decode_body(&body).unwrap_err();
+        assert_eq!(
+            (e.structure, e.offset),
+            (Structure::ReservationRecord, base)
+        );
+        assert!(
+            matches!(
+                e.problem,
+                Problem::Config(ConfigError::Reservation { nsid: 1, .. })
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().starts_with(&format!(
+                "Reservation record at byte {base}: Reservation of namespace 1 of {SUBSYS}: "
+            )),
+            "{e}"
+        );
+    }
+    // The rules across records: a namespace this image does not have, or twice.
+    let (body, _) = resv_body(&rec(10, 1, &resv_payload(3, 0, 0, [0; 16], 0, &[])));
+    let e = PoolConfig::decode_body(&body).unwrap_err();
+    assert_eq!((e.structure, e.offset), (Structure::ImageBody, 0));
+    assert!(matches!(
+        config_err(&body),
+        ConfigError::Reservation { nsid: 3, .. }
+    ));
+    let one = rec(10, 1, &resv_payload(1, 0, 0, [0; 16], 0, &[]));
+    let (body, _) = resv_body(&[one.clone(), one].concat());
+    assert!(config_err(&body)
+        .to_string()
+        .contains("a second reservation record"));
+}
+
+#[test]
+fn a_reader_that_does_not_know_reservations_refuses_the_image() {
+    let mut cfg = config(RaidLevel::Raid1, 2);
+    cfg.reservations = vec![reservation(1, 1, true)];
+    let body = cfg.encode_body().unwrap();
+    let (_, at) = resv_body(&[]);
+    let at = at as usize;
+    // Written must-understand, after every other record.
+    assert_eq!(u16::from_le_bytes([body[at], body[at + 1]]), 10);
+    assert_eq!(u16::from_le_bytes([body[at + 2], body[at + 3]]) & 1, 1);
+    // What an older reader sees (the record renumbered to a type this reader does not know):
+    // the image is refused, rather than committed again without the registrations.
+    let mut older = body.clone();
+    older[at..at + 2].copy_from_slice(&999u16.to_le_bytes());
+    let e = PoolConfig::decode_body(&older).unwrap_err();
+    assert_eq!(
+        (e.structure, e.offset, e.problem),
+        (
+            Structure::RecordHeader,
+            at as u64,
+            Problem::UnknownRequiredRecord { record_type: 999 }
+        )
+    );
+}

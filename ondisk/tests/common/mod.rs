@@ -9,7 +9,8 @@ use duplex_ondisk::import::{DriveInput, ImportRequest};
 use duplex_ondisk::layout::METADATA_SLOT_SIZE;
 use duplex_ondisk::{
     Extent, Layout, MemberState, MetadataImage, Namespace, Ownership, Pool, PoolConfig, PoolMember,
-    RaidLevel, Role, Subsystem, Superblock, SuperblockCopy, Uuid, Volume,
+    RaidLevel, Reservation, ReservationRegistrant, Role, Subsystem, Superblock, SuperblockCopy,
+    Uuid, Volume,
 };
 
 /// Capacity of the simulated drives.
@@ -107,6 +108,42 @@ pub fn config(level: RaidLevel, n: usize) -> PoolConfig {
         spares: vec![],
         write_seq_mark: 0,
         checksum_area: None,
+        reservations: vec![],
+    }
+}
+
+/// A host identifier distinct per `n` (never all zero).
+pub fn host_id(n: u8) -> [u8; 16] {
+    let mut b = [0x40; 16];
+    b[15] = n;
+    b
+}
+
+/// A registrant: host `n`, key and controller id derived from it.
+pub fn registrant(n: u8) -> ReservationRegistrant {
+    ReservationRegistrant {
+        host_id: host_id(n),
+        key: 0x1000 + u64::from(n),
+        cntlid: 0x10 + u16::from(n),
+    }
+}
+
+/// A valid reservation state of namespace `nsid` of [`SUBSYS`] of type `rtype`: hosts 1..=3
+/// registered, host 2 the holder for types 1 to 4.
+pub fn reservation(nsid: u32, rtype: u8, ptpl: bool) -> Reservation {
+    Reservation {
+        subnqn: SUBSYS.to_string(),
+        nsid,
+        version: 7,
+        generation: 3,
+        rtype,
+        ptpl,
+        holder: if (1..=4).contains(&rtype) {
+            host_id(2)
+        } else {
+            [0; 16]
+        },
+        registrants: (1..=3).map(registrant).collect(),
     }
 }
 

@@ -377,6 +377,9 @@ pub fn remove_namespace(cfg: &PoolConfig, nqn: &str, nsid: u32) -> Result<PoolCo
         .ok_or_else(|| OpError::NotFound(format!("subsystem {nqn} has no namespace {nsid}")))?;
     let mut out = cfg.clone();
     out.namespaces.remove(i);
+    // Its reservation state goes with it (a namespace added again starts with none).
+    out.reservations
+        .retain(|r| !(r.subnqn == nqn && r.nsid == nsid));
     Ok(out)
 }
 

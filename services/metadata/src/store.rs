@@ -318,6 +318,7 @@ impl<D: MetaDisk> PoolStore<D> {
             spares: Vec::new(),
             write_seq_mark: 0,
             checksum_area,
+            reservations: Vec::new(),
         };
         config
             .validate()

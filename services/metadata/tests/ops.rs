@@ -39,6 +39,7 @@ fn pool(mib: u64) -> PoolConfig {
         spares: vec![],
         write_seq_mark: 0,
         checksum_area: None,
+        reservations: vec![],
     }
 }
 
@@ -151,6 +152,27 @@ fn refusals_say_what_is_wrong() {
         kind(ops::remove_namespace(&cfg, nqn, 3)),
         OpError::NotFound(_)
     ));
+    // A namespace with reservation state: removing it removes the state too (the image
+    // would not validate with a reservation naming no namespace).
+    let mut held = cfg.clone();
+    held.reservations.push(duplex_ondisk::Reservation {
+        subnqn: nqn.into(),
+        nsid: 2,
+        version: 1,
+        generation: 1,
+        rtype: 0,
+        ptpl: true,
+        holder: [0; 16],
+        registrants: vec![duplex_ondisk::ReservationRegistrant {
+            host_id: [7; 16],
+            key: 0xAB,
+            cntlid: 0xFFFF,
+        }],
+    });
+    held.validate().unwrap();
+    let gone = ops::remove_namespace(&held, nqn, 2).unwrap();
+    assert!(gone.reservations.is_empty());
+    gone.validate().unwrap();
     let cfg = ops::remove_namespace(&cfg, nqn, 2).unwrap();
     let cfg = ops::allow_host(
         &cfg,
