@@ -46,14 +46,20 @@
 //! rings again, so no change is missed; a spurious wake reads the same generation again. That
 //! is all the protocol: when and how often to read is the reader's policy.
 //!
-//! # Encoding (format version 2, little-endian)
+//! # Encoding (format version 3, little-endian)
 //!
 //! ```text
 //! table      = version:u32 generation:u64 count:u32 subsystem{count} groups:u32 group{groups}
+//!              resvs:u32 resv{resvs}
 //! subsystem  = nqn:str serial:str model:str flags:u8 hosts:u32 str{hosts} namespaces:u32 namespace{namespaces}
 //!              flags bit 0: allow_any_host; the other bits are zero
 //! namespace  = nsid:u32 volume:u32 block_size:u32 blocks:u64 nguid:[u8;16] uuid:[u8;16] ana_group:u32
 //! group      = id:u32 state:u8       the ANA state of group `id` on this node's ports
+//! resv       = nguid:[u8;16] version:u64 generation:u32 rtype:u8 flags:u8 holder:[u8;16]
+//!              count:u16 registrant{count}
+//!              the reservation state of the namespace `nguid` names (ONDISK record 10);
+//!              flags bit 0: PTPL; the other bits are zero
+//! registrant = host_id:[u8;16] key:u64 cntlid:u16
 //! str        = length:u16 UTF-8 bytes
 //! ```
 //!
@@ -67,7 +73,10 @@
 //! NGUID or UUID, or one used twice in the table (hosts identify namespaces by them); an ANA
 //! group listed twice or outside `1..=`[`MAX_ANA_GROUP`], a state that is not an ANA state
 //! ([`AnaState`]), or a namespace whose group has no state (every state is said, never
-//! assumed: a group this node does not own must not default to serving).
+//! assumed: a group this node does not own must not default to serving); a reservation naming
+//! no namespace of the table or listed twice, a reservation type above 6, unknown flag bits,
+//! more than [`MAX_REGISTRANTS`] registrants, an all-zero or repeated registrant host id.
+//! (Whether the holder fits the type is the reader's to check, with the reservations model.)
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -83,7 +92,9 @@ pub const DEFAULT_EXPORTS_SIZE: usize = 4 << 20;
 /// `params[0]` of an exports region says it is one.
 pub const EXPORTS_TAG: u64 = u64::from_le_bytes(*b"EXPORTS\x01");
 /// Version of the table encoding.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// Most registrants of one namespace's reservation (as ONDISK record 10 keeps them).
+pub const MAX_REGISTRANTS: usize = 64;
 /// Largest namespace id (and most namespaces per subsystem).
 pub const MAX_NSID: u32 = 1024;
 /// Longest NQN, in bytes (NVMe base specification: 223 bytes of UTF-8).
@@ -112,6 +123,10 @@ const MIN_SIZE: usize = 4096;
 const READ_ATTEMPTS: usize = 64;
 /// Bytes of one encoded namespace.
 const NAMESPACE_BYTES: usize = 4 + 4 + 4 + 8 + 16 + 16 + 4;
+/// Bytes of an encoded reservation without registrants.
+const RESV_BYTES: usize = 16 + 8 + 4 + 1 + 1 + 16 + 2;
+/// Bytes of an encoded registrant.
+const REGISTRANT_BYTES: usize = 16 + 8 + 2;
 
 /// One namespace of an exported subsystem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -205,6 +220,37 @@ pub struct AnaGroupState {
     pub state: AnaState,
 }
 
+/// One registrant of a namespace's reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExportRegistrant {
+    /// Host identifier (non-zero, once per reservation).
+    pub host_id: [u8; 16],
+    /// Reservation key.
+    pub key: u64,
+    /// Controller id Reservation Report shows (0xFFFF: dynamic).
+    pub cntlid: u16,
+}
+
+/// The reservation state of one exported namespace, as the metadata service keeps it on the
+/// drives (ONDISK record 10).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ExportReservation {
+    /// The namespace (its NGUID).
+    pub nguid: [u8; 16],
+    /// Grows with every committed change: a reader takes only a newer one.
+    pub version: u64,
+    /// PRGEN.
+    pub generation: u32,
+    /// Reservation type (0: none; 1..=6).
+    pub rtype: u8,
+    /// Persist Through Power Loss.
+    pub ptpl: bool,
+    /// The holder of types 1..=4 (all zero otherwise).
+    pub holder: [u8; 16],
+    /// The registrants, in registration order (at most [`MAX_REGISTRANTS`]).
+    pub registrants: Vec<ExportRegistrant>,
+}
+
 /// What the fabric exports, as one versioned whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExportTable {
@@ -215,6 +261,8 @@ pub struct ExportTable {
     /// The ANA state of every group a namespace names (and of groups without namespaces yet),
     /// by group id.
     pub ana: Vec<AnaGroupState>,
+    /// The reservation state of the namespaces that have one (by NGUID).
+    pub reservations: Vec<ExportReservation>,
 }
 
 impl ExportTable {
@@ -321,6 +369,14 @@ pub enum TableError {
     AnaGroup {
         /// The group.
         group: u32,
+        /// What is wrong.
+        why: String,
+    },
+    /// A reservation entry that is not valid.
+    #[error("Export table: reservation of namespace {nguid}: {why}")]
+    Reservation {
+        /// The namespace's NGUID, in hex.
+        nguid: String,
         /// What is wrong.
         why: String,
     },
@@ -476,6 +532,32 @@ impl ExportTable {
                 }
             }
         }
+        too_many("reservations", self.reservations.len(), nguids.len())?;
+        let mut reserved = std::collections::HashSet::new();
+        for r in &self.reservations {
+            let bad = |why: &str| TableError::Reservation {
+                nguid: r.nguid.iter().map(|b| format!("{b:02x}")).collect(),
+                why: why.to_owned(),
+            };
+            if !nguids.contains(&r.nguid) {
+                return Err(bad("no such namespace in the table"));
+            }
+            if !reserved.insert(r.nguid) {
+                return Err(bad("listed twice"));
+            }
+            if r.rtype > 6 {
+                return Err(bad(&format!("reservation type {} (0..=6)", r.rtype)));
+            }
+            too_many("registrants", r.registrants.len(), MAX_REGISTRANTS)?;
+            for (i, g) in r.registrants.iter().enumerate() {
+                if g.host_id == [0; 16] {
+                    return Err(bad("a registrant's host id is all zero"));
+                }
+                if r.registrants[..i].iter().any(|o| o.host_id == g.host_id) {
+                    return Err(bad("a host is registered twice"));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -510,6 +592,22 @@ impl ExportTable {
         for g in &self.ana {
             b.extend_from_slice(&g.group.to_le_bytes());
             b.push(g.state as u8);
+        }
+        put_count(&mut b, self.reservations.len());
+        for r in &self.reservations {
+            b.extend_from_slice(&r.nguid);
+            b.extend_from_slice(&r.version.to_le_bytes());
+            b.extend_from_slice(&r.generation.to_le_bytes());
+            b.push(r.rtype);
+            b.push(u8::from(r.ptpl));
+            b.extend_from_slice(&r.holder);
+            // Validated: at most 64.
+            b.extend_from_slice(&(r.registrants.len() as u16).to_le_bytes());
+            for g in &r.registrants {
+                b.extend_from_slice(&g.host_id);
+                b.extend_from_slice(&g.key.to_le_bytes());
+                b.extend_from_slice(&g.cntlid.to_le_bytes());
+            }
         }
         Ok(b)
     }
@@ -574,6 +672,48 @@ impl ExportTable {
             })?;
             ana.push(AnaGroupState { group, state });
         }
+        let n = r.count(
+            "reservations",
+            RESV_BYTES,
+            MAX_SUBSYSTEMS.saturating_mul(MAX_NSID as usize),
+        )?;
+        let mut reservations = Vec::with_capacity(n);
+        for _ in 0..n {
+            let nguid = r.id()?;
+            let version = r.u64()?;
+            let generation = r.u32()?;
+            let rtype = r.u8()?;
+            let flags = r.u8()?;
+            let holder = r.id()?;
+            let count = usize::from(u16::from_le_bytes(r.array()?));
+            if flags & !1 != 0 {
+                return Err(TableError::Reservation {
+                    nguid: nguid.iter().map(|b| format!("{b:02x}")).collect(),
+                    why: format!("unknown flags {flags:#04x}"),
+                });
+            }
+            too_many("registrants", count, MAX_REGISTRANTS)?;
+            if count.saturating_mul(REGISTRANT_BYTES) > bytes.len().saturating_sub(r.at) {
+                return Err(TableError::Truncated { at: r.at });
+            }
+            let mut registrants = Vec::with_capacity(count);
+            for _ in 0..count {
+                registrants.push(ExportRegistrant {
+                    host_id: r.id()?,
+                    key: r.u64()?,
+                    cntlid: u16::from_le_bytes(r.array()?),
+                });
+            }
+            reservations.push(ExportReservation {
+                nguid,
+                version,
+                generation,
+                rtype,
+                ptpl: flags & 1 != 0,
+                holder,
+                registrants,
+            });
+        }
         if r.at != bytes.len() {
             return Err(TableError::TrailingBytes {
                 extra: bytes.len() - r.at,
@@ -583,6 +723,7 @@ impl ExportTable {
             generation,
             subsystems,
             ana,
+            reservations,
         };
         t.validate()?;
         Ok(t)

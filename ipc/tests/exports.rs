@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_ipc::exports::{
-    AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, ExportTable, ExportsError,
-    ExportsRegion, TableError, DEFAULT_EXPORTS_SIZE, MAX_NSID,
+    AnaGroupState, AnaState, ExportNamespace, ExportRegistrant, ExportReservation, ExportSubsystem,
+    ExportTable, ExportsError, ExportsRegion, TableError, DEFAULT_EXPORTS_SIZE, MAX_NSID,
 };
 use duplex_ipc::lifecycle::Health;
 
@@ -72,6 +72,30 @@ fn table(g: u64) -> ExportTable {
                 ][((g + u64::from(group)) % 5) as usize],
             })
             .collect(),
+        // Every other table: the first namespace with reservation state (g % 4 registrants).
+        reservations: if g % 2 == 0 {
+            vec![ExportReservation {
+                nguid: id(1, g, 1),
+                version: g * 3,
+                generation: g as u32 + 7,
+                rtype: (g % 7) as u8,
+                ptpl: g % 3 == 0,
+                holder: if g % 7 > 0 && g % 7 < 5 {
+                    id(3, g, 1)
+                } else {
+                    [0; 16]
+                },
+                registrants: (0..g % 4)
+                    .map(|i| ExportRegistrant {
+                        host_id: id(3, g, i as u32 + 1),
+                        key: 0xAB00 + i,
+                        cntlid: 0xFFFF,
+                    })
+                    .collect(),
+            }]
+        } else {
+            vec![]
+        },
     }
 }
 
@@ -105,12 +129,12 @@ fn ana_states_are_said_for_every_group_and_checked() {
         Err(TableError::AnaGroup { group: 0, .. })
     ));
 
-    // A state byte that is not an ANA state: the last byte of the encoding is the last
-    // group's state.
+    // A state byte that is not an ANA state: the last group's state is the byte before the
+    // (empty, table 3 has no reservations) reservation count, the last 4 bytes.
     let mut b = t.encode().expect("encodes");
-    if let Some(last) = b.last_mut() {
-        *last = 0x05;
-    }
+    assert!(t.reservations.is_empty());
+    let n = b.len();
+    b[n - 5] = 0x05;
     let err = ExportTable::decode(&b).expect_err("not an ANA state");
     assert!(err.to_string().contains("not an ANA state"), "{err}");
     // The NVMe codes, written down from the specification (ANA log page, byte 32 of a
@@ -252,6 +276,80 @@ fn validation_names_what_is_wrong() {
     ] {
         check(edit, &|e| matches!(e, TableError::Namespace { .. }));
     }
+    // Reservations: a namespace of the table, once, a type up to 6, at most 64 registrants,
+    // each a non-zero host id once.
+    for edit in [
+        &(|t: &mut ExportTable| t.reservations[0].nguid = id(9, 9, 9)) as &dyn Fn(&mut ExportTable),
+        &|t| {
+            let r = t.reservations[0].clone();
+            t.reservations.push(r);
+        },
+        &|t| t.reservations[0].rtype = 7,
+        &|t| {
+            t.reservations[0].registrants = vec![
+                ExportRegistrant {
+                    host_id: [0; 16],
+                    key: 1,
+                    cntlid: 1,
+                };
+                1
+            ]
+        },
+        &|t| {
+            let g = ExportRegistrant {
+                host_id: [5; 16],
+                key: 1,
+                cntlid: 1,
+            };
+            t.reservations[0].registrants = vec![g, g];
+        },
+    ] {
+        check(edit, &|e| matches!(e, TableError::Reservation { .. }));
+    }
+    check(
+        &|t| {
+            t.reservations[0].registrants = (0..65u8)
+                .map(|i| ExportRegistrant {
+                    host_id: [i + 1; 16],
+                    key: 1,
+                    cntlid: 1,
+                })
+                .collect()
+        },
+        &|e| {
+            matches!(
+                e,
+                TableError::TooMany {
+                    what: "registrants",
+                    ..
+                }
+            )
+        },
+    );
+    // Unknown flag bits and a registrant count past the bytes are refused when decoding.
+    let mut t = table(4);
+    t.reservations[0].registrants.clear();
+    let b = t.encode().expect("encode");
+    // The reservation is the last thing in the table: flags at its byte 29, count at 46.
+    let at = b.len() - (16 + 8 + 4 + 1 + 1 + 16 + 2);
+    let mut bad = b.clone();
+    bad[at + 29] = 2;
+    assert!(matches!(
+        ExportTable::decode(&bad),
+        Err(TableError::Reservation { .. })
+    ));
+    let mut bad = b.clone();
+    bad[at + 46] = 3;
+    assert!(matches!(
+        ExportTable::decode(&bad),
+        Err(TableError::Truncated { .. })
+    ));
+    let mut bad = b;
+    bad[at + 46] = 65;
+    assert!(matches!(
+        ExportTable::decode(&bad),
+        Err(TableError::TooMany { .. })
+    ));
 }
 
 /// A writer thread publishes thousands of generations while readers copy: every table a

@@ -64,6 +64,7 @@ fn table(generation: u64, hosts: &[&str], namespaces: Vec<ExportNamespace>) -> E
             group: 1,
             state: AnaState::Optimized,
         }],
+        reservations: vec![],
     }
 }
 
@@ -442,6 +443,7 @@ fn a_host_no_longer_allowed_is_disconnected_and_refused_and_removed_subsystems_g
         generation: 3,
         subsystems: vec![],
         ana: vec![],
+        reservations: vec![],
     });
     assert_eq!(
         disc.next_event(),

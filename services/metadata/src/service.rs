@@ -322,6 +322,8 @@ impl Publisher for ServicePublisher {
             generation: self.exports.current_generation() + 1,
             subsystems,
             ana,
+            // Reservation state is not published yet (issue 17: next step).
+            reservations: Vec::new(),
         };
         self.exports.publish(&table).map_err(|e| e.to_string())?;
         self.bell.ring();
