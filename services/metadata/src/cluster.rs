@@ -206,12 +206,13 @@ pub trait Publisher {
     fn serves_pool(&mut self, _name: &str) -> bool {
         false
     }
-    /// Replaces the fabric's export table: the subsystems, and the ANA state of every group
-    /// their namespaces name.
+    /// Replaces the fabric's export table: the subsystems, the ANA state of every group
+    /// their namespaces name, and the reservation state of the namespaces that have one.
     fn publish_exports(
         &mut self,
         subsystems: Vec<ExportSubsystem>,
         ana: Vec<AnaGroupState>,
+        reservations: Vec<duplex_ipc::exports::ExportReservation>,
     ) -> Result<(), String>;
 }
 
@@ -1286,7 +1287,49 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
     fn publish_exports(&mut self) -> Result<(), String> {
         let table = self.export_table();
         let ana = self.ana_states(&table);
-        self.publisher.publish_exports(table, ana)
+        let reservations = self.export_reservations(&table);
+        self.publisher.publish_exports(table, ana, reservations)
+    }
+
+    /// The reservation state kept with the pools (ONDISK record 10) of every namespace the
+    /// table exports, by the NGUID of the volume it exports.
+    fn export_reservations(
+        &self,
+        table: &[ExportSubsystem],
+    ) -> Vec<duplex_ipc::exports::ExportReservation> {
+        let exported: std::collections::HashSet<[u8; 16]> = table
+            .iter()
+            .flat_map(|s| s.namespaces.iter().map(|n| n.nguid))
+            .collect();
+        self.configs()
+            .flat_map(|c| {
+                c.reservations.iter().filter_map(move |r| {
+                    let n = c
+                        .namespaces
+                        .iter()
+                        .find(|n| n.subsystem_nqn == r.subnqn && n.nsid == r.nsid)?;
+                    let v = c.volumes.iter().find(|v| v.uuid == n.volume_uuid)?;
+                    Some(duplex_ipc::exports::ExportReservation {
+                        nguid: v.nguid,
+                        version: r.version,
+                        generation: r.generation,
+                        rtype: r.rtype,
+                        ptpl: r.ptpl,
+                        holder: r.holder,
+                        registrants: r
+                            .registrants
+                            .iter()
+                            .map(|g| duplex_ipc::exports::ExportRegistrant {
+                                host_id: g.host_id,
+                                key: g.key,
+                                cntlid: g.cntlid,
+                            })
+                            .collect(),
+                    })
+                })
+            })
+            .filter(|r| exported.contains(&r.nguid))
+            .collect()
     }
 
     /// The ANA state of every group the table's namespaces name: optimized for the pools this

@@ -317,13 +317,13 @@ impl Publisher for ServicePublisher {
         &mut self,
         subsystems: Vec<ExportSubsystem>,
         ana: Vec<AnaGroupState>,
+        reservations: Vec<duplex_ipc::exports::ExportReservation>,
     ) -> Result<(), String> {
         let table = ExportTable {
             generation: self.exports.current_generation() + 1,
             subsystems,
             ana,
-            // Reservation state is not published yet (issue 17: next step).
-            reservations: Vec::new(),
+            reservations,
         };
         self.exports.publish(&table).map_err(|e| e.to_string())?;
         self.bell.ring();

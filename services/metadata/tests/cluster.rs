@@ -22,6 +22,7 @@ struct Recorder {
     recorded: Vec<(u32, Vec<u32>)>,
     replaced: Vec<(u32, u32, u32)>,
     retired: Vec<u32>,
+    reservations: Vec<duplex_ipc::exports::ExportReservation>,
     /// What `active_members` answers (the datapath's view).
     active: Vec<bool>,
     /// What `seq_headroom` answers.
@@ -74,9 +75,11 @@ impl Publisher for Recorder {
         &mut self,
         subsystems: Vec<ExportSubsystem>,
         ana: Vec<AnaGroupState>,
+        reservations: Vec<duplex_ipc::exports::ExportReservation>,
     ) -> Result<(), String> {
         self.exports = subsystems;
         self.ana = ana;
+        self.reservations = reservations;
         Ok(())
     }
 }
@@ -1038,4 +1041,90 @@ fn a_pool_without_a_checksum_area_refuses_a_drive_without_records() {
     );
     ok(c.handle(replace("d4")));
     assert_eq!(c.publisher_mut().replaced, vec![(100, 1, 14)]);
+}
+
+/// A namespace's reservation state kept with its pool on the drives (ONDISK record 10) is
+/// published in the export table by the NGUID of the volume the namespace exports, after a
+/// restart too; a namespace removed takes its state with it (the table has none then).
+#[test]
+fn reservation_state_on_the_drives_is_published_with_the_namespace() {
+    let d = disks(2);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    create(&mut c, RaidLevel::Raid1, &["d0", "d1"]);
+    ok(c.handle(ConfigRequest::CreateVolume {
+        name: "vol0".into(),
+        pool: "tank".into(),
+        size_bytes: 64 << 20,
+    }));
+    ok(c.handle(ConfigRequest::CreateSubsystem(NQN.into())));
+    ok(c.handle(ConfigRequest::AddNamespace {
+        nqn: NQN.into(),
+        volume: "vol0".into(),
+        nsid: 0,
+    }));
+    assert!(c.publisher_mut().reservations.is_empty());
+    let nguid = c.publisher_mut().exports[0].namespaces[0].nguid;
+    drop(c);
+    // Written to the drives as the reservation path will: Write Exclusive held by the first of
+    // two registrants, PTPL on.
+    let (mut store, _, _) =
+        duplex_metadata::store::PoolStore::import(d.clone(), None, false, 0).unwrap();
+    let mut cfg = store.config().clone();
+    cfg.reservations.push(duplex_ondisk::Reservation {
+        subnqn: NQN.into(),
+        nsid: 1,
+        version: 3,
+        generation: 4,
+        rtype: 1,
+        ptpl: true,
+        holder: [0xA; 16],
+        registrants: vec![
+            duplex_ondisk::ReservationRegistrant {
+                host_id: [0xA; 16],
+                key: 0xA1,
+                cntlid: 0xFFFF,
+            },
+            duplex_ondisk::ReservationRegistrant {
+                host_id: [0xB; 16],
+                key: 0xB1,
+                cntlid: 0xFFFF,
+            },
+        ],
+    });
+    store.commit(cfg).unwrap();
+    drop(store);
+    let mut c = Cluster::start(drives(&d), 0, 1, Recorder::default());
+    let r = c.publisher_mut().reservations.clone();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].nguid, nguid);
+    assert_eq!(
+        (
+            r[0].version,
+            r[0].generation,
+            r[0].rtype,
+            r[0].ptpl,
+            r[0].holder
+        ),
+        (3, 4, 1, true, [0xA; 16])
+    );
+    let keys: Vec<(u8, u64)> = r[0]
+        .registrants
+        .iter()
+        .map(|g| (g.host_id[0], g.key))
+        .collect();
+    assert_eq!(keys, vec![(0xA, 0xA1), (0xB, 0xB1)]);
+    // The table the fabric reads accepts it.
+    duplex_ipc::exports::ExportTable {
+        generation: 1,
+        subsystems: c.publisher_mut().exports.clone(),
+        ana: c.publisher_mut().ana.clone(),
+        reservations: r,
+    }
+    .validate()
+    .unwrap();
+    ok(c.handle(ConfigRequest::RemoveNamespace {
+        nqn: NQN.into(),
+        nsid: 1,
+    }));
+    assert!(c.publisher_mut().reservations.is_empty());
 }
