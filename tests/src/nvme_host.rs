@@ -86,6 +86,18 @@ impl Host {
 
     /// Fabrics Connect of queue `qid` (sqsize 31 for the admin queue, 63 for I/O; KATO 30 s).
     pub fn connect(&mut self, qid: u16, cntlid: u16, subnqn: &str, hostnqn: &str) -> Cqe {
+        self.connect_as(qid, cntlid, subnqn, hostnqn, HOSTID)
+    }
+
+    /// [`Host::connect`] with host identifier `hostid`.
+    pub fn connect_as(
+        &mut self,
+        qid: u16,
+        cntlid: u16,
+        subnqn: &str,
+        hostnqn: &str,
+        hostid: [u8; 16],
+    ) -> Cqe {
         let sqe = duplex_nvme::cmd::ConnectCmd {
             recfmt: 0,
             qid,
@@ -95,7 +107,7 @@ impl Host {
         }
         .to_sqe(0);
         let data = duplex_nvme::cmd::ConnectData {
-            hostid: HOSTID,
+            hostid,
             cntlid,
             subnqn: subnqn.into(),
             hostnqn: hostnqn.into(),
@@ -136,8 +148,19 @@ impl Host {
         subnqn: &str,
         hostnqn: &str,
     ) -> (Self, u16) {
+        Self::admin_as_id(addr, digests, subnqn, hostnqn, HOSTID)
+    }
+
+    /// [`Host::admin_as`] with host identifier `hostid`.
+    pub fn admin_as_id(
+        addr: SocketAddr,
+        digests: Digests,
+        subnqn: &str,
+        hostnqn: &str,
+        hostid: [u8; 16],
+    ) -> (Self, u16) {
         let mut h = Self::dial(addr, digests);
-        let c = h.connect(0, 0xFFFF, subnqn, hostnqn);
+        let c = h.connect_as(0, 0xFFFF, subnqn, hostnqn, hostid);
         assert!(c.status().is_success(), "admin connect: {}", c.status());
         let cntlid = c.dw0 as u16;
         assert!(h

@@ -46,6 +46,15 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
     if path_status(q, &ctrl, ns).is_some() {
         return false;
     }
+    // A namespace under a reservation the command conflicts with: the slow path answers.
+    if q.shared.target.has_reservations()
+        && q.shared
+            .target
+            .reservation_conflict(&ns.nguid, ctrl.hostid, sqe.opcode)
+            .is_some()
+    {
+        return false;
+    }
     let (slba, nlb) = (sqe.slba(), sqe.nlb());
     let Ok(bytes) = range(ns, slba, nlb) else {
         return false;
@@ -179,6 +188,20 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
             &format!(
                 "I/O to namespace {} refused on this path: {status}",
                 ns.nsid
+            ),
+        );
+        return Reply::status(status);
+    }
+    if let Some(status) = q
+        .shared
+        .target
+        .reservation_conflict(&ns.nguid, ctrl.hostid, sqe.opcode)
+    {
+        q.shared.note(
+            q.peer,
+            &format!(
+                "I/O command {:#04x} to namespace {} refused: reservation conflict",
+                sqe.opcode, ns.nsid
             ),
         );
         return Reply::status(status);
@@ -443,7 +466,17 @@ async fn flush(q: &Queue, backend: &Backend, ctrl: &Controller, sqe: &Sqe) -> St
         u32::MAX
     } else {
         match ctrl.subsys.namespace(sqe.nsid) {
-            Some(ns) => ns.volume,
+            Some(ns) => {
+                // Flush is a write as reservations see it (the Linux target's choice too).
+                if let Some(status) =
+                    q.shared
+                        .target
+                        .reservation_conflict(&ns.nguid, ctrl.hostid, sqe.opcode)
+                {
+                    return status;
+                }
+                ns.volume
+            }
             None => return generic::INVALID_NS,
         }
     };

@@ -75,6 +75,9 @@ pub struct Target {
     fenced: Cell<bool>,
     /// Generation of the export table applied last (0: none).
     exports_generation: Cell<u64>,
+    /// The reservation state of the exported namespaces that have one, by NGUID (from the
+    /// export table: the metadata service keeps it with the pool on the drives).
+    reservations: RefCell<HashMap<[u8; 16], (u64, duplex_nvme::resv::Reservations)>>,
 }
 
 impl Target {
@@ -102,6 +105,7 @@ impl Target {
             ana: RefCell::new(HashMap::new()),
             fenced: Cell::new(false),
             exports_generation: Cell::new(0),
+            reservations: RefCell::new(HashMap::new()),
         }
     }
 
@@ -176,6 +180,8 @@ impl Target {
             }
         }
         *self.subsystems.borrow_mut() = next;
+        // Before any notice goes out: a host acting on one meets the new state.
+        self.apply_reservations(table);
         let ana: HashMap<u32, AnaState> = table.ana.iter().map(|g| (g.group, g.state)).collect();
         let ana_changed = *self.ana.borrow() != ana;
         if ana_changed {
@@ -221,6 +227,64 @@ impl Target {
         }
         self.exports_generation.set(table.generation);
         change
+    }
+
+    /// Takes the table's reservation states: every namespace's as published (the table is
+    /// the whole truth; a namespace it names none for has none). A state the model cannot be
+    /// in is logged and the namespace keeps the one it had (never silently opened up).
+    fn apply_reservations(&self, table: &ExportTable) {
+        use duplex_nvme::resv::{HostId, Registrant, ResvState, ResvType};
+        let mut next = HashMap::new();
+        let old = self.reservations.borrow();
+        for r in &table.reservations {
+            let state = ResvState {
+                registrants: r
+                    .registrants
+                    .iter()
+                    .map(|g| Registrant {
+                        host: HostId(g.host_id),
+                        cntlid: g.cntlid,
+                        key: g.key,
+                    })
+                    .collect(),
+                rtype: ResvType::from_u8(r.rtype),
+                holder: (r.holder != [0; 16]).then_some(HostId(r.holder)),
+                generation: r.generation,
+                ptpl: r.ptpl,
+            };
+            match duplex_nvme::resv::Reservations::from_state(&state) {
+                Ok(m) => {
+                    next.insert(r.nguid, (r.version, m));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, version = r.version, "a namespace's published reservation state is not one it can be in: keeping the one it had");
+                    if let Some(kept) = old.get(&r.nguid) {
+                        next.insert(r.nguid, kept.clone());
+                    }
+                }
+            }
+        }
+        drop(old);
+        *self.reservations.borrow_mut() = next;
+    }
+
+    /// The reservation conflict I/O command `opcode` from host `host` meets on namespace
+    /// `nguid`, if any (namespaces without reservation state: none).
+    pub fn reservation_conflict(
+        &self,
+        nguid: &[u8; 16],
+        host: [u8; 16],
+        opcode: u8,
+    ) -> Option<duplex_nvme::status::Status> {
+        self.reservations
+            .borrow()
+            .get(nguid)
+            .and_then(|(_, r)| r.check_io(duplex_nvme::resv::HostId(host), opcode).err())
+    }
+
+    /// Whether any namespace has reservation state (the I/O fast path checks only then).
+    pub fn has_reservations(&self) -> bool {
+        !self.reservations.borrow().is_empty()
     }
 
     /// Brings exported subsystem `s` to `e` (same identity): its hosts, then its namespaces.

@@ -16,7 +16,8 @@ use common::*;
 use duplex_host::{Completion, Data};
 use duplex_ipc::doorbell::Doorbell;
 use duplex_ipc::exports::{
-    AnaGroupState, AnaState, ExportNamespace, ExportSubsystem, ExportTable, ExportsRegion,
+    AnaGroupState, AnaState, ExportNamespace, ExportRegistrant, ExportReservation, ExportSubsystem,
+    ExportTable, ExportsRegion,
 };
 use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::{admin, aen, cns, feat, io, lid, DISCOVERY_NQN};
@@ -746,4 +747,106 @@ fn a_fenced_datapath_makes_every_group_inaccessible_with_a_notice_and_serves_not
     }
     assert_eq!(ana_log(&mut a, false).1, vec![(1, 3, vec![1, 2, 3])]);
     assert_eq!(read(&mut q, 1, 0, 1).0, path::ANA_INACCESSIBLE);
+}
+
+/// A host with its own host identifier: its admin queue and one I/O queue on [`EXPNQN`].
+fn host_as(addr: SocketAddr, hostnqn: &str, hostid: [u8; 16]) -> (Host, Host) {
+    let (mut a, cntlid) = Host::admin_as_id(addr, NONE, EXPNQN, hostnqn, hostid);
+    let (s, _, _) = a.admin_cmd(
+        Sqe {
+            opcode: admin::SET_FEATURES,
+            cdw10: u32::from(feat::NUM_QUEUES),
+            ..Sqe::default()
+        },
+        0,
+    );
+    assert!(s.is_success(), "{s}");
+    let mut q = Host::dial(addr, NONE);
+    let c = q.connect_as(1, cntlid, EXPNQN, hostnqn, hostid);
+    assert!(c.status().is_success(), "io connect: {}", c.status());
+    (a, q)
+}
+
+fn flush(q: &mut Host, nsid: u32) -> Status {
+    let sqe = Sqe {
+        opcode: io::FLUSH,
+        nsid,
+        cid: q.cid(),
+        ..Sqe::default()
+    };
+    q.command(sqe, None, false, 0).0.status()
+}
+
+/// The reservation state the export table publishes for a namespace (kept by the metadata
+/// service with the pool on the drives) is what every I/O command meets: under Write Exclusive
+/// held by host A, host B (registered, not the holder) reads but its writes and flushes get
+/// Reservation Conflict (generic 83h, Do Not Retry) while A writes; under Exclusive Access B's
+/// reads conflict too; a table without the state lets B write again. Each table also flips the
+/// group between optimized and non-optimized, so the ANA change notice says it was applied.
+#[test]
+fn published_reservation_state_is_enforced_on_every_io() {
+    const A: [u8; 16] = duplex_tests::nvme_host::HOSTID;
+    const B: [u8; 16] = [9; 16];
+    let nguid = ns(1, 11, 1024).nguid;
+    let at = |generation: u64, rtype: Option<u8>| {
+        let state = if generation % 2 == 1 {
+            AnaState::Optimized
+        } else {
+            AnaState::NonOptimized
+        };
+        let mut t = table_in(generation, vec![ns(1, 11, 1024)], state);
+        t.subsystems[0].hosts = vec![HOSTNQN.into(), OTHER.into()];
+        t.reservations = rtype
+            .map(|rtype| ExportReservation {
+                nguid,
+                version: generation,
+                generation: 2,
+                rtype,
+                ptpl: false,
+                holder: A,
+                registrants: [A, B]
+                    .iter()
+                    .map(|&host_id| ExportRegistrant {
+                        host_id,
+                        key: u64::from(host_id[0]),
+                        cntlid: 0xFFFF,
+                    })
+                    .collect(),
+            })
+            .into_iter()
+            .collect();
+        t
+    };
+    let w = Writer::new();
+    w.publish(&at(1, Some(1)));
+    let f = w.fabric();
+    let mut admin = Admin::connect(f.addr, EXPNQN, HOSTNQN);
+    admin.set_aec(aen::CFG_ANA_CHANGE);
+    let mut a = admin.io_queue(f.addr, EXPNQN, HOSTNQN);
+    // Each notice is followed by a read of the ANA log (which reports the class again).
+    ana_log(&mut admin, false);
+    let (_b_admin, mut b) = host_as(f.addr, OTHER, B);
+    let data = vec![0x5A; BS as usize];
+    let conflict = Status::new(0, 0x83).dnr();
+    assert_eq!(generic::RESERVATION_CONFLICT, conflict);
+    assert!(write(&mut a, 1, 0, &data).is_success());
+    assert_eq!(write(&mut b, 1, 0, &data), conflict);
+    assert_eq!(flush(&mut b, 1), conflict);
+    let (s, d) = read(&mut b, 1, 0, 1);
+    assert!(s.is_success(), "{s}");
+    assert_eq!(d, data, "B reads what A wrote");
+    // Exclusive Access: B's reads conflict too; A goes on.
+    admin.request_event();
+    w.publish(&at(2, Some(2)));
+    assert_eq!(admin.next_event(), ANA_CHANGED);
+    ana_log(&mut admin, false);
+    assert_eq!(read(&mut b, 1, 0, 1).0, conflict);
+    assert!(write(&mut a, 1, 1, &data).is_success());
+    assert!(read(&mut a, 1, 1, 1).0.is_success());
+    // No reservation state: B writes.
+    admin.request_event();
+    w.publish(&at(3, None));
+    assert_eq!(admin.next_event(), ANA_CHANGED);
+    assert!(write(&mut b, 1, 2, &data).is_success());
+    assert!(flush(&mut b, 1).is_success());
 }
