@@ -468,12 +468,20 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
             (ana::NON_OPTIMIZED, true),
         ]
         .into_iter()
-        .find_map(|(want, retrying)| (0..paths.len()).find(|&i| usable(i, want, retrying)));
+        .find_map(|(want, retrying)| {
+            (0..paths.len())
+                .find(|&i| usable(i, want, retrying))
+                .map(|i| (i, retrying))
+        });
+        // A path tried again only because nothing else can be used does not end the wait for
+        // a usable path: a command it completes does.
+        let retrying = pick.is_some_and(|(_, r)| r);
+        let pick = pick.map(|(i, _)| i);
         let loading = !checking
             && spec.ios.is_none_or(|n| sent < n)
             && until.is_none_or(|t| Instant::now() < t)
             && spec.stop_file.as_ref().is_none_or(|f| !f.exists());
-        if pick.is_none() {
+        if pick.is_none() || retrying {
             let since = *no_path_since.get_or_insert_with(Instant::now);
             if since.elapsed() > spec.failover_timeout {
                 bail!(
@@ -658,6 +666,7 @@ fn work(spec: &Spec, shared: &Shared) -> anyhow::Result<Report> {
                 };
                 let status: Status = c.status();
                 if status.is_success() {
+                    no_path_since = None;
                     if let Some((opened, gap, worst)) = event.as_mut() {
                         if gap.is_none() {
                             *gap = Some(opened.elapsed());

@@ -72,6 +72,10 @@ pub struct EngineConfig {
     /// Write zeroes and deallocate by writing a zero buffer instead of trying `fallocate` first
     /// (the fallback path, forced: for tests and for backends whose `fallocate` misbehaves).
     pub emulate_zeroes: bool,
+    /// How long a pool device being taken apart ([`crate::control::Command::RetirePool`]) may
+    /// take to have nothing out before the request is refused and the device stays in service
+    /// (well inside the metadata service's 10 s for a maps request).
+    pub retire_patience: Duration,
 }
 
 impl Default for EngineConfig {
@@ -82,6 +86,7 @@ impl Default for EngineConfig {
             max_sleep: Duration::from_millis(250),
             grace: Duration::from_secs(5),
             emulate_zeroes: false,
+            retire_patience: Duration::from_secs(5),
         }
     }
 }
@@ -200,7 +205,7 @@ pub struct Engine {
     /// RAID devices being taken apart ([`Command::RetirePool`]), each with the replies waiting
     /// for it: their jobs start nothing more, and once nothing of theirs is out their members
     /// go back to being free drives.
-    retiring: Vec<(usize, control::Reply<()>)>,
+    retiring: Vec<(usize, Instant, control::Reply<()>)>,
     /// Epoch of the maps now served.
     epoch: u64,
     inlet: Inlet,
@@ -483,7 +488,7 @@ impl Engine {
             let limit = if self
                 .retiring
                 .iter()
-                .any(|(d, _)| *d == r.key.device as usize)
+                .any(|(d, _, _)| *d == r.key.device as usize)
             {
                 0
             } else {
@@ -704,7 +709,7 @@ impl Engine {
                     if let Err(why) = self.start_retire(device) {
                         let _ = reply.send(Err(why));
                     } else {
-                        self.retiring.push((device, reply));
+                        self.retiring.push((device, Instant::now(), reply));
                     }
                 }
                 Control::Status { reply } => {
@@ -1062,7 +1067,7 @@ impl Engine {
             .iter()
             .any(|&(r, m)| r == device && m.is_some())
             || self.checksummed.contains_key(&device)
-            || self.retiring.iter().any(|(d, _)| *d == device);
+            || self.retiring.iter().any(|(d, _, _)| *d == device);
         let Some(dev) = self.devices.get_mut(device).and_then(Option::as_mut) else {
             return Err(format!("no device {device}"));
         };
@@ -1101,13 +1106,13 @@ impl Engine {
         let mut any = false;
         let mut i = 0;
         while i < self.retiring.len() {
-            let device = self.retiring[i].0;
+            let (device, since) = (self.retiring[i].0, self.retiring[i].1);
             let state = self
                 .devices
                 .get(device)
                 .map(|d| d.as_ref().map(|d| d.idle()));
-            match state {
-                Some(Some(false)) => {
+            let result = match state {
+                Some(Some(false)) if since.elapsed() < self.config.retire_patience => {
                     // Its jobs may have been granted work since: nothing more starts.
                     if let Some(Some(d)) = self.devices.get_mut(device) {
                         d.set_job_limit(crate::bdev::JobKind::Rebuild, 0);
@@ -1116,12 +1121,32 @@ impl Engine {
                     i += 1;
                     continue;
                 }
-                Some(Some(true)) => self.retire(device),
+                Some(Some(false)) => {
+                    // A member that does not answer (its commands wait for the driver's
+                    // timeouts and a controller reset): the device stays whole and in
+                    // service, its jobs free to go on (the raid service's grants apply
+                    // again), and the control plane is told, well inside its own timeout.
+                    let mut name = String::new();
+                    if let Some(Some(d)) = self.devices.get_mut(device) {
+                        name = d.name().to_owned();
+                        d.set_job_limit(crate::bdev::JobKind::Rebuild, u64::MAX);
+                        d.set_job_limit(crate::bdev::JobKind::Scrub, u64::MAX);
+                    }
+                    tracing::warn!(pool = %name, device, "pool device still busy: not taken apart");
+                    Err(format!(
+                        "pool {name} still has I/O out after {} ms: not taken apart",
+                        self.config.retire_patience.as_millis()
+                    ))
+                }
+                Some(Some(true)) => {
+                    self.retire(device);
+                    Ok(())
+                }
                 // Taken apart already (asked twice).
-                _ => {}
-            }
-            let (_, reply) = self.retiring.swap_remove(i);
-            let _ = reply.send(Ok(()));
+                _ => Ok(()),
+            };
+            let (_, _, reply) = self.retiring.swap_remove(i);
+            let _ = reply.send(result);
             any = true;
         }
         any
@@ -1134,6 +1159,8 @@ impl Engine {
         };
         let name = dev.name().to_owned();
         self.checksummed.remove(&device);
+        let mut dev = dev;
+        dev.release_buffers(&mut self.scratch);
         let mut freed = Vec::new();
         for (slot, mut m) in dev.into_members().into_iter().enumerate() {
             let m = m

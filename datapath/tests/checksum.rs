@@ -507,6 +507,77 @@ fn a_pool_taken_apart_frees_its_drives_and_built_again_serves_the_peers_writes()
     a.stop();
 }
 
+/// A pool device that cannot be taken apart in time (a member holds a scrub read back) stays
+/// whole and in service: the request is refused naming why, the volume is served again with
+/// every block intact once the member answers, and taken apart once nothing is out.
+#[test]
+fn a_pool_with_io_out_past_its_patience_is_not_taken_apart_and_stays_in_service() {
+    use duplex_drive_sim::{Fault, FaultOp};
+    let drives: Vec<SimDrive> = (0..2).map(|_| sim_drive()).collect();
+    let config = duplex_datapath::EngineConfig {
+        retire_patience: std::time::Duration::ZERO,
+        ..duplex_datapath::EngineConfig::default()
+    };
+    let mut node = common::sim::raw_node_with(&drives, config);
+    let pool = mirror(&mut node, 1);
+    let n = 16;
+    write_all(&mut node, 1, n);
+    assert_eq!(flush(&mut node), STATUS_SUCCESS);
+    // Member 1 holds every read back: the scrub's first read of it stays inside the drive.
+    let stall = drives[1].drive.inject(Fault::Stall { op: FaultOp::Read });
+    node.control.scrub(pool).unwrap();
+    let cntlid = drives[1].drive.controllers()[0];
+    common::wait_until("the scrub's read to be held in member 1", || {
+        drives[1].drive.held_commands(cntlid) > 0
+    });
+    node.control.publish_volumes(1, vec![]).unwrap();
+    let err = node.control.retire_pool(pool).unwrap_err();
+    assert!(err.contains("not taken apart"), "{err}");
+    let status = node.control.status().unwrap();
+    assert!(status.iter().any(|d| d.index == pool), "{status:?}");
+    // The member answers: the scrub finishes, the volume is served again, every block intact.
+    assert!(drives[1].drive.clear_fault(stall));
+    common::wait_until("the scrub to finish", || {
+        node.control
+            .status()
+            .unwrap()
+            .iter()
+            .find(|d| d.index == pool)
+            .and_then(|d| d.scrub)
+            .is_some_and(|s| s.total > 0 && s.done >= s.total)
+    });
+    let blocks = node
+        .control
+        .status()
+        .unwrap()
+        .iter()
+        .find(|d| d.index == pool)
+        .unwrap()
+        .size
+        / u64::from(BS);
+    node.control
+        .publish_volumes(
+            1,
+            vec![VolumeMap {
+                id: 1,
+                name: "vol1".into(),
+                block_size: BS,
+                blocks,
+                extents: vec![Extent {
+                    start: 0,
+                    blocks,
+                    device: pool,
+                    device_offset: 0,
+                }],
+            }],
+        )
+        .unwrap();
+    assert_eq!(read_all(&mut node, 1, n, |_| false), 0);
+    node.control.publish_volumes(1, vec![]).unwrap();
+    node.control.retire_pool(pool).unwrap();
+    node.stop();
+}
+
 /// Write Zeroes and Deallocate over more than a piece (4 MiB) are done in pieces: afterwards
 /// every block reads as zeroes on every copy (the entries say "zeroes"), rewrites read back,
 /// and a rotten zeroed block is still caught.

@@ -457,6 +457,9 @@ pub trait Bdev: Debug + Send {
     fn idle(&self) -> bool {
         self.inflight() == 0
     }
+    /// Gives back every buffer of the scratch reserve the device holds for its own work (a
+    /// parity journal's marker, a scrub window's reads): called before it is taken apart.
+    fn release_buffers(&mut self, _scratch: &mut Scratch) {}
     /// Gives up the members (RAID devices, when idle), in slot order.
     fn into_members(self: Box<Self>) -> Vec<BdevBox> {
         Vec::new()

@@ -2624,6 +2624,17 @@ impl Bdev for ParityBdev {
             && self.members.iter().all(|m| m.dev.idle())
     }
 
+    fn release_buffers(&mut self, scratch: &mut super::Scratch) {
+        if let Some(j) = self.journal.as_mut() {
+            if let Some(m) = j.marker.take() {
+                scratch.give(m);
+            }
+            if let Some(c) = j.task.as_mut().and_then(|t| t.chain.take()) {
+                scratch.give(c);
+            }
+        }
+    }
+
     fn into_members(self: Box<Self>) -> Vec<BdevBox> {
         self.members.into_iter().map(|m| m.dev).collect()
     }

@@ -2374,6 +2374,14 @@ impl Bdev for RaidBdev {
             && self.members.iter().all(|m| m.dev.idle())
     }
 
+    fn release_buffers(&mut self, scratch: &mut super::Scratch) {
+        if let Some(w) = self.window.take() {
+            for r in w.reads {
+                scratch.give(r.chain);
+            }
+        }
+    }
+
     fn into_members(self: Box<Self>) -> Vec<BdevBox> {
         self.members.into_iter().map(|m| m.dev).collect()
     }

@@ -378,6 +378,14 @@ async fn write(
     if let Err(s) = filled {
         return s;
     }
+    // The host's data took its time: a reservation published meanwhile may forbid the write.
+    if let Some(s) = q
+        .shared
+        .target
+        .reservation_conflict(&ns.nguid, ctrl.hostid, sqe.opcode)
+    {
+        return s;
+    }
     guard.disarm();
     let mut d = desc(OP_WRITE, ns, slba, nlb);
     d.buf = buf.0;

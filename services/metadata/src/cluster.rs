@@ -769,6 +769,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         // the drives directly from here on.
         if let Some(device) = self.pools[i].device.take() {
             if let Err(e) = self.publisher.retire_pool(device) {
+                // Not taken apart: the datapath keeps serving it (it says so within its own
+                // patience, inside this request's timeout).
+                self.pools[i].device = Some(device);
                 self.moving = None;
                 let _ = self.publish_all();
                 return err(
@@ -776,6 +779,9 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     format!("pool {name} not moved: stopping its device failed: {e}"),
                 );
             }
+            // Should the move fail from here and the pool be built again here, the new device
+            // numbers its writes from a new lease, above every number the old one used.
+            self.pools[i].seq = None;
         }
         // 4. The ownership record names the peer, with the next epoch.
         let mut cfg = self.pools[i].store.config().clone();
