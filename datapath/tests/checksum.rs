@@ -57,6 +57,13 @@ fn pool(node: &mut Node, level: RaidLevel, drives: Vec<u32>, seq_base: u64) -> u
         }),
     };
     let pool = ctl.publish_pool(1, spec).unwrap();
+    map_volume(node, pool);
+    pool
+}
+
+/// Volume 1 over the whole of pool device `pool`.
+fn map_volume(node: &mut Node, pool: usize) {
+    let ctl = node.control.clone();
     let status = ctl.status().unwrap();
     let size = status.iter().find(|d| d.index == pool).unwrap().size;
     let blocks = size / u64::from(BS);
@@ -77,7 +84,6 @@ fn pool(node: &mut Node, level: RaidLevel, drives: Vec<u32>, seq_base: u64) -> u
     )
     .unwrap();
     node.fabric[0].block_sizes.insert(1, BS);
-    pool
 }
 
 fn mirror(node: &mut Node, seq_base: u64) -> usize {
@@ -546,32 +552,7 @@ fn a_pool_with_io_out_past_its_patience_is_not_taken_apart_and_stays_in_service(
             .and_then(|d| d.scrub)
             .is_some_and(|s| s.total > 0 && s.done >= s.total)
     });
-    let blocks = node
-        .control
-        .status()
-        .unwrap()
-        .iter()
-        .find(|d| d.index == pool)
-        .unwrap()
-        .size
-        / u64::from(BS);
-    node.control
-        .publish_volumes(
-            1,
-            vec![VolumeMap {
-                id: 1,
-                name: "vol1".into(),
-                block_size: BS,
-                blocks,
-                extents: vec![Extent {
-                    start: 0,
-                    blocks,
-                    device: pool,
-                    device_offset: 0,
-                }],
-            }],
-        )
-        .unwrap();
+    map_volume(&mut node, pool);
     assert_eq!(read_all(&mut node, 1, n, |_| false), 0);
     node.control.publish_volumes(1, vec![]).unwrap();
     node.control.retire_pool(pool).unwrap();
