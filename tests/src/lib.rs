@@ -38,12 +38,63 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (for a node's listener).
+/// A TCP port on 127.0.0.1 for a node's listener, reserved for the rest of this test process.
+///
+/// Ports come from below the kernel's ephemeral range, so no outgoing connection of another test
+/// (a host, a guest's forwarded port, a drive client) can be given it between now and the
+/// moment `duplexd` binds it; and each is claimed with a lock file held until this process
+/// exits, so two tests running at once never pick the same one. (A port merely free a moment
+/// ago was taken by a concurrent test's connection once: `Address already in use`.)
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u32>().ok())
+        })
+        .unwrap_or(32768);
+    let low = 10_000u32;
+    let high = ephemeral_low.max(low + 1_000);
+    let span = high - low;
+    let dir = std::env::temp_dir().join("duplex-test-ports");
+    std::fs::create_dir_all(&dir).expect("a directory for port claims");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let seed = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(nanos)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(104_729));
+    for i in 0..span {
+        let port = low + (seed.wrapping_add(i) % span);
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        let Ok(claim) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        if claim.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).push(claim);
+        return port;
+    }
+    panic!("no free TCP port below the ephemeral range {low}..{high}");
 }
 
 /// Runs `duplex-bench` against subsystem `subnqn` on 127.0.0.1:`port` as host `hostnqn`, with

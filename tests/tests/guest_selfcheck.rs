@@ -282,10 +282,7 @@ fn harness_reports_what_the_guest_did() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input");
     std::fs::write(&input, "input-from-host\n").unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = duplex_tests::free_port();
     let script = r#"
 echo out-line
 echo err-line >&2
