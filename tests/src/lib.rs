@@ -48,7 +48,7 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Mutex;
-    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
     static CALLS: AtomicU32 = AtomicU32::new(0);
 
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -85,9 +85,10 @@ pub fn free_port() -> u16 {
         else {
             continue;
         };
-        if claim.try_lock().is_err() {
+        let Ok(claim) = nix::fcntl::Flock::lock(claim, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
             continue;
-        }
+        };
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             continue;
         }
