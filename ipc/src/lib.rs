@@ -31,6 +31,7 @@ pub mod maps;
 pub mod pool;
 pub mod raid;
 pub mod region;
+pub mod resv;
 pub mod ring;
 #[doc(hidden)]
 pub mod testkit;

@@ -17,6 +17,9 @@
 //!   Only the metadata service holds its requesting end.
 //! * `interconnect.capnp` → [`interconnect_capnp`]: the interconnect between the two nodes'
 //!   cluster services (heartbeats), over TCP.
+//! * `resv.capnp` → [`resv_capnp`]: the reservation channel from the fabric to the metadata
+//!   service (a host's Reservation Register, Acquire, Release and PTPL setting, applied to the
+//!   state kept on the drives).
 //!
 //! The generated code is committed under `src/generated/` so that a machine without the `capnp`
 //! compiler can build the workspace. `tests/fresh.rs` regenerates it and fails if the committed
@@ -75,6 +78,14 @@ pub mod mgmt_capnp {
     include!("generated/mgmt_capnp.rs");
 }
 
+/// Generated code for `resv.capnp`, the fabric → metadata reservation channel.
+///
+/// Produced by `capnpc`; do not edit.
+#[allow(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
+pub mod resv_capnp {
+    include!("generated/resv_capnp.rs");
+}
+
 /// Generated code for `interconnect.capnp`, the link between the two nodes' cluster services.
 ///
 /// Produced by `capnpc`; do not edit.
@@ -92,4 +103,5 @@ pub const SCHEMAS: &[(&str, &str)] = &[
     ("config.capnp", "config_capnp.rs"),
     ("maps.capnp", "maps_capnp.rs"),
     ("interconnect.capnp", "interconnect_capnp.rs"),
+    ("resv.capnp", "resv_capnp.rs"),
 ];

@@ -590,6 +590,28 @@ impl Node {
             );
         }
 
+        // fabric and metadata: the reservation channel (the privilege to change a namespace's
+        // reservation state on a host's command). duplexd holds both ends, so it outlives
+        // either's restarts.
+        if has(storage::FABRIC) && has(METADATA_SERVICE) {
+            let (fabric_end, metadata_end) = duplex_ipc::resv::ResvChannel::pair()
+                .map_err(|e| res_err("reservation channel")(e.to_string()))?;
+            add(
+                &mut shared,
+                duplex_ipc::resv::RESV_RESOURCE.into(),
+                ResourceKind::Socket,
+                fabric_end.into_fd(),
+                &[storage::FABRIC],
+            );
+            add(
+                &mut shared,
+                duplex_ipc::resv::RESV_RESOURCE.into(),
+                ResourceKind::Socket,
+                metadata_end.into_fd(),
+                &[METADATA_SERVICE],
+            );
+        }
+
         let beat = Duration::from_millis(config.supervisor.heartbeat_ms);
         let datapaths: Vec<&str> = config
             .services

@@ -1540,6 +1540,55 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
     }
 
+    /// Carries out a host's reservation command (from the fabric): applied to the namespace's
+    /// state kept with its pool, committed to the pool's drives, published in the export
+    /// table, then answered. A namespace of a pool the peer owns is `NotOwner` (the host uses
+    /// the owner's path); a refusal of the reservation model changes nothing.
+    pub fn reservation(
+        &mut self,
+        req: &duplex_ipc::resv::ResvRequest,
+    ) -> duplex_ipc::resv::ResvReply {
+        use crate::resv::{apply, has_namespace, Applied};
+        use duplex_ipc::resv::ResvReply;
+        let Some(i) = self
+            .pools
+            .iter()
+            .position(|p| has_namespace(p.store.config(), &req.subnqn, req.nsid))
+        else {
+            if self
+                .peer_pools
+                .iter()
+                .any(|p| has_namespace(&p.config, &req.subnqn, req.nsid))
+            {
+                return ResvReply::NotOwner;
+            }
+            return ResvReply::Error(format!(
+                "no namespace {} of {} on this node",
+                req.nsid, req.subnqn
+            ));
+        };
+        match apply(self.pools[i].store.config(), req) {
+            Applied::Answer(a) => a,
+            Applied::Commit(cfg, done) => {
+                let pool = self.pools[i].store.config().pool.name.clone();
+                if let Err(e) = self.commit_pool(i, *cfg) {
+                    tracing::error!(%pool, error = %e, "a reservation change could not be committed");
+                    return ResvReply::Error(format!(
+                        "the reservation change could not be committed to pool {pool}: {e}"
+                    ));
+                }
+                tracing::info!(%pool, subnqn = %req.subnqn, nsid = req.nsid,
+                    command = req.command.name(), version = done.state.version,
+                    generation = done.state.generation, "reservation state committed");
+                if let Err(e) = self.publish_exports() {
+                    // On the drives already; the fabric takes the state from the answer.
+                    tracing::warn!(%pool, error = %e, "publishing the export table failed");
+                }
+                ResvReply::Done(done)
+            }
+        }
+    }
+
     /// The refusal for a change to `pool`, a pool the peer owns (`None`: not one).
     fn peer_owned_pool(&self, pool: &str) -> Option<ConfigReply> {
         let p = self

@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod disk;
 pub mod ops;
+pub mod resv;
 pub mod ring;
 pub mod service;
 pub mod store;

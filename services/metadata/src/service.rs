@@ -359,6 +359,11 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
     let mut complete = Consumer::attach(r, d, s, started.generation, mode)?;
     complete.set_policy(WaitPolicy::Doorbell);
     let config = ConfigChannel::from_fd(take(&mut started, CONFIG_RESOURCE)?)?;
+    // The fabric's reservation commands (optional: a node without a fabric has none).
+    let resv = started
+        .take(duplex_ipc::resv::RESV_RESOURCE)
+        .map(|h| duplex_ipc::resv::ResvChannel::from_fd(h.fd))
+        .transpose()?;
     let maps_channel = MapsChannel::from_fd(take(&mut started, MAPS_RESOURCE)?)?
         .with_first_request_id(started.generation << 32);
     let exports = ExportsRegion::attach(take(&mut started, EXPORTS_RESOURCE)?)?;
@@ -384,9 +389,23 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
             "discarded config requests a predecessor left unanswered"
         );
     }
+    if let Some(r) = &resv {
+        let dropped = r.discard_queued();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "discarded reservation requests a predecessor left unanswered"
+            );
+        }
+    }
     if mode == ring::StartMode::Restart {
         if let Err(e) = config.send_restart_notice() {
             tracing::warn!(error = %e, "cannot send the restart notice to mgmt");
+        }
+        if let Some(r) = &resv {
+            if let Err(e) = r.send_restart_notice() {
+                tracing::warn!(error = %e, "cannot send the restart notice to the fabric");
+            }
         }
     }
     let started = Arc::new(started);
@@ -472,6 +491,16 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
                 tracing::info!("waiting for the cluster join before importing this node's pools");
             }
             health.beat();
+            if let Some(r) = &resv {
+                if let Ok(Some((id, _))) = r.recv_request(Duration::ZERO) {
+                    let reply = duplex_ipc::resv::ResvReply::Error(
+                        "this node is joining the cluster: its pools are not served yet".into(),
+                    );
+                    if let Err(e) = r.send_reply(id, &reply) {
+                        tracing::warn!(error = %e, "cannot answer the fabric");
+                    }
+                }
+            }
             match config.recv_request(Duration::from_millis(20)) {
                 Ok(Some((id, request))) => {
                     tracing::info!(
@@ -529,7 +558,36 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
                 r.set_must_fence(mask);
             }
         }
-        match config.recv_request(Duration::from_millis(50)) {
+        // Wait for whichever channel speaks first (at most 50 ms), then serve both.
+        let wait = match &resv {
+            Some(r) => {
+                use std::os::fd::AsFd;
+                let mut fds = [
+                    nix::poll::PollFd::new(config.as_fd(), nix::poll::PollFlags::POLLIN),
+                    nix::poll::PollFd::new(r.as_fd(), nix::poll::PollFlags::POLLIN),
+                ];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u8));
+                Duration::ZERO
+            }
+            None => Duration::from_millis(50),
+        };
+        if let Some(r) = &resv {
+            match r.recv_request(Duration::ZERO) {
+                Ok(Some((id, request))) => {
+                    let reply = cluster.reservation(&request);
+                    health.beat();
+                    if let Err(e) = r.send_reply(id, &reply) {
+                        tracing::warn!(error = %e, "cannot answer the fabric");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) if e.is_malformed() => {
+                    tracing::warn!(error = %e, "malformed reservation request dropped");
+                }
+                Err(e) => return Err(anyhow!("reservation channel failed: {e}")),
+            }
+        }
+        match config.recv_request(wait) {
             Ok(Some((id, request))) => {
                 tracing::info!(request = request.kind_name(), "config request");
                 client.borrow_mut().arm_crash_point(true);
