@@ -506,6 +506,29 @@ impl ResvChannel {
         self.recv_decoded(timeout, ResvReply::decode)
     }
 
+    /// Takes a reply already queued, without waiting and without `poll` (the fabric waits for
+    /// readiness on its reactor): `Ok(None)` if none is.
+    pub fn try_recv_reply(&self) -> Result<Option<(u64, ResvReply)>, ControlError> {
+        let got = match self.inner.recv_raw(MsgFlags::MSG_DONTWAIT) {
+            Ok((_, fds)) if !fds.is_empty() => Err(ControlError::FdCountMismatch {
+                received: fds.len(),
+                named: 0,
+            }),
+            Ok((bytes, _)) => ResvReply::decode(&bytes).map(Some),
+            Err(ControlError::Io {
+                source: Errno::EAGAIN,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &got {
+            if e.is_malformed() {
+                self.inner.warn_malformed(e);
+            }
+        }
+        got
+    }
+
     /// Discards every datagram already queued for this end; returns how many.
     pub fn discard_queued(&self) -> usize {
         let mut discarded = 0;

@@ -31,8 +31,13 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
     match sqe.opcode {
         admin::IDENTIFY => identify(q, ctrl, &sqe),
         admin::GET_LOG_PAGE => get_log_page(q, ctrl, &sqe),
+        admin::SET_FEATURES
+            if (sqe.cdw10 & 0xFF) as u8 == duplex_nvme::resv::FEAT_RESV_PERSISTENCE =>
+        {
+            set_persistence(q, ctrl, &sqe).await
+        }
         admin::SET_FEATURES => set_features(ctrl, &sqe),
-        admin::GET_FEATURES => get_features(ctrl, &sqe),
+        admin::GET_FEATURES => get_features(q, ctrl, &sqe),
         admin::ASYNC_EVENT => async_event(ctrl).await,
         admin::KEEP_ALIVE => Reply::ok(0),
         // Abort: "command not aborted" (bit 0 set); commands here finish on their own.
@@ -81,7 +86,12 @@ pub fn controller_info(target: &Target, ctrl: &Controller) -> ControllerInfo {
         nn: s.max_nsid(),
         maxcmd: QUEUE_ENTRIES,
         oncs: if io {
-            identify::ONCS_COMPARE | identify::ONCS_DSM | identify::ONCS_WRITE_ZEROES
+            let resv = if reservations(target, ctrl) {
+                identify::ONCS_RESERVATIONS
+            } else {
+                0
+            };
+            identify::ONCS_COMPARE | identify::ONCS_DSM | identify::ONCS_WRITE_ZEROES | resv
         } else {
             0
         },
@@ -91,6 +101,12 @@ pub fn controller_info(target: &Target, ctrl: &Controller) -> ControllerInfo {
         iorcsz: 16,
         multi_controller: io,
     }
+}
+
+/// Whether `ctrl`'s namespaces take reservation commands: exported ones (their state is kept
+/// with their pool) on a node with a reservation channel.
+fn reservations(target: &Target, ctrl: &Controller) -> bool {
+    ctrl.subsys.exported && target.resv_client().is_some()
 }
 
 fn identify(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
@@ -110,8 +126,11 @@ fn identify(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
                 ana_group: n.ana_group,
                 nguid: n.nguid,
                 shared: true,
-                // Reservations are not served through the fabric yet.
-                rescap: 0,
+                rescap: if reservations(&q.shared.target, ctrl) {
+                    duplex_nvme::resv::RESCAP
+                } else {
+                    0
+                },
             })),
             None => Reply::status(generic::INVALID_NS),
         },
@@ -173,8 +192,15 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
                 (io::COMPARE, effects::CSUPP),
                 (io::WRITE_ZEROES, effects::CSUPP | effects::LBCC),
                 (io::DSM, effects::CSUPP | effects::LBCC),
+                (duplex_nvme::resv::opc::REGISTER, effects::CSUPP),
+                (duplex_nvme::resv::opc::REPORT, effects::CSUPP),
+                (duplex_nvme::resv::opc::ACQUIRE, effects::CSUPP),
+                (duplex_nvme::resv::opc::RELEASE, effects::CSUPP),
             ],
         ),
+        (duplex_nvme::resv::LID_RESERVATION_NOTIFICATION, false) => {
+            ctrl.take_reservation_log_page(g.rae)
+        }
         (lid::ANA, false) => {
             let namespaces = s.namespaces();
             let mut ids: Vec<u32> = namespaces.iter().map(|n| n.ana_group).collect();
@@ -299,13 +325,50 @@ fn set_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
             ctrl.wce.set(v & 1 != 0);
             Reply::ok(0)
         }
+        duplex_nvme::resv::FEAT_RESV_NOTIFICATION_MASK if ctrl.subsys.exported => {
+            if sqe.nsid == 0xFFFF_FFFF {
+                for n in ctrl.subsys.namespaces().iter() {
+                    ctrl.set_reservation_mask(n.nsid, v);
+                }
+                return Reply::ok(0);
+            }
+            match ctrl.subsys.namespace(sqe.nsid) {
+                Some(n) => {
+                    ctrl.set_reservation_mask(n.nsid, v);
+                    Reply::ok(0)
+                }
+                None => Reply::status(generic::INVALID_NS),
+            }
+        }
         _ => Reply::status(generic::INVALID_FIELD),
     }
 }
 
-fn get_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
+/// Set Features Reservation Persistence (83h): the namespace's PTPL, kept with its
+/// reservation state on the drives (a round trip to the metadata service).
+async fn set_persistence(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: &Sqe) -> Reply {
+    if !reservations(&q.shared.target, ctrl) {
+        return Reply::status(generic::INVALID_FIELD);
+    }
+    let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {
+        return Reply::status(generic::INVALID_NS);
+    };
+    // Saving (SV) is how PTPL is kept anyway: accepted either way.
+    let ptpl = sqe.cdw11 & 1 != 0;
+    crate::resv::change(q, ctrl, &ns, duplex_ipc::resv::ResvCommand::SetPtpl(ptpl))
+        .await
+        .into()
+}
+
+fn get_features(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
     let fid = (sqe.cdw10 & 0xFF) as u8;
     let sel = (sqe.cdw10 >> 8) & 7;
+    if matches!(
+        fid,
+        duplex_nvme::resv::FEAT_RESV_NOTIFICATION_MASK | duplex_nvme::resv::FEAT_RESV_PERSISTENCE
+    ) {
+        return reservation_feature(q, ctrl, sqe, fid, sel);
+    }
     let changeable = matches!(
         fid,
         feat::NUM_QUEUES | feat::ASYNC_EVENT | feat::KATO | feat::VOLATILE_WC
@@ -336,6 +399,36 @@ fn get_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
         _ => return Reply::status(generic::INVALID_FIELD),
     };
     Reply::ok(value)
+}
+
+/// Get Features of the per-namespace reservation features: the Notification Mask (82h, this
+/// controller's) and Persistence (83h, the namespace's PTPL).
+fn reservation_feature(q: &Queue, ctrl: &Controller, sqe: &Sqe, fid: u8, sel: u32) -> Reply {
+    if !reservations(&q.shared.target, ctrl) {
+        return Reply::status(generic::INVALID_FIELD);
+    }
+    if sel == 3 {
+        // Changeable, per namespace (bit 1); 83h also saveable (it is kept on the drives).
+        let saveable = u32::from(fid == duplex_nvme::resv::FEAT_RESV_PERSISTENCE);
+        return Reply::ok(1 << 2 | 1 << 1 | saveable);
+    }
+    let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {
+        return Reply::status(generic::INVALID_NS);
+    };
+    if fid == duplex_nvme::resv::FEAT_RESV_NOTIFICATION_MASK {
+        // Default (sel 1) is no type masked.
+        return Reply::ok(if sel == 1 {
+            0
+        } else {
+            ctrl.reservation_mask(ns.nsid)
+        });
+    }
+    let ptpl = if sel == 1 {
+        false
+    } else {
+        crate::resv::model_of(q, &ns).ptpl()
+    };
+    Reply::ok(u32::from(ptpl))
 }
 
 async fn async_event(ctrl: &Rc<Controller>) -> Reply {

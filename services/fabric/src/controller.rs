@@ -82,7 +82,19 @@ pub struct Controller {
     changed_ns: RefCell<Vec<u32>>,
     last_traffic: Cell<Instant>,
     teardown: watch::Sender<Teardown>,
+    /// Reservation Notification log pages not yet read: (log page count, type, nsid).
+    resv_log: RefCell<VecDeque<(u64, u8, u32)>>,
+    /// The last log page count given (wraps, skipping 0).
+    resv_count: Cell<u64>,
+    /// Reservation Notification Mask (feature 82h) by namespace: bit `type` set, not reported.
+    resv_mask: RefCell<std::collections::HashMap<u32, u32>>,
+    /// A Reservation Log Page Available event was sent and the host has not read the page.
+    resv_event_out: Cell<bool>,
 }
+
+/// Most Reservation Notification log pages kept per controller; older ones are dropped (the
+/// log page count tells the host some were lost).
+pub const RESV_LOG_PAGES: usize = 255;
 
 impl Controller {
     /// A new, disabled controller.
@@ -112,6 +124,10 @@ impl Controller {
             changed_ns: RefCell::new(Vec::new()),
             last_traffic: Cell::new(Instant::now()),
             teardown: watch::channel(Teardown::Alive).0,
+            resv_log: RefCell::new(VecDeque::new()),
+            resv_count: Cell::new(0),
+            resv_mask: RefCell::new(std::collections::HashMap::new()),
+            resv_event_out: Cell::new(false),
         }
     }
 
@@ -261,6 +277,68 @@ impl Controller {
         self.changed_ns.borrow_mut().clear();
     }
 
+    /// A reservation notice of log page type `kind` for namespace `nsid`: queued on the
+    /// Reservation Notification log (unless the namespace's mask hides the type), and a
+    /// Reservation Log Page Available event sent if none is outstanding.
+    pub fn reservation_notice(&self, nsid: u32, kind: u8) {
+        let mask = self.resv_mask.borrow().get(&nsid).copied().unwrap_or(0);
+        if kind == 0 || kind > 7 || mask & (1 << kind) != 0 {
+            return;
+        }
+        let mut count = self.resv_count.get().wrapping_add(1);
+        if count == 0 {
+            count = 1;
+        }
+        self.resv_count.set(count);
+        {
+            let mut log = self.resv_log.borrow_mut();
+            if log.len() >= RESV_LOG_PAGES {
+                log.pop_front();
+            }
+            log.push_back((count, kind, nsid));
+        }
+        if !self.resv_event_out.get() {
+            self.resv_event_out.set(true);
+            self.events.borrow_mut().push_back(aen::dword0(
+                duplex_nvme::resv::AEN_TYPE_IO_SPECIFIC,
+                duplex_nvme::resv::AEN_INFO_RESERVATION_LOG,
+                duplex_nvme::resv::LID_RESERVATION_NOTIFICATION,
+            ));
+            self.event_ready.notify_one();
+        }
+    }
+
+    /// The next Reservation Notification log page (64 bytes), taken off the log; an empty
+    /// page when none is queued. `rae` cleared: the next notice sends an event again.
+    pub fn take_reservation_log_page(&self, rae: bool) -> Vec<u8> {
+        let (entry, left) = {
+            let mut log = self.resv_log.borrow_mut();
+            let e = log.pop_front();
+            (e, log.len())
+        };
+        if !rae {
+            self.resv_event_out.set(false);
+        }
+        let available = u8::try_from(left).unwrap_or(u8::MAX);
+        let page = match entry {
+            Some((count, kind, nsid)) => {
+                duplex_nvme::resv::notification_log_page(count, notice_kind(kind), available, nsid)
+            }
+            None => duplex_nvme::resv::notification_log_page(0, None, 0, 0),
+        };
+        page.to_vec()
+    }
+
+    /// Sets the Reservation Notification Mask of namespace `nsid` (bits 1..=3).
+    pub fn set_reservation_mask(&self, nsid: u32, mask: u32) {
+        self.resv_mask.borrow_mut().insert(nsid, mask & 0b1110);
+    }
+
+    /// The Reservation Notification Mask of namespace `nsid`.
+    pub fn reservation_mask(&self, nsid: u32) -> u32 {
+        self.resv_mask.borrow().get(&nsid).copied().unwrap_or(0)
+    }
+
     /// Waits for the next asynchronous event.
     pub async fn next_event(&self) -> u32 {
         loop {
@@ -270,6 +348,16 @@ impl Controller {
             self.event_ready.notified().await;
         }
     }
+}
+
+fn notice_kind(kind: u8) -> Option<duplex_nvme::resv::NoticeKind> {
+    use duplex_nvme::resv::NoticeKind;
+    Some(match kind {
+        1 => NoticeKind::RegistrationPreempted,
+        2 => NoticeKind::ReservationReleased,
+        3 => NoticeKind::ReservationPreempted,
+        _ => return None,
+    })
 }
 
 /// Watches a controller's keep-alive timer; tears it down when the host was silent for longer

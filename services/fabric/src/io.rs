@@ -206,6 +206,9 @@ pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataI
         );
         return Reply::status(status);
     }
+    if crate::resv::is_reservation(sqe.opcode) {
+        return crate::resv::execute(q, ctrl, &ns, &sqe, data).await;
+    }
     match sqe.opcode {
         io::READ => read(q, &backend, &ns, &sqe, data).await,
         io::WRITE => write(q, &backend, ctrl, &ns, &sqe, data).await.into(),

@@ -13,12 +13,15 @@
 //!   finished through the [`backend::Finish`] trait, so it knows nothing of connections).
 //! * [`subsystem`]: subsystems, namespaces, allowed hosts, ports.
 //! * [`controller`]: controller state (properties, features, AEN queue, keep-alive).
+//! * [`resv_channel`]: the fabric's end of the reservation channel to the metadata service.
 //! * [`target`]: what one process serves: the subsystems and the controller registry; merging
 //!   export tables.
 //! * [`command`]: one command: its reply, its data, its explicit state, the transfer limits.
 //! * [`writer`]: the outbox and the writer task of a connection.
 //! * [`queue`]: the queue state commands share: outstanding commands and their states, R2T
 //!   transfers, the pool budget, completion.
+//! * [`resv`]: reservation commands (Register, Acquire, Release carried to the metadata
+//!   service; Report answered here), the Reservation Persistence feature, notices.
 //! * [`admin`]: admin commands (Identify, logs, features, AER, keep alive) and discovery.
 //! * [`io`]: NVM I/O commands → datapath descriptors.
 //! * [`conn`]: one connection = one queue: PDU reading, admission, Connect, fabrics commands.
@@ -36,6 +39,8 @@ pub mod controller;
 pub mod exports;
 pub mod io;
 pub mod queue;
+pub mod resv;
+pub mod resv_channel;
 pub mod server;
 pub mod service;
 pub mod subsystem;

@@ -12,6 +12,9 @@
 //! region is mapped and the bell registered with the reactor before the sandbox is entered:
 //! following the table needs no system call the policy does not already allow.
 //!
+//! Optional: `resv`, the reservation channel to the metadata service ([`duplex_ipc::resv`]),
+//! registered with the reactor before the sandbox; without it reservation changes are refused.
+//!
 //! A restarted fabric (`StartMode::Restart`) reclaims the buffers its predecessor held and
 //! drops completions addressed to it; hosts lose their connections and reconnect.
 
@@ -50,6 +53,7 @@ struct Parts {
     listeners: Vec<(std::net::TcpListener, Port)>,
     exports: Option<ExportsRegion>,
     exports_bell: Option<Doorbell>,
+    resv: Option<duplex_ipc::resv::ResvChannel>,
 }
 
 fn take(started: &mut Started, name: &str) -> anyhow::Result<OwnedFd> {
@@ -122,7 +126,13 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
         .map(|h| Doorbell::from_fd(h.fd))
         .transpose()
         .context("exports doorbell")?;
+    let resv = started
+        .take(duplex_ipc::resv::RESV_RESOURCE)
+        .map(|h| duplex_ipc::resv::ResvChannel::from_fd(h.fd))
+        .transpose()
+        .context("reservation channel")?;
     Ok(Parts {
+        resv,
         health,
         topology,
         pool,
@@ -157,6 +167,7 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         listeners,
         exports,
         exports_bell,
+        resv,
     } = parts;
     let restart = started.mode == StartMode::Restart;
     let backend = match (pool, submit, complete) {
@@ -176,6 +187,13 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         });
     }
     let target = Rc::new(Target::new(topology, ports));
+    match resv {
+        Some(channel) => target.set_resv_client(
+            crate::resv_channel::ResvClient::new(channel)
+                .context("cannot watch the reservation channel")?,
+        ),
+        None => tracing::info!("no reservation channel: reservation commands are refused"),
+    }
     match (exports, exports_bell) {
         (Some(region), bell) => {
             if bell.is_none() {

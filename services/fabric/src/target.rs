@@ -78,6 +78,9 @@ pub struct Target {
     /// The reservation state of the exported namespaces that have one, by NGUID (from the
     /// export table: the metadata service keeps it with the pool on the drives).
     reservations: RefCell<HashMap<[u8; 16], (u64, duplex_nvme::resv::Reservations)>>,
+    /// The reservation channel to the metadata service (none: reservation changes are
+    /// refused).
+    resv_client: RefCell<Option<Rc<crate::resv_channel::ResvClient>>>,
 }
 
 impl Target {
@@ -106,7 +109,18 @@ impl Target {
             fenced: Cell::new(false),
             exports_generation: Cell::new(0),
             reservations: RefCell::new(HashMap::new()),
+            resv_client: RefCell::new(None),
         }
+    }
+
+    /// Gives the target its end of the reservation channel.
+    pub fn set_resv_client(&self, client: crate::resv_channel::ResvClient) {
+        *self.resv_client.borrow_mut() = Some(Rc::new(client));
+    }
+
+    /// The reservation channel, if there is one.
+    pub fn resv_client(&self) -> Option<Rc<crate::resv_channel::ResvClient>> {
+        self.resv_client.borrow().clone()
     }
 
     /// The NVM subsystems served now (static ones first).
@@ -252,6 +266,11 @@ impl Target {
                 generation: r.generation,
                 ptpl: r.ptpl,
             };
+            // A newer state taken from a change's answer stays until the table catches up.
+            if let Some(kept) = old.get(&r.nguid).filter(|(v, _)| *v > r.version) {
+                next.insert(r.nguid, kept.clone());
+                continue;
+            }
             match duplex_nvme::resv::Reservations::from_state(&state) {
                 Ok(m) => {
                     next.insert(r.nguid, (r.version, m));
@@ -280,6 +299,61 @@ impl Target {
             .borrow()
             .get(nguid)
             .and_then(|(_, r)| r.check_io(duplex_nvme::resv::HostId(host), opcode).err())
+    }
+
+    /// The reservation model of namespace `nguid` as this fabric has it.
+    pub fn reservation(&self, nguid: &[u8; 16]) -> Option<duplex_nvme::resv::Reservations> {
+        self.reservations
+            .borrow()
+            .get(nguid)
+            .map(|(_, r)| r.clone())
+    }
+
+    /// Takes the state a change's answer carries (the metadata service committed it), unless
+    /// the namespace already has a newer one.
+    pub fn take_reservation(&self, nguid: [u8; 16], s: &duplex_ipc::resv::ResvStateMsg) {
+        use duplex_nvme::resv::{HostId, Registrant, ResvState, ResvType};
+        if self
+            .reservations
+            .borrow()
+            .get(&nguid)
+            .is_some_and(|(v, _)| *v >= s.version)
+        {
+            return;
+        }
+        let state = ResvState {
+            registrants: s
+                .registrants
+                .iter()
+                .map(|g| Registrant {
+                    host: HostId(g.host_id),
+                    cntlid: g.cntlid,
+                    key: g.key,
+                })
+                .collect(),
+            rtype: ResvType::from_u8(s.rtype),
+            holder: (s.holder != [0; 16]).then_some(HostId(s.holder)),
+            generation: s.generation,
+            ptpl: s.ptpl,
+        };
+        match duplex_nvme::resv::Reservations::from_state(&state) {
+            Ok(m) => {
+                self.reservations.borrow_mut().insert(nguid, (s.version, m));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, version = s.version, "the metadata service answered with a reservation state the model cannot be in: not taken");
+            }
+        }
+    }
+
+    /// Raises a reservation notice of `kind` for namespace `nsid` of subsystem `s` on every
+    /// controller of host `host_id` there.
+    pub fn reservation_notice(&self, s: &Rc<Subsystem>, nsid: u32, host_id: [u8; 16], kind: u8) {
+        for c in self.controllers_of(s) {
+            if c.hostid == host_id {
+                c.reservation_notice(nsid, kind);
+            }
+        }
     }
 
     /// Whether any namespace has reservation state (the I/O fast path checks only then).
