@@ -121,3 +121,54 @@ fn a_reservation_holds_through_a_takeover_and_the_peer_honours_preempt_and_abort
     let mut a = Io::connect(peer, HOST_A);
     conflict(a.rw(io::WRITE, 9), "A writes after the power cycle");
 }
+
+#[test]
+fn a_power_cycle_clears_a_reservation_without_persist_through_power_loss_and_a_service_restart_does_not(
+) {
+    let mut p = Pair::on_loopback(50, 600);
+    p.wait_status(1, |v| v["disk"]["peer_counter"].as_u64().unwrap_or(0) > 0);
+    let owner = p.at.nvme[0];
+    let mut a = Io::connect(owner, HOST_A);
+    ok(a.register(0, 0, 0, KEY_A), "A registers (PTPL not set)");
+    ok(a.acquire(0, 2, KEY_A, 0), "A acquires Exclusive Access");
+    let held = a.report();
+    assert_eq!((held.1, held.2.len()), (2, 1), "{held:x?}");
+    drop(a);
+    // The metadata service restarts within the boot: nothing is lost.
+    let (code, out, err) = p.nodes[0].ctl(&["service", "crash", "metadata", "--mode", "kill"]);
+    assert_eq!(code, 0, "{out}{err}");
+    p.node(0).wait_running("metadata", 1);
+    p.node(0)
+        .log
+        .wait_for(&["metadata service ready", "restart=true"]);
+    let mut b = Io::connect(owner, HOST_B);
+    conflict(b.rw(io::READ, 1), "B reads under A's Exclusive Access");
+    assert_eq!(b.report(), held, "after a metadata service restart");
+    drop(b);
+    // Both nodes lose power; the owner comes back first.
+    p.node(1).kill_all();
+    p.node(0).kill_all();
+    p.node(0).relaunch();
+    p.node(0).log.wait_for(&[
+        "power on: reservation state without Persist Through Power Loss cleared",
+        "tank",
+    ]);
+    p.node(0).wait_exported(SUBNQN);
+    let mut b = Io::connect(owner, HOST_B);
+    let hang = std::time::Instant::now() + duplex_tests::PATIENCE;
+    while b.rw(io::READ, 0).sct() == 3 {
+        assert!(
+            std::time::Instant::now() < hang,
+            "the restarted node never served"
+        );
+        std::thread::yield_now();
+    }
+    let (generation, rtype, regs) = b.report();
+    assert_eq!(
+        (rtype, regs.len()),
+        (0, 0),
+        "after a power cycle without PTPL"
+    );
+    assert!(generation >= held.0, "the generation does not go back");
+    ok(b.rw(io::WRITE, 1), "B writes once the reservation is gone");
+}

@@ -1589,6 +1589,53 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
     }
 
+    /// A power on of this node's pools (the node booted and imported them: no controller
+    /// served their namespaces meanwhile): the reservation state of every namespace without
+    /// Persist Through Power Loss is cleared, as the specification asks of a power loss, and
+    /// committed. Returns how many namespaces lost their state. Not called for a takeover (the
+    /// peer served them until it died) nor for a restart of this service within a boot.
+    pub fn power_on_reservations(&mut self) -> usize {
+        let mut cleared = 0;
+        for i in 0..self.pools.len() {
+            let cfg = self.pools[i].store.config();
+            let held = |r: &&duplex_ondisk::Reservation| {
+                !r.ptpl && (r.rtype != 0 || !r.registrants.is_empty())
+            };
+            let gone = cfg.reservations.iter().filter(held).count();
+            if gone == 0 {
+                continue;
+            }
+            let mut next = cfg.clone();
+            // Registrants and the reservation go; the generation stays (hosts compare it).
+            for r in next.reservations.iter_mut().filter(|r| !r.ptpl) {
+                if r.rtype != 0 || !r.registrants.is_empty() {
+                    r.rtype = 0;
+                    r.holder = [0; 16];
+                    r.registrants.clear();
+                    r.version += 1;
+                }
+            }
+            let pool = next.pool.name.clone();
+            match self.commit_pool(i, next) {
+                Ok(()) => {
+                    cleared += gone;
+                    tracing::info!(%pool, namespaces = gone,
+                        "power on: reservation state without Persist Through Power Loss cleared");
+                }
+                Err(e) => {
+                    tracing::error!(%pool, error = %e,
+                        "power on: clearing reservation state without Persist Through Power Loss failed; it stays");
+                }
+            }
+        }
+        if cleared > 0 {
+            if let Err(e) = self.publish_exports() {
+                tracing::warn!(error = %e, "publishing the export table failed");
+            }
+        }
+        cleared
+    }
+
     /// The refusal for a change to `pool`, a pool the peer owns (`None`: not one).
     fn peer_owned_pool(&self, pool: &str) -> Option<ConfigReply> {
         let p = self

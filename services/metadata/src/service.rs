@@ -525,6 +525,11 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
     }
     let claims = cluster_region.as_ref().map(|r| r.claims().0);
     let mut cluster = Cluster::start_member(drives, node, claims, topology.ana_group, publisher);
+    // A boot of the node (not a restart of this service within one) is a power on of the
+    // pools it imported: reservations without Persist Through Power Loss are gone.
+    if mode == ring::StartMode::Fresh {
+        cluster.power_on_reservations();
+    }
     tracing::info!(
         generation = started.generation,
         restart,
