@@ -168,6 +168,8 @@ pub async fn change(
             path::ANA_TRANSITION
         }
         Ok(ResvReply::Error(e)) => {
+            // The commit failed, the service restarted under it, or the node is joining: it
+            // may or may not have been carried out; the host retries (and can Report).
             q.shared.warn(
                 q.peer,
                 &format!(
@@ -175,7 +177,7 @@ pub async fn change(
                     ns.nsid
                 ),
             );
-            generic::INTERNAL
+            COMMAND_INTERRUPTED
         }
         Err(CallError::Timeout) => {
             q.shared.warn(q.peer, &format!("reservation {name} on namespace {}: the metadata service did not answer in time", ns.nsid));
