@@ -876,7 +876,11 @@ fn drives_keeping(disks: &[MemDisk], records: &[bool]) -> Vec<Drive<MemDisk>> {
     list
 }
 
-fn create(c: &mut Cluster<MemDisk, Recorder>, raid: RaidLevel, names: &[&str]) {
+fn create<D: duplex_metadata::MetaDisk + Clone>(
+    c: &mut Cluster<D, Recorder>,
+    raid: RaidLevel,
+    names: &[&str],
+) {
     ok(c.handle(ConfigRequest::CreatePool {
         name: "tank".into(),
         raid,
@@ -1127,4 +1131,308 @@ fn reservation_state_on_the_drives_is_published_with_the_namespace() {
         nsid: 1,
     }));
     assert!(c.publisher_mut().reservations.is_empty());
+}
+
+/// A host's reservation command for the property test: who, and what (keys from a small set
+/// so that keys collide and conflicts happen).
+#[derive(Clone, Debug)]
+enum ResvOp {
+    Register {
+        rrega: u32,
+        cptpl: u32,
+        crkey: u64,
+        nrkey: u64,
+    },
+    Acquire {
+        racqa: u32,
+        rtype: u32,
+        crkey: u64,
+        prkey: u64,
+    },
+    Release {
+        rrela: u32,
+        rtype: u32,
+        crkey: u64,
+    },
+    SetPtpl(bool),
+}
+
+impl ResvOp {
+    fn command(&self) -> duplex_ipc::resv::ResvCommand {
+        use duplex_ipc::resv::ResvCommand;
+        let two = |a: u64, b: u64| [a.to_le_bytes(), b.to_le_bytes()].concat();
+        match *self {
+            Self::Register {
+                rrega,
+                cptpl,
+                crkey,
+                nrkey,
+            } => ResvCommand::Register {
+                cdw10: rrega | cptpl << 30,
+                data: two(crkey, nrkey),
+            },
+            Self::Acquire {
+                racqa,
+                rtype,
+                crkey,
+                prkey,
+            } => ResvCommand::Acquire {
+                cdw10: racqa | rtype << 8,
+                data: two(crkey, prkey),
+            },
+            Self::Release {
+                rrela,
+                rtype,
+                crkey,
+            } => ResvCommand::Release {
+                cdw10: rrela | rtype << 8,
+                data: crkey.to_le_bytes().to_vec(),
+            },
+            Self::SetPtpl(on) => ResvCommand::SetPtpl(on),
+        }
+    }
+
+    /// The model's answer, applied to `m`.
+    fn apply(&self, m: &mut duplex_nvme::resv::Reservations, host: [u8; 16]) -> Result<(), u16> {
+        use duplex_ipc::resv::ResvCommand;
+        use duplex_nvme::resv::{Acquire, HostCtrl, HostId, Register, Release};
+        let who = HostCtrl {
+            host: HostId(host),
+            cntlid: 0xFFFF,
+        };
+        let r = match self.command() {
+            ResvCommand::Register { cdw10, data } => {
+                Register::decode(cdw10, &data).and_then(|c| m.register(who, &c))
+            }
+            ResvCommand::Acquire { cdw10, data } => {
+                Acquire::decode(cdw10, &data).and_then(|c| m.acquire(who.host, &c))
+            }
+            ResvCommand::Release { cdw10, data } => {
+                Release::decode(cdw10, &data).and_then(|c| m.release(who.host, &c))
+            }
+            ResvCommand::SetPtpl(on) => {
+                m.set_ptpl(on);
+                Ok(Default::default())
+            }
+        };
+        r.map(|_| ()).map_err(|s| s.0)
+    }
+}
+
+fn resv_op() -> impl proptest::strategy::Strategy<Value = ResvOp> {
+    use proptest::prelude::*;
+    let key = 0u64..4;
+    prop_oneof![
+        (
+            0u32..3,
+            prop_oneof![Just(0u32), Just(2), Just(3)],
+            key.clone(),
+            key.clone()
+        )
+            .prop_map(|(rrega, cptpl, crkey, nrkey)| ResvOp::Register {
+                rrega,
+                cptpl,
+                crkey,
+                nrkey
+            }),
+        (0u32..3, 1u32..7, key.clone(), key.clone()).prop_map(|(racqa, rtype, crkey, prkey)| {
+            ResvOp::Acquire {
+                racqa,
+                rtype,
+                crkey,
+                prkey,
+            }
+        }),
+        (0u32..2, 1u32..7, key).prop_map(|(rrela, rtype, crkey)| ResvOp::Release {
+            rrela,
+            rtype,
+            crkey
+        }),
+        any::<bool>().prop_map(ResvOp::SetPtpl),
+    ]
+}
+
+/// A drive of a controller that may be killed: every drive of it counts down the same budget
+/// of writes and flushes; the one that exhausts it fails (its write torn or not) and every
+/// drive of the controller loses what it had not flushed and fails from then on, as when the
+/// metadata service (or its whole node) dies mid-commit.
+#[derive(Clone, Debug)]
+struct Killable {
+    disk: MemDisk,
+    all: Vec<MemDisk>,
+    budget: std::rc::Rc<std::cell::Cell<Option<(u64, bool)>>>,
+}
+
+impl Killable {
+    fn spend(&mut self) {
+        match self.budget.get() {
+            Some((0, tear)) => {
+                self.budget.set(None);
+                self.disk.crash_after(0, tear);
+                for d in &self.all {
+                    if !d.crashed() {
+                        d.power_cut();
+                    }
+                }
+                // The crashing drive's own unflushed writes go with its crash.
+            }
+            Some((n, tear)) => self.budget.set(Some((n - 1, tear))),
+            None => {}
+        }
+    }
+}
+
+impl duplex_metadata::MetaDisk for Killable {
+    fn label(&self) -> &str {
+        self.disk.label()
+    }
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+    fn block_size(&self) -> u32 {
+        self.disk.block_size()
+    }
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, duplex_metadata::DiskError> {
+        self.disk.read(offset, len)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), duplex_metadata::DiskError> {
+        self.spend();
+        self.disk.write(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), duplex_metadata::DiskError> {
+        self.spend();
+        self.disk.flush()
+    }
+}
+
+type Budget = std::rc::Rc<std::cell::Cell<Option<(u64, bool)>>>;
+
+fn killable_drives(d: &[MemDisk], budget: &Budget) -> Vec<Drive<Killable>> {
+    drives(d)
+        .into_iter()
+        .map(|x| Drive {
+            name: x.name,
+            address: x.address,
+            id: x.id,
+            capacity: x.capacity,
+            block_size: x.block_size,
+            disk: Killable {
+                disk: x.disk,
+                all: d.to_vec(),
+                budget: budget.clone(),
+            },
+            state: x.state,
+            pool: x.pool,
+            slot: x.slot,
+            spare: x.spare,
+            records: x.records,
+        })
+        .collect()
+}
+
+/// The state the metadata service published for the namespace (none yet: the empty state).
+fn published_resv(c: &mut Cluster<Killable, Recorder>) -> duplex_nvme::resv::ResvState {
+    use duplex_nvme::resv::{HostId, Registrant, ResvState, ResvType};
+    let r = c.publisher_mut().reservations.clone();
+    assert!(r.len() <= 1, "{r:?}");
+    r.first().map_or_else(ResvState::default, |r| ResvState {
+        registrants: r
+            .registrants
+            .iter()
+            .map(|g| Registrant {
+                host: HostId(g.host_id),
+                cntlid: g.cntlid,
+                key: g.key,
+            })
+            .collect(),
+        rtype: ResvType::from_u8(r.rtype),
+        holder: (r.holder != [0; 16]).then_some(HostId(r.holder)),
+        generation: r.generation,
+        ptpl: r.ptpl,
+    })
+}
+
+fn exported_mirror(d: &[MemDisk], budget: &Budget) -> Cluster<Killable, Recorder> {
+    let mut c = Cluster::start(killable_drives(d, budget), 0, 1, Recorder::default());
+    create(&mut c, RaidLevel::Raid1, &["d0", "d1"]);
+    ok(c.handle(ConfigRequest::CreateVolume {
+        name: "vol0".into(),
+        pool: "tank".into(),
+        size_bytes: 16 << 20,
+    }));
+    ok(c.handle(ConfigRequest::CreateSubsystem(NQN.into())));
+    ok(c.handle(ConfigRequest::AddNamespace {
+        nqn: NQN.into(),
+        volume: "vol0".into(),
+        nsid: 1,
+    }));
+    c
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// Random reservation commands from three hosts, with the metadata service killed at random
+    /// points (a drive write or flush fails mid-commit, torn or not, every drive loses what it
+    /// had not flushed, and a new service imports the pool): what the service publishes is
+    /// always the model's state after the commands it answered; a command cut off by the kill
+    /// is either wholly there or wholly not.
+    #[test]
+    fn reservation_state_through_random_kills_is_the_models(
+        steps in proptest::collection::vec(
+            (0u8..3, resv_op(), proptest::option::weighted(0.25, (0u64..12, proptest::bool::ANY))),
+            1..24,
+        )
+    ) {
+        let d = disks(2);
+        let budget: Budget = std::rc::Rc::new(std::cell::Cell::new(None));
+        let mut c = exported_mirror(&d, &budget);
+        let mut model = duplex_nvme::resv::Reservations::new();
+        for (host, op, kill) in steps {
+            let host = [host + 1; 16];
+            budget.set(kill);
+            let request = duplex_ipc::resv::ResvRequest {
+                subnqn: NQN.into(),
+                nsid: 1,
+                host_id: host,
+                cntlid: 0xFFFF,
+                command: op.command(),
+            };
+            let reply = c.reservation(&request);
+            let mut next = model.clone();
+            let expected = op.apply(&mut next, host);
+            let crashed = d.iter().any(MemDisk::crashed);
+            match reply {
+                duplex_ipc::resv::ResvReply::Done(done) => {
+                    proptest::prop_assert_eq!(done.status != 0, expected.is_err(), "{:?} {:?}", op, done);
+                    if let Err(status) = expected {
+                        proptest::prop_assert_eq!(done.status, status);
+                    } else {
+                        model = next.clone();
+                    }
+                }
+                other => {
+                    // Only a kill stops a command the model takes or refuses.
+                    proptest::prop_assert!(crashed, "{:?} answered {:?}", op, other);
+                }
+            }
+            if crashed || kill.is_some() {
+                // The service dies; the drives come back with what reached them.
+                drop(c);
+                for disk in &d {
+                    disk.restart();
+                }
+                budget.set(None);
+                c = Cluster::start(killable_drives(&d, &budget), 0, 1, Recorder::default());
+                let got = published_resv(&mut c);
+                if got != model.state() {
+                    // The command under way at the kill: all of it or none.
+                    proptest::prop_assert!(expected.is_ok() && got == next.state(),
+                        "after a kill: {:?}, model {:?}, with the command {:?}", got, model.state(), next.state());
+                    model = next;
+                }
+            }
+            proptest::prop_assert_eq!(published_resv(&mut c), model.state());
+        }
+    }
 }
