@@ -20,7 +20,8 @@ pub type Reported = (u32, u8, Vec<([u8; 16], u64, bool)>);
 /// One host's I/O queue to namespace 1 through one node.
 #[derive(Debug)]
 pub struct Io {
-    _admin: Host,
+    /// The admin queue.
+    pub admin: Host,
     /// The I/O queue.
     pub q: Host,
 }
@@ -40,7 +41,7 @@ impl Io {
         let mut q = Host::dial(addr, digests);
         let c = q.connect_as(1, cntlid, subnqn, hostnqn, hostid);
         assert!(c.status().is_success(), "I/O connect: {}", c.status());
-        Self { _admin: admin, q }
+        Self { admin, q }
     }
 
     /// A command with host data in the capsule: its status.

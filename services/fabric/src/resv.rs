@@ -57,6 +57,11 @@ pub async fn execute(
     sqe: &Sqe,
     data: DataIn,
 ) -> Reply {
+    // Only exported namespaces keep reservation state (with their pool); those of the node
+    // config's static subsystems do not support reservations.
+    if !ctrl.subsys.exported || q.shared.target.resv_client().is_none() {
+        return Reply::status(generic::INVALID_OPCODE);
+    }
     if sqe.opcode == opc::REPORT {
         if !matches!(data, DataIn::None) {
             return Reply::status(generic::INVALID_FIELD);

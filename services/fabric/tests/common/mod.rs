@@ -99,6 +99,14 @@ impl Harness {
     /// Starts the fabric with an exports region (and the doorbell its writer rings), as the
     /// service does: the table is read before the first host is served, then on every ring.
     pub fn start_with(exports: Option<(OwnedFd, Option<Doorbell>)>) -> Self {
+        Self::start_full(exports, None)
+    }
+
+    /// [`Harness::start_with`] with the fabric's end of a reservation channel.
+    pub fn start_full(
+        exports: Option<(OwnedFd, Option<Doorbell>)>,
+        resv: Option<duplex_ipc::resv::ResvChannel>,
+    ) -> Self {
         let sq = RingRegion::<IoDesc>::create("sq", 64, 1).expect("ring");
         let cq = RingRegion::<IoDesc>::create("cq", 64, 2).expect("ring");
         let (sq_data, sq_space) = ring::doorbells().expect("bells");
@@ -170,6 +178,11 @@ impl Harness {
                     kind: ListenerKind::Nvme,
                 };
                 let target = Rc::new(Target::new(topology(), vec![port.clone()]));
+                if let Some(ch) = resv {
+                    target.set_resv_client(
+                        duplex_fabric::resv_channel::ResvClient::new(ch).expect("resv client"),
+                    );
+                }
                 if let Some((fd, bell)) = exports {
                     let region = ExportsRegion::attach(fd).expect("exports region");
                     let feed = ExportsFeed::new(region, bell).expect("exports feed");
@@ -294,5 +307,174 @@ fn memory_datapath(
             }
             cq.push_wait(&[d], None).expect("push");
         }
+    }
+}
+
+/// The metadata service's end of the reservation channel, in memory: applies the reservation
+/// model to one state per namespace (no drives), answers every `error_every`th request with an
+/// error (0: never), until dropped.
+pub struct FakeMetadata {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// The model's state by (subsystem, nsid), as committed.
+    pub states: Arc<std::sync::Mutex<HashMap<(String, u32), duplex_nvme::resv::Reservations>>>,
+    /// Requests answered.
+    pub answered: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FakeMetadata {
+    pub fn start(ch: duplex_ipc::resv::ResvChannel, error_every: u64) -> Self {
+        use duplex_ipc::exports::ExportRegistrant;
+        use duplex_ipc::resv::*;
+        use duplex_nvme::resv::{Acquire, HostCtrl, HostId, Register, Release};
+        let stop = Arc::new(AtomicBool::new(false));
+        let states: Arc<std::sync::Mutex<HashMap<(String, u32), duplex_nvme::resv::Reservations>>> =
+            Arc::default();
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, states2, answered2) = (stop.clone(), states.clone(), answered.clone());
+        let thread = std::thread::spawn(move || {
+            let mut versions: HashMap<(String, u32), u64> = HashMap::new();
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok(Some((id, req))) = ch.recv_request(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let n = answered2.fetch_add(1, Ordering::Relaxed) + 1;
+                if error_every != 0 && n % error_every == 0 {
+                    let _ = ch.send_reply(id, &ResvReply::Error("injected".into()));
+                    continue;
+                }
+                let k = (req.subnqn.clone(), req.nsid);
+                let mut all = states2.lock().expect("states");
+                let m = all.entry(k.clone()).or_default();
+                let mut next = m.clone();
+                let who = HostCtrl {
+                    host: HostId(req.host_id),
+                    cntlid: req.cntlid,
+                };
+                let r = match &req.command {
+                    ResvCommand::Register { cdw10, data } => {
+                        Register::decode(*cdw10, data).and_then(|c| next.register(who, &c))
+                    }
+                    ResvCommand::Acquire { cdw10, data } => {
+                        Acquire::decode(*cdw10, data).and_then(|c| next.acquire(who.host, &c))
+                    }
+                    ResvCommand::Release { cdw10, data } => {
+                        Release::decode(*cdw10, data).and_then(|c| next.release(who.host, &c))
+                    }
+                    ResvCommand::SetPtpl(on) => {
+                        next.set_ptpl(*on);
+                        Ok(Default::default())
+                    }
+                };
+                let (status, outcome) = match r {
+                    Ok(o) => {
+                        *m = next;
+                        *versions.entry(k.clone()).or_default() += 1;
+                        (0, o)
+                    }
+                    Err(s) => (s.0, Default::default()),
+                };
+                let st = m.state();
+                let reply = ResvReply::Done(ResvDone {
+                    status,
+                    state: ResvStateMsg {
+                        version: versions.get(&k).copied().unwrap_or(0),
+                        generation: st.generation,
+                        rtype: st.rtype.map_or(0, |t| t as u8),
+                        ptpl: st.ptpl,
+                        holder: st.holder.map_or([0; 16], |h| h.0),
+                        registrants: st
+                            .registrants
+                            .iter()
+                            .map(|g| ExportRegistrant {
+                                host_id: g.host.0,
+                                key: g.key,
+                                cntlid: g.cntlid,
+                            })
+                            .collect(),
+                    },
+                    aborts: outcome
+                        .abort
+                        .iter()
+                        .map(|c| ResvCtrl {
+                            host_id: c.host.0,
+                            cntlid: c.cntlid,
+                        })
+                        .collect(),
+                    notices: outcome
+                        .notices
+                        .iter()
+                        .map(|n| ResvNotice {
+                            to: ResvCtrl {
+                                host_id: n.to.host.0,
+                                cntlid: n.to.cntlid,
+                            },
+                            kind: n.kind as u8,
+                        })
+                        .collect(),
+                });
+                drop(all);
+                let _ = ch.send_reply(id, &reply);
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+            states,
+            answered,
+        }
+    }
+}
+
+impl Drop for FakeMetadata {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The exported subsystem (reservations are kept for exported namespaces only).
+pub const RESV_SUBNQN: &str = "nqn.2026-12.io.duplex:resv";
+
+/// A fabric exporting namespace 1 of [`RESV_SUBNQN`] to any host, with its reservation channel to
+/// an in-memory metadata service (every `error_every`th answer an error).
+impl Harness {
+    pub fn with_reservations(error_every: u64) -> (Harness, FakeMetadata, ExportsRegion) {
+        let region = ExportsRegion::create(1 << 20).expect("exports region");
+        region
+            .publish(&duplex_ipc::exports::ExportTable {
+                generation: 1,
+                subsystems: vec![duplex_ipc::exports::ExportSubsystem {
+                    nqn: RESV_SUBNQN.into(),
+                    serial: "resv1".into(),
+                    model: "duplex resv".into(),
+                    allow_any_host: true,
+                    hosts: vec![],
+                    namespaces: vec![duplex_ipc::exports::ExportNamespace {
+                        nsid: 1,
+                        volume: 7,
+                        block_size: BS,
+                        blocks: BLOCKS,
+                        nguid: [0x77; 16],
+                        uuid: [0x78; 16],
+                        ana_group: 1,
+                    }],
+                }],
+                ana: vec![duplex_ipc::exports::AnaGroupState {
+                    group: 1,
+                    state: duplex_ipc::exports::AnaState::Optimized,
+                }],
+                reservations: vec![],
+            })
+            .expect("publish");
+        let (fabric, metadata) = duplex_ipc::resv::ResvChannel::pair().expect("channel");
+        let meta = FakeMetadata::start(metadata, error_every);
+        let h = Harness::start_full(
+            Some((region.region().try_clone_fd().expect("fd"), None)),
+            Some(fabric),
+        );
+        (h, meta, region)
     }
 }
