@@ -33,6 +33,9 @@ struct AdminRequest {
 
     serviceReport @5 :Text;
     # The last status report the named service sent (lifecycle `report`): answered by `report`.
+
+    events @6 :UInt64;
+    # The node's events numbered above this one, oldest first (as many as fit one reply).
   }
 }
 
@@ -76,6 +79,10 @@ struct AdminReply {
 
     report @5 :ServiceReport;
     # Answer to serviceReport.
+
+    events @6 :Text;
+    # Answer to events: a JSON array of event objects (seq, at_unix_ms, node, source, level,
+    # kind, message), at most 48 KiB.
   }
 }
 

@@ -67,7 +67,27 @@ struct Envelope {
     # Service -> supervisor: the service's status report (a JSON document of at most 4096
     # bytes), replacing its last one; the supervisor keeps it for `duplexctl` (admin
     # `serviceReport`). Not answered.
+
+    event @11 :Event;
+    # Service -> supervisor: something an operator should learn of (a takeover, a failed drive,
+    # a rebuild started or ended, a configuration change, a refused host). The supervisor adds
+    # it to the node's event journal (`duplexctl events`), kept in the state directory across
+    # restarts of every service and of duplexd. Not answered; rate-limited per service.
   }
+}
+
+struct Event {
+  level @0 :EventLevel;
+  kind @1 :Text;
+  # A short machine-readable name, 1..=64 bytes of [a-z0-9-] (e.g. `pool-taken-over`).
+  message @2 :Text;
+  # One line for the operator, at most 1024 bytes.
+}
+
+enum EventLevel {
+  info @0;
+  warning @1;
+  error @2;
 }
 
 struct Inject {

@@ -36,4 +36,8 @@ interface Management {
   serviceReport @5 (name :Text) -> (generation :UInt64, report :Text);
   # The last status report of the named service (JSON; empty, generation 0, if it never sent
   # one). `duplexctl cluster status` shows the cluster service's.
+
+  events @6 (after :UInt64) -> (events :Text);
+  # The node's events numbered above `after`, oldest first, as many as fit one answer: a JSON
+  # array of objects (seq, at_unix_ms, node, source, level, kind, message). `duplexctl events`.
 }

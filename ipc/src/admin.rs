@@ -39,7 +39,12 @@ pub enum AdminRequest {
     NodeStatus,
     /// The named service's last status report.
     ServiceReport(String),
+    /// The node's events numbered above this one.
+    Events(u64),
 }
+
+/// Longest answer to [`AdminRequest::Events`].
+pub const MAX_EVENTS_JSON_BYTES: usize = 48 * 1024;
 
 /// How `duplexctl service crash` makes a service fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,6 +95,8 @@ pub enum AdminReply {
     },
     /// Node summary.
     Status(NodeStatus),
+    /// Events (a JSON array, at most [`MAX_EVENTS_JSON_BYTES`]).
+    Events(String),
     /// A service's last status report: the generation that sent it (0: none yet) and the
     /// report (JSON; empty: none).
     Report {
@@ -253,7 +260,7 @@ impl AdminRequest {
                 }
                 check(name, "admin.name", MAX_NAME_BYTES)
             }
-            Self::ListServices | Self::NodeStatus => Ok(()),
+            Self::ListServices | Self::NodeStatus | Self::Events(_) => Ok(()),
         }
     }
 
@@ -268,6 +275,7 @@ impl AdminRequest {
             Self::NodeStatus => body.set_node_status(()),
             Self::RestartService(name) => body.set_restart_service(name.as_str()),
             Self::ServiceReport(name) => body.set_service_report(name.as_str()),
+            Self::Events(after) => body.set_events(*after),
             Self::CrashService { name, mode } => {
                 let mut c = body.init_crash_service();
                 c.set_name(name.as_str());
@@ -296,6 +304,7 @@ impl AdminRequest {
             Which::ServiceReport(name) => {
                 Self::ServiceReport(text(name, "admin.name", MAX_NAME_BYTES)?)
             }
+            Which::Events(after) => Self::Events(after),
             Which::CrashService(c) => {
                 let c = c.map_err(ControlError::Decode)?;
                 Self::CrashService {
@@ -331,6 +340,7 @@ impl AdminReply {
             Self::Error { message, .. } => check(message, "admin.error.message", MAX_TEXT_BYTES),
             Self::Status(s) => check(&s.node, "admin.status.node", MAX_NAME_BYTES),
             Self::Report { text, .. } => check(text, "admin.report.text", MAX_REPORT_BYTES),
+            Self::Events(t) => check(t, "admin.events", MAX_EVENTS_JSON_BYTES),
         }
     }
 
@@ -360,6 +370,7 @@ impl AdminReply {
                 r.set_generation(*generation);
                 r.set_text(text.as_str());
             }
+            Self::Events(t) => body.set_events(t.as_str()),
         }
         capnp::serialize::write_message_to_words(&message)
     }
@@ -407,6 +418,7 @@ impl AdminReply {
                     text: text(r.get_text(), "admin.report.text", MAX_REPORT_BYTES)?,
                 }
             }
+            Which::Events(t) => Self::Events(text(t, "admin.events", MAX_EVENTS_JSON_BYTES)?),
         };
         reply.validate()?;
         Ok((root.get_request_id(), reply))

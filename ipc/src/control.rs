@@ -315,6 +315,42 @@ pub enum Body {
         /// The report.
         text: String,
     },
+    /// Service → supervisor: an event for the node's journal (no answer).
+    Event {
+        /// How much it matters.
+        level: EventLevel,
+        /// Machine-readable kind, 1..=[`MAX_EVENT_KIND_BYTES`] bytes of `[a-z0-9-]`.
+        kind: String,
+        /// One line, at most [`MAX_EVENT_MESSAGE_BYTES`] bytes.
+        message: String,
+    },
+}
+
+/// Longest event kind.
+pub const MAX_EVENT_KIND_BYTES: usize = 64;
+/// Longest event message.
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 1024;
+
+/// How much an event matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventLevel {
+    /// Routine.
+    Info,
+    /// Something degraded or refused.
+    Warning,
+    /// Something failed.
+    Error,
+}
+
+impl EventLevel {
+    /// Its name (`info`, `warning`, `error`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Error => "error",
+        }
+    }
 }
 
 /// How an injected failure shows ([`Body::Inject`]).
@@ -361,6 +397,7 @@ impl Body {
             Self::Error { .. } => "error",
             Self::Inject { .. } => "inject",
             Self::Report { .. } => "report",
+            Self::Event { .. } => "event",
         }
     }
 }
@@ -603,6 +640,20 @@ impl Envelope {
             }
             Body::Inject { fault } => body.init_inject().set_fault((*fault).into()),
             Body::Report { text } => body.set_report(text.as_str()),
+            Body::Event {
+                level,
+                kind,
+                message,
+            } => {
+                let mut e = body.init_event();
+                e.set_level(match level {
+                    EventLevel::Info => wire::EventLevel::Info,
+                    EventLevel::Warning => wire::EventLevel::Warning,
+                    EventLevel::Error => wire::EventLevel::Error,
+                });
+                e.set_kind(kind.as_str());
+                e.set_message(message.as_str());
+            }
         }
         capnp::serialize::write_message_to_words(&message)
     }
@@ -676,6 +727,16 @@ impl Envelope {
                 check_text(message, "error.message", MAX_TEXT_BYTES, false)
             }
             Body::Report { text } => check_text(text, "report", MAX_REPORT_BYTES, false),
+            Body::Event { kind, message, .. } => {
+                check_text(kind, "event.kind", MAX_EVENT_KIND_BYTES, true)?;
+                if !kind
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                {
+                    return Err(ControlError::InvalidUtf8("event.kind"));
+                }
+                check_text(message, "event.message", MAX_EVENT_MESSAGE_BYTES, false)
+            }
             Body::Ready { .. }
             | Body::Heartbeat { .. }
             | Body::Ack { .. }
@@ -785,6 +846,18 @@ fn decode_body(body: wire::envelope::body::Reader<'_>) -> Result<Body, ControlEr
         Which::Report(text) => Body::Report {
             text: read_text(text, "report", MAX_REPORT_BYTES)?,
         },
+        Which::Event(e) => {
+            let e = e.map_err(ControlError::Decode)?;
+            Body::Event {
+                level: match e.get_level().map_err(unknown("Event.level"))? {
+                    wire::EventLevel::Info => EventLevel::Info,
+                    wire::EventLevel::Warning => EventLevel::Warning,
+                    wire::EventLevel::Error => EventLevel::Error,
+                },
+                kind: read_text(e.get_kind(), "event.kind", MAX_EVENT_KIND_BYTES)?,
+                message: read_text(e.get_message(), "event.message", MAX_EVENT_MESSAGE_BYTES)?,
+            }
+        }
     })
 }
 

@@ -259,6 +259,38 @@ impl Started {
     }
 }
 
+impl Started {
+    /// Sends an event for the node's journal (`duplexctl events`). A message too long is cut
+    /// at a character boundary; a kind outside `[a-z0-9-]{1,64}` is refused. The supervisor
+    /// rate-limits what it records.
+    pub fn event(
+        &self,
+        level: crate::control::EventLevel,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), ControlError> {
+        let mut message = message.replace(['\n', '\r'], " ");
+        if message.len() > crate::control::MAX_EVENT_MESSAGE_BYTES {
+            let mut end = crate::control::MAX_EVENT_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let env = Envelope {
+            request_id: self.channel.next_request_id(),
+            epoch: self.generation,
+            body: Body::Event {
+                level,
+                kind: kind.to_owned(),
+                message,
+            },
+        };
+        env.validate()?;
+        self.channel.send(&env, &[])
+    }
+}
+
 /// What a service's control thread saw on the lifecycle channel.
 #[derive(Debug)]
 pub enum Control {

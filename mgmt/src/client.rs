@@ -73,13 +73,15 @@ pub enum Request {
     Config(ConfigRequest),
     /// The last status report of a service.
     Report(String),
+    /// The node's events numbered above this one.
+    Events(u64),
 }
 
 impl Request {
     /// Whether repeating the request is harmless (it only reads).
     pub fn idempotent(&self) -> bool {
         match self {
-            Self::Status | Self::ListServices | Self::Report(_) => true,
+            Self::Status | Self::ListServices | Self::Report(_) | Self::Events(_) => true,
             Self::Config(request) => request.is_read_only(),
             Self::Restart(_) | Self::Crash { .. } => false,
         }
@@ -89,7 +91,11 @@ impl Request {
     pub fn target(&self) -> Option<&str> {
         match self {
             Self::Restart(name) | Self::Crash { name, .. } => Some(name),
-            Self::Status | Self::ListServices | Self::Config(_) | Self::Report(_) => None,
+            Self::Status
+            | Self::ListServices
+            | Self::Config(_)
+            | Self::Report(_)
+            | Self::Events(_) => None,
         }
     }
 
@@ -119,6 +125,8 @@ pub enum Answer {
     /// To [`Request::Config`]: the metadata service's reply, never an error (that is
     /// [`ClientError::Config`]), and one that fits the request.
     Config(ConfigReply),
+    /// To [`Request::Events`]: a JSON array of events.
+    Events(String),
     /// To [`Request::Report`]: the generation that sent it (0: none yet) and the report.
     Report {
         /// Generation of the sender.
@@ -439,6 +447,12 @@ async fn send(client: &management::Client, request: &Request) -> Result<Answer, 
                 generation: reply.get_generation(),
                 text: text(reply.get_report())?,
             })
+        }
+        Request::Events(after) => {
+            let mut call = client.events_request();
+            call.get().set_after(*after);
+            let reply = call.send().promise.await?;
+            Ok(Answer::Events(text(reply.get()?.get_events())?))
         }
         Request::Config(request) => {
             let mut call = client.config_request();

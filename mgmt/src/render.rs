@@ -763,6 +763,41 @@ pub fn cluster_events(report: &str, json: bool) -> Result<String, String> {
     Ok(out)
 }
 
+/// `duplexctl events`: one line per event (`SEQ DATE TIME LEVEL SOURCE KIND: MESSAGE`, UTC).
+pub fn node_events(events: &[serde_json::Value]) -> String {
+    let mut out = String::new();
+    for e in events {
+        let ms = e["at_unix_ms"].as_u64().unwrap_or(0);
+        let secs = ms / 1000;
+        let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+        let (y, mo, d) = civil_date(secs / 86400);
+        out.push_str(&format!(
+            "{:>6} {y:04}-{mo:02}-{d:02} {h:02}:{m:02}:{s:02}.{:03} {:<7} {:<9} {}: {}\n",
+            e["seq"].as_u64().unwrap_or(0),
+            ms % 1000,
+            printable(e["level"].as_str().unwrap_or("?")),
+            printable(e["source"].as_str().unwrap_or("?")),
+            printable(e["kind"].as_str().unwrap_or("?")),
+            printable(e["message"].as_str().unwrap_or("")),
+        ));
+    }
+    out
+}
+
+/// The proleptic Gregorian date of day `days` since 1970-01-01.
+fn civil_date(days: u64) -> (i64, u32, u32) {
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 /// Whether `pool show` draws progress bars (duplexctl sets it when stdout is a terminal).
 static PROGRESS_BARS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -1175,5 +1210,22 @@ mod tests {
         assert_eq!(cluster_events(never, false).expect("text"), "no events\n");
         assert!(cluster_events("not json", false).is_err());
         assert!(cluster_status(1, "[1, 2]", Ok(&[]), false).is_err());
+    }
+
+    #[test]
+    fn node_events_are_one_line_each_with_their_utc_date_and_printable() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[{"seq":1,"at_unix_ms":1796400000000,"node":"n1","source":"duplexd","level":"info","kind":"node-started","message":"duplexd started node n1"},{"seq":12,"at_unix_ms":1796400001500,"node":"n1","source":"cluster","level":"warning","kind":"takeover","message":"taking over\u0007 the peer"}]"#,
+        )
+        .expect("JSON");
+        let text = node_events(v.as_array().expect("array"));
+        assert_eq!(
+            text,
+            "     1 2026-12-04 16:00:00.000 info    duplexd   node-started: duplexd started node n1\n    12 2026-12-04 16:00:01.500 warning cluster   takeover: taking over? the peer\n"
+        );
+        // Leap years and month ends.
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert_eq!(civil_date(20_819), (2027, 1, 1));
     }
 }

@@ -598,6 +598,7 @@ fn unexpected(reply: &AdminReply) -> capnp::Error {
         AdminReply::Error { .. } => "an error",
         AdminReply::Status(_) => "a node status",
         AdminReply::Report { .. } => "a service report",
+        AdminReply::Events(_) => "events",
     };
     capnp::Error::failed(format!(
         "supervisor answered with {what}, which does not fit"
@@ -703,6 +704,21 @@ impl management::Server for Management {
                 let mut r = results.get();
                 r.set_generation(generation);
                 r.set_report(text.as_str());
+                Ok(())
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn events(
+        self: Rc<Self>,
+        params: management::EventsParams,
+        mut results: management::EventsResults,
+    ) -> Result<(), capnp::Error> {
+        let after = params.get()?.get_after();
+        match self.admin.call(AdminRequest::Events(after)).await? {
+            AdminReply::Events(text) => {
+                results.get().set_events(text.as_str());
                 Ok(())
             }
             other => Err(unexpected(&other)),

@@ -8,6 +8,7 @@
 //! * [`storage`]: volumes, subsystems and the topology handed to the fabric and datapath.
 
 pub mod config;
+pub mod events;
 pub mod hostlink;
 pub mod lock;
 pub mod node;

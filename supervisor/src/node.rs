@@ -222,6 +222,8 @@ pub struct Node {
     halt: bool,
     born: Instant,
     private_mounts: bool,
+    /// The node's event journal (`duplexctl events`).
+    events: crate::events::Journal,
 }
 
 impl std::fmt::Debug for Node {
@@ -690,7 +692,18 @@ impl Node {
             tracing::warn!("{msg}");
             eprintln!("{msg}");
         }
+        let mut events = crate::events::Journal::open(
+            config.node.name.get_ref(),
+            Some(config.node.state_dir.get_ref().clone()),
+        );
+        events.record(
+            "duplexd",
+            "info",
+            "node-started",
+            &format!("duplexd started node {}", config.node.name.get_ref()),
+        );
         Ok(Self {
+            events,
             config,
             shared,
             services,
@@ -1016,9 +1029,28 @@ impl Node {
                     }
                     let down_us = down.map_or(0, |d| d.as_micros());
                     tracing::info!(service = %s.name, pid, generation, down_us, "service ready");
+                    if generation > 1 {
+                        self.events.record(
+                            "duplexd",
+                            "info",
+                            "service-restarted",
+                            &format!(
+                                "service {} serves again (generation {generation}, down {} ms)",
+                                s.name,
+                                down_us / 1000
+                            ),
+                        );
+                    }
                 }
                 Body::Report { text } => {
                     s.report = Some((s.generation, text));
+                }
+                Body::Event {
+                    level,
+                    kind,
+                    message,
+                } => {
+                    self.events.record(&s.name, level.name(), &kind, &message);
                 }
                 other => {
                     tracing::debug!(service = %s.name, pid, kind = other.kind_name(), "control message");
@@ -1175,6 +1207,15 @@ impl Node {
                 continue;
             }
             tracing::warn!(service = %s.name, pid, generation = s.generation, %status, cause, uptime = ?now - s.started, "service exited unexpectedly");
+            self.events.record(
+                "duplexd",
+                "warning",
+                "service-exited",
+                &format!(
+                    "service {} (pid {pid}, generation {}) exited unexpectedly: {status} ({cause})",
+                    s.name, s.generation
+                ),
+            );
             let window = Duration::from_secs(settings.crash_loop_window_s);
             s.exits.push_back(now);
             while s
@@ -1188,6 +1229,15 @@ impl Node {
             if recent >= settings.crash_loop_exits {
                 s.state = ServiceState::Failed;
                 tracing::error!(service = %s.name, exits = recent, window_s = settings.crash_loop_window_s, event = "crash-loop", "service is crash-looping: marked failed");
+                self.events.record(
+                    "duplexd",
+                    "error",
+                    "crash-loop",
+                    &format!(
+                        "service {} exited {recent} times within {} s: marked failed, not restarted",
+                        s.name, settings.crash_loop_window_s
+                    ),
+                );
                 continue;
             }
             let delay = if recent <= 1 {
@@ -1273,6 +1323,23 @@ impl Node {
                 services_total: self.services.len() as u32,
                 sandbox: self.config.supervisor.sandbox,
             }),
+            AdminRequest::Events(after) => {
+                // As many as fit one reply.
+                let mut out = Vec::new();
+                let mut len = 2;
+                for e in self.events.after(after, 256) {
+                    let Ok(v) = serde_json::to_value(&e) else {
+                        continue;
+                    };
+                    let n = v.to_string().len() + 1;
+                    if len + n > duplex_ipc::admin::MAX_EVENTS_JSON_BYTES {
+                        break;
+                    }
+                    len += n;
+                    out.push(v);
+                }
+                AdminReply::Events(serde_json::Value::Array(out).to_string())
+            }
             AdminRequest::ServiceReport(name) => {
                 let Some(i) = self.index_of(&name) else {
                     return error(

@@ -70,6 +70,18 @@ enum Command {
     /// The two-controller array: membership with the peer.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// The node's events, oldest first: takeovers, fencing, failed drives, rebuilds,
+    /// configuration changes, service crashes, refused hosts. Kept by duplexd in the state
+    /// directory, across restarts of mgmt, of every service and of duplexd.
+    Events {
+        /// Only events numbered above this one.
+        #[arg(long, value_name = "SEQ", default_value = "0")]
+        after: u64,
+        /// Keep printing events as they come (until interrupted); with --json, one JSON
+        /// object per line.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -478,7 +490,7 @@ fn usage(message: &str) -> ExitCode {
 /// see.
 fn config_request(command: &Command) -> Result<ConfigRequest, String> {
     Ok(match command {
-        Command::Status | Command::Service(_) | Command::Cluster(_) => {
+        Command::Status | Command::Service(_) | Command::Cluster(_) | Command::Events { .. } => {
             return Err("not a storage command".into())
         }
         Command::Drive(DriveCommand::List) => ConfigRequest::ListDrives,
@@ -606,6 +618,17 @@ fn main() -> ExitCode {
         use std::io::IsTerminal;
         render::set_progress_bars(std::io::stdout().is_terminal());
     }
+    if let Command::Events { after, follow } = cli.command {
+        let target = Target {
+            socket: cli
+                .socket
+                .clone()
+                .unwrap_or_else(|| cli.state_dir.join("mgmt.sock")),
+            state_dir: cli.state_dir.clone(),
+            timeout: cli.timeout,
+        };
+        return events(&target, after, follow, cli.json);
+    }
     let request = match &cli.command {
         Command::Status => Request::Status,
         Command::Service(ServiceCommand::List) => Request::ListServices,
@@ -680,6 +703,76 @@ fn main() -> ExitCode {
             Err(e) => fail(&format!("cannot write the output: {e}")),
         },
         Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// One page of events above `after`.
+fn events_page(target: &Target, after: u64) -> Result<Vec<serde_json::Value>, String> {
+    match client::call(target, &Request::Events(after)) {
+        Ok(Outcome::Answer(Answer::Events(text))) => {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| format!("the events are not JSON: {e}"))?;
+            let list = v.as_array().cloned().unwrap_or_default();
+            // Pages move forward by number, or the listing would never end.
+            if list.iter().any(|e| e["seq"].as_u64().unwrap_or(0) <= after) {
+                return Err("duplexd listed events out of order".into());
+            }
+            Ok(list)
+        }
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `duplexctl events`: every event above `after`, then (`follow`) new ones as they come.
+fn events(target: &Target, mut after: u64, follow: bool, json_wanted: bool) -> ExitCode {
+    use std::io::Write;
+    let mut all = Vec::new();
+    let mut out = std::io::stdout();
+    loop {
+        let page = match events_page(target, after) {
+            Ok(p) => p,
+            Err(e) => return fail(&e),
+        };
+        if page.is_empty() {
+            if !follow {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        after = page.last().and_then(|e| e["seq"].as_u64()).unwrap_or(after);
+        if follow {
+            let text = if json_wanted {
+                page.iter().map(|e| format!("{e}\n")).collect::<String>()
+            } else {
+                render::node_events(&page)
+            };
+            if out
+                .write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                return ExitCode::SUCCESS;
+            }
+        } else {
+            all.extend(page);
+        }
+    }
+    let text = if json_wanted {
+        let mut t =
+            serde_json::to_string_pretty(&serde_json::json!({ "events": all })).unwrap_or_default();
+        t.push('\n');
+        t
+    } else if all.is_empty() {
+        "no events\n".into()
+    } else {
+        render::node_events(&all)
+    };
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("cannot write the output: {e}")),
     }
 }
 
@@ -762,6 +855,7 @@ fn print(
             message,
             mgmt_went_down: false,
         })?,
+        (Outcome::Answer(Answer::Events(text)), _) => format!("{text}\n"),
         (Outcome::Answer(Answer::Report { text, .. }), json_wanted)
             if matches!(cli.command, Command::Cluster(ClusterCommand::Events)) =>
         {

@@ -100,6 +100,9 @@ pub const SILENT: &str = "silent";
 /// The cluster service's report the fake supervisor answers with.
 pub const CANNED_REPORT: &str = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"node":2,"boot":5,"address":"127.0.0.1:7400","state":"alive","link_heard_ms_ago":40},"link_out":"up","disk_heartbeat":"not written yet"}"#;
 
+/// The node's events the fake supervisor answers with (above 0; none above anything else).
+pub const CANNED_EVENTS: &str = r#"[{"seq":1,"at_unix_ms":1796400000000,"node":"n1","source":"duplexd","level":"info","kind":"node-started","message":"duplexd started node n1"},{"seq":2,"at_unix_ms":1796400001500,"node":"n1","source":"cluster","level":"warning","kind":"takeover","message":"taking over\u0007 the peer"}]"#;
+
 fn answer(request: &AdminRequest) -> Option<AdminReply> {
     let known = |name: &str| canned_services().iter().any(|s| s.name == name);
     let unknown = |name: &str| AdminReply::Error {
@@ -118,6 +121,11 @@ fn answer(request: &AdminRequest) -> Option<AdminReply> {
             text: String::new(),
         },
         AdminRequest::ServiceReport(name) => unknown(name),
+        AdminRequest::Events(after) => AdminReply::Events(if *after == 0 {
+            CANNED_EVENTS.into()
+        } else {
+            "[]".into()
+        }),
         AdminRequest::RestartService(name) if known(name) => {
             AdminReply::Done(format!("restarting {name}"))
         }
@@ -178,7 +186,9 @@ impl AdminResponder {
                             n == "mgmt" || n == VANISHING
                         }
                         AdminRequest::NodeStatus => kill_on_status.swap(false, Ordering::Relaxed),
-                        AdminRequest::ListServices | AdminRequest::ServiceReport(_) => false,
+                        AdminRequest::ListServices
+                        | AdminRequest::ServiceReport(_)
+                        | AdminRequest::Events(_) => false,
                     };
                     if kills_mgmt {
                         // What duplexd does for restart/crash of mgmt: the process goes away

@@ -792,9 +792,23 @@ async fn serve(
     let mut tick = tokio::time::interval(beat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = Instant::now();
+    // Events already in the node's journal (duplexd keeps it; this list is the service's own).
+    let mut journaled = 0u64;
     while !stop.load(Ordering::Acquire) {
         tick.tick().await;
         health.beat();
+        let from = journaled;
+        for e in node.events.borrow().iter().filter(|e| e.seq > from) {
+            journaled = e.seq;
+            let level = match e.level {
+                "error" => duplex_ipc::control::EventLevel::Error,
+                "warning" => duplex_ipc::control::EventLevel::Warning,
+                _ => duplex_ipc::control::EventLevel::Info,
+            };
+            if let Err(err) = started.event(level, e.kind, &e.message) {
+                tracing::warn!(error = %err, kind = e.kind, "cannot send an event to duplexd");
+            }
+        }
         node.region_events();
         node.disk_tick();
         node.join_tick();

@@ -582,12 +582,15 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
         return bad_data(specific::CONNECT_INVALID_PARAM, 256);
     };
     if !subsys.allows(&cd.hostnqn) {
-        q.shared.warn(
-            q.peer,
-            &format!(
-                "host {:?} is not allowed on {}: connect refused",
-                cd.hostnqn, subsys.nqn
-            ),
+        let why = format!(
+            "host {:?} is not allowed on {}: connect refused",
+            cd.hostnqn, subsys.nqn
+        );
+        q.shared.warn(q.peer, &why);
+        target.event(
+            duplex_ipc::control::EventLevel::Warning,
+            "host-refused",
+            &format!("{why} (from {})", q.peer),
         );
         return bad_data(specific::CONNECT_INVALID_HOST, 512);
     }
@@ -624,6 +627,16 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             kato_ms = kato.as_millis() as u64,
             "controller created"
         );
+        if !subsys.discovery {
+            target.event(
+                duplex_ipc::control::EventLevel::Info,
+                "host-connected",
+                &format!(
+                    "host {} connected to {} from {} (controller {cntlid})",
+                    cd.hostnqn, subsys.nqn, q.peer
+                ),
+            );
+        }
         return Reply::ok(u32::from(cntlid));
     }
     if subsys.discovery {

@@ -210,6 +210,14 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         (None, None) => {}
     }
     let started = Arc::new(started);
+    {
+        let started = Arc::clone(&started);
+        target.set_event_sink(Box::new(move |level, kind, message| {
+            if let Err(e) = started.event(level, kind, message) {
+                tracing::warn!(error = %e, kind, "cannot send an event to duplexd");
+            }
+        }));
+    }
     let (tx, mut events) = mpsc::unbounded_channel();
     lifecycle::spawn_control_thread(Arc::clone(&started), move |_, event| tx.send(event).is_ok())
         .context("cannot start the lifecycle thread")?;

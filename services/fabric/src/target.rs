@@ -81,6 +81,19 @@ pub struct Target {
     /// The reservation channel to the metadata service (none: reservation changes are
     /// refused).
     resv_client: RefCell<Option<Rc<crate::resv_channel::ResvClient>>>,
+    /// Where events for the node's journal go (duplexd, through the lifecycle channel).
+    event_sink: RefCell<Option<Sink>>,
+}
+
+/// Sends an event (level, kind, message) to the node's journal.
+pub type EventSink = Box<dyn Fn(duplex_ipc::control::EventLevel, &str, &str)>;
+
+struct Sink(EventSink);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }
 
 impl Target {
@@ -110,6 +123,19 @@ impl Target {
             exports_generation: Cell::new(0),
             reservations: RefCell::new(HashMap::new()),
             resv_client: RefCell::new(None),
+            event_sink: RefCell::new(None),
+        }
+    }
+
+    /// Where events go from now on.
+    pub fn set_event_sink(&self, sink: EventSink) {
+        *self.event_sink.borrow_mut() = Some(Sink(sink));
+    }
+
+    /// An event for the node's journal (dropped without a sink; duplexd rate-limits).
+    pub fn event(&self, level: duplex_ipc::control::EventLevel, kind: &str, message: &str) {
+        if let Some(sink) = &*self.event_sink.borrow() {
+            (sink.0)(level, kind, message);
         }
     }
 
@@ -208,6 +234,18 @@ impl Target {
                         to = g.state.name(),
                         "ANA state changed"
                     );
+                    if was.is_some() {
+                        self.event(
+                            duplex_ipc::control::EventLevel::Info,
+                            "ana-changed",
+                            &format!(
+                                "ANA group {} on this node's ports: {} -> {}",
+                                g.group,
+                                was.map_or("none", AnaState::name),
+                                g.state.name()
+                            ),
+                        );
+                    }
                 }
             }
             *self.ana.borrow_mut() = ana;

@@ -137,6 +137,11 @@ fn pool_jobs(device: Option<u32>, jobs: &[JobView], rate_limit: u64) -> PoolJobs
 
 /// Where the metadata service's decisions go: the datapath (maps) and the fabric (exports).
 pub trait Publisher {
+    /// An event for the node's journal (`duplexctl events`): `level` is `info`, `warning` or
+    /// `error`, `kind` `[a-z0-9-]{1,64}`. Default: dropped (tests, tools).
+    fn event(&mut self, level: &str, kind: &str, message: &str) {
+        let _ = (level, kind, message);
+    }
     /// Builds (or finds again) a pool's RAID device; returns its device index.
     fn publish_pool(&mut self, epoch: u64, pool: &PoolPublish) -> Result<u32, String>;
     /// Replaces the volume maps.
@@ -630,6 +635,15 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         }
         self.peer_pools.retain(|p| p.uuid != pool);
         tracing::warn!(pool = %name, from_node = from.owner_node, epoch = from.epoch + 1, elapsed_ms = started.elapsed().as_millis() as u64, "pool taken over: this node owns it now");
+        self.publisher.event(
+            "warning",
+            "pool-taken-over",
+            &format!(
+                "pool {name} taken over from node {} (epoch {}): this node serves it now",
+                from.owner_node + 1,
+                from.epoch + 1
+            ),
+        );
         true
     }
 
@@ -803,6 +817,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             tracing::error!(pool = %name, error = %e, "publishing after the move failed");
         }
         tracing::warn!(pool = %name, to_node = node, epoch, drained_ms, elapsed_ms = started.elapsed().as_millis() as u64, "pool moved to the peer");
+        self.publisher.event(
+            "info",
+            "pool-moved",
+            &format!("pool {name} moved to node {} (epoch {epoch})", node + 1),
+        );
         done(format!(
             "moved pool {name} to node {node} (epoch {epoch}); node {node} serves it once it has read the change"
         ))
@@ -2271,6 +2290,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 self.pools[i].readded &= !1u64.checked_shl(s).unwrap_or(0);
             }
             tracing::info!(pool = %name, members = ?rebuilt, "rebuild complete: member active on disk");
+            self.publisher.event(
+                "info",
+                "rebuild-finished",
+                &format!("pool {name}: rebuild complete, member slots {rebuilt:?} active"),
+            );
         }
     }
 
@@ -2359,6 +2383,14 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             match self.commit_pool(i, cfg) {
                 Ok(()) => {
                     tracing::info!(pool = %name, slot, at = want * bs, "rebuild checkpoint committed");
+                    self.publisher.event(
+                        "info",
+                        "rebuild-progress",
+                        &format!(
+                            "pool {name}: rebuild of slot {slot} checkpointed at {} MiB",
+                            (want * bs) >> 20
+                        ),
+                    );
                     self.publisher.job_committed(job.entry, key, want * bs);
                 }
                 Err(e) => {
@@ -2393,6 +2425,13 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             d.state = DriveState::Failed;
         }
         tracing::warn!(pool = %name, member, "member failure recorded on disk");
+        self.publisher.event(
+            "error",
+            "member-failed",
+            &format!(
+                "pool {name}: member {member} failed (recorded on disk); the pool runs degraded"
+            ),
+        );
         self.publisher.failures_recorded(device, &[member])
     }
 
@@ -2688,6 +2727,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     Ok(()) => {
                         self.drives[n].spare = None;
                         tracing::info!(pool = %name, slot, spare = %spare, "hot spare taken: rebuilding");
+                        self.publisher.event(
+                            "warning",
+                            "spare-taken",
+                            &format!("pool {name}: hot spare {spare} took slot {slot}; rebuilding"),
+                        );
                     }
                     Err(e) => {
                         tracing::error!(pool = %name, slot, spare = %spare, error = ?e, "taking a hot spare failed");

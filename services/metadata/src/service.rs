@@ -65,6 +65,8 @@ fn ring_parts(
 /// Publishes to the datapath (maps channel) and the fabric (exports region).
 #[derive(Debug)]
 struct ServicePublisher {
+    /// The lifecycle channel, for events.
+    started: Arc<Started>,
     maps: MapsChannel,
     exports: ExportsRegion,
     bell: Doorbell,
@@ -83,6 +85,17 @@ fn level(l: RaidLevel) -> maps::RaidLevel {
 }
 
 impl Publisher for ServicePublisher {
+    fn event(&mut self, level: &str, kind: &str, message: &str) {
+        let level = match level {
+            "error" => duplex_ipc::control::EventLevel::Error,
+            "warning" => duplex_ipc::control::EventLevel::Warning,
+            _ => duplex_ipc::control::EventLevel::Info,
+        };
+        if let Err(e) = self.started.event(level, kind, message) {
+            tracing::warn!(error = %e, kind, "cannot send an event to duplexd");
+        }
+    }
+
     fn publish_pool(&mut self, epoch: u64, pool: &PoolPublish) -> Result<u32, String> {
         let spec = maps::PoolSpec {
             epoch,
@@ -468,6 +481,7 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
     }
     health.beat();
     let publisher = ServicePublisher {
+        started: Arc::clone(&started),
         maps: maps_channel,
         exports,
         bell,
@@ -596,8 +610,17 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
             Ok(Some((id, request))) => {
                 tracing::info!(request = request.kind_name(), "config request");
                 client.borrow_mut().arm_crash_point(true);
+                let changes = !request.is_read_only();
+                let kind = request.kind_name();
                 let reply = cluster.handle(request);
                 client.borrow_mut().arm_crash_point(false);
+                if let (true, duplex_ipc::config::ConfigReply::Done(d)) = (changes, &reply) {
+                    cluster.publisher_mut().event(
+                        "info",
+                        "config-changed",
+                        &format!("{kind}: {}", d.message),
+                    );
+                }
                 health.beat();
                 if let Err(e) = config.send_reply(id, &reply) {
                     // A reply one message cannot carry (a list past its bound) still gets an
