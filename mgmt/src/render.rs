@@ -763,6 +763,245 @@ pub fn cluster_events(report: &str, json: bool) -> Result<String, String> {
     Ok(out)
 }
 
+/// What `duplexctl status` gathers besides the node summary: the cluster service's report
+/// (`None`: no cluster service, a single node), the pools (or why they could not be listed),
+/// and the node's events (for the alerts of the last hour).
+#[derive(Debug)]
+pub struct Screen<'a> {
+    /// The node summary.
+    pub status: &'a NodeStatus,
+    /// The cluster service's report (JSON), if the node is a cluster member.
+    pub cluster: Option<serde_json::Value>,
+    /// The pools, or why not.
+    pub pools: Result<Vec<PoolInfo>, String>,
+    /// The node's events, oldest first.
+    pub events: Vec<serde_json::Value>,
+    /// Now (ms since the Unix epoch).
+    pub now_ms: u64,
+}
+
+/// One pool as `duplexctl status` shows it.
+#[derive(Debug, Serialize)]
+pub struct ScreenPool {
+    name: String,
+    raid: &'static str,
+    state: &'static str,
+    /// Whether this node serves it (owns it).
+    served_here: bool,
+    /// The ANA state of its namespaces on this node's ports.
+    ana: &'static str,
+    /// Rebuild progress (percent), if one runs.
+    rebuild_percent: Option<u64>,
+    /// Scrub progress (percent), if one runs.
+    scrub_percent: Option<u64>,
+}
+
+impl Screen<'_> {
+    fn node_id(&self) -> Option<u64> {
+        self.cluster.as_ref().and_then(|c| c["node"].as_u64())
+    }
+
+    fn pools(&self) -> Vec<ScreenPool> {
+        let me = self.node_id();
+        self.pools
+            .as_ref()
+            .map(|list| {
+                list.iter()
+                    .map(|p| {
+                        let served_here = me.is_none_or(|n| u64::from(p.owner_node) + 1 == n);
+                        let percent = |done: u64| {
+                            (p.member_bytes > 0).then(|| {
+                                u64::try_from(u128::from(done) * 100 / u128::from(p.member_bytes))
+                                    .unwrap_or(100)
+                            })
+                        };
+                        ScreenPool {
+                            name: printable(&p.name),
+                            raid: p.raid.name(),
+                            state: p.state.name(),
+                            served_here,
+                            ana: if !served_here || p.state == PoolState::Offline {
+                                "inaccessible"
+                            } else {
+                                "optimized"
+                            },
+                            rebuild_percent: p.rebuild.and_then(|(_, done)| percent(done)),
+                            scrub_percent: p
+                                .scrub
+                                .as_ref()
+                                .filter(|s| s.done_bytes < p.member_bytes)
+                                .and_then(|s| percent(s.done_bytes)),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What needs the operator now, most serious first.
+    fn alerts(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let s = self.status;
+        if s.failed {
+            out.push("the node FAILED: its datapath died and it serves nothing".to_owned());
+        }
+        if s.services_running < s.services_total {
+            out.push(format!(
+                "{} of {} services are not running (`duplexctl service list`)",
+                s.services_total - s.services_running,
+                s.services_total
+            ));
+        }
+        if !s.sandbox {
+            out.push("the sandbox is OFF (development switch)".to_owned());
+        }
+        if let Some(c) = &self.cluster {
+            let state = c["peer"]["state"].as_str().unwrap_or("unknown");
+            if state != "alive" {
+                out.push(format!(
+                    "peer node {} is {}",
+                    c["peer"]["node"].as_u64().unwrap_or(0),
+                    printable(state)
+                ));
+            }
+            if c["disk"]["fenced"] == true {
+                out.push(
+                    "this node is FENCED off its drives: it serves nothing until restarted"
+                        .to_owned(),
+                );
+            }
+        }
+        match &self.pools {
+            Ok(list) => {
+                for p in list {
+                    match p.state {
+                        PoolState::Online => {}
+                        PoolState::Degraded => out.push(format!(
+                            "pool {} is degraded{}",
+                            printable(&p.name),
+                            if p.rebuild.is_some() {
+                                " (rebuilding)"
+                            } else {
+                                ""
+                            }
+                        )),
+                        PoolState::Offline => {
+                            out.push(format!("pool {} is OFFLINE", printable(&p.name)))
+                        }
+                    }
+                }
+            }
+            Err(why) => out.push(format!("the pools cannot be listed: {}", printable(why))),
+        }
+        out
+    }
+
+    /// Warnings and errors among the events of the last hour.
+    fn recent(&self) -> (usize, usize) {
+        let since = self.now_ms.saturating_sub(3_600_000);
+        let recent = self
+            .events
+            .iter()
+            .filter(|e| e["at_unix_ms"].as_u64().unwrap_or(0) >= since);
+        let (mut warnings, mut errors) = (0, 0);
+        for e in recent {
+            match e["level"].as_str() {
+                Some("warning") => warnings += 1,
+                Some("error") => errors += 1,
+                _ => {}
+            }
+        }
+        (warnings, errors)
+    }
+
+    /// The screen for people (in the spirit of `pcs status` and `zpool status -x`).
+    pub fn text(&self) -> String {
+        let mut out = status_text(self.status);
+        match &self.cluster {
+            Some(c) => out.push_str(&format!(
+                "cluster:    node {} of {}; peer node {} {}\n",
+                c["node"].as_u64().unwrap_or(0),
+                printable(c["cluster"].as_str().unwrap_or("?")),
+                c["peer"]["node"].as_u64().unwrap_or(0),
+                printable(c["peer"]["state"].as_str().unwrap_or("unknown")),
+            )),
+            None => out.push_str("cluster:    none (a single node)\n"),
+        }
+        let pools = self.pools();
+        if pools.is_empty() {
+            out.push_str("pools:      none\n");
+        } else {
+            out.push_str("pools:\n");
+            for p in &pools {
+                let mut line = format!(
+                    "  {:<16} {:<6} {:<9} {}",
+                    p.name,
+                    p.raid,
+                    p.state.to_uppercase(),
+                    if p.served_here {
+                        "served here (ANA optimized)"
+                    } else {
+                        "standby here (ANA inaccessible)"
+                    }
+                );
+                if let Some(r) = p.rebuild_percent {
+                    line.push_str(&format!("  rebuild {r}%"));
+                }
+                if let Some(r) = p.scrub_percent {
+                    line.push_str(&format!("  scrub {r}%"));
+                }
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        let alerts = self.alerts();
+        if alerts.is_empty() {
+            out.push_str("alerts:     none\n");
+        } else {
+            out.push_str("alerts:\n");
+            for a in &alerts {
+                out.push_str(&format!("  - {a}\n"));
+            }
+        }
+        let (w, e) = self.recent();
+        out.push_str(&format!(
+            "events:     {w} warnings, {e} errors in the last hour (`duplexctl events`)\n"
+        ));
+        out
+    }
+
+    /// The screen as one JSON document: the node summary's fields, then `cluster`, `pools`,
+    /// `alerts`, `recent_warnings`, `recent_errors`.
+    pub fn json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(status_json(self.status)).unwrap_or_default();
+        let (w, e) = self.recent();
+        if let Some(m) = v.as_object_mut() {
+            m.insert(
+                "cluster".into(),
+                self.cluster.as_ref().map_or(serde_json::Value::Null, |c| {
+                    serde_json::json!({
+                        "node": c["node"],
+                        "peer": c["peer"]["node"],
+                        "peer_state": c["peer"]["state"],
+                        "fenced": c["disk"]["fenced"],
+                    })
+                }),
+            );
+            m.insert(
+                "pools".into(),
+                serde_json::to_value(self.pools()).unwrap_or_default(),
+            );
+            m.insert(
+                "alerts".into(),
+                serde_json::to_value(self.alerts()).unwrap_or_default(),
+            );
+            m.insert("recent_warnings".into(), w.into());
+            m.insert("recent_errors".into(), e.into());
+        }
+        v
+    }
+}
+
 /// `duplexctl events`: one line per event (`SEQ DATE TIME LEVEL SOURCE KIND: MESSAGE`, UTC).
 pub fn node_events(events: &[serde_json::Value]) -> String {
     let mut out = String::new();

@@ -122,10 +122,48 @@ fn status_as_text_and_as_json() {
     assert_eq!(doc["services_running"], 2);
     assert_eq!(doc["services_total"], 3);
     assert_eq!(doc["sandbox"], true);
-    assert_eq!(
-        node.admin.taken(),
-        [AdminRequest::NodeStatus, AdminRequest::NodeStatus]
+    // The rest of the screen: the cluster service's report, the pools (the fake metadata
+    // service's two, degraded: alerts), the events (the fake supervisor's two, long ago).
+    assert_eq!(doc["cluster"]["node"], 1, "{doc}");
+    assert_eq!(doc["cluster"]["peer_state"], "alive", "{doc}");
+    assert_eq!(doc["pools"][0]["name"], "tank", "{doc}");
+    assert_eq!(doc["pools"][0]["ana"], "optimized", "{doc}");
+    assert_eq!(doc["recent_warnings"], 0, "{doc}");
+    assert!(
+        doc["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "pool tank is degraded")),
+        "{doc}"
     );
+    assert!(
+        doc["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x
+            .as_str()
+            .is_some_and(|s| s.contains("services are not running")))),
+        "{doc}"
+    );
+    assert!(
+        text.contains("cluster:    node 1 of duplex; peer node 2 alive\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("alerts:\n  - 1 of 3 services are not running"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  tank             raid1  DEGRADED  served here (ANA optimized)\n"),
+        "{text}"
+    );
+    assert!(text.contains("events:     "), "{text}");
+    let taken = node.admin.taken();
+    assert_eq!(
+        taken
+            .iter()
+            .filter(|r| **r == AdminRequest::NodeStatus)
+            .count(),
+        2,
+        "{taken:?}"
+    );
+    assert!(taken.contains(&AdminRequest::Events(0)), "{taken:?}");
 }
 
 #[test]
@@ -266,9 +304,13 @@ fn killed_mgmt_reads_as_restarting_until_a_successor_serves_the_same_socket() {
     // The restart that timed out was never sent: mgmt is asked for nothing but reads.
     let asked = node.admin.taken();
     assert!(
-        asked
-            .iter()
-            .all(|r| matches!(r, AdminRequest::ListServices | AdminRequest::NodeStatus)),
+        asked.iter().all(|r| matches!(
+            r,
+            AdminRequest::ListServices
+                | AdminRequest::NodeStatus
+                | AdminRequest::ServiceReport(_)
+                | AdminRequest::Events(_)
+        )),
         "{asked:?}"
     );
 }
@@ -294,8 +336,9 @@ fn a_read_is_retried_when_mgmt_dies_under_it() {
     let out = waiting.wait_with_output().expect("duplexctl");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("node-a"));
+    // The node summary asked twice (the first lost with mgmt), then the rest of the screen.
     assert_eq!(
-        node.admin.taken(),
+        node.admin.taken()[..2],
         [AdminRequest::NodeStatus, AdminRequest::NodeStatus]
     );
 }

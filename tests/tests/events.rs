@@ -5,7 +5,8 @@
 //! after mgmt is crashed and restarted, and after duplexd itself is stopped and started again
 //! (the journal is in the state directory).
 //!
-//! The events the other node saw are its own: each node keeps its journal.
+//! The events the other node saw are its own: each node keeps its journal. `duplexctl status`
+//! on the peer shows the pool served there and the dead peer as an alert.
 
 use duplex_tests::pair::{finish_multipath, Pair};
 use duplex_tests::pool::{ctl_json, ctl_ok};
@@ -91,6 +92,25 @@ fn a_takeover_a_pulled_drive_and_a_rebuild_are_listed_in_order_across_restarts()
         .iter()
         .any(|e| e["source"] == "fabric" && e["kind"] == "ana-changed"));
     assert!(list.iter().all(|e| e["node"] == list[0]["node"]));
+
+    // The one screen an operator reads first says the same, as it stands now.
+    let st = ctl_json(&p.nodes[1], &["status"]);
+    assert_eq!(st["pools"][0]["name"], "tank", "{st}");
+    assert_eq!(st["pools"][0]["served_here"], true, "{st}");
+    assert_eq!(st["pools"][0]["ana"], "optimized", "{st}");
+    assert_eq!(st["cluster"]["peer_state"], "dead", "{st}");
+    assert!(
+        st["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "peer node 1 is dead")),
+        "{st}"
+    );
+    assert!(
+        st["recent_errors"].as_u64() >= Some(1),
+        "the member failure: {st}"
+    );
+    let text = ctl_ok(p.node(1), &["status"]);
+    assert!(text.contains("served here (ANA optimized)"), "{text}");
 
     // mgmt crashes and comes back: the same events (duplexd keeps them).
     let (code, out, err) = p.nodes[1].ctl(&["service", "crash", "mgmt", "--mode", "kill"]);

@@ -618,6 +618,17 @@ fn main() -> ExitCode {
         use std::io::IsTerminal;
         render::set_progress_bars(std::io::stdout().is_terminal());
     }
+    if matches!(cli.command, Command::Status) {
+        let target = Target {
+            socket: cli
+                .socket
+                .clone()
+                .unwrap_or_else(|| cli.state_dir.join("mgmt.sock")),
+            state_dir: cli.state_dir.clone(),
+            timeout: cli.timeout,
+        };
+        return status_screen(&target, cli.json);
+    }
     if let Command::Events { after, follow } = cli.command {
         let target = Target {
             socket: cli
@@ -703,6 +714,60 @@ fn main() -> ExitCode {
             Err(e) => fail(&format!("cannot write the output: {e}")),
         },
         Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// `duplexctl status`: the node summary, then (each best effort, the screen says what it could
+/// not learn) the cluster, the pools with their ANA state and jobs, the alerts and the recent
+/// events.
+fn status_screen(target: &Target, json_wanted: bool) -> ExitCode {
+    let status = match client::call(target, &Request::Status) {
+        Ok(Outcome::Answer(Answer::Status(s))) => s,
+        Ok(other) => return fail(&format!("unexpected answer {other:?}")),
+        Err(e) => return fail(&e.to_string()),
+    };
+    let cluster = match client::call(target, &Request::Report("cluster".into())) {
+        Ok(Outcome::Answer(Answer::Report { text, .. })) if !text.is_empty() => {
+            serde_json::from_str(&text).ok()
+        }
+        _ => None,
+    };
+    let pools = match client::call(target, &Request::Config(ConfigRequest::ListPools)) {
+        Ok(Outcome::Answer(Answer::Config(ConfigReply::Pools(list)))) => Ok(list),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    };
+    let mut events = Vec::new();
+    let mut after = 0;
+    while let Ok(page) = events_page(target, after) {
+        let Some(last) = page.last().and_then(|e| e["seq"].as_u64()) else {
+            break;
+        };
+        after = last;
+        events.extend(page);
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let screen = render::Screen {
+        status: &status,
+        cluster,
+        pools,
+        events,
+        now_ms,
+    };
+    let text = if json_wanted {
+        let mut t = serde_json::to_string_pretty(&screen.json()).unwrap_or_default();
+        t.push('\n');
+        t
+    } else {
+        screen.text()
+    };
+    use std::io::Write;
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("cannot write the output: {e}")),
     }
 }
 
