@@ -16,7 +16,7 @@ use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
 use crate::control::{
-    check_text, read_text, reader_options, unknown, ControlChannel, ControlError, RequestIds,
+    check_text, read_text, reader_options, unknown, ControlChannel, ControlError,
 };
 use crate::exports::ExportRegistrant;
 
@@ -409,7 +409,7 @@ fn len_u32(len: usize) -> u32 {
 #[derive(Debug)]
 pub struct ResvChannel {
     inner: ControlChannel,
-    ids: RequestIds,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl ResvChannel {
@@ -427,8 +427,18 @@ impl ResvChannel {
     fn wrap(inner: ControlChannel) -> Self {
         Self {
             inner,
-            ids: RequestIds::default(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// Numbers this end's requests from `first` on (0 is taken as 1). The fabric passes
+    /// `generation << 32`: the channel outlives it, and a late answer to its predecessor's
+    /// request must not match one of its own.
+    #[must_use]
+    pub fn with_first_request_id(self, first: u64) -> Self {
+        self.next_id
+            .store(first.max(1), std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     /// Gives up the socket.
@@ -439,9 +449,13 @@ impl ResvChannel {
     /// Sends a request; returns its id. Refuses (sending nothing) one out of bounds.
     pub fn send_request(&self, request: &ResvRequest) -> Result<u64, ControlError> {
         request.validate()?;
-        let mut id = self.ids.next_id();
+        let mut id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if id == RESTART_NOTICE_ID {
-            id = self.ids.next_id();
+            id = self
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.inner.send_datagram(&request.encode(id), &[])?;
         Ok(id)
@@ -553,6 +567,8 @@ impl ResvChannel {
         request: &ResvRequest,
         timeout: Duration,
     ) -> Result<Option<ResvReply>, ControlError> {
+        // Whatever is queued before the request answers nothing in flight.
+        while let Ok(Some(_)) = self.try_recv_reply() {}
         let id = self.send_request(request)?;
         let deadline = Instant::now() + timeout;
         loop {

@@ -76,8 +76,7 @@ fn a_takeover_a_pulled_drive_and_a_rebuild_are_listed_in_order_across_restarts()
     let takeover = find(&list, started, "pool-taken-over", "pool tank");
     let failed = find(&list, takeover, "member-failed", "pool tank");
     let replaced = find(&list, failed, "config-changed", "tank");
-    let rebuilt = find(&list, replaced, "rebuild-finished", "pool tank");
-    assert!(rebuilt > replaced);
+    find(&list, replaced, "rebuild-finished", "pool tank");
     // Numbered in order, each once, and attributed to the service that saw it.
     let seqs: Vec<u64> = list
         .iter()
@@ -142,10 +141,16 @@ fn a_takeover_a_pulled_drive_and_a_rebuild_are_listed_in_order_across_restarts()
         "after a duplexd restart"
     );
     let restarted = find(&after, before.len(), "node-started", "");
-    assert_eq!(
-        after[restarted]["seq"].as_u64(),
-        before.last().and_then(|e| e["seq"].as_u64()).map(|s| s + 1)
+    let last = before.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+    assert!(
+        after[restarted]["seq"].as_u64() > Some(last),
+        "numbering goes on"
     );
+    let seqs: Vec<u64> = after
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     // The text form: one line per event.
     let text = ctl_ok(p.node(1), &["events", "--after", &before.len().to_string()]);
     assert!(text.lines().any(|l| l.contains("node-started")), "{text}");

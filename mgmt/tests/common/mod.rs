@@ -100,8 +100,9 @@ pub const SILENT: &str = "silent";
 /// The cluster service's report the fake supervisor answers with.
 pub const CANNED_REPORT: &str = r#"{"cluster":"duplex","node":1,"boot":17,"peer":{"node":2,"boot":5,"address":"127.0.0.1:7400","state":"alive","link_heard_ms_ago":40},"link_out":"up","disk_heartbeat":"not written yet"}"#;
 
-/// The node's events the fake supervisor answers with (above 0; none above anything else).
-pub const CANNED_EVENTS: &str = r#"[{"seq":1,"at_unix_ms":1796400000000,"node":"n1","source":"duplexd","level":"info","kind":"node-started","message":"duplexd started node n1"},{"seq":2,"at_unix_ms":1796400001500,"node":"n1","source":"cluster","level":"warning","kind":"takeover","message":"taking over\u0007 the peer"}]"#;
+/// The node's events the fake supervisor answers with (above 0; none above anything else),
+/// stamped in 1970 so that none is recent.
+pub const CANNED_EVENTS: &str = r#"[{"seq":1,"at_unix_ms":1000,"node":"n1","source":"duplexd","level":"info","kind":"node-started","message":"duplexd started node n1"},{"seq":2,"at_unix_ms":2500,"node":"n1","source":"cluster","level":"warning","kind":"takeover","message":"taking over\u0007 the peer"}]"#;
 
 fn answer(request: &AdminRequest) -> Option<AdminReply> {
     let known = |name: &str| canned_services().iter().any(|s| s.name == name);

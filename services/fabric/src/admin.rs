@@ -198,7 +198,12 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
                 (duplex_nvme::resv::opc::RELEASE, effects::CSUPP),
             ],
         ),
+        // Each read takes a page off the queue: only a read of the page from its start
+        // takes one (a read the window refuses, or of its tail, must not lose a page).
         (duplex_nvme::resv::LID_RESERVATION_NOTIFICATION, false) => {
+            if g.offset != 0 {
+                return Reply::status(generic::INVALID_FIELD);
+            }
             ctrl.take_reservation_log_page(g.rae)
         }
         (lid::ANA, false) => {

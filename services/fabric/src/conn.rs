@@ -587,7 +587,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             cd.hostnqn, subsys.nqn
         );
         q.shared.warn(q.peer, &why);
-        target.event(
+        target.host_event(
             duplex_ipc::control::EventLevel::Warning,
             "host-refused",
             &format!("{why} (from {})", q.peer),
@@ -628,7 +628,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             "controller created"
         );
         if !subsys.discovery {
-            target.event(
+            target.host_event(
                 duplex_ipc::control::EventLevel::Info,
                 "host-connected",
                 &format!(

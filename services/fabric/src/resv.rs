@@ -26,7 +26,7 @@ use std::rc::Rc;
 
 use duplex_ipc::resv::{ResvCommand, ResvReply, ResvRequest};
 use duplex_nvme::cmd::Sqe;
-use duplex_nvme::resv::{opc, Report, Reservations};
+use duplex_nvme::resv::{opc, Acquire, Register, Release, Report, Reservations};
 use duplex_nvme::status::{generic, path, Status};
 
 use crate::command::{DataIn, Reply};
@@ -75,6 +75,24 @@ pub async fn execute(
         Ok(d) => d,
         Err(s) => return Reply::status(s),
     };
+    // The command checked here first (reserved values, short data, no host identifier): a
+    // malformed one costs no round trip, and gets its error while the metadata service is
+    // away too.
+    let checked = match sqe.opcode {
+        opc::REGISTER => Register::decode(sqe.cdw10, &data).map(|_| ()),
+        opc::ACQUIRE => Acquire::decode(sqe.cdw10, &data).map(|_| ()),
+        _ => Release::decode(sqe.cdw10, &data).map(|_| ()),
+    };
+    if let Err(status) = checked {
+        return Reply::status(status);
+    }
+    if ctrl.hostid == [0; 16] {
+        q.shared.note(
+            q.peer,
+            "reservation command from a host without a host identifier refused",
+        );
+        return Reply::status(generic::INVALID_FIELD);
+    }
     let command = match sqe.opcode {
         opc::REGISTER => ResvCommand::Register {
             cdw10: sqe.cdw10,

@@ -59,13 +59,30 @@ impl ResvClient {
 
     /// Sends `request` and waits for its answer (one at a time).
     pub async fn call(&self, request: &ResvRequest) -> Result<ResvReply, CallError> {
-        let _one = self.one.lock().await;
+        // The patience covers the wait for the channel too: a change queued behind others
+        // still gets its answer within the host's command timeout.
+        let deadline = tokio::time::sleep(CALL_PATIENCE);
+        tokio::pin!(deadline);
+        let _one = tokio::select! {
+            () = &mut deadline => return Err(CallError::Timeout),
+            one = self.one.lock() => one,
+        };
         let channel = &self.fd.get_ref().0;
+        // One change at a time: whatever is queued now answers nothing in flight (a late
+        // answer, a restart notice sent while nothing waited).
+        loop {
+            match channel.try_recv_reply() {
+                Ok(Some((got, _))) => {
+                    tracing::debug!(id = got, "discarding a stale reservation answer");
+                }
+                Ok(None) => break,
+                Err(e) if e.is_malformed() => {}
+                Err(e) => return Err(CallError::Channel(e.to_string())),
+            }
+        }
         let id = channel
             .send_request(request)
             .map_err(|e| CallError::Channel(e.to_string()))?;
-        let deadline = tokio::time::sleep(CALL_PATIENCE);
-        tokio::pin!(deadline);
         loop {
             let mut ready = tokio::select! {
                 () = &mut deadline => return Err(CallError::Timeout),

@@ -128,7 +128,10 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
         .context("exports doorbell")?;
     let resv = started
         .take(duplex_ipc::resv::RESV_RESOURCE)
-        .map(|h| duplex_ipc::resv::ResvChannel::from_fd(h.fd))
+        .map(|h| {
+            duplex_ipc::resv::ResvChannel::from_fd(h.fd)
+                .map(|c| c.with_first_request_id(started.generation << 32))
+        })
         .transpose()
         .context("reservation channel")?;
     Ok(Parts {

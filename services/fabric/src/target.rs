@@ -83,6 +83,9 @@ pub struct Target {
     resv_client: RefCell<Option<Rc<crate::resv_channel::ResvClient>>>,
     /// Where events for the node's journal go (duplexd, through the lifecycle channel).
     event_sink: RefCell<Option<Sink>>,
+    /// Events hosts can cause (connects, refusals) are sent at most this often: a flood of
+    /// connects must not fill the lifecycle channel (its sends block the runtime).
+    event_limit: RefCell<duplex_ipc::control::RateLimiter>,
 }
 
 /// Sends an event (level, kind, message) to the node's journal.
@@ -124,6 +127,30 @@ impl Target {
             reservations: RefCell::new(HashMap::new()),
             resv_client: RefCell::new(None),
             event_sink: RefCell::new(None),
+            event_limit: RefCell::new(duplex_ipc::control::RateLimiter::new(
+                5,
+                std::time::Duration::from_secs(1),
+            )),
+        }
+    }
+
+    /// A host-caused event (a connect, a refusal), rate limited: what is over the rate is
+    /// counted and said with the next one sent.
+    pub fn host_event(&self, level: duplex_ipc::control::EventLevel, kind: &str, message: &str) {
+        let allowed = self
+            .event_limit
+            .borrow_mut()
+            .check(std::time::Instant::now());
+        if let Some(suppressed) = allowed {
+            if suppressed > 0 {
+                self.event(
+                    level,
+                    kind,
+                    &format!("{message} ({suppressed} earlier host events not recorded)"),
+                );
+            } else {
+                self.event(level, kind, message);
+            }
         }
     }
 

@@ -2377,20 +2377,27 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 // Nothing new; the end is committed as the member turning active.
                 continue;
             }
+            // An event at each tenth of the way (checkpoints come every second or so; the
+            // journal would hold little else during a long rebuild).
+            let member = cfg.pool.member_data_bytes.max(1);
+            let tenth = |blocks: u64| u128::from(blocks * bs) * 10 / u128::from(member);
+            let milestone = (tenth(want) > tenth(position)).then(|| tenth(want) * 10);
             let mut cfg = cfg.clone();
             let name = cfg.pool.name.clone();
             cfg.pool.members[slot].state = MemberState::Rebuilding { position: want };
             match self.commit_pool(i, cfg) {
                 Ok(()) => {
                     tracing::info!(pool = %name, slot, at = want * bs, "rebuild checkpoint committed");
-                    self.publisher.event(
-                        "info",
-                        "rebuild-progress",
-                        &format!(
-                            "pool {name}: rebuild of slot {slot} checkpointed at {} MiB",
-                            (want * bs) >> 20
-                        ),
-                    );
+                    if let Some(percent) = milestone {
+                        self.publisher.event(
+                            "info",
+                            "rebuild-progress",
+                            &format!(
+                                "pool {name}: rebuild of slot {slot} {percent}% done (checkpoint at {} MiB)",
+                                (want * bs) >> 20
+                            ),
+                        );
+                    }
                     self.publisher.job_committed(job.entry, key, want * bs);
                 }
                 Err(e) => {
