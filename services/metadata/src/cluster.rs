@@ -1588,7 +1588,22 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         };
         match apply(self.pools[i].store.config(), req) {
             Applied::Answer(a) => a,
-            Applied::Commit(cfg, done) => {
+            Applied::Commit(mut cfg, mut done) => {
+                // Versions follow the pool's commits, so they only grow, also for a namespace
+                // removed and added again (its record starts afresh; a fabric may still hold
+                // the old one's version).
+                let version = done
+                    .state
+                    .version
+                    .max(self.pools[i].store.stamp().generation + 1);
+                done.state.version = version;
+                if let Some(r) = cfg
+                    .reservations
+                    .iter_mut()
+                    .find(|r| r.subnqn == req.subnqn && r.nsid == req.nsid)
+                {
+                    r.version = version;
+                }
                 let pool = self.pools[i].store.config().pool.name.clone();
                 if let Err(e) = self.commit_pool(i, *cfg) {
                     tracing::error!(%pool, error = %e, "a reservation change could not be committed");
@@ -1624,6 +1639,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             if gone == 0 {
                 continue;
             }
+            let floor = self.pools[i].store.stamp().generation + 1;
             let mut next = cfg.clone();
             // Registrants and the reservation go; the generation stays (hosts compare it).
             for r in next.reservations.iter_mut().filter(|r| !r.ptpl) {
@@ -1631,7 +1647,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     r.rtype = 0;
                     r.holder = [0; 16];
                     r.registrants.clear();
-                    r.version += 1;
+                    r.version = (r.version + 1).max(floor);
                 }
             }
             let pool = next.pool.name.clone();
