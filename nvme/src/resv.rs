@@ -1034,6 +1034,34 @@ pub enum StateError {
     NoRegistrants,
 }
 
+impl ResvState {
+    /// The state as it is kept elsewhere (the export table, a channel answer, the record on
+    /// the drives): registrants as (host identifier, controller id, key) in registration order,
+    /// the type code (0: none, unknown codes read as none), the holder (all zero: none).
+    pub fn from_kept(
+        registrants: impl IntoIterator<Item = ([u8; 16], u16, u64)>,
+        rtype: u8,
+        holder: [u8; 16],
+        generation: u32,
+        ptpl: bool,
+    ) -> Self {
+        Self {
+            registrants: registrants
+                .into_iter()
+                .map(|(host, cntlid, key)| Registrant {
+                    host: HostId(host),
+                    cntlid,
+                    key,
+                })
+                .collect(),
+            rtype: ResvType::from_u8(rtype),
+            holder: (holder != [0; 16]).then_some(HostId(holder)),
+            generation,
+            ptpl,
+        }
+    }
+}
+
 impl Reservations {
     /// The whole state, to keep.
     pub fn state(&self) -> ResvState {

@@ -312,25 +312,10 @@ impl Target {
     /// the whole truth; a namespace it names none for has none). A state the model cannot be
     /// in is logged and the namespace keeps the one it had (never silently opened up).
     fn apply_reservations(&self, table: &ExportTable) {
-        use duplex_nvme::resv::{HostId, Registrant, ResvState, ResvType};
         let mut next = HashMap::new();
         let old = self.reservations.borrow();
         for r in &table.reservations {
-            let state = ResvState {
-                registrants: r
-                    .registrants
-                    .iter()
-                    .map(|g| Registrant {
-                        host: HostId(g.host_id),
-                        cntlid: g.cntlid,
-                        key: g.key,
-                    })
-                    .collect(),
-                rtype: ResvType::from_u8(r.rtype),
-                holder: (r.holder != [0; 16]).then_some(HostId(r.holder)),
-                generation: r.generation,
-                ptpl: r.ptpl,
-            };
+            let state = kept_state(&r.registrants, r.rtype, r.holder, r.generation, r.ptpl);
             // A newer state taken from a change's answer stays until the table catches up.
             if let Some(kept) = old.get(&r.nguid).filter(|(v, _)| *v > r.version) {
                 next.insert(r.nguid, kept.clone());
@@ -377,7 +362,6 @@ impl Target {
     /// Takes the state a change's answer carries (the metadata service committed it), unless
     /// the namespace already has a newer one.
     pub fn take_reservation(&self, nguid: [u8; 16], s: &duplex_ipc::resv::ResvStateMsg) {
-        use duplex_nvme::resv::{HostId, Registrant, ResvState, ResvType};
         if self
             .reservations
             .borrow()
@@ -386,21 +370,7 @@ impl Target {
         {
             return;
         }
-        let state = ResvState {
-            registrants: s
-                .registrants
-                .iter()
-                .map(|g| Registrant {
-                    host: HostId(g.host_id),
-                    cntlid: g.cntlid,
-                    key: g.key,
-                })
-                .collect(),
-            rtype: ResvType::from_u8(s.rtype),
-            holder: (s.holder != [0; 16]).then_some(HostId(s.holder)),
-            generation: s.generation,
-            ptpl: s.ptpl,
-        };
+        let state = kept_state(&s.registrants, s.rtype, s.holder, s.generation, s.ptpl);
         match duplex_nvme::resv::Reservations::from_state(&state) {
             Ok(m) => {
                 self.reservations.borrow_mut().insert(nguid, (s.version, m));
@@ -597,4 +567,21 @@ impl Target {
     pub fn controller_count(&self) -> usize {
         self.controllers.borrow().len()
     }
+}
+
+/// The model's state of a namespace as the export table or a change's answer carries it.
+fn kept_state(
+    registrants: &[duplex_ipc::exports::ExportRegistrant],
+    rtype: u8,
+    holder: [u8; 16],
+    generation: u32,
+    ptpl: bool,
+) -> duplex_nvme::resv::ResvState {
+    duplex_nvme::resv::ResvState::from_kept(
+        registrants.iter().map(|g| (g.host_id, g.cntlid, g.key)),
+        rtype,
+        holder,
+        generation,
+        ptpl,
+    )
 }

@@ -11,9 +11,7 @@ use duplex_ipc::exports::ExportRegistrant;
 use duplex_ipc::resv::{
     ResvCommand, ResvCtrl, ResvDone, ResvNotice, ResvReply, ResvRequest, ResvStateMsg,
 };
-use duplex_nvme::resv::{
-    Acquire, HostCtrl, HostId, Register, Registrant, Release, Reservations, ResvState, ResvType,
-};
+use duplex_nvme::resv::{Acquire, HostCtrl, HostId, Register, Release, Reservations, ResvState};
 use duplex_ondisk::{PoolConfig, Reservation, ReservationRegistrant};
 
 /// What a request does to a pool.
@@ -33,21 +31,13 @@ pub fn has_namespace(cfg: &PoolConfig, subnqn: &str, nsid: u32) -> bool {
 }
 
 fn model_of(r: &Reservation) -> Result<Reservations, String> {
-    let state = ResvState {
-        registrants: r
-            .registrants
-            .iter()
-            .map(|g| Registrant {
-                host: HostId(g.host_id),
-                cntlid: g.cntlid,
-                key: g.key,
-            })
-            .collect(),
-        rtype: ResvType::from_u8(r.rtype),
-        holder: (r.holder != [0; 16]).then_some(HostId(r.holder)),
-        generation: r.generation,
-        ptpl: r.ptpl,
-    };
+    let state = ResvState::from_kept(
+        r.registrants.iter().map(|g| (g.host_id, g.cntlid, g.key)),
+        r.rtype,
+        r.holder,
+        r.generation,
+        r.ptpl,
+    );
     Reservations::from_state(&state).map_err(|e| {
         format!(
             "the reservation state kept for namespace {} of {} is not one it can be in ({e}); refusing to change it",

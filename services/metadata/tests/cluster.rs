@@ -1332,23 +1332,16 @@ fn killable_drives(d: &[MemDisk], budget: &Budget) -> Vec<Drive<Killable>> {
 
 /// The state the metadata service published for the namespace (none yet: the empty state).
 fn published_resv(c: &mut Cluster<Killable, Recorder>) -> duplex_nvme::resv::ResvState {
-    use duplex_nvme::resv::{HostId, Registrant, ResvState, ResvType};
     let r = c.publisher_mut().reservations.clone();
     assert!(r.len() <= 1, "{r:?}");
-    r.first().map_or_else(ResvState::default, |r| ResvState {
-        registrants: r
-            .registrants
-            .iter()
-            .map(|g| Registrant {
-                host: HostId(g.host_id),
-                cntlid: g.cntlid,
-                key: g.key,
-            })
-            .collect(),
-        rtype: ResvType::from_u8(r.rtype),
-        holder: (r.holder != [0; 16]).then_some(HostId(r.holder)),
-        generation: r.generation,
-        ptpl: r.ptpl,
+    r.first().map_or_else(Default::default, |r| {
+        duplex_nvme::resv::ResvState::from_kept(
+            r.registrants.iter().map(|g| (g.host_id, g.cntlid, g.key)),
+            r.rtype,
+            r.holder,
+            r.generation,
+            r.ptpl,
+        )
     })
 }
 
