@@ -105,6 +105,17 @@ impl Io {
         (generation, rtype, entries)
     }
 
+    /// Waits until this path serves namespace 1: a read of block 0 answered with anything but
+    /// a path status (an ANA group still inaccessible, or in transition, after a takeover or a
+    /// restart). The bound ([`crate::PATIENCE`]) only stops a hang: `what` says which.
+    pub fn wait_serving(&mut self, what: &str) {
+        let hang = std::time::Instant::now() + crate::PATIENCE;
+        while self.rw(io::READ, 0).sct() == 3 {
+            assert!(std::time::Instant::now() < hang, "{what}");
+            std::thread::yield_now();
+        }
+    }
+
     /// A one-block read or write of block `lba`: its status.
     pub fn rw(&mut self, opcode: u8, lba: u32) -> Status {
         let sqe = Sqe {

@@ -70,16 +70,8 @@ fn a_reservation_holds_through_a_takeover_and_the_peer_honours_preempt_and_abort
     let peer = p.at.nvme[1];
     let mut a = Io::connect(peer, HOST_A);
     let mut b = Io::connect(peer, HOST_B);
-    // Wait for the peer's path to serve (its ANA group optimized after the takeover); the
-    // bound only stops a hang.
-    let hang = std::time::Instant::now() + duplex_tests::PATIENCE;
-    while a.rw(io::READ, 0).sct() == 3 {
-        assert!(
-            std::time::Instant::now() < hang,
-            "the peer's path never served"
-        );
-        std::thread::yield_now();
-    }
+    // Wait for the peer's path to serve (its ANA group optimized after the takeover).
+    a.wait_serving("the peer's path never served");
     let after = b.report();
     assert_eq!(
         after,
@@ -109,14 +101,7 @@ fn a_reservation_holds_through_a_takeover_and_the_peer_honours_preempt_and_abort
     p.node(1).relaunch();
     p.node(1).wait_exported(SUBNQN);
     let mut b = Io::connect(peer, HOST_B);
-    let hang = std::time::Instant::now() + duplex_tests::PATIENCE;
-    while b.rw(io::READ, 0).sct() == 3 {
-        assert!(
-            std::time::Instant::now() < hang,
-            "the restarted node never served"
-        );
-        std::thread::yield_now();
-    }
+    b.wait_serving("the restarted node never served");
     assert_eq!(b.report(), (g2, t2, regs2), "after a power cycle (PTPL)");
     let mut a = Io::connect(peer, HOST_A);
     conflict(a.rw(io::WRITE, 9), "A writes after the power cycle");
@@ -155,14 +140,7 @@ fn a_power_cycle_clears_a_reservation_without_persist_through_power_loss_and_a_s
     ]);
     p.node(0).wait_exported(SUBNQN);
     let mut b = Io::connect(owner, HOST_B);
-    let hang = std::time::Instant::now() + duplex_tests::PATIENCE;
-    while b.rw(io::READ, 0).sct() == 3 {
-        assert!(
-            std::time::Instant::now() < hang,
-            "the restarted node never served"
-        );
-        std::thread::yield_now();
-    }
+    b.wait_serving("the restarted node never served");
     let (generation, rtype, regs) = b.report();
     assert_eq!(
         (rtype, regs.len()),

@@ -619,25 +619,11 @@ fn main() -> ExitCode {
         render::set_progress_bars(std::io::stdout().is_terminal());
     }
     if matches!(cli.command, Command::Status) {
-        let target = Target {
-            socket: cli
-                .socket
-                .clone()
-                .unwrap_or_else(|| cli.state_dir.join("mgmt.sock")),
-            state_dir: cli.state_dir.clone(),
-            timeout: cli.timeout,
-        };
+        let target = target_of(&cli);
         return status_screen(&target, cli.json);
     }
     if let Command::Events { after, follow } = cli.command {
-        let target = Target {
-            socket: cli
-                .socket
-                .clone()
-                .unwrap_or_else(|| cli.state_dir.join("mgmt.sock")),
-            state_dir: cli.state_dir.clone(),
-            timeout: cli.timeout,
-        };
+        let target = target_of(&cli);
         return events(&target, after, follow, cli.json);
     }
     let request = match &cli.command {
@@ -656,14 +642,7 @@ fn main() -> ExitCode {
             Err(message) => return usage(&message),
         },
     };
-    let target = Target {
-        socket: cli
-            .socket
-            .clone()
-            .unwrap_or_else(|| cli.state_dir.join("mgmt.sock")),
-        state_dir: cli.state_dir.clone(),
-        timeout: cli.timeout,
-    };
+    let target = target_of(&cli);
     // `--rate` of `pool replace` and `pool scrub`: the pool's rate is set first.
     let rate = match &cli.command {
         Command::Pool(PoolCommand::Replace {
@@ -714,6 +693,18 @@ fn main() -> ExitCode {
             Err(e) => fail(&format!("cannot write the output: {e}")),
         },
         Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Where the node's mgmt answers, as the options say.
+fn target_of(cli: &Cli) -> Target {
+    Target {
+        socket: cli
+            .socket
+            .clone()
+            .unwrap_or_else(|| cli.state_dir.join("mgmt.sock")),
+        state_dir: cli.state_dir.clone(),
+        timeout: cli.timeout,
     }
 }
 
