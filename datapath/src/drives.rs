@@ -34,6 +34,7 @@ use duplex_ipc::desc::{
     STATUS_FENCED, STATUS_INTEGRITY, STATUS_INTERNAL, STATUS_LBA_OUT_OF_RANGE, STATUS_READ_ERROR,
     STATUS_RESERVATION_CONFLICT, STATUS_WRITE_FAULT,
 };
+use duplex_ipc::metrics::{Counter, Gauge, Histogram, Metric, Metrics};
 use duplex_ipc::pool::Pool;
 use duplex_ipc::topology::{DriveTransport, VolumeSpec};
 
@@ -122,6 +123,8 @@ struct Piece {
     cmd: IoCmd,
     segs: Vec<Seg>,
     tries: u8,
+    /// When it went to the drive (kept only with metrics).
+    sent: Option<Instant>,
     /// Drives with metadata: a write's records, a read's data to check (the pool chunks and
     /// the piece's first byte in them) and first LBA.
     md: Option<Box<PieceMd>>,
@@ -180,6 +183,53 @@ pub struct Drive {
     md: Option<MdArea>,
     /// Verdicts of reads that asked for them: (token, first LBA of the piece, per block).
     verdicts: Vec<(u64, u64, Vec<Verdict>)>,
+    /// The drive's metrics, when the node keeps them.
+    metrics: Option<DriveMetrics>,
+}
+
+/// A drive's metrics: commands and latency by operation (read, write, other), errors,
+/// integrity mismatches, controller resets, and whether it is reachable.
+#[derive(Debug)]
+struct DriveMetrics {
+    ops: [(Counter, Histogram); 3],
+    errors: Counter,
+    integrity: Counter,
+    resets: Counter,
+    up: Gauge,
+}
+
+impl DriveMetrics {
+    fn new(m: &Metrics, drive: &str) -> Result<Self, duplex_ipc::metrics::MetricsError> {
+        let op = |op: &str| -> Result<(Counter, Histogram), duplex_ipc::metrics::MetricsError> {
+            let labels = [("drive", drive), ("op", op)];
+            Ok((
+                m.counter(Metric::DriveCommands, &labels)?,
+                m.histogram(Metric::DriveLatency, &labels)?,
+            ))
+        };
+        let labels = [("drive", drive)];
+        Ok(Self {
+            ops: [op("read")?, op("write")?, op("other")?],
+            errors: m.counter(Metric::DriveErrors, &labels)?,
+            integrity: m.counter(Metric::DriveIntegrityErrors, &labels)?,
+            resets: m.counter(Metric::DriveResets, &labels)?,
+            up: m.gauge(Metric::DriveUp, &labels)?,
+        })
+    }
+
+    /// A command of `opcode` sent at `sent` is done.
+    fn done(&self, opcode: u8, sent: Option<Instant>) {
+        let i = match opcode {
+            duplex_nvme::spec::io::READ => 0,
+            duplex_nvme::spec::io::WRITE => 1,
+            _ => 2,
+        };
+        let (count, latency) = &self.ops[i];
+        count.inc();
+        if let Some(at) = sent {
+            latency.observe_ns(u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
 }
 
 /// A piece (or a request's share of it) that finished.
@@ -349,6 +399,7 @@ impl Drive {
             fence_key: d.fence_key,
             md,
             verdicts: Vec::new(),
+            metrics: None,
         })
     }
 
@@ -472,8 +523,24 @@ impl Drive {
         mem.read(slot * MD_SLOT, out).map_err(|e| e.to_string())
     }
 
+    /// Keeps the drive's metrics in `m` from now on.
+    pub fn set_metrics(&mut self, m: &Metrics) {
+        match DriveMetrics::new(m, &self.name) {
+            Ok(dm) => {
+                dm.up.set(u64::from(self.dead.is_none()));
+                self.metrics = Some(dm);
+            }
+            Err(e) => {
+                tracing::warn!(drive = %self.name, error = %e, "the drive's metrics are not kept")
+            }
+        }
+    }
+
     /// Counts and logs a block that failed its check.
     fn bad_block(&mut self, lba: u64) {
+        if let Some(dm) = &self.metrics {
+            dm.integrity.inc();
+        }
         if let Some(m) = &mut self.md {
             m.errors += 1;
             if let Some(suppressed) = m.log.check(Instant::now()) {
@@ -590,6 +657,7 @@ impl Drive {
                 cmd,
                 segs,
                 tries: 0,
+                sent: None,
                 md,
             });
         };
@@ -705,6 +773,10 @@ impl Drive {
             }
             match self.ctrl.submit(1, cmd, &p.segs, tag as u64) {
                 Ok(()) => {
+                    let mut p = p;
+                    if self.metrics.is_some() {
+                        p.sent = Some(now);
+                    }
                     self.inflight[tag] = Some(p);
                     submitted = true;
                 }
@@ -762,6 +834,12 @@ impl Drive {
                 continue;
             };
             self.free_tags.push(d.tag as usize);
+            if let Some(dm) = &self.metrics {
+                dm.done(p.cmd.sqe.opcode, p.sent);
+                if d.result.is_err() {
+                    dm.errors.inc();
+                }
+            }
             match d.result {
                 Ok(_) => {
                     let status = match &p.md {
@@ -780,6 +858,7 @@ impl Drive {
                     self.retries += 1;
                     self.backlog.push_back(Piece {
                         tries: p.tries + 1,
+                        sent: None,
                         ..p
                     });
                 }
@@ -848,12 +927,18 @@ impl Drive {
     /// The controller failed: reset it; what was outstanding comes back (to retry or fail).
     fn recover(&mut self, why: &str, pool: &Pool, out: &mut Vec<Finished>) {
         tracing::error!(drive = %self.name, %why, "drive controller failed; resetting it");
+        if let Some(dm) = &self.metrics {
+            dm.resets.inc();
+        }
         let mut done = Vec::new();
         let r = self.ctrl.reset(&mut done);
         self.settle(&mut done, pool, out);
         if let Err(e) = r {
             tracing::error!(drive = %self.name, error = %e, "drive lost: it did not come back from a reset");
             self.dead = Some(e.to_string());
+            if let Some(dm) = &self.metrics {
+                dm.up.set(0);
+            }
             // Nothing is outstanding any more; fail what waits.
             for p in std::mem::take(&mut self.inflight).into_iter().flatten() {
                 out.push(Finished {

@@ -51,6 +51,7 @@
 //! treats its death as the node's failure, but should it restart one) comes back with the
 //! topology's devices and no pools or pool volumes; the metadata service publishes them again.
 
+use duplex_ipc::metrics::{Metrics, METRICS_RESOURCE};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -257,12 +258,26 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
             Channel::raw(consumer, producer)
         });
     }
+    let metrics = match started.take(METRICS_RESOURCE) {
+        Some(h) => match Metrics::attach(h.fd) {
+            Ok(m) => {
+                m.start_writing();
+                Some(m)
+            }
+            Err(e) => {
+                // Metrics are not worth refusing to serve for.
+                tracing::warn!(error = %e, "the metrics region is unusable: no drive metrics");
+                None
+            }
+        },
+        None => None,
+    };
     // Each volume is served 1:1 from its own backing file or drive: one device and a map
     // covering it.
     let mut devices: Vec<BdevBox> = Vec::new();
     let mut maps = Vec::new();
     for spec in &topology.volumes {
-        let dev = open_device(&mut started, spec, &pool)?;
+        let dev = open_device(&mut started, spec, &pool, metrics.as_ref())?;
         let mut map = VolumeMap::whole(spec.id, &spec.name, devices.len(), &dev);
         // A drive's namespace may be larger than the volume: the volume is its first blocks.
         map.blocks = spec.blocks;
@@ -276,7 +291,7 @@ pub fn run(enter: impl FnOnce() -> Result<(), SandboxError>) -> Result<EngineSta
     // them; device index = raw drive id.
     for (i, spec) in topology.drives.iter().enumerate() {
         debug_assert_eq!(topology.drive_id(i) as usize, devices.len());
-        devices.push(open_device(&mut started, spec, &pool)?);
+        devices.push(open_device(&mut started, spec, &pool, metrics.as_ref())?);
     }
     let maps_channel = match started.take(wire::MAPS_RESOURCE) {
         Some(r) => Some(MapsChannel::from_fd(r.fd).map_err(ServiceError::Maps)?),
@@ -373,6 +388,7 @@ fn open_device(
     started: &mut Started,
     spec: &VolumeSpec,
     pool: &Pool,
+    metrics: Option<&Metrics>,
 ) -> Result<BdevBox, ServiceError> {
     Ok(match &spec.drive {
         None => {
@@ -399,7 +415,11 @@ fn open_device(
                     device: take(started, &format!("{}:device", spec.resource))?.fd,
                 },
             };
-            Box::new(NvmeBdev::new(Drive::open(spec, fds, pool)?))
+            let mut drive = Drive::open(spec, fds, pool)?;
+            if let Some(m) = metrics {
+                drive.set_metrics(m);
+            }
+            Box::new(NvmeBdev::new(drive))
         }
     })
 }

@@ -4,7 +4,7 @@
 //!
 //! | request | effect | answer |
 //! |---|---|---|
-//! | `{"op":"status"}` | | `powered`, `present`, `cached_blocks`, `write_seq` (writes executed, drive-wide), `port_writes` (per port's controller: `cntlid`, `writes`, `last_seq`), `preempts` (the newest 64 registrations removed by Acquire: `by_cntlid`, `victims`, `write_seq` then), `sockets`, `faults` (with ids), `reservation` (generation, type, registrants) |
+//! | `{"op":"status"}` | | `powered`, `present`, `cached_blocks`, `write_seq` (writes executed, drive-wide), `port_writes` (per port's controller: `cntlid`, `writes`, `last_seq`), `preempts` (the newest 64 registrations removed by Acquire: `by_cntlid`, `victims`, `write_seq` then, `seq` its number among all), `sockets`, `faults` (with ids), `reservation` (generation, type, registrants) |
 //! | `{"op":"inject","fault":{"kind":...}}` | adds a [`Fault`] | `id` |
 //! | `{"op":"clear","id":N}` / `{"op":"clear"}` | removes one fault / all | `cleared` |
 //! | `{"op":"power_cut"}` | loses the write cache, ports vanish | `lost_blocks` |

@@ -369,6 +369,9 @@ pub struct PreemptRecord {
     pub victims: Vec<u16>,
     /// The drive's `write_seq` when it completed.
     pub write_seq: u64,
+    /// Its number among every preempt the drive recorded (1 for the first): the list keeps
+    /// only the newest, this says which they are.
+    pub seq: u64,
 }
 
 /// How many [`PreemptRecord`]s a drive keeps (the newest).
@@ -489,6 +492,8 @@ pub(crate) struct DriveState {
     pub port_writes: BTreeMap<u16, PortWrites>,
     /// The newest preempts (at most [`PREEMPT_RECORDS`]), oldest first.
     pub preempts: std::collections::VecDeque<PreemptRecord>,
+    /// Preempts recorded since the drive started.
+    preempts_total: u64,
     next_seq: u64,
     powered_since: Instant,
     /// Controllers to wake once the lock is released.
@@ -513,10 +518,12 @@ impl DriveState {
         if self.preempts.len() == PREEMPT_RECORDS {
             self.preempts.pop_front();
         }
+        self.preempts_total += 1;
         self.preempts.push_back(PreemptRecord {
             by_cntlid: by,
             victims,
             write_seq: self.write_seq,
+            seq: self.preempts_total,
         });
     }
 
@@ -1041,6 +1048,7 @@ impl Drive {
             write_seq: 0,
             port_writes: BTreeMap::new(),
             preempts: std::collections::VecDeque::new(),
+            preempts_total: 0,
             next_seq: 0,
             powered_since: Instant::now(),
             wake: Vec::new(),

@@ -138,6 +138,7 @@ fn reservation_matrix_across_two_ports() {
             by_cntlid: 2,
             victims: vec![1],
             write_seq: seq,
+            seq: 1,
         }],
         "the preempt is recorded with the write sequence then"
     );

@@ -199,6 +199,15 @@ impl AnaState {
         matches!(self, Self::Optimized | Self::NonOptimized)
     }
 
+    /// Every state.
+    pub const ALL: [Self; 5] = [
+        Self::Optimized,
+        Self::NonOptimized,
+        Self::Inaccessible,
+        Self::PersistentLoss,
+        Self::Change,
+    ];
+
     /// The name `nvme ana-log` and sysfs use.
     pub fn name(self) -> &'static str {
         match self {

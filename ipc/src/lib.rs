@@ -28,6 +28,7 @@ pub mod doorbell;
 pub mod exports;
 pub mod lifecycle;
 pub mod maps;
+pub mod metrics;
 pub mod pool;
 pub mod raid;
 pub mod region;

@@ -10,12 +10,15 @@
 //!   restarts, and telling apart "no node", "duplexd not running" and "mgmt is restarting".
 //! * [`render`] — duplexctl's tables and JSON documents.
 //! * [`units`] — sizes as operators write (`10G`) and read (`1.50G`) them.
+//! * [`metrics`] — the Prometheus text exposition of the node's metrics regions and pools, and
+//!   the small HTTP server mgmt serves it with.
 //! * [`io`] — the adapter between tokio sockets and the `futures` I/O traits `capnp-rpc` uses.
 //!
 //! The operator's guide to `duplexctl` is `docs/OPERATOR.md`.
 
 pub mod client;
 pub mod io;
+pub mod metrics;
 pub mod render;
 pub mod server;
 pub mod units;

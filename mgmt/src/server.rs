@@ -49,6 +49,7 @@ use duplex_ipc::control::{ControlError, RateLimiter, ResourceKind, MAX_NAME_BYTE
 use duplex_ipc::lifecycle::{
     self, Control, Health, LifecycleError, Next, Started, HEALTH_RESOURCE,
 };
+use duplex_ipc::metrics::{Metrics, METRICS_READER_PREFIX};
 use duplex_schemas::mgmt_capnp::management;
 use futures::channel::{mpsc as mpsc_async, oneshot};
 use futures::StreamExt;
@@ -145,6 +146,10 @@ pub struct Resources {
     pub listener: StdUnixListener,
     /// The config channel to the metadata service, when the node runs one.
     pub config: Option<ConfigChannel>,
+    /// The TCP listener metrics are served on, when the node exposes them.
+    pub metrics_listener: Option<std::net::TcpListener>,
+    /// The metrics regions of the services and duplexd.
+    pub regions: crate::metrics::Regions,
 }
 
 fn take_fd(
@@ -213,11 +218,46 @@ pub fn take_resources(started: &mut Started) -> Result<Resources, MgmtError> {
             Some(channel)
         }
     };
+    let names: Vec<String> = started.resources.iter().map(|r| r.name.clone()).collect();
+    let mut regions = crate::metrics::Regions::default();
+    let mut metrics_listener = None;
+    for name in names {
+        if let Some(source) = name.strip_prefix(METRICS_READER_PREFIX) {
+            let Some(handed) = started.take(&name) else {
+                continue;
+            };
+            match Metrics::attach(handed.fd) {
+                Ok(m) => regions.0.push((source.to_owned(), m)),
+                // One unusable region costs its metrics, not the service.
+                Err(e) => tracing::warn!(resource = %name, error = %e, "metrics region unusable"),
+            }
+        } else if name.starts_with("listener:") {
+            let Some(handed) = started.take(&name) else {
+                continue;
+            };
+            let socket = std::net::TcpListener::from(handed.fd);
+            match socket.local_addr() {
+                Ok(addr) if metrics_listener.is_none() => {
+                    tracing::info!(%addr, "serving metrics (Prometheus) on this address");
+                    metrics_listener = Some(socket);
+                }
+                Ok(addr) => tracing::warn!(%addr, "a second listener for mgmt: not used"),
+                Err(e) => {
+                    return Err(MgmtError::BadResource {
+                        name: "listener",
+                        why: format!("{name} is not a TCP listener: {e}"),
+                    })
+                }
+            }
+        }
+    }
     Ok(Resources {
         health,
         admin,
         listener: StdUnixListener::from(fd),
         config,
+        metrics_listener,
+        regions,
     })
 }
 
@@ -273,6 +313,8 @@ async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> 
         admin,
         listener,
         config,
+        metrics_listener,
+        regions,
     } = resources;
     let admin = Worker::spawn(
         "admin",
@@ -280,13 +322,14 @@ async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> 
         "the supervisor",
         move |request| admin_call(&admin, request),
     )?;
+    let admin = Rc::new(admin);
     let config = match config {
-        Some(channel) => Some(Worker::spawn(
+        Some(channel) => Some(Rc::new(Worker::spawn(
             "config",
             "start the config thread",
             "the metadata service",
             move |request| config_call(&channel, request, CONFIG_TIMEOUT),
-        )?),
+        )?)),
         None => {
             tracing::info!("no config channel: this node runs no metadata service");
             None
@@ -303,6 +346,17 @@ async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> 
     tokio::task::spawn_local(heartbeat(health, beat_every));
     started.ready()?;
     tracing::info!(generation = started.generation, mode = ?started.mode, "mgmt ready");
+    if let Some(l) = metrics_listener {
+        l.set_nonblocking(true)
+            .map_err(setup("make the metrics listener non-blocking"))?;
+        let l =
+            tokio::net::TcpListener::from_std(l).map_err(setup("register the metrics listener"))?;
+        let scrape = Rc::new(Scrape {
+            admin: Rc::clone(&admin),
+            config: config.clone(),
+        });
+        tokio::task::spawn_local(crate::metrics::serve(l, Rc::new(regions), scrape));
+    }
     let bootstrap: management::Client = capnp_rpc::new_client(Management { admin, config });
     tokio::select! {
         r = watch_lifecycle(&started, events) => r,
@@ -626,8 +680,74 @@ pub const NO_METADATA: &str =
 
 /// The RPC interface: each method is one admin request, or one config request.
 struct Management {
-    admin: Worker<AdminRequest, AdminReply>,
-    config: Option<Worker<ConfigRequest, ConfigReply>>,
+    admin: Rc<Worker<AdminRequest, AdminReply>>,
+    config: Option<Rc<Worker<ConfigRequest, ConfigReply>>>,
+}
+
+/// How long a scrape waits for the pools (Prometheus' own timeout is 10 s by default).
+const SCRAPE_POOLS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a scrape asks of the supervisor and the metadata service.
+struct Scrape {
+    admin: Rc<Worker<AdminRequest, AdminReply>>,
+    config: Option<Rc<Worker<ConfigRequest, ConfigReply>>>,
+}
+
+impl crate::metrics::Gather for Scrape {
+    async fn gather(self: Rc<Self>) -> Vec<duplex_ipc::metrics::Sample> {
+        use crate::metrics::{pool_samples, source_up};
+        let mut out = Vec::new();
+        let Some(config) = &self.config else {
+            return out;
+        };
+        // This node's id, when it is a cluster member (whether it serves a pool).
+        let services = match self.admin.call(AdminRequest::ListServices).await {
+            Ok(AdminReply::Services(list)) => list,
+            _ => {
+                out.push(source_up("duplexd", false));
+                return out;
+            }
+        };
+        out.push(source_up("duplexd", true));
+        let node = if services.iter().any(|s| s.name == CLUSTER_SERVICE) {
+            match self
+                .admin
+                .call(AdminRequest::ServiceReport(CLUSTER_SERVICE.into()))
+                .await
+            {
+                Ok(AdminReply::Report { text, .. }) => {
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|v| v["node"].as_u64())
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let metadata_runs = services
+            .iter()
+            .any(|s| s.name == METADATA_SERVICE && s.state == ServiceState::Running);
+        let pools = if metadata_runs {
+            tokio::time::timeout(SCRAPE_POOLS_TIMEOUT, config.call(ConfigRequest::ListPools)).await
+        } else {
+            Ok(Err(capnp::Error::failed("metadata not running".into())))
+        };
+        match pools {
+            Ok(Ok(ConfigReply::Pools(list))) => {
+                out.push(source_up("metadata", true));
+                let cluster_member = services.iter().any(|s| s.name == CLUSTER_SERVICE);
+                let mut samples = pool_samples(&list, node);
+                if cluster_member && node.is_none() {
+                    // Who serves what is unknown without the cluster service's word.
+                    samples.retain(|s| s.def.name != "duplex_pool_served_here");
+                }
+                out.extend(samples);
+            }
+            _ => out.push(source_up("metadata", false)),
+        }
+        out
+    }
 }
 
 impl management::Server for Management {

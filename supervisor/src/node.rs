@@ -35,6 +35,9 @@ use duplex_ipc::exports::{
 };
 use duplex_ipc::lifecycle::{Health, CONTROL_FD_ENV, HEALTH_RESOURCE};
 use duplex_ipc::maps::{MapsChannel, MAPS_RESOURCE};
+use duplex_ipc::metrics::{
+    Counter, Gauge, Metric, Metrics, METRICS_READER_PREFIX, METRICS_RESOURCE,
+};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::RingRegion;
 use duplex_sandbox::{harden_child, Hardening, SANDBOX_ENV};
@@ -170,6 +173,8 @@ struct Service {
     /// Starts after the datapath (`after`): it serves or feeds the datapath, so it is not
     /// restarted once the datapath has died.
     needs_datapath: bool,
+    /// Times it was marked failed for exiting too often.
+    crash_loops: u32,
 }
 
 impl Service {
@@ -207,8 +212,18 @@ struct LogPipe {
     pending: Vec<u8>,
 }
 
+/// duplexd's metrics region and, by service index, its restarts, crash loops and up gauge.
+#[derive(Debug)]
+struct NodeMetrics {
+    metrics: Metrics,
+    services: Vec<(Counter, Counter, Gauge)>,
+}
+
 /// The node.
 pub struct Node {
+    /// duplexd's own metrics (restarts, crash loops, which services run), when the node
+    /// exposes metrics.
+    metrics: Option<NodeMetrics>,
     config: NodeConfig,
     shared: Vec<Shared>,
     services: Vec<Service>,
@@ -614,6 +629,67 @@ impl Node {
             );
         }
 
+        // Metrics: kept only when the node exposes them (a listener handed to mgmt, which
+        // serves them to Prometheus): one region per service, written by it, kept across its
+        // restarts, and read by mgmt.
+        let exposes_metrics = config
+            .listeners
+            .iter()
+            .any(|l| l.service.get_ref() == MGMT_SERVICE)
+            && config
+                .services
+                .iter()
+                .any(|s| s.name.get_ref() == MGMT_SERVICE);
+        let node_metrics = if exposes_metrics {
+            let m = Metrics::create("duplexd")
+                .map_err(|e| res_err("metrics region of duplexd")(e.to_string()))?;
+            add(
+                &mut shared,
+                format!("{METRICS_READER_PREFIX}duplexd"),
+                ResourceKind::Region,
+                m.region()
+                    .try_clone_fd()
+                    .map_err(|e| res_err("metrics region of duplexd")(e.to_string()))?,
+                &[MGMT_SERVICE],
+            );
+            Some(NodeMetrics {
+                metrics: m,
+                services: Vec::new(),
+            })
+        } else {
+            None
+        };
+        if exposes_metrics {
+            for s in config
+                .services
+                .iter()
+                .filter(|s| s.name.get_ref() != MGMT_SERVICE)
+            {
+                let name = s.name.get_ref();
+                let metrics = Metrics::create(name)
+                    .map_err(|e| res_err(format!("metrics region of {name}"))(e.to_string()))?;
+                let fd = |m: &Metrics| {
+                    m.region()
+                        .try_clone_fd()
+                        .map_err(|e| res_err(format!("metrics region of {name}"))(e.to_string()))
+                };
+                add(
+                    &mut shared,
+                    METRICS_RESOURCE.into(),
+                    ResourceKind::Region,
+                    fd(&metrics)?,
+                    &[name.as_str()],
+                );
+                add(
+                    &mut shared,
+                    format!("{METRICS_READER_PREFIX}{name}"),
+                    ResourceKind::Region,
+                    fd(&metrics)?,
+                    &[MGMT_SERVICE],
+                );
+            }
+        }
+
         let beat = Duration::from_millis(config.supervisor.heartbeat_ms);
         let datapaths: Vec<&str> = config
             .services
@@ -673,6 +749,7 @@ impl Node {
                 beat_moved: now,
                 kill_at: None,
                 needs_datapath,
+                crash_loops: 0,
             });
         }
         let signals = SignalFd::with_flags(
@@ -703,6 +780,7 @@ impl Node {
             &format!("duplexd started node {}", config.node.name.get_ref()),
         );
         Ok(Self {
+            metrics: node_metrics,
             events,
             config,
             shared,
@@ -783,6 +861,7 @@ impl Node {
                 }
             }
             self.watchdog();
+            self.publish_metrics();
             let now = Instant::now();
             for i in 0..self.services.len() {
                 if self.services[i].next_start.is_some_and(|t| t <= now) {
@@ -1228,6 +1307,7 @@ impl Node {
             let recent = s.exits.len() as u32;
             if recent >= settings.crash_loop_exits {
                 s.state = ServiceState::Failed;
+                s.crash_loops += 1;
                 tracing::error!(service = %s.name, exits = recent, window_s = settings.crash_loop_window_s, event = "crash-loop", "service is crash-looping: marked failed");
                 self.events.record(
                     "duplexd",
@@ -1459,6 +1539,39 @@ impl Node {
 
     /// Kills every service at once (no shutdown request, no grace time) and reaps them: a
     /// cluster member whose datapath died must go silent now.
+    /// Sets duplexd's metrics from the service table (restarts, crash loops, running).
+    fn publish_metrics(&mut self) {
+        let Some(m) = self.metrics.as_mut() else {
+            return;
+        };
+        for (i, s) in self.services.iter().enumerate() {
+            if m.services.len() <= i {
+                let labels = [("service", s.name.as_str())];
+                let made = (|| {
+                    Ok::<_, duplex_ipc::metrics::MetricsError>((
+                        m.metrics.counter(Metric::ServiceRestarts, &labels)?,
+                        m.metrics.counter(Metric::ServiceCrashLoops, &labels)?,
+                        m.metrics.gauge(Metric::ServiceUp, &labels)?,
+                    ))
+                })();
+                match made {
+                    Ok(h) => m.services.push(h),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "duplexd's metrics not kept");
+                        self.metrics = None;
+                        return;
+                    }
+                }
+            }
+            let (restarts, loops, up) = &m.services[i];
+            restarts.store(u64::from(s.restarts));
+            loops.store(u64::from(s.crash_loops));
+            up.set(u64::from(
+                s.child.is_some() && matches!(s.state, ServiceState::Running),
+            ));
+        }
+    }
+
     fn halt_all(&mut self) {
         for s in &mut self.services {
             s.state = ServiceState::Stopped;

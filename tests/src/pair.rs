@@ -26,6 +26,8 @@ pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:9a1e0000-0000-4000-80
 pub const NVME_PORT: u16 = 4420;
 /// The interconnect port on both controllers.
 pub const IC_PORT: u16 = 7000;
+/// The metrics port on both controllers (on the host network).
+pub const METRICS_PORT: u16 = 9464;
 
 /// Where the nodes listen.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +36,8 @@ pub struct Addresses {
     pub nvme: [SocketAddr; 2],
     /// Each node's interconnect listener.
     pub ic: [SocketAddr; 2],
+    /// Each node's metrics listener (mgmt serves Prometheus there).
+    pub metrics: [SocketAddr; 2],
 }
 
 impl Addresses {
@@ -43,6 +47,10 @@ impl Addresses {
         Self {
             nvme: [sa(addr::A_HOST, NVME_PORT), sa(addr::B_HOST, NVME_PORT)],
             ic: [sa(addr::A_PEER, IC_PORT), sa(addr::B_PEER, IC_PORT)],
+            metrics: [
+                sa(addr::A_HOST, METRICS_PORT),
+                sa(addr::B_HOST, METRICS_PORT),
+            ],
         }
     }
 
@@ -52,6 +60,7 @@ impl Addresses {
         Self {
             nvme: [sa(free_port()), sa(free_port())],
             ic: [sa(free_port()), sa(free_port())],
+            metrics: [sa(free_port()), sa(free_port())],
         }
     }
 }
@@ -71,7 +80,7 @@ pub fn config_with_drives(
     drives: usize,
 ) -> String {
     let i = usize::from(id - 1);
-    let (host, me, peer) = (at.nvme[i], at.ic[i], at.ic[1 - i]);
+    let (host, me, peer, metrics) = (at.nvme[i], at.ic[i], at.ic[1 - i], at.metrics[i]);
     let letter = if id == 1 { "a" } else { "b" };
     let mut c = format!(
         r#"
@@ -121,6 +130,11 @@ service = "fabric"
 name = "interconnect"
 address = "{me}"
 service = "cluster"
+
+[[listener]]
+name = "metrics"
+address = "{metrics}"
+service = "mgmt"
 
 [cluster]
 node_id = {id}
@@ -272,7 +286,7 @@ impl Pair {
         );
         b.log
             .wait_for(&["pool owned by the peer: exported inaccessible here", "tank"]);
-        let pair = Self {
+        let mut pair = Self {
             nodes: [a, b],
             sims,
             dir,
@@ -293,7 +307,7 @@ impl Pair {
     }
 
     /// A command run in the host namespace (or here, on loopback).
-    fn host_command(&self, program: &Path) -> Command {
+    pub fn host_command(&self, program: &Path) -> Command {
         match &self.net {
             Some(n) => {
                 let mut c = Command::new("ip");
@@ -311,11 +325,11 @@ impl Pair {
 
     /// `duplexctl --json cluster status` on node `i`, once it satisfies `want`.
     pub fn wait_status(
-        &self,
+        &mut self,
         i: usize,
         want: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        wait_cluster_status(&self.nodes[i], want)
+        wait_cluster_status(&mut self.nodes[i], want)
     }
 
     /// Drive `i`'s status as its simulator reports it.
@@ -437,23 +451,38 @@ pub fn finish_multipath(bench: &mut KillOnDrop, stop: &Path) -> serde_json::Valu
 
 /// `duplexctl --json cluster status` on `node`, once it satisfies `want`.
 pub fn wait_cluster_status(
-    node: &Node,
+    node: &mut Node,
     want: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
+        if let Ok(Some(status)) = node.duplexd.0.try_wait() {
+            // A node that ended answers nothing more: say so at once, with why.
+            node.log.drain();
+            panic!(
+                "duplexd ended ({status}) while its cluster status was awaited; its log:\n{}",
+                node.log.tail(300)
+            );
+        }
         let (code, out, err) = node.ctl(&["--json", "cluster", "status"]);
         if code == 0 {
             let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
             if want(&v) {
                 return v;
             }
-            assert!(
-                Instant::now() < deadline,
-                "cluster status never matched: {v}"
+            if Instant::now() >= deadline {
+                node.log.pump();
+                panic!(
+                    "cluster status never matched: {v}\nthe node's log:\n{}",
+                    node.log.tail(200)
+                );
+            }
+        } else if Instant::now() >= deadline {
+            node.log.pump();
+            panic!(
+                "no cluster status: {out}{err}\nthe node's log:\n{}",
+                node.log.tail(200)
             );
-        } else {
-            assert!(Instant::now() < deadline, "no cluster status: {out}{err}");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

@@ -75,7 +75,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     a.log.wait_for(&["peer alive", "peer=2"]);
     b.log.wait_for(&["peer alive", "peer=1"]);
     // What the operator sees on A: itself, and B alive.
-    let st = wait_cluster_status(&a, |v| {
+    let st = wait_cluster_status(&mut a, |v| {
         v["peer"]["state"] == "alive" && v["link_out"] == "up"
     });
     assert_eq!(
@@ -163,7 +163,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     a.log.wait_for(&["silent for twice the dead time"]);
     drop(idle);
     // B, linked before, is heard throughout.
-    wait_cluster_status(&a, |v| v["peer"]["state"] == "alive");
+    wait_cluster_status(&mut a, |v| v["peer"]["state"] == "alive");
 
     // B killed whole: A sees the interconnect down (without the disk heartbeat, the second
     // witness, that is all it can say).
@@ -171,7 +171,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
     let alive = a.log.matching(&["peer alive", "peer=2"]).len();
     b.kill_all();
     a.log.wait_for(&["peer interconnect down", "peer=2"]);
-    let st = wait_cluster_status(&a, |v| v["peer"]["state"] == "interconnect-down");
+    let st = wait_cluster_status(&mut a, |v| v["peer"]["state"] == "interconnect-down");
     assert_eq!(st["peer"]["boot"].as_u64(), Some(boot_b_n), "{st}");
     // Configuration changes are refused while the interconnect is down; reads are not.
     let (code, out, err) = a.ctl(&["subsystem", "create", "nqn.2026-12.io.duplex:x"]);
@@ -190,7 +190,7 @@ fn two_nodes_see_each_other_and_a_restarted_cluster_service_keeps_its_node_and_b
         "the old boot named: {rebooted}"
     );
     wait_count(&mut a.log, &["peer alive", "peer=2"], alive + 1);
-    let st = wait_cluster_status(&a, |p| {
+    let st = wait_cluster_status(&mut a, |p| {
         p["peer"]["state"] == "alive" && p["peer"]["boot"].as_u64() != Some(boot_b_n)
     });
     assert_eq!(st["peer"]["node"], 2, "{st}");

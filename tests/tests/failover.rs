@@ -600,8 +600,15 @@ fn row6_both_believe_the_other_dead_exactly_one_wins_the_race() {
     let mut both_judged = 0usize;
     for race in 0..races {
         p.wait_more_writes(owner as u64 + 1, 100);
-        let preempts_before: Vec<usize> = (0..2)
-            .map(|d| p.sim_status(d)["preempts"].as_array().map_or(0, Vec::len))
+        // The number of the newest preempt each drive recorded so far (it keeps the newest 64).
+        let preempts_before: Vec<u64> = (0..2)
+            .map(|d| {
+                p.sim_status(d)["preempts"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .and_then(|r| r["seq"].as_u64())
+                    .unwrap_or(0)
+            })
             .collect();
         p.net().pull(Cable::Interconnect);
         for i in 0..2 {
@@ -667,10 +674,13 @@ fn row6_both_believe_the_other_dead_exactly_one_wins_the_race() {
         p.wait_more_writes(winner as u64 + 1, 100);
         // The drives' record: one preempt each, the winner's of the loser, and nothing the
         // loser wrote after it.
-        for d in 0..2 {
+        for (d, &before) in preempts_before.iter().enumerate() {
             let st = p.sim_status(d);
             let preempts = st["preempts"].as_array().cloned().unwrap_or_default();
-            let new = &preempts[preempts_before[d].min(preempts.len())..];
+            let new: Vec<&serde_json::Value> = preempts
+                .iter()
+                .filter(|r| r["seq"].as_u64().unwrap_or(0) > before)
+                .collect();
             assert_eq!(new.len(), 1, "race {race}, drive {d}: {new:?}");
             let pre = &new[0];
             assert_eq!(pre["by_cntlid"], winner as u64 + 1, "race {race}: {pre}");

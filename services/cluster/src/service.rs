@@ -16,6 +16,7 @@
 //! link is never a death), ownership and epochs, fencing and takeover, and the status channel
 //! for `duplexctl cluster status`.
 
+use duplex_ipc::metrics::{Counter, Gauge, Metric, Metrics, METRICS_RESOURCE};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -64,6 +65,17 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
             None
         }
     };
+    let metrics = match started.take(METRICS_RESOURCE) {
+        Some(h) => match Metrics::attach(h.fd).map(ClusterMetrics::new) {
+            Ok(Ok(m)) => Some(m),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics not kept");
+                None
+            }
+            Err(e) => return Err(e).context("the metrics region"),
+        },
+        None => None,
+    };
     let listener = match &spec.listener {
         Some(r) => {
             let l = std::net::TcpListener::from(take(&mut started, r)?);
@@ -90,7 +102,10 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
         "cluster service ready"
     );
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, serve(spec, listener, region, health, started, stop))
+    local.block_on(
+        &rt,
+        serve(spec, listener, region, metrics, health, started, stop),
+    )
 }
 
 /// What the tasks share.
@@ -121,6 +136,66 @@ struct Node {
     peer_pending: std::cell::Cell<Option<bool>>,
     /// Whether this node waits to join, and said so.
     join_told: std::cell::Cell<bool>,
+    /// The service's metrics, when the node keeps them.
+    metrics: Option<ClusterMetrics>,
+}
+
+/// Heartbeats, the peer's state, deaths, fences and takeovers, for Prometheus.
+struct ClusterMetrics {
+    metrics: Metrics,
+    sent_link: Counter,
+    sent_disk: Counter,
+    heard_link: Counter,
+    heard_disk: Counter,
+    peer: Vec<(PeerState, Gauge)>,
+    deaths: Counter,
+    fenced: Gauge,
+    takeovers: Counter,
+    /// The peer's disk heartbeat counter seen last (a change is one beat heard).
+    peer_counter: std::cell::Cell<u64>,
+}
+
+impl ClusterMetrics {
+    fn new(metrics: Metrics) -> Result<Self, duplex_ipc::metrics::MetricsError> {
+        metrics.start_writing();
+        let path = |p| [("path", p)];
+        let peer = [
+            PeerState::Unknown,
+            PeerState::Alive,
+            PeerState::LinkDown,
+            PeerState::Dead,
+        ]
+        .into_iter()
+        .map(|st| Ok((st, metrics.gauge(Metric::PeerUp, &[("state", st.name())])?)))
+        .collect::<Result<Vec<_>, duplex_ipc::metrics::MetricsError>>()?;
+        Ok(Self {
+            sent_link: metrics.counter(Metric::HeartbeatsSent, &path("interconnect"))?,
+            sent_disk: metrics.counter(Metric::HeartbeatsSent, &path("disk"))?,
+            heard_link: metrics.counter(Metric::HeartbeatsReceived, &path("interconnect"))?,
+            heard_disk: metrics.counter(Metric::HeartbeatsReceived, &path("disk"))?,
+            peer,
+            deaths: metrics.counter(Metric::PeerDeaths, &[])?,
+            fenced: metrics.gauge(Metric::Fenced, &[])?,
+            takeovers: metrics.counter(Metric::Takeovers, &[])?,
+            peer_counter: std::cell::Cell::new(0),
+            metrics,
+        })
+    }
+
+    fn peer_state(&self, state: PeerState) {
+        for (st, g) in &self.peer {
+            g.set(u64::from(*st == state));
+        }
+    }
+
+    fn fence(&self, outcome: &str) {
+        if let Ok(c) = self
+            .metrics
+            .counter(Metric::Fences, &[("outcome", outcome)])
+        {
+            c.inc();
+        }
+    }
 }
 
 /// How many events the service keeps (and reports).
@@ -408,6 +483,15 @@ impl Node {
         };
         let now = self.now();
         let ok = self.own_disk_ok(now);
+        if let Some(m) = &self.metrics {
+            m.sent_disk.store(r.rounds());
+            m.fenced.set(u64::from(r.fenced()));
+            if let Some(v) = r.slot(self.spec.peer_slot()) {
+                if v.counter != m.peer_counter.replace(v.counter) && v.counter > 0 {
+                    m.heard_disk.inc();
+                }
+            }
+        }
         if ok {
             if let Some(v) = r.slot(self.spec.peer_slot()) {
                 if v.drives > 0 && v.counter > 0 {
@@ -444,6 +528,19 @@ impl Node {
                     return;
                 };
                 self.changed.set(true);
+                if let Some(m) = &self.metrics {
+                    m.fence(match a.outcome {
+                        Some(FenceOutcome::Fenced) => "fenced",
+                        Some(FenceOutcome::SelfFenced) => "self-fenced",
+                        Some(FenceOutcome::Unreachable) => "unreachable",
+                        Some(FenceOutcome::Failed) => "failed",
+                        Some(FenceOutcome::NoDrives) => "no-drives",
+                        None => "unknown",
+                    });
+                    if a.outcome == Some(FenceOutcome::Fenced) {
+                        m.takeovers.inc();
+                    }
+                }
                 let next = match a.outcome {
                     Some(FenceOutcome::Fenced) => {
                         r.claim(self.spec.peer_slot(), victim);
@@ -583,6 +680,12 @@ impl Node {
         };
         self.changed.set(true);
         let peer = self.peer_id.borrow().unwrap_or(self.spec.peer_id);
+        if let Some(m) = &self.metrics {
+            m.peer_state(t.to);
+            if t.to == PeerState::Dead {
+                m.deaths.inc();
+            }
+        }
         match t.to {
             PeerState::Alive => {
                 tracing::info!(peer, boot = t.boot, from = t.from.name(), "peer alive");
@@ -677,6 +780,9 @@ impl Node {
                     r.set_peer_config_generation(config_generation);
                 }
                 self.peer_pending.set(Some(takeover_pending));
+                if let Some(m) = &self.metrics {
+                    m.heard_link.inc();
+                }
                 if state == NodeState::Fenced {
                     tracing::warn!(peer = m.node, boot = m.boot, "peer reports itself fenced");
                 }
@@ -732,6 +838,7 @@ async fn serve(
     spec: ClusterSpec,
     listener: Option<std::net::TcpListener>,
     region: Option<ClusterRegion>,
+    metrics: Option<ClusterMetrics>,
     health: Health,
     started: Arc<Started>,
     stop: Arc<AtomicBool>,
@@ -759,6 +866,7 @@ async fn serve(
         seen: std::cell::Cell::new((false, false)),
         peer_pending: std::cell::Cell::new(None),
         join_told: std::cell::Cell::new(false),
+        metrics,
         spec,
         clock: Instant::now(),
         peer_id: RefCell::new(None),
@@ -766,6 +874,9 @@ async fn serve(
         changed: std::cell::Cell::new(true),
         warn: RefCell::new(RateLimiter::new(10, Duration::from_secs(1))),
     });
+    if let Some(m) = &node.metrics {
+        m.peer_state(node.membership.borrow().state());
+    }
     node.event(
         "info",
         "started",
@@ -955,7 +1066,11 @@ async fn dial(node: Rc<Node>, beat: Duration, stop: Arc<AtomicBool>) {
                 return;
             };
             match tokio::time::timeout(beat, s.write_all(&f)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    if let Some(m) = &node.metrics {
+                        m.sent_link.inc();
+                    }
+                }
                 Ok(Err(_)) | Err(_) => break,
             }
         }

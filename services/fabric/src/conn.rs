@@ -379,7 +379,7 @@ fn on_capsule(queue: &Rc<Queue>, tasks: &mut JoinSet<()>, pdu: &mut Pdu) -> Resu
             "in-capsule data larger than IOCCSZ",
         ));
     }
-    match queue.admit(sqe.cid) {
+    match queue.admit(&sqe) {
         Admit::Yes => {}
         Admit::Conflict => return Ok(()),
         Admit::Full => {
@@ -579,6 +579,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             q.peer,
             &format!("connect to unknown subsystem {:?} refused", cd.subnqn),
         );
+        target.count_host(true, "unknown-subsystem");
         return bad_data(specific::CONNECT_INVALID_PARAM, 256);
     };
     if !subsys.allows(&cd.hostnqn) {
@@ -587,6 +588,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             cd.hostnqn, subsys.nqn
         );
         q.shared.warn(q.peer, &why);
+        target.count_host(true, "host-not-allowed");
         target.host_event(
             duplex_ipc::control::EventLevel::Warning,
             "host-refused",
@@ -628,6 +630,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             "controller created"
         );
         if !subsys.discovery {
+            target.count_host(false, &subsys.nqn);
             target.host_event(
                 duplex_ipc::control::EventLevel::Info,
                 "host-connected",

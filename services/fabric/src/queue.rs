@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use duplex_ipc::control::RateLimiter;
+use duplex_ipc::metrics::{Counter, Histogram, Metric};
 use duplex_ipc::pool::BufHandle;
-use duplex_nvme::cmd::Cqe;
+use duplex_nvme::cmd::{Cqe, Sqe};
+use duplex_nvme::spec::io;
 use duplex_nvme::status::{generic, Status};
 use duplex_nvme::tcp::{self, fes, Digests, PduError, PduType};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -36,16 +38,41 @@ pub fn queue_budget(backend: Option<&Backend>) -> usize {
 /// The commands outstanding on a queue, by id, each with its state.
 #[derive(Debug, Default)]
 struct Commands {
-    states: HashMap<u16, CmdState>,
+    states: HashMap<u16, Cmd>,
+}
+
+/// One outstanding command.
+#[derive(Debug)]
+struct Cmd {
+    state: CmdState,
+    /// A read or write counted in the metrics when it completes.
+    io: Option<Tally>,
+}
+
+/// What the metrics need of a read or write: when it arrived, where, how much.
+#[derive(Debug, Clone, Copy)]
+struct Tally {
+    at: Instant,
+    nsid: u32,
+    write: bool,
+    blocks: u64,
 }
 
 impl Commands {
     /// Takes `cid` in state [`CmdState::Received`]; `false` if it is outstanding already.
+    #[cfg(test)]
     fn insert(&mut self, cid: u16) -> bool {
+        self.insert_io(cid, None)
+    }
+
+    fn insert_io(&mut self, cid: u16, io: Option<Tally>) -> bool {
         match self.states.entry(cid) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(CmdState::Received);
+                v.insert(Cmd {
+                    state: CmdState::Received,
+                    io,
+                });
                 true
             }
         }
@@ -53,11 +80,18 @@ impl Commands {
 
     /// Moves `cid` to `to`; the state it left (`None` if `cid` is not outstanding).
     fn set(&mut self, cid: u16, to: CmdState) -> Option<CmdState> {
-        self.states.get_mut(&cid).map(|s| std::mem::replace(s, to))
+        self.states
+            .get_mut(&cid)
+            .map(|c| std::mem::replace(&mut c.state, to))
     }
 
     /// Frees `cid`; the state it was in.
+    #[cfg(test)]
     fn remove(&mut self, cid: u16) -> Option<CmdState> {
+        self.take(cid).map(|c| c.state)
+    }
+
+    fn take(&mut self, cid: u16) -> Option<Cmd> {
         self.states.remove(&cid)
     }
 
@@ -163,6 +197,8 @@ pub struct Queue {
     sqhd: Cell<u16>,
     sqflow_disabled: Cell<bool>,
     outstanding: RefCell<Commands>,
+    /// Metric handles of the namespaces this queue did I/O on.
+    io_metrics: RefCell<Vec<(u32, Rc<NsMetrics>)>>,
     transfers: RefCell<HashMap<u16, Transfer>>,
     next_ttag: Cell<u16>,
     outbox: Rc<Outbox>,
@@ -204,6 +240,7 @@ impl Queue {
             sqhd: Cell::new(0),
             sqflow_disabled: Cell::new(false),
             outstanding: RefCell::new(Commands::default()),
+            io_metrics: RefCell::new(Vec::new()),
             transfers: RefCell::new(HashMap::new()),
             next_ttag: Cell::new(0),
             outbox,
@@ -225,14 +262,25 @@ impl Queue {
         &self.outbox
     }
 
-    /// Takes command `cid` (its capsule just arrived), advancing the submission queue head.
-    pub(crate) fn admit(&self, cid: u16) -> Admit {
+    /// Takes command `sqe` (its capsule just arrived), advancing the submission queue head.
+    pub(crate) fn admit(&self, sqe: &Sqe) -> Admit {
+        let cid = sqe.cid;
         let mut out = self.outstanding.borrow_mut();
         if out.len() > usize::from(self.sqsize.get()) {
             return Admit::Full;
         }
         self.advance_sqhd();
-        if !out.insert(cid) {
+        // Reads and writes on an I/O queue are counted when the node keeps metrics.
+        let io = (self.qid.get() != 0
+            && matches!(sqe.opcode, io::READ | io::WRITE)
+            && self.shared.target.metrics().is_some())
+        .then(|| Tally {
+            at: Instant::now(),
+            nsid: sqe.nsid,
+            write: sqe.opcode == io::WRITE,
+            blocks: u64::from(sqe.nlb()) + 1,
+        });
+        if !out.insert_io(cid, io) {
             // A command id in use: answered without disturbing the running command.
             tracing::debug!(qid = self.qid.get(), cid, "command id in use");
             let cqe = Cqe {
@@ -293,7 +341,7 @@ impl Queue {
         let states = std::mem::take(&mut self.outstanding.borrow_mut().states);
         if !states.is_empty() {
             let mut by_state: Vec<(CmdState, usize)> = Vec::new();
-            for s in states.values() {
+            for s in states.values().map(|c| &c.state) {
                 match by_state.iter_mut().find(|(k, _)| k == s) {
                     Some((_, n)) => *n += 1,
                     None => by_state.push((*s, 1)),
@@ -548,10 +596,107 @@ impl Queue {
         };
         // The command leaves the queue before its response can reach the host, so the host
         // may reuse the id at once.
-        let from = self.outstanding.borrow_mut().remove(cid);
-        tracing::trace!(qid = self.qid.get(), cid, ?from, status = %status, "command completed");
+        let from = self.outstanding.borrow_mut().take(cid);
+        tracing::trace!(qid = self.qid.get(), cid, from = ?from.as_ref().map(|c| c.state), status = %status, "command completed");
         self.outbox.push(Out::Resp(cqe));
+        if let Some(t) = from.and_then(|c| c.io) {
+            self.count_io(t, status.is_success());
+        }
     }
+
+    /// Counts a completed read or write in the namespace's metrics on this queue's port.
+    fn count_io(&self, t: Tally, ok: bool) {
+        let cached = self
+            .io_metrics
+            .borrow()
+            .iter()
+            .find(|(nsid, _)| *nsid == t.nsid)
+            .map(|(_, m)| Rc::clone(m));
+        let m = match cached {
+            Some(m) => m,
+            None => {
+                let Some(m) = self.ns_metrics(t.nsid) else {
+                    return;
+                };
+                let mut cache = self.io_metrics.borrow_mut();
+                if cache.len() >= MAX_CACHED_NS_METRICS {
+                    cache.remove(0);
+                }
+                cache.push((t.nsid, Rc::clone(&m)));
+                m
+            }
+        };
+        let op = &m.ops[usize::from(t.write)];
+        let ns = u64::try_from(t.at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        op.latency.observe_ns(ns);
+        if ok {
+            op.commands.inc();
+            op.bytes
+                .add(t.blocks.saturating_mul(u64::from(m.block_size)));
+        } else {
+            op.errors.inc();
+        }
+    }
+
+    /// The metrics of namespace `nsid` of this queue's controller through its port.
+    fn ns_metrics(&self, nsid: u32) -> Option<Rc<NsMetrics>> {
+        let metrics = self.shared.target.metrics()?;
+        let ctrl = match &*self.role.borrow() {
+            Role::Io(c, _) => Rc::clone(c),
+            _ => return None,
+        };
+        let ns = ctrl.subsys.namespace(nsid)?;
+        let nsid = nsid.to_string();
+        let port = self.port.addr.to_string();
+        let mut ops = Vec::with_capacity(2);
+        for op in ["read", "write"] {
+            let labels = [
+                ("subsystem", ctrl.subsys.nqn.as_str()),
+                ("nsid", nsid.as_str()),
+                ("port", port.as_str()),
+                ("op", op),
+            ];
+            let made = (|| {
+                Ok::<_, duplex_ipc::metrics::MetricsError>(OpMetrics {
+                    commands: metrics.counter(Metric::NsCommands, &labels)?,
+                    bytes: metrics.counter(Metric::NsBytes, &labels)?,
+                    errors: metrics.counter(Metric::NsErrors, &labels)?,
+                    latency: metrics.histogram(Metric::NsLatency, &labels)?,
+                })
+            })();
+            match made {
+                Ok(m) => ops.push(m),
+                Err(e) => {
+                    self.shared.target.metrics_full(&e);
+                    return None;
+                }
+            }
+        }
+        let [read, write] = <[OpMetrics; 2]>::try_from(ops).ok()?;
+        Some(Rc::new(NsMetrics {
+            block_size: ns.block_size,
+            ops: [read, write],
+        }))
+    }
+}
+
+/// Namespaces whose metric handles a queue keeps at hand.
+const MAX_CACHED_NS_METRICS: usize = 64;
+
+/// A namespace's metrics through one port.
+#[derive(Debug)]
+struct NsMetrics {
+    block_size: u32,
+    /// Read, write.
+    ops: [OpMetrics; 2],
+}
+
+#[derive(Debug)]
+struct OpMetrics {
+    commands: Counter,
+    bytes: Counter,
+    errors: Counter,
+    latency: Histogram,
 }
 
 /// A data PDU with its data copied in after `pdu` (the header): exactly `sgl_len` bytes (a

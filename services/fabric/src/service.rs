@@ -30,6 +30,7 @@ use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::Doorbell;
 use duplex_ipc::exports::{ExportsRegion, EXPORTS_BELL_RESOURCE, EXPORTS_RESOURCE};
 use duplex_ipc::lifecycle::{self, Control, Health, Next, Started};
+use duplex_ipc::metrics::{Metrics, METRICS_RESOURCE};
 use duplex_ipc::pool::{Holder, Pool};
 use duplex_ipc::ring::{self, Consumer, Producer, RingRegion, WaitPolicy};
 use duplex_ipc::topology::{Topology, ROLE_FABRIC, TOPOLOGY_RESOURCE};
@@ -54,6 +55,7 @@ struct Parts {
     exports: Option<ExportsRegion>,
     exports_bell: Option<Doorbell>,
     resv: Option<duplex_ipc::resv::ResvChannel>,
+    metrics: Option<Metrics>,
 }
 
 fn take(started: &mut Started, name: &str) -> anyhow::Result<OwnedFd> {
@@ -134,7 +136,13 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
         })
         .transpose()
         .context("reservation channel")?;
+    let metrics = started
+        .take(METRICS_RESOURCE)
+        .map(|h| Metrics::attach(h.fd))
+        .transpose()
+        .context("metrics region")?;
     Ok(Parts {
+        metrics,
         resv,
         health,
         topology,
@@ -171,6 +179,7 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         exports,
         exports_bell,
         resv,
+        metrics,
     } = parts;
     let restart = started.mode == StartMode::Restart;
     let backend = match (pool, submit, complete) {
@@ -190,6 +199,10 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         });
     }
     let target = Rc::new(Target::new(topology, ports));
+    match metrics {
+        Some(m) => target.set_metrics(m),
+        None => tracing::debug!("no metrics region: the node keeps no metrics"),
+    }
     match resv {
         Some(channel) => target.set_resv_client(
             crate::resv_channel::ResvClient::new(channel)

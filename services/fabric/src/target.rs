@@ -17,6 +17,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use duplex_ipc::exports::{AnaState, ExportSubsystem, ExportTable};
+use duplex_ipc::metrics::{Counter, Gauge, Metric, Metrics};
 use duplex_ipc::topology::{ListenerKind, Topology};
 use duplex_nvme::log::HealthCounters;
 use duplex_nvme::spec::{aen, lid, DISCOVERY_NQN};
@@ -86,7 +87,21 @@ pub struct Target {
     /// Events hosts can cause (connects, refusals) are sent at most this often: a flood of
     /// connects must not fill the lifecycle channel (its sends block the runtime).
     event_limit: RefCell<duplex_ipc::control::RateLimiter>,
+    /// The node's metrics region for this service (none: the node keeps no metrics).
+    metrics: std::cell::OnceCell<Metrics>,
+    /// The ANA state gauges, by (port id, group): one per state.
+    ana_gauges: RefCell<AnaGauges>,
+    /// Whether "metrics region full" was said already.
+    metrics_full_said: Cell<bool>,
+    /// Connects and refusals, by subsystem or reason.
+    host_counters: RefCell<HashMap<(bool, String), Counter>>,
 }
+
+/// The ANA state gauges of each (port id, group): one per state.
+type AnaGauges = HashMap<(u16, u32), Vec<(AnaState, Gauge)>>;
+
+/// Connect and refusal counters kept at most (a host cannot make the region fill up).
+const MAX_HOST_COUNTERS: usize = 256;
 
 /// Sends an event (level, kind, message) to the node's journal.
 pub type EventSink = Box<dyn Fn(duplex_ipc::control::EventLevel, &str, &str)>;
@@ -126,6 +141,10 @@ impl Target {
             exports_generation: Cell::new(0),
             reservations: RefCell::new(HashMap::new()),
             resv_client: RefCell::new(None),
+            metrics: std::cell::OnceCell::new(),
+            ana_gauges: RefCell::new(HashMap::new()),
+            metrics_full_said: Cell::new(false),
+            host_counters: RefCell::new(HashMap::new()),
             event_sink: RefCell::new(None),
             event_limit: RefCell::new(duplex_ipc::control::RateLimiter::new(
                 5,
@@ -277,6 +296,9 @@ impl Target {
             }
             *self.ana.borrow_mut() = ana;
             change.ana_groups = table.ana.len();
+        }
+        if ana_changed || ns_changed {
+            self.publish_ana_metrics();
         }
         if ns_changed || ana_changed {
             // ANA group descriptors list the namespaces and their state: either changed.
@@ -478,6 +500,112 @@ impl Target {
         self.ana_changes.get()
     }
 
+    /// Keeps metrics in `m` from now on (the node exposes them).
+    pub fn set_metrics(&self, m: Metrics) {
+        m.start_writing();
+        if self.metrics.set(m).is_ok() {
+            self.publish_ana_metrics();
+        }
+    }
+
+    /// The metrics region, when the node keeps metrics.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.get()
+    }
+
+    /// Says once that the metrics region is full (what does not fit is not counted).
+    pub fn metrics_full(&self, e: &duplex_ipc::metrics::MetricsError) {
+        if !self.metrics_full_said.replace(true) {
+            tracing::warn!(error = %e, "metrics not kept for some series");
+        }
+    }
+
+    /// Counts a host's connection (`refused`: its reason; else its subsystem).
+    pub fn count_host(&self, refused: bool, what: &str) {
+        let Some(m) = self.metrics() else {
+            return;
+        };
+        let key = (refused, what.to_owned());
+        let mut counters = self.host_counters.borrow_mut();
+        if let Some(c) = counters.get(&key) {
+            c.inc();
+            return;
+        }
+        if counters.len() >= MAX_HOST_COUNTERS {
+            return;
+        }
+        let made = if refused {
+            m.counter(Metric::HostRefusals, &[("reason", what)])
+        } else {
+            m.counter(Metric::HostConnects, &[("subsystem", what)])
+        };
+        match made {
+            Ok(c) => {
+                c.inc();
+                counters.insert(key, c);
+            }
+            Err(e) => self.metrics_full(&e),
+        }
+    }
+
+    /// Sets the ANA gauges: each group of the exported subsystems on each I/O port, one series
+    /// per state, 1 for the state it is in.
+    fn publish_ana_metrics(&self) {
+        let Some(m) = self.metrics() else {
+            return;
+        };
+        let mut groups: Vec<u32> = self.ana.borrow().keys().copied().collect();
+        for sub in self.subsystems().iter().filter(|s| !s.exported) {
+            groups.extend(sub.namespaces().iter().map(|n| n.ana_group));
+        }
+        groups.sort_unstable();
+        groups.dedup();
+        let mut gauges = self.ana_gauges.borrow_mut();
+        gauges.retain(|(_, g), list| {
+            let keep = groups.contains(g);
+            if !keep {
+                list.iter().for_each(|(_, gauge)| gauge.remove());
+            }
+            keep
+        });
+        for port in self
+            .ports
+            .iter()
+            .filter(|p| p.kind != ListenerKind::Discovery)
+        {
+            for &group in &groups {
+                let state = if self.fenced.get() {
+                    AnaState::Inaccessible
+                } else {
+                    self.ana
+                        .borrow()
+                        .get(&group)
+                        .copied()
+                        .unwrap_or(AnaState::Optimized)
+                };
+                let list = gauges.entry((port.id, group)).or_insert_with(|| {
+                    let addr = port.addr.to_string();
+                    let g = group.to_string();
+                    AnaState::ALL
+                        .iter()
+                        .filter_map(|&st| {
+                            m.gauge(
+                                Metric::AnaState,
+                                &[("port", &addr), ("group", &g), ("state", st.name())],
+                            )
+                            .map_err(|e| self.metrics_full(&e))
+                            .ok()
+                            .map(|gauge| (st, gauge))
+                        })
+                        .collect()
+                });
+                for (st, gauge) in list.iter() {
+                    gauge.set(u64::from(*st == state));
+                }
+            }
+        }
+    }
+
     /// The ANA state of group `group` of subsystem `s` on this node's ports. The static
     /// topology's subsystems are always optimized (one node serves them); an exported one's
     /// group is what the export table says, and inaccessible if it says nothing (it always
@@ -505,6 +633,7 @@ impl Target {
         }
         tracing::error!("the datapath is fenced: every ANA group is inaccessible on this node");
         self.ana_changes.set(self.ana_changes.get().wrapping_add(1));
+        self.publish_ana_metrics();
         for s in self.subsystems() {
             for c in self.controllers_of(&s) {
                 if c.alive() {
