@@ -246,6 +246,13 @@ struct HostAccess {
   # The subsystem; 1..=223 bytes.
   hostNqn @1 :Text;
   # The host; 1..=223 bytes.
+  dhchapSecret @2 :Text;
+  # allowHost only: the host's DH-HMAC-CHAP secret in the standard representation
+  # (`DHHC-1:XX:base64:`); empty: the host connects without authentication. Set again on an
+  # allowed host: its secret is replaced.
+  dhchapCtrlSecret @3 :Text;
+  # allowHost only: the controller's secret, for bidirectional authentication when the host
+  # asks for it; empty: none. Needs dhchapSecret.
 }
 
 struct AllowAnyHost {

@@ -61,6 +61,31 @@ pub const MAX_SUBSYSTEMS: usize = 32;
 /// Most namespaces in one reply: in all the subsystems of a `subsystems` reply, and in all the
 /// exports of a `volumes` reply.
 pub const MAX_NAMESPACES: usize = 96;
+/// Longest DH-HMAC-CHAP secret representation accepted (`DHHC-1:03:` and 92 base64 bytes of a
+/// 64-byte key and its CRC, with room to spare).
+pub const MAX_SECRET_BYTES: usize = 128;
+
+/// A host's DH-HMAC-CHAP secrets as the operator gave them (the standard representation,
+/// `DHHC-1:XX:base64:`), checked by the metadata service, which stores them sealed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HostSecrets {
+    /// The host's secret: the controller checks the host's response with it.
+    pub host: String,
+    /// The controller's secret, for bidirectional authentication (the host checks the
+    /// controller's response with it).
+    pub ctrl: Option<String>,
+}
+
+impl std::fmt::Debug for HostSecrets {
+    /// Never the secrets themselves (they go to logs otherwise).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostSecrets")
+            .field("host", &"<secret>")
+            .field("ctrl", &self.ctrl.as_ref().map(|_| "<secret>"))
+            .finish()
+    }
+}
+
 /// Most allowed hosts in all the subsystems of one `subsystems` reply.
 pub const MAX_HOSTS: usize = 128;
 /// The chunk of a pool created with `chunkBytes` 0.
@@ -143,12 +168,14 @@ pub enum ConfigRequest {
         /// The namespace.
         nsid: u32,
     },
-    /// Allow a host to connect to a subsystem.
+    /// Allow a host to connect to a subsystem (or set its DH-HMAC-CHAP secrets).
     AllowHost {
         /// The subsystem.
         nqn: String,
         /// The host.
         host_nqn: String,
+        /// Its DH-HMAC-CHAP secrets (`None`: it connects without authentication).
+        secrets: Option<HostSecrets>,
     },
     /// Remove a host from a subsystem's allow-list.
     DenyHost {
@@ -779,7 +806,26 @@ impl ConfigRequest {
             Self::RemoveNamespace { nqn, .. } => {
                 required(nqn, "config.removeNamespace.nqn", MAX_NQN_BYTES)
             }
-            Self::AllowHost { nqn, host_nqn } | Self::DenyHost { nqn, host_nqn } => {
+            Self::AllowHost {
+                nqn,
+                host_nqn,
+                secrets,
+            } => {
+                required(nqn, "config.hostAccess.nqn", MAX_NQN_BYTES)?;
+                required(host_nqn, "config.hostAccess.hostNqn", MAX_NQN_BYTES)?;
+                if let Some(sec) = secrets {
+                    required(
+                        &sec.host,
+                        "config.hostAccess.dhchapSecret",
+                        MAX_SECRET_BYTES,
+                    )?;
+                    if let Some(c) = &sec.ctrl {
+                        required(c, "config.hostAccess.dhchapCtrlSecret", MAX_SECRET_BYTES)?;
+                    }
+                }
+                Ok(())
+            }
+            Self::DenyHost { nqn, host_nqn } => {
                 required(nqn, "config.hostAccess.nqn", MAX_NQN_BYTES)?;
                 required(host_nqn, "config.hostAccess.hostNqn", MAX_NQN_BYTES)
             }
@@ -868,10 +914,20 @@ impl ConfigRequest {
                 n.set_nqn(nqn.as_str());
                 n.set_nsid(*nsid);
             }
-            Self::AllowHost { nqn, host_nqn } => {
+            Self::AllowHost {
+                nqn,
+                host_nqn,
+                secrets,
+            } => {
                 let mut h = body.init_allow_host();
                 h.set_nqn(nqn.as_str());
                 h.set_host_nqn(host_nqn.as_str());
+                if let Some(sec) = secrets {
+                    h.set_dhchap_secret(sec.host.as_str());
+                    if let Some(c) = &sec.ctrl {
+                        h.set_dhchap_ctrl_secret(c.as_str());
+                    }
+                }
             }
             Self::DenyHost { nqn, host_nqn } => {
                 let mut h = body.init_deny_host();
@@ -992,9 +1048,27 @@ impl ConfigRequest {
             }
             Which::AllowHost(h) => {
                 let h = h.map_err(d)?;
+                let host = text(
+                    h.get_dhchap_secret(),
+                    "config.hostAccess.dhchapSecret",
+                    MAX_SECRET_BYTES,
+                )?;
+                let ctrl = text(
+                    h.get_dhchap_ctrl_secret(),
+                    "config.hostAccess.dhchapCtrlSecret",
+                    MAX_SECRET_BYTES,
+                )?;
+                if host.is_empty() && !ctrl.is_empty() {
+                    // A controller secret needs the host's.
+                    return Err(ControlError::MissingField("config.hostAccess.dhchapSecret"));
+                }
                 Self::AllowHost {
                     nqn: text(h.get_nqn(), "config.hostAccess.nqn", MAX_NQN_BYTES)?,
                     host_nqn: text(h.get_host_nqn(), "config.hostAccess.hostNqn", MAX_NQN_BYTES)?,
+                    secrets: (!host.is_empty()).then(|| HostSecrets {
+                        host,
+                        ctrl: (!ctrl.is_empty()).then_some(ctrl),
+                    }),
                 }
             }
             Which::DenyHost(h) => {
@@ -1821,6 +1895,18 @@ pub mod examples {
             ConfigRequest::AllowHost {
                 nqn: nqn.clone(),
                 host_nqn: host.clone(),
+                secrets: None,
+            },
+            ConfigRequest::AllowHost {
+                nqn: nqn.clone(),
+                host_nqn: host.clone(),
+                secrets: Some(HostSecrets {
+                    host: "DHHC-1:00:c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmX4Vuew:".into(),
+                    ctrl: Some(
+                        "DHHC-1:01:b3RoZXJzZWNyZXRvdGhlcnNlY3JldG90aGVyc2VjcmV0b3RohMTIcg==:"
+                            .into(),
+                    ),
+                }),
             },
             ConfigRequest::DenyHost {
                 nqn: nqn.clone(),

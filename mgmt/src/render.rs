@@ -559,7 +559,9 @@ fn fallback(request: &ConfigRequest, done: &Done) -> String {
         ConfigRequest::RemoveNamespace { nqn, nsid } => {
             format!("removed namespace {nsid} of {nqn}")
         }
-        ConfigRequest::AllowHost { nqn, host_nqn } => format!("allowed host {host_nqn} on {nqn}"),
+        ConfigRequest::AllowHost { nqn, host_nqn, .. } => {
+            format!("allowed host {host_nqn} on {nqn}")
+        }
         ConfigRequest::DenyHost { nqn, host_nqn } => format!("denied host {host_nqn} on {nqn}"),
         ConfigRequest::AllowAnyHost { nqn, any: true } => format!("{nqn} now admits any host"),
         ConfigRequest::AllowAnyHost { nqn, any: false } => {

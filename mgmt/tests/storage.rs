@@ -215,6 +215,7 @@ fn changes_are_forwarded_as_asked_and_print_one_line() {
             ConfigRequest::AllowHost {
                 nqn: nqn(),
                 host_nqn: HOST.into(),
+                secrets: None,
             },
             ConfigRequest::AllowAnyHost {
                 nqn: nqn(),

@@ -17,6 +17,7 @@
 //! in builders are named after the specification's field names. Parsers never panic on any
 //! input (fuzzed in `tests/fuzz_pdu.rs`).
 
+pub mod auth;
 pub mod cmd;
 pub mod identify;
 pub mod log;

@@ -42,6 +42,8 @@ pub enum Structure {
     ChecksumAreaRecord,
     /// A reservation record.
     ReservationRecord,
+    /// A host secret record.
+    HostSecretRecord,
 }
 
 impl fmt::Display for Structure {
@@ -62,6 +64,7 @@ impl fmt::Display for Structure {
             Structure::WriteSeqRecord => "Write sequence record",
             Structure::ChecksumAreaRecord => "Checksum area record",
             Structure::ReservationRecord => "Reservation record",
+            Structure::HostSecretRecord => "Host secret record",
         })
     }
 }
@@ -456,6 +459,17 @@ pub enum ConfigError {
         subsystem: String,
         /// The namespace id.
         nsid: u32,
+        /// The rule it breaks.
+        why: String,
+    },
+    /// A host's sealed secrets break a rule (the blob, or a host the subsystem does not
+    /// allow, or a second record for the same host).
+    #[error("Secrets of host {host} on {subsystem}: {why}")]
+    HostSecret {
+        /// The subsystem's NQN.
+        subsystem: String,
+        /// The host's NQN.
+        host: String,
         /// The rule it breaks.
         why: String,
     },

@@ -25,6 +25,7 @@ pub mod image;
 pub mod import;
 pub mod layout;
 pub mod records;
+pub mod secrets;
 pub mod superblock;
 
 pub use error::{

@@ -50,6 +50,10 @@ pub const TYPE_WRITE_SEQ: u16 = 8;
 pub const TYPE_CHECKSUM_AREA: u16 = 9;
 /// Record type: [`Reservation`], the persistent NVMe reservation state of one namespace.
 pub const TYPE_RESERVATION: u16 = 10;
+/// Record type: [`HostSecret`], a host's DH-HMAC-CHAP secrets on a subsystem, sealed.
+pub const TYPE_HOST_SECRET: u16 = 11;
+/// Longest sealed secrets blob of a host ([`crate::secrets`]).
+pub const MAX_SEALED_SECRET_BYTES: usize = 512;
 /// Most hot spares a pool keeps.
 pub const MAX_SPARES: usize = 8;
 /// Bytes of one entry of a checksum area (one per logical block of the member data area).
@@ -465,6 +469,36 @@ pub struct Reservation {
     pub registrants: Vec<ReservationRegistrant>,
 }
 
+/// A host's DH-HMAC-CHAP secrets on a subsystem, sealed with the array's secrets key
+/// ([`crate::secrets`]): never in clear text on the drives. The host must be on the
+/// subsystem's allow-list; a host without a record connects without authentication.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostSecret {
+    /// The subsystem's NQN.
+    pub subnqn: String,
+    /// The host's NQN.
+    pub hostnqn: String,
+    /// The sealed secrets ([`crate::secrets::seal`]).
+    pub sealed: Vec<u8>,
+}
+
+impl HostSecret {
+    /// Checks the record's own rules: two valid NQNs, a sealed blob of a known version and a
+    /// plausible length.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_nqn("Host secret subsystem NQN", &self.subnqn)?;
+        check_nqn("Host secret host NQN", &self.hostnqn)?;
+        if let Err(why) = crate::secrets::check_sealed(&self.sealed) {
+            return Err(ConfigError::HostSecret {
+                subsystem: self.subnqn.clone(),
+                host: self.hostnqn.clone(),
+                why,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Who owns the pool: the only node that may write its metadata, under this epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ownership {
@@ -503,6 +537,8 @@ pub enum Record {
     ChecksumArea(ChecksumArea),
     /// A namespace's reservation state.
     Reservation(Reservation),
+    /// A host's sealed secrets.
+    HostSecret(HostSecret),
     /// A record of a type this code does not know, without the must-understand flag.
     Skipped {
         /// Its type.
@@ -551,6 +587,10 @@ pub struct PoolConfig {
     /// remove its reservation state in the same commit: a reservation of a namespace the image
     /// does not have is refused. Empty: no record is written.
     pub reservations: Vec<Reservation>,
+    /// The sealed DH-HMAC-CHAP secrets of allowed hosts (cluster-wide like the subsystems:
+    /// every pool's image carries them). Denying a host or deleting its subsystem must remove
+    /// its secrets in the same commit.
+    pub host_secrets: Vec<HostSecret>,
 }
 
 /// Bytes a pool offers for volumes: each member's data area rounded down to whole chunks, times
@@ -1074,6 +1114,28 @@ impl PoolConfig {
                 ));
             }
         }
+        let mut secrets = BTreeSet::new();
+        for h in &self.host_secrets {
+            h.check()?;
+            let bad = |why: &str| ConfigError::HostSecret {
+                subsystem: h.subnqn.clone(),
+                host: h.hostnqn.clone(),
+                why: why.to_string(),
+            };
+            if !secrets.insert((h.subnqn.as_str(), h.hostnqn.as_str())) {
+                return Err(bad("a second secrets record for this host"));
+            }
+            let allowed = self
+                .subsystems
+                .iter()
+                .any(|s| s.nqn == h.subnqn && s.hosts.iter().any(|x| *x == h.hostnqn));
+            if !allowed {
+                return Err(bad(
+                    "the host is not on the subsystem's allow-list (denying a host removes its \
+                     secrets)",
+                ));
+            }
+        }
         self.check_pool_space()
     }
 
@@ -1166,6 +1228,15 @@ impl PoolConfig {
         }
         for r in &self.reservations {
             record(&mut out, TYPE_RESERVATION, |w| encode_reservation(w, r));
+        }
+        for h in &self.host_secrets {
+            record(&mut out, TYPE_HOST_SECRET, |w| {
+                w.string(&h.subnqn);
+                w.string(&h.hostnqn);
+                // At most MAX_SEALED_SECRET_BYTES after validation.
+                w.u16(u16::try_from(h.sealed.len()).unwrap_or(u16::MAX));
+                w.buf.extend_from_slice(&h.sealed);
+            });
         }
         Ok(out)
     }
@@ -1278,6 +1349,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_WRITE_SEQ => Structure::WriteSeqRecord,
             TYPE_CHECKSUM_AREA => Structure::ChecksumAreaRecord,
             TYPE_RESERVATION => Structure::ReservationRecord,
+            TYPE_HOST_SECRET => Structure::HostSecretRecord,
             _ if flags & FLAG_MUST_UNDERSTAND != 0 => {
                 return Err(r.error_at(at, Problem::UnknownRequiredRecord { record_type }));
             }
@@ -1310,6 +1382,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             TYPE_WRITE_SEQ => Record::WriteSeq { mark: p.u64()? },
             TYPE_CHECKSUM_AREA => Record::ChecksumArea(decode_checksum_area(&mut p)?),
             TYPE_RESERVATION => Record::Reservation(decode_reservation(&mut p)?),
+            TYPE_HOST_SECRET => Record::HostSecret(decode_host_secret(&mut p)?),
             _ => Record::Namespace(Namespace {
                 subsystem_nqn: p.string("subsystem NQN")?,
                 nsid: p.u32()?,
@@ -1326,6 +1399,7 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
             Record::Namespace(x) => x.check(),
             Record::ChecksumArea(x) => x.check(),
             Record::Reservation(x) => x.check(),
+            Record::HostSecret(x) => x.check(),
             Record::ClusterConfig { .. }
             | Record::Spare(_)
             | Record::WriteSeq { .. }
@@ -1335,6 +1409,29 @@ fn decode_at(body: &[u8], base: u64) -> Result<Vec<(u64, Record)>, FormatError> 
         out.push((at, rec));
     }
     Ok(out)
+}
+
+fn decode_host_secret(p: &mut Reader<'_>) -> Result<HostSecret, FormatError> {
+    let subnqn = p.string("subsystem NQN")?;
+    let hostnqn = p.string("host NQN")?;
+    let len = usize::from(p.u16()?);
+    let at = p.offset();
+    if len > MAX_SEALED_SECRET_BYTES {
+        return Err(p.error_at(
+            at,
+            Problem::Config(ConfigError::HostSecret {
+                subsystem: subnqn,
+                host: hostnqn,
+                why: format!("{len} sealed bytes, at most {MAX_SEALED_SECRET_BYTES}"),
+            }),
+        ));
+    }
+    let sealed = p.take(len)?.to_vec();
+    Ok(HostSecret {
+        subnqn,
+        hostnqn,
+        sealed,
+    })
 }
 
 fn decode_pool(p: &mut Reader<'_>) -> Result<Pool, FormatError> {
@@ -1554,6 +1651,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
     let mut write_seq_mark = None;
     let mut checksum_area = None;
     let mut reservations = Vec::new();
+    let mut host_secrets = Vec::new();
     fn once<T>(
         slot: &mut Option<T>,
         v: T,
@@ -1607,6 +1705,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
                 "checksum area",
             )?,
             Record::Reservation(r) => reservations.push(r),
+            Record::HostSecret(h) => host_secrets.push(h),
             Record::Skipped { .. } => {}
         }
     }
@@ -1628,6 +1727,7 @@ pub(crate) fn decode_config(body: &[u8], base: u64) -> Result<PoolConfig, Format
         write_seq_mark: write_seq_mark.unwrap_or(0),
         checksum_area,
         reservations,
+        host_secrets,
     };
     config
         .validate()

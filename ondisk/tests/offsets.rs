@@ -234,6 +234,7 @@ fn image_header_fields_are_where_the_document_says() {
             Record::WriteSeq { .. } => "write seq",
             Record::ChecksumArea(_) => "checksum area",
             Record::Reservation(_) => "reservation",
+            Record::HostSecret(_) => "host secret",
             Record::Skipped { .. } => "skipped",
         })
         .collect();

@@ -291,6 +291,44 @@ fn a_pool_without_reservations_encodes_as_before_record_10() {
     assert_eq!(PoolConfig::decode_body(&body).unwrap().reservations, vec![]);
 }
 
+/// Record 11: a host's sealed secrets round trip, and the rules: only for an allowed host,
+/// once per host, a sealed blob of the known version.
+#[test]
+fn host_secrets_round_trip_and_follow_their_rules() {
+    use duplex_ondisk::records::HostSecret;
+    use duplex_ondisk::secrets::{seal, unseal, SecretsKey};
+    let key = SecretsKey::from_bytes([3; 32]);
+    let host = "nqn.2014-08.org.nvmexpress:uuid:host-1";
+    let mut cfg = config(RaidLevel::Raid1, 2);
+    let sealed = seal(&key, SUBSYS, host, "DHHC-1:00:x:", None, [1; 12]);
+    cfg.host_secrets = vec![HostSecret {
+        subnqn: SUBSYS.into(),
+        hostnqn: host.into(),
+        sealed: sealed.clone(),
+    }];
+    let body = cfg.encode_body().unwrap();
+    assert!(
+        !body.windows(6).any(|w| w == b"DHHC-1"),
+        "no secret in clear text on the drives"
+    );
+    let back = PoolConfig::decode_body(&body).unwrap();
+    assert_eq!(back, cfg);
+    assert_eq!(
+        unseal(&key, SUBSYS, host, &back.host_secrets[0].sealed).unwrap(),
+        ("DHHC-1:00:x:".to_owned(), None)
+    );
+    // A host not on the allow-list, a second record, a blob of another version.
+    let mut bad = cfg.clone();
+    bad.host_secrets[0].hostnqn = "nqn.2014-08.org.nvmexpress:uuid:host-2".into();
+    assert!(bad.encode_body().is_err());
+    let mut twice = cfg.clone();
+    twice.host_secrets.push(twice.host_secrets[0].clone());
+    assert!(twice.encode_body().is_err());
+    let mut version = cfg.clone();
+    version.host_secrets[0].sealed[0] = 9;
+    assert!(version.encode_body().is_err());
+}
+
 fn arb_uuid() -> impl Strategy<Value = Uuid> {
     any::<[u8; 16]>().prop_map(Uuid)
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use duplex_ipc::admin::CrashMode;
-use duplex_ipc::config::{check_name, check_nqn, ConfigReply, ConfigRequest, RaidLevel};
+use duplex_ipc::config::{
+    check_name, check_nqn, ConfigReply, ConfigRequest, HostSecrets, RaidLevel,
+};
 use duplex_mgmt::client::{self, Answer, Outcome, Request, Target};
 use duplex_mgmt::render;
 use duplex_mgmt::units::{parse_chunk, parse_size};
@@ -330,6 +332,15 @@ enum HostCommand {
         /// Any host may connect.
         #[arg(long)]
         any: bool,
+        /// The host's DH-HMAC-CHAP secret (`DHHC-1:XX:<base64>:`, as `nvme gen-dhchap-key`
+        /// makes it): the host must then authenticate. Given for a host already allowed, it
+        /// replaces its secrets.
+        #[arg(long, value_name = "SECRET", value_parser = parse_dhchap, requires = "host")]
+        dhchap_secret: Option<String>,
+        /// The controller's secret, for a host that authenticates the controller too
+        /// (bidirectional; `nvme connect --dhchap-ctrl-secret`).
+        #[arg(long, value_name = "SECRET", value_parser = parse_dhchap, requires = "dhchap_secret")]
+        dhchap_ctrl_secret: Option<String>,
     },
     /// Take a host off a subsystem's allow-list, or (--any) admit only the hosts on it.
     #[command(group(ArgGroup::new("who").required(true).args(["host", "any"])))]
@@ -413,6 +424,12 @@ fn parse_uuid(text: &str) -> Result<String, String> {
 
 fn parse_nqn(text: &str) -> Result<String, String> {
     check_nqn(text).map_err(|e| e.to_string())?;
+    Ok(text.to_owned())
+}
+
+/// A DH-HMAC-CHAP secret in the standard representation, checked (CRC included).
+fn parse_dhchap(text: &str) -> Result<String, String> {
+    duplex_nvme::auth::Secret::parse(text).map_err(|e| e.to_string())?;
     Ok(text.to_owned())
 }
 
@@ -576,10 +593,20 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
                 nsid: *nsid,
             }
         }
-        Command::Host(HostCommand::Allow { nqn, host, any }) => match host {
+        Command::Host(HostCommand::Allow {
+            nqn,
+            host,
+            any,
+            dhchap_secret,
+            dhchap_ctrl_secret,
+        }) => match host {
             Some(host) => ConfigRequest::AllowHost {
                 nqn: nqn.clone(),
                 host_nqn: host.clone(),
+                secrets: dhchap_secret.as_ref().map(|h| HostSecrets {
+                    host: h.clone(),
+                    ctrl: dhchap_ctrl_secret.clone(),
+                }),
             },
             None => ConfigRequest::AllowAnyHost {
                 nqn: nqn.clone(),

@@ -109,6 +109,7 @@ pub fn config(level: RaidLevel, n: usize) -> PoolConfig {
         write_seq_mark: 0,
         checksum_area: None,
         reservations: vec![],
+        host_secrets: Vec::new(),
     }
 }
 

@@ -1513,10 +1513,13 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 .everywhere(&format!("subsystem {nqn} deleted"), |cfg| {
                     ops::delete_subsystem(cfg, &nqn)
                 }),
-            ConfigRequest::AllowHost { nqn, host_nqn } => self
-                .everywhere(&format!("host {host_nqn} allowed on {nqn}"), |cfg| {
-                    ops::allow_host(cfg, &nqn, &host_nqn)
-                }),
+            ConfigRequest::AllowHost {
+                nqn,
+                host_nqn,
+                secrets: _,
+            } => self.everywhere(&format!("host {host_nqn} allowed on {nqn}"), |cfg| {
+                ops::allow_host(cfg, &nqn, &host_nqn)
+            }),
             ConfigRequest::DenyHost { nqn, host_nqn } => self
                 .everywhere(&format!("host {host_nqn} denied on {nqn}"), |cfg| {
                     ops::deny_host(cfg, &nqn, &host_nqn)

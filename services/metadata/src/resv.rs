@@ -210,6 +210,7 @@ mod tests {
             write_seq_mark: 0,
             checksum_area: None,
             reservations: Vec::new(),
+            host_secrets: Vec::new(),
         }
     }
 

@@ -319,6 +319,7 @@ impl<D: MetaDisk> PoolStore<D> {
             write_seq_mark: 0,
             checksum_area,
             reservations: Vec::new(),
+            host_secrets: Vec::new(),
         };
         config
             .validate()

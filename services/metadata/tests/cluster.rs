@@ -162,6 +162,7 @@ fn a_configuration_built_by_requests_survives_a_restart() {
     ok(c.handle(ConfigRequest::AllowHost {
         nqn: NQN.into(),
         host_nqn: HOST.into(),
+        secrets: None,
     }));
     ok(c.handle(ConfigRequest::ResizeVolume {
         name: "vol0".into(),
@@ -717,6 +718,7 @@ fn the_standby_lists_the_peers_pools_and_refuses_changes_to_them_naming_the_owne
         ConfigRequest::AllowHost {
             nqn: NQN.into(),
             host_nqn: HOST.into(),
+            secrets: None,
         },
         ConfigRequest::MovePool {
             name: "tank".into(),

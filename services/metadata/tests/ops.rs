@@ -40,6 +40,7 @@ fn pool(mib: u64) -> PoolConfig {
         write_seq_mark: 0,
         checksum_area: None,
         reservations: vec![],
+        host_secrets: Vec::new(),
     }
 }
 
