@@ -7,12 +7,14 @@
 //!   commands submitted with in-capsule data when they fit, the rest sent on R2T as H2CData,
 //!   controller data gathered from C2HData; any number of commands in flight
 //!   ([`Queue::submit`] / [`Queue::poll`]), or one at a time ([`Queue::execute`]).
+//! * [`auth`]: in-band authentication (DH-HMAC-CHAP) of a queue whose Connect asked for it.
 //! * Admin helpers on a [`Queue`] connected as queue 0: enable the controller, Identify, Number
 //!   of Queues, Keep Alive, Property Get/Set.
 //!
 //! The same code serves duplex's system tests and the load generator; it may later carry I/O
 //! between the two controllers. Blocking sockets and no runtime: a queue belongs to one thread.
 
+pub mod auth;
 pub mod pdu;
 mod queue;
 

@@ -100,6 +100,8 @@ pub struct Queue {
     qid: u16,
     next_cid: u16,
     pending: HashMap<u16, Pending>,
+    /// The last Connect's dword 0 asked for authentication (AUTHREQ.ATR).
+    auth_required: bool,
     /// PDUs queued by `submit` and R2T answers, sent by `flush` (which `poll` calls before it
     /// would block): commands submitted together leave in one `send`, so the target reads them
     /// together (and acknowledges them with one ACK).
@@ -146,6 +148,7 @@ impl Queue {
             qid: 0,
             next_cid: 0,
             pending: HashMap::new(),
+            auth_required: false,
             out: Vec::with_capacity(64 * 1024),
         })
     }
@@ -205,7 +208,13 @@ impl Queue {
         self.opts.in_capsule = keep;
         let c = done?.ok()?;
         self.qid = qid;
+        self.auth_required = c.cqe.dw0 & (1 << 17) != 0;
         Ok(c.cqe.dw0 as u16)
+    }
+
+    /// Whether the last Connect said this queue must authenticate (in-band, DH-HMAC-CHAP).
+    pub fn auth_required(&self) -> bool {
+        self.auth_required
     }
 
     fn alloc_cid(&mut self) -> u16 {

@@ -46,13 +46,17 @@
 //! rings again, so no change is missed; a spurious wake reads the same generation again. That
 //! is all the protocol: when and how often to read is the reader's policy.
 //!
-//! # Encoding (format version 3, little-endian)
+//! # Encoding (format version 4, little-endian)
 //!
 //! ```text
 //! table      = version:u32 generation:u64 count:u32 subsystem{count} groups:u32 group{groups}
 //!              resvs:u32 resv{resvs}
-//! subsystem  = nqn:str serial:str model:str flags:u8 hosts:u32 str{hosts} namespaces:u32 namespace{namespaces}
+//! subsystem  = nqn:str serial:str model:str flags:u8 hosts:u32 str{hosts} secrets:u32 secret{secrets}
+//!              namespaces:u32 namespace{namespaces}
 //!              flags bit 0: allow_any_host; the other bits are zero
+//! secret     = host:str length:u16 sealed:[u8;length]
+//!              an allowed host's DH-HMAC-CHAP secrets, sealed (ONDISK record 11): the
+//!              reader unseals them with the array's secrets key
 //! namespace  = nsid:u32 volume:u32 block_size:u32 blocks:u64 nguid:[u8;16] uuid:[u8;16] ana_group:u32
 //! group      = id:u32 state:u8       the ANA state of group `id` on this node's ports
 //! resv       = nguid:[u8;16] version:u64 generation:u32 rtype:u8 flags:u8 holder:[u8;16]
@@ -75,7 +79,8 @@
 //! ([`AnaState`]), or a namespace whose group has no state (every state is said, never
 //! assumed: a group this node does not own must not default to serving); a reservation naming
 //! no namespace of the table or listed twice, a reservation type above 6, unknown flag bits,
-//! more than [`MAX_REGISTRANTS`] registrants, an all-zero or repeated registrant host id.
+//! more than [`MAX_REGISTRANTS`] registrants, an all-zero or repeated registrant host id; secrets
+//! of a host the subsystem does not allow, or listed twice, or more than [`MAX_SEALED_BYTES`].
 //! (Whether the holder fits the type is the reader's to check, with the reservations model.)
 
 use std::os::fd::OwnedFd;
@@ -92,7 +97,9 @@ pub const DEFAULT_EXPORTS_SIZE: usize = 4 << 20;
 /// `params[0]` of an exports region says it is one.
 pub const EXPORTS_TAG: u64 = u64::from_le_bytes(*b"EXPORTS\x01");
 /// Version of the table encoding.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
+/// Longest sealed secrets of one host (as ONDISK record 11 keeps them).
+pub const MAX_SEALED_BYTES: usize = 512;
 /// Most registrants of one namespace's reservation (as ONDISK record 10 keeps them).
 pub const MAX_REGISTRANTS: usize = 64;
 /// Largest namespace id (and most namespaces per subsystem).
@@ -160,8 +167,19 @@ pub struct ExportSubsystem {
     pub allow_any_host: bool,
     /// Host NQNs allowed to connect.
     pub hosts: Vec<String>,
+    /// The sealed DH-HMAC-CHAP secrets of allowed hosts that must authenticate.
+    pub secrets: Vec<ExportSecret>,
     /// Namespaces.
     pub namespaces: Vec<ExportNamespace>,
+}
+
+/// An allowed host's DH-HMAC-CHAP secrets, sealed with the array's secrets key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSecret {
+    /// The host's NQN (one of the subsystem's hosts).
+    pub host: String,
+    /// The sealed secrets (`duplex_ondisk::secrets`).
+    pub sealed: Vec<u8>,
 }
 
 /// An ANA state (the NVMe codes, as the ANA log page reports them).
@@ -339,6 +357,16 @@ pub enum TableError {
     /// A subsystem NQN used twice.
     #[error("Export table: subsystem {0} is listed twice")]
     DuplicateNqn(String),
+    /// A host's secrets that cannot be.
+    #[error("Export table: the secrets of host {host} on {nqn} {why}")]
+    Secrets {
+        /// The subsystem.
+        nqn: String,
+        /// The host.
+        host: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// A host listed twice on a subsystem.
     #[error("Export table: host {host} is listed twice on {nqn}")]
     DuplicateHost {
@@ -493,6 +521,25 @@ impl ExportTable {
                     });
                 }
             }
+            let mut with_secrets = std::collections::HashSet::new();
+            for x in &s.secrets {
+                let why = if !hosts.contains(x.host.as_str()) {
+                    Some("are of a host the subsystem does not allow")
+                } else if !with_secrets.insert(x.host.as_str()) {
+                    Some("are listed twice")
+                } else if x.sealed.is_empty() || x.sealed.len() > MAX_SEALED_BYTES {
+                    Some("have an impossible length")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(TableError::Secrets {
+                        nqn: s.nqn.clone(),
+                        host: x.host.clone(),
+                        why,
+                    });
+                }
+            }
             too_many("namespaces", s.namespaces.len(), MAX_NSID as usize)?;
             let mut nsids = std::collections::HashSet::new();
             for n in &s.namespaces {
@@ -586,6 +633,13 @@ impl ExportTable {
             for h in &s.hosts {
                 put_str(&mut b, h);
             }
+            put_count(&mut b, s.secrets.len());
+            for x in &s.secrets {
+                put_str(&mut b, &x.host);
+                // At most MAX_SEALED_BYTES after validation.
+                b.extend_from_slice(&(x.sealed.len() as u16).to_le_bytes());
+                b.extend_from_slice(&x.sealed);
+            }
             put_count(&mut b, s.namespaces.len());
             for n in &s.namespaces {
                 b.extend_from_slice(&n.nsid.to_le_bytes());
@@ -648,6 +702,16 @@ impl ExportTable {
             for _ in 0..n {
                 hosts.push(r.str("host NQN")?);
             }
+            let n = r.count("secrets", 4, MAX_HOSTS)?;
+            let mut secrets = Vec::with_capacity(n);
+            for _ in 0..n {
+                let host = r.str("host NQN of secrets")?;
+                let len = usize::from(u16::from_le_bytes(r.array()?));
+                secrets.push(ExportSecret {
+                    host,
+                    sealed: r.take(len)?.to_vec(),
+                });
+            }
             let n = r.count("namespaces", NAMESPACE_BYTES, MAX_NSID as usize)?;
             let mut namespaces = Vec::with_capacity(n);
             for _ in 0..n {
@@ -667,6 +731,7 @@ impl ExportTable {
                 model,
                 allow_any_host: flags & 1 != 0,
                 hosts,
+                secrets,
                 namespaces,
             });
         }

@@ -26,6 +26,7 @@ pub mod control;
 pub mod desc;
 pub mod doorbell;
 pub mod exports;
+pub mod keys;
 pub mod lifecycle;
 pub mod maps;
 pub mod metrics;

@@ -48,6 +48,13 @@ fn table(g: u64) -> ExportTable {
                 hosts: (0..g % 5)
                     .map(|i| format!("nqn.2014-08.org.nvmexpress:uuid:{i}-{g}"))
                     .collect(),
+                // The first host (when there is one) must authenticate.
+                secrets: (0..(g % 5).min(1))
+                    .map(|i| duplex_ipc::exports::ExportSecret {
+                        host: format!("nqn.2014-08.org.nvmexpress:uuid:{i}-{g}"),
+                        sealed: vec![1; 40 + (g % 7) as usize],
+                    })
+                    .collect(),
                 namespaces,
             },
             ExportSubsystem {
@@ -56,6 +63,7 @@ fn table(g: u64) -> ExportTable {
                 model: "duplex fixed".into(),
                 allow_any_host: true,
                 hosts: vec![],
+                secrets: vec![],
                 namespaces: vec![],
             },
         ],
@@ -193,6 +201,7 @@ fn a_table_larger_than_a_slot_is_refused() {
     t.subsystems[0].hosts = (0..200)
         .map(|i| format!("nqn.2014-08.org.nvmexpress:uuid:{i:036}"))
         .collect();
+    t.subsystems[0].secrets.clear();
     match small.publish(&t) {
         Err(ExportsError::TooLarge { len, capacity }) => assert!(len > capacity),
         other => panic!("expected TooLarge, got {other:?}"),

@@ -96,7 +96,7 @@ impl Hash {
     }
 
     /// Its output length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Self::Sha256 => 32,
             Self::Sha384 => 48,
@@ -382,10 +382,10 @@ impl Reply {
             ));
         }
         let hl = usize::from(b[6]);
-        if hl != hash.len() {
+        if hl != hash.digest_len() {
             return Err(refuse(
                 failure::INCORRECT_PAYLOAD,
-                format!("a {hl}-byte response to a {}-byte hash", hash.len()),
+                format!("a {hl}-byte response to a {}-byte hash", hash.digest_len()),
             ));
         }
         let dhvlen = usize::from(u16_at(b, 10));
@@ -413,7 +413,7 @@ impl Reply {
 
 /// DH-HMAC-CHAP_Success1, with the controller's response when the host asked for one.
 pub fn success1(tid: u16, hash: Hash, r2: Option<&[u8]>) -> Vec<u8> {
-    let hl = hash.len();
+    let hl = hash.digest_len();
     let mut m = vec![0u8; 16 + hl];
     m[0] = DHCHAP_MESSAGES;
     m[1] = id::SUCCESS1;
@@ -508,6 +508,11 @@ impl Session {
         self.step
     }
 
+    /// Whether a message waits for the host's Authentication Receive.
+    pub fn has_outgoing(&self) -> bool {
+        self.outgoing.is_some()
+    }
+
     fn fail(&mut self, r: Refusal) -> Outcome {
         self.outgoing = Some(failure1(self.tid, r.explanation));
         self.step = Step::Failed;
@@ -563,7 +568,7 @@ impl Session {
                     ));
                 }
                 self.hash = hash;
-                let mut c1 = vec![0u8; hash.len()];
+                let mut c1 = vec![0u8; hash.digest_len()];
                 random(&mut c1);
                 self.c1 = c1;
                 self.s1 = seq.max(1);

@@ -146,6 +146,8 @@ pub mod generic {
     pub const INVALID_NS: Status = Status::new(0, 0x0B).dnr();
     /// Command Sequence Error.
     pub const SEQUENCE: Status = Status::new(0, 0x0C).dnr();
+    /// Data SGL Length Invalid: a length that disagrees with the SGL's.
+    pub const SGL_INVALID_DATA: Status = Status::new(0, 0x0F).dnr();
     /// Invalid SGL Segment Descriptor.
     pub const INVALID_SGL: Status = Status::new(0, 0x0D).dnr();
     /// Data SGL Length Invalid.
@@ -195,6 +197,9 @@ pub mod specific {
     pub const CONNECT_INVALID_PARAM: Status = Status::new(1, 0x82).dnr();
     /// Connect Invalid Host.
     pub const CONNECT_INVALID_HOST: Status = Status::new(1, 0x84).dnr();
+    /// Authentication Required: a command on a queue that has not authenticated (in-band
+    /// authentication, DH-HMAC-CHAP); with DNR, so the host does not retry it.
+    pub const AUTH_REQUIRED: Status = Status::new(1, 0x91).dnr();
 }
 
 /// Path related status (SCT 3). Never with Do Not Retry: a host with another path retries

@@ -1128,7 +1128,7 @@ impl PoolConfig {
             let allowed = self
                 .subsystems
                 .iter()
-                .any(|s| s.nqn == h.subnqn && s.hosts.iter().any(|x| *x == h.hostnqn));
+                .any(|s| s.nqn == h.subnqn && s.hosts.contains(&h.hostnqn));
             if !allowed {
                 return Err(bad(
                     "the host is not on the subsystem's allow-list (denying a host removes its \

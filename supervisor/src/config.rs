@@ -124,6 +124,18 @@ pub struct NodeConfig {
     /// Cluster membership (absent: a standalone node).
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,
+    /// The array's secrets key (absent: hosts' DH-HMAC-CHAP secrets cannot be stored).
+    #[serde(default)]
+    pub secrets: Option<SecretsSettings>,
+}
+
+/// `[secrets]`: the array's secrets key, which seals hosts' DH-HMAC-CHAP secrets on the
+/// drives. Both controllers of an array need the same key; it is never written to a drive.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsSettings {
+    /// A file holding the key as 64 hexadecimal digits (read by duplexd at start).
+    pub key_file: Spanned<PathBuf>,
 }
 
 /// `[cluster]`: this node as a member of a two-controller array.

@@ -629,6 +629,37 @@ impl Node {
             );
         }
 
+        // The array's secrets key, for the services that seal (metadata) and unseal (fabric)
+        // hosts' secrets.
+        if let Some(sec) = &config.secrets {
+            let path = sec.key_file.get_ref();
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                res_err("the secrets key")(format!("cannot read {}: {e}", path.display()))
+            })?;
+            let key = duplex_ondisk::secrets::SecretsKey::from_hex(&text)
+                .map_err(|e| res_err("the secrets key")(format!("{}: {e}", path.display())))?;
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::PermissionsExt;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(file = %path.display(), "the secrets key file is readable by others than its owner (chmod 600 it)");
+                }
+            }
+            let region = duplex_ipc::keys::create(key.bytes())
+                .map_err(|e| res_err("the secrets key")(e.to_string()))?;
+            for user in [METADATA_SERVICE, storage::FABRIC] {
+                add(
+                    &mut shared,
+                    duplex_ipc::keys::SECRETS_KEY_RESOURCE.into(),
+                    ResourceKind::Region,
+                    region
+                        .try_clone_fd()
+                        .map_err(|e| res_err("the secrets key")(e.to_string()))?,
+                    &[user],
+                );
+            }
+            tracing::info!(key_id = ?key, "secrets key loaded: hosts' DH-HMAC-CHAP secrets can be stored");
+        }
+
         // Metrics: kept only when the node exposes them (a listener handed to mgmt, which
         // serves them to Prometheus): one region per service, written by it, kept across its
         // restarts, and read by mgmt.

@@ -495,20 +495,29 @@ async fn execute(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
         }
         Role::Admin(ctrl) => {
             if sqe.opcode == admin::FABRICS {
-                fabrics(q, &ctrl, sqe).await
+                match sqe.fctype() {
+                    fctype::AUTH_SEND => crate::auth::send(q, sqe, data).await,
+                    fctype::AUTH_RECV => crate::auth::receive(q, &sqe),
+                    _ => fabrics(q, &ctrl, sqe).await,
+                }
             } else if !ctrl.ready() {
                 Reply::status(generic::SEQUENCE)
+            } else if !q.auth.borrow().allows_commands() {
+                Reply::status(specific::AUTH_REQUIRED)
             } else {
                 admin_cmds::execute(q, &ctrl, sqe, data).await
             }
         }
         Role::Io(ctrl, _) => {
             if sqe.opcode == admin::FABRICS {
-                if sqe.fctype() == fctype::CONNECT {
-                    Reply::status(generic::SEQUENCE)
-                } else {
-                    Reply::status(generic::INVALID_OPCODE)
+                match sqe.fctype() {
+                    fctype::AUTH_SEND => crate::auth::send(q, sqe, data).await,
+                    fctype::AUTH_RECV => crate::auth::receive(q, &sqe),
+                    fctype::CONNECT => Reply::status(generic::SEQUENCE),
+                    _ => Reply::status(generic::INVALID_OPCODE),
                 }
+            } else if !q.auth.borrow().allows_commands() {
+                Reply::status(specific::AUTH_REQUIRED)
             } else {
                 io_cmds::execute(q, &ctrl, sqe, data).await
             }
@@ -599,6 +608,20 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
     if cmd.sqsize == 0 || cmd.sqsize >= QUEUE_ENTRIES {
         return bad_field(44);
     }
+    // A host with secrets authenticates every queue it connects (not discovery's).
+    let session = if subsys.discovery {
+        None
+    } else {
+        match crate::auth::begin(q, &subsys, &cd.hostnqn) {
+            Ok(s) => s,
+            Err(refusal) => return refusal,
+        }
+    };
+    let atr = if session.is_some() {
+        crate::auth::CONNECT_ATR
+    } else {
+        0
+    };
     if cmd.qid == 0 {
         if cd.cntlid != 0xFFFF && cd.cntlid != 0xFFFE {
             return bad_data(specific::CONNECT_INVALID_PARAM, 16);
@@ -622,6 +645,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
         target.add_controller(ctrl.clone());
         tokio::task::spawn_local(keep_alive_watchdog(ctrl.clone()));
         q.connected(Role::Admin(ctrl), 0, cmd.sqsize, cmd.cattr & 4 != 0);
+        set_auth(q, session);
         tracing::info!(
             cntlid,
             host = %cd.hostnqn,
@@ -640,7 +664,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
                 ),
             );
         }
-        return Reply::ok(u32::from(cntlid));
+        return Reply::ok(u32::from(cntlid) | atr);
     }
     if subsys.discovery {
         return bad_field(42);
@@ -666,8 +690,20 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
         cmd.sqsize,
         cmd.cattr & 4 != 0,
     );
+    set_auth(q, session);
     tracing::debug!(cntlid = ctrl.cntlid, qid = cmd.qid, "I/O queue connected");
-    Reply::ok(u32::from(ctrl.cntlid))
+    Reply::ok(u32::from(ctrl.cntlid) | atr)
+}
+
+/// The queue's authentication from Connect on: a transaction due, or none needed.
+fn set_auth(q: &Queue, session: Option<duplex_nvme::auth::Session>) {
+    *q.auth.borrow_mut() = match session {
+        Some(s) => crate::auth::QueueAuth::Pending {
+            session: Box::new(s),
+            reauth: false,
+        },
+        None => crate::auth::QueueAuth::NotRequired,
+    };
 }
 
 /// Routes H2CData to the transfer its tag names ([`Queue::h2c_data`]).

@@ -36,7 +36,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
     let Some(backend) = q.shared.backend.as_ref() else {
         return false;
     };
-    if sqe.psdt() == 0 {
+    if sqe.psdt() == 0 || !q.auth.borrow().allows_commands() {
         return false;
     }
     let Some(ns) = ctrl.subsys.namespace(sqe.nsid) else {

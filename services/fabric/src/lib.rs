@@ -32,6 +32,7 @@
 //! tasks, shared state lives in `Rc`/`RefCell`, and nothing is locked.
 
 pub mod admin;
+pub mod auth;
 pub mod backend;
 pub mod command;
 pub mod conn;

@@ -199,6 +199,8 @@ pub struct Queue {
     outstanding: RefCell<Commands>,
     /// Metric handles of the namespaces this queue did I/O on.
     io_metrics: RefCell<Vec<(u32, Rc<NsMetrics>)>>,
+    /// Where the host's in-band authentication on this queue stands.
+    pub auth: RefCell<crate::auth::QueueAuth>,
     transfers: RefCell<HashMap<u16, Transfer>>,
     next_ttag: Cell<u16>,
     outbox: Rc<Outbox>,
@@ -241,6 +243,7 @@ impl Queue {
             sqflow_disabled: Cell::new(false),
             outstanding: RefCell::new(Commands::default()),
             io_metrics: RefCell::new(Vec::new()),
+            auth: RefCell::new(crate::auth::QueueAuth::NotRequired),
             transfers: RefCell::new(HashMap::new()),
             next_ttag: Cell::new(0),
             outbox,

@@ -56,6 +56,7 @@ struct Parts {
     exports_bell: Option<Doorbell>,
     resv: Option<duplex_ipc::resv::ResvChannel>,
     metrics: Option<Metrics>,
+    secrets_key: Option<duplex_ondisk::secrets::SecretsKey>,
 }
 
 fn take(started: &mut Started, name: &str) -> anyhow::Result<OwnedFd> {
@@ -136,12 +137,19 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
         })
         .transpose()
         .context("reservation channel")?;
+    let secrets_key = started
+        .take(duplex_ipc::keys::SECRETS_KEY_RESOURCE)
+        .map(|h| duplex_ipc::keys::attach(h.fd))
+        .transpose()
+        .context("the secrets key")?
+        .map(duplex_ondisk::secrets::SecretsKey::from_bytes);
     let metrics = started
         .take(METRICS_RESOURCE)
         .map(|h| Metrics::attach(h.fd))
         .transpose()
         .context("metrics region")?;
     Ok(Parts {
+        secrets_key,
         metrics,
         resv,
         health,
@@ -180,6 +188,7 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         exports_bell,
         resv,
         metrics,
+        secrets_key,
     } = parts;
     let restart = started.mode == StartMode::Restart;
     let backend = match (pool, submit, complete) {
@@ -199,6 +208,9 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         });
     }
     let target = Rc::new(Target::new(topology, ports));
+    if let Some(key) = secrets_key {
+        target.set_secrets_key(key);
+    }
     match metrics {
         Some(m) => target.set_metrics(m),
         None => tracing::debug!("no metrics region: the node keeps no metrics"),

@@ -47,6 +47,8 @@ impl Namespace {
 pub(crate) struct Access {
     allow_any_host: bool,
     hosts: HashSet<String>,
+    /// The sealed DH-HMAC-CHAP secrets of the hosts that must authenticate.
+    secrets: std::collections::HashMap<String, Vec<u8>>,
 }
 
 /// An NVM subsystem, or the discovery subsystem.
@@ -72,6 +74,11 @@ impl Subsystem {
     pub fn allows(&self, hostnqn: &str) -> bool {
         let a = self.access.borrow();
         a.allow_any_host || a.hosts.contains(hostnqn)
+    }
+
+    /// The sealed DH-HMAC-CHAP secrets of `hostnqn`, when it must authenticate.
+    pub fn sealed_secrets(&self, hostnqn: &str) -> Option<Vec<u8>> {
+        self.access.borrow().secrets.get(hostnqn).cloned()
     }
 
     /// The namespace `nsid`, if it is active now.
@@ -132,6 +139,7 @@ impl Subsystem {
             Access {
                 allow_any_host: true,
                 hosts: HashSet::new(),
+                secrets: std::collections::HashMap::new(),
             },
             Vec::new(),
             false,
@@ -180,6 +188,7 @@ impl Subsystem {
         let access = Access {
             allow_any_host: s.allow_any_host,
             hosts: s.hosts.iter().cloned().collect(),
+            secrets: std::collections::HashMap::new(),
         };
         Self::new(
             s.nqn.clone(),
@@ -207,6 +216,11 @@ pub(crate) fn export_access(e: &ExportSubsystem) -> Access {
     Access {
         allow_any_host: e.allow_any_host,
         hosts: e.hosts.iter().cloned().collect(),
+        secrets: e
+            .secrets
+            .iter()
+            .map(|x| (x.host.clone(), x.sealed.clone()))
+            .collect(),
     }
 }
 

@@ -95,6 +95,10 @@ pub struct Target {
     metrics_full_said: Cell<bool>,
     /// Connects and refusals, by subsystem or reason.
     host_counters: RefCell<HashMap<(bool, String), Counter>>,
+    /// The array's secrets key (hosts' DH-HMAC-CHAP secrets are sealed with it).
+    secrets_key: std::cell::OnceCell<duplex_ondisk::secrets::SecretsKey>,
+    /// The next DH-HMAC-CHAP challenge's sequence number (never 0).
+    auth_seq: Cell<u32>,
 }
 
 /// The ANA state gauges of each (port id, group): one per state.
@@ -145,6 +149,13 @@ impl Target {
             ana_gauges: RefCell::new(HashMap::new()),
             metrics_full_said: Cell::new(false),
             host_counters: RefCell::new(HashMap::new()),
+            secrets_key: std::cell::OnceCell::new(),
+            auth_seq: Cell::new({
+                let mut b = [0u8; 4];
+                // A random start (a fixed one would repeat across restarts); 1 without one.
+                let _ = getrandom::fill(&mut b);
+                u32::from_le_bytes(b).max(1)
+            }),
             event_sink: RefCell::new(None),
             event_limit: RefCell::new(duplex_ipc::control::RateLimiter::new(
                 5,
@@ -498,6 +509,23 @@ impl Target {
     /// ANA change count (grows with every ANA state change).
     pub fn ana_change_count(&self) -> u64 {
         self.ana_changes.get()
+    }
+
+    /// Unseals hosts' secrets with `key` from now on.
+    pub fn set_secrets_key(&self, key: duplex_ondisk::secrets::SecretsKey) {
+        let _ = self.secrets_key.set(key);
+    }
+
+    /// The array's secrets key, when this node has one.
+    pub fn secrets_key(&self) -> Option<&duplex_ondisk::secrets::SecretsKey> {
+        self.secrets_key.get()
+    }
+
+    /// A sequence number for a DH-HMAC-CHAP challenge: never 0, never the same twice running.
+    pub fn next_auth_seq(&self) -> u32 {
+        let s = self.auth_seq.get();
+        self.auth_seq.set(s.wrapping_add(1).max(1));
+        s
     }
 
     /// Keeps metrics in `m` from now on (the node exposes them).

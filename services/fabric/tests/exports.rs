@@ -59,6 +59,7 @@ fn table(generation: u64, hosts: &[&str], namespaces: Vec<ExportNamespace>) -> E
             model: "duplex exported".into(),
             allow_any_host: false,
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            secrets: vec![],
             namespaces,
         }],
         ana: vec![AnaGroupState {
@@ -503,6 +504,7 @@ fn a_fresh_or_restarted_fabric_serves_the_published_table() {
         model: "impostor".into(),
         allow_any_host: true,
         hosts: vec![],
+        secrets: vec![],
         namespaces: vec![ns(9, 19, 64)],
     });
     w.publish(&t);

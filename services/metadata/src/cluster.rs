@@ -295,6 +295,14 @@ struct PeerPool {
     generation: u64,
 }
 
+/// What every pool's image carries of the cluster.
+#[derive(Debug, Default)]
+struct ClusterWide {
+    generation: u64,
+    subsystems: Vec<duplex_ondisk::Subsystem>,
+    host_secrets: Vec<duplex_ondisk::records::HostSecret>,
+}
+
 /// The node's storage. See the module docs.
 #[derive(Debug)]
 pub struct Cluster<D: MetaDisk + Clone, P: Publisher> {
@@ -318,6 +326,8 @@ pub struct Cluster<D: MetaDisk + Clone, P: Publisher> {
     publisher: P,
     random: RandomState,
     counter: u64,
+    /// The array's secrets key (hosts' secrets are sealed with it; `None`: refused).
+    secrets_key: Option<duplex_ondisk::secrets::SecretsKey>,
 }
 
 fn err(kind: ConfigErrorKind, message: impl Into<String>) -> ConfigReply {
@@ -414,6 +424,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             publisher,
             random: RandomState::new(),
             counter: 0,
+            secrets_key: None,
         };
         // Group the drives by the pool their superblocks name.
         let mut groups: Vec<Uuid> = Vec::new();
@@ -1255,17 +1266,91 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         self.publisher.publish_volumes(epoch, &maps)
     }
 
+    /// Keeps hosts' secrets sealed with `key` from now on.
+    pub fn set_secrets_key(&mut self, key: duplex_ondisk::secrets::SecretsKey) {
+        self.secrets_key = Some(key);
+    }
+
+    /// `secrets` checked and sealed for `host` on `nqn`, or the error to answer.
+    fn seal(
+        &self,
+        nqn: &str,
+        host: &str,
+        secrets: &duplex_ipc::config::HostSecrets,
+    ) -> Result<Vec<u8>, ConfigReply> {
+        let bad = |which: &str, e: duplex_nvme::auth::SecretError| {
+            err(
+                ConfigErrorKind::InvalidArgument,
+                format!("the {which} DH-HMAC-CHAP secret: {e}"),
+            )
+        };
+        duplex_nvme::auth::Secret::parse(&secrets.host).map_err(|e| bad("host's", e))?;
+        if let Some(c) = &secrets.ctrl {
+            duplex_nvme::auth::Secret::parse(c).map_err(|e| bad("controller's", e))?;
+            if *c == secrets.host {
+                return Err(err(
+                    ConfigErrorKind::InvalidArgument,
+                    "the controller's secret is the host's: give each its own (a host could \
+                     otherwise answer for the controller)",
+                ));
+            }
+        }
+        let Some(key) = &self.secrets_key else {
+            return Err(err(
+                ConfigErrorKind::Refused,
+                "this node has no secrets key ([secrets] key_file in its node config; the same \
+                 on both controllers): a host's DH-HMAC-CHAP secrets are never stored in clear",
+            ));
+        };
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).map_err(|e| {
+            err(
+                ConfigErrorKind::IoError,
+                format!("no random bytes for sealing the secrets: {e}"),
+            )
+        })?;
+        Ok(duplex_ondisk::secrets::seal(
+            key,
+            nqn,
+            host,
+            &secrets.host,
+            secrets.ctrl.as_deref(),
+            nonce,
+        ))
+    }
+
     /// The cluster's subsystems: the copy with the highest cluster generation.
     fn subsystems(&self) -> (u64, Vec<duplex_ondisk::Subsystem>) {
+        let w = self.cluster_wide();
+        (w.generation, w.subsystems)
+    }
+
+    /// What every pool's image carries of the cluster (the subsystems, their hosts' sealed
+    /// secrets): the copy with the highest cluster generation.
+    fn cluster_wide(&self) -> ClusterWide {
         self.configs()
             .max_by_key(|c| c.cluster_generation)
-            .map(|c| (c.cluster_generation, c.subsystems.clone()))
-            .unwrap_or((0, Vec::new()))
+            .map(|c| ClusterWide {
+                generation: c.cluster_generation,
+                subsystems: c.subsystems.clone(),
+                host_secrets: c.host_secrets.clone(),
+            })
+            .unwrap_or_default()
+    }
+
+    /// `base` with the winning copy of what is cluster-wide.
+    fn with_cluster_wide(&self, mut base: PoolConfig) -> PoolConfig {
+        let w = self.cluster_wide();
+        base.cluster_generation = w.generation;
+        base.subsystems = w.subsystems;
+        base.host_secrets = w.host_secrets;
+        base
     }
 
     fn export_table(&self) -> Vec<ExportSubsystem> {
-        let (_, subsystems) = self.subsystems();
-        subsystems
+        let wide = self.cluster_wide();
+        wide.subsystems
+            .clone()
             .into_iter()
             .map(|s| {
                 let mut namespaces: Vec<ExportNamespace> = self
@@ -1289,12 +1374,22 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                     })
                     .collect();
                 namespaces.sort_by_key(|n| n.nsid);
+                let secrets = wide
+                    .host_secrets
+                    .iter()
+                    .filter(|h| h.subnqn == s.nqn)
+                    .map(|h| duplex_ipc::exports::ExportSecret {
+                        host: h.hostnqn.clone(),
+                        sealed: h.sealed.clone(),
+                    })
+                    .collect();
                 ExportSubsystem {
                     nqn: s.nqn,
                     serial: s.serial,
                     model: s.model,
                     allow_any_host: s.allow_any_host,
                     hosts: s.hosts,
+                    secrets,
                     namespaces,
                 }
             })
@@ -1516,10 +1611,22 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             ConfigRequest::AllowHost {
                 nqn,
                 host_nqn,
-                secrets: _,
-            } => self.everywhere(&format!("host {host_nqn} allowed on {nqn}"), |cfg| {
-                ops::allow_host(cfg, &nqn, &host_nqn)
-            }),
+                secrets,
+            } => {
+                let sealed = match secrets.map(|sec| self.seal(&nqn, &host_nqn, &sec)) {
+                    None => None,
+                    Some(Ok(sealed)) => Some(sealed),
+                    Some(Err(reply)) => return reply,
+                };
+                let what = if sealed.is_some() {
+                    format!("host {host_nqn} allowed on {nqn} with DH-HMAC-CHAP secrets")
+                } else {
+                    format!("host {host_nqn} allowed on {nqn}")
+                };
+                self.everywhere(&what, |cfg| {
+                    ops::allow_host(cfg, &nqn, &host_nqn, sealed.as_deref())
+                })
+            }
             ConfigRequest::DenyHost { nqn, host_nqn } => self
                 .everywhere(&format!("host {host_nqn} denied on {nqn}"), |cfg| {
                     ops::deny_host(cfg, &nqn, &host_nqn)
@@ -1761,12 +1868,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 "no pool: subsystems and hosts are stored on the pools' drives; create a pool first",
             );
         }
-        let (generation, subsystems) = self.subsystems();
+        let generation = self.cluster_wide().generation;
         let mut changed = Vec::new();
         for p in &self.pools {
             // Every pool gets the winning copy of the subsystems before the change.
-            let mut base = p.store.config().clone();
-            base.subsystems = subsystems.clone();
+            let base = self.with_cluster_wide(p.store.config().clone());
             match change(&base) {
                 Ok(mut cfg) => {
                     cfg.cluster_generation = generation + 1;
@@ -1913,7 +2019,11 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         if self.cluster_uuid.is_nil() {
             self.cluster_uuid = self.new_uuid();
         }
-        let (generation, subsystems) = self.subsystems();
+        let ClusterWide {
+            generation,
+            subsystems,
+            host_secrets,
+        } = self.cluster_wide();
         let uuid = self.new_uuid();
         let drive_uuids: Vec<Uuid> = idx.iter().map(|_| self.new_uuid()).collect();
         let records = idx.iter().all(|&i| self.drives[i].records);
@@ -1926,6 +2036,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             node: self.node,
             drive_uuids,
             subsystems,
+            host_secrets,
             cluster_generation: generation,
             checksum_area: crate::store::needs_checksum_area(level, records),
         };
@@ -2094,10 +2205,7 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             })
             .collect();
         // The pool's copy of the subsystems may be older than the winning one.
-        let mut base = self.pools[i].store.config().clone();
-        let (generation, subsystems) = self.subsystems();
-        base.subsystems = subsystems;
-        base.cluster_generation = generation;
+        let base = self.with_cluster_wide(self.pools[i].store.config().clone());
         let nsid = (nsid != 0).then_some(nsid);
         let group = self.pool_group(i);
         match ops::add_namespace(&base, nqn, volume, nsid, group, &taken) {

@@ -313,6 +313,7 @@ pub fn delete_subsystem(cfg: &PoolConfig, nqn: &str) -> Result<PoolConfig, OpErr
     }
     let mut out = cfg.clone();
     out.subsystems.remove(i);
+    out.host_secrets.retain(|x| x.subnqn != nqn);
     Ok(out)
 }
 
@@ -384,17 +385,47 @@ pub fn remove_namespace(cfg: &PoolConfig, nqn: &str, nsid: u32) -> Result<PoolCo
 }
 
 /// Allows host `host` to connect to subsystem `nqn`.
-pub fn allow_host(cfg: &PoolConfig, nqn: &str, host: &str) -> Result<PoolConfig, OpError> {
+pub fn allow_host(
+    cfg: &PoolConfig,
+    nqn: &str,
+    host: &str,
+    sealed: Option<&[u8]>,
+) -> Result<PoolConfig, OpError> {
     check_nqn("Host NQN", host)?;
     let i = subsystem_index(cfg, nqn)?;
     let mut out = cfg.clone();
     let s = &mut out.subsystems[i];
-    if s.hosts.iter().any(|h| h == host) {
-        return Err(OpError::AlreadyExists(format!(
-            "host {host} is already allowed on {nqn}"
-        )));
+    let allowed = s.hosts.iter().any(|h| h == host);
+    match sealed {
+        None if allowed => {
+            let with = if cfg
+                .host_secrets
+                .iter()
+                .any(|h| h.subnqn == nqn && h.hostnqn == host)
+            {
+                " (with DH-HMAC-CHAP secrets: deny it and allow it again to drop them)"
+            } else {
+                ""
+            };
+            return Err(OpError::AlreadyExists(format!(
+                "host {host} is already allowed on {nqn}{with}"
+            )));
+        }
+        None => s.hosts.push(host.to_owned()),
+        Some(sealed) => {
+            if !allowed {
+                s.hosts.push(host.to_owned());
+            }
+            // Set, or replaced.
+            out.host_secrets
+                .retain(|h| !(h.subnqn == nqn && h.hostnqn == host));
+            out.host_secrets.push(duplex_ondisk::records::HostSecret {
+                subnqn: nqn.to_owned(),
+                hostnqn: host.to_owned(),
+                sealed: sealed.to_vec(),
+            });
+        }
     }
-    s.hosts.push(host.to_owned());
     Ok(out)
 }
 
@@ -409,6 +440,9 @@ pub fn deny_host(cfg: &PoolConfig, nqn: &str, host: &str) -> Result<PoolConfig, 
         )));
     };
     s.hosts.remove(h);
+    // Its secrets go with it.
+    out.host_secrets
+        .retain(|x| !(x.subnqn == nqn && x.hostnqn == host));
     Ok(out)
 }
 

@@ -391,6 +391,12 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
         Some(h) => Some(RaidRegion::attach(h.fd).context("the RAID jobs region")?),
         None => None,
     };
+    let secrets_key = match started.take(duplex_ipc::keys::SECRETS_KEY_RESOURCE) {
+        Some(h) => Some(duplex_ondisk::secrets::SecretsKey::from_bytes(
+            duplex_ipc::keys::attach(h.fd).context("the secrets key")?,
+        )),
+        None => None,
+    };
     enter()?;
     // Whatever a predecessor left queued on the config channel is not acted on now: its
     // caller is told at once (the restart notice) that it may or may not have been carried
@@ -539,6 +545,9 @@ pub fn run(enter: impl FnOnce() -> anyhow::Result<()>, crash: CrashPoint) -> any
     }
     let claims = cluster_region.as_ref().map(|r| r.claims().0);
     let mut cluster = Cluster::start_member(drives, node, claims, topology.ana_group, publisher);
+    if let Some(key) = secrets_key {
+        cluster.set_secrets_key(key);
+    }
     // A boot of the node (not a restart of this service within one) is a power on of the
     // pools it imported: reservations without Persist Through Power Loss are gone.
     if mode == ring::StartMode::Fresh {

@@ -98,6 +98,8 @@ pub struct FormatSpec {
     pub drive_uuids: Vec<Uuid>,
     /// The cluster's subsystems now (copied into every pool's image).
     pub subsystems: Vec<Subsystem>,
+    /// Their hosts' sealed secrets (cluster-wide like them).
+    pub host_secrets: Vec<duplex_ondisk::records::HostSecret>,
     /// Their generation.
     pub cluster_generation: u64,
     /// Give the pool a checksum area ([`needs_checksum_area`]): the member data bytes are
@@ -319,7 +321,7 @@ impl<D: MetaDisk> PoolStore<D> {
             write_seq_mark: 0,
             checksum_area,
             reservations: Vec::new(),
-            host_secrets: Vec::new(),
+            host_secrets: spec.host_secrets.clone(),
         };
         config
             .validate()

@@ -175,14 +175,25 @@ fn refusals_say_what_is_wrong() {
     assert!(gone.reservations.is_empty());
     gone.validate().unwrap();
     let cfg = ops::remove_namespace(&cfg, nqn, 2).unwrap();
-    let cfg = ops::allow_host(
-        &cfg,
-        nqn,
-        "nqn.2014-08.org.nvmexpress:uuid:0c6b4d7e-2c9f-4a55-9d0b-6ad0e5a3c1f2",
-    )
-    .unwrap();
+    let host = "nqn.2014-08.org.nvmexpress:uuid:0c6b4d7e-2c9f-4a55-9d0b-6ad0e5a3c1f2";
+    let cfg = ops::allow_host(&cfg, nqn, host, None).unwrap();
+    // Secrets set on an allowed host, replaced, and gone with the host.
+    let key = duplex_ondisk::secrets::SecretsKey::from_bytes([5; 32]);
+    let sealed = |t: &str| duplex_ondisk::secrets::seal(&key, nqn, host, t, None, [2; 12]);
+    let with = ops::allow_host(&cfg, nqn, host, Some(&sealed("DHHC-1:00:a:"))).unwrap();
+    with.validate().unwrap();
+    let again = ops::allow_host(&with, nqn, host, Some(&sealed("DHHC-1:00:b:"))).unwrap();
+    assert_eq!(again.host_secrets.len(), 1);
+    assert_ne!(again.host_secrets[0].sealed, with.host_secrets[0].sealed);
     assert!(matches!(
-        kind(ops::allow_host(&cfg, nqn, "host1")),
+        kind(ops::allow_host(&again, nqn, host, None)),
+        OpError::AlreadyExists(_)
+    ));
+    let denied = ops::deny_host(&again, nqn, host).unwrap();
+    assert!(denied.host_secrets.is_empty());
+    denied.validate().unwrap();
+    assert!(matches!(
+        kind(ops::allow_host(&cfg, nqn, "host1", None)),
         OpError::InvalidArgument(_)
     ));
     assert!(matches!(

@@ -31,6 +31,7 @@ fn spec(level: RaidLevel, n: usize) -> FormatSpec {
         node: 0,
         drive_uuids: (0..n).map(|i| uuid(10 + i as u8)).collect(),
         subsystems: vec![],
+        host_secrets: vec![],
         cluster_generation: 1,
         // Drives without integrity records in their LBA format (in-memory drives).
         checksum_area: duplex_metadata::store::needs_checksum_area(level, false),

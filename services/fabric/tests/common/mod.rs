@@ -107,6 +107,15 @@ impl Harness {
         exports: Option<(OwnedFd, Option<Doorbell>)>,
         resv: Option<duplex_ipc::resv::ResvChannel>,
     ) -> Self {
+        Self::start_keyed(exports, resv, None)
+    }
+
+    /// [`Harness::start_full`] with the array's secrets key (hosts' DH-HMAC-CHAP secrets).
+    pub fn start_keyed(
+        exports: Option<(OwnedFd, Option<Doorbell>)>,
+        resv: Option<duplex_ipc::resv::ResvChannel>,
+        key: Option<duplex_ondisk::secrets::SecretsKey>,
+    ) -> Self {
         let sq = RingRegion::<IoDesc>::create("sq", 64, 1).expect("ring");
         let cq = RingRegion::<IoDesc>::create("cq", 64, 2).expect("ring");
         let (sq_data, sq_space) = ring::doorbells().expect("bells");
@@ -178,6 +187,9 @@ impl Harness {
                     kind: ListenerKind::Nvme,
                 };
                 let target = Rc::new(Target::new(topology(), vec![port.clone()]));
+                if let Some(key) = key {
+                    target.set_secrets_key(key);
+                }
                 if let Some(ch) = resv {
                     target.set_resv_client(
                         duplex_fabric::resv_channel::ResvClient::new(ch).expect("resv client"),
@@ -452,6 +464,7 @@ impl Harness {
                     model: "duplex resv".into(),
                     allow_any_host: true,
                     hosts: vec![],
+                    secrets: vec![],
                     namespaces: vec![duplex_ipc::exports::ExportNamespace {
                         nsid: 1,
                         volume: 7,
