@@ -2197,7 +2197,11 @@ mod tests {
     #[test]
     fn every_request_round_trips() {
         let requests = requests();
-        assert_eq!(requests.len(), 20, "one of every schema member");
+        assert_eq!(
+            requests.len(),
+            21,
+            "one of every schema member (allowHost with secrets and without)"
+        );
         for (i, r) in requests.into_iter().enumerate() {
             let id = u64::try_from(i).unwrap_or(0) + (7 << 32);
             let bytes = r.encode(id);
