@@ -150,8 +150,21 @@ dead_ms = {dead_ms}
             dir.join(format!("d{i}-{letter}.sock")).display()
         ));
     }
+    // The array's secrets key, the same for both nodes (hosts' DH-HMAC-CHAP secrets).
+    let key = dir.join("secrets.key");
+    if !key.exists() {
+        std::fs::write(&key, SECRETS_KEY_HEX).expect("secrets key");
+    }
+    c.push_str(&format!(
+        "\n[secrets]\nkey_file = \"{}\"\n",
+        key.display()
+    ));
     c
 }
+
+/// The pair's secrets key (`[secrets] key_file`).
+pub const SECRETS_KEY_HEX: &str =
+    "5d1c0ffee0ddba11cafe5eed0b57ac1e5d1c0ffee0ddba11cafe5eed0b57ac1e";
 
 /// The rig. See the module docs.
 #[derive(Debug)]
