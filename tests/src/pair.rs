@@ -155,10 +155,7 @@ dead_ms = {dead_ms}
     if !key.exists() {
         std::fs::write(&key, SECRETS_KEY_HEX).expect("secrets key");
     }
-    c.push_str(&format!(
-        "\n[secrets]\nkey_file = \"{}\"\n",
-        key.display()
-    ));
+    c.push_str(&format!("\n[secrets]\nkey_file = \"{}\"\n", key.display()));
     c
 }
 

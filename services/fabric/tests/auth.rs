@@ -4,7 +4,8 @@
 //! in duplex-tests). Connect asks for authentication (ATR); the right secret, one way and both
 //! ways, opens the admin and I/O queues; a wrong one gets AUTH_Failure1 and the queue stays shut
 //! (Authentication Required with DNR); so does a host that never authenticates; a node with
-//! another key refuses the host at Connect; malformed commands get their status, never a crash.
+//! another key refuses the host at Connect; malformed commands get their status, never a crash;
+//! fuzzer-chosen authentication commands never open the queue (bounded, as `fuzz_dispatch.rs`).
 
 mod common;
 
@@ -246,4 +247,75 @@ fn malformed_authentication_commands_get_their_status() {
         .expect("authenticate after a failure");
     q.enable().expect("enable");
     q.identify(1, 0).expect("identify");
+}
+
+/// Fuzzer-chosen authentication commands (sends of raw bytes or of negotiate, reply and
+/// success2 messages with fuzzer bytes laid over them, receives of any length, lengths that
+/// disagree with the SGL) on a queue that must authenticate: every command gets a response,
+/// the connection stays up, the queue never opens without the secret, and a proper
+/// transaction afterwards works. Bounded under `cargo test` (as `fuzz_dispatch.rs`).
+#[test]
+fn arbitrary_authentication_commands_never_open_the_queue_or_break_the_target() {
+    let (h, _exports) = start(true, KEY);
+    let addr = h.addr;
+    bolero::check!()
+        .with_iterations(2_000)
+        .with_test_time(std::time::Duration::from_secs(15))
+        .with_type::<Vec<(bool, u8, Vec<u8>, u16)>>()
+        .for_each(|steps| {
+            let mut q = Queue::dial(addr, QueueOptions::default()).expect("dial");
+            q.connect(0, 31, 0, 0xFFFF, SUB, HOSTNQN, [1; 16])
+                .expect("connect");
+            for (send, kind, bytes, len) in steps.iter().take(8) {
+                let r = if *send {
+                    let mut msg = match kind % 4 {
+                        0 => negotiate(u16::from(*kind), &[1, 2, 3], &[0, 1]),
+                        1 => {
+                            let mut m = vec![0u8; 16 + 64];
+                            m[0] = 1;
+                            m[1] = 2;
+                            m[6] = 32;
+                            m
+                        }
+                        2 => {
+                            let mut m = vec![0u8; 16];
+                            m[0] = 1;
+                            m[1] = 4;
+                            m
+                        }
+                        _ => Vec::new(),
+                    };
+                    for (i, b) in bytes.iter().take(128).enumerate() {
+                        if i < msg.len() {
+                            msg[i] ^= b;
+                        } else {
+                            msg.push(*b);
+                        }
+                    }
+                    if msg.is_empty() {
+                        msg.push(0);
+                    }
+                    let tl = if len % 7 == 0 {
+                        u32::from(*len)
+                    } else {
+                        msg.len() as u32
+                    };
+                    q.execute(auth_sqe(true, tl), Data::Out(msg))
+                } else {
+                    let al = usize::from(*len % 8200).max(1);
+                    q.execute(auth_sqe(false, al as u32), Data::In(al))
+                };
+                // A response, whatever its status: never a broken connection.
+                r.expect("every authentication command is answered");
+            }
+            q.enable().expect("enable");
+            assert_eq!(
+                status_of(q.identify(1, 0)),
+                specific::AUTH_REQUIRED,
+                "the queue opened without the secret: {steps:?}"
+            );
+        });
+    let (mut a, _) = admin(&h, HOSTNQN, Some((&host_secret(), Some(&ctrl_secret()))));
+    a.enable().expect("enable");
+    a.identify(1, 0).expect("identify");
 }
