@@ -9,6 +9,8 @@
 //!   list and namespace identification descriptors.
 //! * [`log`]: builders for the log pages a target reports (error, SMART/health, firmware slot,
 //!   changed namespace list, commands supported and effects, ANA, discovery).
+//! * [`auth`]: in-band authentication (DH-HMAC-CHAP), the controller's side.
+//! * [`tls`]: NVMe/TCP TLS 1.3 PSKs: the interchange format, identities, the derivations.
 //! * [`tcp`]: NVMe/TCP PDUs (transport specification 1.0): headers with validation, encode and
 //!   decode, header and data digests (CRC32C).
 //!
@@ -25,6 +27,7 @@ pub mod resv;
 pub mod spec;
 pub mod status;
 pub mod tcp;
+pub mod tls;
 
 #[allow(dead_code)] // readers are used by tests and by hosts of the format (issue 5)
 pub(crate) mod bytes {
