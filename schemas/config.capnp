@@ -482,6 +482,9 @@ struct SubsystemInfo {
   # Allowed host NQNs, each 1..=223 bytes.
   namespaces @3 :List(NamespaceInfo);
   # In nsid order.
+  hostsAuthenticate @4 :List(Bool);
+  # Parallel to hosts: true for a host that must authenticate (its DH-HMAC-CHAP secrets are
+  # set); empty: no host must.
 }
 
 struct NamespaceInfo {

@@ -568,6 +568,9 @@ pub struct SubsystemInfo {
     pub allow_any_host: bool,
     /// Allowed host NQNs.
     pub hosts: Vec<String>,
+    /// Parallel to `hosts`: whether each must authenticate (DH-HMAC-CHAP secrets set); empty
+    /// when none must.
+    pub hosts_authenticate: Vec<bool>,
     /// Namespaces in nsid order.
     pub namespaces: Vec<NamespaceInfo>,
 }
@@ -1607,6 +1610,13 @@ fn write_subsystem(mut out: wire::subsystem_info::Builder<'_>, s: &SubsystemInfo
     for (i, h) in (0..len).zip(&s.hosts) {
         hosts.set(i, h.as_str());
     }
+    if s.hosts_authenticate.iter().any(|a| *a) {
+        let len = len_u32(s.hosts_authenticate.len());
+        let mut auth = out.reborrow().init_hosts_authenticate(len);
+        for (i, a) in (0..len).zip(&s.hosts_authenticate) {
+            auth.set(i, *a);
+        }
+    }
     let len = len_u32(s.namespaces.len());
     let mut namespaces = out.init_namespaces(len);
     for (i, n) in (0..len).zip(&s.namespaces) {
@@ -1624,6 +1634,19 @@ fn read_subsystem(s: wire::subsystem_info::Reader<'_>) -> Result<SubsystemInfo, 
     let mut hosts = Vec::with_capacity(list.len() as usize);
     for h in list.iter() {
         hosts.push(text(h, "config.subsystems.hosts", MAX_NQN_BYTES)?);
+    }
+    let auth = s.get_hosts_authenticate().map_err(ControlError::Decode)?;
+    if !auth.is_empty() && auth.len() as usize != hosts.len() {
+        return Err(ControlError::Decode(capnp::Error::failed(format!(
+            "config.subsystems.hostsAuthenticate: {} entries for {} hosts",
+            auth.len(),
+            hosts.len()
+        ))));
+    }
+    // No host flagged is the same as no list (the writer sends none then).
+    let mut hosts_authenticate: Vec<bool> = auth.iter().collect();
+    if !hosts_authenticate.iter().any(|a| *a) {
+        hosts_authenticate.clear();
     }
     let list = s.get_namespaces().map_err(ControlError::Decode)?;
     bounded(
@@ -1652,6 +1675,7 @@ fn read_subsystem(s: wire::subsystem_info::Reader<'_>) -> Result<SubsystemInfo, 
         nqn: text(s.get_nqn(), "config.subsystems.nqn", MAX_NQN_BYTES)?,
         allow_any_host: s.get_allow_any_host(),
         hosts,
+        hosts_authenticate,
         namespaces,
     })
 }
@@ -2022,6 +2046,7 @@ pub mod examples {
             nqn: nqn.into(),
             allow_any_host: false,
             hosts: vec!["nqn.2014-08.org.nvmexpress:uuid:host-a".into()],
+            hosts_authenticate: vec![true],
             namespaces: vec![NamespaceInfo {
                 nsid: 1,
                 volume: "vol0".into(),
@@ -2160,6 +2185,8 @@ pub mod examples {
                 nqn: nqn(i),
                 allow_any_host: true,
                 hosts: (0..hosts_each).map(nqn).collect(),
+                // The largest reply: every host's flag too.
+                hosts_authenticate: vec![true; hosts_each],
                 namespaces: (0..namespaces_each)
                     .map(|_| NamespaceInfo {
                         nsid: u32::MAX,

@@ -498,7 +498,14 @@ pub fn subsystems_table(subsystems: &[SubsystemInfo]) -> String {
             let listed = s
                 .hosts
                 .iter()
-                .map(|h| printable(h))
+                .enumerate()
+                .map(|(i, h)| {
+                    if s.hosts_authenticate.get(i).copied().unwrap_or(false) {
+                        format!("{} (DH-HMAC-CHAP)", printable(h))
+                    } else {
+                        printable(h)
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(", ");
             let hosts = match (s.allow_any_host, listed.is_empty()) {
@@ -1277,16 +1284,18 @@ mod tests {
         let mut open = examples::subsystem("nqn.2026-11.io.duplex:b");
         open.allow_any_host = true;
         open.hosts.clear();
+        open.hosts_authenticate.clear();
         open.namespaces.clear();
         let mut closed = examples::subsystem("nqn.2026-11.io.duplex:c");
         closed.hosts.clear();
+        closed.hosts_authenticate.clear();
         let table =
             subsystems_table(&[examples::subsystem("nqn.2026-11.io.duplex:a"), open, closed]);
         assert_eq!(
             lines(&table),
             [
                 "NQN                      NAMESPACES  HOSTS",
-                "nqn.2026-11.io.duplex:a  1:vol0      nqn.2014-08.org.nvmexpress:uuid:host-a",
+                "nqn.2026-11.io.duplex:a  1:vol0      nqn.2014-08.org.nvmexpress:uuid:host-a (DH-HMAC-CHAP)",
                 "nqn.2026-11.io.duplex:b  -           any",
                 "nqn.2026-11.io.duplex:c  1:vol0      none",
             ]

@@ -118,6 +118,24 @@ fn linux_6_12_host_authenticates_with_dhchap_and_wrong_secrets_are_refused() {
     // Not in clear text anywhere the metadata keeps it.
     let (_, listed, _) = p.nodes[0].ctl(&["--json", "subsystem", "list"]);
     assert!(!listed.contains("DHHC-1"), "{listed}");
+    // ... but it says the host must authenticate, through either controller (the peer once it
+    // has read the change from the drives).
+    for n in 0..2 {
+        let deadline = std::time::Instant::now() + duplex_tests::PATIENCE;
+        loop {
+            let (_, listed, _) = p.nodes[n].ctl(&["--json", "subsystem", "list"]);
+            let v: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+            if v["subsystems"][0]["hosts_authenticate"] == serde_json::json!([true]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {}: {listed}",
+                n + 1
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let (port_a, port_b) = (p.at.nvme[0].port(), p.at.nvme[1].port());
     let spec = RunSpec::new(script(port_a, port_b, &host, &ctrl, &wrong))
         .host(HOSTNQN, HOSTID)

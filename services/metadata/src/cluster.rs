@@ -3020,6 +3020,14 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         self.export_table()
             .into_iter()
             .map(|s| SubsystemInfo {
+                hosts_authenticate: if s.secrets.is_empty() {
+                    Vec::new()
+                } else {
+                    s.hosts
+                        .iter()
+                        .map(|h| s.secrets.iter().any(|x| x.host == *h))
+                        .collect()
+                },
                 nqn: s.nqn,
                 allow_any_host: s.allow_any_host,
                 hosts: s.hosts,
