@@ -10,8 +10,8 @@
 //! kernel (`include/linux/nvme.h`, `struct nvmf_auth_dhchap_*`); the interop test is the Linux
 //! 6.12 host connecting with `nvme connect --dhchap-secret` (`tests/interop_linux_auth.rs`).
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
+use crate::keytext;
+use hmac::Hmac;
 use subtle::ConstantTimeEq;
 
 /// The SECP of Authentication Send and Receive for in-band authentication.
@@ -106,20 +106,10 @@ impl Hash {
 
     /// HMAC of the concatenation of `parts` under `key`.
     pub fn hmac(self, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-        fn run<M: Mac + hmac::digest::KeyInit>(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-            // HMAC takes a key of any length: this never fails.
-            let Ok(mut m) = <M as hmac::digest::KeyInit>::new_from_slice(key) else {
-                return Vec::new();
-            };
-            for p in parts {
-                m.update(p);
-            }
-            m.finalize().into_bytes().to_vec()
-        }
         match self {
-            Self::Sha256 => run::<Hmac<sha2::Sha256>>(key, parts),
-            Self::Sha384 => run::<Hmac<sha2::Sha384>>(key, parts),
-            Self::Sha512 => run::<Hmac<sha2::Sha512>>(key, parts),
+            Self::Sha256 => keytext::hmac::<Hmac<sha2::Sha256>>(key, parts),
+            Self::Sha384 => keytext::hmac::<Hmac<sha2::Sha384>>(key, parts),
+            Self::Sha512 => keytext::hmac::<Hmac<sha2::Sha512>>(key, parts),
         }
     }
 }
@@ -168,12 +158,10 @@ impl Secret {
     /// Parses the representation `DHHC-1:XX:<base64 of key and its CRC-32>:` (the trailing
     /// colon optional).
     pub fn parse(text: &str) -> Result<Self, SecretError> {
-        let rest = text.strip_prefix("DHHC-1:").ok_or(SecretError::Format)?;
-        let (xx, rest) = rest.split_once(':').ok_or(SecretError::Format)?;
-        let b64 = rest.strip_suffix(':').unwrap_or(rest);
-        if xx.len() != 2 || b64.is_empty() || b64.contains(':') {
-            return Err(SecretError::Format);
-        }
+        let (xx, raw) = keytext::split(text, "DHHC-1:").map_err(|e| match e {
+            keytext::Bad::Format => SecretError::Format,
+            keytext::Bad::Base64 => SecretError::Base64,
+        })?;
         let transform = match xx {
             "00" => None,
             "01" => Some(Hash::Sha256),
@@ -181,32 +169,22 @@ impl Secret {
             "03" => Some(Hash::Sha512),
             other => return Err(SecretError::Transform(other.to_owned())),
         };
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| SecretError::Base64)?;
         let len = raw.len().saturating_sub(4);
         if raw.len() < 4 || ![32, 48, 64].contains(&len) {
             return Err(SecretError::Length(len));
         }
-        let (key, crc) = raw.split_at(len);
-        if crc32fast::hash(key).to_le_bytes() != crc {
+        if !keytext::crc_matches(&raw, len) {
             return Err(SecretError::Crc);
         }
         Ok(Self {
             transform,
-            key: key.to_vec(),
+            key: raw[..len].to_vec(),
         })
     }
 
     /// The representation of this secret.
     pub fn to_text(&self) -> String {
-        let mut raw = self.key.clone();
-        raw.extend_from_slice(&crc32fast::hash(&self.key).to_le_bytes());
-        format!(
-            "DHHC-1:{:02}:{}:",
-            self.transform.map_or(0, |h| h as u8),
-            base64::engine::general_purpose::STANDARD.encode(raw)
-        )
+        keytext::encode("DHHC-1:", self.transform.map_or(0, |h| h as u8), &self.key)
     }
 
     /// The key as used for `nqn` (the host's NQN for the host's secret, the subsystem's for

@@ -22,6 +22,7 @@
 pub mod auth;
 pub mod cmd;
 pub mod identify;
+mod keytext;
 pub mod log;
 pub mod resv;
 pub mod spec;

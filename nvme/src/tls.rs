@@ -10,7 +10,9 @@
 //! identity; which one a host uses is configuration.
 
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
+use hmac::Hmac;
+
+use crate::keytext;
 
 /// The hash of a PSK (and with it the TLS 1.3 cipher suite).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,19 +41,9 @@ impl PskHash {
     }
 
     fn hmac(self, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-        fn run<M: Mac + hmac::digest::KeyInit>(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-            // HMAC takes a key of any length: this never fails.
-            let Ok(mut m) = <M as hmac::digest::KeyInit>::new_from_slice(key) else {
-                return Vec::new();
-            };
-            for p in parts {
-                m.update(p);
-            }
-            m.finalize().into_bytes().to_vec()
-        }
         match self {
-            Self::Sha256 => run::<Hmac<sha2::Sha256>>(key, parts),
-            Self::Sha384 => run::<Hmac<sha2::Sha384>>(key, parts),
+            Self::Sha256 => keytext::hmac::<Hmac<sha2::Sha256>>(key, parts),
+            Self::Sha384 => keytext::hmac::<Hmac<sha2::Sha384>>(key, parts),
         }
     }
 
@@ -133,23 +125,16 @@ impl std::fmt::Debug for ConfiguredKey {
 impl ConfiguredKey {
     /// Parses `NVMeTLSkey-1:HH:<base64 of key and its CRC-32>:`.
     pub fn parse(text: &str) -> Result<Self, TlsKeyError> {
-        let rest = text
-            .strip_prefix("NVMeTLSkey-1:")
-            .ok_or(TlsKeyError::Format)?;
-        let (hh, rest) = rest.split_once(':').ok_or(TlsKeyError::Format)?;
-        let b64 = rest.strip_suffix(':').unwrap_or(rest);
-        if hh.len() != 2 || b64.is_empty() || b64.contains(':') {
-            return Err(TlsKeyError::Format);
-        }
+        let (hh, raw) = keytext::split(text, "NVMeTLSkey-1:").map_err(|e| match e {
+            keytext::Bad::Format => TlsKeyError::Format,
+            keytext::Bad::Base64 => TlsKeyError::Base64,
+        })?;
         let hash = match hh {
             "00" => None,
             "01" => Some(PskHash::Sha256),
             "02" => Some(PskHash::Sha384),
             other => return Err(TlsKeyError::Hash(other.to_owned())),
         };
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| TlsKeyError::Base64)?;
         let len = raw.len().saturating_sub(4);
         let fits = match hash {
             None => len == 32 || len == 48,
@@ -158,14 +143,18 @@ impl ConfiguredKey {
         if raw.len() < 4 || !fits {
             return Err(TlsKeyError::Length(len));
         }
-        let (key, crc) = raw.split_at(len);
-        if crc32fast::hash(key).to_le_bytes() != crc {
+        if !keytext::crc_matches(&raw, len) {
             return Err(TlsKeyError::Crc);
         }
         Ok(Self {
             hash,
-            key: key.to_vec(),
+            key: raw[..len].to_vec(),
         })
+    }
+
+    /// The interchange representation of this key.
+    pub fn to_text(&self) -> String {
+        keytext::encode("NVMeTLSkey-1:", self.hash.map_or(0, |h| h as u8), &self.key)
     }
 
     /// The hash of the TLS PSK: the configured one, or by key length for `00`.
@@ -322,12 +311,15 @@ mod tests {
     }
 
     fn interchange(hh: &str, key: &[u8]) -> String {
-        let mut raw = key.to_vec();
-        raw.extend_from_slice(&crc32fast::hash(key).to_le_bytes());
-        format!(
-            "NVMeTLSkey-1:{hh}:{}:",
-            base64::engine::general_purpose::STANDARD.encode(raw)
-        )
+        ConfiguredKey {
+            hash: match hh {
+                "01" => Some(PskHash::Sha256),
+                "02" => Some(PskHash::Sha384),
+                _ => None,
+            },
+            key: key.to_vec(),
+        }
+        .to_text()
     }
 
     /// The digests of libnvme's own test data (`test/psk.c`), for both derivations: they pin

@@ -94,11 +94,8 @@ pub fn begin(q: &Queue, subsys: &Subsystem, hostnqn: &str) -> Result<Option<Sess
             q.shared.warn(q.peer, &msg);
             target.count_host(true, "secrets-unusable");
             target.host_event(duplex_ipc::control::EventLevel::Error, "host-refused", &msg);
-            Err(Reply {
-                status: specific::CONNECT_INVALID_HOST,
-                dw0: (1 << 16) | 512,
-                ..Reply::default()
-            })
+            // The host NQN, at byte 512 of the Connect data.
+            Err(crate::conn::bad_data(specific::CONNECT_INVALID_HOST, 512))
         }
     }
 }

@@ -553,7 +553,7 @@ async fn fabrics(_q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe) -> Reply {
 }
 
 /// Invalid Parameter in the Connect data at byte `offset` (IATTR = 1).
-fn bad_data(status: Status, offset: u32) -> Reply {
+pub(crate) fn bad_data(status: Status, offset: u32) -> Reply {
     Reply {
         status,
         dw0: (1 << 16) | offset,
