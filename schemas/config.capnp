@@ -253,6 +253,10 @@ struct HostAccess {
   dhchapCtrlSecret @3 :Text;
   # allowHost only: the controller's secret, for bidirectional authentication when the host
   # asks for it; empty: none. Needs dhchapSecret.
+  tlsPsk @4 :Text;
+  # allowHost only: the host's configured TLS PSK in the interchange format
+  # (`NVMeTLSkey-1:HH:base64:`, as `nvme gen-tls-key` prints it); empty: none. The host needs it
+  # on listeners that require TLS.
 }
 
 struct AllowAnyHost {

@@ -7,6 +7,8 @@
 //!   commands submitted with in-capsule data when they fit, the rest sent on R2T as H2CData,
 //!   controller data gathered from C2HData; any number of commands in flight
 //!   ([`Queue::submit`] / [`Queue::poll`]), or one at a time ([`Queue::execute`]).
+//! * [`tls`]: the secure channel (TLS 1.3 with a PSK) a queue may open with
+//!   ([`Queue::dial_tls`]).
 //! * [`auth`]: in-band authentication (DH-HMAC-CHAP) of a queue whose Connect asked for it.
 //! * Admin helpers on a [`Queue`] connected as queue 0: enable the controller, Identify, Number
 //!   of Queues, Keep Alive, Property Get/Set.
@@ -17,6 +19,7 @@
 pub mod auth;
 pub mod pdu;
 mod queue;
+pub mod tls;
 
 pub use queue::{Completion, Data, Queue, QueueOptions};
 

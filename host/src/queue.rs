@@ -11,6 +11,7 @@ use duplex_nvme::status::Status;
 use duplex_nvme::tcp::{self, Digests, PduType};
 
 use crate::pdu::{self, Pdu};
+use crate::tls::{Stream, TlsPsk};
 use crate::{HostError, Result};
 
 /// How to open a queue.
@@ -92,8 +93,8 @@ struct Pending {
 /// One queue (TCP connection) to a controller.
 #[derive(Debug)]
 pub struct Queue {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Reads are buffered; writes go to the stream under the buffer.
+    reader: BufReader<Stream>,
     opts: QueueOptions,
     cpda: u8,
     maxh2cdata: usize,
@@ -111,20 +112,33 @@ pub struct Queue {
 impl Queue {
     /// Opens a TCP connection and exchanges ICReq/ICResp.
     pub fn dial(addr: SocketAddr, opts: QueueOptions) -> Result<Self> {
+        Self::open(addr, opts, None)
+    }
+
+    /// Opens a TCP connection, runs the TLS 1.3 handshake with `psk`, then exchanges
+    /// ICReq/ICResp over TLS.
+    pub fn dial_tls(addr: SocketAddr, opts: QueueOptions, psk: &TlsPsk) -> Result<Self> {
+        Self::open(addr, opts, Some(psk))
+    }
+
+    fn open(addr: SocketAddr, opts: QueueOptions, psk: Option<&TlsPsk>) -> Result<Self> {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(opts.timeout)?;
-        let mut writer = s.try_clone()?;
+        let stream = match psk {
+            None => Stream::Tcp(s),
+            Some(psk) => crate::tls::handshake(s, psk)?,
+        };
         // Small PDUs (responses, 4 KiB data) are read many to a system call; data of a
         // larger transfer than this skips the buffer and lands in its command's buffer.
-        let mut reader = BufReader::with_capacity(RECV_BUFFER, s);
+        let mut reader = BufReader::with_capacity(RECV_BUFFER, stream);
         let req = tcp::IcReq {
             pfv: 0,
             hpda: 0,
             digests: opts.digests,
             maxr2t: 0,
         };
-        writer.write_all(&req.encode())?;
+        reader.get_mut().write_all(&req.encode())?;
         let p = pdu::read(&mut reader, Digests::default(), 0)?;
         if p.pdu_type != PduType::IcResp {
             return Err(HostError::Unexpected(format!(
@@ -141,7 +155,6 @@ impl Queue {
         }
         Ok(Self {
             reader,
-            writer,
             opts,
             cpda: r.cpda,
             maxh2cdata: r.maxh2cdata as usize,
@@ -413,7 +426,7 @@ impl Queue {
     /// Sends everything queued.
     pub fn flush(&mut self) -> Result<()> {
         if !self.out.is_empty() {
-            self.writer.write_all(&self.out)?;
+            self.reader.get_mut().write_all(&self.out)?;
             self.out.clear();
         }
         Ok(())
@@ -421,7 +434,10 @@ impl Queue {
 
     /// Polls the socket (non-blocking peeks) until data arrives or `spin` passes.
     fn spin_for_data(&mut self, spin: Duration) -> Result<()> {
-        let s = self.reader.get_ref();
+        // TLS may hold a whole record decrypted already: the socket says nothing of it.
+        let Stream::Tcp(s) = self.reader.get_ref() else {
+            return Ok(());
+        };
         s.set_nonblocking(true)?;
         let start = std::time::Instant::now();
         let mut b = [0u8; 1];
@@ -462,7 +478,7 @@ impl Queue {
     /// Sends raw bytes (tests craft PDUs with it).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
         self.flush()?;
-        Ok(self.writer.write_all(bytes)?)
+        Ok(self.reader.get_mut().write_all(bytes)?)
     }
 
     /// Reads one PDU without interpreting it (tests).
@@ -473,7 +489,7 @@ impl Queue {
 
     /// The underlying socket (tests shut it down or read it to the end).
     pub fn socket(&self) -> &TcpStream {
-        &self.writer
+        self.reader.get_ref().tcp()
     }
 
     fn fabrics(fctype: u8) -> Sqe {

@@ -65,23 +65,27 @@ pub const MAX_NAMESPACES: usize = 96;
 /// 64-byte key and its CRC, with room to spare).
 pub const MAX_SECRET_BYTES: usize = 128;
 
-/// A host's DH-HMAC-CHAP secrets as the operator gave them (the standard representation,
-/// `DHHC-1:XX:base64:`), checked by the metadata service, which stores them sealed.
+/// A host's DH-HMAC-CHAP secrets (the standard representation, `DHHC-1:XX:base64:`) and TLS
+/// PSK (`NVMeTLSkey-1:HH:base64:`) as the operator gave them, checked by the metadata service,
+/// which stores them sealed. At least one of `host` and `tls_psk`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HostSecrets {
     /// The host's secret: the controller checks the host's response with it.
-    pub host: String,
+    pub host: Option<String>,
     /// The controller's secret, for bidirectional authentication (the host checks the
-    /// controller's response with it).
+    /// controller's response with it). Needs `host`.
     pub ctrl: Option<String>,
+    /// The host's configured TLS PSK.
+    pub tls_psk: Option<String>,
 }
 
 impl std::fmt::Debug for HostSecrets {
     /// Never the secrets themselves (they go to logs otherwise).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostSecrets")
-            .field("host", &"<secret>")
+            .field("host", &self.host.as_ref().map(|_| "<secret>"))
             .field("ctrl", &self.ctrl.as_ref().map(|_| "<secret>"))
+            .field("tls_psk", &self.tls_psk.as_ref().map(|_| "<secret>"))
             .finish()
     }
 }
@@ -817,13 +821,22 @@ impl ConfigRequest {
                 required(nqn, "config.hostAccess.nqn", MAX_NQN_BYTES)?;
                 required(host_nqn, "config.hostAccess.hostNqn", MAX_NQN_BYTES)?;
                 if let Some(sec) = secrets {
-                    required(
-                        &sec.host,
-                        "config.hostAccess.dhchapSecret",
-                        MAX_SECRET_BYTES,
-                    )?;
+                    if let Some(h) = &sec.host {
+                        required(h, "config.hostAccess.dhchapSecret", MAX_SECRET_BYTES)?;
+                    }
                     if let Some(c) = &sec.ctrl {
                         required(c, "config.hostAccess.dhchapCtrlSecret", MAX_SECRET_BYTES)?;
+                        if sec.host.is_none() {
+                            return Err(ControlError::MissingField(
+                                "config.hostAccess.dhchapSecret",
+                            ));
+                        }
+                    }
+                    if let Some(t) = &sec.tls_psk {
+                        required(t, "config.hostAccess.tlsPsk", MAX_SECRET_BYTES)?;
+                    }
+                    if sec.host.is_none() && sec.tls_psk.is_none() {
+                        return Err(ControlError::MissingField("config.hostAccess.dhchapSecret"));
                     }
                 }
                 Ok(())
@@ -926,9 +939,14 @@ impl ConfigRequest {
                 h.set_nqn(nqn.as_str());
                 h.set_host_nqn(host_nqn.as_str());
                 if let Some(sec) = secrets {
-                    h.set_dhchap_secret(sec.host.as_str());
+                    if let Some(s) = &sec.host {
+                        h.set_dhchap_secret(s.as_str());
+                    }
                     if let Some(c) = &sec.ctrl {
                         h.set_dhchap_ctrl_secret(c.as_str());
+                    }
+                    if let Some(t) = &sec.tls_psk {
+                        h.set_tls_psk(t.as_str());
                     }
                 }
             }
@@ -1061,16 +1079,24 @@ impl ConfigRequest {
                     "config.hostAccess.dhchapCtrlSecret",
                     MAX_SECRET_BYTES,
                 )?;
+                let tls = text(
+                    h.get_tls_psk(),
+                    "config.hostAccess.tlsPsk",
+                    MAX_SECRET_BYTES,
+                )?;
                 if host.is_empty() && !ctrl.is_empty() {
                     // A controller secret needs the host's.
                     return Err(ControlError::MissingField("config.hostAccess.dhchapSecret"));
                 }
+                let given = |t: String| (!t.is_empty()).then_some(t);
+                let any = !host.is_empty() || !tls.is_empty();
                 Self::AllowHost {
                     nqn: text(h.get_nqn(), "config.hostAccess.nqn", MAX_NQN_BYTES)?,
                     host_nqn: text(h.get_host_nqn(), "config.hostAccess.hostNqn", MAX_NQN_BYTES)?,
-                    secrets: (!host.is_empty()).then(|| HostSecrets {
-                        host,
-                        ctrl: (!ctrl.is_empty()).then_some(ctrl),
+                    secrets: any.then(|| HostSecrets {
+                        host: given(host),
+                        ctrl: given(ctrl),
+                        tls_psk: given(tls),
                     }),
                 }
             }
@@ -1925,10 +1951,24 @@ pub mod examples {
                 nqn: nqn.clone(),
                 host_nqn: host.clone(),
                 secrets: Some(HostSecrets {
-                    host: "DHHC-1:00:c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmX4Vuew:".into(),
+                    host: Some(
+                        "DHHC-1:00:c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmX4Vuew:".into(),
+                    ),
                     ctrl: Some(
                         "DHHC-1:01:b3RoZXJzZWNyZXRvdGhlcnNlY3JldG90aGVyc2VjcmV0b3RohMTIcg==:"
                             .into(),
+                    ),
+                    tls_psk: None,
+                }),
+            },
+            ConfigRequest::AllowHost {
+                nqn: nqn.clone(),
+                host_nqn: host.clone(),
+                secrets: Some(HostSecrets {
+                    host: None,
+                    ctrl: None,
+                    tls_psk: Some(
+                        "NVMeTLSkey-1:01:VRLbtnN9AQb2WXW3c9+wEf/DRLz0QuLdbYvEhwtdWwNf9LrZ:".into(),
                     ),
                 }),
             },
@@ -2226,8 +2266,8 @@ mod tests {
         let requests = requests();
         assert_eq!(
             requests.len(),
-            21,
-            "one of every schema member (allowHost with secrets and without)"
+            22,
+            "one of every schema member (allowHost with DH-HMAC-CHAP secrets, a TLS PSK, none)"
         );
         for (i, r) in requests.into_iter().enumerate() {
             let id = u64::try_from(i).unwrap_or(0) + (7 << 32);

@@ -246,6 +246,9 @@ pub struct ListenerSpec {
     pub address: String,
     /// What it serves.
     pub kind: ListenerKind,
+    /// Hosts must connect over TLS 1.3 with a PSK.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl Topology {

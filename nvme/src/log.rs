@@ -161,6 +161,8 @@ pub struct DiscoveryEntry {
     pub ipv6: bool,
     /// Subsystem NQN.
     pub subnqn: String,
+    /// The port requires a secure channel (TLS 1.3): TREQ "required", TSAS SECTYPE TLS 1.3.
+    pub tls: bool,
 }
 
 /// Discovery Log Page: 1024-byte header, 1024 bytes per entry.
@@ -174,14 +176,16 @@ pub fn discovery(genctr: u64, entries: &[DiscoveryEntry]) -> Vec<u8> {
         b[o] = 3; // TRTYPE: TCP
         b[o + 1] = if e.ipv6 { 2 } else { 1 }; // ADRFAM
         b[o + 2] = e.subtype;
-        b[o + 3] = 0b10; // TREQ: secure channel not required
+        // TREQ bits 1:0: 01b secure channel required, 10b not required.
+        b[o + 3] = if e.tls { 0b01 } else { 0b10 };
         put_u16(&mut b, o + 4, e.port_id);
         put_u16(&mut b, o + 6, 0xFFFF); // CNTLID: dynamic
         put_u16(&mut b, o + 8, 32); // ASQSZ
         put_ascii(&mut b, o + 32, 32, &e.trsvcid);
         put_nqn(&mut b, o + 256, 256, &e.subnqn);
         put_ascii(&mut b, o + 512, 256, &e.traddr);
-        b[o + 768] = 0; // TSAS: SECTYPE none
+        // TSAS (TCP): SECTYPE 0 none, 2 TLS 1.3.
+        b[o + 768] = if e.tls { 2 } else { 0 };
     }
     b
 }
@@ -227,6 +231,7 @@ mod tests {
                 trsvcid: "4420".into(),
                 ipv6: false,
                 subnqn: "nqn.x".into(),
+                tls: false,
             }],
         );
         assert_eq!((u64_at(&b, 0), u64_at(&b, 8)), (3, 1));
@@ -235,5 +240,20 @@ mod tests {
         assert_eq!(b[1024 + 36], b' ');
         assert_eq!(&b[1024 + 512..1024 + 521], b"127.0.0.1");
         assert_eq!(&b[1024 + 256..1024 + 261], b"nqn.x");
+        // TREQ (byte 3): not required; TSAS SECTYPE (byte 768): none.
+        assert_eq!((b[1024 + 3], b[1024 + 768]), (2, 0));
+        let tls = discovery(
+            1,
+            &[DiscoveryEntry {
+                subtype: subtype::NVME,
+                port_id: 2,
+                traddr: "127.0.0.1".into(),
+                trsvcid: "4421".into(),
+                ipv6: false,
+                subnqn: "nqn.x".into(),
+                tls: true,
+            }],
+        );
+        assert_eq!((tls[1024 + 3], tls[1024 + 768]), (1, 2));
     }
 }

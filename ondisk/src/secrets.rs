@@ -1,4 +1,4 @@
-//! Host secrets at rest: a host's DH-HMAC-CHAP secrets are kept on the drives (record 11,
+//! Host secrets at rest: a host's DH-HMAC-CHAP secrets and TLS PSK are kept on the drives (record 11,
 //! [`crate::records::HostSecret`]) sealed with the array's secrets key, a 256-bit key both
 //! controllers are given in their node config (`[secrets] key_file`) and that is never on the
 //! drives: whoever reads a drive learns which hosts have secrets, not the secrets.
@@ -6,7 +6,8 @@
 //! Sealed layout: version (1 byte, 1), key id (8 bytes: the first bytes of
 //! `SHA-256("duplex secrets key" || key)`, so a wrong key is told apart from a corrupt blob),
 //! nonce (12 bytes, random), then ChaCha20-Poly1305 of `host secret || 0x00 || controller
-//! secret` with the 16-byte tag, the associated data binding it to its place:
+//! secret [|| 0x00 || TLS PSK]` (each possibly empty; blobs sealed before TLS end after the
+//! controller's secret) with the 16-byte tag, the associated data binding it to its place:
 //! `"duplex host secrets v1" || 0x00 || subsystem NQN || 0x00 || host NQN`.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -98,19 +99,46 @@ fn aad(subnqn: &str, hostnqn: &str) -> Vec<u8> {
     a
 }
 
-/// Seals `host` (and `ctrl`) for `hostnqn` on `subnqn` under `key` with `nonce` (random, never
-/// reused with the key).
+/// What is sealed for one host on one subsystem, in the standard representations.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct HostKeys {
+    /// The host's DH-HMAC-CHAP secret (`DHHC-1:..`).
+    pub dhchap: Option<String>,
+    /// The controller's DH-HMAC-CHAP secret (bidirectional authentication).
+    pub dhchap_ctrl: Option<String>,
+    /// The configured TLS PSK (`NVMeTLSkey-1:..`).
+    pub tls_psk: Option<String>,
+}
+
+impl std::fmt::Debug for HostKeys {
+    /// Never the secrets themselves.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |o: &Option<String>| o.as_ref().map(|_| "<secret>");
+        f.debug_struct("HostKeys")
+            .field("dhchap", &shown(&self.dhchap))
+            .field("dhchap_ctrl", &shown(&self.dhchap_ctrl))
+            .field("tls_psk", &shown(&self.tls_psk))
+            .finish()
+    }
+}
+
+/// Seals `keys` for `hostnqn` on `subnqn` under `key` with `nonce` (random, never reused with
+/// the key).
 pub fn seal(
     key: &SecretsKey,
     subnqn: &str,
     hostnqn: &str,
-    host: &str,
-    ctrl: Option<&str>,
+    keys: &HostKeys,
     nonce: [u8; 12],
 ) -> Vec<u8> {
-    let mut plain = host.as_bytes().to_vec();
+    let part = |o: &Option<String>| o.as_deref().unwrap_or("").as_bytes().to_vec();
+    let mut plain = part(&keys.dhchap);
     plain.push(0);
-    plain.extend_from_slice(ctrl.unwrap_or("").as_bytes());
+    plain.extend_from_slice(&part(&keys.dhchap_ctrl));
+    if keys.tls_psk.is_some() {
+        plain.push(0);
+        plain.extend_from_slice(&part(&keys.tls_psk));
+    }
     let cipher = ChaCha20Poly1305::new(Key::from_slice(&key.0));
     let aad = aad(subnqn, hostnqn);
     // Encryption of a message this small under a valid key cannot fail.
@@ -131,13 +159,13 @@ pub fn seal(
     out
 }
 
-/// The host's and controller's secrets sealed in `sealed` for `hostnqn` on `subnqn`.
+/// The keys sealed in `sealed` for `hostnqn` on `subnqn`.
 pub fn unseal(
     key: &SecretsKey,
     subnqn: &str,
     hostnqn: &str,
     sealed: &[u8],
-) -> Result<(String, Option<String>), SecretsError> {
+) -> Result<HostKeys, SecretsError> {
     check_sealed(sealed).map_err(|_| SecretsError::Corrupt)?;
     if sealed[1..9] != key.id() {
         return Err(SecretsError::WrongKey {
@@ -156,11 +184,19 @@ pub fn unseal(
         )
         .map_err(|_| SecretsError::Corrupt)?;
     let text = String::from_utf8(plain).map_err(|_| SecretsError::Corrupt)?;
-    let (host, ctrl) = text.split_once('\0').ok_or(SecretsError::Corrupt)?;
-    if host.is_empty() {
+    let mut parts = text.split('\0');
+    let some = |p: Option<&str>| p.filter(|p| !p.is_empty()).map(str::to_owned);
+    let keys = HostKeys {
+        dhchap: some(parts.next()),
+        dhchap_ctrl: some(parts.next()),
+        tls_psk: some(parts.next()),
+    };
+    let usable = (keys.dhchap.is_some() || keys.tls_psk.is_some())
+        && (keys.dhchap_ctrl.is_none() || keys.dhchap.is_some());
+    if parts.next().is_some() || !usable {
         return Err(SecretsError::Corrupt);
     }
-    Ok((host.to_owned(), (!ctrl.is_empty()).then(|| ctrl.to_owned())))
+    Ok(keys)
 }
 
 /// Whether `sealed` has the shape of a sealed blob (version, length); why not.
@@ -189,19 +225,14 @@ mod tests {
     fn sealed_secrets_open_only_with_the_key_for_their_place() {
         let key = SecretsKey::from_hex(&"0f".repeat(32)).unwrap();
         let other = SecretsKey::from_bytes([1; 32]);
-        let s = seal(
-            &key,
-            "nqn.s",
-            "nqn.h",
-            "DHHC-1:00:abc:",
-            Some("DHHC-1:01:def:"),
-            [7; 12],
-        );
+        let both = HostKeys {
+            dhchap: Some("DHHC-1:00:abc:".into()),
+            dhchap_ctrl: Some("DHHC-1:01:def:".into()),
+            tls_psk: None,
+        };
+        let s = seal(&key, "nqn.s", "nqn.h", &both, [7; 12]);
         assert!(!s.windows(5).any(|w| w == b"DHHC-"), "no clear text");
-        assert_eq!(
-            unseal(&key, "nqn.s", "nqn.h", &s).unwrap(),
-            ("DHHC-1:00:abc:".into(), Some("DHHC-1:01:def:".into()))
-        );
+        assert_eq!(unseal(&key, "nqn.s", "nqn.h", &s).unwrap(), both);
         assert!(matches!(
             unseal(&other, "nqn.s", "nqn.h", &s),
             Err(SecretsError::WrongKey { .. })
@@ -217,8 +248,29 @@ mod tests {
             unseal(&key, "nqn.s", "nqn.h", &flipped),
             Err(SecretsError::Corrupt)
         );
-        let one = seal(&key, "nqn.s", "nqn.h", "DHHC-1:00:abc:", None, [8; 12]);
-        assert_eq!(unseal(&key, "nqn.s", "nqn.h", &one).unwrap().1, None);
+        let host_only = HostKeys {
+            dhchap: Some("DHHC-1:00:abc:".into()),
+            ..HostKeys::default()
+        };
+        let one = seal(&key, "nqn.s", "nqn.h", &host_only, [8; 12]);
+        assert_eq!(unseal(&key, "nqn.s", "nqn.h", &one).unwrap(), host_only);
+        let tls = HostKeys {
+            tls_psk: Some("NVMeTLSkey-1:01:xyz:".into()),
+            ..HostKeys::default()
+        };
+        let t = seal(&key, "nqn.s", "nqn.h", &tls, [9; 12]);
+        assert!(!t.windows(6).any(|w| w == b"NVMeTL"), "no clear text");
+        assert_eq!(unseal(&key, "nqn.s", "nqn.h", &t).unwrap(), tls);
+        // Nothing usable sealed (a controller's secret alone) is a corrupt blob.
+        let ctrl_only = HostKeys {
+            dhchap_ctrl: Some("DHHC-1:01:def:".into()),
+            ..HostKeys::default()
+        };
+        let c = seal(&key, "nqn.s", "nqn.h", &ctrl_only, [10; 12]);
+        assert_eq!(
+            unseal(&key, "nqn.s", "nqn.h", &c),
+            Err(SecretsError::Corrupt)
+        );
         assert_eq!(SecretsKey::from_hex("zz"), Err(SecretsError::KeyFormat));
         assert!(!format!("{key:?}").contains("0f0f0f"));
     }

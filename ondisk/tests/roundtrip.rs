@@ -296,11 +296,16 @@ fn a_pool_without_reservations_encodes_as_before_record_10() {
 #[test]
 fn host_secrets_round_trip_and_follow_their_rules() {
     use duplex_ondisk::records::HostSecret;
-    use duplex_ondisk::secrets::{seal, unseal, SecretsKey};
+    use duplex_ondisk::secrets::{seal, unseal, HostKeys, SecretsKey};
     let key = SecretsKey::from_bytes([3; 32]);
     let host = "nqn.2014-08.org.nvmexpress:uuid:host-1";
     let mut cfg = config(RaidLevel::Raid1, 2);
-    let sealed = seal(&key, SUBSYS, host, "DHHC-1:00:x:", None, [1; 12]);
+    let keys = HostKeys {
+        dhchap: Some("DHHC-1:00:x:".into()),
+        tls_psk: Some("NVMeTLSkey-1:01:y:".into()),
+        ..HostKeys::default()
+    };
+    let sealed = seal(&key, SUBSYS, host, &keys, [1; 12]);
     cfg.host_secrets = vec![HostSecret {
         subnqn: SUBSYS.into(),
         hostnqn: host.into(),
@@ -315,7 +320,7 @@ fn host_secrets_round_trip_and_follow_their_rules() {
     assert_eq!(back, cfg);
     assert_eq!(
         unseal(&key, SUBSYS, host, &back.host_secrets[0].sealed).unwrap(),
-        ("DHHC-1:00:x:".to_owned(), None)
+        keys
     );
     // A host not on the allow-list, a second record, a blob of another version.
     let mut bad = cfg.clone();

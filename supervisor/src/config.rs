@@ -355,6 +355,10 @@ pub struct ListenerConfig {
     /// For the fabric: `nvme` (I/O subsystems and discovery, the default) or `discovery`.
     #[serde(default)]
     pub kind: Option<Spanned<ListenerKind>>,
+    /// For the fabric: hosts must connect over TLS 1.3 with their PSK (`tls = true`); a
+    /// connection that does not open with a TLS handshake is closed.
+    #[serde(default)]
+    pub tls: Option<Spanned<bool>>,
 }
 
 /// Largest ring accepted from a config.
@@ -623,6 +627,17 @@ impl NodeConfig {
             ));
         }
         for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                if l.service.get_ref() != FABRIC {
+                    return Err(err(
+                        t.span(),
+                        format!(
+                            "listener {:?}: `tls` is for the fabric's listeners",
+                            l.name.get_ref()
+                        ),
+                    ));
+                }
+            }
             if let Some(k) = &l.kind {
                 if l.service.get_ref() != FABRIC {
                     return Err(err(

@@ -370,6 +370,7 @@ impl Node {
                     resource: format!("listener:{}", l.name.get_ref()),
                     address: *l.address.get_ref(),
                     kind: l.kind.as_ref().map_or(ListenerKind::Nvme, |k| *k.get_ref()),
+                    tls: l.tls.as_ref().is_some_and(|t| *t.get_ref()),
                 })
                 .collect();
             let mut topology = storage::topology_with_drives(

@@ -491,6 +491,8 @@ pub struct FabricListener {
     pub address: std::net::SocketAddr,
     /// Kind.
     pub kind: ListenerKind,
+    /// TLS required.
+    pub tls: bool,
 }
 
 /// Builds the topology for the fabric and the datapath.
@@ -593,6 +595,7 @@ pub fn topology_with_drives(
                 resource: l.resource.clone(),
                 address: l.address.to_string(),
                 kind: l.kind,
+                tls: l.tls,
             })
             .collect(),
         drives: drives.iter().map(|d| d.spec.clone()).collect(),

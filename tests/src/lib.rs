@@ -488,7 +488,15 @@ impl Log {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
-                Err(_) => panic!("no log line with {parts:?}; log so far:\n{}", self.tail(80)),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "the log ended (the process closed its stderr: it exited) before a line \
+                     with {parts:?}; its last lines:\n{}",
+                    self.tail(80)
+                ),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "no log line with {parts:?} within {PATIENCE:?}; log so far:\n{}",
+                    self.tail(80)
+                ),
             }
         }
     }
@@ -560,4 +568,23 @@ fn alive(pid: i32) -> bool {
                 .is_some_and(|state| state != "Z" && state != "X")
         })
     })
+}
+
+/// `GET path` on `addr` (HTTP/1.0); the body of a 200 answer.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+    .ok()?;
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut out).ok()?;
+    let text = String::from_utf8(out).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
 }

@@ -28,6 +28,8 @@ pub const NVME_PORT: u16 = 4420;
 pub const IC_PORT: u16 = 7000;
 /// The metrics port on both controllers (on the host network).
 pub const METRICS_PORT: u16 = 9464;
+/// The fabric listener that requires TLS, on both controllers (on the host network).
+pub const NVME_TLS_PORT: u16 = 4421;
 
 /// Where the nodes listen.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +40,8 @@ pub struct Addresses {
     pub ic: [SocketAddr; 2],
     /// Each node's metrics listener (mgmt serves Prometheus there).
     pub metrics: [SocketAddr; 2],
+    /// Each node's fabric listener that requires TLS (`tls = true`).
+    pub tls: [SocketAddr; 2],
 }
 
 impl Addresses {
@@ -51,6 +55,10 @@ impl Addresses {
                 sa(addr::A_HOST, METRICS_PORT),
                 sa(addr::B_HOST, METRICS_PORT),
             ],
+            tls: [
+                sa(addr::A_HOST, NVME_TLS_PORT),
+                sa(addr::B_HOST, NVME_TLS_PORT),
+            ],
         }
     }
 
@@ -61,6 +69,7 @@ impl Addresses {
             nvme: [sa(free_port()), sa(free_port())],
             ic: [sa(free_port()), sa(free_port())],
             metrics: [sa(free_port()), sa(free_port())],
+            tls: [sa(free_port()), sa(free_port())],
         }
     }
 }
@@ -81,6 +90,7 @@ pub fn config_with_drives(
 ) -> String {
     let i = usize::from(id - 1);
     let (host, me, peer, metrics) = (at.nvme[i], at.ic[i], at.ic[1 - i], at.metrics[i]);
+    let tls = at.tls[i];
     let letter = if id == 1 { "a" } else { "b" };
     let mut c = format!(
         r#"
@@ -125,6 +135,12 @@ after = ["datapath"]
 name = "nvme"
 address = "{host}"
 service = "fabric"
+
+[[listener]]
+name = "nvme-tls"
+address = "{tls}"
+service = "fabric"
+tls = true
 
 [[listener]]
 name = "interconnect"

@@ -74,9 +74,13 @@ step fio, and the owner killed under it
     echo $i > fio-passes.txt
   done ) &
 FIO=$!
+# Kill once writes flow: the multipath node counts them (6.12), or, where it keeps no I/O
+# statistics (6.1), a first whole pass has ended.
 for i in $(seq 1 3000); do
   w=$(awk '{{print $5}}' /sys/block/nvme0n1/stat)
   [ "$w" -gt 200 ] && break
+  [ -f fio-passes.txt ] && break
+  [ -f fio-failed.txt ] && break
   sleep 0.05
 done
 touch killme

@@ -7,10 +7,10 @@
 //! Prometheus accepting the targets (`up == 1`) is the proof that the exposition parses.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use duplex_tests::http_get;
 use duplex_tests::netns::in_netns;
 use duplex_tests::pair::{finish_multipath, Pair, METRICS_PORT};
 use duplex_tests::{KillOnDrop, PATIENCE};
@@ -107,20 +107,6 @@ impl Prometheus {
     fn wait_value(&self, q: &str, what: &str, ok: impl Fn(f64) -> bool) -> f64 {
         self.wait(q, what, |r| r.len() == 1 && ok(r[0].1))[0].1
     }
-}
-
-/// `GET path` on `addr` (HTTP/1.0); the body of a 200 answer.
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
-    let text = String::from_utf8(out).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200")
-        .then(|| body.to_owned())
-        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
 }
 
 fn percent(q: &str) -> String {

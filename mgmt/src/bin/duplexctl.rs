@@ -333,14 +333,18 @@ enum HostCommand {
         #[arg(long)]
         any: bool,
         /// The host's DH-HMAC-CHAP secret (`DHHC-1:XX:<base64>:`, as `nvme gen-dhchap-key`
-        /// makes it): the host must then authenticate. Given for a host already allowed, it
-        /// replaces its secrets.
+        /// makes it): the host must then authenticate. Secrets given for a host already
+        /// allowed replace all it had (give its DH-HMAC-CHAP secrets and TLS PSK together).
         #[arg(long, value_name = "SECRET", value_parser = parse_dhchap, requires = "host")]
         dhchap_secret: Option<String>,
         /// The controller's secret, for a host that authenticates the controller too
         /// (bidirectional; `nvme connect --dhchap-ctrl-secret`).
         #[arg(long, value_name = "SECRET", value_parser = parse_dhchap, requires = "dhchap_secret")]
         dhchap_ctrl_secret: Option<String>,
+        /// The host's configured TLS PSK (`NVMeTLSkey-1:01:<base64>:`, as `nvme gen-tls-key`
+        /// prints it): what it connects with on listeners that require TLS (`tls = true`).
+        #[arg(long, value_name = "KEY", value_parser = parse_tls_psk, requires = "host")]
+        tls_psk: Option<String>,
     },
     /// Take a host off a subsystem's allow-list, or (--any) admit only the hosts on it.
     #[command(group(ArgGroup::new("who").required(true).args(["host", "any"])))]
@@ -430,6 +434,12 @@ fn parse_nqn(text: &str) -> Result<String, String> {
 /// A DH-HMAC-CHAP secret in the standard representation, checked (CRC included).
 fn parse_dhchap(text: &str) -> Result<String, String> {
     duplex_nvme::auth::Secret::parse(text).map_err(|e| e.to_string())?;
+    Ok(text.to_owned())
+}
+
+/// A configured TLS PSK in the interchange format, checked (CRC included).
+fn parse_tls_psk(text: &str) -> Result<String, String> {
+    duplex_nvme::tls::ConfiguredKey::parse(text).map_err(|e| e.to_string())?;
     Ok(text.to_owned())
 }
 
@@ -599,13 +609,15 @@ fn config_request(command: &Command) -> Result<ConfigRequest, String> {
             any,
             dhchap_secret,
             dhchap_ctrl_secret,
+            tls_psk,
         }) => match host {
             Some(host) => ConfigRequest::AllowHost {
                 nqn: nqn.clone(),
                 host_nqn: host.clone(),
-                secrets: dhchap_secret.as_ref().map(|h| HostSecrets {
-                    host: h.clone(),
+                secrets: (dhchap_secret.is_some() || tls_psk.is_some()).then(|| HostSecrets {
+                    host: dhchap_secret.clone(),
                     ctrl: dhchap_ctrl_secret.clone(),
+                    tls_psk: tls_psk.clone(),
                 }),
             },
             None => ConfigRequest::AllowAnyHost {

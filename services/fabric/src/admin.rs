@@ -282,6 +282,7 @@ fn discovery_entries(q: &Queue, ctrl: &Controller) -> Vec<DiscoveryEntry> {
                 trsvcid,
                 ipv6,
                 subnqn: s.nqn.clone(),
+                tls: p.tls,
             });
         }
     }
@@ -294,6 +295,7 @@ fn discovery_entries(q: &Queue, ctrl: &Controller) -> Vec<DiscoveryEntry> {
             trsvcid,
             ipv6,
             subnqn: target.discovery.nqn.clone(),
+            tls: p.tls,
         });
     }
     out

@@ -70,17 +70,23 @@ pub fn begin(q: &Queue, subsys: &Subsystem, hostnqn: &str) -> Result<Option<Sess
         None => Err("this node has no secrets key ([secrets] key_file): it cannot check the host's DH-HMAC-CHAP secret".to_owned()),
         Some(key) => duplex_ondisk::secrets::unseal(key, &subsys.nqn, hostnqn, &sealed)
             .map_err(|e| e.to_string())
-            .and_then(|(h, c)| {
+            .and_then(|keys| {
+                let Some(h) = keys.dhchap else {
+                    return Ok(None);
+                };
                 let host = Secret::parse(&h).map_err(|e| e.to_string())?;
-                let ctrl = c
+                let ctrl = keys
+                    .dhchap_ctrl
                     .map(|c| Secret::parse(&c))
                     .transpose()
                     .map_err(|e| e.to_string())?;
-                Ok((host, ctrl))
+                Ok(Some((host, ctrl)))
             }),
     };
     match unsealed {
-        Ok((host, ctrl)) => Ok(Some(Session::new(
+        // Only a TLS PSK for this host: no in-band authentication.
+        Ok(None) => Ok(None),
+        Ok(Some((host, ctrl))) => Ok(Some(Session::new(
             &host,
             ctrl.as_ref(),
             hostnqn,

@@ -26,12 +26,13 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use duplex_nvme::cmd::{ConnectCmd, ConnectData, Sqe};
-use duplex_nvme::spec::{admin, fctype, sgl};
+use duplex_nvme::spec::{admin, fctype, sgl, DISCOVERY_NQN};
 use duplex_nvme::status::{generic, specific, Status};
 use duplex_nvme::tcp::{self, fes, CommonHeader, Digests, Layout, PduError, PduType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+use crate::stream::{ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -81,7 +82,7 @@ impl Spare {
 
 /// Reads one PDU into `spare`'s buffers (taken).
 async fn read_pdu(
-    rd: &mut BufReader<OwnedReadHalf>,
+    rd: &mut BufReader<ReadHalf>,
     digests: Digests,
     max_data: usize,
     spare: &mut Spare,
@@ -154,9 +155,20 @@ pub async fn serve(stream: TcpStream, shared: Rc<Shared>, port: Port) {
     let span = tracing::info_span!("conn", %peer, port = port.id);
     let _enter = span.enter();
     tracing::debug!("connection accepted");
-    let (rd, wr) = stream.into_split();
+    let (rd, wr, identity) = if port.tls {
+        match secure(stream, &shared, peer).await {
+            Some(x) => x,
+            None => {
+                shared.connections.set(shared.connections.get() - 1);
+                return;
+            }
+        }
+    } else {
+        let (rd, wr) = crate::stream::plain(stream);
+        (rd, wr, None)
+    };
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let result = handshake(&mut rd, wr, &shared, peer, local, port).await;
+    let result = handshake(&mut rd, wr, &shared, peer, local, port, identity).await;
     if let Some((queue, writer)) = result {
         run(rd, queue, writer).await;
     }
@@ -166,14 +178,45 @@ pub async fn serve(stream: TcpStream, shared: Rc<Shared>, port: Port) {
 
 type Writer = tokio::task::JoinHandle<()>;
 
+/// The TLS handshake of a connection on a TLS listener (within the handshake timeout): the
+/// halves and the identity the host proved, or `None` (logged and counted: the connection
+/// closes).
+async fn secure(
+    stream: TcpStream,
+    shared: &Rc<Shared>,
+    peer: SocketAddr,
+) -> Option<(ReadHalf, WriteHalf, Option<duplex_nvme::tls::Identity>)> {
+    let target = &shared.target;
+    let Some(server) = target.tls() else {
+        crate::tls::refused(target, shared, peer, "this node has no TLS set up");
+        return None;
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, server.accept(target, stream)).await {
+        Err(_) => {
+            crate::tls::refused(target, shared, peer, "no TLS handshake within the timeout");
+            None
+        }
+        Ok(Err(why)) => {
+            crate::tls::refused(target, shared, peer, &why);
+            None
+        }
+        Ok(Ok(a)) => {
+            tracing::debug!(identity = %a.identity.to_text(), "TLS channel up");
+            let (rd, wr) = crate::stream::tls(a.stream);
+            Some((rd, wr, Some(a.identity)))
+        }
+    }
+}
+
 /// ICReq/ICResp. On a protocol error, a C2HTermReq is sent and the connection closes.
 async fn handshake(
-    rd: &mut BufReader<OwnedReadHalf>,
-    mut wr: OwnedWriteHalf,
+    rd: &mut BufReader<ReadHalf>,
+    mut wr: WriteHalf,
     shared: &Rc<Shared>,
     peer: SocketAddr,
     local: SocketAddr,
     port: Port,
+    tls_identity: Option<duplex_nvme::tls::Identity>,
 ) -> Option<(Rc<Queue>, Writer)> {
     let first = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -245,11 +288,12 @@ async fn handshake(
         icreq.digests,
         icreq.hpda,
         outbox,
+        tls_identity,
     ));
     Some((queue, writer))
 }
 
-async fn run(mut rd: BufReader<OwnedReadHalf>, queue: Rc<Queue>, writer: Writer) {
+async fn run(mut rd: BufReader<ReadHalf>, queue: Rc<Queue>, writer: Writer) {
     let mut tasks = JoinSet::new();
     let mut spare = Spare::default();
     let mut teardown: Option<watch::Receiver<Teardown>> = None;
@@ -604,6 +648,17 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             &format!("{why} (from {})", q.peer),
         );
         return bad_data(specific::CONNECT_INVALID_HOST, 512);
+    }
+    if let Some(id) = &q.tls_identity {
+        if !crate::tls::connect_fits(id, &cd.hostnqn, &subsys.nqn, DISCOVERY_NQN) {
+            let why = format!(
+                "host {:?} connecting to {} on a TLS channel keyed for {} on {}: refused",
+                cd.hostnqn, subsys.nqn, id.hostnqn, id.subnqn
+            );
+            q.shared.warn(q.peer, &why);
+            target.count_host(true, "tls-identity");
+            return bad_data(specific::CONNECT_INVALID_HOST, 512);
+        }
     }
     if cmd.sqsize == 0 || cmd.sqsize >= QUEUE_ENTRIES {
         return bad_field(44);

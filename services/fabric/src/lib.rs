@@ -44,6 +44,8 @@ pub mod resv;
 pub mod resv_channel;
 pub mod server;
 pub mod service;
+pub mod stream;
 pub mod subsystem;
 pub mod target;
+pub mod tls;
 pub mod writer;

@@ -201,6 +201,8 @@ pub struct Queue {
     io_metrics: RefCell<Vec<(u32, Rc<NsMetrics>)>>,
     /// Where the host's in-band authentication on this queue stands.
     pub auth: RefCell<crate::auth::QueueAuth>,
+    /// The PSK identity the host proved on this connection's TLS channel (TLS listeners).
+    pub tls_identity: Option<duplex_nvme::tls::Identity>,
     transfers: RefCell<HashMap<u16, Transfer>>,
     next_ttag: Cell<u16>,
     outbox: Rc<Outbox>,
@@ -219,6 +221,8 @@ impl std::fmt::Debug for Queue {
 
 impl Queue {
     /// A new connection's queue, before Connect.
+    // What a connection learnt before its first command: each its own field of the queue.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shared: Rc<Shared>,
         peer: SocketAddr,
@@ -227,6 +231,7 @@ impl Queue {
         digests: Digests,
         hpda: u8,
         outbox: Rc<Outbox>,
+        tls_identity: Option<duplex_nvme::tls::Identity>,
     ) -> Self {
         let budget = queue_budget(shared.backend.as_deref());
         Self {
@@ -244,6 +249,7 @@ impl Queue {
             outstanding: RefCell::new(Commands::default()),
             io_metrics: RefCell::new(Vec::new()),
             auth: RefCell::new(crate::auth::QueueAuth::NotRequired),
+            tls_identity,
             transfers: RefCell::new(HashMap::new()),
             next_ttag: Cell::new(0),
             outbox,

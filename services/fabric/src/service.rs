@@ -116,6 +116,7 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
                 id: i as u16 + 1,
                 addr,
                 kind: l.kind,
+                tls: l.tls,
             },
         ));
     }
@@ -207,7 +208,22 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
             port,
         });
     }
+    let tls_ports = ports.iter().filter(|p| p.tls).count();
     let target = Rc::new(Target::new(topology, ports));
+    if tls_ports > 0 {
+        // Before the sandbox: OpenSSL reads its configuration when the context is built.
+        target.set_tls(crate::tls::TlsServer::new()?);
+        if secrets_key.is_none() {
+            tracing::warn!(
+                "TLS listeners but no secrets key ([secrets] key_file): every TLS connection \
+                 is refused"
+            );
+        }
+        tracing::info!(
+            listeners = tls_ports,
+            "TLS 1.3 with PSK required on these listeners"
+        );
+    }
     if let Some(key) = secrets_key {
         target.set_secrets_key(key);
     }

@@ -47,7 +47,7 @@ impl Namespace {
 pub(crate) struct Access {
     allow_any_host: bool,
     hosts: HashSet<String>,
-    /// The sealed DH-HMAC-CHAP secrets of the hosts that must authenticate.
+    /// The sealed keys of the hosts that have any (DH-HMAC-CHAP secrets, TLS PSK).
     secrets: std::collections::HashMap<String, Vec<u8>>,
 }
 
@@ -76,7 +76,16 @@ impl Subsystem {
         a.allow_any_host || a.hosts.contains(hostnqn)
     }
 
-    /// The sealed DH-HMAC-CHAP secrets of `hostnqn`, when it must authenticate.
+    /// Every host's sealed keys (DH-HMAC-CHAP secrets, TLS PSK).
+    pub fn all_sealed_secrets(&self) -> Vec<(String, Vec<u8>)> {
+        let a = self.access.borrow();
+        a.secrets
+            .iter()
+            .map(|(h, s)| (h.clone(), s.clone()))
+            .collect()
+    }
+
+    /// The sealed keys of `hostnqn` (DH-HMAC-CHAP secrets, TLS PSK), when it has any.
     pub fn sealed_secrets(&self, hostnqn: &str) -> Option<Vec<u8>> {
         self.access.borrow().secrets.get(hostnqn).cloned()
     }
@@ -252,4 +261,6 @@ pub struct Port {
     pub addr: std::net::SocketAddr,
     /// What it serves.
     pub kind: ListenerKind,
+    /// Hosts must connect over TLS (the connection opens with a TLS 1.3 PSK handshake).
+    pub tls: bool,
 }

@@ -97,6 +97,8 @@ pub struct Target {
     host_counters: RefCell<HashMap<(bool, String), Counter>>,
     /// The array's secrets key (hosts' DH-HMAC-CHAP secrets are sealed with it).
     secrets_key: std::cell::OnceCell<duplex_ondisk::secrets::SecretsKey>,
+    /// The TLS side of TLS listeners (set up before the sandbox).
+    tls: std::cell::OnceCell<crate::tls::TlsServer>,
     /// The next DH-HMAC-CHAP challenge's sequence number (never 0).
     auth_seq: Cell<u32>,
 }
@@ -150,6 +152,7 @@ impl Target {
             metrics_full_said: Cell::new(false),
             host_counters: RefCell::new(HashMap::new()),
             secrets_key: std::cell::OnceCell::new(),
+            tls: std::cell::OnceCell::new(),
             auth_seq: Cell::new({
                 let mut b = [0u8; 4];
                 // A random start (a fixed one would repeat across restarts); 1 without one.
@@ -509,6 +512,16 @@ impl Target {
     /// ANA change count (grows with every ANA state change).
     pub fn ana_change_count(&self) -> u64 {
         self.ana_changes.get()
+    }
+
+    /// Serves TLS listeners with `server`.
+    pub fn set_tls(&self, server: crate::tls::TlsServer) {
+        let _ = self.tls.set(server);
+    }
+
+    /// The TLS side, when this node has TLS listeners.
+    pub fn tls(&self) -> Option<&crate::tls::TlsServer> {
+        self.tls.get()
     }
 
     /// Unseals hosts' secrets with `key` from now on.

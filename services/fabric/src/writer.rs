@@ -9,9 +9,10 @@ use duplex_ipc::pool::Piece;
 use duplex_nvme::cmd::Cqe;
 use duplex_nvme::tcp::{self, Digests, PduType};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+use crate::stream::WriteHalf;
 
 use crate::backend::Chain;
 use crate::controller::QUEUE_ENTRIES;
@@ -181,9 +182,38 @@ impl Gather {
         self.bytes >= Self::MAX_BYTES || self.segs.len() >= Self::MAX_SEGS
     }
 
+    /// Sends everything gathered on `wr`, then starts afresh (the chains are freed).
+    async fn send(&mut self, wr: &mut WriteHalf) -> std::io::Result<()> {
+        match wr {
+            WriteHalf::Tcp(w) => self.send_tcp(w.as_ref()).await,
+            WriteHalf::Tls(w) => {
+                // TLS encrypts a copy anyway: read data is copied out of the pool in order.
+                let mut flat = Vec::with_capacity(self.bytes);
+                for s in &self.segs {
+                    match s {
+                        Seg::Buf(a, b) => flat.extend_from_slice(&self.buf[*a..*b]),
+                        Seg::Chain(c, len) => {
+                            let at = flat.len();
+                            if c.append_to(&mut flat).is_none_or(|n| n < *len) {
+                                return Err(std::io::ErrorKind::InvalidData.into());
+                            }
+                            flat.truncate(at + len);
+                        }
+                    }
+                }
+                w.write_all(&flat).await?;
+                w.flush().await?;
+                self.buf.clear();
+                self.segs.clear();
+                self.bytes = 0;
+                Ok(())
+            }
+        }
+    }
+
     /// Sends everything gathered, waiting for the socket to take it, then starts afresh (the
     /// chains are freed).
-    async fn send(&mut self, sock: &TcpStream) -> std::io::Result<()> {
+    async fn send_tcp(&mut self, sock: &TcpStream) -> std::io::Result<()> {
         use std::os::fd::AsFd;
         let pool = self.segs.iter().find_map(|s| match s {
             Seg::Chain(c, _) => Some(c.pool()),
@@ -225,7 +255,7 @@ impl Gather {
 /// more is ready or enough is gathered: the data of reads goes from the pool straight to the
 /// socket. Ends once the outbox is closed and empty, or the socket fails (then what is queued
 /// is dropped and nothing more is taken).
-pub(crate) async fn write_loop(mut wr: OwnedWriteHalf, outbox: Rc<Outbox>, mut gather: Gather) {
+pub(crate) async fn write_loop(mut wr: WriteHalf, outbox: Rc<Outbox>, mut gather: Gather) {
     loop {
         let ready = outbox.ready.notified();
         let Some(first) = outbox.pop() else {
@@ -237,14 +267,14 @@ pub(crate) async fn write_loop(mut wr: OwnedWriteHalf, outbox: Rc<Outbox>, mut g
         };
         gather.push(first);
         while let Some(out) = outbox.pop() {
-            if gather.full() && gather.send(wr.as_ref()).await.is_err() {
+            if gather.full() && gather.send(&mut wr).await.is_err() {
                 outbox.abandon();
                 return;
             }
             gather.push(out);
         }
         outbox.drained.notify_waiters();
-        if gather.send(wr.as_ref()).await.is_err() {
+        if gather.send(&mut wr).await.is_err() {
             outbox.abandon();
             return;
         }

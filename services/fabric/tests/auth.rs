@@ -20,7 +20,7 @@ use duplex_nvme::auth::{Hash, Secret};
 use duplex_nvme::cmd::Sqe;
 use duplex_nvme::spec::io;
 use duplex_nvme::status::{generic, specific, Status};
-use duplex_ondisk::secrets::{seal, SecretsKey};
+use duplex_ondisk::secrets::{seal, HostKeys, SecretsKey};
 
 const SUB: &str = "nqn.2026-12.io.duplex:auth";
 const OPEN_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000ff";
@@ -44,15 +44,12 @@ fn ctrl_secret() -> Secret {
 /// [`OPEN_HOST`] (without), the fabric holding `node_key`.
 fn start(bidi: bool, node_key: [u8; 32]) -> (Harness, ExportsRegion) {
     let key = SecretsKey::from_bytes(KEY);
-    let ctrl = bidi.then(|| ctrl_secret().to_text());
-    let sealed = seal(
-        &key,
-        SUB,
-        HOSTNQN,
-        &host_secret().to_text(),
-        ctrl.as_deref(),
-        [7; 12],
-    );
+    let keys = HostKeys {
+        dhchap: Some(host_secret().to_text()),
+        dhchap_ctrl: bidi.then(|| ctrl_secret().to_text()),
+        tls_psk: None,
+    };
+    let sealed = seal(&key, SUB, HOSTNQN, &keys, [7; 12]);
     let region = ExportsRegion::create(1 << 20).expect("exports region");
     region
         .publish(&ExportTable {

@@ -1284,10 +1284,12 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 format!("the {which} DH-HMAC-CHAP secret: {e}"),
             )
         };
-        duplex_nvme::auth::Secret::parse(&secrets.host).map_err(|e| bad("host's", e))?;
+        if let Some(h) = &secrets.host {
+            duplex_nvme::auth::Secret::parse(h).map_err(|e| bad("host's", e))?;
+        }
         if let Some(c) = &secrets.ctrl {
             duplex_nvme::auth::Secret::parse(c).map_err(|e| bad("controller's", e))?;
-            if *c == secrets.host {
+            if Some(c) == secrets.host.as_ref() {
                 return Err(err(
                     ConfigErrorKind::InvalidArgument,
                     "the controller's secret is the host's: give each its own (a host could \
@@ -1295,11 +1297,20 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 ));
             }
         }
+        if let Some(t) = &secrets.tls_psk {
+            duplex_nvme::tls::ConfiguredKey::parse(t).map_err(|e| {
+                err(
+                    ConfigErrorKind::InvalidArgument,
+                    format!("the host's TLS PSK: {e}"),
+                )
+            })?;
+        }
         let Some(key) = &self.secrets_key else {
             return Err(err(
                 ConfigErrorKind::Refused,
                 "this node has no secrets key ([secrets] key_file in its node config; the same \
-                 on both controllers): a host's DH-HMAC-CHAP secrets are never stored in clear",
+                 on both controllers): a host's DH-HMAC-CHAP secrets and TLS PSK are never \
+                 stored in clear",
             ));
         };
         let mut nonce = [0u8; 12];
@@ -1309,14 +1320,12 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 format!("no random bytes for sealing the secrets: {e}"),
             )
         })?;
-        Ok(duplex_ondisk::secrets::seal(
-            key,
-            nqn,
-            host,
-            &secrets.host,
-            secrets.ctrl.as_deref(),
-            nonce,
-        ))
+        let keys = duplex_ondisk::secrets::HostKeys {
+            dhchap: secrets.host.clone(),
+            dhchap_ctrl: secrets.ctrl.clone(),
+            tls_psk: secrets.tls_psk.clone(),
+        };
+        Ok(duplex_ondisk::secrets::seal(key, nqn, host, &keys, nonce))
     }
 
     /// The cluster's subsystems: the copy with the highest cluster generation.
@@ -3020,12 +3029,22 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         self.export_table()
             .into_iter()
             .map(|s| SubsystemInfo {
+                // Hosts that must authenticate in band: those with a DH-HMAC-CHAP secret (not
+                // those with only a TLS PSK); keys this node cannot unseal count as secrets.
                 hosts_authenticate: if s.secrets.is_empty() {
                     Vec::new()
                 } else {
                     s.hosts
                         .iter()
-                        .map(|h| s.secrets.iter().any(|x| x.host == *h))
+                        .map(|h| {
+                            s.secrets.iter().any(|x| {
+                                x.host == *h
+                                    && self.secrets_key.as_ref().is_none_or(|k| {
+                                        duplex_ondisk::secrets::unseal(k, &s.nqn, h, &x.sealed)
+                                            .map_or(true, |keys| keys.dhchap.is_some())
+                                    })
+                            })
+                        })
                         .collect()
                 },
                 nqn: s.nqn,

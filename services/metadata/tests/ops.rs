@@ -179,7 +179,13 @@ fn refusals_say_what_is_wrong() {
     let cfg = ops::allow_host(&cfg, nqn, host, None).unwrap();
     // Secrets set on an allowed host, replaced, and gone with the host.
     let key = duplex_ondisk::secrets::SecretsKey::from_bytes([5; 32]);
-    let sealed = |t: &str| duplex_ondisk::secrets::seal(&key, nqn, host, t, None, [2; 12]);
+    let sealed = |t: &str| {
+        let keys = duplex_ondisk::secrets::HostKeys {
+            dhchap: Some(t.into()),
+            ..Default::default()
+        };
+        duplex_ondisk::secrets::seal(&key, nqn, host, &keys, [2; 12])
+    };
     let with = ops::allow_host(&cfg, nqn, host, Some(&sealed("DHHC-1:00:a:"))).unwrap();
     with.validate().unwrap();
     let again = ops::allow_host(&with, nqn, host, Some(&sealed("DHHC-1:00:b:"))).unwrap();

@@ -116,6 +116,24 @@ impl Harness {
         resv: Option<duplex_ipc::resv::ResvChannel>,
         key: Option<duplex_ondisk::secrets::SecretsKey>,
     ) -> Self {
+        Self::start_inner(exports, resv, key, false)
+    }
+
+    /// [`Harness::start_keyed`] with a listener that requires TLS.
+    #[allow(dead_code)]
+    pub fn start_tls(
+        exports: Option<(OwnedFd, Option<Doorbell>)>,
+        key: Option<duplex_ondisk::secrets::SecretsKey>,
+    ) -> Self {
+        Self::start_inner(exports, None, key, true)
+    }
+
+    fn start_inner(
+        exports: Option<(OwnedFd, Option<Doorbell>)>,
+        resv: Option<duplex_ipc::resv::ResvChannel>,
+        key: Option<duplex_ondisk::secrets::SecretsKey>,
+        tls: bool,
+    ) -> Self {
         let sq = RingRegion::<IoDesc>::create("sq", 64, 1).expect("ring");
         let cq = RingRegion::<IoDesc>::create("cq", 64, 2).expect("ring");
         let (sq_data, sq_space) = ring::doorbells().expect("bells");
@@ -185,8 +203,12 @@ impl Harness {
                     id: 1,
                     addr,
                     kind: ListenerKind::Nvme,
+                    tls,
                 };
                 let target = Rc::new(Target::new(topology(), vec![port.clone()]));
+                if tls {
+                    target.set_tls(duplex_fabric::tls::TlsServer::new().expect("TLS"));
+                }
                 if let Some(key) = key {
                     target.set_secrets_key(key);
                 }

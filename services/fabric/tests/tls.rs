@@ -1,0 +1,273 @@
+//! The NVMe/TCP secure channel (TLS 1.3 with a PSK) through a live fabric (real TCP, rings to
+//! the memory datapath) on a listener that requires it: an exported subsystem whose host has a
+//! configured TLS PSK sealed with the array's key. The host library connects with identities of
+//! both versions (and the digest of the older libnvme derivation), writes and reads data back;
+//! OpenSSL's own client (`openssl s_client`, an implementation that is not ours) completes the
+//! handshake with the TLS PSK and gets an ICResp for its ICReq; a plain ICReq, a wrong key, a
+//! host without a key, a SHA-384 identity are refused before any PDU; a Connect for another
+//! host than the TLS identity's is refused.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::*;
+use duplex_host::tls::TlsPsk;
+use duplex_host::{Data, HostError, Queue, QueueOptions};
+use duplex_ipc::exports::{
+    AnaGroupState, AnaState, ExportNamespace, ExportSecret, ExportSubsystem, ExportTable,
+    ExportsRegion,
+};
+use duplex_nvme::cmd::Sqe;
+use duplex_nvme::spec::io;
+use duplex_nvme::status::specific;
+use duplex_nvme::tcp;
+use duplex_nvme::tls::{ConfiguredKey, PskHash, Variant};
+use duplex_ondisk::secrets::{seal, HostKeys, SecretsKey};
+
+const SUB: &str = "nqn.2026-12.io.duplex:tls";
+const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000ee";
+const KEY: [u8; 32] = [0x24; 32];
+
+fn configured(byte: u8) -> String {
+    ConfiguredKey {
+        hash: Some(PskHash::Sha256),
+        key: vec![byte; 32],
+    }
+    .to_text()
+}
+
+/// A fabric with one TLS listener exporting [`SUB`] to [`HOSTNQN`] (configured PSK
+/// `configured(7)`) and [`OTHER_HOST`] (no key).
+fn start() -> (Harness, ExportsRegion) {
+    let key = SecretsKey::from_bytes(KEY);
+    let keys = HostKeys {
+        tls_psk: Some(configured(7)),
+        ..HostKeys::default()
+    };
+    let sealed = seal(&key, SUB, HOSTNQN, &keys, [3; 12]);
+    let region = ExportsRegion::create(1 << 20).expect("exports region");
+    region
+        .publish(&ExportTable {
+            generation: 1,
+            subsystems: vec![ExportSubsystem {
+                nqn: SUB.into(),
+                serial: "tls1".into(),
+                model: "duplex tls".into(),
+                allow_any_host: false,
+                hosts: vec![HOSTNQN.into(), OTHER_HOST.into()],
+                secrets: vec![ExportSecret {
+                    host: HOSTNQN.into(),
+                    sealed,
+                }],
+                namespaces: vec![ExportNamespace {
+                    nsid: 1,
+                    volume: 9,
+                    block_size: BS,
+                    blocks: BLOCKS,
+                    nguid: [0x67; 16],
+                    uuid: [0x68; 16],
+                    ana_group: 1,
+                }],
+            }],
+            ana: vec![AnaGroupState {
+                group: 1,
+                state: AnaState::Optimized,
+            }],
+            reservations: vec![],
+        })
+        .expect("publish");
+    let h = Harness::start_tls(
+        Some((region.region().try_clone_fd().expect("fd"), None)),
+        Some(key),
+    );
+    (h, region)
+}
+
+fn psk(host: &str, byte: u8, version: u8, variant: Variant) -> TlsPsk {
+    TlsPsk::derive(&configured(byte), host, SUB, version, variant).expect("derive")
+}
+
+/// The admin queue over TLS, connected and enabled, then an I/O queue that writes a block and
+/// reads it back.
+fn serve_data(h: &Harness, psk: &TlsPsk, fill: u8) {
+    let opts = QueueOptions::default();
+    let mut a = Queue::dial_tls(h.addr, opts, psk).expect("TLS dial");
+    let cntlid = a
+        .connect(0, 31, 0, 0xFFFF, SUB, HOSTNQN, [1; 16])
+        .expect("connect over TLS");
+    a.enable().expect("enable");
+    a.identify(1, 0).expect("identify");
+    a.set_queues(1).expect("queues");
+    let mut q = Queue::dial_tls(h.addr, opts, psk).expect("TLS dial io");
+    q.connect(1, 31, 0, cntlid, SUB, HOSTNQN, [1; 16])
+        .expect("io connect over TLS");
+    // A transfer larger than one TLS record (16 KiB) each way.
+    let data = vec![fill; 8 * BS as usize];
+    q.execute(
+        Sqe {
+            opcode: io::WRITE,
+            nsid: 1,
+            cdw10: 16,
+            cdw12: 7,
+            ..Sqe::default()
+        },
+        Data::Out(data.clone()),
+    )
+    .expect("write")
+    .ok()
+    .expect("write status");
+    let back = q
+        .execute(
+            Sqe {
+                opcode: io::READ,
+                nsid: 1,
+                cdw10: 16,
+                cdw12: 7,
+                ..Sqe::default()
+            },
+            Data::In(data.len()),
+        )
+        .expect("read")
+        .ok()
+        .expect("read status");
+    assert_eq!(back.data, data, "data read back over TLS");
+}
+
+#[test]
+fn a_host_with_its_psk_connects_over_tls_with_either_identity_version() {
+    let (h, _exports) = start();
+    serve_data(&h, &psk(HOSTNQN, 7, 0, Variant::Rfc), 0x5a);
+    serve_data(&h, &psk(HOSTNQN, 7, 1, Variant::Rfc), 0xa5);
+    // A host whose libnvme derived the older way: its version 1 digest says so.
+    serve_data(&h, &psk(HOSTNQN, 7, 1, Variant::Compat), 0x3c);
+}
+
+/// Whether the target closed the connection without answering (reads end at once).
+fn closed_without_answer(mut s: std::net::TcpStream) -> bool {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            // A TLS alert may come first; never an ICResp.
+            Ok(n) => {
+                if b[..n].first() == Some(&(tcp::PduType::IcResp as u8)) {
+                    return false;
+                }
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn without_tls_or_without_the_right_key_a_host_is_refused_before_any_pdu() {
+    let (h, _exports) = start();
+    // A plain ICReq: closed, no ICResp.
+    let mut s = std::net::TcpStream::connect(h.addr).expect("tcp");
+    let icreq = tcp::IcReq {
+        pfv: 0,
+        hpda: 0,
+        digests: tcp::Digests::default(),
+        maxr2t: 0,
+    };
+    s.write_all(&icreq.encode()).expect("send ICReq");
+    assert!(closed_without_answer(s), "a plain ICReq got an answer");
+    assert!(matches!(
+        Queue::dial(h.addr, QueueOptions::default()),
+        Err(HostError::Io(_)) | Err(HostError::Protocol(_))
+    ));
+    // A wrong key, both versions; a host without a key; a SHA-384 identity.
+    for bad in [
+        psk(HOSTNQN, 8, 0, Variant::Rfc),
+        psk(HOSTNQN, 8, 1, Variant::Rfc),
+        psk(OTHER_HOST, 7, 0, Variant::Rfc),
+    ] {
+        let r = Queue::dial_tls(h.addr, QueueOptions::default(), &bad);
+        assert!(r.is_err(), "{bad:?} was let in");
+    }
+    let sha384 = TlsPsk::derive(
+        &ConfiguredKey {
+            hash: Some(PskHash::Sha384),
+            key: vec![7; 48],
+        }
+        .to_text(),
+        HOSTNQN,
+        SUB,
+        1,
+        Variant::Rfc,
+    )
+    .expect("derive");
+    assert!(Queue::dial_tls(h.addr, QueueOptions::default(), &sha384).is_err());
+    // The target still serves the right key afterwards.
+    serve_data(&h, &psk(HOSTNQN, 7, 1, Variant::Rfc), 0x11);
+}
+
+#[test]
+fn a_connect_for_another_host_than_the_tls_identity_is_refused() {
+    let (h, _exports) = start();
+    let p = psk(HOSTNQN, 7, 1, Variant::Rfc);
+    let mut a = Queue::dial_tls(h.addr, QueueOptions::default(), &p).expect("TLS dial");
+    match a.connect(0, 31, 0, 0xFFFF, SUB, OTHER_HOST, [2; 16]) {
+        Err(HostError::Status(s)) => assert_eq!(s, specific::CONNECT_INVALID_HOST),
+        other => panic!("Connect as another host on a TLS channel: {other:?}"),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// OpenSSL's command-line client, given the identity and TLS PSK, completes the handshake and
+/// the target answers its ICReq with an ICResp through the channel; with another PSK it does
+/// not get one.
+#[test]
+fn openssl_s_client_completes_the_handshake_and_gets_an_icresp() {
+    let (h, _exports) = start();
+    let run = |p: &TlsPsk| -> Vec<u8> {
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &h.addr.to_string(), "-tls1_3"])
+            .args(["-ciphersuites", "TLS_AES_128_GCM_SHA256", "-quiet"])
+            .args(["-psk", &hex(&p.psk), "-psk_identity", &p.identity])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl s_client (package openssl)");
+        let icreq = tcp::IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests: tcp::Digests::default(),
+            maxr2t: 0,
+        };
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(&icreq.encode()).expect("ICReq to s_client");
+        stdin.flush().expect("flush");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut got = vec![0u8; 128];
+        let mut n = 0;
+        while n < got.len() {
+            match out.read(&mut got[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        got.truncate(n);
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+        got
+    };
+    let resp = run(&psk(HOSTNQN, 7, 0, Variant::Rfc));
+    assert_eq!(resp.len(), 128, "a whole ICResp through s_client");
+    assert_eq!(resp[0], tcp::PduType::IcResp as u8);
+    let r = tcp::IcResp::parse(&resp).expect("ICResp");
+    assert_eq!(r.pfv, 0);
+    let refused = run(&psk(HOSTNQN, 8, 0, Variant::Rfc));
+    assert!(
+        refused.is_empty(),
+        "s_client with a wrong PSK got {refused:?}"
+    );
+}

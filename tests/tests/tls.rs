@@ -1,0 +1,193 @@
+//! The NVMe/TCP secure channel (TLS 1.3 with a PSK, issue 17) on a two-node array built from
+//! processes: each controller has a fabric listener with `tls = true` beside its plain one; the
+//! host's configured PSK is set with `duplexctl host allow --tls-psk` (stored sealed on the
+//! drives). Through the sandboxed fabric of both controllers:
+//! - the host library connects over TLS with its PSK (identities of both versions), writes and
+//!   reads data back through the owner; the peer, once it has read the key from the drives,
+//!   admits the host too;
+//! - OpenSSL's own client (`openssl s_client`) completes the handshake and gets an ICResp;
+//! - without TLS (a plain ICReq), with a wrong PSK, or as a host without one, the connection is
+//!   refused before any PDU, with a log line and the refusal metric's reason `tls`;
+//! - the key is never in clear text in what `duplexctl` lists.
+//!
+//! The Linux kernel host's side (discovery log fields, a connect without TLS refused) is
+//! `interop_linux_tls.rs`.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use duplex_host::tls::TlsPsk;
+use duplex_host::{Data, Queue, QueueOptions};
+use duplex_nvme::cmd::Sqe;
+use duplex_nvme::spec::io;
+use duplex_nvme::tcp;
+use duplex_nvme::tls::{ConfiguredKey, PskHash, Variant};
+use duplex_tests::pair::{Pair, HOSTNQN, SUBNQN};
+
+fn configured(byte: u8) -> String {
+    ConfiguredKey {
+        hash: Some(PskHash::Sha256),
+        key: (0..32).map(|i| byte.wrapping_add(i)).collect(),
+    }
+    .to_text()
+}
+
+fn psk(byte: u8, version: u8) -> TlsPsk {
+    TlsPsk::derive(&configured(byte), HOSTNQN, SUBNQN, version, Variant::Rfc).expect("derive")
+}
+
+fn opts() -> QueueOptions {
+    QueueOptions {
+        timeout: Some(Duration::from_secs(20)),
+        ..QueueOptions::default()
+    }
+}
+
+/// Admin queue over TLS to `addr`, connected and enabled; the queue and controller id.
+fn admin(addr: SocketAddr, p: &TlsPsk) -> duplex_host::Result<(Queue, u16)> {
+    let mut a = Queue::dial_tls(addr, opts(), p)?;
+    let cntlid = a.connect(0, 31, 0, 0xFFFF, SUBNQN, HOSTNQN, [9; 16])?;
+    a.enable()?;
+    Ok((a, cntlid))
+}
+
+/// Writes 64 KiB at block `lba` over TLS through `addr` and reads it back.
+fn write_read(addr: SocketAddr, p: &TlsPsk, lba: u64, fill: u8) {
+    let (mut a, cntlid) = admin(addr, p).expect("admin over TLS");
+    a.identify(1, 0).expect("identify");
+    a.set_queues(1).expect("queues");
+    let mut q = Queue::dial_tls(addr, opts(), p).expect("TLS dial");
+    q.connect(1, 31, 0, cntlid, SUBNQN, HOSTNQN, [9; 16])
+        .expect("io connect over TLS");
+    let data: Vec<u8> = (0..64 * 1024).map(|i| fill ^ (i as u8)).collect();
+    let sqe = |opcode| Sqe {
+        opcode,
+        nsid: 1,
+        cdw10: lba as u32,
+        cdw11: (lba >> 32) as u32,
+        cdw12: 15,
+        ..Sqe::default()
+    };
+    q.execute(sqe(io::WRITE), Data::Out(data.clone()))
+        .expect("write")
+        .ok()
+        .expect("write status");
+    let back = q
+        .execute(sqe(io::READ), Data::In(data.len()))
+        .expect("read")
+        .ok()
+        .expect("read status");
+    assert!(back.data == data, "data read back over TLS differs");
+}
+
+/// What `openssl s_client` with `p` receives for an ICReq (the target's ICResp, or nothing).
+fn s_client(addr: SocketAddr, p: &TlsPsk) -> Vec<u8> {
+    let mut child = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-tls1_3",
+            "-quiet",
+        ])
+        .args(["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+        .args(["-psk", &hex(&p.psk), "-psk_identity", &p.identity])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let icreq = tcp::IcReq {
+        pfv: 0,
+        hpda: 0,
+        digests: tcp::Digests::default(),
+        maxr2t: 0,
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&icreq.encode()).expect("ICReq");
+    stdin.flush().expect("flush");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut got = vec![0u8; 128];
+    let mut n = 0;
+    while n < got.len() {
+        match out.read(&mut got[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    got.truncate(n);
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    got
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
+    let mut p = Pair::on_loopback(50, 600);
+    let key = configured(0x40);
+    let (code, out, err) = p.nodes[0].ctl(&["host", "allow", SUBNQN, HOSTNQN, "--tls-psk", &key]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A mistyped key is refused by duplexctl (its CRC).
+    let mut typo = key.clone().into_bytes();
+    typo[20] = if typo[20] == b'A' { b'B' } else { b'A' };
+    let typo = String::from_utf8(typo).expect("text");
+    let (code, _, err) = p.nodes[0].ctl(&["host", "allow", SUBNQN, HOSTNQN, "--tls-psk", &typo]);
+    assert_ne!(code, 0);
+    assert!(err.contains("TLS key") || err.contains("CRC"), "{err}");
+    let (_, listed, _) = p.nodes[0].ctl(&["--json", "subsystem", "list"]);
+    assert!(!listed.contains("NVMeTLSkey"), "{listed}");
+
+    let (tls_a, tls_b) = (p.at.tls[0], p.at.tls[1]);
+    // Through the owner: data over TLS, both identity versions.
+    write_read(tls_a, &psk(0x40, 1), 0, 0x5a);
+    write_read(tls_a, &psk(0x40, 0), 64, 0xa5);
+    // The peer admits the host once it has read the key from the drives.
+    let deadline = Instant::now() + duplex_tests::PATIENCE;
+    loop {
+        match admin(tls_b, &psk(0x40, 1)) {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "the peer refuses the host: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // OpenSSL's client with the TLS PSK: an ICResp through the channel.
+    let resp = s_client(tls_a, &psk(0x40, 0));
+    assert_eq!(resp.len(), 128, "a whole ICResp through s_client: {resp:?}");
+    assert_eq!(resp[0], tcp::PduType::IcResp as u8);
+    assert!(s_client(tls_a, &psk(0x41, 0)).is_empty(), "a wrong PSK");
+
+    // Refused: plain NVMe/TCP on the TLS port, a wrong PSK.
+    assert!(
+        Queue::dial(tls_a, opts()).is_err(),
+        "a plain ICReq was answered"
+    );
+    assert!(
+        admin(tls_a, &psk(0x41, 1)).is_err(),
+        "a wrong PSK was let in"
+    );
+    // The plain port still serves plain NVMe/TCP.
+    let mut plain = Queue::dial(p.at.nvme[0], opts()).expect("plain dial");
+    plain
+        .connect(0, 31, 0, 0xFFFF, SUBNQN, HOSTNQN, [9; 16])
+        .expect("plain connect");
+    let log = p
+        .node(0)
+        .log
+        .wait_for(&["connection refused on a TLS listener"]);
+    assert!(log.contains("TLS"), "{log}");
+    let metrics =
+        duplex_tests::http_get(&p.at.metrics[0].to_string(), "/metrics").expect("GET /metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("duplex_host_refusals_total") && l.contains("reason=\"tls\"")),
+        "{metrics}"
+    );
+}
