@@ -107,6 +107,10 @@ struct Args {
     /// Header and data digests (CRC32C).
     #[arg(long)]
     digests: bool,
+    /// Connect over TLS 1.3 with this configured PSK (`NVMeTLSkey-1:01:<base64>:`, the one
+    /// `duplexctl host allow --tls-psk` gave the host), to a listener with `tls = true`.
+    #[arg(long, value_name = "KEY", conflicts_with = "paths")]
+    tls_key: Option<String>,
     /// Poll the sockets for completions instead of sleeping in recv (as spdk_nvme_perf does;
     /// each worker then keeps its core busy).
     #[arg(long)]
@@ -216,13 +220,28 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         data: args.digests,
     };
     let hostid = hostid_of(&args.hostnqn);
-    let mut admin = Queue::dial(
-        addr,
-        QueueOptions {
-            digests,
-            ..QueueOptions::default()
-        },
-    )
+    let tls = args
+        .tls_key
+        .as_deref()
+        .map(|k| {
+            duplex_host::tls::TlsPsk::derive(
+                k,
+                &args.hostnqn,
+                &args.nqn,
+                1,
+                duplex_nvme::tls::Variant::Rfc,
+            )
+        })
+        .transpose()
+        .context("--tls-key")?;
+    let admin_opts = QueueOptions {
+        digests,
+        ..QueueOptions::default()
+    };
+    let mut admin = match &tls {
+        None => Queue::dial(addr, admin_opts),
+        Some(psk) => Queue::dial_tls(addr, admin_opts, psk),
+    }
     .with_context(|| format!("connecting to {addr}"))?;
     let cntlid = admin
         .connect(0, 31, 30_000, 0xFFFF, &args.nqn, &args.hostnqn, hostid)
@@ -286,6 +305,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         .map(|i| WorkerSpec {
             addr,
             digests,
+            tls: tls.clone(),
             // Long enough to cover any round trip; past it the worker sleeps as usual.
             busy_poll: args.busy_poll.then_some(Duration::from_millis(10)),
             subnqn: args.nqn.clone(),

@@ -20,6 +20,8 @@ pub struct WorkerSpec {
     pub addr: SocketAddr,
     /// Digests.
     pub digests: Digests,
+    /// TLS with this identity and PSK (`None`: plain TCP).
+    pub tls: Option<duplex_host::tls::TlsPsk>,
     /// Poll the socket before sleeping in recv, this long.
     pub busy_poll: Option<Duration>,
     /// Subsystem NQN.
@@ -116,15 +118,16 @@ pub fn run(
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
             .with_context(|| format!("cannot pin worker to CPU {cpu}"))?;
     }
-    let mut q = Queue::dial(
-        spec.addr,
-        QueueOptions {
-            digests: spec.digests,
-            in_capsule: spec.in_capsule,
-            busy_poll: spec.busy_poll,
-            ..QueueOptions::default()
-        },
-    )
+    let opts = QueueOptions {
+        digests: spec.digests,
+        in_capsule: spec.in_capsule,
+        busy_poll: spec.busy_poll,
+        ..QueueOptions::default()
+    };
+    let mut q = match &spec.tls {
+        None => Queue::dial(spec.addr, opts),
+        Some(psk) => Queue::dial_tls(spec.addr, opts, psk),
+    }
     .with_context(|| format!("I/O queue {}: connecting to {}", spec.qid, spec.addr))?;
     q.connect(
         spec.qid,

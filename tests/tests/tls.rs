@@ -8,7 +8,9 @@
 //! - OpenSSL's own client (`openssl s_client`) completes the handshake and gets an ICResp;
 //! - without TLS (a plain ICReq), with a wrong PSK, or as a host without one, the connection is
 //!   refused before any PDU, with a log line and the refusal metric's reason `tls`;
-//! - the key is never in clear text in what `duplexctl` lists.
+//! - the key is never in clear text in what `duplexctl` lists;
+//! - the configured PSK is one nvme-cli made (`nvme gen-tls-key`): our parser reads the
+//!   interchange format of a real host's tool, CRC included.
 //!
 //! The Linux kernel host's side (discovery log fields, a connect without TLS refused) is
 //! `interop_linux_tls.rs`.
@@ -33,8 +35,31 @@ fn configured(byte: u8) -> String {
     .to_text()
 }
 
-fn psk(byte: u8, version: u8) -> TlsPsk {
-    TlsPsk::derive(&configured(byte), HOSTNQN, SUBNQN, version, Variant::Rfc).expect("derive")
+fn psk(key: &str, version: u8) -> TlsPsk {
+    TlsPsk::derive(key, HOSTNQN, SUBNQN, version, Variant::Rfc).expect("derive")
+}
+
+/// A configured PSK as nvme-cli makes one for a host (`nvme gen-tls-key`, installed by
+/// scripts/setup): our parser takes it, CRC included, and writes it back the same.
+fn nvme_cli_key() -> String {
+    let out = std::process::Command::new("nvme")
+        .args(["gen-tls-key", "--hmac=1"])
+        .output()
+        .expect("nvme gen-tls-key (nvme-cli)");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout)
+        .expect("text")
+        .trim()
+        .to_owned();
+    let parsed = ConfiguredKey::parse(&text).expect("nvme-cli's key parses");
+    assert_eq!(parsed.hash, Some(PskHash::Sha256));
+    assert_eq!(parsed.key.len(), 32);
+    assert_eq!(
+        parsed.to_text(),
+        text,
+        "the interchange format written back"
+    );
+    text
 }
 
 fn opts() -> QueueOptions {
@@ -130,7 +155,8 @@ fn hex(b: &[u8]) -> String {
 #[test]
 fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
     let mut p = Pair::on_loopback(50, 600);
-    let key = configured(0x40);
+    let key = nvme_cli_key();
+    let wrong = configured(0x41);
     let (code, out, err) = p.nodes[0].ctl(&["host", "allow", SUBNQN, HOSTNQN, "--tls-psk", &key]);
     assert_eq!(code, 0, "{out}{err}");
     // A mistyped key is refused by duplexctl (its CRC).
@@ -145,12 +171,12 @@ fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
 
     let (tls_a, tls_b) = (p.at.tls[0], p.at.tls[1]);
     // Through the owner: data over TLS, both identity versions.
-    write_read(tls_a, &psk(0x40, 1), 0, 0x5a);
-    write_read(tls_a, &psk(0x40, 0), 64, 0xa5);
+    write_read(tls_a, &psk(&key, 1), 0, 0x5a);
+    write_read(tls_a, &psk(&key, 0), 64, 0xa5);
     // The peer admits the host once it has read the key from the drives.
     let deadline = Instant::now() + duplex_tests::PATIENCE;
     loop {
-        match admin(tls_b, &psk(0x40, 1)) {
+        match admin(tls_b, &psk(&key, 1)) {
             Ok(_) => break,
             Err(e) => assert!(Instant::now() < deadline, "the peer refuses the host: {e}"),
         }
@@ -158,10 +184,10 @@ fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
     }
 
     // OpenSSL's client with the TLS PSK: an ICResp through the channel.
-    let resp = s_client(tls_a, &psk(0x40, 0));
+    let resp = s_client(tls_a, &psk(&key, 0));
     assert_eq!(resp.len(), 128, "a whole ICResp through s_client: {resp:?}");
     assert_eq!(resp[0], tcp::PduType::IcResp as u8);
-    assert!(s_client(tls_a, &psk(0x41, 0)).is_empty(), "a wrong PSK");
+    assert!(s_client(tls_a, &psk(&wrong, 0)).is_empty(), "a wrong PSK");
 
     // Refused: plain NVMe/TCP on the TLS port, a wrong PSK.
     assert!(
@@ -169,7 +195,7 @@ fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
         "a plain ICReq was answered"
     );
     assert!(
-        admin(tls_a, &psk(0x41, 1)).is_err(),
+        admin(tls_a, &psk(&wrong, 1)).is_err(),
         "a wrong PSK was let in"
     );
     // The plain port still serves plain NVMe/TCP.
