@@ -84,7 +84,9 @@ fn linux_6_12_host_reads_tls_required_from_discovery_and_is_refused_without_tls(
     let entry = |port: u16| {
         records
             .iter()
-            .find(|r| r["trsvcid"] == port.to_string() && r["subnqn"] == SUBNQN)
+            .find(|r| {
+                r["trsvcid"].as_str() == Some(port.to_string().as_str()) && r["subnqn"] == SUBNQN
+            })
             .unwrap_or_else(|| panic!("no entry for {SUBNQN} on port {port}: {disc}"))
     };
     let (e_tls, e_plain) = (entry(tls), entry(plain));
