@@ -208,6 +208,11 @@ fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
         .log
         .wait_for(&["connection refused on a TLS listener"]);
     assert!(log.contains("TLS"), "{log}");
+    let (_, events, _) = p.nodes[0].ctl(&["--json", "events"]);
+    assert!(
+        events.contains("host-refused") && events.contains("TLS listener"),
+        "{events}"
+    );
     let metrics =
         duplex_tests::http_get(&p.at.metrics[0].to_string(), "/metrics").expect("GET /metrics");
     assert!(

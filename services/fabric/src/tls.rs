@@ -242,11 +242,15 @@ pub fn connect_fits(identity: &Identity, hostnqn: &str, subnqn: &str, discovery:
     identity.hostnqn == hostnqn && (identity.subnqn == subnqn || subnqn == discovery)
 }
 
-/// Logs and counts a connection refused on a TLS listener.
+/// Logs (rate limited), counts and reports (a `host-refused` event, rate limited) a connection
+/// refused on a TLS listener.
 pub fn refused(target: &Target, shared: &crate::queue::Shared, peer: SocketAddr, why: &str) {
-    shared.warn(
-        peer,
-        &format!("connection refused on a TLS listener: {why}"),
-    );
+    let msg = format!("connection refused on a TLS listener: {why}");
+    shared.warn(peer, &msg);
     target.count_host(true, "tls");
+    target.host_event(
+        duplex_ipc::control::EventLevel::Warning,
+        "host-refused",
+        &format!("{msg} (from {peer})"),
+    );
 }

@@ -271,3 +271,64 @@ fn openssl_s_client_completes_the_handshake_and_gets_an_icresp() {
         "s_client with a wrong PSK got {refused:?}"
     );
 }
+
+/// A small deterministic generator (xorshift64*), so that a failing case can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Hostile input on the TLS listener, bounded: random bytes in place of a ClientHello, and real
+/// handshakes presenting random and half-right identities with random keys. Every one is
+/// refused; the target neither panics nor stops serving the right key.
+#[test]
+fn hostile_bytes_and_identities_on_a_tls_listener_are_refused_and_harmless() {
+    let (h, _exports) = start();
+    let mut rng = Rng(0x7e57_15_0001);
+    let rounds = std::env::var("DUPLEX_TLS_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    for i in 0..rounds {
+        // Raw bytes, sometimes starting like a TLS handshake record.
+        let mut s = std::net::TcpStream::connect(h.addr).expect("tcp");
+        let n = (rng.next() % 700) as usize;
+        let mut b = rng.bytes(n);
+        if i % 2 == 0 && b.len() >= 3 {
+            b[..3].copy_from_slice(&[0x16, 0x03, 0x01]);
+        }
+        let _ = s.write_all(&b);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        assert!(
+            closed_without_answer(s),
+            "round {i}: raw bytes got an ICResp"
+        );
+        // An identity: random text, or a well-formed one for unknown or half-right NQNs.
+        let len = (rng.next() % 200) as usize;
+        let identity = match i % 4 {
+            0 => String::from_utf8_lossy(&rng.bytes(len)).replace('\0', " "),
+            1 => format!("NVMe0R01 {HOSTNQN} {}", "x".repeat(len)),
+            2 => format!("NVMe1R01 {HOSTNQN} {SUB} {}", "A".repeat(len % 64)),
+            _ => format!("NVMe{}R0{} {OTHER_HOST} {SUB}", len % 3, (len / 3) % 4),
+        };
+        let bad = TlsPsk {
+            identity,
+            psk: rng.bytes(32),
+        };
+        assert!(
+            Queue::dial_tls(h.addr, QueueOptions::default(), &bad).is_err(),
+            "round {i}: {bad:?} was let in"
+        );
+    }
+    serve_data(&h, &psk(HOSTNQN, 7, 1, Variant::Rfc), 0x77);
+}
