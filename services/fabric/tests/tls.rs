@@ -294,7 +294,7 @@ impl Rng {
 #[test]
 fn hostile_bytes_and_identities_on_a_tls_listener_are_refused_and_harmless() {
     let (h, _exports) = start();
-    let mut rng = Rng(0x7e57_15_0001);
+    let mut rng = Rng(0x007e_5715_0001);
     let rounds = std::env::var("DUPLEX_TLS_FUZZ_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
