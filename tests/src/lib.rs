@@ -368,17 +368,26 @@ impl Node {
         self.log.wait_for(&["service spawned"]);
     }
 
-    /// SIGKILLs duplexd and every service it runs (the whole node, as a power loss of the
-    /// controller would stop it), and waits until every one of them is gone.
-    pub fn kill_all(&mut self) {
+    /// The pids of the services duplexd lists that are still its children. A pid a listing
+    /// shows may belong to a service that has just ended, and pids are reused (this machine's
+    /// `pid_max` is 32768, and the test suite makes processes fast): signalling it unchecked
+    /// could hit another test's process.
+    pub fn service_pids(&self) -> Vec<i32> {
         let me = self.pid() as i32;
-        let mut pids: Vec<i32> = self
-            .services()
+        self.services()
             .iter()
             .filter_map(|s| s["pid"].as_i64())
             .filter(|&p| p > 0)
             .map(|p| p as i32)
-            .collect();
+            .filter(|&p| parent_of(p) == Some(me))
+            .collect()
+    }
+
+    /// SIGKILLs duplexd and every service it runs (the whole node, as a power loss of the
+    /// controller would stop it), and waits until every one of them is gone.
+    pub fn kill_all(&mut self) {
+        let me = self.pid() as i32;
+        let mut pids = self.service_pids();
         // duplexd stopped before any service dies, so that it cannot restart one (with the
         // listeners' sockets) behind our back; every child it has then goes too.
         let _ = nix::sys::signal::kill(
@@ -538,20 +547,21 @@ pub fn median_p99(values: &mut [u64]) -> (u64, u64) {
     (at(0.5), at(0.99))
 }
 
+/// The parent of process `pid`, if it exists (from /proc).
+fn parent_of(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: the comm may hold spaces and parentheses.
+    s.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+}
+
 /// The processes whose parent is `pid` (from /proc).
 fn children_of(pid: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
-                // pid (comm) state ppid ...: the comm may hold spaces and parentheses.
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
-                    == Some(pid)
-            })
-        })
+        .filter(|&p| parent_of(p) == Some(pid))
         .collect()
 }
 

@@ -312,11 +312,8 @@ fn row8_a_frozen_owner_resumed_serves_no_stale_data() {
     p.wait_more_writes(1, 200);
     let pids: Vec<i32> = p
         .node(0)
-        .services()
-        .iter()
-        .filter_map(|s| s["pid"].as_i64())
-        .filter(|&x| x > 0)
-        .map(|x| x as i32)
+        .service_pids()
+        .into_iter()
         .chain(std::iter::once(p.node(0).pid() as i32))
         .collect();
     let signal = |s| {

@@ -8,7 +8,8 @@
 //! - OpenSSL's own client (`openssl s_client`) completes the handshake and gets an ICResp;
 //! - without TLS (a plain ICReq), with a wrong PSK, or as a host without one, the connection is
 //!   refused before any PDU, with a log line and the refusal metric's reason `tls`;
-//! - the key is never in clear text in what `duplexctl` lists;
+//! - the key is never in clear text in what `duplexctl` lists; a SHA-384 key is refused; giving
+//!   DH-HMAC-CHAP secrets and the PSK one after the other keeps both;
 //! - the configured PSK is one nvme-cli made (`nvme gen-tls-key`): our parser reads the
 //!   interchange format of a real host's tool, CRC included.
 //!
@@ -203,6 +204,41 @@ fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
     plain
         .connect(0, 31, 0, 0xFFFF, SUBNQN, HOSTNQN, [9; 16])
         .expect("plain connect");
+    // A SHA-384 key is refused at once (the handshake could never use it).
+    let sha384 = ConfiguredKey {
+        hash: Some(PskHash::Sha384),
+        key: vec![3; 48],
+    }
+    .to_text();
+    let (code, _, err) = p.nodes[0].ctl(&["host", "allow", SUBNQN, HOSTNQN, "--tls-psk", &sha384]);
+    assert_ne!(code, 0);
+    assert!(err.contains("SHA-384"), "{err}");
+    // DH-HMAC-CHAP secrets given later keep the PSK, and the PSK given later keeps them.
+    let secret = duplex_nvme::auth::Secret {
+        transform: None,
+        key: vec![0x21; 32],
+    }
+    .to_text();
+    let (code, out, err) =
+        p.nodes[0].ctl(&["host", "allow", SUBNQN, HOSTNQN, "--dhchap-secret", &secret]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = p.nodes[0].ctl(&["host", "allow", SUBNQN, HOSTNQN, "--tls-psk", &key]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, listed, _) = p.nodes[0].ctl(&["--json", "subsystem", "list"]);
+    let v: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+    assert_eq!(
+        v["subsystems"][0]["hosts_authenticate"],
+        serde_json::json!([true]),
+        "the DH-HMAC-CHAP secret was dropped: {listed}"
+    );
+    let mut both = Queue::dial_tls(tls_a, opts(), &psk(&key, 1)).expect("the PSK was kept");
+    both.connect(0, 31, 0, 0xFFFF, SUBNQN, HOSTNQN, [9; 16])
+        .expect("connect");
+    assert!(
+        both.auth_required(),
+        "DH-HMAC-CHAP asked on the TLS queue too"
+    );
+
     let log = p
         .node(0)
         .log

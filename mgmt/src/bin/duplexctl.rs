@@ -333,8 +333,8 @@ enum HostCommand {
         #[arg(long)]
         any: bool,
         /// The host's DH-HMAC-CHAP secret (`DHHC-1:XX:<base64>:`, as `nvme gen-dhchap-key`
-        /// makes it): the host must then authenticate. Secrets given for a host already
-        /// allowed replace all it had (give its DH-HMAC-CHAP secrets and TLS PSK together).
+        /// makes it): the host must then authenticate. Given for a host already allowed, the
+        /// DH-HMAC-CHAP secrets replace the ones it had (its TLS PSK stays).
         #[arg(long, value_name = "SECRET", value_parser = parse_dhchap, requires = "host")]
         dhchap_secret: Option<String>,
         /// The controller's secret, for a host that authenticates the controller too
@@ -343,6 +343,8 @@ enum HostCommand {
         dhchap_ctrl_secret: Option<String>,
         /// The host's configured TLS PSK (`NVMeTLSkey-1:01:<base64>:`, as `nvme gen-tls-key`
         /// prints it): what it connects with on listeners that require TLS (`tls = true`).
+        /// Given for a host already allowed, it replaces its PSK (its DH-HMAC-CHAP secrets
+        /// stay).
         #[arg(long, value_name = "KEY", value_parser = parse_tls_psk, requires = "host")]
         tls_psk: Option<String>,
     },
@@ -437,9 +439,16 @@ fn parse_dhchap(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-/// A configured TLS PSK in the interchange format, checked (CRC included).
+/// A configured TLS PSK in the interchange format, checked (CRC included); SHA-256 keys only.
 fn parse_tls_psk(text: &str) -> Result<String, String> {
-    duplex_nvme::tls::ConfiguredKey::parse(text).map_err(|e| e.to_string())?;
+    let k = duplex_nvme::tls::ConfiguredKey::parse(text).map_err(|e| e.to_string())?;
+    if k.psk_hash() != duplex_nvme::tls::PskHash::Sha256 {
+        return Err(
+            "a SHA-384 key: only SHA-256 PSKs (NVMeTLSkey-1:01:, as `nvme gen-tls-key \
+                    --hmac=1` makes them) are supported"
+                .into(),
+        );
+    }
     Ok(text.to_owned())
 }
 

@@ -42,7 +42,8 @@ use crate::queue::{Admit, Queue, Role, Shared};
 use crate::subsystem::Port;
 use crate::writer::{write_loop, Gather, Outbox};
 use crate::{admin as admin_cmds, io as io_cmds};
-/// How long a new connection has to send ICReq, and a Connect after it.
+/// How long a new connection has to send ICReq, and a Connect after it (on a TLS listener, to
+/// finish the TLS handshake before that too).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A received PDU.
@@ -657,6 +658,11 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             );
             q.shared.warn(q.peer, &why);
             target.count_host(true, "tls-identity");
+            target.host_event(
+                duplex_ipc::control::EventLevel::Warning,
+                "host-refused",
+                &format!("{why} (from {})", q.peer),
+            );
             return bad_data(specific::CONNECT_INVALID_HOST, 512);
         }
     }

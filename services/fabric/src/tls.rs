@@ -88,8 +88,13 @@ impl PskLookup {
                 }
             };
             let Some(text) = keys.tls_psk else { continue };
-            let configured = ConfiguredKey::parse(&text)
-                .map_err(|e| format!("the host's stored TLS PSK is unusable: {e}"))?;
+            let configured = match ConfiguredKey::parse(&text) {
+                Ok(k) => k,
+                Err(e) => {
+                    why = format!("the host's stored TLS PSK is unusable: {e}");
+                    continue;
+                }
+            };
             if configured.psk_hash() != id.hash {
                 why = "the host's TLS PSK is a SHA-384 key; its identity asks for SHA-256".into();
                 continue;

@@ -4,8 +4,9 @@
 //! both versions (and the digest of the older libnvme derivation), writes and reads data back;
 //! OpenSSL's own client (`openssl s_client`, an implementation that is not ours) completes the
 //! handshake with the TLS PSK and gets an ICResp for its ICReq; a plain ICReq, a wrong key, a
-//! host without a key, a SHA-384 identity are refused before any PDU; a Connect for another
-//! host than the TLS identity's is refused.
+//! host without a key, a SHA-384 identity are refused before any PDU; a channel is bound to its
+//! identity: a Connect for another host or another subsystem is refused (discovery excepted);
+//! hostile bytes and identities (bounded) are refused and leave the target serving.
 
 mod common;
 
@@ -19,13 +20,15 @@ use duplex_ipc::exports::{
     ExportsRegion,
 };
 use duplex_nvme::cmd::Sqe;
-use duplex_nvme::spec::io;
+use duplex_nvme::spec::{io, DISCOVERY_NQN};
 use duplex_nvme::status::specific;
 use duplex_nvme::tcp;
 use duplex_nvme::tls::{ConfiguredKey, PskHash, Variant};
 use duplex_ondisk::secrets::{seal, HostKeys, SecretsKey};
 
 const SUB: &str = "nqn.2026-12.io.duplex:tls";
+/// A second subsystem the host may use, for which it has no key.
+const SUB2: &str = "nqn.2026-12.io.duplex:tls2";
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000ee";
 const KEY: [u8; 32] = [0x24; 32];
 
@@ -77,6 +80,18 @@ fn start() -> (Harness, ExportsRegion) {
             reservations: vec![],
         })
         .expect("publish");
+    let mut table = region.read().expect("read back").expect("a table");
+    table.subsystems.push(ExportSubsystem {
+        nqn: SUB2.into(),
+        serial: "tls2".into(),
+        model: "duplex tls".into(),
+        allow_any_host: true,
+        hosts: vec![],
+        secrets: vec![],
+        namespaces: vec![],
+    });
+    table.generation = 2;
+    region.publish(&table).expect("publish");
     let h = Harness::start_tls(
         Some((region.region().try_clone_fd().expect("fd"), None)),
         Some(key),
@@ -206,13 +221,35 @@ fn without_tls_or_without_the_right_key_a_host_is_refused_before_any_pdu() {
 }
 
 #[test]
-fn a_connect_for_another_host_than_the_tls_identity_is_refused() {
+fn a_tls_channel_is_bound_to_its_identitys_host_and_subsystem() {
     let (h, _exports) = start();
     let p = psk(HOSTNQN, 7, 1, Variant::Rfc);
     let mut a = Queue::dial_tls(h.addr, QueueOptions::default(), &p).expect("TLS dial");
     match a.connect(0, 31, 0, 0xFFFF, SUB, OTHER_HOST, [2; 16]) {
         Err(HostError::Status(s)) => assert_eq!(s, specific::CONNECT_INVALID_HOST),
         other => panic!("Connect as another host on a TLS channel: {other:?}"),
+    }
+    // Keyed for SUB: not a way into another subsystem, even one open to any host.
+    let mut b = Queue::dial_tls(h.addr, QueueOptions::default(), &p).expect("TLS dial");
+    match b.connect(0, 31, 0, 0xFFFF, SUB2, HOSTNQN, [1; 16]) {
+        Err(HostError::Status(s)) => assert_eq!(s, specific::CONNECT_INVALID_HOST),
+        other => panic!("Connect to another subsystem on a TLS channel: {other:?}"),
+    }
+    // The discovery subsystem is reachable with it (as `nvme discover --tls` does).
+    let mut d = Queue::dial_tls(h.addr, QueueOptions::default(), &p).expect("TLS dial");
+    d.connect(0, 31, 0, 0xFFFF, DISCOVERY_NQN, HOSTNQN, [1; 16])
+        .expect("discovery over TLS");
+    // An identity naming the discovery subsystem (the host's key on any subsystem) reaches
+    // discovery, and nothing else.
+    let disc =
+        TlsPsk::derive(&configured(7), HOSTNQN, DISCOVERY_NQN, 0, Variant::Rfc).expect("derive");
+    let mut e = Queue::dial_tls(h.addr, QueueOptions::default(), &disc).expect("TLS dial");
+    e.connect(0, 31, 0, 0xFFFF, DISCOVERY_NQN, HOSTNQN, [1; 16])
+        .expect("discovery with a discovery identity");
+    let mut f = Queue::dial_tls(h.addr, QueueOptions::default(), &disc).expect("TLS dial");
+    match f.connect(0, 31, 0, 0xFFFF, SUB, HOSTNQN, [1; 16]) {
+        Err(HostError::Status(s)) => assert_eq!(s, specific::CONNECT_INVALID_HOST),
+        other => panic!("Connect to SUB on a discovery identity's channel: {other:?}"),
     }
 }
 

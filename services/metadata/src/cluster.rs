@@ -1271,6 +1271,53 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         self.secrets_key = Some(key);
     }
 
+    /// `given` merged with what `host` already has on `nqn`: each kind given (the DH-HMAC-CHAP
+    /// pair, the TLS PSK) replaces the one stored, a kind not given is kept — giving a host a
+    /// TLS PSK never drops its DH-HMAC-CHAP secrets (which would let it in unauthenticated on
+    /// plain listeners). Stored keys this node cannot unseal are not guessed at: refused.
+    fn merged_secrets(
+        &self,
+        nqn: &str,
+        host: &str,
+        given: duplex_ipc::config::HostSecrets,
+    ) -> Result<duplex_ipc::config::HostSecrets, ConfigReply> {
+        let wide = self.cluster_wide();
+        let Some(stored) = wide
+            .host_secrets
+            .iter()
+            .find(|h| h.subnqn == nqn && h.hostnqn == host)
+        else {
+            return Ok(given);
+        };
+        let old = self
+            .secrets_key
+            .as_ref()
+            .map(|k| duplex_ondisk::secrets::unseal(k, nqn, host, &stored.sealed));
+        let old = match old {
+            Some(Ok(keys)) => keys,
+            Some(Err(e)) => {
+                return Err(err(
+                    ConfigErrorKind::Refused,
+                    format!(
+                        "the host's stored keys cannot be unsealed ({e}): deny the host and \
+                         allow it again with all its keys"
+                    ),
+                ))
+            }
+            // No key: seal() refuses with the reason.
+            None => return Ok(given),
+        };
+        let (host_secret, ctrl) = match given.host {
+            Some(h) => (Some(h), given.ctrl),
+            None => (old.dhchap, old.dhchap_ctrl),
+        };
+        Ok(duplex_ipc::config::HostSecrets {
+            host: host_secret,
+            ctrl,
+            tls_psk: given.tls_psk.or(old.tls_psk),
+        })
+    }
+
     /// `secrets` checked and sealed for `host` on `nqn`, or the error to answer.
     fn seal(
         &self,
@@ -1298,12 +1345,19 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             }
         }
         if let Some(t) = &secrets.tls_psk {
-            duplex_nvme::tls::ConfiguredKey::parse(t).map_err(|e| {
+            let k = duplex_nvme::tls::ConfiguredKey::parse(t).map_err(|e| {
                 err(
                     ConfigErrorKind::InvalidArgument,
                     format!("the host's TLS PSK: {e}"),
                 )
             })?;
+            if k.psk_hash() != duplex_nvme::tls::PskHash::Sha256 {
+                return Err(err(
+                    ConfigErrorKind::InvalidArgument,
+                    "the host's TLS PSK is a SHA-384 key: only SHA-256 PSKs \
+                     (NVMeTLSkey-1:01:, TLS_AES_128_GCM_SHA256) are supported",
+                ));
+            }
         }
         let Some(key) = &self.secrets_key else {
             return Err(err(
@@ -1622,15 +1676,26 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
                 host_nqn,
                 secrets,
             } => {
+                let what = match &secrets {
+                    None => format!("host {host_nqn} allowed on {nqn}"),
+                    Some(sec) => format!(
+                        "host {host_nqn} allowed on {nqn} with {}",
+                        match (sec.host.is_some(), sec.tls_psk.is_some()) {
+                            (true, true) => "DH-HMAC-CHAP secrets and a TLS PSK",
+                            (true, false) => "DH-HMAC-CHAP secrets",
+                            _ => "a TLS PSK",
+                        }
+                    ),
+                };
+                let secrets = match secrets.map(|sec| self.merged_secrets(&nqn, &host_nqn, sec)) {
+                    None => None,
+                    Some(Ok(sec)) => Some(sec),
+                    Some(Err(reply)) => return reply,
+                };
                 let sealed = match secrets.map(|sec| self.seal(&nqn, &host_nqn, &sec)) {
                     None => None,
                     Some(Ok(sealed)) => Some(sealed),
                     Some(Err(reply)) => return reply,
-                };
-                let what = if sealed.is_some() {
-                    format!("host {host_nqn} allowed on {nqn} with DH-HMAC-CHAP secrets")
-                } else {
-                    format!("host {host_nqn} allowed on {nqn}")
                 };
                 self.everywhere(&what, |cfg| {
                     ops::allow_host(cfg, &nqn, &host_nqn, sealed.as_deref())

@@ -403,7 +403,7 @@ pub fn allow_host(
                 .iter()
                 .any(|h| h.subnqn == nqn && h.hostnqn == host)
             {
-                " (with DH-HMAC-CHAP secrets: deny it and allow it again to drop them)"
+                " (with DH-HMAC-CHAP secrets or a TLS PSK: deny it and allow it again to drop them)"
             } else {
                 ""
             };
