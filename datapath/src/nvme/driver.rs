@@ -585,8 +585,13 @@ impl<T: Transport> Controller<T> {
 
         let raw = self.identify(cns::CONTROLLER, 0)?;
         self.id = parse_controller(raw, self.cap);
+        // The Host Identifier serves reservations only: a controller without them (ONCS bit 5
+        // clear, as QEMU's NVMe) refuses the feature, and is driven without it (a node that
+        // must fence with reservations is refused later, when it registers its key).
         if let Some(host) = self.opts.host_id {
-            self.set_features_data(feat::HOST_ID, 1, &host)?;
+            if self.id.oncs & duplex_nvme::identify::ONCS_RESERVATIONS != 0 {
+                self.set_features_data(feat::HOST_ID, 1, &host)?;
+            }
         }
         let want = u32::from(self.opts.io_queues.max(1) - 1);
         let got = self
