@@ -19,6 +19,7 @@ pub mod nvme_host;
 pub mod pair;
 pub mod pool;
 pub mod resv;
+pub mod tls;
 
 /// How long any single wait in a system test may take before it fails with the log so far.
 /// Generous: it bounds a hang, it does not measure speed.

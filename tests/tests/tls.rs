@@ -16,7 +16,6 @@
 //! The Linux kernel host's side (discovery log fields, a connect without TLS refused) is
 //! `interop_linux_tls.rs`.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -107,52 +106,6 @@ fn write_read(addr: SocketAddr, p: &TlsPsk, lba: u64, fill: u8) {
     assert!(back.data == data, "data read back over TLS differs");
 }
 
-/// What `openssl s_client` with `p` receives for an ICReq (the target's ICResp, or nothing).
-fn s_client(addr: SocketAddr, p: &TlsPsk) -> Vec<u8> {
-    let mut child = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-tls1_3",
-            "-quiet",
-        ])
-        .args(["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
-        .args(["-psk", &hex(&p.psk), "-psk_identity", &p.identity])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("openssl s_client");
-    let icreq = tcp::IcReq {
-        pfv: 0,
-        hpda: 0,
-        digests: tcp::Digests::default(),
-        maxr2t: 0,
-    };
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(&icreq.encode()).expect("ICReq");
-    stdin.flush().expect("flush");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut got = vec![0u8; 128];
-    let mut n = 0;
-    while n < got.len() {
-        match out.read(&mut got[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-    }
-    got.truncate(n);
-    drop(stdin);
-    let _ = child.kill();
-    let _ = child.wait();
-    got
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 #[test]
 fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
     let mut p = Pair::on_loopback(50, 600);
@@ -185,10 +138,13 @@ fn hosts_connect_over_tls_with_their_psk_and_are_refused_without() {
     }
 
     // OpenSSL's client with the TLS PSK: an ICResp through the channel.
-    let resp = s_client(tls_a, &psk(&key, 0));
+    let resp = duplex_tests::tls::s_client_icresp(tls_a, &psk(&key, 0));
     assert_eq!(resp.len(), 128, "a whole ICResp through s_client: {resp:?}");
     assert_eq!(resp[0], tcp::PduType::IcResp as u8);
-    assert!(s_client(tls_a, &psk(&wrong, 0)).is_empty(), "a wrong PSK");
+    assert!(
+        duplex_tests::tls::s_client_icresp(tls_a, &psk(&wrong, 0)).is_empty(),
+        "a wrong PSK"
+    );
 
     // Refused: plain NVMe/TCP on the TLS port, a wrong PSK.
     assert!(

@@ -253,50 +253,13 @@ fn a_tls_channel_is_bound_to_its_identitys_host_and_subsystem() {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// OpenSSL's command-line client, given the identity and TLS PSK, completes the handshake and
 /// the target answers its ICReq with an ICResp through the channel; with another PSK it does
 /// not get one.
 #[test]
 fn openssl_s_client_completes_the_handshake_and_gets_an_icresp() {
     let (h, _exports) = start();
-    let run = |p: &TlsPsk| -> Vec<u8> {
-        let mut child = std::process::Command::new("openssl")
-            .args(["s_client", "-connect", &h.addr.to_string(), "-tls1_3"])
-            .args(["-ciphersuites", "TLS_AES_128_GCM_SHA256", "-quiet"])
-            .args(["-psk", &hex(&p.psk), "-psk_identity", &p.identity])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("openssl s_client (package openssl)");
-        let icreq = tcp::IcReq {
-            pfv: 0,
-            hpda: 0,
-            digests: tcp::Digests::default(),
-            maxr2t: 0,
-        };
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(&icreq.encode()).expect("ICReq to s_client");
-        stdin.flush().expect("flush");
-        let mut out = child.stdout.take().expect("stdout");
-        let mut got = vec![0u8; 128];
-        let mut n = 0;
-        while n < got.len() {
-            match out.read(&mut got[n..]) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
-        got.truncate(n);
-        drop(stdin);
-        let _ = child.kill();
-        let _ = child.wait();
-        got
-    };
+    let run = |p: &TlsPsk| duplex_tests::tls::s_client_icresp(h.addr, p);
     let resp = run(&psk(HOSTNQN, 7, 0, Variant::Rfc));
     assert_eq!(resp.len(), 128, "a whole ICResp through s_client");
     assert_eq!(resp[0], tcp::PduType::IcResp as u8);
