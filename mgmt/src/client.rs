@@ -155,6 +155,26 @@ pub struct Target {
     pub socket: PathBuf,
     /// How long to keep trying for an answer.
     pub timeout: Duration,
+    /// A node managed from afar (`--connect`): its remote management address and key; the
+    /// socket and state directory are then not used.
+    pub remote: Option<Remote>,
+}
+
+/// A remote management port and the key it is managed with.
+#[derive(Clone)]
+pub struct Remote {
+    /// `host:port`, as the operator gave it.
+    pub addr: String,
+    /// The node's mgmt key.
+    pub key: crate::remote::MgmtKey,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a call failed. Each message is one line, for `duplexctl: <message>`.
@@ -182,6 +202,37 @@ pub enum ClientError {
         /// The error.
         #[source]
         source: io::Error,
+    },
+    /// Nothing listens at a remote management address.
+    #[error("no duplex node answers at {addr}: connection refused (is it the node's remote management listener?)")]
+    RemoteRefused {
+        /// The address.
+        addr: String,
+    },
+    /// Connecting to a remote management address failed otherwise.
+    #[error("cannot connect to {addr}: {source}")]
+    RemoteConnect {
+        /// The address.
+        addr: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The remote node refused the TLS handshake.
+    #[error("{addr} refused the TLS handshake ({why}): is --key-file the node's [mgmt] key_file?")]
+    RemoteKey {
+        /// The address.
+        addr: String,
+        /// OpenSSL's reason.
+        why: String,
+    },
+    /// A remote node did not answer in time.
+    #[error("mgmt at {addr} is not answering ({why})")]
+    RemoteNotAnswering {
+        /// The address.
+        addr: String,
+        /// What was seen last.
+        why: String,
     },
     /// duplexd is alive but mgmt did not answer in time.
     #[error("node reachable (duplexd pid {pid}) but mgmt is restarting; try again")]
@@ -305,6 +356,31 @@ async fn attempt(
     request: &Request,
     deadline: Instant,
 ) -> Result<Attempt, ClientError> {
+    if let Some(remote) = &target.remote {
+        let connect = crate::remote::connect(&remote.addr, &remote.key);
+        return match tokio::time::timeout_at(deadline, connect).await {
+            Err(_) => Ok(Attempt::TimedOut { sent: false }),
+            Ok(Ok(tls)) => {
+                let (reader, writer) = tokio::io::split(tls);
+                Ok(rpc_exchange(reader, writer, request, deadline).await)
+            }
+            Ok(Err(crate::remote::Failure::Connect(e))) => match e.kind() {
+                io::ErrorKind::ConnectionRefused => Err(ClientError::RemoteRefused {
+                    addr: remote.addr.clone(),
+                }),
+                _ => Err(ClientError::RemoteConnect {
+                    addr: remote.addr.clone(),
+                    source: e,
+                }),
+            },
+            Ok(Err(crate::remote::Failure::Handshake(why))) => Err(ClientError::RemoteKey {
+                addr: remote.addr.clone(),
+                why,
+            }),
+            // mgmt restarting: duplexd holds the listener, the next mgmt takes the connection.
+            Ok(Err(crate::remote::Failure::Dropped(_))) => Ok(Attempt::NotSent),
+        };
+    }
     let connect = tokio::net::UnixStream::connect(&target.socket);
     let stream = match tokio::time::timeout_at(deadline, connect).await {
         Err(_) => return Ok(Attempt::TimedOut { sent: false }),
@@ -328,6 +404,15 @@ async fn attempt(
         }
     };
     let (reader, writer) = stream.into_split();
+    Ok(rpc_exchange(reader, writer, request, deadline).await)
+}
+
+/// One request on a connected stream: the RPC system, the bootstrap capability, the exchange.
+async fn rpc_exchange<R, W>(reader: R, writer: W, request: &Request, deadline: Instant) -> Attempt
+where
+    R: tokio::io::AsyncRead + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Unpin + 'static,
+{
     let mut options = capnp::message::ReaderOptions::new();
     options.traversal_limit_in_words(Some(TRAVERSAL_LIMIT_WORDS));
     let network = twoparty::VatNetwork::new(
@@ -341,7 +426,7 @@ async fn attempt(
     let driver = tokio::task::spawn_local(rpc);
     let result = exchange(&client, request, deadline).await;
     driver.abort();
-    Ok(result)
+    result
 }
 
 async fn exchange(client: &management::Client, request: &Request, deadline: Instant) -> Attempt {
@@ -481,6 +566,12 @@ fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, capnp::Erro
 
 /// Why nothing answered: is duplexd (the pid in `duplexd.lock`) alive?
 fn diagnose(target: &Target) -> ClientError {
+    if let Some(remote) = &target.remote {
+        return ClientError::RemoteNotAnswering {
+            addr: remote.addr.clone(),
+            why: "no answer within the timeout: duplexd restarting mgmt, or the network".into(),
+        };
+    }
     let lock = target.state_dir.join("duplexd.lock");
     let not_answering = |why: String| ClientError::NotAnswering {
         socket: display(&target.socket),

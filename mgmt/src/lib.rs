@@ -12,6 +12,8 @@
 //! * [`units`] — sizes as operators write (`10G`) and read (`1.50G`) them.
 //! * [`metrics`] — the Prometheus text exposition of the node's metrics regions and pools, and
 //!   the small HTTP server mgmt serves it with.
+//! * [`remote`] — remote management: the RPC over TCP inside TLS 1.3 with the node's mgmt key
+//!   (`duplexctl --connect`).
 //! * [`io`] — the adapter between tokio sockets and the `futures` I/O traits `capnp-rpc` uses.
 //!
 //! The operator's guide to `duplexctl` is `docs/OPERATOR.md`.
@@ -19,6 +21,7 @@
 pub mod client;
 pub mod io;
 pub mod metrics;
+pub mod remote;
 pub mod render;
 pub mod server;
 pub mod units;

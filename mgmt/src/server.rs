@@ -56,6 +56,8 @@ use futures::StreamExt;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage};
 
 use crate::io::{Activity, Stream};
+use crate::remote::RemoteServer;
+use duplex_ipc::keys::{attach_mgmt, MGMT_KEY_RESOURCE, REMOTE_LISTENER_PREFIX};
 
 /// The service's name (its policy, its `Hello`).
 pub const SERVICE: &str = "mgmt";
@@ -87,6 +89,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const TRAVERSAL_LIMIT_WORDS: usize = 64 * 1024;
 /// Pointer nesting one incoming RPC message may use.
 pub const NESTING_LIMIT: i32 = 16;
+/// How long a remote connection may take to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Log lines per second about misbehaving connections.
 const WARNINGS_PER_SECOND: u32 = 5;
 
@@ -150,6 +154,10 @@ pub struct Resources {
     pub metrics_listener: Option<std::net::TcpListener>,
     /// The metrics regions of the services and duplexd.
     pub regions: crate::metrics::Regions,
+    /// The remote management listeners (TLS with the mgmt key; `remote:` resources).
+    pub remote_listeners: Vec<std::net::TcpListener>,
+    /// The remote management key, when the node has one.
+    pub mgmt_key: Option<crate::remote::MgmtKey>,
 }
 
 fn take_fd(
@@ -221,6 +229,8 @@ pub fn take_resources(started: &mut Started) -> Result<Resources, MgmtError> {
     let names: Vec<String> = started.resources.iter().map(|r| r.name.clone()).collect();
     let mut regions = crate::metrics::Regions::default();
     let mut metrics_listener = None;
+    let mut remote_listeners = Vec::new();
+    let mut mgmt_key = None;
     for name in names {
         if let Some(source) = name.strip_prefix(METRICS_READER_PREFIX) {
             let Some(handed) = started.take(&name) else {
@@ -231,6 +241,25 @@ pub fn take_resources(started: &mut Started) -> Result<Resources, MgmtError> {
                 // One unusable region costs its metrics, not the service.
                 Err(e) => tracing::warn!(resource = %name, error = %e, "metrics region unusable"),
             }
+        } else if name == MGMT_KEY_RESOURCE {
+            let Some(handed) = started.take(&name) else {
+                continue;
+            };
+            mgmt_key = Some(attach_mgmt(handed.fd).map_err(|e| MgmtError::BadResource {
+                name: MGMT_KEY_RESOURCE,
+                why: e.to_string(),
+            })?);
+        } else if name.starts_with(REMOTE_LISTENER_PREFIX) {
+            let Some(handed) = started.take(&name) else {
+                continue;
+            };
+            let socket = std::net::TcpListener::from(handed.fd);
+            let addr = socket.local_addr().map_err(|e| MgmtError::BadResource {
+                name: "remote listener",
+                why: format!("{name} is not a TCP listener: {e}"),
+            })?;
+            tracing::info!(%addr, "serving remote management (TLS with the mgmt key) on this address");
+            remote_listeners.push(socket);
         } else if name.starts_with("listener:") {
             let Some(handed) = started.take(&name) else {
                 continue;
@@ -258,6 +287,8 @@ pub fn take_resources(started: &mut Started) -> Result<Resources, MgmtError> {
         config,
         metrics_listener,
         regions,
+        remote_listeners,
+        mgmt_key,
     })
 }
 
@@ -282,7 +313,9 @@ fn check_listener(fd: &OwnedFd) -> Result<(), String> {
 
 /// The whole service after the sandbox is on: handshake, resources, `Ready`, serve until the
 /// supervisor says `Shutdown` or closes the lifecycle channel.
-pub fn run() -> Result<(), MgmtError> {
+///
+/// `remote` is the TLS side of remote management, prepared before the sandbox.
+pub fn run(remote: RemoteServer) -> Result<(), MgmtError> {
     let mut started = lifecycle::start(SERVICE, START_TIMEOUT)?;
     let resources = take_resources(&mut started)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -291,7 +324,7 @@ pub fn run() -> Result<(), MgmtError> {
         .build()
         .map_err(setup("build the tokio runtime"))?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(started, resources))
+    local.block_on(&runtime, serve(started, resources, remote))
 }
 
 /// Receives lifecycle messages on a thread of its own (blocking `recvmsg`) and hands them to the
@@ -307,7 +340,11 @@ fn spawn_lifecycle_thread(
     Ok(received)
 }
 
-async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> {
+async fn serve(
+    started: Started,
+    resources: Resources,
+    remote: RemoteServer,
+) -> Result<(), MgmtError> {
     let Resources {
         health,
         admin,
@@ -315,6 +352,8 @@ async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> 
         config,
         metrics_listener,
         regions,
+        remote_listeners,
+        mgmt_key,
     } = resources;
     let admin = Worker::spawn(
         "admin",
@@ -358,9 +397,34 @@ async fn serve(started: Started, resources: Resources) -> Result<(), MgmtError> 
         tokio::task::spawn_local(crate::metrics::serve(l, Rc::new(regions), scrape));
     }
     let bootstrap: management::Client = capnp_rpc::new_client(Management { admin, config });
+    let active = Rc::new(Cell::new(0_usize));
+    if !remote_listeners.is_empty() {
+        match mgmt_key {
+            Some(key) => {
+                remote.set_key(key);
+                let remote = Rc::new(remote);
+                for l in remote_listeners {
+                    l.set_nonblocking(true)
+                        .map_err(setup("make a remote listener non-blocking"))?;
+                    let l = tokio::net::TcpListener::from_std(l)
+                        .map_err(setup("register a remote listener"))?;
+                    tokio::task::spawn_local(remote_accept_loop(
+                        l,
+                        Rc::clone(&remote),
+                        bootstrap.clone(),
+                        Rc::clone(&active),
+                    ));
+                }
+            }
+            // duplexd's config check refuses this; should it come, the port stays closed.
+            None => {
+                tracing::error!("remote management listeners but no mgmt key: not serving them")
+            }
+        }
+    }
     tokio::select! {
         r = watch_lifecycle(&started, events) => r,
-        () = accept_loop(listener, bootstrap) => Ok(()),
+        () = accept_loop(listener, bootstrap, active) => Ok(()),
     }
 }
 
@@ -433,8 +497,11 @@ fn allowed(limiter: &Limiter) -> Option<u64> {
     limiter.borrow_mut().check(Instant::now())
 }
 
-async fn accept_loop(listener: tokio::net::UnixListener, bootstrap: management::Client) {
-    let active = Rc::new(Cell::new(0_usize));
+async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    bootstrap: management::Client,
+    active: Rc<Cell<usize>>,
+) {
     let refused = limiter();
     let failed = limiter();
     let ended = limiter();
@@ -442,8 +509,10 @@ async fn accept_loop(listener: tokio::net::UnixListener, bootstrap: management::
         match listener.accept().await {
             Ok((stream, _)) => match Slot::take(&active) {
                 Some(slot) => {
+                    let (reader, writer) = stream.into_split();
                     tokio::task::spawn_local(serve_connection(
-                        stream,
+                        reader,
+                        writer,
                         bootstrap.clone(),
                         slot,
                         Rc::clone(&ended),
@@ -470,6 +539,66 @@ async fn accept_loop(listener: tokio::net::UnixListener, bootstrap: management::
     }
 }
 
+/// Accepts remote management connections: each gets a slot (shared with the local socket's),
+/// then must finish the TLS handshake with the mgmt key within [`HANDSHAKE_TIMEOUT`] before
+/// its RPC is served. Failures are logged, rate limited: a remote peer triggers them.
+async fn remote_accept_loop(
+    listener: tokio::net::TcpListener,
+    remote: Rc<RemoteServer>,
+    bootstrap: management::Client,
+    active: Rc<Cell<usize>>,
+) {
+    let refused = limiter();
+    let failed = limiter();
+    let ended = limiter();
+    let denied = limiter();
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let Some(slot) = Slot::take(&active) else {
+                    if let Some(suppressed) = allowed(&refused) {
+                        tracing::warn!(max = MAX_CONNECTIONS, suppressed, %peer, "too many management connections; closing a new remote one");
+                    }
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let remote = Rc::clone(&remote);
+                let bootstrap = bootstrap.clone();
+                let ended = Rc::clone(&ended);
+                let denied = Rc::clone(&denied);
+                tokio::task::spawn_local(async move {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, remote.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(why)) => {
+                            if let Some(suppressed) = allowed(&denied) {
+                                tracing::warn!(%peer, suppressed, "remote management connection refused: {why}");
+                            }
+                            return;
+                        }
+                        Err(_) => {
+                            if let Some(suppressed) = allowed(&denied) {
+                                tracing::warn!(%peer, suppressed, timeout = ?HANDSHAKE_TIMEOUT, "remote management connection closed: no TLS handshake in time");
+                            }
+                            return;
+                        }
+                    };
+                    tracing::info!(%peer, "remote management connection (TLS, mgmt key proven)");
+                    let (reader, writer) = tokio::io::split(tls);
+                    serve_connection(reader, writer, bootstrap, slot, ended).await;
+                });
+            }
+            Err(e) => {
+                if let Some(suppressed) = allowed(&failed) {
+                    tracing::warn!(error = %e, suppressed, "accept on a remote management listener failed");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 fn reader_options() -> capnp::message::ReaderOptions {
     let mut options = capnp::message::ReaderOptions::new();
     options
@@ -478,14 +607,17 @@ fn reader_options() -> capnp::message::ReaderOptions {
     options
 }
 
-async fn serve_connection(
-    stream: tokio::net::UnixStream,
+async fn serve_connection<R, W>(
+    reader: R,
+    writer: W,
     bootstrap: management::Client,
     _slot: Slot,
     ended: Limiter,
-) {
+) where
+    R: tokio::io::AsyncRead + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Unpin + 'static,
+{
     let activity: Activity = Rc::new(Cell::new(Instant::now()));
-    let (reader, writer) = stream.into_split();
     let network = twoparty::VatNetwork::new(
         futures::io::BufReader::new(Stream::tracked(reader, Rc::clone(&activity))),
         futures::io::BufWriter::new(Stream::tracked(writer, Rc::clone(&activity))),

@@ -127,6 +127,19 @@ pub struct NodeConfig {
     /// The array's secrets key (absent: hosts' DH-HMAC-CHAP secrets cannot be stored).
     #[serde(default)]
     pub secrets: Option<SecretsSettings>,
+    /// Remote management (absent: duplexctl only through the local socket).
+    #[serde(default)]
+    pub mgmt: Option<MgmtSettings>,
+}
+
+/// `[mgmt]`: the key of the remote management listener (a mgmt `[[listener]]` with
+/// `tls = true`): `duplexctl --connect ADDR --key-file FILE` proves it in a TLS 1.3 handshake
+/// (PSK), and so does the node. A management port open to anyone is refused by the config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MgmtSettings {
+    /// A file holding the key as 64 hexadecimal digits (read by duplexd at start).
+    pub key_file: Spanned<PathBuf>,
 }
 
 /// `[secrets]`: the array's secrets key, which seals hosts' DH-HMAC-CHAP secrets on the
@@ -166,6 +179,8 @@ pub struct ClusterSettings {
 
 /// The cluster service's name.
 pub const CLUSTER: &str = "cluster";
+/// The mgmt service's name.
+pub const MGMT: &str = "mgmt";
 /// The raid service's name (rebuild and scrub scheduling; needs the metadata service).
 pub const RAID: &str = "raid";
 /// The largest node id (the drives hold four heartbeat slots).
@@ -628,11 +643,21 @@ impl NodeConfig {
         }
         for l in &self.listeners {
             if let Some(t) = &l.tls {
-                if l.service.get_ref() != FABRIC {
+                let service = l.service.get_ref();
+                if service != FABRIC && service != MGMT {
                     return Err(err(
                         t.span(),
                         format!(
-                            "listener {:?}: `tls` is for the fabric's listeners",
+                            "listener {:?}: `tls` is for the fabric's and mgmt's listeners",
+                            l.name.get_ref()
+                        ),
+                    ));
+                }
+                if service == MGMT && *t.get_ref() && self.mgmt.is_none() {
+                    return Err(err(
+                        t.span(),
+                        format!(
+                            "listener {:?}: remote management needs its key: add `[mgmt] key_file = \"PATH\"` (64 hex digits; `openssl rand -hex 32`)",
                             l.name.get_ref()
                         ),
                     ));
@@ -658,6 +683,30 @@ impl NodeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The remote management key (`[mgmt] key_file`: 64 hex digits), read now; `None` without
+    /// `[mgmt]`. `duplexd --check` reads it too, so that a missing or bad key file is a config
+    /// error, not a node that starts and cannot be managed.
+    pub fn mgmt_key(&self) -> Result<Option<[u8; 32]>, String> {
+        let Some(m) = &self.mgmt else {
+            return Ok(None);
+        };
+        let path = m.key_file.get_ref();
+        let bad = |why: String| format!("[mgmt] key_file {}: {why}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let t = text.trim();
+        if t.len() != 64 || !t.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad(format!(
+                "not 64 hexadecimal digits ({} characters; make one with `openssl rand -hex 32`)",
+                t.len()
+            )));
+        }
+        let mut key = [0u8; 32];
+        for (i, k) in key.iter_mut().enumerate() {
+            *k = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(Some(key))
     }
 
     /// Services in start order (every service after the ones it names in `after`).
@@ -1021,6 +1070,55 @@ service = "fabric"
             Ok(_) => "parsed".into(),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn a_remote_management_listener_needs_the_mgmt_key() {
+        let remote = format!(
+            "{GOOD}\n[[listener]]\nname = \"ctl\"\naddress = \"127.0.0.1:9440\"\nservice = \"mgmt\"\ntls = true\n"
+        );
+        let e = error(&remote);
+        assert!(
+            e.contains("listener \"ctl\"") && e.contains("[mgmt] key_file"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("mgmt.key");
+        let keyed = |body: &str| {
+            std::fs::write(&key, body).expect("write key");
+            let text = format!(
+                "{remote}\n[mgmt]\nkey_file = {:?}\n",
+                key.display().to_string()
+            );
+            NodeConfig::parse("node.toml", &text).expect("parses")
+        };
+        let good = "0f".repeat(32);
+        assert_eq!(keyed(&format!("{good}\n")).mgmt_key(), Ok(Some([0x0f; 32])));
+        let e = keyed("0f0f").mgmt_key().expect_err("a short key");
+        assert!(
+            e.contains("[mgmt] key_file") && e.contains("64 hexadecimal"),
+            "{e}"
+        );
+        std::fs::remove_file(&key).expect("rm");
+        let e = keyed_missing(&remote, &key);
+        assert!(e.contains("[mgmt] key_file"), "{e}");
+        // `tls` on a listener of a service that has no TLS side.
+        let e = error(&remote.replace("service = \"mgmt\"\ntls", "service = \"datapath\"\ntls"));
+        assert!(
+            e.contains("`tls` is for the fabric's and mgmt's listeners"),
+            "{e}"
+        );
+    }
+
+    fn keyed_missing(remote: &str, key: &Path) -> String {
+        let text = format!(
+            "{remote}\n[mgmt]\nkey_file = {:?}\n",
+            key.display().to_string()
+        );
+        NodeConfig::parse("node.toml", &text)
+            .expect("parses")
+            .mgmt_key()
+            .expect_err("no key file")
     }
 
     #[test]

@@ -64,6 +64,9 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let config = NodeConfig::load(&args.config)?;
+    config
+        .mgmt_key()
+        .map_err(|why| anyhow::anyhow!("{}: {why}", args.config.display()))?;
     if args.check {
         println!(
             "{}: ok ({} services)",

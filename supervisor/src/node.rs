@@ -340,9 +340,20 @@ impl Node {
                 address,
                 source,
             })?;
+            // mgmt's TLS listeners are remote management (`remote:`), kept when the node stops
+            // serving hosts (the operator still reaches it); the others are `listener:`.
+            let remote =
+                l.service.get_ref() == MGMT_SERVICE && l.tls.as_ref().is_some_and(|t| *t.get_ref());
             add(
                 &mut shared,
-                format!("listener:{name}"),
+                format!(
+                    "{}{name}",
+                    if remote {
+                        duplex_ipc::keys::REMOTE_LISTENER_PREFIX
+                    } else {
+                        "listener:"
+                    }
+                ),
                 ResourceKind::Socket,
                 OwnedFd::from(listener),
                 &[l.service.get_ref().as_str()],
@@ -584,6 +595,23 @@ impl Node {
                 &[MGMT_SERVICE],
             );
             mgmt_socket_path = Some(path);
+            // The remote management key, for mgmt alone.
+            if let Some(key) = config.mgmt_key().map_err(res_err("the mgmt key"))? {
+                let region = duplex_ipc::keys::create_mgmt(&key)
+                    .map_err(|e| res_err("the mgmt key")(e.to_string()))?;
+                add(
+                    &mut shared,
+                    duplex_ipc::keys::MGMT_KEY_RESOURCE.into(),
+                    ResourceKind::Region,
+                    region
+                        .try_clone_fd()
+                        .map_err(|e| res_err("the mgmt key")(e.to_string()))?,
+                    &[MGMT_SERVICE],
+                );
+                tracing::info!(
+                    "mgmt key loaded: duplexctl --connect may manage this node over TLS"
+                );
+            }
         }
 
         // mgmt and metadata: the config channel (the privilege to change the storage
@@ -664,14 +692,12 @@ impl Node {
         // Metrics: kept only when the node exposes them (a listener handed to mgmt, which
         // serves them to Prometheus): one region per service, written by it, kept across its
         // restarts, and read by mgmt.
-        let exposes_metrics = config
-            .listeners
+        let exposes_metrics = config.listeners.iter().any(|l| {
+            l.service.get_ref() == MGMT_SERVICE && !l.tls.as_ref().is_some_and(|t| *t.get_ref())
+        }) && config
+            .services
             .iter()
-            .any(|l| l.service.get_ref() == MGMT_SERVICE)
-            && config
-                .services
-                .iter()
-                .any(|s| s.name.get_ref() == MGMT_SERVICE);
+            .any(|s| s.name.get_ref() == MGMT_SERVICE);
         let node_metrics = if exposes_metrics {
             let m = Metrics::create("duplexd")
                 .map_err(|e| res_err("metrics region of duplexd")(e.to_string()))?;

@@ -34,6 +34,14 @@ struct Cli {
     /// The management socket [default: mgmt.sock in the state directory].
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Manage a node from afar: its remote management listener (`host:port`, a mgmt
+    /// `[[listener]]` with `tls = true`); needs --key-file.
+    #[arg(long, global = true, value_name = "HOST:PORT", env = "DUPLEX_CONNECT")]
+    connect: Option<String>,
+    /// The node's mgmt key (`[mgmt] key_file`: 64 hex digits), proven in TLS 1.3 to the node
+    /// given by --connect.
+    #[arg(long, global = true, value_name = "FILE", env = "DUPLEX_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// Print one JSON document instead of text (errors stay one line on stderr).
     #[arg(long, global = true)]
     json: bool,
@@ -666,12 +674,15 @@ fn main() -> ExitCode {
         use std::io::IsTerminal;
         render::set_progress_bars(std::io::stdout().is_terminal());
     }
+    let target = match target_of(&cli) {
+        Ok(t) => t,
+        Err(TargetError::Usage(m)) => return usage(&m),
+        Err(TargetError::Key(m)) => return fail(&m),
+    };
     if matches!(cli.command, Command::Status) {
-        let target = target_of(&cli);
         return status_screen(&target, cli.json);
     }
     if let Command::Events { after, follow } = cli.command {
-        let target = target_of(&cli);
         return events(&target, after, follow, cli.json);
     }
     let request = match &cli.command {
@@ -690,7 +701,6 @@ fn main() -> ExitCode {
             Err(message) => return usage(&message),
         },
     };
-    let target = target_of(&cli);
     // `--rate` of `pool replace` and `pool scrub`: the pool's rate is set first.
     let rate = match &cli.command {
         Command::Pool(PoolCommand::Replace {
@@ -744,16 +754,56 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where the node's mgmt answers, as the options say.
-fn target_of(cli: &Cli) -> Target {
-    Target {
+/// Why the options name no node to ask.
+enum TargetError {
+    /// A usage error (exit 2).
+    Usage(String),
+    /// The key file cannot be used (exit 1).
+    Key(String),
+}
+
+/// Where the node's mgmt answers, as the options say: the local socket, or a remote
+/// management listener and its key.
+fn target_of(cli: &Cli) -> Result<Target, TargetError> {
+    let remote = match (&cli.connect, &cli.key_file) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(TargetError::Usage(
+                "--key-file is for --connect (a node managed from afar)".into(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(TargetError::Usage(
+                "--connect needs --key-file (the node's [mgmt] key_file)".into(),
+            ))
+        }
+        (Some(_), Some(_)) if cli.socket.is_some() => {
+            return Err(TargetError::Usage(
+                "--connect and --socket name two nodes: give one".into(),
+            ))
+        }
+        (Some(addr), Some(file)) => {
+            if !addr.contains(':') {
+                return Err(TargetError::Usage(format!(
+                    "--connect {addr:?}: give host:port"
+                )));
+            }
+            let key = duplex_mgmt::remote::read_key(file).map_err(TargetError::Key)?;
+            Some(client::Remote {
+                addr: addr.clone(),
+                key,
+            })
+        }
+    };
+    Ok(Target {
         socket: cli
             .socket
             .clone()
             .unwrap_or_else(|| cli.state_dir.join("mgmt.sock")),
         state_dir: cli.state_dir.clone(),
         timeout: cli.timeout,
-    }
+        remote,
+    })
 }
 
 /// `duplexctl status`: the node summary, then (each best effort, the screen says what it could

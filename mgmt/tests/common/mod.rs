@@ -397,6 +397,23 @@ pub struct Node {
     pub metadata: MetadataResponder,
     mgmt_pid: Arc<AtomicI32>,
     generation: u64,
+    /// A remote management listener and the mgmt-key region, when the node has them.
+    pub remote: Option<Remote>,
+}
+
+/// What duplexd holds for remote management: the TCP listener and the key's region.
+pub struct Remote {
+    pub listener: std::net::TcpListener,
+    pub key: [u8; 32],
+    region: duplex_ipc::region::Region,
+    pub key_file: PathBuf,
+}
+
+impl Remote {
+    /// `127.0.0.1:port` of the listener.
+    pub fn addr(&self) -> String {
+        self.listener.local_addr().unwrap().to_string()
+    }
 }
 
 impl Node {
@@ -427,7 +444,39 @@ impl Node {
             metadata,
             mgmt_pid,
             generation: 0,
+            remote: None,
         }
+    }
+
+    /// The node with a remote management listener on 127.0.0.1 and a key (also written to
+    /// `<dir>/mgmt.key`, as an operator's copy).
+    pub fn with_remote() -> Self {
+        let mut node = Self::new();
+        let key: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0x5a);
+        let key_file = node.dir.path().join("mgmt.key");
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&key_file, format!("{hex}\n")).unwrap();
+        node.remote = Some(Remote {
+            listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            key,
+            region: duplex_ipc::keys::create_mgmt(&key).unwrap(),
+            key_file,
+        });
+        node
+    }
+
+    /// Runs the real duplexctl against this node's remote listener with `key_file`.
+    pub fn remote_ctl(&self, key_file: &Path, args: &[&str]) -> Ctl {
+        let r = self.remote.as_ref().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_duplexctl"));
+        // A state directory with nothing in it: the remote node is reached by address alone.
+        cmd.arg("--state-dir")
+            .arg("/nonexistent")
+            .arg("--connect")
+            .arg(r.addr())
+            .arg("--key-file")
+            .arg(key_file);
+        ctl(&mut cmd, args)
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -554,6 +603,10 @@ impl Node {
         }
         if handout != Handout::NoConfig {
             add("config", ResourceKind::Socket, self.config_mgmt_end.as_fd());
+        }
+        if let Some(r) = &self.remote {
+            add("remote:ctl", ResourceKind::Socket, r.listener.as_fd());
+            add("mgmt-key", ResourceKind::Region, r.region.fd());
         }
         if handout == Handout::WrongSocket {
             add(
