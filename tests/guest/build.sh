@@ -17,7 +17,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # Modules the guest needs (each with its dependencies; built-in ones are skipped).
 MODULES="virtio_pci virtio_net virtio_blk 9pnet_virtio 9p configfs crc32c_generic
-  nvme-core nvme-fabrics nvme-tcp nvme nvmet nvmet-tcp null_blk brd vfio vfio-pci vfio_iommu_type1"
+  nvme-core nvme-fabrics nvme-tcp nvme nvmet nvmet-tcp null_blk brd vfio vfio-pci vfio_iommu_type1
+  ext4 softdog"
 # Host packages whose files go into the initramfs (their versions are part of the cache key).
 USERLAND_PKGS="busybox-static nvme-cli fio"
 # Host tools the build and the harness use: package:command.
