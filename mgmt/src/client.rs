@@ -218,8 +218,10 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
-    /// The remote node refused the TLS handshake.
-    #[error("{addr} refused the TLS handshake ({why}): is --key-file the node's [mgmt] key_file?")]
+    /// The TLS handshake with a remote node failed (a wrong key, or not the node).
+    #[error(
+        "the TLS handshake with {addr} failed ({why}): is --key-file the node's [mgmt] key_file?"
+    )]
     RemoteKey {
         /// The address.
         addr: String,

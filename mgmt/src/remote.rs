@@ -138,7 +138,9 @@ pub async fn connect(addr: &str, key: &MgmtKey) -> Result<SslStream<TcpStream>, 
     b.set_max_proto_version(Some(SslVersion::TLS1_3))
         .map_err(setup)?;
     b.set_ciphersuites(CIPHER_SUITE).map_err(setup)?;
-    b.set_verify(SslVerifyMode::NONE);
+    // The node proves the key, never a certificate: a server that ignores the PSK and offers
+    // a certificate instead (anyone at the node's address) is refused.
+    b.set_verify_callback(SslVerifyMode::PEER, |_, _| false);
     let key = *key;
     b.set_psk_client_callback(move |_, _hint, id_out, key_out| {
         let id = CLIENT_IDENTITY.as_bytes();
@@ -163,6 +165,13 @@ pub async fn connect(addr: &str, key: &MgmtKey) -> Result<SslStream<TcpStream>, 
             Some(stack) if !stack.errors().is_empty() => Failure::Handshake(describe(&e)),
             _ => Failure::Dropped(describe(&e)),
         })?;
+    // TLS 1.3 marks a handshake that used the offered PSK as a resumption: anything else did
+    // not prove the key.
+    if !stream.ssl().session_reused() {
+        return Err(Failure::Handshake(
+            "the server did not prove the key (no PSK in its handshake)".into(),
+        ));
+    }
     Ok(stream)
 }
 

@@ -90,7 +90,13 @@ pub const TRAVERSAL_LIMIT_WORDS: usize = 64 * 1024;
 /// Pointer nesting one incoming RPC message may use.
 pub const NESTING_LIMIT: i32 = 16;
 /// How long a remote connection may take to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Remote connections in their TLS handshake at once; more are closed as soon as accepted. They
+/// hold no connection slot: peers without the key cannot crowd out anyone who has it.
+pub const MAX_HANDSHAKES: usize = 8;
+/// Connection slots only the local socket may take: remote connections, even with the key,
+/// never leave the node's own console (and the appliance's watchdog) without one.
+pub const LOCAL_RESERVE: usize = 8;
 /// Log lines per second about misbehaving connections.
 const WARNINGS_PER_SECOND: u32 = 5;
 
@@ -470,8 +476,13 @@ struct Slot(Rc<Cell<usize>>);
 
 impl Slot {
     fn take(active: &Rc<Cell<usize>>) -> Option<Self> {
+        Self::take_below(active, MAX_CONNECTIONS)
+    }
+
+    /// A slot while fewer than `limit` are taken.
+    fn take_below(active: &Rc<Cell<usize>>, limit: usize) -> Option<Self> {
         let n = active.get();
-        (n < MAX_CONNECTIONS).then(|| {
+        (n < limit).then(|| {
             active.set(n + 1);
             Self(Rc::clone(active))
         })
@@ -539,9 +550,10 @@ async fn accept_loop(
     }
 }
 
-/// Accepts remote management connections: each gets a slot (shared with the local socket's),
-/// then must finish the TLS handshake with the mgmt key within [`HANDSHAKE_TIMEOUT`] before
-/// its RPC is served. Failures are logged, rate limited: a remote peer triggers them.
+/// Accepts remote management connections: at most [`MAX_HANDSHAKES`] at once may be in their
+/// TLS handshake, which must finish with the mgmt key within [`HANDSHAKE_TIMEOUT`]; only then
+/// does the connection take a slot, and never one of the [`LOCAL_RESERVE`] kept for the local
+/// socket. Failures are logged, rate limited: a remote peer triggers them.
 async fn remote_accept_loop(
     listener: tokio::net::TcpListener,
     remote: Rc<RemoteServer>,
@@ -552,12 +564,13 @@ async fn remote_accept_loop(
     let failed = limiter();
     let ended = limiter();
     let denied = limiter();
+    let handshakes = Rc::new(Cell::new(0_usize));
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                let Some(slot) = Slot::take(&active) else {
+                let Some(pending) = Slot::take_below(&handshakes, MAX_HANDSHAKES) else {
                     if let Some(suppressed) = allowed(&refused) {
-                        tracing::warn!(max = MAX_CONNECTIONS, suppressed, %peer, "too many management connections; closing a new remote one");
+                        tracing::warn!(max = MAX_HANDSHAKES, suppressed, %peer, "too many remote management handshakes at once; closing a new one");
                     }
                     continue;
                 };
@@ -566,10 +579,12 @@ async fn remote_accept_loop(
                 let bootstrap = bootstrap.clone();
                 let ended = Rc::clone(&ended);
                 let denied = Rc::clone(&denied);
+                let refused = Rc::clone(&refused);
+                let active = Rc::clone(&active);
                 tokio::task::spawn_local(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, remote.accept(tcp))
-                        .await
-                    {
+                    let shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, remote.accept(tcp)).await;
+                    drop(pending);
+                    let tls = match shaken {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(why)) => {
                             if let Some(suppressed) = allowed(&denied) {
@@ -583,6 +598,13 @@ async fn remote_accept_loop(
                             }
                             return;
                         }
+                    };
+                    let Some(slot) = Slot::take_below(&active, MAX_CONNECTIONS - LOCAL_RESERVE)
+                    else {
+                        if let Some(suppressed) = allowed(&refused) {
+                            tracing::warn!(max = MAX_CONNECTIONS - LOCAL_RESERVE, suppressed, %peer, "too many management connections; closing a new remote one");
+                        }
+                        return;
                     };
                     tracing::info!(%peer, "remote management connection (TLS, mgmt key proven)");
                     let (reader, writer) = tokio::io::split(tls);

@@ -57,7 +57,7 @@ fn a_wrong_key_is_refused_in_the_handshake_with_one_line_and_the_node_serves_on(
     let line = out.failed(1);
     eprintln!("{line}");
     assert!(
-        line.contains("refused the TLS handshake") && line.contains("--key-file"),
+        line.contains("the TLS handshake with") && line.contains("--key-file"),
         "{line}"
     );
     // Nothing reached the supervisor, and the node is still managed with the right key.
@@ -188,4 +188,97 @@ fn a_restarted_mgmt_serves_the_same_remote_port() {
     drop(first);
     let _second = node.start_mgmt();
     node.remote_ctl(&key, &["service", "list"]).ok();
+}
+
+#[test]
+fn silent_peers_on_the_remote_port_never_cost_the_local_socket_its_slots() {
+    let mut node = Node::with_remote();
+    let mgmt = node.start_mgmt();
+    let addr = node.remote.as_ref().unwrap().addr();
+    let key = node.remote.as_ref().unwrap().key_file.clone();
+    // More silent peers than there are connection slots, all accepted by the kernel.
+    let silent: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    eventually("the handshake budget refusing the surplus", || {
+        mgmt.log()
+            .contains("too many remote management handshakes at once")
+    });
+    // The local socket is served: its connection was not refused for want of a slot.
+    node.ctl(&["service", "list"]).ok();
+    assert!(
+        !mgmt
+            .log()
+            .contains("too many management connections; closing a new one"),
+        "{}",
+        mgmt.log()
+    );
+    // And the operator with the key gets in once the silent handshakes time out.
+    node.remote_ctl(&key, &["--timeout", "60", "service", "list"])
+        .ok();
+    drop(silent);
+}
+
+#[test]
+fn a_server_that_does_not_prove_the_key_is_refused_before_any_request() {
+    let node = Node::with_remote();
+    let key = node.remote.as_ref().unwrap().key_file.clone();
+    let dir = node.dir.path();
+    // An impostor at the node's address: OpenSSL's s_server with a self-signed certificate,
+    // TLS 1.3, no PSK.
+    let (cert, pkey) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-subj", "/CN=impostor", "-days", "1", "-keyout"])
+        .arg(&pkey)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl req");
+    assert!(made.status.success(), "{made:?}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("openssl")
+        .args(["s_server", "-accept", &port.to_string(), "-tls1_3", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&pkey)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    eventually("s_server listening", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let out = ctl(
+        &mut Command::new(env!("CARGO_BIN_EXE_duplexctl")),
+        &[
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--key-file",
+            key.to_str().unwrap(),
+            "service",
+            "list",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    // Refused in the handshake (not sent a request and left waiting for an answer).
+    let line = out.failed(1);
+    assert!(
+        line.contains("the TLS handshake with") && line.contains("--key-file"),
+        "{line}"
+    );
 }

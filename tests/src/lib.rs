@@ -478,6 +478,11 @@ impl Log {
         }
     }
 
+    /// Every line read so far.
+    pub fn seen_lines(&self) -> &[String] {
+        &self.seen
+    }
+
     /// The last `n` lines, for failure messages.
     pub fn tail(&self, n: usize) -> String {
         let from = self.seen.len().saturating_sub(n);

@@ -522,11 +522,26 @@ pub fn wait_count(log: &mut Log, parts: &[&str], n: usize) {
         if log.matching(parts).len() >= n {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} log lines with {parts:?}:\n{}",
-            log.tail(60)
-        );
+        if Instant::now() >= deadline {
+            // Why it did not come is usually in a warning or an error (a takeover that failed,
+            // a lost fencing race), which may be far above the tail.
+            let mut notable: Vec<&String> = log
+                .seen_lines()
+                .iter()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            let skip = notable.len().saturating_sub(80);
+            notable.drain(..skip);
+            panic!(
+                "fewer than {n} log lines with {parts:?} within {PATIENCE:?}\nthe log's last warnings and errors:\n{}\nits tail:\n{}",
+                notable
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                log.tail(100)
+            );
+        }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }

@@ -303,6 +303,9 @@ struct ClusterWide {
     host_secrets: Vec<duplex_ondisk::records::HostSecret>,
 }
 
+/// How long after a failed takeover it is tried again.
+pub const TAKEOVER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The node's storage. See the module docs.
 #[derive(Debug)]
 pub struct Cluster<D: MetaDisk + Clone, P: Publisher> {
@@ -313,6 +316,10 @@ pub struct Cluster<D: MetaDisk + Clone, P: Publisher> {
     peer_pools: Vec<PeerPool>,
     /// The node slots whose pools the cluster service said are this node's (the peer fenced).
     claims: u64,
+    /// Claimed slots with a pool whose takeover failed (an import or ownership commit error),
+    /// tried again at `retry_at`: a takeover is never given up while the slot stays claimed.
+    retry: u64,
+    retry_at: Option<std::time::Instant>,
     /// Whether the peer's disk heartbeat is seen (a move to it may go ahead).
     peer_visible: bool,
     /// A pool being moved away: its group in ANA change, its volumes unmapped.
@@ -414,6 +421,8 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
             clustered: claims.is_some(),
             peer_pools: Vec::new(),
             claims: claims.unwrap_or(0),
+            retry: 0,
+            retry_at: None,
             peer_visible: false,
             moving: None,
             changes: 0,
@@ -660,13 +669,26 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
 
     /// The cluster service's claims (node slots whose pools are this node's to take over):
     /// takes over the peer pools of newly claimed slots and publishes. Returns whether
-    /// anything changed.
+    /// anything changed. A takeover that failed is tried again, once every
+    /// [`TAKEOVER_RETRY`], while its slot stays claimed.
     pub fn claims(&mut self, claims: u64) -> bool {
-        if !self.clustered || claims == self.claims {
+        self.claims_at(claims, std::time::Instant::now())
+    }
+
+    /// [`Cluster::claims`] at the time `now`.
+    pub fn claims_at(&mut self, claims: u64, now: std::time::Instant) -> bool {
+        if !self.clustered {
             return false;
         }
-        let new = claims & !self.claims;
+        let mut new = claims & !self.claims;
+        self.retry &= claims;
+        if self.retry != 0 && self.retry_at.is_none_or(|t| now >= t) {
+            new |= self.retry;
+        }
         self.claims = claims;
+        if new == 0 {
+            return false;
+        }
         let taken: Vec<Uuid> = self
             .peer_pools
             .iter()
@@ -679,6 +701,23 @@ impl<D: MetaDisk + Clone, P: Publisher> Cluster<D, P> {
         let mut changed = false;
         for pool in taken {
             changed |= self.take_over(pool);
+        }
+        // What is still the peer's in the slots just tried failed: again later (with the
+        // retries that were not due yet).
+        let failed = self
+            .peer_pools
+            .iter()
+            .filter(|p| p.config.ownership.owner_node < 64)
+            .fold(0u64, |m, p| m | 1 << p.config.ownership.owner_node)
+            & new;
+        self.retry = (self.retry & !new) | failed;
+        if failed != 0 {
+            self.retry_at = Some(now + TAKEOVER_RETRY);
+            tracing::warn!(
+                slots = format!("{failed:#x}"),
+                retry_in_ms = TAKEOVER_RETRY.as_millis() as u64,
+                "a takeover failed: trying it again"
+            );
         }
         if changed {
             if let Err(e) = self.publish_all() {

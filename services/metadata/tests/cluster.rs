@@ -1431,3 +1431,49 @@ proptest::proptest! {
         }
     }
 }
+
+/// A takeover that fails (the drives unreadable at the moment the peer's slot is claimed) is
+/// not given up: it is tried again once [`TAKEOVER_RETRY`] has passed, while the slot stays
+/// claimed, and then succeeds (ownership to this node, epoch + 1).
+#[test]
+fn a_failed_takeover_is_tried_again_until_it_succeeds() {
+    let d = disks(2);
+    let mut owner = Cluster::start_member(drives(&d), 0, Some(0), 1, Recorder::default());
+    ok(owner.handle(ConfigRequest::CreatePool {
+        name: "tank".into(),
+        raid: RaidLevel::Raid1,
+        drives: vec!["d0".into(), "d1".into()],
+        chunk_bytes: 0,
+    }));
+    let ConfigReply::Pools(before) = owner.handle(ConfigRequest::ListPools) else {
+        panic!("pools");
+    };
+    drop(owner);
+    let mut standby = Cluster::start_member(drives(&d), 1, Some(0), 1, Recorder::default());
+    let t0 = std::time::Instant::now();
+    for disk in &d {
+        disk.set_failed(true);
+    }
+    assert!(
+        !standby.claims_at(1, t0),
+        "taken over from unreadable drives"
+    );
+    for disk in &d {
+        disk.set_failed(false);
+    }
+    // Not yet due: nothing tried, nothing changed.
+    assert!(!standby.claims_at(1, t0));
+    let ConfigReply::Pools(seen) = standby.handle(ConfigRequest::ListPools) else {
+        panic!("pools");
+    };
+    assert_eq!(seen[0].owner_node, 0, "still the peer's");
+    // Due: tried again, and taken over.
+    assert!(standby.claims_at(1, t0 + duplex_metadata::cluster::TAKEOVER_RETRY));
+    let ConfigReply::Pools(after) = standby.handle(ConfigRequest::ListPools) else {
+        panic!("pools");
+    };
+    assert_eq!(after[0].owner_node, 1, "this node's now");
+    assert_eq!(after[0].epoch, before[0].epoch + 1);
+    // Nothing left to retry.
+    assert!(!standby.claims_at(1, t0 + 10 * duplex_metadata::cluster::TAKEOVER_RETRY));
+}
