@@ -604,3 +604,28 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
         .then(|| body.to_owned())
         .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_owned()))
 }
+
+/// `duplexctl --connect ADDR --key-file KEY ARGS` (remote management, no state directory): its
+/// exit code, stdout and stderr.
+pub fn remote_ctl(addr: &str, key: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin("duplexctl"))
+        .args(["--connect", addr, "--key-file"])
+        .arg(key)
+        .args(args)
+        .env_remove("DUPLEX_STATE_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("duplexctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`remote_ctl`], which must succeed; its stdout.
+pub fn remote_ctl_ok(addr: &str, key: &Path, args: &[&str]) -> String {
+    let (code, out, err) = remote_ctl(addr, key, args);
+    assert_eq!(code, Some(0), "duplexctl --connect {args:?}: {out}{err}");
+    out
+}

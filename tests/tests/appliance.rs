@@ -109,31 +109,17 @@ fn boot(
     KillOnDrop(child)
 }
 
-/// `duplexctl --connect 127.0.0.1:PORT --key-file KEY ARGS`: its exit code, stdout, stderr.
+/// `duplexctl --connect 127.0.0.1:PORT --key-file KEY --timeout 120 ARGS` (a VM under TCG
+/// may take a while to answer): exit code, stdout, stderr.
 fn remote(port: u16, key: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(duplex_tests::bin("duplexctl"))
-        .arg("--connect")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--key-file")
-        .arg(key)
-        .args(["--timeout", "120"])
-        .args(args)
-        .env_remove("DUPLEX_STATE_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .expect("duplexctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args = [&["--timeout", "120"][..], args].concat();
+    duplex_tests::remote_ctl(&format!("127.0.0.1:{port}"), key, &args)
 }
 
 /// `remote`, which must succeed; its stdout.
 fn remote_ok(port: u16, key: &Path, args: &[&str]) -> String {
-    let (code, out, err) = remote(port, key, args);
-    assert_eq!(code, Some(0), "duplexctl {args:?}: {out}{err}");
-    out
+    let args = [&["--timeout", "120"][..], args].concat();
+    duplex_tests::remote_ctl_ok(&format!("127.0.0.1:{port}"), key, &args)
 }
 
 /// The Linux host guest's script: connect through the forwarded port, then fio (`mode`:

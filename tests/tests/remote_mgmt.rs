@@ -6,32 +6,10 @@
 //! listener without a key and a key file that is not a key.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use duplex_tests::pool::{ctl_json, drive_sim, pool_node_config};
-use duplex_tests::{bin, free_port, Node};
-
-fn remote(addr: &str, key: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(bin("duplexctl"))
-        .args(["--connect", addr, "--key-file"])
-        .arg(key)
-        .args(args)
-        .env_remove("DUPLEX_STATE_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .expect("duplexctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn remote_ok(addr: &str, key: &Path, args: &[&str]) -> String {
-    let (code, out, err) = remote(addr, key, args);
-    assert_eq!(code, Some(0), "duplexctl --connect {args:?}: {out}{err}");
-    out
-}
+use duplex_tests::{bin, free_port, remote_ctl_ok, Node};
 
 fn remote_section(key: &Path, port: u16) -> String {
     format!(
@@ -64,24 +42,25 @@ fn a_node_is_configured_from_afar_and_its_remote_port_outlives_mgmt() {
         &["subsystem", "create", nqn],
         &["namespace", "add", nqn, "--volume", "v0"],
     ] {
-        remote_ok(&addr, &key, args);
+        remote_ctl_ok(&addr, &key, args);
     }
     // The local socket sees what the remote commands made.
     let local = ctl_json(&node, &["volume", "list"]);
     assert_eq!(local["volumes"][0]["name"], "v0", "{local}");
     let far: serde_json::Value =
-        serde_json::from_str(&remote_ok(&addr, &key, &["--json", "volume", "list"])).expect("json");
+        serde_json::from_str(&remote_ctl_ok(&addr, &key, &["--json", "volume", "list"]))
+            .expect("json");
     assert_eq!(far, local);
 
     // mgmt crashed from afar: duplexd restarts it, and the same port serves again.
-    remote_ok(
+    remote_ctl_ok(
         &addr,
         &key,
         &["service", "crash", "mgmt", "--mode", "panic"],
     );
     node.log.wait_for(&["service ready service=mgmt"]);
     let services: serde_json::Value =
-        serde_json::from_str(&remote_ok(&addr, &key, &["--json", "service", "list"]))
+        serde_json::from_str(&remote_ctl_ok(&addr, &key, &["--json", "service", "list"]))
             .expect("json");
     let mgmt = services["services"]
         .as_array()
