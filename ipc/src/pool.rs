@@ -77,6 +77,54 @@ pub struct Holder {
     pub incarnation: u64,
 }
 
+/// Chunks of a chain kept inline by [`Chunks`] (a 128 KiB transfer in 4 KiB chunks).
+const CHAIN_INLINE: usize = 32;
+
+/// The chunks of a chain: inline up to [`CHAIN_INLINE`], on the heap beyond (longer chains
+/// are rare: transfers larger than 128 KiB, or smaller chunks).
+#[derive(Debug)]
+struct Chunks {
+    n: usize,
+    inline: [u32; CHAIN_INLINE],
+    heap: Vec<u32>,
+}
+
+impl Default for Chunks {
+    fn default() -> Self {
+        Self {
+            n: 0,
+            inline: [0; CHAIN_INLINE],
+            heap: Vec::new(),
+        }
+    }
+}
+
+impl Chunks {
+    fn push(&mut self, h: u32) {
+        if self.heap.is_empty() && self.n < CHAIN_INLINE {
+            self.inline[self.n] = h;
+            self.n += 1;
+        } else {
+            if self.heap.is_empty() {
+                self.heap.extend_from_slice(&self.inline[..self.n]);
+            }
+            self.heap.push(h);
+        }
+    }
+}
+
+impl std::ops::Deref for Chunks {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        if self.heap.is_empty() {
+            &self.inline[..self.n]
+        } else {
+            &self.heap
+        }
+    }
+}
+
 /// A decoded chunk ownership word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkState {
@@ -347,12 +395,12 @@ impl Pool {
     /// Allocates a chain able to hold `bytes` (at least one chunk), held by us.
     pub fn alloc_chain(&self, bytes: usize) -> Result<BufHandle, PoolError> {
         let n = bytes.div_ceil(self.chunk_size).max(1);
-        let mut chunks = Vec::with_capacity(n);
+        let mut chunks = Chunks::default();
         for _ in 0..n {
             match self.alloc() {
                 Some(h) => chunks.push(h.0),
                 None => {
-                    for h in chunks {
+                    for &h in chunks.iter() {
                         self.state_word(h).store(0, Ordering::Release);
                     }
                     return Err(PoolError::Exhausted { wanted: n });
@@ -363,6 +411,17 @@ impl Pool {
             self.next_word(pair[0]).store(pair[1], Ordering::Relaxed);
         }
         Ok(BufHandle(chunks[0]))
+    }
+
+    /// The chunks of a chain, validated, held on the stack up to [`CHAIN_INLINE`] chunks: the
+    /// per-I/O paths' snapshot of a chain (checked first, then changed, chunk by chunk).
+    fn chunks(&self, head: BufHandle) -> Result<Chunks, PoolError> {
+        let mut out = Chunks::default();
+        self.walk(head, |h| {
+            out.push(h);
+            true
+        })?;
+        Ok(out)
     }
 
     /// The chunks of a chain, validated: in bounds, no loop.
@@ -410,12 +469,12 @@ impl Pool {
 
     /// Frees a chain we hold.
     pub fn free_chain(&self, head: BufHandle) -> Result<(), PoolError> {
-        let chunks = self.chain(head)?;
+        let chunks = self.chunks(head)?;
         let mine = held(self.me);
-        for &h in &chunks {
+        for &h in chunks.iter() {
             self.expect_state(h, mine, "held by us")?;
         }
-        for &h in &chunks {
+        for &h in chunks.iter() {
             self.state_word(h).store(0, Ordering::Release);
         }
         Ok(())
@@ -424,12 +483,12 @@ impl Pool {
     /// Marks a chain we hold as travelling in descriptor `index` of ring `ring`.
     /// Call before publishing the descriptor.
     pub fn lend_chain(&self, head: BufHandle, ring: u8, index: u64) -> Result<(), PoolError> {
-        let chunks = self.chain(head)?;
+        let chunks = self.chunks(head)?;
         let mine = held(self.me);
-        for &h in &chunks {
+        for &h in chunks.iter() {
             self.expect_state(h, mine, "held by us")?;
         }
-        for &h in &chunks {
+        for &h in chunks.iter() {
             self.state_word(h)
                 .store(lent(ring, index), Ordering::Release);
         }
@@ -439,13 +498,13 @@ impl Pool {
     /// Takes ownership of a chain that arrived in descriptor `index` of ring `ring`. Fails,
     /// changing nothing, if any chunk was not lent through exactly that descriptor.
     pub fn take_chain(&self, head: BufHandle, ring: u8, index: u64) -> Result<(), PoolError> {
-        let chunks = self.chain(head)?;
+        let chunks = self.chunks(head)?;
         let want = lent(ring, index);
-        for &h in &chunks {
+        for &h in chunks.iter() {
             self.expect_state(h, want, "lent through this descriptor")?;
         }
         let mine = held(self.me);
-        for &h in &chunks {
+        for &h in chunks.iter() {
             self.state_word(h).store(mine, Ordering::Release);
         }
         Ok(())
@@ -453,7 +512,7 @@ impl Pool {
 
     /// Copies `data` into a chain we hold, setting each chunk's used length.
     pub fn write_chain(&self, head: BufHandle, data: &[u8]) -> Result<(), PoolError> {
-        let chunks = self.chain(head)?;
+        let chunks = self.chunks(head)?;
         let capacity = chunks.len() * self.chunk_size;
         if data.len() > capacity {
             return Err(PoolError::TooLong {
@@ -463,7 +522,7 @@ impl Pool {
             });
         }
         let mut rest = data;
-        for &h in &chunks {
+        for &h in chunks.iter() {
             let n = rest.len().min(self.chunk_size);
             let (now, later) = rest.split_at(n);
             // SAFETY: chunk_ptr(h) points at chunk_size bytes inside the mapping (h checked by
@@ -481,7 +540,7 @@ impl Pool {
     /// holds bytes `[i * chunk_size, (i + 1) * chunk_size)`), leaving the used lengths alone:
     /// for a chain filled piece by piece, finished with [`Pool::set_chain_len`].
     pub fn write_at(&self, head: BufHandle, offset: usize, data: &[u8]) -> Result<(), PoolError> {
-        let chunks = self.chain(head)?;
+        let chunks = self.chunks(head)?;
         let capacity = chunks.len() * self.chunk_size;
         let end = offset.checked_add(data.len()).filter(|&e| e <= capacity);
         if end.is_none() {
@@ -604,7 +663,7 @@ impl Pool {
     /// in place (zero-copy I/O into [`Pool::chunk_ptr`]), where [`Pool::write_chain`] did not set
     /// them.
     pub fn set_chain_len(&self, head: BufHandle, bytes: usize) -> Result<(), PoolError> {
-        let chunks = self.chain(head)?;
+        let chunks = self.chunks(head)?;
         let capacity = chunks.len() * self.chunk_size;
         if bytes > capacity {
             return Err(PoolError::TooLong {
@@ -614,7 +673,7 @@ impl Pool {
             });
         }
         let mut rest = bytes;
-        for &h in &chunks {
+        for &h in chunks.iter() {
             let n = rest.min(self.chunk_size);
             // n <= chunk_size <= 1 << 30 (checked at create/attach), so it fits a u32.
             self.len_word(h).store(n as u32, Ordering::Relaxed);
@@ -625,9 +684,9 @@ impl Pool {
 
     /// Appends the used bytes of every chunk of a chain to `out`. Returns how many.
     pub fn read_chain(&self, head: BufHandle, out: &mut Vec<u8>) -> Result<usize, PoolError> {
-        let chunks = self.chain(head)?;
+        let chunks = self.chunks(head)?;
         let mut total = 0;
-        for &h in &chunks {
+        for &h in chunks.iter() {
             let n = (self.len_word(h).load(Ordering::Relaxed) as usize).min(self.chunk_size);
             let at = out.len();
             out.resize(at + n, 0);

@@ -347,43 +347,23 @@ async fn run(mut rd: BufReader<ReadHalf>, queue: Rc<Queue>, writer: Writer) {
         // Reap finished command tasks without waiting. (Never a select branch: losing that
         // race would drop `read_pdu` halfway through a PDU and desynchronise the stream.)
         while tasks.try_join_next().is_some() {}
-        if queue.outbox().is_closed() {
-            // The writer failed: the socket is gone.
-            break None;
+        let mut step = on_pdu(&queue, &mut tasks, &mut spare, &mut teardown, pdu);
+        // The PDUs already whole in the read buffer (a host at depth sends its commands
+        // together) are taken at once, without the select above: reading them cannot wait.
+        // The writer's room and the controller's teardown are still looked at before each;
+        // the node's shutdown when the buffer runs dry.
+        while matches!(step, Step::Go)
+            && whole_pdu_buffered(rd.buffer())
+            && queue.outbox().has_room()
+            && teardown
+                .as_ref()
+                .is_none_or(|w| *w.borrow() == Teardown::Alive)
+        {
+            let pdu = read_pdu(&mut rd, queue.digests, max_data, &mut spare).await;
+            step = on_pdu(&queue, &mut tasks, &mut spare, &mut teardown, pdu);
         }
-        let mut pdu = match pdu {
-            Ok(p) => p,
-            Err(ReadError::Io) => break None,
-            Err(ReadError::Proto(e, quote)) => {
-                queue.shared.warn(queue.peer, &e.to_string());
-                break Some(tcp::term_req(PduType::C2HTermReq, &e, &quote));
-            }
-        };
-        if let Some(c) = queue.controller() {
-            c.touch();
-        }
-        let result = match pdu.layout.pdu_type {
-            PduType::CapsuleCmd => on_capsule(&queue, &mut tasks, &mut pdu),
-            PduType::H2CData => on_h2c_data(&queue, &pdu),
-            PduType::H2CTermReq => {
-                let (fes, fei) = tcp::parse_term_req(&pdu.header).unwrap_or((0, 0));
-                tracing::info!(fes, fei, "host terminated the connection (H2CTermReq)");
-                break None;
-            }
-            _ => Err(PduError::new(
-                fes::PDU_SEQUENCE,
-                "unexpected PDU type after ICReq",
-            )),
-        };
-        if let Err(e) = result {
-            queue.shared.warn(queue.peer, &e.to_string());
-            break Some(tcp::term_req(PduType::C2HTermReq, &e, &pdu.header));
-        }
-        spare.give_back(pdu);
-        if teardown.is_none() {
-            if let Some(c) = queue.controller() {
-                teardown = Some(c.watch());
-            }
+        if let Step::Stop(term) = step {
+            break term;
         }
     };
     // Stop every command of this queue; their buffers return to the pool when the datapath
@@ -411,6 +391,70 @@ async fn run(mut rd: BufReader<ReadHalf>, queue: Rc<Queue>, writer: Writer) {
     }
     drop(queue);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// What the reader does after a PDU.
+enum Step {
+    /// Reads the next.
+    Go,
+    /// Ends the connection, sending this C2HTermReq first if any.
+    Stop(Option<Vec<u8>>),
+}
+
+/// Whether `buf` starts with a whole PDU (by its common header's PLEN; a bad PLEN is found by
+/// [`read_pdu`] from the header alone).
+fn whole_pdu_buffered(buf: &[u8]) -> bool {
+    buf.len() >= tcp::CH_LEN
+        && u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize <= buf.len()
+}
+
+/// Handles one PDU (or the failure to read one).
+fn on_pdu(
+    queue: &Rc<Queue>,
+    tasks: &mut JoinSet<()>,
+    spare: &mut Spare,
+    teardown: &mut Option<watch::Receiver<Teardown>>,
+    pdu: Result<Pdu, ReadError>,
+) -> Step {
+    if queue.outbox().is_closed() {
+        // The writer failed: the socket is gone.
+        return Step::Stop(None);
+    }
+    let mut pdu = match pdu {
+        Ok(p) => p,
+        Err(ReadError::Io) => return Step::Stop(None),
+        Err(ReadError::Proto(e, quote)) => {
+            queue.shared.warn(queue.peer, &e.to_string());
+            return Step::Stop(Some(tcp::term_req(PduType::C2HTermReq, &e, &quote)));
+        }
+    };
+    if let Some(c) = queue.controller() {
+        c.touch();
+    }
+    let result = match pdu.layout.pdu_type {
+        PduType::CapsuleCmd => on_capsule(queue, tasks, &mut pdu),
+        PduType::H2CData => on_h2c_data(queue, &pdu),
+        PduType::H2CTermReq => {
+            let (fes, fei) = tcp::parse_term_req(&pdu.header).unwrap_or((0, 0));
+            tracing::info!(fes, fei, "host terminated the connection (H2CTermReq)");
+            return Step::Stop(None);
+        }
+        _ => Err(PduError::new(
+            fes::PDU_SEQUENCE,
+            "unexpected PDU type after ICReq",
+        )),
+    };
+    if let Err(e) = result {
+        queue.shared.warn(queue.peer, &e.to_string());
+        return Step::Stop(Some(tcp::term_req(PduType::C2HTermReq, &e, &pdu.header)));
+    }
+    spare.give_back(pdu);
+    if teardown.is_none() {
+        if let Some(c) = queue.controller() {
+            *teardown = Some(c.watch());
+        }
+    }
+    Step::Go
 }
 
 /// Handles a command capsule: checks it, finds its data, starts its task.

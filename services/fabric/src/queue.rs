@@ -38,7 +38,33 @@ pub fn queue_budget(backend: Option<&Backend>) -> usize {
 /// The commands outstanding on a queue, by id, each with its state.
 #[derive(Debug, Default)]
 struct Commands {
-    states: HashMap<u16, Cmd>,
+    states: HashMap<u16, Cmd, IdHash>,
+}
+
+/// Hashes the 16-bit ids a queue keys its tables by (command ids, transfer tags): a Fibonacci
+/// multiply, which spreads consecutive ids over the top bits the table probes with, instead of
+/// SipHash on every command. Ids are the host's choice, but a table holds at most a queue's
+/// entries, which bounds what colliding ids can cost.
+type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
+/// The hasher of [`IdHash`].
+#[derive(Debug, Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u16(&mut self, v: u16) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// One outstanding command.
@@ -203,7 +229,7 @@ pub struct Queue {
     pub auth: RefCell<crate::auth::QueueAuth>,
     /// The PSK identity the host proved on this connection's TLS channel (TLS listeners).
     pub tls_identity: Option<duplex_nvme::tls::Identity>,
-    transfers: RefCell<HashMap<u16, Transfer>>,
+    transfers: RefCell<HashMap<u16, Transfer, IdHash>>,
     next_ttag: Cell<u16>,
     outbox: Rc<Outbox>,
     /// Pool chunks this queue may hold at once (see [`queue_budget`]).
@@ -250,7 +276,7 @@ impl Queue {
             io_metrics: RefCell::new(Vec::new()),
             auth: RefCell::new(crate::auth::QueueAuth::NotRequired),
             tls_identity,
-            transfers: RefCell::new(HashMap::new()),
+            transfers: RefCell::new(HashMap::default()),
             next_ttag: Cell::new(0),
             outbox,
             budget: Arc::new(Semaphore::new(budget)),

@@ -87,6 +87,12 @@ impl Outbox {
         self.queue.borrow_mut().pop_front()
     }
 
+    /// Whether the writer is below [`TX_QUEUE`] and the outbox open: [`Outbox::room`] would not
+    /// wait.
+    pub(crate) fn has_room(&self) -> bool {
+        self.queue.borrow().len() < TX_QUEUE && !self.closed.get()
+    }
+
     /// Waits until the writer has caught up to below [`TX_QUEUE`] (or the outbox closed).
     pub(crate) async fn room(&self) {
         loop {
