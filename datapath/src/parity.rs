@@ -14,11 +14,84 @@
 //! # Arithmetic
 //!
 //! P is the XOR of the data columns; Q is `Σ g^d · D_d` over GF(2^8) with the polynomial
-//! 0x11d and generator 2 (the Linux md RAID-6 code). The field arithmetic is the `gf256`
-//! crate's (`docs/DECISIONS.md` says why); this module only guards its preconditions (equal
-//! lengths, no more lost columns than parity columns), so no input makes it panic.
+//! 0x11d and generator 2 (the Linux md RAID-6 code). P and Q of every write (`generate`,
+//! `update`) are computed here eight bytes at a time: Q by Horner's rule, `Q = g·Q ⊕ D`, with
+//! the multiplication by `g = 2` done on every byte of a 64-bit word at once (shift, then
+//! reduce the bytes whose top bit fell off by 0x1d) — md's "int" syndrome. The two-erasure
+//! solve of a rebuild (`reconstruct`) is the `gf256` crate's (`docs/DECISIONS.md` says why).
+//! This module guards the preconditions (equal lengths, no more lost columns than parity
+//! columns), so no input makes it panic.
 
 use gf256::raid::{raid5, raid6};
+
+/// The top bit of every byte of a word.
+const TOP: u64 = 0x8080_8080_8080_8080;
+/// The field's reduction (0x11d without its x^8 term) in every byte of a word.
+const POLY: u64 = 0x1d1d_1d1d_1d1d_1d1d;
+
+/// Every byte of `v` multiplied by 2 in GF(2^8) (polynomial 0x11d).
+#[inline]
+fn mul2(v: u64) -> u64 {
+    let top = v & TOP;
+    // 0xff in each byte whose top bit is set: 0x80 - 0x01 = 0x7f, with the top bit back.
+    let carried = (top - (top >> 7)) | top;
+    ((v & !TOP) << 1) ^ (carried & POLY)
+}
+
+/// A byte multiplied by 2 in GF(2^8).
+#[inline]
+fn mul2_byte(b: u8) -> u8 {
+    (b << 1) ^ if b & 0x80 != 0 { 0x1d } else { 0 }
+}
+
+#[inline]
+fn word(w: &[u8]) -> u64 {
+    u64::from_ne_bytes(w.try_into().unwrap_or_default())
+}
+
+/// `acc = acc ⊕ src`, bytewise.
+fn xor_into(acc: &mut [u8], src: &[u8]) {
+    let mut a = acc.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, s) in (&mut a).zip(&mut s) {
+        a.copy_from_slice(&(word(a) ^ word(s)).to_ne_bytes());
+    }
+    for (a, s) in a.into_remainder().iter_mut().zip(s.remainder()) {
+        *a ^= s;
+    }
+}
+
+/// `acc = 2·acc ⊕ src` in GF(2^8), bytewise: one step of Horner's rule.
+fn horner_step(acc: &mut [u8], src: &[u8]) {
+    let mut a = acc.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, s) in (&mut a).zip(&mut s) {
+        a.copy_from_slice(&(mul2(word(a)) ^ word(s)).to_ne_bytes());
+    }
+    for (a, s) in a.into_remainder().iter_mut().zip(s.remainder()) {
+        *a = mul2_byte(*a) ^ s;
+    }
+}
+
+/// `acc = acc ⊕ 2^times·src` in GF(2^8), bytewise.
+fn xor_scaled_into(acc: &mut [u8], src: &[u8], times: usize) {
+    let mut a = acc.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, s) in (&mut a).zip(&mut s) {
+        let mut v = word(s);
+        for _ in 0..times {
+            v = mul2(v);
+        }
+        a.copy_from_slice(&(word(a) ^ v).to_ne_bytes());
+    }
+    for (a, s) in a.into_remainder().iter_mut().zip(s.remainder()) {
+        let mut v = *s;
+        for _ in 0..times {
+            v = mul2_byte(v);
+        }
+        *a ^= v;
+    }
+}
 
 /// Why parity arithmetic was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,9 +200,24 @@ pub fn generate(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) -> Result<()
     if same_len(data, &lens).is_none() || data.len() > 255 {
         return Err(shape);
     }
-    match q {
-        Some(q) => raid6::format(data, p, q),
-        None => raid5::format(data, p),
+    let Some((last, rest)) = data.split_last() else {
+        // No data columns: the parity of nothing.
+        p.fill(0);
+        if let Some(q) = q {
+            q.fill(0);
+        }
+        return Ok(());
+    };
+    p.copy_from_slice(last);
+    for d in rest {
+        xor_into(p, d);
+    }
+    if let Some(q) = q {
+        // Horner from the last column: Q = ((D[k-1]·g ⊕ D[k-2])·g ⊕ …)·g ⊕ D[0].
+        q.copy_from_slice(last);
+        for d in rest.iter().rev() {
+            horner_step(q, d);
+        }
     }
     Ok(())
 }
@@ -151,9 +239,12 @@ pub fn update(
     if same_len(&[old], &lens).is_none() || col > 254 {
         return Err(shape);
     }
-    match q {
-        Some(q) => raid6::update(col, old, new, p, q),
-        None => raid5::update(col, old, new, p),
+    // P ⊕= old ⊕ new; Q ⊕= g^col·(old ⊕ new).
+    xor_into(p, old);
+    xor_into(p, new);
+    if let Some(q) = q {
+        xor_scaled_into(q, old, col);
+        xor_scaled_into(q, new, col);
     }
     Ok(())
 }
@@ -298,17 +389,19 @@ mod tests {
             }
             r
         }
-        let cols: Vec<Vec<u8>> = (0..5u8)
+        // 1029 bytes: whole words and a tail; every byte value in every column.
+        let len = 1029;
+        let cols: Vec<Vec<u8>> = (0..7u8)
             .map(|c| {
-                (0..64u8)
-                    .map(|i| i.wrapping_mul(31).wrapping_add(c * 7))
+                (0..len)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(c * 7) ^ (i >> 8) as u8)
                     .collect()
             })
             .collect();
         let refs: Vec<&[u8]> = cols.iter().map(Vec::as_slice).collect();
-        let (mut p, mut q) = (vec![0u8; 64], vec![0u8; 64]);
+        let (mut p, mut q) = (vec![0u8; len], vec![0u8; len]);
         generate(&refs, &mut p, Some(&mut q)).expect("parity");
-        for i in 0..64 {
+        for i in 0..len {
             let mut want_q = 0u8;
             let mut g = 1u8;
             for c in &cols {
