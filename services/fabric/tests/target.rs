@@ -288,6 +288,51 @@ fn io_in_capsule_and_r2t_with_and_without_digests() {
     }
 }
 
+/// Commands a host sends together (one buffer, as a host at depth does) are read out of the
+/// target's read buffer in one go: every one is answered, each with its own data.
+#[test]
+fn commands_sent_together_are_each_answered_with_their_own_data() {
+    use duplex_host::Data;
+    let h = Harness::start();
+    for digests in [NONE, BOTH] {
+        let (_a, mut q) = io_queue(&h, digests);
+        // 24 writes of 4 KiB in their capsules, queued, then flushed in one send by the first poll.
+        let mut lba_of = std::collections::HashMap::new();
+        for i in 0..24u64 {
+            let cid =
+                q.q.submit(rw(io::WRITE, 300 + i, 1), Data::Out(pattern(i as u8, 4096)))
+                    .expect("submit");
+            lba_of.insert(cid, i);
+        }
+        for _ in 0..24 {
+            let c = q.q.poll().expect("write completion");
+            assert!(c.status().is_success(), "write: {}", c.status());
+            assert!(
+                lba_of.remove(&c.cid).is_some(),
+                "unknown or repeated cid {}",
+                c.cid
+            );
+        }
+        // And read back together.
+        for i in 0..24u64 {
+            let cid =
+                q.q.submit(rw(io::READ, 300 + i, 1), Data::In(4096))
+                    .expect("submit");
+            lba_of.insert(cid, i);
+        }
+        for _ in 0..24 {
+            let c = q.q.poll().expect("read completion");
+            assert!(c.status().is_success(), "read: {}", c.status());
+            let i = lba_of.remove(&c.cid).expect("a cid of ours, once");
+            assert!(
+                c.data == pattern(i as u8, 4096),
+                "block {} read back differs",
+                300 + i
+            );
+        }
+    }
+}
+
 #[test]
 fn hosts_off_the_allow_list_and_unknown_subsystems_are_refused() {
     let h = Harness::start();
