@@ -73,19 +73,26 @@ fn horner_step(acc: &mut [u8], src: &[u8]) {
     }
 }
 
-/// `acc = acc ⊕ 2^times·src` in GF(2^8), bytewise.
-fn xor_scaled_into(acc: &mut [u8], src: &[u8], times: usize) {
+/// `acc = acc ⊕ 2^times·(old ⊕ new)` in GF(2^8), bytewise: a read-modify-write's change to a
+/// parity column (P: `times` 0; Q: the data column's index), in one pass.
+fn xor_delta_into(acc: &mut [u8], old: &[u8], new: &[u8], times: usize) {
     let mut a = acc.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (a, s) in (&mut a).zip(&mut s) {
-        let mut v = word(s);
+    let mut o = old.chunks_exact(8);
+    let mut n = new.chunks_exact(8);
+    for ((a, o), n) in (&mut a).zip(&mut o).zip(&mut n) {
+        let mut v = word(o) ^ word(n);
         for _ in 0..times {
             v = mul2(v);
         }
         a.copy_from_slice(&(word(a) ^ v).to_ne_bytes());
     }
-    for (a, s) in a.into_remainder().iter_mut().zip(s.remainder()) {
-        let mut v = *s;
+    for ((a, o), n) in a
+        .into_remainder()
+        .iter_mut()
+        .zip(o.remainder())
+        .zip(n.remainder())
+    {
+        let mut v = o ^ n;
         for _ in 0..times {
             v = mul2_byte(v);
         }
@@ -201,12 +208,8 @@ pub fn generate(data: &[&[u8]], p: &mut [u8], q: Option<&mut [u8]>) -> Result<()
         return Err(shape);
     }
     let Some((last, rest)) = data.split_last() else {
-        // No data columns: the parity of nothing.
-        p.fill(0);
-        if let Some(q) = q {
-            q.fill(0);
-        }
-        return Ok(());
+        // Never: same_len refuses no columns.
+        return Err(ParityError::Shape { columns: 0 });
     };
     p.copy_from_slice(last);
     for d in rest {
@@ -240,11 +243,9 @@ pub fn update(
         return Err(shape);
     }
     // P ⊕= old ⊕ new; Q ⊕= g^col·(old ⊕ new).
-    xor_into(p, old);
-    xor_into(p, new);
+    xor_delta_into(p, old, new, 0);
     if let Some(q) = q {
-        xor_scaled_into(q, old, col);
-        xor_scaled_into(q, new, col);
+        xor_delta_into(q, old, new, col);
     }
     Ok(())
 }

@@ -426,12 +426,7 @@ impl Pool {
 
     /// The chunks of a chain, validated: in bounds, no loop.
     pub fn chain(&self, head: BufHandle) -> Result<Vec<u32>, PoolError> {
-        let mut out = Vec::new();
-        self.walk(head, |h| {
-            out.push(h);
-            true
-        })?;
-        Ok(out)
+        Ok(self.chunks(head)?.to_vec())
     }
 
     /// Calls `f` on each chunk of a chain, in order, until it returns false; fails (possibly
