@@ -181,6 +181,8 @@ catalog! {
         "Bad copies in a pool rewritten from a good one (since the datapath started).";
     PoolIntegrityUnrecoverable = "duplex_pool_integrity_unrecoverable_total", Counter,
         "Reads of a pool with no good copy (since the datapath started).";
+    FabricThreadConnections = "duplex_fabric_thread_connections_total", Counter,
+        "Host connections (TCP) a fabric I/O thread took, by thread.";
     SourceUp = "duplex_metrics_source_up", Gauge,
         "1 when mgmt could read a source of these metrics in this scrape (a service, duplexd).";
 }

@@ -47,8 +47,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::storage::{
-    parse_id, valid_nqn, FabricSettings, SubsystemConfig, VolumeConfig, COMPLETE_RING, FABRIC,
-    IO_POOL, METADATA, META_COMPLETE_RING, META_SUBMIT_RING, SUBMIT_RING,
+    complete_ring, parse_id, submit_ring, valid_nqn, FabricSettings, SubsystemConfig, VolumeConfig,
+    FABRIC, IO_POOL, MAX_IO_THREADS, METADATA, META_COMPLETE_RING, META_SUBMIT_RING,
 };
 
 /// Errors reading the node config. Each renders as one line.
@@ -439,18 +439,20 @@ impl NodeConfig {
         let at = |v: String| Spanned::new(0..0, v);
         let f = &self.fabric;
         let (capacity, chunk_size, chunks) = (f.ring_capacity, f.chunk_size, f.pool_chunks);
-        self.rings.push(RingConfig {
-            name: at(SUBMIT_RING.into()),
-            producer: at(FABRIC.into()),
-            consumer: at(dp.clone()),
-            capacity: Spanned::new(0..0, capacity),
-        });
-        self.rings.push(RingConfig {
-            name: at(COMPLETE_RING.into()),
-            producer: at(dp.clone()),
-            consumer: at(FABRIC.into()),
-            capacity: Spanned::new(0..0, capacity),
-        });
+        for t in 0..f.io_threads.clamp(1, MAX_IO_THREADS) {
+            self.rings.push(RingConfig {
+                name: at(submit_ring(t)),
+                producer: at(FABRIC.into()),
+                consumer: at(dp.clone()),
+                capacity: Spanned::new(0..0, capacity),
+            });
+            self.rings.push(RingConfig {
+                name: at(complete_ring(t)),
+                producer: at(dp.clone()),
+                consumer: at(FABRIC.into()),
+                capacity: Spanned::new(0..0, capacity),
+            });
+        }
         let mut users = vec![at(FABRIC.into()), at(dp.clone())];
         if self.has_metadata() {
             // The metadata service's privileged channel to the datapath, on the same pool.
@@ -486,6 +488,13 @@ impl NodeConfig {
             },
             message,
         };
+        let threads = self.fabric.io_threads;
+        if !(1..=MAX_IO_THREADS).contains(&threads) {
+            return Err(err(
+                0..0,
+                format!("[fabric] io_threads = {threads}: must be from 1 to {MAX_IO_THREADS}"),
+            ));
+        }
         let mut names = HashSet::new();
         for (what, v) in self
             .volumes
@@ -1271,6 +1280,43 @@ service = "fabric"
             )),
             "parsed"
         );
+    }
+
+    #[test]
+    fn fabric_io_threads_are_checked_and_each_gets_a_channel() {
+        let storage = |threads: &str| {
+            format!(
+                "{GOOD}\n[[volume]]\nname = \"v\"\npath = \"v.img\"\n\n[[subsystem]]\n\
+                 nqn = \"nqn.2026-11.io.duplex:v\"\nallow_any_host = true\n\
+                 namespaces = [{{ nsid = 1, volume = \"v\" }}]\n\n[fabric]\n{threads}\n"
+            )
+        };
+        for bad in ["io_threads = 0", "io_threads = 5"] {
+            let e = error(&storage(bad));
+            assert!(
+                e.contains(&format!("[fabric] {bad}: must be from 1 to 4")),
+                "{e}"
+            );
+        }
+        let config = NodeConfig::parse("node.toml", &storage("io_threads = 3")).expect("parses");
+        let rings: Vec<&str> = config
+            .rings
+            .iter()
+            .map(|r| r.name.get_ref().as_str())
+            .filter(|n| n.starts_with("fabric-io"))
+            .collect();
+        assert_eq!(
+            rings,
+            [
+                "fabric-io0-sq",
+                "fabric-io0-cq",
+                "fabric-io1-sq",
+                "fabric-io1-cq",
+                "fabric-io2-sq",
+                "fabric-io2-cq"
+            ]
+        );
+        assert_eq!(config.fabric.io_threads, 3);
     }
 
     #[test]

@@ -22,14 +22,15 @@
 //! [fabric]                    # optional; defaults shown
 //! cntlid_base = 1             # first controller id (the peer node uses another range)
 //! ana_group = 1
+//! io_threads = 1              # fabric I/O threads, each with its own datapath channel (1-4)
 //! ring_capacity = 256         # fabric ↔ datapath rings
 //! pool_chunks = 8192          # shared buffer pool: 8192 × 4 KiB = 32 MiB
 //! chunk_size = 4096
 //! ```
 //!
 //! When the node has a datapath service, a service named `fabric` and at least one subsystem,
-//! duplexd adds the channel between them itself (rings `fabric-io0-sq` and `fabric-io0-cq`,
-//! pool `fabric-io`), opens every volume (`O_DIRECT` when the file system allows it, else
+//! duplexd adds the channels between them itself (rings `fabric-ioN-sq` and `fabric-ioN-cq`
+//! for each fabric I/O thread N, pool `fabric-io`), opens every volume (`O_DIRECT` when the file system allows it, else
 //! buffered), and hands both services the same [`Topology`] (resource `topology`); volumes
 //! go to the datapath only (`volume:NAME`).
 //!
@@ -52,10 +53,18 @@ use toml::Spanned;
 
 /// Name of the fabric service the storage topology is for.
 pub const FABRIC: &str = "fabric";
-/// The derived submission ring.
-pub const SUBMIT_RING: &str = "fabric-io0-sq";
-/// The derived completion ring.
-pub const COMPLETE_RING: &str = "fabric-io0-cq";
+/// Fabric I/O threads at most (each has a channel of its own to the datapath).
+pub const MAX_IO_THREADS: u16 = 4;
+
+/// The derived submission ring of fabric I/O thread `thread`.
+pub fn submit_ring(thread: u16) -> String {
+    format!("fabric-io{thread}-sq")
+}
+
+/// The derived completion ring of fabric I/O thread `thread`.
+pub fn complete_ring(thread: u16) -> String {
+    format!("fabric-io{thread}-cq")
+}
 /// The derived pool.
 pub const IO_POOL: &str = "fabric-io";
 /// Name of the metadata service (pools on the `[[drive]]`s).
@@ -181,6 +190,9 @@ pub struct FabricSettings {
     pub cntlid_base: u16,
     /// ANA group id of this node.
     pub ana_group: u32,
+    /// Fabric I/O threads, each with its own channel (ring pair) to the datapath; connections
+    /// are dealt out over them in turn.
+    pub io_threads: u16,
     /// Slots of each fabric ↔ datapath ring.
     pub ring_capacity: u64,
     /// Chunks in the shared buffer pool.
@@ -194,6 +206,7 @@ impl Default for FabricSettings {
         Self {
             cntlid_base: 1,
             ana_group: 1,
+            io_threads: 1,
             ring_capacity: 256,
             pool_chunks: 8192,
             chunk_size: 4096,
@@ -581,10 +594,12 @@ pub fn topology_with_drives(
         io: IoSpec {
             pool: IO_POOL.to_owned(),
             channels: if channel {
-                vec![ChannelSpec {
-                    submit: SUBMIT_RING.to_owned(),
-                    complete: COMPLETE_RING.to_owned(),
-                }]
+                (0..fabric.io_threads.clamp(1, MAX_IO_THREADS))
+                    .map(|t| ChannelSpec {
+                        submit: submit_ring(t),
+                        complete: complete_ring(t),
+                    })
+                    .collect()
             } else {
                 Vec::new()
             },

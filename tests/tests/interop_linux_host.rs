@@ -3,6 +3,9 @@
 //! guest's packages on first use) and QEMU; runs in TCG where KVM does not work, so it is slow
 //! (minutes per kernel) and speed says nothing about duplex.
 //!
+//! The node runs two fabric I/O threads (`[fabric] io_threads = 2`): the host's queues are
+//! dealt out over both, each thread with its own channel to the datapath.
+//!
 //! Per kernel (Debian bookworm 6.1 and bookworm-backports 6.12), one guest runs:
 //! discovery on 8009 → connect with 2 I/O queues → `nvme list`, `id-ctrl`, `id-ns`, `ana-log`
 //! → fio random write + crc32c verify (64 MiB, iodepth 16) → disconnect → reconnect → fio
@@ -42,6 +45,10 @@ after = ["datapath"]
 [[service]]
 name = "mgmt"
 binary = "{{mgmt}}"
+
+# Two fabric I/O threads: the host's admin and I/O queues are dealt out over both.
+[fabric]
+io_threads = 2
 
 [[listener]]
 name = "nvme"
@@ -163,7 +170,8 @@ fn run(kernel: Kernel) {
     let image = Guest::image(kernel).expect("guest image");
     let (io_port, disc_port) = (free_port(), free_port());
     let mut node = Node::start(&config(io_port, disc_port));
-    node.log.wait_for(&["fabric ready"]);
+    let ready = node.log.wait_for(&["fabric ready"]);
+    assert!(ready.contains("io_threads=2"), "{ready}");
     let spec = RunSpec::new(script(io_port, disc_port))
         .host(HOSTNQN, HOSTID)
         .memory_mib(1024)

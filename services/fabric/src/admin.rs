@@ -1,6 +1,8 @@
 //! Admin commands of I/O and discovery controllers (after Connect, with CC.EN set).
 
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use duplex_ipc::exports::MAX_ANA_GROUP;
 use duplex_ipc::topology::ListenerKind;
@@ -21,7 +23,7 @@ pub const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
 pub const ANATT: u8 = 10;
 
 /// Executes one admin command.
-pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataIn) -> Reply {
+pub async fn execute(q: &Rc<Queue>, ctrl: &Arc<Controller>, sqe: Sqe, data: DataIn) -> Reply {
     // Commands with data from the host are not among ours: drain it to keep the stream sane.
     if !matches!(data, DataIn::None) {
         if let Err(s) = q.host_data(sqe.cid, data).await {
@@ -167,9 +169,10 @@ fn get_log_page(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
     let target = &q.shared.target;
     let s = &ctrl.subsys;
     let page = match (g.lid, s.discovery) {
-        (lid::DISCOVERY, true) => {
-            log::discovery(target.discovery_genctr.get(), &discovery_entries(q, ctrl))
-        }
+        (lid::DISCOVERY, true) => log::discovery(
+            target.discovery_genctr.load(Ordering::Relaxed),
+            &discovery_entries(q, ctrl),
+        ),
         (lid::ERROR, _) => log::error_info(1),
         (lid::SMART, false) => log::smart(&target.health()),
         (lid::FW_SLOT, false) => log::firmware_slot(FIRMWARE),
@@ -319,7 +322,7 @@ fn set_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
             Reply::ok(granted | granted << 16)
         }
         feat::ASYNC_EVENT => {
-            ctrl.aec.set(v);
+            ctrl.aec.store(v, Ordering::Relaxed);
             Reply::ok(0)
         }
         feat::KATO => {
@@ -329,7 +332,7 @@ fn set_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
             Reply::ok(0)
         }
         feat::VOLATILE_WC if !ctrl.subsys.discovery => {
-            ctrl.wce.set(v & 1 != 0);
+            ctrl.wce.store(v & 1 != 0, Ordering::Relaxed);
             Reply::ok(0)
         }
         duplex_nvme::resv::FEAT_RESV_NOTIFICATION_MASK if ctrl.subsys.exported => {
@@ -353,7 +356,7 @@ fn set_features(ctrl: &Controller, sqe: &Sqe) -> Reply {
 
 /// Set Features Reservation Persistence (83h): the namespace's PTPL, kept with its
 /// reservation state on the drives (a round trip to the metadata service).
-async fn set_persistence(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: &Sqe) -> Reply {
+async fn set_persistence(q: &Rc<Queue>, ctrl: &Arc<Controller>, sqe: &Sqe) -> Reply {
     if !reservations(&q.shared.target, ctrl) {
         return Reply::status(generic::INVALID_FIELD);
     }
@@ -390,9 +393,9 @@ fn get_features(q: &Queue, ctrl: &Controller, sqe: &Sqe) -> Reply {
             let n = u32::from(ctrl.io_queues.get().max(1) - 1);
             n | n << 16
         }
-        feat::ASYNC_EVENT => ctrl.aec.get(),
+        feat::ASYNC_EVENT => ctrl.aec.load(Ordering::Relaxed),
         feat::KATO => ctrl.kato.get().as_millis() as u32,
-        feat::VOLATILE_WC if io => u32::from(ctrl.wce.get()),
+        feat::VOLATILE_WC if io => u32::from(ctrl.wce.load(Ordering::Relaxed)),
         feat::ARBITRATION
         | feat::POWER_MGMT
         | feat::ERROR_RECOVERY
@@ -438,15 +441,20 @@ fn reservation_feature(q: &Queue, ctrl: &Controller, sqe: &Sqe, fid: u8, sel: u3
     Reply::ok(u32::from(ptpl))
 }
 
-async fn async_event(ctrl: &Rc<Controller>) -> Reply {
-    if ctrl.aers.get() >= AER_LIMIT {
+async fn async_event(ctrl: &Arc<Controller>) -> Reply {
+    if ctrl
+        .aers
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < AER_LIMIT).then_some(n + 1)
+        })
+        .is_err()
+    {
         return Reply::status(specific::AER_LIMIT);
     }
-    ctrl.aers.set(ctrl.aers.get() + 1);
     struct Outstanding<'a>(&'a Controller);
     impl Drop for Outstanding<'_> {
         fn drop(&mut self) {
-            self.0.aers.set(self.0.aers.get().saturating_sub(1));
+            self.0.aers.fetch_sub(1, Ordering::AcqRel);
         }
     }
     let _guard = Outstanding(ctrl);

@@ -12,6 +12,7 @@
 //! Connect, with a log line saying why.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use duplex_nvme::auth::{self, Outcome, Secret, Session};
 use duplex_nvme::cmd::Sqe;
@@ -153,7 +154,7 @@ pub async fn send(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
         QueueAuth::Authenticated | QueueAuth::Failed if is_negotiate(&msg) => {
             let was = matches!(state, QueueAuth::Authenticated);
             let ctrl = match &*q.role.borrow() {
-                Role::Admin(c) | Role::Io(c, _) => Rc::clone(c),
+                Role::Admin(c) | Role::Io(c, _) => Arc::clone(c),
                 Role::Unconnected => return Reply::status(generic::SEQUENCE),
             };
             match begin(q, &ctrl.subsys, &ctrl.hostnqn) {

@@ -21,6 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use duplex_ipc::desc::IoDesc;
 use duplex_ipc::doorbell::Doorbell;
@@ -181,7 +182,9 @@ pub struct Backend {
     complete_ring: u8,
     space: AsyncFd<Bell>,
     data: AsyncFd<Bell>,
-    pool_freed: Notify,
+    /// Allocations waiting for room in the pool, on every I/O thread (a chain freed on one
+    /// thread makes room for all).
+    room: &'static PoolRoom,
     closed: Cell<bool>,
 }
 
@@ -191,6 +194,41 @@ impl std::fmt::Debug for Backend {
             .field("epoch", &self.epoch)
             .field("submit_ring", &self.submit_ring)
             .finish_non_exhaustive()
+    }
+}
+
+/// Allocations waiting for room in the pool, over the backends of every I/O thread. A free
+/// wakes them only when there are some: the per-I/O free touches no lock shared between threads.
+#[derive(Debug, Default)]
+struct PoolRoom {
+    waiters: AtomicUsize,
+    freed: Notify,
+}
+
+impl PoolRoom {
+    /// The process's.
+    fn get() -> &'static Self {
+        static ROOM: std::sync::OnceLock<PoolRoom> = std::sync::OnceLock::new();
+        ROOM.get_or_init(PoolRoom::default)
+    }
+
+    /// Chunks were freed: wakes the waiting allocations, if any.
+    fn freed(&self) {
+        // Pairs with the waiter's `fetch_add`: either it sees the chunks freed before this, or
+        // this sees it waiting.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// One allocation counted as waiting for room while it lives.
+struct Waiting(&'static PoolRoom);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -231,7 +269,7 @@ impl Backend {
             complete_ring,
             space,
             data,
-            pool_freed: Notify::new(),
+            room: PoolRoom::get(),
             closed: Cell::new(false),
         }))
     }
@@ -243,18 +281,29 @@ impl Backend {
 
     /// Allocates a chain of at least `bytes`, waiting while the pool is exhausted.
     pub async fn alloc(&self, bytes: usize) -> Result<BufHandle, BackendError> {
+        if let Some(h) = self.try_alloc(bytes)? {
+            return Ok(h);
+        }
+        self.room.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(self.room);
         loop {
-            let freed = self.pool_freed.notified();
-            match self.pool.alloc_chain(bytes) {
-                Ok(h) => return Ok(h),
-                Err(PoolError::Exhausted { .. }) => {
-                    if self.closed.get() {
-                        return Err(BackendError::Closed);
-                    }
-                    freed.await;
-                }
-                Err(e) => return Err(e.into()),
+            let freed = self.room.freed.notified();
+            if let Some(h) = self.try_alloc(bytes)? {
+                return Ok(h);
             }
+            if self.closed.get() {
+                return Err(BackendError::Closed);
+            }
+            freed.await;
+        }
+    }
+
+    /// A chain of at least `bytes` if the pool has room now.
+    fn try_alloc(&self, bytes: usize) -> Result<Option<BufHandle>, BackendError> {
+        match self.pool.alloc_chain(bytes) {
+            Ok(h) => Ok(Some(h)),
+            Err(PoolError::Exhausted { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -273,7 +322,7 @@ impl Backend {
         if let Err(e) = self.pool.free_chain(h) {
             tracing::error!(error = %e, "cannot free a buffer chain");
         }
-        self.pool_freed.notify_waiters();
+        self.room.freed();
     }
 
     /// Submits `desc` (its `buf`, if any, is a chain we hold) and waits for its completion.
@@ -364,7 +413,8 @@ impl Backend {
                 fail(p);
             }
         }
-        self.pool_freed.notify_waiters();
+        // This thread's waiting allocations see the channel closed.
+        self.room.freed.notify_waiters();
         result
     }
 

@@ -23,6 +23,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_nvme::cmd::{ConnectCmd, ConnectData, Sqe};
@@ -147,22 +148,21 @@ pub async fn serve(stream: TcpStream, shared: Rc<Shared>, port: Port) {
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let local = stream.local_addr().unwrap_or(port.addr);
-    if shared.connections.get() >= shared.max_connections {
+    let Some(_counted) = shared.target.count_connection() else {
         shared.warn(peer, "connection limit reached: refusing a connection");
         return;
+    };
+    if let Some(c) = &shared.taken {
+        c.inc();
     }
     let _ = stream.set_nodelay(true);
-    shared.connections.set(shared.connections.get() + 1);
-    let span = tracing::info_span!("conn", %peer, port = port.id);
+    let span = tracing::info_span!("conn", %peer, port = port.id, thread = shared.thread);
     let _enter = span.enter();
     tracing::debug!("connection accepted");
     let (rd, wr, identity) = if port.tls {
         match secure(stream, &shared, peer).await {
             Some(x) => x,
-            None => {
-                shared.connections.set(shared.connections.get() - 1);
-                return;
-            }
+            None => return,
         }
     } else {
         let (rd, wr) = crate::stream::plain(stream);
@@ -173,7 +173,6 @@ pub async fn serve(stream: TcpStream, shared: Rc<Shared>, port: Port) {
     if let Some((queue, writer)) = result {
         run(rd, queue, writer).await;
     }
-    shared.connections.set(shared.connections.get() - 1);
     tracing::debug!("connection closed");
 }
 
@@ -385,7 +384,7 @@ async fn run(mut rd: BufReader<ReadHalf>, queue: Rc<Queue>, writer: Writer) {
             tracing::info!(cntlid = c.cntlid, host = %c.hostnqn, "controller removed");
         }
         Role::Io(c, qid) => {
-            c.connected.borrow_mut().remove(&qid);
+            c.connected.lock().remove(&qid);
         }
         Role::Unconnected => {}
     }
@@ -615,7 +614,7 @@ async fn execute(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
 }
 
 /// Fabrics commands on a connected admin queue: Property Get/Set, Disconnect.
-async fn fabrics(_q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe) -> Reply {
+async fn fabrics(_q: &Rc<Queue>, ctrl: &Arc<Controller>, sqe: Sqe) -> Reply {
     match sqe.fctype() {
         fctype::PROPERTY_GET => {
             let eight = sqe.cdw10 & 7 == 1;
@@ -740,7 +739,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
             // Rounded up to the keep-alive granularity (KAS: 1 s).
             Duration::from_millis(u64::from(cmd.kato).div_ceil(1000) * 1000)
         };
-        let ctrl = Rc::new(Controller::new(
+        let ctrl = Arc::new(Controller::new(
             cntlid,
             subsys.clone(),
             cd.hostnqn.clone(),
@@ -786,7 +785,7 @@ async fn connect(q: &Rc<Queue>, sqe: Sqe, data: DataIn) -> Reply {
     if cmd.qid > ctrl.io_queues.get().min(MAX_IO_QUEUES) {
         return bad_field(42);
     }
-    if !ctrl.connected.borrow_mut().insert(cmd.qid) {
+    if !ctrl.connected.lock().insert(cmd.qid) {
         return Reply::status(specific::CONNECT_BUSY);
     }
     q.connected(

@@ -2,14 +2,15 @@
 //! its keep-alive timer expires. Holds the controller properties (CC, CSTS), features, the
 //! asynchronous event queue and the keep-alive timer.
 
-use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_nvme::spec::{aen, lid, prop};
 use tokio::sync::{watch, Notify};
 
+use crate::cells::{Locked, SyncCell};
 use crate::subsystem::Subsystem;
 
 /// Maximum queue entries supported (CAP.MQES + 1).
@@ -47,49 +48,61 @@ pub enum Teardown {
 /// Most entries of the Changed Namespace List log page; past that it reports FFFFFFFFh.
 pub const CHANGED_NS_ENTRIES: usize = 1024;
 
-/// A controller.
+/// A controller. Its admin queue and its I/O queues may be served by different fabric threads:
+/// what changes is behind atomics or locks, and what changes together (CC with CSTS; the event
+/// queue with the masks and the logs that feed it) behind one lock.
 #[derive(Debug)]
 pub struct Controller {
     /// Controller id.
     pub cntlid: u16,
     /// Its subsystem.
-    pub subsys: Rc<Subsystem>,
+    pub subsys: Arc<Subsystem>,
     /// Host NQN of the Connect that created it.
     pub hostnqn: String,
     /// Host identifier.
     pub hostid: [u8; 16],
     /// Keep-alive timeout (0: disabled).
-    pub kato: Cell<Duration>,
-    cc: Cell<u32>,
-    csts: Cell<u32>,
+    pub kato: SyncCell<Duration>,
+    /// CC and CSTS.
+    regs: Locked<(u32, u32)>,
     /// I/O queues granted by Set Features Number of Queues.
-    pub io_queues: Cell<u16>,
+    pub io_queues: SyncCell<u16>,
     /// Connected I/O queue ids.
-    pub connected: RefCell<HashSet<u16>>,
+    pub connected: Locked<HashSet<u16>>,
     /// Asynchronous Event Configuration.
-    pub aec: Cell<u32>,
+    pub aec: AtomicU32,
     /// Volatile write cache enabled.
-    pub wce: Cell<bool>,
+    pub wce: AtomicBool,
     /// Outstanding Asynchronous Event Requests.
-    pub aers: Cell<usize>,
-    events: RefCell<VecDeque<u32>>,
+    pub aers: AtomicUsize,
+    events: Locked<Events>,
     event_ready: Notify,
+    /// When the controller was made: `last_traffic` counts from it.
+    born: Instant,
+    /// Nanoseconds from `born` to the host's last traffic.
+    last_traffic: AtomicU64,
+    teardown: watch::Sender<Teardown>,
+    /// Reservation Notification Mask (feature 82h) by namespace: bit `type` set, not reported.
+    resv_mask: Locked<std::collections::HashMap<u32, u32>>,
+}
+
+/// The asynchronous events of a controller and what decides them.
+#[derive(Debug, Default)]
+struct Events {
+    /// Queued completions (dword 0) for the host's Asynchronous Event Requests.
+    queue: VecDeque<u32>,
     /// Notice classes (their Asynchronous Event Configuration bits) reported and not yet
     /// cleared by the host reading their log page with RAE cleared: masked meanwhile.
-    masked: Cell<u32>,
+    masked: u32,
     /// Namespaces changed since the host last read the Changed Namespace List, ascending; one
     /// more than [`CHANGED_NS_ENTRIES`] means "more than fit".
-    changed_ns: RefCell<Vec<u32>>,
-    last_traffic: Cell<Instant>,
-    teardown: watch::Sender<Teardown>,
+    changed_ns: Vec<u32>,
     /// Reservation Notification log pages not yet read: (log page count, type, nsid).
-    resv_log: RefCell<VecDeque<(u64, u8, u32)>>,
+    resv_log: VecDeque<(u64, u8, u32)>,
     /// The last log page count given (wraps, skipping 0).
-    resv_count: Cell<u64>,
-    /// Reservation Notification Mask (feature 82h) by namespace: bit `type` set, not reported.
-    resv_mask: RefCell<std::collections::HashMap<u32, u32>>,
+    resv_count: u64,
     /// A Reservation Log Page Available event was sent and the host has not read the page.
-    resv_event_out: Cell<bool>,
+    resv_event_out: bool,
 }
 
 /// Most Reservation Notification log pages kept per controller; older ones are dropped (the
@@ -100,7 +113,7 @@ impl Controller {
     /// A new, disabled controller.
     pub fn new(
         cntlid: u16,
-        subsys: Rc<Subsystem>,
+        subsys: Arc<Subsystem>,
         hostnqn: String,
         hostid: [u8; 16],
         kato: Duration,
@@ -110,30 +123,25 @@ impl Controller {
             subsys,
             hostnqn,
             hostid,
-            kato: Cell::new(kato),
-            cc: Cell::new(0),
-            csts: Cell::new(0),
-            io_queues: Cell::new(0),
-            connected: RefCell::new(HashSet::new()),
-            aec: Cell::new(0),
-            wce: Cell::new(true),
-            aers: Cell::new(0),
-            events: RefCell::new(VecDeque::new()),
+            kato: SyncCell::new(kato),
+            regs: Locked::new((0, 0)),
+            io_queues: SyncCell::new(0),
+            connected: Locked::new(HashSet::new()),
+            aec: AtomicU32::new(0),
+            wce: AtomicBool::new(true),
+            aers: AtomicUsize::new(0),
+            events: Locked::default(),
             event_ready: Notify::new(),
-            masked: Cell::new(0),
-            changed_ns: RefCell::new(Vec::new()),
-            last_traffic: Cell::new(Instant::now()),
+            born: Instant::now(),
+            last_traffic: AtomicU64::new(0),
             teardown: watch::channel(Teardown::Alive).0,
-            resv_log: RefCell::new(VecDeque::new()),
-            resv_count: Cell::new(0),
-            resv_mask: RefCell::new(std::collections::HashMap::new()),
-            resv_event_out: Cell::new(false),
+            resv_mask: Locked::new(std::collections::HashMap::new()),
         }
     }
 
     /// Whether CSTS.RDY is set (the host enabled the controller).
     pub fn ready(&self) -> bool {
-        self.csts.get() & prop::CSTS_RDY != 0
+        self.regs.lock().1 & prop::CSTS_RDY != 0
     }
 
     /// Property Get: `(value, known)`.
@@ -141,8 +149,8 @@ impl Controller {
         Some(match offset {
             prop::CAP => CAP,
             prop::VS => u64::from(VERSION),
-            prop::CC => u64::from(self.cc.get()),
-            prop::CSTS => u64::from(self.csts.get()),
+            prop::CC => u64::from(self.regs.lock().0),
+            prop::CSTS => u64::from(self.regs.lock().1),
             _ => return None,
         })
     }
@@ -152,9 +160,9 @@ impl Controller {
         match offset {
             prop::CC => {
                 let new = value as u32;
-                let old = self.cc.get();
-                self.cc.set(new);
-                let mut csts = self.csts.get();
+                let mut regs = self.regs.lock();
+                let old = regs.0;
+                let mut csts = regs.1;
                 if new & prop::CC_EN != 0 && old & prop::CC_EN == 0 {
                     csts |= prop::CSTS_RDY;
                 } else if new & prop::CC_EN == 0 && old & prop::CC_EN != 0 {
@@ -164,7 +172,8 @@ impl Controller {
                 if new & prop::CC_SHN_MASK != 0 {
                     csts |= prop::CSTS_SHST_COMPLETE;
                 }
-                self.csts.set(csts);
+                *regs = (new, csts);
+                drop(regs);
                 tracing::debug!(
                     cntlid = self.cntlid,
                     cc = new,
@@ -180,17 +189,19 @@ impl Controller {
 
     /// Notes host traffic (resets the keep-alive timer: traffic-based keep alive).
     pub fn touch(&self) {
-        self.last_traffic.set(Instant::now());
+        let nanos = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_traffic.fetch_max(nanos, Ordering::Relaxed);
     }
 
     /// Time since the host was last heard from.
     pub fn idle(&self) -> Duration {
-        self.last_traffic.get().elapsed()
+        let last = Duration::from_nanos(self.last_traffic.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
     }
 
     /// Tears the controller down: every queue of it closes.
     pub fn tear_down(&self, why: Teardown) {
-        self.csts.set(self.csts.get() | prop::CSTS_CFS);
+        self.regs.lock().1 |= prop::CSTS_CFS;
         self.teardown.send_if_modified(|t| {
             if *t == Teardown::Alive {
                 *t = why;
@@ -213,10 +224,10 @@ impl Controller {
 
     /// Queues an asynchronous event (completion dword 0) if its class is enabled.
     pub fn raise_event(&self, dword0: u32, enabled_by: u32) {
-        if self.aec.get() & enabled_by == 0 {
+        if self.aec.load(Ordering::Relaxed) & enabled_by == 0 {
             return;
         }
-        self.events.borrow_mut().push_back(dword0);
+        self.events.lock().queue.push_back(dword0);
         self.event_ready.notify_one();
     }
 
@@ -225,13 +236,18 @@ impl Controller {
     /// class until the host reads `log_page` with RAE cleared ([`Controller::clear_notice`]).
     /// Returns whether it was queued.
     pub fn raise_notice(&self, info: u32, log_page: u8, enabled_by: u32) -> bool {
-        if self.aec.get() & enabled_by == 0 || self.masked.get() & enabled_by != 0 {
+        if self.aec.load(Ordering::Relaxed) & enabled_by == 0 {
             return false;
         }
-        self.masked.set(self.masked.get() | enabled_by);
-        self.events
-            .borrow_mut()
-            .push_back(aen::dword0(aen::TYPE_NOTICE, info, log_page));
+        {
+            let mut ev = self.events.lock();
+            if ev.masked & enabled_by != 0 {
+                return false;
+            }
+            ev.masked |= enabled_by;
+            ev.queue
+                .push_back(aen::dword0(aen::TYPE_NOTICE, info, log_page));
+        }
         self.event_ready.notify_one();
         true
     }
@@ -239,7 +255,7 @@ impl Controller {
     /// The host read the log page of notice class `enabled_by` with RAE cleared: the class is
     /// reported again.
     pub fn clear_notice(&self, enabled_by: u32) {
-        self.masked.set(self.masked.get() & !enabled_by);
+        self.events.lock().masked &= !enabled_by;
     }
 
     /// Namespaces `nsids` were added, removed or changed: they join the Changed Namespace List
@@ -247,7 +263,8 @@ impl Controller {
     /// Changed notice is raised (if enabled and not masked).
     pub fn namespaces_changed(&self, nsids: &[u32]) {
         {
-            let mut list = self.changed_ns.borrow_mut();
+            let mut ev = self.events.lock();
+            let list = &mut ev.changed_ns;
             for &id in nsids {
                 if list.len() > CHANGED_NS_ENTRIES {
                     break;
@@ -269,41 +286,40 @@ impl Controller {
     /// The Changed Namespace List as it stands (ascending ids; longer than
     /// [`CHANGED_NS_ENTRIES`] when more changed than fit).
     pub fn changed_namespaces(&self) -> Vec<u32> {
-        self.changed_ns.borrow().clone()
+        self.events.lock().changed_ns.clone()
     }
 
     /// The host read the Changed Namespace List: it starts afresh.
     pub fn clear_changed_namespaces(&self) {
-        self.changed_ns.borrow_mut().clear();
+        self.events.lock().changed_ns.clear();
     }
 
     /// A reservation notice of log page type `kind` for namespace `nsid`: queued on the
     /// Reservation Notification log (unless the namespace's mask hides the type), and a
     /// Reservation Log Page Available event sent if none is outstanding.
     pub fn reservation_notice(&self, nsid: u32, kind: u8) {
-        let mask = self.resv_mask.borrow().get(&nsid).copied().unwrap_or(0);
+        let mask = self.reservation_mask(nsid);
         if kind == 0 || kind > 7 || mask & (1 << kind) != 0 {
             return;
         }
-        let mut count = self.resv_count.get().wrapping_add(1);
+        let mut ev = self.events.lock();
+        let mut count = ev.resv_count.wrapping_add(1);
         if count == 0 {
             count = 1;
         }
-        self.resv_count.set(count);
-        {
-            let mut log = self.resv_log.borrow_mut();
-            if log.len() >= RESV_LOG_PAGES {
-                log.pop_front();
-            }
-            log.push_back((count, kind, nsid));
+        ev.resv_count = count;
+        if ev.resv_log.len() >= RESV_LOG_PAGES {
+            ev.resv_log.pop_front();
         }
-        if !self.resv_event_out.get() {
-            self.resv_event_out.set(true);
-            self.events.borrow_mut().push_back(aen::dword0(
+        ev.resv_log.push_back((count, kind, nsid));
+        if !ev.resv_event_out {
+            ev.resv_event_out = true;
+            ev.queue.push_back(aen::dword0(
                 duplex_nvme::resv::AEN_TYPE_IO_SPECIFIC,
                 duplex_nvme::resv::AEN_INFO_RESERVATION_LOG,
                 duplex_nvme::resv::LID_RESERVATION_NOTIFICATION,
             ));
+            drop(ev);
             self.event_ready.notify_one();
         }
     }
@@ -312,13 +328,13 @@ impl Controller {
     /// page when none is queued. `rae` cleared: the next notice sends an event again.
     pub fn take_reservation_log_page(&self, rae: bool) -> Vec<u8> {
         let (entry, left) = {
-            let mut log = self.resv_log.borrow_mut();
-            let e = log.pop_front();
-            (e, log.len())
+            let mut ev = self.events.lock();
+            let e = ev.resv_log.pop_front();
+            if !rae {
+                ev.resv_event_out = false;
+            }
+            (e, ev.resv_log.len())
         };
-        if !rae {
-            self.resv_event_out.set(false);
-        }
         let available = u8::try_from(left).unwrap_or(u8::MAX);
         let page = match entry {
             Some((count, kind, nsid)) => {
@@ -331,21 +347,25 @@ impl Controller {
 
     /// Sets the Reservation Notification Mask of namespace `nsid` (bits 1..=3).
     pub fn set_reservation_mask(&self, nsid: u32, mask: u32) {
-        self.resv_mask.borrow_mut().insert(nsid, mask & 0b1110);
+        self.resv_mask.lock().insert(nsid, mask & 0b1110);
     }
 
     /// The Reservation Notification Mask of namespace `nsid`.
     pub fn reservation_mask(&self, nsid: u32) -> u32 {
-        self.resv_mask.borrow().get(&nsid).copied().unwrap_or(0)
+        self.resv_mask.lock().get(&nsid).copied().unwrap_or(0)
     }
 
     /// Waits for the next asynchronous event.
     pub async fn next_event(&self) -> u32 {
         loop {
-            if let Some(e) = self.events.borrow_mut().pop_front() {
+            // Armed before the queue is looked at: an event queued in between still wakes us.
+            let ready = self.event_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(e) = self.events.lock().queue.pop_front() {
                 return e;
             }
-            self.event_ready.notified().await;
+            ready.await;
         }
     }
 }
@@ -362,7 +382,7 @@ fn notice_kind(kind: u8) -> Option<duplex_nvme::resv::NoticeKind> {
 
 /// Watches a controller's keep-alive timer; tears it down when the host was silent for longer
 /// than KATO. Ends when the controller is torn down for any reason.
-pub async fn keep_alive_watchdog(ctrl: Rc<Controller>) {
+pub async fn keep_alive_watchdog(ctrl: Arc<Controller>) {
     let mut watch = ctrl.watch();
     loop {
         let kato = ctrl.kato.get();

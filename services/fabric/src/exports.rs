@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, RawFd};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duplex_ipc::control::RateLimiter;
@@ -96,7 +96,7 @@ impl ExportsFeed {
 
     /// Waits on the doorbell and refreshes after every ring, for as long as the runtime runs.
     /// Returns at once without a doorbell, and if waiting fails.
-    pub async fn run(self, target: Rc<Target>) {
+    pub async fn run(self, target: Arc<Target>) {
         let Some(bell) = &self.bell else {
             return;
         };

@@ -7,6 +7,7 @@
 //! right now, runs as a task ([`execute`]), which waits for what it needs.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -30,7 +31,7 @@ use crate::subsystem::Namespace;
 /// that fails (the task answers it), or no pool share, buffer or ring slot right now.
 pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
     let ctrl = match &*q.role.borrow() {
-        Role::Io(c, _) => Rc::clone(c),
+        Role::Io(c, _) => Arc::clone(c),
         _ => return false,
     };
     let Some(backend) = q.shared.backend.as_ref() else {
@@ -172,7 +173,7 @@ fn write_done(q: &Queue, backend: &Backend, done: IoDesc, bytes: usize) -> Statu
 }
 
 /// Executes one I/O command.
-pub async fn execute(q: &Rc<Queue>, ctrl: &Rc<Controller>, sqe: Sqe, data: DataIn) -> Reply {
+pub async fn execute(q: &Rc<Queue>, ctrl: &Arc<Controller>, sqe: Sqe, data: DataIn) -> Reply {
     let Some(backend) = q.shared.backend.clone() else {
         return Reply::status(generic::INTERNAL);
     };
@@ -242,7 +243,7 @@ fn path_status(q: &Queue, ctrl: &Controller, ns: &Namespace) -> Option<Status> {
 /// Descriptor flags of a write: FUA when the command asks, or when the volatile write cache is
 /// off.
 fn write_flags(ctrl: &Controller, sqe: &Sqe) -> u8 {
-    if sqe.fua() || !ctrl.wce.get() {
+    if sqe.fua() || !ctrl.wce.load(std::sync::atomic::Ordering::Relaxed) {
         FLAG_FUA
     } else {
         0

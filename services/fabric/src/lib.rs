@@ -34,6 +34,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod cells;
 pub mod command;
 pub mod conn;
 pub mod controller;

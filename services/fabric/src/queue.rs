@@ -137,22 +137,41 @@ pub enum Admit {
     Full,
 }
 
-/// Shared by every connection of the process.
+/// Shared by every connection of one fabric I/O thread.
 #[derive(Debug)]
 pub struct Shared {
-    /// The target.
-    pub target: Rc<Target>,
-    /// The datapath channel (absent in discovery-only tests).
+    /// The target (every thread's).
+    pub target: Arc<Target>,
+    /// This thread's datapath channel (absent in discovery-only tests).
     pub backend: Option<Rc<Backend>>,
-    /// Live connections.
-    pub connections: Cell<usize>,
-    /// Connection limit.
-    pub max_connections: usize,
+    /// Which I/O thread this is (0: the runtime thread).
+    pub thread: usize,
+    /// Connections this thread took (metrics; none without a metrics region).
+    pub taken: Option<duplex_ipc::metrics::Counter>,
     /// Rate limit for warnings a host can trigger.
     pub warn_limit: RefCell<RateLimiter>,
 }
 
 impl Shared {
+    /// What I/O thread `thread` shares between its connections.
+    pub fn new(target: Arc<Target>, backend: Option<Rc<Backend>>, thread: usize) -> Self {
+        let taken = target.metrics().and_then(|m| {
+            m.counter(
+                duplex_ipc::metrics::Metric::FabricThreadConnections,
+                &[("thread", &thread.to_string())],
+            )
+            .map_err(|e| target.metrics_full(&e))
+            .ok()
+        });
+        Self {
+            target,
+            backend,
+            thread,
+            taken,
+            warn_limit: RefCell::new(RateLimiter::new(20, std::time::Duration::from_secs(10))),
+        }
+    }
+
     /// Logs a failed command (rate limited, at info: hosts probe for optional features).
     pub fn note(&self, peer: SocketAddr, what: &str) {
         if let Some(suppressed) = self.warn_limit.borrow_mut().check(Instant::now()) {
@@ -174,9 +193,9 @@ pub enum Role {
     /// Before Connect.
     Unconnected,
     /// The admin queue of a controller.
-    Admin(Rc<Controller>),
+    Admin(Arc<Controller>),
     /// An I/O queue of a controller.
-    Io(Rc<Controller>, u16),
+    Io(Arc<Controller>, u16),
 }
 
 struct Transfer {
@@ -387,7 +406,7 @@ impl Queue {
     }
 
     /// The controller, once connected.
-    pub fn controller(&self) -> Option<Rc<Controller>> {
+    pub fn controller(&self) -> Option<Arc<Controller>> {
         match &*self.role.borrow() {
             Role::Admin(c) | Role::Io(c, _) => Some(c.clone()),
             Role::Unconnected => None,
@@ -677,7 +696,7 @@ impl Queue {
     fn ns_metrics(&self, nsid: u32) -> Option<Rc<NsMetrics>> {
         let metrics = self.shared.target.metrics()?;
         let ctrl = match &*self.role.borrow() {
-            Role::Io(c, _) => Rc::clone(c),
+            Role::Io(c, _) => Arc::clone(c),
             _ => return None,
         };
         let ns = ctrl.subsys.namespace(nsid)?;

@@ -23,6 +23,7 @@
 //! complete (they were admitted under the state before the preempt).
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use duplex_ipc::resv::{ResvCommand, ResvReply, ResvRequest};
 use duplex_nvme::cmd::Sqe;
@@ -52,7 +53,7 @@ pub fn is_reservation(opcode: u8) -> bool {
 /// caller).
 pub async fn execute(
     q: &Rc<Queue>,
-    ctrl: &Rc<Controller>,
+    ctrl: &Arc<Controller>,
     ns: &Namespace,
     sqe: &Sqe,
     data: DataIn,
@@ -135,7 +136,7 @@ fn report(q: &Queue, ns: &Namespace, sqe: &Sqe) -> Reply {
 /// Carries a change to the metadata service and takes its answer.
 pub async fn change(
     q: &Rc<Queue>,
-    ctrl: &Rc<Controller>,
+    ctrl: &Arc<Controller>,
     ns: &Namespace,
     command: ResvCommand,
 ) -> Status {

@@ -20,7 +20,6 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,15 +47,21 @@ pub const SERVICE: &str = "fabric";
 struct Parts {
     health: Health,
     topology: Topology,
-    pool: Option<Pool>,
-    submit: Option<Producer<IoDesc>>,
-    complete: Option<Consumer<IoDesc>>,
+    /// One datapath channel per I/O thread (all on the same pool), in thread order.
+    channels: Vec<IoChannel>,
     listeners: Vec<(std::net::TcpListener, Port)>,
     exports: Option<ExportsRegion>,
     exports_bell: Option<Doorbell>,
     resv: Option<duplex_ipc::resv::ResvChannel>,
     metrics: Option<Metrics>,
     secrets_key: Option<duplex_ondisk::secrets::SecretsKey>,
+}
+
+/// A datapath channel as attached: a view of the pool and the two rings.
+struct IoChannel {
+    pool: Pool,
+    submit: Producer<IoDesc>,
+    complete: Consumer<IoDesc>,
 }
 
 fn take(started: &mut Started, name: &str) -> anyhow::Result<OwnedFd> {
@@ -84,24 +89,34 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
         StartMode::Fresh => ring::StartMode::Fresh,
         StartMode::Restart => ring::StartMode::Restart,
     };
-    let (mut pool, mut submit, mut complete) = (None, None, None);
-    if let Some(ch) = topology.io.channels.first() {
+    let mut channels = Vec::new();
+    if !topology.io.channels.is_empty() {
         let me = Holder {
             role: ROLE_FABRIC,
             incarnation: started.generation,
         };
-        pool = Some(Pool::attach(
-            take(started, &format!("pool:{}", topology.io.pool))?,
-            me,
-        )?);
-        let (r, d, s) = ring_parts(started, &ch.submit)?;
-        let mut p = Producer::attach(r, d, s, started.generation, mode)?;
-        p.set_policy(WaitPolicy::Doorbell);
-        submit = Some(p);
-        let (r, d, s) = ring_parts(started, &ch.complete)?;
-        let mut c = Consumer::attach(r, d, s, started.generation, mode)?;
-        c.set_policy(WaitPolicy::Doorbell);
-        complete = Some(c);
+        let first = Pool::attach(take(started, &format!("pool:{}", topology.io.pool))?, me)?;
+        // Each further I/O thread its own view of the pool (its own allocation cursor).
+        let mut pools = Vec::new();
+        for _ in 1..topology.io.channels.len() {
+            pools.push(Pool::attach(first.region().try_clone_fd()?, me)?);
+        }
+        for (pool, ch) in std::iter::once(first)
+            .chain(pools)
+            .zip(&topology.io.channels)
+        {
+            let (r, d, s) = ring_parts(started, &ch.submit)?;
+            let mut submit = Producer::attach(r, d, s, started.generation, mode)?;
+            submit.set_policy(WaitPolicy::Doorbell);
+            let (r, d, s) = ring_parts(started, &ch.complete)?;
+            let mut complete = Consumer::attach(r, d, s, started.generation, mode)?;
+            complete.set_policy(WaitPolicy::Doorbell);
+            channels.push(IoChannel {
+                pool,
+                submit,
+                complete,
+            });
+        }
     }
     let mut listeners = Vec::new();
     for (i, l) in topology.listeners.iter().enumerate() {
@@ -155,9 +170,7 @@ fn attach(started: &mut Started) -> anyhow::Result<Parts> {
         resv,
         health,
         topology,
-        pool,
-        submit,
-        complete,
+        channels,
         listeners,
         exports,
         exports_bell,
@@ -181,9 +194,7 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
     let Parts {
         health,
         topology,
-        pool,
-        submit,
-        complete,
+        channels,
         listeners,
         exports,
         exports_bell,
@@ -192,9 +203,13 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         secrets_key,
     } = parts;
     let restart = started.mode == StartMode::Restart;
-    let backend = match (pool, submit, complete) {
-        (Some(p), Some(s), Some(c)) => Some(Backend::new(p, s, c, started.generation, restart)?),
-        _ => {
+    let generation = started.generation;
+    let mut channels = channels.into_iter();
+    let backend = match channels.next() {
+        Some(c) => Some(Backend::new(
+            c.pool, c.submit, c.complete, generation, restart,
+        )?),
+        None => {
             tracing::warn!("no datapath channel in the topology: only discovery works");
             None
         }
@@ -209,7 +224,7 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         });
     }
     let tls_ports = ports.iter().filter(|p| p.tls).count();
-    let target = Rc::new(Target::new(topology, ports));
+    let target = Arc::new(Target::new(topology, ports));
     if tls_ports > 0 {
         // Before the sandbox: OpenSSL reads its configuration when the context is built.
         target.set_tls(crate::tls::TlsServer::new()?);
@@ -246,7 +261,7 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
             let feed =
                 ExportsFeed::new(region, bell).context("cannot watch the exports doorbell")?;
             feed.refresh(&target);
-            tokio::task::spawn_local(feed.run(Rc::clone(&target)));
+            tokio::task::spawn_local(feed.run(Arc::clone(&target)));
         }
         (None, Some(_)) => {
             tracing::warn!("`{EXPORTS_BELL_RESOURCE}` without `{EXPORTS_RESOURCE}`: ignored");
@@ -275,12 +290,26 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
     });
     // Everything is attached, registered with the reactor, and the lifecycle thread exists:
     // from here on the policy holds.
+    // The other I/O threads, each with its channel, before the sandbox (making a thread and a
+    // runtime takes system calls the policy does not allow); the target is complete by now.
+    let mut workers = Vec::new();
+    for (i, c) in channels.enumerate() {
+        workers.push(server::Worker::start(
+            i + 1,
+            Arc::clone(&target),
+            move || {
+                let backend = Backend::new(c.pool, c.submit, c.complete, generation, restart)?;
+                Ok(Some(backend))
+            },
+        )?);
+    }
     duplex_sandbox::enter(SERVICE).context("cannot enter the sandbox")?;
     started.ready()?;
     tracing::info!(
         generation = started.generation,
         mode = ?started.mode,
         subsystems = target.subsystems().len(),
+        io_threads = workers.len() + 1,
         exports_generation = target.exports_generation(),
         "fabric ready"
     );
@@ -301,6 +330,6 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
             }
         }
     };
-    server::serve(target, backend, socks, stop).await;
+    server::serve(target, backend, socks, workers, stop).await;
     Ok(())
 }

@@ -1,13 +1,14 @@
 //! Subsystems and their namespaces and allowed hosts, and the ports that serve them: what
 //! hosts connect to, apart from who is connected (the controllers, [`crate::target`]).
 
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
+use std::sync::Arc;
 
 use duplex_ipc::exports::{ExportNamespace, ExportSubsystem, MAX_NSID};
 use duplex_ipc::topology::{ListenerKind, SubsystemSpec, Topology};
 use duplex_nvme::spec::DISCOVERY_NQN;
+
+use crate::cells::Locked;
 
 /// A namespace as the fabric serves it (a copy: commands keep the one they started with).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,21 +65,21 @@ pub struct Subsystem {
     pub discovery: bool,
     /// From the export table: its hosts and namespaces change at run time.
     pub exported: bool,
-    access: RefCell<Access>,
+    access: Locked<Access>,
     /// Namespaces by id (ascending); replaced whole when the export table changes them.
-    namespaces: RefCell<Rc<[Namespace]>>,
+    namespaces: Locked<Arc<[Namespace]>>,
 }
 
 impl Subsystem {
     /// Whether `hostnqn` may connect.
     pub fn allows(&self, hostnqn: &str) -> bool {
-        let a = self.access.borrow();
+        let a = self.access.lock();
         a.allow_any_host || a.hosts.contains(hostnqn)
     }
 
     /// Every host's sealed keys (DH-HMAC-CHAP secrets, TLS PSK).
     pub fn all_sealed_secrets(&self) -> Vec<(String, Vec<u8>)> {
-        let a = self.access.borrow();
+        let a = self.access.lock();
         a.secrets
             .iter()
             .map(|(h, s)| (h.clone(), s.clone()))
@@ -87,12 +88,12 @@ impl Subsystem {
 
     /// The sealed keys of `hostnqn` (DH-HMAC-CHAP secrets, TLS PSK), when it has any.
     pub fn sealed_secrets(&self, hostnqn: &str) -> Option<Vec<u8>> {
-        self.access.borrow().secrets.get(hostnqn).cloned()
+        self.access.lock().secrets.get(hostnqn).cloned()
     }
 
     /// The namespace `nsid`, if it is active now.
     pub fn namespace(&self, nsid: u32) -> Option<Namespace> {
-        let namespaces = self.namespaces.borrow();
+        let namespaces = self.namespaces.lock();
         namespaces
             .binary_search_by_key(&nsid, |n| n.nsid)
             .ok()
@@ -100,8 +101,8 @@ impl Subsystem {
     }
 
     /// The active namespaces now, ascending by id.
-    pub fn namespaces(&self) -> Rc<[Namespace]> {
-        Rc::clone(&self.namespaces.borrow())
+    pub fn namespaces(&self) -> Arc<[Namespace]> {
+        Arc::clone(&self.namespaces.lock())
     }
 
     /// The largest namespace id this subsystem may ever report (Identify Controller NN): the
@@ -112,7 +113,7 @@ impl Subsystem {
             MAX_NSID
         } else {
             self.namespaces
-                .borrow()
+                .lock()
                 .iter()
                 .map(|n| n.nsid)
                 .max()
@@ -122,9 +123,10 @@ impl Subsystem {
 
     /// Replaces who may connect; whether that changed anything.
     pub(crate) fn set_access(&self, access: Access) -> bool {
-        let changed = *self.access.borrow() != access;
+        let mut now = self.access.lock();
+        let changed = *now != access;
         if changed {
-            *self.access.borrow_mut() = access;
+            *now = access;
         }
         changed
     }
@@ -134,7 +136,7 @@ impl Subsystem {
         namespaces.sort_by_key(|n| n.nsid);
         let changed = changed_nsids(&self.namespaces(), &namespaces);
         if !changed.is_empty() {
-            *self.namespaces.borrow_mut() = namespaces.into();
+            *self.namespaces.lock() = namespaces.into();
         }
         changed
     }
@@ -172,8 +174,8 @@ impl Subsystem {
             model,
             discovery: false,
             exported,
-            access: RefCell::new(access),
-            namespaces: RefCell::new(namespaces.into()),
+            access: Locked::new(access),
+            namespaces: Locked::new(namespaces.into()),
         }
     }
 

@@ -11,9 +11,9 @@
 //! live controller of its subsystem (see [`Controller::namespaces_changed`]). A table NQN that
 //! names a static subsystem is ignored: the static topology wins.
 
-use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use duplex_ipc::exports::{AnaState, ExportSubsystem, ExportTable};
@@ -23,6 +23,7 @@ use duplex_nvme::log::HealthCounters;
 use duplex_nvme::spec::{aen, lid, DISCOVERY_NQN};
 use tokio::sync::Notify;
 
+use crate::cells::{Locked, SyncCell};
 use crate::controller::{Controller, Teardown};
 use crate::subsystem::{export_access, Namespace, Port, Subsystem};
 
@@ -55,52 +56,69 @@ pub struct Target {
     /// Topology as handed over.
     pub topology: Topology,
     /// NVM subsystems: the static topology's, then the export table's.
-    subsystems: RefCell<Vec<Rc<Subsystem>>>,
+    subsystems: Locked<Vec<Arc<Subsystem>>>,
     /// The discovery subsystem.
-    pub discovery: Rc<Subsystem>,
+    pub discovery: Arc<Subsystem>,
     /// Listening ports.
     pub ports: Vec<Port>,
-    controllers: RefCell<HashMap<u16, Rc<Controller>>>,
-    next_cntlid: Cell<u16>,
+    controllers: Locked<HashMap<u16, Arc<Controller>>>,
+    next_cntlid: SyncCell<u16>,
     /// When this incarnation started (SMART power-on hours).
     pub started: Instant,
     /// Discovery log generation counter.
-    pub discovery_genctr: Cell<u64>,
+    pub discovery_genctr: AtomicU64,
     /// Wakes everything on shutdown.
     pub shutdown: Notify,
-    stats: Cell<HealthCounters>,
-    ana_changes: Cell<u64>,
+    stats: Locked<HealthCounters>,
+    ana_changes: AtomicU64,
     /// The ANA state of each group of the exported subsystems (from the export table).
-    ana: RefCell<HashMap<u32, AnaState>>,
+    ana: Locked<HashMap<u32, AnaState>>,
     /// The datapath reported this node fenced: nothing is accessible here any more.
-    fenced: Cell<bool>,
+    fenced: AtomicBool,
     /// Generation of the export table applied last (0: none).
-    exports_generation: Cell<u64>,
+    exports_generation: AtomicU64,
     /// The reservation state of the exported namespaces that have one, by NGUID (from the
     /// export table: the metadata service keeps it with the pool on the drives).
-    reservations: RefCell<HashMap<[u8; 16], (u64, duplex_nvme::resv::Reservations)>>,
+    reservations: Locked<HashMap<[u8; 16], (u64, duplex_nvme::resv::Reservations)>>,
+    /// Whether `reservations` has any entry (the I/O fast path looks here first).
+    any_reservations: AtomicBool,
     /// The reservation channel to the metadata service (none: reservation changes are
     /// refused).
-    resv_client: RefCell<Option<Rc<crate::resv_channel::ResvClient>>>,
+    resv_client: OnceLock<Arc<crate::resv_channel::ResvClient>>,
     /// Where events for the node's journal go (duplexd, through the lifecycle channel).
-    event_sink: RefCell<Option<Sink>>,
+    event_sink: OnceLock<Sink>,
     /// Events hosts can cause (connects, refusals) are sent at most this often: a flood of
     /// connects must not fill the lifecycle channel (its sends block the runtime).
-    event_limit: RefCell<duplex_ipc::control::RateLimiter>,
+    event_limit: Locked<duplex_ipc::control::RateLimiter>,
     /// The node's metrics region for this service (none: the node keeps no metrics).
-    metrics: std::cell::OnceCell<Metrics>,
+    metrics: OnceLock<Metrics>,
     /// The ANA state gauges, by (port id, group): one per state.
-    ana_gauges: RefCell<AnaGauges>,
+    ana_gauges: Locked<AnaGauges>,
     /// Whether "metrics region full" was said already.
-    metrics_full_said: Cell<bool>,
+    metrics_full_said: AtomicBool,
     /// Connects and refusals, by subsystem or reason.
-    host_counters: RefCell<HashMap<(bool, String), Counter>>,
+    host_counters: Locked<HashMap<(bool, String), Counter>>,
     /// The array's secrets key (hosts' DH-HMAC-CHAP secrets are sealed with it).
-    secrets_key: std::cell::OnceCell<duplex_ondisk::secrets::SecretsKey>,
+    secrets_key: OnceLock<duplex_ondisk::secrets::SecretsKey>,
     /// The TLS side of TLS listeners (set up before the sandbox).
-    tls: std::cell::OnceCell<crate::tls::TlsServer>,
+    tls: OnceLock<crate::tls::TlsServer>,
     /// The next DH-HMAC-CHAP challenge's sequence number (never 0).
-    auth_seq: Cell<u32>,
+    auth_seq: AtomicU32,
+    /// Live connections, over every I/O thread.
+    connections: AtomicUsize,
+}
+
+/// Connections one fabric process serves at most, over all its I/O threads.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// A connection counted against [`MAX_CONNECTIONS`] until it drops.
+#[derive(Debug)]
+pub struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The ANA state gauges of each (port id, group): one per state.
@@ -110,7 +128,7 @@ type AnaGauges = HashMap<(u16, u32), Vec<(AnaState, Gauge)>>;
 const MAX_HOST_COUNTERS: usize = 256;
 
 /// Sends an event (level, kind, message) to the node's journal.
-pub type EventSink = Box<dyn Fn(duplex_ipc::control::EventLevel, &str, &str)>;
+pub type EventSink = Box<dyn Fn(duplex_ipc::control::EventLevel, &str, &str) + Send + Sync>;
 
 struct Sink(EventSink);
 
@@ -126,41 +144,43 @@ impl Target {
         let subsystems = topology
             .subsystems
             .iter()
-            .map(|s| Rc::new(Subsystem::from_spec(s, &topology)))
+            .map(|s| Arc::new(Subsystem::from_spec(s, &topology)))
             .collect();
-        let discovery = Rc::new(Subsystem::discovery(format!("duplex-{}", topology.node)));
+        let discovery = Arc::new(Subsystem::discovery(format!("duplex-{}", topology.node)));
         let base = topology.cntlid_base.max(1);
         Self {
             topology,
-            subsystems: RefCell::new(subsystems),
+            subsystems: Locked::new(subsystems),
             discovery,
             ports,
-            controllers: RefCell::new(HashMap::new()),
-            next_cntlid: Cell::new(base),
+            controllers: Locked::new(HashMap::new()),
+            next_cntlid: SyncCell::new(base),
             started: Instant::now(),
-            discovery_genctr: Cell::new(1),
+            discovery_genctr: AtomicU64::new(1),
             shutdown: Notify::new(),
-            stats: Cell::new(HealthCounters::default()),
-            ana_changes: Cell::new(1),
-            ana: RefCell::new(HashMap::new()),
-            fenced: Cell::new(false),
-            exports_generation: Cell::new(0),
-            reservations: RefCell::new(HashMap::new()),
-            resv_client: RefCell::new(None),
-            metrics: std::cell::OnceCell::new(),
-            ana_gauges: RefCell::new(HashMap::new()),
-            metrics_full_said: Cell::new(false),
-            host_counters: RefCell::new(HashMap::new()),
-            secrets_key: std::cell::OnceCell::new(),
-            tls: std::cell::OnceCell::new(),
-            auth_seq: Cell::new({
+            stats: Locked::new(HealthCounters::default()),
+            ana_changes: AtomicU64::new(1),
+            ana: Locked::new(HashMap::new()),
+            fenced: AtomicBool::new(false),
+            exports_generation: AtomicU64::new(0),
+            reservations: Locked::new(HashMap::new()),
+            any_reservations: AtomicBool::new(false),
+            resv_client: OnceLock::new(),
+            metrics: OnceLock::new(),
+            ana_gauges: Locked::new(HashMap::new()),
+            metrics_full_said: AtomicBool::new(false),
+            host_counters: Locked::new(HashMap::new()),
+            secrets_key: OnceLock::new(),
+            tls: OnceLock::new(),
+            auth_seq: AtomicU32::new({
                 let mut b = [0u8; 4];
                 // A random start (a fixed one would repeat across restarts); 1 without one.
                 let _ = getrandom::fill(&mut b);
                 u32::from_le_bytes(b).max(1)
             }),
-            event_sink: RefCell::new(None),
-            event_limit: RefCell::new(duplex_ipc::control::RateLimiter::new(
+            connections: AtomicUsize::new(0),
+            event_sink: OnceLock::new(),
+            event_limit: Locked::new(duplex_ipc::control::RateLimiter::new(
                 5,
                 std::time::Duration::from_secs(1),
             )),
@@ -170,10 +190,7 @@ impl Target {
     /// A host-caused event (a connect, a refusal), rate limited: what is over the rate is
     /// counted and said with the next one sent.
     pub fn host_event(&self, level: duplex_ipc::control::EventLevel, kind: &str, message: &str) {
-        let allowed = self
-            .event_limit
-            .borrow_mut()
-            .check(std::time::Instant::now());
+        let allowed = self.event_limit.lock().check(std::time::Instant::now());
         if let Some(suppressed) = allowed {
             if suppressed > 0 {
                 self.event(
@@ -189,34 +206,38 @@ impl Target {
 
     /// Where events go from now on.
     pub fn set_event_sink(&self, sink: EventSink) {
-        *self.event_sink.borrow_mut() = Some(Sink(sink));
+        if self.event_sink.set(Sink(sink)).is_err() {
+            tracing::warn!("an event sink was set already: the first one stays");
+        }
     }
 
     /// An event for the node's journal (dropped without a sink; duplexd rate-limits).
     pub fn event(&self, level: duplex_ipc::control::EventLevel, kind: &str, message: &str) {
-        if let Some(sink) = &*self.event_sink.borrow() {
+        if let Some(sink) = self.event_sink.get() {
             (sink.0)(level, kind, message);
         }
     }
 
     /// Gives the target its end of the reservation channel.
     pub fn set_resv_client(&self, client: crate::resv_channel::ResvClient) {
-        *self.resv_client.borrow_mut() = Some(Rc::new(client));
+        if self.resv_client.set(Arc::new(client)).is_err() {
+            tracing::warn!("a reservation channel was set already: the first one stays");
+        }
     }
 
     /// The reservation channel, if there is one.
-    pub fn resv_client(&self) -> Option<Rc<crate::resv_channel::ResvClient>> {
-        self.resv_client.borrow().clone()
+    pub fn resv_client(&self) -> Option<Arc<crate::resv_channel::ResvClient>> {
+        self.resv_client.get().cloned()
     }
 
     /// The NVM subsystems served now (static ones first).
-    pub fn subsystems(&self) -> Vec<Rc<Subsystem>> {
-        self.subsystems.borrow().clone()
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.subsystems.lock().clone()
     }
 
     /// Generation of the export table applied last (0: none yet).
     pub fn exports_generation(&self) -> u64 {
-        self.exports_generation.get()
+        self.exports_generation.load(Ordering::Acquire)
     }
 
     /// Merges export table `table` into what is served (see the module docs). Does nothing
@@ -226,7 +247,7 @@ impl Target {
             generation: table.generation,
             ..ExportsChange::default()
         };
-        if table.generation == self.exports_generation.get() {
+        if table.generation == self.exports_generation.load(Ordering::Acquire) {
             return change;
         }
         change.applied = true;
@@ -273,20 +294,20 @@ impl Target {
         }
         for e in &table.subsystems {
             if wanted.contains_key(e.nqn.as_str()) && !kept.contains(&e.nqn) {
-                next.push(Rc::new(Subsystem::from_export(e)));
+                next.push(Arc::new(Subsystem::from_export(e)));
                 change.added.push(e.nqn.clone());
                 discovery_changed = true;
                 ns_changed = true;
             }
         }
-        *self.subsystems.borrow_mut() = next;
+        *self.subsystems.lock() = next;
         // Before any notice goes out: a host acting on one meets the new state.
         self.apply_reservations(table);
         let ana: HashMap<u32, AnaState> = table.ana.iter().map(|g| (g.group, g.state)).collect();
-        let ana_changed = *self.ana.borrow() != ana;
+        let ana_changed = *self.ana.lock() != ana;
         if ana_changed {
             for g in &table.ana {
-                let was = self.ana.borrow().get(&g.group).copied();
+                let was = self.ana.lock().get(&g.group).copied();
                 if was != Some(g.state) {
                     tracing::info!(
                         group = g.group,
@@ -308,7 +329,7 @@ impl Target {
                     }
                 }
             }
-            *self.ana.borrow_mut() = ana;
+            *self.ana.lock() = ana;
             change.ana_groups = table.ana.len();
         }
         if ana_changed || ns_changed {
@@ -316,7 +337,7 @@ impl Target {
         }
         if ns_changed || ana_changed {
             // ANA group descriptors list the namespaces and their state: either changed.
-            self.ana_changes.set(self.ana_changes.get().wrapping_add(1));
+            self.ana_changes.fetch_add(1, Ordering::Relaxed);
         }
         if ana_changed {
             // Every host of an exported subsystem hears of it (an ANA change notice, which it
@@ -330,8 +351,11 @@ impl Target {
             }
         }
         if discovery_changed {
-            self.discovery_genctr
-                .set(self.discovery_genctr.get().wrapping_add(1).max(1));
+            let _ = self
+                .discovery_genctr
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| {
+                    Some(g.wrapping_add(1).max(1))
+                });
             for c in self.controllers_of(&self.discovery) {
                 c.raise_notice(
                     aen::NOTICE_DISC_CHANGE,
@@ -340,7 +364,8 @@ impl Target {
                 );
             }
         }
-        self.exports_generation.set(table.generation);
+        self.exports_generation
+            .store(table.generation, Ordering::Release);
         change
     }
 
@@ -349,7 +374,7 @@ impl Target {
     /// in is logged and the namespace keeps the one it had (never silently opened up).
     fn apply_reservations(&self, table: &ExportTable) {
         let mut next = HashMap::new();
-        let old = self.reservations.borrow();
+        let mut old = self.reservations.lock();
         for r in &table.reservations {
             let state = kept_state(&r.registrants, r.rtype, r.holder, r.generation, r.ptpl);
             // A newer state taken from a change's answer stays until the table catches up.
@@ -369,8 +394,9 @@ impl Target {
                 }
             }
         }
-        drop(old);
-        *self.reservations.borrow_mut() = next;
+        self.any_reservations
+            .store(!next.is_empty(), Ordering::Release);
+        *old = next;
     }
 
     /// The reservation conflict I/O command `opcode` from host `host` meets on namespace
@@ -382,34 +408,28 @@ impl Target {
         opcode: u8,
     ) -> Option<duplex_nvme::status::Status> {
         self.reservations
-            .borrow()
+            .lock()
             .get(nguid)
             .and_then(|(_, r)| r.check_io(duplex_nvme::resv::HostId(host), opcode).err())
     }
 
     /// The reservation model of namespace `nguid` as this fabric has it.
     pub fn reservation(&self, nguid: &[u8; 16]) -> Option<duplex_nvme::resv::Reservations> {
-        self.reservations
-            .borrow()
-            .get(nguid)
-            .map(|(_, r)| r.clone())
+        self.reservations.lock().get(nguid).map(|(_, r)| r.clone())
     }
 
     /// Takes the state a change's answer carries (the metadata service committed it), unless
     /// the namespace already has a newer one.
     pub fn take_reservation(&self, nguid: [u8; 16], s: &duplex_ipc::resv::ResvStateMsg) {
-        if self
-            .reservations
-            .borrow()
-            .get(&nguid)
-            .is_some_and(|(v, _)| *v >= s.version)
-        {
-            return;
-        }
         let state = kept_state(&s.registrants, s.rtype, s.holder, s.generation, s.ptpl);
         match duplex_nvme::resv::Reservations::from_state(&state) {
             Ok(m) => {
-                self.reservations.borrow_mut().insert(nguid, (s.version, m));
+                let mut all = self.reservations.lock();
+                if all.get(&nguid).is_some_and(|(v, _)| *v >= s.version) {
+                    return;
+                }
+                all.insert(nguid, (s.version, m));
+                self.any_reservations.store(true, Ordering::Release);
             }
             Err(e) => {
                 tracing::error!(error = %e, version = s.version, "the metadata service answered with a reservation state the model cannot be in: not taken");
@@ -419,7 +439,7 @@ impl Target {
 
     /// Raises a reservation notice of `kind` for namespace `nsid` of subsystem `s` on every
     /// controller of host `host_id` there.
-    pub fn reservation_notice(&self, s: &Rc<Subsystem>, nsid: u32, host_id: [u8; 16], kind: u8) {
+    pub fn reservation_notice(&self, s: &Arc<Subsystem>, nsid: u32, host_id: [u8; 16], kind: u8) {
         for c in self.controllers_of(s) {
             if c.hostid == host_id {
                 c.reservation_notice(nsid, kind);
@@ -429,14 +449,14 @@ impl Target {
 
     /// Whether any namespace has reservation state (the I/O fast path checks only then).
     pub fn has_reservations(&self) -> bool {
-        !self.reservations.borrow().is_empty()
+        self.any_reservations.load(Ordering::Acquire)
     }
 
     /// Brings exported subsystem `s` to `e` (same identity): its hosts, then its namespaces.
     /// Returns whether the hosts and whether the namespaces changed.
     fn update(
         &self,
-        s: &Rc<Subsystem>,
+        s: &Arc<Subsystem>,
         e: &ExportSubsystem,
         change: &mut ExportsChange,
     ) -> (bool, bool) {
@@ -470,48 +490,44 @@ impl Target {
     }
 
     /// The controllers of subsystem `s`.
-    pub fn controllers_of(&self, s: &Rc<Subsystem>) -> Vec<Rc<Controller>> {
+    pub fn controllers_of(&self, s: &Arc<Subsystem>) -> Vec<Arc<Controller>> {
         self.controllers
-            .borrow()
+            .lock()
             .values()
-            .filter(|c| Rc::ptr_eq(&c.subsys, s))
+            .filter(|c| Arc::ptr_eq(&c.subsys, s))
             .cloned()
             .collect()
     }
 
     /// SMART / health counters (this incarnation's).
     pub fn health(&self) -> HealthCounters {
-        let mut h = self.stats.get();
+        let mut h = *self.stats.lock();
         h.power_on_hours = self.started.elapsed().as_secs() / 3600;
         h
     }
 
     /// Counts a completed read of `bytes`.
     pub fn record_read(&self, bytes: u64) {
-        let mut h = self.stats.get();
+        let mut h = self.stats.lock();
         h.reads += 1;
         h.bytes_read += bytes;
-        self.stats.set(h);
     }
 
     /// Counts a completed write of `bytes`.
     pub fn record_write(&self, bytes: u64) {
-        let mut h = self.stats.get();
+        let mut h = self.stats.lock();
         h.writes += 1;
         h.bytes_written += bytes;
-        self.stats.set(h);
     }
 
     /// Counts a media error.
     pub fn record_media_error(&self) {
-        let mut h = self.stats.get();
-        h.media_errors += 1;
-        self.stats.set(h);
+        self.stats.lock().media_errors += 1;
     }
 
     /// ANA change count (grows with every ANA state change).
     pub fn ana_change_count(&self) -> u64 {
-        self.ana_changes.get()
+        self.ana_changes.load(Ordering::Relaxed)
     }
 
     /// Serves TLS listeners with `server`.
@@ -536,9 +552,11 @@ impl Target {
 
     /// A sequence number for a DH-HMAC-CHAP challenge: never 0, never the same twice running.
     pub fn next_auth_seq(&self) -> u32 {
-        let s = self.auth_seq.get();
-        self.auth_seq.set(s.wrapping_add(1).max(1));
-        s
+        self.auth_seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.wrapping_add(1).max(1))
+            })
+            .unwrap_or(1)
     }
 
     /// Keeps metrics in `m` from now on (the node exposes them).
@@ -556,7 +574,7 @@ impl Target {
 
     /// Says once that the metrics region is full (what does not fit is not counted).
     pub fn metrics_full(&self, e: &duplex_ipc::metrics::MetricsError) {
-        if !self.metrics_full_said.replace(true) {
+        if !self.metrics_full_said.swap(true, Ordering::Relaxed) {
             tracing::warn!(error = %e, "metrics not kept for some series");
         }
     }
@@ -567,7 +585,7 @@ impl Target {
             return;
         };
         let key = (refused, what.to_owned());
-        let mut counters = self.host_counters.borrow_mut();
+        let mut counters = self.host_counters.lock();
         if let Some(c) = counters.get(&key) {
             c.inc();
             return;
@@ -595,13 +613,13 @@ impl Target {
         let Some(m) = self.metrics() else {
             return;
         };
-        let mut groups: Vec<u32> = self.ana.borrow().keys().copied().collect();
+        let mut groups: Vec<u32> = self.ana.lock().keys().copied().collect();
         for sub in self.subsystems().iter().filter(|s| !s.exported) {
             groups.extend(sub.namespaces().iter().map(|n| n.ana_group));
         }
         groups.sort_unstable();
         groups.dedup();
-        let mut gauges = self.ana_gauges.borrow_mut();
+        let mut gauges = self.ana_gauges.lock();
         gauges.retain(|(_, g), list| {
             let keep = groups.contains(g);
             if !keep {
@@ -615,11 +633,11 @@ impl Target {
             .filter(|p| p.kind != ListenerKind::Discovery)
         {
             for &group in &groups {
-                let state = if self.fenced.get() {
+                let state = if self.fenced.load(Ordering::Acquire) {
                     AnaState::Inaccessible
                 } else {
                     self.ana
-                        .borrow()
+                        .lock()
                         .get(&group)
                         .copied()
                         .unwrap_or(AnaState::Optimized)
@@ -652,14 +670,14 @@ impl Target {
     /// group is what the export table says, and inaccessible if it says nothing (it always
     /// does: a table is refused otherwise).
     pub fn ana_state(&self, s: &Subsystem, group: u32) -> AnaState {
-        if self.fenced.get() {
+        if self.fenced.load(Ordering::Acquire) {
             return AnaState::Inaccessible;
         }
         if !s.exported {
             return AnaState::Optimized;
         }
         self.ana
-            .borrow()
+            .lock()
             .get(&group)
             .copied()
             .unwrap_or(AnaState::Inaccessible)
@@ -669,11 +687,11 @@ impl Target {
     /// key): every group of every subsystem is inaccessible on this node's ports from now on
     /// (until the process restarts), and every host hears of it (ANA change notice).
     pub fn set_fenced(&self) {
-        if self.fenced.replace(true) {
+        if self.fenced.swap(true, Ordering::AcqRel) {
             return;
         }
         tracing::error!("the datapath is fenced: every ANA group is inaccessible on this node");
-        self.ana_changes.set(self.ana_changes.get().wrapping_add(1));
+        self.ana_changes.fetch_add(1, Ordering::Relaxed);
         self.publish_ana_metrics();
         for s in self.subsystems() {
             for c in self.controllers_of(&s) {
@@ -685,7 +703,7 @@ impl Target {
     }
 
     /// The subsystem called `nqn` reachable through a port of `kind`.
-    pub fn subsystem(&self, nqn: &str, kind: ListenerKind) -> Option<Rc<Subsystem>> {
+    pub fn subsystem(&self, nqn: &str, kind: ListenerKind) -> Option<Arc<Subsystem>> {
         if nqn == DISCOVERY_NQN {
             return Some(self.discovery.clone());
         }
@@ -693,7 +711,7 @@ impl Target {
             return None;
         }
         self.subsystems
-            .borrow()
+            .lock()
             .iter()
             .find(|s| s.nqn == nqn)
             .cloned()
@@ -702,7 +720,7 @@ impl Target {
     /// Picks a free controller id, or `None` when the node's range is exhausted.
     pub fn alloc_cntlid(&self) -> Option<u16> {
         let base = self.topology.cntlid_base.max(1);
-        let ctrls = self.controllers.borrow();
+        let ctrls = self.controllers.lock();
         for _ in 0..CNTLID_SPAN {
             let id = self.next_cntlid.get();
             let next = if id >= base.saturating_add(CNTLID_SPAN - 1) {
@@ -719,23 +737,38 @@ impl Target {
     }
 
     /// Registers a new controller.
-    pub fn add_controller(&self, c: Rc<Controller>) {
-        self.controllers.borrow_mut().insert(c.cntlid, c);
+    pub fn add_controller(&self, c: Arc<Controller>) {
+        self.controllers.lock().insert(c.cntlid, c);
     }
 
     /// The controller `cntlid`.
-    pub fn controller(&self, cntlid: u16) -> Option<Rc<Controller>> {
-        self.controllers.borrow().get(&cntlid).cloned()
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        self.controllers.lock().get(&cntlid).cloned()
     }
 
     /// Forgets a controller (its admin queue went away).
     pub fn remove_controller(&self, cntlid: u16) {
-        self.controllers.borrow_mut().remove(&cntlid);
+        self.controllers.lock().remove(&cntlid);
+    }
+
+    /// Counts a new connection, or `None` when [`MAX_CONNECTIONS`] are live already.
+    pub fn count_connection(&self) -> Option<Counted<'_>> {
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CONNECTIONS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Counted(&self.connections))
+    }
+
+    /// Live connections, over every I/O thread.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
     }
 
     /// Number of live controllers.
     pub fn controller_count(&self) -> usize {
-        self.controllers.borrow().len()
+        self.controllers.lock().len()
     }
 }
 

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -205,7 +204,7 @@ impl Harness {
                     kind: ListenerKind::Nvme,
                     tls,
                 };
-                let target = Rc::new(Target::new(topology(), vec![port.clone()]));
+                let target = std::sync::Arc::new(Target::new(topology(), vec![port.clone()]));
                 if tls {
                     target.set_tls(duplex_fabric::tls::TlsServer::new().expect("TLS"));
                 }
@@ -227,7 +226,7 @@ impl Harness {
                     socket: tokio::net::TcpListener::from_std(listener).expect("listener"),
                     port,
                 };
-                server::serve(target, Some(backend), vec![l], async {
+                server::serve(target, Some(backend), vec![l], Vec::new(), async {
                     let _ = stop_rx.await;
                 })
                 .await;
