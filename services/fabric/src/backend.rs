@@ -1,8 +1,8 @@
 //! The fabric's end of the datapath channel: a submission ring it produces, a completion ring
 //! it consumes, and the shared buffer pool.
 //!
-//! Everything runs on the fabric's single runtime thread, so the state is in `RefCell`s and
-//! no lock is taken. Two ways in:
+//! Each fabric I/O thread has its own backend (its own channel) and everything of it runs on
+//! that thread, so the state is in `RefCell`s and no lock is taken. Two ways in:
 //!
 //! - The fast path (reads and in-capsule writes, [`Backend::try_start`]): the connection's
 //!   reader takes the buffer and ring slot at once and leaves a [`Pending`] in the command

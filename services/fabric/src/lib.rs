@@ -25,11 +25,14 @@
 //! * [`admin`]: admin commands (Identify, logs, features, AER, keep alive) and discovery.
 //! * [`io`]: NVM I/O commands → datapath descriptors.
 //! * [`conn`]: one connection = one queue: PDU reading, admission, Connect, fabrics commands.
-//! * [`server`], [`service`]: listeners, accept loops, the runtime; the service lifecycle.
+//! * [`server`], [`service`]: listeners, accept loops, the I/O threads; the service lifecycle.
 //! * [`exports`]: the export table feed (the exports region and its doorbell).
+//! * [`cells`] (under all of them): the locks and cells of what threads share.
 //!
-//! Everything runs on one thread (a tokio current-thread runtime): connections and commands are
-//! tasks, shared state lives in `Rc`/`RefCell`, and nothing is locked.
+//! A connection runs on one of the I/O threads (`[fabric] io_threads`, each a tokio
+//! current-thread runtime with its own datapath channel): its tasks and queue state are
+//! `Rc`/`RefCell` on that thread. The target, subsystems and controllers are shared by every
+//! thread (`Arc`, atomics, short locks never held across an `.await`).
 
 pub mod admin;
 pub mod auth;
