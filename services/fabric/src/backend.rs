@@ -30,6 +30,12 @@ use duplex_ipc::ring::{Consumer, Producer, RingError};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 
+/// How long an I/O thread keeps polling its completion ring after the last completion before
+/// it sleeps on the doorbell: as long as the datapath's engine polls its rings
+/// (`EngineConfig::spin`). A busy thread never sleeps, so neither a host's next command nor the
+/// datapath's next completion needs a wake-up; an idle one sleeps 50 µs after its last I/O.
+pub const POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// What a fast-path command is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FastOp {
@@ -428,6 +434,9 @@ impl Backend {
                 (first, ch.complete.try_pop(&mut batch, 64)?)
             };
             if n == 0 {
+                if self.poll_completions().await {
+                    continue;
+                }
                 if self.chan.borrow_mut().complete.arm_wait()? {
                     continue;
                 }
@@ -441,6 +450,23 @@ impl Backend {
                 self.complete_one(*d, first + i as u64);
             }
         }
+    }
+
+    /// Polls the completion ring for up to [`POLL`]; true once a completion is there. Each turn
+    /// gives the core away (`sched_yield`: the datapath may share it and is then the one with
+    /// work) and the runtime to its other tasks (tokio's yield polls the reactor without a
+    /// timeout, so sockets are read without sleeping in `epoll_wait`).
+    async fn poll_completions(&self) -> bool {
+        let since = std::time::Instant::now();
+        while since.elapsed() < POLL {
+            std::thread::yield_now();
+            tokio::task::yield_now().await;
+            let ch = self.chan.borrow();
+            if ch.complete.ring().tail() != ch.complete.next_index() {
+                return true;
+            }
+        }
+        false
     }
 
     fn complete_one(self: &Rc<Self>, d: IoDesc, index: u64) {
