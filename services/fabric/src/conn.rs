@@ -427,7 +427,7 @@ fn on_pdu(
             return Step::Stop(Some(tcp::term_req(PduType::C2HTermReq, &e, &quote)));
         }
     };
-    if let Some(c) = queue.controller() {
+    if let Role::Admin(c) | Role::Io(c, _) = &*queue.role.borrow() {
         c.touch();
     }
     let result = match pdu.layout.pdu_type {

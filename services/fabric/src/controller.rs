@@ -45,6 +45,9 @@ pub enum Teardown {
     Denied,
 }
 
+/// The keep-alive clock's grain: host traffic is noted at most this often (nanoseconds).
+const TOUCH_GRAIN_NS: u64 = 1_000_000;
+
 /// Most entries of the Changed Namespace List log page; past that it reports FFFFFFFFh.
 pub const CHANGED_NS_ENTRIES: usize = 1024;
 
@@ -189,8 +192,17 @@ impl Controller {
 
     /// Notes host traffic (resets the keep-alive timer: traffic-based keep alive).
     pub fn touch(&self) {
+        // Written at most once a millisecond (keep-alive counts in seconds): the queues of one
+        // controller on several threads then mostly read this line instead of fighting for it.
         let nanos = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_traffic.fetch_max(nanos, Ordering::Relaxed);
+        if nanos
+            > self
+                .last_traffic
+                .load(Ordering::Relaxed)
+                .saturating_add(TOUCH_GRAIN_NS)
+        {
+            self.last_traffic.fetch_max(nanos, Ordering::Relaxed);
+        }
     }
 
     /// Time since the host was last heard from.

@@ -30,9 +30,11 @@ use crate::subsystem::Namespace;
 /// without a task. `false` if the command needs the general path: another command, a check
 /// that fails (the task answers it), or no pool share, buffer or ring slot right now.
 pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
-    let ctrl = match &*q.role.borrow() {
-        Role::Io(c, _) => Arc::clone(c),
-        _ => return false,
+    // Borrowed, not cloned: an `Arc` count shared with the controller's other queues (on
+    // other threads) is not touched per command. Nothing here changes the role.
+    let role = q.role.borrow();
+    let Role::Io(ctrl, _) = &*role else {
+        return false;
     };
     let Some(backend) = q.shared.backend.as_ref() else {
         return false;
@@ -44,7 +46,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
         return false;
     };
     let ns = &ns;
-    if path_status(q, &ctrl, ns).is_some() {
+    if path_status(q, ctrl, ns).is_some() {
         return false;
     }
     // A namespace under a reservation the command conflicts with: the slow path answers.
@@ -83,7 +85,7 @@ pub fn start(q: &Rc<Queue>, sqe: &Sqe, capsule: &[u8], sgl_len: usize) -> bool {
                 return false;
             }
             let mut d = desc(OP_WRITE, ns, slba, nlb);
-            d.flags |= write_flags(&ctrl, sqe);
+            d.flags |= write_flags(ctrl, sqe);
             d
         }
     };
@@ -146,7 +148,7 @@ fn read_done(
     let status = datapath_status(q, done.status);
     if !status.is_success() {
         if status.sct() == 2 {
-            q.shared.target.record_media_error();
+            q.shared.target.record_media_error(q.shared.thread);
         }
         return Err(status);
     }
@@ -154,7 +156,7 @@ fn read_done(
         tracing::error!("datapath completed a read without its buffer");
         generic::INTERNAL
     })?;
-    q.shared.target.record_read(bytes as u64);
+    q.shared.target.record_read(q.shared.thread, bytes as u64);
     Ok(chain)
 }
 
@@ -165,9 +167,9 @@ fn write_done(q: &Queue, backend: &Backend, done: IoDesc, bytes: usize) -> Statu
     }
     let status = datapath_status(q, done.status);
     if status.is_success() {
-        q.shared.target.record_write(bytes as u64);
+        q.shared.target.record_write(q.shared.thread, bytes as u64);
     } else if status.sct() == 2 {
-        q.shared.target.record_media_error();
+        q.shared.target.record_media_error(q.shared.thread);
     }
     status
 }

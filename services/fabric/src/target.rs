@@ -69,7 +69,8 @@ pub struct Target {
     pub discovery_genctr: AtomicU64,
     /// Wakes everything on shutdown.
     pub shutdown: Notify,
-    stats: Locked<HealthCounters>,
+    /// Host I/O counted by the thread that completed it (a line of its own per thread).
+    io_counters: [IoCounters; COUNTER_SLOTS],
     ana_changes: AtomicU64,
     /// The ANA state of each group of the exported subsystems (from the export table).
     ana: Locked<HashMap<u32, AnaState>>,
@@ -106,6 +107,20 @@ pub struct Target {
     auth_seq: AtomicU32,
     /// Live connections, over every I/O thread.
     connections: AtomicUsize,
+}
+
+/// Slots of per-thread I/O counters (a thread beyond them shares one, by index).
+const COUNTER_SLOTS: usize = 8;
+
+/// One thread's count of host I/O, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct IoCounters {
+    reads: AtomicU64,
+    bytes_read: AtomicU64,
+    writes: AtomicU64,
+    bytes_written: AtomicU64,
+    media_errors: AtomicU64,
 }
 
 /// Connections one fabric process serves at most, over all its I/O threads.
@@ -158,7 +173,7 @@ impl Target {
             started: Instant::now(),
             discovery_genctr: AtomicU64::new(1),
             shutdown: Notify::new(),
-            stats: Locked::new(HealthCounters::default()),
+            io_counters: std::array::from_fn(|_| IoCounters::default()),
             ana_changes: AtomicU64::new(1),
             ana: Locked::new(HashMap::new()),
             fenced: AtomicBool::new(false),
@@ -499,30 +514,46 @@ impl Target {
             .collect()
     }
 
-    /// SMART / health counters (this incarnation's).
+    /// SMART / health counters (this incarnation's, over every I/O thread).
     pub fn health(&self) -> HealthCounters {
-        let mut h = *self.stats.lock();
-        h.power_on_hours = self.started.elapsed().as_secs() / 3600;
+        let mut h = HealthCounters {
+            power_on_hours: self.started.elapsed().as_secs() / 3600,
+            ..HealthCounters::default()
+        };
+        for c in &self.io_counters {
+            let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            h.reads += n(&c.reads);
+            h.bytes_read += n(&c.bytes_read);
+            h.writes += n(&c.writes);
+            h.bytes_written += n(&c.bytes_written);
+            h.media_errors += n(&c.media_errors);
+        }
         h
     }
 
-    /// Counts a completed read of `bytes`.
-    pub fn record_read(&self, bytes: u64) {
-        let mut h = self.stats.lock();
-        h.reads += 1;
-        h.bytes_read += bytes;
+    fn io_counters(&self, thread: usize) -> &IoCounters {
+        &self.io_counters[thread % COUNTER_SLOTS]
     }
 
-    /// Counts a completed write of `bytes`.
-    pub fn record_write(&self, bytes: u64) {
-        let mut h = self.stats.lock();
-        h.writes += 1;
-        h.bytes_written += bytes;
+    /// Counts a read of `bytes` completed on I/O thread `thread`.
+    pub fn record_read(&self, thread: usize, bytes: u64) {
+        let c = self.io_counters(thread);
+        c.reads.fetch_add(1, Ordering::Relaxed);
+        c.bytes_read.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Counts a media error.
-    pub fn record_media_error(&self) {
-        self.stats.lock().media_errors += 1;
+    /// Counts a write of `bytes` completed on I/O thread `thread`.
+    pub fn record_write(&self, thread: usize, bytes: u64) {
+        let c = self.io_counters(thread);
+        c.writes.fetch_add(1, Ordering::Relaxed);
+        c.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts a media error met on I/O thread `thread`.
+    pub fn record_media_error(&self, thread: usize) {
+        self.io_counters(thread)
+            .media_errors
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// ANA change count (grows with every ANA state change).
