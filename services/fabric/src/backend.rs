@@ -291,6 +291,8 @@ impl Backend {
             return Ok(h);
         }
         self.room.waiters.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence in `PoolRoom::freed`: counted before the pool is looked at again.
+        std::sync::atomic::fence(Ordering::SeqCst);
         let _waiting = Waiting(self.room);
         loop {
             let freed = self.room.freed.notified();
