@@ -45,9 +45,4 @@ impl<T: Copy> SyncCell<T> {
     pub fn set(&self, v: T) {
         *self.0.lock() = v;
     }
-
-    /// Sets the value, returning the one it had.
-    pub fn replace(&self, v: T) -> T {
-        std::mem::replace(&mut *self.0.lock(), v)
-    }
 }

@@ -22,8 +22,6 @@ use crate::queue::Shared;
 use crate::subsystem::Port;
 use crate::target::Target;
 
-pub use crate::target::MAX_CONNECTIONS;
-
 /// A listener handed to the fabric, with what it serves.
 #[derive(Debug)]
 pub struct Listener {
