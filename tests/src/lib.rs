@@ -157,6 +157,26 @@ namespaces = [{{ nsid = 1, volume = "vol0" }}]
     )
 }
 
+/// A volume file in `/dev/shm` named for this test process and `tag`, removed first and again
+/// when dropped.
+#[derive(Debug)]
+pub struct ShmVolume(pub String);
+
+impl ShmVolume {
+    /// `/dev/shm/duplex-TAG-PID.img`, not there yet.
+    pub fn new(tag: &str) -> Self {
+        let path = format!("/dev/shm/duplex-{tag}-{}.img", std::process::id());
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+}
+
+impl Drop for ShmVolume {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A child killed (and reaped) when dropped, so a failing test leaves no process behind.
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);

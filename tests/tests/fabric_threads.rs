@@ -3,9 +3,12 @@
 //! its own channel to the datapath; a verifying workload over five queues finds every block it
 //! wrote; the per-thread connection counters on mgmt's metrics endpoint show every thread took
 //! connections; the fabric SIGKILLed under a workload comes back on all its channels and the data
-//! written before is intact. No root or QEMU needed.
+//! written before is intact. No root or QEMU needed for that one. A second test stops one worker
+//! thread of the fabric (seized and interrupted with ptrace: that thread alone stops, as a stuck
+//! one would) and finds the fabric stops its heartbeat, is restarted by duplexd, and serves
+//! the data intact; it needs ptrace rights over the fabric (root, as CI runs).
 
-use duplex_tests::{duplex_bench, free_port, http_get, storage_config, Node, PATIENCE};
+use duplex_tests::{duplex_bench, free_port, http_get, storage_config, Node, ShmVolume, PATIENCE};
 
 const SUBNQN: &str = "nqn.2026-11.io.duplex:threads";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:d0b1e5c4-0000-4000-8000-00000000000f";
@@ -33,15 +36,8 @@ fn taken_by_thread(metrics: &str) -> Vec<(u32, u64)> {
 
 #[test]
 fn connections_spread_over_the_io_threads_and_data_survives_a_fabric_kill() {
-    let volume = format!("/dev/shm/duplex-threads-test-{}.img", std::process::id());
-    let _ = std::fs::remove_file(&volume);
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(volume.clone());
+    let vol = ShmVolume::new("threads-test");
+    let volume = &vol.0;
     let (port, metrics_port) = (free_port(), free_port());
     let config = format!(
         "{}\n[[service]]\nname = \"mgmt\"\nbinary = \"{{mgmt}}\"\n\n\
@@ -112,25 +108,7 @@ fn connections_spread_over_the_io_threads_and_data_survives_a_fabric_kill() {
     // Every block of the span written once more, then the fabric killed while a workload runs
     // on all three threads; afterwards every block reads back as written.
     let span = ["--span-blocks", "2048", "--seed", "7", "--bs", "4k"];
-    let (code, out, err) = duplex_bench(
-        port,
-        SUBNQN,
-        HOSTNQN,
-        &[
-            &[
-                "--workload",
-                "write",
-                "--verify",
-                "--qd",
-                "8",
-                "--ios",
-                "2048",
-            ][..],
-            &span,
-        ]
-        .concat(),
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    write_span(port, &span, 2048);
     let before = node.service("fabric")["generation"].as_u64().unwrap_or(0);
     let load = std::process::Command::new(duplex_tests::bin("duplex-bench"))
         .args([
@@ -181,12 +159,139 @@ fn connections_spread_over_the_io_threads_and_data_survives_a_fabric_kill() {
     let _ = load.0.kill();
     let _ = load.0.wait();
 
-    let (code, out, err) = duplex_bench(
-        port,
-        SUBNQN,
-        HOSTNQN,
-        &[&["--verify-only", "--queues", "2"][..], &span].concat(),
-    );
+    verify_span(port, &span, 2048);
+}
+
+/// Writes `ios` blocks over the span (two queues, verified as they go).
+fn write_span(port: u16, span: &[&str], ios: u32) {
+    let ios = ios.to_string();
+    let args = [
+        &[
+            "--workload",
+            "write",
+            "--verify",
+            "--qd",
+            "8",
+            "--queues",
+            "2",
+            "--ios",
+            &ios,
+        ][..],
+        span,
+    ]
+    .concat();
+    let (code, out, err) = duplex_bench(port, SUBNQN, HOSTNQN, &args);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// Reads every block of the span back (after the fabric's restart): all `blocks` as written.
+fn verify_span(port: u16, span: &[&str], blocks: u32) {
+    let args = [&["--verify-only", "--queues", "2"][..], span].concat();
+    let (code, out, err) = duplex_bench(port, SUBNQN, HOSTNQN, &args);
     assert_eq!(code, 0, "after the fabric's restart: {out}{err}");
-    assert!(out.contains("2048 blocks checked, 0 errors"), "{out}");
+    assert!(
+        out.contains(&format!("{blocks} blocks checked, 0 errors")),
+        "{out}"
+    );
+}
+
+/// Stops thread `tid` of another process, as a stuck thread would be: seized with ptrace and
+/// interrupted, it stays in a ptrace stop while the rest of its process runs on. The thread
+/// made here is the tracer and waits on it, so that once the process is killed its end is
+/// reaped here and its parent (duplexd) can reap the process. Returns once the thread is
+/// stopped.
+fn freeze_thread(tid: i32) -> std::thread::JoinHandle<()> {
+    use nix::sys::ptrace;
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::Pid;
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let tracer = std::thread::spawn(move || {
+        let pid = Pid::from_raw(tid);
+        if let Err(e) = ptrace::seize(pid, ptrace::Options::empty()) {
+            let _ = tx.send(Err(format!(
+                "PTRACE_SEIZE {tid}: {e} (needs root or CAP_SYS_PTRACE)"
+            )));
+            return;
+        }
+        if let Err(e) = ptrace::interrupt(pid) {
+            let _ = tx.send(Err(format!("PTRACE_INTERRUPT {tid}: {e}")));
+            return;
+        }
+        let mut told = Some(tx);
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                // Stopped: leave it so (nothing here ever resumes it).
+                Ok(WaitStatus::PtraceEvent(..) | WaitStatus::Stopped(..)) => {
+                    if let Some(tx) = told.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        if let Some(tx) = told {
+            let _ = tx.send(Err(format!("thread {tid} ended before it stopped")));
+        }
+    });
+    rx.recv()
+        .expect("the tracer reports")
+        .unwrap_or_else(|e| panic!("cannot stop the fabric's I/O thread: {e}"));
+    tracer
+}
+
+/// The id of the thread named `name` in process `pid`.
+fn thread_named(pid: i32, name: &str) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })?
+        .file_name()
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_stuck_io_thread_stops_the_fabric_heartbeat_and_the_fabric_is_restarted() {
+    let vol = ShmVolume::new("threads-stuck");
+    let volume = &vol.0;
+    let port = free_port();
+    let config = format!(
+        "{}\n[[service]]\nname = \"mgmt\"\nbinary = \"{{mgmt}}\"\n\n[fabric]\nio_threads = 2\n",
+        storage_config(
+            "stuck",
+            port,
+            &format!("path = \"{volume}\"\nsize = \"16MiB\""),
+            SUBNQN,
+            HOSTNQN,
+        )
+    );
+    let mut node = Node::start(&config);
+    node.log.wait_for(&["fabric ready", "io_threads=2"]);
+    node.log.wait_for(&["datapath ready", "channels=2"]);
+    // Two queues, dealt over both threads, write the span.
+    let span = ["--span-blocks", "1024", "--seed", "11", "--bs", "4k"];
+    write_span(port, &span, 1024);
+
+    let row = node.service("fabric");
+    let before = row["generation"].as_u64().unwrap_or(0);
+    let fabric = i32::try_from(row["pid"].as_i64().expect("the fabric's pid")).expect("pid");
+    let tid = thread_named(fabric, "fabric-io1").expect("the fabric has an I/O thread 1");
+    let tracer = freeze_thread(tid);
+    // Only that thread stopped: the runtime thread's heartbeat now refuses to beat, duplexd
+    // finds the fabric hung and restarts it.
+    let stalled = node
+        .log
+        .wait_for(&["fabric I/O thread stopped running", "thread=1"]);
+    assert!(stalled.contains("stalled_ms="), "{stalled}");
+    node.log.wait_for(&["service is hung", "fabric"]);
+    node.wait_running("fabric", before);
+    tracer
+        .join()
+        .expect("the tracer ends with the stopped process");
+
+    verify_span(port, &span, 1024);
 }

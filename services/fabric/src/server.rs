@@ -8,11 +8,19 @@
 //! share (the target, subsystems, controllers: an admin queue may be on one thread and the I/O
 //! queues of its controller on others) is behind atomics and short locks
 //! ([`crate::cells`]).
+//!
+//! The heartbeat runs on the runtime thread, so it proves that thread alive and no other. Each
+//! worker's runtime therefore ticks a counter of its own ([`Liveness`]), and the heartbeat
+//! beats only while every counter moves ([`LivenessWatch`]): a worker stuck in a loop that never
+//! yields, or in a blocking call, stalls its connections while the process looks alive, so the
+//! fabric stops beating and duplexd restarts it (the datapath keeps its volumes; the hosts
+//! reconnect).
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -43,7 +51,15 @@ impl Worker {
     /// `backend` on the thread itself (its doorbells join that thread's reactor). Returns once
     /// the thread is ready to serve, or with why it could not start. Call it before entering
     /// the sandbox: making a thread and a runtime takes system calls the policy does not allow.
-    pub fn start<F>(index: usize, target: Arc<Target>, backend: F) -> anyhow::Result<Self>
+    ///
+    /// The thread's runtime ticks its counter in `live` every `tick` for as long as it runs.
+    pub fn start<F>(
+        index: usize,
+        target: Arc<Target>,
+        live: Arc<Liveness>,
+        tick: Duration,
+        backend: F,
+    ) -> anyhow::Result<Self>
     where
         F: FnOnce() -> anyhow::Result<Option<Rc<Backend>>> + Send + 'static,
     {
@@ -87,6 +103,13 @@ impl Worker {
                     };
                     let shared = Rc::new(Shared::new(target, backend, index));
                     route_completions(&shared);
+                    tokio::task::spawn_local(async move {
+                        let mut ticks = tokio::time::interval(tick);
+                        loop {
+                            ticks.tick().await;
+                            live.tick(index);
+                        }
+                    });
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
                     while let Some((stream, port)) = rx.recv().await {
@@ -115,6 +138,103 @@ impl Worker {
                 "fabric I/O thread {index} ended before it was ready"
             )),
         }
+    }
+}
+
+/// Tick counters of the worker threads (1 and up), each moved by its thread's runtime.
+#[derive(Debug)]
+pub struct Liveness {
+    ticks: Vec<AtomicU64>,
+}
+
+impl Liveness {
+    /// Counters for `workers` worker threads (threads 1 to `workers`).
+    pub fn new(workers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            ticks: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    /// How many worker threads it counts.
+    pub fn workers(&self) -> usize {
+        self.ticks.len()
+    }
+
+    /// Thread `index` (1 and up) is alive.
+    pub fn tick(&self, index: usize) {
+        if let Some(t) = index.checked_sub(1).and_then(|i| self.ticks.get(i)) {
+            t.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Thread `index`'s count (1 and up; 0 for a thread it does not count).
+    pub fn count(&self, index: usize) -> u64 {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.ticks.get(i))
+            .map_or(0, |t| t.load(Ordering::Relaxed))
+    }
+}
+
+/// The heartbeat's view of [`Liveness`]: each worker's last count and when it last moved.
+#[derive(Debug)]
+pub struct LivenessWatch {
+    seen: Vec<(u64, Instant)>,
+    stalled: Vec<bool>,
+    limit: Duration,
+}
+
+impl LivenessWatch {
+    /// Watches `live`; a thread whose count stands still for longer than `limit` is stalled.
+    pub fn new(live: &Liveness, limit: Duration, now: Instant) -> Self {
+        let n = live.workers();
+        Self {
+            seen: (1..=n).map(|i| (live.count(i), now)).collect(),
+            stalled: vec![false; n],
+            limit,
+        }
+    }
+
+    /// Whether thread `index` (1 and up) was found stalled at the last look.
+    pub fn is_stalled(&self, index: usize) -> bool {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.stalled.get(i))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// True while every worker's count moved within the limit. A thread found stalled is
+    /// logged once (and once more should it come back).
+    pub fn all_alive(&mut self, live: &Liveness, now: Instant) -> bool {
+        let mut all = true;
+        for (i, (seen, stalled)) in self.seen.iter_mut().zip(&mut self.stalled).enumerate() {
+            let index = i + 1;
+            let count = live.count(index);
+            if count != seen.0 {
+                *seen = (count, now);
+                if *stalled {
+                    *stalled = false;
+                    tracing::warn!(thread = index, "fabric I/O thread runs again");
+                }
+                continue;
+            }
+            if now.saturating_duration_since(seen.1) > self.limit {
+                all = false;
+                if !*stalled {
+                    *stalled = true;
+                    tracing::error!(
+                        thread = index,
+                        stalled_ms =
+                            u64::try_from(now.saturating_duration_since(seen.1).as_millis())
+                                .unwrap_or(u64::MAX),
+                        "fabric I/O thread stopped running: its connections are stalled; the \
+                         heartbeat stops so that duplexd restarts the fabric"
+                    );
+                }
+            }
+        }
+        all
     }
 }
 
@@ -202,5 +322,49 @@ async fn accept_loop(l: Listener, dealer: Rc<Dealer>) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_closes_on_a_thread_that_stops_ticking_and_opens_when_it_runs_again() {
+        let live = Liveness::new(2);
+        let limit = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut watch = LivenessWatch::new(&live, limit, t0);
+        // Within the limit nobody has to have ticked yet.
+        assert!(watch.all_alive(&live, at(100)));
+        live.tick(1);
+        live.tick(2);
+        assert!(watch.all_alive(&live, at(150)));
+        // Thread 1 keeps ticking, thread 2 stops: still alive up to the limit, not after.
+        live.tick(1);
+        assert!(watch.all_alive(&live, at(250)));
+        live.tick(1);
+        assert!(!watch.all_alive(&live, at(251)));
+        assert!(watch.is_stalled(2));
+        assert!(!watch.is_stalled(1));
+        // Stays closed while it stays still; opens once it ticks again.
+        live.tick(1);
+        assert!(!watch.all_alive(&live, at(300)));
+        live.tick(2);
+        assert!(watch.all_alive(&live, at(301)));
+        assert!(!watch.is_stalled(2));
+        // Ticks for threads it does not count change nothing.
+        live.tick(0);
+        live.tick(3);
+        assert_eq!((live.count(0), live.count(3)), (0, 0));
+    }
+
+    #[test]
+    fn a_watch_over_no_workers_is_always_open() {
+        let live = Liveness::new(0);
+        let t0 = Instant::now();
+        let mut watch = LivenessWatch::new(&live, Duration::ZERO, t0);
+        assert!(watch.all_alive(&live, t0 + Duration::from_secs(3600)));
     }
 }

@@ -21,7 +21,7 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use duplex_ipc::control::StartMode;
@@ -43,6 +43,11 @@ use crate::target::Target;
 
 /// The service (and seccomp policy) name.
 pub const SERVICE: &str = "fabric";
+/// Heartbeat intervals an I/O thread other than the runtime thread may go without running its
+/// timer before the fabric stops beating (1 s at the default 100 ms; duplexd then waits its own
+/// `missed_beats`): a healthy runtime passes its timers on every poll turn under load and
+/// sleeps on them when idle.
+const STALL_INTERVALS: u32 = 10;
 
 struct Parts {
     health: Health,
@@ -281,13 +286,22 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
     lifecycle::spawn_control_thread(Arc::clone(&started), move |_, event| tx.send(event).is_ok())
         .context("cannot start the lifecycle thread")?;
     let every = (health.interval() / 4).max(Duration::from_millis(1));
-    tokio::task::spawn_local(async move {
-        let mut ticks = tokio::time::interval(every);
-        loop {
-            ticks.tick().await;
-            health.beat();
-        }
-    });
+    // The heartbeat proves this thread; the other I/O threads prove themselves to it.
+    let live = server::Liveness::new(channels.len());
+    {
+        let live = Arc::clone(&live);
+        let limit = health.interval() * STALL_INTERVALS;
+        tokio::task::spawn_local(async move {
+            let mut watch = server::LivenessWatch::new(&live, limit, Instant::now());
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                if watch.all_alive(&live, Instant::now()) {
+                    health.beat();
+                }
+            }
+        });
+    }
     // Everything is attached, registered with the reactor, and the lifecycle thread exists:
     // from here on the policy holds.
     // The other I/O threads, each with its channel, before the sandbox (making a thread and a
@@ -297,6 +311,8 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
         workers.push(server::Worker::start(
             i + 1,
             Arc::clone(&target),
+            Arc::clone(&live),
+            every,
             move || {
                 let backend = Backend::new(c.pool, c.submit, c.complete, generation, restart)?;
                 Ok(Some(backend))
