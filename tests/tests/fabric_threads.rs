@@ -196,15 +196,17 @@ fn verify_span(port: u16, span: &[&str], blocks: u32) {
 }
 
 /// Stops thread `tid` of another process, as a stuck thread would be: seized with ptrace and
-/// interrupted, it stays in a ptrace stop while the rest of its process runs on. The thread
-/// made here is the tracer and waits on it, so that once the process is killed its end is
-/// reaped here and its parent (duplexd) can reap the process. Returns once the thread is
-/// stopped.
+/// interrupted, it stays in a ptrace stop while the rest of its process runs on. It is stopped
+/// where it waits for events (`epoll_wait`), holding nothing another thread may need (a lock,
+/// the log's writer): stopped elsewhere, it is resumed and interrupted again. The thread made
+/// here is the tracer and waits on it, so that once the process is killed its end is reaped
+/// here and its parent (duplexd) can reap the process. Returns once the thread is stopped.
 fn freeze_thread(tid: i32) -> std::thread::JoinHandle<()> {
+    use nix::errno::Errno;
     use nix::sys::ptrace;
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<String, String>>();
     let tracer = std::thread::spawn(move || {
         let pid = Pid::from_raw(tid);
         if let Err(e) = ptrace::seize(pid, ptrace::Options::empty()) {
@@ -218,15 +220,35 @@ fn freeze_thread(tid: i32) -> std::thread::JoinHandle<()> {
             return;
         }
         let mut told = Some(tx);
+        let mut tries = 0;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-                // Stopped: leave it so (nothing here ever resumes it).
-                Ok(WaitStatus::PtraceEvent(..) | WaitStatus::Stopped(..)) => {
-                    if let Some(tx) = told.take() {
-                        let _ = tx.send(Ok(()));
+                Ok(status @ (WaitStatus::PtraceEvent(..) | WaitStatus::Stopped(..))) => {
+                    let Some(tx) = told.take() else {
+                        // Stopped for good: nothing here resumes it again.
+                        continue;
+                    };
+                    let at =
+                        std::fs::read_to_string(format!("/proc/{tid}/syscall")).unwrap_or_default();
+                    tries += 1;
+                    if !waits_for_events(&at) && tries < 1000 {
+                        // Not where it waits: let it run on (with the signal it stopped
+                        // for, if any), and stop it again.
+                        let signal = match status {
+                            WaitStatus::Stopped(_, s) => Some(s),
+                            _ => None,
+                        };
+                        let _ = ptrace::cont(pid, signal);
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        let _ = ptrace::interrupt(pid);
+                        told = Some(tx);
+                        continue;
                     }
+                    let _ = tx.send(Ok(format!("after {tries} stops, in: {}", at.trim_end())));
                 }
-                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => break,
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
+                Err(Errno::EINTR) => {}
+                Err(_) => break,
                 Ok(_) => {}
             }
         }
@@ -234,10 +256,27 @@ fn freeze_thread(tid: i32) -> std::thread::JoinHandle<()> {
             let _ = tx.send(Err(format!("thread {tid} ended before it stopped")));
         }
     });
-    rx.recv()
+    let at = rx
+        .recv()
         .expect("the tracer reports")
         .unwrap_or_else(|e| panic!("cannot stop the fabric's I/O thread: {e}"));
+    eprintln!("fabric I/O thread {tid} stopped {at}");
     tracer
+}
+
+/// Whether a `/proc/TID/syscall` line shows the thread in an epoll wait (x86_64 and aarch64
+/// numbers).
+fn waits_for_events(line: &str) -> bool {
+    let nr = line
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<i64>().ok());
+    if cfg!(target_arch = "x86_64") {
+        matches!(nr, Some(232 | 281 | 441))
+    } else {
+        // aarch64: epoll_pwait, epoll_pwait2.
+        matches!(nr, Some(22 | 441))
+    }
 }
 
 /// The id of the thread named `name` in process `pid`.

@@ -182,6 +182,7 @@ pub struct LivenessWatch {
     seen: Vec<(u64, Instant)>,
     stalled: Vec<bool>,
     limit: Duration,
+    last_look: Instant,
 }
 
 impl LivenessWatch {
@@ -192,6 +193,7 @@ impl LivenessWatch {
             seen: (1..=n).map(|i| (live.count(i), now)).collect(),
             stalled: vec![false; n],
             limit,
+            last_look: now,
         }
     }
 
@@ -205,8 +207,19 @@ impl LivenessWatch {
     }
 
     /// True while every worker's count moved within the limit. A thread found stalled is
-    /// logged once (and once more should it come back).
+    /// logged once (and once more should it come back). A look that comes more than half the
+    /// limit after the previous one judges nothing: the watcher itself did not run (the whole
+    /// process paused or starved), so the others' silence says nothing; every thread starts
+    /// over from this look.
     pub fn all_alive(&mut self, live: &Liveness, now: Instant) -> bool {
+        let late = now.saturating_duration_since(self.last_look) > self.limit / 2;
+        self.last_look = now;
+        if late {
+            for (i, seen) in self.seen.iter_mut().enumerate() {
+                *seen = (live.count(i + 1), now);
+            }
+            return true;
+        }
         let mut all = true;
         for (i, (seen, stalled)) in self.seen.iter_mut().zip(&mut self.stalled).enumerate() {
             let index = i + 1;
@@ -337,11 +350,14 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut watch = LivenessWatch::new(&live, limit, t0);
         // Within the limit nobody has to have ticked yet.
+        assert!(watch.all_alive(&live, at(50)));
         assert!(watch.all_alive(&live, at(100)));
         live.tick(1);
         live.tick(2);
         assert!(watch.all_alive(&live, at(150)));
         // Thread 1 keeps ticking, thread 2 stops: still alive up to the limit, not after.
+        live.tick(1);
+        assert!(watch.all_alive(&live, at(200)));
         live.tick(1);
         assert!(watch.all_alive(&live, at(250)));
         live.tick(1);
@@ -358,6 +374,24 @@ mod tests {
         live.tick(0);
         live.tick(3);
         assert_eq!((live.count(0), live.count(3)), (0, 0));
+    }
+
+    #[test]
+    fn a_late_look_judges_nothing_and_starts_every_thread_over() {
+        let live = Liveness::new(1);
+        let limit = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut watch = LivenessWatch::new(&live, limit, t0);
+        assert!(watch.all_alive(&live, at(40)));
+        // The watcher did not run for 500 ms (the process paused): no verdict on thread 1.
+        assert!(watch.all_alive(&live, at(540)));
+        assert!(!watch.is_stalled(1));
+        // From there, the limit counts again from that look.
+        assert!(watch.all_alive(&live, at(590)));
+        assert!(watch.all_alive(&live, at(640)));
+        assert!(!watch.all_alive(&live, at(641)));
+        assert!(watch.is_stalled(1));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub const SERVICE: &str = "fabric";
 /// `missed_beats`): a healthy runtime passes its timers on every poll turn under load and
 /// sleeps on them when idle.
 const STALL_INTERVALS: u32 = 10;
+/// ... and never less than this, however short the interval (tests run 20 ms heartbeats).
+const MIN_STALL: Duration = Duration::from_secs(1);
 
 struct Parts {
     health: Health,
@@ -290,7 +292,7 @@ async fn serve(started: Started, parts: Parts) -> anyhow::Result<()> {
     let live = server::Liveness::new(channels.len());
     {
         let live = Arc::clone(&live);
-        let limit = health.interval() * STALL_INTERVALS;
+        let limit = (health.interval() * STALL_INTERVALS).max(MIN_STALL);
         tokio::task::spawn_local(async move {
             let mut watch = server::LivenessWatch::new(&live, limit, Instant::now());
             let mut ticks = tokio::time::interval(every);

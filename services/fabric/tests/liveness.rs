@@ -1,8 +1,9 @@
 //! The fabric's I/O threads prove themselves to the heartbeat: a real worker thread ticks its
 //! counter from its runtime, and the watch the heartbeat consults stays open for it and closes
-//! for a thread that does not tick (the stand-in for a worker stuck in a loop or a blocking
-//! call, which a test cannot make a real worker do). Waits on counts and on the watch's
-//! verdict, never on a clock.
+//! for a thread that does not tick (a counted thread that never runs). A real worker stopped
+//! inside a whole fabric is `tests/tests/fabric_threads.rs`'s
+//! `a_stuck_io_thread_stops_the_fabric_heartbeat_and_the_fabric_is_restarted`. Waits on counts
+//! and on the watch's verdict, never on a clock.
 
 mod common;
 
