@@ -183,6 +183,71 @@ fn any_other_switch_value_keeps_the_sandbox_on() {
 }
 
 #[test]
+fn a_probe_stopped_and_continued_in_a_sleep_resumes_it() {
+    // What an operator's `kill -STOP`/`kill -CONT`, a debugger or io_uring's task work does to
+    // a service asleep: the kernel resumes the sleep through restart_syscall.
+    let o = stopped_and_continued(&[]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("OK"),
+        "{}",
+        describe(&o)
+    );
+}
+
+/// Runs the probe's `restart` mode: once it sleeps, stops it (SIGSTOP) until the kernel shows it
+/// stopped, and continues it (SIGCONT); again until the stop caught its main thread inside
+/// `clock_nanosleep` (not between two sleeps); then lets it finish.
+fn stopped_and_continued(extra: &[&str]) -> Output {
+    use nix::sys::signal::{kill, Signal};
+    let mut cmd = probe(&[&["restart"][..], extra].concat());
+    cmd.stdin(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("cannot run the probe {PROBE}: {e}"),
+    };
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
+    let _ = reader.read_line(&mut line);
+    if line.trim_end() == "SLEEPING" {
+        let state = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()?.to_owned()))
+        };
+        for _ in 0..10_000 {
+            if kill(pid, Signal::SIGSTOP).is_err() {
+                break;
+            }
+            while state().is_some_and(|s| s != "T" && s != "Z") {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let in_sleep = std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
+                == Some(libc::SYS_clock_nanosleep);
+            let _ = kill(pid, Signal::SIGCONT);
+            if in_sleep {
+                break;
+            }
+        }
+    }
+    // Let it finish (stdin readable), then collect what it said.
+    drop(child.stdin.take());
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
+    let mut o = match child.wait_with_output() {
+        Ok(o) => o,
+        Err(e) => panic!("probe: {e}"),
+    };
+    let mut stdout = line.into_bytes();
+    stdout.extend(rest);
+    o.stdout = stdout;
+    o
+}
+
+#[test]
 fn every_rule_is_needed() {
     // Remove each rule in turn: some mode of the probe must then be killed by seccomp.
     let policy = match Policy::for_service("test-service") {
@@ -198,8 +263,12 @@ fn every_rule_is_needed() {
             continue;
         }
         let at = format!("{}:{}", rule.file(), rule.line());
-        let needed = ["work", "abort", "panic"].iter().any(|mode| {
-            let o = output(&mut probe(&[mode, "--omit", &at]));
+        let needed = ["work", "abort", "panic", "restart"].iter().any(|mode| {
+            let o = if *mode == "restart" {
+                stopped_and_continued(&["--omit", &at])
+            } else {
+                output(&mut probe(&[mode, "--omit", &at]))
+            };
             assert_ne!(o.status.code(), Some(2), "probe failed: {}", describe(&o));
             o.status.signal() == Some(SIGSYS)
         });

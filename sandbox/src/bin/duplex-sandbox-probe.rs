@@ -14,6 +14,9 @@
 //!   `fork()`; each must kill it.
 //! * `idle`: no sandbox; prints `READY` and reads stdin to its end (the child of the
 //!   `harden_child` tests).
+//! * `restart`: enters, prints `SLEEPING`, then sleeps 20 ms at a time until stdin is readable
+//!   (the test stops and continues it inside one of those sleeps, which the kernel resumes with
+//!   `restart_syscall`); prints `OK`.
 //!
 //! `--omit FILE:LINE` enters the `test-service` policy without that rule (the "no rule is
 //! redundant" test). Exit status 2 with a message on stderr: the probe itself failed.
@@ -108,6 +111,26 @@ fn run(args: &[String]) -> Res<()> {
             }
         }
         Some("idle") => wait_for_stdin_eof(),
+        Some("restart") => {
+            enter()?;
+            let mut out = std::io::stdout();
+            writeln!(out, "SLEEPING").map_err(|e| format!("stdout: {e}"))?;
+            out.flush().map_err(|e| format!("stdout: {e}"))?;
+            loop {
+                std::thread::sleep(Duration::from_millis(20));
+                let mut pfd = libc::pollfd {
+                    fd: 0,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll reads and writes one pollfd through the valid pointer given.
+                if unsafe { libc::poll(&mut pfd, 1, 0) } > 0 {
+                    break;
+                }
+            }
+            println!("OK");
+            Ok(())
+        }
         other => Err(format!("unknown mode {other:?}")),
     }
 }
